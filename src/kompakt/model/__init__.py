@@ -1,0 +1,1 @@
+"""Everything that knows transformers loading and model architectures."""

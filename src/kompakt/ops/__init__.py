@@ -1,0 +1,1 @@
+"""Pure tensor math (no transformers import): quantization grids, GPTQ, pruning scores, SVD, losses."""

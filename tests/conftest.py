@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny models of every family (built in code) and the shared evaluation text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "wikitext2"
+
+
+@pytest.fixture(scope="session")
+def wikitext_test() -> Path:
+    """WikiText-2 test split beside the checkout (../shared); skip where it is absent."""
+    path = SHARED_DATA / "wiki.test.raw"
+    if not path.exists():
+        pytest.skip("../shared/data/wikitext2 not found beside the checkout")
+    return path
