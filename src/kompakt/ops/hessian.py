@@ -1,0 +1,112 @@
+"""The layer Hessian H = 2/n · Σ x xᵀ of the reconstruction loss ‖WX − ŴX‖², built over batches.
+
+GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers") and SparseGPT (Frantar & Alistarh 2023) need H of every Linear
+layer's inputs; Wanda (Sun et al. 2023) needs only ‖X_j‖₂, which is √(n/2 · H_jj).
+Calibration activations arrive batch by batch, so H is accumulated as a running sum (fp32 by
+default; fp64 for very long calibration sets or ill-conditioned layers) and divided at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kompakt.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+class HessianAccumulator:
+    """Accumulate Σ x xᵀ over batches of layer inputs; `finalize()` returns 2/n · Σ x xᵀ.
+
+    Args:
+        in_features: width of the layer input.
+        dtype: accumulation dtype (float32 or float64).
+        device: where H lives (the inputs are moved there).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.in_features = in_features
+        self.dtype = dtype
+        self.sum_xxt = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.n_samples = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add inputs `x` [..., in_features] (every leading position is one sample)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected inputs with {self.in_features} features, got {tuple(x.shape)}"
+            )
+        rows = x.reshape(-1, self.in_features)  # [n, in]: every position is a sample
+        rows = rows.to(device=self.sum_xxt.device, dtype=self.dtype)
+        self.sum_xxt.addmm_(rows.T, rows)
+        self.n_samples += rows.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        """H = 2/n · Σ x xᵀ [in, in] (a new tensor; more batches may still be added)."""
+        if self.n_samples == 0:
+            raise ValueError("no calibration inputs were added to the Hessian")
+        return self.sum_xxt * (2.0 / self.n_samples)
+
+    def column_norms(self) -> torch.Tensor:
+        """‖X_j‖₂ over all samples [in] (Wanda's activation norm)."""
+        return self.sum_xxt.diagonal().clamp(min=0).sqrt()
+
+
+def column_norms_from_hessian(hessian: torch.Tensor, n_samples: int | None = None) -> torch.Tensor:
+    """‖X_j‖₂ from H's diagonal; without n_samples the result is proportional to it, which
+    is all Wanda needs (a factor common to every column does not change any ranking)."""
+    diag = hessian.diagonal().clamp(min=0)
+    scale = 1.0 if n_samples is None else n_samples / 2.0
+    return (diag * scale).sqrt()
+
+
+def drop_dead_columns(
+    weight: torch.Tensor, hessian: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of (W, H) with dead inputs neutralised: where H_jj = 0 the input j was always 0,
+    so W[:, j] cannot matter; set W[:, j] = 0 and H_jj = 1 to keep H invertible (the
+    GPTQ / SparseGPT reference behaviour)."""
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h
+
+
+def inverse_cholesky_upper(
+    hessian: torch.Tensor, percdamp: float = 0.01, *, max_tries: int = 6
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (UᵀU = (H + λI)⁻¹), λ = percdamp · mean(diag H).
+
+    GPTQ and SparseGPT read the rows of U: U[i, i] is the pivot and U[i, i:] the update
+    direction for the remaining columns. If a factorisation fails (H not positive definite in
+    floating point), λ is multiplied by 10 and it is retried, with a warning.
+
+    Returns (U, the relative damping actually used).
+    """
+    mean_diag = hessian.diagonal().mean().item()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damp = percdamp
+    for _ in range(max_tries):
+        lower, info = torch.linalg.cholesky_ex(hessian + (damp * mean_diag) * eye)
+        if info.item() == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info.item() == 0 and bool(torch.isfinite(upper).all()):
+                return upper, damp
+        next_damp = damp * 10 if damp > 0 else 1e-4
+        logger.warning("Cholesky failed with damping %.3g; retrying with %.3g", damp, next_damp)
+        damp = next_damp
+    raise DataError(
+        f"the layer Hessian is not positive definite even with damping {damp:g};"
+        " use more (or more varied) calibration data"
+    )

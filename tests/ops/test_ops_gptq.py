@@ -1,0 +1,96 @@
+"""GPTQ: relative quality against RTN, exact codes, GGUF grids, act_order with static groups."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from kompakt.ops.gguf_grid import (
+    GGUFBlockGrid,
+    dequantize_blocks,
+    ggml_type,
+    pack_blocks,
+    quantize_blocks,
+)
+from kompakt.ops.gptq import gptq_quantize
+from kompakt.ops.quant import QuantGrid
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn(layer, bits, group_size, act_order):
+    grid = QuantGrid(bits, group_size, symmetric=True)
+    result = gptq_quantize(layer.weight, layer.hessian, grid, act_order=act_order)
+    rtn = grid.fake_quantize(layer.weight)
+    assert layer.output_error(result.weight) < 0.9 * layer.output_error(rtn)
+    # the codes and group parameters reproduce the weight exactly (what a packer stores)
+    assert torch.equal(grid.dequantize(result.codes, result.scales, result.zeros), result.weight)
+    assert result.scales.shape == (64, grid.n_groups(128)) and result.loss > 0
+    assert (result.perm is not None) == act_order
+
+
+def test_act_order_keeps_groups_contiguous_in_the_original_order(layer):
+    grid = QuantGrid(4, 32, symmetric=False)
+    result = gptq_quantize(layer.weight, layer.hessian, grid, act_order=True)
+    assert result.perm is not None and not torch.equal(result.perm, torch.arange(128))
+    assert result.group_size == 32 and result.zeros is not None
+    # column j uses group j // 32: decoding each contiguous group with its own params is exact
+    for g in range(4):
+        cols = slice(32 * g, 32 * g + 32)
+        params = (result.scales[:, g : g + 1], result.zeros[:, g : g + 1])
+        assert torch.equal(grid.dequantize(result.codes[:, cols], *params), result.weight[:, cols])
+
+
+def test_partial_last_group(layer_factory):
+    layer = layer_factory(out_features=16, in_features=112, n=512)
+    grid = QuantGrid(4, 48, allow_partial_group=True)
+    result = gptq_quantize(layer.weight, layer.hessian, grid, act_order=True)
+    assert result.scales.shape == (16, 3)
+    assert torch.equal(grid.dequantize(result.codes, result.scales, result.zeros), result.weight)
+    assert layer.output_error(result.weight) < layer.output_error(grid.fake_quantize(layer.weight))
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_on_gguf_blocks_is_exactly_storable(layer, fmt, act_order):
+    result = gptq_quantize(layer.weight, layer.hessian, GGUFBlockGrid(fmt), act_order=act_order)
+    rtn = dequantize_blocks(*quantize_blocks(layer.weight, fmt), fmt)
+    assert layer.output_error(result.weight) < 0.9 * layer.output_error(rtn)
+    # the exporter writes (codes, d, m) as they are; llama.cpp's dequantization gives our weight
+    stored = pack_blocks(result.codes, result.scales, result.zeros, fmt)
+    decoded = gguf.quants.dequantize(stored, ggml_type(fmt))
+    assert np.array_equal(decoded.view(np.uint32), result.weight.numpy().view(np.uint32))
+
+
+def test_dead_inputs_and_a_singular_hessian(layer_factory, caplog):
+    layer = layer_factory(out_features=8, in_features=64, n=16)  # n < in: H is singular
+    h = layer.hessian.clone()
+    h[3, :] = 0.0
+    h[:, 3] = 0.0  # input 3 never fires
+    result = gptq_quantize(layer.weight, h, QuantGrid(4, 32), percdamp=0.0)
+    assert result.damp > 0 and "retrying" in caplog.text
+    assert bool(torch.isfinite(result.weight).all())
+    assert torch.equal(result.weight[:, 3], torch.zeros(8))
+
+
+def test_shape_mismatch(layer):
+    with pytest.raises(ValueError, match="does not match"):
+        gptq_quantize(layer.weight, layer.hessian[:64, :64], QuantGrid())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_lazy_blocks_do_not_change_the_result(layer_factory, act_order):
+    """Group params are fitted on exactly updated weights, so the block size (groups of 48
+    straddle blocks of 7 and 128) only changes the float rounding, never a code."""
+    layer = layer_factory(out_features=32, in_features=144, n=512)
+    grid = QuantGrid(4, 48, symmetric=False)
+    lazy = gptq_quantize(layer.weight, layer.hessian, grid, act_order=act_order, block_size=128)
+    for block_size in (7, 1):
+        other = gptq_quantize(
+            layer.weight, layer.hessian, grid, act_order=act_order, block_size=block_size
+        )
+        assert torch.equal(lazy.codes, other.codes)
+        assert torch.allclose(lazy.scales, other.scales, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,70 @@
+"""Hessian accumulation and the damped inverse Cholesky factor."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from kompakt.errors import DataError
+from kompakt.ops.hessian import (
+    HessianAccumulator,
+    column_norms_from_hessian,
+    drop_dead_columns,
+    inverse_cholesky_upper,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batches_sum_to_the_one_shot_formula(dtype):
+    x = torch.randn(3, 50, 24, generator=torch.Generator().manual_seed(0))  # [batch, seq, in]
+    acc = HessianAccumulator(24, dtype=dtype)
+    for batch in x:
+        acc.add_batch(batch)
+    acc.add_batch(x[:1])  # 3-D batches are flattened too
+    rows = torch.cat([x.reshape(-1, 24), x[0]]).double()
+    expected = 2.0 / rows.shape[0] * rows.T @ rows
+    assert acc.n_samples == 200
+    assert acc.finalize().dtype == dtype
+    assert torch.allclose(acc.finalize().double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(acc.column_norms().double(), rows.norm(dim=0), rtol=1e-5)
+    from_h = column_norms_from_hessian(acc.finalize(), 200).double()
+    assert torch.allclose(from_h, rows.norm(dim=0), rtol=1e-5)
+
+
+def test_empty_and_mismatched_inputs_are_errors():
+    acc = HessianAccumulator(8)
+    with pytest.raises(ValueError, match="no calibration"):
+        acc.finalize()
+    with pytest.raises(ValueError, match="8 features"):
+        acc.add_batch(torch.zeros(4, 9))
+
+
+def test_inverse_cholesky_factor(layer):
+    upper, damp = inverse_cholesky_upper(layer.hessian.double(), 0.01)
+    h = layer.hessian.double()
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    assert damp == 0.01
+    assert torch.allclose(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-6, atol=1e-8)
+    assert torch.equal(upper, upper.triu())
+
+
+def test_failed_cholesky_retries_with_more_damping(caplog):
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))  # rank 4 < 16: singular
+    h = 2 / 4 * x.T @ x
+    with caplog.at_level(logging.WARNING, logger="kompakt.ops.hessian"):
+        upper, damp = inverse_cholesky_upper(h, percdamp=0.0)
+    assert damp > 0 and "retrying" in caplog.text
+    assert bool(torch.isfinite(upper).all())
+    with pytest.raises(DataError, match="calibration data"):
+        inverse_cholesky_upper(torch.full((4, 4), float("nan")), 0.01)
+
+
+def test_dead_columns_are_zeroed_and_made_invertible():
+    w = torch.ones(3, 4)
+    h = torch.eye(4)
+    h[2, 2] = 0.0
+    w2, h2 = drop_dead_columns(w, h)
+    assert torch.equal(w2[:, 2], torch.zeros(3)) and h2[2, 2] == 1.0
+    assert torch.equal(w, torch.ones(3, 4))  # inputs untouched

@@ -1,0 +1,68 @@
+"""QuantGrid: the explicit RTN grid (codes, scales, zeros) that RTN and GPTQ share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kompakt.ops.quant import QuantGrid, fake_quantize, group_bounds
+
+
+@pytest.fixture
+def weight() -> torch.Tensor:
+    return torch.randn(16, 128, generator=torch.Generator().manual_seed(1)) * 0.1
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_symmetric_grid_matches_fake_quantize(weight, bits, group_size):
+    grid = QuantGrid(bits, group_size, symmetric=True)
+    q, scale, zero = grid.quantize(weight)
+    assert zero is None
+    assert q.dtype == torch.int32 and q.shape == weight.shape
+    assert scale.shape == (16, grid.n_groups(128))
+    assert int(q.min()) >= -(2 ** (bits - 1)) and int(q.max()) <= 2 ** (bits - 1) - 1
+    expected = fake_quantize(weight, bits, group_size, True)
+    assert torch.equal(grid.dequantize(q, scale, zero), expected)
+
+
+def test_asymmetric_zero_point_is_a_storable_integer(weight):
+    grid = QuantGrid(4, 32, symmetric=False)
+    positive = weight.abs() + 0.01  # every group above 0: the range is widened to contain 0
+    q, scale, zero = grid.quantize(positive)
+    assert zero is not None and zero.shape == scale.shape
+    assert torch.equal(zero, zero.round()) and int(zero.min()) >= 0 and int(zero.max()) <= 15
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    # 0 is exactly representable, and RTN error is at most half a step
+    deq = grid.dequantize(q, scale, zero)
+    step = scale.repeat_interleave(32, dim=1)
+    assert bool(((deq - positive).abs() <= step / 2 + 1e-7).all())
+
+
+def test_uneven_group_size_is_rejected_by_default(weight):
+    with pytest.raises(ValueError, match="does not divide the input dimension 128"):
+        QuantGrid(4, 48).quantize(weight)
+
+
+def test_uneven_group_size_gives_a_shorter_last_group_when_allowed(weight):
+    grid = QuantGrid(4, 48, allow_partial_group=True)
+    assert group_bounds(128, 48) == [(0, 48), (48, 96), (96, 128)]
+    q, scale, _ = grid.quantize(weight)
+    assert scale.shape == (16, 3)
+    # the last group's scale comes from its own 32 columns only
+    assert torch.allclose(scale[:, 2], weight[:, 96:].abs().amax(dim=1) / 7)
+    assert torch.equal(grid.dequantize(q, scale, None), grid.fake_quantize(weight))
+
+
+def test_scale_dtype_rounds_scales_to_the_stored_dtype(weight):
+    q, scale, _ = QuantGrid(4, 32, scale_dtype=torch.float16).quantize(weight)
+    assert torch.equal(scale, scale.half().float())
+
+
+def test_all_zero_group_and_bad_bits():
+    w = torch.zeros(2, 64)
+    w[1, 32:] = 1.0
+    grid = QuantGrid(4, 32)
+    assert torch.equal(grid.fake_quantize(w), w)
+    with pytest.raises(ValueError, match="bits"):
+        QuantGrid(bits=1)
