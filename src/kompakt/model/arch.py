@@ -1,0 +1,232 @@
+"""Architecture knowledge as data: where each supported family keeps its layers and Linears.
+
+Every pass, analysis or surgery that needs "the q projection of layer 3" asks this table,
+never the class name. An entry is keyed by `config.model_type`. Paths are dotted:
+`layers`, `embed`, `final_norm`, `lm_head` are relative to the model; everything else is
+relative to one decoder layer (e.g. `q = "self_attn.q_proj"`).
+
+Linear roles (keys of `linear_modules`): "attn.q", "attn.k", "attn.v", "attn.o" or the
+fused "attn.qkv" (Phi-3: rows [q | k | v]); "mlp.gate", "mlp.up", "mlp.down" or the fused
+"mlp.gate_up" (Phi-3: rows [gate | up]).
+
+Norm roles (keys of `norm_modules`): "attn.pre" (feeds q/k/v), "mlp.pre" (feeds gate/up);
+Gemma 2/3 also normalise block outputs: "attn.post", "mlp.post"; Gemma 3 / Qwen 3 have
+per-head "attn.q_norm", "attn.k_norm". Beware: in Llama `post_attention_layernorm` is the
+pre-MLP norm, in Gemma 2/3 it normalises the attention output — hence roles, not names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
+
+from kompakt.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one model family keeps its parts (see the module docstring for conventions).
+
+    Attributes:
+        family: the transformers model_type this entry describes.
+        norm_offset: RMSNorm computes x * (norm_offset + weight): 1.0 for Gemma, else 0.0.
+            Folding a scale s into a norm therefore means w' = (offset + w) * s - offset.
+        embed_scale: embeddings are multiplied by sqrt(hidden_size) inside the model (Gemma).
+        layer_config_lists: config keys holding one entry per layer (e.g. "layer_types"),
+            which surgery must edit together with `layers`.
+    """
+
+    family: str
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    attn: str = "self_attn"
+    q: str | None = "self_attn.q_proj"
+    k: str | None = "self_attn.k_proj"
+    v: str | None = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    qkv: str | None = None
+    mlp: str = "mlp"
+    gate: str | None = "mlp.gate_proj"
+    up: str | None = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    gate_up: str | None = None
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
+    q_norm: str | None = None
+    k_norm: str | None = None
+    norm_offset: float = 0.0
+    embed_scale: bool = False
+    layer_config_lists: tuple[str, ...] = ()
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.qkv is not None
+
+    @property
+    def fused_gate_up(self) -> bool:
+        return self.gate_up is not None
+
+    @property
+    def linear_paths(self) -> dict[str, str]:
+        """Role -> path relative to a decoder layer, for every Linear of the layer."""
+        roles = {
+            "attn.q": self.q, "attn.k": self.k, "attn.v": self.v, "attn.qkv": self.qkv,
+            "attn.o": self.o,
+            "mlp.gate": self.gate, "mlp.up": self.up, "mlp.gate_up": self.gate_up,
+            "mlp.down": self.down,
+        }  # fmt: skip
+        return {role: path for role, path in roles.items() if path is not None}
+
+    @property
+    def norm_paths(self) -> dict[str, str]:
+        """Role -> path relative to a decoder layer, for every norm of the layer."""
+        roles = {
+            "attn.pre": self.attn_norm, "attn.post": self.attn_post_norm,
+            "mlp.pre": self.mlp_norm, "mlp.post": self.mlp_post_norm,
+            "attn.q_norm": self.q_norm, "attn.k_norm": self.k_norm,
+        }  # fmt: skip
+        return {role: path for role, path in roles.items() if path is not None}
+
+
+# The Llama layout is the default every other entry starts from.
+LLAMA = ArchSpec(family="llama")
+_GEMMA2_NORMS = dict(
+    mlp_norm="pre_feedforward_layernorm",
+    attn_post_norm="post_attention_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
+    norm_offset=1.0,
+    embed_scale=True,
+    layer_config_lists=("layer_types",),
+)
+_GEMMA3_TEXT = replace(
+    LLAMA, family="gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", **_GEMMA2_NORMS
+)
+_LM = "model.language_model"  # Gemma 3 multimodal: the text model sits under the vision wrapper
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": LLAMA,
+    "mistral": replace(LLAMA, family="mistral"),
+    "qwen2": replace(LLAMA, family="qwen2", layer_config_lists=("layer_types",)),
+    "qwen3": replace(
+        LLAMA, family="qwen3", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+        layer_config_lists=("layer_types",),
+    ),
+    "phi3": replace(
+        LLAMA, family="phi3", q=None, k=None, v=None, qkv="self_attn.qkv_proj",
+        gate=None, up=None, gate_up="mlp.gate_up_proj",
+    ),
+    "gemma": replace(LLAMA, family="gemma", norm_offset=1.0, embed_scale=True),
+    "gemma2": replace(LLAMA, family="gemma2", **_GEMMA2_NORMS),
+    "gemma3_text": _GEMMA3_TEXT,
+    "gemma3": replace(
+        _GEMMA3_TEXT, family="gemma3", layers=f"{_LM}.layers", embed=f"{_LM}.embed_tokens",
+        final_norm=f"{_LM}.norm",
+    ),
+}  # fmt: skip
+
+SUPPORTED_FAMILIES = tuple(ARCHITECTURES)
+
+
+def _config_of(model_or_config: Any) -> Any:
+    """The config behind a LoadedModel, a transformers model, a config or a config.json dict."""
+    obj = getattr(model_or_config, "model", model_or_config)  # LoadedModel -> model
+    if isinstance(obj, dict):
+        return obj
+    return getattr(obj, "config", obj)
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    if isinstance(config, dict):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def unsupported_message(model_type: str | None, config: Any = None) -> str:
+    """One line naming the unsupported type and the families kompakt supports."""
+    kind = ""
+    if config is not None and _get(config, "is_encoder_decoder", False):
+        kind = " (encoder-decoder; kompakt shrinks decoder-only causal LMs)"
+    return (
+        f"model type {model_type!r} is not supported{kind}; "
+        f"use a model of one of these families: {', '.join(SUPPORTED_FAMILIES)}"
+    )
+
+
+def arch_for(model_or_config: Any) -> ArchSpec:
+    """The ArchSpec of a model, LoadedModel, config or config.json dict.
+
+    Raises:
+        UnsupportedArchitectureError: the model_type is not in the table.
+    """
+    config = _config_of(model_or_config)
+    model_type = _get(config, "model_type")
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        raise UnsupportedArchitectureError(unsupported_message(model_type, config))
+    return spec
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    """The module at a dotted path ("model.layers.0.mlp"); "" is root itself."""
+    return root.get_submodule(path) if path else root
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the module at a dotted path (used to swap Linears for factorized ones)."""
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_submodule(root, parent_path), name, module)
+
+
+def decoder_layers(model: Any) -> nn.ModuleList:
+    """The decoder layers of a model (or LoadedModel), in order."""
+    model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
+    return get_submodule(model, arch_for(model).layers)  # type: ignore[return-value]
+
+
+def linear_modules(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
+    """Role -> Linear of one decoder layer ("attn.q", ..., "mlp.down"; fused roles for Phi-3)."""
+    return {role: get_submodule(layer, path) for role, path in spec.linear_paths.items()}  # type: ignore[misc]
+
+
+def norm_modules(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    """Role -> norm module of one decoder layer ("attn.pre", "mlp.pre", ...)."""
+    return {role: get_submodule(layer, path) for role, path in spec.norm_paths.items()}
+
+
+def text_config(model_or_config: Any) -> Any:
+    """The decoder's config (the text part of a multimodal config)."""
+    config = _config_of(model_or_config)
+    if isinstance(config, dict):
+        return config.get("text_config", config)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def fused_splits(model_or_config: Any) -> dict[str, dict[str, int]]:
+    """Row counts of the parts of fused Linears: {"attn.qkv": {"attn.q": n, ...}, ...}.
+
+    Phi-3 stacks q, k, v (and gate, up) along the output dimension in this order.
+    """
+    config = text_config(model_or_config)
+    heads = _get(config, "num_attention_heads")
+    kv_heads = _get(config, "num_key_value_heads") or heads
+    head_dim = _get(config, "head_dim") or _get(config, "hidden_size") // heads
+    inter = _get(config, "intermediate_size")
+    return {
+        "attn.qkv": {"attn.q": heads * head_dim, "attn.k": kv_heads * head_dim, "attn.v": kv_heads * head_dim},
+        "mlp.gate_up": {"mlp.gate": inter, "mlp.up": inter},
+    }
+
+
+def embeddings_tied(model: Any) -> bool:
+    """Whether lm_head shares its weight with the input embeddings (counted once in size)."""
+    model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
+    spec = arch_for(model)
+    head = get_submodule(model, spec.lm_head)
+    embed = get_submodule(model, spec.embed)
+    return head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr()
