@@ -1,0 +1,101 @@
+"""`kompakt eval`: perplexity, fidelity to a reference, size, memory and speed of a model."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kompakt.errors import ConfigError
+
+HELP = "Measure a model: perplexity, KL / top-1 vs a reference, size, peak memory, speed."
+
+
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e6:,.1f} MB"
+
+
+def _table(result: dict) -> Table:
+    table = Table(title=f"kompakt eval: {result['model']}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    data = result["data"]
+    if data == "self-generated":
+        data = "self-generated (text written by the model itself; pass --data for your own)"
+    rows = [
+        ("text", data),
+        ("tokens used / scored", f"{result['tokens_used']:,} / {result['tokens_scored']:,}"),
+        ("window / stride", f"{result['window']} / {result['stride']}"),
+        ("perplexity", f"{result['ppl']:.4f}"),
+    ]
+    if result.get("reference"):
+        rows += [
+            ("reference", result["reference"]),
+            ("reference perplexity", f"{result['ppl_reference']:.4f}"),
+            ("KL mean (nats)", f"{result['kl_mean']:.5f}"),
+            ("KL p99 (nats)", f"{result['kl_p99']:.5f}"),
+            ("top-1 agreement", f"{100 * result['top1']:.2f} %"),
+        ]
+    rows += [
+        ("parameters", f"{result['parameters']:,}"),
+        ("parameters in memory", _mb(result["parameter_bytes"])),
+        ("weights on disk", _mb(result["disk_bytes"])),
+        ("peak RSS (process)", _mb(result["peak_rss_bytes"])),
+    ]
+    speed = result.get("speed")
+    if speed:
+        rows += [
+            (f"prefill tok/s ({speed['prompt_batch']}x{speed['prompt_len']})", f"{speed['prefill_tokens_per_s']:,.1f}"),
+            (f"generate tok/s (batch 1, {speed['gen_tokens']} new)", f"{speed['generate_tokens_per_s']:,.1f}"),
+            ("backend / threads", f"{speed['backend']} {speed['dtype']} / {speed['threads']}"),
+        ]
+    rows.append(("wall time", f"{result['wall_s']:.1f} s"))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def eval_command(
+    model: Optional[str] = typer.Argument(None, help="HF directory, .gguf file, embedded name or hub id (default: smollm2-135m)."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Original model to compare against (KL, top-1)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Text to evaluate on (txt, jsonl, parquet, HF dataset dir); default: self-generated."),
+    window: int = typer.Option(512, "--window", help="Tokens per window."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between window starts (default: = window)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Use only the first N tokens of the text."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's choice)."),
+    no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only, to stdout."),
+) -> None:
+    """Measure a model: perplexity, KL / top-1 vs a reference, size, peak memory, speed."""
+    from kompakt.evaluate import evaluate
+    from kompakt.evaluate.windows import check_window
+
+    # Fail on impossible options before loading anything big.
+    check_window(window, stride, None, max_tokens)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1 (got {threads})")
+    from kompakt.model.load import load
+
+    candidate = load(model)
+    original = load(reference) if reference is not None else None
+    result = evaluate(
+        candidate,
+        original,
+        data=data,
+        window=window,
+        stride=stride,
+        max_tokens=max_tokens,
+        speed=not no_speed,
+        threads=threads,
+    ).to_dict()
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        Console().print(_table(result))
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="eval", help=HELP)(eval_command)

@@ -1,0 +1,127 @@
+"""Fidelity of a candidate to its reference: KL(reference || candidate) per position, top-1
+agreement, and both perplexities, from one forward of each model per window (BENCH.md)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from kompakt.errors import ConfigError
+from kompakt.evaluate.perplexity import room_for_window, forward_logits, progress_bar, unwrap_model, window_prefix
+from kompakt.evaluate.windows import (
+    batch_inputs,
+    batches,
+    check_window,
+    context_length,
+    plan_windows,
+    prepare_ids,
+    row_log_probs,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FidelityResult:
+    """kl_mean / kl_p99 in nats per position; top1 = fraction of positions with the same argmax."""
+
+    kl_mean: float
+    kl_p99: float
+    top1: float
+    ppl_reference: float
+    ppl_candidate: float
+    tokens: int
+    window: int = 512
+    stride: int = 512
+    tokens_used: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Totals:
+    """Running sums; per-position KL kept as small float arrays (for the percentile)."""
+
+    def __init__(self) -> None:
+        self.kl_chunks: list[np.ndarray] = []
+        self.agree = 0
+        self.nll_reference = 0.0
+        self.nll_candidate = 0.0
+        self.count = 0
+
+    def add(self, ref_lp: torch.Tensor, cand_lp: torch.Tensor, targets: torch.Tensor) -> None:
+        # KL(P || Q) = sum_v p_v (log p_v - log q_v), rows = positions, in fp32.
+        kl = (ref_lp.exp() * (ref_lp - cand_lp)).sum(-1).clamp_min(0.0)
+        self.kl_chunks.append(kl.double().cpu().numpy())
+        self.agree += int((ref_lp.argmax(-1) == cand_lp.argmax(-1)).sum())
+        index = targets.unsqueeze(-1)
+        self.nll_reference -= float(ref_lp.gather(-1, index).double().sum())
+        self.nll_candidate -= float(cand_lp.gather(-1, index).double().sum())
+        self.count += int(targets.numel())
+
+
+def _check_pair(reference: torch.nn.Module, candidate: torch.nn.Module) -> None:
+    ref_vocab = reference.get_output_embeddings().weight.shape[0]
+    cand_vocab = candidate.get_output_embeddings().weight.shape[0]
+    if ref_vocab != cand_vocab:
+        raise ConfigError(
+            f"reference and candidate have different vocabularies ({ref_vocab} vs {cand_vocab}); "
+            "compare models that share a tokenizer"
+        )
+
+
+def fidelity(
+    reference,
+    candidate,
+    ids: torch.Tensor,
+    *,
+    window: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+) -> FidelityResult:
+    """KL(reference || candidate), top-1 agreement and both perplexities on the same positions.
+
+    Both arguments are LoadedModel or transformers models; they may live on different devices.
+    """
+    ref_net, cand_net = unwrap_model(reference), unwrap_model(candidate)
+    _check_pair(ref_net, cand_net)
+    # Same tokenizer (checked above), so both models get the same unscored prefix.
+    prefix = window_prefix(reference) or window_prefix(candidate)
+    contexts = [c for c in (room_for_window(ref_net, prefix), room_for_window(cand_net, prefix)) if c is not None]
+    stride = check_window(window, stride, min(contexts) if contexts else None, max_tokens)
+    flat = prepare_ids(ids, window, max_tokens)
+    windows = plan_windows(flat.numel(), window, stride)
+    ref_device = next(ref_net.parameters()).device
+    cand_device = next(cand_net.parameters()).device
+    totals = _Totals()
+    progress, task = progress_bar("fidelity", len(windows))
+    with progress, torch.inference_mode():
+        for group in batches(windows, batch_size):
+            ref_logits = forward_logits(ref_net, batch_inputs(flat, group, ref_device), prefix)
+            cand_logits = forward_logits(cand_net, batch_inputs(flat, group, cand_device), prefix)
+            for row, item in enumerate(group):
+                targets = flat[item.start : item.end].to(ref_device)
+                pairs = zip(row_log_probs(ref_logits[row], item), row_log_probs(cand_logits[row], item))
+                for (positions, ref_lp), (_, cand_lp) in pairs:
+                    totals.add(ref_lp, cand_lp.to(ref_device), targets[positions])
+            del ref_logits, cand_logits
+            progress.advance(task, len(group))
+    kl = np.concatenate(totals.kl_chunks)
+    result = FidelityResult(
+        kl_mean=float(kl.mean()),
+        kl_p99=float(np.percentile(kl, 99)),
+        top1=totals.agree / totals.count,
+        ppl_reference=math.exp(totals.nll_reference / totals.count),
+        ppl_candidate=math.exp(totals.nll_candidate / totals.count),
+        tokens=totals.count,
+        window=window,
+        stride=stride,
+        tokens_used=int(flat.numel()),
+    )
+    logger.info("fidelity: KL %.5f, top-1 %.4f over %d positions", result.kl_mean, result.top1, result.tokens)
+    return result

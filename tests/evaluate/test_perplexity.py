@@ -1,0 +1,120 @@
+"""Perplexity: window/stride scoring math, exact values on a uniform model, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kompakt.errors import ConfigError, DataError
+from kompakt.evaluate import perplexity
+from kompakt.evaluate.windows import plan_windows
+from kompakt.model.tiny import TINY_VOCAB, tiny_model
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, TINY_VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def uniform():
+    loaded = tiny_model("llama")
+    with torch.no_grad():
+        loaded.model.lm_head.weight.zero_()  # every logit 0 -> uniform distribution
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "n, window, stride, scored",
+    [
+        (1000, 100, 100, 10 * 99),  # non-overlapping: each window scores its last window - 1
+        (1050, 100, 100, 10 * 99 + 49),  # a shorter tail window scores its last 49
+        (1001, 100, 100, 10 * 99),  # a 1-token tail scores nothing
+        (1000, 100, 50, 999),  # sliding: every token but the first, once
+        (1020, 100, 30, 1019),
+        (100, 100, 100, 99),
+    ],
+)
+def test_uniform_model_ppl_is_vocab_and_counts(uniform, n, window, stride, scored):
+    result = perplexity(uniform, _ids(n), window=window, stride=stride, batch_size=3)
+    assert result.tokens_scored == scored
+    assert result.tokens_used == n
+    assert (result.window, result.stride) == (window, stride)
+    assert result.ppl == pytest.approx(TINY_VOCAB, rel=1e-5)
+    assert result.nll_mean == pytest.approx(math.log(TINY_VOCAB), rel=1e-6)
+
+
+@pytest.mark.parametrize("n, window, stride", [(1000, 100, 50), (1020, 100, 30), (1000, 128, 1)])
+def test_sliding_windows_score_each_token_once(n, window, stride):
+    counts = torch.zeros(n, dtype=torch.long)
+    for item in plan_windows(n, window, stride):
+        assert item.length <= window
+        counts[item.start + item.score_from : item.end] += 1
+    assert counts[0] == 0 and bool((counts[1:] == 1).all())
+
+
+def test_one_window_equals_direct_cross_entropy(model):
+    ids = _ids(300)
+    result = perplexity(model, ids, window=300)
+    with torch.no_grad():
+        logits = model.model(ids[None]).logits[0]
+    expected = torch.nn.functional.cross_entropy(logits[:-1], ids[1:])
+    assert result.tokens_scored == 299
+    assert result.nll_mean == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_stride_equals_window_matches_manual_windows(model):
+    ids = _ids(400)
+    result = perplexity(model, ids, window=100, stride=100, batch_size=2)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, 400, 100):
+            chunk = ids[start : start + 100]
+            logits = model.model(chunk[None]).logits[0]
+            total += float(torch.nn.functional.cross_entropy(logits[:-1], chunk[1:], reduction="sum"))
+    assert result.nll_mean == pytest.approx(total / 396, rel=1e-5)
+
+
+def test_batch_size_and_max_tokens(model):
+    ids = _ids(700)
+    one = perplexity(model, ids, window=100, batch_size=1)
+    many = perplexity(model, ids, window=100, batch_size=8)
+    assert one.ppl == pytest.approx(many.ppl, rel=1e-5)
+    cut = perplexity(model, ids, window=100, max_tokens=300)
+    assert (cut.tokens_used, cut.tokens_scored) == (300, 297)
+    assert cut.ppl == pytest.approx(perplexity(model, ids[:300], window=100).ppl, rel=1e-6)
+
+
+def test_accepts_bare_transformers_model_and_2d_ids(model):
+    ids = _ids(200)
+    assert perplexity(model.model, ids[None], window=100).ppl == pytest.approx(
+        perplexity(model, ids, window=100).ppl, rel=1e-6
+    )
+
+
+def test_window_longer_than_context(model):
+    context = model.context_length
+    with pytest.raises(ConfigError, match="context") as info:
+        perplexity(model, _ids(2 * context), window=context + 1)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(window=100, stride=101), ConfigError),
+        (dict(window=100, stride=0), ConfigError),
+        (dict(window=1), ConfigError),
+        (dict(window=100, max_tokens=50), ConfigError),
+        (dict(window=300), DataError),  # only 200 tokens
+    ],
+)
+def test_bad_inputs(model, kwargs, error):
+    with pytest.raises(error):
+        perplexity(model, _ids(200), **kwargs)
