@@ -1,0 +1,34 @@
+"""kompakt: turn a language model into a small language model.
+
+The curated public API (imported lazily so `import kompakt` stays cheap):
+
+    loaded = kompakt.load()                      # embedded SmolLM2-135M-Instruct
+    ids = kompakt.load_tokens("notes.txt", loaded)
+    result = kompakt.evaluate(loaded, reference=None, ids=ids)
+    analysis = kompakt.analyze(loaded, ids, out="report/")
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "load": "kompakt.model.load",
+    "LoadedModel": "kompakt.model.loaded",
+    "load_tokens": "kompakt.data",
+    "read_texts": "kompakt.data",
+    "evaluate": "kompakt.evaluate",
+    "analyze": "kompakt.analyze",
+    "stream_generate": "kompakt.serve.generate",
+    "KompaktError": "kompakt.errors",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'kompakt' has no attribute {name!r}")
+    return getattr(import_module(_API[name]), name)

@@ -1,0 +1,9 @@
+"""Phase 1: analyse a model — where its parameters and bytes are, which layers, heads and MLP
+channels matter, how sensitive each layer is to quantization, how good and fast it is now."""
+
+from __future__ import annotations
+
+from kompakt.analyze.api import analyze, write_outputs
+from kompakt.analyze.result import Analysis
+
+__all__ = ["Analysis", "analyze", "write_outputs"]

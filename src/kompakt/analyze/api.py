@@ -1,0 +1,251 @@
+"""`analyze`: phase 1 of shrinking a model — where the parameters are, what matters, what is fragile.
+
+Stages (token counts are stated in `Analysis.settings`):
+1. breakdown of parameters and bytes (no data);
+2. one calibration pass over `n_blocks` x `block_len` tokens: block influence per layer,
+   MLP-channel and head importance;
+3. a reference pass over the held-out windows (the last `eval_tokens` tokens of `ids`), then
+   2 x n_layers scored edits: each layer skipped, each layer 4-bit quantized;
+4. baseline perplexity (kompakt.evaluate) and speed;
+5. the "where to cut" summary, and files under `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from kompakt.analyze import html as html_page
+from kompakt.analyze import plots
+from kompakt.analyze.breakdown import breakdown as count_parameters
+from kompakt.analyze.channels import ChannelCollector, tiny_fraction
+from kompakt.analyze.layers import BlockInfluence, skip_costs
+from kompakt.analyze.output import check_out, write_files
+from kompakt.analyze.reference import build_reference
+from kompakt.analyze.result import Analysis
+from kompakt.analyze.sensitivity import quant_sensitivity
+from kompakt.analyze.summary import MLP_TINY, where_to_cut
+from kompakt.data import sample_blocks
+from kompakt.errors import ConfigError, DataError
+from kompakt.model.arch import arch_for, decoder_layers, text_config
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    progress = Progress(console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty())
+    with progress:
+        yield progress
+
+
+def _model_info(loaded) -> dict:
+    config = text_config(loaded.model)
+    heads = int(config.num_attention_heads)
+    return {
+        "name": loaded.name,
+        "path": str(loaded.path) if loaded.path else None,
+        "model_type": config.model_type,
+        "layers": int(config.num_hidden_layers),
+        "hidden_size": int(config.hidden_size),
+        "intermediate_size": int(config.intermediate_size),
+        "heads": heads,
+        "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "vocab_size": int(config.vocab_size),
+        "context_length": loaded.context_length,
+        "storage_dtype": str(loaded.storage_dtype).removeprefix("torch."),
+        "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+    }
+
+
+def _split(ids: torch.Tensor, vocab: int, n_blocks: int, block_len: int, eval_tokens: int, window: int, seed: int):
+    """(calibration blocks [n_blocks, block_len], held-out ids, held-out windows [1, window] each)."""
+    flat = torch.as_tensor(ids).reshape(-1).long()
+    n_windows = eval_tokens // window
+    held = n_windows * window
+    if flat.numel() < held + block_len:
+        raise DataError(
+            f"analysis needs at least {held + block_len} tokens ({held} held-out + one {block_len}-token "
+            f"calibration block), got {flat.numel()}; give more data or lower --eval-tokens / --block-len"
+        )
+    if int(flat.max()) >= vocab or int(flat.min()) < 0:
+        raise DataError("token ids fall outside the model's vocabulary; tokenize the data with this model's tokenizer")
+    calibration, heldout = flat[:-held], flat[-held:]
+    blocks = sample_blocks(calibration, n_blocks, block_len, seed=seed)
+    windows = [heldout[i * window : (i + 1) * window].unsqueeze(0) for i in range(n_windows)]
+    return blocks, heldout, windows
+
+
+def _check_sizes(loaded, n_blocks: int, block_len: int, eval_tokens: int, window: int) -> None:
+    if min(n_blocks, block_len) < 1 or window < 2:
+        raise ConfigError("n_blocks and block_len must be positive and the window at least 2 tokens")
+    if eval_tokens < window:
+        raise ConfigError(f"--eval-tokens {eval_tokens} is shorter than one window of {window}; raise it")
+    context = loaded.context_length
+    if max(window, block_len) > context:
+        raise ConfigError(f"window and block length must fit the model's context ({context} tokens); lower them")
+
+
+@torch.inference_mode()
+def _calibrate(model, layers, spec, blocks: torch.Tensor, batch: int, advance) -> tuple[list[float], object]:
+    influence = BlockInfluence(layers)
+    collector = ChannelCollector(model, layers, spec)
+    handles = influence.attach() + collector.attach()
+    try:
+        for start in range(0, blocks.shape[0], batch):
+            chunk = blocks[start : start + batch]
+            model(input_ids=chunk, use_cache=False)
+            collector.count_blocks(chunk.shape[0])
+            advance(chunk.shape[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return influence.values(), collector.result()
+
+
+def _baseline(loaded, heldout: torch.Tensor, window: int, speed: bool) -> dict:
+    from kompakt.evaluate import measure_speed, perplexity
+
+    result = {"perplexity": perplexity(loaded, heldout, window=window, stride=window).to_dict()}
+    result["speed"] = measure_speed(loaded).to_dict() if speed else None
+    return result
+
+
+def _measure(loaded, spec, layers, blocks, windows, *, bits, group_size, batch_size) -> dict:
+    """The data-driven stages (calibration pass, skip cost, quantization sensitivity), timed."""
+    model, timings = loaded.model, {}
+    with _progress() as progress:
+        stage = progress.add_task("calibration pass", total=blocks.shape[0])
+        tick = time.perf_counter()
+        influence, channels = _calibrate(model, layers, spec, blocks, batch_size, lambda n: progress.advance(stage, n))
+        timings["calibration_s"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        reference = build_reference(model, layers, windows)
+        stage = progress.add_task("skip each layer", total=len(layers))
+        skips = skip_costs(model, layers, reference, lambda: progress.advance(stage))
+        timings["skip_cost_s"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        stage = progress.add_task(f"{bits}-bit quantize each layer", total=len(layers))
+        quants, notes = quant_sensitivity(
+            model, layers, spec, reference, bits=bits, group_size=group_size, advance=lambda: progress.advance(stage)
+        )
+        timings["quant_sensitivity_s"] = time.perf_counter() - tick
+    return dict(
+        influence=influence, channels=channels, skips=skips, quants=quants, notes=notes,
+        reference={"ppl": reference.ppl, "scored_tokens": reference.scored_tokens}, timings=timings,
+    )  # fmt: skip
+
+
+def _layer_rows(parts, measured: dict) -> list[dict]:
+    return [
+        {
+            "index": i,
+            "params": parts.per_layer[i]["total"],
+            "bytes": parts.per_layer[i]["total"] * parts.bytes_per_param,
+            "block_influence": measured["influence"][i],
+            "skip": measured["skips"][i].to_dict(),
+            "quant": measured["quants"][i].to_dict(),
+            "mlp_tiny_fraction": tiny_fraction(measured["channels"].mlp[i], MLP_TINY),
+        }
+        for i in range(len(measured["skips"]))
+    ]
+
+
+def _settings(blocks, windows, window, bits, group_size, seed, ids) -> dict:
+    return {
+        "calibration": {
+            "blocks": int(blocks.shape[0]), "block_len": int(blocks.shape[1]),
+            "tokens": int(blocks.numel()), "seed": seed,
+        },
+        "heldout": {
+            "windows": len(windows), "window": window,
+            "tokens": len(windows) * window, "scored_tokens": len(windows) * (window - 1),
+        },
+        "quant": {"bits": bits, "group_size": group_size, "symmetric": True, "method": "RTN"},
+        "data_tokens": int(torch.as_tensor(ids).numel()),
+    }  # fmt: skip
+
+
+def analyze(
+    loaded,
+    ids: torch.Tensor,
+    *,
+    out: str | Path | None = None,
+    n_blocks: int = 8,
+    block_len: int = 256,
+    eval_tokens: int = 1024,
+    eval_window: int = 256,
+    bits: int = 4,
+    group_size: int | None = 64,
+    reference_eval: bool = True,
+    speed: bool = True,
+    seed: int = 0,
+    batch_size: int = 4,
+) -> Analysis:
+    """Analyse `loaded` (a LoadedModel) on token ids `ids` (1-D) and optionally write files.
+
+    The last `eval_tokens` tokens (cut to whole windows of `eval_window`) are held out for
+    skip cost, quantization sensitivity and perplexity; `n_blocks` calibration blocks of
+    `block_len` tokens are drawn from the rest. `reference_eval` adds kompakt.evaluate's
+    perplexity and (with `speed`) prefill / generation speed. With `out`, writes
+    analysis.json, PNG plots and a self-contained analysis.html there.
+
+    Raises:
+        OutputPathError: `out` points into an existing file (checked before any work).
+        ConfigError / DataError: sizes that do not fit the model or the data.
+    """
+    out_dir = check_out(out)
+    _check_sizes(loaded, n_blocks, block_len, eval_tokens, eval_window)
+    spec, layers = arch_for(loaded.model), decoder_layers(loaded.model)
+    info = _model_info(loaded)
+    blocks, heldout, windows = _split(ids, info["vocab_size"], n_blocks, block_len, eval_tokens, eval_window, seed)
+    blocks, windows = blocks.to(loaded.device), [w.to(loaded.device) for w in windows]
+    began, cpu_began = time.perf_counter(), time.process_time()
+    parts = count_parameters(loaded)
+    measured = _measure(loaded, spec, layers, blocks, windows, bits=bits, group_size=group_size, batch_size=batch_size)
+    timings = measured["timings"]
+    tick = time.perf_counter()
+    baseline = _baseline(loaded, heldout, eval_window, speed) if reference_eval else None
+    timings["baseline_s"] = time.perf_counter() - tick
+    skip_kl = [s.kl_mean for s in measured["skips"]]
+    quant_kl = [q.kl_mean for q in measured["quants"]]
+    timings["total_s"] = time.perf_counter() - began
+    timings["cpu_s"] = time.process_time() - cpu_began  # all threads; wall time alone hides contention
+    logger.info("analysed %s in %.1f s (%s)", loaded.name, timings["total_s"], timings)
+    analysis = Analysis(
+        model=info,
+        settings=_settings(blocks, windows, eval_window, bits, group_size, seed, ids),
+        breakdown=parts,
+        layers=_layer_rows(parts, measured),
+        channels=measured["channels"],
+        reference=measured["reference"],
+        baseline=baseline,
+        summary=where_to_cut(parts, measured["influence"], skip_kl, quant_kl, measured["channels"]),
+        timings=timings,
+        notes=measured["notes"],
+    )
+    if out_dir is not None:
+        analysis.files = write_outputs(analysis, out_dir)
+    return analysis
+
+
+def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, str]:
+    """Write analysis.json, the plots and analysis.html into out_dir (each file atomically)."""
+    images = plots.all_plots(analysis)
+    names = ["analysis.json", *images, "analysis.html"]
+    analysis.files = {name: str(out_dir / name) for name in names}
+    contents: dict[str, bytes] = dict(images)
+    contents["analysis.html"] = html_page.render(analysis, images).encode()
+    contents["analysis.json"] = json.dumps(analysis.to_dict(), indent=1).encode()
+    write_files(out_dir, contents)
+    return analysis.files

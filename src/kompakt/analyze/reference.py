@@ -1,0 +1,149 @@
+"""Score one-layer edits of a model against its unmodified self, cheaply.
+
+Skip cost and quantization sensitivity edit one decoder layer in place and compare the
+model's next-token distributions with the unmodified model's on held-out windows. Two
+savings make the 2 x n_layers evaluations affordable:
+
+- the reference log-probabilities are computed once and kept (so one forward per edit,
+  not two, and no second copy of the model);
+- layers before the edited one see unchanged inputs, so their output is replayed from the
+  reference run (the cached input of layer i) instead of recomputed: on average half the
+  decoder stack is skipped. The layer modules stay in place (some models read attributes of
+  them); only their bound `forward` is overridden for the duration of a `replay` block.
+
+Scoring follows kompakt.evaluate (BENCH.md): consecutive windows, each scored on its last
+window - 1 positions; KL(reference || candidate) averaged over those positions.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Score:
+    """Quality of an edited model on the held-out windows."""
+
+    ppl: float
+    kl_mean: float
+    top1: float
+
+    def to_dict(self) -> dict:
+        return {"ppl": self.ppl, "kl": self.kl_mean, "top1": self.top1}
+
+
+@dataclass
+class Reference:
+    """The unmodified model's outputs on held-out windows (each [1, window] ids)."""
+
+    windows: list[torch.Tensor]
+    log_probs: list[torch.Tensor]  # per window [window - 1, vocab] fp32
+    layer_inputs: list[list[torch.Tensor]] = field(default_factory=list)  # [layer][window] -> [1, window, hidden]
+    ppl: float = float("nan")
+    tuple_outputs: bool = False  # older transformers return (hidden,) from decoder layers
+
+    @property
+    def scored_tokens(self) -> int:
+        return sum(int(lp.shape[0]) for lp in self.log_probs)
+
+
+def _exp(value: float) -> float:
+    """exp that saturates to inf (a skipped layer can make perplexity astronomically large)."""
+    return math.exp(value) if value < 700 else math.inf
+
+
+def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """[window - 1, vocab] fp32 log-probabilities of the positions that predict a next token."""
+    logits = model(input_ids=window, use_cache=False).logits[0, :-1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _nll(log_probs: torch.Tensor, window: torch.Tensor) -> float:
+    targets = window[0, 1:].to(log_probs.device).unsqueeze(-1)
+    return -float(log_probs.gather(-1, targets).double().sum())
+
+
+@torch.inference_mode()
+def build_reference(model: nn.Module, layers: nn.ModuleList, windows: list[torch.Tensor]) -> Reference:
+    """Run the unmodified model once per window, keeping log-probs and every layer's input."""
+    reference = Reference(windows=windows, log_probs=[], layer_inputs=[[] for _ in layers])
+    handles = []
+
+    def capture(index: int):
+        def hook(module, args, kwargs, output):
+            reference.layer_inputs[index].append(_hidden_from(args, kwargs).detach())
+            reference.tuple_outputs = isinstance(output, tuple)
+
+        return hook
+
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(capture(index), with_kwargs=True))
+    nll = 0.0
+    try:
+        for window in windows:
+            log_probs = _log_probs(model, window)
+            reference.log_probs.append(log_probs)
+            nll += _nll(log_probs, window)
+    finally:
+        for handle in handles:
+            handle.remove()
+    reference.ppl = _exp(nll / reference.scored_tokens)
+    return reference
+
+
+@contextmanager
+def replay(layers: nn.ModuleList, count: int, reference: Reference, source_layer: int) -> Iterator[list[int]]:
+    """Make layers[0:count] return the cached input of layer `source_layer` for the current window.
+
+    Yields a one-element list holding the current window index; `score` sets it. Layers past
+    the first ignore their (already replayed) input, so the whole prefix costs nothing.
+    """
+    current = [0]
+
+    def replayed(*args, **kwargs):
+        hidden = reference.layer_inputs[source_layer][current[0]]
+        return (hidden,) if reference.tuple_outputs else hidden
+
+    patched = list(layers)[:count]
+    for layer in patched:
+        layer.forward = replayed  # instance attribute shadows the class method
+    try:
+        yield current
+    finally:
+        for layer in patched:
+            del layer.forward
+
+
+@contextmanager
+def skipped(layers: nn.ModuleList, index: int, reference: Reference) -> Iterator[list[int]]:
+    """Layer `index` becomes the identity: layers 0..index all return the input of layer `index`."""
+    with replay(layers, index + 1, reference, index) as current:
+        yield current
+
+
+@torch.inference_mode()
+def score(model: nn.Module, reference: Reference, current: list[int] | None = None) -> Score:
+    """Perplexity, KL(reference || model) and top-1 agreement of the (edited) model."""
+    nll = kl_sum = 0.0
+    agree = 0
+    for index, window in enumerate(reference.windows):
+        if current is not None:
+            current[0] = index
+        log_probs = _log_probs(model, window)
+        ref = reference.log_probs[index]
+        kl = (ref.exp() * (ref - log_probs)).sum(-1).clamp_min(0.0)
+        kl_sum += float(kl.double().sum())
+        agree += int((ref.argmax(-1) == log_probs.argmax(-1)).sum())
+        nll += _nll(log_probs, window)
+    count = reference.scored_tokens
+    return Score(ppl=_exp(nll / count), kl_mean=kl_sum / count, top1=agree / count)

@@ -1,0 +1,97 @@
+"""The "where to cut" summary: the few findings a user acts on, as data and as lines of text."""
+
+from __future__ import annotations
+
+import math
+
+from kompakt.analyze.breakdown import Breakdown
+from kompakt.analyze.channels import ChannelImportance, tiny_fraction
+
+MLP_TINY = 0.1  # a channel below 10 % of its layer's median importance
+HEAD_TINY = 0.5  # a head below half of its layer's median importance
+
+
+def _lowest(values: list[float], k: int) -> list[int]:
+    order = sorted(range(len(values)), key=lambda i: (math.inf if math.isnan(values[i]) else values[i], i))
+    return order[:k]
+
+
+def _highest(values: list[float], k: int) -> list[int]:
+    order = sorted(range(len(values)), key=lambda i: (-math.inf if math.isnan(values[i]) else -values[i], i))
+    return order[:k]
+
+
+def _human(count: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.1f}{unit}"
+    return f"{count:.0f}"
+
+
+def _fraction_below(rows: list, threshold: float) -> float:
+    sizes = [len(row) for row in rows]
+    total = sum(sizes)
+    if not total:
+        return 0.0
+    return sum(tiny_fraction(row, threshold) * size for row, size in zip(rows, sizes)) / total
+
+
+def where_to_cut(
+    breakdown: Breakdown,
+    block_influence: list[float],
+    skip_kl: list[float],
+    quant_kl: list[float],
+    channels: ChannelImportance | None,
+    k: int | None = None,
+) -> dict:
+    """Rank layers, state parameter shares and channel headroom.
+
+    `k` (default: a sixth of the layers, at least 1) is how many layers each ranking names.
+    """
+    n_layers = len(block_influence)
+    k = k or max(1, n_layers // 6)
+    by_bi = _lowest(block_influence, k)
+    by_skip = _lowest(skip_kl, k)
+    agree = [i for i in by_skip if i in by_bi]
+    sensitive = _highest(quant_kl, k)
+    shares = {name: breakdown.share(name) for name, count in breakdown.params.items() if count}
+    result = {
+        "k": k,
+        "lowest_block_influence": by_bi,
+        "cheapest_to_skip": by_skip,
+        "agreement": agree,
+        "param_shares": shares,
+        "most_quant_sensitive": sensitive,
+        "least_quant_sensitive": _lowest(quant_kl, k),
+        "mlp_tiny_fraction": _fraction_below(channels.mlp, MLP_TINY) if channels else None,
+        "head_tiny_fraction": _fraction_below(channels.heads, HEAD_TINY) if channels else None,
+        "thresholds": {"mlp_tiny": MLP_TINY, "head_tiny": HEAD_TINY},
+    }
+    result["lines"] = _lines(result, breakdown, skip_kl, quant_kl)
+    return result
+
+
+def _lines(result: dict, breakdown: Breakdown, skip_kl: list[float], quant_kl: list[float]) -> list[str]:
+    k = result["k"]
+    names = lambda indices: ", ".join(str(i) for i in indices)  # noqa: E731
+    lines = [
+        f"Layers cheapest to drop (lowest skip KL): {names(result['cheapest_to_skip'])} "
+        f"(KL {', '.join(f'{skip_kl[i]:.3f}' for i in result['cheapest_to_skip'])}); "
+        f"lowest block influence: {names(result['lowest_block_influence'])} — "
+        f"{len(result['agreement'])} of {k} agree.",
+    ]
+    order = sorted(result["param_shares"].items(), key=lambda item: -item[1])
+    parts = [f"{name} {share:.0%} ({_human(breakdown.params[name])})" for name, share in order]
+    tied = " (embeddings tied to lm_head, counted once)" if breakdown.tied_embeddings else ""
+    lines.append(f"Parameters {_human(breakdown.total_params)}: {', '.join(parts)}{tied}.")
+    lines.append(
+        f"Most quantization-sensitive layers (keep at higher precision): {names(result['most_quant_sensitive'])} "
+        f"(KL {', '.join(f'{quant_kl[i]:.3f}' for i in result['most_quant_sensitive'])}); "
+        f"least: {names(result['least_quant_sensitive'])}."
+    )
+    if result["mlp_tiny_fraction"] is not None:
+        lines.append(
+            f"MLP channels below {MLP_TINY:.0%} of their layer's median importance: {result['mlp_tiny_fraction']:.1%}; "
+            f"attention heads below {HEAD_TINY:.0%} of their layer's median: {result['head_tiny_fraction']:.1%}."
+        )
+    return lines
