@@ -22,9 +22,9 @@ err_console = Console(stderr=True)
 
 def _register() -> None:
     # Explicit list (no directory walk): every command is one module with a `register(app)`.
-    from kompakt.cli import analyze, chat, evaluate
+    from kompakt.cli import analyze, chat, compress, evaluate, passes, recipe
 
-    for module in (analyze, evaluate, chat):
+    for module in (analyze, evaluate, chat, compress, passes, recipe):
         module.register(app)
 
 

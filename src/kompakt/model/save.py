@@ -1,0 +1,116 @@
+"""Write a `LoadedModel` as a loadable Hugging Face directory, atomically.
+
+The directory holds config.json (dtype = the storage dtype), generation_config.json,
+safetensors weights in `loaded.storage_dtype` and the tokenizer with its chat template, so
+plain `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` read it.
+
+Atomic: everything is written into a temporary directory beside the target and renamed
+into place. An existing target is first renamed aside and removed only after the new one is
+in place, so at every instant the target path is either the old or the new complete model;
+on any error the temporary directory is removed and nothing half-written remains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from kompakt.errors import OutputPathError
+from kompakt.model.loaded import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+def save_model(loaded: LoadedModel, directory: str | Path) -> Path:
+    """Save model, tokenizer and configs to `directory` (replacing it if it exists).
+
+    Weights are cast tensor by tensor to `loaded.storage_dtype` (the live model is not
+    changed); extra memory is one copy of the weights in the storage dtype when it differs
+    from the compute dtype, none otherwise.
+
+    Returns:
+        The absolute path of the written directory.
+
+    Raises:
+        OutputPathError: `directory` is an existing file or its parent cannot be created.
+    """
+    target = Path(directory).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(f"{target} is a file; choose a directory path for the saved model")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputPathError(f"cannot create {target.parent} ({error.strerror}); choose a writable path") from None
+    temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        temp.mkdir()
+        _write(loaded, temp)
+        _replace(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    logger.info("saved %s to %s", loaded.name, target)
+    return target
+
+
+def _write(loaded: LoadedModel, directory: Path) -> None:
+    model = loaded.model
+    state_dict = _cast_state_dict(model, loaded.storage_dtype)
+    model.save_pretrained(directory, state_dict=state_dict)
+    _set_config_dtype(directory / "config.json", loaded.storage_dtype)
+    loaded.tokenizer.save_pretrained(directory)
+
+
+def _cast_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """A state dict with floating tensors cast to `dtype`, or None when nothing needs casting.
+
+    Tensors sharing storage (tied embeddings) map to one cast tensor, so transformers still
+    sees them as tied and writes them once.
+    """
+    state = model.state_dict()
+    if all(not t.is_floating_point() or t.dtype == dtype for t in state.values()):
+        return None
+    cast: dict[tuple, torch.Tensor] = {}
+    result = {}
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            result[name] = tensor
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in cast:
+            cast[key] = tensor.detach().to(device="cpu", dtype=dtype)
+        result[name] = cast[key]
+    return result
+
+
+def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    """save_pretrained records the compute dtype; record the dtype the weights are stored in."""
+    config = json.loads(config_path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict):
+            for key in ("dtype", "torch_dtype"):
+                if key in section or (key == "dtype" and section is config):
+                    section[key] = name
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _replace(temp: Path, target: Path) -> None:
+    """Move `temp` to `target`; an existing target is renamed aside first, restored on failure."""
+    if not target.exists():
+        os.replace(temp, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,20 @@
+"""The pass registry: an explicit import list (no directory walk). Add a pass here to ship it."""
+
+from __future__ import annotations
+
+from kompakt.passes.base import register
+
+_PASS_MODULES: tuple[str, ...] = (
+    "kompakt.passes.prune_depth",
+    "kompakt.passes.prune_width",
+)
+
+
+def _register_all() -> None:
+    from importlib import import_module
+
+    for module_name in _PASS_MODULES:
+        register(import_module(module_name).PASS)
+
+
+_register_all()

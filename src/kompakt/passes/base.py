@@ -1,0 +1,140 @@
+"""What every pass shares: its context, its report, its typed config, and the registry.
+
+A pass is one file (see DESIGN.md): a module docstring (paper, when to use it, a sample
+recipe step), one config dataclass, one `apply(ctx, config) -> PassReport`, and a
+`PASS = PassSpec(...)` that `kompakt.passes` registers from an explicit import list.
+Passes never load a model, name a dataset or read argv: everything arrives in PassContext.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kompakt.errors import ConfigError
+from kompakt.model.loaded import LoadedModel
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may use. Expensive things are lazy: the runner prepares only what is asked.
+
+    Attributes:
+        loaded: the model to transform (a pass may change it in place or return a new one).
+        original: returns the recipe's original model (teacher / reference), loaded on first call.
+        calibration: returns calibration token blocks [n_blocks, block_len], built on first call.
+        seed: the run's seed; passes seed their own generators from it.
+        work_dir: scratch directory of this step (removed when the step is finished).
+    """
+
+    loaded: LoadedModel
+    original: Callable[[], LoadedModel]
+    calibration: Callable[[], torch.Tensor]
+    seed: int = 0
+    work_dir: Path | None = None
+
+
+@dataclass
+class PassReport:
+    """What a pass did: the resulting model, a one-line summary and JSON-ready details."""
+
+    loaded: LoadedModel
+    summary: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """A registered pass: its dotted name, config type, apply function and declared needs."""
+
+    name: str
+    config: type
+    apply: Callable[[PassContext, Any], PassReport]
+    needs_calibration: bool = False
+    needs_teacher: bool = False
+    needs_training: bool = False
+    changes_architecture: bool = False
+    doc: str = ""
+
+    @property
+    def summary(self) -> str:
+        return self.doc.strip().splitlines()[0] if self.doc.strip() else self.name
+
+
+def config_fields(config_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_cls)}
+
+
+def build_config(spec: PassSpec, values: dict[str, Any]) -> Any:
+    """Build the pass config from plain values; unknown keys and wrong types are ConfigErrors."""
+    fields = config_fields(spec.config)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{spec.name}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(spec.config)
+    coerced = {name: _coerce(spec.name, name, value, hints[name]) for name, value in values.items()}
+    try:
+        config = spec.config(**coerced)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{spec.name}: {error}") from None
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()  # raises ConfigError with a pass-specific message
+    return config
+
+
+def _coerce(pass_name: str, name: str, value: Any, hint: Any) -> Any:
+    """Accept the obvious conversions (CLI strings, YAML ints for floats); reject the rest."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if kind in (int, float) and isinstance(value, str):
+            try:
+                return kind(value)
+            except ValueError:
+                continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        origin = typing.get_origin(kind) or kind
+        if isinstance(origin, type) and isinstance(value, origin) and not (
+            isinstance(value, bool) and kind in (int, float)
+        ):
+            return value
+        if kind is typing.Any:
+            return value
+    raise ConfigError(f"{pass_name}: field {name} got {value!r}; expected {hint}")
+
+
+_REGISTRY: dict[str, PassSpec] = {}
+
+
+def register(spec: PassSpec) -> PassSpec:
+    if spec.name in _REGISTRY:
+        raise RuntimeError(f"pass {spec.name} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def registry() -> dict[str, PassSpec]:
+    """All passes by dotted name (importing kompakt.passes fills it from its explicit list)."""
+    import kompakt.passes  # noqa: F401  (the import list registers the passes)
+
+    return dict(_REGISTRY)
+
+
+def get_pass(name: str) -> PassSpec:
+    passes = registry()
+    if name not in passes:
+        raise ConfigError(f"unknown pass {name!r}; available: {', '.join(sorted(passes))}")
+    return passes[name]

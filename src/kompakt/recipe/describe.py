@@ -1,0 +1,77 @@
+"""What `kompakt passes show` prints: a pass's fields (type, default, doc) and a sample step."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import textwrap
+from typing import Any
+
+import yaml
+
+# "Sample recipe step::" (or "steps::") followed by an indented block of YAML list items.
+_SAMPLE = re.compile(r"Sample recipe steps?::\s*\n((?:[ \t]*\n|[ \t]+- .*\n?)+)")
+
+
+def _default(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return str(field.default_factory())  # type: ignore[misc]
+    return "(required)"
+
+
+def _samples(spec: Any) -> list[dict[str, Any]]:
+    """The sample steps from the pass docstring (`Sample recipe step::` block), else defaults."""
+    match = _SAMPLE.search(spec.doc or "")
+    if match:
+        try:
+            parsed = yaml.safe_load(textwrap.dedent(match.group(1)))
+        except yaml.YAMLError:
+            parsed = None
+        if isinstance(parsed, list) and parsed and all(isinstance(item, dict) and len(item) == 1 for item in parsed):
+            return parsed
+    return [{spec.name: {}}]
+
+
+def _cli(step: dict[str, Any]) -> str:
+    (name, config), = step.items()
+    pairs = ",".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                     for key, value in (config or {}).items())  # fmt: skip
+    return f"{name}:{pairs}" if pairs else name
+
+
+def describe_pass(name: str) -> dict[str, Any]:
+    """Name, summary, needs, fields [{name, type, default, doc}], sample steps (YAML and CLI lists), doc.
+
+    Raises:
+        ConfigError: unknown pass (the message lists the available ones).
+    """
+    from kompakt.passes.base import get_pass
+
+    spec = get_pass(name)
+    fields = [
+        {
+            "name": f.name,
+            "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
+            "default": _default(f),
+            "doc": f.metadata.get("doc", ""),
+        }
+        for f in dataclasses.fields(spec.config)
+    ]
+    needs = [label for flag, label in (
+        (spec.needs_calibration, "calibration data"), (spec.needs_teacher, "the original as teacher"),
+        (spec.needs_training, "training"), (spec.changes_architecture, "changes the architecture"),
+    ) if flag]  # fmt: skip
+    samples = _samples(spec)
+    flow = [yaml.safe_dump([sample], default_flow_style=None, sort_keys=False, width=1000).strip() for sample in samples]
+    return {
+        "name": spec.name,
+        "summary": spec.summary,
+        "needs": needs,
+        "fields": fields,
+        "sample_yaml": flow,
+        "sample_cli": [_cli(sample) for sample in samples],
+        "doc": (spec.doc or "").strip(),
+    }

@@ -1,0 +1,89 @@
+"""Run-directory files: `lineage.jsonl` (one JSON line per finished step) and atomic writes.
+
+Lines are appended whole, flushed and fsynced; a torn last line (a kill mid-write) is
+dropped on the next read and cut off before the next append, so the file is always a
+sequence of complete records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kompakt.errors import OutputPathError
+
+LINEAGE = "lineage.jsonl"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` (relative), replacing an existing link atomically."""
+    link = Path(link)
+    temp = link.parent / f".{link.name}.{os.getpid()}.tmp"
+    temp.unlink(missing_ok=True)
+    os.symlink(target, temp)
+    os.replace(temp, link)
+
+
+def read_lineage(run_dir: Path) -> list[dict[str, Any]]:
+    """The complete records of a run's lineage (a torn or unreadable last line is ignored)."""
+    path = Path(run_dir) / LINEAGE
+    if not path.exists():
+        return []
+    records = []
+    data = path.read_bytes()
+    for number, line in enumerate(data.split(b"\n")[:-1], start=1):  # the last piece is "" or torn
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise OutputPathError(
+                f"{path} line {number} is not valid JSON; use a new --out, or --force to start over"
+            ) from None
+    return records
+
+
+def _cut_torn_tail(path: Path) -> None:
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with path.open("r+b") as handle:
+            handle.truncate(keep)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def append_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one record as a complete line, flushed and fsynced."""
+    path = Path(run_dir) / LINEAGE
+    if path.exists():
+        _cut_torn_tail(path)
+    line = json.dumps(record, sort_keys=False, default=str) + "\n"
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def rewrite_lineage(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Replace the lineage with `records` (used when stale steps are dropped), atomically."""
+    text = "".join(json.dumps(record, default=str) + "\n" for record in records)
+    atomic_write_text(Path(run_dir) / LINEAGE, text)

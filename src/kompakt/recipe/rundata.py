@@ -1,0 +1,161 @@
+"""The data of a run: calibration blocks and held-out evaluation tokens, built lazily once,
+their identities (for step hashes), and the per-step measurement against the original."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from kompakt.errors import DataError
+from kompakt.model.loaded import LoadedModel
+from kompakt.recipe.hashing import digest, file_identity
+from kompakt.recipe.schema import DataSpec
+
+logger = logging.getLogger(__name__)
+
+HELDOUT_FRACTION = 0.1
+# Self-generated calibration text is sampled from the original on the CPU; beyond this many
+# tokens the blocks overlap instead (generation is the slow part, and it is cached).
+MAX_GENERATED_CALIBRATION_TOKENS = 32768
+
+
+class RunData:
+    """Calibration blocks [n, block_len] and evaluation ids, each built on first use."""
+
+    def __init__(self, spec: DataSpec, original: LoadedModel, seed: int) -> None:
+        self.spec = spec
+        self.original = original
+        self.seed = seed
+        self._calibration: torch.Tensor | None = None
+        self._evaluation: torch.Tensor | None = None
+        self._source_ids: torch.Tensor | None = None
+
+    # --- identities (no tokenization needed) ------------------------------------------------
+    def identity(self) -> str:
+        """What determines the calibration blocks (part of every data-using step's hash)."""
+        spec = self.spec
+        return digest({
+            "calibration": file_identity(spec.calibration) or "generated",
+            "heldout": spec.evaluation is None,
+            "blocks": spec.calibration_blocks,
+            "block_len": spec.block_len,
+        })  # fmt: skip
+
+    def eval_identity(self, metrics: list[str]) -> str:
+        """What determines a step's metrics (a run directory keeps one evaluation setting)."""
+        spec = self.spec
+        source = file_identity(spec.evaluation) if spec.evaluation else ["heldout", self.identity()]
+        return digest({
+            "evaluation": source, "tokens": spec.eval_tokens, "window": spec.window,
+            "stride": spec.stride, "metrics": sorted(metrics),
+        })  # fmt: skip
+
+    # --- tokens -----------------------------------------------------------------------------
+    def _user_ids(self) -> torch.Tensor:
+        from kompakt.data import load_tokens
+
+        if self._source_ids is None:
+            self._source_ids = load_tokens(self.spec.calibration, self.original, seed=self.seed)
+        return self._source_ids
+
+    def calibration(self) -> torch.Tensor:
+        if self._calibration is None:
+            from kompakt.data import load_tokens, sample_blocks, split_heldout
+
+            spec = self.spec
+            if spec.calibration is None:
+                wanted = min(spec.calibration_blocks * spec.block_len, MAX_GENERATED_CALIBRATION_TOKENS)
+                logger.info("generating %d calibration tokens with the original model (cached)", wanted)
+                ids = load_tokens(None, self.original, n_tokens=max(wanted, spec.block_len + 1), seed=self.seed)
+            else:
+                ids = self._user_ids()
+                if spec.evaluation is None:
+                    ids, _ = split_heldout(ids, HELDOUT_FRACTION)
+            self._calibration = sample_blocks(ids, spec.calibration_blocks, spec.block_len, seed=self.seed)
+        return self._calibration
+
+    def evaluation(self) -> torch.Tensor:
+        if self._evaluation is None:
+            from kompakt.data import load_tokens, split_heldout
+
+            spec = self.spec
+            if spec.evaluation is not None:
+                ids = load_tokens(spec.evaluation, self.original, seed=self.seed)
+                where = str(spec.evaluation)
+            elif spec.calibration is None:
+                # Held out from the same source: generated with another seed.
+                ids = load_tokens(None, self.original, n_tokens=spec.eval_tokens, seed=self.seed + 1)
+                where = "self-generated text"
+            else:
+                _, ids = split_heldout(self._user_ids(), HELDOUT_FRACTION)
+                where = f"the held-out last {HELDOUT_FRACTION:.0%} of {spec.calibration}"
+            ids = ids[: spec.eval_tokens]
+            if ids.numel() < spec.window:
+                raise DataError(
+                    f"evaluation text ({where}) has {ids.numel()} tokens, fewer than one window of "
+                    f"{spec.window}; give more text, data.evaluation, or a smaller data.window"
+                )
+            self._evaluation = ids
+        return self._evaluation
+
+
+# --- measurement ------------------------------------------------------------------------------
+
+
+class Measurer:
+    """Metrics of a step's model against the original; the original's own numbers cached."""
+
+    def __init__(self, original: LoadedModel, data: RunData, metrics: list[str]) -> None:
+        self.original = original
+        self.data = data
+        self.metrics = metrics
+        self._reference_ppl: float | None = None
+        self._reference_speed: Any = None
+
+    def baseline(self) -> dict[str, Any]:
+        """The original's size (and speed when asked): row 0 of the trajectory."""
+        from kompakt.evaluate import disk_bytes
+
+        row: dict[str, Any] = {"parameters": self.original.num_parameters(), "bytes": disk_bytes(self.original.path)}
+        metrics: dict[str, Any] = {}
+        if "speed" in self.metrics:
+            metrics.update(self._speed(self.original, reference=True))
+        row["metrics"] = metrics
+        return row
+
+    def measure(self, candidate: LoadedModel) -> dict[str, Any]:
+        from kompakt.evaluate import fidelity, perplexity
+
+        spec, ids = self.data.spec, self.data.evaluation()
+        window = dict(window=spec.window, stride=spec.stride, max_tokens=spec.eval_tokens)
+        out: dict[str, Any] = {}
+        if "kl" in self.metrics or "top1" in self.metrics:
+            fid = fidelity(self.original, candidate, ids, **window)
+            out.update(ppl=fid.ppl_candidate, ppl_reference=fid.ppl_reference,
+                       kl_mean=fid.kl_mean, kl_p99=fid.kl_p99, top1=fid.top1, eval_tokens=fid.tokens)  # fmt: skip
+        elif "ppl" in self.metrics:
+            if self._reference_ppl is None:
+                self._reference_ppl = perplexity(self.original, ids, **window).ppl
+            result = perplexity(candidate, ids, **window)
+            out.update(ppl=result.ppl, ppl_reference=self._reference_ppl, eval_tokens=result.tokens_scored)
+        if "ppl" in out:
+            out["ppl_ratio"] = out["ppl"] / out["ppl_reference"] if out["ppl_reference"] else math.inf
+        if "speed" in self.metrics:
+            out.update(self._speed(candidate))
+        return out
+
+    def _speed(self, loaded: LoadedModel, reference: bool = False) -> dict[str, float]:
+        from kompakt.evaluate import measure_speed
+
+        speed = measure_speed(loaded)
+        if reference:
+            self._reference_speed = speed
+        out = {"prefill_tps": speed.prefill_tokens_per_s, "generate_tps": speed.generate_tokens_per_s}
+        base = self._reference_speed
+        if base is not None and base.prefill_tokens_per_s and base.generate_tokens_per_s:
+            out["prefill_speedup"] = speed.prefill_tokens_per_s / base.prefill_tokens_per_s
+            out["generate_speedup"] = speed.generate_tokens_per_s / base.generate_tokens_per_s
+        return out
