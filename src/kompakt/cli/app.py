@@ -22,9 +22,9 @@ err_console = Console(stderr=True)
 
 def _register() -> None:
     # Explicit list (no directory walk): every command is one module with a `register(app)`.
-    from kompakt.cli import analyze, chat, compress, evaluate, passes, recipe
+    from kompakt.cli import analyze, chat, compress, evaluate, export, passes, recipe, serve
 
-    for module in (analyze, evaluate, chat, compress, passes, recipe):
+    for module in (analyze, evaluate, chat, compress, passes, recipe, serve, export):
         module.register(app)
 
 

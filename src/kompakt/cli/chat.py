@@ -53,18 +53,31 @@ def chat(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto (llama.cpp for .gguf when installed) | transformers | llamacpp.")
+    ] = "auto",
 ) -> None:
     """Chat with a model in the terminal; replies stream as they are generated."""
+    from kompakt.serve.backends import choose_backend
     from kompakt.serve.chat_session import ChatSession
     from kompakt.serve.generate import check_sampling
 
     check_sampling(max_new_tokens, temperature, top_p)  # bad options fail before the model loads
+    engine = choose_backend(model, backend)
     err = Console(stderr=True)
-    with err.status("loading model...") if err.is_terminal else nullcontext():
-        loaded = _load_model(model)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    session = ChatSession(loaded, system=system, sampling=sampling)
-    err.print(f"[bold]{loaded.name}[/] - {HELP_LINE}", highlight=False, soft_wrap=True)
+    with err.status("loading model...") if err.is_terminal else nullcontext():
+        if engine == "llamacpp":
+            from kompakt.serve.backend_chat import BackendChatSession
+            from kompakt.serve.backends import open_backend
+
+            engine_backend = open_backend(model, engine)
+            session = BackendChatSession(engine_backend, system=system, sampling=sampling)
+            name = engine_backend.model_id
+        else:
+            loaded = _load_model(model)
+            session, name = ChatSession(loaded, system=system, sampling=sampling), loaded.name
+    err.print(f"[bold]{name}[/] - {HELP_LINE}", highlight=False, soft_wrap=True)
     if not session.chat_mode:
         err.print(
             "this model has no chat template: plain continuation mode "

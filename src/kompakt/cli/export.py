@@ -1,0 +1,35 @@
+"""`kompakt export`: write a model as GGUF (llama.cpp / Ollama) or as a Hugging Face directory."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+HELP = (
+    "Export a model: GGUF for llama.cpp (f32 f16 bf16 q8_0 q4_0 q4_1), an Ollama directory (GGUF + Modelfile) or a Hugging Face directory."
+)
+MODEL_HELP = "Model directory, .gguf file or embedded name (default: smollm2-135m)."
+TYPE_HELP = "gguf: f32 f16 bf16 q8_0 q4_0 q4_1 (default f16); hf: f32 f16 bf16 (default: as stored)."
+OUT_HELP = "Output file (gguf) or directory (hf); default <model>-<type>[.gguf] in the current directory."
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export", help=HELP)
+    def export_command(
+        model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+        format: str = typer.Option("gguf", "--format", "-f", help="gguf, ollama or hf."),
+        type: Optional[str] = typer.Option(None, "--type", "-t", help=TYPE_HELP),
+        out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP),
+        force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    ) -> None:
+        from kompakt.export.api import export
+
+        result = export(model, format=format, type=type, out=out, force=force)
+        console = Console()
+        for note in result.notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        size = f"{result.size_bytes / 1e6:,.1f} MB"
+        console.print(f"wrote {result.path} ({result.format} {result.type}, {size})", highlight=False, soft_wrap=True)
+        console.print(f"sha256 manifest: {result.manifest}", highlight=False, soft_wrap=True)

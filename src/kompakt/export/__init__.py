@@ -1,0 +1,11 @@
+"""Exports: GGUF for llama.cpp / Ollama, and sha256 manifests beside every exported file."""
+
+from __future__ import annotations
+
+from kompakt.export.gguf import GGUFExport, export_gguf, prepare_gguf, write_gguf
+from kompakt.export.manifest import sha256_file, verify_manifest, write_manifest
+
+__all__ = [
+    "GGUFExport", "export_gguf", "prepare_gguf", "write_gguf",
+    "sha256_file", "verify_manifest", "write_manifest",
+]  # fmt: skip

@@ -1,0 +1,176 @@
+"""Write a model as a GGUF file that llama.cpp (and Ollama, LM Studio) run.
+
+    export_gguf(loaded, "small.gguf", type="q4_0")
+
+Everything that could make the export fail is checked before a byte is written: the family
+(kompakt.export.gguf_arch), every tensor's llama.cpp name and shape (gguf_tensors), the
+tokenizer (gguf_tokenizer), the output path. The file is written under a temporary name in
+the target directory and renamed when complete; `<file>.sha256` is written beside it.
+
+Quantized-grid contract (for quant passes that choose values on a llama.cpp block grid):
+the model's config carries
+
+    config.kompakt_quantization = {"format": "q4_0" | "q4_1" | "q8_0",
+                                   "modules": ["model.layers.0.self_attn.q_proj", ...]}
+
+(module names as in model.named_modules(); it survives save_pretrained in config.json) and
+those modules' weights hold the exact dequantized values (fp32; bf16/fp16 would round them).
+Exporting with --type equal to that format writes each listed weight with block parameters
+recovered exactly from its values (gguf_grid_recover) instead of llama.cpp's re-rounding; a
+block that is not on the grid is re-quantized and counted in the log.
+
+A compressed-tensors directory (kompakt.model.quantized.save_quantized) whose groups are
+symmetric int4 / int8 with group_size 32 and fp16 scales is the same q4_0 / q8_0 grid and is
+exported exactly the same way, with no extra metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kompakt.errors import ConfigError, OutputPathError
+from kompakt.export.gguf_arch import add_hyperparameters, check_expressible, family_for, text_config
+from kompakt.export.gguf_tensors import FILE_TYPES, TYPES, GGUFPlan, plan_tensors, tensor_data
+from kompakt.export.gguf_tokenizer import add_tokenizer, build_vocab
+from kompakt.export.manifest import manifest_path, write_manifest
+from kompakt.model.cache import atomic_file
+from kompakt.model.loaded import LoadedModel
+from kompakt.model.quantized import dense_state_dict
+
+log = logging.getLogger(__name__)
+
+QUANT_CONFIG_KEY = "kompakt_quantization"
+
+
+@dataclass
+class GGUFExport:
+    path: Path
+    manifest: Path
+    type: str
+    size_bytes: int
+    tensor_types: dict[str, int]  # type -> number of tensors
+    exact_grid_tensors: int = 0  # tensors written from their on-grid values without re-rounding
+    requantized_blocks: int = 0  # blocks of on-grid tensors that were not on the grid
+    notes: list[str] = field(default_factory=list)
+
+
+def grid_modules(config) -> dict[str, str]:
+    """Module name -> GGUF grid format: config.kompakt_quantization (see module docstring), and
+    compressed-tensors groups stored on a q4_0 / q8_0 grid (kompakt.model.quantized)."""
+    from kompakt.model.quantized import gguf_grid_of_compressed
+
+    modules = gguf_grid_of_compressed(config)
+    spec = getattr(config, QUANT_CONFIG_KEY, None) or {}
+    fmt = str(spec.get("format", "")).lower()
+    if fmt:
+        modules.update({str(name): fmt for name in spec.get("modules", [])})
+    return modules
+
+
+def _check_output(path: Path, force: bool) -> Path:
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        raise OutputPathError(f"{path} is a directory; give a file name ending in .gguf")
+    if path.exists() and not force:
+        raise OutputPathError(f"{path} exists; pass --force (force=True) to replace it or choose another name")
+    if not path.parent.is_dir():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputPathError(f"cannot create {path.parent} ({error.strerror}); choose a writable path") from None
+    return path
+
+
+def prepare_gguf(loaded: LoadedModel, type: str = "f16"):
+    """All checks and decisions of an export, without writing: (family, config, vocab, plan)."""
+    type = str(type).lower()
+    if type not in TYPES:
+        raise ConfigError(f"unknown GGUF type {type!r}; choose one of {', '.join(TYPES)}")
+    config = text_config(loaded.model)
+    family = family_for(config)
+    vocab = build_vocab(loaded.tokenizer, int(config.vocab_size))
+    check_expressible(config, family, len(vocab.tokens))
+    plan = plan_tensors(loaded.model, config, family, type, grid_modules(loaded.model.config))
+    plan.notes[:0] = vocab.notes
+    return family, config, vocab, plan
+
+
+def export_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", force: bool = False) -> Path:
+    """Write `loaded` as a GGUF file of `type` at `path` (+ `path.sha256`); returns the path.
+
+    `write_gguf` does the same and returns the details (sizes, tensor types, notes).
+    """
+    return write_gguf(loaded, path, type=type, force=force).path
+
+
+def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", force: bool = False) -> GGUFExport:
+    """Write `loaded` as a GGUF file of `type` at `path` (+ `path.sha256`).
+
+    Raises:
+        UnsupportedArchitectureError: a family or structure llama.cpp cannot run as is.
+        OutputPathError: `path` exists (without force) or cannot be written.
+        ConfigError: an unknown type.
+    """
+    target = _check_output(Path(path), force)
+    family, config, vocab, plan = prepare_gguf(loaded, type)
+    for note in plan.notes:  # returned to the caller too (the CLI prints them)
+        log.info("%s", note)
+    result = GGUFExport(target, manifest_path(target), str(type).lower(), 0, {}, notes=list(plan.notes))
+    with atomic_file(target) as tmp:
+        _write(tmp, loaded, family, config, vocab, plan, result)
+    result.size_bytes = target.stat().st_size
+    result.manifest = write_manifest(target)
+    if result.requantized_blocks:
+        note = (
+            f"{result.requantized_blocks} blocks of on-grid tensors were not on the {type} grid "
+            "and were re-quantized"
+        )
+        log.info("%s", note)
+        result.notes.append(note)
+    log.info("wrote %s (%.1f MB, %s)", target, result.size_bytes / 1e6, type)
+    return result
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kompakt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _write(tmp: Path, loaded: LoadedModel, family, config, vocab, plan: GGUFPlan, result: GGUFExport) -> None:
+    import gguf
+    from rich.progress import Progress
+
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(loaded.name)
+    writer.add_quantized_by("kompakt")
+    writer.add_string("kompakt.version", _version())
+    if loaded.path is not None:
+        writer.add_string("kompakt.source", str(loaded.path))
+    writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[result.type]]))
+    if result.type not in ("f32", "f16", "bf16"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_hyperparameters(writer, config, family)
+    add_tokenizer(writer, vocab)
+    state = dense_state_dict(loaded.model)
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task("writing GGUF tensors", total=len(plan.tensors))
+        for item in plan.tensors:
+            data, raw_type, missed = tensor_data(item, state[item.hf_name], config, family)
+            writer.add_tensor(item.gguf_name, data, raw_dtype=raw_type)
+            result.tensor_types[item.type] = result.tensor_types.get(item.type, 0) + 1
+            if item.grid == item.type:
+                result.exact_grid_tensors += 1
+                result.requantized_blocks += missed
+            progress.advance(task)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -1,0 +1,282 @@
+"""Quantized models stored truly small: integer weights packed with their scales (compressed-tensors).
+
+    save_quantized(loaded, "runs/q4/step", {"model.layers.0.mlp.down_proj": PackedLayer(...), ...})
+
+writes a Hugging Face directory in the `compressed-tensors` "pack-quantized" format (the
+format vLLM and transformers' CompressedTensorsHfQuantizer read): per quantized Linear
+`weight_packed` (int32, bits·in/32 words per row), `weight_scale` [out, groups],
+`weight_shape`, and `weight_zero_point` for asymmetric grids; config.json gets the
+`quantization_config` describing each group of layers. Everything else keeps the storage
+dtype. A 4-bit layer takes 1/8 of its fp32 bytes (1/4 of fp16) plus the scales.
+
+Reading back: transformers decompresses it on load (q·scale in the scale dtype, fp32 by
+default, so values are exactly those the quant pass produced); `kompakt.model.load` reads
+it like any HF directory.
+
+Codes follow kompakt.ops.quant.QuantGrid: symmetric q in [-2^(b-1), 2^(b-1)-1] and w = q·s;
+asymmetric q in [0, 2^b-1] with integer zero z and w = (q - z)·s. compressed-tensors stores
+signed codes, so asymmetric codes and zeros are shifted by -2^(b-1) (the value is unchanged).
+
+compressed-tensors' "group" strategy cannot hold a shorter last group: choose group sizes
+with `storable_group_size` before quantizing; a layer that arrives with a non-dividing group
+is re-quantized at the largest dividing size and named in the returned report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kompakt.errors import ConfigError, OutputPathError
+from kompakt.model.loaded import LoadedModel
+from kompakt.ops.quant import QuantGrid
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pack-quantized"
+ASYMMETRIC_FORMAT = "int-quantized"  # see _compressed_tensors
+
+
+@dataclass
+class PackedLayer:
+    """One quantized Linear as the quant pass produced it (QuantGrid / GPTQResult convention).
+
+    codes: int32 [out, in]; scale: [out, n_groups] (its dtype is stored: fp32, fp16 or bf16);
+    zero: [out, n_groups] integer zero points or None (symmetric); group_size: None = one
+    group per row (per-channel).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group_size: int | None
+    symmetric: bool
+
+    @classmethod
+    def from_grid(cls, weight: torch.Tensor, grid: QuantGrid) -> PackedLayer:
+        """RTN-quantize `weight` [out, in] on `grid`."""
+        q, scale, zero = grid.quantize(weight.detach().float().cpu())
+        group = grid.group_size_for(weight.shape[1])
+        group_size = None if group >= weight.shape[1] else group
+        return cls(q, scale.to(grid.scale_dtype), zero, grid.bits, group_size, grid.symmetric)
+
+    def dequantize(self) -> torch.Tensor:
+        out_features, in_features = self.codes.shape
+        g = self.group_size or in_features
+        scale = self.scale.float().repeat_interleave(g, dim=1)[:, :in_features]
+        q = self.codes.float()
+        if self.zero is not None:
+            q = q - self.zero.float().repeat_interleave(g, dim=1)[:, :in_features]
+        return q * scale
+
+
+@dataclass
+class QuantizedSave:
+    path: Path
+    size_bytes: int
+    layers: int
+    regrouped: dict[str, int] = field(default_factory=dict)  # layer -> group size used instead
+
+
+def is_quantized(model_or_loaded) -> bool:
+    """True when the weights are already quantized (compressed-tensors or a kompakt GGUF grid)."""
+    model = getattr(model_or_loaded, "model", model_or_loaded)
+    config = getattr(model, "config", model)
+    return bool(getattr(config, "quantization_config", None) or getattr(config, "kompakt_quantization", None))
+
+
+def ensure_not_quantized(loaded, what: str = "quantize") -> None:
+    """The check quant passes call first: refuse to quantize quantized weights again."""
+    if is_quantized(loaded):
+        raise ConfigError(
+            f"{getattr(loaded, 'name', 'the model')} is already quantized; {what} the original "
+            "(unquantized) model instead of quantizing twice"
+        )
+
+
+def storable_group_size(in_features: int, group_size: int | None) -> int | None:
+    """The group size compressed-tensors and GGUF can store for a layer: `group_size` when it
+    divides in_features, else the largest power-of-two divisor below it (576 with 128 -> 64),
+    else None (per channel)."""
+    if group_size is None or group_size <= 0 or group_size >= in_features or in_features % group_size == 0:
+        return group_size
+    g = 1 << (group_size.bit_length() - 1)
+    while g >= 8:
+        if in_features % g == 0 and g < group_size:
+            return g
+        g //= 2
+    return None
+
+
+def _regroup(name: str, layer: PackedLayer, notes: dict[str, int]) -> PackedLayer:
+    in_features = layer.codes.shape[1]
+    g = layer.group_size
+    if g is None or in_features % g == 0:
+        return layer
+    new = storable_group_size(in_features, g)
+    notes[name] = new or in_features
+    log.warning("%s: group size %d does not divide %d; stored with group size %s (re-quantized)",
+                name, g, in_features, new or "per-channel")
+    grid = QuantGrid(layer.bits, new, layer.symmetric, scale_dtype=layer.scale.dtype)
+    return PackedLayer.from_grid(layer.dequantize(), grid)
+
+
+def _scheme(layer: PackedLayer) -> tuple:
+    strategy = "group" if layer.group_size else "channel"
+    return (layer.bits, layer.group_size, layer.symmetric, strategy)
+
+
+def _compressed_tensors(name: str, layer: PackedLayer) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    offset = 1 << (layer.bits - 1)
+    codes = layer.codes if layer.symmetric else layer.codes - offset
+    tensors = {
+        f"{name}.weight_packed": pack_to_int32(codes.to(torch.int8).contiguous(), layer.bits),
+        f"{name}.weight_scale": layer.scale.contiguous(),
+        f"{name}.weight_shape": torch.tensor(tuple(layer.codes.shape), dtype=torch.int64),
+    }
+    if not layer.symmetric:
+        # compressed-tensors 0.20 + transformers 5.24 cannot load packed zero points (the meta
+        # model keeps them unpacked), so asymmetric layers use "int-quantized": one int8 per weight.
+        return {
+            f"{name}.weight": codes.to(torch.int8).contiguous(),
+            f"{name}.weight_scale": layer.scale.contiguous(),
+            f"{name}.weight_zero_point": (layer.zero - offset).to(torch.int8).contiguous(),
+        }
+    return tensors
+
+
+def _quantization_config(groups: dict[tuple, list[str]], ignore: list[str]) -> dict:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    config_groups = {}
+    for index, ((bits, group_size, symmetric, strategy), names) in enumerate(sorted(groups.items(), key=str)):
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
+                                group_size=group_size if strategy == "group" else None)  # fmt: skip
+        fmt = FORMAT if symmetric else ASYMMETRIC_FORMAT
+        config_groups[f"group_{index}"] = QuantizationScheme(targets=sorted(names), weights=args, format=fmt)
+    formats = {group.format for group in config_groups.values()}
+    top_format = formats.pop() if len(formats) == 1 else "mixed-precision"
+    config = QuantizationConfig(config_groups=config_groups, format=top_format,
+                                quantization_status="compressed", ignore=ignore)  # fmt: skip
+    data = config.model_dump(exclude_none=True)
+    data["quant_method"] = "compressed-tensors"
+    return data
+
+
+def save_quantized(
+    loaded: LoadedModel, directory: str | Path, packed_layers: Mapping[str, PackedLayer]
+) -> QuantizedSave:
+    """Write `loaded` with `packed_layers` (module name -> PackedLayer) stored packed.
+
+    The other weights are written in loaded.storage_dtype; an existing `directory` is replaced
+    atomically (temp dir beside it, then rename), as kompakt.model.save.save_model does.
+    """
+    model = loaded.model
+    modules = dict(model.named_modules())
+    unknown = [name for name in packed_layers if not isinstance(modules.get(name), torch.nn.Linear)]
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a Linear of {loaded.name}; pass module names from named_modules()")
+    result = QuantizedSave(Path(directory).expanduser().absolute(), 0, len(packed_layers))
+    state = {}
+    cast: dict[int, torch.Tensor] = {}  # one cast per storage, so tied embeddings stay tied (saved once)
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in packed_layers and name.endswith(".weight"):
+            layer = _regroup(module, packed_layers[module], result.regrouped)
+            groups.setdefault(_scheme(layer), []).append(module)
+            state.update(_compressed_tensors(module, layer))
+        else:
+            dtype = loaded.storage_dtype if tensor.is_floating_point() else tensor.dtype
+            key = tensor.data_ptr()
+            if key not in cast:
+                cast[key] = tensor.detach().to("cpu", dtype)
+            state[name] = cast[key]
+    linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n not in packed_layers]
+    qconfig = _quantization_config(groups, linears)
+    _write_atomic(loaded, state, qconfig, result.path)
+    result.size_bytes = sum(p.stat().st_size for p in result.path.glob("*.safetensors"))
+    return result
+
+
+def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(f"{target} is a file; choose a directory path for the saved model")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        temp.mkdir()
+        loaded.model.save_pretrained(temp, state_dict=state)
+        config_path = temp / "config.json"
+        config = json.loads(config_path.read_text())
+        config["quantization_config"] = qconfig
+        config["dtype"] = str(loaded.storage_dtype).removeprefix("torch.")
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        loaded.tokenizer.save_pretrained(temp)
+        if target.exists():
+            aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            target.rename(aside)
+            temp.rename(target)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            temp.rename(target)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+_QUANT_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+
+
+def decompress_in_place(model) -> bool:
+    """Give every Linear of a compressed-tensors model a plain `weight` (values unchanged).
+
+    transformers keeps packed layers compressed until their first forward pass; export and
+    analysis read `.weight`, so they call this first. Returns True when something was decompressed.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    compressor = getattr(quantizer, "compressor", None)
+    if compressor is None:
+        return False
+    if not any(hasattr(m, "weight_packed") or (hasattr(m, "weight_scale") and m.weight.dtype == torch.int8)
+               for m in model.modules()):  # fmt: skip
+        return False
+    compressor.decompress_model(model)
+    return True
+
+
+def dense_state_dict(model) -> dict[str, torch.Tensor]:
+    """state_dict with plain weights only: decompressed, quantization parameters left out."""
+    decompress_in_place(model)
+    return {name: t for name, t in model.state_dict().items() if name.rsplit(".", 1)[-1] not in _QUANT_PARAMS}
+
+
+def gguf_grid_of_compressed(config) -> dict[str, str]:
+    """Module -> GGUF format for compressed-tensors groups whose grid is a llama.cpp block grid.
+
+    Symmetric int4 / int8 in groups of 32 are q4_0 / q8_0 grids (codes -8..7 / -127..127 times
+    one scale per 32 weights); the exporter then recovers the exact blocks from the values
+    (fp16 scales are needed for that: QuantGrid(scale_dtype=torch.float16)).
+    """
+    qconfig = getattr(config, "quantization_config", None)
+    if qconfig is None:
+        return {}
+    data = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    result = {}
+    for group in (data.get("config_groups") or {}).values():
+        weights = group.get("weights") or {}
+        if weights.get("symmetric") and weights.get("group_size") == 32 and weights.get("type") == "int":
+            fmt = {4: "q4_0", 8: "q8_0"}.get(weights.get("num_bits"))
+            if fmt:
+                result.update({target: fmt for target in group.get("targets", []) if not target.startswith("re:")})
+    return result

@@ -1,0 +1,67 @@
+"""`kompakt export` and GGUF files in `kompakt eval`: one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from kompakt.cli.app import main
+from kompakt.model.tiny import save_tiny
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("KOMPAKT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    save_tiny("llama", tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as done:
+        code = done.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_export_gguf_default_name_and_manifest(tiny_dir, capsys):
+    code, out, _ = _run(["export", str(tiny_dir), "--type", "q8_0"], capsys)
+    assert code == 0
+    target = tiny_dir.parent / "tiny-q8_0.gguf"
+    assert target.read_bytes()[:4] == b"GGUF"
+    assert (tiny_dir.parent / "tiny-q8_0.gguf.sha256").is_file()
+    assert "wrote" in out and "sha256 manifest" in out
+
+
+def test_export_existing_file_without_force_is_one_line(tiny_dir, capsys):
+    target = tiny_dir.parent / "x.gguf"
+    target.write_bytes(b"old")
+    code, _, err = _run(["export", str(tiny_dir), "--out", str(target)], capsys)
+    assert code == 2 and "exists; pass --force" in err and len(err.strip().splitlines()) == 1
+    assert target.read_bytes() == b"old"
+    code, _, _ = _run(["export", str(tiny_dir), "--out", str(target), "--force"], capsys)
+    assert code == 0 and target.read_bytes()[:4] == b"GGUF"
+
+
+def test_export_hf_directory(tiny_dir, capsys):
+    code, _, _ = _run(["export", str(tiny_dir), "--format", "hf", "--type", "f16", "--out", "hf"], capsys)
+    assert code == 0
+    from kompakt.export import verify_manifest
+
+    assert verify_manifest(tiny_dir.parent / "hf") == []
+
+
+def test_bad_type_is_one_line(tiny_dir, capsys):
+    code, _, err = _run(["export", str(tiny_dir), "--type", "q3_k"], capsys)
+    assert code == 2 and "takes --type" in err
+
+
+def test_corrupt_gguf_in_eval_is_one_line(tiny_dir, capsys):
+    code, _, _ = _run(["export", str(tiny_dir), "--type", "f16", "--out", "good.gguf"], capsys)
+    data = (tiny_dir.parent / "good.gguf").read_bytes()
+    bad = tiny_dir.parent / "bad.gguf"
+    bad.write_bytes(data[: len(data) // 2])
+    code, _, err = _run(["eval", str(bad)], capsys)
+    assert code == 2 and "truncated or corrupt" in err and len(err.strip().splitlines()) == 1
