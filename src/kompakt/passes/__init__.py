@@ -7,6 +7,7 @@ from kompakt.passes.base import register
 _PASS_MODULES: tuple[str, ...] = (
     "kompakt.passes.prune_depth",
     "kompakt.passes.prune_width",
+    "kompakt.passes.prune_sparse",
 )
 
 

@@ -113,7 +113,11 @@ def _coerce(pass_name: str, name: str, value: Any, hint: Any) -> Any:
             return value
         if kind is typing.Any:
             return value
-    raise ConfigError(f"{pass_name}: field {name} got {value!r}; expected {hint}")
+    quote = ""
+    if str in allowed and isinstance(value, int):
+        # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124.
+        quote = ' (quote it in YAML: nm: "2:4")'
+    raise ConfigError(f"{pass_name}: field {name} got {value!r}; expected {hint}{quote}")
 
 
 _REGISTRY: dict[str, PassSpec] = {}

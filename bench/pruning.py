@@ -1,0 +1,173 @@
+"""Pruning benchmark (issue 3): sparsity (magnitude / Wanda / SparseGPT, 50 % and 2:4), depth and width.
+
+Protocol (../shared/BENCH.md): SmolLM2-135M computed in fp32; calibration = 128 blocks of 512
+tokens of WikiText-2 validation (" <unk>" removed) at positions drawn with
+torch.randint(..., generator=Generator().manual_seed(0)); evaluation = the first 32768 tokens
+of WikiText-2 test, windows of 512, stride 512. Wall time is the pass alone (no evaluation).
+
+    .venv/bin/python bench/pruning.py                               # full protocol
+    .venv/bin/python bench/pruning.py --calib-blocks 32 --tokens 8192 --only sparse --rows 2:4
+
+Depth rows (25 % of the layers by block_influence / angular / kl / last) and width rows (~50 %
+of the parameters, with bytes and prefill / generation tokens/s against the original in the
+same run) appear when the passes `prune.depth` / `prune.width` are registered.
+`--kl` adds KL to the original and top-1 agreement (one more forward of the original per row).
+Not here yet: the peer comparison with llm-compressor's SparseGPTModifier / WandaPruningModifier.
+
+Prints a table and writes bench/results/pruning.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "wikitext2"
+
+SPARSE_ROWS = [
+    (f"{method} {label}", "prune.sparse", {"method": method, **pattern})
+    for label, pattern in (("50%", {"sparsity": 0.5}), ("2:4", {"nm": "2:4"}))
+    for method in ("magnitude", "wanda", "sparsegpt")
+]
+DEPTH_ROWS = [
+    (f"depth 25% {method}", "prune.depth", {"fraction": 0.25, "method": method})
+    for method in ("block_influence", "angular", "kl", "last")
+]
+WIDTH_ROWS = [("width ~50% params", "prune.width", {"target_params": 0.5})]
+
+
+def calibration_blocks(tokenizer, n_blocks: int, block_len: int = 512) -> torch.Tensor:
+    from kompakt.data import sample_blocks, tokenize_texts
+
+    text = (DATA / "wiki.valid.tokens").read_text(encoding="utf-8").replace(" <unk>", "")
+    ids = tokenize_texts([text], tokenizer)
+    return sample_blocks(ids, n_blocks, block_len, seed=0)
+
+
+def evaluation_ids(tokenizer) -> torch.Tensor:
+    from kompakt.data import read_texts, tokenize_texts
+
+    return tokenize_texts(read_texts(DATA / "wiki.test.raw"), tokenizer)
+
+
+def quality(reference, candidate, ids: torch.Tensor, tokens: int, with_kl: bool) -> dict:
+    from kompakt.evaluate import fidelity, perplexity
+
+    if with_kl:
+        result = fidelity(reference, candidate, ids, window=512, stride=512, max_tokens=tokens)
+        return {"ppl": result.ppl_candidate, "kl": result.kl_mean, "top1": result.top1}
+    return {"ppl": perplexity(candidate, ids, window=512, stride=512, max_tokens=tokens).ppl}
+
+
+def zero_fraction(model: torch.nn.Module) -> float:
+    """Fraction of exact zeros among the decoder Linears' weights."""
+    from kompakt.model.arch import arch_for, decoder_layers, linear_modules
+
+    spec = arch_for(model)
+    weights = [m.weight for layer in decoder_layers(model) for m in linear_modules(layer, spec).values()]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def run_row(dense, name: str, values: dict, calib: torch.Tensor):
+    """Apply one pass to a copy of the dense model; returns (pruned LoadedModel, wall seconds)."""
+    from kompakt.passes.base import PassContext, build_config, get_pass
+
+    spec = get_pass(name)
+    config = build_config(spec, values)
+    loaded = copy.deepcopy(dense)
+    ctx = PassContext(loaded=loaded, original=lambda: dense, calibration=lambda: calib, seed=0)
+    start = time.perf_counter()
+    report = spec.apply(ctx, config)
+    return report, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=32768, help="evaluation tokens of WikiText-2 test")
+    parser.add_argument("--calib-blocks", type=int, default=128, help="calibration blocks of 512 tokens")
+    parser.add_argument("--only", choices=("sparse", "depth", "width"), action="append", help="row groups to run")
+    parser.add_argument("--kl", action="store_true", help="also KL to the original and top-1 agreement")
+    parser.add_argument("--speed", action="store_true", help="tokens/s for every row (width rows always)")
+    parser.add_argument("--rows", action="append", help="run only rows whose name contains this (repeatable)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "pruning.json")
+    args = parser.parse_args()
+
+    from kompakt.evaluate import measure_speed, parameter_bytes, parameter_count
+    from kompakt.model.load import load
+    from kompakt.passes.base import registry
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dense = load(args.model)
+    calib = calibration_blocks(dense.tokenizer, args.calib_blocks)
+    ids = evaluation_ids(dense.tokenizer)
+    groups = set(args.only or ("sparse", "depth", "width"))
+    available = registry()
+    plan = [row for group, rows in (("sparse", SPARSE_ROWS), ("depth", DEPTH_ROWS), ("width", WIDTH_ROWS))
+            if group in groups for row in rows if row[1] in available
+            and (not args.rows or any(part in row[0] for part in args.rows))]  # fmt: skip
+
+    dense_speed = measure_speed(dense) if ("width" in groups or args.speed) else None
+    base = {"name": "dense", "pass": None, "seconds": 0.0, "params": parameter_count(dense.model),
+            "bytes": parameter_bytes(dense.model), "zeros": zero_fraction(dense.model),
+            **quality(dense, dense, ids, args.tokens, False)}  # fmt: skip
+    if dense_speed:
+        base.update(prefill_tps=dense_speed.prefill_tokens_per_s, generate_tps=dense_speed.generate_tokens_per_s)
+    rows = [base]
+    print_table(rows, header=True)
+    for label, name, values in plan:
+        report, seconds = run_row(dense, name, values, calib)
+        model = report.loaded
+        row = {"name": label, "pass": name, "config": values, "seconds": seconds,
+               "params": parameter_count(model.model), "bytes": parameter_bytes(model.model),
+               "zeros": zero_fraction(model.model), **quality(dense, model, ids, args.tokens, args.kl),
+               "summary": report.summary}  # fmt: skip
+        if name == "prune.width" or args.speed:
+            speed = measure_speed(model)
+            row.update(prefill_tps=speed.prefill_tokens_per_s, generate_tps=speed.generate_tokens_per_s)
+        rows.append(row)
+        print_table([row])
+        del model, report
+    result = {
+        "protocol": {"model": args.model, "calibration": f"{args.calib_blocks}x512 wiki.valid (seed 0)",
+                     "evaluation": f"first {args.tokens} tokens of wiki.test.raw, window 512, stride 512"},
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}",
+        "peer": "llm-compressor comparison not run yet",
+        "rows": rows,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(args.out)
+    print(f"\nwrote {args.out}")
+
+
+def print_table(rows: list[dict], header: bool = False) -> None:
+    dense_ppl = getattr(print_table, "dense_ppl", None)
+    if header:
+        print(f"{'candidate':<26} {'ppl':>8} {'ratio':>6} {'KL':>7} {'top1':>6} {'zeros':>6} {'params':>7} "
+              f"{'MB':>6} {'prefill':>8} {'gen':>6} {'time s':>7}")  # fmt: skip
+        print_table.dense_ppl = dense_ppl = rows[0]["ppl"]  # type: ignore[attr-defined]
+    for r in rows:
+        kl = f"{r['kl']:.4f}" if "kl" in r else "-"
+        top1 = f"{r['top1']:.1%}" if "top1" in r else "-"
+        prefill = f"{r['prefill_tps']:.0f}" if "prefill_tps" in r else "-"
+        gen = f"{r['generate_tps']:.1f}" if "generate_tps" in r else "-"
+        print(f"{r['name']:<26} {r['ppl']:>8.2f} {r['ppl'] / dense_ppl:>6.3f} {kl:>7} {top1:>6} {r['zeros']:>6.1%} "
+              f"{r['params'] / 1e6:>6.1f}M {r['bytes'] / 1e6:>6.0f} {prefill:>8} {gen:>6} {r['seconds']:>7.1f}",
+              flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Capture what decoder layer 0 receives for calibration blocks, so each layer can run alone.
+
+The layer-by-layer (sequential) passes — SparseGPT, Wanda, GPTQ, AWQ — never run the whole
+model on the calibration set. They need, per calibration batch, the hidden states entering
+layer 0 and the keyword arguments every layer is called with (attention mask, rotary
+position embeddings (cos, sin), position ids, cache = None, ...). transformers builds those
+inside the model's forward, so they are captured with forward pre-hooks:
+
+- Hidden states: a pre-hook on layer 0 records its input and raises `_StopForward`, so the
+  rest of the model (and the lm_head's [batch, len, vocab] logits) never runs.
+- Keyword arguments: they differ between layers only by layer type (Gemma 2/3 and Qwen 2
+  alternate sliding-window and full attention, with a different mask and, for Gemma 3, a
+  different rotary base per type) and they depend on the batch *shape* (an eager mask is
+  [batch, 1, len, len]), never on the token values (no padding: every block is full). So for
+  the first batch of each distinct shape (at most two: full batches and a smaller last one)
+  the forward runs through all layers with a pre-hook on each recording its kwargs, and
+  stops at the last layer's pre-hook. Layers of one type share the same mask / cos-sin
+  tensor objects, so storing a reference per layer costs no memory. Capturing kwargs at every
+  layer for every batch instead would hold one mask per batch per layer type; deriving them
+  from `config.layer_types` would put architecture knowledge here.
+
+This is generic: no family is named; whatever the layers receive is replayed verbatim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kompakt.model.arch import decoder_layers
+
+BatchKey = tuple[int, ...]
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once what is needed has been recorded."""
+
+
+@dataclass
+class LayerCall:
+    """Everything a decoder layer is called with except its hidden-states input."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CapturedInputs:
+    """Inputs of decoder layer 0 and the per-layer call arguments, for every calibration batch.
+
+    Attributes:
+        hidden: one tensor [batch, len, hidden] per calibration batch, in the model's compute
+            dtype on the model's device.
+        calls: batch shape (batch, len) -> one LayerCall per decoder layer.
+    """
+
+    hidden: list[torch.Tensor]
+    calls: dict[BatchKey, list[LayerCall]]
+
+    def call_for(self, layer_index: int, hidden: torch.Tensor) -> LayerCall:
+        """The arguments layer `layer_index` needs for a batch of hidden states like `hidden`."""
+        return self.calls[tuple(hidden.shape[:2])][layer_index]
+
+    @property
+    def n_samples(self) -> int:
+        return sum(h.shape[0] for h in self.hidden)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """Split a layer call into (hidden states, other positional args, other kwargs)."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    rest = dict(kwargs)
+    return rest.pop("hidden_states"), (), rest
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 8) -> CapturedInputs:
+    """Run `blocks` [n, len] (token ids) up to decoder layer 0 and record its inputs.
+
+    Args:
+        model: a transformers causal LM (or LoadedModel.model) of a family in the arch table.
+        blocks: calibration token blocks; split into batches of `batch_size` rows.
+        batch_size: rows per forward; larger is faster, memory is [batch, len, hidden] per layer.
+    """
+    layers = decoder_layers(model)
+    device = model_device(model)
+    hidden: list[torch.Tensor] = []
+    calls: dict[BatchKey, list[LayerCall]] = {}
+    state: dict[str, Any] = {"key": None, "record": False}
+
+    def make_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            states, rest_args, rest_kwargs = _hidden_arg(args, kwargs)
+            if index == 0:
+                hidden.append(states.detach())
+            if state["record"]:
+                calls[state["key"]][index] = LayerCall(rest_args, rest_kwargs)
+            if not state["record"] or index == len(layers) - 1:
+                raise _StopForward
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for batch in blocks.split(batch_size):
+            state["key"] = tuple(batch.shape[:2])
+            state["record"] = state["key"] not in calls
+            if state["record"]:
+                calls[state["key"]] = [LayerCall() for _ in layers]
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return CapturedInputs(hidden=hidden, calls=calls)
+
+
+def layer_output(output: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returns (a tensor in transformers 5, a tuple before)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def run_layer(
+    layer: nn.Module, layer_index: int, captured: CapturedInputs, inputs: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Run decoder layer `layer_index` alone on every batch of `inputs`; its outputs per batch."""
+    outputs = []
+    for states in inputs:
+        call = captured.call_for(layer_index, states)
+        outputs.append(layer_output(layer(states, *call.args, **call.kwargs)))
+    return outputs

@@ -1,0 +1,231 @@
+"""The layer-by-layer (sequential) calibration driver shared by SparseGPT, Wanda, GPTQ and AWQ.
+
+The model is never run whole on the calibration set. Layer 0's inputs are captured once
+(`kompakt.calib.capture`); then, for each decoder layer in order:
+
+1. hooks on the layer's Linears accumulate input statistics (Hessian, column norms, raw
+   inputs) while the layer runs alone on all calibration inputs;
+2. `process(layer_index, layer, stats)` — the pass — changes the layer's weights in place;
+3. the (changed) layer runs again and its outputs become the next layer's inputs, so every
+   layer is calibrated on what the already-compressed layers before it produce (as in the
+   SparseGPT / GPTQ reference code).
+
+True-sequential (the default, GPTQ's `--true-sequential`): within a layer the Linears are
+processed in the order data flows through them — {q, k, v} (or fused qkv), then o, then
+{gate, up} (or fused gate_up), then down — and the statistics of each group are gathered by
+running the layer *after* the earlier groups were changed, so o_proj is fitted to the outputs
+of the already-pruned q/k/v. A group's pass stops the layer as soon as every Linear of the
+group has seen its input (hooks raise a stop signal), so the extra runs cost less than a full
+layer each. With `true_sequential=False` all Linears are processed together from the layer's
+inputs (one statistics run per layer; Wanda's reference behaviour).
+
+Memory: one layer's inputs and outputs, n × len × hidden each (128 × 512 × 576 fp32 ≈ 150 MB
+for SmolLM2-135M), plus the statistics of one group (an in × in Hessian per Linear).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kompakt.calib.capture import CapturedInputs, _StopForward, capture_layer_inputs, run_layer
+from kompakt.calib.stats import LinearStats, collect_kinds
+from kompakt.model.arch import arch_for, decoder_layers, linear_modules
+
+logger = logging.getLogger(__name__)
+
+# Data-flow order of the Linear roles inside a decoder layer; one tuple = one group.
+SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("attn.q", "attn.k", "attn.v", "attn.qkv"),
+    ("attn.o",),
+    ("mlp.gate", "mlp.up", "mlp.gate_up"),
+    ("mlp.down",),
+)
+
+
+def sequential_groups(roles: Iterable[str], true_sequential: bool = True) -> list[tuple[str, ...]]:
+    """Split `roles` into the groups processed one after another (one group if not true-sequential)."""
+    present = set(roles)
+    ordered = [tuple(r for r in group if r in present) for group in SEQUENTIAL_GROUPS]
+    ordered = [group for group in ordered if group]
+    known = {r for group in ordered for r in group}
+    extra = tuple(sorted(present - known))  # roles the table may add later: processed last
+    if extra:
+        ordered.append(extra)
+    if not true_sequential:
+        return [tuple(r for group in ordered for r in group)] if ordered else []
+    return ordered
+
+
+@dataclass
+class LayerStats:
+    """What `process` receives for one group of Linears of one decoder layer.
+
+    Behaves like a read-only dict role -> LinearStats (`stats["mlp.down"].hessian()`).
+
+    Attributes:
+        index: the decoder layer's index.
+        layer: the decoder layer (its Linears are `stats[role].module`).
+        linears: role -> statistics of that Linear's inputs, for the roles of this group.
+        group_index: position of this group within the layer (0 = first).
+        n_groups: number of groups in this layer (`group_index == n_groups - 1` is the last).
+        inputs: the hidden states entering this layer, one tensor [batch, len, hidden] per
+            calibration batch (outputs of the already-processed layers before it).
+    """
+
+    index: int
+    layer: nn.Module
+    linears: dict[str, LinearStats]
+    group_index: int
+    n_groups: int
+    inputs: list[torch.Tensor]
+    _captured: CapturedInputs = field(repr=False)
+
+    def __getitem__(self, role: str) -> LinearStats:
+        return self.linears[role]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.linears)
+
+    def __len__(self) -> int:
+        return len(self.linears)
+
+    def __contains__(self, role: object) -> bool:
+        return role in self.linears
+
+    def items(self):
+        return self.linears.items()
+
+    def keys(self):
+        return self.linears.keys()
+
+    def values(self):
+        return self.linears.values()
+
+    def forward(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Run this layer as it is now on `inputs` (default: its calibration inputs); outputs per
+        batch. For passes that search by trying (AWQ's scale search)."""
+        return run_layer(self.layer, self.index, self._captured, self.inputs if inputs is None else inputs)
+
+
+ProcessFn = Callable[[int, nn.Module, LayerStats], None]
+
+
+@dataclass
+class SequentialResult:
+    """outputs: the last decoder layer's outputs per batch (before the final norm);
+    n_samples: calibration rows; seconds: wall time of the whole run."""
+
+    outputs: list[torch.Tensor]
+    n_samples: int
+    seconds: float
+
+
+@torch.no_grad()
+def collect_stats(
+    layer: nn.Module,
+    index: int,
+    captured: CapturedInputs,
+    inputs: list[torch.Tensor],
+    modules: dict[str, nn.Linear],
+    *,
+    collect: str | Iterable[str] = "hessian",
+    hessian_dtype: torch.dtype = torch.float32,
+) -> dict[str, LinearStats]:
+    """Run `layer` on every batch of `inputs` with pre-hooks on `modules` accumulating their inputs.
+
+    Each batch stops as soon as every module has seen its input (no wasted compute after).
+    """
+    kinds = collect_kinds(collect)
+    stats = {role: LinearStats.create(role, module, kinds, hessian_dtype) for role, module in modules.items()}
+    seen: set[str] = set()
+
+    def make_hook(role: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            stats[role].add(args[0])
+            seen.add(role)
+            if len(seen) == len(stats):
+                raise _StopForward
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(role)) for role, module in modules.items()]
+    try:
+        for states in inputs:
+            seen.clear()
+            call = captured.call_for(index, states)
+            try:
+                layer(states, *call.args, **call.kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def _progress(description: str, total: int):
+    from rich.progress import Progress
+
+    progress = Progress(transient=True, disable=not sys.stderr.isatty())
+    return progress, progress.add_task(description, total=total)
+
+
+def run_sequential(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    process: ProcessFn,
+    *,
+    roles: Sequence[str] | None = None,
+    collect: str | Iterable[str] = "hessian",
+    true_sequential: bool = True,
+    batch_size: int = 8,
+    hessian_dtype: torch.dtype = torch.float32,
+    description: str = "calibrating layers",
+) -> SequentialResult:
+    """Calibrate `model` layer by layer on token `blocks` [n, len], calling `process` per group.
+
+    Args:
+        model: a transformers causal LM of a family in the arch table (changed in place by `process`).
+        blocks: calibration token ids [n_blocks, block_len].
+        process: `process(layer_index, layer, stats)`; changes the Linears in `stats` in place.
+            Called once per group (see `sequential_groups`) that has at least one selected role.
+        roles: the Linear roles to collect and hand to `process` (default every Linear of the
+            layer: "attn.q", ..., "mlp.down"); roles a family lacks are ignored.
+        collect: "hessian", "norms" or "inputs", or several (norms are always collected).
+        true_sequential: process groups in data-flow order, re-running the layer in between.
+        batch_size: calibration rows per layer call.
+        hessian_dtype: float32 (default) or float64 accumulation of the Hessian.
+        description: the progress bar's label.
+
+    Returns:
+        The last layer's outputs on the calibration data, sample count, wall time.
+    """
+    start = time.perf_counter()
+    spec = arch_for(model)
+    layers = decoder_layers(model)
+    captured = capture_layer_inputs(model, blocks, batch_size=batch_size)
+    inputs = captured.hidden
+    progress, task = _progress(description, len(layers))
+    with progress:
+        for index, layer in enumerate(layers):
+            linears = linear_modules(layer, spec)
+            selected = [role for role in linears if roles is None or role in roles]
+            groups = sequential_groups(selected, true_sequential)
+            for group_index, group in enumerate(groups):
+                modules = {role: linears[role] for role in group}
+                stats = collect_stats(
+                    layer, index, captured, inputs, modules, collect=collect, hessian_dtype=hessian_dtype
+                )
+                process(index, layer, LayerStats(index, layer, stats, group_index, len(groups), inputs, captured))
+                del stats
+            inputs = run_layer(layer, index, captured, inputs)  # the next layer's inputs
+            logger.debug("layer %d calibrated (%d groups)", index, len(groups))
+            progress.advance(task)
+    return SequentialResult(outputs=inputs, n_samples=captured.n_samples, seconds=time.perf_counter() - start)
