@@ -156,3 +156,10 @@ def test_wikitext_suffixes_are_text(tmp_path):
     (tmp_path / "wiki.test.raw").write_text(" = A = \n", encoding="utf-8")
     (tmp_path / "wiki.valid.tokens").write_text(" b <unk> \n", encoding="utf-8")
     assert read_texts(tmp_path) == [" = A = \n", " b <unk> \n"]
+
+
+def test_windows_line_endings_read_like_text_mode(tmp_path):
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"line one\r\nline two\rline three\r\n")
+    with open(path, encoding="utf-8") as handle:
+        assert read_texts(path) == [handle.read()]

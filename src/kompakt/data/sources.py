@@ -126,7 +126,9 @@ def _decode_text(path: Path) -> str:
             f"pass a text file or convert it (iconv -t UTF-8)"
         ) from None
     try:
-        return raw.decode("utf-8-sig")
+        # Universal newlines, as Python's text mode reads files: Windows line endings must not
+        # change the tokens (WikiText-2 test ships with \r\n; BENCH's anchors read it in text mode).
+        return raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as exc:
         raise DataError(
             f"{path} is not valid UTF-8 (byte offset {exc.start}); convert it with iconv -t UTF-8"
