@@ -34,17 +34,21 @@ def _recover_symmetric(blocks: torch.Tensor, fmt: str) -> tuple[torch.Tensor, to
     d = torch.zeros_like(absmax)
     codes = torch.zeros_like(blocks)
     ok = absmax == 0  # an all-zero block is exact with d = 0
-    for k in range(kmax, 0, -1):  # smallest d first: a pass's own d is usually found at once
-        todo = ~ok
-        if not todo.any():
-            break
-        cand = absmax / k
-        q = torch.round(blocks / cand.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1))
-        exact = (q * cand.unsqueeze(-1) == blocks).all(dim=-1) & (q >= lo).all(-1) & (q <= hi).all(-1)
-        good = todo & exact & _fp16_exact(cand) & (cand > 0)
-        d = torch.where(good, cand, d)
-        codes = torch.where(good.unsqueeze(-1), q, codes)
-        ok |= good
+    tiny = torch.finfo(torch.float32).tiny
+    # Both signs: llama.cpp's q4_0 d = max / -8 is negative when a block's largest-magnitude
+    # weight is positive (the code range [-8, 7] is asymmetric), so +8|d| needs d < 0.
+    for k in range(kmax, 0, -1):  # smallest |d| first: a pass's own d is usually found at once
+        for sign in (1.0, -1.0):
+            todo = ~ok
+            if not todo.any():
+                return codes, d, ok
+            cand = sign * absmax / k
+            q = torch.round(blocks / (sign * cand.abs().clamp(min=tiny)).unsqueeze(-1))
+            exact = (q * cand.unsqueeze(-1) == blocks).all(dim=-1) & (q >= lo).all(-1) & (q <= hi).all(-1)
+            good = todo & exact & _fp16_exact(cand) & (cand != 0)
+            d = torch.where(good, cand, d)
+            codes = torch.where(good.unsqueeze(-1), q, codes)
+            ok |= good
     return codes, d, ok
 
 
