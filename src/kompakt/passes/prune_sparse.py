@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +54,7 @@ import torch
 from torch import nn
 
 from kompakt.calib import LayerStats, run_sequential
+from kompakt.calib.threads import solver_threads
 from kompakt.errors import ConfigError
 from kompakt.model.arch import ArchSpec, arch_for, decoder_layers, linear_modules
 from kompakt.ops.sparsegpt import sparsegpt_prune
@@ -243,24 +242,6 @@ def _prune_linear(module: nn.Linear, config: SparseConfig, sparsity: float | Non
     return {"zeros": zeros, "numel": weight.numel(), **({"loss": loss} if loss is not None else {})}
 
 
-@contextmanager
-def solver_threads(device: torch.device) -> Iterator[None]:
-    """Run the column-by-column solver with one intra-op thread on CPU (restored after).
-
-    SparseGPT's inner loop is many tiny [out, 1] x [1, block] updates; with several threads
-    every op pays a synchronisation cost that dominates. Measured on the 2-core dev box under
-    load (torch 2.13): SparseGPT on a 576x576 / 1536x576 / 576x1536 weight took 0.4 / 0.9 / 2.2 s
-    with 1 thread and 14 / 11 / 31 s with 2. On GPUs this does nothing.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _prune_calibrated(

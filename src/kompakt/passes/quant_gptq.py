@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +36,7 @@ import torch
 from torch import nn
 
 from kompakt.calib import LayerStats, run_sequential
+from kompakt.calib.threads import solver_threads
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, linear_modules
 from kompakt.ops.gptq import gptq_quantize
@@ -80,20 +79,6 @@ class GptqConfig(QuantGridConfig):
             raise ConfigError("quant.gptq: block_size, batch_size and max_blocks must be at least 1")
 
 
-@contextmanager
-def solver_threads(device: torch.device) -> Iterator[None]:
-    """One intra-op thread for the column loop on CPU: it is many tiny [out, 1] updates, and with
-    several threads each op pays a synchronisation cost that dominates (≈30× slower measured on
-    the shared 2-core dev box). The layer forwards and Hessians keep all threads."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _gptq_module(module: nn.Linear, hessian: torch.Tensor, config: GptqConfig, plan: GridPlan) -> dict[str, Any]:
