@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from kompakt.model.cache import atomic_file
+
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 _LOAD_SNIPPET = "import time,sys; t=time.perf_counter(); import kompakt; kompakt.load(sys.argv[1]); print(time.perf_counter()-t)"
@@ -67,10 +69,8 @@ def main() -> None:
     )
     print_table(row)
     out = REPO / "bench" / "results" / f"baseline-{args.model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(row, indent=2, default=str) + "\n")
-    tmp.replace(out)
+    with atomic_file(out) as tmp:  # never a half-written result
+        tmp.write_text(json.dumps(row, indent=2, default=str) + "\n")
     print(f"\nwrote {out.relative_to(REPO)}")
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from kompakt.model.cache import atomic_file
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext2"
 
@@ -146,10 +148,8 @@ def main() -> None:
         "peer": "llm-compressor comparison not run yet",
         "rows": rows,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(args.out)
+    with atomic_file(args.out) as tmp:  # never a half-written result
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\nwrote {args.out}")
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from kompakt.model.cache import atomic_file
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext2"
 
@@ -143,10 +145,8 @@ def main() -> None:
         "peer": "llm-compressor not run side by side here (anchor 37.90 / 503 s from BENCH.md)",
         "rows": rows,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(args.out)
+    with atomic_file(args.out) as tmp:  # never a half-written result
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\nwrote {args.out}")
 
 
