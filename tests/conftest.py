@@ -21,3 +21,15 @@ def wikitext_test() -> Path:
     if not path.exists():
         pytest.skip("../shared/data/wikitext2 not found beside the checkout")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny matrices and column-by-column solvers run faster (much faster on a
+    loaded machine); the previous count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

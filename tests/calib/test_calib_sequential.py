@@ -23,13 +23,7 @@ MIXED = ["sliding_attention", "full_attention", "sliding_attention", "full_atten
 OVERRIDES = {"gemma3_text": {"layer_types": MIXED}, "mistral": {"sliding_window": 64}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster (and much faster on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(family: str):

@@ -14,13 +14,8 @@ from kompakt.model.tiny import tiny_model
 SMALL = dict(batch_size=2, max_new_tokens=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny-model generation is dominated by per-step overhead; extra threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny-model generation is dominated by per-step overhead; extra threads only contend.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 OUTLIER_CHANNELS = [3, 17, 30, 45]  # in different groups of 4 and 8, so N:M can keep them
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster (and much faster on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(loaded, **values):

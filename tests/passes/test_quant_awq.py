@@ -20,12 +20,7 @@ HELDOUT = torch.randint(0, 256, (8, 64), generator=_GEN)
 OUTLIERS = [3, 17, 30, 45]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(spec, loaded, **values):

@@ -11,7 +11,6 @@ from kompakt.errors import ConfigError
 from kompakt.model.load import load
 from kompakt.model.save import save_model
 from kompakt.model.tiny import TINY_FAMILIES, tiny_model
-from kompakt.ops.gguf_grid import dequantize_blocks, quantize_blocks
 from kompakt.ops.quant import QuantGrid
 from kompakt.passes.base import PassContext, build_config, get_pass
 
@@ -24,12 +23,7 @@ CALIB = _VOCAB[torch.randint(0, 24, (32, 64), generator=_GEN)]
 HELDOUT = _VOCAB[torch.randint(0, 24, (8, 64), generator=_GEN)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(spec, loaded, **values):

@@ -19,12 +19,7 @@ SPEC = get_pass("quant.rtn")
 IDS = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(loaded, **values):
