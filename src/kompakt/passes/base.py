@@ -31,6 +31,16 @@ class PassContext:
         calibration: returns calibration token blocks [n_blocks, block_len], built on first call.
         seed: the run's seed; passes seed their own generators from it.
         work_dir: scratch directory of this step (removed when the step is finished).
+        teacher: `teacher(path)` returns the teacher model: the original for None, else the
+            model at `path` (loaded once). Default: `original()` / kompakt.load.
+        training: `training(source, n_tokens, answer_only, generator)` returns training
+            tokens (kompakt.train.data.TrainData): the pass's own `source`, else the run's
+            data, else text sampled from `generator` (cached). Default: kompakt.train.sources.
+        evaluation: held-out token ids [N] for evaluation during training (None: the pass
+            holds out the end of its training data).
+        checkpoint_dir: where training checkpoints survive a killed run (kept until the step
+            is saved); None: no checkpoints.
+        run_id: identity of this step (the runner's step hash); part of checkpoint identities.
     """
 
     loaded: LoadedModel
@@ -38,6 +48,31 @@ class PassContext:
     calibration: Callable[[], torch.Tensor]
     seed: int = 0
     work_dir: Path | None = None
+    teacher: Callable[[str | None], LoadedModel] | None = None
+    training: Callable[..., Any] | None = None
+    evaluation: Callable[[], torch.Tensor] | None = None
+    checkpoint_dir: Path | None = None
+    run_id: str = ""
+
+    def teacher_model(self, path: str | None = None) -> LoadedModel:
+        """The teacher: the recipe's original (path None) or the model at `path`."""
+        if self.teacher is not None:
+            return self.teacher(path)
+        if path is None:
+            return self.original()
+        from kompakt.model.load import load
+
+        return load(path)
+
+    def training_data(self, source: str | None, n_tokens: int, *, answer_only: bool = True,
+                      generator: LoadedModel | None = None) -> Any:  # fmt: skip
+        """Training tokens (TrainData) for a training pass; see `training` above."""
+        if self.training is not None:
+            return self.training(source, n_tokens, answer_only, generator)
+        from kompakt.train.sources import training_tokens
+
+        return training_tokens(source, self.loaded, n_tokens, seed=self.seed, answer_only=answer_only,
+                               generator=generator or self.original())  # fmt: skip
 
 
 @dataclass

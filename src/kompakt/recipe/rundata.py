@@ -32,6 +32,7 @@ class RunData:
         self._calibration: torch.Tensor | None = None
         self._evaluation: torch.Tensor | None = None
         self._source_ids: torch.Tensor | None = None
+        self._training: dict[tuple, Any] = {}
 
     # --- identities (no tokenization needed) ------------------------------------------------
     def identity(self) -> str:
@@ -76,6 +77,30 @@ class RunData:
                     ids, _ = split_heldout(ids, HELDOUT_FRACTION)
             self._calibration = sample_blocks(ids, spec.calibration_blocks, spec.block_len, seed=self.seed)
         return self._calibration
+
+    def training(self, source: str | None, n_tokens: int, answer_only: bool = True,
+                 generator: LoadedModel | None = None) -> Any:  # fmt: skip
+        """Training tokens (kompakt.train.data.TrainData) for a training pass, cached per request.
+
+        `source` (the pass's own data) first; else the run's data (its held-out end excluded
+        when evaluation is held out of it); else text sampled by `generator` (default: the
+        original) — sequence-level distillation, cached on disk.
+        """
+        from kompakt.train.sources import training_tokens
+
+        generator = generator or self.original
+        spec = self.spec
+        key = (source, n_tokens, answer_only, None if source or spec.calibration else generator.fingerprint())
+        if key not in self._training:
+            if source is None and spec.calibration is not None:
+                data = training_tokens(spec.calibration, self.original, None, answer_only=answer_only)
+                if spec.evaluation is None:
+                    data, _ = data.split_heldout(HELDOUT_FRACTION)
+            else:
+                data = training_tokens(source, self.original, n_tokens, seed=self.seed, answer_only=answer_only,
+                                       generator=generator)  # fmt: skip
+            self._training[key] = data
+        return self._training[key]
 
     def evaluation(self) -> torch.Tensor:
         if self._evaluation is None:

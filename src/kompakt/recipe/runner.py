@@ -135,7 +135,8 @@ def run_recipe(
     eval_id = data.eval_identity(recipe.metrics)
     finished = rundir.check_lineage(out, [p.hash for p in planned], eval_id)
     rundir.write_recipe(out, recipe)
-    rundir.clean_steps(out, {rundir.step_dir_name(p.index, p.name) for p in planned})
+    rundir.clean_steps(out, {rundir.step_dir_name(p.index, p.name) for p in planned}
+                       | {_checkpoint_name(p) for p in planned})  # fmt: skip
 
     measurer = Measurer(original, data, recipe.metrics)
     baseline = {"index": 0, "pass": "original", "summary": original.name, **measurer.baseline()}
@@ -183,11 +184,32 @@ def _resume_model(out: Path, original: LoadedModel, records: list[dict[str, Any]
     )
 
 
+def _checkpoint_name(step: _Planned) -> str:
+    """Training checkpoints of a step survive a kill; the hash in the name retires stale ones."""
+    return f".ckpt-{rundir.step_dir_name(step.index, step.name)}-{step.hash[:16]}"
+
+
+def _teacher_loader(original: LoadedModel) -> Callable[[str | None], LoadedModel]:
+    """`teacher(path)`: the original for None, else the model at path, loaded once per run."""
+    from kompakt.model.load import load
+
+    loaded: dict[str, LoadedModel] = {}
+
+    def teacher(path: str | None) -> LoadedModel:
+        if path is None:
+            return original
+        if path not in loaded:
+            loaded[path] = load(path)
+        return loaded[path]
+
+    return teacher
+
+
 def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data: RunData,
               measurer: Measurer, out: Path, seed: int) -> tuple[dict[str, Any], LoadedModel]:  # fmt: skip
     from kompakt.evaluate import disk_bytes
     from kompakt.model.load import load
-    from kompakt.model.save import save_model
+    from kompakt.recipe.stepsave import save_step_model
 
     name = rundir.step_dir_name(step.index, step.name)
     directory = out / "steps" / name
@@ -203,12 +225,16 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
         work.mkdir(parents=True, exist_ok=True)
         try:
             ctx = PassContext(loaded=current, original=lambda: original, calibration=data.calibration,
-                              seed=seed, work_dir=work)  # fmt: skip
+                              seed=seed, work_dir=work, teacher=_teacher_loader(original), training=data.training,
+                              evaluation=data.evaluation, checkpoint_dir=out / "steps" / _checkpoint_name(step),
+                              run_id=step.hash)  # fmt: skip
+            input_dtype = current.storage_dtype  # quant passes raise it to fp32 for exact dense saves
             report = step.spec.apply(ctx, step.config)
-            save_model(report.loaded, directory)
+            stored = save_step_model(report.loaded, directory, input_dtype)
         finally:
             rundir.remove_tree(work)
-        summary, details = report.summary, report.details
+        rundir.remove_tree(out / "steps" / _checkpoint_name(step))  # saved: the checkpoints are done
+        summary, details = report.summary, {**report.details, **stored}
         rundir.write_marker(directory, {"hash": step.hash, "summary": summary, "details": details})
         del report, ctx
     # Continue from what is on disk, so a resumed run sees exactly the same input.
