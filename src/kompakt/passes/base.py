@@ -77,11 +77,16 @@ class PassContext:
 
 @dataclass
 class PassReport:
-    """What a pass did: the resulting model, a one-line summary and JSON-ready details."""
+    """What a pass did: the resulting model, a one-line summary and JSON-ready details.
+
+    `files`: extra outputs to keep beside the saved model (name in the step directory ->
+    a file or directory the pass wrote under ctx.work_dir), e.g. a LoRA adapter on its own.
+    """
 
     loaded: LoadedModel
     summary: str
     details: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -205,6 +205,19 @@ def _teacher_loader(original: LoadedModel) -> Callable[[str | None], LoadedModel
     return teacher
 
 
+def _keep_files(files: dict[str, Path], directory: Path) -> None:
+    """Copy a pass's extra outputs (e.g. a LoRA adapter) into the saved step directory; the
+    step only counts as finished once its marker is written after this."""
+    import shutil
+
+    for name, source in files.items():
+        target = directory / name
+        if Path(source).is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
+
+
 def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data: RunData,
               measurer: Measurer, out: Path, seed: int) -> tuple[dict[str, Any], LoadedModel]:  # fmt: skip
     from kompakt.evaluate import disk_bytes
@@ -231,6 +244,7 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
             input_dtype = current.storage_dtype  # quant passes raise it to fp32 for exact dense saves
             report = step.spec.apply(ctx, step.config)
             stored = save_step_model(report.loaded, directory, input_dtype)
+            _keep_files(report.files, directory)
         finally:
             rundir.remove_tree(work)
         rundir.remove_tree(out / "steps" / _checkpoint_name(step))  # saved: the checkpoints are done

@@ -1,0 +1,185 @@
+"""Quantization-aware training (QAT): train with the weights fake-quantized, so the model learns
+to live on the grid, then freeze it back to the integer format quant.rtn stores and exports.
+
+Forward passes use round-to-nearest of the latent fp32 weights on the grid (scales follow the
+latent weights, as RTN fits them); the straight-through estimator (Bengio et al. 2013) passes
+the gradient of the quantized weight to the latent one unchanged. The loss is the KD loss
+against the teacher (default the recipe's original), as in LLM-QAT (Liu et al. 2023), which
+also showed that teacher-generated text — kompakt's default data — works without any corpus.
+After training, the latent weights are quantized once more with the same grid (bit-identical to
+the last forward) and the model carries the same storage / export contract as quant.rtn
+(`config.kompakt_quantization`, packed layers for compressed-tensors, GGUF grids for export).
+
+Grid: on a model a previous step quantized (quant.rtn / gptq / awq, in memory or reloaded from
+a compressed-tensors step directory), QAT trains on *that* grid and those modules (its own grid
+fields are then ignored); on an unquantized model it uses its own fields, exactly as quant.rtn
+reads them (`bits`, `group_size`, `symmetric`, `format: q4_0 | q4_1 | q8_0`, `modules`).
+
+When to use it: when post-training quantization loses too much (4 bits and below on small
+models); after quant.rtn or quant.gptq it starts from their codes. Costs like distill.kd, plus
+one fake-quantization of every quantized weight per forward.
+
+Sample recipe steps::
+
+    - quant.rtn: {bits: 4, group_size: 64}
+    - quant.qat: {tokens: 65536, lr: 1.0e-5}
+    - quant.qat: {bits: 4, group_size: 32, tokens: 32768, alpha: 1.0}   # on an unquantized model
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from kompakt.errors import ConfigError
+from kompakt.model.loaded import LoadedModel
+from kompakt.model.quantized import is_quantized
+from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.distill_kd import objective_for
+from kompakt.passes.quant_rtn import (
+    PACKED_ATTR,
+    QUANT_CONFIG_KEY,
+    GridPlan,
+    QuantGridConfig,
+    Target,
+    notes_of,
+    plan_grid,
+    record,
+    rtn_targets,
+    rtn_weight,
+    select_targets,
+)
+from kompakt.passes.train_common import KDFields, TrainingConfig, prepare, run
+
+logger = logging.getLogger(__name__)
+
+NAME = "quant.qat"
+
+
+@dataclass
+class QatConfig(QuantGridConfig, TrainingConfig, KDFields):
+    lr: float = field(default=2e-5, metadata={"doc": "peak AdamW learning rate (QAT wants a small one)"})
+
+    def validate(self) -> None:
+        self.validate_grid(NAME)
+        self.validate_training(NAME)
+        self.validate_kd(NAME)
+
+
+class FakeQuant(nn.Module):
+    """weight -> RTN(weight) on the grid in the forward, identity in the backward (STE)."""
+
+    def __init__(self, config: QuantGridConfig, plan: GridPlan) -> None:
+        super().__init__()
+        self.config, self.plan = config, plan
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        quantized, _ = rtn_weight(weight, self.config, self.plan)
+        return weight + (quantized.to(weight.dtype) - weight).detach()
+
+
+def grid_of(model: nn.Module) -> tuple[QuantGridConfig, list[str]] | None:
+    """The grid and modules a previous quant step left on `model` (None when unquantized)."""
+    meta = getattr(model.config, QUANT_CONFIG_KEY, None)
+    if isinstance(meta, dict) and meta.get("modules"):
+        fmt = meta.get("format")
+        if fmt in ("q4_0", "q4_1", "q8_0"):
+            return QuantGridConfig(format=fmt), list(meta["modules"])
+        return QuantGridConfig(bits=int(meta["bits"]), group_size=meta.get("group_size"),
+                               symmetric=bool(meta.get("symmetric", True))), list(meta["modules"])  # fmt: skip
+    qconfig = getattr(model.config, "quantization_config", None)
+    if qconfig is None:
+        return None
+    data = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    groups = list((data.get("config_groups") or {}).values())
+    if len(groups) != 1:
+        raise ConfigError(f"{NAME}: the model mixes {len(groups)} quantization grids; QAT trains one grid — "
+                          "start from a model quantized with one quant step")  # fmt: skip
+    weights = groups[0].get("weights") or {}
+    config = QuantGridConfig(bits=int(weights["num_bits"]), group_size=weights.get("group_size"),
+                             symmetric=bool(weights.get("symmetric", True)))  # fmt: skip
+    return config, [t for t in groups[0].get("targets", []) if not t.startswith("re:")]
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """Drop a previous step's quantization marks (QAT re-records them when it freezes)."""
+    configs = [model.config]
+    text_config = getattr(model.config, "get_text_config", lambda: None)()
+    if text_config is not None and text_config is not model.config:
+        configs.append(text_config)
+    for config in configs:
+        for key in (QUANT_CONFIG_KEY, "quantization_config"):
+            if key in config.__dict__:
+                delattr(config, key)
+    model.__dict__.pop(PACKED_ATTR, None)
+
+
+def _targets(loaded: LoadedModel, config: QatConfig) -> tuple[QuantGridConfig, list[Target], str]:
+    """(grid config, targets, where the grid came from)."""
+    previous = grid_of(loaded.model)
+    if previous is None:
+        return config, select_targets(loaded.model, config, NAME), "own config"
+    grid, modules = previous
+    wanted = set(modules)
+    everything = QuantGridConfig(embeddings=True, lm_head=True)
+    targets = [t for t in select_targets(loaded.model, everything, NAME) if t.name in wanted]
+    missing = wanted - {t.name for t in targets}
+    if missing:
+        raise ConfigError(f"{NAME}: quantized module(s) {', '.join(sorted(missing)[:3])} not found in the model")
+    grid.embeddings = any(t.role == "embed" for t in targets)
+    grid.lm_head = any(t.role == "lm_head" for t in targets)
+    return grid, targets, "previous quant step"
+
+
+def _attach(targets: list[Target], grid: QuantGridConfig) -> dict[str, GridPlan]:
+    plans: dict[str, GridPlan] = {}
+    for target in targets:
+        plan = plan_grid(grid, target.module.weight.shape[1])
+        plans[target.name] = plan
+        if plan.grid is not None:
+            parametrize.register_parametrization(target.module, "weight", FakeQuant(grid, plan), unsafe=True)
+    return plans
+
+
+def _detach(targets: list[Target]) -> None:
+    """Back to plain weights holding the latent (trained) values."""
+    for target in targets:
+        if parametrize.is_parametrized(target.module, "weight"):
+            parametrize.remove_parametrizations(target.module, "weight", leave_parametrized=False)
+
+
+def apply(ctx: PassContext, config: QatConfig) -> PassReport:
+    loaded = ctx.loaded
+    grid, targets, source = _targets(loaded, config)
+    if source != "own config" and (config.format or config.bits != 4 or config.modules):
+        logger.warning("%s: the model is already on %s; QAT keeps that grid (its own grid fields are ignored)",
+                       NAME, grid.grid_label)  # fmt: skip
+    prepared = prepare(ctx, config, NAME)
+    if is_quantized(loaded):
+        _forget_quantization(loaded.model)
+    loaded.storage_dtype = torch.float32  # the frozen values are exact in fp32 (as quant.rtn)
+    objective = objective_for(config, prepared.teacher.model, loaded.model)
+    _attach(targets, grid)
+    try:
+        result = run(ctx, config, NAME, loaded.model, objective, prepared)
+    finally:
+        _detach(targets)
+    done, packed = rtn_targets(targets, grid)
+    record(loaded, "qat", grid, done, packed)
+    notes = notes_of(done, NAME)
+    history = result.history
+    summary = (f"qat {grid.grid_label} ({source}): {result.tokens} tokens, {result.steps} steps, "
+               f"{result.tokens_per_s:.0f} tok/s; loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}"
+               if history else f"qat {grid.grid_label}: nothing left to train")  # fmt: skip
+    details: dict[str, Any] = {**result.summary(), "grid": grid.grid_label, "grid_source": source,
+                               "modules": len(done), "notes": notes, "data": prepared.data.source}  # fmt: skip
+    return PassReport(loaded=loaded, summary=summary, details=details)
+
+
+PASS = PassSpec(name=NAME, config=QatConfig, apply=apply, needs_teacher=True, needs_training=True,
+                doc=__doc__ or "")  # fmt: skip
