@@ -27,6 +27,7 @@ from kompakt.model.gguf_convert import convert_gguf, converted_dir_for, is_conve
 from kompakt.model.hf_dir import check_model_dir
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.progress import quiet_transformers
+from kompakt.model.quantized import densify_compressed, is_compressed_config
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,14 @@ def load(
     config, stored = check_model_dir(directory)
     device = torch.device(device or default_device())
     compute = parse_dtype(dtype) or compute_dtype_for(stored, device)
-    model = _load_weights(directory, compute, device)
+    if is_compressed_config(config):
+        # Packed integer weights: decompressed exactly in fp32 into a plain dense model (see
+        # kompakt.model.quantized.densify_compressed), then cast to the compute dtype.
+        model = _load_weights(directory, torch.float32, torch.device("cpu"))
+        densify_compressed(model, config["quantization_config"])
+        model = model.to(device=device, dtype=compute)
+    else:
+        model = _load_weights(directory, compute, device)
     tokenizer = _load_tokenizer(directory)
     log.info("loaded %s (%s stored, %s on %s) in %.1f s", name, stored, compute, device, time.perf_counter() - start)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=directory, storage_dtype=stored)

@@ -6,12 +6,14 @@ writes a Hugging Face directory in the `compressed-tensors` "pack-quantized" for
 format vLLM and transformers' CompressedTensorsHfQuantizer read): per quantized Linear
 `weight_packed` (int32, bits·in/32 words per row), `weight_scale` [out, groups],
 `weight_shape`, and `weight_zero_point` for asymmetric grids; config.json gets the
-`quantization_config` describing each group of layers. Everything else keeps the storage
-dtype. A 4-bit layer takes 1/8 of its fp32 bytes (1/4 of fp16) plus the scales.
+`quantization_config` describing each group of layers. Everything else is written in
+`dense_dtype` (the runner uses 16 bits, kompakt.recipe.stepsave). A 4-bit layer takes 1/8 of
+its fp32 bytes (1/4 of fp16) plus the scales (fp16 from the quant passes: 1/32 more at g64).
 
-Reading back: transformers decompresses it on load (q·scale in the scale dtype, fp32 by
-default, so values are exactly those the quant pass produced); `kompakt.model.load` reads
-it like any HF directory.
+Reading back: `kompakt.model.load` turns it into a plain dense model (`densify_compressed`:
+codes x scale in fp32, exactly the values the quant pass produced, compressed-tensors'
+wrappers removed) whose `config.quantization_config` still names the grid. transformers alone
+decompresses it too (multiplying in the scale dtype: fp16 scales give fp16-rounded weights).
 
 Codes follow kompakt.ops.quant.QuantGrid: symmetric q in [-2^(b-1), 2^(b-1)-1] and w = q·s;
 asymmetric q in [0, 2^b-1] with integer zero z and w = (q - z)·s. compressed-tensors stores
@@ -174,11 +176,16 @@ def _quantization_config(groups: dict[tuple, list[str]], ignore: list[str]) -> d
 
 
 def save_quantized(
-    loaded: LoadedModel, directory: str | Path, packed_layers: Mapping[str, PackedLayer]
+    loaded: LoadedModel,
+    directory: str | Path,
+    packed_layers: Mapping[str, PackedLayer],
+    dense_dtype: torch.dtype | None = None,
 ) -> QuantizedSave:
     """Write `loaded` with `packed_layers` (module name -> PackedLayer) stored packed.
 
-    The other weights are written in loaded.storage_dtype; an existing `directory` is replaced
+    The other weights are written in `dense_dtype` (default loaded.storage_dtype), except those
+    of modules the quant pass quantized without packing (e.g. embeddings on a grid), which keep
+    loaded.storage_dtype so their values are not rounded. An existing `directory` is replaced
     atomically (temp dir beside it, then rename), as kompakt.model.save.save_model does.
     """
     model = loaded.model
@@ -190,6 +197,9 @@ def save_quantized(
     state = {}
     cast: dict[int, torch.Tensor] = {}  # one cast per storage, so tied embeddings stay tied (saved once)
     groups: dict[tuple, list[str]] = {}
+    dense = dense_dtype or loaded.storage_dtype
+    meta = getattr(model.config, "kompakt_quantization", None) or {}
+    exact = set(meta.get("modules", [])) - set(packed_layers)
     for name, tensor in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
         if module in packed_layers and name.endswith(".weight"):
@@ -197,19 +207,19 @@ def save_quantized(
             groups.setdefault(_scheme(layer), []).append(module)
             state.update(_compressed_tensors(module, layer))
         else:
-            dtype = loaded.storage_dtype if tensor.is_floating_point() else tensor.dtype
+            dtype = (loaded.storage_dtype if module in exact else dense) if tensor.is_floating_point() else tensor.dtype
             key = tensor.data_ptr()
             if key not in cast:
                 cast[key] = tensor.detach().to("cpu", dtype)
             state[name] = cast[key]
     linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n not in packed_layers]
     qconfig = _quantization_config(groups, linears)
-    _write_atomic(loaded, state, qconfig, result.path)
+    _write_atomic(loaded, state, qconfig, result.path, dense)
     result.size_bytes = sum(p.stat().st_size for p in result.path.glob("*.safetensors"))
     return result
 
 
-def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path) -> None:
+def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path, dtype: torch.dtype) -> None:
     if target.exists() and not target.is_dir():
         raise OutputPathError(f"{target} is a file; choose a directory path for the saved model")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +230,7 @@ def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path)
         config_path = temp / "config.json"
         config = json.loads(config_path.read_text())
         config["quantization_config"] = qconfig
-        config["dtype"] = str(loaded.storage_dtype).removeprefix("torch.")
+        config["dtype"] = str(dtype).removeprefix("torch.")
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         loaded.tokenizer.save_pretrained(temp)
         if target.exists():
@@ -236,6 +246,81 @@ def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path)
 
 
 _QUANT_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+_CT_ATTRS = ("quantization_scheme", "quantization_status", "quantization_enabled")
+
+
+def is_compressed_config(config: dict) -> bool:
+    """True for a config.json (as a dict) whose weights are stored by compressed-tensors."""
+    qconfig = config.get("quantization_config")
+    return isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors"
+
+
+@torch.no_grad()
+def densify_compressed(model, qconfig: dict) -> int:
+    """Turn a compressed-tensors model as transformers loaded it into a plain dense one.
+
+    Every packed Linear gets a float `weight` = codes x scale computed in fp32 (the exact values
+    the quant pass produced: the scales were fitted in fp16, and transformers' own decompression
+    would multiply in the scale dtype and round), and loses its quantization parameters, forward
+    wrapper and scheme, so later passes (pruning, distillation, QAT) see ordinary nn.Linear
+    layers. `model.config.quantization_config` becomes the plain dict from config.json: it says
+    which grid the weights are on (and `is_quantized` refuses quantizing them again).
+    Load the model in float32 for this (a bf16 scale parameter would round the fp16 scales).
+    Returns the number of layers densified.
+    """
+    _remove_dispatch(model)
+    count = 0
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None or scheme.weights is None:
+            continue
+        weight = _dense_weight(module, scheme.weights)
+        for name in _QUANT_PARAMS + ("weight",):
+            if name in module._parameters:
+                del module._parameters[name]
+        module.weight = torch.nn.Parameter(weight)
+        module.__dict__.pop("forward", None)  # compressed-tensors' wrapper; back to the class forward
+        for attr in _CT_ATTRS:
+            module.__dict__.pop(attr, None)
+        count += 1
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.__dict__.pop("quantization_method", None)
+    model.config.quantization_config = qconfig
+    return count
+
+
+def _remove_dispatch(model) -> None:
+    """Undo compressed-tensors' offload wrappers (transformers dispatches every compressed model):
+    plain parameter dicts and the modules' own forward again."""
+    try:
+        from compressed_tensors.offload.dispatch import remove_dispatch
+    except ImportError:  # older compressed-tensors: no offload wrappers to remove
+        return
+    remove_dispatch(model)
+    for module in model.modules():
+        module.__dict__.pop("_original_forward_func", None)
+    hook = model.__dict__.pop("ct_decompress_hook", None)  # would decompress (and re-dispatch) on first forward
+    if hook is not None:
+        hook.remove()
+
+
+def _dense_weight(module, args) -> torch.Tensor:
+    """fp32 weight [out, in] of one compressed Linear (pack-quantized or int-quantized)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    if hasattr(module, "weight_packed"):
+        shape = torch.Size(int(d) for d in module.weight_shape)
+        codes = unpack_from_int32(module.weight_packed.data, args.num_bits, shape)
+    else:  # int-quantized: one int8 code per weight
+        codes = module.weight.data
+    zero = getattr(module, "weight_zero_point", None)
+    scale = module.weight_scale.data.float()
+    group = args.group_size if args.strategy == "group" else None
+    # Shifting codes and zeros by the same offset leaves (q - z)·s unchanged: use them as stored.
+    layer = PackedLayer(codes.to(torch.int32), scale, None if zero is None else zero.data.to(torch.int32),
+                        args.num_bits, group, args.symmetric)  # fmt: skip
+    return layer.dequantize()
 
 
 def decompress_in_place(model) -> bool:

@@ -90,8 +90,16 @@ def _cast_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, to
 
 
 def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
-    """save_pretrained records the compute dtype; record the dtype the weights are stored in."""
+    """save_pretrained records the compute dtype; record the dtype the weights are stored in.
+
+    A compressed-tensors `quantization_config` (a model kompakt.load densified) is dropped: the
+    weights written here are dense, and transformers would look for packed tensors. What grid
+    they came from stays in `kompakt_quantization` (kompakt.passes.quant_rtn).
+    """
     config = json.loads(config_path.read_text())
+    qconfig = config.get("quantization_config")
+    if isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors":
+        del config["quantization_config"]
     name = str(dtype).removeprefix("torch.")
     for section in (config, config.get("text_config")):
         if isinstance(section, dict):

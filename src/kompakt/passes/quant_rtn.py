@@ -27,7 +27,9 @@ What the pass leaves on the model (the storage / export contract):
   group size used where it differs}} — read by kompakt.export.gguf (GGUF grid formats) and by
   `kompakt.model.quantized.is_quantized` (refuses quantizing twice); it survives save/reload;
 - `model.kompakt_packed_layers` = {module name: kompakt.model.quantized.PackedLayer} for integer
-  grids (codes, scales, zeros exactly as quantized) for `save_quantized` (compressed-tensors).
+  grids (codes, fp16 scales, zeros exactly as quantized) for `save_quantized`: the recipe runner
+  then stores the step packed (compressed-tensors, kompakt.recipe.stepsave). Integer-grid scales
+  are fitted in fp16, so what is stored is exactly what the pass optimised.
 
 Sample recipe steps::
 
@@ -63,6 +65,7 @@ ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up
 MODULE_NAMES = ("attn", "mlp", *ROLES)
 QUANT_CONFIG_KEY = "kompakt_quantization"  # = kompakt.export.gguf.QUANT_CONFIG_KEY
 PACKED_ATTR = "kompakt_packed_layers"
+SCALE_DTYPE = torch.float16  # integer-grid scales, as stored on disk
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -180,7 +183,9 @@ def plan_grid(config: QuantGridConfig, in_features: int) -> GridPlan:
         group = storable_group_size(in_features, group)
         note = f"group size {config.group_size} does not divide {in_features}: used {group or 'per-channel'}"
     per_channel = group is None or group >= in_features
-    return GridPlan(QuantGrid(config.bits, group, config.symmetric), None if per_channel else group, note)
+    # fp16 scales: what compressed-tensors stores, so GPTQ / AWQ optimise against the stored grid
+    grid = QuantGrid(config.bits, group, config.symmetric, scale_dtype=SCALE_DTYPE)
+    return GridPlan(grid, None if per_channel else group, note)
 
 
 def packed_from(codes: torch.Tensor, scales: torch.Tensor, zeros, config: QuantGridConfig, plan: GridPlan):
@@ -188,7 +193,8 @@ def packed_from(codes: torch.Tensor, scales: torch.Tensor, zeros, config: QuantG
     if not isinstance(plan.grid, QuantGrid):
         return None
     zero = None if zeros is None else zeros.cpu()
-    return PackedLayer(codes.cpu(), scales.cpu(), zero, config.bits, plan.group_size, config.symmetric)
+    scale = scales.cpu().to(plan.grid.scale_dtype)  # exact: the grid rounded them to this dtype
+    return PackedLayer(codes.cpu(), scale, zero, config.bits, plan.group_size, config.symmetric)
 
 
 @torch.no_grad()

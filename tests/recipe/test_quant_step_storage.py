@@ -1,0 +1,107 @@
+"""A quantized recipe step is stored packed (compressed-tensors) and everything reads it back:
+the next step (dense weights), kompakt.load (same logits), GGUF export, and the refusal to
+quantize twice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from recipe_helpers import small_data
+from safetensors import safe_open
+
+from kompakt.errors import ConfigError
+from kompakt.model.load import load
+from kompakt.model.quantized import is_quantized
+from kompakt.model.tiny import tiny_model
+from kompakt.passes.base import PassContext, build_config, get_pass
+from kompakt.recipe.runner import run_recipe
+from kompakt.recipe.schema import Recipe
+from kompakt.recipe.stepsave import save_step_model
+
+pytest.importorskip("compressed_tensors")
+pytestmark = pytest.mark.usefixtures("one_thread")
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _gptq(loaded, **values):
+    spec = get_pass("quant.gptq")
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: calib, seed=0)
+    return spec.apply(ctx, build_config(spec, {"bits": 4, "group_size": 32, **values})).loaded
+
+
+def _expected_bytes(loaded, packed) -> int:
+    """4-bit codes + fp16 scales + int64 shape per packed Linear; the rest in fp16, tied once."""
+    total, seen = 0, set()
+    for name, tensor in loaded.model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in packed and name.endswith(".weight"):
+            out_features, in_features = tensor.shape
+            total += out_features * in_features // 2 + out_features * (in_features // 32) * 2 + 2 * 8
+        elif tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size())
+    return total
+
+
+def test_packed_step_is_small_and_reloads_with_the_same_logits(tmp_path):
+    loaded = tiny_model("llama", hidden_size=128, intermediate_size=256, head_dim=32)
+    with torch.no_grad():  # fp16-exact weights, so the fp16 copy of the rest is exact too
+        for param in loaded.model.parameters():
+            param.copy_(param.half().float())
+    loaded = _gptq(loaded)
+    packed = loaded.model.kompakt_packed_layers
+    assert packed and all(layer.scale.dtype == torch.float16 for layer in packed.values())
+    before = _logits(loaded.model)
+    details = save_step_model(loaded, tmp_path / "q", torch.float32)
+    assert details["stored_as"] == "compressed-tensors" and details["dense_dtype"] == "float16"
+    stored = (tmp_path / "q" / "model.safetensors").stat().st_size
+    expected = _expected_bytes(loaded, packed)
+    assert expected <= stored <= expected * 1.05 + 16_384  # + the safetensors header
+    fp16 = sum(p.numel() * 2 for p in loaded.model.parameters())
+    assert stored < 0.6 * fp16
+    back = load(tmp_path / "q", device="cpu")
+    assert torch.equal(_logits(back.model), before)
+    # A plain dense model: ordinary Linears with a float weight, no compressed-tensors leftovers.
+    q_proj = back.model.model.layers[0].self_attn.q_proj
+    assert [n for n, _ in q_proj.named_parameters()] == ["weight"] and "forward" not in q_proj.__dict__
+    assert back.model.config.quantization_config["quant_method"] == "compressed-tensors"
+    assert is_quantized(back)
+    with open(tmp_path / "q" / "config.json") as f:
+        groups = json.load(f)["quantization_config"]["config_groups"]
+    assert {g["weights"]["group_size"] for g in groups.values()} == {32}
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight_scale").get_dtype() == "F16"
+
+
+def test_recipe_quant_step_then_dense_pass_export_and_refusal(tiny_dir, text_file, tmp_path):
+    from kompakt.export.gguf import write_gguf
+
+    steps = [{"quant.gptq": {"bits": 4, "group_size": 32, "max_blocks": 4}},
+             {"prune.sparse": {"method": "magnitude", "sparsity": 0.25}}]  # fmt: skip
+    recipe = Recipe.from_dict({"model": str(tiny_dir), "seed": 1, "data": small_data(text_file), "steps": steps})
+    result = run_recipe(recipe, tmp_path / "run")
+    quant, sparse = result.records
+    step_dir = tmp_path / "run" / quant["dir"]
+    assert quant["details"]["stored_as"] == "compressed-tensors" and quant["details"]["packed_layers"] == 28
+    assert "quantization_config" in json.loads((step_dir / "config.json").read_text())
+    dense_fp32 = sum(p.numel() * 4 for p in load(tiny_dir, device="cpu").model.parameters())
+    assert quant["bytes"] < 0.4 * dense_fp32
+    # The sparse step got dense weights and saved a plain directory (no packed-tensor config).
+    assert "stored_as" not in sparse["details"]
+    assert "quantization_config" not in json.loads((tmp_path / "run" / sparse["dir"] / "config.json").read_text())
+    stored = load(step_dir, device="cpu")
+    export = write_gguf(stored, tmp_path / "q.gguf", type="q8_0")
+    assert export.path.is_file() and export.path.with_name("q.gguf.sha256").is_file()
+    requant = Recipe.from_dict({"model": str(step_dir), "seed": 1, "data": small_data(text_file),
+                                "steps": [{"quant.rtn": {"bits": 8}}]})  # fmt: skip
+    with pytest.raises(ConfigError, match="already quantized") as error:
+        run_recipe(requant, tmp_path / "again")
+    assert "\n" not in str(error.value)
