@@ -12,7 +12,19 @@ Depth rows (25 % of the layers by block_influence / angular / kl / last) and wid
 of the parameters, with bytes and prefill / generation tokens/s against the original in the
 same run) appear when the passes `prune.depth` / `prune.width` are registered.
 `--kl` adds KL to the original and top-1 agreement (one more forward of the original per row).
-Not here yet: the peer comparison with llm-compressor's SparseGPTModifier / WandaPruningModifier.
+
+Peer side by side: `--peer /work/peers/llmc/bin/python` (the llm-compressor environment,
+bench/peers/requirements-llmcompressor.txt) adds llm-compressor's SparseGPTModifier and
+WandaPruningModifier at 50 % and 2:4, run in a subprocess on exactly these calibration blocks
+with the same thread count, saved dense and scored by this evaluator; the end of the output
+compares perplexity and wall time (ours / theirs).
+
+Row groups can run in separate processes into one file: `--merge` keeps the rows other runs of
+the same protocol wrote (the file is rewritten after every row), e.g.
+
+    nice -n 10 .venv/bin/python bench/pruning.py --threads 1 --merge --only sparse
+    nice -n 10 .venv/bin/python bench/pruning.py --threads 1 --merge --only depth --only width
+    nice -n 10 .venv/bin/python bench/pruning.py --threads 1 --merge --only peer --peer /work/peers/llmc/bin/python
 
 Prints a table and writes bench/results/pruning.json.
 """
@@ -21,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import time
@@ -29,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from kompakt.model.cache import atomic_file
+from results_file import ResultsFile
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext2"
@@ -44,6 +55,12 @@ DEPTH_ROWS = [
     for method in ("block_influence", "angular", "kl", "last")
 ]
 WIDTH_ROWS = [("width ~50% params", "prune.width", {"target_params": 0.5})]
+# llm-compressor rows: (label, peer method, our row it compares with); run with --peer PYTHON
+PEER_ROWS = [
+    (f"llm-compressor {kind} {label}", f"{kind}-{pattern}", f"{kind} {label}")
+    for label, pattern in (("50%", "50"), ("2:4", "2:4"))
+    for kind in ("wanda", "sparsegpt")
+]
 
 
 def calibration_blocks(tokenizer, n_blocks: int, block_len: int = 512) -> torch.Tensor:
@@ -96,12 +113,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=32768, help="evaluation tokens of WikiText-2 test")
     parser.add_argument("--calib-blocks", type=int, default=128, help="calibration blocks of 512 tokens")
-    parser.add_argument("--only", choices=("sparse", "depth", "width"), action="append", help="row groups to run")
+    parser.add_argument("--only", choices=("sparse", "depth", "width", "peer"), action="append",
+                        help="row groups to run (default: all; peer needs --peer)")
+    parser.add_argument("--peer", help="python of the llm-compressor environment (bench/peers/): adds its rows")
     parser.add_argument("--kl", action="store_true", help="also KL to the original and top-1 agreement")
     parser.add_argument("--speed", action="store_true", help="tokens/s for every row (width rows always)")
     parser.add_argument("--rows", action="append", help="run only rows whose name contains this (repeatable)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "pruning.json")
+    parser.add_argument("--merge", action="store_true", help="keep the other rows already in --out (same protocol)")
     args = parser.parse_args()
 
     from kompakt.evaluate import measure_speed, parameter_bytes, parameter_count
@@ -113,20 +133,25 @@ def main() -> None:
     dense = load(args.model)
     calib = calibration_blocks(dense.tokenizer, args.calib_blocks)
     ids = evaluation_ids(dense.tokenizer)
-    groups = set(args.only or ("sparse", "depth", "width"))
+    groups = set(args.only or ("sparse", "depth", "width", "peer"))
     available = registry()
     plan = [row for group, rows in (("sparse", SPARSE_ROWS), ("depth", DEPTH_ROWS), ("width", WIDTH_ROWS))
             if group in groups for row in rows if row[1] in available
             and (not args.rows or any(part in row[0] for part in args.rows))]  # fmt: skip
 
     dense_speed = measure_speed(dense) if ("width" in groups or args.speed) else None
-    base = {"name": "dense", "pass": None, "seconds": 0.0, "params": parameter_count(dense.model),
-            "bytes": parameter_bytes(dense.model), "zeros": zero_fraction(dense.model),
-            **quality(dense, dense, ids, args.tokens, False)}  # fmt: skip
+    results = ResultsFile(args.out, header(args), args.merge)
+    base = results.previous_row("dense") if args.merge else None  # the same protocol: no need to re-measure
+    if base is None or (dense_speed and "prefill_tps" not in base):
+        base = {"name": "dense", "pass": None, "seconds": 0.0, "params": parameter_count(dense.model),
+                "bytes": parameter_bytes(dense.model), "zeros": zero_fraction(dense.model),
+                **quality(dense, dense, ids, args.tokens, False)}  # fmt: skip
     if dense_speed:
         base.update(prefill_tps=dense_speed.prefill_tokens_per_s, generate_tps=dense_speed.generate_tokens_per_s)
     rows = [base]
+    results.add({**base, "order": 0})
     print_table(rows, header=True)
+    order = {row[0]: i for i, row in enumerate(SPARSE_ROWS + DEPTH_ROWS + WIDTH_ROWS, start=1)}
     for label, name, values in plan:
         report, seconds = run_row(dense, name, values, calib)
         model = report.loaded
@@ -137,20 +162,67 @@ def main() -> None:
         if name == "prune.width" or args.speed:
             speed = measure_speed(model)
             row.update(prefill_tps=speed.prefill_tokens_per_s, generate_tps=speed.generate_tokens_per_s)
+        row["machine"] = machine()
         rows.append(row)
+        results.add({**row, "order": order[label]})
         print_table([row])
         del model, report
-    result = {
+    if args.peer and "peer" in groups:
+        run_peers(args, dense, calib, ids, results)
+    print(f"\nwrote {args.out}")
+    print_comparison(results.read())
+
+
+def run_peers(args, dense, calib: torch.Tensor, ids: torch.Tensor, results: ResultsFile) -> None:
+    """llm-compressor's SparseGPT / Wanda on the same blocks, scored by the same evaluator."""
+    from peer_llmc import run_peer
+
+    from kompakt.evaluate import parameter_bytes, parameter_count
+
+    for order, (label, method, _) in enumerate(PEER_ROWS, start=100):
+        if args.rows and not any(part in label for part in args.rows):
+            continue
+        try:
+            model, info = run_peer(args.peer, method, dense, calib, threads=torch.get_num_threads())
+        except RuntimeError as error:
+            print(f"{label}: {error}", flush=True)
+            results.add({"name": label, "error": str(error), "order": order})
+            continue
+        row = {"name": label, "pass": f"llmcompressor {method}", "seconds": info["seconds"], "peer": info,
+               "params": parameter_count(model.model), "bytes": parameter_bytes(model.model), "zeros": zero_fraction(model.model),
+               **quality(dense, model, ids, args.tokens, args.kl), "machine": machine(), "order": order}  # fmt: skip
+        results.add(row)
+        print_table([row])
+        del model
+
+
+def print_comparison(data: dict) -> None:
+    """Ours vs llm-compressor, from the merged result file: ppl ratio and wall-time ratio."""
+    rows = {r["name"]: r for r in data.get("rows", [])}
+    lines = []
+    for label, _, ours in PEER_ROWS:
+        theirs, mine = rows.get(label), rows.get(ours)
+        if theirs and mine and "ppl" in theirs and "ppl" in mine:
+            lines.append(f"{ours:<16} ours {mine['ppl']:8.2f}  llm-compressor {theirs['ppl']:8.2f}  "
+                         f"ppl ours/theirs {mine['ppl'] / theirs['ppl']:.3f}  "
+                         f"time ours/theirs {mine['seconds'] / theirs['seconds']:.2f} "
+                         f"({mine['seconds']:.0f} s vs {theirs['seconds']:.0f} s)")  # fmt: skip
+    if lines:
+        print("\nside by side (same blocks, same evaluator, same threads):")
+        print("\n".join(lines))
+
+
+def header(args) -> dict:
+    return {
         "protocol": {"model": args.model, "calibration": f"{args.calib_blocks}x512 wiki.valid (seed 0)",
                      "evaluation": f"first {args.tokens} tokens of wiki.test.raw, window 512, stride 512"},
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}",
-        "peer": "llm-compressor comparison not run yet",
-        "rows": rows,
+        "machine": machine(),
     }  # fmt: skip
-    with atomic_file(args.out) as tmp:  # never a half-written result
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"\nwrote {args.out}")
+
+
+def machine() -> str:
+    return (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")  # fmt: skip
 
 
 def print_table(rows: list[dict], header: bool = False) -> None:
