@@ -89,7 +89,7 @@ BAD_STEPS = [
     (("--step", "prune.nothing:x=1"), "unknown pass"),
     (("--step", "prune.depth:fraction"), "is not key=value"),
     (("--step", "prune.depth:count=1", "--recipe", "x.yaml"), "either --recipe or --step"),
-    ((), "nothing to do"),
+    (("--step", "prune.depth:count=1", "--target", "size=2x"), "drop --recipe and --step"),
 ]
 
 

@@ -36,7 +36,7 @@ $notes
 """)
 
 
-def _table(header: list[str], rows: list[list[object]]) -> str:
+def html_table(header: list[str], rows: list[list[object]]) -> str:
     head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -54,7 +54,7 @@ def _breakdown(analysis: Analysis) -> str:
     rows.append(["total", f"{b.total_params:,}", "100%", _mb(b.total_bytes)])
     disk = f"; weight files on disk: {_mb(b.disk_bytes)}" if b.disk_bytes else ""
     caption = f"<p class='muted'>bytes at {html.escape(b.storage_dtype)} ({b.bytes_per_param} B/param){html.escape(disk)}</p>"
-    return _table(["component", "parameters", "share", "bytes"], rows) + caption
+    return html_table(["component", "parameters", "share", "bytes"], rows) + caption
 
 
 def _baseline(analysis: Analysis) -> str:
@@ -66,7 +66,7 @@ def _baseline(analysis: Analysis) -> str:
     for key, value in (base.get("speed") or {}).items():
         if isinstance(value, (int, float)):
             rows.append([f"speed: {key}", f"{value:.4g}" if isinstance(value, float) else str(value)])
-    return _table(["metric", "value"], rows)
+    return html_table(["metric", "value"], rows)
 
 
 def _layers(analysis: Analysis) -> str:
@@ -84,10 +84,10 @@ def _layers(analysis: Analysis) -> str:
         ]
         for row in analysis.layers
     ]
-    return _table(header, rows)
+    return html_table(header, rows)
 
 
-def _images(images: dict[str, bytes]) -> str:
+def embed_images(images: dict[str, bytes]) -> str:
     parts = []
     for name, data in images.items():
         encoded = base64.b64encode(data).decode("ascii")
@@ -124,7 +124,7 @@ def render(analysis: Analysis, images: dict[str, bytes]) -> str:
         summary="".join(f"<li>{html.escape(line)}</li>" for line in analysis.summary["lines"]),
         breakdown=_breakdown(analysis),
         baseline=_baseline(analysis),
-        images=_images(images),
+        images=embed_images(images),
         layers=_layers(analysis),
         notes=notes_html,
     )

@@ -13,7 +13,7 @@ from matplotlib.ticker import MaxNLocator
 from kompakt.analyze.result import Analysis
 
 
-def _png(figure: Figure) -> bytes:
+def png_bytes(figure: Figure) -> bytes:
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -36,7 +36,7 @@ def layer_importance(analysis: Analysis) -> bytes:
     handles = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     axis.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8, framealpha=0.8)
     axis.set_title("Layer importance")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def quant_sensitivity(analysis: Analysis) -> bytes:
@@ -50,7 +50,7 @@ def quant_sensitivity(analysis: Analysis) -> bytes:
     axis.set_xlabel("decoder layer")
     axis.set_ylabel("KL (nats)")
     axis.set_title(f"Quantization sensitivity: {quant['bits']}-bit RTN of one layer, group {quant['group_size']}")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def channel_importance(analysis: Analysis) -> bytes | None:
@@ -67,7 +67,7 @@ def channel_importance(analysis: Analysis) -> bytes | None:
     axis.set_xlabel("decoder layer")
     axis.set_ylabel("channel / layer median")
     axis.set_title("MLP channel importance (activation RMS at down_proj input)")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def all_plots(analysis: Analysis) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ from rich import get_console
 from rich.live import Live
 from rich.table import Table
 
-HELP = "Shrink a model stepwise (a recipe or --step PASS:key=value), evaluating after every step."
+HELP = "Shrink a model: to a --target with an automatic plan (default size=4x,max-kl=0.15), or by --recipe / --step."
 
 
 def _table(baseline: dict, records: list[dict]) -> Table:
@@ -28,27 +28,44 @@ def _table(baseline: dict, records: list[dict]) -> Table:
 
 
 def compress_command(
-    model: Optional[str] = typer.Argument(None, help="HF directory, .gguf file or embedded name (overrides the recipe's model)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe YAML file."),
+    model: Optional[str] = typer.Argument(None, help="HF directory, .gguf file or embedded name (default: the embedded model)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Goal and floor, e.g. size=4x | params=0.5 | bytes=300MB | speed=3x, max-kl=0.15 (default size=4x,max-kl=0.15)."),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="Wall-clock budget for --target runs, e.g. 30m, 2h."),
+    plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan and the recipe it would run, then stop."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe YAML file (instead of --target)."),
     step: Optional[list[str]] = typer.Option(None, "--step", "-s", help="A step without a recipe, e.g. prune.depth:fraction=0.25 (repeatable)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration text (held-out part evaluates); default: self-generated."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory (an existing run of the same recipe resumes)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (an existing run of the same recipe or target resumes)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (overrides the recipe's)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing run directory of another recipe."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run directory of another recipe or model."),
 ) -> None:
-    """Shrink a model stepwise (a recipe or --step PASS:key=value), evaluating after every step."""
-    from kompakt.recipe.compose import compose_recipe
-    from kompakt.recipe.rundir import trajectory_rows
-    from kompakt.recipe.runner import run_recipe
+    """Shrink a model: to a --target with an automatic plan, or by a --recipe / --step list."""
+    if recipe is None and not step:
+        _auto(model, target, budget, plan_only, data, out, seed or 0, force)
+        return
+    if target is not None or budget is not None or plan_only:
+        from kompakt.errors import ConfigError
 
-    plan = compose_recipe(recipe=recipe, steps=step or [], model=model, data=data, seed=seed)
-    plan.validate()  # one-line ConfigError before any weights are loaded
-    console = get_console()  # the console progress bars use, so they nest under the live table
+        raise ConfigError("--target / --budget / --plan-only plan a recipe themselves; drop --recipe and --step")
+    if out is None:
+        from kompakt.errors import ConfigError
+
+        raise ConfigError("--out is required with --recipe or --step: give the run directory")
+    _recipe(model, recipe, step or [], data, out, seed, force)
+
+
+def _live_steps(console):
+    """(on_step callback, Live or None): the growing trajectory table on a terminal, lines elsewhere."""
+    from kompakt.recipe.rundir import trajectory_rows
+
     baseline: dict = {}
     records: list[dict] = []
+    live = Live(_table({}, []), console=console, auto_refresh=False) if console.is_terminal else None
 
     def on_step(record: dict) -> None:
         if record["index"] == 0:
+            baseline.clear()
+            records.clear()
             baseline.update(record)
         else:
             records.append(record)
@@ -58,7 +75,17 @@ def compress_command(
             row = trajectory_rows(baseline, records)[-1]
             console.print(" | ".join(cell for cell in row if cell), highlight=False, soft_wrap=True)
 
-    live = Live(_table({}, []), console=console, auto_refresh=False) if console.is_terminal else None
+    return on_step, live
+
+
+def _recipe(model, recipe, steps, data, out, seed, force) -> None:
+    from kompakt.recipe.compose import compose_recipe
+    from kompakt.recipe.runner import run_recipe
+
+    plan = compose_recipe(recipe=recipe, steps=steps, model=model, data=data, seed=seed)
+    plan.validate()  # one-line ConfigError before any weights are loaded
+    console = get_console()  # the console progress bars use, so they nest under the live table
+    on_step, live = _live_steps(console)
     if live is None:
         result = run_recipe(plan, out, force=force, on_step=on_step)
     else:
@@ -67,6 +94,49 @@ def compress_command(
     final = result.final if result.final is not None else result.out_dir
     console.print(f"done: {len(result.records)} step(s); final model: {final} (report: {result.out_dir / 'report.md'})",
                   highlight=False, soft_wrap=True)  # fmt: skip
+
+
+_EVENTS = {
+    "analysis": lambda v: f"analysing the model (light phase-1 analysis, ≈{v['seconds'] / 60:.1f} min)",
+    "attempt": lambda v: f"attempt {v['index']}: {v['label']} (planned ≈{v['seconds'] / 60:.1f} min)",
+    "back-off": lambda v: f"attempt {v['attempt']} abandoned: {v['reason']}; backing off",
+    "deliver": lambda v: "exporting, measuring original vs result side by side, writing the report",
+}
+
+
+def _auto(model, target, budget, plan_only, data, out, seed, force) -> None:
+    from kompakt.recipe.auto import compress_auto
+
+    console = get_console()
+    on_step, live = _live_steps(console)
+
+    def on_event(kind: str, values: dict) -> None:
+        console.print(f"[bold]kompakt[/] {_EVENTS[kind](values)}", soft_wrap=True)
+
+    if live is None or plan_only:
+        result = compress_auto(model, target=target, budget=budget, data=data, out=out, plan_only=plan_only,
+                               seed=seed, force=force, on_step=on_step, on_event=on_event)  # fmt: skip
+    else:
+        with live:
+            result = compress_auto(model, target=target, budget=budget, data=data, out=out, seed=seed,
+                                   force=force, on_step=on_step, on_event=on_event)  # fmt: skip
+    _print_plan(console, result)
+    if plan_only:
+        console.print(f"recipe written to {result.out_dir / 'recipe.yaml'} (not run: --plan-only)", highlight=False)
+        console.print(result.plan.recipe(0, model=model, seed=seed).to_yaml(), highlight=False, markup=False)
+        return
+    console.print(f"final model: {result.final}; exports: {', '.join(result.exports.values()) or 'none'}",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
+
+
+def _print_plan(console, result) -> None:
+    console.print("[bold]plan[/]:", soft_wrap=True)
+    for choice in result.plan.choices:
+        console.print(f"  - {choice}", highlight=False, soft_wrap=True, markup=False)
+    for outcome in result.outcomes:
+        console.print(f"  attempt {outcome['attempt']} ({outcome['label']}): {outcome.get('status')}"
+                      + (f" — {outcome['reason']}" if outcome.get("reason") else ""), highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,263 @@
+"""`kompakt compress --target`: analyse, plan, run the plan with back-offs, export, report.
+
+Run directory::
+
+    out/auto.json            the model fingerprint and target this directory belongs to
+    out/analysis/            the light phase-1 analysis the plan was made from (json, plots, html)
+    out/plan.json            target, budget, facts, every choice in one line, the attempts
+    out/recipe.yaml          the recipe of the attempt that produced the result (edit and rerun it)
+    out/attempts/N/          one recipe run per attempt (steps/, lineage.jsonl, report.md)
+    out/final -> attempts/N/final
+    out/export/              model.gguf (+ .sha256) and hf/ with the model card (README.md)
+    out/report.html, report.md, report.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kompakt.errors import ConfigError, OutputPathError
+from kompakt.recipe.lineage import atomic_symlink, atomic_write_text
+from kompakt.recipe.planner import Plan, make_plan
+from kompakt.recipe.schema import DataSpec
+from kompakt.recipe.target import Target, check_bytes_possible, parse_budget, parse_target
+
+logger = logging.getLogger(__name__)
+
+Event = Callable[[str, dict], None]
+# The light analysis the planner reads (skip cost and 4-bit sensitivity per layer).
+ANALYSIS = dict(n_blocks=4, block_len=256, eval_tokens=512, eval_window=256, reference_eval=False, speed=False)
+AUTO_FILE = "auto.json"
+DEFAULT_BUDGET = "15m"
+
+
+@dataclass
+class AutoResult:
+    out_dir: Path
+    plan: Plan
+    final: Path | None = None
+    attempt: int | None = None  # index of the attempt that produced the result
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    exports: dict[str, str] = field(default_factory=dict)
+    report: Path | None = None
+    wall_s: float = 0.0
+
+
+def default_out(model: str | None, target: Target) -> Path:
+    name = Path(str(model or "smollm2-135m")).name.removesuffix(".gguf")
+    tag = target.text.replace("=", "").replace(",", "-").replace(".", "p")
+    return Path("runs") / f"{name}-{tag}"
+
+
+def _check_out(out: Path, fingerprint: str, target: Target, force: bool) -> None:
+    """An existing run directory must belong to the same model and target (checked before work)."""
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"{out} is a file; give --out a directory path for the run")
+    marker = out / AUTO_FILE
+    if force and out.is_dir():
+        shutil.rmtree(out)
+        return
+    if marker.is_file():
+        owner = json.loads(marker.read_text())
+        if owner.get("fingerprint") != fingerprint:
+            raise OutputPathError(
+                f"{out} belongs to a run of another model ({owner.get('model')}); use a new --out, or --force to replace it"
+            )
+        if owner.get("target") != target.text:
+            raise OutputPathError(
+                f"{out} holds a run for target {owner.get('target')!r}; use a new --out, or --force to replace it"
+            )
+    elif out.is_dir() and any(out.iterdir()):
+        raise OutputPathError(f"{out} exists and is not a kompakt compress run; choose a new --out")
+
+
+def _sizes(original, data: str | None, overrides: dict | None) -> tuple[DataSpec, dict]:
+    """The run's data sizes and the analysis settings, fitted to the model's context."""
+    ctx = original.context_length
+    window = min(512, ctx)
+    # Self-generated text costs sampling time on the first run (then it is cached): 16 blocks.
+    blocks = 32 if data is not None else 16
+    spec = DataSpec(calibration=data, calibration_blocks=blocks, block_len=window, eval_tokens=4096,
+                    window=window, stride=window)  # fmt: skip
+    for key, value in (overrides or {}).items():
+        setattr(spec, key, value)
+    spec.validate()
+    short = min(256, ctx, spec.window)
+    analysis = {**ANALYSIS, "block_len": short, "eval_window": short, "eval_tokens": 2 * short}
+    return spec, analysis
+
+
+def _analysis(original, data, out: Path, seed: int, settings: dict):
+    """The light analysis, reused from out/analysis when it is already there."""
+    from kompakt.analyze.api import analyze
+    from kompakt.analyze.result import Analysis
+
+    saved = out / "analysis" / "analysis.json"
+    if saved.is_file():
+        return Analysis.from_dict(json.loads(saved.read_text()))
+    ids = data.calibration().reshape(-1)
+    return analyze(original, ids, out=out / "analysis", seed=seed, **settings)
+
+
+def _analysis_seconds(forward_tps: float, layers: int, settings: dict) -> float:
+    tokens = settings["n_blocks"] * settings["block_len"] + 2 * layers * settings["eval_tokens"]
+    return tokens / forward_tps + 0.5 * layers  # + rounding each layer for the 4-bit sensitivity
+
+
+def prepare(model: str | None, target_text: str | None, budget: str | None, data: str | None,
+            out: str | Path | None, seed: int, force: bool, on_event: Event | None = None,
+            data_sizes: dict | None = None):  # fmt: skip
+    """Everything up to the plan: parse, load, check the run dir and budget, analyse, plan."""
+    from kompakt.model.load import load
+    from kompakt.recipe.facts import add_analysis, model_facts
+    from kompakt.recipe.rundata import RunData
+
+    target = parse_target(target_text)
+    if target_text is None and budget is None:
+        budget = DEFAULT_BUDGET  # the no-argument run is planned to finish within this
+    budget_s = parse_budget(budget)
+    out_dir = Path(out) if out is not None else default_out(model, target)
+    out_dir = out_dir.expanduser().absolute()
+    if data is not None and not Path(data).expanduser().exists():
+        from kompakt.errors import DataError
+
+        raise DataError(f"--data {data} not found; give an existing text / jsonl / parquet file or dataset directory")
+    started = time.perf_counter()
+    original = load(model)
+    _check_out(out_dir, original.fingerprint(), target, force)
+    spec, settings = _sizes(original, data, data_sizes)
+    facts = model_facts(original)
+    check_bytes_possible(target, facts.fp16_bytes)
+    need = _analysis_seconds(facts.forward_tps, facts.layers, settings)
+    if budget_s is not None and budget_s < need:
+        raise ConfigError(
+            f"--budget {budget_s / 60:.1f} min is too small to run even the first step: the analysis alone "
+            f"takes ≈{need / 60:.1f} min on this machine; give a larger budget"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / AUTO_FILE, json.dumps(
+        {"model": model or original.name, "fingerprint": facts.fingerprint, "target": target.text}) + "\n")  # fmt: skip
+    _emit(on_event, "analysis", {"seconds": need})
+    run_data = RunData(spec, original, seed)
+    analysis = _analysis(original, run_data, out_dir, seed, settings)
+    add_analysis(facts, analysis)
+    left = None if budget_s is None else budget_s - (time.perf_counter() - started)
+    plan = make_plan(target, facts, spec, left)
+    atomic_write_text(out_dir / "plan.json", json.dumps(plan.to_dict(), indent=1, default=str) + "\n")
+    atomic_write_text(out_dir / "recipe.yaml", plan.recipe(0, model=model, seed=seed).to_yaml())
+    return original, plan, out_dir, started
+
+
+def _emit(on_event: Event | None, kind: str, values: dict) -> None:
+    if on_event is not None:
+        on_event(kind, values)
+
+
+def floor_crossed(target: Target, metrics: dict) -> str | None:
+    """Which floor the measured metrics cross, as a phrase; None when within."""
+    kl, ratio = metrics.get("kl_mean"), metrics.get("ppl_ratio")
+    if target.max_kl is not None and kl is not None and kl > target.max_kl:
+        return f"KL {kl:.3f} > max-kl {target.max_kl:g}"
+    if target.max_ppl_ratio is not None and ratio is not None and ratio > target.max_ppl_ratio:
+        return f"perplexity ratio {ratio:.3f} > max-ppl-ratio {target.max_ppl_ratio:g}"
+    return None
+
+
+class _Abandon(Exception):
+    """Raised from the step callback: this attempt can no longer end within the floor."""
+
+
+def _heal_ahead(steps: list, index: int) -> bool:
+    return any(step.name.startswith(("distill.", "finetune.", "quant.qat")) for step in steps[index:])
+
+
+def run_attempts(original, plan: Plan, out_dir: Path, model: str | None, seed: int,
+                 on_step: Callable[[dict], None] | None = None, on_event: Event | None = None) -> AutoResult:  # fmt: skip
+    """Run the attempts in order until one ends within the floor (or none is left)."""
+    from kompakt.recipe.runner import run_recipe
+
+    result = AutoResult(out_dir, plan)
+    for index, attempt in enumerate(plan.attempts):
+        recipe = plan.recipe(index, model=model, seed=seed)
+        run_dir = out_dir / "attempts" / str(index + 1)
+        _emit(on_event, "attempt", {"index": index + 1, "label": attempt.label, "seconds": attempt.seconds})
+        outcome = {"attempt": index + 1, "label": attempt.label, "run_dir": str(run_dir)}
+
+        def check(record: dict, steps=recipe.steps) -> None:
+            if on_step is not None:
+                on_step(record)
+            crossed = floor_crossed(plan.target, record.get("metrics", {})) if record["index"] else None
+            if crossed and not _heal_ahead(steps, record["index"]):
+                raise _Abandon(f"step {record['index']} ({record['pass']}): {crossed}")
+
+        try:
+            run = run_recipe(recipe, run_dir, on_step=check)
+            outcome.update(status="within floor", final=str(run.final), metrics=run.records[-1]["metrics"])
+            result.outcomes.append(outcome)
+            result.final, result.attempt = run.final, index
+            atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
+            break
+        except _Abandon as stop:
+            outcome.update(status="floor crossed", reason=str(stop))
+            result.outcomes.append(outcome)
+            _emit(on_event, "back-off", outcome)
+    if result.final is None:
+        _keep_closest(result)
+    if result.final is not None:
+        atomic_symlink(out_dir / "final", str(result.final.resolve().relative_to(out_dir)))
+    return result
+
+
+def _keep_closest(result: AutoResult) -> None:
+    """No attempt stayed within the floor: keep the last one's last step, and say so."""
+    for outcome in reversed(result.outcomes):
+        run_dir = Path(outcome["run_dir"])
+        lineage = run_dir / "lineage.jsonl"
+        if lineage.is_file():
+            records = [json.loads(line) for line in lineage.read_text().splitlines() if line.strip()]
+            if records:
+                result.final = run_dir / records[-1]["dir"]
+                result.attempt = outcome["attempt"] - 1
+                outcome["status"] = "kept although the floor is crossed (no attempt stayed within it)"
+                outcome["metrics"] = records[-1]["metrics"]
+                return
+
+
+def compress_auto(model: str | None = None, *, target: str | None = None, budget: str | None = None,
+                  data: str | None = None, out: str | Path | None = None, plan_only: bool = False,
+                  seed: int = 0, force: bool = False, on_step: Callable[[dict], None] | None = None,
+                  on_event: Event | None = None, data_sizes: dict | None = None) -> AutoResult:  # fmt: skip
+    """Analyse, plan, run with back-offs, export and report (see the module docstring).
+
+    Raises (before any work): ConfigError for a target that cannot be parsed or met in
+    principle, a nonsense floor, a budget too small for the first step; OutputPathError for a
+    run directory of another model or target.
+    """
+    from kompakt.recipe import deliver
+    from kompakt.report.build import build_report
+    from kompakt.report.document import gather
+
+    original, plan, out_dir, started = prepare(model, target, budget, data, out, seed, force, on_event, data_sizes)
+    result = AutoResult(out_dir, plan)
+    if plan_only:
+        return result
+    result = run_attempts(original, plan, out_dir, model, seed, on_step=on_step, on_event=on_event)
+    if result.final is not None:
+        _emit(on_event, "deliver", {})
+        result.exports = deliver.export_result(result.final, plan.export_type, out_dir)
+        metrics = next(o["metrics"] for o in result.outcomes if o["attempt"] == result.attempt + 1)
+        atomic_write_text(out_dir / "exports.json", json.dumps(result.exports, indent=1) + "\n")
+        deliver.measure(original, result.exports, metrics, out_dir, seed)
+    result.wall_s = time.perf_counter() - started
+    atomic_write_text(out_dir / "outcome.json", json.dumps(
+        {"outcomes": result.outcomes, "wall_s": result.wall_s, "attempt": result.attempt}, indent=1, default=str) + "\n")  # fmt: skip
+    result.report = build_report(out_dir)
+    deliver.write_card(out_dir, gather(out_dir), model or original.name)
+    return result

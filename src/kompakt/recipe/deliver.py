@@ -1,0 +1,62 @@
+"""The end of a `compress --target` run: exports (GGUF + a HF directory with its model card),
+the measured side-by-side comparison, and the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kompakt.model.cache import atomic_directory
+from kompakt.recipe.lineage import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def export_result(final: Path, export_type: str | None, out_dir: Path) -> dict[str, str]:
+    """out/export/model.gguf (when the family exports) and out/export/hf (a copy of the final step)."""
+    from kompakt.export.gguf import write_gguf
+    from kompakt.model.load import load
+    from kompakt.recipe.rundir import MARKER
+
+    exports: dict[str, str] = {}
+    target = out_dir / "export"
+    hf = target / "hf"
+    if hf.exists():
+        shutil.rmtree(hf)
+    with atomic_directory(hf) as tmp:
+        shutil.copytree(final.resolve(), tmp, dirs_exist_ok=True)
+        (tmp / MARKER).unlink(missing_ok=True)
+    exports["hf"] = str(hf)
+    if export_type is not None:
+        written = write_gguf(load(hf), target / "model.gguf", type=export_type, force=True)
+        exports["gguf"] = str(written.path)
+        exports["gguf_type"] = export_type
+    return exports
+
+
+def write_card(out_dir: Path, report: dict, base_model: str) -> None:
+    from kompakt.export.manifest import write_manifest
+    from kompakt.report.card import model_card
+
+    hf = out_dir / "export" / "hf"
+    if hf.is_dir():
+        atomic_write_text(hf / "README.md", model_card(report, base_model))
+        write_manifest(hf)
+
+
+def measure(original, exports: dict[str, str], metrics: dict[str, Any], out_dir: Path, seed: int) -> dict:
+    """comparison.json: the LLM-vs-SLM table, sample generations and the machine."""
+    from kompakt.model.load import load
+    from kompakt.report.compare import compare, machine, samples
+
+    hf = Path(exports["hf"])
+    result = load(hf)
+    gguf = Path(exports["gguf"]) if "gguf" in exports else None
+    comparison = compare(original, result, hf, gguf, metrics)
+    comparison["samples"] = samples(original, result, seed=seed)
+    comparison["machine"] = machine()
+    atomic_write_text(out_dir / "comparison.json", json.dumps(comparison, indent=1, default=str) + "\n")
+    return comparison

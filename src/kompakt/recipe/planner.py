@@ -1,0 +1,315 @@
+"""Turn a target (kompakt.recipe.target) and what is known about the model (ModelFacts, with
+the phase-1 analysis) into recipes: the plan to run first and the back-offs to try when a
+result crosses the quality floor. Every decision is written down as one line.
+
+The rules (seed 9.2 / 9.3: choose methods for the target; gentle steps first; evaluate, adjust):
+- size / bytes / speed: the gentlest storage format that reaches the factor (Q8_0 before Q4_0;
+  compressed-tensors int8/int4 for families llama.cpp cannot run). 4-bit is AWQ + GPTQ on the
+  export's own grid, so the GGUF holds exactly the values GPTQ chose. Generation on a CPU is
+  memory-bound, so a speed factor is planned as the same factor in bytes (and measured).
+- When no format alone reaches the factor: remove whole layers (the ones whose removal costs
+  the least KL in the analysis), heal with distillation, then quantize — but only when the
+  analysis predicts the floor can still hold; otherwise the plan says why and keeps the
+  largest factor that stays within the floor.
+- params: Minitron-style width pruning to the fraction, then distillation with the rest of
+  the budget; back-off = half the cut.
+- Back-off after a crossed floor: less pruning first, then higher precision (Q4_0 -> Q8_0).
+
+Predictions are estimates from the analysis (KL of skipping or 4-bit rounding each layer
+alone, added up; AWQ + GPTQ measured at about a third of RTN's KL on the q4_0 grid); the
+run measures the real numbers after every step and decides with those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from kompakt.errors import ConfigError
+from kompakt.recipe.facts import ModelFacts
+from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
+from kompakt.recipe.target import Target
+
+# AWQ + GPTQ on the q4_0 grid kept ~1/3 of RTN's KL on SmolLM2 (bench/quant.py).
+GPTQ_AWQ_KL_FACTOR = 0.34
+# Distillation is assumed to win back about half of a structural cut's KL within a CPU budget.
+HEAL_KEEPS = 0.5
+# Seconds of a step ≈ forwards × calibration tokens / forward tokens-per-second (+ eval).
+COST_FORWARDS = {"quant.awq": 11.0, "quant.gptq": 4.0, "quant.rtn": 0.05, "prune.depth": 1.0, "prune.width": 1.0}
+TRAIN_COST = 4.0  # a distillation token costs ~4 forward tokens (student fwd + bwd, teacher fwd)
+MIN_BLOCKS, MAX_BLOCKS = 8, 64
+HEAL_MIN_TOKENS = 4096
+
+
+@dataclass
+class Attempt:
+    """One recipe to try, what it is expected to give, and why it looks like this."""
+
+    label: str
+    steps: list[Step]
+    size_factor: float
+    params_kept: float
+    predicted_kl: float | None
+    seconds: float
+    meets_target: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label, "steps": [s.to_dict() for s in self.steps], "size_factor": self.size_factor,
+            "params_kept": self.params_kept, "predicted_kl": self.predicted_kl, "seconds": self.seconds,
+            "meets_target": self.meets_target,
+        }  # fmt: skip
+
+
+@dataclass
+class Plan:
+    target: Target
+    facts: ModelFacts
+    data: DataSpec
+    budget_s: float | None
+    attempts: list[Attempt] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)
+    export_type: str | None = None  # GGUF type of the result (None: no GGUF for this family)
+
+    def recipe(self, index: int = 0, model: str | None = None, seed: int = 0) -> Recipe:
+        gates = Gates()  # the floor is judged by the planner on the finished attempt, not per step
+        return Recipe(model=model, seed=seed, data=self.data, metrics=["ppl", "kl", "top1"], gates=gates,
+                      steps=list(self.attempts[index].steps),
+                      exports=[{"format": "gguf", "type": self.export_type}] if self.export_type else [])  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target.to_dict(), "budget_s": self.budget_s, "data": vars(self.data).copy(),
+            "choices": list(self.choices), "attempts": [a.to_dict() for a in self.attempts],
+            "export_type": self.export_type, "facts": self.facts.to_dict(),
+        }  # fmt: skip
+
+
+# --- step builders ----------------------------------------------------------------------------
+
+
+def _quant_steps(fmt: str, blocks: int, with_awq: bool) -> list[Step]:
+    if fmt in ("q8_0", "int8"):
+        config = {"format": "q8_0"} if fmt == "q8_0" else {"bits": 8, "group_size": None}
+        return [Step("quant.rtn", config)]  # 8-bit rounding is near-lossless: no calibration needed
+    config = {"format": "q4_0"} if fmt == "q4_0" else {"bits": 4, "group_size": 64, "symmetric": True}
+    steps = [Step("quant.awq", {**config, "max_blocks": min(blocks, 16)})] if with_awq else []
+    return steps + [Step("quant.gptq", {**config, "max_blocks": blocks})]
+
+
+def _kd_step(tokens: int) -> Step | None:
+    from kompakt.passes.base import registry
+
+    if "distill.kd" not in registry():
+        return None
+    return Step("distill.kd", {"tokens": int(tokens)})
+
+
+def _step_seconds(step: Step, facts: ModelFacts, data: DataSpec) -> float:
+    tokens = data.calibration_blocks * data.block_len
+    if step.name == "distill.kd":
+        return step.config.get("tokens", 0) * TRAIN_COST / facts.forward_tps
+    blocks = step.config.get("max_blocks") or data.calibration_blocks
+    forwards = COST_FORWARDS.get(step.name, 2.0)
+    return forwards * min(tokens, blocks * data.block_len) / facts.forward_tps
+
+
+def eval_seconds(facts: ModelFacts, data: DataSpec) -> float:
+    """One step's evaluation: original and candidate over the evaluation tokens, plus save/load."""
+    return 2 * data.eval_tokens / facts.forward_tps + 10
+
+
+def attempt_seconds(steps: list[Step], facts: ModelFacts, data: DataSpec) -> float:
+    return sum(_step_seconds(s, facts, data) + eval_seconds(facts, data) for s in steps)
+
+
+# --- predictions ------------------------------------------------------------------------------
+
+
+def _quant_kl(facts: ModelFacts, fmt: str, kept: list[int] | None = None) -> float | None:
+    if not facts.quant_kl:
+        return None
+    layers = kept if kept is not None else range(facts.layers)
+    rtn = sum(facts.quant_kl[i] for i in layers)
+    if fmt in ("q8_0", "int8"):
+        return rtn / 256  # 4 more bits: error / 16, KL (quadratic) / 256
+    return rtn * GPTQ_AWQ_KL_FACTOR
+
+
+def _cheapest_layers(facts: ModelFacts, count: int) -> list[int]:
+    scores = facts.block_influence  # what prune.depth's block_influence method ranks by
+    if not scores:  # no analysis: the last layers but the final one (ShortGPT's usual finding)
+        return list(range(facts.layers - 1 - count, facts.layers - 1))
+    return sorted(range(facts.layers), key=lambda i: scores[i])[:count]
+
+
+def _fmt_kl(value: float | None) -> str:
+    return "unknown (no analysis)" if value is None else f"{value:.3f}"
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+
+def _data_for_budget(facts: ModelFacts, base: DataSpec, budget_s: float | None, choices: list[str]) -> DataSpec:
+    """Calibration blocks: as many as the budget affords for AWQ + GPTQ (MIN..MAX_BLOCKS)."""
+    data = DataSpec(**vars(base))
+    if budget_s is None:
+        return data
+    per_block = (COST_FORWARDS["quant.awq"] + COST_FORWARDS["quant.gptq"]) * data.block_len / facts.forward_tps
+    affordable = int(0.5 * budget_s / per_block)
+    blocks = max(MIN_BLOCKS, min(base.calibration_blocks, MAX_BLOCKS, affordable))
+    if blocks != base.calibration_blocks:
+        choices.append(
+            f"calibration: {blocks} blocks of {data.block_len} tokens (what the {budget_s / 60:.0f}-minute budget "
+            f"affords at {facts.forward_tps:.0f} forward tokens/s)"
+        )
+    data.calibration_blocks = blocks
+    return data
+
+
+def _quant_attempt(label: str, fmt: str, facts: ModelFacts, data: DataSpec, with_awq: bool, factor: float) -> Attempt:
+    steps = _quant_steps(fmt, data.calibration_blocks, with_awq)
+    size = facts.size_factor(fmt)
+    return Attempt(label, steps, size, 1.0, _quant_kl(facts, fmt), attempt_seconds(steps, facts, data), size >= factor)
+
+
+def plan_size(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float | None, choices: list[str]) -> list[Attempt]:
+    """Attempts for a size / bytes / speed factor, the most promising first, back-offs after."""
+    factor = target.size_factor(facts.fp16_bytes) or target.speed or 1.0
+    formats = facts.quant_formats
+    sizes = ", ".join(f"{f} {facts.size_factor(f):.2f}x" for f in formats)
+    choices.append(f"size factors of the storage formats for this model: {sizes} (vs {facts.fp16_bytes / 1e6:.0f} MB fp16)")
+    reaching = [f for f in formats if facts.size_factor(f) >= factor]
+    with_awq = _afford_awq(facts, data, budget_s, choices)
+    if reaching:
+        fmt = reaching[0]
+        choices.append(f"{fmt}: the gentlest format that reaches {factor:g}x")
+        attempts = [_quant_attempt(f"{fmt}", fmt, facts, data, with_awq, factor)]
+        gentler = formats[: formats.index(fmt)]
+        attempts += [_quant_attempt(f"back-off: {g}", g, facts, data, with_awq, factor) for g in gentler]
+        return attempts
+    fmt = formats[-1]
+    quant_only = _quant_attempt(f"{fmt} only", fmt, facts, data, with_awq, factor)
+    pruned = _prune_attempt(target, factor, fmt, facts, data, budget_s, with_awq, choices)
+    return ([pruned] if pruned is not None else []) + [quant_only]
+
+
+def _afford_awq(facts: ModelFacts, data: DataSpec, budget_s: float | None, choices: list[str]) -> bool:
+    if budget_s is None:
+        return True
+    awq = _step_seconds(Step("quant.awq", {"max_blocks": min(data.calibration_blocks, 16)}), facts, data)
+    if awq > 0.4 * budget_s:
+        choices.append(f"AWQ skipped: ≈{awq / 60:.1f} min is more than 40% of the budget; GPTQ alone")
+        return False
+    return True
+
+
+def _prune_attempt(target: Target, factor: float, fmt: str, facts: ModelFacts, data: DataSpec,
+                   budget_s: float | None, with_awq: bool, choices: list[str]) -> Attempt | None:  # fmt: skip
+    """Remove the cheapest layers so that `fmt` reaches the factor; None when the analysis
+    predicts the floor cannot hold (the reason goes into `choices`)."""
+    layer_total = sum(facts.layer_params)
+    total = facts.format_bytes[fmt]
+    layer_bytes = total * layer_total / facts.params
+    kept_fraction = 1 - (total - facts.fp16_bytes / factor) / layer_bytes
+    drop = math.ceil((1 - kept_fraction) * facts.layers - 1e-9)
+    best = facts.size_factor(fmt)
+    if drop >= facts.layers // 2:
+        choices.append(
+            f"{factor:g}x needs removing {drop} of {facts.layers} layers on top of {fmt} ({best:.2f}x alone): "
+            "not attempted, half the model would be gone"
+        )
+        return None
+    layers = _cheapest_layers(facts, drop)
+    kept = [i for i in range(facts.layers) if i not in layers]
+    prune_kl = sum(facts.skip_kl[i] for i in layers) if facts.skip_kl else None
+    quant_kl = _quant_kl(facts, fmt, kept)
+    predicted = None if prune_kl is None or quant_kl is None else prune_kl * HEAL_KEEPS + quant_kl
+    floor = target.max_kl
+    what = (f"{factor:g}x needs {fmt} plus removing {drop} of {facts.layers} layers (lowest block influence: "
+            f"{', '.join(map(str, sorted(layers)))})")  # fmt: skip
+    if predicted is not None and floor is not None and predicted > floor:
+        choices.append(
+            f"{what}: not attempted — the analysis predicts KL ≈ {predicted:.3f} even after healing "
+            f"(removal {prune_kl:.3f} × {HEAL_KEEPS} + {fmt} {quant_kl:.3f}) > floor {floor:g}; "
+            f"keeping {fmt} alone ({best:.2f}x)"
+        )
+        return None
+    steps = [Step("prune.depth", {"count": drop, "method": "block_influence", "max_blocks": data.calibration_blocks})]
+    quant = _quant_steps(fmt, data.calibration_blocks, with_awq)
+    spent = attempt_seconds(steps + quant, facts, data)
+    heal_tokens = _heal_tokens(facts, data, budget_s, spent)
+    kd = _kd_step(heal_tokens) if heal_tokens else None
+    if kd is not None:
+        steps.append(kd)
+    choices.append(f"{what}: predicted KL {_fmt_kl(predicted)}; heal: "
+                   + (f"distillation on {heal_tokens} tokens" if kd is not None else "none (no budget / pass)"))  # fmt: skip
+    steps += quant
+    kept_share = 1 - sum(facts.layer_params[i] for i in layers) / layer_total
+    return Attempt(f"prune {drop} layers + {fmt}", steps, facts.size_factor(fmt, kept_share), 1 - sum(
+        facts.layer_params[i] for i in layers) / facts.params, predicted, attempt_seconds(steps, facts, data), True)
+
+
+def _heal_tokens(facts: ModelFacts, data: DataSpec, budget_s: float | None, spent: float) -> int:
+    """Distillation tokens that fit the budget left after the other steps (a fixed 64k without a budget)."""
+    if budget_s is None:
+        return 65536
+    left = 0.8 * budget_s - spent - eval_seconds(facts, data)
+    tokens = int(left * facts.forward_tps / TRAIN_COST)
+    return tokens if tokens >= HEAL_MIN_TOKENS else 0
+
+
+def plan_params(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float | None, choices: list[str]) -> list[Attempt]:
+    """Width pruning to the parameter fraction, healed by distillation; back-off: half the cut."""
+    attempts = []
+    for label, keep in (("params", target.params), ("back-off: half the cut", (1 + target.params) / 2)):
+        steps = [Step("prune.width", {"target_params": round(keep, 4), "max_blocks": data.calibration_blocks})]
+        spent = attempt_seconds(steps, facts, data)
+        share = (budget_s / 2) if (budget_s and label != "params") else budget_s
+        tokens = _heal_tokens(facts, data, share, spent)
+        kd = _kd_step(tokens) if tokens else None
+        steps += [kd] if kd is not None else []
+        attempts.append(Attempt(f"{label} {keep:.2f}", steps, 1 / keep, keep, None,
+                                attempt_seconds(steps, facts, data), label == "params"))  # fmt: skip
+    first = attempts[0]
+    choices.append(
+        f"params={target.params:g}: Minitron width pruning (MLP channels, then hidden) to {target.params:.0%} of the "
+        f"parameters, then " + ("distillation from the original" if len(first.steps) > 1 else "no healing (no budget)")
+    )
+    return attempts
+
+
+def make_plan(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float | None) -> Plan:
+    """The plan for `target`; raises ConfigError when the budget cannot hold even its first step."""
+    choices: list[str] = []
+    data = _data_for_budget(facts, data, budget_s, choices)
+    if target.goal == "speed":
+        choices.append(f"speed={target.speed:g}x: generation on a CPU is memory-bound, so planned as {target.speed:g}x fewer bytes")
+    if target.goal == "params":
+        attempts = plan_params(target, facts, data, budget_s, choices)
+    else:
+        attempts = plan_size(target, facts, data, budget_s, choices)
+    cheapest = min(attempts, key=lambda a: a.seconds)
+    if budget_s is not None and _first_step_seconds(cheapest, facts, data) > budget_s:
+        raise ConfigError(
+            f"--budget {budget_s / 60:.1f} min is too small to run even the first step "
+            f"(≈{_first_step_seconds(cheapest, facts, data) / 60:.1f} min on this machine); give a larger budget"
+        )
+    fmt = _export_type(attempts[0], facts)
+    plan = Plan(target, facts, data, budget_s, attempts, choices, fmt)
+    if not attempts[0].meets_target:
+        choices.append(f"the target is not reachable within the floor by this plan: best {attempts[0].size_factor:.2f}x")
+    return plan
+
+
+def _first_step_seconds(attempt: Attempt, facts: ModelFacts, data: DataSpec) -> float:
+    return attempt_seconds(attempt.steps[:1], facts, data)
+
+
+def _export_type(attempt: Attempt, facts: ModelFacts) -> str | None:
+    if not facts.gguf:
+        return None
+    for step in attempt.steps:
+        if step.config.get("format") in ("q4_0", "q8_0"):
+            return step.config["format"]
+    return "f16"

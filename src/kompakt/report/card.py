@@ -1,0 +1,36 @@
+"""The model card (README.md with YAML front matter) written into an exported model directory."""
+
+from __future__ import annotations
+
+import yaml
+
+from kompakt.report.document import comparison_rows, final_attempt
+
+
+def _relation(report: dict) -> str:
+    """Hugging Face's base_model_relation: "quantized" when only quantization ran, else "finetune"
+    (pruned and distilled weights are derived weights, which the Hub calls a fine-tune)."""
+    names = [name for step in final_attempt(report)["steps"] for name in step]
+    return "quantized" if names and all(name.startswith("quant.") for name in names) else "finetune"
+
+
+def model_card(report: dict, base_model: str) -> str:
+    plan = report["plan"]
+    front = {
+        "base_model": base_model,
+        "base_model_relation": _relation(report),
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["kompakt", "compressed", "small-language-model"] + sorted(
+            {name.split(".")[0] for step in final_attempt(report)["steps"] for name in step}),
+    }  # fmt: skip
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# {base_model}, made small with kompakt", "", report["outcome"], ""]  # fmt: skip
+    comparison = report.get("comparison")
+    if comparison:
+        lines += ["## Original vs this model", "", "| | original | this model | change |", "|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(comparison)] + [""]
+        lines += [f"- {note}" for note in comparison.get("notes", [])] + [""]
+    lines += ["## Recipe", "", "```yaml", report["recipe_yaml"].rstrip(), "```", "",
+              "Made with `kompakt compress --target " + plan["target"]["text"] + "`."]  # fmt: skip
+    return "\n".join(lines) + "\n"

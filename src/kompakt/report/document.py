@@ -1,0 +1,154 @@
+"""The report of a `kompakt compress --target` run as one JSON-able dict (report.json), gathered
+from the files of the run directory, so `kompakt report RUN` can rebuild it at any time.
+
+Sources: auto.json (model, target), plan.json (choices, attempts, facts), comparison.json (the
+measured side-by-side table and sample generations, written by the run), attempts/*/lineage.jsonl
+(the trajectory of every step), analysis/analysis.json, recipe.yaml, exports.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kompakt.errors import OutputPathError
+
+# (key in comparison values, label, how to format, which direction is better)
+ROWS = (
+    ("parameters", "parameters", "count", "lower"),
+    ("size_bytes", "size on disk", "bytes", "lower"),
+    ("peak_memory_bytes", "peak memory while generating", "bytes", "lower"),
+    ("hardware", "hardware needed (smallest RAM that holds it)", "text", ""),
+    ("prefill_tps", "prompt speed (tokens/s)", "rate", "higher"),
+    ("generate_tps", "generation speed (tokens/s)", "rate", "higher"),
+    ("ppl", "perplexity (held-out text)", "float", "lower"),
+    ("kl_mean", "KL to the original (mean)", "float", "lower"),
+    ("top1", "top-1 agreement with the original", "pct", "higher"),
+    ("energy_j_per_1k", "energy per 1k generated tokens (estimate)", "joules", "lower"),
+)
+
+
+def _read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def _lineage(run_dir: Path) -> list[dict]:
+    path = run_dir / "lineage.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def format_value(value: Any, kind: str) -> str:
+    if value is None or value == "":
+        return "—"
+    if kind == "count":
+        return f"{value / 1e6:.1f} M"
+    if kind == "bytes":
+        return f"{value / 1e6:.1f} MB"
+    if kind == "rate":
+        return f"{value:.1f}"
+    if kind == "pct":
+        return f"{value:.1%}"
+    if kind == "joules":
+        return f"{value:.0f} J ({value / 3600:.3f} Wh)"
+    if kind == "float":
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _change(original: Any, result: Any, kind: str) -> str:
+    if not isinstance(original, (int, float)) or not isinstance(result, (int, float)) or kind in ("text", "pct"):
+        return ""
+    if kind == "float" and original == 0:
+        return ""
+    if original == 0 or result == 0:
+        return ""
+    ratio = original / result if kind in ("count", "bytes", "joules") else result / original
+    return f"{ratio:.2f}x {'smaller' if kind in ('count', 'bytes') else 'less' if kind == 'joules' else ''}".strip()
+
+
+def comparison_rows(comparison: dict) -> list[list[str]]:
+    """[label, original, result, change] rows of the LLM-vs-SLM table."""
+    values = dict(comparison.get("values", {}))
+    values["hardware"] = tuple(comparison.get("hardware", ("", "")))
+    rows = []
+    for key, label, kind, _ in ROWS:
+        original, result = values.get(key, (None, None))
+        rows.append([label, format_value(original, kind), format_value(result, kind), _change(original, result, kind)])
+    return rows
+
+
+def trajectory(out: Path, plan: dict) -> list[dict]:
+    """Every finished step of every attempt (with the original as step 0), for table and plot."""
+    rows = []
+    for attempt in sorted((out / "attempts").glob("*"), key=lambda p: int(p.name) if p.name.isdigit() else 0):
+        for record in _lineage(attempt):
+            m = record.get("metrics", {})
+            rows.append({
+                "attempt": int(attempt.name), "step": record["index"], "pass": record["pass"],
+                "parameters": record.get("parameters"), "bytes": record.get("bytes"),
+                "ppl": m.get("ppl"), "ppl_ratio": m.get("ppl_ratio"), "kl": m.get("kl_mean"), "top1": m.get("top1"),
+                "wall_s": record.get("wall_s"), "summary": record.get("summary", ""),
+            })  # fmt: skip
+    return rows
+
+
+def final_attempt(report: dict) -> dict:
+    """The plan's attempt that produced the result (the first one when none finished)."""
+    attempts = report["plan"]["attempts"]
+    final = next((o for o in report["outcomes"] if o.get("status") != "floor crossed"), None)
+    return attempts[final["attempt"] - 1] if final is not None else attempts[0]
+
+
+def outcome_text(report: dict) -> str:
+    """One paragraph: was the target met within the floor, and if not, why."""
+    plan, comparison = report["plan"], report.get("comparison") or {}
+    target = plan["target"]
+    values = comparison.get("values", {})
+    size = values.get("size_bytes", (None, None))
+    factor = size[0] / size[1] if size[0] and size[1] else None
+    final = next((o for o in report["outcomes"] if o.get("status") != "floor crossed"), None)
+    head = f"Target `{target['text']}`: "
+    if final is None:
+        return head + "no attempt finished."
+    reached = f"the result is {factor:.2f}x smaller than the original's fp16 size" if factor else "result measured"
+    kl = values.get("kl_mean", (None, None))[1]
+    parts = [head + reached + (f", KL {kl:.3f}" if kl is not None else "") + "."]
+    if final.get("status", "").startswith("kept although"):
+        parts.append("No attempt stayed within the quality floor; the last one is kept so it can be inspected.")
+    wanted = target.get("size")
+    if wanted and factor and factor < wanted:
+        parts.append(f"The size target ({wanted:g}x) was not met within the floor. Why: " + "; ".join(
+            c for c in plan["choices"] if "not attempted" in c or "not reachable" in c or "factors" in c) + ".")  # fmt: skip
+    for outcome in report["outcomes"]:
+        if outcome.get("status") == "floor crossed":
+            parts.append(f"Attempt {outcome['attempt']} ({outcome['label']}) was abandoned: {outcome['reason']}.")
+    return " ".join(parts)
+
+
+def gather(out: str | Path) -> dict[str, Any]:
+    """report.json's content from the run directory `out`."""
+    out = Path(out).expanduser().absolute()
+    plan = _read_json(out / "plan.json")
+    if plan is None:
+        raise OutputPathError(f"{out} is not a kompakt compress --target run (no plan.json); give such a run directory")
+    state = _read_json(out / "outcome.json", {})
+    report = {
+        "run_dir": str(out),
+        "auto": _read_json(out / "auto.json", {}),
+        "plan": plan,
+        "outcomes": state.get("outcomes", []),
+        "wall_s": state.get("wall_s"),
+        "comparison": _read_json(out / "comparison.json"),
+        "exports": _read_json(out / "exports.json", {}),
+        "trajectory": trajectory(out, plan),
+        "recipe_yaml": (out / "recipe.yaml").read_text() if (out / "recipe.yaml").is_file() else "",
+        "analysis_dir": str(out / "analysis"),
+    }
+    report["outcome"] = outcome_text(report)
+    return report

@@ -1,0 +1,104 @@
+"""Measure one model as a user would run it, in a fresh process: load time, prompt and
+generation tokens/s, and the process's peak memory while generating.
+
+A fresh process is the point: the peak resident memory of a process that holds only this
+model is what a laptop needs, which a measurement inside kompakt (with the original, the
+candidate and the evaluator loaded) cannot tell.
+
+    python -m kompakt.report.probe MODEL --backend llamacpp|transformers [--threads N]
+
+prints one JSON object. `probe(...)` runs it and returns that object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT_TOKENS = 128
+GEN_TOKENS = 64
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux (bytes on macOS)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _llamacpp(path: str, threads: int) -> dict:
+    from llama_cpp import Llama
+
+    started = time.perf_counter()
+    llm = Llama(model_path=path, n_ctx=PROMPT_TOKENS + GEN_TOKENS + 8, n_threads=threads,
+                n_threads_batch=threads, verbose=False, seed=0)  # fmt: skip
+    load_s = time.perf_counter() - started
+    vocab = llm.n_vocab()
+    prompt = [(i * 7919) % (vocab - 200) + 100 for i in range(PROMPT_TOKENS)]
+    llm.reset()
+    started = time.perf_counter()
+    llm.eval(prompt)
+    prefill = PROMPT_TOKENS / (time.perf_counter() - started)
+    llm.reset()
+    tokens = llm.generate(prompt[:16], temp=0.0)
+    next(tokens)  # the 16-token prompt and the first token: not part of the generation rate
+    made, started = 0, time.perf_counter()
+    for _ in tokens:
+        made += 1
+        if made >= GEN_TOKENS:
+            break
+    generate = made / (time.perf_counter() - started)
+    return {"backend": "llama.cpp (llama-cpp-python)", "load_s": load_s, "prefill_tps": prefill, "generate_tps": generate}
+
+
+def _transformers(path: str, threads: int) -> dict:
+    import torch
+
+    from kompakt.evaluate import measure_speed
+    from kompakt.model.load import load
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    loaded = load(path)
+    load_s = time.perf_counter() - started
+    speed = measure_speed(loaded, prompt_batch=1, prompt_len=PROMPT_TOKENS, gen_tokens=GEN_TOKENS, repeats=1)
+    return {"backend": speed.backend + f" {speed.dtype}", "load_s": load_s,
+            "prefill_tps": speed.prefill_tokens_per_s, "generate_tps": speed.generate_tokens_per_s}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--backend", choices=("llamacpp", "transformers"), default="transformers")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    measure = _llamacpp if args.backend == "llamacpp" else _transformers
+    result = measure(args.model, args.threads)
+    result.update(threads=args.threads, peak_rss_bytes=_peak_rss_bytes(), model=args.model,
+                  prompt_tokens=PROMPT_TOKENS, gen_tokens=GEN_TOKENS)  # fmt: skip
+    print(json.dumps(result))
+
+
+def probe(model: str | Path, backend: str, threads: int | None = None, timeout: float = 600) -> dict:
+    """Run the probe in a fresh Python process; returns its JSON (or {"error": ...})."""
+    command = [sys.executable, "-m", "kompakt.report.probe", str(model), "--backend", backend]
+    if threads:
+        command += ["--threads", str(threads)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"probe timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"probe failed: {tail}"}
+    return json.loads(lines[-1])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The planner on stated model facts: gentle formats first, pruning only when the analysis says
+the floor can hold, back-offs, budgets. (The facts are what model_facts measures; here they are
+written out so each rule is tested on its own.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from kompakt.errors import ConfigError
+from kompakt.recipe.facts import ModelFacts
+from kompakt.recipe.planner import make_plan
+from kompakt.recipe.schema import DataSpec
+from kompakt.recipe.target import parse_target
+
+LAYERS = 30
+
+
+def facts(skip_kl: float = 0.05, quant_kl: float = 0.02, forward_tps: float = 400.0) -> ModelFacts:
+    """SmolLM2-135M-like sizes: 30 layers of 3.54 M, 28.3 M tied embedding."""
+    layer = 3_540_000
+    params = LAYERS * layer + 28_311_552
+    return ModelFacts(
+        name="m", fingerprint="f", params=params, fp16_bytes=2 * params, layers=LAYERS,
+        layer_params=[layer] * LAYERS, embedding_params=28_311_552, gguf=True,
+        format_bytes={"f16": 2 * params, "q8_0": int(params * 8.5 / 8), "q4_0": 90_000_000,
+                      "int8": params, "int4": 100_000_000},
+        forward_tps=forward_tps, skip_kl=[skip_kl + 0.001 * i for i in range(LAYERS)],
+        quant_kl=[quant_kl] * LAYERS, block_influence=[0.1 + 0.01 * ((i * 7) % LAYERS) for i in range(LAYERS)],
+    )  # fmt: skip
+
+
+def names(attempt) -> list[str]:
+    return [step.name for step in attempt.steps]
+
+
+def test_gentlest_format_that_reaches_the_factor_comes_first():
+    plan = make_plan(parse_target("size=1.8x"), facts(), DataSpec(), None)
+    assert names(plan.attempts[0]) == ["quant.rtn"] and plan.attempts[0].steps[0].config == {"format": "q8_0"}
+    assert plan.export_type == "q8_0"
+
+
+def test_four_bit_is_awq_plus_gptq_on_the_export_grid_with_q8_backoff():
+    plan = make_plan(parse_target("size=2.5x"), facts(), DataSpec(), None)
+    first, backoff = plan.attempts
+    assert names(first) == ["quant.awq", "quant.gptq"] and first.steps[1].config["format"] == "q4_0"
+    assert backoff.steps[0].config == {"format": "q8_0"} and not backoff.meets_target
+    assert plan.export_type == "q4_0"
+
+
+def test_unreachable_within_floor_keeps_quantization_and_says_why():
+    plan = make_plan(parse_target("size=4x,max-kl=0.15"), facts(skip_kl=0.05), DataSpec(), None)
+    assert [names(a) for a in plan.attempts] == [["quant.awq", "quant.gptq"]]
+    assert not plan.attempts[0].meets_target
+    assert any("not attempted" in c and "predicts KL" in c for c in plan.choices)
+    assert any("not reachable" in c for c in plan.choices)
+
+
+def test_cheap_layers_are_pruned_healed_then_quantized():
+    plan = make_plan(parse_target("size=4x,max-kl=0.5"), facts(skip_kl=0.005, quant_kl=0.001), DataSpec(), None)
+    first = plan.attempts[0]
+    assert names(first)[0] == "prune.depth" and names(first)[-2:] == ["quant.awq", "quant.gptq"]
+    assert first.meets_target and first.size_factor >= 4.0
+    assert names(plan.attempts[-1]) == ["quant.awq", "quant.gptq"]  # the back-off: no pruning
+
+
+def test_half_the_model_is_never_removed_for_size():
+    plan = make_plan(parse_target("size=12x,max-kl=10"), facts(skip_kl=0.0001, quant_kl=0.0001), DataSpec(), None)
+    assert all("prune.depth" not in names(a) for a in plan.attempts)
+    assert any("half the model" in c for c in plan.choices)
+
+
+def test_params_target_is_width_pruning_with_a_gentler_backoff():
+    plan = make_plan(parse_target("params=0.5"), facts(), DataSpec(), 3600)
+    first, backoff = plan.attempts
+    assert first.steps[0].name == "prune.width" and first.steps[0].config["target_params"] == 0.5
+    assert backoff.steps[0].config["target_params"] == 0.75
+
+
+def test_budget_sizes_calibration_and_can_drop_awq():
+    roomy = make_plan(parse_target("size=2.5x"), facts(forward_tps=400), DataSpec(), 3600)
+    tight = make_plan(parse_target("size=2.5x"), facts(forward_tps=400), DataSpec(), 200)
+    assert roomy.data.calibration_blocks > tight.data.calibration_blocks >= 8
+    assert names(tight.attempts[0]) == ["quant.gptq"] and any("AWQ skipped" in c for c in tight.choices)
+
+
+def test_budget_too_small_for_the_first_step():
+    with pytest.raises(ConfigError, match="too small to run even the first step"):
+        make_plan(parse_target("size=2.5x"), facts(forward_tps=5), DataSpec(), 60)
+
+
+def test_plan_round_trips_to_a_valid_recipe():
+    from kompakt.recipe.schema import Recipe
+
+    plan = make_plan(parse_target("size=2.5x"), facts(), DataSpec(), None)
+    recipe = plan.recipe(0, model="smollm2-135m")
+    assert Recipe.from_yaml(recipe.to_yaml()).validate().steps[-1].name == "quant.gptq"

@@ -1,0 +1,150 @@
+"""`kompakt compress --target` end to end on a tiny model: plan, attempts, exports, the measured
+side-by-side report (rendered by headless chromium when it is installed), the model card,
+resume, `kompakt report`, and the bad inputs that must stop before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from kompakt.cli.app import main
+from kompakt.model.tiny import save_tiny
+from kompakt.recipe.auto import compress_auto
+from kompakt.recipe.schema import Recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZES = {"calibration_blocks": 8, "block_len": 64, "eval_tokens": 512, "window": 64, "stride": 64}
+CHECK = """<script>window.addEventListener('load', () => {
+  const images = [...document.images].map(i => i.complete ? i.naturalWidth : -1);
+  document.body.setAttribute('data-check', JSON.stringify({tables: document.querySelectorAll('table').length,
+    rows: document.querySelectorAll('tr').length, images}));
+});</script>"""
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    """Run the kompakt CLI in-process: (exit code, stdout + stderr with line wraps joined)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    captured = capsys.readouterr()
+    return code, " ".join((captured.out + captured.err).split())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("auto") / "tiny-llama"
+    save_tiny("llama", directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    words = "the model runs on a small laptop and the data stays local while people read".split()
+    path.write_text("\n".join(" ".join(words[(i + j) % len(words)] for j in range(14)) + "." for i in range(400)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tiny, text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "auto"
+    result = compress_auto(str(tiny), target="size=2x,max-kl=1.0", data=str(text), out=out, data_sizes=SIZES)
+    return out, result
+
+
+def test_run_meets_a_reachable_target_and_exports(run):
+    out, result = run
+    assert result.final is not None and (out / "final").exists()
+    assert result.outcomes[-1]["status"] == "within floor"
+    gguf = out / "export" / "model.gguf"
+    assert gguf.is_file() and (out / "export" / "model.gguf.sha256").is_file()
+    comparison = json.loads((out / "comparison.json").read_text())
+    original, small = comparison["values"]["size_bytes"]
+    assert original / small >= 2.0  # the target, measured on the written GGUF
+    assert comparison["values"]["generate_tps"][1] > 0  # the GGUF ran in llama.cpp (or transformers)
+    assert len(comparison["samples"]) == 3 and all(s["result"] is not None for s in comparison["samples"])
+
+
+def test_recipe_written_is_the_one_that_ran_and_validates(run):
+    out, _ = run
+    recipe = Recipe.from_file(out / "recipe.yaml").validate()
+    assert [s.name for s in recipe.steps][-1] == "quant.gptq"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["choices"] and plan["attempts"]
+
+
+def test_report_files_and_model_card(run):
+    out, _ = run
+    report = json.loads((out / "report.json").read_text())
+    assert report["trajectory"] and report["comparison"]["values"]["kl_mean"][1] is not None
+    markdown = (out / "report.md").read_text()
+    for label in ("size on disk", "peak memory while generating", "hardware needed", "generation speed",
+                  "energy per 1k generated tokens (estimate)", "Trajectory", "Recipe"):
+        assert label in markdown
+    card = (out / "export" / "hf" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model_relation"] == "quantized" and front["library_name"] == "transformers"
+    assert front["pipeline_tag"] == "text-generation" and "kompakt" in front["tags"]
+    assert "| size on disk |" in card
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (make setup installs it)")
+def test_html_renders_tables_and_images_in_headless_chromium(run, tmp_path):
+    out, _ = run
+    page = tmp_path / "check.html"
+    page.write_text((out / "report.html").read_text().replace("</body>", CHECK + "</body>"))
+    done = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom",
+         page.as_uri()], capture_output=True, text=True, timeout=120)  # fmt: skip
+    marker = done.stdout.split('data-check="', 1)[1].split('"', 1)[0].replace("&quot;", '"')
+    check = json.loads(marker)
+    assert check["tables"] >= 3 and check["rows"] >= 15
+    assert check["images"] and all(width > 0 for width in check["images"])
+
+
+def test_rerun_resumes_and_report_rebuilds(run, tiny, text, capsys):
+    out, first = run
+    again = compress_auto(str(tiny), target="size=2x,max-kl=1.0", data=str(text), out=out, data_sizes=SIZES)
+    lineage = (out / "attempts" / "1" / "lineage.jsonl").read_text().splitlines()
+    assert len(lineage) == len(first.plan.attempts[0].steps)  # nothing ran twice
+    (out / "report.html").unlink()
+    code, output = cli(capsys, "report", str(out))
+    assert code == 0 and (out / "report.html").is_file() and "report.html" in output
+    assert again.final is not None
+
+
+def test_plan_only_writes_the_recipe_and_runs_nothing(tiny, text, tmp_path):
+    result = compress_auto(str(tiny), target="size=2x", data=str(text), out=tmp_path / "p", plan_only=True,
+                           data_sizes=SIZES)  # fmt: skip
+    assert (tmp_path / "p" / "recipe.yaml").is_file() and not (tmp_path / "p" / "attempts").exists()
+    assert result.plan.attempts
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", "size=1000x"], "cannot be met in principle"),
+        (["--target", "smaller please"], "expected key=value"),
+        (["--target", "max-kl=0"], "violated by the original against itself"),
+        (["--budget", "1s"], "too small to run even the first step"),
+    ],
+)
+def test_bad_input_stops_before_work(tiny, text, tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    code, output = cli(capsys, "compress", str(tiny), "--data", str(text), "--out", str(out), *args)
+    assert code == 2 and message in output, output
+    assert not (out / "analysis").exists()
+
+
+def test_run_dir_of_another_model_is_refused(run, text, tmp_path, capsys):
+    out, _ = run
+    other = tmp_path / "other"
+    save_tiny("qwen2", other)
+    code, output = cli(capsys, "compress", str(other), "--target", "size=2x,max-kl=1.0", "--data", str(text), "--out", str(out))
+    assert code == 2 and "another model" in output, output
