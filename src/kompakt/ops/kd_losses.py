@@ -101,8 +101,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     """Mean next-token cross-entropy over positions whose label is not `ignore_index`.
 
     `logits[..., i, :]` predicts `labels[..., i]` (callers shift; see `shift_for_next_token`).
+    No counted position (e.g. a packed chat sequence holding only a prompt) gives 0, not NaN.
     """
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
+    flat = labels.reshape(-1)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=ignore_index,
+                            reduction="sum")  # fmt: skip
+    return total / (flat != ignore_index).sum().clamp_min(1)
 
 
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

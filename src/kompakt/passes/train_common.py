@@ -105,7 +105,7 @@ def check_same_vocab(teacher: LoadedModel, student: LoadedModel, name: str) -> N
         what = f"{sizes[0]} vs {sizes[1]} output tokens" if sizes[0] != sizes[1] else "different token ids"
         raise ConfigError(
             f"{name}: teacher {teacher.name} and student {student.name} have different vocabularies ({what}); "
-            "distil from a teacher that shares the student's tokenizer"
+            "give a teacher with the same tokenizer as the student (teacher: PATH)"
         )
 
 

@@ -179,13 +179,12 @@ def _conversation(messages: list[dict], tokenizer: Any, answer_only: bool, where
 
 def load_training(source: str | Path, tokenizer: Any, *, n_tokens: int | None = None,
                   answer_only: bool = True) -> TrainData:  # fmt: skip
-    """User training data: chat jsonl (answer tokens as targets) or any text source."""
+    """User training data: chat jsonl (answer tokens as targets, all of it) or any text source
+    (its first `n_tokens` tokens; all when None)."""
     from kompakt.data import read_texts, tokenize_texts
 
     if is_chat_file(source):
-        data = chat_data(source, tokenizer, answer_only=answer_only)
-        if n_tokens is not None and data.n_tokens > n_tokens:
-            data = TrainData(data.ids[:n_tokens], data.targets[:n_tokens], data.source)
-        return data
+        # Whole conversations (a cut would drop answers); n_tokens only bounds plain text.
+        return chat_data(source, tokenizer, answer_only=answer_only)
     ids = tokenize_texts(read_texts(source, tokenizer=tokenizer), tokenizer, max_tokens=n_tokens)
     return TrainData.plain(ids, str(source))

@@ -326,6 +326,7 @@ def _train(model, batches, objective, config, evaluate, checkpoint_dir, identity
             done_here += 1
             run.state.history.append(row)
             progress.update(run.state.step, row["loss"], run.state.tokens)
+            _log_step(run, row, train_time, done_here, progress.enabled)
             last = run.state.step == run.total
             if config.eval_every > 0 and run.state.step % config.eval_every == 0 and not last:
                 run.run_eval()
@@ -334,6 +335,17 @@ def _train(model, batches, objective, config, evaluate, checkpoint_dir, identity
     if config.eval_every > 0:
         run.run_eval()
     return _result(run, time.perf_counter() - started, train_time, start_step)
+
+
+def _log_step(run: _Run, row: dict[str, Any], train_time: float, done_here: int, bar_shown: bool) -> None:
+    """Without a progress bar (logs, CI, background runs): one line about every 5 % of the run."""
+    every = max(1, run.total // 20)
+    if bar_shown or (run.state.step % every and run.state.step != run.total):
+        return
+    rate = done_here * run.config.tokens_per_step(run.accelerator.num_processes) / max(train_time, 1e-9)
+    eta = (run.total - run.state.step) * train_time / max(done_here, 1)
+    logger.info("%s: step %d/%d, %d tokens, loss %.4f, %.0f tok/s, ETA %.0f s", run.description, run.state.step,
+                run.total, run.state.tokens, row["loss"], rate, eta)  # fmt: skip
 
 
 def _result(run: _Run, wall: float, train_time: float, start_step: int) -> TrainResult:
