@@ -105,7 +105,7 @@ def train_row(label: str, report, wall: float, quality_row: dict) -> dict:
 
 def kd_values(args, alpha: float) -> dict:
     return {"data": str(clean_valid_text()), "tokens": args.tokens, "alpha": alpha, "temperature": 2.0,
-            "lr": args.lr, "batch_size": 4, "seq_len": 256, "checkpoint_every": 0, "threads": args.threads}  # fmt: skip
+            "lr": args.lr, "batch_size": args.batch, "seq_len": 256, "checkpoint_every": 0, "threads": args.threads}  # fmt: skip
 
 
 def calibration(tokenizer, n_blocks: int) -> torch.Tensor:
@@ -228,7 +228,7 @@ PARTS = {"depth": part_depth, "width": part_width, "qat": part_qat, "lora": part
 
 def emit(args, rows: list[dict]) -> None:
     header = {"bench": "heal", "part": args.part, "model": "smollm2-135m (fp32)", "train_tokens": args.tokens,
-              "batch": "4 x 256", "lr": args.lr, "threads": args.threads, "eval": "WikiText-2 test, window 512",
+              "batch": f"{args.batch} x 256", "lr": args.lr, "qat_lr": args.qat_lr, "threads": args.threads, "eval": "WikiText-2 test, window 512",
               "eval_tokens": args.eval_tokens, "machine": f"{platform.machine()} {os.cpu_count()} cpus",
               "torch": torch.__version__}  # fmt: skip
     _atomic_json(RESULTS / f"heal-{args.part}.json", {**header, "rows": rows})
@@ -263,6 +263,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=sorted(PARTS))
     parser.add_argument("--tokens", type=int, default=49152, help="training tokens per run")
+    parser.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--qat-lr", type=float, default=2e-5)
     parser.add_argument("--lora-tokens", type=int, default=16384)

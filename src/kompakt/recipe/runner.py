@@ -127,8 +127,11 @@ def run_recipe(
     """
     from kompakt.model.load import load
 
+    from kompakt.train.distributed import run_dir_for_process, setup_process_device
+
     recipe = recipe.validate()
-    out = rundir.prepare(Path(out_dir), force=force)
+    setup_process_device()  # under `accelerate launch`: one GPU per process
+    out = rundir.prepare(run_dir_for_process(Path(out_dir)), force=force)
     original = load(recipe.model)
     data = RunData(recipe.data, original, recipe.seed)
     planned = _plan(recipe, original.fingerprint(), data)

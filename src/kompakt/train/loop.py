@@ -204,7 +204,9 @@ class _Run:
         config = self.config
         losses, parts_sum = [], {}
         for micro in range(config.grad_accum):
-            ids, labels = self.batches.batch(self.state.position)
+            # each process its own batches: position p of process r is batch p * n + r
+            acc = self.accelerator
+            ids, labels = self.batches.batch(self.state.position * acc.num_processes + acc.process_index)
             self.state.position += 1
             sync = micro == config.grad_accum - 1
             context = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
