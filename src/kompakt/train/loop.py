@@ -157,6 +157,8 @@ class _Run:
         warmup = warmup_steps_for(config.warmup, self.total)
         scheduler = make_scheduler(optimizer, warmup_steps=warmup, total_steps=self.total, min_ratio=config.min_lr_ratio)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        # FSDP replaces parameters with sharded ones: name what was actually prepared
+        self.named = trained_parameters(self.accelerator.unwrap_model(self.model), objective.extra_modules())
         for module in objective.extra_modules().values():
             module.to(self.accelerator.device)
         self.state = ckpt.TrainState()
@@ -183,9 +185,12 @@ class _Run:
         return state.step
 
     def save(self) -> None:
-        if self.checkpoint_dir is None or not self.accelerator.is_main_process:
+        if self.checkpoint_dir is None:
             return
-        tensors = {name: param for name, param in self.named}
+        # sharded (FSDP) parameters are gathered into full tensors (a collective: every process)
+        tensors = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p) for name, p in self.named}
+        if not self.accelerator.is_main_process:
+            return
         opt = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         ckpt.save(self.checkpoint_dir, self.identity, self.state, tensors, opt)
 
