@@ -247,7 +247,8 @@ def print_tables() -> None:
                "heldout_answer_loss_before", "heldout_answer_loss_after")  # fmt: skip
     for path in sorted(RESULTS.glob("heal-*.json")):
         data = json.loads(path.read_text())
-        print(f"\n## {path.name}: train {data['train_tokens']} tokens ({data['batch']}), lr {data['lr']}, "
+        lr = data.get("qat_lr") if data["part"] == "qat" else data["lr"]
+        print(f"\n## {path.name}: train {data['train_tokens']} tokens ({data['batch']}), lr {lr}, "
               f"{data['threads']} threads, eval {data['eval_tokens']} tokens of {data['eval']}")  # fmt: skip
         used = [c for c in columns if any(r.get(c) is not None for r in data["rows"])]
         print("| " + " | ".join(used) + " |")

@@ -1,5 +1,7 @@
-"""Knowledge distillation: the current model (student) learns to match a teacher's next-token
-distributions, healing what pruning took away.
+"""Knowledge distillation: the student learns the teacher's next-token distributions (healing).
+
+The current model (student) learns to match a teacher's next-token distributions, healing
+what pruning took away.
 
 Loss (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"; as DistilBERT, Sanh
 et al. 2019): α·T²·D(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α)·cross-entropy on the

@@ -1,5 +1,7 @@
-"""LoRA fine-tuning on task data: small low-rank updates of chosen Linears, trained while the
-base weights stay frozen, then merged into the weights for the next step and export.
+"""LoRA fine-tuning on task data (PEFT), merged into the weights; the adapter is kept too.
+
+Small low-rank updates of chosen Linears are trained while the base weights stay frozen, then
+merged into the weights for the next step and export.
 
 LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): W + (α/r)·B·A
 with A [r, in] and B [out, r], B starting at zero so training starts from the model itself.
@@ -27,7 +29,7 @@ When to use it: to specialise a (shrunk) model on a task or a chat style, before
 Sample recipe steps::
 
     - finetune.lora: {data: support_chats.jsonl, r: 16, tokens: 65536}
-    - finetune.lora: {data: notes.txt, target_modules: [q_proj, v_proj], kd_weight: 0.5, lr: 2.0e-4}
+    - finetune.lora: {data: notes.txt, target_modules: q_proj+v_proj, kd_weight: 0.5, lr: 2.0e-4}
 """
 
 from __future__ import annotations

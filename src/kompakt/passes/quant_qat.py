@@ -1,5 +1,7 @@
-"""Quantization-aware training (QAT): train with the weights fake-quantized, so the model learns
-to live on the grid, then freeze it back to the integer format quant.rtn stores and exports.
+"""Quantization-aware training (QAT): train on fake-quantized weights, then freeze them to the grid.
+
+The model learns to live on the grid, then is frozen back to the integer format quant.rtn
+stores and exports.
 
 Forward passes use round-to-nearest of the latent fp32 weights on the grid (scales follow the
 latent weights, as RTN fits them); the straight-through estimator (Bengio et al. 2013) passes
