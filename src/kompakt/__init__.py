@@ -6,6 +6,9 @@ The curated public API (imported lazily so `import kompakt` stays cheap):
     ids = kompakt.load_tokens("notes.txt", loaded)
     result = kompakt.evaluate(loaded, reference=None, ids=ids)
     analysis = kompakt.analyze(loaded, ids, out="report/")
+    run = kompakt.compress_auto("smollm2-135m", target="size=4x", out="runs/auto")
+    run = kompakt.run_recipe(kompakt.Recipe.from_file("recipes/depth-25.yaml"), "runs/depth")
+    kompakt.export(run.final, format="gguf", type="q4_0", out="small.gguf")
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ _API = {
     "analyze": "kompakt.analyze",
     "stream_generate": "kompakt.serve.generate",
     "KompaktError": "kompakt.errors",
+    "compress_auto": "kompakt.recipe.auto",
+    "run_recipe": "kompakt.recipe.runner",
+    "Recipe": "kompakt.recipe.schema",
+    "export": "kompakt.export.api",
+    "build_report": "kompakt.report.build",
 }
 __all__ = sorted(_API)
 

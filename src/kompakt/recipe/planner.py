@@ -29,6 +29,7 @@ from kompakt.errors import ConfigError
 from kompakt.recipe.facts import ModelFacts
 from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
 from kompakt.recipe.target import Target
+from kompakt.train.estimate import flops_per_token
 
 # AWQ + GPTQ on the q4_0 grid kept ~1/3 of RTN's KL on SmolLM2 (bench/quant.py).
 GPTQ_AWQ_KL_FACTOR = 0.34
@@ -36,7 +37,9 @@ GPTQ_AWQ_KL_FACTOR = 0.34
 HEAL_KEEPS = 0.5
 # Seconds of a step ≈ forwards × calibration tokens / forward tokens-per-second (+ eval).
 COST_FORWARDS = {"quant.awq": 11.0, "quant.gptq": 4.0, "quant.rtn": 0.05, "prune.depth": 1.0, "prune.width": 1.0}
-TRAIN_COST = 4.0  # a distillation token costs ~4 forward tokens (student fwd + bwd, teacher fwd)
+# A distillation token costs (6N student fwd+bwd + 2N teacher fwd) / 2N = 4 forward tokens
+# (kompakt.train.estimate; an upper bound for a pruned, smaller student).
+TRAIN_COST = flops_per_token(1, 1) / flops_per_token(0, 1)
 MIN_BLOCKS, MAX_BLOCKS = 8, 64
 HEAL_MIN_TOKENS = 4096
 
@@ -191,7 +194,8 @@ def plan_size(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float
     fmt = formats[-1]
     quant_only = _quant_attempt(f"{fmt} only", fmt, facts, data, with_awq, factor)
     pruned = _prune_attempt(target, factor, fmt, facts, data, budget_s, with_awq, choices)
-    return ([pruned] if pruned is not None else []) + [quant_only]
+    gentler = [_quant_attempt(f"back-off: {g}", g, facts, data, with_awq, factor) for g in formats[:-1]]
+    return ([pruned] if pruned is not None else []) + [quant_only] + gentler
 
 
 def _afford_awq(facts: ModelFacts, data: DataSpec, budget_s: float | None, choices: list[str]) -> bool:
@@ -209,9 +213,7 @@ def _prune_attempt(target: Target, factor: float, fmt: str, facts: ModelFacts, d
     """Remove the cheapest layers so that `fmt` reaches the factor; None when the analysis
     predicts the floor cannot hold (the reason goes into `choices`)."""
     layer_total = sum(facts.layer_params)
-    total = facts.format_bytes[fmt]
-    layer_bytes = total * layer_total / facts.params
-    kept_fraction = 1 - (total - facts.fp16_bytes / factor) / layer_bytes
+    kept_fraction = 1 - (facts.format_bytes[fmt] - facts.fp16_bytes / factor) / facts.layer_bytes(fmt)
     drop = math.ceil((1 - kept_fraction) * facts.layers - 1e-9)
     best = facts.size_factor(fmt)
     if drop >= facts.layers // 2:
@@ -279,9 +281,13 @@ def plan_params(target: Target, facts: ModelFacts, data: DataSpec, budget_s: flo
     return attempts
 
 
-def make_plan(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float | None) -> Plan:
-    """The plan for `target`; raises ConfigError when the budget cannot hold even its first step."""
+def make_plan(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float | None, *, enforce: bool = True) -> Plan:
+    """The plan for `target`. With `enforce`, raises ConfigError when the budget cannot hold even
+    its first step; without (work already done), plans the smallest steps and says so."""
     choices: list[str] = []
+    if budget_s is not None and not enforce and budget_s < 60:
+        choices.append(f"the budget is nearly spent ({max(budget_s, 0):.0f} s left after the analysis): smallest steps")
+        budget_s = 60.0
     data = _data_for_budget(facts, data, budget_s, choices)
     if target.goal == "speed":
         choices.append(f"speed={target.speed:g}x: generation on a CPU is memory-bound, so planned as {target.speed:g}x fewer bytes")
@@ -290,7 +296,7 @@ def make_plan(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float
     else:
         attempts = plan_size(target, facts, data, budget_s, choices)
     cheapest = min(attempts, key=lambda a: a.seconds)
-    if budget_s is not None and _first_step_seconds(cheapest, facts, data) > budget_s:
+    if enforce and budget_s is not None and _first_step_seconds(cheapest, facts, data) > budget_s:
         raise ConfigError(
             f"--budget {budget_s / 60:.1f} min is too small to run even the first step "
             f"(≈{_first_step_seconds(cheapest, facts, data) / 60:.1f} min on this machine); give a larger budget"
