@@ -122,7 +122,8 @@ def part_depth(args, teacher, ids) -> list[dict]:
     rows = [{"name": "depth 25% (pruned)", "parameters": pruned.num_parameters(), "wall_s": round(wall, 1),
              "summary": report.summary, **quality(teacher, pruned, ids, args.eval_tokens)}]  # fmt: skip
     emit(args, rows)
-    for label, alpha in (("depth 25% -> KD a=0.5 T=2", 0.5), ("depth 25% -> CE (a=0)", 0.0)):
+    runs = (("depth 25% -> KD a=0.5 T=2", 0.5), ("depth 25% -> CE (a=0)", 0.0))
+    for label, alpha in [r for r in runs if r[1] in args.alphas]:
         student = copy_model(pruned)
         report, wall = apply("distill.kd", context(student, teacher), kd_values(args, alpha))
         rows.append(train_row(label, report, wall, quality(teacher, student, ids, args.eval_tokens)))
@@ -231,7 +232,11 @@ def emit(args, rows: list[dict]) -> None:
               "batch": f"{args.batch} x 256", "lr": args.lr, "qat_lr": args.qat_lr, "threads": args.threads, "eval": "WikiText-2 test, window 512",
               "eval_tokens": args.eval_tokens, "machine": f"{platform.machine()} {os.cpu_count()} cpus",
               "torch": torch.__version__}  # fmt: skip
-    _atomic_json(RESULTS / f"heal-{args.part}.json", {**header, "rows": rows})
+    path = RESULTS / f"heal-{args.part}{args.suffix}.json"
+    if args.merge and path.exists():  # keep rows of an earlier (e.g. killed) run, replace by name
+        names = {r["name"] for r in rows}
+        rows = [r for r in json.loads(path.read_text())["rows"] if r["name"] not in names] + rows
+    _atomic_json(path, {**header, "rows": rows})
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -272,6 +277,9 @@ def main() -> None:
     parser.add_argument("--curve-tokens", type=int, default=8192)
     parser.add_argument("--curve-every", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--suffix", default="", help="results file heal-<part><suffix>.json (keep several budgets)")
+    parser.add_argument("--merge", action="store_true", help="keep the other rows of an existing results file")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.0], help="depth part: which runs (0.5 KD, 0 CE)")
     parser.add_argument("--report", action="store_true", help="print the tables of every part run so far")
     args = parser.parse_args()
     if args.report or not args.part:
