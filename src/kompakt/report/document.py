@@ -69,6 +69,8 @@ def _change(original: Any, result: Any, kind: str) -> str:
     if original == 0 or result == 0:
         return ""
     ratio = original / result if kind in ("count", "bytes", "joules") else result / original
+    if abs(ratio - 1) < 0.005:
+        return "same"
     return f"{ratio:.2f}x {'smaller' if kind in ('count', 'bytes') else 'less' if kind == 'joules' else ''}".strip()
 
 

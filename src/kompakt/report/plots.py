@@ -33,7 +33,7 @@ def trajectory_plot(rows: list[dict], original_bytes: float | None) -> bytes | N
     axis.plot([p[0] for p in front], [p[1] for p in front], color="black", lw=1, ls="--", label="Pareto frontier")
     if original_bytes:
         axis.axvline(original_bytes / 1e6, color="#888", lw=0.8, ls=":")
-        axis.annotate("original (stored)", (original_bytes / 1e6, 0), fontsize=7, rotation=90, va="bottom")
+        axis.annotate("original in fp16", (original_bytes / 1e6, 0), fontsize=7, rotation=90, va="bottom")
     axis.set_xlabel("size on disk of the step's model directory (MB)")
     axis.set_ylabel("KL to the original (mean, nats)")
     axis.set_yscale("symlog", linthresh=1e-3)

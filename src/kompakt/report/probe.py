@@ -26,8 +26,15 @@ GEN_TOKENS = 64
 
 
 def _peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux (bytes on macOS)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec;
+    ru_maxrss would carry over the parent's peak through fork + exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
