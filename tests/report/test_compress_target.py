@@ -148,3 +148,19 @@ def test_run_dir_of_another_model_is_refused(run, text, tmp_path, capsys):
     save_tiny("qwen2", other)
     code, output = cli(capsys, "compress", str(other), "--target", "size=2x,max-kl=1.0", "--data", str(text), "--out", str(out))
     assert code == 2 and "another model" in output, output
+
+
+def test_when_every_attempt_crosses_the_floor_the_closest_is_kept(tmp_path):
+    from kompakt.recipe.auto import AutoResult, _keep_closest
+
+    outcomes = []
+    for attempt, kl in ((1, 2.5), (2, 3.2)):
+        run_dir = tmp_path / str(attempt)
+        run_dir.mkdir()
+        record = {"index": 1, "dir": f"steps/01-x{attempt}", "metrics": {"kl_mean": kl, "ppl_ratio": 9.0}}
+        (run_dir / "lineage.jsonl").write_text(json.dumps(record) + "\n")
+        outcomes.append({"attempt": attempt, "label": str(attempt), "run_dir": str(run_dir), "status": "floor crossed"})
+    result = AutoResult(tmp_path, plan=None, outcomes=outcomes)
+    _keep_closest(result)
+    assert result.attempt == 0 and result.final.name == "01-x1"
+    assert outcomes[0]["status"].startswith("kept although") and outcomes[1]["status"] == "floor crossed"

@@ -149,13 +149,16 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / AUTO_FILE, json.dumps(
         {"model": model or original.name, "fingerprint": facts.fingerprint, "target": target.text}) + "\n")  # fmt: skip
+    saved = out_dir / "plan.json"
+    if saved.is_file():  # a rerun follows the saved plan, so its finished steps are reused
+        return original, Plan.from_dict(json.loads(saved.read_text())), out_dir, started
     _emit(on_event, "analysis", {"seconds": need})
     run_data = RunData(spec, original, seed)
     analysis = _analysis(original, run_data, out_dir, seed, settings)
     add_analysis(facts, analysis)
     left = None if budget_s is None else budget_s - (time.perf_counter() - started)
     plan = make_plan(target, facts, spec, left, enforce=False)
-    atomic_write_text(out_dir / "plan.json", json.dumps(plan.to_dict(), indent=1, default=str) + "\n")
+    atomic_write_text(saved, json.dumps(plan.to_dict(), indent=1, default=str) + "\n")
     atomic_write_text(out_dir / "recipe.yaml", plan.recipe(0, model=model, seed=seed).to_yaml())
     return original, plan, out_dir, started
 
@@ -215,24 +218,32 @@ def run_attempts(original, plan: Plan, out_dir: Path, model: str | None, seed: i
             _emit(on_event, "back-off", outcome)
     if result.final is None:
         _keep_closest(result)
+        if result.attempt is not None:
+            atomic_write_text(out_dir / "recipe.yaml", plan.recipe(result.attempt, model=model, seed=seed).to_yaml())
     if result.final is not None:
         atomic_symlink(out_dir / "final", str(result.final.resolve().relative_to(out_dir)))
     return result
 
 
 def _keep_closest(result: AutoResult) -> None:
-    """No attempt stayed within the floor: keep the last one's last step, and say so."""
-    for outcome in reversed(result.outcomes):
+    """No attempt stayed within the floor: keep the finished step closest to it (lowest KL,
+    else lowest perplexity ratio) among every attempt's last step, and say so."""
+    best = None
+    for outcome in result.outcomes:
         run_dir = Path(outcome["run_dir"])
         lineage = run_dir / "lineage.jsonl"
-        if lineage.is_file():
-            records = [json.loads(line) for line in lineage.read_text().splitlines() if line.strip()]
-            if records:
-                result.final = run_dir / records[-1]["dir"]
-                result.attempt = outcome["attempt"] - 1
-                outcome["status"] = "kept although the floor is crossed (no attempt stayed within it)"
-                outcome["metrics"] = records[-1]["metrics"]
-                return
+        records = [json.loads(line) for line in lineage.read_text().splitlines() if line.strip()] if lineage.is_file() else []
+        if not records:
+            continue
+        metrics = records[-1].get("metrics", {})
+        score = (metrics.get("kl_mean", float("inf")), metrics.get("ppl_ratio", float("inf")))
+        if best is None or score < best[0]:
+            best = (score, outcome, run_dir / records[-1]["dir"], metrics)
+    if best is not None:
+        _, outcome, final, metrics = best
+        result.final, result.attempt = final, outcome["attempt"] - 1
+        outcome["status"] = "kept although the floor is crossed (closest to it of all attempts)"
+        outcome["metrics"] = metrics
 
 
 def _base_model_id(model: str | None, original) -> str:

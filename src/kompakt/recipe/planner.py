@@ -80,6 +80,17 @@ class Plan:
                       steps=list(self.attempts[index].steps),
                       exports=[{"format": "gguf", "type": self.export_type}] if self.export_type else [])  # fmt: skip
 
+    @classmethod
+    def from_dict(cls, values: dict) -> Plan:
+        """The plan saved in a run's plan.json (a rerun follows it instead of planning again)."""
+        attempts = [
+            Attempt(a["label"], [Step.from_dict(step) for step in a["steps"]], a["size_factor"], a["params_kept"],
+                    a["predicted_kl"], a["seconds"], a["meets_target"])
+            for a in values["attempts"]
+        ]  # fmt: skip
+        return cls(Target(**values["target"]), ModelFacts(**values["facts"]), DataSpec(**values["data"]),
+                   values["budget_s"], attempts, list(values["choices"]), values["export_type"])  # fmt: skip
+
     def to_dict(self) -> dict:
         return {
             "target": self.target.to_dict(), "budget_s": self.budget_s, "data": vars(self.data).copy(),
