@@ -228,9 +228,11 @@ PARTS = {"depth": part_depth, "width": part_width, "qat": part_qat, "lora": part
 
 
 def emit(args, rows: list[dict]) -> None:
-    header = {"bench": "heal", "part": args.part, "model": "smollm2-135m (fp32)", "train_tokens": args.tokens,
-              "batch": f"{args.batch} x 256", "lr": args.lr, "qat_lr": args.qat_lr, "threads": args.threads, "eval": "WikiText-2 test, window 512",
-              "eval_tokens": args.eval_tokens, "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+    lora = args.part == "lora"
+    header = {"bench": "heal", "part": args.part, "model": "smollm2-135m (fp32)",
+              "train_tokens": args.lora_tokens if lora else args.tokens,
+              "batch": "4 x 256" if lora else f"{args.batch} x 256", "lr": 5e-4 if lora else args.lr, "qat_lr": args.qat_lr, "threads": args.threads, "eval": "WikiText-2 test, window 512",
+              "eval_tokens": None if lora else args.eval_tokens, "machine": f"{platform.machine()} {os.cpu_count()} cpus",
               "torch": torch.__version__}  # fmt: skip
     path = RESULTS / f"heal-{args.part}{args.suffix}.json"
     if args.merge and path.exists():  # keep rows of an earlier (e.g. killed) run, replace by name
@@ -249,7 +251,7 @@ def fmt(value, digits: int = 4) -> str:
 
 def print_tables() -> None:
     columns = ("name", "tokens_seen", "wall_s", "train_tokens_per_s", "ppl", "ppl_reference", "kl", "top1", "eval_tokens",
-               "heldout_answer_loss_before", "heldout_answer_loss_after")  # fmt: skip
+               "heldout_answer_loss_before", "heldout_answer_loss_after", "merged_vs_adapter_max_abs_logit_diff")  # fmt: skip
     for path in sorted(RESULTS.glob("heal-*.json")):
         data = json.loads(path.read_text())
         lr = data.get("qat_lr") if data["part"] == "qat" else data["lr"]
