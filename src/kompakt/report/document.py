@@ -68,10 +68,14 @@ def _change(original: Any, result: Any, kind: str) -> str:
         return ""
     if original == 0 or result == 0:
         return ""
-    ratio = original / result if kind in ("count", "bytes", "joules") else result / original
-    if abs(ratio - 1) < 0.005:
-        return "same"
-    return f"{ratio:.2f}x {'smaller' if kind in ('count', 'bytes') else 'less' if kind == 'joules' else ''}".strip()
+    if kind in ("count", "bytes", "joules"):  # less is better: say how many times less or more
+        ratio = original / result
+        if abs(ratio - 1) < 0.005:
+            return "same"
+        less, more = ("smaller", "larger") if kind != "joules" else ("less", "more")
+        return f"{ratio:.2f}x {less}" if ratio > 1 else f"{1 / ratio:.2f}x {more}"
+    ratio = result / original
+    return "same" if abs(ratio - 1) < 0.005 else f"{ratio:.2f}x"
 
 
 def comparison_rows(comparison: dict) -> list[list[str]]:
