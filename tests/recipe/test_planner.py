@@ -99,3 +99,9 @@ def test_plan_round_trips_to_a_valid_recipe():
 def test_budget_spent_after_the_analysis_plans_the_smallest_steps_instead_of_failing():
     plan = make_plan(parse_target("size=2.5x"), facts(forward_tps=5), DataSpec(), -30, enforce=False)
     assert plan.data.calibration_blocks == 8 and any("nearly spent" in c for c in plan.choices)
+
+
+def test_each_attempt_exports_on_its_own_grid():
+    plan = make_plan(parse_target("size=2.5x"), facts(), DataSpec(), None)
+    assert plan.export_type_for(0) == "q4_0" and plan.export_type_for(1) == "q8_0"
+    assert plan.recipe(1).exports == [{"format": "gguf", "type": "q8_0"}]

@@ -277,7 +277,7 @@ def compress_auto(model: str | None = None, *, target: str | None = None, budget
     result = run_attempts(original, plan, out_dir, model, seed, on_step=on_step, on_event=on_event)
     if result.final is not None:
         _emit(on_event, "deliver", {})
-        result.exports = deliver.export_result(result.final, plan.export_type, out_dir)
+        result.exports = deliver.export_result(result.final, plan.export_type_for(result.attempt), out_dir)
         metrics = next(o["metrics"] for o in result.outcomes if o["attempt"] == result.attempt + 1)
         atomic_write_text(out_dir / "exports.json", json.dumps(result.exports, indent=1) + "\n")
         deliver.measure(original, result.exports, metrics, out_dir, seed)

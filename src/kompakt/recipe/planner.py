@@ -74,11 +74,15 @@ class Plan:
     choices: list[str] = field(default_factory=list)
     export_type: str | None = None  # GGUF type of the result (None: no GGUF for this family)
 
+    def export_type_for(self, index: int) -> str | None:
+        """The GGUF type of attempt `index`'s result (its own grid, so export writes it exactly)."""
+        return None if self.export_type is None else _export_type(self.attempts[index], self.facts)
+
     def recipe(self, index: int = 0, model: str | None = None, seed: int = 0) -> Recipe:
         gates = Gates()  # the floor is judged by the planner on the finished attempt, not per step
         return Recipe(model=model, seed=seed, data=self.data, metrics=["ppl", "kl", "top1"], gates=gates,
                       steps=list(self.attempts[index].steps),
-                      exports=[{"format": "gguf", "type": self.export_type}] if self.export_type else [])  # fmt: skip
+                      exports=[{"format": "gguf", "type": self.export_type_for(index)}] if self.export_type else [])  # fmt: skip
 
     @classmethod
     def from_dict(cls, values: dict) -> Plan:
