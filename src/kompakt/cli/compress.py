@@ -43,13 +43,11 @@ def compress_command(
     if recipe is None and not step:
         _auto(model, target, budget, plan_only, data, out, seed or 0, force)
         return
-    if target is not None or budget is not None or plan_only:
-        from kompakt.errors import ConfigError
+    from kompakt.errors import ConfigError
 
+    if target is not None or budget is not None or plan_only:
         raise ConfigError("--target / --budget / --plan-only plan a recipe themselves; drop --recipe and --step")
     if out is None:
-        from kompakt.errors import ConfigError
-
         raise ConfigError("--out is required with --recipe or --step: give the run directory")
     _recipe(model, recipe, step or [], data, out, seed, force)
 

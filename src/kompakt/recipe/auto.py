@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kompakt.errors import ConfigError, OutputPathError
-from kompakt.recipe.lineage import atomic_symlink, atomic_write_text
+from kompakt.recipe.lineage import atomic_symlink, atomic_write_text, read_lineage
 from kompakt.recipe.planner import Plan, make_plan
 from kompakt.recipe.schema import DataSpec
 from kompakt.recipe.target import Target, check_bytes_possible, parse_budget, parse_target
@@ -233,8 +233,7 @@ def _keep_closest(result: AutoResult) -> None:
     best = None
     for outcome in result.outcomes:
         run_dir = Path(outcome["run_dir"])
-        lineage = run_dir / "lineage.jsonl"
-        records = [json.loads(line) for line in lineage.read_text().splitlines() if line.strip()] if lineage.is_file() else []
+        records = read_lineage(run_dir)
         if not records:
             continue
         metrics = records[-1].get("metrics", {})

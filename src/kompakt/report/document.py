@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kompakt.errors import OutputPathError
+from kompakt.recipe.lineage import read_lineage
 
 # (key in comparison values, label, how to format, which direction is better)
 ROWS = (
@@ -34,13 +35,6 @@ def _read_json(path: Path, default: Any = None) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return default
-
-
-def _lineage(run_dir: Path) -> list[dict]:
-    path = run_dir / "lineage.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def format_value(value: Any, kind: str) -> str:
@@ -93,7 +87,7 @@ def trajectory(out: Path, plan: dict) -> list[dict]:
     """Every finished step of every attempt (with the original as step 0), for table and plot."""
     rows = []
     for attempt in sorted((out / "attempts").glob("*"), key=lambda p: int(p.name) if p.name.isdigit() else 0):
-        for record in _lineage(attempt):
+        for record in read_lineage(attempt):
             m = record.get("metrics", {})
             rows.append({
                 "attempt": int(attempt.name), "step": record["index"], "pass": record["pass"],
@@ -104,10 +98,15 @@ def trajectory(out: Path, plan: dict) -> list[dict]:
     return rows
 
 
+def _final_outcome(report: dict) -> dict | None:
+    """The outcome whose model is the result (None when no attempt finished)."""
+    return next((o for o in report["outcomes"] if o.get("status") != "floor crossed"), None)
+
+
 def final_attempt(report: dict) -> dict:
     """The plan's attempt that produced the result (the first one when none finished)."""
     attempts = report["plan"]["attempts"]
-    final = next((o for o in report["outcomes"] if o.get("status") != "floor crossed"), None)
+    final = _final_outcome(report)
     return attempts[final["attempt"] - 1] if final is not None else attempts[0]
 
 
@@ -118,7 +117,7 @@ def outcome_text(report: dict) -> str:
     values = comparison.get("values", {})
     size = values.get("size_bytes", (None, None))
     factor = size[0] / size[1] if size[0] and size[1] else None
-    final = next((o for o in report["outcomes"] if o.get("status") != "floor crossed"), None)
+    final = _final_outcome(report)
     head = f"Target `{target['text']}`: "
     if final is None:
         return head + "no attempt finished."
