@@ -50,7 +50,9 @@ def test_uneven_group_size_gives_a_shorter_last_group_when_allowed(weight):
     q, scale, _ = grid.quantize(weight)
     assert scale.shape == (16, 3)
     # the last group's scale comes from its own 32 columns only
-    assert torch.allclose(scale[:, 2], weight[:, 96:].abs().amax(dim=1) / 7)
+    last = weight[:, 96:]
+    extreme = last.gather(1, last.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    assert torch.allclose(scale[:, 2], extreme / -8)
     assert torch.equal(grid.dequantize(q, scale, None), grid.fake_quantize(weight))
 
 
@@ -66,3 +68,14 @@ def test_all_zero_group_and_bad_bits():
     assert torch.equal(grid.fake_quantize(w), w)
     with pytest.raises(ValueError, match="bits"):
         QuantGrid(bits=1)
+
+
+def test_symmetric_grid_puts_the_extreme_weight_exactly_on_the_lowest_code():
+    # llama.cpp's q4_0 rule: all 16 levels used, the largest-magnitude weight exact, either sign
+    w = torch.tensor([[0.1, -0.3, 0.7, 0.2], [0.1, -0.9, 0.4, 0.2]])
+    q, scale, _ = QuantGrid(4, None).quantize(w)
+    assert q[0, 2] == -8 and q[1, 1] == -8
+    assert torch.allclose(scale[:, 0], torch.tensor([0.7 / -8, -0.9 / -8]))
+    back = QuantGrid(4, None).dequantize(q, scale, None)
+    assert back[0, 2] == pytest.approx(0.7) and back[1, 1] == pytest.approx(-0.9)
+    assert (back - w).abs().max() <= scale.abs().max() / 2 + 1e-6

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kompakt.ops.quant import GroupParams
+from kompakt.ops.quant import GroupParams, signed_absmax
 
 BLOCK = 32
 FORMATS = ("q8_0", "q4_0", "q4_1")
@@ -62,12 +62,6 @@ def _roundf(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
 
 
-def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
-    """The value of largest magnitude per block (first one on ties), sign kept; [..., 1]."""
-    idx = blocks.abs().argmax(dim=-1, keepdim=True)
-    return torch.gather(blocks, -1, idx)
-
-
 def quantize_blocks(
     w: torch.Tensor, fmt: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -84,7 +78,7 @@ def quantize_blocks(
         d = blocks.abs().amax(dim=-1, keepdim=True) / 127
         q = _roundf(blocks * _inverse(d))
     elif fmt == "q4_0":
-        d = _signed_absmax(blocks) / -8
+        d = signed_absmax(blocks) / -8
         q = torch.trunc(blocks * _inverse(d) + 8.5).clamp(0, 15)
     else:
         low = blocks.amin(dim=-1, keepdim=True)
@@ -143,7 +137,7 @@ class GGUFBlockGrid:
         if self.fmt == "q8_0":
             return GroupParams(_fp16(w.abs().amax(dim=-1) / 127), None)
         if self.fmt == "q4_0":
-            return GroupParams(_fp16(_signed_absmax(w).squeeze(-1) / -8), None)
+            return GroupParams(_fp16(signed_absmax(w).squeeze(-1) / -8), None)
         low = w.amin(dim=-1)
         return GroupParams(_fp16((w.amax(dim=-1) - low) / 15), _fp16(low))
 
