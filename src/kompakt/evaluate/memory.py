@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 import resource
 import sys
 import threading
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -19,18 +21,37 @@ def _rss_now() -> int | None:
         return None
 
 
-def _max_rss_lifetime() -> int:
+def max_rss_lifetime() -> int:
     """Peak RSS of the whole process so far (getrusage; kB on Linux, bytes on macOS)."""
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(value if sys.platform == "darwin" else value * 1024)
 
 
-class PeakMemory:
-    """Context manager sampling RSS in a background thread; `.peak_bytes` after exit.
+def _resethigh_water_mark() -> bool:
+    """Linux: restart the kernel's peak-RSS counter (VmHWM) at the current RSS; False if refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return high_water_mark() is not None
+    except OSError:
+        return False
 
-    The whole process is measured (everything loaded counts), sampled every `interval`
-    seconds, so a spike shorter than that can be missed. Without psutil the lifetime peak
-    from getrusage is reported instead (an upper bound).
+
+def high_water_mark() -> int | None:
+    try:
+        found = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) * 1024 if found else None
+
+
+class PeakMemory:
+    """Context manager measuring this process's peak RSS while its block runs; `.peak_bytes` after exit.
+
+    The whole process is measured (everything loaded counts). On Linux the kernel's own peak
+    counter is reset on entry and read on exit, which is exact. Elsewhere RSS is sampled in a
+    background thread every `interval` seconds (a spike shorter than that, or one while the
+    thread is not scheduled, can be missed), and without psutil the lifetime peak from
+    getrusage is reported instead (an upper bound).
 
         with PeakMemory() as mem:
             run()
@@ -44,6 +65,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sampling = False
+        self._kernel_peak = False
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -53,11 +75,12 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
+        self._kernel_peak = _resethigh_water_mark()
         rss = _rss_now()
         self._sampling = rss is not None
-        self.start_bytes = rss if rss is not None else _max_rss_lifetime()
+        self.start_bytes = rss if rss is not None else max_rss_lifetime()
         self.peak_bytes = self.start_bytes
-        if self._sampling:
+        if self._sampling and not self._kernel_peak:
             self._thread = threading.Thread(target=self._sample, name="kompakt-peak-rss", daemon=True)
             self._thread.start()
         return self
@@ -69,8 +92,10 @@ class PeakMemory:
         rss = _rss_now()
         if rss is not None:
             self.peak_bytes = max(self.peak_bytes, rss)
-        if not self._sampling:
-            self.peak_bytes = max(self.peak_bytes, _max_rss_lifetime())
+        if self._kernel_peak:
+            self.peak_bytes = max(self.peak_bytes, high_water_mark() or 0)
+        elif not self._sampling:
+            self.peak_bytes = max(self.peak_bytes, max_rss_lifetime())
 
 
 def peak_rss(fn, *args, **kwargs) -> tuple[object, int]:

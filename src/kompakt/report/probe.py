@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -30,14 +29,9 @@ REPEATS = 3
 def _peak_rss_bytes() -> int:
     """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec;
     ru_maxrss would carry over the parent's peak through fork + exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    from kompakt.evaluate.memory import high_water_mark, max_rss_lifetime
+
+    return high_water_mark() or max_rss_lifetime()
 
 
 def _llamacpp(path: str, threads: int) -> dict:
