@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=49152, help="training tokens per run")
     parser.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step")
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--qat-lr", type=float, default=2e-5)
+    parser.add_argument("--qat-lr", type=float, default=1e-4)
     parser.add_argument("--lora-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--curve-tokens", type=int, default=8192)
