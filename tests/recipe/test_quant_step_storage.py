@@ -105,3 +105,34 @@ def test_recipe_quant_step_then_dense_pass_export_and_refusal(tiny_dir, text_fil
     with pytest.raises(ConfigError, match="already quantized") as error:
         run_recipe(requant, tmp_path / "again")
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("fmt, pass_name", [("q4_0", "quant.gptq"), ("q8_0", "quant.rtn")])
+def test_gguf_grid_step_is_stored_packed_and_exports_the_same_blocks(fmt, pass_name, tmp_path):
+    from gguf import GGUFReader
+
+    from kompakt.export.gguf import write_gguf
+
+    loaded = tiny_model("llama", hidden_size=128, intermediate_size=256, head_dim=32)
+    with torch.no_grad():
+        for param in loaded.model.parameters():
+            param.copy_(param.half().float())
+    if pass_name == "quant.gptq":
+        loaded = _gptq(loaded, format=fmt)
+    else:
+        spec = get_pass(pass_name)
+        ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: None, seed=0)
+        loaded = spec.apply(ctx, build_config(spec, {"format": fmt})).loaded
+    packed = loaded.model.kompakt_packed_layers
+    assert packed and {layer.bits for layer in packed.values()} == {4 if fmt == "q4_0" else 8}
+    before = _logits(loaded.model)
+    details = save_step_model(loaded, tmp_path / "q", torch.float32)
+    assert details["stored_as"] == "compressed-tensors"
+    dense_fp32 = sum(p.numel() * 4 for p in loaded.model.parameters())
+    assert (tmp_path / "q" / "model.safetensors").stat().st_size < (0.25 if fmt == "q4_0" else 0.4) * dense_fp32
+    back = load(tmp_path / "q", device="cpu")
+    assert torch.equal(_logits(back.model), before)  # codes x fp16 scale: the same values
+    assert back.model.config.kompakt_quantization["format"] == fmt
+    files = [write_gguf(m, tmp_path / f"{tag}.gguf", type=fmt).path for tag, m in (("mem", loaded), ("disk", back))]
+    tensors = [{t.name: bytes(t.data) for t in GGUFReader(path).tensors} for path in files]
+    assert tensors[0] == tensors[1]  # the reloaded step exports exactly the blocks it was quantized to

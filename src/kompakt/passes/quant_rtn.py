@@ -27,7 +27,8 @@ What the pass leaves on the model (the storage / export contract):
   group size used where it differs}} — read by kompakt.export.gguf (GGUF grid formats) and by
   `kompakt.model.quantized.is_quantized` (refuses quantizing twice); it survives save/reload;
 - `model.kompakt_packed_layers` = {module name: kompakt.model.quantized.PackedLayer} for integer
-  grids (codes, fp16 scales, zeros exactly as quantized) for `save_quantized`: the recipe runner
+  grids and the q4_0 / q8_0 block grids (codes, fp16 scales, zeros exactly as quantized; q4_1
+  stays dense) for `save_quantized`: the recipe runner
   then stores the step packed (compressed-tensors, kompakt.recipe.stepsave). Integer-grid scales
   are fitted in fp16, so what is stored is exactly what the pass optimised.
 
@@ -189,9 +190,18 @@ def plan_grid(config: QuantGridConfig, in_features: int) -> GridPlan:
 
 
 def packed_from(codes: torch.Tensor, scales: torch.Tensor, zeros, config: QuantGridConfig, plan: GridPlan):
-    """The compressed-tensors record of an integer-grid weight (None for GGUF grids)."""
-    if not isinstance(plan.grid, QuantGrid):
-        return None
+    """The compressed-tensors record of a quantized weight (None for q4_1).
+
+    q4_0 and q8_0 blocks are symmetric int4 / int8 groups of 32 with an fp16 scale (q4_0's file
+    codes 0..15 mean code - 8), so they store packed exactly; q4_1's fp16 block minimum is not an
+    integer zero point, so a q4_1 step stays dense.
+    """
+    if isinstance(plan.grid, GGUFBlockGrid):
+        fmt = plan.grid.fmt
+        if fmt == "q4_1":
+            return None
+        signed = codes.cpu() - 8 if fmt == "q4_0" else codes.cpu()
+        return PackedLayer(signed, scales.cpu().to(SCALE_DTYPE), None, 4 if fmt == "q4_0" else 8, BLOCK, True)
     zero = None if zeros is None else zeros.cpu()
     scale = scales.cpu().to(plan.grid.scale_dtype)  # exact: the grid rounded them to this dtype
     return PackedLayer(codes.cpu(), scale, zero, config.bits, plan.group_size, config.symmetric)
@@ -203,7 +213,7 @@ def rtn_weight(weight: torch.Tensor, config: QuantGridConfig, plan: GridPlan):
     w = weight.detach().float()
     if isinstance(plan.grid, GGUFBlockGrid):  # llama.cpp's reference rounding, bit for bit
         q, d, m = quantize_blocks(w.cpu(), plan.grid.fmt)
-        return dequantize_blocks(q, d, m, plan.grid.fmt).to(w.device), None
+        return dequantize_blocks(q, d, m, plan.grid.fmt).to(w.device), packed_from(q, d, m, config, plan)
     q, scale, zero = plan.grid.quantize(w)
     return plan.grid.dequantize(q, scale, zero), packed_from(q, scale, zero, config, plan)
 
