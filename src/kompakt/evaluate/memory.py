@@ -27,7 +27,7 @@ def max_rss_lifetime() -> int:
     return int(value if sys.platform == "darwin" else value * 1024)
 
 
-def _resethigh_water_mark() -> bool:
+def _reset_high_water_mark() -> bool:
     """Linux: restart the kernel's peak-RSS counter (VmHWM) at the current RSS; False if refused."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -37,6 +37,7 @@ def _resethigh_water_mark() -> bool:
 
 
 def high_water_mark() -> int | None:
+    """Linux: this process's peak RSS in bytes as the kernel counts it (VmHWM); None elsewhere."""
     try:
         found = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
     except OSError:
@@ -75,7 +76,7 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
-        self._kernel_peak = _resethigh_water_mark()
+        self._kernel_peak = _reset_high_water_mark()
         rss = _rss_now()
         self._sampling = rss is not None
         self.start_bytes = rss if rss is not None else max_rss_lifetime()

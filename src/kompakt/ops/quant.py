@@ -120,9 +120,10 @@ class QuantGrid:
     """A uniform integer grid: `bits`, groups of `group_size` input columns, (a)symmetric.
 
     Symmetric: q in [-2^(b-1), 2^(b-1) - 1], w ≈ q·scale, scale = signed extreme / -2^(b-1)
-    (may be negative; see `fake_quantize`), no zero point (`zero` is None). Asymmetric: q in [0, 2^b - 1], w ≈ (q - zero)·scale with an
-    integer zero; the range is widened to contain 0 (as compressed-tensors and the GPTQ
-    reference do) so the zero point is always a storable integer in [0, 2^b - 1].
+    (may be negative; see `fake_quantize`), no zero point (`zero` is None). Asymmetric: q in
+    [0, 2^b - 1], w ≈ (q - zero)·scale with an integer zero; the range is widened to contain 0
+    (as compressed-tensors and the GPTQ reference do) so the zero point is always a storable
+    integer in [0, 2^b - 1].
 
     group_size None (or <= 0, or >= in_features): one group per output row (per channel).
     A group size that does not divide in_features raises unless `allow_partial_group` is set;
