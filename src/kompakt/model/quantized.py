@@ -38,6 +38,7 @@ import torch
 
 from kompakt.errors import ConfigError, OutputPathError
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.save import save_pretrained_on_every_rank
 from kompakt.ops.quant import QuantGrid
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path,
     temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         temp.mkdir()
-        loaded.model.save_pretrained(temp, state_dict=state)
+        save_pretrained_on_every_rank(loaded.model, temp, state)
         config_path = temp / "config.json"
         config = json.loads(config_path.read_text())
         config["quantization_config"] = qconfig

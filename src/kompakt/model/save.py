@@ -62,9 +62,23 @@ def save_model(loaded: LoadedModel, directory: str | Path) -> Path:
 def _write(loaded: LoadedModel, directory: Path) -> None:
     model = loaded.model
     state_dict = _cast_state_dict(model, loaded.storage_dtype)
-    model.save_pretrained(directory, state_dict=state_dict)
+    save_pretrained_on_every_rank(model, directory, state_dict)
     _set_config_dtype(directory / "config.json", loaded.storage_dtype)
     loaded.tokenizer.save_pretrained(directory)
+
+
+def save_pretrained_on_every_rank(model: torch.nn.Module, directory: Path, state_dict: dict | None) -> None:
+    """`model.save_pretrained`, also in processes other than rank 0 of a torch.distributed group.
+
+    transformers writes only on rank 0 once a process group exists (after the first training
+    step under `accelerate launch`); kompakt gives every process its own run directory
+    (kompakt.train.distributed) and reads each step back from it, so every process writes.
+    """
+    model.should_save_on_this_rank = lambda is_main_process: True  # shadows the mixin's rank check
+    try:
+        model.save_pretrained(directory, state_dict=state_dict)
+    finally:
+        del model.should_save_on_this_rank
 
 
 def _cast_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:

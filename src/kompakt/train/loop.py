@@ -149,7 +149,10 @@ class _Run:
         device = next(model.parameters()).device
         probe = torch.device("cuda") if torch.cuda.is_available() and device.type != "cpu" else device
         self.precision = choose_precision(probe)
-        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=probe.type == "cpu")
+        # The schedule counts optimizer steps of all processes together (total_steps divides the
+        # budget by num_processes); accelerate would otherwise step it num_processes times per step.
+        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=probe.type == "cpu",
+                                       step_scheduler_with_optimizer=False)  # fmt: skip
         self.named = trained_parameters(model, objective.extra_modules())
         optimizer = torch.optim.AdamW(_param_groups(self.named, config.weight_decay), lr=config.lr,
                                       betas=(0.9, 0.95), eps=1e-8)  # fmt: skip
@@ -187,10 +190,10 @@ class _Run:
     def save(self) -> None:
         if self.checkpoint_dir is None:
             return
-        # sharded (FSDP) parameters are gathered into full tensors (a collective: every process)
+        # sharded (FSDP) parameters are gathered into full tensors (a collective: every process).
+        # Every process writes: each has its own run directory (kompakt.train.distributed) and
+        # resumes from it, with its own RNG and (FSDP) optimizer shard.
         tensors = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p) for name, p in self.named}
-        if not self.accelerator.is_main_process:
-            return
         opt = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         ckpt.save(self.checkpoint_dir, self.identity, self.state, tensors, opt)
 
