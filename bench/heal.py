@@ -13,6 +13,8 @@ Parts (each writes bench/results/heal-<part>.json and prints its table):
   width  prune.width to ~50 % of the parameters -> distill.kd; ppl / KL curve against tokens
          seen on the first `--curve-tokens` test tokens, final numbers on --eval-tokens
   qat    quant.rtn 4-bit, group 64, symmetric -> quant.qat with KD on that grid
+         (--qat-start awq+gptq: AWQ then GPTQ on 128 calibration blocks of 512 first, as bench/quant.py;
+         --qat-from DIR: a saved quantized model, e.g. bench/quant.py's kept AWQ+GPTQ q4_0 model)
   lora   finetune.lora on a sentence-completion chat task built from WikiText-2 (train pairs
          from validation, held-out pairs from test); answer-token loss on held-out pairs
          before / after; merged model vs the PEFT adapter model on the same inputs
@@ -146,15 +148,39 @@ def part_width(args, teacher, ids) -> list[dict]:
     return rows
 
 
-def part_qat(args, teacher, ids) -> list[dict]:
+QAT_STARTS = {  # --qat-start: the post-training quantization QAT starts from (bench/quant.py's rows)
+    "rtn": ("RTN int4 g64 sym", ["quant.rtn"]),
+    "awq+gptq": ("AWQ+GPTQ int4 g64 sym", ["quant.awq", "quant.gptq"]),
+}
+
+
+def quantized_start(args, teacher):
+    """(label, model, wall s): the --qat-start quantization of the original, or the --qat-from model."""
+    if args.qat_from:
+        from kompakt.model.load import load
+
+        return f"saved {Path(args.qat_from).name}", load(args.qat_from), 0.0
+    label, passes = QAT_STARTS[args.qat_start]
     quantized = copy_model(teacher)
     grid = {"bits": 4, "group_size": 64, "symmetric": True}
-    report, wall = apply("quant.rtn", context(quantized, teacher), grid)
-    rows = [{"name": "RTN int4 g64 sym", "wall_s": round(wall, 1), **quality(teacher, quantized, ids, args.eval_tokens)}]
+    calib = calibration(teacher.tokenizer, 128) if args.qat_start != "rtn" else None  # as bench/quant.py
+    wall = 0.0
+    for name in passes:
+        report, seconds = apply(name, context(quantized, teacher, calib=calib), grid)
+        quantized, wall = report.loaded, wall + seconds
+    return label, quantized, wall
+
+
+def part_qat(args, teacher, ids) -> list[dict]:
+    label, quantized, wall = quantized_start(args, teacher)
+    rows = [{"name": label, "wall_s": round(wall, 1), **quality(teacher, quantized, ids, args.eval_tokens)}]
     emit(args, rows)
-    values = {**kd_values(args, 0.5), "lr": args.qat_lr}
-    report, wall = apply("quant.qat", context(quantized, teacher), values)
-    rows.append(train_row("RTN int4 -> QAT KD a=0.5 T=2", report, wall, quality(teacher, quantized, ids, args.eval_tokens)))
+    for alpha in args.qat_alphas:
+        student = copy_model(quantized)
+        values = {**kd_values(args, alpha), "lr": args.qat_lr}
+        report, wall = apply("quant.qat", context(student, teacher), values)
+        rows.append(train_row(f"{label} -> QAT KD a={alpha:g} T=2", report, wall, quality(teacher, student, ids, args.eval_tokens)))
+        emit(args, rows)
     return rows
 
 
@@ -274,6 +300,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--qat-lr", type=float, default=1e-4)
+    parser.add_argument("--qat-start", choices=sorted(QAT_STARTS), default="rtn", help="qat part: quantize with RTN or AWQ+GPTQ first")
+    parser.add_argument("--qat-from", help="qat part: start from this saved quantized model instead (e.g. bench/quant.py --keep-dir)")
+    parser.add_argument("--qat-alphas", type=float, nargs="+", default=[0.5], help="qat part: one QAT run per KD alpha")
     parser.add_argument("--lora-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--curve-tokens", type=int, default=8192)
