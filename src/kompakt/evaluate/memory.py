@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import re
-import resource
-import sys
 import threading
-from pathlib import Path
+
+from kompakt.process_memory import high_water_mark, max_rss_lifetime, reset_high_water_mark
 
 logger = logging.getLogger(__name__)
 
@@ -19,30 +17,6 @@ def _rss_now() -> int | None:
         return int(psutil.Process().memory_info().rss)
     except Exception:  # psutil missing or unsupported platform: use the getrusage fallback
         return None
-
-
-def max_rss_lifetime() -> int:
-    """Peak RSS of the whole process so far (getrusage; kB on Linux, bytes on macOS)."""
-    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(value if sys.platform == "darwin" else value * 1024)
-
-
-def _reset_high_water_mark() -> bool:
-    """Linux: restart the kernel's peak-RSS counter (VmHWM) at the current RSS; False if refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return high_water_mark() is not None
-    except OSError:
-        return False
-
-
-def high_water_mark() -> int | None:
-    """Linux: this process's peak RSS in bytes as the kernel counts it (VmHWM); None elsewhere."""
-    try:
-        found = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    except OSError:
-        return None
-    return int(found.group(1)) * 1024 if found else None
 
 
 class PeakMemory:
@@ -76,7 +50,7 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
-        self._kernel_peak = _reset_high_water_mark()
+        self._kernel_peak = reset_high_water_mark()
         rss = _rss_now()
         self._sampling = rss is not None
         self.start_bytes = rss if rss is not None else max_rss_lifetime()

@@ -28,8 +28,9 @@ REPEATS = 3
 
 def _peak_rss_bytes() -> int:
     """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec;
-    ru_maxrss would carry over the parent's peak through fork + exec."""
-    from kompakt.evaluate.memory import high_water_mark, max_rss_lifetime
+    ru_maxrss would carry over the parent's peak through fork + exec. (kompakt.process_memory
+    imports no torch, which would add ≈ 380 MB to what is measured.)"""
+    from kompakt.process_memory import high_water_mark, max_rss_lifetime
 
     return high_water_mark() or max_rss_lifetime()
 

@@ -1,0 +1,37 @@
+"""The kernel's counters of this process's peak resident memory (RSS), standard library only.
+
+Kept out of kompakt.evaluate on purpose: that package imports torch (≈ 380 MB of RSS), and the
+report's probe (kompakt.report.probe) reads these counters inside a process that must hold
+nothing but the model it measures.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from pathlib import Path
+
+
+def max_rss_lifetime() -> int:
+    """Peak RSS of the whole process so far (getrusage; kB on Linux, bytes on macOS)."""
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(value if sys.platform == "darwin" else value * 1024)
+
+
+def reset_high_water_mark() -> bool:
+    """Linux: restart the kernel's peak-RSS counter (VmHWM) at the current RSS; False if refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return high_water_mark() is not None
+    except OSError:
+        return False
+
+
+def high_water_mark() -> int | None:
+    """Linux: this process's peak RSS in bytes as the kernel counts it (VmHWM); None elsewhere."""
+    try:
+        found = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) * 1024 if found else None
