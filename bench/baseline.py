@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kompakt.model.cache import atomic_file
+from kompakt.atomic import atomic_file
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"

@@ -45,7 +45,7 @@ RESULTS = REPO / "bench" / "results"
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    from kompakt.model.cache import atomic_file
+    from kompakt.atomic import atomic_file
 
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")

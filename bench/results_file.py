@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kompakt.model.cache import atomic_file
+from kompakt.atomic import atomic_file
 
 
 class ResultsFile:

@@ -5,5 +5,8 @@ from __future__ import annotations
 
 from kompakt.analyze.api import analyze, write_outputs
 from kompakt.analyze.result import Analysis
+from kompakt.callable_package import make_package_callable
 
 __all__ = ["Analysis", "analyze", "write_outputs"]
+
+make_package_callable(__name__, analyze)  # kompakt.analyze(...) after `import kompakt.analyze`

@@ -1,11 +1,11 @@
-"""Output directory checks (before any work) and atomic file writes (temp name + rename)."""
+"""Output directory checks (before any work) and the analysis files (written with kompakt.atomic)."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
+from kompakt.atomic import write_bytes
 from kompakt.errors import OutputPathError
 
 
@@ -35,14 +35,5 @@ def check_out(out: str | Path | None) -> Path | None:
 def write_files(directory: Path, contents: dict[str, bytes]) -> None:
     """Write each name -> bytes into `directory` (created if needed); every file appears whole or
     not at all."""
-    directory.mkdir(parents=True, exist_ok=True)
     for name, data in contents.items():
-        handle, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-            os.chmod(temp, 0o644)  # mkstemp makes 0600; these are ordinary readable results
-            os.replace(temp, directory / name)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        write_bytes(directory / name, data)

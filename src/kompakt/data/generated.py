@@ -32,16 +32,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kompakt.atomic import write_text
 from kompakt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -163,16 +162,7 @@ def _read_cached(directory: Path, stem: str, n_tokens: int) -> list[str] | None:
 
 
 def _write_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _sample(loaded: Any, n_tokens: int, seed: int, batch_size: int, max_new_tokens: int,

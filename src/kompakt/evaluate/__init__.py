@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
+from kompakt.callable_package import make_package_callable
 from kompakt.evaluate.api import EvalResult, evaluate
 from kompakt.evaluate.fidelity import FidelityResult, fidelity
 from kompakt.evaluate.memory import PeakMemory, peak_rss
@@ -29,13 +27,4 @@ __all__ = [
 ]
 
 
-class _CallableModule(types.ModuleType):
-    """`kompakt.evaluate` is both this package and the curated API function: importing the
-    package rebinds the attribute `kompakt.evaluate` to the module, so the module is callable
-    and `kompakt.evaluate(loaded, ...)` keeps meaning `evaluate(loaded, ...)`."""
-
-    def __call__(self, *args, **kwargs) -> EvalResult:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_package_callable(__name__, evaluate)  # kompakt.evaluate(...) after `import kompakt.evaluate`

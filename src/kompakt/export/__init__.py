@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from kompakt.callable_package import make_package_callable
+from kompakt.export.api import export
 from kompakt.export.gguf import GGUFExport, export_gguf, prepare_gguf, write_gguf
 from kompakt.export.manifest import sha256_file, verify_manifest, write_manifest
 
 __all__ = [
-    "GGUFExport", "export_gguf", "prepare_gguf", "write_gguf",
+    "GGUFExport", "export", "export_gguf", "prepare_gguf", "write_gguf",
     "sha256_file", "verify_manifest", "write_manifest",
 ]  # fmt: skip
+
+make_package_callable(__name__, export)  # kompakt.export(...) after `import kompakt.export`

@@ -36,7 +36,7 @@ from kompakt.export.gguf_arch import add_hyperparameters, check_expressible, fam
 from kompakt.export.gguf_tensors import FILE_TYPES, TYPES, GGUFPlan, plan_tensors, tensor_data
 from kompakt.export.gguf_tokenizer import add_tokenizer, build_vocab
 from kompakt.export.manifest import manifest_path, write_manifest
-from kompakt.model.cache import atomic_file
+from kompakt.atomic import atomic_file
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import dense_state_dict
 

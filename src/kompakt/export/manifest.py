@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from kompakt.model.cache import atomic_file
+from kompakt.atomic import atomic_file
 
 DIRECTORY_MANIFEST = "SHA256SUMS"
 _CHUNK = 1 << 20

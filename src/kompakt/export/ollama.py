@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kompakt.errors import ModelFormatError, ModelNotFoundError, OutputPathError
-from kompakt.model.cache import atomic_file
+from kompakt.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kompakt.errors import ModelFormatError, ModelNotFoundError
-from kompakt.model.cache import atomic_file, cache_subdir
+from kompakt.atomic import atomic_file
+from kompakt.model.cache import cache_subdir
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ import torch
 
 from kompakt.errors import KompaktError, ModelFormatError, ModelNotFoundError, UnsupportedArchitectureError
 from kompakt.model.arch import ARCHITECTURES, unsupported_message
-from kompakt.model.cache import atomic_directory, cache_subdir
+from kompakt.atomic import atomic_directory
+from kompakt.model.cache import cache_subdir
 from kompakt.model.progress import quiet_transformers, spinner
 
 log = logging.getLogger(__name__)

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from kompakt.atomic import atomic_directory
 from kompakt.errors import ConfigError, OutputPathError
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.save import save_pretrained_on_every_rank
@@ -223,10 +222,8 @@ def save_quantized(
 def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path, dtype: torch.dtype) -> None:
     if target.exists() and not target.is_dir():
         raise OutputPathError(f"{target} is a file; choose a directory path for the saved model")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        temp.mkdir()
+    expected = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
+    with atomic_directory(target, replace=True, expected_bytes=expected) as temp:
         save_pretrained_on_every_rank(loaded.model, temp, state)
         config_path = temp / "config.json"
         config = json.loads(config_path.read_text())
@@ -234,16 +231,6 @@ def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path,
         config["dtype"] = str(dtype).removeprefix("torch.")
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         loaded.tokenizer.save_pretrained(temp)
-        if target.exists():
-            aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(aside)
-            temp.rename(target)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            temp.rename(target)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 _QUANT_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")

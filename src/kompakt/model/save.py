@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
+from kompakt.atomic import atomic_directory
 from kompakt.errors import OutputPathError
 from kompakt.model.loaded import LoadedModel
 
@@ -43,20 +41,17 @@ def save_model(loaded: LoadedModel, directory: str | Path) -> Path:
     target = Path(directory).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise OutputPathError(f"{target} is a file; choose a directory path for the saved model")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputPathError(f"cannot create {target.parent} ({error.strerror}); choose a writable path") from None
-    temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        temp.mkdir()
+    with atomic_directory(target, replace=True, expected_bytes=weight_bytes(loaded)) as temp:
         _write(loaded, temp)
-        _replace(temp, target)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     logger.info("saved %s to %s", loaded.name, target)
     return target
+
+
+def weight_bytes(loaded: LoadedModel) -> int:
+    """Bytes the weights take in the storage dtype (tied tensors once): what a save needs on disk."""
+    size = loaded.storage_dtype.itemsize if hasattr(loaded.storage_dtype, "itemsize") else 4
+    seen = {p.data_ptr(): p.numel() for p in loaded.model.parameters()}
+    return sum(seen.values()) * size
 
 
 def _write(loaded: LoadedModel, directory: Path) -> None:
@@ -121,18 +116,3 @@ def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
                 if key in section or (key == "dtype" and section is config):
                     section[key] = name
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _replace(temp: Path, target: Path) -> None:
-    """Move `temp` to `target`; an existing target is renamed aside first, restored on failure."""
-    if not target.exists():
-        os.replace(temp, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    try:
-        os.replace(temp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from kompakt.errors import ConfigError, OutputPathError
-from kompakt.recipe.lineage import atomic_symlink, atomic_write_text, read_lineage
+from kompakt.atomic import atomic_symlink, write_text
+from kompakt.recipe.lineage import read_lineage
 from kompakt.recipe.planner import Plan, make_plan
 from kompakt.recipe.schema import DataSpec
 from kompakt.recipe.target import Target, check_bytes_possible, parse_budget, parse_target
@@ -149,7 +150,7 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     if budget_s is not None and not implicit:  # the first step must fit too (checked again later)
         make_plan(target, facts, spec, budget_s - need)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / AUTO_FILE, json.dumps(
+    write_text(out_dir / AUTO_FILE, json.dumps(
         {"model": model or original.name, "fingerprint": facts.fingerprint, "target": target.text}) + "\n")  # fmt: skip
     saved = out_dir / "plan.json"
     if saved.is_file():  # a rerun follows the saved plan, so its finished steps are reused
@@ -160,8 +161,8 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     add_analysis(facts, analysis)
     left = None if budget_s is None else budget_s - (time.perf_counter() - started)
     plan = make_plan(target, facts, spec, left, enforce=False)
-    atomic_write_text(saved, json.dumps(plan.to_dict(), indent=1, default=str) + "\n")
-    atomic_write_text(out_dir / "recipe.yaml", plan.recipe(0, model=model, seed=seed).to_yaml())
+    write_text(saved, json.dumps(plan.to_dict(), indent=1, default=str) + "\n")
+    write_text(out_dir / "recipe.yaml", plan.recipe(0, model=model, seed=seed).to_yaml())
     return original, plan, out_dir, started
 
 
@@ -212,7 +213,7 @@ def run_attempts(original, plan: Plan, out_dir: Path, model: str | None, seed: i
             outcome.update(status="within floor", final=str(run.final), metrics=run.records[-1]["metrics"])
             result.outcomes.append(outcome)
             result.final, result.attempt = run.final, index
-            atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
+            write_text(out_dir / "recipe.yaml", recipe.to_yaml())
             break
         except _Abandon as stop:
             outcome.update(status="floor crossed", reason=str(stop))
@@ -221,7 +222,7 @@ def run_attempts(original, plan: Plan, out_dir: Path, model: str | None, seed: i
     if result.final is None:
         _keep_closest(result)
         if result.attempt is not None:
-            atomic_write_text(out_dir / "recipe.yaml", plan.recipe(result.attempt, model=model, seed=seed).to_yaml())
+            write_text(out_dir / "recipe.yaml", plan.recipe(result.attempt, model=model, seed=seed).to_yaml())
     if result.final is not None:
         atomic_symlink(out_dir / "final", str(result.final.resolve().relative_to(out_dir)))
     return result
@@ -278,10 +279,10 @@ def compress_auto(model: str | None = None, *, target: str | None = None, budget
         _emit(on_event, "deliver", {})
         result.exports = deliver.export_result(result.final, plan.export_type_for(result.attempt), out_dir)
         metrics = next(o["metrics"] for o in result.outcomes if o["attempt"] == result.attempt + 1)
-        atomic_write_text(out_dir / "exports.json", json.dumps(result.exports, indent=1) + "\n")
+        write_text(out_dir / "exports.json", json.dumps(result.exports, indent=1) + "\n")
         deliver.measure(original, result.exports, metrics, out_dir, seed)
     result.wall_s = time.perf_counter() - started
-    atomic_write_text(out_dir / "outcome.json", json.dumps(
+    write_text(out_dir / "outcome.json", json.dumps(
         {"outcomes": result.outcomes, "wall_s": result.wall_s, "attempt": result.attempt}, indent=1, default=str) + "\n")  # fmt: skip
     result.report = build_report(out_dir)
     deliver.write_card(out_dir, gather(out_dir), _base_model_id(model, original))

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kompakt.model.cache import atomic_directory
-from kompakt.recipe.lineage import atomic_write_text
+from kompakt.atomic import atomic_directory, write_text
+
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +24,7 @@ def export_result(final: Path, export_type: str | None, out_dir: Path) -> dict[s
     exports: dict[str, str] = {}
     target = out_dir / "export"
     hf = target / "hf"
-    if hf.exists():
-        shutil.rmtree(hf)
-    with atomic_directory(hf) as tmp:
+    with atomic_directory(hf, replace=True) as tmp:
         shutil.copytree(final.resolve(), tmp, dirs_exist_ok=True)
         (tmp / MARKER).unlink(missing_ok=True)
     exports["hf"] = str(hf)
@@ -43,7 +41,7 @@ def write_card(out_dir: Path, report: dict, base_model: str) -> None:
 
     hf = out_dir / "export" / "hf"
     if hf.is_dir():
-        atomic_write_text(hf / "README.md", model_card(report, base_model))
+        write_text(hf / "README.md", model_card(report, base_model))
         write_manifest(hf)
 
 
@@ -58,5 +56,5 @@ def measure(original, exports: dict[str, str], metrics: dict[str, Any], out_dir:
     comparison = compare(original, result, hf, gguf, metrics)
     comparison["samples"] = samples(original, result, seed=seed)
     comparison["machine"] = machine()
-    atomic_write_text(out_dir / "comparison.json", json.dumps(comparison, indent=1, default=str) + "\n")
+    write_text(out_dir / "comparison.json", json.dumps(comparison, indent=1, default=str) + "\n")
     return comparison

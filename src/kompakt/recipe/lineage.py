@@ -1,4 +1,4 @@
-"""Run-directory files: `lineage.jsonl` (one JSON line per finished step) and atomic writes.
+"""Run-directory lineage: `lineage.jsonl`, one JSON line per finished step.
 
 Lines are appended whole, flushed and fsynced; a torn last line (a kill mid-write) is
 dropped on the next read and cut off before the next append, so the file is always a
@@ -9,37 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from kompakt.atomic import write_text
 from kompakt.errors import OutputPathError
 
 LINEAGE = "lineage.jsonl"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_symlink(link: Path, target: str) -> None:
-    """Point `link` at `target` (relative), replacing an existing link atomically."""
-    link = Path(link)
-    temp = link.parent / f".{link.name}.{os.getpid()}.tmp"
-    temp.unlink(missing_ok=True)
-    os.symlink(target, temp)
-    os.replace(temp, link)
 
 
 def read_lineage(run_dir: Path) -> list[dict[str, Any]]:
@@ -86,4 +62,4 @@ def append_record(run_dir: Path, record: dict[str, Any]) -> None:
 def rewrite_lineage(run_dir: Path, records: list[dict[str, Any]]) -> None:
     """Replace the lineage with `records` (used when stale steps are dropped), atomically."""
     text = "".join(json.dumps(record, default=str) + "\n" for record in records)
-    atomic_write_text(Path(run_dir) / LINEAGE, text)
+    write_text(Path(run_dir) / LINEAGE, text)

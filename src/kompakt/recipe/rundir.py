@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kompakt.errors import OutputPathError
-from kompakt.recipe.lineage import LINEAGE, atomic_symlink, atomic_write_text, read_lineage
+from kompakt.atomic import atomic_symlink, write_text
+from kompakt.recipe.lineage import LINEAGE, read_lineage
 
 if TYPE_CHECKING:
     from kompakt.recipe.runner import RunResult
@@ -83,11 +84,11 @@ def read_marker(directory: Path) -> dict[str, Any] | None:
 
 
 def write_marker(directory: Path, values: dict[str, Any]) -> None:
-    atomic_write_text(directory / MARKER, json.dumps(values, indent=1, default=str) + "\n")
+    write_text(directory / MARKER, json.dumps(values, indent=1, default=str) + "\n")
 
 
 def write_recipe(out: Path, recipe: Recipe) -> None:
-    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+    write_text(out / "recipe.yaml", recipe.to_yaml())
 
 
 def link_final(out: Path, step_dir: str) -> Path:
@@ -163,4 +164,4 @@ def write_report(result: RunResult) -> None:
         lines.append(f"Final model: `final` -> `{os.readlink(result.final)}`")
     else:
         lines.append("No step passed the gates; no final model.")
-    atomic_write_text(result.out_dir / "report.md", "\n".join(lines) + "\n")
+    write_text(result.out_dir / "report.md", "\n".join(lines) + "\n")

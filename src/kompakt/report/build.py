@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kompakt.model.cache import atomic_file
+from kompakt.atomic import write_bytes
 from kompakt.report.document import gather
 from kompakt.report.plots import trajectory_plot
 from kompakt.report.render import markdown, page
@@ -26,16 +26,11 @@ def _images(report: dict) -> dict[str, bytes]:
     return images
 
 
-def _write(path: Path, data: bytes) -> None:
-    with atomic_file(path) as tmp:
-        Path(tmp).write_bytes(data)
-
-
 def build_report(out: str | Path) -> Path:
     """(Re)build the report files of the run in `out` from its saved data; returns report.html's path."""
     report = gather(out)
     run = Path(report["run_dir"])
-    _write(run / "report.json", json.dumps(report, indent=1, default=str).encode())
-    _write(run / "report.md", markdown(report).encode())
-    _write(run / "report.html", page(report, _images(report)).encode())
+    write_bytes(run / "report.json", json.dumps(report, indent=1, default=str).encode())
+    write_bytes(run / "report.md", markdown(report).encode())
+    write_bytes(run / "report.html", page(report, _images(report)).encode())
     return run / "report.html"

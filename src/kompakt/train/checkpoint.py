@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from kompakt.atomic import atomic_directory
 from kompakt.errors import OutputPathError
 
 logger = logging.getLogger(__name__)
@@ -86,20 +85,12 @@ def save(root: Path, identity: str, state: TrainState, tensors: dict[str, torch.
     """Write one checkpoint atomically and drop the older ones; returns its directory."""
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{PREFIX}{state.step:07d}"
-    temp = root / f".tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        temp.mkdir()
+    with atomic_directory(target, replace=True) as temp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(temp / "trainable.safetensors"))
         torch.save({**optimizer_state, "rng": rng_state()}, temp / "optimizer.pt")
         meta = {"identity": identity, "step": state.step, "position": state.position, "tokens": state.tokens,
                 "history": state.history, "evals": state.evals}  # fmt: skip
         (temp / "state.json").write_text(json.dumps(meta))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(temp, target)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     for older in root.iterdir():
         if older != target and older.name.startswith(PREFIX):
             shutil.rmtree(older, ignore_errors=True)

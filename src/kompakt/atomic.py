@@ -1,0 +1,250 @@
+"""Every file and directory kompakt writes appears whole or not at all (the one helper).
+
+A write goes to a temporary name in the target's own directory (so the rename cannot cross a
+filesystem), is flushed and fsynced, renamed over the target, and the directory is fsynced so
+the rename survives a power cut. On any error the temporary is removed and the target is left
+as it was. Files get the mode `open()` would give (0666 less the umask; `mkstemp` alone would
+leave 0600, which a server running as another user cannot read).
+
+An `OSError` while writing (full disk, quota, read-only filesystem, permissions) becomes one
+`OutputPathError` naming the path, the bytes written or needed and the bytes free, so the CLI
+prints one line and exits 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from kompakt.errors import OutputPathError
+
+
+def umask() -> int:
+    """The process umask (read without changing it for longer than one call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path, *, expected_bytes: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `target` that replaces `target` when the block succeeds.
+
+    The block writes the temporary path (by name: gguf writers, `shutil.copyfile`, ...).
+
+    Raises:
+        OutputPathError: the write failed with an OSError (full disk, permissions, ...).
+    """
+    target = Path(target)
+    _make_parent(target)
+    with _reporting_errors(target, expected_bytes):
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    temp = Path(name)
+    try:
+        with _reporting_errors(target, expected_bytes, temp):
+            os.chmod(temp, 0o666 & ~umask())
+            yield temp
+            _fsync_path(temp)
+            os.replace(temp, target)
+            fsync_directory(target.parent)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_text(target: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `target` atomically."""
+    write_bytes(target, text.encode("utf-8"))
+
+
+def write_bytes(target: str | Path, data: bytes) -> None:
+    """Write `data` to `target` atomically."""
+    with atomic_file(target, expected_bytes=len(data)) as temp:
+        temp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, *, replace: bool = False,
+                     expected_bytes: int | None = None) -> Iterator[Path]:  # fmt: skip
+    """Yield a fresh temporary directory that becomes `target` when the block succeeds.
+
+    Args:
+        replace: an existing `target` is renamed aside, the new one renamed in, then the old one
+            removed (restored on failure), so `target` is always the old or the new complete
+            directory. Without `replace`, an existing `target` that another process finished
+            first is kept and ours is discarded (both are complete: a cache entry).
+        expected_bytes: the size of what will be written, named in a full-disk error.
+    """
+    target = Path(target)
+    _make_parent(target)
+    with _reporting_errors(target, expected_bytes):
+        temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        with _reporting_errors(target, expected_bytes, temp):
+            os.chmod(temp, 0o777 & ~umask())  # mkdtemp makes it private; look like mkdir's
+            yield temp
+            _fix_modes(temp)
+            _fsync_tree(temp)
+            if replace:
+                _swap_in(temp, target)
+            else:
+                _rename_unless_done(temp, target)
+            fsync_directory(target.parent)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def atomic_symlink(link: str | Path, target: str) -> None:
+    """Point `link` at `target` (relative), replacing an existing link atomically."""
+    link = Path(link)
+    temp = link.parent / f".{link.name}.{uuid.uuid4().hex[:8]}.tmp"
+    with _reporting_errors(link, None, temp):
+        os.symlink(target, temp)
+        os.replace(temp, link)
+        fsync_directory(link.parent)
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """fsync a directory so a rename in it is durable (a no-op where directories can't be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def _make_parent(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputPathError(f"{target.parent} is a file; choose a path inside a directory") from None
+    except OSError as error:
+        raise OutputPathError(f"cannot create {target.parent} ({error.strerror}); choose a writable path") from None
+
+
+@contextlib.contextmanager
+def _reporting_errors(target: Path, expected: int | None, temp: Path | None = None) -> Iterator[None]:
+    """Turn an OSError raised inside into one OutputPathError about `target`."""
+    try:
+        yield
+    except OutputPathError:
+        raise
+    except Exception as error:  # noqa: BLE001 - only OS errors are turned into one line, see below
+        os_error = _as_os_error(error)
+        if os_error is None:
+            raise
+        raise _write_error(target, os_error, expected, temp) from None
+
+
+def _as_os_error(error: Exception) -> OSError | None:
+    """The OSError behind `error`: itself, or one that a Rust writer (safetensors) only names in
+    its message as "(os error N)"."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"os error (\d+)", str(error))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
+
+
+def _write_error(target: Path, error: OSError, expected: int | None, temp: Path | None) -> OutputPathError:
+    free = _free_bytes(target.parent)
+    if _out_of_space(error):
+        written = _tree_bytes(temp) if temp is not None else 0
+        need = f"needs {_human(expected)}" if expected else f"needs more than the {_human(written)} written"
+        return OutputPathError(
+            f"no space left writing {target}: it {need}, {_human(free)} free there; "
+            "free some space or choose another output path (nothing was written)"
+        )
+    reason = error.strerror or str(error)
+    return OutputPathError(f"cannot write {target} ({reason}); choose a writable output path (nothing was written)")
+
+
+def _out_of_space(error: OSError) -> bool:
+    # A short write (the device filled mid-buffer) reaches Python as an OSError without errno.
+    short_write = error.errno is None and "written" in str(error)
+    return short_write or error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 0
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _human(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fix_modes(root: Path) -> None:
+    """Files a library made with mkstemp inside the temporary directory get open()'s mode too."""
+    file_mode, dir_mode = 0o666 & ~umask(), 0o777 & ~umask()
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        mode = dir_mode if path.is_dir() else file_mode
+        if path.stat().st_mode & 0o777 != mode and path.stat().st_mode & 0o777 & ~mode == 0:
+            os.chmod(path, mode)  # only widen a private file (0600) to the umask's mode
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            _fsync_path(path)
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        fsync_directory(directory)
+
+
+def _swap_in(temp: Path, target: Path) -> None:
+    if not target.exists() and not target.is_symlink():
+        os.replace(temp, target)
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise OutputPathError(f"{target} exists and is not a directory; remove it or choose another path")
+    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, aside)
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _rename_unless_done(temp: Path, target: Path) -> None:
+    try:
+        os.rename(temp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
