@@ -90,6 +90,8 @@ def test_recipe_quant_step_then_dense_pass_export_and_refusal(tiny_dir, text_fil
     recipe = Recipe.from_dict({"model": str(tiny_dir), "seed": 1, "data": small_data(text_file), "steps": steps})
     result = run_recipe(recipe, tmp_path / "run")
     quant, sparse = result.records
+    # counts and a few names, not one entry per layer (28 here, 210 on SmolLM2)
+    assert len((tmp_path / "run" / "lineage.jsonl").read_text().splitlines()[0]) < 2000
     step_dir = tmp_path / "run" / quant["dir"]
     assert quant["details"]["stored_as"] == "compressed-tensors" and quant["details"]["packed_layers"] == 28
     assert "quantization_config" in json.loads((step_dir / "config.json").read_text())

@@ -258,8 +258,8 @@ def _scales_summary(log: dict[str, Any]) -> dict[str, Any]:
     alphas = [v["alpha"] for v in log.values()]
     ratios = [v["error"] / v["error_unscaled"] for v in log.values() if v["error_unscaled"] > 0]
     return {"points": len(log), "alpha_min": min(alphas, default=0.0), "alpha_max": max(alphas, default=0.0),
-            "alpha_mean": sum(alphas) / max(len(alphas), 1),
-            "error_ratio_mean": sum(ratios) / max(len(ratios), 1)}  # fmt: skip
+            "alpha_mean": round(sum(alphas) / max(len(alphas), 1), 4),
+            "error_ratio_mean": round(sum(ratios) / max(len(ratios), 1), 4)}  # fmt: skip
 
 
 PASS = PassSpec(name="quant.awq", config=AwqConfig, apply=apply, needs_calibration=True, doc=__doc__ or "")
