@@ -110,6 +110,7 @@ def test_packed_layers_live_beside_the_model_not_on_it():
     update_state(loaded, quantization=Quantization("rtn", "int4", 4, 32, True, (DOWN[0],)),
                  packed_layers={DOWN[0]: layer})  # fmt: skip
     assert get_state(loaded).packed_layers[DOWN[0]] is layer
+    assert get_state(loaded.model).packed_layers[DOWN[0]] is layer  # the same model, not its inner .model
     assert not get_state(other).packed_layers
     assert not any(isinstance(v, dict) and DOWN[0] in v for v in vars(loaded.model).values())
     assert "packed" not in json.dumps(loaded.model.config.to_dict())

@@ -37,12 +37,13 @@ config too (as quant passes always did), so `save_pretrained` writes them to con
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
+from kompakt.model.loaded import LoadedModel
 from kompakt.ops.gguf_grid import FORMATS
 from kompakt.ops.quant import QuantGrid
 
@@ -189,9 +190,9 @@ class CompressionState:
         return not any(getattr(self, f.name) for f in fields(self))
 
 
-def _model(target: Any) -> torch.nn.Module:
-    """A LoadedModel's model, or the model itself."""
-    return getattr(target, "model", target)
+def _model(target: LoadedModel | torch.nn.Module) -> torch.nn.Module:
+    """A LoadedModel's model, or the model itself (not `.model`: a CausalLM has an inner one)."""
+    return target.model if isinstance(target, LoadedModel) else target
 
 
 def _configs(model: torch.nn.Module) -> list[Any]:
@@ -201,11 +202,12 @@ def _configs(model: torch.nn.Module) -> list[Any]:
     return [config] if text is None or text is config else [config, text]
 
 
-def _mapping(value: Any, parse) -> dict[str, Any]:
+def _mapping(value: Any, parse: Callable[[Any], Any]) -> dict[str, Any]:
+    """A persisted {module name: entry} dict, parsed; anything else (absent) is empty."""
     return {str(k): parse(v) for k, v in value.items()} if isinstance(value, Mapping) else {}
 
 
-def get_state(target: Any) -> CompressionState:
+def get_state(target: LoadedModel | torch.nn.Module) -> CompressionState:
     """The compression state of a model or LoadedModel (empty when no pass left anything)."""
     model = _model(target)
     config = model.config
@@ -221,7 +223,7 @@ def get_state(target: Any) -> CompressionState:
     )
 
 
-def set_state(target: Any, state: CompressionState) -> None:
+def set_state(target: LoadedModel | torch.nn.Module, state: CompressionState) -> None:
     """Replace the model's compression state with `state` (empty fields remove their keys)."""
     model = _model(target)
     persisted = {
@@ -243,19 +245,19 @@ def set_state(target: Any, state: CompressionState) -> None:
         _PACKED.pop(model, None)
 
 
-def update_state(target: Any, **changes: Any) -> CompressionState:
+def update_state(target: LoadedModel | torch.nn.Module, **changes: Any) -> CompressionState:
     """Change some fields of the state (e.g. `quantization=..., packed_layers=...`); returns the new one."""
     state = replace(get_state(target), **changes)
     set_state(target, state)
     return state
 
 
-def clear_state(target: Any) -> None:
+def clear_state(target: LoadedModel | torch.nn.Module) -> None:
     """Forget everything compression passes recorded (the weights themselves are not touched)."""
     set_state(target, CompressionState())
 
 
-def clear_quantization(target: Any) -> None:
+def clear_quantization(target: LoadedModel | torch.nn.Module) -> None:
     """The weights leave their grid (e.g. QAT trains them): drop the grid, the packed layers and a
     compressed-tensors `quantization_config` a reloaded step carries. AWQ scaling stays."""
     update_state(target, quantization=None, packed_layers={})

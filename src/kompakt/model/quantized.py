@@ -60,7 +60,7 @@ class QuantizedSave:
 def is_quantized(model_or_loaded) -> bool:
     """True when the weights are already on a grid: a quant pass recorded one
     (kompakt.model.compression) or they were stored compressed (compressed-tensors)."""
-    model = getattr(model_or_loaded, "model", model_or_loaded)
+    model = model_or_loaded.model if isinstance(model_or_loaded, LoadedModel) else model_or_loaded
     return bool(getattr(model.config, "quantization_config", None)) or get_state(model).quantization is not None
 
 
