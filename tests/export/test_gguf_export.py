@@ -9,6 +9,7 @@ import torch
 from kompakt.errors import ConfigError, OutputPathError, UnsupportedArchitectureError
 from kompakt.export import export_gguf, verify_manifest, write_gguf
 from kompakt.export.gguf_tensors import _permute
+from kompakt.model.compression import Quantization, update_state
 from kompakt.model.tiny import TINY_FAMILIES, tiny_model
 from kompakt.ops.gguf_grid import GGUFBlockGrid, dequantize_blocks, quantize_blocks
 
@@ -79,7 +80,7 @@ def test_tensor_types_follow_llama_cpp_quantizer(tmp_path):
 
 
 def _put_on_q4_0_grid(loaded, seed: int = 0) -> list[str]:
-    """What a quant pass with format q4_0 leaves: on-grid fp32 weights + config.kompakt_quantization.
+    """What a quant pass with format q4_0 leaves: on-grid fp32 weights + the recorded quantization.
 
     Codes are drawn so that many blocks never use code 0 (the -8·d value), as after GPTQ:
     re-quantizing such blocks with llama.cpp's rule would change them.
@@ -92,8 +93,13 @@ def _put_on_q4_0_grid(loaded, seed: int = 0) -> list[str]:
             codes = torch.randint(2, 15, module.weight.shape, generator=gen, dtype=torch.int32)
             module.weight.data = dequantize_blocks(codes, d.abs(), None, "q4_0")
             names.append(name)
-    loaded.model.config.kompakt_quantization = {"format": "q4_0", "modules": names}
+    _record_grid(loaded, "q4_0", names)
     return names
+
+
+def _record_grid(loaded, fmt: str, names: list[str]) -> None:
+    bits = 8 if fmt == "q8_0" else 4
+    update_state(loaded, quantization=Quantization("test", fmt, bits, 32, True, tuple(names)))
 
 
 def test_q4_0_grid_weights_are_written_without_re_rounding(tmp_path):
@@ -130,7 +136,7 @@ def test_gptq_style_grid_from_block_grid_is_exact(tmp_path):
                 blocks.append(grid.decode(grid.encode(noisy, params), params))
             module.weight.data = torch.cat(blocks, dim=1)
             names.append(name)
-    loaded.model.config.kompakt_quantization = {"format": "q8_0", "modules": names}
+    _record_grid(loaded, "q8_0", names)
     result = write_gguf(loaded, tmp_path / "g.gguf", type="q8_0")
     assert result.requantized_blocks == 0
     back = _load(result.path)
@@ -216,7 +222,8 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
 def test_compressed_tensors_q4_0_grid_exports_exactly(tmp_path):
     """A quant pass that stored symmetric int4, group 32, fp16 scales needs nothing else."""
-    from kompakt.model.quantized import PackedLayer, save_quantized
+    from kompakt.model.compression import PackedLayer
+    from kompakt.model.quantized import save_quantized
     from kompakt.ops.quant import QuantGrid
 
     loaded = tiny_model("llama")

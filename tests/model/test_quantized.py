@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kompakt.errors import ConfigError
-from kompakt.model.quantized import PackedLayer, ensure_not_quantized, is_quantized, save_quantized, storable_group_size
+from kompakt.model.compression import PackedLayer
+from kompakt.model.quantized import ensure_not_quantized, is_quantized, save_quantized, storable_group_size
 from kompakt.model.tiny import tiny_model
 from kompakt.ops.quant import QuantGrid
 

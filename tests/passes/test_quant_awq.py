@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, norm_modules
+from kompakt.model.compression import AwqScaling, get_state
 from kompakt.model.tiny import TINY_FAMILIES, tiny_model
 from kompakt.passes.base import PassContext, build_config, get_pass
 
@@ -57,10 +58,12 @@ def test_awq_keeps_the_float_function(family):
     before = _logits(loaded)
     report = _run(AWQ, loaded, bits=3, group_size=32, clip=False)
     assert torch.allclose(_logits(loaded), before, atol=1e-4, rtol=1e-4)
-    assert len(report.details["scales"]) == 16  # 4 layers x (qkv, v->o, gate/up, up->down)
+    assert report.details["scales"]["points"] == 16  # 4 layers x (qkv, v->o, gate/up, up->down)
     assert not report.details["notes"]
-    assert any(v["alpha"] > 0 for v in report.details["scales"].values())
-    assert getattr(loaded.model.config, "kompakt_quantization", None) is None  # AWQ does not quantize
+    assert report.details["scales"]["alpha_max"] > 0
+    state = get_state(loaded)
+    assert state.quantization is None and not report.packed_layers  # AWQ does not quantize
+    assert state.awq == AwqScaling(grid="int3 g32 sym", clip=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kompakt.errors import ConfigError
+from kompakt.model.compression import get_state
 from kompakt.model.load import load
 from kompakt.model.save import save_model
 from kompakt.model.tiny import TINY_FAMILIES, tiny_model
@@ -33,7 +34,7 @@ def _run(spec, loaded, **values):
 
 def _weights(loaded):
     modules = dict(loaded.model.named_modules())
-    return {name: modules[name].weight.detach() for name in loaded.model.config.kompakt_quantization["modules"]}
+    return {name: modules[name].weight.detach() for name in get_state(loaded).quantization.modules}
 
 
 def _logits(loaded, ids=HELDOUT):
@@ -55,7 +56,7 @@ def test_gptq_every_family_on_grid_and_reloads(family, tmp_path):
     assert torch.isfinite(logits).all()
     grid = QuantGrid(4, 32, True)
     for name, w in _weights(loaded).items():
-        packed = loaded.model.kompakt_packed_layers[name]
+        packed = get_state(loaded).packed_layers[name]
         assert torch.equal(packed.dequantize(), w.float()), name  # stored codes = the model's values
         assert (packed.codes.abs() <= 8).all()
         # on the grid: every group's values are integer multiples of its scale
@@ -82,7 +83,7 @@ def test_gptq_on_gguf_grid(fmt):
             q = blocks / torch.where(d == 0, torch.ones_like(d), d)
             on_grid |= ((q - q.round()).abs() < 1e-3).all(-1) & (q.round().abs() <= top).all(-1)
         assert on_grid.all(), name
-    assert loaded.model.config.kompakt_quantization["format"] == fmt
+    assert get_state(loaded).quantization.format == fmt
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -108,7 +109,7 @@ def test_gptq_without_act_order_and_not_true_sequential():
     loaded = tiny_model("mistral")
     report = _run(GPTQ, loaded, bits=3, group_size=None, act_order=False, true_sequential=False, max_blocks=4)
     assert report.details["act_order"] is False and torch.isfinite(_logits(loaded)).all()
-    assert loaded.model.kompakt_packed_layers["model.layers.0.mlp.down_proj"].group_size is None
+    assert get_state(loaded).packed_layers["model.layers.0.mlp.down_proj"].group_size is None
 
 
 @pytest.mark.parametrize(
@@ -132,7 +133,7 @@ def test_gptq_modules_subset_uses_the_shared_hessian():
     loaded = tiny_model("llama")
     q_before = loaded.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     _run(GPTQ, loaded, bits=4, group_size=32, modules=["attn.k", "mlp.up"], max_blocks=4)
-    names = loaded.model.config.kompakt_quantization["modules"]
+    names = get_state(loaded).quantization.modules
     assert len(names) == 8 and all(n.endswith(("k_proj", "up_proj")) for n in names)
     assert torch.equal(loaded.model.model.layers[0].self_attn.q_proj.weight, q_before)  # collected, not changed
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kompakt.errors import ConfigError
+from kompakt.model.compression import get_state
 from kompakt.model.load import load
 from kompakt.model.quantized import is_quantized
 from kompakt.model.save import save_model
@@ -29,7 +30,7 @@ def _run(loaded, **values):
 
 def _quantized_weights(loaded):
     modules = dict(loaded.model.named_modules())
-    return {name: modules[name].weight for name in loaded.model.config.kompakt_quantization["modules"]}
+    return {name: modules[name].weight for name in get_state(loaded).quantization.modules}
 
 
 def _logits(loaded):
@@ -45,10 +46,11 @@ def test_rtn_every_family_on_grid_and_reloads(family, tmp_path):
     assert torch.isfinite(logits).all()
     grid = QuantGrid(4, 32, True)
     weights = _quantized_weights(loaded)
-    assert len(weights) == len(loaded.model.kompakt_packed_layers) > 0
+    assert len(weights) == len(get_state(loaded).packed_layers) > 0
+    assert report.packed_layers.keys() == get_state(loaded).packed_layers.keys()  # the step saves these
     for name, w in weights.items():
         assert torch.equal(grid.fake_quantize(w.detach()), w.detach()), name  # re-quantizing changes nothing
-        packed = loaded.model.kompakt_packed_layers[name]
+        packed = get_state(loaded).packed_layers[name]
         assert torch.equal(packed.dequantize(), w.detach().float()), name
     assert "rtn int4 g32 sym" in report.summary
     reloaded = load(save_model(loaded, tmp_path / "q"))
@@ -60,13 +62,13 @@ def test_rtn_every_family_on_grid_and_reloads(family, tmp_path):
 def test_gguf_format_is_llamacpp_rounding(fmt):
     loaded = tiny_model("llama")
     before = {n: w.detach().clone() for n, w in _quantized_weights_after(loaded, fmt).items()}
-    meta = loaded.model.config.kompakt_quantization
-    assert meta["format"] == fmt and len(meta["modules"]) == 28
+    meta = get_state(loaded).quantization
+    assert meta.format == fmt and len(meta.modules) == 28
     for name, w in _quantized_weights(loaded).items():
         q, d, m = quantize_blocks(w.detach(), fmt)
         assert torch.equal(dequantize_blocks(q, d, m, fmt), w.detach()), name  # on the grid
         assert torch.equal(w.detach(), before[name])
-    packed = loaded.model.kompakt_packed_layers
+    packed = get_state(loaded).packed_layers
     if fmt == "q4_1":  # its fp16 block minimum is no integer zero point: the step stays dense
         assert packed == {}
     else:  # q4_0 / q8_0 are symmetric int4 / int8 groups of 32: stored packed, the same values
@@ -91,12 +93,12 @@ def _quantized_weights_after(loaded, fmt):
 def test_asymmetric_per_channel_and_modules():
     loaded = tiny_model("qwen2")
     _run(loaded, bits=3, group_size=None, symmetric=False, modules=["mlp"])
-    meta = loaded.model.config.kompakt_quantization
-    assert all("mlp" in n for n in meta["modules"]) and len(meta["modules"]) == 12
+    meta = get_state(loaded).quantization
+    assert all("mlp" in n for n in meta.modules) and len(meta.modules) == 12
     grid = QuantGrid(3, None, False)
     for name, w in _quantized_weights(loaded).items():
         assert torch.allclose(grid.fake_quantize(w.detach()), w.detach(), atol=1e-6), name
-        assert loaded.model.kompakt_packed_layers[name].zero is not None
+        assert get_state(loaded).packed_layers[name].zero is not None
 
 
 def test_group_fallback_names_the_layers(caplog):
@@ -106,9 +108,9 @@ def test_group_fallback_names_the_layers(caplog):
     assert "group size 64 does not divide 96: used 32" in report.summary
     assert "model.layers.0.mlp.down_proj" in report.summary and "(4 layers" in report.summary
     assert "down_proj" in caplog.text
-    meta = loaded.model.config.kompakt_quantization
-    assert meta["group_sizes"] == {f"model.layers.{i}.mlp.down_proj": 32 for i in range(4)}
-    assert loaded.model.kompakt_packed_layers["model.layers.0.mlp.down_proj"].group_size == 32
+    meta = get_state(loaded).quantization
+    assert meta.group_sizes == {f"model.layers.{i}.mlp.down_proj": 32 for i in range(4)}
+    assert get_state(loaded).packed_layers["model.layers.0.mlp.down_proj"].group_size == 32
 
 
 def test_embeddings_and_lm_head_flags():
@@ -116,11 +118,11 @@ def test_embeddings_and_lm_head_flags():
     embed = loaded.model.model.embed_tokens.weight.detach().clone()
     _run(loaded, bits=8, group_size=32, lm_head=True)
     assert torch.equal(loaded.model.model.embed_tokens.weight, embed)  # off by default
-    assert "lm_head" in loaded.model.config.kompakt_quantization["modules"]
+    assert "lm_head" in get_state(loaded).quantization.modules
     loaded = tiny_model("llama")
     _run(loaded, bits=8, group_size=32, embeddings=True)
     assert not torch.equal(loaded.model.model.embed_tokens.weight, embed)
-    assert "model.embed_tokens" not in loaded.model.kompakt_packed_layers  # not a Linear
+    assert "model.embed_tokens" not in get_state(loaded).packed_layers  # not a Linear
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kompakt.evaluate import fidelity
+from kompakt.model.compression import get_state
 from kompakt.model.load import load
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.save import save_model
@@ -67,11 +68,11 @@ def test_every_family_trains_saves_and_reloads(family, name, values, text, tmp_p
     assert torch.allclose(_logits(reloaded), logits, atol=1e-5)
     assert type(reloaded.model).__name__ == type(teacher.model).__name__  # no PEFT wrapper left
     if name == "quant.qat":
-        meta = reloaded.model.config.kompakt_quantization
-        assert meta["method"] == "qat" and meta["bits"] == 4
+        meta = get_state(reloaded).quantization
+        assert meta.method == "qat" and meta.bits == 4
         modules = dict(reloaded.model.named_modules())
         grid = QuantGrid(4, 32, True, scale_dtype=torch.float16)
-        for module in meta["modules"]:
+        for module in meta.modules:
             w = modules[module].weight.detach()
             assert torch.equal(grid.fake_quantize(w), w), module  # frozen on the grid
 

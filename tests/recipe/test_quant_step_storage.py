@@ -12,6 +12,7 @@ from recipe_helpers import small_data
 from safetensors import safe_open
 
 from kompakt.errors import ConfigError
+from kompakt.model.compression import get_state
 from kompakt.model.load import load
 from kompakt.model.quantized import is_quantized
 from kompakt.model.tiny import tiny_model
@@ -34,7 +35,7 @@ def _gptq(loaded, **values):
     spec = get_pass("quant.gptq")
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: calib, seed=0)
-    return spec.apply(ctx, build_config(spec, {"bits": 4, "group_size": 32, **values})).loaded
+    return spec.apply(ctx, build_config(spec, {"bits": 4, "group_size": 32, **values}))
 
 
 def _expected_bytes(loaded, packed) -> int:
@@ -56,11 +57,11 @@ def test_packed_step_is_small_and_reloads_with_the_same_logits(tmp_path):
     with torch.no_grad():  # fp16-exact weights, so the fp16 copy of the rest is exact too
         for param in loaded.model.parameters():
             param.copy_(param.half().float())
-    loaded = _gptq(loaded)
-    packed = loaded.model.kompakt_packed_layers
+    report = _gptq(loaded)
+    packed = report.packed_layers
     assert packed and all(layer.scale.dtype == torch.float16 for layer in packed.values())
     before = _logits(loaded.model)
-    details = save_step_model(loaded, tmp_path / "q", torch.float32)
+    details = save_step_model(loaded, tmp_path / "q", torch.float32, packed)
     assert details["stored_as"] == "compressed-tensors" and details["dense_dtype"] == "float16"
     stored = (tmp_path / "q" / "model.safetensors").stat().st_size
     expected = _expected_bytes(loaded, packed)
@@ -89,6 +90,8 @@ def test_recipe_quant_step_then_dense_pass_export_and_refusal(tiny_dir, text_fil
     recipe = Recipe.from_dict({"model": str(tiny_dir), "seed": 1, "data": small_data(text_file), "steps": steps})
     result = run_recipe(recipe, tmp_path / "run")
     quant, sparse = result.records
+    # counts and a few names, not one entry per layer (28 here, 210 on SmolLM2)
+    assert len((tmp_path / "run" / "lineage.jsonl").read_text().splitlines()[0]) < 2000
     step_dir = tmp_path / "run" / quant["dir"]
     assert quant["details"]["stored_as"] == "compressed-tensors" and quant["details"]["packed_layers"] == 28
     assert "quantization_config" in json.loads((step_dir / "config.json").read_text())
@@ -118,21 +121,21 @@ def test_gguf_grid_step_is_stored_packed_and_exports_the_same_blocks(fmt, pass_n
         for param in loaded.model.parameters():
             param.copy_(param.half().float())
     if pass_name == "quant.gptq":
-        loaded = _gptq(loaded, format=fmt)
+        report = _gptq(loaded, format=fmt)
     else:
         spec = get_pass(pass_name)
         ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: None, seed=0)
-        loaded = spec.apply(ctx, build_config(spec, {"format": fmt})).loaded
-    packed = loaded.model.kompakt_packed_layers
+        report = spec.apply(ctx, build_config(spec, {"format": fmt}))
+    packed = report.packed_layers
     assert packed and {layer.bits for layer in packed.values()} == {4 if fmt == "q4_0" else 8}
     before = _logits(loaded.model)
-    details = save_step_model(loaded, tmp_path / "q", torch.float32)
+    details = save_step_model(loaded, tmp_path / "q", torch.float32, packed)
     assert details["stored_as"] == "compressed-tensors"
     dense_fp32 = sum(p.numel() * 4 for p in loaded.model.parameters())
     assert (tmp_path / "q" / "model.safetensors").stat().st_size < (0.25 if fmt == "q4_0" else 0.4) * dense_fp32
     back = load(tmp_path / "q", device="cpu")
     assert torch.equal(_logits(back.model), before)  # codes x fp16 scale: the same values
-    assert back.model.config.kompakt_quantization["format"] == fmt
+    assert get_state(back).quantization.format == fmt
     files = [write_gguf(m, tmp_path / f"{tag}.gguf", type=fmt).path for tag, m in (("mem", loaded), ("disk", back))]
     tensors = [{t.name: bytes(t.data) for t in GGUFReader(path).tensors} for path in files]
     assert tensors[0] == tensors[1]  # the reloaded step exports exactly the blocks it was quantized to

@@ -7,14 +7,10 @@ Everything that could make the export fail is checked before a byte is written: 
 tokenizer (gguf_tokenizer), the output path. The file is written under a temporary name in
 the target directory and renamed when complete; `<file>.sha256` is written beside it.
 
-Quantized-grid contract (for quant passes that choose values on a llama.cpp block grid):
-the model's config carries
-
-    config.kompakt_quantization = {"format": "q4_0" | "q4_1" | "q8_0",
-                                   "modules": ["model.layers.0.self_attn.q_proj", ...]}
-
-(module names as in model.named_modules(); it survives save_pretrained in config.json) and
-those modules' weights hold the exact dequantized values (fp32; bf16/fp16 would round them).
+Quantized-grid contract (for quant passes that choose values on a llama.cpp block grid): the
+model's compression state (kompakt.model.compression) has a `quantization` whose format is
+q4_0 / q4_1 / q8_0 and whose modules (names as in model.named_modules()) hold the exact
+dequantized values (fp32; bf16/fp16 would round them); it survives save -> reload.
 Exporting with --type equal to that format writes each listed weight with block parameters
 recovered exactly from its values (gguf_grid_recover) instead of llama.cpp's re-rounding; a
 block that is not on the grid is re-quantized and counted in the log.
@@ -37,12 +33,11 @@ from kompakt.export.gguf_tensors import FILE_TYPES, TYPES, GGUFPlan, plan_tensor
 from kompakt.export.gguf_tokenizer import add_tokenizer, build_vocab
 from kompakt.export.manifest import manifest_path, write_manifest
 from kompakt.atomic import atomic_file
+from kompakt.model.compression import get_state
 from kompakt.model.loaded import LoadedModel
-from kompakt.model.quantized import dense_state_dict
+from kompakt.model.quantized import dense_state_dict, gguf_grid_of_compressed
 
 log = logging.getLogger(__name__)
-
-QUANT_CONFIG_KEY = "kompakt_quantization"
 
 
 @dataclass
@@ -57,16 +52,13 @@ class GGUFExport:
     notes: list[str] = field(default_factory=list)
 
 
-def grid_modules(config) -> dict[str, str]:
-    """Module name -> GGUF grid format: config.kompakt_quantization (see module docstring), and
+def grid_modules(model) -> dict[str, str]:
+    """Module name -> GGUF grid format: the recorded quantization (see module docstring), and
     compressed-tensors groups stored on a q4_0 / q8_0 grid (kompakt.model.quantized)."""
-    from kompakt.model.quantized import gguf_grid_of_compressed
-
-    modules = gguf_grid_of_compressed(config)
-    spec = getattr(config, QUANT_CONFIG_KEY, None) or {}
-    fmt = str(spec.get("format", "")).lower()
-    if fmt:
-        modules.update({str(name): fmt for name in spec.get("modules", [])})
+    modules = gguf_grid_of_compressed(model.config)
+    quantization = get_state(model).quantization
+    if quantization is not None:
+        modules.update({name: quantization.format for name in quantization.modules})
     return modules
 
 
@@ -93,7 +85,7 @@ def prepare_gguf(loaded: LoadedModel, type: str = "f16"):
     family = family_for(config)
     vocab = build_vocab(loaded.tokenizer, int(config.vocab_size))
     check_expressible(config, family, len(vocab.tokens))
-    plan = plan_tensors(loaded.model, config, family, type, grid_modules(loaded.model.config))
+    plan = plan_tensors(loaded.model, config, family, type, grid_modules(loaded.model))
     plan.notes[:0] = vocab.notes
     return family, config, vocab, plan
 

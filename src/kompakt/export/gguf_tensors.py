@@ -12,7 +12,7 @@ model have the same size and compare fairly:
 - every other 2-D weight: the requested type; rows not a multiple of 32 -> F16 (llama.cpp's
   own fallback for 32-block types), reported per tensor.
 
-Weights on a GGUF grid (config.kompakt_quantization, see kompakt.export.gguf) are written
+Weights on a GGUF grid (the recorded quantization, see kompakt.export.gguf) are written
 with their exact block parameters (gguf_grid_recover), never re-rounded.
 """
 

@@ -2,7 +2,8 @@
 
     save_quantized(loaded, "runs/q4/step", {"model.layers.0.mlp.down_proj": PackedLayer(...), ...})
 
-writes a Hugging Face directory in the `compressed-tensors` "pack-quantized" format (the
+(PackedLayer: kompakt.model.compression, where the quant passes leave them) writes a
+Hugging Face directory in the `compressed-tensors` "pack-quantized" format (the
 format vLLM and transformers' CompressedTensorsHfQuantizer read): per quantized Linear
 `weight_packed` (int32, bits·in/32 words per row), `weight_scale` [out, groups],
 `weight_shape`, and `weight_zero_point` for asymmetric grids; config.json gets the
@@ -36,6 +37,7 @@ import torch
 
 from kompakt.atomic import atomic_directory
 from kompakt.errors import ConfigError, OutputPathError
+from kompakt.model.compression import PackedLayer, get_state
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.save import save_pretrained_on_every_rank
 from kompakt.ops.quant import QuantGrid
@@ -47,40 +49,6 @@ ASYMMETRIC_FORMAT = "int-quantized"  # see _compressed_tensors
 
 
 @dataclass
-class PackedLayer:
-    """One quantized Linear as the quant pass produced it (QuantGrid / GPTQResult convention).
-
-    codes: int32 [out, in]; scale: [out, n_groups] (its dtype is stored: fp32, fp16 or bf16);
-    zero: [out, n_groups] integer zero points or None (symmetric); group_size: None = one
-    group per row (per-channel).
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    bits: int
-    group_size: int | None
-    symmetric: bool
-
-    @classmethod
-    def from_grid(cls, weight: torch.Tensor, grid: QuantGrid) -> PackedLayer:
-        """RTN-quantize `weight` [out, in] on `grid`."""
-        q, scale, zero = grid.quantize(weight.detach().float().cpu())
-        group = grid.group_size_for(weight.shape[1])
-        group_size = None if group >= weight.shape[1] else group
-        return cls(q, scale.to(grid.scale_dtype), zero, grid.bits, group_size, grid.symmetric)
-
-    def dequantize(self) -> torch.Tensor:
-        out_features, in_features = self.codes.shape
-        g = self.group_size or in_features
-        scale = self.scale.float().repeat_interleave(g, dim=1)[:, :in_features]
-        q = self.codes.float()
-        if self.zero is not None:
-            q = q - self.zero.float().repeat_interleave(g, dim=1)[:, :in_features]
-        return q * scale
-
-
-@dataclass
 class QuantizedSave:
     path: Path
     size_bytes: int
@@ -89,10 +57,10 @@ class QuantizedSave:
 
 
 def is_quantized(model_or_loaded) -> bool:
-    """True when the weights are already quantized (compressed-tensors or a kompakt GGUF grid)."""
-    model = getattr(model_or_loaded, "model", model_or_loaded)
-    config = getattr(model, "config", model)
-    return bool(getattr(config, "quantization_config", None) or getattr(config, "kompakt_quantization", None))
+    """True when the weights are already on a grid: a quant pass recorded one
+    (kompakt.model.compression) or they were stored compressed (compressed-tensors)."""
+    model = model_or_loaded.model if isinstance(model_or_loaded, LoadedModel) else model_or_loaded
+    return bool(getattr(model.config, "quantization_config", None)) or get_state(model).quantization is not None
 
 
 def ensure_not_quantized(loaded, what: str = "quantize") -> None:
@@ -198,8 +166,8 @@ def save_quantized(
     cast: dict[int, torch.Tensor] = {}  # one cast per storage, so tied embeddings stay tied (saved once)
     groups: dict[tuple, list[str]] = {}
     dense = dense_dtype or loaded.storage_dtype
-    meta = getattr(model.config, "kompakt_quantization", None) or {}
-    exact = set(meta.get("modules", [])) - set(packed_layers)
+    quantization = get_state(model).quantization
+    exact = set(quantization.modules if quantization else ()) - set(packed_layers)
     for name, tensor in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
         if module in packed_layers and name.endswith(".weight"):

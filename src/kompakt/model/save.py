@@ -103,7 +103,7 @@ def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
 
     A compressed-tensors `quantization_config` (a model kompakt.load densified) is dropped: the
     weights written here are dense, and transformers would look for packed tensors. What grid
-    they came from stays in `kompakt_quantization` (kompakt.passes.quant_rtn).
+    they came from stays in the compression state (kompakt.model.compression).
     """
     config = json.loads(config_path.read_text())
     qconfig = config.get("quantization_config")

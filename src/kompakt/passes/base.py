@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kompakt.errors import ConfigError
+from kompakt.model.compression import PackedLayer
 from kompakt.model.loaded import LoadedModel
 
 
@@ -81,12 +82,17 @@ class PassReport:
 
     `files`: extra outputs to keep beside the saved model (name in the step directory ->
     a file or directory the pass wrote under ctx.work_dir), e.g. a LoRA adapter on its own.
+    `packed_layers`: module name -> PackedLayer (integer codes and scales exactly as the pass
+    quantized them); the step is then saved packed (compressed-tensors). Empty: saved dense.
+    `details` go into lineage.jsonl once per step: counts and a few names, not one entry per
+    layer.
     """
 
     loaded: LoadedModel
     summary: str
     details: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    packed_layers: Mapping[str, PackedLayer] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -47,14 +47,14 @@ from torch import nn
 from kompakt.calib import LayerStats, run_sequential
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, fused_splits, linear_modules, norm_modules, text_config
+from kompakt.model.compression import AwqScaling, update_state
 from kompakt.model.quantized import ensure_not_quantized
 from kompakt.ops.awq import search_clip, search_scales
 from kompakt.passes.base import PassContext, PassReport, PassSpec
-from kompakt.passes.quant_rtn import GridPlan, QuantGridConfig, plan_grid, rtn_weight
+from kompakt.passes.quant_common import GridPlan, QuantGridConfig, plan_grid, rtn_weight
 
 logger = logging.getLogger(__name__)
 
-AWQ_CONFIG_KEY = "kompakt_awq"
 NO_CLIP = ("attn.q", "attn.k", "attn.qkv")
 
 
@@ -238,16 +238,28 @@ def apply(ctx: PassContext, config: AwqConfig) -> PassReport:
     run_sequential(model, blocks, awq.process, collect="hessian", true_sequential=True,
                    batch_size=config.batch_size, description="AWQ scale search")  # fmt: skip
     grid = config.grid().grid_label
-    setattr(model.config, AWQ_CONFIG_KEY, {"grid": grid, "clip": config.clip})
-    gains = [v["error"] / v["error_unscaled"] for v in awq.log.values() if v["error_unscaled"] > 0]
-    mean_gain = sum(gains) / max(len(gains), 1)
-    summary = (f"awq for {grid}: {len(awq.log)} scaling points, output error x{mean_gain:.2f} on average"
-               f"{' + clipping' if config.clip else ''}; quantize next with the same grid")  # fmt: skip
+    update_state(loaded, awq=AwqScaling(grid=grid, clip=config.clip))
+    scales = _scales_summary(awq.log)
+    summary = (f"awq for {grid}: {scales['points']} scaling points, output error x{scales['error_ratio_mean']:.2f} "
+               f"on average{' + clipping' if config.clip else ''}; quantize next with the same grid")  # fmt: skip
     if awq.notes:
         summary += "; " + "; ".join(awq.notes)
-    details = {"grid": grid, "scales": awq.log, "notes": awq.notes, "calibration_blocks": list(blocks.shape),
+    details = {"grid": grid, "scales": scales, "notes": awq.notes, "calibration_blocks": list(blocks.shape),
                "seconds": time.perf_counter() - start}  # fmt: skip
     return PassReport(loaded=loaded, summary=summary, details=details)
+
+
+def _scales_summary(log: dict[str, Any]) -> dict[str, Any]:
+    """The scale search in a few numbers (lineage.jsonl holds one record per step, not per layer);
+    the per-point values go to the debug log."""
+    for point, found in log.items():
+        logger.debug("quant.awq %s: alpha %.2f, error %.4g (unscaled %.4g)",
+                     point, found["alpha"], found["error"], found["error_unscaled"])  # fmt: skip
+    alphas = [v["alpha"] for v in log.values()]
+    ratios = [v["error"] / v["error_unscaled"] for v in log.values() if v["error_unscaled"] > 0]
+    return {"points": len(log), "alpha_min": min(alphas, default=0.0), "alpha_max": max(alphas, default=0.0),
+            "alpha_mean": round(sum(alphas) / max(len(alphas), 1), 4),
+            "error_ratio_mean": round(sum(ratios) / max(len(ratios), 1), 4)}  # fmt: skip
 
 
 PASS = PassSpec(name="quant.awq", config=AwqConfig, apply=apply, needs_calibration=True, doc=__doc__ or "")

@@ -13,7 +13,7 @@ after another (`true_sequential`), each on inputs produced by the already quanti
 Use it for 4 and 3 bits (clearly better than RTN there); at 8 bits RTN is as good and instant.
 Combine with `quant.awq` as a step before it (AWQ rescales, GPTQ quantizes). Grid options,
 modules, the group-size fallback (576 with 128 → 64, reported) and what is left on the model
-for storage / export are those of `quant.rtn` (see kompakt.passes.quant_rtn); with
+for storage / export are those of `quant.rtn` (see kompakt.passes.quant_common); with
 `format: q4_0 | q4_1 | q8_0` GPTQ chooses values exactly on llama.cpp's block grid.
 Embeddings / lm_head, when asked for, are quantized with RTN (no Hessian is collected there).
 
@@ -41,10 +41,12 @@ from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, linear_modules
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec
-from kompakt.passes.quant_rtn import (
+from kompakt.passes.quant_common import (
+    NAMES_SHOWN,
     GridPlan,
     QuantGridConfig,
     Target,
+    grid_counts,
     notes_of,
     packed_from,
     plan_grid,
@@ -77,8 +79,6 @@ class GptqConfig(QuantGridConfig):
             raise ConfigError(f"quant.gptq: percdamp must be >= 0, got {self.percdamp}")
         if self.block_size < 1 or self.batch_size < 1 or (self.max_blocks is not None and self.max_blocks < 1):
             raise ConfigError("quant.gptq: block_size, batch_size and max_blocks must be at least 1")
-
-
 
 
 def _gptq_module(module: nn.Linear, hessian: torch.Tensor, config: GptqConfig, plan: GridPlan) -> dict[str, Any]:
@@ -142,16 +142,18 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     extra_done, extra_packed = rtn_targets([t for t in targets if t.layer is None], config)
     done.update(extra_done)
     packed.update(extra_packed)
-    record(loaded, "gptq", config, done, packed)
+    packed_layers = record(loaded, "gptq", config, done, packed)
     notes = notes_of(done, "quant.gptq")
+    worst = sorted(losses, key=losses.__getitem__, reverse=True)[:NAMES_SHOWN]
     details = {
-        "method": "gptq", "grid": config.grid_label, "modules": len(done), "notes": notes,
-        "act_order": config.act_order, "percdamp": config.percdamp, "true_sequential": config.true_sequential,
-        "calibration_blocks": list(blocks.shape), "loss_total": sum(losses.values()), "losses": losses,
-        "group_sizes": {n: p.group_size for n, p in done.items()},
+        "method": "gptq", "grid": config.grid_label, "modules": len(done), "grids": grid_counts(config, done),
+        "notes": notes, "act_order": config.act_order, "percdamp": config.percdamp,
+        "true_sequential": config.true_sequential, "calibration_blocks": list(blocks.shape),
+        "loss_total": sum(losses.values()), "largest_losses": {name: losses[name] for name in worst},
         "rtn_modules": sorted(extra_done), "seconds": time.perf_counter() - start, "calibration_seconds": calib_seconds,
     }  # fmt: skip
-    return PassReport(loaded=loaded, summary=summary_line("gptq", config, done, notes), details=details)
+    return PassReport(loaded=loaded, summary=summary_line("gptq", config, done, notes), details=details,
+                      packed_layers=packed_layers)  # fmt: skip
 
 
 PASS = PassSpec(name="quant.gptq", config=GptqConfig, apply=apply, needs_calibration=True, doc=__doc__ or "")

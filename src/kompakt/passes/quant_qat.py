@@ -10,7 +10,7 @@ against the teacher (default the recipe's original), as in LLM-QAT (Liu et al. 2
 also showed that teacher-generated text — kompakt's default data — works without any corpus.
 After training, the latent weights are quantized once more with the same grid (bit-identical to
 the last forward) and the model carries the same storage / export contract as quant.rtn
-(`config.kompakt_quantization`, packed layers for compressed-tensors, GGUF grids for export).
+(the grid in the compression state, kompakt.model.compression; packed layers in the report).
 
 Grid: on a model a previous step quantized (quant.rtn / gptq / awq, in memory or reloaded from
 a compressed-tensors step directory), QAT trains on *that* grid and those modules (its own grid
@@ -39,16 +39,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from kompakt.errors import ConfigError
+from kompakt.model.compression import clear_quantization, get_state
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import is_quantized
 from kompakt.passes.base import PassContext, PassReport, PassSpec
 from kompakt.passes.distill_kd import objective_for
-from kompakt.passes.quant_rtn import (
-    PACKED_ATTR,
-    QUANT_CONFIG_KEY,
+from kompakt.passes.quant_common import (
     GridPlan,
     QuantGridConfig,
     Target,
+    grid_counts,
     notes_of,
     plan_grid,
     record,
@@ -88,13 +88,9 @@ class FakeQuant(nn.Module):
 
 def grid_of(model: nn.Module) -> tuple[QuantGridConfig, list[str]] | None:
     """The grid and modules a previous quant step left on `model` (None when unquantized)."""
-    meta = getattr(model.config, QUANT_CONFIG_KEY, None)
-    if isinstance(meta, dict) and meta.get("modules"):
-        fmt = meta.get("format")
-        if fmt in ("q4_0", "q4_1", "q8_0"):
-            return QuantGridConfig(format=fmt), list(meta["modules"])
-        return QuantGridConfig(bits=int(meta["bits"]), group_size=meta.get("group_size"),
-                               symmetric=bool(meta.get("symmetric", True))), list(meta["modules"])  # fmt: skip
+    quantization = get_state(model).quantization
+    if quantization is not None and quantization.modules:
+        return QuantGridConfig.of(quantization), list(quantization.modules)
     qconfig = getattr(model.config, "quantization_config", None)
     if qconfig is None:
         return None
@@ -107,19 +103,6 @@ def grid_of(model: nn.Module) -> tuple[QuantGridConfig, list[str]] | None:
     config = QuantGridConfig(bits=int(weights["num_bits"]), group_size=weights.get("group_size"),
                              symmetric=bool(weights.get("symmetric", True)))  # fmt: skip
     return config, [t for t in groups[0].get("targets", []) if not t.startswith("re:")]
-
-
-def _forget_quantization(model: nn.Module) -> None:
-    """Drop a previous step's quantization marks (QAT re-records them when it freezes)."""
-    configs = [model.config]
-    text_config = getattr(model.config, "get_text_config", lambda: None)()
-    if text_config is not None and text_config is not model.config:
-        configs.append(text_config)
-    for config in configs:
-        for key in (QUANT_CONFIG_KEY, "quantization_config"):
-            if key in config.__dict__:
-                delattr(config, key)
-    model.__dict__.pop(PACKED_ATTR, None)
 
 
 def _targets(loaded: LoadedModel, config: QatConfig) -> tuple[QuantGridConfig, list[Target], str]:
@@ -164,7 +147,7 @@ def apply(ctx: PassContext, config: QatConfig) -> PassReport:
                        NAME, grid.grid_label)  # fmt: skip
     prepared = prepare(ctx, config, NAME)
     if is_quantized(loaded):
-        _forget_quantization(loaded.model)
+        clear_quantization(loaded)  # re-recorded when the weights are frozen to the grid
     loaded.storage_dtype = torch.float32  # the frozen values are exact in fp32 (as quant.rtn)
     objective = objective_for(config, prepared.teacher.model, loaded.model)
     _attach(targets, grid)
@@ -173,15 +156,16 @@ def apply(ctx: PassContext, config: QatConfig) -> PassReport:
     finally:
         _detach(targets)
     done, packed = rtn_targets(targets, grid)
-    record(loaded, "qat", grid, done, packed)
+    packed_layers = record(loaded, "qat", grid, done, packed)
     notes = notes_of(done, NAME)
     history = result.history
     summary = (f"qat {grid.grid_label} ({source}): {result.tokens} tokens, {result.steps} steps, "
                f"{result.tokens_per_s:.0f} tok/s; loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}"
                if history else f"qat {grid.grid_label}: nothing left to train")  # fmt: skip
     details: dict[str, Any] = {**result.summary(), "grid": grid.grid_label, "grid_source": source,
-                               "modules": len(done), "notes": notes, "data": prepared.data.source}  # fmt: skip
-    return PassReport(loaded=loaded, summary=summary, details=details)
+                               "modules": len(done), "grids": grid_counts(grid, done), "notes": notes,
+                               "data": prepared.data.source}  # fmt: skip
+    return PassReport(loaded=loaded, summary=summary, details=details, packed_layers=packed_layers)
 
 
 PASS = PassSpec(name=NAME, config=QatConfig, apply=apply, needs_teacher=True, needs_training=True,

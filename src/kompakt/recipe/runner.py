@@ -246,7 +246,7 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
                               run_id=step.hash)  # fmt: skip
             input_dtype = current.storage_dtype  # quant passes raise it to fp32 for exact dense saves
             report = step.spec.apply(ctx, step.config)
-            stored = save_step_model(report.loaded, directory, input_dtype)
+            stored = save_step_model(report.loaded, directory, input_dtype, report.packed_layers)
             _keep_files(report.files, directory)
         finally:
             rundir.remove_tree(work)

@@ -1,6 +1,6 @@
-"""How the runner saves a step's model: packed when a quant pass left packed layers on it.
+"""How the runner saves a step's model: packed when the quant pass reported packed layers.
 
-A quant pass (quant.rtn / quant.gptq on an integer grid) leaves `model.kompakt_packed_layers`;
+A quant pass (quant.rtn / quant.gptq on an integer grid) reports them (PassReport.packed_layers);
 the step is then written in the compressed-tensors format (kompakt.model.quantized), so a 4-bit
 step takes about a quarter of its fp16 bytes in the quantized Linears. Everything else is saved
 as a plain Hugging Face directory. Either way `kompakt.load` reads the step back as a dense
@@ -10,19 +10,23 @@ model (a compressed one with `config.quantization_config` naming its grid), so t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kompakt.model.compression import PackedLayer
 from kompakt.model.loaded import LoadedModel
 
-PACKED_ATTR = "kompakt_packed_layers"  # = kompakt.passes.quant_rtn.PACKED_ATTR
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
-def save_step_model(loaded: LoadedModel, directory: Path, input_dtype: torch.dtype) -> dict[str, Any]:
-    """Save `loaded` to `directory`; returns what to add to the step's details.
+def save_step_model(
+    loaded: LoadedModel, directory: Path, input_dtype: torch.dtype, packed: Mapping[str, PackedLayer]
+) -> dict[str, Any]:
+    """Save `loaded` to `directory`, packed when the step's report has `packed` layers; returns
+    what to add to the step's details.
 
     Packed: integer codes with fp16 scales; the weights that were not quantized (embeddings,
     norms, lm_head) in 16 bits: the step's input dtype when it was fp16 / bf16, else fp16 (a
@@ -31,7 +35,6 @@ def save_step_model(loaded: LoadedModel, directory: Path, input_dtype: torch.dty
     from kompakt.model.quantized import save_quantized
     from kompakt.model.save import save_model
 
-    packed = getattr(loaded.model, PACKED_ATTR, None)
     if not packed:
         save_model(loaded, directory)
         return {}

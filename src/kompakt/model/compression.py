@@ -1,0 +1,266 @@
+"""What compression passes leave on a model: one typed contract, the only code that knows its keys.
+
+A pass that changes how weights are stored (a grid, factors, shared tensors, a GGUF type per
+tensor) records it here; saving, loading and export read it here. Nothing else names the
+config keys or keeps state on the model:
+
+    state = get_state(loaded)                  # CompressionState (never None)
+    update_state(loaded, quantization=Quantization(...), packed_layers={...})
+    clear_quantization(loaded)                 # the weights are no longer on a grid
+
+`CompressionState` fields, and where each lives:
+
+- `quantization` (Quantization): the grid quant.rtn / gptq / qat put the weights on, and which
+  modules. config.json key `kompakt_quantization` (as written since the first quant pass; the
+  minimal {"format", "modules"} form still reads). Read by GGUF export (exact block grids), by
+  `kompakt.model.quantized.is_quantized` (no quantizing twice) and by quant.qat (train on it).
+- `awq` (AwqScaling): quant.awq rescaled the weights for this grid. Key `kompakt_awq`.
+- `packed_layers` (module name -> PackedLayer): the integer codes and scales exactly as
+  quantized, in memory only (held beside the model, never on it); the step save writes them
+  as compressed-tensors (kompakt.model.quantized), and loading densifies them again, so a
+  reloaded model has none.
+- `per_tensor_types` (module name -> GGUF type, e.g. "q8_0"): mixed precision, the type the
+  GGUF exporter should write each listed weight in. Key `kompakt_gguf_types`.
+- `lowrank` (module name -> LowRank): a Linear replaced by two (x -> [rank] -> out); the loader
+  must rebuild the pair before reading weights. Key `kompakt_lowrank`.
+- `shared` (owner module name -> SharedWeights): one weight tensor several modules read; the
+  loader re-ties the users to the owner after reading. Key `kompakt_shared`.
+
+The last three are the places the coming passes (mixed-precision search, low-rank
+factorization, weight sharing) fill; they round-trip through config.json today, and a key is
+written only when its field is not empty, so config.json of a model that uses none of them is
+unchanged. The keys are set on the model config and, for multimodal configs, on the text
+config too (as quant passes always did), so `save_pretrained` writes them to config.json and
+`from_pretrained` reads them back as plain dicts.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from kompakt.model.loaded import LoadedModel
+from kompakt.ops.gguf_grid import FORMATS
+from kompakt.ops.quant import QuantGrid
+
+_QUANTIZATION_KEY = "kompakt_quantization"
+_AWQ_KEY = "kompakt_awq"
+_GGUF_TYPES_KEY = "kompakt_gguf_types"
+_LOWRANK_KEY = "kompakt_lowrank"
+_SHARED_KEY = "kompakt_shared"
+_COMPRESSED_TENSORS_KEY = "quantization_config"  # transformers' own: weights stored compressed
+
+# Packed layers are tensors, not JSON: they live beside the model, not in its config or __dict__,
+# and die with it.
+_PACKED: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, PackedLayer]] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class PackedLayer:
+    """One quantized Linear as the quant pass produced it (QuantGrid / GPTQResult convention).
+
+    codes: int32 [out, in]; scale: [out, n_groups] (its dtype is stored: fp32, fp16 or bf16);
+    zero: [out, n_groups] integer zero points or None (symmetric); group_size: None = one
+    group per row (per-channel).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group_size: int | None
+    symmetric: bool
+
+    @classmethod
+    def from_grid(cls, weight: torch.Tensor, grid: QuantGrid) -> PackedLayer:
+        """RTN-quantize `weight` [out, in] on `grid`."""
+        q, scale, zero = grid.quantize(weight.detach().float().cpu())
+        group = grid.group_size_for(weight.shape[1])
+        group_size = None if group >= weight.shape[1] else group
+        return cls(q, scale.to(grid.scale_dtype), zero, grid.bits, group_size, grid.symmetric)
+
+    def dequantize(self) -> torch.Tensor:
+        out_features, in_features = self.codes.shape
+        g = self.group_size or in_features
+        scale = self.scale.float().repeat_interleave(g, dim=1)[:, :in_features]
+        q = self.codes.float()
+        if self.zero is not None:
+            q = q - self.zero.float().repeat_interleave(g, dim=1)[:, :in_features]
+        return q * scale
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """The grid the weights of `modules` lie on (their fp32 values are exactly on it).
+
+    format: "int2" .. "int8" for integer grids, or a llama.cpp block grid "q4_0" / "q4_1" /
+    "q8_0". group_size: input columns per scale (None = per output channel); `group_sizes`
+    names the modules that use another one (a group that does not divide their width).
+    """
+
+    method: str
+    format: str
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    modules: tuple[str, ...]
+    group_sizes: Mapping[str, int | None] = field(default_factory=dict)
+
+    @property
+    def gguf_format(self) -> str | None:
+        """The llama.cpp block type these weights are on (None for integer grids)."""
+        return self.format if self.format in FORMATS else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "format": self.format, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric, "modules": list(self.modules),
+                "group_sizes": dict(self.group_sizes)}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Quantization:
+        """Also the minimal form {"format", "modules"} that early exports and tests wrote."""
+        fmt = str(data.get("format") or f"int{data.get('bits', 4)}").lower()
+        bits = data.get("bits") or (8 if fmt == "q8_0" else 4 if fmt in FORMATS else int(fmt.removeprefix("int")))
+        return cls(method=str(data.get("method", "")), format=fmt, bits=int(bits),
+                   group_size=data.get("group_size"), symmetric=bool(data.get("symmetric", fmt != "q4_1")),
+                   modules=tuple(str(m) for m in data.get("modules", [])),
+                   group_sizes=dict(data.get("group_sizes") or {}))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AwqScaling:
+    """quant.awq rescaled the weights (and clipped, when `clip`) for the grid labelled `grid`."""
+
+    grid: str
+    clip: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"grid": self.grid, "clip": self.clip}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AwqScaling:
+        return cls(grid=str(data.get("grid", "")), clip=bool(data.get("clip", False)))
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A Linear stored as two: `<name>.0` [rank, in] then `<name>.1` [out, rank] (+ the bias)."""
+
+    rank: int
+    method: str = ""  # e.g. "svd", "asvd"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rank": self.rank, "method": self.method}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LowRank:
+        return cls(rank=int(data["rank"]), method=str(data.get("method", "")))
+
+
+@dataclass(frozen=True)
+class SharedWeights:
+    """The owner module's weight is also the weight of every module in `users` (one tensor)."""
+
+    users: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"users": list(self.users)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SharedWeights:
+        return cls(users=tuple(str(u) for u in data.get("users", [])))
+
+
+@dataclass(frozen=True)
+class CompressionState:
+    """Everything a model's storage owes to compression passes; see the module docstring."""
+
+    quantization: Quantization | None = None
+    awq: AwqScaling | None = None
+    packed_layers: Mapping[str, PackedLayer] = field(default_factory=dict)
+    per_tensor_types: Mapping[str, str] = field(default_factory=dict)
+    lowrank: Mapping[str, LowRank] = field(default_factory=dict)
+    shared: Mapping[str, SharedWeights] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return not any(getattr(self, f.name) for f in fields(self))
+
+
+def _model(target: LoadedModel | torch.nn.Module) -> torch.nn.Module:
+    """A LoadedModel's model, or the model itself (not `.model`: a CausalLM has an inner one)."""
+    return target.model if isinstance(target, LoadedModel) else target
+
+
+def _configs(model: torch.nn.Module) -> list[Any]:
+    """The model config and, when it has a separate one, its text config."""
+    config = model.config
+    text = getattr(config, "get_text_config", lambda: None)()
+    return [config] if text is None or text is config else [config, text]
+
+
+def _mapping(value: Any, parse: Callable[[Any], Any]) -> dict[str, Any]:
+    """A persisted {module name: entry} dict, parsed; anything else (absent) is empty."""
+    return {str(k): parse(v) for k, v in value.items()} if isinstance(value, Mapping) else {}
+
+
+def get_state(target: LoadedModel | torch.nn.Module) -> CompressionState:
+    """The compression state of a model or LoadedModel (empty when no pass left anything)."""
+    model = _model(target)
+    config = model.config
+    quant = getattr(config, _QUANTIZATION_KEY, None)
+    awq = getattr(config, _AWQ_KEY, None)
+    return CompressionState(
+        quantization=Quantization.from_json(quant) if isinstance(quant, Mapping) and quant else None,
+        awq=AwqScaling.from_json(awq) if isinstance(awq, Mapping) and awq else None,
+        packed_layers=dict(_PACKED.get(model, {})),
+        per_tensor_types=_mapping(getattr(config, _GGUF_TYPES_KEY, None), lambda v: str(v).lower()),
+        lowrank=_mapping(getattr(config, _LOWRANK_KEY, None), LowRank.from_json),
+        shared=_mapping(getattr(config, _SHARED_KEY, None), SharedWeights.from_json),
+    )
+
+
+def set_state(target: LoadedModel | torch.nn.Module, state: CompressionState) -> None:
+    """Replace the model's compression state with `state` (empty fields remove their keys)."""
+    model = _model(target)
+    persisted = {
+        _QUANTIZATION_KEY: state.quantization.to_json() if state.quantization else None,
+        _AWQ_KEY: state.awq.to_json() if state.awq else None,
+        _GGUF_TYPES_KEY: dict(state.per_tensor_types) or None,
+        _LOWRANK_KEY: {k: v.to_json() for k, v in state.lowrank.items()} or None,
+        _SHARED_KEY: {k: v.to_json() for k, v in state.shared.items()} or None,
+    }
+    for config in _configs(model):
+        for key, value in persisted.items():
+            if value is not None:
+                setattr(config, key, value)
+            elif key in config.__dict__:
+                delattr(config, key)
+    if state.packed_layers:
+        _PACKED[model] = dict(state.packed_layers)
+    else:
+        _PACKED.pop(model, None)
+
+
+def update_state(target: LoadedModel | torch.nn.Module, **changes: Any) -> CompressionState:
+    """Change some fields of the state (e.g. `quantization=..., packed_layers=...`); returns the new one."""
+    state = replace(get_state(target), **changes)
+    set_state(target, state)
+    return state
+
+
+def clear_state(target: LoadedModel | torch.nn.Module) -> None:
+    """Forget everything compression passes recorded (the weights themselves are not touched)."""
+    set_state(target, CompressionState())
+
+
+def clear_quantization(target: LoadedModel | torch.nn.Module) -> None:
+    """The weights leave their grid (e.g. QAT trains them): drop the grid, the packed layers and a
+    compressed-tensors `quantization_config` a reloaded step carries. AWQ scaling stays."""
+    update_state(target, quantization=None, packed_layers={})
+    for config in _configs(_model(target)):
+        if _COMPRESSED_TENSORS_KEY in config.__dict__:
+            delattr(config, _COMPRESSED_TENSORS_KEY)

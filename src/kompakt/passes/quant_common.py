@@ -1,0 +1,293 @@
+"""What the weight-quantization passes (quant.rtn, quant.gptq, quant.awq, quant.qat) share.
+
+Not a pass itself (not in the registry): the grid config and its validation, the choice of
+target modules by role, the grid each weight gets (with the group-size fallback), RTN of one
+weight, and what a quant pass leaves behind: the typed compression state
+(kompakt.model.compression: the grid and the packed layers) and a lineage-sized report.
+
+Grids:
+- integer grids: `bits` 8 / 4 / 3 / 2, `group_size` 32 / 64 / 128 input columns per scale (or
+  null / 0 = one scale per output row), `symmetric` (q·s) or asymmetric ((q − z)·s). A group
+  size that does not divide a layer's input width (SmolLM2: 576 with 128) falls back to the
+  largest storable divisor (64) for that layer; the report counts such layers and names a few.
+  Integer-grid scales are fitted in fp16 (what compressed-tensors stores), so what is stored
+  is exactly what the pass optimised.
+- `format: q4_0 | q4_1 | q8_0`: llama.cpp's block grids (32 weights, fp16 scale, + fp16 min for
+  q4_1). Overrides bits / group / symmetric. Layers whose input width is not a multiple of 32
+  stay unquantized (reported). q4_0 / q8_0 blocks are stored packed as symmetric int4 / int8
+  groups of 32; q4_1's fp16 minimum is no integer zero point, so a q4_1 step stays dense.
+
+Modules: every Linear of the decoder layers by default; `modules` picks roles ("attn", "mlp",
+"attn.q", ..., "mlp.down"); `embeddings: true` / `lm_head: true` add those (with tied
+embeddings both flags mean the same matrix). The weights keep their exact dequantized values in
+fp32 (the storage dtype is raised to fp32 when it was lower, so saving does not round them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+from kompakt.errors import ConfigError
+from kompakt.model.arch import arch_for, decoder_layers, embeddings_tied, get_submodule, linear_modules
+from kompakt.model.compression import PackedLayer, Quantization, get_state, update_state
+from kompakt.model.loaded import LoadedModel
+from kompakt.model.quantized import ensure_not_quantized, storable_group_size
+from kompakt.ops.gguf_grid import BLOCK, FORMATS, GGUFBlockGrid, dequantize_blocks, quantize_blocks
+from kompakt.ops.quant import QuantGrid
+from kompakt.passes.base import PassContext
+
+logger = logging.getLogger(__name__)
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
+MODULE_NAMES = ("attn", "mlp", *ROLES)
+SCALE_DTYPE = torch.float16  # integer-grid scales, as stored on disk
+NAMES_SHOWN = 3  # module names a summary line or lineage record shows before "..."
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass
+class QuantGridConfig:
+    """The grid and module options every weight quantizer shares (rtn, gptq, awq's search grid)."""
+
+    bits: int = field(default=4, metadata=_doc("integer bits: 8, 4, 3 or 2"))
+    group_size: int | None = field(
+        default=128, metadata=_doc("input columns per scale: 32, 64, 128; null or 0 = per output channel")
+    )
+    symmetric: bool = field(default=True, metadata=_doc("symmetric q*s (true) or asymmetric (q-z)*s"))
+    format: str | None = field(
+        default=None, metadata=_doc("GGUF block grid q4_0 | q4_1 | q8_0 (overrides bits/group_size/symmetric)")
+    )
+    modules: list[str] | str | None = field(
+        default=None, metadata=_doc("Linear roles: attn, mlp, attn.q, ..., mlp.down, or patterns (default all)")
+    )
+    embeddings: bool = field(default=False, metadata=_doc("also quantize the input embeddings (RTN)"))
+    lm_head: bool = field(default=False, metadata=_doc("also quantize the output projection (RTN)"))
+
+    def validate_grid(self, name: str) -> None:
+        if self.format is not None:
+            if str(self.format).lower() not in FORMATS:
+                raise ConfigError(f"{name}: unknown format {self.format!r}; valid: {', '.join(FORMATS)}")
+            self.format = str(self.format).lower()
+            return
+        if self.bits not in BITS:
+            raise ConfigError(f"{name}: bits {self.bits} is not supported; choose one of {', '.join(map(str, BITS))}")
+        if self.group_size == 0:
+            self.group_size = None
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise ConfigError(
+                f"{name}: group_size {self.group_size} is not supported; choose 32, 64, 128 or null (per channel)"
+            )
+        role_patterns(self.modules, name)
+
+    @property
+    def grid_label(self) -> str:
+        if self.format:
+            return self.format
+        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+
+    @classmethod
+    def of(cls, quantization: Quantization) -> QuantGridConfig:
+        """The grid a previous quant step recorded (its modules are listed in `quantization`)."""
+        if quantization.gguf_format:
+            return cls(format=quantization.gguf_format)
+        return cls(bits=quantization.bits, group_size=quantization.group_size, symmetric=quantization.symmetric)
+
+
+def role_patterns(modules: list[str] | str | None, name: str) -> list[str]:
+    """`modules` as fnmatch patterns over roles ("attn" -> "attn.*"); [] = all."""
+    if modules is None:
+        return []
+    names = [n.strip() for n in modules.split(",")] if isinstance(modules, str) else [str(n) for n in modules]
+    patterns = [n + ".*" if n in ("attn", "mlp") else n for n in names if n]
+    bad = [p for p in patterns if not any(fnmatchcase(r, p) for r in ROLES)]
+    if bad or not patterns:
+        raise ConfigError(f"{name}: modules {bad or names} match no Linear role; valid: {', '.join(MODULE_NAMES)}")
+    return patterns
+
+
+@dataclass
+class Target:
+    """One weight to quantize: full module name, the module, its role ("attn.q", "embed", "lm_head")."""
+
+    name: str
+    module: nn.Module
+    role: str
+    layer: int | None = None
+
+
+def select_targets(model: nn.Module, config: QuantGridConfig, name: str) -> list[Target]:
+    """Decoder Linears chosen by `modules`, then embeddings / lm_head when asked."""
+    spec = arch_for(model)
+    patterns = role_patterns(config.modules, name)
+    targets = []
+    for index, layer in enumerate(decoder_layers(model)):
+        for role, module in linear_modules(layer, spec).items():
+            if not patterns or any(fnmatchcase(role, p) for p in patterns):
+                targets.append(Target(f"{spec.layers}.{index}.{spec.linear_paths[role]}", module, role, index))
+    if not targets:
+        raise ConfigError(f"{name}: modules {config.modules} match no Linear of this {spec.family} model")
+    tied = embeddings_tied(model)
+    if config.embeddings or (config.lm_head and tied):
+        targets.append(Target(spec.embed, get_submodule(model, spec.embed), "embed"))
+    if config.lm_head and not tied:
+        targets.append(Target(spec.lm_head, get_submodule(model, spec.lm_head), "lm_head"))
+    if tied and config.embeddings != config.lm_head:
+        logger.warning("%s: embeddings and lm_head are tied; both are quantized (one matrix)", name)
+    return targets
+
+
+@dataclass
+class GridPlan:
+    """The grid one weight gets: an integer QuantGrid or a GGUF format; None = left unquantized."""
+
+    grid: QuantGrid | GGUFBlockGrid | None
+    group_size: int | None
+    note: str | None = None  # why the requested grid was changed (fallback or skipped)
+
+
+def plan_grid(config: QuantGridConfig, in_features: int) -> GridPlan:
+    if config.format:
+        if in_features % BLOCK:
+            return GridPlan(None, None, f"input width {in_features} is not a multiple of {BLOCK}: left unquantized")
+        return GridPlan(GGUFBlockGrid(config.format), BLOCK)
+    group = config.group_size
+    note = None
+    if group is not None and group < in_features and in_features % group:
+        group = storable_group_size(in_features, group)
+        note = f"group size {config.group_size} does not divide {in_features}: used {group or 'per-channel'}"
+    per_channel = group is None or group >= in_features
+    # fp16 scales: what compressed-tensors stores, so GPTQ / AWQ optimise against the stored grid
+    grid = QuantGrid(config.bits, group, config.symmetric, scale_dtype=SCALE_DTYPE)
+    return GridPlan(grid, None if per_channel else group, note)
+
+
+def packed_from(codes: torch.Tensor, scales: torch.Tensor, zeros, config: QuantGridConfig, plan: GridPlan):
+    """The compressed-tensors record of a quantized weight (None for q4_1).
+
+    q4_0 and q8_0 blocks are symmetric int4 / int8 groups of 32 with an fp16 scale (q4_0's file
+    codes 0..15 mean code - 8), so they store packed exactly; q4_1's fp16 block minimum is not an
+    integer zero point, so a q4_1 step stays dense.
+    """
+    if isinstance(plan.grid, GGUFBlockGrid):
+        fmt = plan.grid.fmt
+        if fmt == "q4_1":
+            return None
+        signed = codes.cpu() - 8 if fmt == "q4_0" else codes.cpu()
+        return PackedLayer(signed, scales.cpu().to(SCALE_DTYPE), None, 4 if fmt == "q4_0" else 8, BLOCK, True)
+    zero = None if zeros is None else zeros.cpu()
+    scale = scales.cpu().to(plan.grid.scale_dtype)  # exact: the grid rounded them to this dtype
+    return PackedLayer(codes.cpu(), scale, zero, config.bits, plan.group_size, config.symmetric)
+
+
+@torch.no_grad()
+def rtn_weight(weight: torch.Tensor, config: QuantGridConfig, plan: GridPlan):
+    """RTN of one weight [out, in]: (dequantized fp32, PackedLayer or None)."""
+    w = weight.detach().float()
+    if isinstance(plan.grid, GGUFBlockGrid):  # llama.cpp's reference rounding, bit for bit
+        q, d, m = quantize_blocks(w.cpu(), plan.grid.fmt)
+        return dequantize_blocks(q, d, m, plan.grid.fmt).to(w.device), packed_from(q, d, m, config, plan)
+    q, scale, zero = plan.grid.quantize(w)
+    return plan.grid.dequantize(q, scale, zero), packed_from(q, scale, zero, config, plan)
+
+
+def rtn_targets(targets: list[Target], config: QuantGridConfig) -> tuple[dict[str, GridPlan], dict[str, Any]]:
+    """RTN every target in place; (plan per module, PackedLayer per module)."""
+    done: dict[str, GridPlan] = {}
+    packed: dict[str, Any] = {}
+    for target in targets:
+        weight = target.module.weight
+        plan = plan_grid(config, weight.shape[1])
+        done[target.name] = plan
+        if plan.grid is None:
+            continue
+        new, packed_layer = rtn_weight(weight, config, plan)
+        weight.data.copy_(new.to(weight.dtype))
+        if target.role != "embed":  # compressed-tensors packs Linears only
+            packed[target.name] = packed_layer
+    return done, packed
+
+
+def prepare(ctx: PassContext, name: str, config: QuantGridConfig) -> LoadedModel:
+    """Checks every quant pass makes first; switches the storage dtype to fp32 (exact values)."""
+    loaded = ctx.loaded
+    ensure_not_quantized(loaded)
+    awq = get_state(loaded).awq
+    if awq is not None and awq.grid != config.grid_label:
+        logger.warning("%s: AWQ searched its scales for %s but this step quantizes to %s",
+                       name, awq.grid, config.grid_label)  # fmt: skip
+    if loaded.storage_dtype != torch.float32:
+        logger.warning("%s: storage dtype %s would round the quantized values; saving in float32",
+                       name, loaded.storage_dtype)  # fmt: skip
+        loaded.storage_dtype = torch.float32
+    return loaded
+
+
+def record(
+    loaded: LoadedModel, method: str, config: QuantGridConfig, done: dict[str, GridPlan], packed: dict[str, Any]
+) -> dict[str, PackedLayer]:
+    """Leave the grid and the packed layers in the compression state; returns the packed layers
+    (for the pass report, from which the step is saved)."""
+    quantization = Quantization(
+        method=method,
+        format=config.format or f"int{config.bits}",
+        bits=4 if config.format in ("q4_0", "q4_1") else 8 if config.format else config.bits,
+        group_size=BLOCK if config.format else config.group_size,
+        symmetric=config.format != "q4_1" if config.format else config.symmetric,
+        modules=tuple(n for n, p in done.items() if p.grid is not None),
+        group_sizes={n: p.group_size for n, p in done.items() if p.grid is not None and p.note},
+    )
+    packed_layers = {n: p for n, p in packed.items() if p is not None}
+    update_state(loaded, quantization=quantization, packed_layers=packed_layers)
+    return packed_layers
+
+
+def few(names: list[str]) -> str:
+    """At most NAMES_SHOWN names, then how many more: what a summary line can afford."""
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown + (f", ... ({len(names) - NAMES_SHOWN} more)" if len(names) > NAMES_SHOWN else "")
+
+
+def notes_of(done: dict[str, GridPlan], name: str) -> list[str]:
+    """One line per distinct change of the requested grid, with a few of its layers; the log
+    gets every layer name."""
+    by_note: dict[str, list[str]] = {}
+    for module, plan in done.items():
+        if plan.note:
+            by_note.setdefault(plan.note, []).append(module)
+    for note, mods in by_note.items():
+        logger.warning("%s: %s (%d layers: %s)", name, note, len(mods), ", ".join(mods))
+    return [f"{note} ({len(mods)} layers: {few(mods)})" for note, mods in by_note.items()]
+
+
+def grid_counts(config: QuantGridConfig, done: dict[str, GridPlan]) -> dict[str, int]:
+    """How many weights got which grid ("int4 g64": 24, "int4 g32": 4, "unquantized": 1)."""
+
+    def label(plan: GridPlan) -> str:
+        if plan.grid is None:
+            return "unquantized"
+        if config.format:
+            return config.format
+        return f"int{config.bits} " + (f"g{plan.group_size}" if plan.group_size else "per-channel")
+
+    return dict(Counter(label(plan) for plan in done.values()))
+
+
+def summary_line(method: str, config: QuantGridConfig, done: dict[str, GridPlan], notes: list[str]) -> str:
+    n = sum(p.grid is not None for p in done.values())
+    text = f"{method} {config.grid_label}: {n} weights quantized"
+    if notes:
+        text += "; " + "; ".join(notes)
+    return text
