@@ -3,11 +3,14 @@
 Stages (token counts are stated in `Analysis.settings`):
 1. breakdown of parameters and bytes (no data);
 2. one calibration pass over `n_blocks` x `block_len` tokens: block influence per layer,
-   MLP-channel and head importance;
+   MLP-channel, head and hidden-channel importance;
 3. a reference pass over the held-out windows (the last `eval_tokens` tokens of `ids`), then
    2 x n_layers scored edits: each layer skipped, each layer 4-bit quantized;
 4. baseline perplexity (kompakt.evaluate) and speed;
 5. the "where to cut" summary, and files under `out`.
+
+Every number comes from kompakt.scoring, the functions prune.depth and prune.width rank by;
+this package only arranges and presents them.
 """
 
 from __future__ import annotations

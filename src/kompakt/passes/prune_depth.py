@@ -106,7 +106,9 @@ def _batches(blocks: torch.Tensor, config: DepthConfig, device: torch.device) ->
     return [blocks[start : start + config.batch_size].to(device) for start in range(0, blocks.shape[0], config.batch_size)]
 
 
-def layer_scores(loaded: LoadedModel, blocks: torch.Tensor, config: DepthConfig, teacher=None) -> list[float]:
+def layer_scores(
+    loaded: LoadedModel, blocks: torch.Tensor, config: DepthConfig, teacher: torch.nn.Module | None = None
+) -> list[float]:
     """block_influence or kl score of every layer of the current model (kompakt.scoring, the
     functions `kompakt analyze` reports); `teacher` is the KL reference (default: the model)."""
     model, layers = loaded.model, decoder_layers(loaded.model)

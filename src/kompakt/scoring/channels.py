@@ -8,15 +8,16 @@ forward passes only:
     F_head(i)   = agg_{B,S} ||Attn_i(X)||_2  (head i: the L2 norm of its attention output)
     F_emb(i)    = agg_{B,S} |LN(X)_i|        (hidden channel i: the norm outputs)
 
-where agg_{B,S} aggregates over the batch (B) and sequence (S) dimensions (the paper writes a
-sum, then compares aggregation functions per dimension). Their recommended
-one for the width axes is (batch = L2, seq = mean); NVIDIA's reference implementation
-(TensorRT Model Optimizer, the Minitron pruning plugin) computes it as: per calibration
-sample, the mean over the sequence; then the L2 norm of those per-sample values over the
-samples. That is the definition here. The sequence mean comes first because positions are
-not aligned across samples (position 17 of one text and of another are unrelated tokens), so
-the per-sample mean is the meaningful unit and the L2 over samples then lets samples with large
-activations weigh more. (An "L2 over the sequence, mean over the batch" reading swaps the two
+where agg_{B,S} aggregates over the batch (B) and sequence (S) dimensions: the paper writes a
+sum, compares aggregation functions per dimension, and recommends (batch = L2, seq = mean) for
+the width axes. NVIDIA's reference implementation (TensorRT Model Optimizer's Minitron pruning)
+computes exactly that: per calibration sample, the mean of |activation| over the sequence; then
+the L2 norm of those per-sample values over the samples. That is the definition here. The
+sequence mean is taken first because positions are not aligned across samples (position 17 of
+one text and of another are unrelated tokens), so a sample's mean is the meaningful unit; the
+L2 over samples then lets samples with large activations weigh more. The absolute value keeps
+positive and negative activations of a channel from cancelling in the mean. (An "L2 over the
+sequence, mean over the batch" reading, which kompakt's analysis used before, swaps the two
 aggregations the paper names.)
 
 Units, as seen by forward hooks:
