@@ -3,11 +3,14 @@
 Stages (token counts are stated in `Analysis.settings`):
 1. breakdown of parameters and bytes (no data);
 2. one calibration pass over `n_blocks` x `block_len` tokens: block influence per layer,
-   MLP-channel and head importance;
+   MLP-channel, head and hidden-channel importance;
 3. a reference pass over the held-out windows (the last `eval_tokens` tokens of `ids`), then
    2 x n_layers scored edits: each layer skipped, each layer 4-bit quantized;
 4. baseline perplexity (kompakt.evaluate) and speed;
 5. the "where to cut" summary, and files under `out`.
+
+Every number comes from kompakt.scoring, the functions prune.depth and prune.width rank by;
+this package only arranges and presents them.
 """
 
 from __future__ import annotations
@@ -27,16 +30,17 @@ from rich.progress import Progress
 from kompakt.analyze import html as html_page
 from kompakt.analyze import plots
 from kompakt.analyze.breakdown import breakdown as count_parameters
-from kompakt.analyze.channels import ChannelCollector, tiny_fraction
-from kompakt.analyze.layers import BlockInfluence, skip_costs
 from kompakt.analyze.output import check_out, write_files
-from kompakt.analyze.reference import build_reference
 from kompakt.analyze.result import Analysis
-from kompakt.analyze.sensitivity import quant_sensitivity
-from kompakt.analyze.summary import MLP_TINY, where_to_cut
+from kompakt.analyze.summary import MLP_TINY, tiny_fraction, where_to_cut
 from kompakt.data import sample_blocks
 from kompakt.errors import ConfigError, DataError
 from kompakt.model.arch import arch_for, decoder_layers, text_config
+from kompakt.scoring.channels import ChannelCollector
+from kompakt.scoring.layers import BlockInfluence
+from kompakt.scoring.quant_sensitivity import quant_sensitivity
+from kompakt.scoring.reference import build_reference
+from kompakt.scoring.skip import skip_costs
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +101,15 @@ def _check_sizes(loaded, n_blocks: int, block_len: int, eval_tokens: int, window
 
 
 @torch.inference_mode()
-def _calibrate(model, layers, spec, blocks: torch.Tensor, batch: int, advance) -> tuple[list[float], object]:
+def _calibrate(model, layers, blocks: torch.Tensor, batch: int, advance) -> tuple[list[float], object]:
+    """One pass over the calibration blocks feeds both scorers (block influence, channels)."""
     influence = BlockInfluence(layers)
-    collector = ChannelCollector(model, layers, spec)
+    collector = ChannelCollector(model, layers)
     handles = influence.attach() + collector.attach()
     try:
         for start in range(0, blocks.shape[0], batch):
             chunk = blocks[start : start + batch]
             model(input_ids=chunk, use_cache=False)
-            collector.count_blocks(chunk.shape[0])
             advance(chunk.shape[0])
     finally:
         for handle in handles:
@@ -127,7 +131,7 @@ def _measure(loaded, spec, layers, blocks, windows, *, bits, group_size, batch_s
     with _progress() as progress:
         stage = progress.add_task("calibration pass", total=blocks.shape[0])
         tick = time.perf_counter()
-        influence, channels = _calibrate(model, layers, spec, blocks, batch_size, lambda n: progress.advance(stage, n))
+        influence, channels = _calibrate(model, layers, blocks, batch_size, lambda n: progress.advance(stage, n))
         timings["calibration_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
         reference = build_reference(model, layers, windows)

@@ -3,19 +3,20 @@
 Components: embeddings, attention, mlp, norms, lm_head (and "other" for anything outside the
 decoder stack, e.g. a vision tower). Tied input/output embeddings are one tensor: counted once,
 under embeddings, and `tied_embeddings` says so. Bytes are parameters x the storage element
-size (what a saved copy takes); `disk_bytes` is what the weight files on disk take now.
+size (what a saved copy takes); `disk_bytes` is what the weight files on disk take now, counted
+by `kompakt.evaluate.disk_bytes` (the same count the run lineage and the report use).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
+
+from kompakt.evaluate.size import disk_bytes
 from kompakt.model.arch import arch_for, decoder_layers, embeddings_tied
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head", "other")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 @dataclass
@@ -68,13 +69,6 @@ def _classify(name: str, spec, tensor: torch.Tensor) -> tuple[str, int | None]:
     if name.startswith(spec.final_norm + "."):
         return "norms", None
     return "other", None
-
-
-def disk_bytes(path: Path | None) -> int | None:
-    """Bytes of the weight files in a model directory (None for a model built in memory)."""
-    if path is None or not Path(path).is_dir():
-        return None
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
 
 
 def breakdown(loaded) -> Breakdown:

@@ -6,7 +6,7 @@ import copy
 from dataclasses import dataclass, field
 
 from kompakt.analyze.breakdown import Breakdown
-from kompakt.analyze.channels import ChannelImportance
+from kompakt.scoring.channels import ChannelImportance
 
 SCHEMA = 1
 
@@ -21,7 +21,8 @@ class Analysis:
         breakdown: parameters and bytes by component and layer.
         layers: one dict per decoder layer: index, params, bytes, block_influence,
             skip {ppl, kl, top1}, quant {ppl, kl, top1}, mlp_tiny_fraction.
-        channels: MLP-channel / head / KV-group importances per layer (None when not computed).
+        channels: MLP-channel / head / KV-group importances per layer and hidden-channel importance
+            (kompakt.scoring.channels; None when not computed).
         reference: perplexity of the unmodified model on the held-out windows (the number the
             skip and quant perplexities compare to) and the scored token count.
         baseline: kompakt.evaluate perplexity and speed of the model (None when not run).

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from kompakt.analyze.breakdown import Breakdown
-from kompakt.analyze.channels import ChannelImportance, tiny_fraction
+from kompakt.scoring.channels import ChannelImportance
+from kompakt.scoring.layers import rank_layers
 
 MLP_TINY = 0.1  # a channel below 10 % of its layer's median importance
 HEAD_TINY = 0.5  # a head below half of its layer's median importance
 
 
+def tiny_fraction(values: np.ndarray, threshold: float = 0.1) -> float:
+    """Fraction of entries below `threshold` x the median of their layer (the median, not the
+    mean: a few outlier channels with huge activations would inflate the mean)."""
+    values = np.asarray(values, dtype=np.float64)
+    median = float(np.median(values)) if values.size else 0.0
+    return float((values < threshold * median).mean()) if median > 0 else 0.0
+
+
 def _lowest(values: list[float], k: int) -> list[int]:
-    order = sorted(range(len(values)), key=lambda i: (math.inf if math.isnan(values[i]) else values[i], i))
-    return order[:k]
+    """The k least important layers, in prune.depth's order (kompakt.scoring.layers.rank_layers)."""
+    return rank_layers(values)[:k]
 
 
 def _highest(values: list[float], k: int) -> list[int]:

@@ -4,7 +4,8 @@ Methods (importance from calibration data):
 
 - ``block_influence`` — ShortGPT (Men et al. 2024, "ShortGPT: Layers in Large Language Models
   are More Redundant Than You Expect"): BI_i = 1 - mean cos(x_i, x_{i+1}) between a layer's
-  input and output hidden states over calibration tokens; the lowest-BI layers go.
+  input and output hidden states over calibration tokens (tokens with a zero input, which have
+  no direction, left out); the lowest-BI layers go.
 - ``angular`` — Gromov et al. 2024 ("The Unreasonable Ineffectiveness of the Deeper Layers"):
   for n layers to remove, the contiguous block l..l+n-1 whose input and output are closest in
   angular distance arccos(cos(x_l, x_{l+n})) / pi, averaged over all calibration tokens (the
@@ -13,6 +14,9 @@ Methods (importance from calibration data):
   KL(unpruned || skipped) of the next-token distributions; the layers whose absence costs the
   least go.
 - ``last`` — the naive baseline: remove the last n layers (no data needed).
+
+Every score comes from kompakt.scoring, the functions `kompakt analyze` reports, so the layers
+the analysis ranks least important are the layers this pass removes (ties: the deeper layer).
 
 ``iterative: true`` (block_influence, kl) removes one layer, re-scores the smaller model and
 repeats, so each choice sees the effect of the previous removals.
@@ -33,12 +37,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from kompakt.errors import ConfigError
 from kompakt.model.arch import decoder_layers
 from kompakt.model.loaded import LoadedModel
 from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.scoring.layers import angular_distances, block_influence, rank_layers
+from kompakt.scoring.skip import skip_kl
 
 logger = logging.getLogger(__name__)
 
@@ -96,120 +101,40 @@ class DepthConfig:
 # --------------------------------------------------------------------------- scoring
 
 
-def _hidden_states(model: torch.nn.Module, blocks: torch.Tensor) -> list[torch.Tensor]:
-    """Input of every decoder layer and the last layer's output (before the final norm):
-    L+1 tensors [batch, seq, hidden] in fp32, captured with hooks (hidden_states from
-    transformers carries the final norm on its last entry)."""
-    layers = decoder_layers(model)
-    captured: list[torch.Tensor] = []
-
-    def pre_hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        captured.append(hidden.detach().float())
-
-    def last_hook(module, args, kwargs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        captured.append(hidden.detach().float())
-
-    handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
-    handles.append(layers[-1].register_forward_hook(last_hook, with_kwargs=True))
-    try:
-        model(input_ids=blocks, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.cosine_similarity(a.flatten(0, -2), b.flatten(0, -2), dim=-1).clamp(-1.0, 1.0)
-
-
-def _batches(blocks: torch.Tensor, config: DepthConfig, device: torch.device):
+def _batches(blocks: torch.Tensor, config: DepthConfig, device: torch.device) -> list[torch.Tensor]:
     blocks = blocks[: config.max_blocks]
-    for start in range(0, blocks.shape[0], config.batch_size):
-        yield blocks[start : start + config.batch_size].to(device)
+    return [blocks[start : start + config.batch_size].to(device) for start in range(0, blocks.shape[0], config.batch_size)]
 
 
-@torch.inference_mode()
-def block_influence(loaded: LoadedModel, blocks: torch.Tensor, config: DepthConfig) -> list[float]:
-    """ShortGPT block influence of every layer: 1 - mean cosine(input, output)."""
-    n = len(decoder_layers(loaded.model))
-    sums, count = torch.zeros(n, dtype=torch.float64), 0
-    for batch in _batches(blocks, config, loaded.device):
-        states = _hidden_states(loaded.model, batch)
-        for i in range(n):
-            sums[i] += _cosine(states[i], states[i + 1]).double().sum().cpu()
-        count += batch.numel()
-    return (1.0 - sums / count).tolist()
-
-
-@torch.inference_mode()
-def angular_distances(loaded: LoadedModel, blocks: torch.Tensor, config: DepthConfig, width: int) -> list[float]:
-    """Mean angular distance between the input of layer l and of layer l+width, for every l."""
-    n = len(decoder_layers(loaded.model))
-    starts = n - width + 1
-    sums, count = torch.zeros(starts, dtype=torch.float64), 0
-    for batch in _batches(blocks, config, loaded.device):
-        states = _hidden_states(loaded.model, batch)
-        for start in range(starts):
-            angle = torch.arccos(_cosine(states[start], states[start + width])) / math.pi
-            sums[start] += angle.double().sum().cpu()
-        count += batch.numel()
-    return (sums / count).tolist()
-
-
-def _log_probs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
-
-
-@torch.inference_mode()
-def skip_kl(loaded: LoadedModel, blocks: torch.Tensor, config: DepthConfig, reference=None) -> list[float]:
-    """Mean KL(reference || model with layer i skipped) per position, for every layer i.
-    `reference` (a model) defaults to the model itself with no layer skipped."""
-    layers = decoder_layers(loaded.model)
-    reference = loaded.model if reference is None else reference
-    sums, count = torch.zeros(len(layers), dtype=torch.float64), 0
-    for batch in _batches(blocks, config, loaded.device):
-        ref_lp = _log_probs(reference, batch)
-        for i, layer in enumerate(layers):
-            # Skipping = the layer's output replaced by its input (the residual stream passes by).
-            handle = layer.register_forward_hook(_identity_hook, with_kwargs=True)
-            try:
-                cand_lp = _log_probs(loaded.model, batch)
-            finally:
-                handle.remove()
-            sums[i] += (ref_lp.exp() * (ref_lp - cand_lp)).sum(-1).clamp_min(0).double().sum().cpu()
-        count += batch.shape[0] * batch.shape[1]
-    return (sums / count).tolist()
-
-
-def _identity_hook(module, args, kwargs, output):
-    hidden = args[0] if args else kwargs["hidden_states"]
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+def layer_scores(
+    loaded: LoadedModel, blocks: torch.Tensor, config: DepthConfig, teacher: torch.nn.Module | None = None
+) -> list[float]:
+    """block_influence or kl score of every layer of the current model (kompakt.scoring, the
+    functions `kompakt analyze` reports); `teacher` is the KL reference (default: the model)."""
+    model, layers = loaded.model, decoder_layers(loaded.model)
+    batches = _batches(blocks, config, loaded.device)
+    if config.method == "block_influence":
+        return block_influence(model, layers, batches)
+    return skip_kl(model, layers, batches, teacher=teacher)
 
 
 # --------------------------------------------------------------------------- choice
 
 
 def _lowest(scores: list[float], n: int) -> list[int]:
-    # Ties broken by the later layer first (deeper layers are the more redundant ones).
-    order = sorted(range(len(scores)), key=lambda i: (scores[i], -i))
-    return sorted(order[:n])
+    return sorted(rank_layers(scores)[:n])
 
 
 def choose_layers(loaded: LoadedModel, blocks, config: DepthConfig, n: int) -> tuple[list[int], list[float]]:
     """Indices (in the current model) of the n layers to remove, and the scores used."""
-    n_layers = len(decoder_layers(loaded.model))
+    model, layers = loaded.model, decoder_layers(loaded.model)
     if config.method == "last":
-        return list(range(n_layers - n, n_layers)), []
+        return list(range(len(layers) - n, len(layers))), []
     if config.method == "angular":
-        distances = angular_distances(loaded, blocks, config, n)
-        start = min(range(len(distances)), key=lambda s: (distances[s], -s))
+        distances = angular_distances(model, layers, _batches(blocks, config, loaded.device), n)
+        start = rank_layers(distances)[0]  # the block start whose ends are closest; ties: the deeper
         return list(range(start, start + n)), distances
-    scores = block_influence(loaded, blocks, config) if config.method == "block_influence" else skip_kl(
-        loaded, blocks, config
-    )
+    scores = layer_scores(loaded, blocks, config)
     return _lowest(scores, n), scores
 
 
@@ -227,7 +152,7 @@ def apply(ctx: PassContext, config: DepthConfig) -> PassReport:
     rounds: list[dict] = []
     while len(removed) < n:
         if reference is not None:
-            scores = skip_kl(loaded, blocks, config, reference=reference)
+            scores = layer_scores(loaded, blocks, config, teacher=reference)
             indices = _lowest(scores, 1)
         else:
             indices, scores = choose_layers(loaded, blocks, config, 1 if config.iterative else n)

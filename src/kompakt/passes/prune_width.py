@@ -2,15 +2,16 @@
 
 Minitron (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge
 Distillation"): rank every prunable unit by its activations on a small calibration set in
-one forward pass, then physically remove the least important ones:
+one forward pass, then physically remove the least important ones. The scores are
+kompakt.scoring.channels (the paper's (batch=L2, seq=mean) aggregation; formulas there), the
+same numbers `kompakt analyze` reports, so the channels it ranks highest are the ones kept:
 
-- MLP channel i of a layer: mean |a_i| over a block's tokens at the input of down_proj,
-  L2 over blocks (the paper's best aggregation: mean over the sequence, L2 over the batch).
-- Attention head: L2 norm of its attention output (the head's slice of the o_proj input),
-  aggregated the same way; under GQA the heads sharing one KV head are summed into a KV-group
-  score and whole groups go, so the model stays valid.
-- Hidden (embedding) channel: mean |x_i| of every pre-attention and pre-MLP norm output,
-  summed over layers.
+- MLP channel i of a layer: |a_i| at the input of down_proj;
+- attention head: L2 norm of its attention output (the head's slice of the o_proj input);
+  under GQA the heads sharing one KV head are summed into a KV-group score and whole groups
+  go, so the model stays valid;
+- hidden (embedding) channel: |x_i| of every pre-attention and pre-MLP norm output, summed
+  over layers.
 
 `importance: random` is the baseline. The same number of units is removed in every layer, so
 the result is a standard config that plain transformers (and llama.cpp) can load.
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -46,6 +46,7 @@ from kompakt.model.arch import arch_for, decoder_layers, get_submodule, text_con
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.surgery import check_config, config_problem, head_dim_of, shrink_heads, shrink_hidden, shrink_mlp
 from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.scoring.channels import ChannelImportance, channel_importance, top_k
 
 logger = logging.getLogger(__name__)
 
@@ -225,74 +226,22 @@ def _round(value: float, multiple: int, limit: int) -> int:
 # --------------------------------------------------------------------------- importance
 
 
-class _Scores:
-    """Accumulates per-block activation statistics; finish() gives L2 over blocks."""
-
-    def __init__(self) -> None:
-        self.sums: dict[Any, torch.Tensor] = {}
-
-    def add(self, key: Any, per_block: torch.Tensor) -> None:  # per_block: [batch, units]
-        value = per_block.float().pow(2).sum(0).cpu()
-        self.sums[key] = self.sums[key] + value if key in self.sums else value
-
-    def get(self, key: Any) -> torch.Tensor:
-        return self.sums[key].sqrt()
+def activation_scores(loaded: LoadedModel, blocks: torch.Tensor, batch_size: int) -> ChannelImportance:
+    """Minitron importances from one pass over `blocks` [n, L] (kompakt.scoring.channels)."""
+    batches = [blocks[start : start + batch_size].to(loaded.device) for start in range(0, len(blocks), batch_size)]
+    return channel_importance(loaded.model, decoder_layers(loaded.model), batches)
 
 
-def activation_scores(loaded: LoadedModel, blocks: torch.Tensor, batch_size: int) -> dict[str, Any]:
-    """Minitron importances from one pass over `blocks` [n, L] (see module doc).
-
-    Returns {"mlp": [layer][I], "heads": [layer][n_heads], "hidden": [H]}.
-    """
-    model, spec = loaded.model, arch_for(loaded.model)
-    cfg = text_config(model)
-    head_dim = head_dim_of(cfg)
-    scores, handles = _Scores(), []
-    for index, layer in enumerate(decoder_layers(model)):
-
-        def down_in(module, args, index=index):  # input of down_proj: [b, L, I]
-            scores.add(("mlp", index), args[0].abs().mean(1))
-
-        def o_in(module, args, index=index):  # input of o_proj: [b, L, heads * head_dim]
-            per_head = args[0].unflatten(-1, (-1, head_dim)).norm(dim=-1)  # [b, L, heads]
-            scores.add(("heads", index), per_head.mean(1))
-
-        def norm_out(module, args, output):  # norm output feeding q/k/v or gate/up: [b, L, H]
-            scores.add(("hidden", id(module)), output.abs().mean(1))
-
-        handles.append(get_submodule(layer, spec.down).register_forward_pre_hook(down_in))
-        handles.append(get_submodule(layer, spec.o).register_forward_pre_hook(o_in))
-        for role in ("attn.pre", "mlp.pre"):
-            handles.append(get_submodule(layer, spec.norm_paths[role]).register_forward_hook(norm_out))
-    try:
-        with torch.no_grad():
-            for start in range(0, len(blocks), batch_size):
-                model(blocks[start : start + batch_size].to(loaded.device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    n_layers = len(decoder_layers(model))
-    hidden_keys = [k for k in scores.sums if k[0] == "hidden"]
-    return {
-        "mlp": [scores.get(("mlp", i)) for i in range(n_layers)],
-        "heads": [scores.get(("heads", i)) for i in range(n_layers)],
-        "hidden": torch.stack([scores.get(k) for k in hidden_keys]).sum(0),
-    }
-
-
-def random_scores(loaded: LoadedModel, seed: int) -> dict[str, Any]:
+def random_scores(loaded: LoadedModel, seed: int) -> ChannelImportance:
+    """The baseline: uniform random scores (KV groups sum their heads, like the real ones)."""
     cfg = text_config(loaded.model)
     generator = torch.Generator().manual_seed(seed)
     n_layers = cfg.num_hidden_layers
-    return {
-        "mlp": [torch.rand(cfg.intermediate_size, generator=generator) for _ in range(n_layers)],
-        "heads": [torch.rand(cfg.num_attention_heads, generator=generator) for _ in range(n_layers)],
-        "hidden": torch.rand(cfg.hidden_size, generator=generator),
-    }
-
-
-def _top(score: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.topk(score, k).indices.sort().values
+    mlp = [torch.rand(cfg.intermediate_size, generator=generator) for _ in range(n_layers)]
+    heads = [torch.rand(cfg.num_attention_heads, generator=generator) for _ in range(n_layers)]
+    hidden = torch.rand(cfg.hidden_size, generator=generator)
+    n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    return ChannelImportance.from_heads(mlp, heads, hidden, n_kv, aggregation="random")
 
 
 # --------------------------------------------------------------------------- apply
@@ -320,12 +269,11 @@ def apply(ctx: PassContext, config: WidthConfig) -> PassReport:
     else:
         scores = random_scores(loaded, ctx.seed)
     if keep_kv < n_kv:
-        group_scores = [s.view(n_kv, n_heads // n_kv).sum(1) for s in scores["heads"]]
-        shrink_heads(loaded, [_top(s, keep_kv) for s in group_scores])
+        shrink_heads(loaded, [top_k(s, keep_kv) for s in scores.kv_groups])
     if keep_mlp < old["intermediate_size"]:
-        shrink_mlp(loaded, [_top(s, keep_mlp) for s in scores["mlp"]])
+        shrink_mlp(loaded, [top_k(s, keep_mlp) for s in scores.mlp])
     if keep_hidden < old["hidden_size"]:
-        shrink_hidden(loaded, _top(scores["hidden"], keep_hidden))
+        shrink_hidden(loaded, top_k(scores.hidden, keep_hidden))
     after = loaded.num_parameters()
     new = {"intermediate_size": keep_mlp, "kv_groups": keep_kv, "hidden_size": keep_hidden}
     changed = ", ".join(f"{k} {old[k]}→{new[k]}" for k in old if old[k] != new[k]) or "nothing"

@@ -1,8 +1,8 @@
-"""Score one-layer edits of a model against its unmodified self, cheaply.
+"""Score one-layer edits of a model against a reference, cheaply.
 
 Skip cost and quantization sensitivity edit one decoder layer in place and compare the
-model's next-token distributions with the unmodified model's on held-out windows. Two
-savings make the 2 x n_layers evaluations affordable:
+model's next-token distributions with the reference's (the unmodified model, or a separate
+teacher) on token windows. Two savings make the 2 x n_layers evaluations affordable:
 
 - the reference log-probabilities are computed once and kept (so one forward per edit,
   not two, and no second copy of the model);
@@ -11,8 +11,9 @@ savings make the 2 x n_layers evaluations affordable:
   decoder stack is skipped. The layer modules stay in place (some models read attributes of
   them); only their bound `forward` is overridden for the duration of a `replay` block.
 
-Scoring follows kompakt.evaluate (BENCH.md): consecutive windows, each scored on its last
-window - 1 positions; KL(reference || candidate) averaged over those positions.
+Scoring follows kompakt.evaluate (BENCH.md): each window [batch, window] is scored on the
+positions that predict a next token (window - 1 per row); KL(reference || candidate) is
+averaged over those positions.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 @dataclass
 class Score:
-    """Quality of an edited model on the held-out windows."""
+    """Quality of an edited model on the reference windows."""
 
     ppl: float
     kl_mean: float
@@ -40,17 +41,17 @@ class Score:
 
 @dataclass
 class Reference:
-    """The unmodified model's outputs on held-out windows (each [1, window] ids)."""
+    """The reference outputs on token windows (each [batch, window] ids) and the model's layer inputs."""
 
     windows: list[torch.Tensor]
-    log_probs: list[torch.Tensor]  # per window [window - 1, vocab] fp32
-    layer_inputs: list[list[torch.Tensor]] = field(default_factory=list)  # [layer][window] -> [1, window, hidden]
+    log_probs: list[torch.Tensor]  # per window [batch, window - 1, vocab] fp32
+    layer_inputs: list[list[torch.Tensor]] = field(default_factory=list)  # [layer][window] -> [batch, window, hidden]
     ppl: float = float("nan")
     tuple_outputs: bool = False  # older transformers return (hidden,) from decoder layers
 
     @property
     def scored_tokens(self) -> int:
-        return sum(int(lp.shape[0]) for lp in self.log_probs)
+        return sum(lp.shape[:-1].numel() for lp in self.log_probs)
 
 
 def _exp(value: float) -> float:
@@ -63,19 +64,26 @@ def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
-    """[window - 1, vocab] fp32 log-probabilities of the positions that predict a next token."""
-    logits = model(input_ids=window, use_cache=False).logits[0, :-1]
+    """[batch, window - 1, vocab] fp32 log-probabilities of the positions that predict a next token."""
+    logits = model(input_ids=window, use_cache=False).logits[:, :-1]
     return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _nll(log_probs: torch.Tensor, window: torch.Tensor) -> float:
-    targets = window[0, 1:].to(log_probs.device).unsqueeze(-1)
+    targets = window[:, 1:].to(log_probs.device).unsqueeze(-1)
     return -float(log_probs.gather(-1, targets).double().sum())
 
 
 @torch.inference_mode()
-def build_reference(model: nn.Module, layers: nn.ModuleList, windows: list[torch.Tensor]) -> Reference:
-    """Run the unmodified model once per window, keeping log-probs and every layer's input."""
+def build_reference(
+    model: nn.Module, layers: nn.ModuleList, windows: list[torch.Tensor], teacher: nn.Module | None = None
+) -> Reference:
+    """Run the model once per window, keeping every layer's input and the reference log-probs.
+
+    The log-probs come from `teacher` when given (e.g. the unpruned model while a pruned one is
+    scored), else from `model` itself; the layer inputs always come from `model`, whose prefix
+    `replay` stands in for.
+    """
     reference = Reference(windows=windows, log_probs=[], layer_inputs=[[] for _ in layers])
     handles = []
 
@@ -88,10 +96,15 @@ def build_reference(model: nn.Module, layers: nn.ModuleList, windows: list[torch
 
     for index, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(capture(index), with_kwargs=True))
+    teacher = None if teacher is model else teacher
     nll = 0.0
     try:
         for window in windows:
-            log_probs = _log_probs(model, window)
+            if teacher is None:
+                log_probs = _log_probs(model, window)
+            else:
+                model(input_ids=window, use_cache=False)  # only for the layer inputs
+                log_probs = _log_probs(teacher, window)
             reference.log_probs.append(log_probs)
             nll += _nll(log_probs, window)
     finally:

@@ -1,0 +1,95 @@
+"""Per-layer quantization sensitivity: how much does RTN on one layer alone hurt?
+
+For each decoder layer, every Linear of that layer (and nothing else) is replaced by its
+round-to-nearest weight on the grid `quant.rtn {bits, group_size, symmetric: true}` stores
+(kompakt.ops.quant.QuantGrid, symmetric, groups along the input dimension, fp16 scales), the
+model is scored against the unmodified one (KL, perplexity, top-1; reference.py), and the
+original weights are put back. Layers with a large KL are the ones to keep at higher precision
+in a mixed-precision recipe. RTN is the measuring stick because it is the baseline every
+post-training method improves on (GPTQ, AWQ): a layer fragile under RTN is where they matter.
+
+A group size that does not divide a Linear's input width falls back exactly as quant.rtn does
+(`kompakt.model.quantized.storable_group_size`: the largest power-of-two divisor below it,
+576 with 128 -> 64, else one scale per output channel), and the notes name those Linears.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from kompakt.model.arch import ArchSpec, linear_modules
+from kompakt.model.quantized import storable_group_size
+from kompakt.ops.quant import QuantGrid
+from kompakt.scoring.reference import Reference, Score, replay, score
+
+SCALE_DTYPE = torch.float16  # quant.rtn fits and stores integer-grid scales in fp16
+
+
+def group_for(in_features: int, group_size: int | None) -> int | None:
+    """The group size quant.rtn uses for a Linear with `in_features` inputs (None = per channel)."""
+    group = storable_group_size(in_features, group_size or None)
+    return None if group is None or group >= in_features else group
+
+
+def rtn(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """Symmetric RTN of `weight` [out, in] with `group_size` (already resolved), dequantized."""
+    grid = QuantGrid(bits, group_size, symmetric=True, scale_dtype=SCALE_DTYPE)
+    return grid.fake_quantize(weight.float()).to(weight.dtype)
+
+
+@contextmanager
+def quantized_layer(layer: nn.Module, spec: ArchSpec, bits: int, group_size: int | None) -> Iterator[dict]:
+    """Quantize every Linear of `layer` in place; restore the exact weights on exit.
+
+    Yields {role: group size used (None = per channel)}.
+    """
+    saved: dict[str, torch.Tensor] = {}
+    used: dict[str, int | None] = {}
+    linears = linear_modules(layer, spec)
+    try:
+        for role, linear in linears.items():
+            saved[role] = linear.weight.data.clone()
+            used[role] = group_for(linear.in_features, group_size)
+            linear.weight.data.copy_(rtn(linear.weight.data, bits, used[role]))
+        yield used
+    finally:
+        for role, weight in saved.items():
+            linears[role].weight.data.copy_(weight)
+
+
+def _fallback_note(group_size: int, changed: dict[str, int | None]) -> str:
+    by_group: dict[str, list[str]] = {}
+    for role, group in sorted(changed.items()):
+        by_group.setdefault(str(group) if group else "one scale per output channel", []).append(role)
+    used = "; ".join(f"{', '.join(roles)}: {group}" for group, roles in by_group.items())
+    return f"group size {group_size} does not divide the input width of every Linear; used instead, as quant.rtn does: {used}"
+
+
+def quant_sensitivity(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    spec: ArchSpec,
+    reference: Reference,
+    *,
+    bits: int = 4,
+    group_size: int | None = 64,
+    advance: Callable[[], None] = lambda: None,
+) -> tuple[list[Score], list[str]]:
+    """Score the model with one layer at a time quantized; returns scores and fallback notes."""
+    scores: list[Score] = []
+    changed: dict[str, int | None] = {}
+    for index, layer in enumerate(layers):
+        with quantized_layer(layer, spec, bits, group_size) as used:
+            # Layers before `index` see unchanged inputs: replay them from the reference run.
+            with replay(layers, index, reference, index) as current:
+                scores.append(score(model, reference, current))
+        linears = linear_modules(layer, spec)
+        for role, group in used.items():
+            if group_size and group != group_size and group_size < linears[role].in_features:
+                changed[role] = group
+        advance()
+    return scores, [_fallback_note(group_size, changed)] if changed else []

@@ -1,0 +1,44 @@
+"""Skip cost: streamed over calibration batches or on a stored reference, the same numbers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kompakt.model.arch import arch_for, decoder_layers, get_submodule
+from kompakt.model.tiny import tiny_model
+from kompakt.scoring.reference import build_reference, score
+from kompakt.scoring.skip import skip_costs, skip_kl
+
+WINDOWS = torch.randint(0, 261, (4, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_streamed_skip_kl_equals_the_stored_reference():
+    loaded = tiny_model("llama", num_hidden_layers=5)
+    layers, windows = decoder_layers(loaded.model), list(WINDOWS.unsqueeze(1))
+    stored = [s.kl_mean for s in skip_costs(loaded.model, layers, build_reference(loaded.model, layers, windows))]
+    assert skip_kl(loaded.model, layers, windows) == pytest.approx(stored, rel=1e-9, abs=1e-12)
+    assert skip_kl(loaded.model, layers, [WINDOWS[:3], WINDOWS[3:]]) == pytest.approx(stored, rel=1e-4, abs=1e-9)
+
+
+def test_skipping_an_identity_layer_costs_nothing():
+    loaded = tiny_model("qwen2")
+    spec, layers = arch_for(loaded.model), decoder_layers(loaded.model)
+    with torch.no_grad():
+        get_submodule(layers[2], spec.o).weight.zero_()
+        get_submodule(layers[2], spec.down).weight.zero_()
+    costs = skip_kl(loaded.model, layers, [WINDOWS])
+    assert costs[2] < 1e-9 < min(costs[:2] + costs[3:])
+
+
+def test_a_teacher_supplies_the_reference_distribution_only():
+    loaded = tiny_model("llama")
+    layers = decoder_layers(loaded.model)
+    same = skip_kl(loaded.model, layers, [WINDOWS], teacher=copy.deepcopy(loaded.model))
+    assert same == pytest.approx(skip_kl(loaded.model, layers, [WINDOWS]), rel=1e-5, abs=1e-9)
+    other = tiny_model("llama", seed=5).model
+    reference = build_reference(loaded.model, layers, [WINDOWS], teacher=other)
+    assert len(reference.layer_inputs[0]) == 1  # captured from the model, once per window
+    assert score(loaded.model, reference).kl_mean > 0.01  # the unedited model differs from the teacher
