@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from kompakt.errors import UnsupportedArchitectureError
 from kompakt.model.arch import (
@@ -18,22 +18,11 @@ from kompakt.model.arch import (
     linear_modules,
     norm_modules,
     set_submodule,
+    text_config,
 )
-from kompakt.model.tiny import TINY_FAMILIES, tiny_config, tiny_model
+from kompakt.model.tiny import TINY_FAMILIES, tiny_model
 
 IDS = torch.tensor([[3, 70, 80, 90, 100, 110, 4]])
-
-
-def _tiny_gemma3_multimodal() -> nn.Module:
-    text = {key: getattr(tiny_config("gemma3_text"), key) for key in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
-    )}  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=28, patch_size=14)  # fmt: skip
-    config = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.fixture(scope="module", params=TINY_FAMILIES)
@@ -51,16 +40,17 @@ def test_paths_resolve(tiny):
     assert spec.family == model.config.model_type
     assert spec is arch_for(model) is arch_for(model.config) is arch_for(model.config.to_dict())
     layers = decoder_layers(model)
-    assert isinstance(layers, nn.ModuleList) and len(layers) == model.config.num_hidden_layers
+    config = text_config(model)  # the decoder's config (the text part of Gemma 3's)
+    assert isinstance(layers, nn.ModuleList) and len(layers) == config.num_hidden_layers
     assert decoder_layers(tiny) is layers
     assert isinstance(get_submodule(model, spec.embed), nn.Embedding)
     assert isinstance(get_submodule(model, spec.lm_head), nn.Linear)
-    assert get_submodule(model, spec.final_norm).weight.shape == (model.config.hidden_size,)
+    assert get_submodule(model, spec.final_norm).weight.shape == (config.hidden_size,)
     assert embeddings_tied(model) == model.config.tie_word_embeddings
 
 
 def test_linear_roles_and_shapes(tiny):
-    config = tiny.model.config
+    config = text_config(tiny)
     spec = arch_for(tiny)
     q_rows = config.num_attention_heads * config.head_dim
     kv_rows = config.num_key_value_heads * config.head_dim
@@ -119,7 +109,7 @@ def test_norm_offset_matches_the_module(tiny):
     """With a zero weight, x * (offset + w) is 0 for Llama-style norms, the normalised x for Gemma."""
     spec = arch_for(tiny)
     norm = norm_modules(decoder_layers(tiny)[0], spec)["attn.pre"]
-    x = torch.randn(2, 3, tiny.model.config.hidden_size)
+    x = torch.randn(2, 3, text_config(tiny).hidden_size)
     with torch.no_grad():
         saved = norm.weight.clone()
         norm.weight.zero_()
@@ -130,7 +120,7 @@ def test_norm_offset_matches_the_module(tiny):
 
 
 def test_gemma3_multimodal_text_part():
-    model = _tiny_gemma3_multimodal()
+    model = tiny_model("gemma3").model
     spec = arch_for(model)
     assert spec.family == "gemma3"
     layers = decoder_layers(model)
@@ -141,11 +131,7 @@ def test_gemma3_multimodal_text_part():
 
 
 def test_qwen3_layout():
-    config = AutoConfig.for_model(
-        "qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_model("qwen3").model
     spec = arch_for(model)
     assert set(norm_modules(decoder_layers(model)[0], spec)) >= {"attn.q_norm", "attn.k_norm"}
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kompakt.errors import ConfigError
-from kompakt.model.arch import arch_for, decoder_layers, get_submodule
+from kompakt.model.arch import arch_for, decoder_layers, get_submodule, text_config
 from kompakt.model.save import save_model
 from kompakt.model.surgery import drop_layers, shrink_heads, shrink_hidden, shrink_mlp
 from kompakt.model.tiny import TINY_FAMILIES, tiny_model
@@ -29,12 +29,12 @@ def _expected_drop(loaded) -> int:
 
 
 def _expected_mlp(loaded) -> int:  # 64 of 128 channels removed: gate + up rows, down columns
-    config = loaded.model.config
+    config = text_config(loaded)
     return config.num_hidden_layers * 64 * 3 * config.hidden_size
 
 
 def _expected_heads(loaded) -> int:  # one of two KV groups: 1 KV head, 2 query heads (head_dim 16)
-    config, spec = loaded.model.config, arch_for(loaded.model)
+    config, spec = text_config(loaded), arch_for(loaded.model)
     per_layer = (2 * 16 + 2 * 16) * config.hidden_size + 2 * 16 * config.hidden_size  # q, k, v rows; o cols
     if get_submodule(decoder_layers(loaded.model)[0], spec.q or spec.qkv).bias is not None:
         per_layer += 2 * 16 + 2 * 16  # q, k, v biases (Qwen2)
@@ -42,7 +42,7 @@ def _expected_heads(loaded) -> int:  # one of two KV groups: 1 KV head, 2 query 
 
 
 def _expected_hidden(loaded) -> int:  # 32 of 64 hidden channels removed
-    config, model, spec = loaded.model.config, loaded.model, arch_for(loaded.model)
+    config, model, spec = text_config(loaded), loaded.model, arch_for(loaded.model)
     removed = 32
     tied = get_submodule(model, spec.lm_head).weight is get_submodule(model, spec.embed).weight
     per_layer_norms = sum(1 for role in spec.norm_paths if role not in ("attn.q_norm", "attn.k_norm"))
@@ -50,7 +50,9 @@ def _expected_hidden(loaded) -> int:  # 32 of 64 hidden channels removed
     linear_width = q_out + 2 * kv_out + 2 * config.intermediate_size  # q/k/v/gate/up input columns
     linear_width += q_out + config.intermediate_size  # o/down output rows
     per_layer = removed * (per_layer_norms + linear_width)
-    return removed * config.vocab_size * (1 if tied else 2) + removed + config.num_hidden_layers * per_layer
+    projector = sum(model.get_parameter(path).shape[0] for path in spec.hidden_outputs)  # a column each
+    embeddings = removed * config.vocab_size * (1 if tied else 2)
+    return embeddings + removed * (1 + projector) + config.num_hidden_layers * per_layer
 
 
 EDITS = {
@@ -73,7 +75,7 @@ def test_edit_forward_params_and_reload(family, edit, tmp_path):
     assert changes["parameters"] == [before, before - removed]
     assert loaded.num_parameters() == before - removed
     logits = _logits(loaded.model)
-    assert logits.shape == (2, 12, loaded.model.config.vocab_size) and torch.isfinite(logits).all()
+    assert logits.shape == (2, 12, text_config(loaded).vocab_size) and torch.isfinite(logits).all()
     reloaded = AutoModelForCausalLM.from_pretrained(save_model(loaded, tmp_path / "m"))
     torch.testing.assert_close(_logits(reloaded), logits, rtol=0, atol=0)
 

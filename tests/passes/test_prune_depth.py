@@ -1,13 +1,13 @@
-"""prune.depth on every tiny family: runs, forward works, layer count, save -> reload, scoring."""
+"""prune.depth on every tiny family: every method removes the asked layers, scoring finds an
+identity layer, bad counts are refused (save -> reload: tests/passes/test_pass_contract.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from kompakt.errors import ConfigError
-from kompakt.model.arch import arch_for, decoder_layers, get_submodule
+from kompakt.model.arch import arch_for, decoder_layers, get_submodule, text_config
 from kompakt.model.tiny import TINY_FAMILIES, tiny_model
 from kompakt.passes.base import PassContext, build_config, get_pass
 
@@ -31,26 +31,18 @@ def _make_identity(loaded, index: int) -> None:
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_every_method_on_every_family(family, tmp_path):
-    from kompakt.model.save import save_model
-
+def test_every_method_on_every_family(family):
     for method in ("block_influence", "angular", "kl", "last"):
         loaded = tiny_model(family)
         before = loaded.num_parameters()
         report = _run(loaded, count=2, method=method)
         model = report.loaded.model
-        assert model.config.num_hidden_layers == 2 and len(decoder_layers(model)) == 2, method
+        assert text_config(model).num_hidden_layers == 2 and len(decoder_layers(model)) == 2, method
         assert len(report.details["removed_layers"]) == 2
         assert report.loaded.num_parameters() < before
         with torch.no_grad():
             logits = model(input_ids=BLOCKS[:2]).logits
         assert torch.isfinite(logits).all()
-    # save -> plain transformers reload gives the same logits (last method's result)
-    save_model(report.loaded, tmp_path / "m")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    assert again.config.num_hidden_layers == 2
-    with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=BLOCKS[:2]).logits, logits)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -67,9 +59,9 @@ def test_iterative_and_fraction():
     _make_identity(loaded, 2)
     report = _run(loaded, fraction=0.5, method="kl", iterative=True)
     assert report.details["removed_layers"][0] == 2 or 2 in report.details["removed_layers"]
-    assert len(report.details["rounds"]) == 2 and report.loaded.model.config.num_hidden_layers == 2
+    assert len(report.details["rounds"]) == 2 and text_config(report.loaded).num_hidden_layers == 2
     report = _run(tiny_model("qwen2"), fraction=0.25, iterative=True)  # 1 of 4 layers
-    assert report.loaded.model.config.num_hidden_layers == 3
+    assert text_config(report.loaded).num_hidden_layers == 3
 
 
 def test_angular_removes_a_contiguous_block_and_last_the_tail():

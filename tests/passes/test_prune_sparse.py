@@ -1,12 +1,12 @@
-"""prune.sparse on every tiny family: methods, exact sparsity / N:M patterns, save -> reload,
-quality order (SparseGPT <= Wanda <= magnitude), OWL, the gradual schedule, bad configs."""
+"""prune.sparse on every tiny family: methods, exact sparsity / N:M patterns, quality order
+(SparseGPT <= Wanda <= magnitude), OWL, the gradual schedule, bad configs (save -> reload:
+tests/passes/test_pass_contract.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, get_submodule, linear_modules, norm_modules
@@ -56,9 +56,7 @@ def _kl(reference, candidate) -> float:
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
-def test_unstructured_on_every_family(family, method, tmp_path):
-    from kompakt.model.save import save_model
-
+def test_unstructured_on_every_family(family, method):
     loaded = tiny_model(family)
     embed_before = get_submodule(loaded.model, arch_for(loaded.model).embed).weight.clone()
     report = _run(loaded, method=method, sparsity=0.5)
@@ -68,12 +66,7 @@ def test_unstructured_on_every_family(family, method, tmp_path):
     assert report.details["achieved_sparsity"] == pytest.approx(0.5)
     torch.testing.assert_close(get_submodule(model, arch_for(model).embed).weight, embed_before)
     with torch.no_grad():
-        logits = model(input_ids=HELDOUT[:2]).logits
-    assert torch.isfinite(logits).all()
-    save_model(report.loaded, tmp_path / "m")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=HELDOUT[:2]).logits, logits)
+        assert torch.isfinite(model(input_ids=HELDOUT[:2]).logits).all()
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from kompakt.errors import ConfigError
-from kompakt.model.arch import decoder_layers
+from kompakt.model.arch import decoder_layers, text_config
 from kompakt.model.save import save_model
 from kompakt.model.tiny import TINY_FAMILIES, tiny_model
 from kompakt.passes.base import PassContext, build_config, get_pass
@@ -51,7 +51,7 @@ def test_width_pruning_contract(family, case, tmp_path):
     assert report.loaded is loaded
     # a model built with these widths has exactly as many parameters as the pruned one
     assert loaded.num_parameters() == tiny_model(family, **widths).num_parameters()
-    config = loaded.model.config
+    config = text_config(loaded)
     for key, value in widths.items():
         assert getattr(config, key) == value
     assert report.details["parameters"] == [tiny_model(family).num_parameters(), loaded.num_parameters()]
@@ -67,7 +67,7 @@ def test_target_params_reaches_about_the_target(family, tmp_path):
     before = loaded.num_parameters()
     report = _run(loaded, target_params=0.5, round_to=8)
     assert abs(loaded.num_parameters() / before - 0.5) < 0.05
-    assert loaded.model.config.intermediate_size < 128 and loaded.model.config.hidden_size < 64
+    assert text_config(loaded).intermediate_size < 128 and text_config(loaded).hidden_size < 64
     assert "parameters" in report.summary
     reloaded = AutoModelForCausalLM.from_pretrained(save_model(loaded, tmp_path / "m"))
     torch.testing.assert_close(_logits(reloaded), _logits(loaded.model), rtol=0, atol=0)

@@ -1,6 +1,7 @@
-"""distill.kd, quant.qat and finetune.lora on every tiny family (runs, forward works, save ->
-reload gives the same logits), and relative quality: distillation lowers KL to the teacher, QAT beats the RTN it starts from, the merged LoRA model gives
-the adapter model's outputs."""
+"""distill.kd, quant.qat and finetune.lora: the budget is what was asked, the hidden-state KD term
+and QAT's frozen grid work on the plain and the multimodal layout, and relative quality:
+distillation lowers KL to the teacher, QAT beats the RTN it starts from, the merged LoRA model
+gives the adapter model's outputs. (Every family, save -> reload: tests/passes/test_pass_contract.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from kompakt.model.compression import get_state
 from kompakt.model.load import load
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.save import save_model
-from kompakt.model.tiny import TINY_FAMILIES, tiny_model
+from kompakt.model.tiny import tiny_model
 from kompakt.ops.quant import QuantGrid
 from kompakt.passes.base import PassContext, build_config, get_pass, registry
 
@@ -50,13 +51,13 @@ def _logits(loaded):
         return loaded.model(input_ids=IDS).logits
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("name, values", [
     ("distill.kd", {"hidden_weight": 0.5}),
     ("quant.qat", {"bits": 4, "group_size": 32}),
     ("finetune.lora", {"r": 4}),
 ])  # fmt: skip
-def test_every_family_trains_saves_and_reloads(family, name, values, text, tmp_path):
+def test_budget_and_what_each_training_pass_leaves(family, name, values, text, tmp_path):
     teacher = tiny_model(family)
     student = _copy(teacher)
     before = _logits(student)
@@ -64,10 +65,8 @@ def test_every_family_trains_saves_and_reloads(family, name, values, text, tmp_p
     assert report.details["steps"] == 2 and report.details["tokens"] == 2 * 2 * 32
     logits = _logits(report.loaded)
     assert torch.isfinite(logits).all() and not torch.equal(logits, before)
-    reloaded = load(save_model(report.loaded, tmp_path / "saved"))
-    assert torch.allclose(_logits(reloaded), logits, atol=1e-5)
-    assert type(reloaded.model).__name__ == type(teacher.model).__name__  # no PEFT wrapper left
-    if name == "quant.qat":
+    if name == "quant.qat":  # frozen on the grid, and still there after a dense save -> reload
+        reloaded = load(save_model(report.loaded, tmp_path / "saved"))
         meta = get_state(reloaded).quantization
         assert meta.method == "qat" and meta.bits == 4
         modules = dict(reloaded.model.named_modules())

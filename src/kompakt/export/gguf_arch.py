@@ -6,7 +6,7 @@ convert_hf_to_gguf.py does):
 
 - `permute_qk`: Llama and Mistral store q/k rows in the HF rotary layout (rotate-half);
   llama.cpp's rope pairs interleaved dimensions, so the rows of each head are permuted.
-  Qwen2, Phi-3 and Gemma use llama.cpp's NEOX rope, which matches HF: no permutation.
+  Qwen2/3, Phi-3 and Gemma use llama.cpp's NEOX rope, which matches HF: no permutation.
 - `norm_shift`: Gemma RMSNorms compute x * (1 + w); llama.cpp computes x * w, so 1 is added
   to every norm weight.
 - `tied_output`: whether llama.cpp reads the output projection from token_embd when the
@@ -39,6 +39,7 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "llama": GGUFFamily("llama", "LLAMA", permute_qk=True),
     "mistral": GGUFFamily("mistral", "LLAMA", permute_qk=True),
     "qwen2": GGUFFamily("qwen2", "QWEN2"),
+    "qwen3": GGUFFamily("qwen3", "QWEN3"),
     "phi3": GGUFFamily("phi3", "PHI3"),
     "gemma": GGUFFamily("gemma", "GEMMA", norm_shift=1.0),
     "gemma2": GGUFFamily("gemma2", "GEMMA2", norm_shift=1.0, sliding_window=True, softcapping=True),

@@ -36,6 +36,9 @@ class ArchSpec:
         embed_scale: embeddings are multiplied by sqrt(hidden_size) inside the model (Gemma).
         layer_config_lists: config keys holding one entry per layer (e.g. "layer_types"),
             which surgery must edit together with `layers`.
+        hidden_outputs: parameters outside the decoder whose last dimension is the hidden size
+            (Gemma 3's multimodal projector writes image features into the residual stream),
+            which hidden-size surgery must slice with the embeddings.
     """
 
     family: str
@@ -63,6 +66,7 @@ class ArchSpec:
     norm_offset: float = 0.0
     embed_scale: bool = False
     layer_config_lists: tuple[str, ...] = ()
+    hidden_outputs: tuple[str, ...] = ()
 
     @property
     def fused_qkv(self) -> bool:
@@ -126,7 +130,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3_text": _GEMMA3_TEXT,
     "gemma3": replace(
         _GEMMA3_TEXT, family="gemma3", layers=f"{_LM}.layers", embed=f"{_LM}.embed_tokens",
-        final_norm=f"{_LM}.norm",
+        final_norm=f"{_LM}.norm", hidden_outputs=("model.multi_modal_projector.mm_input_projection_weight",),
     ),
 }  # fmt: skip
 

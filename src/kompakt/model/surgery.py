@@ -280,7 +280,8 @@ def shrink_hidden(loaded: LoadedModel, keep: Keep) -> tuple[LoadedModel, dict[st
     """Keep the given hidden (residual-stream) channels everywhere, in place.
 
     Embedding columns, every residual-stream norm, the input columns of q/k/v/gate/up, the
-    output rows of o/down, the final norm and lm_head columns (tied embeddings stay tied).
+    output rows of o/down, the final norm, lm_head columns (tied embeddings stay tied) and the
+    ArchSpec's `hidden_outputs` (a multimodal projector's output columns).
     RMSNorm now averages over fewer channels, so outputs shift (Minitron accepts this and
     heals with distillation). Families that scale embeddings by sqrt(hidden_size) (Gemma)
     get the kept embedding values preserved: the weights absorb the changed scale and, when
@@ -315,12 +316,23 @@ def shrink_hidden(loaded: LoadedModel, keep: Keep) -> tuple[LoadedModel, dict[st
             _scale_norm(final_norm, 1.0 / scale, spec.norm_offset)
     else:
         slice_linear(linear(model, spec.lm_head), cols=index)
+    for path in spec.hidden_outputs:
+        _slice_last_dim(model, path, index)
     for layer in decoder_layers(model):
         _shrink_layer_hidden(layer, spec, index)
     config.head_dim = head_dim_of(config)  # explicit before hidden_size changes
     config.hidden_size = new
     sync_attrs(model, "hidden_size", old, new)
     return finish(loaded, before, {"hidden_size": [old, new]})
+
+
+def _slice_last_dim(model: nn.Module, path: str, index: torch.Tensor) -> None:
+    """Keep the `index` entries of the last dimension of the parameter at `path`."""
+    owner_path, _, name = path.rpartition(".")
+    owner = get_submodule(model, owner_path)
+    weight = getattr(owner, name)
+    kept = weight.data.index_select(-1, index.to(weight.device)).contiguous()
+    setattr(owner, name, nn.Parameter(kept, requires_grad=weight.requires_grad))
 
 
 def _shrink_layer_hidden(layer: nn.Module, spec: Any, index: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from kompakt.model.loaded import LoadedModel
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3_text")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "gemma3")
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>")
 TINY_VOCAB = 272  # 256 bytes + 5 specials, padded to a multiple of 16
@@ -41,8 +41,19 @@ _FAMILY_OVERRIDES: dict[str, dict] = {
     "gemma2": dict(tie_word_embeddings=True, sliding_window=64, query_pre_attn_scalar=16),
     "gemma3_text": dict(tie_word_embeddings=True, sliding_window=64, query_pre_attn_scalar=16),
     "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": dict(tie_word_embeddings=True),
     "phi3": dict(original_max_position_embeddings=512),
 }
+# Multimodal families: the tiny text model of a text family inside the smallest vision wrapper
+# transformers builds (one SigLIP layer, a 28x28 image of 2x2 patches pooled to 4 tokens), so
+# the decoder sits where the real checkpoints keep it (Gemma 3: model.language_model).
+_WRAPPED: dict[str, tuple[str, dict]] = {
+    "gemma3": ("gemma3_text", dict(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_id=269, eoi_token_id=270, image_token_id=271,
+    )),
+}  # fmt: skip
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -71,6 +82,12 @@ def tiny_config(family: str, **overrides):
     """The config of a tiny model of `family` (a transformers model_type)."""
     if family not in TINY_FAMILIES:
         raise ValueError(f"no tiny model for {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    if family in _WRAPPED:  # `overrides` size the decoder, as for the text family
+        text_family, wrapper = _WRAPPED[family]
+        text = tiny_config(text_family, **overrides)
+        return AutoConfig.for_model(
+            family, text_config=text.to_dict(), tie_word_embeddings=text.tie_word_embeddings, **wrapper
+        )
     kwargs = {**_BASE, **_FAMILY_OVERRIDES.get(family, {}), **overrides}
     return AutoConfig.for_model(family, **kwargs)
 

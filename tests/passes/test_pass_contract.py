@@ -1,0 +1,174 @@
+"""The pass contract, over every registered pass x every tiny family (one TEST_CASES matrix, as
+PEFT's tests/test_custom_models.py): a pass registered tomorrow is covered without editing this file.
+
+Each case takes the pass's documented sample step (the `Sample recipe step::` block of its module
+docstring, validated unchanged through the recipe schema), shrinks its budget through the same
+typed config, applies it to a tiny model with the data the runner would hand it, saves the result
+as the runner does, reloads it with `kompakt.load`, and checks: the reloaded logits equal the
+in-memory ones (to the storage dtype's precision); the shapes and the quantized state survive
+the round trip; the model is still its family's class (no wrapper left); the pass used only
+what it declared (calibration, teacher, training) and kept the architecture unless it declared
+a change; and `kompakt.evaluate` gives a finite perplexity and KL to the original.
+Relative quality (GPTQ <= RTN, Wanda <= magnitude, ...) lives in the per-pass test files.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import re
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import kompakt
+from kompakt.model.loaded import LoadedModel
+from kompakt.model.quantized import is_quantized
+from kompakt.model.tiny import TINY_FAMILIES, tiny_model
+from kompakt.passes.base import PassContext, PassSpec, build_config, config_fields, registry
+from kompakt.passes.train_common import TrainingConfig
+from kompakt.recipe.rundata import RunData
+from kompakt.recipe.schema import DataSpec
+from kompakt.recipe.stepsave import save_step_model
+
+PASSES = registry()
+TEST_CASES = [pytest.param(name, family, id=f"{name}-{family}") for name in sorted(PASSES) for family in TINY_FAMILIES]
+
+# Budget overrides, by the config type that owns the fields (never by pass name, so a new pass
+# needs no row): every training pass builds on TrainingConfig and gets the smallest run. Passes
+# that calibrate are kept fast by the small calibration set of DATA.
+FAST: dict[type, dict[str, Any]] = {
+    TrainingConfig: {"steps": 2, "seq_len": 32, "batch_size": 2, "checkpoint_every": 0},
+}
+# Sample steps name the user's files (`data: corpus.txt`, `teacher: ./big`); here the run's data
+# and the recipe's original stand in for them, as in a recipe run with --data.
+RUN_INPUTS = {"data": None, "teacher": None}
+# Reloaded logits may differ from the in-memory ones only by the rounding of the stored dtype (a
+# quantized step keeps its unquantized weights in 16 bits): a few units in the last place of
+# that dtype, relative to the size of the logits.
+ULPS = 10
+DATA = DataSpec(calibration_blocks=8, block_len=64, eval_tokens=512, window=64, stride=64)
+IDS = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+_SAMPLE = re.compile(r"Sample recipe steps?::\s*\n((?:[ \t]*\n|[ \t]+- .*\n?)+)")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def sample_steps(spec: PassSpec) -> list[dict[str, Any]]:
+    """The sample recipe steps of a pass's docstring, as YAML step mappings."""
+    match = _SAMPLE.search(spec.doc)
+    assert match, f"{spec.name}: its module docstring needs a 'Sample recipe step::' block"
+    steps = yaml.safe_load(textwrap.dedent(match.group(1)))
+    assert isinstance(steps, list) and steps, f"{spec.name}: the sample block is not a YAML list of steps"
+    return steps
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """The run's data: word salad, enough for calibration blocks, training and held-out text."""
+    words = "the a model layer small token weight data run step of to and in is it that text".split()
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(600)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_inputs(text_file) -> Callable[[str], tuple[LoadedModel, RunData]]:
+    """family -> (original, its RunData), built once per module: the teacher / reference model and
+    the calibration, training and evaluation tokens the runner would give every pass."""
+    cache: dict[str, tuple[LoadedModel, RunData]] = {}
+
+    def get(family: str) -> tuple[LoadedModel, RunData]:
+        if family not in cache:
+            original = tiny_model(family)
+            cache[family] = original, RunData(dataclasses.replace(DATA, calibration=str(text_file)), original, 0)
+        return cache[family]
+
+    return get
+
+
+def _declared(flag: bool, provide: Callable, spec: PassSpec, what: str) -> Callable:
+    """`provide`, or a function that fails the test: a pass uses only what it declares, because the
+    runner hashes a step's data identity only for passes that declare a need for data."""
+
+    def undeclared(*args, **kwargs):
+        pytest.fail(f"{spec.name} uses {what} but does not declare it in its PassSpec")
+
+    return provide if flag else undeclared
+
+
+def _context(spec: PassSpec, student: LoadedModel, original: LoadedModel, data: RunData, work) -> PassContext:
+    return PassContext(
+        loaded=student,
+        original=_declared(spec.needs_teacher, lambda: original, spec, "the original"),
+        calibration=_declared(spec.needs_calibration, data.calibration, spec, "calibration data"),
+        teacher=_declared(spec.needs_teacher, lambda path: original, spec, "a teacher"),
+        training=_declared(spec.needs_training, data.training, spec, "training data"),
+        evaluation=data.evaluation,
+        seed=0,
+        work_dir=work,
+    )
+
+
+def _config(spec: PassSpec) -> Any:
+    """The pass's first own sample step, validated as written, then made small and pointed at the
+    run's inputs through the same typed config."""
+    steps = sample_steps(spec)
+    kompakt.Recipe.from_dict({"steps": steps}).validate()  # the documented sample validates unchanged
+    own = [values for step in steps for name, values in step.items() if name == spec.name]
+    assert own, f"{spec.name}: its sample block has no {spec.name} step"
+    values = dict(own[0] or {})
+    values.update({key: value for key, value in RUN_INPUTS.items() if key in config_fields(spec.config)})
+    for owner, fast in FAST.items():
+        if issubclass(spec.config, owner):
+            values.update(fast)
+    return build_config(spec, values)
+
+
+def _logits(loaded: LoadedModel) -> torch.Tensor:
+    with torch.no_grad():
+        return loaded.model(input_ids=IDS).logits.float()
+
+
+def _shapes(loaded: LoadedModel) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in loaded.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name, family", TEST_CASES)
+def test_pass_contract(name, family, run_inputs, tmp_path):
+    spec = PASSES[name]
+    config = _config(spec)
+    original, data = run_inputs(family)
+    student = LoadedModel(model=copy.deepcopy(original.model), tokenizer=original.tokenizer, name=original.name)
+    input_dtype = student.storage_dtype
+    work = tmp_path / "work"
+    work.mkdir()
+
+    report = spec.apply(_context(spec, student, original, data, work), config)
+
+    result = report.loaded
+    assert report.summary and isinstance(report.details, dict)
+    assert type(result.model) is type(original.model), f"{name} left a wrapper around the model"
+    assert all(path.exists() for path in report.files.values()), report.files
+    if not spec.changes_architecture:
+        assert _shapes(result) == _shapes(original), f"{name} changed shapes without declaring it"
+    logits = _logits(result)
+    assert torch.isfinite(logits).all()
+
+    save_step_model(result, tmp_path / "step", input_dtype)
+    reloaded = kompakt.load(tmp_path / "step")
+    assert _shapes(reloaded) == _shapes(result)
+    assert is_quantized(reloaded) == is_quantized(result), "what the pass left on the model did not survive"
+    eps = max(torch.finfo(result.storage_dtype).eps, torch.finfo(reloaded.storage_dtype).eps)
+    atol = ULPS * eps * max(1.0, float(logits.abs().max()))
+    torch.testing.assert_close(_logits(reloaded), logits, rtol=0, atol=atol)
+
+    evaluated = kompakt.evaluate(reloaded, reference=original, ids=data.evaluation(), window=DATA.window,
+                                 speed=False)  # fmt: skip
+    assert torch.isfinite(torch.tensor([evaluated.ppl, evaluated.kl_mean])).all(), evaluated
