@@ -19,12 +19,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from kompakt.serve import completions
-from kompakt.serve.openai_schema import APIError, error_body, models_list
-from kompakt.serve.server import ServerState
+from kompakt.serve.openai_schema import MAX_BODY_BYTES, APIError, error_body, models_list
+from kompakt.serve.state import ServerState
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 def build_app(state: ServerState, loader: Callable[[], None]) -> FastAPI:
