@@ -38,7 +38,7 @@ def stream_once(base: str, max_tokens: int, seed: int) -> dict:
     """One streaming chat request: TTFT, tokens, seconds from first token to the end."""
     import httpx
 
-    body = {"model": "m", "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0.7, "seed": seed,
+    body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": 0.7, "seed": seed,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     start = time.perf_counter()
     first = None
@@ -93,7 +93,8 @@ def engines(threads: int, workdir: Path) -> list[tuple[str, object]]:
     """(label, backend factory) for every row; the first is the reference."""
     from kompakt.model.embedded import embedded_gguf
     from kompakt.model.load import load
-    from kompakt.serve.backends import TransformersBackend, llama_cpp_available
+    from kompakt.serve.backend_choice import llama_cpp_available
+    from kompakt.serve.backend_transformers import TransformersBackend
 
     rows: list[tuple[str, object]] = [
         ("transformers fp32 (original)", lambda: TransformersBackend(load("smollm2-135m", dtype=torch.float32)))

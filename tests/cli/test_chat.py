@@ -25,7 +25,9 @@ def _app() -> typer.Typer:
 
 
 def _run(monkeypatch, loaded, script: str, *args: str):
-    monkeypatch.setattr(chat_cli, "_load_model", lambda source: loaded)
+    from kompakt.serve.backend_transformers import TransformersBackend
+
+    monkeypatch.setattr(chat_cli, "_open_backend", lambda source, engine: TransformersBackend(loaded))
     return CliRunner().invoke(_app(), ["chat", "tiny", "--max-new-tokens", "6", *args], input=script)
 
 
@@ -50,10 +52,10 @@ def test_chat_plain_mode_without_template(monkeypatch):
 
 
 def test_bad_option_fails_before_loading(monkeypatch):
-    def refuse(source):
+    def refuse(source, engine):
         raise AssertionError("loaded a model for a bad option")
 
-    monkeypatch.setattr(chat_cli, "_load_model", refuse)
+    monkeypatch.setattr(chat_cli, "_open_backend", refuse)
     result = CliRunner().invoke(_app(), ["chat", "--temperature", "-1"], input=SCRIPT)
     assert result.exit_code != 0
     assert "temperature" in str(result.exception)

@@ -11,7 +11,7 @@ import torch
 from kompakt.errors import ConfigError
 from kompakt.model.tiny import tiny_model, tiny_tokenizer
 from kompakt.serve.generate import (
-    _IncrementalDecoder,
+    IncrementalDecoder,
     encode_input,
     generate_text,
     stop_token_ids,
@@ -129,7 +129,7 @@ def test_no_chat_template_falls_back_to_plain_text(caplog):
 def test_incremental_decoder_handles_multibyte_utf8():
     tokenizer = tiny_tokenizer()  # one token per byte: "é", "€", "😀" span 2-4 tokens
     text = "héllo € 😀 ok"
-    decoder = _IncrementalDecoder(tokenizer)
+    decoder = IncrementalDecoder(tokenizer)
     pieces = [decoder.add(token) for token in tokenizer(text, add_special_tokens=False)["input_ids"]]
     pieces.append(decoder.flush())
     assert "".join(pieces) == text

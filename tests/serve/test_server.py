@@ -14,7 +14,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_server_support import API_KEY, running_server, tiny_backend  # noqa: E402
+from test_server_support import API_KEY, MODEL, running_server, tiny_backend  # noqa: E402
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -57,16 +57,16 @@ def test_chat_non_streaming_greedy_is_deterministic(client):
 
 
 def test_chat_seed_makes_sampling_reproducible(client):
-    kwargs = dict(model="m", messages=HI, max_tokens=8, temperature=1.0, seed=7)
+    kwargs = dict(model=MODEL, messages=HI, max_tokens=8, temperature=1.0, seed=7)
     texts = {client.chat.completions.create(**kwargs).choices[0].message.content for _ in range(2)}
     assert len(texts) == 1
 
 
 def test_chat_streaming_matches_non_streaming(client):
-    whole = client.chat.completions.create(model="m", messages=HI, max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=8, temperature=0)
     chunks = list(
         client.chat.completions.create(
-            model="m", messages=HI, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+            model=MODEL, messages=HI, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
         )
     )
     assert len({chunk.id for chunk in chunks}) == 1
@@ -80,18 +80,18 @@ def test_chat_streaming_matches_non_streaming(client):
 
 def test_stop_sequence_cuts_the_text(client):
     whole = (
-        client.chat.completions.create(model="m", messages=HI, max_tokens=16, temperature=0).choices[0].message.content
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=16, temperature=0).choices[0].message.content
     )
     if len(whole) < 4:
         pytest.skip("the tiny model ended too early to pick a stop string")
     stop = whole[2:4]
-    cut = client.chat.completions.create(model="m", messages=HI, max_tokens=16, temperature=0, stop=[stop])
+    cut = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=16, temperature=0, stop=[stop])
     assert cut.choices[0].message.content == whole[: whole.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
 
 def test_max_tokens_is_capped_server_wide(client):
-    reply = client.chat.completions.create(model="m", messages=HI, max_tokens=10_000, temperature=0)
+    reply = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=10_000, temperature=0)
     assert reply.usage.completion_tokens <= 32
 
 
@@ -100,7 +100,7 @@ def test_completion_echo_logprobs_for_lm_eval(client, backend):
     prompt = "The cat sat"
     ids = backend.encode_text(prompt)
     out = client.completions.create(
-        model="m", prompt=[ids, ids[:-2]], echo=True, logprobs=1, max_tokens=1, temperature=0
+        model=MODEL, prompt=[ids, ids[:-2]], echo=True, logprobs=1, max_tokens=1, temperature=0
     )
     assert [choice.index for choice in out.choices] == [0, 1]
     first = out.choices[0].logprobs
@@ -115,15 +115,15 @@ def test_completion_echo_logprobs_for_lm_eval(client, backend):
 
 
 def test_completion_max_tokens_zero_scores_prompt_only(client):
-    out = client.completions.create(model="m", prompt="abc", echo=True, logprobs=2, max_tokens=0)
+    out = client.completions.create(model=MODEL, prompt="abc", echo=True, logprobs=2, max_tokens=0)
     block = out.choices[0].logprobs
     assert out.choices[0].text == "abc" and len(block.tokens) == 3 and block.text_offset == [0, 1, 2]
     assert all(len(top) == 2 for top in block.top_logprobs[1:])
 
 
 def test_completion_streaming(client):
-    whole = client.completions.create(model="m", prompt="Once", max_tokens=6, temperature=0).choices[0].text
-    chunks = list(client.completions.create(model="m", prompt="Once", max_tokens=6, temperature=0, stream=True))
+    whole = client.completions.create(model=MODEL, prompt="Once", max_tokens=6, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt="Once", max_tokens=6, temperature=0, stream=True))
     assert len({chunk.id for chunk in chunks}) == 1
     assert "".join(chunk.choices[0].text for chunk in chunks) == whole
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
@@ -132,16 +132,16 @@ def test_completion_streaming(client):
 @pytest.mark.parametrize(
     "body",
     [
-        {"model": "m"},  # messages missing
-        {"model": "m", "messages": "hi"},
-        {"model": "m", "messages": [123]},
-        {"model": "m", "messages": [{}]},
-        {"model": "m", "messages": [{"role": 5, "content": "x"}]},
-        {"model": "m", "messages": [{"role": "user", "content": 5}]},
-        {"model": "m", "messages": []},
-        {"model": "m", "messages": HI, "temperature": "hot"},
-        {"model": "m", "messages": HI, "max_tokens": -1},
-        {"model": "m", "messages": HI, "n": 3},
+        {"model": MODEL},  # messages missing
+        {"model": MODEL, "messages": "hi"},
+        {"model": MODEL, "messages": [123]},
+        {"model": MODEL, "messages": [{}]},
+        {"model": MODEL, "messages": [{"role": 5, "content": "x"}]},
+        {"model": MODEL, "messages": [{"role": "user", "content": 5}]},
+        {"model": MODEL, "messages": []},
+        {"model": MODEL, "messages": HI, "temperature": "hot"},
+        {"model": MODEL, "messages": HI, "max_tokens": -1},
+        {"model": MODEL, "messages": HI, "n": 3},
         ["not", "an", "object"],
     ],
 )
@@ -156,7 +156,7 @@ def test_malformed_chat_bodies_get_400_with_error_shape(http, body):
     "body", [{"prompt": []}, {"prompt": [[]]}, {"prompt": [-1]}, {"prompt": [10**9]}, {"prompt": "x", "logprobs": 99}]
 )
 def test_malformed_completion_bodies_get_400(http, body):
-    response = http.post("/v1/completions", json={"model": "m", **body})
+    response = http.post("/v1/completions", json={"model": MODEL, **body})
     assert response.status_code == 400, response.text
     assert "error" in response.json()
 
@@ -168,17 +168,17 @@ def test_invalid_json_gets_400(http):
 
 def test_prompt_longer_than_context_gets_context_length_exceeded(http, backend):
     long = "x" * (backend.context_length + 10)
-    response = http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": long}]})
+    response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": long}]})
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "context_length_exceeded"
-    response = http.post("/v1/completions", json={"model": "m", "prompt": long})
+    response = http.post("/v1/completions", json={"model": MODEL, "prompt": long})
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
 def test_wrong_or_missing_api_key_gets_401(url, headers):
     for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):
-        response = httpx.request(method, url + path, headers=headers, json={"model": "m", "messages": HI}, timeout=30)
+        response = httpx.request(method, url + path, headers=headers, json={"model": MODEL, "messages": HI}, timeout=30)
         assert response.status_code == 401, (path, response.text)
         assert response.json()["error"]["code"] == "invalid_api_key"
 
@@ -211,7 +211,7 @@ def test_health_is_503_while_loading(tmp_path):
     with running_server(slow_loader) as base:
         response = httpx.get(base + "/health", timeout=30)
         assert response.status_code == 503 and response.json()["status"] == "loading"
-        chat = httpx.post(base + "/v1/chat/completions", json={"model": "m", "messages": HI}, timeout=30)
+        chat = httpx.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": HI}, timeout=30)
         assert chat.status_code == 503 and json.loads(chat.text)["error"]["code"] == "model_not_ready"
         release.set()
 
@@ -242,7 +242,7 @@ def test_lm_evaluation_harness_local_completions_scores_through_the_server(backe
 def test_chat_template_refusal_is_a_400_not_a_500():
     from kompakt.errors import ConfigError
     from kompakt.model.tiny import tiny_model
-    from kompakt.serve.backends import TransformersBackend
+    from kompakt.serve.backend_transformers import TransformersBackend
 
     loaded = tiny_model("llama")
     loaded.tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
@@ -250,5 +250,5 @@ def test_chat_template_refusal_is_a_400_not_a_500():
     with pytest.raises(ConfigError, match="roles must alternate"):
         backend.encode_chat(HI)
     with running_server(backend) as base:
-        response = httpx.post(base + "/v1/chat/completions", json={"model": "m", "messages": HI}, timeout=30)
+        response = httpx.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": HI}, timeout=30)
     assert response.status_code == 400 and "alternate" in response.json()["error"]["message"]

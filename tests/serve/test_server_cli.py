@@ -90,7 +90,7 @@ def test_sigterm_drains_the_running_stream_then_exits(tiny_dir):
                 pass
             time.sleep(0.2)
         body = {
-            "model": "m",
+            "model": "tiny",
             "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 300,
             "temperature": 0,

@@ -15,7 +15,8 @@ openai = pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).parent))
 from test_server_support import running_server  # noqa: E402
 
-from kompakt.serve.backends import Sampling, choose_backend  # noqa: E402
+from kompakt.serve.backend import Sampling  # noqa: E402
+from kompakt.serve.backend_choice import choose_backend  # noqa: E402
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -52,6 +53,25 @@ def test_greedy_generation_is_deterministic_and_bounded(backend):
     again = list(backend.stream(ids, Sampling(max_tokens=6, temperature=0)))
     assert first == again
     assert sum(chunk.token_id is not None for chunk in first) <= 6 and first[-1].finish_reason in ("stop", "length")
+
+
+def test_logit_bias_bans_and_forces_tokens(backend):
+    ids = backend.encode_text("Hello")
+    greedy = [chunk.token_id for chunk in backend.stream(ids, Sampling(max_tokens=3, temperature=0))]
+    banned = list(backend.stream(ids, Sampling(max_tokens=3, temperature=0, logit_bias={greedy[0]: -100})))
+    assert banned[0].token_id != greedy[0]
+    forced = list(backend.stream(ids, Sampling(max_tokens=2, temperature=0, logit_bias={ids[-1]: 100})))
+    assert [chunk.token_id for chunk in forced[:2]] == [ids[-1], ids[-1]]
+
+
+def test_chunked_scoring_matches_unchunked(backend, monkeypatch):
+    from kompakt.serve import backend_llamacpp
+
+    ids = backend.encode_text("The quick brown fox jumps over the lazy dog")
+    whole = backend.score(ids, 2)
+    monkeypatch.setattr(backend_llamacpp, "SCORE_CHUNK_TOKENS", 3)
+    chunked = backend.score(ids, 2)
+    assert chunked.logprobs[1:] == pytest.approx(whole.logprobs[1:], abs=1e-6) and chunked.top == whole.top
 
 
 def test_served_over_openai_api(backend):
@@ -99,7 +119,7 @@ def test_kompakt_chat_backend_llamacpp(tiny_gguf, monkeypatch, capsys):
 
     lines = iter(["hi", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    monkeypatch.setattr("kompakt.cli.chat._load_model", lambda source: pytest.fail("took the transformers path"))
+    monkeypatch.setattr("kompakt.model.load.load", lambda *args, **kwargs: pytest.fail("took the transformers path"))
     main(["chat", str(tiny_gguf), "--backend", "llamacpp", "--max-new-tokens", "4", "--temperature", "0"])
     captured = capsys.readouterr()
     assert captured.err.startswith("tiny")

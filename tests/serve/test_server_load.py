@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_server_support import running_server, tiny_backend  # noqa: E402
+from test_server_support import MODEL, running_server, tiny_backend  # noqa: E402
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -62,7 +62,7 @@ def test_eight_concurrent_streaming_clients_all_complete(backend):
 
     def client(index: int, base: str) -> None:
         with httpx.Client(timeout=120) as http:
-            body = {"model": "m", "messages": HI, "max_tokens": 12, "temperature": 0.8, "seed": index, "stream": True}
+            body = {"model": MODEL, "messages": HI, "max_tokens": 12, "temperature": 0.8, "seed": index, "stream": True}
             with http.stream("POST", base + "/v1/chat/completions", json=body) as response:
                 results[index] = (response.status_code, _sse_events(response))
 
@@ -87,7 +87,7 @@ def test_eight_concurrent_streaming_clients_all_complete(backend):
 def test_client_dropping_mid_stream_frees_the_worker(backend):
     slow = SlowBackend(backend, delay=0.05)  # 400 tokens would take 20 s
     with running_server(slow, max_tokens_cap=400) as base:
-        body = {"model": "m", "messages": HI, "max_tokens": 400, "temperature": 0, "stream": True}
+        body = {"model": MODEL, "messages": HI, "max_tokens": 400, "temperature": 0, "stream": True}
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", base + "/v1/chat/completions", json=body) as response:
                 lines = response.iter_lines()
@@ -96,7 +96,7 @@ def test_client_dropping_mid_stream_frees_the_worker(backend):
             # the connection is closed here, mid-stream
         dropped_at = time.monotonic()
         with httpx.Client(timeout=30) as http:
-            reply = http.post(base + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 2})
+            reply = http.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 2})
         assert reply.status_code == 200
         assert time.monotonic() - dropped_at < 4.0  # the dropped generation stopped within ~2 s
         steps = slow.steps
@@ -108,18 +108,18 @@ def test_client_dropping_mid_stream_frees_the_worker(backend):
 def test_full_queue_answers_503(backend):
     slow = SlowBackend(backend, delay=0.05)
     with running_server(slow, queue_size=0, max_tokens_cap=200) as base:
-        body = {"model": "m", "messages": HI, "max_tokens": 200, "temperature": 0, "stream": True}
+        body = {"model": MODEL, "messages": HI, "max_tokens": 200, "temperature": 0, "stream": True}
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", base + "/v1/chat/completions", json=body) as response:
                 lines = response.iter_lines()  # keep the iterator: dropping it closes the stream
                 next(lines)  # the first generation is running
-                refused = httpx.post(base + "/v1/chat/completions", json={"model": "m", "messages": HI}, timeout=30)
+                refused = httpx.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": HI}, timeout=30)
                 assert refused.status_code == 503, refused.text
                 assert refused.json()["error"]["code"] == "queue_full"
         with httpx.Client(timeout=30) as http:  # the dropped stream freed its place
             assert (
                 http.post(
-                    base + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 2}
+                    base + "/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 2}
                 ).status_code
                 == 200
             )
@@ -130,7 +130,7 @@ def test_waiting_requests_are_served_in_turn(backend):
     statuses: list[int] = []
 
     def ask(base: str) -> None:
-        body = {"model": "m", "messages": HI, "max_tokens": 10, "temperature": 0}
+        body = {"model": MODEL, "messages": HI, "max_tokens": 10, "temperature": 0}
         statuses.append(httpx.post(base + "/v1/chat/completions", json=body, timeout=60).status_code)
 
     with running_server(slow, queue_size=4) as base:
@@ -145,12 +145,12 @@ def test_waiting_requests_are_served_in_turn(backend):
 def test_non_streaming_client_that_gives_up_frees_the_worker(backend):
     slow = SlowBackend(backend, delay=0.05)
     with running_server(slow, max_tokens_cap=400) as base:
-        body = {"model": "m", "messages": HI, "max_tokens": 400, "temperature": 0}
+        body = {"model": MODEL, "messages": HI, "max_tokens": 400, "temperature": 0}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(base + "/v1/chat/completions", json=body, timeout=1.0)  # closes the connection
         gave_up = time.monotonic()
         reply = httpx.post(
-            base + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 2}, timeout=30
+            base + "/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 2}, timeout=30
         )
         assert reply.status_code == 200
         assert time.monotonic() - gave_up < 4.0

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import torch
 
-from kompakt.serve.server import ServerSettings, bind_socket, create_app
+from kompakt.serve.server import bind_socket, create_app
+from kompakt.serve.state import ServerSettings
 
 API_KEY = "test-key-123"
+MODEL = "tiny-llama"  # the id tiny_backend serves (and /v1/models lists)
 
 
 @contextmanager
@@ -42,9 +44,9 @@ def tiny_backend(tmp_root: Path):
     """A TransformersBackend on a tiny llama saved to disk and loaded back with kompakt.model.load."""
     from kompakt.model.load import load
     from kompakt.model.tiny import save_tiny
-    from kompakt.serve.backends import TransformersBackend
+    from kompakt.serve.backend_transformers import TransformersBackend
 
     torch.set_num_threads(1)
     directory = tmp_root / "tiny-llama"
     save_tiny("llama", directory)
-    return TransformersBackend(load(directory), model_id="tiny-llama")
+    return TransformersBackend(load(directory), model_id=MODEL)

@@ -14,11 +14,11 @@ from kompakt.errors import KompaktError
 HELP_LINE = "Type a message; /reset forgets the conversation, /exit (or Ctrl-D) quits."
 
 
-def _load_model(source: str | None):
+def _open_backend(source: str | None, engine: str):
     # Imported here: loading pulls in the model stack, which `kompakt --help` should not pay for.
-    from kompakt.model.load import load
+    from kompakt.serve.backend_choice import open_backend
 
-    return load(source)
+    return open_backend(source, engine)
 
 
 def _read_line(prompt: str) -> str | None:
@@ -58,25 +58,17 @@ def chat(
     ] = "auto",
 ) -> None:
     """Chat with a model in the terminal; replies stream as they are generated."""
-    from kompakt.serve.backends import choose_backend
+    from kompakt.serve.backend import Sampling, check_sampling
+    from kompakt.serve.backend_choice import choose_backend
     from kompakt.serve.chat_session import ChatSession
-    from kompakt.serve.generate import check_sampling
 
     check_sampling(max_new_tokens, temperature, top_p)  # bad options fail before the model loads
     engine = choose_backend(model, backend)
     err = Console(stderr=True)
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     with err.status("loading model...") if err.is_terminal else nullcontext():
-        if engine == "llamacpp":
-            from kompakt.serve.backend_chat import BackendChatSession
-            from kompakt.serve.backends import open_backend
-
-            engine_backend = open_backend(model, engine)
-            session = BackendChatSession(engine_backend, system=system, sampling=sampling)
-            name = engine_backend.model_id
-        else:
-            loaded = _load_model(model)
-            session, name = ChatSession(loaded, system=system, sampling=sampling), loaded.name
+        engine_backend = _open_backend(model, engine)
+    session, name = ChatSession(engine_backend, system=system, sampling=sampling), engine_backend.model_id
     err.print(f"[bold]{name}[/] - {HELP_LINE}", highlight=False, soft_wrap=True)
     if not session.chat_mode:
         err.print(
@@ -85,6 +77,14 @@ def chat(
             highlight=False,
             soft_wrap=True,
         )
+    try:
+        _converse(session, err)
+    finally:
+        engine_backend.close()
+
+
+def _converse(session, err: Console) -> None:
+    """Read lines until /exit, Ctrl-D or Ctrl-C at the prompt; stream a reply to each."""
     if sys.stdin.isatty():
         try:  # line editing and history for input(); absent on some platforms
             import readline  # noqa: F401

@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+MAX_PROMPT_TOKENS = 16384  # the default of kompakt.serve.state.ServerSettings (not imported: --help stays cheap)
+
 
 def serve(
     model: Annotated[
@@ -27,18 +29,23 @@ def serve(
     ] = "auto",
     max_tokens_cap: Annotated[int, typer.Option(help="Most tokens one request may generate.")] = 2048,
     queue_size: Annotated[int, typer.Option(help="Requests that may wait while one generates; more get 503.")] = 16,
+    max_prompt_tokens: Annotated[
+        int, typer.Option(help="Most prompt tokens one /v1/completions request may hold over its batch.")
+    ] = MAX_PROMPT_TOKENS,
     drain_seconds: Annotated[int, typer.Option(help="On SIGTERM, how long in-flight requests may finish.")] = 10,
     n_ctx: Annotated[
         int | None, typer.Option(help="llama.cpp context size (default: the model's, at most 4096).")
     ] = None,
 ) -> None:
     """Serve a model over the OpenAI API at http://HOST:PORT/v1 (any OpenAI client works)."""
-    from kompakt.serve.server import ServerSettings
     from kompakt.serve.server import serve as run_server
+    from kompakt.serve.state import ServerSettings
 
     err = Console(stderr=True)
     key = api_key if api_key is not None else os.environ.get("KOMPAKT_API_KEY")
-    settings = ServerSettings(api_key=key, max_tokens_cap=max_tokens_cap, queue_size=queue_size)
+    settings = ServerSettings(
+        api_key=key, max_tokens_cap=max_tokens_cap, queue_size=queue_size, max_prompt_tokens=max_prompt_tokens
+    )
 
     def announce(message: str) -> None:
         err.print(message, highlight=False, soft_wrap=True)

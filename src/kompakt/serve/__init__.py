@@ -1,8 +1,25 @@
-"""Running a model: streaming generation, chat sessions (and later an OpenAI-compatible server)."""
+"""Running a model: streaming generation, chat sessions over a Backend, an OpenAI-compatible server.
+
+Names are imported lazily (as in kompakt/__init__.py): `import kompakt.serve.state` for the
+CLI's defaults must not pay for torch and transformers.
+"""
 
 from __future__ import annotations
 
-from kompakt.serve.chat_session import ChatSession
-from kompakt.serve.generate import Chunk, generate_text, stream_chunks, stream_generate
+from importlib import import_module
+from typing import Any
 
-__all__ = ["ChatSession", "Chunk", "generate_text", "stream_chunks", "stream_generate"]
+_API = {
+    "ChatSession": "kompakt.serve.chat_session",
+    "Chunk": "kompakt.serve.backend",
+    "generate_text": "kompakt.serve.generate",
+    "stream_chunks": "kompakt.serve.generate",
+    "stream_generate": "kompakt.serve.generate",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'kompakt.serve' has no attribute {name!r}")
+    return getattr(import_module(_API[name]), name)

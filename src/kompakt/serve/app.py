@@ -1,8 +1,9 @@
 """The FastAPI routes of the server (imported only by server.create_app: fastapi is optional).
 
 Every error leaves as the OpenAI error body ({"error": {...}}): the app's own APIError, and
-also FastAPI's validation errors (422 -> 400), unknown routes (404) and anything unexpected
-(500, logged).
+also FastAPI's validation errors (422 -> 400), unknown routes (404), bodies over
+MAX_BODY_BYTES (413, refused while reading: kompakt.serve.body_limit) and anything
+unexpected (500, logged).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from kompakt.serve import completions
-from kompakt.serve.openai_schema import APIError, error_body, models_list
-from kompakt.serve.server import ServerState
+from kompakt.serve.body_limit import BodyLimit
+from kompakt.serve.openai_schema import MAX_BODY_BYTES, APIError, error_body, models_list
+from kompakt.serve.state import ServerState
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 def build_app(state: ServerState, loader: Callable[[], None]) -> FastAPI:
@@ -40,6 +40,7 @@ def build_app(state: ServerState, loader: Callable[[], None]) -> FastAPI:
 
     app = FastAPI(title="kompakt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.kompakt = state
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     _add_error_handlers(app)
     authorize = _authorizer(state.settings.api_key)
 
@@ -101,9 +102,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 async def _json_body(request: Request) -> object:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB")
+    body = await request.body()  # at most MAX_BODY_BYTES: BodyLimit stops the read beyond it
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

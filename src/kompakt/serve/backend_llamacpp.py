@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from kompakt.errors import ConfigError, ModelFormatError
-from kompakt.serve.backends import Messages, Sampling, TokenScores
-from kompakt.serve.generate import Chunk, _StopStrings, check_sampling
+from kompakt.serve.backend import SCORE_CHUNK_TOKENS, Chunk, Messages, Sampling, TokenScores, check_sampling
+from kompakt.serve.stop_strings import StopStrings
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class LlamaCppBackend:
         self.model_id = path.stem
         self.vocab_size = int(self.llm.n_vocab())
         self._template = self.llm.metadata.get("tokenizer.chat_template")
+        self.has_chat_template = bool(self._template)
         self._eog = {self.llm.token_eos()}
 
     # -- prompts -----------------------------------------------------------------------
@@ -122,11 +123,11 @@ class LlamaCppBackend:
         limit = min(sampling.max_tokens, room)
         self.llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stopper = _StopStrings(sampling.stop)
+        stopper = StopStrings(sampling.stop)
         # OpenAI semantics: only temperature and top_p shape the distribution.
         tokens = self.llm.generate(
             ids, temp=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0, typical_p=1.0,
-            repeat_penalty=1.0,
+            repeat_penalty=1.0, logits_processor=_bias_processor(sampling.logit_bias),
         )  # fmt: skip
         produced = 0
         try:
@@ -148,6 +149,8 @@ class LlamaCppBackend:
         yield Chunk(tail, None, "length" if produced >= limit and not hit else "stop")
 
     def score(self, ids: list[int], top_n: int) -> TokenScores:
+        """log p(ids[i] | ids[:i]) and the top_n alternatives, SCORE_CHUNK_TOKENS rows at a time
+        (llama.cpp keeps n x vocab float32 logits; a float64 copy of all of them would double that)."""
         if not self.logits_all:
             raise ConfigError(
                 "prompt logprobs need llama.cpp's logits for every position, too large for this "
@@ -155,16 +158,17 @@ class LlamaCppBackend:
             )
         self.llm.reset()
         self.llm.eval(ids)
-        logits = np.asarray(self.llm.scores[: len(ids)], dtype=np.float64)  # [n, vocab]
-        logprobs = logits - _logsumexp(logits)
-        pieces = [self.llm.detokenize([token]).decode("utf-8", errors="replace") for token in ids]
         chosen: list[float | None] = [None]
         top: list[dict[str, float] | None] = [None]
-        for position in range(1, len(ids)):
-            row = logprobs[position - 1]
-            chosen.append(float(row[ids[position]]))
-            best = np.argsort(row)[::-1][: max(top_n, 1)]
-            top.append({self.decode([int(i)]): float(row[i]) for i in best})
+        for start in range(0, len(ids) - 1, SCORE_CHUNK_TOKENS):
+            end = min(start + SCORE_CHUNK_TOKENS, len(ids) - 1)
+            logits = np.asarray(self.llm.scores[start:end], dtype=np.float64)  # [end - start, vocab]
+            logprobs = logits - _logsumexp(logits)
+            for row, target in zip(logprobs, ids[start + 1 : end + 1]):
+                chosen.append(float(row[target]))
+                best = np.argsort(row)[::-1][: max(top_n, 1)]
+                top.append({self.decode([int(i)]): float(row[i]) for i in best})
+        pieces = [self.llm.detokenize([token]).decode("utf-8", errors="replace") for token in ids]
         self.llm.reset()  # the next generate must not trust this partial state as a cached prompt
         return TokenScores(pieces, chosen, top)
 
@@ -172,6 +176,22 @@ class LlamaCppBackend:
         close = getattr(self.llm, "close", None)
         if close:
             close()
+
+
+def _bias_processor(logit_bias: dict[int, float]):
+    """OpenAI logit_bias as a llama-cpp-python logits processor (None: no bias)."""
+    if not logit_bias:
+        return None
+    from llama_cpp import LogitsProcessorList
+
+    tokens = np.fromiter(logit_bias.keys(), dtype=np.int64)
+    values = np.fromiter(logit_bias.values(), dtype=np.float32)
+
+    def add_bias(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        scores[tokens] += values
+        return scores
+
+    return LogitsProcessorList([add_bias])
 
 
 def _logsumexp(logits: np.ndarray) -> np.ndarray:

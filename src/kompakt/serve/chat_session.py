@@ -1,7 +1,7 @@
-"""A chat conversation with a model: history, reset, and a plain mode for base models.
+"""A chat conversation over any Backend: history, reset, and a plain mode for base models.
 
-Terminal chat (and later other front ends) keep only I/O; what is sent to the model and what
-is remembered lives here.
+The terminal chat (and later other front ends) keep only I/O; what is sent to the model and
+what is remembered lives here, the same for transformers and llama.cpp.
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kompakt.model.loaded import LoadedModel
-from kompakt.serve.generate import has_chat_template, stream_generate
+from kompakt.serve.backend import Backend, Sampling
 
 
 @dataclass
@@ -22,16 +21,16 @@ class ChatSession:
     is appended and the model continues the text.
 
     Attributes:
-        loaded: the model.
+        backend: the engine (kompakt.serve.backend_choice.open_backend, or a backend built
+            directly, e.g. TransformersBackend(loaded)).
         system: optional system prompt (first message; the transcript's opening text in
             plain mode).
-        sampling: keyword arguments for `stream_generate` (max_new_tokens, temperature,
-            top_p, seed, stop).
+        sampling: max_tokens, temperature, top_p, seed and stop of every reply.
     """
 
-    loaded: LoadedModel
+    backend: Backend
     system: str | None = None
-    sampling: dict = field(default_factory=dict)
+    sampling: Sampling = field(default_factory=Sampling)
     messages: list[dict[str, str]] = field(default_factory=list, init=False)
     transcript: str = field(default="", init=False)
 
@@ -41,7 +40,7 @@ class ChatSession:
     @property
     def chat_mode(self) -> bool:
         """False when the model has no chat template (plain continuation mode)."""
-        return has_chat_template(self.loaded.tokenizer)
+        return self.backend.has_chat_template
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
@@ -56,14 +55,21 @@ class ChatSession:
         """
         if self.chat_mode:
             request = [*self.messages, {"role": "user", "content": user_text}]
+            ids = self.backend.encode_chat(request)
         else:
             # A newline between turns: the model continues each line the user adds.
             joiner = "\n" if self.transcript and not self.transcript.endswith("\n") else ""
             request = self.transcript + joiner + user_text
+            ids = self.backend.encode_text(request)
         pieces: list[str] = []
-        for piece in stream_generate(self.loaded, request, **self.sampling):
-            pieces.append(piece)
-            yield piece
+        chunks = self.backend.stream(ids, self.sampling)
+        try:
+            for chunk in chunks:
+                if chunk.text:
+                    pieces.append(chunk.text)
+                    yield chunk.text
+        finally:
+            chunks.close()  # an abandoned reply stops the engine's token loop now, not at GC
         reply = "".join(pieces)
         if self.chat_mode:
             self.messages = [*request, {"role": "assistant", "content": reply}]

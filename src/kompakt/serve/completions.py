@@ -1,8 +1,9 @@
 """/v1/chat/completions and /v1/completions: validate, queue, generate, shape the answer.
 
-Order matters for status codes: everything that can be refused (bad body 400, prompt over
-the context 400, queue full 503) is decided before a streaming response starts; after the
-first byte, errors can only travel inside the stream.
+Order matters for status codes: everything that can be refused (bad body 400, unknown model
+404, token id outside the vocabulary 400, prompt over the context or a batch over the
+prompt-token cap 400, queue full 503) is decided before a streaming response starts; after
+the first byte, errors can only travel inside the stream.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from kompakt.errors import KompaktError
-from kompakt.serve.backends import Backend, Sampling
-from kompakt.serve.generate import Chunk
+from kompakt.serve.backend import Backend, Chunk, Sampling, check_token_ids
 from kompakt.serve.limits import QueueFull, Ticket
 from kompakt.serve.openai_schema import (
     APIError,
@@ -31,9 +30,7 @@ from kompakt.serve.openai_schema import (
     usage,
     usage_chunk,
 )
-
-if TYPE_CHECKING:
-    from kompakt.serve.server import ServerState
+from kompakt.serve.state import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +46,16 @@ def _sampling(state: ServerState, request, requested: int | None, prompt_len: in
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
         stop=request.stop_list(),
+        logit_bias=request.logit_bias or {},
     )
+
+
+def _check_ids(backend: Backend, ids: Sequence[int], field_name: str) -> None:
+    """A 400 naming `field_name` and the valid range for a token id outside the vocabulary."""
+    try:
+        check_token_ids(ids, backend.vocab_size, field_name)
+    except KompaktError as error:
+        raise APIError(400, str(error), param=field_name) from None
 
 
 def _check_context(backend: Backend, ids: list[int], generates: bool) -> None:
@@ -148,7 +154,8 @@ async def _guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 async def chat(state: ServerState, http_request, body: object):
     request: ChatRequest = parse_request(ChatRequest, body)
-    backend = state.ready_backend()
+    backend = state.served_backend(request.model)
+    _check_ids(backend, list(request.logit_bias or {}), "logit_bias")
     ids = await _encode(state, backend.encode_chat, request.plain_messages())
     _check_context(backend, ids, generates=True)
     sampling = _sampling(state, request, request.requested_max_tokens(), len(ids))
@@ -183,19 +190,19 @@ async def _chat_events(state, http_request, ticket, ids, sampling, model_id, inc
 
 async def complete(state: ServerState, http_request, body: object):
     request: CompletionRequest = parse_request(CompletionRequest, body)
-    backend = state.ready_backend()
+    backend = state.served_backend(request.model)
+    _check_ids(backend, list(request.logit_bias or {}), "logit_bias")
     prompts = request.prompts()
     if request.stream and (len(prompts) > 1 or request.logprobs is not None):
         raise APIError(400, "streaming serves one prompt without logprobs; send stream=false for batches or logprobs")
     encoded = []
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, list):
+            _check_ids(backend, prompt, "prompt" if len(prompts) == 1 else f"prompt[{index}]")
         ids = list(prompt) if isinstance(prompt, list) else await _encode(state, backend.encode_text, prompt)
-        if isinstance(prompt, list) and max(ids) >= backend.vocab_size:
-            raise APIError(
-                400, f"prompt token id {max(ids)} is outside the vocabulary (size {backend.vocab_size})", param="prompt"
-            )
         _check_context(backend, ids, generates=request.max_tokens > 0)
         encoded.append((prompt, ids))
+    _check_prompt_budget(state, [ids for _, ids in encoded])
     ticket = _admit(state)
     if request.stream:
         prompt, ids = encoded[0]
@@ -212,6 +219,20 @@ async def complete(state: ServerState, http_request, body: object):
     except KompaktError as error:
         raise APIError(400, str(error)) from None
     return completion_response(new_id("cmpl"), backend.model_id, choices, usage(prompt_total, completion_total))
+
+
+def _check_prompt_budget(state: ServerState, encoded: list[list[int]]) -> None:
+    """One request may carry at most settings.max_prompt_tokens prompt tokens over its batch:
+    each is run (and scored, with logprobs) on the single model worker while others wait."""
+    total, cap = sum(len(ids) for ids in encoded), state.settings.max_prompt_tokens
+    if total > cap:
+        raise APIError(
+            400,
+            f"the prompts hold {total} tokens in all; one request may hold at most {cap} prompt tokens "
+            "(prompt tokens x batch); send fewer or shorter prompts per request",
+            param="prompt",
+            code="too_many_prompt_tokens",
+        )
 
 
 async def _one_completion(state, http_request, index: int, prompt, ids: list[int], request: CompletionRequest):

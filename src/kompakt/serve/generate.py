@@ -12,38 +12,20 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from kompakt.errors import ConfigError
 from kompakt.model.loaded import LoadedModel
+from kompakt.serve.backend import Chunk, Messages, check_sampling
+from kompakt.serve.stop_strings import StopStrings
 
 logger = logging.getLogger(__name__)
-
-Messages = Sequence[Mapping[str, str]]
 
 # Special tokens that end an assistant turn in common chat formats. A converted checkpoint
 # (e.g. from GGUF) may name only <|endoftext|> as EOS while its template ends turns with
 # <|im_end|>; stopping at whichever of these the tokenizer knows as special avoids run-ons.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One step of a generation stream.
-
-    Attributes:
-        text: decoded text that became final with this step (may be empty while a multi-byte
-            character or a possible stop string is still incomplete).
-        token_id: the token sampled at this step; None for the closing chunk.
-        finish_reason: None while running; "stop" (EOS or a stop string) or "length"
-            (max_new_tokens or the context was reached) on the closing chunk.
-    """
-
-    text: str
-    token_id: int | None = None
-    finish_reason: str | None = None
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -111,7 +93,7 @@ def _added_special(tokenizer) -> set[str]:
     return {str(token) for token in decoder.values() if getattr(token, "special", False)}
 
 
-class _IncrementalDecoder:
+class IncrementalDecoder:
     """Turns a growing list of token ids into text pieces whose concatenation is the full decode.
 
     Decodes a short window (from the start of the last emitted piece) twice and emits the
@@ -146,51 +128,6 @@ class _IncrementalDecoder:
         return new_text[len(prefix_text) :]
 
 
-class _StopStrings:
-    """Cuts the text before the first stop string, holding back a possible partial match."""
-
-    def __init__(self, stop: str | Sequence[str] | None) -> None:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        self.stops = [item for item in stops if item]
-        self.buffer = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was hit)."""
-        if not self.stops:
-            return text, False
-        self.buffer += text
-        hits = [index for index in (self.buffer.find(stop) for stop in self.stops) if index >= 0]
-        if hits:
-            out, self.buffer = self.buffer[: min(hits)], ""
-            return out, True
-        hold = max((_overlap(self.buffer, stop) for stop in self.stops), default=0)
-        cut = len(self.buffer) - hold
-        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buffer = self.buffer, ""
-        return out
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
-    for size in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:size]):
-            return size
-    return 0
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    """Raise ConfigError for sampling parameters out of range."""
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0 (got {temperature}); use 0 for greedy decoding")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1] (got {top_p})")
-
-
 def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
     """Greedy at temperature 0, else nucleus sampling. logits: [vocab] on the CPU in fp32."""
     if temperature == 0:
@@ -206,12 +143,22 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generato
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _cache_names(model) -> tuple[str, str]:
+def cache_names(model) -> tuple[str, str]:
     """(forward keyword, output attribute) of the KV cache: transformers renamed
     past_key_values to cache in 5.x; older versions only know the former."""
     if "cache" in inspect.signature(model.forward).parameters:
         return "cache", "cache"
     return "past_key_values", "past_key_values"
+
+
+def _bias_vector(logit_bias: Mapping[int, float] | None, vocab: int) -> torch.Tensor | None:
+    """OpenAI logit_bias as a [vocab] tensor added to every step's logits (None: no bias)."""
+    if not logit_bias:
+        return None
+    bias = torch.zeros(vocab)
+    for token, value in logit_bias.items():
+        bias[int(token)] = float(value)
+    return bias
 
 
 def stream_token_ids(
@@ -222,6 +169,7 @@ def stream_token_ids(
     temperature: float = 0.7,
     top_p: float = 0.95,
     seed: int | None = None,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> Iterator[int]:
     """Sampled token ids, one per step, until a stop token (not yielded) or max_new_tokens."""
     check_sampling(max_new_tokens, temperature, top_p)
@@ -237,20 +185,58 @@ def stream_token_ids(
         generator.seed()
     else:
         generator.manual_seed(seed)
-    cache_kwarg, cache_attr = _cache_names(model)
+    cache_kwarg, cache_attr = cache_names(model)
     step_ids = torch.tensor([list(input_ids)], dtype=torch.long, device=loaded.device)
-    cache = None
+    cache, bias = None, None
     for _ in range(min(max_new_tokens, room)):
         with torch.inference_mode():
             kwargs = {cache_kwarg: cache} if cache is not None else {}
             out = model(input_ids=step_ids, use_cache=True, logits_to_keep=1, **kwargs)
         cache = getattr(out, cache_attr, None)
         logits = out.logits[0, -1].float().cpu()
+        if logit_bias:
+            bias = bias if bias is not None else _bias_vector(logit_bias, logits.shape[-1])
+            logits = logits + bias
         token = _next_token(logits, temperature, top_p, generator)
         if token in stops:
             return
         yield token
         step_ids = torch.tensor([[token]], dtype=torch.long, device=loaded.device)
+
+
+def chunks_from_ids(
+    loaded: LoadedModel,
+    input_ids: Sequence[int],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    logit_bias: Mapping[int, float] | None = None,
+) -> Iterator[Chunk]:
+    """Generation from token ids as text chunks with a closing chunk carrying finish_reason
+    (what the server needs: prompts may arrive tokenized, usage counts tokens)."""
+    decoder, stopper = IncrementalDecoder(loaded.tokenizer), StopStrings(stop)
+    limit = min(max_new_tokens, loaded.context_length - len(input_ids))
+    produced = 0
+    tokens = stream_token_ids(
+        loaded, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        logit_bias=logit_bias,
+    )  # fmt: skip
+    try:
+        for token in tokens:
+            produced += 1
+            text, hit = stopper.feed(decoder.add(token))
+            if hit:
+                yield Chunk(text, token, "stop")
+                return
+            yield Chunk(text, token)
+    finally:
+        tokens.close()  # a consumer that stops early stops the token loop with it
+    text, hit = stopper.feed(decoder.flush())
+    tail = text if hit else text + stopper.flush()
+    yield Chunk(tail, None, "length" if produced >= limit and not hit else "stop")
 
 
 def stream_chunks(
@@ -265,24 +251,10 @@ def stream_chunks(
 ) -> Iterator[Chunk]:
     """Like `stream_generate`, with token ids and a closing chunk carrying finish_reason
     (what an OpenAI-style server needs for streaming deltas and usage counts)."""
-    input_ids = encode_input(loaded, prompt_or_messages)
-    decoder, stopper = _IncrementalDecoder(loaded.tokenizer), _StopStrings(stop)
-    limit = min(max_new_tokens, loaded.context_length - len(input_ids))
-    produced = 0
-    tokens = stream_token_ids(
-        loaded, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
-    )
-    for token in tokens:
-        produced += 1
-        text, hit = stopper.feed(decoder.add(token))
-        if hit:
-            tokens.close()
-            yield Chunk(text, token, "stop")
-            return
-        yield Chunk(text, token)
-    text, hit = stopper.feed(decoder.flush())
-    tail = text if hit else text + stopper.flush()
-    yield Chunk(tail, None, "length" if produced >= limit and not hit else "stop")
+    yield from chunks_from_ids(
+        loaded, encode_input(loaded, prompt_or_messages), max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+    )  # fmt: skip
 
 
 def stream_generate(

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 MAX_STOP_SEQUENCES = 16
 MAX_BATCH_PROMPTS = 64  # /v1/completions prompt lists (lm-evaluation-harness batches)
+MAX_BODY_BYTES = 8 * 1024 * 1024  # enforced while the body is read (kompakt.serve.body_limit)
 
 
 class APIError(Exception):
@@ -58,15 +59,12 @@ class StreamOptions(_Request):
     include_usage: StrictBool = False
 
 
-Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_SEQUENCES)] | None
-
-
 class _Sampling(_Request):
     model: StrictStr | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     seed: StrictInt | None = None
-    stop: Stop = None
+    stop: str | list[str] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: Annotated[StrictInt, Field(ge=1, le=1)] = 1  # one choice per request, said plainly
@@ -74,6 +72,39 @@ class _Sampling(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: StrictStr | None = None
+    logit_bias: dict[int, float] | None = None
+
+    @field_validator("stop", mode="plain")
+    @classmethod
+    def _check_stop(cls, value: Any) -> str | list[str] | None:
+        # By hand: a union's errors would name the first branch ("Input should be a valid string").
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ValueError(f"a string or a list of at most {MAX_STOP_SEQUENCES} strings")
+        if len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences (got {len(value)})")
+        return value
+
+    @field_validator("logit_bias", mode="plain")
+    @classmethod
+    def _check_logit_bias(cls, value: Any) -> dict[int, float] | None:
+        """OpenAI's map of token id (a JSON string key) to a bias in [-100, 100]; the ids'
+        range depends on the model and is checked against its vocabulary when served."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("an object mapping token ids to biases in [-100, 100]")
+        bias: dict[int, float] = {}
+        for key, amount in value.items():
+            try:
+                token = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"key {key!r} is not a token id (an integer)") from None
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not -100 <= amount <= 100:
+                raise ValueError(f"the bias of token {token} must be a number in [-100, 100] (got {amount!r})")
+            bias[token] = float(amount)
+        return bias
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -108,21 +139,37 @@ class ChatRequest(_Sampling):
         return [{"role": message.role, "content": message.text()} for message in self.messages]
 
 
-TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
-Prompt = (
-    StrictStr
-    | TokenIds
-    | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)]
-    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)]
-)
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(item) is int for item in value)
+
+
+def _check_prompt(value: Any) -> str | list[int] | list[str] | list[list[int]]:
+    """A string, a list of token ids, or a batch (1..MAX_BATCH_PROMPTS) of either. By hand,
+    so an error names what is wrong rather than the first branch of a union; token ids'
+    range depends on the model and is checked against its vocabulary when served."""
+    if isinstance(value, str) or _token_ids(value):
+        return value
+    expected = "a string, a list of token ids, or a list of strings or of token-id lists"
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected {expected}" + (" (got an empty list)" if value == [] else ""))
+    if len(value) > MAX_BATCH_PROMPTS:
+        raise ValueError(f"at most {MAX_BATCH_PROMPTS} prompts per request (got {len(value)})")
+    if all(isinstance(item, str) for item in value) or all(_token_ids(item) for item in value):
+        return value
+    raise ValueError(f"expected {expected}; every item of a batch must be of the same kind and not empty")
 
 
 class CompletionRequest(_Sampling):
-    prompt: Prompt
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: Annotated[StrictInt, Field(ge=0)] = 16  # the OpenAI default for completions
     echo: StrictBool = False
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     best_of: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _valid_prompt(cls, value: Any) -> str | list[int] | list[str] | list[list[int]]:
+        return _check_prompt(value)
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: one string or token-id list per choice."""

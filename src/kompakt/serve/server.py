@@ -15,49 +15,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from kompakt.errors import ConfigError, KompaktError
-from kompakt.serve.backends import Backend, check_source, choose_backend, open_backend
+from kompakt.serve.backend import Backend
+from kompakt.serve.backend_choice import check_source, choose_backend, open_backend
 from kompakt.serve.limits import ModelWorker
-from kompakt.serve.openai_schema import APIError
+from kompakt.serve.state import ServerSettings, ServerState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ServerSettings:
-    """Server-wide limits. api_key None = no authentication (loopback use)."""
-
-    api_key: str | None = None
-    max_tokens_cap: int = 2048
-    queue_size: int = 16
-
-    def validate(self) -> None:
-        if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("--api-key is empty; pass a non-empty key or leave the option out")
-        if self.max_tokens_cap < 1:
-            raise ConfigError(f"--max-tokens-cap must be at least 1 (got {self.max_tokens_cap})")
-        if self.queue_size < 0:
-            raise ConfigError(f"--queue-size must be >= 0 (got {self.queue_size})")
-
-
-@dataclass
-class ServerState:
-    settings: ServerSettings
-    worker: ModelWorker
-    backend: Backend | None = None
-    error: KompaktError | None = None
-    created: int = field(default_factory=lambda: int(time.time()))
-    on_load_error: Callable[[], None] | None = None
-
-    def ready_backend(self) -> Backend:
-        if self.backend is None:
-            message = (
-                f"the model failed to load: {self.error}" if self.error else "the model is still loading; retry shortly"
-            )
-            raise APIError(503, message, type="server_error", code="model_not_ready")
-        return self.backend
 
 
 def _load_in_background(state: ServerState, loader: Callable[[], Backend]) -> None:

@@ -1,0 +1,74 @@
+"""Which engine runs a model, and opening it: the one place that knows both backends.
+
+    backend = open_backend("small.gguf")            # llama.cpp for .gguf files (auto)
+    backend = open_backend("runs/heal/final")       # transformers for anything kompakt loads
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from kompakt.errors import ConfigError, ModelFormatError, ModelNotFoundError
+from kompakt.serve.backend import Backend
+
+BACKENDS = ("auto", "transformers", "llamacpp")
+
+
+def is_gguf_file(path: Path) -> bool:
+    """A regular file that starts with the GGUF magic."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def choose_backend(source: str | Path | None, backend: str = "auto") -> str:
+    """ "transformers" or "llamacpp" for `source`: a .gguf file runs on llama.cpp when
+    llama-cpp-python is installed (else it is converted and runs on transformers)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    gguf = source is not None and Path(str(source)).expanduser().suffix.lower() == ".gguf"
+    if backend == "llamacpp":
+        if not gguf:
+            raise ConfigError(
+                "the llamacpp backend runs .gguf files; export one with `kompakt export MODEL --format gguf`"
+            )
+        return "llamacpp"
+    if backend == "auto" and gguf and llama_cpp_available():
+        return "llamacpp"
+    return "transformers"
+
+
+def check_source(source: str | Path | None, backend: str) -> None:
+    """Fail fast (before a port is bound or weights are read) on a source that is no model."""
+    if backend == "llamacpp":
+        path = Path(str(source)).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"no file at {path}; pass a .gguf file")
+        if not is_gguf_file(path):
+            raise ModelFormatError(f"{path} is not a GGUF file (wrong magic bytes); pass a .gguf file")
+        return
+    from kompakt.model.hf_dir import check_model_dir
+    from kompakt.model.load import resolve_model_dir
+
+    check_model_dir(resolve_model_dir(source))  # headers only: no weights are read yet
+
+
+def open_backend(source: str | Path | None = None, backend: str = "auto", *, n_ctx: int | None = None) -> Backend:
+    """Load `source` on the chosen engine (see choose_backend); engines are imported here,
+    so asking which engine to use costs neither torch nor llama.cpp."""
+    kind = choose_backend(source, backend)
+    if kind == "llamacpp":
+        from kompakt.serve.backend_llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(Path(str(source)).expanduser(), n_ctx=n_ctx)
+    from kompakt.model.load import load
+    from kompakt.serve.backend_transformers import TransformersBackend
+
+    return TransformersBackend(load(source))
