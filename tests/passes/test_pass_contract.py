@@ -161,7 +161,7 @@ def test_pass_contract(name, family, run_inputs, tmp_path):
     logits = _logits(result)
     assert torch.isfinite(logits).all()
 
-    save_step_model(result, tmp_path / "step", input_dtype)
+    save_step_model(result, tmp_path / "step", input_dtype, report.packed_layers)
     reloaded = kompakt.load(tmp_path / "step")
     assert _shapes(reloaded) == _shapes(result)
     assert is_quantized(reloaded) == is_quantized(result), "what the pass left on the model did not survive"
