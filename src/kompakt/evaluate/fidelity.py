@@ -16,7 +16,6 @@ from kompakt.evaluate.windows import (
     batch_inputs,
     batches,
     check_window,
-    context_length,
     plan_windows,
     prepare_ids,
     row_log_probs,
