@@ -13,7 +13,7 @@ import yaml
 
 from kompakt.cli.app import main
 from kompakt.model.tiny import save_tiny
-from kompakt.recipe.auto import compress_auto
+from kompakt.auto.api import compress_auto
 from kompakt.recipe.schema import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,7 +151,7 @@ def test_run_dir_of_another_model_is_refused(run, text, tmp_path, capsys):
 
 
 def test_when_every_attempt_crosses_the_floor_the_closest_is_kept(tmp_path):
-    from kompakt.recipe.auto import AutoResult, _keep_closest
+    from kompakt.auto.api import AutoResult, _keep_closest
 
     outcomes = []
     for attempt, kl in ((1, 2.5), (2, 3.2)):

@@ -14,7 +14,7 @@ HELP = "Shrink a model: to a --target with an automatic plan (default size=4x,ma
 
 
 def _table(baseline: dict, records: list[dict]) -> Table:
-    from kompakt.recipe.rundir import trajectory
+    from kompakt.rundir.layout import trajectory
 
     columns, rows = trajectory(baseline, records) if baseline else (["step", "pass"], [])
     table = Table(title="kompakt compress", show_header=True)
@@ -54,7 +54,7 @@ def compress_command(
 
 def _live_steps(console):
     """(on_step callback, Live or None): the growing trajectory table on a terminal, lines elsewhere."""
-    from kompakt.recipe.rundir import trajectory_rows
+    from kompakt.rundir.layout import trajectory_rows
 
     baseline: dict = {}
     records: list[dict] = []
@@ -103,7 +103,7 @@ _EVENTS = {
 
 
 def _auto(model, target, budget, plan_only, data, out, seed, force) -> None:
-    from kompakt.recipe.auto import compress_auto
+    from kompakt.auto.api import compress_auto
 
     console = get_console()
     on_step, live = _live_steps(console)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kompakt.errors import OutputPathError
-from kompakt.recipe.lineage import read_lineage
+from kompakt.rundir.lineage import read_lineage
 
 # (key in comparison values, label, how to format, which direction is better)
 ROWS = (

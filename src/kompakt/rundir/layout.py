@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from kompakt.errors import OutputPathError
 from kompakt.atomic import atomic_symlink, write_text
-from kompakt.recipe.lineage import LINEAGE, read_lineage
+from kompakt.rundir.lineage import LINEAGE, read_lineage
 
 if TYPE_CHECKING:
     from kompakt.recipe.runner import RunResult

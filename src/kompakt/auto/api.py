@@ -25,10 +25,10 @@ from typing import Any
 
 from kompakt.errors import ConfigError, OutputPathError
 from kompakt.atomic import atomic_symlink, write_text
-from kompakt.recipe.lineage import read_lineage
-from kompakt.recipe.planner import Plan, make_plan
+from kompakt.rundir.lineage import read_lineage
+from kompakt.auto.planner import Plan, make_plan
 from kompakt.recipe.schema import DataSpec
-from kompakt.recipe.target import Target, check_bytes_possible, parse_budget, parse_target
+from kompakt.auto.target import Target, check_bytes_possible, parse_budget, parse_target
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
             data_sizes: dict | None = None):  # fmt: skip
     """Everything up to the plan: parse, load, check the run dir and budget, analyse, plan."""
     from kompakt.model.load import load
-    from kompakt.recipe.facts import add_analysis, model_facts
+    from kompakt.auto.facts import add_analysis, model_facts
     from kompakt.recipe.rundata import RunData
 
     target = parse_target(target_text)
@@ -266,7 +266,7 @@ def compress_auto(model: str | None = None, *, target: str | None = None, budget
     principle, a nonsense floor, a budget too small for the first step; OutputPathError for a
     run directory of another model or target.
     """
-    from kompakt.recipe import deliver
+    from kompakt.auto import deliver
     from kompakt.report.build import build_report
     from kompakt.report.document import gather
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 from kompakt.errors import ConfigError
-from kompakt.recipe.facts import ModelFacts
-from kompakt.recipe.planner import make_plan
+from kompakt.auto.facts import ModelFacts
+from kompakt.auto.planner import make_plan
 from kompakt.recipe.schema import DataSpec
-from kompakt.recipe.target import parse_target
+from kompakt.auto.target import parse_target
 
 LAYERS = 30
 

@@ -1,4 +1,4 @@
-"""Turn a target (kompakt.recipe.target) and what is known about the model (ModelFacts, with
+"""Turn a target (kompakt.auto.target) and what is known about the model (ModelFacts, with
 the phase-1 analysis) into recipes: the plan to run first and the back-offs to try when a
 result crosses the quality floor. Every decision is written down as one line.
 
@@ -26,9 +26,9 @@ import math
 from dataclasses import dataclass, field
 
 from kompakt.errors import ConfigError
-from kompakt.recipe.facts import ModelFacts
+from kompakt.auto.facts import ModelFacts
 from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
-from kompakt.recipe.target import Target
+from kompakt.auto.target import Target
 from kompakt.train.estimate import flops_per_token
 
 # AWQ + GPTQ on the q4_0 grid kept ~1/3 of RTN's KL on SmolLM2 (bench/quant.py).
