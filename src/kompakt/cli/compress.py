@@ -13,10 +13,16 @@ from rich.table import Table
 HELP = "Shrink a model: to a --target with an automatic plan (default size=4x,max-kl=0.15), or by --recipe / --step."
 
 
-def _table(baseline: dict, records: list[dict]) -> Table:
-    from kompakt.rundir.layout import trajectory
+def _entries(baseline: dict, records: list[dict]) -> list[dict]:
+    from kompakt.report import trajectory
 
-    columns, rows = trajectory(baseline, records) if baseline else (["step", "pass"], [])
+    return [trajectory.entry(record) for record in ([baseline] if baseline else []) + records]
+
+
+def _table(baseline: dict, records: list[dict]) -> Table:
+    from kompakt.report import trajectory
+
+    columns, rows = trajectory.table(_entries(baseline, records)) if baseline else (["step", "pass"], [])
     table = Table(title="kompakt compress", show_header=True)
     for column in columns:
         wide = column in ("pass", "summary")
@@ -54,7 +60,7 @@ def compress_command(
 
 def _live_steps(console):
     """(on_step callback, Live or None): the growing trajectory table on a terminal, lines elsewhere."""
-    from kompakt.rundir.layout import trajectory_rows
+    from kompakt.report import trajectory
 
     baseline: dict = {}
     records: list[dict] = []
@@ -70,7 +76,7 @@ def _live_steps(console):
         if live is not None:
             live.update(_table(baseline, records), refresh=True)
         else:  # not a terminal: one plain line per step
-            row = trajectory_rows(baseline, records)[-1]
+            row = trajectory.rows(_entries(baseline, records))[-1]
             console.print(" | ".join(cell for cell in row if cell), highlight=False, soft_wrap=True)
 
     return on_step, live

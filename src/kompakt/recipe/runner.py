@@ -5,8 +5,10 @@ Run directory layout::
     out_dir/recipe.yaml            the resolved recipe (every step config written out)
     out_dir/lineage.jsonl          one JSON line per finished step
     out_dir/steps/01-prune.depth/  the model after step 1 (a loadable HF directory)
+    out_dir/run.json               the original's row and the gate stop, if any (for the report)
     out_dir/final -> steps/NN-...  the last finished step that passed the gates
-    out_dir/report.md              the trajectory, written at the end (also on a gate stop)
+    out_dir/report.md              the trajectory, written at the end (also on a gate stop) by
+                                   kompakt.report, which `kompakt report` rebuilds it with
 
 Resume: step i's identity is hash(step i-1's hash or the original's fingerprint, pass,
 resolved config, data identity, seed). A rerun skips the finished steps whose hashes match
@@ -137,13 +139,14 @@ def run_recipe(
     planned = _plan(recipe, original.fingerprint(), data)
     eval_id = data.eval_identity(recipe.metrics)
     finished = layout.check_lineage(out, [p.hash for p in planned], eval_id)
-    layout.write_recipe(out, recipe)
+    layout.write_recipe(out, recipe.to_yaml())
     layout.clean_steps(out, {layout.step_dir_name(p.index, p.name) for p in planned}
                        | {_checkpoint_name(p) for p in planned})  # fmt: skip
 
     measurer = Measurer(original, data, recipe.metrics)
     baseline = {"index": 0, "pass": "original", "summary": original.name, **measurer.baseline()}
     result = RunResult(out_dir=out, recipe=recipe, baseline=baseline)
+    layout.write_run_state(out, baseline, None)
     _notify(on_step, baseline)
     current: LoadedModel | None = None
     for step in planned:
@@ -280,8 +283,11 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
 
 
 def _finish(result: RunResult) -> None:
-    """report.md and the `final` link (to the last step that passed the gates)."""
+    """The `final` link (to the last step that passed the gates), run.json and report.md."""
+    from kompakt.report.build import build_report
+
     passed = result.records[:-1] if result.stopped else result.records
     if passed:
         result.final = layout.link_final(result.out_dir, passed[-1]["dir"])
-    layout.write_report(result)
+    layout.write_run_state(result.out_dir, result.baseline, result.stopped)
+    build_report(result.out_dir, formats=("md",))

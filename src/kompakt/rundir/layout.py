@@ -1,23 +1,22 @@
-"""The run directory: ownership checks, step directories and markers, `final`, `report.md`."""
+"""The run directory of a recipe run: ownership checks, step directories and their markers,
+`recipe.yaml`, `run.json` (the baseline row and how the run ended, so its report can be rebuilt
+from the directory alone) and the `final` link."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kompakt.errors import OutputPathError
 from kompakt.atomic import atomic_symlink, write_text
+from kompakt.errors import OutputPathError
 from kompakt.rundir.lineage import LINEAGE, read_lineage
 
-if TYPE_CHECKING:
-    from kompakt.recipe.runner import RunResult
-    from kompakt.recipe.schema import Recipe
-
 MARKER = "kompakt-step.json"
-_RUN_FILES = (LINEAGE, "recipe.yaml", "steps")
+RECIPE_FILE = "recipe.yaml"
+RUN_FILE = "run.json"
+_RUN_FILES = (LINEAGE, RECIPE_FILE, RUN_FILE, "steps")
 
 
 def is_run_dir(path: Path) -> bool:
@@ -87,81 +86,17 @@ def write_marker(directory: Path, values: dict[str, Any]) -> None:
     write_text(directory / MARKER, json.dumps(values, indent=1, default=str) + "\n")
 
 
-def write_recipe(out: Path, recipe: Recipe) -> None:
-    write_text(out / "recipe.yaml", recipe.to_yaml())
+def write_recipe(out: Path, recipe_yaml: str) -> None:
+    write_text(out / RECIPE_FILE, recipe_yaml)
+
+
+def write_run_state(out: Path, baseline: dict[str, Any], stopped: str | None) -> None:
+    """run.json: the original's row (its size and speed are measured once per run, never stored
+    in lineage.jsonl) and the gate message that stopped the run, if one did."""
+    write_text(out / RUN_FILE, json.dumps({"baseline": baseline, "stopped": stopped}, indent=1, default=str) + "\n")
 
 
 def link_final(out: Path, step_dir: str) -> Path:
     """out/final -> the given step directory (relative link, replaced atomically)."""
     atomic_symlink(out / "final", step_dir)
     return out / "final"
-
-
-# --- report.md --------------------------------------------------------------------------------
-
-
-def _fmt(value: Any, spec: str = ".4g") -> str:
-    if value is None:
-        return ""
-    return format(value, spec) if isinstance(value, (int, float)) else str(value)
-
-
-def _mb(value: Any) -> str:
-    return f"{value / 1e6:.1f} MB" if isinstance(value, (int, float)) else ""
-
-
-def trajectory_rows(baseline: dict[str, Any], records: list[dict[str, Any]]) -> list[list[str]]:
-    """Rows of the trajectory table (shared by report.md and the CLI table)."""
-    rows = []
-    base_params = baseline.get("parameters") or 0
-    reference = next((r["metrics"]["ppl_reference"] for r in records if "ppl_reference" in r.get("metrics", {})), None)
-    for record in [baseline, *records]:
-        m = record.get("metrics", {})
-        if record is baseline and reference is not None:
-            m = {**m, "ppl": reference, "ppl_ratio": 1.0}
-        params = record.get("parameters")
-        share = f" ({params / base_params:.0%})" if params and base_params else ""
-        rows.append([
-            str(record["index"]), record["pass"], f"{params / 1e6:.2f} M{share}" if params else "",
-            _mb(record.get("bytes")), _fmt(m.get("ppl")), _fmt(m.get("ppl_ratio"), ".3f"),
-            _fmt(m.get("kl_mean"), ".4f"), _fmt(m.get("top1"), ".1%"),
-            _fmt(m.get("prefill_tps"), ".0f"), _fmt(m.get("generate_tps"), ".1f"),
-            _fmt(record.get("wall_s"), ".1f"), record.get("summary", ""),
-        ])  # fmt: skip
-    return rows
-
-
-TRAJECTORY_COLUMNS = ["step", "pass", "params", "size", "ppl", "ppl ratio", "KL", "top-1",
-                      "prefill tok/s", "gen tok/s", "time s", "summary"]  # fmt: skip
-
-
-def trajectory(baseline: dict[str, Any], records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows of the trajectory, without columns that are empty in every row."""
-    rows = trajectory_rows(baseline, records)
-    keep = [i for i, name in enumerate(TRAJECTORY_COLUMNS) if name in ("step", "pass") or any(row[i] for row in rows)]
-    return [TRAJECTORY_COLUMNS[i] for i in keep], [[row[i] for i in keep] for row in rows]
-
-
-def write_report(result: RunResult) -> None:
-    """out_dir/report.md: the recipe's trajectory as a table, with the protocol and outcome."""
-    recipe, data = result.recipe, result.recipe.data
-    lines = [
-        "# kompakt run",
-        "",
-        f"Model: `{recipe.model or 'embedded default'}`, seed {recipe.seed}. Evaluation: "
-        f"{data.evaluation or 'held-out calibration text'}, {data.eval_tokens} tokens, window "
-        f"{data.window}, stride {data.stride}; KL and top-1 against the original.",
-        "",
-    ]
-    columns, rows = trajectory(result.baseline, result.records)
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
-    lines.append("")
-    if result.stopped:
-        lines.append(f"**Stopped by a gate:** {result.stopped}")
-    if result.final is not None:
-        lines.append(f"Final model: `final` -> `{os.readlink(result.final)}`")
-    else:
-        lines.append("No step passed the gates; no final model.")
-    write_text(result.out_dir / "report.md", "\n".join(lines) + "\n")
