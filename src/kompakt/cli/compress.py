@@ -10,6 +10,8 @@ from rich import get_console
 from rich.live import Live
 from rich.table import Table
 
+from kompakt.units import duration
+
 HELP = "Shrink a model: to a --target with an automatic plan (default size=4x,max-kl=0.15), or by --recipe / --step."
 
 
@@ -101,8 +103,8 @@ def _recipe(model, recipe, steps, data, out, seed, force) -> None:
 
 
 _EVENTS = {
-    "analysis": lambda v: f"analysing the model (light phase-1 analysis, ≈{v['seconds'] / 60:.1f} min)",
-    "attempt": lambda v: f"attempt {v['index']}: {v['label']} (planned ≈{v['seconds'] / 60:.1f} min)",
+    "analysis": lambda v: f"analysing the model (light phase-1 analysis, ≈{duration(v['seconds'])})",
+    "attempt": lambda v: f"attempt {v['index']}: {v['label']} (planned ≈{duration(v['seconds'])})",
     "back-off": lambda v: f"attempt {v['attempt']} abandoned: {v['reason']}; backing off",
     "deliver": lambda v: "exporting, measuring original vs result side by side, writing the report",
 }
@@ -127,7 +129,10 @@ def _auto(model, target, budget, plan_only, data, out, seed, force) -> None:
     _print_plan(console, result)
     if plan_only:
         console.print(f"recipe written to {result.out_dir / 'recipe.yaml'} (not run: --plan-only)", highlight=False)
-        console.print(result.plan.recipe(0, model=model, seed=seed).to_yaml(), highlight=False, markup=False)
+        from kompakt.report.recipe_view import annotated_recipe
+
+        recipe = annotated_recipe(result.plan.recipe(0, model=model, seed=seed).to_yaml())
+        console.print(recipe, highlight=False, markup=False)
         return
     console.print(f"final model: {result.final}; exports: {', '.join(result.exports.values()) or 'none'}",
                   highlight=False, soft_wrap=True)  # fmt: skip
