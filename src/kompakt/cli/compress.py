@@ -132,7 +132,7 @@ def _auto(model, target, budget, plan_only, data, out, seed, force) -> None:
         from kompakt.report.recipe_view import annotated_recipe
 
         recipe = annotated_recipe(result.plan.recipe(0, model=model, seed=seed).to_yaml())
-        console.print(recipe, highlight=False, markup=False)
+        console.print(recipe, highlight=False, markup=False, soft_wrap=True)
         return
     console.print(f"final model: {result.final}; exports: {', '.join(result.exports.values()) or 'none'}",
                   highlight=False, soft_wrap=True)  # fmt: skip
