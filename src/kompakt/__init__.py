@@ -27,7 +27,7 @@ _API = {
     "analyze": "kompakt.analyze",
     "stream_generate": "kompakt.serve.generate",
     "KompaktError": "kompakt.errors",
-    "compress_auto": "kompakt.recipe.auto",
+    "compress_auto": "kompakt.auto.api",
     "run_recipe": "kompakt.recipe.runner",
     "Recipe": "kompakt.recipe.schema",
     "export": "kompakt.export.api",

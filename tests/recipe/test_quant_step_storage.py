@@ -19,7 +19,7 @@ from kompakt.model.tiny import tiny_model
 from kompakt.passes.base import PassContext, build_config, get_pass
 from kompakt.recipe.runner import run_recipe
 from kompakt.recipe.schema import Recipe
-from kompakt.recipe.stepsave import save_step_model
+from kompakt.rundir.stepsave import save_step_model
 
 pytest.importorskip("compressed_tensors")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ import yaml
 from recipe_helpers import small_data
 from safetensors.torch import load_file
 
-from kompakt.recipe.lineage import read_lineage
+from kompakt.rundir.lineage import read_lineage
 
 SCRIPT = Path(__file__).parent / "run_script.py"
 

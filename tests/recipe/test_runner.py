@@ -10,7 +10,7 @@ from recipe_helpers import CALLS, small_data
 from transformers import AutoModelForCausalLM
 
 from kompakt.errors import ConfigError, OutputPathError
-from kompakt.recipe.lineage import read_lineage
+from kompakt.rundir.lineage import read_lineage
 from kompakt.recipe.runner import GateError, run_recipe
 from kompakt.recipe.schema import Recipe
 

@@ -5,7 +5,9 @@ resume, `kompakt report`, and the bad inputs that must stop before any work."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 
 import pytest
@@ -13,7 +15,7 @@ import yaml
 
 from kompakt.cli.app import main
 from kompakt.model.tiny import save_tiny
-from kompakt.recipe.auto import compress_auto
+from kompakt.auto.api import compress_auto
 from kompakt.recipe.schema import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,8 +55,13 @@ def text(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tiny, text, tmp_path_factory):
+    """One run for the module, under umask 022 (the usual one: files 0644, directories 0755)."""
     out = tmp_path_factory.mktemp("runs") / "auto"
-    result = compress_auto(str(tiny), target="size=2x,max-kl=1.0", data=str(text), out=out, data_sizes=SIZES)
+    previous = os.umask(0o022)
+    try:
+        result = compress_auto(str(tiny), target="size=2x,max-kl=1.0", data=str(text), out=out, data_sizes=SIZES)
+    finally:
+        os.umask(previous)
     return out, result
 
 
@@ -69,6 +76,23 @@ def test_run_meets_a_reachable_target_and_exports(run):
     assert original / small >= 2.0  # the target, measured on the written GGUF
     assert comparison["values"]["generate_tps"][1] > 0  # the GGUF ran in llama.cpp (or transformers)
     assert len(comparison["samples"]) == 3 and all(s["result"] is not None for s in comparison["samples"])
+
+
+def test_every_file_written_follows_the_umask(run):
+    """A server running as another user (Ollama's service user, a container) can read everything
+    the run wrote: files 0644 and directories 0755 under umask 022, as open() and mkdir give."""
+    out, _ = run
+    wanted = ["plan.json", "recipe.yaml", "export/hf/model.safetensors", "export/hf/README.md", "export/model.gguf",
+              "report.html", "report.md", "report.json", "attempts/1/report.md", "attempts/1/lineage.jsonl"]  # fmt: skip
+    assert all((out / name).is_file() for name in wanted), [n for n in wanted if not (out / n).is_file()]
+    wrong = []
+    for path in [out, *out.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode, expected = stat.S_IMODE(path.stat().st_mode), 0o755 if path.is_dir() else 0o644
+        if mode != expected:
+            wrong.append(f"{path.relative_to(out)}: {mode:o}")
+    assert not wrong, wrong
 
 
 def test_recipe_written_is_the_one_that_ran_and_validates(run):
@@ -132,7 +156,7 @@ def test_plan_only_writes_the_recipe_and_runs_nothing(tiny, text, tmp_path):
         (["--target", "size=1000x"], "cannot be met in principle"),
         (["--target", "smaller please"], "expected key=value"),
         (["--target", "max-kl=0"], "violated by the original against itself"),
-        (["--budget", "1s"], "too small to run even the first step"),
+        (["--budget", "1s"], "--budget 1 s is too small to run even the first step"),
     ],
 )
 def test_bad_input_stops_before_work(tiny, text, tmp_path, capsys, args, message):
@@ -151,7 +175,7 @@ def test_run_dir_of_another_model_is_refused(run, text, tmp_path, capsys):
 
 
 def test_when_every_attempt_crosses_the_floor_the_closest_is_kept(tmp_path):
-    from kompakt.recipe.auto import AutoResult, _keep_closest
+    from kompakt.auto.api import AutoResult, _keep_closest
 
     outcomes = []
     for attempt, kl in ((1, 2.5), (2, 3.2)):

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kompakt.recipe.lineage import read_lineage
+from kompakt.rundir.lineage import read_lineage
 from kompakt.recipe.runner import run_recipe
 from kompakt.recipe.schema import Recipe
 

@@ -12,7 +12,7 @@ import torch
 from kompakt.model.load import load
 from kompakt.model.tiny import save_tiny
 from kompakt.ops.quant import QuantGrid
-from kompakt.recipe.lineage import read_lineage
+from kompakt.rundir.lineage import read_lineage
 from kompakt.recipe.runner import run_recipe
 from kompakt.recipe.schema import Recipe
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 
-from kompakt.recipe.lineage import read_lineage
+from kompakt.rundir.lineage import read_lineage
 
 SCRIPT = Path(__file__).parent / "train_run_script.py"
 

@@ -10,13 +10,21 @@ from rich import get_console
 from rich.live import Live
 from rich.table import Table
 
+from kompakt.units import duration
+
 HELP = "Shrink a model: to a --target with an automatic plan (default size=4x,max-kl=0.15), or by --recipe / --step."
 
 
-def _table(baseline: dict, records: list[dict]) -> Table:
-    from kompakt.recipe.rundir import trajectory
+def _entries(baseline: dict, records: list[dict]) -> list[dict]:
+    from kompakt.report import trajectory
 
-    columns, rows = trajectory(baseline, records) if baseline else (["step", "pass"], [])
+    return [trajectory.entry(record) for record in ([baseline] if baseline else []) + records]
+
+
+def _table(baseline: dict, records: list[dict]) -> Table:
+    from kompakt.report import trajectory
+
+    columns, rows = trajectory.table(_entries(baseline, records)) if baseline else (["step", "pass"], [])
     table = Table(title="kompakt compress", show_header=True)
     for column in columns:
         wide = column in ("pass", "summary")
@@ -54,7 +62,7 @@ def compress_command(
 
 def _live_steps(console):
     """(on_step callback, Live or None): the growing trajectory table on a terminal, lines elsewhere."""
-    from kompakt.recipe.rundir import trajectory_rows
+    from kompakt.report import trajectory
 
     baseline: dict = {}
     records: list[dict] = []
@@ -70,7 +78,7 @@ def _live_steps(console):
         if live is not None:
             live.update(_table(baseline, records), refresh=True)
         else:  # not a terminal: one plain line per step
-            row = trajectory_rows(baseline, records)[-1]
+            row = trajectory.rows(_entries(baseline, records))[-1]
             console.print(" | ".join(cell for cell in row if cell), highlight=False, soft_wrap=True)
 
     return on_step, live
@@ -95,15 +103,15 @@ def _recipe(model, recipe, steps, data, out, seed, force) -> None:
 
 
 _EVENTS = {
-    "analysis": lambda v: f"analysing the model (light phase-1 analysis, ≈{v['seconds'] / 60:.1f} min)",
-    "attempt": lambda v: f"attempt {v['index']}: {v['label']} (planned ≈{v['seconds'] / 60:.1f} min)",
+    "analysis": lambda v: f"analysing the model (light phase-1 analysis, ≈{duration(v['seconds'])})",
+    "attempt": lambda v: f"attempt {v['index']}: {v['label']} (planned ≈{duration(v['seconds'])})",
     "back-off": lambda v: f"attempt {v['attempt']} abandoned: {v['reason']}; backing off",
     "deliver": lambda v: "exporting, measuring original vs result side by side, writing the report",
 }
 
 
 def _auto(model, target, budget, plan_only, data, out, seed, force) -> None:
-    from kompakt.recipe.auto import compress_auto
+    from kompakt.auto.api import compress_auto
 
     console = get_console()
     on_step, live = _live_steps(console)
@@ -121,7 +129,10 @@ def _auto(model, target, budget, plan_only, data, out, seed, force) -> None:
     _print_plan(console, result)
     if plan_only:
         console.print(f"recipe written to {result.out_dir / 'recipe.yaml'} (not run: --plan-only)", highlight=False)
-        console.print(result.plan.recipe(0, model=model, seed=seed).to_yaml(), highlight=False, markup=False)
+        from kompakt.report.recipe_view import annotated_recipe
+
+        recipe = annotated_recipe(result.plan.recipe(0, model=model, seed=seed).to_yaml())
+        console.print(recipe, highlight=False, markup=False, soft_wrap=True)
         return
     console.print(f"final model: {result.final}; exports: {', '.join(result.exports.values()) or 'none'}",
                   highlight=False, soft_wrap=True)  # fmt: skip

@@ -1,4 +1,4 @@
-"""`kompakt report RUN`: (re)build report.html / report.md / report.json of a compress run."""
+"""`kompakt report RUN`: (re)build report.html / report.md / report.json of any compress run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich import get_console
 
-HELP = "Rebuild the HTML / Markdown / JSON report of a `kompakt compress --target` run directory."
+HELP = "Rebuild the HTML / Markdown / JSON report of a run directory (kompakt compress --target, --recipe or --step)."
 
 
 def report_command(run: Path = typer.Argument(..., help="The run directory of kompakt compress.")) -> None:

@@ -32,7 +32,7 @@ from kompakt.errors import KompaktError, ModelFormatError, ModelNotFoundError, U
 from kompakt.model.arch import ARCHITECTURES, unsupported_message
 from kompakt.atomic import atomic_directory
 from kompakt.model.cache import cache_subdir
-from kompakt.model.progress import quiet_transformers, spinner
+from kompakt.model.progress import quiet_third_party, spinner
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _convert_into(path: Path, reader, info: GGUFInfo, out: Path) -> None:
 
     kwargs = dict(gguf_file=path.name)
     start = time.perf_counter()
-    with _reuse_reader(path, reader), quiet_transformers():
+    with _reuse_reader(path, reader), quiet_third_party():
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
             log.debug("tokenizer converted in %.1f s", time.perf_counter() - start)

@@ -26,7 +26,7 @@ from kompakt.model.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf
 from kompakt.model.gguf_convert import convert_gguf, converted_dir_for, is_converted
 from kompakt.model.hf_dir import check_model_dir
 from kompakt.model.loaded import LoadedModel
-from kompakt.model.progress import quiet_transformers
+from kompakt.model.progress import quiet_third_party
 from kompakt.model.quantized import densify_compressed, is_compressed_config
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def _load_weights(directory: Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     try:
-        with quiet_transformers():
+        with quiet_third_party():
             model, info = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=dtype, trust_remote_code=False, use_safetensors=True, output_loading_info=True
             )

@@ -69,9 +69,12 @@ def save_pretrained_on_every_rank(model: torch.nn.Module, directory: Path, state
     step under `accelerate launch`); kompakt gives every process its own run directory
     (kompakt.train.distributed) and reads each step back from it, so every process writes.
     """
+    from kompakt.model.progress import quiet_third_party
+
     model.should_save_on_this_rank = lambda is_main_process: True  # shadows the mixin's rank check
     try:
-        model.save_pretrained(directory, state_dict=state_dict)
+        with quiet_third_party():  # no "Writing model shards" / "Compressing model" bars
+            model.save_pretrained(directory, state_dict=state_dict)
     finally:
         del model.should_save_on_this_rank
 

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.progress import quiet_third_party
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "gemma3")
 
@@ -104,6 +105,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> LoadedModel
 def save_tiny(family: str, directory, seed: int = 0) -> LoadedModel:
     """Build a tiny model and save it as a Hugging Face directory (safetensors + tokenizer)."""
     loaded = tiny_model(family, seed=seed)
-    loaded.model.save_pretrained(directory)
+    with quiet_third_party():
+        loaded.model.save_pretrained(directory)
     loaded.tokenizer.save_pretrained(directory)
     return loaded

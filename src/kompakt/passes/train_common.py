@@ -157,7 +157,7 @@ def evaluator(teacher: LoadedModel, heldout: torch.Tensor | None):
 
 def identity(ctx: PassContext, name: str, config: Any, data: TrainData) -> str:
     """What a checkpoint of this step must match: the step (or model), pass, config and data."""
-    from kompakt.recipe.hashing import digest
+    from kompakt.rundir.hashing import digest
 
     return digest({
         "run": ctx.run_id or ctx.loaded.fingerprint(), "pass": name, "config": dataclasses.asdict(config),

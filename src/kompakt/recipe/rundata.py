@@ -11,7 +11,7 @@ import torch
 
 from kompakt.errors import DataError
 from kompakt.model.loaded import LoadedModel
-from kompakt.recipe.hashing import digest, file_identity
+from kompakt.rundir.hashing import digest, file_identity
 from kompakt.recipe.schema import DataSpec
 
 logger = logging.getLogger(__name__)

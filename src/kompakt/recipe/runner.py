@@ -5,8 +5,10 @@ Run directory layout::
     out_dir/recipe.yaml            the resolved recipe (every step config written out)
     out_dir/lineage.jsonl          one JSON line per finished step
     out_dir/steps/01-prune.depth/  the model after step 1 (a loadable HF directory)
+    out_dir/run.json               the original's row and the gate stop, if any (for the report)
     out_dir/final -> steps/NN-...  the last finished step that passed the gates
-    out_dir/report.md              the trajectory, written at the end (also on a gate stop)
+    out_dir/report.md              the trajectory, written at the end (also on a gate stop) by
+                                   kompakt.report, which `kompakt report` rebuilds it with
 
 Resume: step i's identity is hash(step i-1's hash or the original's fingerprint, pass,
 resolved config, data identity, seed). A rerun skips the finished steps whose hashes match
@@ -30,9 +32,9 @@ import torch
 from kompakt.errors import KompaktError
 from kompakt.model.loaded import LoadedModel
 from kompakt.passes.base import PassContext
-from kompakt.recipe import rundir
-from kompakt.recipe.hashing import digest, step_hash
-from kompakt.recipe.lineage import append_record
+from kompakt.rundir import layout
+from kompakt.rundir.hashing import digest, step_hash
+from kompakt.rundir.lineage import append_record
 from kompakt.recipe.rundata import Measurer, RunData
 from kompakt.recipe.schema import GATES, Recipe
 
@@ -131,19 +133,20 @@ def run_recipe(
 
     recipe = recipe.validate()
     setup_process_device()  # under `accelerate launch`: one GPU per process
-    out = rundir.prepare(run_dir_for_process(Path(out_dir)), force=force)
+    out = layout.prepare(run_dir_for_process(Path(out_dir)), force=force)
     original = load(recipe.model)
     data = RunData(recipe.data, original, recipe.seed)
     planned = _plan(recipe, original.fingerprint(), data)
     eval_id = data.eval_identity(recipe.metrics)
-    finished = rundir.check_lineage(out, [p.hash for p in planned], eval_id)
-    rundir.write_recipe(out, recipe)
-    rundir.clean_steps(out, {rundir.step_dir_name(p.index, p.name) for p in planned}
+    finished = layout.check_lineage(out, [p.hash for p in planned], eval_id)
+    layout.write_recipe(out, recipe.to_yaml())
+    layout.clean_steps(out, {layout.step_dir_name(p.index, p.name) for p in planned}
                        | {_checkpoint_name(p) for p in planned})  # fmt: skip
 
     measurer = Measurer(original, data, recipe.metrics)
     baseline = {"index": 0, "pass": "original", "summary": original.name, **measurer.baseline()}
     result = RunResult(out_dir=out, recipe=recipe, baseline=baseline)
+    layout.write_run_state(out, baseline, None)
     _notify(on_step, baseline)
     current: LoadedModel | None = None
     for step in planned:
@@ -189,7 +192,7 @@ def _resume_model(out: Path, original: LoadedModel, records: list[dict[str, Any]
 
 def _checkpoint_name(step: _Planned) -> str:
     """Training checkpoints of a step survive a kill; the hash in the name retires stale ones."""
-    return f".ckpt-{rundir.step_dir_name(step.index, step.name)}-{step.hash[:16]}"
+    return f".ckpt-{layout.step_dir_name(step.index, step.name)}-{step.hash[:16]}"
 
 
 def _teacher_loader(original: LoadedModel) -> Callable[[str | None], LoadedModel]:
@@ -225,12 +228,12 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
               measurer: Measurer, out: Path, seed: int) -> tuple[dict[str, Any], LoadedModel]:  # fmt: skip
     from kompakt.evaluate import disk_bytes
     from kompakt.model.load import load
-    from kompakt.recipe.stepsave import save_step_model
+    from kompakt.rundir.stepsave import save_step_model
 
-    name = rundir.step_dir_name(step.index, step.name)
+    name = layout.step_dir_name(step.index, step.name)
     directory = out / "steps" / name
     started = time.perf_counter()
-    marker = rundir.read_marker(directory)
+    marker = layout.read_marker(directory)
     if marker is not None and marker.get("hash") == step.hash:
         # Saved but not yet recorded when the last run stopped: reuse the saved model.
         summary, details = marker.get("summary", ""), marker.get("details", {})
@@ -249,10 +252,10 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
             stored = save_step_model(report.loaded, directory, input_dtype, report.packed_layers)
             _keep_files(report.files, directory)
         finally:
-            rundir.remove_tree(work)
-        rundir.remove_tree(out / "steps" / _checkpoint_name(step))  # saved: the checkpoints are done
+            layout.remove_tree(work)
+        layout.remove_tree(out / "steps" / _checkpoint_name(step))  # saved: the checkpoints are done
         summary, details = report.summary, {**report.details, **stored}
-        rundir.write_marker(directory, {"hash": step.hash, "summary": summary, "details": details})
+        layout.write_marker(directory, {"hash": step.hash, "summary": summary, "details": details})
         del report, ctx
     # Continue from what is on disk, so a resumed run sees exactly the same input.
     loaded = load(directory)
@@ -280,8 +283,11 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
 
 
 def _finish(result: RunResult) -> None:
-    """report.md and the `final` link (to the last step that passed the gates)."""
+    """The `final` link (to the last step that passed the gates), run.json and report.md."""
+    from kompakt.report.build import build_report
+
     passed = result.records[:-1] if result.stopped else result.records
     if passed:
-        result.final = rundir.link_final(result.out_dir, passed[-1]["dir"])
-    rundir.write_report(result)
+        result.final = layout.link_final(result.out_dir, passed[-1]["dir"])
+    layout.write_run_state(result.out_dir, result.baseline, result.stopped)
+    build_report(result.out_dir, formats=("md",))

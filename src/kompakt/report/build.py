@@ -1,4 +1,5 @@
-"""Write report.json, report.md and report.html of a run directory (each atomically)."""
+"""Write report.json, report.md and report.html of a run directory (each atomically): a recipe run
+or a `--target` run, from the files in the directory alone."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from pathlib import Path
 
 from kompakt.atomic import write_bytes
 from kompakt.report.document import gather
-from kompakt.report.plots import trajectory_plot
 from kompakt.report.render import markdown, page
 
 ANALYSIS_PLOTS = ("layer_importance.png", "quant_sensitivity.png", "channel_importance.png")
 
 
 def _images(report: dict) -> dict[str, bytes]:
+    from kompakt.report.plots import trajectory_plot  # matplotlib: only for the HTML page
+
     images: dict[str, bytes] = {}
     values = (report.get("comparison") or {}).get("values", {})
     plot = trajectory_plot(report["trajectory"], (values.get("size_bytes") or [None])[0])
@@ -26,11 +28,22 @@ def _images(report: dict) -> dict[str, bytes]:
     return images
 
 
-def build_report(out: str | Path) -> Path:
-    """(Re)build the report files of the run in `out` from its saved data; returns report.html's path."""
+FORMATS = ("json", "md", "html")
+
+
+def build_report(out: str | Path, formats: tuple[str, ...] = FORMATS) -> Path:
+    """(Re)build the report files of the run in `out` from its saved data; returns the path of the
+    last format written (report.html by default). The runner writes only "md" after each run
+    (no plots, no matplotlib); `kompakt report` writes all three."""
     report = gather(out)
     run = Path(report["run_dir"])
-    write_bytes(run / "report.json", json.dumps(report, indent=1, default=str).encode())
-    write_bytes(run / "report.md", markdown(report).encode())
-    write_bytes(run / "report.html", page(report, _images(report)).encode())
-    return run / "report.html"
+    written = run
+    for fmt in formats:
+        written = run / f"report.{fmt}"
+        if fmt == "json":
+            write_bytes(written, json.dumps(report, indent=1, default=str).encode())
+        elif fmt == "md":
+            write_bytes(written, markdown(report).encode())
+        else:
+            write_bytes(written, page(report, _images(report)).encode())
+    return written

@@ -1,19 +1,27 @@
-"""The report of a `kompakt compress --target` run as one JSON-able dict (report.json), gathered
-from the files of the run directory, so `kompakt report RUN` can rebuild it at any time.
+"""The report of a run as one JSON-able dict (report.json), gathered from the files of the run
+directory alone, so `kompakt report RUN` can rebuild it at any time. Two kinds of run:
 
-Sources: auto.json (model, target), plan.json (choices, attempts, facts), comparison.json (the
-measured side-by-side table and sample generations, written by the run), attempts/*/lineage.jsonl
-(the trajectory of every step), analysis/analysis.json, recipe.yaml, exports.json.
+- a recipe run (`kompakt compress --recipe/--step`, `kompakt.run_recipe`, and each attempt of a
+  `--target` run): recipe.yaml, run.json (the original's row, a gate stop), lineage.jsonl, final;
+- a `--target` run: auto.json (model, target), plan.json (choices, attempts, facts),
+  comparison.json (the measured side-by-side table and sample generations), outcome.json,
+  attempts/N/ (recipe runs: the trajectory), analysis/, recipe.yaml, exports.json.
+
+Both give the same keys (title, outcome, trajectory, recipe_shown, ...), which one renderer
+(kompakt.report.render) writes as Markdown and HTML.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from kompakt.errors import OutputPathError
-from kompakt.recipe.lineage import read_lineage
+from kompakt.report import trajectory
+from kompakt.report.recipe_view import annotated_recipe, recipe_values
+from kompakt.rundir.layout import RECIPE_FILE, RUN_FILE, is_run_dir
 
 # (key in comparison values, label, how to format, which direction is better)
 ROWS = (
@@ -83,18 +91,13 @@ def comparison_rows(comparison: dict) -> list[list[str]]:
     return rows
 
 
-def trajectory(out: Path, plan: dict) -> list[dict]:
-    """Every finished step of every attempt (with the original as step 0), for table and plot."""
-    rows = []
+def _attempts_trajectory(out: Path) -> list[dict]:
+    """Every finished step of every attempt, with the original (step 0) once, for table and plot."""
+    rows: list[dict] = []
     for attempt in sorted((out / "attempts").glob("*"), key=lambda p: int(p.name) if p.name.isdigit() else 0):
-        for record in read_lineage(attempt):
-            m = record.get("metrics", {})
-            rows.append({
-                "attempt": int(attempt.name), "step": record["index"], "pass": record["pass"],
-                "parameters": record.get("parameters"), "bytes": record.get("bytes"),
-                "ppl": m.get("ppl"), "ppl_ratio": m.get("ppl_ratio"), "kl": m.get("kl_mean"), "top1": m.get("top1"),
-                "wall_s": record.get("wall_s"), "summary": record.get("summary", ""),
-            })  # fmt: skip
+        if attempt.name.isdigit():
+            found = trajectory.read_run(attempt, int(attempt.name))
+            rows += [r for r in found if r["step"] != 0 or not rows]
     return rows
 
 
@@ -137,23 +140,77 @@ def outcome_text(report: dict) -> str:
 
 
 def gather(out: str | Path) -> dict[str, Any]:
-    """report.json's content from the run directory `out`."""
+    """report.json's content from the run directory `out` (a --target run or a recipe run)."""
     out = Path(out).expanduser().absolute()
+    if (out / "plan.json").is_file():
+        return gather_target(out)
+    if out.is_dir() and is_run_dir(out):
+        return gather_recipe(out)
+    raise OutputPathError(
+        f"{out} is not a kompakt run directory (no plan.json, lineage.jsonl or recipe.yaml); "
+        "give the --out directory of a kompakt compress run"
+    )
+
+
+def _recipe_text(out: Path) -> str:
+    return (out / RECIPE_FILE).read_text() if (out / RECIPE_FILE).is_file() else ""
+
+
+def gather_target(out: Path) -> dict[str, Any]:
     plan = _read_json(out / "plan.json")
     if plan is None:
-        raise OutputPathError(f"{out} is not a kompakt compress --target run (no plan.json); give such a run directory")
+        raise OutputPathError(f"{out}/plan.json is not readable JSON; rerun the compress --target run into a new --out")
     state = _read_json(out / "outcome.json", {})
+    auto = _read_json(out / "auto.json", {})
+    recipe_yaml = _recipe_text(out)
     report = {
+        "kind": "target",
         "run_dir": str(out),
-        "auto": _read_json(out / "auto.json", {}),
+        "title": f"kompakt: {auto.get('model', 'model')} — original vs small model",
+        "auto": auto,
         "plan": plan,
         "outcomes": state.get("outcomes", []),
         "wall_s": state.get("wall_s"),
         "comparison": _read_json(out / "comparison.json"),
         "exports": _read_json(out / "exports.json", {}),
-        "trajectory": trajectory(out, plan),
-        "recipe_yaml": (out / "recipe.yaml").read_text() if (out / "recipe.yaml").is_file() else "",
+        "trajectory": _attempts_trajectory(out),
+        "recipe_yaml": recipe_yaml,
+        "recipe_shown": annotated_recipe(recipe_yaml),
         "analysis_dir": str(out / "analysis"),
     }
     report["outcome"] = outcome_text(report)
     return report
+
+
+def _recipe_outcome(out: Path, values: dict, state: dict) -> str:
+    """The protocol, and how the run ended (a gate stop, the final step)."""
+    data = values.get("data") or {}
+    evaluation = data.get("evaluation") or "held-out calibration text"
+    parts = [f"Model: `{values.get('model') or 'embedded default'}`, seed {values.get('seed', 0)}. Evaluation: "
+             f"{evaluation}, {data.get('eval_tokens', '?')} tokens, window {data.get('window', '?')}, stride "
+             f"{data.get('stride', '?')}; KL and top-1 against the original."]  # fmt: skip
+    if state.get("stopped"):
+        parts.append(f"**Stopped by a gate:** {state['stopped']}")
+    final = out / "final"
+    if final.is_symlink():
+        parts.append(f"Final model: `final` -> `{os.readlink(final)}`")
+    else:
+        parts.append("No step passed the gates; no final model.")
+    return "\n\n".join(parts)
+
+
+def gather_recipe(out: Path) -> dict[str, Any]:
+    recipe_yaml = _recipe_text(out)
+    values = recipe_values(recipe_yaml)
+    state = _read_json(out / RUN_FILE, {})
+    return {
+        "kind": "recipe",
+        "run_dir": str(out),
+        "title": f"kompakt run: {values.get('model') or 'embedded default model'}",
+        "outcome": _recipe_outcome(out, values, state),
+        "stopped": state.get("stopped"),
+        "trajectory": trajectory.read_run(out),
+        "recipe_yaml": recipe_yaml,
+        "recipe_shown": annotated_recipe(recipe_yaml),
+        "analysis_dir": str(out / "analysis"),
+    }

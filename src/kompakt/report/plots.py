@@ -24,9 +24,9 @@ def trajectory_plot(rows: list[dict], original_bytes: float | None) -> bytes | N
         return None
     figure = Figure(figsize=(8, 4))
     axis = figure.add_subplot()
-    for attempt in sorted({r["attempt"] for *_, r in points}):
+    for attempt in sorted({r["attempt"] for *_, r in points}, key=lambda a: a or 0):
         mine = [(x, y, r) for x, y, r in points if r["attempt"] == attempt]
-        axis.plot([p[0] for p in mine], [p[1] for p in mine], marker="o", ms=5, alpha=0.8, label=f"attempt {attempt}")
+        axis.plot([p[0] for p in mine], [p[1] for p in mine], marker="o", ms=5, alpha=0.8, label="steps" if attempt is None else f"attempt {attempt}")
         for x, y, r in mine:
             axis.annotate(f"{r['step']}:{r['pass']}", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = pareto([(x, y) for x, y, _ in points])

@@ -19,7 +19,7 @@ def export_result(final: Path, export_type: str | None, out_dir: Path) -> dict[s
     """out/export/model.gguf (when the family exports) and out/export/hf (a copy of the final step)."""
     from kompakt.export.gguf import write_gguf
     from kompakt.model.load import load
-    from kompakt.recipe.rundir import MARKER
+    from kompakt.rundir.layout import MARKER
 
     exports: dict[str, str] = {}
     target = out_dir / "export"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kompakt.errors import ConfigError
-from kompakt.recipe.target import check_bytes_possible, parse_budget, parse_target
+from kompakt.auto.target import check_bytes_possible, parse_budget, parse_target
 
 
 def test_default_target_is_4x_with_kl_floor():

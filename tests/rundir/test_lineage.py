@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from kompakt.errors import OutputPathError
-from kompakt.recipe.hashing import digest, file_identity, step_hash
+from kompakt.rundir.hashing import digest, file_identity, step_hash
 from kompakt.atomic import write_text as atomic_write_text
-from kompakt.recipe.lineage import append_record, read_lineage
+from kompakt.rundir.lineage import append_record, read_lineage
 
 
 def test_append_and_read(tmp_path):

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 from kompakt.errors import ConfigError
-from kompakt.recipe.facts import ModelFacts
-from kompakt.recipe.planner import make_plan
+from kompakt.auto.facts import ModelFacts
+from kompakt.auto.planner import make_plan
 from kompakt.recipe.schema import DataSpec
-from kompakt.recipe.target import parse_target
+from kompakt.auto.target import parse_target
 
 LAYERS = 30
 
@@ -105,3 +105,19 @@ def test_each_attempt_exports_on_its_own_grid():
     plan = make_plan(parse_target("size=2.5x"), facts(), DataSpec(), None)
     assert plan.export_type_for(0) == "q4_0" and plan.export_type_for(1) == "q8_0"
     assert plan.recipe(1).exports == [{"format": "gguf", "type": "q8_0"}]
+
+
+def test_attempts_are_named_by_what_they_run():
+    """The stage line names the passes and grid of each attempt (no hand-written "q4_0 only")."""
+    plan = make_plan(parse_target("size=4x,max-kl=0.15"), facts(skip_kl=0.05), DataSpec(), None)
+    assert [a.describe() for a in plan.attempts] == [
+        "quant.awq + quant.gptq on the q4_0 grid", "back-off: quant.rtn on the q8_0 grid"]  # fmt: skip
+    pruned = make_plan(parse_target("size=4x,max-kl=0.5"), facts(skip_kl=0.005, quant_kl=0.001), DataSpec(), None)
+    runs = pruned.attempts[0].describe()
+    assert runs.startswith("prune.depth ") and " layers → distill.kd " in runs
+    assert runs.endswith("→ quant.awq + quant.gptq on the q4_0 grid")
+
+
+def test_a_tiny_budget_is_named_in_seconds():
+    with pytest.raises(ConfigError, match=r"--budget 1 s is too small"):
+        make_plan(parse_target("size=2.5x"), facts(), DataSpec(), 1.0)

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kompakt.errors import ConfigError, OutputPathError
 from kompakt.atomic import atomic_symlink, write_text
-from kompakt.recipe.lineage import read_lineage
-from kompakt.recipe.planner import Plan, make_plan
+from kompakt.errors import ConfigError, OutputPathError
+from kompakt.rundir.lineage import read_lineage
+from kompakt.auto.planner import Plan, make_plan
 from kompakt.recipe.schema import DataSpec
-from kompakt.recipe.target import Target, check_bytes_possible, parse_budget, parse_target
+from kompakt.auto.target import Target, check_bytes_possible, parse_budget, parse_target
+from kompakt.units import duration
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
             data_sizes: dict | None = None):  # fmt: skip
     """Everything up to the plan: parse, load, check the run dir and budget, analyse, plan."""
     from kompakt.model.load import load
-    from kompakt.recipe.facts import add_analysis, model_facts
+    from kompakt.auto.facts import add_analysis, model_facts
     from kompakt.recipe.rundata import RunData
 
     target = parse_target(target_text)
@@ -144,8 +145,8 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     need = 0.0 if cached else _analysis_seconds(facts.forward_tps, facts.layers, settings)
     if budget_s is not None and not implicit and budget_s < need:
         raise ConfigError(
-            f"--budget {budget_s / 60:.1f} min is too small to run even the first step: the analysis alone "
-            f"takes ≈{need / 60:.1f} min on this machine; give a larger budget"
+            f"--budget {duration(budget_s)} is too small to run even the first step: the analysis alone "
+            f"takes ≈{duration(need)} on this machine; give a larger budget"
         )
     if budget_s is not None and not implicit:  # the first step must fit too (checked again later)
         make_plan(target, facts, spec, budget_s - need)
@@ -198,8 +199,9 @@ def run_attempts(original, plan: Plan, out_dir: Path, model: str | None, seed: i
     for index, attempt in enumerate(plan.attempts):
         recipe = plan.recipe(index, model=model, seed=seed)
         run_dir = out_dir / "attempts" / str(index + 1)
-        _emit(on_event, "attempt", {"index": index + 1, "label": attempt.label, "seconds": attempt.seconds})
-        outcome = {"attempt": index + 1, "label": attempt.label, "run_dir": str(run_dir)}
+        label = attempt.describe()
+        _emit(on_event, "attempt", {"index": index + 1, "label": label, "seconds": attempt.seconds})
+        outcome = {"attempt": index + 1, "label": label, "run_dir": str(run_dir)}
 
         def check(record: dict, steps=recipe.steps) -> None:
             if on_step is not None:
@@ -266,7 +268,7 @@ def compress_auto(model: str | None = None, *, target: str | None = None, budget
     principle, a nonsense floor, a budget too small for the first step; OutputPathError for a
     run directory of another model or target.
     """
-    from kompakt.recipe import deliver
+    from kompakt.auto import deliver
     from kompakt.report.build import build_report
     from kompakt.report.document import gather
 

@@ -1,4 +1,4 @@
-"""Turn a target (kompakt.recipe.target) and what is known about the model (ModelFacts, with
+"""Turn a target (kompakt.auto.target) and what is known about the model (ModelFacts, with
 the phase-1 analysis) into recipes: the plan to run first and the back-offs to try when a
 result crosses the quality floor. Every decision is written down as one line.
 
@@ -26,10 +26,11 @@ import math
 from dataclasses import dataclass, field
 
 from kompakt.errors import ConfigError
-from kompakt.recipe.facts import ModelFacts
+from kompakt.auto.facts import ModelFacts
 from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
-from kompakt.recipe.target import Target
+from kompakt.auto.target import Target
 from kompakt.train.estimate import flops_per_token
+from kompakt.units import duration
 
 # AWQ + GPTQ on the q4_0 grid kept ~1/3 of RTN's KL on SmolLM2 (bench/quant.py).
 GPTQ_AWQ_KL_FACTOR = 0.34
@@ -55,6 +56,11 @@ class Attempt:
     predicted_kl: float | None
     seconds: float
     meets_target: bool
+
+    def describe(self) -> str:
+        """What this attempt runs, named from its steps (the label only adds that it is a back-off)."""
+        runs = steps_text(self.steps)
+        return f"back-off: {runs}" if self.label.startswith("back-off") else runs
 
     def to_dict(self) -> dict:
         return {
@@ -104,6 +110,37 @@ class Plan:
 
 
 # --- step builders ----------------------------------------------------------------------------
+
+
+def _step_detail(step: Step) -> str:
+    """The one setting that says how much a step does ("" when none of the usual ones is set)."""
+    config = step.config
+    if config.get("format"):
+        detail = f"on the {config['format']} grid"
+    elif config.get("bits"):
+        detail = f"int{config['bits']}" + (f" g{config['group_size']}" if config.get("group_size") else "")
+    elif config.get("count"):
+        detail = f"{config['count']} layers"
+    elif config.get("target_params"):
+        detail = f"to {config['target_params']:.0%} of the parameters"
+    elif config.get("tokens"):
+        detail = f"{config['tokens']} tokens"
+    else:
+        detail = ""
+    return detail
+
+
+def steps_text(steps: list[Step]) -> str:
+    """What a list of steps runs, in order; neighbours with the same setting share it:
+    "prune.depth 3 layers → distill.kd 65536 tokens → quant.awq + quant.gptq on the q4_0 grid"."""
+    groups: list[tuple[list[str], str]] = []
+    for step in steps:
+        detail = _step_detail(step)
+        if groups and detail and groups[-1][1] == detail:
+            groups[-1][0].append(step.name)
+        else:
+            groups.append(([step.name], detail))
+    return " → ".join(f"{' + '.join(names)} {detail}".strip() for names, detail in groups) or "no steps"
 
 
 def _quant_steps(fmt: str, blocks: int, with_awq: bool) -> list[Step]:
@@ -178,7 +215,7 @@ def _data_for_budget(facts: ModelFacts, base: DataSpec, budget_s: float | None, 
     blocks = max(MIN_BLOCKS, min(base.calibration_blocks, MAX_BLOCKS, affordable))
     if blocks != base.calibration_blocks:
         choices.append(
-            f"calibration: {blocks} blocks of {data.block_len} tokens (what the {budget_s / 60:.0f}-minute budget "
+            f"calibration: {blocks} blocks of {data.block_len} tokens (what the {duration(budget_s)} budget "
             f"affords at {facts.forward_tps:.0f} forward tokens/s)"
         )
     data.calibration_blocks = blocks
@@ -218,7 +255,7 @@ def _afford_awq(facts: ModelFacts, data: DataSpec, budget_s: float | None, choic
         return True
     awq = _step_seconds(Step("quant.awq", {"max_blocks": min(data.calibration_blocks, 16)}), facts, data)
     if awq > 0.4 * budget_s:
-        choices.append(f"AWQ skipped: ≈{awq / 60:.1f} min is more than 40% of the budget; GPTQ alone")
+        choices.append(f"AWQ skipped: ≈{duration(awq)} is more than 40% of the budget; GPTQ alone")
         return False
     return True
 
@@ -301,7 +338,7 @@ def make_plan(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float
     its first step; without (work already done), plans the smallest steps and says so."""
     choices: list[str] = []
     if budget_s is not None and not enforce and budget_s < 60:
-        choices.append(f"the budget is nearly spent ({max(budget_s, 0):.0f} s left after the analysis): smallest steps")
+        choices.append(f"the budget is nearly spent ({duration(budget_s)} left after the analysis): smallest steps")
         budget_s = 60.0
     data = _data_for_budget(facts, data, budget_s, choices)
     if target.goal == "speed":
@@ -313,8 +350,8 @@ def make_plan(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float
     cheapest = min(attempts, key=lambda a: a.seconds)
     if enforce and budget_s is not None and _first_step_seconds(cheapest, facts, data) > budget_s:
         raise ConfigError(
-            f"--budget {budget_s / 60:.1f} min is too small to run even the first step "
-            f"(≈{_first_step_seconds(cheapest, facts, data) / 60:.1f} min on this machine); give a larger budget"
+            f"--budget {duration(budget_s)} is too small to run even the first step "
+            f"(≈{duration(_first_step_seconds(cheapest, facts, data))} on this machine); give a larger budget"
         )
     fmt = _export_type(attempts[0], facts)
     plan = Plan(target, facts, data, budget_s, attempts, choices, fmt)
