@@ -35,7 +35,6 @@ LAYERS: list[set[str]] = [
     {"errors", "kompakt"},
 ]
 LEVEL = {package: level for level, packages in enumerate(LAYERS) for package in packages}
-SERVE_CIRCLES = "serve circles: fixed on the serve branch"
 
 
 def _module_name(path: Path) -> str:
@@ -176,7 +175,6 @@ def test_no_circle_between_modules(graph):
     assert not circles, "modules import each other:\n" + _describe(circles, graph)
 
 
-@pytest.mark.xfail(reason=SERVE_CIRCLES, strict=True)
 def test_no_circle_between_serve_modules(graph):
     circles = _module_circles(graph, serve=True)
     assert not circles, "modules import each other:\n" + _describe(circles, graph)

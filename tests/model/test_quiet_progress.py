@@ -30,8 +30,8 @@ SCRIPT = textwrap.dedent("""
     spec = get_pass("quant.gptq")
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: calib, seed=0)
-    packed = spec.apply(ctx, build_config(spec, {"bits": 4, "group_size": 32})).loaded
-    details = save_step_model(packed, out / "packed", torch.float32)
+    report = spec.apply(ctx, build_config(spec, {"bits": 4, "group_size": 32}))
+    details = save_step_model(report.loaded, out / "packed", torch.float32, report.packed_layers)
     assert details["stored_as"] == "compressed-tensors", details
     load(out / "packed")
     print("done")

@@ -34,7 +34,7 @@ from kompakt.passes.base import PassContext, PassSpec, build_config, config_fiel
 from kompakt.passes.train_common import TrainingConfig
 from kompakt.recipe.rundata import RunData
 from kompakt.recipe.schema import DataSpec
-from kompakt.recipe.stepsave import save_step_model
+from kompakt.rundir.stepsave import save_step_model
 
 PASSES = registry()
 TEST_CASES = [pytest.param(name, family, id=f"{name}-{family}") for name in sorted(PASSES) for family in TINY_FAMILIES]

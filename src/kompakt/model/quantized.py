@@ -8,7 +8,7 @@ format vLLM and transformers' CompressedTensorsHfQuantizer read): per quantized 
 `weight_packed` (int32, bits·in/32 words per row), `weight_scale` [out, groups],
 `weight_shape`, and `weight_zero_point` for asymmetric grids; config.json gets the
 `quantization_config` describing each group of layers. Everything else is written in
-`dense_dtype` (the runner uses 16 bits, kompakt.recipe.stepsave). A 4-bit layer takes 1/8 of
+`dense_dtype` (the runner uses 16 bits, kompakt.rundir.stepsave). A 4-bit layer takes 1/8 of
 its fp32 bytes (1/4 of fp16) plus the scales (fp16 from the quant passes: 1/32 more at g64).
 
 Reading back: `kompakt.model.load` turns it into a plain dense model (`densify_compressed`:
