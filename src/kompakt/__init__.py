@@ -13,8 +13,7 @@ The curated public API (imported lazily so `import kompakt` stays cheap):
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from kompakt.lazy_api import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -35,8 +34,4 @@ _API = {
 }
 __all__ = sorted(_API)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _API:
-        raise AttributeError(f"module 'kompakt' has no attribute {name!r}")
-    return getattr(import_module(_API[name]), name)
+__getattr__ = lazy_getattr(__name__, _API)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from kompakt.model.arch import arch_for, linear_modules, norm_modules, text_config
+from kompakt.scoring.hooks import forward_with_hooks
 
 AGGREGATION = "Minitron (batch=L2, seq=mean): mean over a block's positions, then RMS over calibration blocks"
 
@@ -156,14 +157,7 @@ class ChannelCollector:
 def channel_importance(model: nn.Module, layers: nn.ModuleList, batches: Iterable[torch.Tensor]) -> ChannelImportance:
     """Minitron importances of `model` over calibration `batches` ([batch, seq] ids each)."""
     collector = ChannelCollector(model, layers)
-    handles = collector.attach()
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                model(input_ids=batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, batches, collector.attach())
     return collector.result()
 
 

@@ -27,6 +27,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from kompakt.scoring.hooks import forward_with_hooks
+
 
 def _first(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
@@ -72,20 +74,10 @@ class BlockInfluence:
         return [s / c if c else math.nan for s, c in zip(self.sums.tolist(), self.counts.tolist())]
 
 
-def _run(model: nn.Module, batches: Iterable[torch.Tensor], handles: list) -> None:
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                model(input_ids=batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def block_influence(model: nn.Module, layers: nn.ModuleList, batches: Iterable[torch.Tensor]) -> list[float]:
     """ShortGPT BI of every layer over the tokens of `batches` ([batch, seq] ids each)."""
     influence = BlockInfluence(layers)
-    _run(model, batches, influence.attach())
+    forward_with_hooks(model, batches, influence.attach())
     return influence.values()
 
 
@@ -114,7 +106,7 @@ def angular_distances(
 
     handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(after_layer_hook, with_kwargs=True))
-    _run(model, batches, handles)
+    forward_with_hooks(model, batches, handles)
     return [s / c if c else math.nan for s, c in zip(sums.tolist(), counts.tolist())]
 
 

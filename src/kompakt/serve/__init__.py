@@ -6,8 +6,7 @@ CLI's defaults must not pay for torch and transformers.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from kompakt.lazy_api import lazy_getattr
 
 _API = {
     "ChatSession": "kompakt.serve.chat_session",
@@ -18,8 +17,4 @@ _API = {
 }
 __all__ = sorted(_API)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _API:
-        raise AttributeError(f"module 'kompakt.serve' has no attribute {name!r}")
-    return getattr(import_module(_API[name]), name)
+__getattr__ = lazy_getattr(__name__, _API)
