@@ -118,8 +118,11 @@ def test_model_card_holds_no_local_path(tiny_dir, tmp_path):
                              "steps": [{"quant.rtn": {"bits": 8}}]})  # fmt: skip
     report = {"plan": {"target": {"text": "size=2x"}, "attempts": [{"steps": [{"quant.rtn": {}}]}]},
               "outcomes": [{"attempt": 1, "status": "within floor"}], "outcome": "Target met.",
-              "comparison": None, "recipe_yaml": recipe}  # fmt: skip
+              "comparison": {"values": {}, "notes": [f"result speed not measured: cannot load {tmp_path}/x.gguf"]},
+              "exports": {"gguf": str(tmp_path / "model.gguf"), "gguf_check": "passed: llama.cpp, top-1 99%"},
+              "recipe_yaml": recipe}  # fmt: skip
     card = model_card(report, str(tiny_dir))
+    assert "## Checked after export" in card and "- gguf: passed: llama.cpp" in card
     assert str(tmp_path) not in card and str(Path.home()) not in card
     front = yaml.safe_load(card.split("---")[1])
     assert front["base_model"] == "tiny-llama"

@@ -222,3 +222,11 @@ def _public_value(value: Any, key: str = "") -> Any:
 
 def _looks_like_path(text: str) -> bool:
     return text.startswith(("/", "~", "./", "../")) or ("/" in text and Path(text).expanduser().exists())
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~])~?/(?:[\w.@+-]+/)*([\w.@+-]+)")
+
+
+def scrub_paths(text: str) -> str:
+    """Every absolute (or ~) path in free text (a note, an error message) cut to its last part."""
+    return _ABSOLUTE_PATH.sub(lambda found: found.group(1), text)
