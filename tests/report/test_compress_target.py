@@ -76,6 +76,9 @@ def test_run_meets_a_reachable_target_and_exports(run):
     assert original / small >= 2.0  # the target, measured on the written GGUF
     assert comparison["values"]["generate_tps"][1] > 0  # the GGUF ran in llama.cpp (or transformers)
     assert len(comparison["samples"]) == 3 and all(s["result"] is not None for s in comparison["samples"])
+    exports = json.loads((out / "exports.json").read_text())  # both files reloaded in their runtime
+    assert exports["gguf_check"].startswith("passed") and exports["hf_check"].startswith("passed")
+    assert (out / "export" / "model.gguf.verify.json").is_file() and "gguf_check" in (out / "report.md").read_text()
 
 
 def test_every_file_written_follows_the_umask(run):
@@ -116,6 +119,7 @@ def test_report_files_and_model_card(run):
     assert front["base_model_relation"] == "quantized" and front["library_name"] == "transformers"
     assert front["pipeline_tag"] == "text-generation" and "kompakt" in front["tags"]
     assert "| size on disk |" in card
+    assert front["base_model"] == "tiny-llama" and str(out.parent.parent) not in card  # no local path is shared
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (make setup installs it)")

@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 def export_result(final: Path, export_type: str | None, out_dir: Path) -> dict[str, str]:
     """out/export/model.gguf (when the family exports) and out/export/hf (a copy of the final step)."""
+    from kompakt.export.check import check_run_exports
     from kompakt.export.gguf import write_gguf
     from kompakt.model.load import load
     from kompakt.rundir.layout import MARKER
@@ -32,6 +33,7 @@ def export_result(final: Path, export_type: str | None, out_dir: Path) -> dict[s
         written = write_gguf(load(hf), target / "model.gguf", type=export_type, force=True)
         exports["gguf"] = str(written.path)
         exports["gguf_type"] = export_type
+    exports.update(check_run_exports(exports))  # each file reloaded in its runtime (kompakt.export.check)
     return exports
 
 

@@ -12,6 +12,10 @@ HELP = (
 )
 MODEL_HELP = "Model directory, .gguf file or embedded name (default: smollm2-135m)."
 TYPE_HELP = "gguf: f32 f16 bf16 q8_0 q4_0 q4_1 (default f16); hf: f32 f16 bf16 (default: as stored)."
+NO_VERIFY_HELP = (
+    "Skip the check that reloads the export in its runtime (llama.cpp, transformers) and compares its "
+    "next-token predictions with the original."
+)
 OUT_HELP = "Output file (gguf) or directory (hf); default <model>-<type>[.gguf] in the current directory."
 
 
@@ -23,13 +27,18 @@ def register(app: typer.Typer) -> None:
         type: Optional[str] = typer.Option(None, "--type", "-t", help=TYPE_HELP),
         out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP),
         force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+        no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
     ) -> None:
         from kompakt.export.api import export
 
-        result = export(model, format=format, type=type, out=out, force=force)
+        result = export(model, format=format, type=type, out=out, force=force, verify=not no_verify)
         console = Console()
         for note in result.notes:
             console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
         size = f"{result.size_bytes / 1e6:,.1f} MB"
         console.print(f"wrote {result.path} ({result.format} {result.type}, {size})", highlight=False, soft_wrap=True)
         console.print(f"sha256 manifest: {result.manifest}", highlight=False, soft_wrap=True)
+        if result.check is not None:
+            console.print(f"check: {result.check.line()}", highlight=False, soft_wrap=True)
+            for note in result.check.notes:
+                console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)

@@ -32,6 +32,7 @@ from kompakt.export.gguf_arch import add_hyperparameters, check_expressible, fam
 from kompakt.export.gguf_tensors import FILE_TYPES, TYPES, GGUFPlan, plan_tensors, tensor_data
 from kompakt.export.gguf_tokenizer import add_tokenizer, build_vocab
 from kompakt.export.manifest import manifest_path, write_manifest
+from kompakt.export.public import display_name, public_model_name
 from kompakt.atomic import atomic_file
 from kompakt.model.compression import get_state
 from kompakt.model.loaded import LoadedModel
@@ -141,11 +142,11 @@ def _write(tmp: Path, loaded: LoadedModel, family, config, vocab, plan: GGUFPlan
 
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(loaded.name)
+    source = public_model_name(loaded)  # a hub id or a name: never a local path (shared file)
+    writer.add_name(display_name(source))
     writer.add_quantized_by("kompakt")
     writer.add_string("kompakt.version", _version())
-    if loaded.path is not None:
-        writer.add_string("kompakt.source", str(loaded.path))
+    writer.add_string("kompakt.source", source)
     writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[result.type]]))
     if result.type not in ("f32", "f16", "bf16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import yaml
 
+from kompakt.export.public import public_model_name, public_recipe_yaml, scrub_paths
 from kompakt.report.document import comparison_rows, final_attempt
 
 
@@ -15,7 +16,10 @@ def _relation(report: dict) -> str:
 
 
 def model_card(report: dict, base_model: str) -> str:
+    """The card of a `compress --target` result. It is shared with the model, so it names the base
+    model by its hub id or name and the recipe's data by file name and sha256 (never a local path)."""
     plan = report["plan"]
+    base_model = public_model_name(base_model)
     front = {
         "base_model": base_model,
         "base_model_relation": _relation(report),
@@ -31,6 +35,9 @@ def model_card(report: dict, base_model: str) -> str:
         lines += ["## Original vs this model", "", "| | original | this model | change |", "|---|---|---|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(comparison)] + [""]
         lines += [f"- {note}" for note in comparison.get("notes", [])] + [""]
-    lines += ["## Recipe", "", "```yaml", report["recipe_yaml"].rstrip(), "```", "",
+    checks = {k.removesuffix("_check"): v for k, v in (report.get("exports") or {}).items() if k.endswith("_check")}
+    if checks:
+        lines += ["## Checked after export", ""] + [f"- {kind}: {line}" for kind, line in checks.items()] + [""]
+    lines += ["## Recipe", "", "```yaml", public_recipe_yaml(report["recipe_yaml"]).rstrip(), "```", "",
               "Made with `kompakt compress --target " + plan["target"]["text"] + "`."]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return scrub_paths("\n".join(lines) + "\n")  # notes may quote an error message that names a path
