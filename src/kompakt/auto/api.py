@@ -25,6 +25,7 @@ from typing import Any
 
 from kompakt.atomic import atomic_symlink, write_text
 from kompakt.errors import ConfigError, OutputPathError
+from kompakt.rundir.layout import AUTO_FILE
 from kompakt.rundir.lineage import read_lineage
 from kompakt.auto.planner import Plan, make_plan
 from kompakt.recipe.schema import DataSpec
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 Event = Callable[[str, dict], None]
 # The light analysis the planner reads (skip cost and 4-bit sensitivity per layer).
 ANALYSIS = dict(n_blocks=4, block_len=256, eval_tokens=256, eval_window=256, reference_eval=False, speed=False)
-AUTO_FILE = "auto.json"
 DEFAULT_BUDGET = "15m"
 
 

@@ -69,11 +69,11 @@ def run_transformers(directory: Path, sequences, prompt, new_tokens: int, texts:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kompakt.model.progress import quiet_transformers
+    from kompakt.model.progress import quiet_third_party
 
     started = time.perf_counter()
     try:
-        with quiet_transformers():
+        with quiet_third_party():
             model = AutoModelForCausalLM.from_pretrained(directory, device_map=None).eval()
             tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as error:  # noqa: BLE001 - any failure to load is the check's answer

@@ -8,9 +8,8 @@ through the lineage; a directory whose config names a hub id (`_name_or_path`) b
 otherwise by the directory's name, never a generic one (`hf`, `final`, a step directory).
 A data file is named by its file name and sha256.
 
-The run-directory file names read here (`kompakt-step.json`, `recipe.yaml`, `auto.json`) are
-the recipe runner's and `compress --target`'s; they are read as plain files so this module
-stays below recipe/ in the import order.
+The run-directory files read here (step markers, `recipe.yaml`, `auto.json`) are named by
+kompakt.rundir.layout and read as plain files, so this module stays below recipe/ and auto/.
 """
 
 from __future__ import annotations
@@ -24,13 +23,13 @@ from typing import Any
 import yaml
 
 from kompakt.model.embedded import DEFAULT_MODEL, EMBEDDED_MODELS
+from kompakt.model.gguf_convert import SOURCE_RECORD as GGUF_SOURCE
 from kompakt.model.loaded import LoadedModel
+from kompakt.rundir.layout import AUTO_FILE
+from kompakt.rundir.layout import MARKER as STEP_MARKER
+from kompakt.rundir.layout import RECIPE_FILE as RUN_RECIPE
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-STEP_MARKER = "kompakt-step.json"  # = kompakt.recipe.rundir.MARKER
-RUN_RECIPE = "recipe.yaml"
-AUTO_FILE = "auto.json"  # = kompakt.recipe.auto.AUTO_FILE
-GGUF_SOURCE = "kompakt-source.json"  # = kompakt.model.gguf_convert.SOURCE_RECORD
 # Directory names that say nothing about the model (what a run or an export calls its outputs).
 GENERIC = {"hf", "final", "model", "export", "out", "output", "steps", "attempts", "snapshots", "checkpoint"}
 _STEP_DIR = re.compile(r"^\d+(-[\w.]+)?$")  # steps/03-quant.rtn, attempts/2

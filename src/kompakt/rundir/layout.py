@@ -15,6 +15,7 @@ from kompakt.rundir.lineage import LINEAGE, read_lineage
 
 MARKER = "kompakt-step.json"
 RECIPE_FILE = "recipe.yaml"
+AUTO_FILE = "auto.json"  # compress --target: the fingerprint and target a run directory belongs to
 RUN_FILE = "run.json"
 _RUN_FILES = (LINEAGE, RECIPE_FILE, RUN_FILE, "steps")
 
