@@ -123,3 +123,26 @@ def test_cli_export_on_a_full_filesystem_is_one_line_exit_2(tmp_path, argv):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "no space left" in lines[0] and str(out) in lines[0], done.stderr
     assert list(out.iterdir()) == []  # nothing half-written
+
+
+def test_a_read_error_inside_the_block_is_not_called_a_write_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        with atomic.atomic_file(tmp_path / "out" / "copy.bin") as temp:
+            temp.write_bytes(Path(tmp_path / "missing-input.bin").read_bytes())
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_reporting_errors_for_appends_and_filled_directories(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(OutputPathError, match=r"no space left writing .*run.*the run keeps its finished steps"):
+        with atomic.reporting_errors(run, after="the run keeps its finished steps"):
+            raise OSError(28, "No space left on device", str(run / "lineage.jsonl"))
+    with pytest.raises(PermissionError):  # about another file: not this write's error
+        with atomic.reporting_errors(run):
+            raise PermissionError(13, "Permission denied", "/etc/shadow")
+
+
+def test_umask_is_read_without_changing_it(umask_022):
+    assert atomic.umask() == 0o022
+    assert os.umask(0o022) == 0o022

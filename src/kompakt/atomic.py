@@ -27,8 +27,15 @@ from kompakt.errors import OutputPathError
 
 
 def umask() -> int:
-    """The process umask (read without changing it for longer than one call)."""
-    mask = os.umask(0)
+    """The process umask. Read from /proc where it is shown: `os.umask` can only read it by
+    setting it, and a file another thread creates in that instant would get mode 0666."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -136,39 +143,71 @@ def _make_parent(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def _reporting_errors(target: Path, expected: int | None, temp: Path | None = None) -> Iterator[None]:
-    """Turn an OSError raised inside into one OutputPathError about `target`."""
+def reporting_errors(path: str | Path, *, expected_bytes: int | None = None,
+                     after: str = "nothing was written") -> Iterator[None]:  # fmt: skip
+    """Turn a failed write under `path` (a file or a directory) inside the block into one
+    OutputPathError; for writes that cannot be atomic (appending a lineage line, filling a
+    directory that already exists). `after` says what state the failure leaves behind."""
+    path = Path(path)
+    with _reporting_errors(path, expected_bytes, None, within=path, after=after):
+        yield
+
+
+@contextlib.contextmanager
+def _reporting_errors(target: Path, expected: int | None, temp: Path | None = None, *,
+                      within: Path | None = None, after: str = "nothing was written") -> Iterator[None]:  # fmt: skip
+    """Turn an OSError of writing `target` (or `temp`, or anything `within`) into one OutputPathError.
+
+    Other errors pass unchanged: a read error of the block's input names its own file, and is not
+    this write's fault.
+    """
     try:
         yield
     except OutputPathError:
         raise
-    except Exception as error:  # noqa: BLE001 - only OS errors are turned into one line, see below
+    except Exception as error:  # noqa: BLE001 - only write errors are turned into one line, see below
         os_error = _as_os_error(error)
-        if os_error is None:
+        places = [p for p in (target, temp, within) if p is not None]
+        if os_error is None or not _is_write_error(os_error, places):
             raise
-        raise _write_error(target, os_error, expected, temp) from None
+        raise _write_error(target, os_error, expected, temp, after) from None
 
 
 def _as_os_error(error: Exception) -> OSError | None:
-    """The OSError behind `error`: itself, or one that a Rust writer (safetensors) only names in
-    its message as "(os error N)"."""
+    """The OSError behind `error`: itself, or the one safetensors' Rust writer only names in its
+    message as "(os error N)"."""
     if isinstance(error, OSError):
         return error
-    found = re.search(r"os error (\d+)", str(error))
+    found = re.search(r"os error (\d+)", str(error)) if type(error).__name__ == "SafetensorError" else None
     return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
 
 
-def _write_error(target: Path, error: OSError, expected: int | None, temp: Path | None) -> OutputPathError:
-    free = _free_bytes(target.parent)
+def _is_write_error(error: OSError, places: list[Path]) -> bool:
+    """Out of space (only a write runs out of it), or an error naming a file at one of `places`."""
     if _out_of_space(error):
-        written = _tree_bytes(temp) if temp is not None else 0
+        return True
+    named = [Path(os.fsdecode(n)) for n in (error.filename, error.filename2) if n is not None]
+    return any(_inside(name, place) for name in named for place in places)
+
+
+def _inside(name: Path, place: Path) -> bool:
+    """`name` is `place`, inside it, its directory, or beside it (where its temporary lives)."""
+    name, place = Path(os.path.abspath(name)), Path(os.path.abspath(place))
+    return name == place or place in name.parents or place.parent in (name, name.parent)
+
+
+def _write_error(target: Path, error: OSError, expected: int | None, temp: Path | None,
+                 after: str = "nothing was written") -> OutputPathError:  # fmt: skip
+    free = _free_bytes(target if target.is_dir() else target.parent)
+    if _out_of_space(error):
+        written = _tree_bytes(temp) if temp is not None and temp.exists() else 0
         need = f"needs {_human(expected)}" if expected else f"needs more than the {_human(written)} written"
         return OutputPathError(
             f"no space left writing {target}: it {need}, {_human(free)} free there; "
-            "free some space or choose another output path (nothing was written)"
+            f"free some space or choose another output path ({after})"
         )
     reason = error.strerror or str(error)
-    return OutputPathError(f"cannot write {target} ({reason}); choose a writable output path (nothing was written)")
+    return OutputPathError(f"cannot write {target} ({reason}); choose a writable output path ({after})")
 
 
 def _out_of_space(error: OSError) -> bool:

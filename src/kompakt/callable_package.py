@@ -8,6 +8,7 @@ made callable: `kompakt.analyze(loaded, ids)` calls the function whichever bindi
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -24,4 +25,6 @@ def make_package_callable(package: str, function: Callable[..., Any]) -> None:
             return function(*args, **kwargs)
 
     CallablePackage.__call__.__doc__ = function.__doc__
-    sys.modules[package].__class__ = CallablePackage
+    module = sys.modules[package]
+    module.__class__ = CallablePackage
+    module.__signature__ = inspect.signature(function)  # help() and IDEs show the function's parameters

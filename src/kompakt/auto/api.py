@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kompakt.atomic import atomic_symlink, write_text
+from kompakt.atomic import atomic_symlink, reporting_errors, write_text
 from kompakt.errors import ConfigError, OutputPathError
 from kompakt.rundir.layout import AUTO_FILE
 from kompakt.rundir.lineage import read_lineage
@@ -150,7 +150,8 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
         )
     if budget_s is not None and not implicit:  # the first step must fit too (checked again later)
         make_plan(target, facts, spec, budget_s - need)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with reporting_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / AUTO_FILE, json.dumps(
         {"model": model or original.name, "fingerprint": facts.fingerprint, "target": target.text}) + "\n")  # fmt: skip
     saved = out_dir / "plan.json"

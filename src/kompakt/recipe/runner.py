@@ -216,12 +216,15 @@ def _keep_files(files: dict[str, Path], directory: Path) -> None:
     step only counts as finished once its marker is written after this."""
     import shutil
 
-    for name, source in files.items():
-        target = directory / name
-        if Path(source).is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        else:
-            shutil.copy2(source, target)
+    from kompakt.atomic import reporting_errors
+
+    with reporting_errors(directory, after="the step stays unfinished; rerun to resume"):
+        for name, source in files.items():
+            target = directory / name
+            if Path(source).is_dir():
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(source, target)
 
 
 def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data: RunData,

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kompakt.atomic import write_text
+from kompakt.atomic import reporting_errors
 from kompakt.errors import OutputPathError
 
 LINEAGE = "lineage.jsonl"
@@ -50,16 +50,11 @@ def _cut_torn_tail(path: Path) -> None:
 def append_record(run_dir: Path, record: dict[str, Any]) -> None:
     """Append one record as a complete line, flushed and fsynced."""
     path = Path(run_dir) / LINEAGE
-    if path.exists():
-        _cut_torn_tail(path)
     line = json.dumps(record, sort_keys=False, default=str) + "\n"
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def rewrite_lineage(run_dir: Path, records: list[dict[str, Any]]) -> None:
-    """Replace the lineage with `records` (used when stale steps are dropped), atomically."""
-    text = "".join(json.dumps(record, default=str) + "\n" for record in records)
-    write_text(Path(run_dir) / LINEAGE, text)
+    with reporting_errors(path, after="the lineage keeps its complete lines; rerun to resume"):
+        if path.exists():
+            _cut_torn_tail(path)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())

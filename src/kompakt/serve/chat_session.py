@@ -69,7 +69,9 @@ class ChatSession:
                     pieces.append(chunk.text)
                     yield chunk.text
         finally:
-            chunks.close()  # an abandoned reply stops the engine's token loop now, not at GC
+            close = getattr(chunks, "close", None)  # Backend.stream promises an Iterator, not a generator
+            if close is not None:
+                close()  # an abandoned reply stops the engine's token loop now, not at GC
         reply = "".join(pieces)
         if self.chat_mode:
             self.messages = [*request, {"role": "assistant", "content": reply}]
