@@ -2,8 +2,8 @@
 
 Not a pass itself (not in the registry): the grid config and its validation, the choice of
 target modules by role, the grid each weight gets (with the group-size fallback), RTN of one
-weight, and what a quant pass leaves behind: the typed compression state
-(kompakt.model.compression: the grid and the packed layers) and a lineage-sized report.
+weight, and what a quant pass leaves behind: the grid in the typed compression state
+(kompakt.model.compression), the packed layers for its PassReport, and a lineage-sized report.
 
 Grids:
 - integer grids: `bits` 8 / 4 / 3 / 2, `group_size` 32 / 64 / 128 input columns per scale (or
@@ -238,8 +238,8 @@ def prepare(ctx: PassContext, name: str, config: QuantGridConfig) -> LoadedModel
 def record(
     loaded: LoadedModel, method: str, config: QuantGridConfig, done: dict[str, GridPlan], packed: dict[str, Any]
 ) -> dict[str, PackedLayer]:
-    """Leave the grid and the packed layers in the compression state; returns the packed layers
-    (for the pass report, from which the step is saved)."""
+    """Record the grid in the compression state; returns the packed layers for the pass report
+    (PassReport.packed_layers, from which the step is saved packed)."""
     quantization = Quantization(
         method=method,
         format=config.format or f"int{config.bits}",
@@ -249,9 +249,8 @@ def record(
         modules=tuple(n for n, p in done.items() if p.grid is not None),
         group_sizes={n: p.group_size for n, p in done.items() if p.grid is not None and p.note},
     )
-    packed_layers = {n: p for n, p in packed.items() if p is not None}
-    update_state(loaded, quantization=quantization, packed_layers=packed_layers)
-    return packed_layers
+    update_state(loaded, quantization=quantization)
+    return {n: p for n, p in packed.items() if p is not None}
 
 
 def few(names: list[str]) -> str:
