@@ -44,6 +44,7 @@ from kompakt.ops.quant import QuantGrid
 
 log = logging.getLogger(__name__)
 
+SCALE_DTYPE = torch.float16  # integer-grid scales: what compressed-tensors stores, so passes fit the stored grid
 FORMAT = "pack-quantized"
 ASYMMETRIC_FORMAT = "int-quantized"  # see _compressed_tensors
 
@@ -84,6 +85,17 @@ def storable_group_size(in_features: int, group_size: int | None) -> int | None:
             return g
         g //= 2
     return None
+
+
+def storage_grid(in_features: int, bits: int, group_size: int | None, symmetric: bool = True) -> QuantGrid:
+    """The integer grid a Linear with `in_features` inputs is quantized on, by quant.rtn / gptq /
+    awq / qat and by the sensitivity analysis alike (one rule, so analysis measures what the
+    passes store): `group_size` falls back to `storable_group_size` where it does not divide the
+    width, and a group spanning the whole row is one scale per row (`grid.group_size` None);
+    scales are fitted in SCALE_DTYPE. `group_size` None or 0: per channel."""
+    group = storable_group_size(in_features, group_size or None)
+    per_channel = group is None or group >= in_features
+    return QuantGrid(bits, None if per_channel else group, symmetric, scale_dtype=SCALE_DTYPE)
 
 
 def _regroup(name: str, layer: PackedLayer, notes: dict[str, int]) -> PackedLayer:

@@ -38,7 +38,7 @@ from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, embeddings_tied, get_submodule, linear_modules
 from kompakt.model.compression import PackedLayer, Quantization, get_state, update_state
 from kompakt.model.loaded import LoadedModel
-from kompakt.model.quantized import ensure_not_quantized, storable_group_size
+from kompakt.model.quantized import SCALE_DTYPE, ensure_not_quantized, storage_grid
 from kompakt.ops.gguf_grid import BLOCK, FORMATS, GGUFBlockGrid, dequantize_blocks, quantize_blocks
 from kompakt.ops.quant import QuantGrid
 from kompakt.passes.base import PassContext
@@ -49,7 +49,6 @@ BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
 MODULE_NAMES = ("attn", "mlp", *ROLES)
-SCALE_DTYPE = torch.float16  # integer-grid scales, as stored on disk
 NAMES_SHOWN = 3  # module names a summary line or lineage record shows before "..."
 
 
@@ -159,19 +158,17 @@ class GridPlan:
 
 
 def plan_grid(config: QuantGridConfig, in_features: int) -> GridPlan:
+    """The grid of one weight; integer grids follow kompakt.model.quantized.storage_grid (the
+    fallback rule the sensitivity analysis shares), and a changed group size gets a note."""
     if config.format:
         if in_features % BLOCK:
             return GridPlan(None, None, f"input width {in_features} is not a multiple of {BLOCK}: left unquantized")
         return GridPlan(GGUFBlockGrid(config.format), BLOCK)
-    group = config.group_size
+    grid = storage_grid(in_features, config.bits, config.group_size, config.symmetric)
     note = None
-    if group is not None and group < in_features and in_features % group:
-        group = storable_group_size(in_features, group)
-        note = f"group size {config.group_size} does not divide {in_features}: used {group or 'per-channel'}"
-    per_channel = group is None or group >= in_features
-    # fp16 scales: what compressed-tensors stores, so GPTQ / AWQ optimise against the stored grid
-    grid = QuantGrid(config.bits, group, config.symmetric, scale_dtype=SCALE_DTYPE)
-    return GridPlan(grid, None if per_channel else group, note)
+    if config.group_size is not None and config.group_size < in_features and in_features % config.group_size:
+        note = f"group size {config.group_size} does not divide {in_features}: used {grid.group_size or 'per-channel'}"
+    return GridPlan(grid, grid.group_size, note)
 
 
 def packed_from(codes: torch.Tensor, scales: torch.Tensor, zeros, config: QuantGridConfig, plan: GridPlan):
