@@ -1,13 +1,18 @@
 """The typed compression state: round trip through save -> load, config.json as written before it
-existed still loads, empty fields write nothing, packed layers stay beside the model, and no other
-module names its keys."""
+existed still loads, empty fields write nothing, a reserved slot or a malformed grid refuses to
+load (one line), packed layers live in the pass report only, and no other module names its keys."""
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
+import pytest
+
 import kompakt
+from kompakt.errors import ModelFormatError
 from kompakt.export.gguf import grid_modules
 from kompakt.model.compression import (
     AwqScaling,
@@ -18,6 +23,7 @@ from kompakt.model.compression import (
     SharedWeights,
     clear_quantization,
     clear_state,
+    compressed_tensors_config,
     get_state,
     set_state,
     update_state,
@@ -26,7 +32,7 @@ from kompakt.model.load import load
 from kompakt.model.quantized import is_quantized
 from kompakt.model.save import save_model
 from kompakt.model.tiny import tiny_model
-from kompakt.ops.quant import QuantGrid
+from kompakt.passes.base import PassContext, build_config, get_pass
 
 DOWN = [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
 # config.json entries exactly as quant.gptq / quant.awq wrote them before the typed state
@@ -35,13 +41,17 @@ OLD_QUANTIZATION = {"method": "gptq", "format": "int4", "bits": 4, "group_size":
 OLD_AWQ = {"grid": "int4 g64 sym", "clip": True}
 
 
-def _full_state() -> CompressionState:
+RESERVED = {
+    "per_tensor_types": {DOWN[0]: "q8_0", "model.layers.0.self_attn.v_proj": "f16"},
+    "lowrank": {"model.layers.2.mlp.up_proj": LowRank(rank=8, method="svd")},
+    "shared": {DOWN[0]: SharedWeights(users=(DOWN[2], DOWN[3]))},
+}
+
+
+def _state() -> CompressionState:
     return CompressionState(
         quantization=Quantization("rtn", "q4_0", 4, 32, True, tuple(DOWN), {DOWN[1]: 16}),
         awq=AwqScaling("q4_0", clip=False),
-        per_tensor_types={DOWN[0]: "q8_0", "model.layers.0.self_attn.v_proj": "f16"},
-        lowrank={"model.layers.2.mlp.up_proj": LowRank(rank=8, method="svd")},
-        shared={DOWN[0]: SharedWeights(users=(DOWN[2], DOWN[3]))},
     )
 
 
@@ -57,7 +67,7 @@ def _write_old_config(directory: Path, **entries) -> None:
 
 def test_state_round_trips_through_save_and_load(tmp_path):
     loaded = tiny_model("llama")
-    state = _full_state()
+    state = _state()
     set_state(loaded, state)
     assert get_state(loaded) == state and get_state(loaded.model) == state  # LoadedModel or model
     back = load(save_model(loaded, tmp_path / "m"), device="cpu")
@@ -76,7 +86,7 @@ def test_config_json_written_before_the_typed_state_still_loads(tmp_path):
     state = get_state(back)
     assert state.quantization == Quantization("gptq", "int4", 4, 64, True, tuple(DOWN), {DOWN[0]: 32})
     assert state.awq == AwqScaling("int4 g64 sym", clip=True)
-    assert is_quantized(back) and not state.packed_layers and not state.lowrank
+    assert is_quantized(back) and not state.lowrank
     # saved again unchanged: the same config.json entries
     save_model(back, tmp_path / "again")
     assert _config_json(tmp_path / "again")["kompakt_quantization"] == OLD_QUANTIZATION
@@ -97,33 +107,64 @@ def test_empty_fields_write_nothing_and_clear_removes_keys(tmp_path):
     assert get_state(loaded).is_empty() and not is_quantized(loaded)
     save_model(loaded, tmp_path / "plain")
     assert not [k for k in _config_json(tmp_path / "plain") if k.startswith("kompakt_")]
-    set_state(loaded, _full_state())
+    set_state(loaded, CompressionState(quantization=_state().quantization, awq=_state().awq, **RESERVED))
     clear_state(loaded)
     assert get_state(loaded).is_empty()
     save_model(loaded, tmp_path / "cleared")
     assert not [k for k in _config_json(tmp_path / "cleared") if k.startswith("kompakt_")]
 
 
-def test_packed_layers_live_beside_the_model_not_on_it():
-    loaded, other = tiny_model("llama"), tiny_model("llama")
-    layer = PackedLayer.from_grid(loaded.model.get_submodule(DOWN[0]).weight, QuantGrid(4, 32))
-    update_state(loaded, quantization=Quantization("rtn", "int4", 4, 32, True, (DOWN[0],)),
-                 packed_layers={DOWN[0]: layer})  # fmt: skip
-    assert get_state(loaded).packed_layers[DOWN[0]] is layer
-    assert get_state(loaded.model).packed_layers[DOWN[0]] is layer  # the same model, not its inner .model
-    assert not get_state(other).packed_layers
-    assert not any(isinstance(v, dict) and DOWN[0] in v for v in vars(loaded.model).values())
-    assert "packed" not in json.dumps(loaded.model.config.to_dict())
-    clear_quantization(loaded)
-    assert get_state(loaded).quantization is None and not get_state(loaded).packed_layers
+@pytest.mark.parametrize("slot", sorted(RESERVED))
+def test_a_reserved_slot_refuses_to_load(slot, tmp_path):
+    """No pass fills them yet and this loader would not rebuild them: a model that has one is
+    from a newer kompakt, and loading it silently would give a wrong model."""
+    loaded = tiny_model("llama")
+    set_state(loaded, CompressionState(**{slot: RESERVED[slot]}))
+    assert getattr(get_state(loaded), slot) == RESERVED[slot]  # the slot itself round-trips in memory
+    save_model(loaded, tmp_path / "newer")
+    with pytest.raises(ModelFormatError, match="written by a newer kompakt.*upgrade") as info:
+        load(tmp_path / "newer", device="cpu")
+    assert "\n" not in str(info.value) and str(tmp_path / "newer") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "entry, reason",
+    [({"format": "nf4", "modules": DOWN}, "unknown format 'nf4'"),
+     ({"format": "int4", "bits": "four", "modules": DOWN}, "must be integers"),
+     ({"format": "q8_0", "modules": DOWN[0]}, "list of module names"),
+     (["int4"], "not a mapping")],
+)  # fmt: skip
+def test_a_malformed_grid_refuses_to_load(entry, reason, tmp_path):
+    save_model(tiny_model("llama"), tmp_path / "bad")
+    _write_old_config(tmp_path / "bad", kompakt_quantization=entry)
+    with pytest.raises(ModelFormatError, match="malformed kompakt_quantization") as info:
+        load(tmp_path / "bad", device="cpu")
+    assert reason in str(info.value) and "\n" not in str(info.value)
+
+
+def test_packed_layers_live_in_the_pass_report_only():
+    """The step is saved from PassReport.packed_layers; nothing else keeps a second copy."""
+    spec = get_pass("quant.rtn")
+    loaded = tiny_model("llama")
+    ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: None, seed=0)
+    report = spec.apply(ctx, build_config(spec, {"bits": 4, "group_size": 32}))
+    assert isinstance(report.packed_layers[DOWN[0]], PackedLayer)
+    assert set(report.packed_layers) == set(get_state(loaded).quantization.modules)
+    alive = weakref.ref(report.packed_layers[DOWN[0]])
+    del report
+    gc.collect()
+    assert alive() is None
 
 
 def test_clear_quantization_keeps_awq_and_drops_a_compressed_tensors_config():
     loaded = tiny_model("llama")
     update_state(loaded, quantization=Quantization.from_json(OLD_QUANTIZATION), awq=AwqScaling.from_json(OLD_AWQ))
     loaded.model.config.quantization_config = {"quant_method": "compressed-tensors"}  # as a reloaded step has
+    for target in (loaded, loaded.model, loaded.model.config):
+        assert compressed_tensors_config(target) == {"quant_method": "compressed-tensors"}
     assert is_quantized(loaded)
     clear_quantization(loaded)
+    assert compressed_tensors_config(loaded) is None
     assert not is_quantized(loaded) and get_state(loaded).awq == AwqScaling("int4 g64 sym", clip=True)
 
 

@@ -56,7 +56,7 @@ def test_gptq_every_family_on_grid_and_reloads(family, tmp_path):
     assert torch.isfinite(logits).all()
     grid = QuantGrid(4, 32, True)
     for name, w in _weights(loaded).items():
-        packed = get_state(loaded).packed_layers[name]
+        packed = report.packed_layers[name]
         assert torch.equal(packed.dequantize(), w.float()), name  # stored codes = the model's values
         assert (packed.codes.abs() <= 8).all()
         # on the grid: every group's values are integer multiples of its scale
@@ -109,7 +109,7 @@ def test_gptq_without_act_order_and_not_true_sequential():
     loaded = tiny_model("mistral")
     report = _run(GPTQ, loaded, bits=3, group_size=None, act_order=False, true_sequential=False, max_blocks=4)
     assert report.details["act_order"] is False and torch.isfinite(_logits(loaded)).all()
-    assert get_state(loaded).packed_layers["model.layers.0.mlp.down_proj"].group_size is None
+    assert report.packed_layers["model.layers.0.mlp.down_proj"].group_size is None
 
 
 @pytest.mark.parametrize(

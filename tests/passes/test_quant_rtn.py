@@ -46,11 +46,10 @@ def test_rtn_every_family_on_grid_and_reloads(family, tmp_path):
     assert torch.isfinite(logits).all()
     grid = QuantGrid(4, 32, True)
     weights = _quantized_weights(loaded)
-    assert len(weights) == len(get_state(loaded).packed_layers) > 0
-    assert report.packed_layers.keys() == get_state(loaded).packed_layers.keys()  # the step saves these
+    assert report.packed_layers.keys() == weights.keys() and weights  # the step saves these
     for name, w in weights.items():
         assert torch.equal(grid.fake_quantize(w.detach()), w.detach()), name  # re-quantizing changes nothing
-        packed = get_state(loaded).packed_layers[name]
+        packed = report.packed_layers[name]
         assert torch.equal(packed.dequantize(), w.detach().float()), name
     assert "rtn int4 g32 sym" in report.summary
     reloaded = load(save_model(loaded, tmp_path / "q"))
@@ -61,14 +60,15 @@ def test_rtn_every_family_on_grid_and_reloads(family, tmp_path):
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
 def test_gguf_format_is_llamacpp_rounding(fmt):
     loaded = tiny_model("llama")
-    before = {n: w.detach().clone() for n, w in _quantized_weights_after(loaded, fmt).items()}
+    after, report = _quantized_weights_after(loaded, fmt)
+    before = {n: w.detach().clone() for n, w in after.items()}
     meta = get_state(loaded).quantization
     assert meta.format == fmt and len(meta.modules) == 28
     for name, w in _quantized_weights(loaded).items():
         q, d, m = quantize_blocks(w.detach(), fmt)
         assert torch.equal(dequantize_blocks(q, d, m, fmt), w.detach()), name  # on the grid
         assert torch.equal(w.detach(), before[name])
-    packed = get_state(loaded).packed_layers
+    packed = report.packed_layers
     if fmt == "q4_1":  # its fp16 block minimum is no integer zero point: the step stays dense
         assert packed == {}
     else:  # q4_0 / q8_0 are symmetric int4 / int8 groups of 32: stored packed, the same values
@@ -86,19 +86,19 @@ def _quantized_weights_after(loaded, fmt):
         for i, layer in enumerate(decoder_layers(loaded.model))
         for r, m in linear_modules(layer, spec).items()
     }
-    _run(loaded, format=fmt)
-    return {n: dequantize_blocks(*quantize_blocks(w, fmt), fmt) for n, w in originals.items()}
+    report = _run(loaded, format=fmt)
+    return {n: dequantize_blocks(*quantize_blocks(w, fmt), fmt) for n, w in originals.items()}, report
 
 
 def test_asymmetric_per_channel_and_modules():
     loaded = tiny_model("qwen2")
-    _run(loaded, bits=3, group_size=None, symmetric=False, modules=["mlp"])
+    report = _run(loaded, bits=3, group_size=None, symmetric=False, modules=["mlp"])
     meta = get_state(loaded).quantization
     assert all("mlp" in n for n in meta.modules) and len(meta.modules) == 12
     grid = QuantGrid(3, None, False)
     for name, w in _quantized_weights(loaded).items():
         assert torch.allclose(grid.fake_quantize(w.detach()), w.detach(), atol=1e-6), name
-        assert get_state(loaded).packed_layers[name].zero is not None
+        assert report.packed_layers[name].zero is not None
 
 
 def test_group_fallback_names_the_layers(caplog):
@@ -110,7 +110,7 @@ def test_group_fallback_names_the_layers(caplog):
     assert "down_proj" in caplog.text
     meta = get_state(loaded).quantization
     assert meta.group_sizes == {f"model.layers.{i}.mlp.down_proj": 32 for i in range(4)}
-    assert get_state(loaded).packed_layers["model.layers.0.mlp.down_proj"].group_size == 32
+    assert report.packed_layers["model.layers.0.mlp.down_proj"].group_size == 32
 
 
 def test_embeddings_and_lm_head_flags():
@@ -120,9 +120,9 @@ def test_embeddings_and_lm_head_flags():
     assert torch.equal(loaded.model.model.embed_tokens.weight, embed)  # off by default
     assert "lm_head" in get_state(loaded).quantization.modules
     loaded = tiny_model("llama")
-    _run(loaded, bits=8, group_size=32, embeddings=True)
+    report = _run(loaded, bits=8, group_size=32, embeddings=True)
     assert not torch.equal(loaded.model.model.embed_tokens.weight, embed)
-    assert "model.embed_tokens" not in get_state(loaded).packed_layers  # not a Linear
+    assert "model.embed_tokens" not in report.packed_layers  # not a Linear
 
 
 @pytest.mark.parametrize(

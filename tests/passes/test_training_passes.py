@@ -153,3 +153,17 @@ def test_training_passes_are_registered_with_their_needs():
         spec = passes[name]
         assert spec.needs_training and spec.needs_teacher and not spec.changes_architecture
         assert "Sample recipe step" in spec.doc
+
+
+def test_qat_reads_the_grid_of_a_model_stored_compressed():
+    """A compressed-tensors model kompakt did not quantize (no kompakt grid recorded): QAT trains
+    the grid its `quantization_config` names, read through the compression contract."""
+    from kompakt.passes.quant_qat import grid_of
+
+    loaded = tiny_model("llama")
+    down = "model.layers.0.mlp.down_proj"
+    assert grid_of(loaded.model) is None
+    loaded.model.config.quantization_config = {"quant_method": "compressed-tensors", "config_groups": {
+        "group_0": {"weights": {"num_bits": 4, "group_size": 32, "symmetric": False}, "targets": [down, "re:x"]}}}
+    grid, modules = grid_of(loaded.model)
+    assert (grid.bits, grid.group_size, grid.symmetric, modules) == (4, 32, False, [down])

@@ -11,7 +11,9 @@ from kompakt.model.arch import arch_for, decoder_layers, linear_modules
 from kompakt.model.save import save_model
 from kompakt.model.tiny import tiny_model
 from kompakt.passes.base import PassContext, build_config, get_pass
-from kompakt.scoring.quant_sensitivity import group_for, quant_sensitivity, quantized_layer
+from kompakt.model.quantized import storage_grid
+from kompakt.passes.quant_common import QuantGridConfig, plan_grid
+from kompakt.scoring.quant_sensitivity import quant_sensitivity, quantized_layer
 from kompakt.scoring.reference import build_reference
 
 
@@ -28,7 +30,10 @@ from kompakt.scoring.reference import build_reference
     ],
 )
 def test_group_fallback_is_quant_rtns(in_features, group_size, used):
-    assert group_for(in_features, group_size) == used
+    grid = storage_grid(in_features, 4, group_size)
+    assert grid.group_size == used and grid.scale_dtype == torch.float16
+    plan = plan_grid(QuantGridConfig(bits=4, group_size=group_size or None), in_features)
+    assert plan.grid == grid and plan.group_size == used
 
 
 @pytest.mark.parametrize("group_size", [64, None])

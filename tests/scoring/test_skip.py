@@ -42,3 +42,35 @@ def test_a_teacher_supplies_the_reference_distribution_only():
     reference = build_reference(loaded.model, layers, [WINDOWS], teacher=other)
     assert len(reference.layer_inputs[0]) == 1  # captured from the model, once per window
     assert score(loaded.model, reference).kl_mean > 0.01  # the unedited model differs from the teacher
+
+
+def test_skip_kl_holds_at_most_max_bytes_of_reference_and_scores_the_same():
+    """Each batch is split into chunks of rows whose reference (every layer's input and the
+    reference log-probs) fits the budget; rows are independent, so the KL is unchanged."""
+    from kompakt.scoring.skip import rows_within
+
+    loaded = tiny_model("llama", num_hidden_layers=5)
+    model, layers = loaded.model, decoder_layers(loaded.model)
+    rows = rows_within(model, len(layers), WINDOWS.shape[1], max_bytes=60_000)
+    assert 1 <= rows < WINDOWS.shape[0]
+    reference = build_reference(model, layers, [WINDOWS[:rows]])
+    held = sum(t.numel() * t.element_size() for ts in reference.layer_inputs for t in ts)
+    held += sum(t.numel() * t.element_size() for t in reference.log_probs)
+    assert held <= 60_000
+    whole = skip_kl(model, layers, [WINDOWS])
+    assert skip_kl(model, layers, [WINDOWS], max_bytes=60_000) == pytest.approx(whole, rel=1e-4, abs=1e-9)
+    assert skip_kl(model, layers, [WINDOWS], max_bytes=1) == pytest.approx(whole, rel=1e-4, abs=1e-9)
+
+
+def test_replay_puts_back_an_instance_forward_a_hook_had_set():
+    """accelerate's offload hooks set `module.forward` on the instance; replay must restore it."""
+    from kompakt.scoring.reference import replay
+
+    loaded = tiny_model("llama")
+    layers = decoder_layers(loaded.model)
+    reference = build_reference(loaded.model, layers, [WINDOWS[:1]])
+    hooked = layers[0].forward  # the bound class method, stored on the instance as a hook would
+    layers[0].forward = hooked
+    with replay(layers, 2, reference, 1):
+        assert layers[0].forward is not hooked and "forward" in vars(layers[1])
+    assert vars(layers[0])["forward"] is hooked and "forward" not in vars(layers[1])

@@ -17,15 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from rich.console import Console
-from rich.progress import Progress
 
 from kompakt.analyze import html as html_page
 from kompakt.analyze import plots
@@ -36,6 +31,7 @@ from kompakt.analyze.summary import MLP_TINY, tiny_fraction, where_to_cut
 from kompakt.data import sample_blocks
 from kompakt.errors import ConfigError, DataError
 from kompakt.model.arch import arch_for, decoder_layers, text_config
+from kompakt.model.progress import stage_line, stages
 from kompakt.scoring.channels import ChannelCollector
 from kompakt.scoring.layers import BlockInfluence
 from kompakt.scoring.quant_sensitivity import quant_sensitivity
@@ -43,13 +39,6 @@ from kompakt.scoring.reference import build_reference
 from kompakt.scoring.skip import skip_costs
 
 logger = logging.getLogger(__name__)
-
-
-@contextmanager
-def _progress() -> Iterator[Progress]:
-    progress = Progress(console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty())
-    with progress:
-        yield progress
 
 
 def _model_info(loaded) -> dict:
@@ -128,7 +117,7 @@ def _baseline(loaded, heldout: torch.Tensor, window: int, speed: bool) -> dict:
 def _measure(loaded, spec, layers, blocks, windows, *, bits, group_size, batch_size) -> dict:
     """The data-driven stages (calibration pass, skip cost, quantization sensitivity), timed."""
     model, timings = loaded.model, {}
-    with _progress() as progress:
+    with stages() as progress:  # a bar on a terminal, one line per stage elsewhere
         stage = progress.add_task("calibration pass", total=blocks.shape[0])
         tick = time.perf_counter()
         influence, channels = _calibrate(model, layers, blocks, batch_size, lambda n: progress.advance(stage, n))
@@ -219,6 +208,8 @@ def analyze(
     measured = _measure(loaded, spec, layers, blocks, windows, bits=bits, group_size=group_size, batch_size=batch_size)
     timings = measured["timings"]
     tick = time.perf_counter()
+    if reference_eval:
+        stage_line("baseline perplexity" + (" and speed" if speed else ""))
     baseline = _baseline(loaded, heldout, eval_window, speed) if reference_eval else None
     timings["baseline_s"] = time.perf_counter() - tick
     skip_kl = [s.kl_mean for s in measured["skips"]]
@@ -239,6 +230,7 @@ def analyze(
         notes=measured["notes"],
     )
     if out_dir is not None:
+        stage_line(f"writing analysis.json, plots and analysis.html to {out_dir}")
         analysis.files = write_outputs(analysis, out_dir)
     return analysis
 

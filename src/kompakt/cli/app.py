@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from kompakt.errors import KompaktError
+from kompakt.model.progress import show_stage_lines
 
 app = typer.Typer(
     name="kompakt",
@@ -33,6 +34,7 @@ def _register() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs the app; a KompaktError becomes one line and exit 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    show_stage_lines()  # kompakt's own progress off a terminal: one plain line per stage
     _register()
     try:
         app(args=argv, standalone_mode=False)

@@ -1,12 +1,12 @@
 """What compression passes leave on a model: one typed contract, the only code that knows its keys.
 
-A pass that changes how weights are stored (a grid, factors, shared tensors, a GGUF type per
-tensor) records it here; saving, loading and export read it here. Nothing else names the
-config keys or keeps state on the model:
+A pass that changes how weights are stored records it here; saving, loading and export read it
+here. Nothing else names the config keys:
 
     state = get_state(loaded)                  # CompressionState (never None)
-    update_state(loaded, quantization=Quantization(...), packed_layers={...})
+    update_state(loaded, quantization=Quantization(...))
     clear_quantization(loaded)                 # the weights are no longer on a grid
+    check_stored_state(config_json, where)     # kompakt.load: refuse what this version cannot rebuild
 
 `CompressionState` fields, and where each lives:
 
@@ -15,34 +15,40 @@ config keys or keeps state on the model:
   minimal {"format", "modules"} form still reads). Read by GGUF export (exact block grids), by
   `kompakt.model.quantized.is_quantized` (no quantizing twice) and by quant.qat (train on it).
 - `awq` (AwqScaling): quant.awq rescaled the weights for this grid. Key `kompakt_awq`.
-- `packed_layers` (module name -> PackedLayer): the integer codes and scales exactly as
-  quantized, in memory only (held beside the model, never on it); the step save writes them
-  as compressed-tensors (kompakt.model.quantized), and loading densifies them again, so a
-  reloaded model has none.
-- `per_tensor_types` (module name -> GGUF type, e.g. "q8_0"): mixed precision, the type the
-  GGUF exporter should write each listed weight in. Key `kompakt_gguf_types`.
-- `lowrank` (module name -> LowRank): a Linear replaced by two (x -> [rank] -> out); the loader
-  must rebuild the pair before reading weights. Key `kompakt_lowrank`.
-- `shared` (owner module name -> SharedWeights): one weight tensor several modules read; the
-  loader re-ties the users to the owner after reading. Key `kompakt_shared`.
 
-The last three are the places the coming passes (mixed-precision search, low-rank
-factorization, weight sharing) fill; they round-trip through config.json today, and a key is
-written only when its field is not empty, so config.json of a model that uses none of them is
-unchanged. The keys are set on the model config and, for multimodal configs, on the text
+Reserved slots, for passes to come; no pass fills them and nothing reads them yet:
+
+- `per_tensor_types` (module name -> GGUF type, e.g. "q8_0"): mixed precision. Key `kompakt_gguf_types`.
+- `lowrank` (module name -> LowRank): a Linear replaced by two. Key `kompakt_lowrank`.
+- `shared` (owner module name -> SharedWeights): one tensor several modules read. Key `kompakt_shared`.
+
+They round-trip through config.json, but this version can neither rebuild such a model nor
+export it, so `kompakt.load` refuses a config.json where any of them is non-empty (ModelFormatError:
+"written by a newer kompakt; upgrade") rather than load a wrong model. The pass that fills a slot
+teaches the loader and the exporter to read it, and then lifts the refusal.
+
+The packed integer codes a quant pass produced are not state: they travel in its
+PassReport.packed_layers (kompakt.passes.base), from which the step save writes them as
+compressed-tensors (kompakt.model.quantized); loading densifies them, so a reloaded model has
+only `quantization` and transformers' own `quantization_config` (read it through
+`compressed_tensors_config`).
+
+A key is written only when its field is not empty, so config.json of a model that uses none of
+them is unchanged. The keys are set on the model config and, for multimodal configs, on the text
 config too (as quant passes always did), so `save_pretrained` writes them to config.json and
 `from_pretrained` reads them back as plain dicts.
 """
 
 from __future__ import annotations
 
-import weakref
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
+from kompakt.errors import ModelFormatError
 from kompakt.model.loaded import LoadedModel
 from kompakt.ops.gguf_grid import FORMATS
 from kompakt.ops.quant import QuantGrid
@@ -53,10 +59,10 @@ _GGUF_TYPES_KEY = "kompakt_gguf_types"
 _LOWRANK_KEY = "kompakt_lowrank"
 _SHARED_KEY = "kompakt_shared"
 _COMPRESSED_TENSORS_KEY = "quantization_config"  # transformers' own: weights stored compressed
-
-# Packed layers are tensors, not JSON: they live beside the model, not in its config or __dict__,
-# and die with it.
-_PACKED: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, PackedLayer]] = weakref.WeakKeyDictionary()
+# Reserved slots (see the module docstring): what a config.json holding one of them stores.
+_RESERVED = {_GGUF_TYPES_KEY: "per-tensor GGUF types", _LOWRANK_KEY: "low-rank factors",
+             _SHARED_KEY: "shared weights"}  # fmt: skip
+_INT_FORMAT = re.compile(r"int[2-8]")
 
 
 @dataclass
@@ -122,13 +128,24 @@ class Quantization:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Quantization:
-        """Also the minimal form {"format", "modules"} that early exports and tests wrote."""
+        """Also the minimal form {"format", "modules"} that early exports and tests wrote.
+
+        Raises ValueError naming what is wrong (an unknown format such as "nf4", a non-integer
+        bits or group size, modules that are not a list of names).
+        """
         fmt = str(data.get("format") or f"int{data.get('bits', 4)}").lower()
+        if fmt not in FORMATS and not _INT_FORMAT.fullmatch(fmt):
+            raise ValueError(f"unknown format {fmt!r} (known: int2..int8, {', '.join(FORMATS)})")
         bits = data.get("bits") or (8 if fmt == "q8_0" else 4 if fmt in FORMATS else int(fmt.removeprefix("int")))
-        return cls(method=str(data.get("method", "")), format=fmt, bits=int(bits),
-                   group_size=data.get("group_size"), symmetric=bool(data.get("symmetric", fmt != "q4_1")),
-                   modules=tuple(str(m) for m in data.get("modules", [])),
-                   group_sizes=dict(data.get("group_sizes") or {}))  # fmt: skip
+        group_size = data.get("group_size")
+        modules, group_sizes = data.get("modules", []), data.get("group_sizes") or {}
+        if not isinstance(bits, int) or (group_size is not None and not isinstance(group_size, int)):
+            raise ValueError(f"bits {bits!r} and group_size {group_size!r} must be integers")
+        if not isinstance(modules, list | tuple) or not isinstance(group_sizes, Mapping):
+            raise ValueError("modules must be a list of module names and group_sizes a mapping")
+        return cls(method=str(data.get("method", "")), format=fmt, bits=bits, group_size=group_size,
+                   symmetric=bool(data.get("symmetric", fmt != "q4_1")), modules=tuple(str(m) for m in modules),
+                   group_sizes=dict(group_sizes))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -181,7 +198,7 @@ class CompressionState:
 
     quantization: Quantization | None = None
     awq: AwqScaling | None = None
-    packed_layers: Mapping[str, PackedLayer] = field(default_factory=dict)
+    # reserved slots: kompakt.load refuses a model where one is non-empty (module docstring)
     per_tensor_types: Mapping[str, str] = field(default_factory=dict)
     lowrank: Mapping[str, LowRank] = field(default_factory=dict)
     shared: Mapping[str, SharedWeights] = field(default_factory=dict)
@@ -216,7 +233,6 @@ def get_state(target: LoadedModel | torch.nn.Module) -> CompressionState:
     return CompressionState(
         quantization=Quantization.from_json(quant) if isinstance(quant, Mapping) and quant else None,
         awq=AwqScaling.from_json(awq) if isinstance(awq, Mapping) and awq else None,
-        packed_layers=dict(_PACKED.get(model, {})),
         per_tensor_types=_mapping(getattr(config, _GGUF_TYPES_KEY, None), lambda v: str(v).lower()),
         lowrank=_mapping(getattr(config, _LOWRANK_KEY, None), LowRank.from_json),
         shared=_mapping(getattr(config, _SHARED_KEY, None), SharedWeights.from_json),
@@ -239,14 +255,10 @@ def set_state(target: LoadedModel | torch.nn.Module, state: CompressionState) ->
                 setattr(config, key, value)
             elif key in config.__dict__:
                 delattr(config, key)
-    if state.packed_layers:
-        _PACKED[model] = dict(state.packed_layers)
-    else:
-        _PACKED.pop(model, None)
 
 
 def update_state(target: LoadedModel | torch.nn.Module, **changes: Any) -> CompressionState:
-    """Change some fields of the state (e.g. `quantization=..., packed_layers=...`); returns the new one."""
+    """Change some fields of the state (e.g. `quantization=..., awq=...`); returns the new one."""
     state = replace(get_state(target), **changes)
     set_state(target, state)
     return state
@@ -258,9 +270,46 @@ def clear_state(target: LoadedModel | torch.nn.Module) -> None:
 
 
 def clear_quantization(target: LoadedModel | torch.nn.Module) -> None:
-    """The weights leave their grid (e.g. QAT trains them): drop the grid, the packed layers and a
-    compressed-tensors `quantization_config` a reloaded step carries. AWQ scaling stays."""
-    update_state(target, quantization=None, packed_layers={})
+    """The weights leave their grid (e.g. QAT trains them): drop the grid and a compressed-tensors
+    `quantization_config` a reloaded step carries. AWQ scaling stays."""
+    update_state(target, quantization=None)
     for config in _configs(_model(target)):
         if _COMPRESSED_TENSORS_KEY in config.__dict__:
             delattr(config, _COMPRESSED_TENSORS_KEY)
+
+
+def compressed_tensors_config(target: LoadedModel | torch.nn.Module | Any) -> dict[str, Any] | None:
+    """transformers' `quantization_config` as a plain dict: the grid a model reloaded from a packed
+    step was stored on (None when its weights were not stored compressed). `target`: a model, a
+    LoadedModel, or a model's config (what the exporter holds)."""
+    config = _model(target).config if isinstance(target, LoadedModel | torch.nn.Module) else target
+    qconfig = getattr(config, _COMPRESSED_TENSORS_KEY, None)
+    if not qconfig:
+        return None
+    return dict(qconfig) if isinstance(qconfig, Mapping) else qconfig.to_dict()
+
+
+def check_stored_state(config: Mapping[str, Any], where: str) -> None:
+    """Refuse a config.json (as a dict) whose compression state this version cannot honour.
+
+    A non-empty reserved slot (module docstring) means a newer kompakt wrote weights this loader
+    would not rebuild, so the model would load wrong; a malformed grid would fail or mislead
+    later. Both raise ModelFormatError, one line; `where` names the model (its directory).
+    """
+    sections = [config, config.get("text_config")]
+    for section in (s for s in sections if isinstance(s, Mapping)):
+        stored = [what for key, what in _RESERVED.items() if section.get(key)]
+        if stored:
+            raise ModelFormatError(f"{where} was written by a newer kompakt (it stores {', '.join(stored)}, "
+                                   "which this version cannot rebuild); upgrade kompakt to load it")  # fmt: skip
+        for key, parse in ((_QUANTIZATION_KEY, Quantization.from_json), (_AWQ_KEY, AwqScaling.from_json)):
+            value = section.get(key)
+            if value in (None, {}):
+                continue
+            try:
+                if not isinstance(value, Mapping):
+                    raise ValueError(f"a {type(value).__name__}, not a mapping")
+                parse(value)
+            except (ValueError, TypeError) as exc:
+                raise ModelFormatError(f"{where} has a malformed {key} in config.json ({exc}); "
+                                       "upgrade kompakt, or restore config.json as kompakt wrote it") from None

@@ -65,15 +65,6 @@ def is_embedded(source: object) -> bool:
     return isinstance(source, str) and source.lower() in EMBEDDED_MODELS
 
 
-def embedded_version(name: str) -> str:
-    """Version of the package shipping `name` (part of the cache key of its conversion)."""
-    spec = EMBEDDED_MODELS[name.lower()]
-    try:
-        return importlib.metadata.version(spec.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise _missing(spec) from None
-
-
 def _missing(spec: EmbeddedModel) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"embedded model {spec.name!r} is not installed; run `{spec.install}` "

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from kompakt.errors import KompaktError, ModelFormatError, ModelNotFoundError
+from kompakt.model.compression import check_stored_state
 from kompakt.model.dtype import compute_dtype_for, default_device, parse_dtype
 from kompakt.model.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, is_embedded, verify_embedded
 from kompakt.model.gguf_convert import convert_gguf, converted_dir_for, is_converted
@@ -150,6 +151,7 @@ def load(
     start = time.perf_counter()
     directory, name = _resolve(source)
     config, stored = check_model_dir(directory)
+    check_stored_state(config, str(directory))
     device = torch.device(device or default_device())
     compute = parse_dtype(dtype) or compute_dtype_for(stored, device)
     if is_compressed_config(config):

@@ -2,7 +2,7 @@
 
     save_quantized(loaded, "runs/q4/step", {"model.layers.0.mlp.down_proj": PackedLayer(...), ...})
 
-(PackedLayer: kompakt.model.compression, where the quant passes leave them) writes a
+(PackedLayer: kompakt.model.compression; a quant pass's PassReport.packed_layers) writes a
 Hugging Face directory in the `compressed-tensors` "pack-quantized" format (the
 format vLLM and transformers' CompressedTensorsHfQuantizer read): per quantized Linear
 `weight_packed` (int32, bits·in/32 words per row), `weight_scale` [out, groups],
@@ -37,13 +37,14 @@ import torch
 
 from kompakt.atomic import atomic_directory
 from kompakt.errors import ConfigError, OutputPathError
-from kompakt.model.compression import PackedLayer, get_state
+from kompakt.model.compression import PackedLayer, compressed_tensors_config, get_state
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.save import save_pretrained_on_every_rank
 from kompakt.ops.quant import QuantGrid
 
 log = logging.getLogger(__name__)
 
+SCALE_DTYPE = torch.float16  # integer-grid scales: what compressed-tensors stores, so passes fit the stored grid
 FORMAT = "pack-quantized"
 ASYMMETRIC_FORMAT = "int-quantized"  # see _compressed_tensors
 
@@ -60,7 +61,7 @@ def is_quantized(model_or_loaded) -> bool:
     """True when the weights are already on a grid: a quant pass recorded one
     (kompakt.model.compression) or they were stored compressed (compressed-tensors)."""
     model = model_or_loaded.model if isinstance(model_or_loaded, LoadedModel) else model_or_loaded
-    return bool(getattr(model.config, "quantization_config", None)) or get_state(model).quantization is not None
+    return compressed_tensors_config(model) is not None or get_state(model).quantization is not None
 
 
 def ensure_not_quantized(loaded, what: str = "quantize") -> None:
@@ -84,6 +85,17 @@ def storable_group_size(in_features: int, group_size: int | None) -> int | None:
             return g
         g //= 2
     return None
+
+
+def storage_grid(in_features: int, bits: int, group_size: int | None, symmetric: bool = True) -> QuantGrid:
+    """The integer grid a Linear with `in_features` inputs is quantized on, by quant.rtn / gptq /
+    awq / qat and by the sensitivity analysis alike (one rule, so analysis measures what the
+    passes store): `group_size` falls back to `storable_group_size` where it does not divide the
+    width, and a group spanning the whole row is one scale per row (`grid.group_size` None);
+    scales are fitted in SCALE_DTYPE. `group_size` None or 0: per channel."""
+    group = storable_group_size(in_features, group_size or None)
+    per_channel = group is None or group >= in_features
+    return QuantGrid(bits, None if per_channel else group, symmetric, scale_dtype=SCALE_DTYPE)
 
 
 def _regroup(name: str, layer: PackedLayer, notes: dict[str, int]) -> PackedLayer:
@@ -309,10 +321,9 @@ def gguf_grid_of_compressed(config) -> dict[str, str]:
     one scale per 32 weights); the exporter then recovers the exact blocks from the values
     (fp16 scales are needed for that: QuantGrid(scale_dtype=torch.float16)).
     """
-    qconfig = getattr(config, "quantization_config", None)
-    if qconfig is None:
+    data = compressed_tensors_config(config)
+    if data is None:
         return {}
-    data = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
     result = {}
     for group in (data.get("config_groups") or {}).values():
         weights = group.get("weights") or {}

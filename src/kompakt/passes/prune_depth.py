@@ -21,6 +21,12 @@ the analysis ranks least important are the layers this pass removes (ties: the d
 ``iterative: true`` (block_influence, kl) removes one layer, re-scores the smaller model and
 repeats, so each choice sees the effect of the previous removals.
 
+Memory: calibration batches go to the device one at a time. block_influence keeps a running sum
+per layer, angular the hidden states of one batch (every layer's input); kl keeps one batch's
+reference at a time, split into chunks of rows so that every layer's input plus the reference
+log-probabilities stay under 1 GiB (kompakt.scoring.skip); iterative kl also keeps one copy of
+the step's input model as the reference.
+
 When to use: a quick, large speed-up (every removed layer is 1/L of the compute); quality drops
 faster than with width pruning or quantization, so heal with distillation afterwards.
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -101,9 +108,11 @@ class DepthConfig:
 # --------------------------------------------------------------------------- scoring
 
 
-def _batches(blocks: torch.Tensor, config: DepthConfig, device: torch.device) -> list[torch.Tensor]:
+def _batches(blocks: torch.Tensor, config: DepthConfig, device: torch.device) -> Iterator[torch.Tensor]:
+    """The calibration batches, each moved to the device only when it is scored."""
     blocks = blocks[: config.max_blocks]
-    return [blocks[start : start + config.batch_size].to(device) for start in range(0, blocks.shape[0], config.batch_size)]
+    for start in range(0, blocks.shape[0], config.batch_size):
+        yield blocks[start : start + config.batch_size].to(device)
 
 
 def layer_scores(

@@ -218,11 +218,6 @@ def _hidden_widths(loaded: LoadedModel, round_to: int, heads: tuple[int, int] | 
         step //= 2
 
 
-def _round(value: float, multiple: int, limit: int) -> int:
-    rounded = int(round(value / multiple)) * multiple
-    return min(limit, max(multiple if multiple <= limit else 1, rounded))
-
-
 # --------------------------------------------------------------------------- importance
 
 

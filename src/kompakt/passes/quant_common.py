@@ -2,8 +2,8 @@
 
 Not a pass itself (not in the registry): the grid config and its validation, the choice of
 target modules by role, the grid each weight gets (with the group-size fallback), RTN of one
-weight, and what a quant pass leaves behind: the typed compression state
-(kompakt.model.compression: the grid and the packed layers) and a lineage-sized report.
+weight, and what a quant pass leaves behind: the grid in the typed compression state
+(kompakt.model.compression), the packed layers for its PassReport, and a lineage-sized report.
 
 Grids:
 - integer grids: `bits` 8 / 4 / 3 / 2, `group_size` 32 / 64 / 128 input columns per scale (or
@@ -38,7 +38,7 @@ from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, embeddings_tied, get_submodule, linear_modules
 from kompakt.model.compression import PackedLayer, Quantization, get_state, update_state
 from kompakt.model.loaded import LoadedModel
-from kompakt.model.quantized import ensure_not_quantized, storable_group_size
+from kompakt.model.quantized import SCALE_DTYPE, ensure_not_quantized, storage_grid
 from kompakt.ops.gguf_grid import BLOCK, FORMATS, GGUFBlockGrid, dequantize_blocks, quantize_blocks
 from kompakt.ops.quant import QuantGrid
 from kompakt.passes.base import PassContext
@@ -49,7 +49,6 @@ BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
 MODULE_NAMES = ("attn", "mlp", *ROLES)
-SCALE_DTYPE = torch.float16  # integer-grid scales, as stored on disk
 NAMES_SHOWN = 3  # module names a summary line or lineage record shows before "..."
 
 
@@ -159,19 +158,17 @@ class GridPlan:
 
 
 def plan_grid(config: QuantGridConfig, in_features: int) -> GridPlan:
+    """The grid of one weight; integer grids follow kompakt.model.quantized.storage_grid (the
+    fallback rule the sensitivity analysis shares), and a changed group size gets a note."""
     if config.format:
         if in_features % BLOCK:
             return GridPlan(None, None, f"input width {in_features} is not a multiple of {BLOCK}: left unquantized")
         return GridPlan(GGUFBlockGrid(config.format), BLOCK)
-    group = config.group_size
+    grid = storage_grid(in_features, config.bits, config.group_size, config.symmetric)
     note = None
-    if group is not None and group < in_features and in_features % group:
-        group = storable_group_size(in_features, group)
-        note = f"group size {config.group_size} does not divide {in_features}: used {group or 'per-channel'}"
-    per_channel = group is None or group >= in_features
-    # fp16 scales: what compressed-tensors stores, so GPTQ / AWQ optimise against the stored grid
-    grid = QuantGrid(config.bits, group, config.symmetric, scale_dtype=SCALE_DTYPE)
-    return GridPlan(grid, None if per_channel else group, note)
+    if config.group_size is not None and config.group_size < in_features and in_features % config.group_size:
+        note = f"group size {config.group_size} does not divide {in_features}: used {grid.group_size or 'per-channel'}"
+    return GridPlan(grid, grid.group_size, note)
 
 
 def packed_from(codes: torch.Tensor, scales: torch.Tensor, zeros, config: QuantGridConfig, plan: GridPlan):
@@ -238,8 +235,8 @@ def prepare(ctx: PassContext, name: str, config: QuantGridConfig) -> LoadedModel
 def record(
     loaded: LoadedModel, method: str, config: QuantGridConfig, done: dict[str, GridPlan], packed: dict[str, Any]
 ) -> dict[str, PackedLayer]:
-    """Leave the grid and the packed layers in the compression state; returns the packed layers
-    (for the pass report, from which the step is saved)."""
+    """Record the grid in the compression state; returns the packed layers for the pass report
+    (PassReport.packed_layers, from which the step is saved packed)."""
     quantization = Quantization(
         method=method,
         format=config.format or f"int{config.bits}",
@@ -249,9 +246,8 @@ def record(
         modules=tuple(n for n, p in done.items() if p.grid is not None),
         group_sizes={n: p.group_size for n, p in done.items() if p.grid is not None and p.note},
     )
-    packed_layers = {n: p for n, p in packed.items() if p is not None}
-    update_state(loaded, quantization=quantization, packed_layers=packed_layers)
-    return packed_layers
+    update_state(loaded, quantization=quantization)
+    return {n: p for n, p in packed.items() if p is not None}
 
 
 def few(names: list[str]) -> str:

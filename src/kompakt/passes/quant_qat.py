@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from kompakt.errors import ConfigError
-from kompakt.model.compression import clear_quantization, get_state
+from kompakt.model.compression import clear_quantization, compressed_tensors_config, get_state
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import is_quantized
 from kompakt.passes.base import PassContext, PassReport, PassSpec
@@ -91,10 +91,9 @@ def grid_of(model: nn.Module) -> tuple[QuantGridConfig, list[str]] | None:
     quantization = get_state(model).quantization
     if quantization is not None and quantization.modules:
         return QuantGridConfig.of(quantization), list(quantization.modules)
-    qconfig = getattr(model.config, "quantization_config", None)
-    if qconfig is None:
+    data = compressed_tensors_config(model)
+    if data is None:
         return None
-    data = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
     groups = list((data.get("config_groups") or {}).values())
     if len(groups) != 1:
         raise ConfigError(f"{NAME}: the model mixes {len(groups)} quantization grids; QAT trains one grid — "

@@ -8,9 +8,10 @@ original weights are put back. Layers with a large KL are the ones to keep at hi
 in a mixed-precision recipe. RTN is the measuring stick because it is the baseline every
 post-training method improves on (GPTQ, AWQ): a layer fragile under RTN is where they matter.
 
-A group size that does not divide a Linear's input width falls back exactly as quant.rtn does
-(`kompakt.model.quantized.storable_group_size`: the largest power-of-two divisor below it,
-576 with 128 -> 64, else one scale per output channel), and the notes name those Linears.
+The grid of each Linear is the passes' own (`kompakt.model.quantized.storage_grid`): a group
+size that does not divide a Linear's input width falls back exactly as quant.rtn does (the
+largest power-of-two divisor below it, 576 with 128 -> 64, else one scale per output channel),
+and the notes name those Linears.
 """
 
 from __future__ import annotations
@@ -22,23 +23,8 @@ import torch
 from torch import nn
 
 from kompakt.model.arch import ArchSpec, linear_modules
-from kompakt.model.quantized import storable_group_size
-from kompakt.ops.quant import QuantGrid
+from kompakt.model.quantized import storage_grid
 from kompakt.scoring.reference import Reference, Score, replay, score
-
-SCALE_DTYPE = torch.float16  # quant.rtn fits and stores integer-grid scales in fp16
-
-
-def group_for(in_features: int, group_size: int | None) -> int | None:
-    """The group size quant.rtn uses for a Linear with `in_features` inputs (None = per channel)."""
-    group = storable_group_size(in_features, group_size or None)
-    return None if group is None or group >= in_features else group
-
-
-def rtn(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
-    """Symmetric RTN of `weight` [out, in] with `group_size` (already resolved), dequantized."""
-    grid = QuantGrid(bits, group_size, symmetric=True, scale_dtype=SCALE_DTYPE)
-    return grid.fake_quantize(weight.float()).to(weight.dtype)
 
 
 @contextmanager
@@ -53,8 +39,9 @@ def quantized_layer(layer: nn.Module, spec: ArchSpec, bits: int, group_size: int
     try:
         for role, linear in linears.items():
             saved[role] = linear.weight.data.clone()
-            used[role] = group_for(linear.in_features, group_size)
-            linear.weight.data.copy_(rtn(linear.weight.data, bits, used[role]))
+            grid = storage_grid(linear.in_features, bits, group_size)
+            used[role] = grid.group_size
+            linear.weight.data.copy_(grid.fake_quantize(linear.weight.data.float()).to(linear.weight.dtype))
         yield used
     finally:
         for role, weight in saved.items():

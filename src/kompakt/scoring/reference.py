@@ -9,7 +9,8 @@ teacher) on token windows. Two savings make the 2 x n_layers evaluations afforda
 - layers before the edited one see unchanged inputs, so their output is replayed from the
   reference run (the cached input of layer i) instead of recomputed: on average half the
   decoder stack is skipped. The layer modules stay in place (some models read attributes of
-  them); only their bound `forward` is overridden for the duration of a `replay` block.
+  them); only their `forward` is overridden for the duration of a `replay` block, and an
+  instance `forward` that was there before (accelerate's offload hooks put one) is put back.
 
 Scoring follows kompakt.evaluate (BENCH.md): each window [batch, window] is scored on the
 positions that predict a next token (window - 1 per row); KL(reference || candidate) is
@@ -128,13 +129,18 @@ def replay(layers: nn.ModuleList, count: int, reference: Reference, source_layer
         return (hidden,) if reference.tuple_outputs else hidden
 
     patched = list(layers)[:count]
+    missing = object()
+    previous = [layer.__dict__.get("forward", missing) for layer in patched]  # e.g. accelerate's hook
     for layer in patched:
-        layer.forward = replayed  # instance attribute shadows the class method
+        layer.forward = replayed  # instance attribute shadows the class method (or a hook's)
     try:
         yield current
     finally:
-        for layer in patched:
-            del layer.forward
+        for layer, before in zip(patched, previous):
+            if before is missing:
+                del layer.forward
+            else:
+                layer.forward = before
 
 
 @contextmanager

@@ -9,7 +9,12 @@ change) in the distribution-level form llama.cpp users compare models by (KL, to
 
 `skip_costs` scores every layer on a prepared `Reference` (the analysis: held-out windows, kept
 for the quantization scores too); `skip_kl` streams calibration batches through the same code
-(prune.depth: only one batch's reference is held at a time).
+(prune.depth). What skip_kl keeps at a time is one chunk's reference: every layer's input
+[rows, seq, hidden] and the reference log-probabilities [rows, seq - 1, vocab] in fp32; a batch
+is split into chunks of rows so that this stays under `max_bytes` (REFERENCE_BYTES, 1 GiB:
+SmolLM2-135M in fp32 scores 9 rows of 256 tokens at once; a row longer than the budget alone,
+e.g. 2048 tokens of an 8B model with a 128k vocabulary, is still scored, one row at a time).
+Rows are independent, so chunking does not change the scores.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import torch
 from torch import nn
 
 from kompakt.scoring.reference import Reference, Score, build_reference, score, skipped
+
+REFERENCE_BYTES = 1 << 30  # what skip_kl holds for one chunk of rows (see the module docstring)
 
 
 def skip_costs(
@@ -37,24 +44,37 @@ def skip_costs(
     return scores
 
 
+def rows_within(model: nn.Module, n_layers: int, seq: int, max_bytes: int) -> int:
+    """How many rows of `seq` tokens one reference may hold within `max_bytes` (at least 1):
+    per row, every layer's input (model dtype) and the reference and candidate fp32 log-probs."""
+    embeddings = model.get_input_embeddings().weight
+    vocab, hidden = embeddings.shape
+    per_row = seq * n_layers * hidden * embeddings.element_size() + 2 * (seq - 1) * vocab * 4
+    return max(1, max_bytes // per_row)
+
+
 def skip_kl(
     model: nn.Module,
     layers: nn.ModuleList,
     batches: Iterable[torch.Tensor],
     teacher: nn.Module | None = None,
+    *,
+    max_bytes: int = REFERENCE_BYTES,
 ) -> list[float]:
     """Mean KL(reference || model with layer i skipped) per scored position, for every layer i.
 
     The reference is `teacher` when given (e.g. the unpruned model while prune.depth removes
-    layers one at a time), else the model itself with no layer skipped.
+    layers one at a time), else the model itself with no layer skipped. `batches` are consumed
+    one at a time (a generator keeps only one on the device); memory: see the module docstring.
     """
     sums = torch.zeros(len(layers), dtype=torch.float64)
     count = 0
     for batch in batches:
-        reference = build_reference(model, layers, [batch], teacher=teacher)
-        tokens = reference.scored_tokens
-        for index, cost in enumerate(skip_costs(model, layers, reference)):
-            sums[index] += cost.kl_mean * tokens
-        count += tokens
-        del reference
+        for chunk in batch.split(rows_within(model, len(layers), batch.shape[1], max_bytes)):
+            reference = build_reference(model, layers, [chunk], teacher=teacher)
+            tokens = reference.scored_tokens
+            for index, cost in enumerate(skip_costs(model, layers, reference)):
+                sums[index] += cost.kl_mean * tokens
+            count += tokens
+            del reference
     return (sums / max(1, count)).tolist()
