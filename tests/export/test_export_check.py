@@ -113,7 +113,8 @@ def test_a_failed_check_with_force_keeps_the_previous_export(tiny_dir, capsys, m
     target = tiny_dir.parent / "keep.gguf"
     code, _, _ = _run(["export", str(tiny_dir), "--type", "f32", "--out", str(target)], capsys)
     assert code == 0
-    before = {name: (tiny_dir.parent / name).read_bytes() for name in ("keep.gguf", "keep.gguf.sha256", "keep.gguf.verify.json")}
+    names = ("keep.gguf", "keep.gguf.sha256", "keep.gguf.verify.json")
+    before = {name: (tiny_dir.parent / name).read_bytes() for name in names}
     (tiny_dir.parent / "keep.gguf.rejected").mkdir()  # an older rejected export of another kind is replaced
     _scramble_output_rows(monkeypatch)
     code, _, err = _run(["export", str(tiny_dir), "--type", "f32", "--out", str(target), "--force"], capsys)

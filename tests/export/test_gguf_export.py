@@ -295,6 +295,7 @@ def test_a_full_disk_names_the_bytes_an_ollama_copy_needs(tmp_path, monkeypatch)
     source = export_gguf(tiny_model("llama"), tmp_path / "m.gguf", type="q8_0")
     monkeypatch.setattr(ollama_module.shutil, "copyfile", _disk_full)
     size = source.stat().st_size
-    with pytest.raises(OutputPathError, match=rf"it needs {size / 1e3:.1f} KB" if size < 1e6 else rf"it needs {size / 1e6:.1f} MB"):
+    need = f"{size / 1e3:.1f} KB" if size < 1e6 else f"{size / 1e6:.1f} MB"
+    with pytest.raises(OutputPathError, match=f"it needs {need}"):
         ollama_module.export_ollama(source, tmp_path / "ollama")
     assert not (tmp_path / "ollama" / "model.gguf").exists()

@@ -171,8 +171,8 @@ def test_model_card_holds_no_local_path(tiny_dir, tmp_path):
 def test_model_card_recipe_says_what_null_meant():
     from kompakt.report.card import model_card
 
-    recipe = yaml.safe_dump({"model": None, "seed": 3, "data": {"calibration": None, "calibration_blocks": 8,
-                                                                "block_len": 64}, "steps": [{"quant.rtn": {}}]})  # fmt: skip
+    data = {"calibration": None, "calibration_blocks": 8, "block_len": 64}
+    recipe = yaml.safe_dump({"model": None, "seed": 3, "data": data, "steps": [{"quant.rtn": {}}]})
     report = {"plan": {"target": {"text": "size=2x"}, "attempts": [{"steps": [{"quant.rtn": {}}]}]},
               "outcomes": [{"attempt": 1, "status": "within floor"}], "outcome": "Target met.", "recipe_yaml": recipe}
     card = model_card(report, None)

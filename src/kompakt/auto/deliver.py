@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def export_result(final: Path, export_type: str | None, out_dir: Path) -> tuple[dict[str, str], ExportCheckError | None]:
+def export_result(final: Path, export_type: str | None,
+                  out_dir: Path) -> tuple[dict[str, str], ExportCheckError | None]:  # fmt: skip
     """out/export/model.gguf (when the family exports) and out/export/hf (a copy of the final step),
     each reloaded in its runtime and compared with the final model (kompakt.export.check).
 

@@ -81,7 +81,8 @@ def export(
         staged = stage.path(target.name)
         if format == "gguf":
             written = write_gguf(loaded, staged, type=type, force=True)
-            result = ExportResult(target, manifest_path(target), "gguf", written.type, written.size_bytes, written.notes)
+            result = ExportResult(target, manifest_path(target), "gguf", written.type, written.size_bytes,
+                                  written.notes)  # fmt: skip
         else:
             export_hf(loaded, staged, type=type, force=True)
             size = sum(p.stat().st_size for p in staged.glob("*.safetensors"))

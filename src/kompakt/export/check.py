@@ -246,7 +246,8 @@ def reject(paths: list[Path], into: Path | None = None) -> list[Path]:
     return moved or paths
 
 
-def check_run_exports(exports: dict[str, str], reference: LoadedModel) -> tuple[dict[str, str], ExportCheckError | None]:
+def check_run_exports(exports: dict[str, str],
+                      reference: LoadedModel) -> tuple[dict[str, str], ExportCheckError | None]:  # fmt: skip
     """Check `compress --target`'s exports (the hf directory and the GGUF, as deliver wrote them)
     against `reference`, the run's final model (never the export itself, which would agree with
     itself). Returns ({"hf_check": line, "gguf_check": line}, the first failure or None); a failed

@@ -284,7 +284,7 @@ def scrub_paths(text: str) -> str:
     end is ambiguous more of it goes, never less."""
     home = str(Path.home())
     if home not in ("", "/"):
-        text = text.replace(home, "~")
+        text = re.sub(re.escape(home) + r"(?![\w.-])", "~", text)  # not /root in /rooted
     text = _HOME.sub("~", text)
     text = _QUOTED_PATH.sub(lambda found: found.group(1) + _last_part_of(found.group(0)[1:-1]) + found.group(1), text)
     return _ABSOLUTE_PATH.sub(lambda found: _last_part_of(found.group(0)), text)

@@ -36,7 +36,9 @@ class Stage:
             self.destination.mkdir(parents=True, exist_ok=True)
             self.root = Path(tempfile.mkdtemp(prefix=f".{label}.", suffix=".staged", dir=self.destination))
         except OSError as error:
-            raise OutputPathError(f"cannot write in {self.destination} ({error.strerror}); choose a writable --out") from None
+            raise OutputPathError(
+                f"cannot write in {self.destination} ({error.strerror}); choose a writable --out"
+            ) from None
 
     def __enter__(self) -> Stage:
         return self
@@ -67,7 +69,8 @@ class Stage:
                     (self.destination / name).unlink(missing_ok=True)
         except OSError as error:
             raise OutputPathError(
-                f"cannot put the export in place in {self.destination} ({error.strerror or error}); choose another --out"
+                f"cannot put the export in place in {self.destination} ({error.strerror or error}); "
+                "choose another --out"
             ) from None
         fsync_directory(self.destination)
 

@@ -43,6 +43,7 @@ def model_card(report: dict, base_model: LoadedModel | str | Path | None) -> str
     checks = {k.removesuffix("_check"): v for k, v in (report.get("exports") or {}).items() if k.endswith("_check")}
     if checks:
         lines += ["## Checked after export", ""] + [f"- {kind}: {line}" for kind, line in checks.items()] + [""]
-    lines += ["## Recipe", "", "```yaml", annotated_recipe(public_recipe_yaml(report["recipe_yaml"])).rstrip(), "```", "",
+    recipe = annotated_recipe(public_recipe_yaml(report["recipe_yaml"]))  # says what each null meant
+    lines += ["## Recipe", "", "```yaml", recipe.rstrip(), "```", "",
               "Made with `kompakt compress --target " + plan["target"]["text"] + "`."]  # fmt: skip
     return scrub_paths("\n".join(lines) + "\n")  # notes may quote an error message that names a path
