@@ -13,8 +13,10 @@ import kompakt.export.check as check_module
 import kompakt.export.check_runtimes as runtimes
 from kompakt.cli.app import main
 from kompakt.export.api import export
-from kompakt.export.check import MIN_TOP1, ExportCheckError, check_export
+from kompakt.export.check import MIN_TOP1, ExportCheckError, check_export, reject
+from kompakt.export.manifest import verify_manifest
 from kompakt.export.modelfile_check import check_modelfile
+from kompakt.model.load import load
 from kompakt.model.tiny import save_tiny, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,13 +50,32 @@ def test_gguf_export_is_checked_in_llama_cpp(tiny_dir, capsys):
     assert str(tiny_dir.parent) not in json.dumps(saved)  # it ships beside the file
 
 
+def _listed(manifest: Path) -> set[str]:
+    return {line.split("  ", 1)[1] for line in manifest.read_text().splitlines() if line.strip()}
+
+
 def test_hf_and_ollama_exports_are_checked(tiny_dir):
+    """The result ships inside the export and its SHA256SUMS covers it."""
     hf = export(str(tiny_dir), format="hf", type="bf16", out="hf")
     assert hf.check.passed and hf.check.runtime.startswith("transformers") and hf.check.top1 >= MIN_TOP1["bf16"]
-    assert (tiny_dir.parent / "hf.verify.json").is_file()
-    ollama = export(str(tiny_dir), format="ollama", type="q4_0", out="ol")
+    assert json.loads((hf.path / "kompakt-verify.json").read_text())["passed"] is True
+    assert "kompakt-verify.json" in _listed(hf.manifest) and verify_manifest(hf.path) == []
+    assert not (tiny_dir.parent / "hf.verify.json").exists()
+    (tiny_dir.parent / "ol").mkdir()
+    (tiny_dir.parent / "ol" / "notes.txt").write_text("the user's own file")
+    ollama = export(str(tiny_dir), format="ollama", type="q4_0", out="ol", force=True)  # into a directory of the user
     assert ollama.check.passed and ollama.check.runtime.startswith("llama.cpp")
     assert (tiny_dir.parent / "ol" / "model.gguf.verify.json").is_file()
+    assert _listed(ollama.manifest) == {"model.gguf", "model.gguf.sha256", "Modelfile", "model.gguf.verify.json"}
+    assert verify_manifest(ollama.path) == [] and (tiny_dir.parent / "ol" / "notes.txt").is_file()
+    assert [p.name for p in tiny_dir.parent.iterdir() if p.name.endswith(".staged")] == []
+
+
+def test_force_replaces_a_directory_export_whole(tiny_dir):
+    export(str(tiny_dir), format="hf", type="f32", out="hf", verify=False)
+    (tiny_dir.parent / "hf" / "stale.bin").write_bytes(b"old")
+    again = export(str(tiny_dir), format="hf", type="f16", out="hf", force=True)
+    assert again.check.passed and not (again.path / "stale.bin").exists() and verify_manifest(again.path) == []
 
 
 def test_no_verify_skips_the_check(tiny_dir, capsys):
@@ -85,6 +106,46 @@ def test_broken_export_fails_in_one_line_and_is_renamed(tiny_dir, capsys, monkey
     assert "does not work in llama.cpp" in err and "top-1 agreement" in err and "--no-verify" in err
     assert not target.exists() and not (tiny_dir.parent / "bad.gguf.sha256").exists()
     assert (tiny_dir.parent / "bad.gguf.rejected").is_file()
+
+
+def test_a_failed_check_with_force_keeps_the_previous_export(tiny_dir, capsys, monkeypatch):
+    """--force writes and checks the new file beside the old one: a broken one never replaces it."""
+    target = tiny_dir.parent / "keep.gguf"
+    code, _, _ = _run(["export", str(tiny_dir), "--type", "f32", "--out", str(target)], capsys)
+    assert code == 0
+    names = ("keep.gguf", "keep.gguf.sha256", "keep.gguf.verify.json")
+    before = {name: (tiny_dir.parent / name).read_bytes() for name in names}
+    (tiny_dir.parent / "keep.gguf.rejected").mkdir()  # an older rejected export of another kind is replaced
+    _scramble_output_rows(monkeypatch)
+    code, _, err = _run(["export", str(tiny_dir), "--type", "f32", "--out", str(target), "--force"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "moved to" in err, err
+    assert {name: (tiny_dir.parent / name).read_bytes() for name in before} == before
+    assert verify_manifest(target) == [] and (tiny_dir.parent / "keep.gguf.rejected").is_file()
+    assert {p.name for p in tiny_dir.parent.iterdir() if p.name.startswith("keep")} == {*before, "keep.gguf.rejected"}
+    assert [p.name for p in tiny_dir.parent.iterdir() if p.name.endswith(".staged")] == []
+
+
+def test_reject_replaces_an_older_rejected_file_or_directory(tmp_path):
+    directory, file = tmp_path / "hf", tmp_path / "m.gguf"
+    directory.mkdir()
+    (directory / "SHA256SUMS").write_text("x")
+    file.write_bytes(b"new")
+    (tmp_path / "hf.rejected").write_text("an older rejected file")
+    (tmp_path / "m.gguf.rejected").mkdir()
+    assert reject([directory, file]) == [tmp_path / "hf.rejected", tmp_path / "m.gguf.rejected"]
+    assert (tmp_path / "hf.rejected").is_dir() and not (tmp_path / "hf.rejected" / "SHA256SUMS").exists()
+    assert (tmp_path / "m.gguf.rejected").read_bytes() == b"new"
+
+
+def test_a_runtime_error_over_several_lines_is_one_line(tiny_dir):
+    """transformers' message for an unknown model type spans lines: the error stays one line."""
+    hf = export(str(tiny_dir), format="hf", type="f32", out="hf", verify=False).path
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "model_type": "nonsense"}))
+    with pytest.raises(ExportCheckError, match="does not load or run") as failure:
+        check_export(load(tiny_dir, device="cpu", dtype="float32"), hf, format="hf", type="f32")
+    assert "\n" not in str(failure.value) and "Transformers does not recognize" in str(failure.value)
+    assert failure.value.check is not None and failure.value.check.passed is False
 
 
 def test_broken_agreement_is_far_below_every_floor(tmp_path):

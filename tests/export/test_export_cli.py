@@ -65,3 +65,17 @@ def test_corrupt_gguf_in_eval_is_one_line(tiny_dir, capsys):
     bad.write_bytes(data[: len(data) // 2])
     code, _, err = _run(["eval", str(bad)], capsys)
     assert code == 2 and "truncated or corrupt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_check_that_cannot_run_is_not_called_passed(tiny_dir, capsys, monkeypatch):
+    """Without llama-cpp-python the GGUF is not checked: said so, and verify.json says passed: null."""
+    import json
+
+    import kompakt.export.check as check_module
+
+    monkeypatch.setattr(check_module, "llamacpp_installed", lambda: False)
+    code, out, _ = _run(["export", str(tiny_dir), "--type", "q8_0", "--out", "s.gguf"], capsys)
+    out = " ".join(out.split())
+    assert code == 0 and "check: not checked: llama-cpp-python is not installed" in out and "passed" not in out
+    saved = json.loads((tiny_dir.parent / "s.gguf.verify.json").read_text())
+    assert saved["passed"] is None and "llama-cpp-python is not installed" in saved["skipped"]

@@ -260,3 +260,42 @@ def test_gemma_round_trip_gives_identical_logits(family, tmp_path):
     loaded = tiny_model(family, head_dim=256, query_pre_attn_scalar=256, rms_norm_eps=2**-20)
     path = export_gguf(loaded, tmp_path / "g.gguf", type="f32")
     assert torch.allclose(_logits(_load(path)), _logits(loaded), atol=1e-5)
+
+
+@pytest.mark.parametrize("type", ["f16", "q8_0", "q4_0"])
+def test_plan_bytes_are_the_files_tensor_data(type, tmp_path):
+    import gguf
+
+    from kompakt.export.gguf import prepare_gguf
+
+    loaded = tiny_model("llama")
+    plan = prepare_gguf(loaded, type)[3]
+    path = export_gguf(loaded, tmp_path / "m.gguf", type=type)
+    assert plan.data_bytes() == sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_names_the_bytes_a_gguf_needs(tmp_path, monkeypatch):
+    import gguf
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", _disk_full)
+    with pytest.raises(OutputPathError, match=r"no space left writing .*m\.gguf: it needs [\d.]+ (bytes|KB|MB),"):
+        export_gguf(tiny_model("llama"), tmp_path / "m.gguf", type="f16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_names_the_bytes_an_ollama_copy_needs(tmp_path, monkeypatch):
+    import kompakt.export.ollama as ollama_module
+
+    source = export_gguf(tiny_model("llama"), tmp_path / "m.gguf", type="q8_0")
+    monkeypatch.setattr(ollama_module.shutil, "copyfile", _disk_full)
+    size = source.stat().st_size
+    need = f"{size / 1e3:.1f} KB" if size < 1e6 else f"{size / 1e6:.1f} MB"
+    with pytest.raises(OutputPathError, match=f"it needs {need}"):
+        ollama_module.export_ollama(source, tmp_path / "ollama")
+    assert not (tmp_path / "ollama" / "model.gguf").exists()

@@ -147,6 +147,30 @@ def test_rerun_resumes_and_report_rebuilds(run, tiny, text, capsys):
     assert again.final is not None
 
 
+def test_a_failed_export_check_is_reported_then_raised(run, tiny, text, tmp_path, monkeypatch):
+    """The run's report and exports.json show the failed check before the one-line error."""
+    from kompakt.auto import deliver
+    from kompakt.export.check import ExportCheckError
+
+    out = tmp_path / "copy"
+    shutil.copytree(run[0], out, symlinks=True)  # a rerun: the steps are reused, the export is redone
+    copy = shutil.copytree
+
+    def copy_and_corrupt(source, destination, **kwargs):
+        copied = copy(source, destination, **kwargs)
+        save_tiny("llama", destination, seed=1)  # the export now holds another model's weights
+        return copied
+
+    monkeypatch.setattr(deliver.shutil, "copytree", copy_and_corrupt)
+    with pytest.raises(ExportCheckError, match="does not work in transformers") as failure:
+        compress_auto(str(tiny), target="size=2x,max-kl=1.0", data=str(text), out=out, data_sizes=SIZES)
+    assert "\n" not in str(failure.value) and "hf.rejected" in str(failure.value)
+    exports = json.loads((out / "exports.json").read_text())
+    assert exports["hf_check"].startswith("FAILED") and exports["hf"].endswith("hf.rejected")
+    assert "hf_check: `FAILED" in (out / "report.md").read_text() and (out / "outcome.json").is_file()
+    assert not (out / "comparison.json").exists() and not (out / "export" / "hf").exists()
+
+
 def test_plan_only_writes_the_recipe_and_runs_nothing(tiny, text, tmp_path):
     result = compress_auto(str(tiny), target="size=2x", data=str(text), out=tmp_path / "p", plan_only=True,
                            data_sizes=SIZES)  # fmt: skip

@@ -251,14 +251,6 @@ def _keep_closest(result: AutoResult) -> None:
         outcome["metrics"] = metrics
 
 
-def _base_model_id(model: str | None, original) -> str:
-    """What a model card names as base_model: the hub id of an embedded model, else what was given."""
-    from kompakt.model.embedded import DEFAULT_MODEL, EMBEDDED_MODELS
-
-    embedded = EMBEDDED_MODELS.get(model or DEFAULT_MODEL)
-    return embedded.hub_id if embedded is not None and embedded.hub_id else (model or original.name)
-
-
 def compress_auto(model: str | None = None, *, target: str | None = None, budget: str | None = None,
                   data: str | None = None, out: str | Path | None = None, plan_only: bool = False,
                   seed: int = 0, force: bool = False, on_step: Callable[[dict], None] | None = None,
@@ -278,15 +270,21 @@ def compress_auto(model: str | None = None, *, target: str | None = None, budget
     if plan_only:
         return result
     result = run_attempts(original, plan, out_dir, model, seed, on_step=on_step, on_event=on_event)
+    failed = None  # an export that failed its check: recorded and reported first, then raised
     if result.final is not None:
         _emit(on_event, "deliver", {})
-        result.exports = deliver.export_result(result.final, plan.export_type_for(result.attempt), out_dir)
+        result.exports, failed = deliver.export_result(result.final, plan.export_type_for(result.attempt), out_dir)
         metrics = next(o["metrics"] for o in result.outcomes if o["attempt"] == result.attempt + 1)
         write_text(out_dir / "exports.json", json.dumps(result.exports, indent=1) + "\n")
-        deliver.measure(original, result.exports, metrics, out_dir, seed)
+        if failed is None:
+            deliver.measure(original, result.exports, metrics, out_dir, seed)
+        else:
+            (out_dir / "comparison.json").unlink(missing_ok=True)  # an earlier run's, of a good export
     result.wall_s = time.perf_counter() - started
     write_text(out_dir / "outcome.json", json.dumps(
         {"outcomes": result.outcomes, "wall_s": result.wall_s, "attempt": result.attempt}, indent=1, default=str) + "\n")  # fmt: skip
     result.report = build_report(out_dir)
-    deliver.write_card(out_dir, gather(out_dir), _base_model_id(model, original))
+    deliver.write_card(out_dir, gather(out_dir), original)  # named by export.public.public_model_name
+    if failed is not None:
+        raise failed
     return result

@@ -7,16 +7,25 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kompakt.atomic import atomic_directory, write_text
+from kompakt.model.loaded import LoadedModel
 
+if TYPE_CHECKING:
+    from kompakt.export.check import ExportCheckError
 
 logger = logging.getLogger(__name__)
 
 
-def export_result(final: Path, export_type: str | None, out_dir: Path) -> dict[str, str]:
-    """out/export/model.gguf (when the family exports) and out/export/hf (a copy of the final step)."""
+def export_result(final: Path, export_type: str | None,
+                  out_dir: Path) -> tuple[dict[str, str], ExportCheckError | None]:  # fmt: skip
+    """out/export/model.gguf (when the family exports) and out/export/hf (a copy of the final step),
+    each reloaded in its runtime and compared with the final model (kompakt.export.check).
+
+    Returns (exports.json's values, the check's one-line ExportCheckError or None): a failed
+    export is renamed `<name>.rejected` and recorded, so the caller writes the report showing
+    the failure before raising it."""
     from kompakt.export.check import check_run_exports
     from kompakt.export.gguf import write_gguf
     from kompakt.model.load import load
@@ -29,15 +38,18 @@ def export_result(final: Path, export_type: str | None, out_dir: Path) -> dict[s
         shutil.copytree(final.resolve(), tmp, dirs_exist_ok=True)
         (tmp / MARKER).unlink(missing_ok=True)
     exports["hf"] = str(hf)
+    reference = load(final)
     if export_type is not None:
-        written = write_gguf(load(hf), target / "model.gguf", type=export_type, force=True)
+        written = write_gguf(reference, target / "model.gguf", type=export_type, force=True)
         exports["gguf"] = str(written.path)
         exports["gguf_type"] = export_type
-    exports.update(check_run_exports(exports))  # each file reloaded in its runtime (kompakt.export.check)
-    return exports
+    lines, failure = check_run_exports(exports, reference)
+    exports.update(lines)
+    return exports, failure
 
 
-def write_card(out_dir: Path, report: dict, base_model: str) -> None:
+def write_card(out_dir: Path, report: dict, base_model: LoadedModel | str | None) -> None:
+    """The model card in out/export/hf (when it was not rejected), then its SHA256SUMS."""
     from kompakt.export.manifest import write_manifest
     from kompakt.report.card import model_card
 

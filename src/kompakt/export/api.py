@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kompakt.errors import ConfigError, OutputPathError
-from kompakt.export.check import ExportCheck, check_export
+from kompakt.export.check import ExportCheck, check_error, record_check, reject, run_check, verify_path
 from kompakt.export.gguf import write_gguf
 from kompakt.export.gguf_tensors import TYPES
 from kompakt.export.hf import HF_TYPES, export_hf
-from kompakt.export.manifest import manifest_path, write_manifest
+from kompakt.export.manifest import DIRECTORY_MANIFEST, manifest_path, write_manifest
+from kompakt.export.staging import Stage
 from kompakt.model.loaded import LoadedModel
 
 FORMATS = ("gguf", "hf", "ollama")
@@ -59,9 +60,11 @@ def export(
     model.gguf (a given .gguf is copied; a model is exported with type, default q4_0) and a
     Modelfile (template and stop tokens from the chat template).
 
+    The export is written and checked beside its destination and only then put in place
+    (kompakt.export.staging), so `force` never replaces a good export with a broken one.
     verify: reload the export in its runtime and compare it with the model it came from
-    (kompakt.export.check); a failing export is renamed `<name>.rejected` and ExportCheckError
-    is raised. The result is in `.check` and in `<file>.verify.json`.
+    (kompakt.export.check); a failing export is left as `<name>.rejected` and ExportCheckError
+    is raised. The result is in `.check` and in the export's verify.json.
     """
     format = format.lower()
     if format not in FORMATS:
@@ -73,18 +76,53 @@ def export(
         return _export_ollama(model, type, out, force, verify)
     loaded = _load(model)
     target = Path(out) if out is not None else default_out(loaded.name, format, type or "hf")
-    if format == "gguf":
-        written = write_gguf(loaded, target, type=type, force=force)
-        result = ExportResult(written.path, written.manifest, "gguf", written.type, written.size_bytes, written.notes)
-    else:
-        path = export_hf(loaded, target, type=type, force=force)
-        size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-        stored = type or str(loaded.storage_dtype).removeprefix("torch.")
-        result = ExportResult(path, manifest_path(path), "hf", stored, size)
-    if verify:
-        written_paths = [result.path, result.manifest] if format == "gguf" else [result.path]
-        result.check = check_export(loaded, result.path, format=format, type=result.type, written=written_paths)
+    target = _check_destination(format, target, force)
+    with Stage(target.parent, target.name) as stage:
+        staged = stage.path(target.name)
+        if format == "gguf":
+            written = write_gguf(loaded, staged, type=type, force=True)
+            result = ExportResult(target, manifest_path(target), "gguf", written.type, written.size_bytes,
+                                  written.notes)  # fmt: skip
+        else:
+            export_hf(loaded, staged, type=type, force=True)
+            size = sum(p.stat().st_size for p in staged.glob("*.safetensors"))
+            stored = type or str(loaded.storage_dtype).removeprefix("torch.")
+            result = ExportResult(target, target / DIRECTORY_MANIFEST, "hf", stored, size)
+        if verify:
+            result.check = _verify(loaded, stage, staged, format, result.type, [staged, manifest_path(staged)])
+        if format == "gguf":  # the file first, its manifest last; an older verify.json would describe another file
+            verify_file = verify_path(staged, format).name
+            shipped = [target.name, *([verify_file] if verify else []), manifest_path(staged).name]
+            stage.publish(shipped, stale=(verify_file,))
+        else:
+            stage.publish([target.name])  # verify.json and SHA256SUMS are inside
     return result
+
+
+def _check_destination(format: str, target: Path, force: bool) -> Path:
+    """The absolute path a gguf or hf export goes to, checked before anything is written."""
+    from kompakt.export.gguf import check_output
+
+    if format == "gguf":
+        return check_output(target, force)
+    target = target.expanduser().absolute()
+    if target.exists() and not force:
+        raise OutputPathError(f"{target} exists; pass --force (force=True) to replace it or choose another name")
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(f"{target} is a file; choose a directory path for the Hugging Face export")
+    return target
+
+
+def _verify(reference: LoadedModel, stage: Stage, staged: Path, format: str, type: str,
+            written: list[Path]) -> ExportCheck:  # fmt: skip
+    """Check the staged export; record the result in it, or move what was `written` to
+    `<name>.rejected` in the destination (manifests dropped: they would vouch for it) and raise,
+    the destination's old export untouched."""
+    check = run_check(reference, staged, format=format, type=type)
+    if check.failed:
+        raise check_error(check, reject(written, into=stage.destination)[0])
+    record_check(check, staged, format)
+    return check
 
 
 def _load(model: LoadedModel | str | Path | None) -> LoadedModel:
@@ -96,22 +134,28 @@ def _load(model: LoadedModel | str | Path | None) -> LoadedModel:
 
 
 def _export_ollama(model, type: str, out: str | Path | None, force: bool, verify: bool) -> ExportResult:
-    from kompakt.export.ollama import GGUF_NAME, MODELFILE, export_ollama
+    """model.gguf and the Modelfile, staged inside the output directory (which may hold other
+    files), checked, and renamed into it with a SHA256SUMS that lists them and their verify.json."""
+    from kompakt.export.ollama import GGUF_NAME, MODELFILE, check_out_dir, export_ollama
 
     is_gguf = isinstance(model, (str, Path)) and str(model).lower().endswith(".gguf")
     source = model if is_gguf else _load(model)
     name = source.name if isinstance(source, LoadedModel) else Path(str(model)).stem
-    target = Path(out) if out is not None else Path.cwd() / f"{name}-ollama"
-    modelfile = export_ollama(source, target, force=force, type=type)
-    manifest = write_manifest(modelfile.parent)
-    gguf = modelfile.parent / GGUF_NAME
-    result = ExportResult(modelfile.parent, manifest, "ollama", type, gguf.stat().st_size,
-                          [f"run: ollama create {name} -f {modelfile}"])  # fmt: skip
-    if verify:
-        # A copied GGUF is compared with kompakt's own reading of it (the same weights, dequantized).
-        reference = _load(model) if is_gguf else source
-        result.check = check_export(reference, result.path, format="ollama", type=_gguf_type(gguf, type),
-                                    written=[gguf, modelfile.parent / MODELFILE, manifest])  # fmt: skip
+    out_dir = check_out_dir(Path(out) if out is not None else Path.cwd() / f"{name}-ollama", force)
+    with Stage(out_dir, "ollama") as stage:
+        export_ollama(source, stage.root, force=True, type=type)
+        gguf = stage.path(GGUF_NAME)
+        result = ExportResult(out_dir, manifest_path(out_dir), "ollama", type, gguf.stat().st_size,
+                              [f"run: ollama create {name} -f {out_dir / MODELFILE}"])  # fmt: skip
+        verify_file = verify_path(stage.root, "ollama").name
+        if verify:
+            # A copied GGUF is compared with kompakt's own reading of it (the same weights, dequantized).
+            reference = _load(model) if is_gguf else source
+            written = [gguf, stage.path(MODELFILE), manifest_path(gguf)]
+            result.check = _verify(reference, stage, stage.root, "ollama", _gguf_type(gguf, type), written)
+        write_manifest(stage.root)  # after verify.json, so the manifest lists it
+        names = sorted(path.name for path in stage.root.iterdir() if path.name != DIRECTORY_MANIFEST)
+        stage.publish([*names, DIRECTORY_MANIFEST], stale=(verify_file, manifest_path(gguf).name))
     return result
 
 

@@ -3,7 +3,7 @@ greedy generation and compare its next-token predictions with the model it came 
 
     check = check_export(loaded, "small.gguf", format="gguf", type="q4_0")   # raises when it fails
 
-- GGUF: llama.cpp (llama-cpp-python; skipped with a note when it is not installed).
+- GGUF: llama.cpp (llama-cpp-python; not checked, with the reason, when it is not installed).
 - Hugging Face directory: plain `transformers` (AutoModelForCausalLM / AutoTokenizer).
 - Ollama: the Modelfile parsed (kompakt.export.modelfile_check), then its GGUF in llama.cpp.
 
@@ -11,10 +11,15 @@ The check feeds the same token ids to both models (HELD_OUT, a few short texts n
 set contains) and counts the positions where their top-1 next tokens agree; the runtime's own
 tokenizer must split the texts as the original's does. It fails when the agreement is below
 MIN_TOP1[type], the tokenization differs, the runtime cannot load or run the file, or the
-Modelfile is invalid. A failed export is renamed, not left at its path: every file or directory
-it wrote gets `.rejected` appended (its sha256 manifest is removed) and a one-line
-ExportCheckError (exit 2) names it; `--no-verify` skips the check. The result is written
-beside the checked file as `<file>.verify.json` (no local paths: it ships with the export).
+Modelfile is invalid. A check that could not run (no llama-cpp-python) neither passes nor
+fails: `passed` is None and `skipped` says why.
+
+`kompakt export` checks the new file before it replaces anything (kompakt.export.staging); a
+failed export is renamed `<name>.rejected` (its sha256 manifest is dropped) and a one-line
+ExportCheckError (exit 2) names it; `--no-verify` skips the check. The result ships with the
+export, without local paths: `<file>.verify.json` beside a GGUF file, `kompakt-verify.json`
+inside a Hugging Face directory, `model.gguf.verify.json` in an Ollama directory (both listed
+in the directory's SHA256SUMS).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +34,7 @@ from pathlib import Path
 from kompakt.atomic import write_text
 from kompakt.errors import KompaktError
 from kompakt.export.check_runtimes import Answer, RuntimeFailure, predict, run_llamacpp, run_transformers
+from kompakt.export.staging import REJECTED, move_replacing
 from kompakt.model.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -64,16 +69,20 @@ NEW_TOKENS = 16
 # scrambled output matrix: 0 %; a tiny llama against another seed's weights: 5.6 %). Tiny random models have
 # nearly flat next-token distributions, so a 4-bit grid flips many near-ties: they set the low end.
 MIN_TOP1 = {"f32": 0.95, "f16": 0.9, "bf16": 0.85, "q8_0": 0.8, "q4_1": 0.45, "q4_0": 0.4}
-REJECTED = ".rejected"
+VERIFY_FILE = "kompakt-verify.json"  # inside a Hugging Face directory (ships with it)
 
 
 class ExportCheckError(KompaktError):
     """The exported file does not load or does not agree with its original in its runtime."""
 
+    def __init__(self, message: str, check: ExportCheck | None = None) -> None:
+        super().__init__(message)
+        self.check = check  # what the check found (a caller records it before raising again)
+
 
 @dataclass
 class ExportCheck:
-    """What the check found (written as `<file>.verify.json` and shown by the CLI and the report)."""
+    """What the check found (written as verify.json and shown by the CLI and the report)."""
 
     format: str
     type: str
@@ -88,17 +97,22 @@ class ExportCheck:
     sample_agrees: int = 0  # leading greedy tokens equal to the original's
     sample_tokens: int = 0
     seconds: float = 0.0
-    problems: list[str] = field(default_factory=list)  # why it failed; [] = passed
+    problems: list[str] = field(default_factory=list)  # why it failed; [] = passed (or skipped)
     notes: list[str] = field(default_factory=list)
-    skipped: str | None = None  # why it did not run (e.g. llama-cpp-python not installed)
+    skipped: str | None = None  # why the runtime check did not run (e.g. llama-cpp-python not installed)
 
     @property
-    def passed(self) -> bool:
-        return not self.problems
+    def failed(self) -> bool:
+        return bool(self.problems)
+
+    @property
+    def passed(self) -> bool | None:
+        """True or False; None when the runtime check did not run (nothing was proven)."""
+        return False if self.problems else None if self.skipped else True
 
     def line(self) -> str:
         """One line for the CLI and the report."""
-        if self.skipped:
+        if self.skipped and not self.problems:
             return f"not checked: {self.skipped}"
         verdict = "passed" if self.passed else "FAILED: " + "; ".join(self.problems)
         agreement = f"top-1 agreement {self.top1:.1%} over {self.tokens} tokens" if self.top1 is not None else ""
@@ -116,38 +130,70 @@ def _canonical_type(type: str) -> str:
 
 def check_export(reference: LoadedModel, path: str | Path, *, format: str, type: str,
                  written: list[Path] | None = None) -> ExportCheck:  # fmt: skip
-    """Check the export at `path` against `reference`; write `<file>.verify.json` and return the
-    result, or reject the export (`written`: the paths it wrote, default [path]) and raise.
+    """Check the export at `path` against `reference` in place; record the result (verify.json)
+    and return it, or reject the export (`written`: the paths it wrote, default [path]) and raise.
 
     Raises:
         ExportCheckError: the export failed the check (one line; the files were renamed).
     """
+    path = Path(path)
+    check = run_check(reference, path, format=format, type=type)
+    if check.failed:
+        raise check_error(check, reject(written or [path])[0])
+    record_check(check, path, format)
+    return check
+
+
+def run_check(reference: LoadedModel, path: Path, *, format: str, type: str) -> ExportCheck:
+    """The check of the export at `path`, with nothing written, moved or raised."""
     from kompakt.export.modelfile_check import check_modelfile
 
-    path = Path(path)
     started = time.perf_counter()
     checked = path / "model.gguf" if format == "ollama" else path
     check = ExportCheck(format, _canonical_type(type), "", checked.name, threshold=MIN_TOP1.get(_canonical_type(type)))
     if format == "ollama":
         check.problems += check_modelfile(path / "Modelfile", checked)
-    if format in ("gguf", "ollama") and importlib.util.find_spec("llama_cpp") is None:
+    if format in ("gguf", "ollama") and not llamacpp_installed():
         check.runtime, check.skipped = "llama.cpp", "llama-cpp-python is not installed (pip install 'kompakt[llamacpp]')"
     else:
         _compare(reference, checked, format, check)
     check.seconds = round(time.perf_counter() - started, 3)
-    if check.passed:
-        write_text(verify_path(checked), json.dumps(check.to_dict(), indent=1) + "\n")
-        log.info("export check %s", check.line())
-        return check
-    moved = reject(written or [path])
-    raise ExportCheckError(
-        f"the export does not work in {check.runtime or format}: {'; '.join(check.problems)}; "
-        f"moved to {moved[0]} (`kompakt export --no-verify` keeps a file as written)"
+    log.info("export check %s", check.line())
+    return check
+
+
+def llamacpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def check_error(check: ExportCheck, moved: Path) -> ExportCheckError:
+    """The one-line error of a failed check whose export now lies at `moved`."""
+    message = (
+        f"the export does not work in {check.runtime or check.format}: {'; '.join(check.problems)}; "
+        f"moved to {moved} (`kompakt export --no-verify` keeps a file as written)"
     )
+    return ExportCheckError(" ".join(message.split()), check)
 
 
-def verify_path(checked: Path) -> Path:
+def verify_path(path: Path, format: str) -> Path:
+    """Where the result of checking the export at `path` is written: inside a directory, so it
+    ships with it (and its SHA256SUMS lists it); beside a GGUF file."""
+    if format == "hf":
+        return path / VERIFY_FILE
+    checked = path / "model.gguf" if format == "ollama" else path
     return checked.with_name(checked.name + ".verify.json")
+
+
+def record_check(check: ExportCheck, path: Path, format: str) -> Path:
+    """Write verify.json for the export at `path` (refreshing the directory's SHA256SUMS when it
+    has one, so the manifest covers it); returns its path."""
+    from kompakt.export.manifest import manifest_path, write_manifest
+
+    target = verify_path(path, format)
+    write_text(target, json.dumps(check.to_dict(), indent=1) + "\n")
+    if format != "gguf" and manifest_path(path).is_file():
+        write_manifest(path)
+    return target
 
 
 def _reference_inputs(reference: LoadedModel) -> tuple[list[list[int]], list[int], list[list[int]]]:
@@ -180,9 +226,10 @@ def _compare(reference: LoadedModel, checked: Path, format: str, check: ExportCh
         check.problems.append(f"top-1 agreement {check.top1:.1%} < {check.threshold:.0%} over {check.tokens} tokens")
 
 
-def reject(paths: list[Path]) -> list[Path]:
-    """Rename each written file or directory to `<name>.rejected` (replacing an older one) and
-    remove sha256 manifests, which would vouch for a rejected file. Returns the new paths."""
+def reject(paths: list[Path], into: Path | None = None) -> list[Path]:
+    """Rename each written file or directory to `<name>.rejected`, beside it or in `into` (a
+    staged export: its destination), replacing an older one, file or directory; remove sha256
+    manifests, which would vouch for a rejected file. Returns the new paths."""
     from kompakt.export.manifest import DIRECTORY_MANIFEST
 
     moved = []
@@ -192,33 +239,34 @@ def reject(paths: list[Path]) -> list[Path]:
         if path.name.endswith(".sha256") or path.name == DIRECTORY_MANIFEST:
             path.unlink()
             continue
-        target = path.with_name(path.name + REJECTED)
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        path.replace(target)
+        target = move_replacing(path, (into or path.parent) / (path.name + REJECTED))
         if target.is_dir():
             (target / DIRECTORY_MANIFEST).unlink(missing_ok=True)
         moved.append(target)
     return moved or paths
 
 
-def check_run_exports(exports: dict[str, str]) -> dict[str, str]:
+def check_run_exports(exports: dict[str, str],
+                      reference: LoadedModel) -> tuple[dict[str, str], ExportCheckError | None]:  # fmt: skip
     """Check `compress --target`'s exports (the hf directory and the GGUF, as deliver wrote them)
-    against the final model; returns {"hf_check": line, "gguf_check": line} for exports.json.
-
-    Raises:
-        ExportCheckError: an export failed (it was renamed `<name>.rejected`).
-    """
+    against `reference`, the run's final model (never the export itself, which would agree with
+    itself). Returns ({"hf_check": line, "gguf_check": line}, the first failure or None); a failed
+    export is renamed `<name>.rejected` and its entry in the returned lines points there, so the
+    caller can record and report the failure before raising it."""
     from kompakt.export.manifest import manifest_path
-    from kompakt.model.load import load
 
+    lines: dict[str, str] = {}
+    failure: ExportCheckError | None = None
     hf = Path(exports["hf"])
-    reference = load(hf)
-    stored = str(reference.storage_dtype).removeprefix("torch.")
-    lines = {"hf_check": check_export(reference, hf, format="hf", type=stored).line()}
+    items = [("hf", hf, str(reference.storage_dtype).removeprefix("torch."), [hf])]
     if "gguf" in exports:
         gguf = Path(exports["gguf"])
-        check = check_export(reference, gguf, format="gguf", type=exports["gguf_type"],
-                             written=[gguf, manifest_path(gguf)])  # fmt: skip
-        lines["gguf_check"] = check.line()
-    return lines
+        items.append(("gguf", gguf, exports["gguf_type"], [gguf, manifest_path(gguf)]))
+    for kind, path, type, written in items:
+        try:
+            lines[f"{kind}_check"] = check_export(reference, path, format=kind, type=type, written=written).line()
+        except ExportCheckError as error:
+            lines[f"{kind}_check"] = error.check.line() if error.check else str(error)
+            lines[kind] = str(path.with_name(path.name + REJECTED))
+            failure = failure or error
+    return lines, failure

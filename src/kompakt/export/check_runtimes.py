@@ -77,7 +77,7 @@ def run_transformers(directory: Path, sequences, prompt, new_tokens: int, texts:
             model = AutoModelForCausalLM.from_pretrained(directory, device_map=None).eval()
             tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as error:  # noqa: BLE001 - any failure to load is the check's answer
-        raise RuntimeFailure(f"{type(error).__name__}: {str(error)[:200]}") from None
+        raise RuntimeFailure(f"{type(error).__name__}: {one_line(str(error), 200)}") from None
     top1, greedy = predict(model, sequences, prompt, new_tokens)
     eos = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
     cut = next((i for i, token in enumerate(greedy) if token in eos), len(greedy))
@@ -86,6 +86,12 @@ def run_transformers(directory: Path, sequences, prompt, new_tokens: int, texts:
         sample=tokenizer.decode(greedy[:cut], skip_special_tokens=True),
         tokens=[tokenizer(text)["input_ids"] for text in texts], seconds=time.perf_counter() - started,
     )  # fmt: skip
+
+
+def one_line(text: str, limit: int) -> str:
+    """`text` with every run of whitespace (newlines too) as one space, cut to `limit` characters:
+    a runtime's error becomes part of a one-line message."""
+    return " ".join(str(text).split())[:limit]
 
 
 def _as_list(value) -> list:
@@ -115,7 +121,7 @@ def run_llamacpp(path: Path, sequences, prompt, new_tokens: int, texts: list[str
     if _crashes_by_default and not notes:
         notes.append(_NO_REPACK_NOTE.format(signal="earlier in this process"))
     if "error" in answer:
-        raise RuntimeFailure(answer["error"][:300])
+        raise RuntimeFailure(one_line(answer["error"], 300))
     return Answer(runtime=f"llama.cpp (llama-cpp-python {answer['version']})", top1=answer["top1"],
                   greedy=answer["greedy"], sample=answer["sample"], tokens=answer["tokens"],
                   seconds=answer["seconds"], notes=notes)  # fmt: skip
@@ -134,5 +140,5 @@ def _run_worker(request: dict) -> tuple[dict, str | None]:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeFailure(f"the llama.cpp check failed: {tail[:300]}")
+        raise RuntimeFailure(f"the llama.cpp check failed: {one_line(tail, 300)}")
     return json.loads(lines[-1]), None

@@ -63,7 +63,9 @@ def grid_modules(model) -> dict[str, str]:
     return modules
 
 
-def _check_output(path: Path, force: bool) -> Path:
+def check_output(path: Path, force: bool) -> Path:
+    """The absolute GGUF path to write, its directory created; refused when it is a directory or
+    exists without `force`."""
     path = Path(path).expanduser().absolute()
     if path.is_dir():
         raise OutputPathError(f"{path} is a directory; give a file name ending in .gguf")
@@ -107,12 +109,12 @@ def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", forc
         OutputPathError: `path` exists (without force) or cannot be written.
         ConfigError: an unknown type.
     """
-    target = _check_output(Path(path), force)
+    target = check_output(Path(path), force)
     family, config, vocab, plan = prepare_gguf(loaded, type)
     for note in plan.notes:  # returned to the caller too (the CLI prints them)
         log.info("%s", note)
     result = GGUFExport(target, manifest_path(target), str(type).lower(), 0, {}, notes=list(plan.notes))
-    with atomic_file(target) as tmp:
+    with atomic_file(target, expected_bytes=plan.data_bytes()) as tmp:
         _write(tmp, loaded, family, config, vocab, plan, result)
     result.size_bytes = target.stat().st_size
     result.manifest = write_manifest(target)

@@ -19,6 +19,7 @@ with their exact block parameters (gguf_grid_recover), never re-rounded.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,17 @@ class TensorPlan:
 class GGUFPlan:
     tensors: list[TensorPlan]
     notes: list[str] = field(default_factory=list)
+
+    def data_bytes(self) -> int:
+        """Bytes of the tensor data the file will hold (metadata aside): what a full-disk error
+        names as needed."""
+        import gguf
+
+        total = 0
+        for item in self.tensors:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[item.type.upper()]]
+            total += math.prod(item.shape) // block * size
+        return total
 
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:

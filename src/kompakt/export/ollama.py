@@ -99,7 +99,9 @@ def _quote(text: str) -> str:
     return f'"{escaped}"'
 
 
-def _check_out_dir(out_dir: Path, force: bool) -> Path:
+def check_out_dir(out_dir: Path, force: bool) -> Path:
+    """The absolute output directory, created; refused when it is a file or already holds an
+    export without `force`."""
     out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputPathError(f"{out_dir} is a file; --out takes a directory for the GGUF and the Modelfile")
@@ -128,7 +130,7 @@ def export_ollama(source, out_dir: str | Path, *, force: bool = False, type: str
     Raises:
         OutputPathError, ModelFormatError, ModelNotFoundError, UnsupportedArchitectureError.
     """
-    out_dir = _check_out_dir(Path(out_dir), force)
+    out_dir = check_out_dir(Path(out_dir), force)
     target = out_dir / GGUF_NAME
     if isinstance(source, (str, Path)) and str(source).lower().endswith(".gguf"):
         source_path = Path(source).expanduser()
@@ -136,7 +138,7 @@ def export_ollama(source, out_dir: str | Path, *, force: bool = False, type: str
             raise ModelNotFoundError(f"no GGUF file at {source_path}; pass an existing .gguf file")
         chat_template = gguf_chat_template(source_path)
         if source_path.resolve() != target.resolve():
-            with atomic_file(target) as tmp:
+            with atomic_file(target, expected_bytes=source_path.stat().st_size) as tmp:
                 shutil.copyfile(source_path, tmp)
     else:
         from kompakt.export.gguf import export_gguf

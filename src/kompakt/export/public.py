@@ -6,6 +6,10 @@ id; a hub snapshot by its repo id; a GGUF conversion by the GGUF it came from; a
 (or `final`, or a `compress --target` export) by the model its run started from, walking up
 through the lineage; a directory whose config names a hub id (`_name_or_path`) by that id;
 otherwise by the directory's name, never a generic one (`hf`, `final`, a step directory).
+A hub id is taken only from where one is recorded (the embedded table, a config, the hub
+cache), never from the shape of what the user typed: `runs/x` is a relative path as often as a
+repo, so a string is a hub id only when it is no local path and the hub cache holds that repo;
+otherwise only its last part is public.
 A data file is named by its file name and sha256.
 
 The run-directory files read here (step markers, `recipe.yaml`, `auto.json`) are named by
@@ -39,8 +43,9 @@ _MAX_DEPTH = 8  # a run started from another run's step, started from another...
 def public_model_name(model: LoadedModel | str | Path | None) -> str:
     """The hub id or name a shared artifact names `model` by (never a local path)."""
     if isinstance(model, LoadedModel):
-        if _is_named(model.name):
-            return _named(model.name)
+        embedded = EMBEDDED_MODELS.get(model.name.lower())
+        if embedded is not None:
+            return embedded.hub_id or embedded.name
         if model.path is None:
             return _last_part(model.name)
         return _from_path(Path(model.path), 0)
@@ -52,26 +57,32 @@ def display_name(public: str) -> str:
     return public.rsplit("/", 1)[-1]
 
 
-def _is_named(text: str) -> bool:
-    return text.lower() in EMBEDDED_MODELS or (bool(HUB_ID.match(text)) and not Path(text).expanduser().exists())
-
-
-def _named(text: str) -> str:
-    embedded = EMBEDDED_MODELS.get(text.lower())
-    if embedded is not None:
-        return embedded.hub_id or embedded.name
-    return text
+def _is_hub_id(text: str) -> bool:
+    """`owner/name` that is no local path (checked from here: the caller's directory)."""
+    return bool(HUB_ID.match(text)) and not Path(text).expanduser().exists()
 
 
 def _from_source(source: str | Path | None, depth: int) -> str:
-    """A recipe's `model` value or a command-line source: None = the embedded default."""
+    """A recipe's `model` value or a command-line source: None = the embedded default. A local
+    path wins, as kompakt.model.load decides; then the embedded table; then the hub cache."""
     text = str(DEFAULT_MODEL if source is None else source)
-    if _is_named(text):
-        return _named(text)
     path = Path(text).expanduser()
-    if path.exists() and depth < _MAX_DEPTH:
-        return _from_path(path, depth + 1)
-    return _last_part(text)  # a relative path given elsewhere: its name is all that is public
+    if path.exists():
+        return _from_path(path, depth + 1) if depth < _MAX_DEPTH else _good_name(path.resolve())
+    embedded = EMBEDDED_MODELS.get(text.lower())
+    if embedded is not None:
+        return embedded.hub_id or embedded.name
+    if _is_hub_id(text) and _in_hub_cache(text):
+        return text
+    return _last_part(text)  # a path that is not here (or an uncached id): its last part is all that is public
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """The hub cache holds this repo: it was downloaded as one (kompakt.model.load's hub source)."""
+    from huggingface_hub import constants
+
+    owner, name = repo_id.split("/", 1)
+    return (Path(constants.HF_HUB_CACHE) / f"models--{owner}--{name}").is_dir()
 
 
 def _from_path(path: Path, depth: int) -> str:
@@ -122,7 +133,7 @@ def _from_hub_cache(path: Path, depth: int) -> str | None:
 def _from_config(path: Path, depth: int) -> str | None:
     config = _read_json(path / "config.json") or {}
     name = str(config.get("_name_or_path") or "")
-    return name if HUB_ID.match(name) else None
+    return name if _is_hub_id(name) else None
 
 
 def _good_name(path: Path) -> str:
@@ -199,14 +210,44 @@ def public_recipe(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def public_recipe_yaml(text: str) -> str:
-    """`public_recipe` of a recipe.yaml's text, as YAML (unchanged when it is not a recipe)."""
+    """`public_recipe` of a recipe.yaml's text, as YAML in recipe.yaml's own layout (block-style
+    sections, one line per step), so the report's null annotations apply to it; the text
+    unchanged when it is not a recipe."""
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
     if not isinstance(values, dict):
         return text
-    return yaml.safe_dump(public_recipe(values), sort_keys=False, allow_unicode=True, default_flow_style=None)
+    public = public_recipe(values)
+    if isinstance(public.get("metrics"), list):
+        public["metrics"] = _FlowList(public["metrics"])
+    public["steps"] = [{name: _flow(config) for name, config in step.items()} if isinstance(step, dict) else step
+                       for step in public["steps"]]  # fmt: skip
+    public["exports"] = [_flow(item) for item in public["exports"]]
+    return yaml.dump(public, Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+class _FlowDict(dict):
+    """Written on one line, as recipe.yaml writes a step's options and an export."""
+
+
+class _FlowList(list):
+    """Written on one line, as recipe.yaml writes its metrics."""
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    pass
+
+
+_RecipeDumper.add_representer(
+    _FlowDict, lambda dumper, data: dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True))
+_RecipeDumper.add_representer(
+    _FlowList, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def _flow(value: Any) -> Any:
+    return _FlowDict(value) if isinstance(value, dict) else value
 
 
 def _public_value(value: Any, key: str = "") -> Any:
@@ -214,8 +255,10 @@ def _public_value(value: Any, key: str = "") -> Any:
         return {k: _public_value(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [_public_value(v, key) for v in value]
+    if isinstance(value, str) and key in _MODEL_KEYS:
+        return public_model_name(value)  # a name, a hub id or a path: never shared as given
     if isinstance(value, str) and _looks_like_path(value):
-        return public_model_name(value) if key in _MODEL_KEYS else public_data(value)
+        return public_data(value)
     return value
 
 
@@ -223,9 +266,29 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith(("/", "~", "./", "../")) or ("/" in text and Path(text).expanduser().exists())
 
 
-_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~])~?/(?:[\w.@+-]+/)*([\w.@+-]+)")
+# --- free text --------------------------------------------------------------------------------
+
+# A path part: no separator, whitespace, quote, bracket or list punctuation.
+_PART = r"[^/\s'\"`(),;]+"
+# /home/<user> and /Users/<user>: the user name may hold spaces, and is all that part says.
+_HOME = re.compile(r"(?<![\w.])(?:/(?:home|Users)/[^/\n'\"`(),;:]*[^/\s'\"`(),;:]|/root(?=/|\s|$))")
+_QUOTED_PATH = re.compile(r"""(['"`])~?/[^'"`\n]*\1""")
+# An unquoted path: directories may hold single spaces (they end in "/"), the last part may not;
+# not after a word, a dot, "~" or ":" (a relative path, a URL).
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w:/.~])~?/(?:{_PART}(?: {_PART})*/)*{_PART}")
 
 
 def scrub_paths(text: str) -> str:
-    """Every absolute (or ~) path in free text (a note, an error message) cut to its last part."""
-    return _ABSOLUTE_PATH.sub(lambda found: found.group(1), text)
+    """Every absolute (or ~) path in free text (a note, an error message) cut to its last part;
+    a home directory (whose name is the user's) becomes `~` first. Conservative: where a path's
+    end is ambiguous more of it goes, never less."""
+    home = str(Path.home())
+    if home not in ("", "/"):
+        text = re.sub(re.escape(home) + r"(?![\w.-])", "~", text)  # not /root in /rooted
+    text = _HOME.sub("~", text)
+    text = _QUOTED_PATH.sub(lambda found: found.group(1) + _last_part_of(found.group(0)[1:-1]) + found.group(1), text)
+    return _ABSOLUTE_PATH.sub(lambda found: _last_part_of(found.group(0)), text)
+
+
+def _last_part_of(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1] or "~"

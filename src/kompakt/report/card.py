@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 
 from kompakt.export.public import public_model_name, public_recipe_yaml, scrub_paths
+from kompakt.model.loaded import LoadedModel
 from kompakt.report.document import comparison_rows, final_attempt
+from kompakt.report.recipe_view import annotated_recipe
 
 
 def _relation(report: dict) -> str:
@@ -15,9 +19,10 @@ def _relation(report: dict) -> str:
     return "quantized" if names and all(name.startswith("quant.") for name in names) else "finetune"
 
 
-def model_card(report: dict, base_model: str) -> str:
+def model_card(report: dict, base_model: LoadedModel | str | Path | None) -> str:
     """The card of a `compress --target` result. It is shared with the model, so it names the base
-    model by its hub id or name and the recipe's data by file name and sha256 (never a local path)."""
+    model (the original, or what loaded it) by its hub id or name and the recipe's data by file
+    name and sha256 (never a local path); the recipe says what each `null` meant, as the report's."""
     plan = report["plan"]
     base_model = public_model_name(base_model)
     front = {
@@ -38,6 +43,7 @@ def model_card(report: dict, base_model: str) -> str:
     checks = {k.removesuffix("_check"): v for k, v in (report.get("exports") or {}).items() if k.endswith("_check")}
     if checks:
         lines += ["## Checked after export", ""] + [f"- {kind}: {line}" for kind, line in checks.items()] + [""]
-    lines += ["## Recipe", "", "```yaml", public_recipe_yaml(report["recipe_yaml"]).rstrip(), "```", "",
+    recipe = annotated_recipe(public_recipe_yaml(report["recipe_yaml"]))  # says what each null meant
+    lines += ["## Recipe", "", "```yaml", recipe.rstrip(), "```", "",
               "Made with `kompakt compress --target " + plan["target"]["text"] + "`."]  # fmt: skip
     return scrub_paths("\n".join(lines) + "\n")  # notes may quote an error message that names a path
