@@ -134,9 +134,20 @@ def _auto(model, target, budget, plan_only, data, out, seed, force) -> None:
         recipe = annotated_recipe(result.plan.recipe(0, model=model, seed=seed).to_yaml())
         console.print(recipe, highlight=False, markup=False, soft_wrap=True)
         return
-    console.print(f"final model: {result.final}; exports: {', '.join(result.exports.values()) or 'none'}",
-                  highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(f"final model: {result.final}", highlight=False, soft_wrap=True)
+    _print_exports(console, result.exports)
     console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
+
+
+def _print_exports(console, exports: dict[str, str]) -> None:
+    """One line per export: its path (and GGUF type), then its runtime check on the next line."""
+    if not any(kind in exports for kind in ("hf", "gguf")):
+        console.print("exports: none", highlight=False)
+    for kind, label in (("hf", "HF directory"), ("gguf", f"GGUF {exports.get('gguf_type', '')}".strip())):
+        if kind in exports:
+            console.print(f"export ({label}): {exports[kind]}", highlight=False, soft_wrap=True)
+            if f"{kind}_check" in exports:
+                console.print(f"  check: {exports[f'{kind}_check']}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _print_plan(console, result) -> None:
