@@ -7,6 +7,8 @@ Run directory::
     out/plan.json            target, budget, facts, every choice in one line, the attempts
     out/recipe.yaml          the recipe of the attempt that produced the result (edit and rerun it)
     out/attempts/N/          one recipe run per attempt (steps/, lineage.jsonl, report.md)
+    out/reference/           the original's top-k distributions on the evaluation text, computed
+                             once and scored against by every step of every attempt
     out/final -> attempts/N/final
     out/export/              model.gguf (+ .sha256) and hf/ with the model card (README.md)
     out/report.html, report.md, report.json
@@ -25,6 +27,7 @@ from typing import Any
 
 from kompakt.atomic import atomic_symlink, write_text
 from kompakt.errors import ConfigError, OutputPathError
+from kompakt.rundir.layout import REFERENCE_DIR
 from kompakt.rundir.lineage import read_lineage
 from kompakt.auto.planner import Plan, make_plan
 from kompakt.recipe.schema import DataSpec
@@ -211,7 +214,7 @@ def run_attempts(original, plan: Plan, out_dir: Path, model: str | None, seed: i
                 raise _Abandon(f"step {record['index']} ({record['pass']}): {crossed}")
 
         try:
-            run = run_recipe(recipe, run_dir, on_step=check)
+            run = run_recipe(recipe, run_dir, on_step=check, reference_dir=out_dir / REFERENCE_DIR)
             outcome.update(status="within floor", final=str(run.final), metrics=run.records[-1]["metrics"])
             result.outcomes.append(outcome)
             result.final, result.attempt = run.final, index

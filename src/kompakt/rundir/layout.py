@@ -16,6 +16,9 @@ from kompakt.rundir.lineage import LINEAGE, read_lineage
 MARKER = "kompakt-step.json"
 RECIPE_FILE = "recipe.yaml"
 RUN_FILE = "run.json"
+# The original's top-k distributions on the evaluation text (kompakt.evaluate.topk), one file per
+# model and evaluation setting: computed by the first step's evaluation, read by every later one.
+REFERENCE_DIR = "reference"
 _RUN_FILES = (LINEAGE, RECIPE_FILE, RUN_FILE, "steps")
 
 
