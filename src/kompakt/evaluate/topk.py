@@ -62,7 +62,8 @@ class TopK:
     @classmethod
     def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor, k: int = TOP_K) -> TopK:
         """From the reference's logits [N, vocab] and the next tokens [N]."""
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        logits = logits.float()
+        log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # as bucketed_kl: same logits, KL 0
         top, indices = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
         target = log_probs.gather(-1, targets.to(log_probs.device).long().unsqueeze(-1)).squeeze(-1)
         rest = log_probs.scatter(-1, indices, float("-inf")).logsumexp(-1).exp()
