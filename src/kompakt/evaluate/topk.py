@@ -79,15 +79,13 @@ class TopK:
         return TopK(*(getattr(self, name)[start:stop] for name in _FIELDS), self.vocab)
 
     def save(self, path: Path) -> None:
-        """safetensors, written atomically (a killed run leaves no half file)."""
-        from safetensors.torch import save_file
+        """safetensors, written atomically with the user's umask (a killed run leaves no half file)."""
+        from safetensors.torch import save
 
-        from kompakt.atomic import atomic_file
+        from kompakt.atomic import write_bytes
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as tmp:
-            tensors = {name: getattr(self, name).contiguous() for name in _FIELDS}
-            save_file(tensors, str(tmp), metadata={"vocab": str(self.vocab)})
+        tensors = {name: getattr(self, name).contiguous() for name in _FIELDS}
+        write_bytes(path, save(tensors, metadata={"vocab": str(self.vocab)}))
 
     @classmethod
     def load(cls, path: Path) -> TopK:
