@@ -100,7 +100,8 @@ def test_prediction_error_on_the_embedded_models(name, tmp_path):
     """What compress --target plans from: the light analysis on self-generated text, measured
     against RTN on the q4_0 and q8_0 grids over 2048 held-out tokens (the sum-of-layers model;
     GPTQ's share is the bench's, not measured here: GPTQ alone takes ~9 min on Gemma 3).
-    Measured / predicted when written: SmolLM2 RTN Q4_0 MEASURED_S, Gemma 3 MEASURED_G."""
+    Measured / predicted when written: RTN Q4_0 0.90x (SmolLM2), 0.96x (Gemma 3); RTN Q8_0 0.99x
+    and 0.45x. About 4 min for SmolLM2 and 6 for Gemma 3 on 2 loaded cores."""
     from kompakt.auto.api import ANALYSIS
     from kompakt.model.load import load
     from kompakt.recipe.rundata import RunData
