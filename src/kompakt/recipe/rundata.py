@@ -139,7 +139,7 @@ class Measurer:
     computed once and kept at top-k (kompakt.evaluate.topk) in `reference_dir`, so every step
     and every run sharing the directory (the attempts of `compress --target`) runs only the
     candidate. The KL is the bucketed one (a lower bound of the full-vocabulary KL, within
-    ~3 % on the embedded models); `kompakt eval` measures the full one.
+    3-4 % on the embedded models); `kompakt eval` measures the full one.
     """
 
     def __init__(self, original: LoadedModel, data: RunData, metrics: list[str],
