@@ -142,6 +142,10 @@ def _scored_logits(net: torch.nn.Module, flat: torch.Tensor, windows: list[Windo
     """(targets [n], logits [n, vocab]) of the scored positions, window by window in order, in
     chunks of at most `chunk` positions (the same positions `fidelity` scores)."""
     device = next(net.parameters()).device
+    vocab = net.get_output_embeddings().weight.shape[0]
+    # A batch's logits are batch x window x vocab fp32: cap them at 2^27 values (512 MB), which
+    # keeps Gemma 3 (262k vocabulary, window 512) at one window per forward, 30 % faster than 4.
+    batch_size = max(1, min(batch_size, 2**27 // (max(w.length for w in windows) * vocab)))
     progress, task = progress_bar(label, len(windows))
     with progress, torch.inference_mode():
         for group in batches(windows, batch_size):
