@@ -15,17 +15,46 @@ from kompakt.auto.target import parse_target
 LAYERS = 30
 
 
+def _parts(layer_params: int, embedding: int, header: int, tied: bool = True) -> dict[str, dict]:
+    """GGUF files by part, as kompakt.auto.gguf_bytes computes them (the embedding at Q8_0
+    in every quantized type: it is the output)."""
+    bits = {"f16": 16, "q8_0": 8.5, "q4_0": 4.5}
+    out = {}
+    for fmt, b in bits.items():
+        emb = int(embedding * (16 if fmt == "f16" else 8.5) / 8)
+        layers = int(layer_params * b / 8)
+        out[fmt] = {"total": emb + layers + header, "other": header, "embedding": emb, "layers": layers,
+                    "embedding_type": "f16" if fmt == "f16" else "q8_0", "embedding_elements": embedding}
+    return out
+
+
 def facts(skip_kl: float = 0.05, quant_kl: float = 0.02, forward_tps: float = 400.0) -> ModelFacts:
-    """SmolLM2-135M-like sizes: 30 layers of 3.54 M, 28.3 M tied embedding."""
-    layer = 3_540_000
-    params = LAYERS * layer + 28_311_552
+    """SmolLM2-135M-like sizes: 30 layers of 3.54 M, 28.3 M tied embedding, 1.6 MB of header."""
+    layer, embedding = 3_540_000, 28_311_552
+    params = LAYERS * layer + embedding
+    parts = _parts(LAYERS * layer, embedding, 1_600_000)
     return ModelFacts(
         name="m", fingerprint="f", params=params, fp16_bytes=2 * params, layers=LAYERS,
-        layer_params=[layer] * LAYERS, embedding_params=28_311_552, gguf=True,
-        format_bytes={"f16": 2 * params, "q8_0": int(params * 8.5 / 8), "q4_0": 90_000_000,
-                      "int8": params, "int4": 100_000_000},
+        layer_params=[layer] * LAYERS, embedding_params=embedding, gguf=True,
+        format_bytes={**{f: v["total"] for f, v in parts.items()}, "int8": params, "int4": 100_000_000},
         forward_tps=forward_tps, skip_kl=[skip_kl + 0.001 * i for i in range(LAYERS)],
         quant_kl=[quant_kl] * LAYERS, block_influence=[0.1 + 0.01 * ((i * 7) % LAYERS) for i in range(LAYERS)],
+        gguf_parts=parts,
+    )  # fmt: skip
+
+
+def gemma_facts(quant_kl: float = 0.01) -> ModelFacts:
+    """Gemma 3 270M's sizes: 18 layers of 5.6 M, a 262144 x 640 tied embedding (63 %), 15.8 MB of
+    tokenizer in the header."""
+    layers, layer, embedding = 18, 5_548_544, 262_144 * 640
+    params = layers * layer + embedding
+    parts = _parts(layers * layer, embedding, 15_800_000)
+    return ModelFacts(
+        name="g", fingerprint="g", params=params, fp16_bytes=2 * params, layers=layers,
+        layer_params=[layer] * layers, embedding_params=embedding, gguf=True,
+        format_bytes={**{f: v["total"] for f, v in parts.items()}, "int8": params, "int4": params // 2},
+        forward_tps=100.0, skip_kl=[0.5] * layers, quant_kl=[quant_kl] * layers,
+        block_influence=[0.1 + 0.01 * i for i in range(layers)], gguf_parts=parts,
     )  # fmt: skip
 
 
@@ -64,7 +93,7 @@ def test_cheap_layers_are_pruned_healed_then_quantized():
 
 
 def test_half_the_model_is_never_removed_for_size():
-    plan = make_plan(parse_target("size=12x,max-kl=10"), facts(skip_kl=0.0001, quant_kl=0.0001), DataSpec(), None)
+    plan = make_plan(parse_target("size=5x,max-kl=10"), facts(skip_kl=0.0001, quant_kl=0.0001), DataSpec(), None)
     assert all("prune.depth" not in names(a) for a in plan.attempts)
     assert any("half the model" in c for c in plan.choices)
 
@@ -121,3 +150,36 @@ def test_attempts_are_named_by_what_they_run():
 def test_a_tiny_budget_is_named_in_seconds():
     with pytest.raises(ConfigError, match=r"--budget 1 s is too small"):
         make_plan(parse_target("size=2.5x"), facts(), DataSpec(), 1.0)
+
+
+def test_a_plan_line_never_asks_for_more_layers_than_the_model_has():
+    """Gemma 3 at 4x: it once said "needs removing 33 of 18 layers on top of q4_0"."""
+    import re
+
+    plan = make_plan(parse_target("size=4x"), gemma_facts(), DataSpec(), None)
+    for choice in plan.choices:
+        for drop, total in re.findall(r"removing (\d+) of (\d+) layers", choice):
+            assert int(drop) <= int(total), choice
+    line = next(c for c in plan.choices if "cannot come from removing layers" in c)
+    assert "the embedding, not the layers, holds the bytes" in line
+    assert "embedding at Q4_0" in line and "not attempted" in line
+    assert all("prune.depth" not in names(a) for a in plan.attempts)
+
+
+def test_the_plan_says_what_it_does_about_a_dominant_embedding():
+    plan = make_plan(parse_target("size=4x"), gemma_facts(), DataSpec(), None)
+    line = next(c for c in plan.choices if c.startswith("embedding (tied to the output, Q8_0)"))
+    parts = plan.facts.gguf_parts["q4_0"]
+    assert f"({parts['embedding'] / parts['total']:.0%})" in line and "63 %" not in line and "(63%)" in line
+    with_q4 = plan.facts.fp16_bytes / (parts["total"] - parts["embedding"] + parts["embedding_elements"] // 32 * 18)
+    assert f"{plan.facts.size_factor('q4_0'):.2f}x" in line and f"{with_q4:.2f}x" in line and line.endswith("kept")
+    assert 2.1 < plan.facts.size_factor("q4_0") < 2.2 < 3.0 < with_q4  # 4-bit layers alone cannot pass 2.2x here
+
+
+def test_attempts_carry_the_bytes_export_will_write():
+    plan = make_plan(parse_target("size=2.5x"), facts(), DataSpec(), None)
+    q4, q8 = plan.attempts
+    assert q4.predicted_bytes == plan.facts.format_bytes["q4_0"] and q8.predicted_bytes == plan.facts.format_bytes["q8_0"]
+    pruned = make_plan(parse_target("size=4x,max-kl=0.5"), facts(skip_kl=0.005, quant_kl=0.001), DataSpec(), None)
+    first = pruned.attempts[0]
+    assert first.predicted_bytes <= pruned.facts.fp16_bytes / 4 < plan.facts.format_bytes["q4_0"]

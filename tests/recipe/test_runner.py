@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
@@ -124,3 +125,36 @@ def test_speed_metric_is_relative_to_the_original(tiny_dir, text_file, tmp_path)
     metrics = seen[1]["metrics"]
     assert metrics["prefill_speedup"] > 0 and metrics["generate_speedup"] > 0
     assert "prefill tok/s" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_the_original_is_scored_once_and_shared_by_runs(tiny_dir, text_file, tmp_path, monkeypatch):
+    """Steps are measured against the original's top-k distributions, computed by the first
+    evaluation, kept in the reference directory and read back by later runs that share it (the
+    attempts of compress --target); the KL equals fidelity_topk against the stored reference."""
+    fidelity_module = importlib.import_module("kompakt.evaluate.fidelity")  # the package exports a function of that name
+    from kompakt.evaluate.topk import TOP_K, TopK
+    from kompakt.model.load import load
+    from kompakt.recipe.rundata import RunData
+
+    computed = []
+    real = fidelity_module.reference_topk
+
+    def counting(*args, **kwargs):
+        computed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fidelity_module, "reference_topk", counting)
+    shared = tmp_path / "reference"
+    recipe = _recipe(tiny_dir, text_file, [{"prune.depth": {"count": 1}}, {"prune.depth": {"count": 1, "method": "last"}}])
+    first = run_recipe(recipe, tmp_path / "a", reference_dir=shared)
+    other = _recipe(tiny_dir, text_file, [{"prune.depth": {"count": 2, "method": "last"}}])
+    run_recipe(other, tmp_path / "b", reference_dir=shared)
+    assert len(computed) == 1 and len(list(shared.glob("*.safetensors"))) == 1
+    stored = TopK.load(next(shared.glob("*.safetensors")))
+    metrics = first.records[-1]["metrics"]
+    assert metrics["kl_top_k"] == TOP_K and metrics["eval_tokens"] == len(stored)
+    spec = recipe.validate().data
+    ids = RunData(spec, load(str(tiny_dir)), recipe.seed).evaluation()
+    direct = fidelity_module.fidelity_topk(stored, load(tmp_path / "a" / "final"), ids, window=spec.window,
+                                           stride=spec.stride, max_tokens=spec.eval_tokens)  # fmt: skip
+    assert metrics["kl_mean"] == pytest.approx(direct.kl_mean, rel=1e-6)

@@ -216,3 +216,16 @@ def test_when_every_attempt_crosses_the_floor_the_closest_is_kept(tmp_path):
     _keep_closest(result)
     assert result.attempt == 0 and result.final.name == "01-x1"
     assert outcomes[0]["status"].startswith("kept although") and outcomes[1]["status"] == "floor crossed"
+
+
+def test_every_attempt_has_predicted_beside_measured_kl_and_bytes(run):
+    out, result = run
+    outcomes = json.loads((out / "outcome.json").read_text())["outcomes"]
+    delivered = next(o for o in outcomes if o["attempt"] == result.attempt + 1)
+    assert delivered["finished"] and delivered["predicted_kl"] is not None and delivered["measured_kl"] is not None
+    assert delivered["measured_bytes"] == (out / "export" / "model.gguf").stat().st_size
+    # planned on the original, written from out/export/hf: only the name / source strings differ
+    assert abs(delivered["predicted_bytes"] - delivered["measured_bytes"]) <= 512
+    markdown = (out / "report.md").read_text()
+    assert "## Attempts: predicted vs measured KL and bytes" in markdown
+    assert f"| {delivered['measured_kl']:.3f} |" in markdown and "top-1024 tokens plus the rest" in markdown

@@ -7,6 +7,8 @@ Run directory::
     out/plan.json            target, budget, facts, every choice in one line, the attempts
     out/recipe.yaml          the recipe of the attempt that produced the result (edit and rerun it)
     out/attempts/N/          one recipe run per attempt (steps/, lineage.jsonl, report.md)
+    out/reference/           the original's top-k distributions on the evaluation text, computed
+                             once and scored against by every step of every attempt
     out/final -> attempts/N/final
     out/export/              model.gguf (+ .sha256) and hf/ with the model card (README.md)
     out/report.html, report.md, report.json
@@ -25,7 +27,7 @@ from typing import Any
 
 from kompakt.atomic import atomic_symlink, reporting_errors, write_text
 from kompakt.errors import ConfigError, OutputPathError
-from kompakt.rundir.layout import AUTO_FILE
+from kompakt.rundir.layout import AUTO_FILE, REFERENCE_DIR
 from kompakt.rundir.lineage import read_lineage
 from kompakt.auto.planner import Plan, make_plan
 from kompakt.recipe.schema import DataSpec
@@ -35,8 +37,10 @@ from kompakt.units import duration
 logger = logging.getLogger(__name__)
 
 Event = Callable[[str, dict], None]
-# The light analysis the planner reads (skip cost and 4-bit sensitivity per layer).
-ANALYSIS = dict(n_blocks=4, block_len=256, eval_tokens=256, eval_window=256, reference_eval=False, speed=False)
+# The light analysis the planner reads (skip cost and 4-bit sensitivity per layer, on groups of
+# 32: the q4_0 block the 4-bit attempts quantize to).
+ANALYSIS = dict(n_blocks=4, block_len=256, eval_tokens=256, eval_window=256, group_size=32, reference_eval=False,
+                speed=False)  # fmt: skip
 DEFAULT_BUDGET = "15m"
 
 
@@ -110,10 +114,13 @@ def _analysis(original, data, out: Path, seed: int, settings: dict):
     return analyze(original, ids, out=out / "analysis", seed=seed, **settings)
 
 
-def _analysis_seconds(forward_tps: float, layers: int, settings: dict) -> float:
-    tokens = settings["n_blocks"] * settings["block_len"] + 2 * layers * settings["eval_tokens"]
-    # Scoring a window also takes full-vocabulary log-probs and KL: ~2.5x a forward (measured on SmolLM2).
-    return 2.5 * tokens / forward_tps + 0.5 * layers
+def _analysis_seconds(facts, settings: dict, spec: DataSpec) -> float:
+    """The light analysis (a decoder pass over the calibration blocks, then the reference and
+    2 x layers edits, each a forward scored against the reference's top-k), plus the original's
+    distributions on the evaluation text that every step is scored against (once per run)."""
+    calibration = settings["n_blocks"] * settings["block_len"] / facts.calibration_tps
+    scored = (1 + 2 * facts.layers) * settings["eval_tokens"] + spec.eval_tokens
+    return calibration + scored / facts.scoring_tps + 0.5 * facts.layers
 
 
 def prepare(model: str | None, target_text: str | None, budget: str | None, data: str | None,
@@ -142,7 +149,7 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     facts = model_facts(original)
     check_bytes_possible(target, facts.fp16_bytes)
     cached = (out_dir / "analysis" / "analysis.json").is_file()
-    need = 0.0 if cached else _analysis_seconds(facts.forward_tps, facts.layers, settings)
+    need = 0.0 if cached else _analysis_seconds(facts, settings, spec)
     if budget_s is not None and not implicit and budget_s < need:
         raise ConfigError(
             f"--budget {duration(budget_s)} is too small to run even the first step: the analysis alone "
@@ -212,7 +219,7 @@ def run_attempts(original, plan: Plan, out_dir: Path, model: str | None, seed: i
                 raise _Abandon(f"step {record['index']} ({record['pass']}): {crossed}")
 
         try:
-            run = run_recipe(recipe, run_dir, on_step=check)
+            run = run_recipe(recipe, run_dir, on_step=check, reference_dir=out_dir / REFERENCE_DIR)
             outcome.update(status="within floor", final=str(run.final), metrics=run.records[-1]["metrics"])
             result.outcomes.append(outcome)
             result.final, result.attempt = run.final, index
@@ -262,6 +269,7 @@ def compress_auto(model: str | None = None, *, target: str | None = None, budget
     run directory of another model or target.
     """
     from kompakt.auto import deliver
+    from kompakt.auto.measured import add_predicted_vs_measured
     from kompakt.report.build import build_report
     from kompakt.report.document import gather
 
@@ -280,6 +288,7 @@ def compress_auto(model: str | None = None, *, target: str | None = None, budget
             deliver.measure(original, result.exports, metrics, out_dir, seed)
         else:
             (out_dir / "comparison.json").unlink(missing_ok=True)  # an earlier run's, of a good export
+    add_predicted_vs_measured(plan, result.outcomes, result.attempt, result.exports)
     result.wall_s = time.perf_counter() - started
     write_text(out_dir / "outcome.json", json.dumps(
         {"outcomes": result.outcomes, "wall_s": result.wall_s, "attempt": result.attempt}, indent=1, default=str) + "\n")  # fmt: skip

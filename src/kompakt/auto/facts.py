@@ -1,15 +1,15 @@
 """What the planner knows about a model before shrinking it: sizes per storage format, the
 layer-wise numbers of a (light) phase-1 analysis, and how fast this machine runs it.
 
-Sizes are computed from the same tensor plan the GGUF export uses (so a planned Q4_0 size is
-the size of the file export will write), and for models llama.cpp cannot run, from the
-compressed-tensors layout (packed integers + fp16 scales per group of 64).
+Sizes are the bytes of the GGUF file export writes (kompakt.auto.gguf_bytes: the export's own
+tensor plan plus its header), split into embedding, decoder layers and the rest, and for
+models llama.cpp cannot run, from the compressed-tensors layout (packed integers + fp16 scales
+per group of 64).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -19,8 +19,6 @@ from kompakt.model.loaded import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-# bits per weight of each storage type (GGUF blocks of 32: fp16 scale, + fp16 min for q4_1)
-BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_1": 5.0, "q4_0": 4.5}
 # compressed-tensors int grids with one fp16 scale per 64 weights (the fallback without GGUF)
 INT_BITS = {"int8": 8.25, "int4": 4.25}
 
@@ -38,10 +36,14 @@ class ModelFacts:
     embedding_params: int
     gguf: bool  # llama.cpp can run this family / structure
     format_bytes: dict[str, int]  # storage format -> bytes of the whole model
-    forward_tps: float  # batch forward tokens/s (fp32, this machine, the threads in use)
+    forward_tps: float  # batch forward tokens/s, output layer included (fp32, this machine, the threads in use)
     skip_kl: list[float] = field(default_factory=list)  # KL when layer i is replaced by identity
-    quant_kl: list[float] = field(default_factory=list)  # KL when only layer i is 4-bit RTN g64
+    quant_kl: list[float] = field(default_factory=list)  # KL when only layer i is 4-bit RTN
     block_influence: list[float] = field(default_factory=list)
+    # GGUF type -> kompakt.auto.gguf_bytes.GGUFBytes as a dict (total, other, embedding, layers, ...)
+    gguf_parts: dict[str, dict] = field(default_factory=dict)
+    decoder_tps: float = 0.0  # the same forward without the output layer (what calibration passes run)
+    score_tps: float = 0.0  # forward + bucketed KL against the reference (evaluation, analysis edits)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,27 +55,23 @@ class ModelFacts:
 
     def layer_bytes(self, fmt: str) -> float:
         """Bytes of the decoder layers alone in `fmt` (what pruning layers or channels removes)."""
-        return sum(self.layer_params) * {**BITS, **INT_BITS}[fmt] / 8
+        if fmt in self.gguf_parts:
+            return self.gguf_parts[fmt]["layers"]
+        return sum(self.layer_params) * INT_BITS[fmt] / 8
+
+    @property
+    def calibration_tps(self) -> float:
+        """Tokens/s of the layer-by-layer passes (no output layer), for their time estimates."""
+        return self.decoder_tps or self.forward_tps
+
+    @property
+    def scoring_tps(self) -> float:
+        """Tokens/s of a forward scored against the reference's top-k (evaluation, analysis)."""
+        return self.score_tps or self.forward_tps
 
     def size_factor(self, fmt: str, params_kept: float = 1.0) -> float:
         """fp16 bytes / bytes in `fmt` when a fraction `params_kept` of the decoder-layer parameters is kept."""
         return self.fp16_bytes / (self.format_bytes[fmt] - self.layer_bytes(fmt) * (1 - params_kept))
-
-
-def _gguf_bytes(loaded: LoadedModel) -> dict[str, int] | None:
-    """Bytes of a GGUF export per type, from the export's own tensor plan; None when it cannot export."""
-    from kompakt.errors import KompaktError
-    from kompakt.export.gguf import prepare_gguf
-
-    sizes = {}
-    try:
-        for fmt in ("f16", "q8_0", "q4_0"):
-            *_, plan = prepare_gguf(loaded, fmt)
-            sizes[fmt] = int(sum(math.prod(t.shape) * BITS[t.type] / 8 for t in plan.tensors))
-    except KompaktError as error:
-        logger.info("no GGUF sizes: %s", error)
-        return None
-    return sizes
 
 
 def _int_bytes(loaded: LoadedModel) -> dict[str, int]:
@@ -97,25 +95,46 @@ def layer_parameter_counts(loaded: LoadedModel) -> list[int]:
 
 
 @torch.inference_mode()
-def forward_tokens_per_s(loaded: LoadedModel, tokens: int = 512, batch: int = 2) -> float:
-    """Batch forward throughput, timed once after a warm-up (what calibration passes run at)."""
+def throughput(loaded: LoadedModel, tokens: int = 512, batch: int = 2) -> tuple[float, float]:
+    """(forward tokens/s, scored tokens/s): one batch forward timed after a warm-up, and the
+    same plus bucketed KL against a reference (what each evaluation and analysis edit runs)."""
+    from kompakt.evaluate.topk import TOP_K, TopK, bucketed_kl
+
     vocab = int(loaded.model.get_input_embeddings().weight.shape[0])
     length = max(8, tokens // batch)
     ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(loaded.device)
     loaded.model(input_ids=ids[:, :8], use_cache=False)
     start = time.perf_counter()
-    loaded.model(input_ids=ids, use_cache=False)
-    return ids.numel() / max(1e-6, time.perf_counter() - start)
+    logits = loaded.model(input_ids=ids, use_cache=False).logits.reshape(ids.numel(), -1)
+    forward = max(1e-6, time.perf_counter() - start)
+    targets = ids.reshape(-1)
+    reference = TopK.from_logits(logits[:1], targets[:1], TOP_K)  # one row, repeated: the cost is the candidate's
+    reference = TopK(*(t.expand(ids.numel(), *t.shape[1:]) for t in (reference.indices, reference.log_probs,
+                       reference.rest_mass, reference.target_log_probs)), vocab)  # fmt: skip
+    start = time.perf_counter()
+    bucketed_kl(reference, logits, targets)
+    return ids.numel() / forward, ids.numel() / (forward + time.perf_counter() - start)
+
+
+def decoder_share(loaded: LoadedModel) -> float:
+    """The decoder layers' share of a forward's multiply-adds (the rest is the output layer)."""
+    layers = sum(layer_parameter_counts(loaded))
+    head = int(loaded.model.get_output_embeddings().weight.numel())
+    return layers / (layers + head)
 
 
 def model_facts(loaded: LoadedModel, forward_tps: float | None = None) -> ModelFacts:
-    """Sizes and shape (no data needed); `forward_tps` measured here unless given."""
+    """Sizes and shape (no data needed); throughput measured here unless `forward_tps` is given
+    (then it stands for every kind of forward)."""
+    from kompakt.auto.gguf_bytes import gguf_bytes
+
     params = loaded.num_parameters()
     layer_params = layer_parameter_counts(loaded)
-    gguf = _gguf_bytes(loaded)
-    formats = dict(gguf) if gguf else {}
+    gguf = gguf_bytes(loaded)
+    formats = {fmt: size.total for fmt, size in (gguf or {}).items()}
     formats.update(_int_bytes(loaded))
     embed = int(loaded.model.get_input_embeddings().weight.numel())
+    forward, scored = (forward_tps, forward_tps) if forward_tps is not None else throughput(loaded)
     return ModelFacts(
         name=loaded.name,
         fingerprint=loaded.fingerprint(),
@@ -126,7 +145,11 @@ def model_facts(loaded: LoadedModel, forward_tps: float | None = None) -> ModelF
         embedding_params=embed,
         gguf=gguf is not None,
         format_bytes=formats,
-        forward_tps=forward_tps if forward_tps is not None else forward_tokens_per_s(loaded),
+        forward_tps=forward,
+        gguf_parts={fmt: size.to_dict() for fmt, size in (gguf or {}).items()},
+        # Timing the decoder alone is as noisy as the forward; the multiply-add split is not.
+        decoder_tps=forward if forward_tps is not None else forward / decoder_share(loaded),
+        score_tps=scored,
     )
 
 

@@ -15,9 +15,11 @@ The rules (seed 9.2 / 9.3: choose methods for the target; gentle steps first; ev
   the budget; back-off = half the cut.
 - Back-off after a crossed floor: less pruning first, then higher precision (Q4_0 -> Q8_0).
 
-Predictions are estimates from the analysis (KL of skipping or 4-bit rounding each layer
-alone, added up; AWQ + GPTQ measured at about a third of RTN's KL on the q4_0 grid); the
-run measures the real numbers after every step and decides with those.
+Predictions are estimates from the analysis (kompakt.auto.predict); the run measures the real
+numbers after every step and decides with those, and the report puts each attempt's predicted
+KL and bytes beside the measured ones. Sizes are the bytes of the file export writes
+(kompakt.auto.gguf_bytes); where the embedding holds most of them, the plan says so and what
+it does about it (kompakt.auto.embedding).
 """
 
 from __future__ import annotations
@@ -26,18 +28,22 @@ import math
 from dataclasses import dataclass, field
 
 from kompakt.errors import ConfigError
+from kompakt.auto.embedding import beyond_layers, embedding_line
 from kompakt.auto.facts import ModelFacts
+from kompakt.auto.predict import quant_kl
 from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
 from kompakt.auto.target import Target
 from kompakt.train.estimate import flops_per_token
 from kompakt.units import duration
 
-# AWQ + GPTQ on the q4_0 grid kept ~1/3 of RTN's KL on SmolLM2 (bench/quant.py).
-GPTQ_AWQ_KL_FACTOR = 0.34
 # Distillation is assumed to win back about half of a structural cut's KL within a CPU budget.
 HEAL_KEEPS = 0.5
-# Seconds of a step ≈ forwards × calibration tokens / forward tokens-per-second (+ eval).
-COST_FORWARDS = {"quant.awq": 11.0, "quant.gptq": 4.0, "quant.rtn": 0.05, "prune.depth": 1.0, "prune.width": 1.0}
+# Seconds of a step ≈ forwards × calibration tokens / tokens-per-second (+ eval). The quant
+# passes run layer by layer and never the output layer, so their forwards are decoder forwards
+# (ModelFacts.calibration_tps): the constants measured against full forwards on SmolLM2 (awq 11,
+# gptq 4, rtn 0.05), whose decoder is 79 % of a forward's multiply-adds, divided by 0.79.
+COST_FORWARDS = {"quant.awq": 14.0, "quant.gptq": 5.0, "quant.rtn": 0.06, "prune.depth": 1.0, "prune.width": 1.0}
+DECODER_ONLY = ("quant.awq", "quant.gptq", "quant.rtn")
 # A distillation token costs (6N student fwd+bwd + 2N teacher fwd) / 2N = 4 forward tokens
 # (kompakt.train.estimate; an upper bound for a pruned, smaller student).
 TRAIN_COST = flops_per_token(1, 1) / flops_per_token(0, 1)
@@ -56,6 +62,7 @@ class Attempt:
     predicted_kl: float | None
     seconds: float
     meets_target: bool
+    predicted_bytes: int | None = None  # the exported file (GGUF; compressed-tensors estimate otherwise)
 
     def describe(self) -> str:
         """What this attempt runs, named from its steps (the label only adds that it is a back-off)."""
@@ -66,7 +73,7 @@ class Attempt:
         return {
             "label": self.label, "steps": [s.to_dict() for s in self.steps], "size_factor": self.size_factor,
             "params_kept": self.params_kept, "predicted_kl": self.predicted_kl, "seconds": self.seconds,
-            "meets_target": self.meets_target,
+            "meets_target": self.meets_target, "predicted_bytes": self.predicted_bytes,
         }  # fmt: skip
 
 
@@ -95,7 +102,7 @@ class Plan:
         """The plan saved in a run's plan.json (a rerun follows it instead of planning again)."""
         attempts = [
             Attempt(a["label"], [Step.from_dict(step) for step in a["steps"]], a["size_factor"], a["params_kept"],
-                    a["predicted_kl"], a["seconds"], a["meets_target"])
+                    a["predicted_kl"], a["seconds"], a["meets_target"], a.get("predicted_bytes"))
             for a in values["attempts"]
         ]  # fmt: skip
         return cls(Target(**values["target"]), ModelFacts(**values["facts"]), DataSpec(**values["data"]),
@@ -166,12 +173,14 @@ def _step_seconds(step: Step, facts: ModelFacts, data: DataSpec) -> float:
         return step.config.get("tokens", 0) * TRAIN_COST / facts.forward_tps
     blocks = step.config.get("max_blocks") or data.calibration_blocks
     forwards = COST_FORWARDS.get(step.name, 2.0)
-    return forwards * min(tokens, blocks * data.block_len) / facts.forward_tps
+    tps = facts.calibration_tps if step.name in DECODER_ONLY else facts.forward_tps
+    return forwards * min(tokens, blocks * data.block_len) / tps
 
 
 def eval_seconds(facts: ModelFacts, data: DataSpec) -> float:
-    """One step's evaluation: original and candidate over the evaluation tokens, plus save/load."""
-    return 2 * data.eval_tokens / facts.forward_tps + 10
+    """One step's evaluation: the candidate over the evaluation tokens, scored against the
+    original's cached top-k distributions (computed once per run), plus save/load."""
+    return data.eval_tokens / facts.scoring_tps + 10
 
 
 def attempt_seconds(steps: list[Step], facts: ModelFacts, data: DataSpec) -> float:
@@ -179,16 +188,6 @@ def attempt_seconds(steps: list[Step], facts: ModelFacts, data: DataSpec) -> flo
 
 
 # --- predictions ------------------------------------------------------------------------------
-
-
-def _quant_kl(facts: ModelFacts, fmt: str, kept: list[int] | None = None) -> float | None:
-    if not facts.quant_kl:
-        return None
-    layers = kept if kept is not None else range(facts.layers)
-    rtn = sum(facts.quant_kl[i] for i in layers)
-    if fmt in ("q8_0", "int8"):
-        return rtn / 256  # 4 more bits: error / 16, KL (quadratic) / 256
-    return rtn * GPTQ_AWQ_KL_FACTOR
 
 
 def _cheapest_layers(facts: ModelFacts, count: int) -> list[int]:
@@ -210,13 +209,13 @@ def _data_for_budget(facts: ModelFacts, base: DataSpec, budget_s: float | None, 
     data = DataSpec(**vars(base))
     if budget_s is None:
         return data
-    per_block = (COST_FORWARDS["quant.awq"] + COST_FORWARDS["quant.gptq"]) * data.block_len / facts.forward_tps
+    per_block = (COST_FORWARDS["quant.awq"] + COST_FORWARDS["quant.gptq"]) * data.block_len / facts.calibration_tps
     affordable = int(0.5 * budget_s / per_block)
     blocks = max(MIN_BLOCKS, min(base.calibration_blocks, MAX_BLOCKS, affordable))
     if blocks != base.calibration_blocks:
         choices.append(
             f"calibration: {blocks} blocks of {data.block_len} tokens (what the {duration(budget_s)} budget "
-            f"affords at {facts.forward_tps:.0f} forward tokens/s)"
+            f"affords at {facts.calibration_tps:.0f} decoder tokens/s)"
         )
     data.calibration_blocks = blocks
     return data
@@ -225,7 +224,8 @@ def _data_for_budget(facts: ModelFacts, base: DataSpec, budget_s: float | None, 
 def _quant_attempt(label: str, fmt: str, facts: ModelFacts, data: DataSpec, with_awq: bool, factor: float) -> Attempt:
     steps = _quant_steps(fmt, data.calibration_blocks, with_awq)
     size = facts.size_factor(fmt)
-    return Attempt(label, steps, size, 1.0, _quant_kl(facts, fmt), attempt_seconds(steps, facts, data), size >= factor)
+    return Attempt(label, steps, size, 1.0, quant_kl(facts, steps), attempt_seconds(steps, facts, data), size >= factor,
+                   int(facts.fp16_bytes / size))  # fmt: skip
 
 
 def plan_size(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float | None, choices: list[str]) -> list[Attempt]:
@@ -233,7 +233,11 @@ def plan_size(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float
     factor = target.size_factor(facts.fp16_bytes) or target.speed or 1.0
     formats = facts.quant_formats
     sizes = ", ".join(f"{f} {facts.size_factor(f):.2f}x" for f in formats)
-    choices.append(f"size factors of the storage formats for this model: {sizes} (vs {facts.fp16_bytes / 1e6:.0f} MB fp16)")
+    choices.append(f"size factors of the storage formats for this model: {sizes} (vs {facts.fp16_bytes / 1e6:.0f} MB fp16; "
+                   "the bytes of the file export writes, header included)")  # fmt: skip
+    embedding = embedding_line(facts, formats[-1])
+    if embedding is not None:
+        choices.append(embedding)
     reaching = [f for f in formats if facts.size_factor(f) >= factor]
     with_awq = _afford_awq(facts, data, budget_s, choices)
     if reaching:
@@ -265,9 +269,13 @@ def _prune_attempt(target: Target, factor: float, fmt: str, facts: ModelFacts, d
     """Remove the cheapest layers so that `fmt` reaches the factor; None when the analysis
     predicts the floor cannot hold (the reason goes into `choices`)."""
     layer_total = sum(facts.layer_params)
+    best = facts.size_factor(fmt)
+    impossible = beyond_layers(facts, fmt, factor)
+    if impossible is not None:
+        choices.append(f"{impossible}; not attempted, keeping {fmt} alone ({best:.2f}x)")
+        return None
     kept_fraction = 1 - (facts.format_bytes[fmt] - facts.fp16_bytes / factor) / facts.layer_bytes(fmt)
     drop = math.ceil((1 - kept_fraction) * facts.layers - 1e-9)
-    best = facts.size_factor(fmt)
     if drop >= facts.layers // 2:
         choices.append(
             f"{factor:g}x needs removing {drop} of {facts.layers} layers on top of {fmt} ({best:.2f}x alone): "
@@ -277,20 +285,20 @@ def _prune_attempt(target: Target, factor: float, fmt: str, facts: ModelFacts, d
     layers = _cheapest_layers(facts, drop)
     kept = [i for i in range(facts.layers) if i not in layers]
     prune_kl = sum(facts.skip_kl[i] for i in layers) if facts.skip_kl else None
-    quant_kl = _quant_kl(facts, fmt, kept)
-    predicted = None if prune_kl is None or quant_kl is None else prune_kl * HEAL_KEEPS + quant_kl
+    quant = _quant_steps(fmt, data.calibration_blocks, with_awq)
+    q_kl = quant_kl(facts, quant, kept)
+    predicted = None if prune_kl is None or q_kl is None else prune_kl * HEAL_KEEPS + q_kl
     floor = target.max_kl
     what = (f"{factor:g}x needs {fmt} plus removing {drop} of {facts.layers} layers (lowest block influence: "
             f"{', '.join(map(str, sorted(layers)))})")  # fmt: skip
     if predicted is not None and floor is not None and predicted > floor:
         choices.append(
             f"{what}: not attempted — the analysis predicts KL ≈ {predicted:.3f} even after healing "
-            f"(removal {prune_kl:.3f} × {HEAL_KEEPS} + {fmt} {quant_kl:.3f}) > floor {floor:g}; "
+            f"(removal {prune_kl:.3f} × {HEAL_KEEPS} + {fmt} {q_kl:.3f}) > floor {floor:g}; "
             f"keeping {fmt} alone ({best:.2f}x)"
         )
         return None
     steps = [Step("prune.depth", {"count": drop, "method": "block_influence", "max_blocks": data.calibration_blocks})]
-    quant = _quant_steps(fmt, data.calibration_blocks, with_awq)
     spent = attempt_seconds(steps + quant, facts, data)
     heal_tokens = _heal_tokens(facts, data, budget_s, spent)
     kd = _kd_step(heal_tokens) if heal_tokens else None
@@ -300,8 +308,9 @@ def _prune_attempt(target: Target, factor: float, fmt: str, facts: ModelFacts, d
                    + (f"distillation on {heal_tokens} tokens" if kd is not None else "none (no budget / pass)"))  # fmt: skip
     steps += quant
     kept_share = 1 - sum(facts.layer_params[i] for i in layers) / layer_total
-    return Attempt(f"prune {drop} layers + {fmt}", steps, facts.size_factor(fmt, kept_share), 1 - sum(
-        facts.layer_params[i] for i in layers) / facts.params, predicted, attempt_seconds(steps, facts, data), True)
+    size = facts.size_factor(fmt, kept_share)
+    return Attempt(f"prune {drop} layers + {fmt}", steps, size, 1 - sum(facts.layer_params[i] for i in layers) / facts.params,
+                   predicted, attempt_seconds(steps, facts, data), True, int(facts.fp16_bytes / size))  # fmt: skip
 
 
 def _heal_tokens(facts: ModelFacts, data: DataSpec, budget_s: float | None, spent: float) -> int:

@@ -138,22 +138,30 @@ def _version() -> str:
         return "unknown"
 
 
-def _write(tmp: Path, loaded: LoadedModel, family, config, vocab, plan: GGUFPlan, result: GGUFExport) -> None:
+def add_header(writer, loaded: LoadedModel, file_type: str, config, family, vocab) -> None:
+    """The key-value header every kompakt GGUF has: general keys, hyperparameters, tokenizer
+    (auto.gguf_bytes writes the same to size a planned file exactly)."""
     import gguf
-    from rich.progress import Progress
 
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)])
     writer.add_type(gguf.GGUFType.MODEL)
     source = public_model_name(loaded)  # a hub id or a name: never a local path (shared file)
     writer.add_name(display_name(source))
     writer.add_quantized_by("kompakt")
     writer.add_string("kompakt.version", _version())
     writer.add_string("kompakt.source", source)
-    writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[result.type]]))
-    if result.type not in ("f32", "f16", "bf16"):
+    writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[file_type]]))
+    if file_type not in ("f32", "f16", "bf16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_hyperparameters(writer, config, family)
     add_tokenizer(writer, vocab)
+
+
+def _write(tmp: Path, loaded: LoadedModel, family, config, vocab, plan: GGUFPlan, result: GGUFExport) -> None:
+    import gguf
+    from rich.progress import Progress
+
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)])
+    add_header(writer, loaded, result.type, config, family, vocab)
     state = dense_state_dict(loaded.model)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("writing GGUF tensors", total=len(plan.tensors))

@@ -113,6 +113,7 @@ def run_recipe(
     *,
     force: bool = False,
     on_step: StepCallback | None = None,
+    reference_dir: Path | None = None,
 ) -> RunResult:
     """Run `recipe` into `out_dir`, resuming finished steps; see the module docstring.
 
@@ -121,6 +122,8 @@ def run_recipe(
         out_dir: the run directory (created; an existing run of the same recipe resumes).
         force: replace an existing run directory of a different recipe or model.
         on_step: called with the baseline row (index 0) and then each step's record.
+        reference_dir: where the original's distributions on the evaluation text are cached
+            (default out_dir/reference); runs that share one compute them once.
 
     Raises:
         ConfigError: an invalid recipe (before any weights are loaded).
@@ -143,7 +146,7 @@ def run_recipe(
     layout.clean_steps(out, {layout.step_dir_name(p.index, p.name) for p in planned}
                        | {_checkpoint_name(p) for p in planned})  # fmt: skip
 
-    measurer = Measurer(original, data, recipe.metrics)
+    measurer = Measurer(original, data, recipe.metrics, reference_dir or out / layout.REFERENCE_DIR)
     baseline = {"index": 0, "pass": "original", "summary": original.name, **measurer.baseline()}
     result = RunResult(out_dir=out, recipe=recipe, baseline=baseline)
     layout.write_run_state(out, baseline, None)

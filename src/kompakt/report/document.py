@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kompakt.evaluate.topk import TOP_K, kl_label
 from kompakt.errors import OutputPathError
 from kompakt.report import trajectory
 from kompakt.report.recipe_view import annotated_recipe, recipe_values
@@ -188,7 +189,7 @@ def _recipe_outcome(out: Path, values: dict, state: dict) -> str:
     evaluation = data.get("evaluation") or "held-out calibration text"
     parts = [f"Model: `{values.get('model') or 'embedded default'}`, seed {values.get('seed', 0)}. Evaluation: "
              f"{evaluation}, {data.get('eval_tokens', '?')} tokens, window {data.get('window', '?')}, stride "
-             f"{data.get('stride', '?')}; KL and top-1 against the original."]  # fmt: skip
+             f"{data.get('stride', '?')}; KL ({kl_label(TOP_K)}) and top-1 against the original."]  # fmt: skip
     if state.get("stopped"):
         parts.append(f"**Stopped by a gate:** {state['stopped']}")
     final = out / "final"

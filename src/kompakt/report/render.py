@@ -12,7 +12,7 @@ from pathlib import Path
 from string import Template
 
 from kompakt.analyze.html import embed_images, html_table
-from kompakt.report import trajectory
+from kompakt.report import attempts, trajectory
 from kompakt.report.document import comparison_rows
 from kompakt.units import duration
 
@@ -48,6 +48,9 @@ def markdown(report: dict) -> str:
         lines += [f"- {note}" for note in comparison.get("notes", [])] + [""]
     if _choices(report):
         lines += ["## Choices", ""] + [f"- {c}" for c in _choices(report)] + [""]
+    if attempts.rows(report):
+        lines += ["## Attempts: predicted vs measured KL and bytes", ""] + _md_table(attempts.HEADER, attempts.rows(report))
+        lines += [f"- {note}" for note in attempts.notes(report)] + [""]
     lines += ["## Trajectory", ""] + _md_table(*trajectory.table(report["trajectory"]))
     for sample in comparison.get("samples") or []:
         lines += [f"**Prompt:** {sample['prompt']}", "", f"- original: {sample['original']!r}",
@@ -94,6 +97,10 @@ def _sections(report: dict, images: dict[str, bytes]) -> list[tuple[str, str]]:
         sections.append(("Side by side", html_table(COMPARISON_HEADER, comparison_rows(comparison)) + notes))
     if _choices(report):
         sections.append(("Why this plan", _list(_choices(report))))
+    if attempts.rows(report):
+        table = html_table(attempts.HEADER, attempts.rows(report))
+        sections.append(("Attempts: predicted vs measured KL and bytes",
+                         table + f"<div class='muted'>{_list(attempts.notes(report))}</div>"))  # fmt: skip
     sections.append(("Trajectory", html_table(*trajectory.table(report["trajectory"])) + embed_images(images)))
     if comparison.get("samples"):
         sections.append(("Sample generations (greedy, same prompts)", _samples(comparison["samples"])))

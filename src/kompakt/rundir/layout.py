@@ -17,6 +17,9 @@ MARKER = "kompakt-step.json"
 RECIPE_FILE = "recipe.yaml"
 AUTO_FILE = "auto.json"  # compress --target: the fingerprint and target a run directory belongs to
 RUN_FILE = "run.json"
+# The original's top-k distributions on the evaluation text (kompakt.evaluate.topk), one file per
+# model and evaluation setting: computed by the first step's evaluation, read by every later one.
+REFERENCE_DIR = "reference"
 _RUN_FILES = (LINEAGE, RECIPE_FILE, RUN_FILE, "steps")
 
 
