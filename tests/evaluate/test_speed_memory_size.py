@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from kompakt.errors import ConfigError
-from kompakt.evaluate import PeakMemory, disk_bytes, measure_speed, parameter_bytes, parameter_count, peak_rss
+from kompakt.evaluate import disk_bytes, measure_speed, parameter_bytes, parameter_count, peak_rss
 from kompakt.model.tiny import save_tiny, tiny_model
 
 SMALL = dict(prompt_batch=2, prompt_len=32, gen_prompt_len=4, gen_tokens=4, repeats=1)
@@ -28,12 +31,23 @@ def test_speed_rejects_zero_threads():
         measure_speed(tiny_model("llama"), threads=0, **SMALL)
 
 
+PEAK_SCRIPT = """
+import torch
+from kompakt.evaluate.memory import PeakMemory
+with PeakMemory() as memory:
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    block += 1
+    del block
+print(memory.start_bytes, memory.peak_bytes)
+"""
+
+
 def test_peak_memory_sees_an_allocation():
-    with PeakMemory() as memory:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block += 1
-        del block
-    assert memory.peak_bytes >= memory.start_bytes + 32 * 2**20
+    # A fresh process: in the long-lived test process freed memory that is still resident can
+    # serve the allocation without raising the resident set (seen once in a full-suite run).
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, timeout=120, check=True)
+    start, peak = map(int, done.stdout.split())
+    assert peak >= start + 32 * 2**20
     result, peak = peak_rss(lambda: 7)
     assert result == 7 and peak > 0
 

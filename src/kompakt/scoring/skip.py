@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from kompakt.evaluate.topk import TOP_K
 from kompakt.scoring.reference import Reference, Score, build_reference, score, skipped
 
 REFERENCE_BYTES = 1 << 30  # what skip_kl holds for one chunk of rows (see the module docstring)
@@ -46,10 +47,12 @@ def skip_costs(
 
 def rows_within(model: nn.Module, n_layers: int, seq: int, max_bytes: int) -> int:
     """How many rows of `seq` tokens one reference may hold within `max_bytes` (at least 1):
-    per row, every layer's input (model dtype) and the reference and candidate fp32 log-probs."""
+    per row, every layer's input (model dtype), the reference's top-k distributions (int32 id +
+    fp32 log-prob per kept token, two fp32 per position) and the candidate's fp32 log-probs."""
     embeddings = model.get_input_embeddings().weight
     vocab, hidden = embeddings.shape
-    per_row = seq * n_layers * hidden * embeddings.element_size() + 2 * (seq - 1) * vocab * 4
+    topk = (seq - 1) * (min(TOP_K, vocab) * 8 + 8)
+    per_row = seq * n_layers * hidden * embeddings.element_size() + topk + (seq - 1) * vocab * 4
     return max(1, max_bytes // per_row)
 
 
