@@ -39,6 +39,9 @@ class ArchSpec:
         hidden_outputs: parameters outside the decoder whose last dimension is the hidden size
             (Gemma 3's multimodal projector writes image features into the residual stream),
             which hidden-size surgery must slice with the embeddings.
+        fp16_overflows: activations exceed fp16's range (Gemma: NaN logits in float16), so
+            16-bit copies of its weights are stored in bfloat16, which plain transformers then
+            computes in.
     """
 
     family: str
@@ -67,6 +70,7 @@ class ArchSpec:
     embed_scale: bool = False
     layer_config_lists: tuple[str, ...] = ()
     hidden_outputs: tuple[str, ...] = ()
+    fp16_overflows: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -107,6 +111,7 @@ _GEMMA2_NORMS = dict(
     norm_offset=1.0,
     embed_scale=True,
     layer_config_lists=("layer_types",),
+    fp16_overflows=True,
 )
 _GEMMA3_TEXT = replace(
     LLAMA, family="gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", **_GEMMA2_NORMS
@@ -125,7 +130,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         LLAMA, family="phi3", q=None, k=None, v=None, qkv="self_attn.qkv_proj",
         gate=None, up=None, gate_up="mlp.gate_up_proj",
     ),
-    "gemma": replace(LLAMA, family="gemma", norm_offset=1.0, embed_scale=True),
+    "gemma": replace(LLAMA, family="gemma", norm_offset=1.0, embed_scale=True, fp16_overflows=True),
     "gemma2": replace(LLAMA, family="gemma2", **_GEMMA2_NORMS),
     "gemma3_text": _GEMMA3_TEXT,
     "gemma3": replace(

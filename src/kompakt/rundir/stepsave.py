@@ -30,7 +30,9 @@ def save_step_model(
 
     Packed: integer codes with fp16 scales; the weights that were not quantized (embeddings,
     norms, lm_head) in 16 bits: the step's input dtype when it was fp16 / bf16, else fp16 (a
-    fp32 copy of them would be larger than all the 4-bit layers together).
+    fp32 copy of them would be larger than all the 4-bit layers together), or bf16 for a family
+    whose activations overflow fp16 (the arch table's `fp16_overflows`: Gemma), since plain
+    transformers computes in the stored dtype.
     """
     from kompakt.model.quantized import save_quantized
     from kompakt.model.save import save_model
@@ -38,7 +40,11 @@ def save_step_model(
     if not packed:
         save_model(loaded, directory)
         return {}
+    from kompakt.model.arch import arch_for
+
     dense = input_dtype if input_dtype in SIXTEEN_BIT else torch.float16
+    if dense == torch.float16 and arch_for(loaded).fp16_overflows:
+        dense = torch.bfloat16
     saved = save_quantized(loaded, directory, packed, dense_dtype=dense)
     stored: dict[str, Any] = {
         "stored_as": "compressed-tensors",
