@@ -78,7 +78,8 @@ def run_transformers(directory: Path, sequences, prompt, new_tokens: int, texts:
             tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as error:  # noqa: BLE001 - any failure to load is the check's answer
         raise RuntimeFailure(f"{type(error).__name__}: {one_line(str(error), 200)}") from None
-    top1, greedy = predict(model, sequences, prompt, new_tokens)
+    with quiet_third_party():  # compressed-tensors decompresses (with its bars) on the first forward
+        top1, greedy = predict(model, sequences, prompt, new_tokens)
     eos = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
     cut = next((i for i, token in enumerate(greedy) if token in eos), len(greedy))
     return Answer(
