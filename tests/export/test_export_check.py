@@ -17,18 +17,10 @@ from kompakt.export.check import MIN_TOP1, ExportCheckError, check_export, rejec
 from kompakt.export.manifest import verify_manifest
 from kompakt.export.modelfile_check import check_modelfile
 from kompakt.model.load import load
-from kompakt.model.tiny import save_tiny, tiny_model
+from kompakt.model.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 llama_cpp = pytest.importorskip("llama_cpp")
-
-
-@pytest.fixture
-def tiny_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("KOMPAKT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    save_tiny("llama", tmp_path / "tiny")
-    return tmp_path / "tiny"
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:

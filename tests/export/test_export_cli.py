@@ -2,18 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 
 from kompakt.cli.app import main
-from kompakt.model.tiny import save_tiny
-
-
-@pytest.fixture
-def tiny_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("KOMPAKT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    save_tiny("llama", tmp_path / "tiny")
-    return tmp_path / "tiny"
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
