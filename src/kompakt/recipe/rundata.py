@@ -40,12 +40,15 @@ class RunData:
     def identity(self) -> str:
         """What determines the calibration blocks (part of every data-using step's hash)."""
         spec = self.spec
-        return digest({
+        what = {
             "calibration": file_identity(spec.calibration) or "generated",
             "heldout": spec.evaluation is None,
             "blocks": spec.calibration_blocks,
             "block_len": spec.block_len,
-        })  # fmt: skip
+        }
+        if prefix := self._prefix():  # only then: the hashes of prefix-free models stay as they were
+            what["prefix"] = prefix
+        return digest(what)
 
     def eval_identity(self, metrics: list[str]) -> str:
         """What determines a step's metrics (a run directory keeps one evaluation setting)."""
@@ -77,8 +80,20 @@ class RunData:
                 ids = self._user_ids()
                 if spec.evaluation is None:
                     ids, _ = split_heldout(ids, HELDOUT_FRACTION)
-            self._calibration = sample_blocks(ids, spec.calibration_blocks, spec.block_len, seed=self.seed)
+            prefix = self._prefix()
+            blocks = sample_blocks(ids, spec.calibration_blocks, spec.block_len - len(prefix), seed=self.seed)
+            self._calibration = _with_prefix(blocks, prefix)
         return self._calibration
+
+    def _prefix(self) -> list[int]:
+        """What the tokenizer puts before text (Gemma's <bos>; nothing for SmolLM2): every
+        calibration block starts with it, as every sequence the model sees in use does. Gemma's
+        activations without it are far from those in use (its perplexity ~3x higher), so
+        Hessians and scales fitted on bare blocks fit the wrong inputs."""
+        from kompakt.model.tokens import prefix_ids
+
+        tokenizer = getattr(self.original, "tokenizer", None)
+        return prefix_ids(tokenizer) if tokenizer is not None else []
 
     def training(self, source: str | None, n_tokens: int, answer_only: bool = True,
                  generator: LoadedModel | None = None) -> Any:  # fmt: skip
@@ -217,3 +232,11 @@ class Measurer:
             out["prefill_speedup"] = speed.prefill_tokens_per_s / base.prefill_tokens_per_s
             out["generate_speedup"] = speed.generate_tokens_per_s / base.generate_tokens_per_s
         return out
+
+
+def _with_prefix(blocks: torch.Tensor, prefix: list[int]) -> torch.Tensor:
+    """[n, len(prefix) + L] blocks, each starting with `prefix`."""
+    if not prefix:
+        return blocks
+    head = torch.tensor(prefix, dtype=blocks.dtype).expand(blocks.shape[0], -1)
+    return torch.cat([head, blocks], dim=1)
