@@ -90,7 +90,7 @@ def _encode_q45(blocks: np.ndarray, nmax: int, rmin: float, nstep: int) -> np.nd
         [_fp16_bytes(max_scale / F32(63)), _fp16_bytes(max_min / F32(63)), _pack_k4(ls, lm)],
         axis=1,
     )
-    d, dmin = _header_floats(header, "q4_k")
+    d, dmin = header_floats(header, "q4_k")
     L = _requantize(
         blocks.reshape(nb, 8, 32), d[:, None] * ls, dmin[:, None] * lm, 0, nmax,
         L.reshape(nb, 8, 32),
@@ -207,7 +207,7 @@ def _encode_q6(blocks: np.ndarray) -> np.ndarray:
 HEADER = {"q2_k": 20, "q3_k": 14, "q4_k": 16, "q5_k": 16, "q6_k": 18}
 
 
-def _header_floats(header: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+def header_floats(header: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(d, dmin or None) as float32 [nb] from a header (HEADER[name] bytes per super-block)."""
     at = {"q2_k": 16, "q3_k": 12, "q4_k": 0, "q5_k": 0, "q6_k": 16}[name]
     d = np.ascontiguousarray(header[:, at : at + 2]).view(np.float16)[:, 0].astype(F32)
