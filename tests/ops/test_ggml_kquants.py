@@ -14,6 +14,7 @@ import pytest
 
 from kompakt.ops import ggml_types
 from kompakt.ops.ggml_kquants import KQUANT_TYPES, quantize_kquant
+from kompakt.ops.ggml_kquants_weighted import quantize_weighted
 
 gguf = pytest.importorskip("gguf")
 
@@ -94,9 +95,28 @@ def test_gguf_py_reads_our_bytes_back(name):
     assert np.array_equal(ggml_types.fake_quantize(w, name), deq)
 
 
-def test_rows_not_multiple_of_256_are_refused():
+def _importances(cols: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    mean_square = rng.chisquare(1.0, cols).astype(np.float32)  # like llama-imatrix's Σx²/n
+    dead = mean_square.copy()
+    dead[100:200] = 0  # columns no calibration token ever activated
+    return {"chi2": mean_square, "with_dead_columns": dead, "uniform": np.ones(cols, np.float32)}
+
+
+@pytest.mark.parametrize("name", KQUANT_TYPES)
+@pytest.mark.parametrize("case", ["normal", "student_t", "with_zeros", "tiny", "constant"])
+def test_imatrix_bytes_equal_llama_cpp(name, case):
+    w = CASES[case]
+    for kind, importance in _importances(w.shape[1]).items():
+        ours = quantize_weighted(w, name, importance)
+        assert np.array_equal(ours, ggml_bytes(w, name, importance)), kind
+
+
+def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize_kquant(np.zeros((2, 576), np.float32), "q4_k")
+    with pytest.raises(ValueError, match="importance has 256 values for rows of 512"):
+        quantize_weighted(np.zeros((2, 512), np.float32), "q4_k", np.ones(256))
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +136,17 @@ def smollm2_down_proj() -> np.ndarray:
 def test_real_down_proj_equals_llama_cpp(name, smollm2_down_proj):
     w = smollm2_down_proj
     assert np.array_equal(quantize_kquant(w, name), ggml_bytes(w, name))
+    importance = _importances(w.shape[1])["chi2"]
+    assert np.array_equal(quantize_weighted(w, name, importance), ggml_bytes(w, name, importance))
+
+
+@pytest.mark.parametrize("name", KQUANT_TYPES)
+def test_imatrix_lowers_the_importance_weighted_error(name):
+    w = CASES["student_t"]
+    importance = _importances(w.shape[1])["chi2"]
+
+    def weighted_error(data: np.ndarray) -> float:
+        return float((importance * (ggml_types.dequantize(data, name, w.shape) - w) ** 2).sum())
+
+    plain = weighted_error(quantize_kquant(w, name))
+    assert weighted_error(quantize_weighted(w, name, importance)) < plain

@@ -10,7 +10,8 @@ integer scales (and mins) per 16- or 32-weight sub-block, found by a per-sub-blo
 float32 in the C order); importing this module registers it in `ggml_types.ENCODERS`.
 `pack_kquant(header, L, name)` lays out bytes from a super-block header (the scale bytes of
 `HEADER`) and the integer codes; GPTQ on these grids (`kompakt.ops.ggml_kquant_grid`) uses it
-to write the codes it chose.
+to write the codes it chose. The imatrix variants (`llama-quantize --imatrix`) are in
+`kompakt.ops.ggml_kquants_weighted`.
 """
 
 from __future__ import annotations
@@ -50,18 +51,18 @@ def quantize_kquant(w: np.ndarray, name: str) -> np.ndarray:
     return np.concatenate(out).reshape(rows, -1)
 
 
-def _fp16_bytes(v: np.ndarray) -> np.ndarray:
+def fp16_bytes(v: np.ndarray) -> np.ndarray:
     """float32 [nb] -> uint8 [nb, 2] as GGML_FP32_TO_FP16 stores it (round to nearest even)."""
     with np.errstate(over="ignore"):
         return np.ascontiguousarray(v.astype(np.float16)).view(np.uint8).reshape(-1, 2)
 
 
-def _fp16(v: np.ndarray) -> np.ndarray:
+def fp16(v: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         return v.astype(np.float16).astype(F32)
 
 
-def _requantize(x, d, offset, lo, hi, fallback):
+def requantize(x, d, offset, lo, hi, fallback):
     """The reference's final pass: l = clamp(nearest_int((x + offset) / d)) where d != 0,
     else the search's own codes `fallback`. x [nb, n_sub, k], d/offset [nb, n_sub]."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -87,18 +88,18 @@ def _encode_q45(blocks: np.ndarray, nmax: int, rmin: float, nstep: int) -> np.nd
     ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
     lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
     header = np.concatenate(
-        [_fp16_bytes(max_scale / F32(63)), _fp16_bytes(max_min / F32(63)), _pack_k4(ls, lm)],
+        [fp16_bytes(max_scale / F32(63)), fp16_bytes(max_min / F32(63)), pack_k4(ls, lm)],
         axis=1,
     )
     d, dmin = header_floats(header, "q4_k")
-    L = _requantize(
+    L = requantize(
         blocks.reshape(nb, 8, 32), d[:, None] * ls, dmin[:, None] * lm, 0, nmax,
         L.reshape(nb, 8, 32),
     )
     return pack_kquant(header, L.reshape(nb, QK_K), "q5_k" if nmax == 31 else "q4_k")
 
 
-def _pack_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+def pack_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     """The 12 bytes holding 8 six-bit scales and 8 six-bit mins (q4_K / q5_K)."""
     ls, lm = ls.astype(np.uint8), lm.astype(np.uint8)
     out = np.zeros((len(ls), 12), dtype=np.uint8)
@@ -109,7 +110,7 @@ def _pack_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
 
 
 def unpack_k4(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of _pack_k4 (ggml's get_scale_min_k4): uint8 [nb, 12] -> (scales, mins) [nb, 8]."""
+    """Inverse of pack_k4 (ggml's get_scale_min_k4): uint8 [nb, 12] -> (scales, mins) [nb, 8]."""
     ls = np.concatenate([sc[:, 0:4] & 63, (sc[:, 8:12] & 0xF) | ((sc[:, 0:4] >> 6) << 4)], axis=1)
     lm = np.concatenate([sc[:, 4:8] & 63, (sc[:, 8:12] >> 4) | ((sc[:, 4:8] >> 6) << 4)], axis=1)
     return ls, lm
@@ -131,9 +132,9 @@ def _encode_q2(blocks: np.ndarray) -> np.ndarray:
     packed = ((sc & 0xFF) | ((m << 4) & 0xFF)).astype(np.uint8)
     d = np.where(max_scale > 0, max_scale / F32(15), F32(0))
     dmin = np.where(max_min > 0, max_min / F32(15), F32(0))
-    header = np.concatenate([packed, _fp16_bytes(d), _fp16_bytes(dmin)], axis=1)
-    d, dmin = _fp16(d), _fp16(dmin)
-    L = _requantize(
+    header = np.concatenate([packed, fp16_bytes(d), fp16_bytes(dmin)], axis=1)
+    d, dmin = fp16(d), fp16(dmin)
+    L = requantize(
         blocks.reshape(nb, 16, 16), d[:, None] * (packed & 0xF), dmin[:, None] * (packed >> 4),
         0, 3, L.reshape(nb, 16, 16),
     )
@@ -155,9 +156,9 @@ def _encode_q3(blocks: np.ndarray) -> np.ndarray:
         l = (np.clip(l.astype(np.int32), -32, 31) + 32).astype(np.uint8)
         d = np.where(max_scale != 0, F32(1) / iscale, F32(0))
     l = np.where(max_scale[:, None] != 0, l, 0).astype(np.uint8)
-    header = np.concatenate([pack_q3_scales(l), _fp16_bytes(d)], axis=1)
-    d = _fp16(d)[:, None] * (l.astype(F32) - F32(32))
-    L = _requantize(blocks.reshape(nb, 16, 16), d, None, -4, 3, L.reshape(nb, 16, 16))
+    header = np.concatenate([pack_q3_scales(l), fp16_bytes(d)], axis=1)
+    d = fp16(d)[:, None] * (l.astype(F32) - F32(32))
+    L = requantize(blocks.reshape(nb, 16, 16), d, None, -4, 3, L.reshape(nb, 16, 16))
     return pack_kquant(header, L.reshape(nb, QK_K), "q3_k")
 
 
@@ -192,9 +193,9 @@ def _encode_q6(blocks: np.ndarray) -> np.ndarray:
         d = np.where(zero, F32(0), F32(1) / iscale)
         sc = np.minimum(127, nearest_int(iscale[:, None] * scales)) & 0xFF
     sc = np.where(zero[:, None], 0, sc).astype(np.uint8)
-    header = np.concatenate([sc, _fp16_bytes(d)], axis=1)
-    dd = _fp16(d)[:, None] * sc.view(np.int8).astype(F32)
-    L = _requantize(blocks.reshape(nb, 16, 16), dd, None, -32, 31, L.reshape(nb, 16, 16))
+    header = np.concatenate([sc, fp16_bytes(d)], axis=1)
+    dd = fp16(d)[:, None] * sc.view(np.int8).astype(F32)
+    L = requantize(blocks.reshape(nb, 16, 16), dd, None, -32, 31, L.reshape(nb, 16, 16))
     L = np.where(zero[:, None, None], 0, L)
     out = pack_kquant(header, L.reshape(nb, QK_K), "q6_k")
     out[zero] = 0

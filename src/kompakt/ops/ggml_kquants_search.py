@@ -77,7 +77,8 @@ def make_qkx2_quants(
 
     Tries nstep + 1 scales around nmax / (max - min), each followed by a weighted
     least-squares fit of (scale, min), and keeps the lowest weighted error. As in ggml, `min`
-    moves to each better solution, so later steps search around it.
+    moves to each better solution, so later steps search around it. With explicit weights
+    ggml's make_qkx3_quants (the imatrix paths) is the same computation, so this serves both.
     Returns (scale [n_sub], the_min [n_sub] (≥ 0, subtracted), L uint8 [n_sub, n]).
     """
     x, weights = np.ascontiguousarray(x.T), np.ascontiguousarray(weights.T)  # [n, n_sub]
@@ -115,17 +116,19 @@ def make_qkx2_quants(
     return scale.astype(F32), (-low).astype(F32), L.T.astype(np.uint8)
 
 
-def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric scale search of q6_K (rmse_type 1, no importance): x [n_sub, n] float32.
+def make_qx_quants(
+    x: np.ndarray, nmax: int, qw: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric scale search (rmse_type 1) of q6_K, and of q3_K with an imatrix: x [n_sub, n].
 
-    RTN at -nmax/max and 18 nearby scales, each with the weighted (w = x²) least-squares
-    scale; keeps the best. Returns (scale [n_sub] (may be negative), L uint8 [n_sub, n] =
-    l + nmax).
+    RTN at -nmax/max and 18 nearby scales, each with the weighted least-squares scale (weights
+    `qw` [n_sub, n], x² without); keeps the best. Returns (scale [n_sub] (may be negative),
+    L uint8 [n_sub, n] = l + nmax).
     """
     peak = signed_absmax(x)
     dead = np.abs(peak) < GROUP_MAX_EPS
     x = np.ascontiguousarray(x.T)  # [n, n_sub]
-    w = x * x
+    w = x * x if qw is None else np.ascontiguousarray(qw.T, dtype=F32)
     wx = w * x
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = F32(-nmax) / peak
@@ -185,4 +188,50 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     scale = np.where(dead, F32(0), scale)
     L = np.where(dead, 0, L + nmax)
+    return scale.astype(F32), L.T.astype(np.uint8)
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize non-negative sub-block scales (or mins) x [nb, n] to 0..nmax with weights qw
+    (the imatrix paths of q2_K / q4_K / q5_K): the best of 9 scales by weighted squared
+    error, then 5 rounds of coordinate descent. Returns (scale [nb], L uint8 [nb, n])."""
+    peak = seqmax(x)
+    dead = peak < GROUP_MAX_EPS
+    x, w = np.ascontiguousarray(x.T), np.ascontiguousarray(qw.T, dtype=F32)  # [n, nb]
+    wx = w * x
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = F32(nmax) / peak
+        L = nearest_int(iscale * x) & 0xFF  # stored in uint8 unclamped, as ggml does
+        scale = F32(1) / iscale
+        diff = x - scale * L.astype(F32)
+        best_mse = seqsum((w * diff) * diff)
+        for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+            iscale_is = (F32(0.1) * F32(step) + F32(nmax)) / peak
+            l = np.minimum(nmax, nearest_int(iscale_is * x))
+            diff = x - (F32(1) / iscale_is) * l.astype(F32)
+            mse = seqsum((w * diff) * diff)
+            better = mse < best_mse
+            best_mse = np.where(better, mse, best_mse)
+            iscale = np.where(better, iscale_is, iscale)
+        l = np.minimum(nmax, nearest_int(iscale * x))
+        lf = l.astype(F32)
+        L = l & 0xFF
+        sumlx, suml2 = seqsum(wx * lf), seqsum((w * lf) * lf)
+        for _ in range(5):
+            for i in range(len(x)):
+                li = L[i].astype(F32)
+                slx = sumlx - wx[i] * li
+                sl2 = suml2 - (w[i] * li) * li
+                new_l = np.minimum(nmax, nearest_int((x[i] * sl2) / slx))
+                nf = new_l.astype(F32)
+                take = (slx > 0) & (sl2 > 0) & (new_l != L[i])
+                slx = slx + wx[i] * nf
+                sl2 = sl2 + (w[i] * nf) * nf
+                take &= (slx * slx) * suml2 > (sumlx * sumlx) * sl2
+                L[i] = np.where(take, new_l & 0xFF, L[i])
+                sumlx = np.where(take, slx, sumlx)
+                suml2 = np.where(take, sl2, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    scale = np.where(dead, F32(0), scale)
+    L = np.where(dead, 0, L)
     return scale.astype(F32), L.T.astype(np.uint8)
