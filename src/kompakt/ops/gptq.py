@@ -7,8 +7,10 @@ error is spread over the not-yet-quantized columns through the upper Cholesky fa
 (OBS update), with lazy batch updates in blocks of 128 columns. Use it instead of RTN at 4
 bits and below; at 8 bits RTN is already close to lossless.
 
-Works with any `kompakt.ops.quant.Grid`: `QuantGrid` (int grids, per channel or in groups) and
-`GGUFBlockGrid` (llama.cpp q4_0 / q4_1 / q8_0, groups = 32-column blocks).
+Works with any `kompakt.ops.quant.Grid`: `QuantGrid` (int grids, per channel or in groups),
+`GGUFBlockGrid` (llama.cpp q4_0 / q4_1 / q8_0, groups = 32-column blocks) and `KQuantGrid`
+(llama.cpp K-quants, groups = 256-column super-blocks whose sub-blocks each have their own
+scale: each column is coded with `column_params`).
 
 Design decisions:
 - Groups are always contiguous input columns in the original order ("static groups"), also
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kompakt.ops.hessian import drop_dead_columns, inverse_cholesky_upper
-from kompakt.ops.quant import Grid, GroupParams
+from kompakt.ops.quant import Grid, GroupParams, column_params
 
 
 @dataclass
@@ -37,10 +39,13 @@ class GPTQResult:
 
     weight: float32 [out, in], exactly grid.decode(codes) (dequantized; cast it yourself).
     codes: int32 [out, in], the integers a packer stores.
-    scales: float32 [out, n_groups]; zeros: [out, n_groups] or None (meaning as in the grid).
+    scales: float32 [out, n_groups]; zeros: [out, n_groups] or None (meaning as in the grid);
+        [out, n_groups, n_sub] each for grids with per-column params (K-quant sub-blocks).
     loss: Σ (w − ŵ)² / (2 · [H⁻¹]_jj), GPTQ's estimate of the output-error increase.
     perm: the column order used with act_order, else None.
     damp: the relative damping used (percdamp, or more after a failed Cholesky).
+    stored: [out, n_groups, k], the groups' GroupParams.stored (the exact header bytes a
+        K-quant packer needs, `KQuantGrid.pack`), or None for grids without it.
     """
 
     weight: torch.Tensor
@@ -51,6 +56,7 @@ class GPTQResult:
     loss: float
     perm: torch.Tensor | None
     damp: float
+    stored: torch.Tensor | None = None
 
 
 def gptq_quantize(
@@ -98,6 +104,7 @@ class _State:
         self.losses = torch.zeros(out_features, device=w.device)
         self.params: dict[int, GroupParams] = {}
         self.group_at = (order // group).tolist()  # group id of each position (one host sync)
+        self.column_at = (order % group).tolist()  # column within its group
 
     def run_block(self, i1: int, i2: int) -> None:
         """Quantize positions [i1, i2); then apply the block's errors to all later columns."""
@@ -109,8 +116,9 @@ class _State:
             if gid not in self.params:
                 self.params[gid] = self._fit_group(gid, i1, err1[:, :i])
             col = w1[:, i : i + 1]  # [out, 1]
-            q = self.grid.encode(col, self.params[gid])
-            deq = self.grid.decode(q, self.params[gid])
+            params = column_params(self.grid, self.params[gid], self.column_at[i1 + i])
+            q = self.grid.encode(col, params)
+            deq = self.grid.decode(q, params)
             self.codes[:, i1 + i] = q[:, 0]
             self.deq[:, i1 + i] = deq[:, 0]
             pivot = hinv1[i, i]
@@ -133,6 +141,7 @@ class _State:
         n_groups = -(-shape[1] // self.group)
         params = [self.params[g] for g in range(n_groups)]
         zeros = None if params[0].zero is None else torch.stack([p.zero for p in params], dim=1)
+        stored = None if params[0].stored is None else torch.stack([p.stored for p in params], 1)
         return GPTQResult(
             weight=self.deq[:, self.position],
             codes=self.codes[:, self.position],
@@ -142,4 +151,5 @@ class _State:
             loss=float(self.losses.sum()),
             perm=perm,
             damp=damp,
+            stored=stored,
         )

@@ -79,11 +79,15 @@ class GroupParams(NamedTuple):
     """Quantization parameters of one group of columns, one value per output row.
 
     `scale` [out]; `zero` [out] or None. The meaning of `zero` belongs to the grid that made
-    it (an integer zero point for `QuantGrid`, the fp16 block minimum for GGUF q4_1).
+    it (an integer zero point for `QuantGrid`, the fp16 block minimum for GGUF q4_1). A grid
+    whose scale varies inside a group (llama.cpp K-quant sub-blocks) gives [out, n_sub] and
+    `column_params`. `stored` [out, k]: the grid's exact storage form of these parameters when
+    scale / zero do not determine it (a K-quant super-block header), else None.
     """
 
     scale: torch.Tensor
     zero: torch.Tensor | None
+    stored: torch.Tensor | None = None
 
 
 class Grid(Protocol):
@@ -108,6 +112,16 @@ class Grid(Protocol):
     def decode(self, q: torch.Tensor, params: GroupParams) -> torch.Tensor:
         """Float32 values of codes `q` [out, k]."""
         ...
+
+    # Optional: column_params(params, j) -> GroupParams, the parameters encode / decode use
+    # for the group's column j (0-based), for grids whose scale changes inside a group
+    # (kompakt.ops.ggml_kquant_grid). Without it, a group's parameters hold for every column.
+
+
+def column_params(grid: Grid, params: GroupParams, j: int) -> GroupParams:
+    """The parameters of column `j` of a group: `grid.column_params` where the grid has it."""
+    of_column = getattr(grid, "column_params", None)
+    return params if of_column is None else of_column(params, j)
 
 
 def group_bounds(in_features: int, group_size: int) -> list[tuple[int, int]]:
