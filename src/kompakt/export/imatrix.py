@@ -202,7 +202,11 @@ def export_imatrix(
         raise ConfigError(f"--blocks and --block-len must be positive (got {n_blocks} x {block_len})")
     if out is not None:
         _check_out(out, force)  # before the model loads
+    if imatrix is not None and not Path(imatrix).expanduser().is_file():
+        raise DataError(f"imatrix file {imatrix} does not exist; give the path of a llama.cpp imatrix file")
     loaded = model if isinstance(model, LoadedModel) else load(model)
+    if imatrix is None and block_len > loaded.context_length:
+        raise ConfigError(f"--block-len {block_len} exceeds the model's context ({loaded.context_length}); lower it")
     target = _check_out(out if out is not None else Path(f"{Path(str(loaded.name)).name}.imatrix.gguf"), force)
     if imatrix is not None:
         read_importance(imatrix, loaded)  # refuses another model's file

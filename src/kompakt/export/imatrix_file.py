@@ -103,17 +103,18 @@ def _read_gguf(path: Path) -> Imatrix:
     if (kind is not None and kind.contents() != "imatrix") or not any(n.endswith(SUM_SUFFIX) for n in tensors):
         raise _unreadable(path, "a GGUF file without imatrix tensors, perhaps a model")
     entries: dict[str, Entry] = {}
-    for name, (ggml_type, sums) in tensors.items():
+    f32 = gguf.GGMLQuantizationType.F32
+    for name, (sums_type, sums) in tensors.items():
         if not name.endswith(SUM_SUFFIX):
             continue
         base = name.removesuffix(SUM_SUFFIX)
-        counts = tensors.get(base + COUNT_SUFFIX)
-        if counts is None or ggml_type != gguf.GGMLQuantizationType.F32 or counts[0] != gguf.GGMLQuantizationType.F32:
+        counts_type, counts = tensors.get(base + COUNT_SUFFIX, (None, None))
+        if counts is None or sums_type != f32 or counts_type != f32:
             raise _unreadable(path, f"{base} lacks F32 sums and counts")
-        n_mat = counts[1].size
+        n_mat = counts.size
         if n_mat < 1 or sums.size % n_mat:
             raise _unreadable(path, f"{base} has {sums.size} sums for {n_mat} counts")
-        entries[base] = Entry(sums.reshape(n_mat, -1), np.rint(counts[1].reshape(-1)).astype(np.int64))
+        entries[base] = Entry(sums.reshape(n_mat, -1), np.rint(counts.reshape(-1)).astype(np.int64))
     if KEY_CHUNK_SIZE not in fields or KEY_DATASETS not in fields:
         raise _unreadable(path, "no imatrix metadata (datasets, chunk size), which llama-quantize requires")
     return Imatrix(entries, list(fields[KEY_DATASETS]), int(fields.get(KEY_CHUNK_COUNT, 0)), int(fields[KEY_CHUNK_SIZE]))
