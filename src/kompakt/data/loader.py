@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 
 # 128 blocks of 512 tokens: the BENCH.md calibration size.
 DEFAULT_GENERATED_TOKENS = 128 * 512
+# Self-generated calibration text is sampled from the original on the CPU; beyond this many
+# tokens the blocks overlap instead (generation is the slow part, and it is cached).
+MAX_GENERATED_CALIBRATION_TOKENS = 32768
 # Names that ask for self-generated text explicitly (e.g. `data: generated` in a recipe).
 GENERATED_SOURCES = frozenset({"generated", "self", "self-generated"})
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from kompakt.data.loader import MAX_GENERATED_CALIBRATION_TOKENS
 from kompakt.errors import DataError
 from kompakt.evaluate.topk import TOP_K, TopK, kl_label
 from kompakt.model.loaded import LoadedModel
@@ -19,9 +20,6 @@ from kompakt.recipe.schema import DataSpec
 logger = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.1
-# Self-generated calibration text is sampled from the original on the CPU; beyond this many
-# tokens the blocks overlap instead (generation is the slow part, and it is cached).
-MAX_GENERATED_CALIBRATION_TOKENS = 32768
 
 
 class RunData:
