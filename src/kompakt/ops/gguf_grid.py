@@ -37,7 +37,7 @@ from kompakt.ops.quant import GroupParams, signed_absmax
 
 BLOCK = 32
 FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
-BITS = {"q8_0": 8, "q5_0": 5, "q5_1": 5, "q4_0": 4, "q4_1": 4, "iq4_nl": 4}  # bits per code
+CODE_BITS = {"q8_0": 8, "q5_0": 5, "q5_1": 5, "q4_0": 4, "q4_1": 4, "iq4_nl": 4}  # bits per code
 ASYMMETRIC = ("q4_1", "q5_1")  # the formats with a block minimum m (x ≈ q·d + m)
 _OFFSET = {"q4_0": 8, "q5_0": 16}  # stored code = q + offset; d = signed max / -offset
 _LEVELS = {"q4_1": 15, "q5_1": 31}  # largest code of the asymmetric formats
@@ -215,7 +215,7 @@ def pack_blocks(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, fmt: s
         parts.append(codes.astype(np.int8).view(np.uint8))
     else:
         nib = codes.astype(np.uint8)
-        if BITS[fmt] == 5:
+        if CODE_BITS[fmt] == 5:
             parts.append(np.packbits(nib >> np.uint8(4), axis=-1, bitorder="little"))  # qh [out, nb, 4]
             nib = nib & np.uint8(0x0F)
         parts.append(nib[..., : BLOCK // 2] | (nib[..., BLOCK // 2 :] << np.uint8(4)))
