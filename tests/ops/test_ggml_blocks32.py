@@ -105,13 +105,18 @@ def test_iq4_nl_beats_q4_0_at_the_same_size():
     assert errors["iq4_nl"] < errors["q4_0"]
 
 
-@pytest.mark.parametrize("kind", ("normal", "heavy-tailed", "zero", "smollm2"))
-def test_iq4_nl_with_an_importance_matrix_writes_llama_cpp_bytes(libggml, kind):
-    from kompakt.ops.ggml_iq4nl import quantize
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("kind", ("normal", "heavy-tailed", "zero", "constant", "smollm2"))
+def test_importance_weighted_encoders_write_llama_cpp_bytes(libggml, name, kind):
+    """What `llama-quantize --imatrix` writes (ggml_quantize_chunk with an imatrix row)."""
+    from kompakt.ops.ggml_weighted32 import quantize_weighted
 
     w = _weights(kind)
     importance = (np.random.default_rng(1).random(w.shape[1]) ** 3 * 10).astype(np.float32)
-    theirs = ggml_bytes(libggml, w, "iq4_nl", importance)
-    assert np.array_equal(quantize(w, importance), theirs)
-    if kind != "zero":  # the importance changed the choice (the test can tell them apart)
-        assert not np.array_equal(theirs, ggml_bytes(libggml, w, "iq4_nl"))
+    theirs = ggml_bytes(libggml, w, name, importance)
+    ours = quantize_weighted(w, name, importance)
+    mismatched = np.flatnonzero((ours != theirs).any(axis=-1))
+    assert mismatched.size == 0, f"{name} {kind}: rows {mismatched[:5]} differ"
+    if kind == "normal" and name != "q8_0":  # the importance changed the choice (the shipped
+        # SmolLM2 weights already lie on a q4_1 grid: there both choices agree)
+        assert not np.array_equal(theirs, ggml_bytes(libggml, w, name))

@@ -44,7 +44,7 @@ def nearest_index(x: np.ndarray) -> np.ndarray:
     return index.astype(np.uint8)
 
 
-def _sequential_sum(terms: np.ndarray) -> np.ndarray:
+def sequential_sum(terms: np.ndarray) -> np.ndarray:
     """Σ over the last axis in C loop order, in float32 (terms [B, 32] -> [B])."""
     total = np.zeros(terms.shape[:-1], dtype=np.float32)
     for j in range(terms.shape[-1]):
@@ -56,7 +56,7 @@ def _fit(x: np.ndarray, weight: np.ndarray, id_: np.ndarray) -> tuple[np.ndarray
     """(Σwqx, Σwq²) [B] for the indices nearest to id·x; x, weight [B, 32], id [B]."""
     q = KVALUES[nearest_index(id_[:, None] * x)]
     wq = weight * q
-    return _sequential_sum(wq * x), _sequential_sum(wq * q)
+    return sequential_sum(wq * x), sequential_sum(wq * q)
 
 
 def block_scales(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
@@ -69,7 +69,7 @@ def block_scales(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndar
     if importance is None:
         weight = x * x
     else:
-        sigma2 = _sequential_sum(x * x) * np.float32(2.0 / BLOCK)
+        sigma2 = sequential_sum(x * x) * np.float32(2.0 / BLOCK)
         weight = np.asarray(importance, dtype=np.float32) * np.sqrt(sigma2[:, None] + x * x)
     arg = np.abs(x).argmax(axis=-1)  # first of equal magnitudes, as ggml's strict `>`
     peak = np.take_along_axis(x, arg[:, None], axis=-1)[:, 0]  # signed
