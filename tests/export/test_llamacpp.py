@@ -86,9 +86,10 @@ def test_smollm2_in_llama_cpp(smollm2, wikitext_test, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("type", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("type", ["q8_0", "q5_1", "q5_0", "q4_0"])
 def test_same_tensors_as_llama_cpp_quantizer(smollm2, tmp_path, type):
-    """kompakt's Q8_0 / Q4_0 equal llama_model_quantize on kompakt's F32 export, tensor for tensor."""
+    """kompakt's Q8_0 / Q5_1 / Q5_0 / Q4_0 equal llama_model_quantize on kompakt's F32 export,
+    tensor for tensor."""
     source = export_gguf(smollm2, tmp_path / "f32.gguf", type="f32")
     ours = export_gguf(smollm2, tmp_path / f"ours-{type}.gguf", type=type)
     theirs = tmp_path / f"theirs-{type}.gguf"

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import pytest
 import torch
 
-from kompakt.ops.gguf_grid import (
-    GGUFBlockGrid,
-    dequantize_blocks,
-    ggml_type,
-    pack_blocks,
-    quantize_blocks,
-)
+from kompakt.ops import ggml_types
+from kompakt.ops.gguf_grid import FORMATS, GGUFBlockGrid, dequantize_blocks, pack_blocks, quantize_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.ops.quant import QuantGrid
 
@@ -53,7 +47,7 @@ def test_partial_last_group(layer_factory):
     assert layer.output_error(result.weight) < layer.output_error(grid.fake_quantize(layer.weight))
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_on_gguf_blocks_is_exactly_storable(layer, fmt, act_order):
     result = gptq_quantize(layer.weight, layer.hessian, GGUFBlockGrid(fmt), act_order=act_order)
@@ -61,7 +55,7 @@ def test_gptq_on_gguf_blocks_is_exactly_storable(layer, fmt, act_order):
     assert layer.output_error(result.weight) < 0.9 * layer.output_error(rtn)
     # the exporter writes (codes, d, m) as they are; llama.cpp's dequantization gives our weight
     stored = pack_blocks(result.codes, result.scales, result.zeros, fmt)
-    decoded = gguf.quants.dequantize(stored, ggml_type(fmt))
+    decoded = ggml_types.dequantize(stored, fmt, tuple(layer.weight.shape))
     assert np.array_equal(decoded.view(np.uint32), result.weight.numpy().view(np.uint32))
 
 

@@ -97,11 +97,12 @@ def test_gptq_beats_rtn(family, bits):
     assert _kl(reference, gptq) < _kl(reference, rtn)
 
 
-def test_gptq_beats_rtn_on_q4_0_grid():
+@pytest.mark.parametrize("fmt", ["q4_0", "q5_0", "q5_1", "iq4_nl"])
+def test_gptq_beats_rtn_on_gguf_grids(fmt):
     reference = _logits(tiny_model("llama"))
     rtn, gptq = tiny_model("llama"), tiny_model("llama")
-    _run(RTN, rtn, format="q4_0")
-    _run(GPTQ, gptq, format="q4_0")
+    _run(RTN, rtn, format=fmt)
+    _run(GPTQ, gptq, format=fmt)
     assert _kl(reference, gptq) < _kl(reference, rtn)
 
 

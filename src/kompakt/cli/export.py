@@ -8,10 +8,10 @@ import typer
 from rich.console import Console
 
 HELP = (
-    "Export a model: GGUF for llama.cpp (f32 f16 bf16 q8_0 q4_0 q4_1), an Ollama directory (GGUF + Modelfile) or a Hugging Face directory."
+    "Export a model: GGUF for llama.cpp (f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 iq4_nl q4_0), an Ollama directory (GGUF + Modelfile) or a Hugging Face directory."
 )
 MODEL_HELP = "Model directory, .gguf file or embedded name (default: smollm2-135m)."
-TYPE_HELP = "gguf: f32 f16 bf16 q8_0 q4_0 q4_1 (default f16); hf: f32 f16 bf16 (default: as stored)."
+TYPE_HELP = "gguf: f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 iq4_nl q4_0 (default f16); hf: f32 f16 bf16 (default: as stored)."
 NO_VERIFY_HELP = (
     "Skip the check that reloads the export in its runtime (llama.cpp, transformers) and compares its "
     "next-token predictions with the original."

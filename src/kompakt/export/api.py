@@ -54,8 +54,8 @@ def export(
 ) -> ExportResult:
     """Export a model (a LoadedModel or anything kompakt.model.load accepts; None = embedded default).
 
-    format "gguf": type f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 (default f16), out default
-    `<name>-<type>.gguf` in the current directory. format "hf": type f32 | f16 | bf16 (default
+    format "gguf": type f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | iq4_nl | q4_0 (default
+    f16), out default `<name>-<type>.gguf` in the current directory. format "hf": type f32 | f16 | bf16 (default
     the stored dtype), out default `<name>-<type>/`. format "ollama": a directory with
     model.gguf (a given .gguf is copied; a model is exported with type, default q4_0) and a
     Modelfile (template and stop tokens from the chat template).

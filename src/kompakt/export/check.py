@@ -64,11 +64,12 @@ NEW_TOKENS = 16
 # families (288 positions) and SmolLM2-135M-Instruct (185 positions), in llama.cpp for GGUF and
 # transformers for hf; lowest correct export of each type (README, "Export"):
 #   f32 1.000, f16 0.997, bf16 0.976, q8_0 0.951 (SmolLM2), q4_1 0.611 and q4_0 0.535 (tiny
-#   gemma2; SmolLM2 0.962 and 0.676).
+#   gemma2; SmolLM2 0.962 and 0.676); q5_1 0.715, iq4_nl 0.628, q5_0 0.622 (tiny gemma2).
 # Each floor sits below that with room for other models and far above a broken export (a
 # scrambled output matrix: 0 %; a tiny llama against another seed's weights: 5.6 %). Tiny random models have
 # nearly flat next-token distributions, so a 4-bit grid flips many near-ties: they set the low end.
-MIN_TOP1 = {"f32": 0.95, "f16": 0.9, "bf16": 0.85, "q8_0": 0.8, "q4_1": 0.45, "q4_0": 0.4}
+MIN_TOP1 = {"f32": 0.95, "f16": 0.9, "bf16": 0.85, "q8_0": 0.8, "q5_1": 0.5, "q5_0": 0.45, "q4_1": 0.45,
+            "iq4_nl": 0.45, "q4_0": 0.4}  # fmt: skip
 VERIFY_FILE = "kompakt-verify.json"  # inside a Hugging Face directory (ships with it)
 
 

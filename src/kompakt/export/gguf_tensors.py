@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 FLOAT_TYPES = ("f32", "f16", "bf16")
 TYPES = FLOAT_TYPES + FORMATS
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16",
-              "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}  # fmt: skip
+              "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1",
+              "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1", "iq4_nl": "MOSTLY_IQ4_NL"}  # fmt: skip
 _OUTPUT_BLOCK = 256  # Q6_K super-block: llama.cpp uses Q8_0 for the output when rows don't divide
 
 

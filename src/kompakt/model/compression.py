@@ -50,7 +50,7 @@ import torch
 
 from kompakt.errors import ModelFormatError
 from kompakt.model.loaded import LoadedModel
-from kompakt.ops.gguf_grid import FORMATS
+from kompakt.ops.gguf_grid import ASYMMETRIC, CODE_BITS, FORMATS
 from kompakt.ops.quant import QuantGrid
 
 _QUANTIZATION_KEY = "kompakt_quantization"
@@ -103,8 +103,8 @@ class PackedLayer:
 class Quantization:
     """The grid the weights of `modules` lie on (their fp32 values are exactly on it).
 
-    format: "int2" .. "int8" for integer grids, or a llama.cpp block grid "q4_0" / "q4_1" /
-    "q8_0". group_size: input columns per scale (None = per output channel); `group_sizes`
+    format: "int2" .. "int8" for integer grids, or a llama.cpp block grid (kompakt.ops.gguf_grid
+    FORMATS: "q4_0", "q5_1", "iq4_nl", ...). group_size: input columns per scale (None = per output channel); `group_sizes`
     names the modules that use another one (a group that does not divide their width).
     """
 
@@ -136,7 +136,7 @@ class Quantization:
         fmt = str(data.get("format") or f"int{data.get('bits', 4)}").lower()
         if fmt not in FORMATS and not _INT_FORMAT.fullmatch(fmt):
             raise ValueError(f"unknown format {fmt!r} (known: int2..int8, {', '.join(FORMATS)})")
-        bits = data.get("bits") or (8 if fmt == "q8_0" else 4 if fmt in FORMATS else int(fmt.removeprefix("int")))
+        bits = data.get("bits") or (CODE_BITS[fmt] if fmt in FORMATS else int(fmt.removeprefix("int")))
         group_size = data.get("group_size")
         modules, group_sizes = data.get("modules", []), data.get("group_sizes") or {}
         if not isinstance(bits, int) or (group_size is not None and not isinstance(group_size, int)):
@@ -144,7 +144,7 @@ class Quantization:
         if not isinstance(modules, list | tuple) or not isinstance(group_sizes, Mapping):
             raise ValueError("modules must be a list of module names and group_sizes a mapping")
         return cls(method=str(data.get("method", "")), format=fmt, bits=bits, group_size=group_size,
-                   symmetric=bool(data.get("symmetric", fmt != "q4_1")), modules=tuple(str(m) for m in modules),
+                   symmetric=bool(data.get("symmetric", fmt not in ASYMMETRIC)), modules=tuple(str(m) for m in modules),
                    group_sizes=dict(group_sizes))  # fmt: skip
 
 

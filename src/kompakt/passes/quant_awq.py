@@ -67,7 +67,9 @@ class AwqConfig:
     bits: int = field(default=4, metadata=_doc("bits of the quantizer that follows: 8, 4, 3, 2"))
     group_size: int | None = field(default=128, metadata=_doc("its group size: 32, 64, 128, null = per channel"))
     symmetric: bool = field(default=True, metadata=_doc("its grid is symmetric"))
-    format: str | None = field(default=None, metadata=_doc("or its GGUF block grid q4_0 | q4_1 | q8_0"))
+    format: str | None = field(
+        default=None, metadata=_doc("or its GGUF block grid q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl | q8_0")
+    )
     n_grid: int = field(default=20, metadata=_doc("alpha takes i/n_grid, i = 0..n_grid"))
     clip: bool = field(default=True, metadata=_doc("also search weight clipping ranges (not for q, k)"))
     max_shrink: float = field(default=0.5, metadata=_doc("clipping range shrinks by at most this fraction"))

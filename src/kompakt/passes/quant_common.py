@@ -12,10 +12,11 @@ Grids:
   largest storable divisor (64) for that layer; the report counts such layers and names a few.
   Integer-grid scales are fitted in fp16 (what compressed-tensors stores), so what is stored
   is exactly what the pass optimised.
-- `format: q4_0 | q4_1 | q8_0`: llama.cpp's block grids (32 weights, fp16 scale, + fp16 min for
-  q4_1). Overrides bits / group / symmetric. Layers whose input width is not a multiple of 32
-  stay unquantized (reported). q4_0 / q8_0 blocks are stored packed as symmetric int4 / int8
-  groups of 32; q4_1's fp16 minimum is no integer zero point, so a q4_1 step stays dense.
+- `format: q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl | q8_0`: llama.cpp's 32-weight block grids (fp16
+  scale, + fp16 min for q4_1 / q5_1; iq4_nl's codes index a non-linear table). Overrides bits /
+  group / symmetric. Layers whose input width is not a multiple of 32 stay unquantized
+  (reported). q4_0 / q8_0 blocks are stored packed as symmetric int4 / int8 groups of 32; the
+  others are no compressed-tensors integer grid, so their steps stay dense (the exact values).
 
 Modules: every Linear of the decoder layers by default; `modules` picks roles ("attn", "mlp",
 "attn.q", ..., "mlp.down"); `embeddings: true` / `lm_head: true` add those (with tied
@@ -39,7 +40,7 @@ from kompakt.model.arch import arch_for, decoder_layers, embeddings_tied, get_su
 from kompakt.model.compression import PackedLayer, Quantization, get_state, update_state
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import SCALE_DTYPE, ensure_not_quantized, storage_grid
-from kompakt.ops.gguf_grid import BLOCK, FORMATS, GGUFBlockGrid, dequantize_blocks, quantize_blocks
+from kompakt.ops.gguf_grid import ASYMMETRIC, BLOCK, CODE_BITS, FORMATS, GGUFBlockGrid, dequantize_blocks, quantize_blocks
 from kompakt.ops.quant import QuantGrid
 from kompakt.passes.base import PassContext
 
@@ -66,7 +67,7 @@ class QuantGridConfig:
     )
     symmetric: bool = field(default=True, metadata=_doc("symmetric q*s (true) or asymmetric (q-z)*s"))
     format: str | None = field(
-        default=None, metadata=_doc("GGUF block grid q4_0 | q4_1 | q8_0 (overrides bits/group_size/symmetric)")
+        default=None, metadata=_doc("GGUF block grid q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl | q8_0 (overrides bits/group_size/symmetric)")
     )
     modules: list[str] | str | None = field(
         default=None, metadata=_doc("Linear roles: attn, mlp, attn.q, ..., mlp.down, or patterns (default all)")
@@ -172,15 +173,16 @@ def plan_grid(config: QuantGridConfig, in_features: int) -> GridPlan:
 
 
 def packed_from(codes: torch.Tensor, scales: torch.Tensor, zeros, config: QuantGridConfig, plan: GridPlan):
-    """The compressed-tensors record of a quantized weight (None for q4_1).
+    """The compressed-tensors record of a quantized weight (None for the other GGUF grids).
 
     q4_0 and q8_0 blocks are symmetric int4 / int8 groups of 32 with an fp16 scale (q4_0's file
-    codes 0..15 mean code - 8), so they store packed exactly; q4_1's fp16 block minimum is not an
-    integer zero point, so a q4_1 step stays dense.
+    codes 0..15 mean code - 8), so they store packed exactly; q4_1 / q5_1's fp16 block minimum
+    is not an integer zero point, iq4_nl's codes are no integers of a uniform grid, and q5_0 has
+    no packed compressed-tensors form here, so those steps stay dense.
     """
     if isinstance(plan.grid, GGUFBlockGrid):
         fmt = plan.grid.fmt
-        if fmt == "q4_1":
+        if fmt not in ("q4_0", "q8_0"):
             return None
         signed = codes.cpu() - 8 if fmt == "q4_0" else codes.cpu()
         return PackedLayer(signed, scales.cpu().to(SCALE_DTYPE), None, 4 if fmt == "q4_0" else 8, BLOCK, True)
@@ -240,9 +242,9 @@ def record(
     quantization = Quantization(
         method=method,
         format=config.format or f"int{config.bits}",
-        bits=4 if config.format in ("q4_0", "q4_1") else 8 if config.format else config.bits,
+        bits=CODE_BITS[config.format] if config.format else config.bits,
         group_size=BLOCK if config.format else config.group_size,
-        symmetric=config.format != "q4_1" if config.format else config.symmetric,
+        symmetric=config.format not in ASYMMETRIC if config.format else config.symmetric,
         modules=tuple(n for n, p in done.items() if p.grid is not None),
         group_sizes={n: p.group_size for n, p in done.items() if p.grid is not None and p.note},
     )

@@ -14,7 +14,8 @@ Use it for 4 and 3 bits (clearly better than RTN there); at 8 bits RTN is as goo
 Combine with `quant.awq` as a step before it (AWQ rescales, GPTQ quantizes). Grid options,
 modules, the group-size fallback (576 with 128 → 64, reported) and what is left on the model
 for storage / export are those of `quant.rtn` (see kompakt.passes.quant_common); with
-`format: q4_0 | q4_1 | q8_0` GPTQ chooses values exactly on llama.cpp's block grid.
+`format: q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl | q8_0` GPTQ chooses values exactly on llama.cpp's
+block grid.
 Embeddings / lm_head, when asked for, are quantized with RTN (no Hessian is collected there).
 
 Sample recipe steps::

@@ -15,7 +15,8 @@ the last forward) and the model carries the same storage / export contract as qu
 Grid: on a model a previous step quantized (quant.rtn / gptq / awq, in memory or reloaded from
 a compressed-tensors step directory), QAT trains on *that* grid and those modules (its own grid
 fields are then ignored); on an unquantized model it uses its own fields, exactly as quant.rtn
-reads them (`bits`, `group_size`, `symmetric`, `format: q4_0 | q4_1 | q8_0`, `modules`).
+reads them (`bits`, `group_size`, `symmetric`, `format: q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl |
+q8_0`, `modules`).
 
 When to use it: when post-training quantization loses too much (4 bits and below on small
 models); after quant.rtn or quant.gptq it starts from their codes. Costs like distill.kd, plus

@@ -6,9 +6,9 @@ Use it at 8 bits (nearly lossless), as the fast baseline at 4 bits, or after `qu
 (activation-aware scaling makes RTN competitive). At 4 bits and below `quant.gptq` is better.
 
 Grids and modules are those every quant pass shares (kompakt.passes.quant_common): integer
-grids (`bits`, `group_size`, `symmetric`) or `format: q4_0 | q4_1 | q8_0`, where RTN is
-bit-exact llama.cpp's reference quantizer, so `kompakt export --type` of the same format writes
-the values without re-rounding. `embeddings: true` / `lm_head: true` also quantize those.
+grids (`bits`, `group_size`, `symmetric`) or `format: q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl |
+q8_0`, where RTN is bit-exact llama.cpp's reference quantizer, so `kompakt export --type` of the
+same format writes the values without re-rounding. `embeddings: true` / `lm_head: true` also quantize those.
 
 What the pass leaves: the weights hold the exact dequantized values (fp32), the compression
 state (kompakt.model.compression) records the grid and its modules (it survives save ->
