@@ -21,6 +21,9 @@ here. Nothing else names the config keys:
   entry, keyed by the embedding). Read by the GGUF export (kompakt.export.gguf_tensors: below
   `--tensor-type`, above `--type`). It is a type choice, not a grid claim, so
   `clear_quantization` keeps it.
+- `types_source` ({"source": ..., "calibration": ...}): where those types came from ("recipe",
+  "allocation: <how measured>") and the calibration they were measured or solved on; the GGUF
+  export writes them as metadata. Key `kompakt_gguf_types_source`.
 
 Reserved slots, for passes to come; no pass fills them and nothing reads them yet:
 
@@ -64,6 +67,7 @@ from kompakt.ops.quant import QuantGrid
 _QUANTIZATION_KEY = "kompakt_quantization"
 _AWQ_KEY = "kompakt_awq"
 _GGUF_TYPES_KEY = "kompakt_gguf_types"
+_TYPES_SOURCE_KEY = "kompakt_gguf_types_source"
 _LOWRANK_KEY = "kompakt_lowrank"
 _SHARED_KEY = "kompakt_shared"
 _COMPRESSED_TENSORS_KEY = "quantization_config"  # transformers' own: weights stored compressed
@@ -212,6 +216,7 @@ class CompressionState:
     quantization: Quantization | None = None
     awq: AwqScaling | None = None
     per_tensor_types: Mapping[str, str] = field(default_factory=dict)
+    types_source: Mapping[str, str] = field(default_factory=dict)
     # reserved slots: kompakt.load refuses a model where one is non-empty (module docstring)
     lowrank: Mapping[str, LowRank] = field(default_factory=dict)
     shared: Mapping[str, SharedWeights] = field(default_factory=dict)
@@ -247,6 +252,7 @@ def get_state(target: LoadedModel | torch.nn.Module) -> CompressionState:
         quantization=Quantization.from_json(quant) if isinstance(quant, Mapping) and quant else None,
         awq=AwqScaling.from_json(awq) if isinstance(awq, Mapping) and awq else None,
         per_tensor_types=_mapping(getattr(config, _GGUF_TYPES_KEY, None), lambda v: str(v).lower()),
+        types_source=_mapping(getattr(config, _TYPES_SOURCE_KEY, None), str),
         lowrank=_mapping(getattr(config, _LOWRANK_KEY, None), LowRank.from_json),
         shared=_mapping(getattr(config, _SHARED_KEY, None), SharedWeights.from_json),
     )
@@ -259,6 +265,7 @@ def set_state(target: LoadedModel | torch.nn.Module, state: CompressionState) ->
         _QUANTIZATION_KEY: state.quantization.to_json() if state.quantization else None,
         _AWQ_KEY: state.awq.to_json() if state.awq else None,
         _GGUF_TYPES_KEY: dict(state.per_tensor_types) or None,
+        _TYPES_SOURCE_KEY: dict(state.types_source) or None,
         _LOWRANK_KEY: {k: v.to_json() for k, v in state.lowrank.items()} or None,
         _SHARED_KEY: {k: v.to_json() for k, v in state.shared.items()} or None,
     }

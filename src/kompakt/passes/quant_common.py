@@ -82,6 +82,9 @@ class QuantGridConfig:
         metadata=_doc("GGUF type per module {name or fnmatch pattern: type}; needs format (the default); "
                       "model.embed_tokens / lm_head keys set the type export writes them in"),
     )  # fmt: skip
+    types_source: str | None = field(
+        default=None, metadata=_doc("where tensor_types came from, for the GGUF metadata (default: recipe)")
+    )
     modules: list[str] | str | None = field(
         default=None, metadata=_doc("Linear roles: attn, mlp, attn.q, ..., mlp.down, or patterns (default all)")
     )
@@ -295,11 +298,11 @@ def prepare(ctx: PassContext, name: str, config: QuantGridConfig) -> LoadedModel
 
 
 def record(loaded: LoadedModel, method: str, config: QuantGridConfig, done: Quantized,
-           types: dict[str, str] | None = None) -> dict[str, PackedLayer]:  # fmt: skip
+           types: dict[str, str] | None = None, calibration: str = "") -> dict[str, PackedLayer]:  # fmt: skip
     """Record the grid in the compression state, the per-tensor types (when the step mixes
     them; merged over what a previous step recorded) and the exact GGUF bytes on the model;
     returns the packed layers for the pass report (PassReport.packed_layers, from which the
-    step is saved packed)."""
+    step is saved packed). `calibration`: what the step solved on, for the GGUF metadata."""
     plans = done.plans
     fmt = config.format
     quantization = Quantization(
@@ -313,7 +316,11 @@ def record(loaded: LoadedModel, method: str, config: QuantGridConfig, done: Quan
     )
     changes: dict[str, Any] = {"quantization": quantization}
     if config.tensor_types:
-        changes["per_tensor_types"] = {**get_state(loaded).per_tensor_types, **(types or {})}
+        before = get_state(loaded)  # a QAT step keeps what the step before it recorded
+        changes["per_tensor_types"] = {**before.per_tensor_types, **(types or {})}
+        source = {"source": config.types_source or before.types_source.get("source") or "recipe",
+                  "calibration": calibration or before.types_source.get("calibration", "")}  # fmt: skip
+        changes["types_source"] = {k: v for k, v in source.items() if v}
     update_state(loaded, **changes)
     loaded.gguf_blocks.update(done.blocks)
     return {n: p for n, p in done.packed.items() if p is not None}

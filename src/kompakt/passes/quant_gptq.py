@@ -166,7 +166,8 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     quantized, losses, calib_seconds = _run_gptq(loaded.model, blocks, decoder, config, types)
     extra = rtn_targets([t for t in targets if t.layer is None], config, types)
     quantized.update(extra)
-    packed_layers = record(loaded, "gptq", config, quantized, types)
+    calibration = f"{blocks.shape[0]} blocks of {blocks.shape[1]} tokens (GPTQ Hessians)"
+    packed_layers = record(loaded, "gptq", config, quantized, types, calibration)
     done = quantized.plans
     notes = notes_of(done, "quant.gptq")
     worst = sorted(losses, key=losses.__getitem__, reverse=True)[:NAMES_SHOWN]

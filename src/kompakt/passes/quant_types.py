@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, embeddings_tied, get_submodule
-from kompakt.ops.ggml_types import FLOAT_TYPES, NAMES, QUANT_TYPES, ggml_type, quantize
+from kompakt.export.gguf_types import writable
+from kompakt.ops.ggml_types import FLOAT_TYPES, NAMES, QUANT_TYPES, ggml_type
 from kompakt.ops.gguf_grid import FORMATS, GGUFBlockGrid
 
 
@@ -52,15 +52,6 @@ class ReferenceRounding:
 
     def group_size_for(self, in_features: int) -> int:
         return ggml_type(self.fmt).block
-
-
-def can_encode(name: str) -> bool:
-    """Whether kompakt can write `name` (gguf-py or a registered encoder in kompakt.ops.ggml_types)."""
-    try:
-        quantize(np.zeros((1, ggml_type(name).block), dtype=np.float32), name)
-    except KeyError:
-        return False
-    return True
 
 
 def gguf_grid(name: str) -> Any | None:
@@ -94,8 +85,8 @@ def check_type(name: str, what: str, needs_grid: bool) -> str:
         usable = [t for t in QUANT_TYPES if gguf_grid(t) is not None]
         raise ConfigError(f"{what}: this version has no GPTQ grid for {key}; choose one of {', '.join(usable)} "
                           "or use quant.rtn")  # fmt: skip
-    if not needs_grid and gguf_grid(key) is None and not can_encode(key):
-        usable = [t for t in QUANT_TYPES if gguf_grid(t) is not None or can_encode(t)]
+    if not needs_grid and gguf_grid(key) is None and not writable(key):
+        usable = [t for t in QUANT_TYPES if gguf_grid(t) is not None or writable(t)]
         raise ConfigError(f"{what}: this version cannot write {key} yet; choose one of {', '.join(usable)}")
     return key
 
