@@ -145,7 +145,7 @@ def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", forc
     result.manifest = write_manifest(target)
     if result.requantized_blocks:
         note = (
-            f"{result.requantized_blocks} blocks of on-grid tensors were not on the {type} grid "
+            f"{result.requantized_blocks} blocks of on-grid tensors were not on their grid "
             "and were re-quantized"
         )
         log.info("%s", note)

@@ -44,7 +44,7 @@ from kompakt.calib.threads import solver_threads
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, linear_modules
 from kompakt.model.gguf_blocks import GgufBlocks
-from kompakt.ops.gguf_grid import FORMATS
+from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec
 from kompakt.passes.quant_types import check_grids
@@ -103,10 +103,13 @@ def _gptq_module(module: nn.Linear, hessian: torch.Tensor, config: GptqConfig, p
 
 
 def _exact_bytes(plan: GridPlan, result) -> GgufBlocks | None:
-    """The file bytes of a weight whose grid the exporter cannot recover from dense values
-    (not a kompakt.ops.gguf_grid format): from the grid's `pack`, the K-quant grids' contract."""
-    if plan.type is None or plan.type in FORMATS:
+    """The file bytes of a weight whose grid the exporter cannot always recover from dense values:
+    q4_1 (a block whose minimum GPTQ did not keep as a code) and the types without a
+    kompakt.ops.gguf_grid format, from the grid's `pack` (the K-quant grids' contract)."""
+    if plan.type is None or (plan.type in FORMATS and plan.type != "q4_1"):
         return None
+    if plan.type == "q4_1":
+        return GgufBlocks("q4_1", pack_blocks(result.codes, result.scales, result.zeros, "q4_1"))
     pack = getattr(plan.grid, "pack", None)
     if pack is None:
         logger.warning("quant.gptq: the %s grid cannot give its bytes; export will re-quantize", plan.type)
