@@ -185,3 +185,27 @@ def test_gptq_refuses_a_type_it_has_no_grid_for():
         pytest.skip("every GGUF type has a GPTQ grid")
     with pytest.raises(ConfigError, match=f"no GPTQ grid for {missing[0]}"):
         _run("quant.gptq", tiny_model("llama"), format="q4_0", tensor_types={"model.layers.0.*": missing[0]})
+
+
+def test_qat_trains_each_linear_on_the_type_the_step_before_recorded(tmp_path):
+    """QAT after a mixed RTN step keeps every Linear on its own type and the recorded types."""
+    import copy
+
+    from kompakt.model.loaded import LoadedModel
+
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join("the small model runs a step of text and data." for _ in range(200)) + "\n")
+    loaded = tiny_model("llama")
+    teacher = LoadedModel(model=copy.deepcopy(loaded.model), tokenizer=loaded.tokenizer, name="teacher")
+    _run("quant.rtn", loaded, format="q4_0", tensor_types=MIXED)
+    recorded = dict(get_state(loaded).per_tensor_types)
+    spec = get_pass("quant.qat")
+    ctx = PassContext(loaded=loaded, original=lambda: teacher, calibration=lambda: None, seed=0, work_dir=tmp_path)
+    values = {"data": str(text), "steps": 2, "seq_len": 32, "batch_size": 2, "checkpoint_every": 0, "lr": 1e-2}
+    spec.apply(ctx, build_config(spec, values))
+    assert get_state(loaded).per_tensor_types == recorded and get_state(loaded).quantization.method == "qat"
+    for name, ttype in ((V0, "q5_0"), (DOWN.format(0), "q8_0"), ("model.layers.2.mlp.up_proj", "q4_0")):
+        w = loaded.model.get_submodule(name).weight.detach().numpy()
+        assert np.array_equal(ggml_types.fake_quantize(w, ttype), w), name  # on its own grid
+    assert set(loaded.gguf_blocks) == {V0, Q1}
+    assert write_gguf(loaded, tmp_path / "m.gguf", type="q4_0").requantized_blocks == 0

@@ -59,6 +59,7 @@ class GGUFExport:
     size_bytes: int
     tensor_types: dict[str, int]  # type -> number of tensors
     types_summary: str = ""  # every weight tensor's type in one line (gguf_types.summarize)
+    types_source: dict[str, str] = field(default_factory=dict)  # {"source", "calibration"} as in the metadata
     exact_grid_tensors: int = 0  # tensors written from their on-grid values without re-rounding
     requantized_blocks: int = 0  # blocks of on-grid tensors that were not on the grid
     notes: list[str] = field(default_factory=list)
@@ -138,7 +139,7 @@ def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", forc
     for note in plan.notes:  # returned to the caller too (the CLI prints them)
         log.info("%s", note)
     result = GGUFExport(target, manifest_path(target), str(type).lower(), 0, {}, plan.types_summary(),
-                        notes=list(plan.notes))  # fmt: skip
+                        dict(plan.source), notes=list(plan.notes))  # fmt: skip
     with atomic_file(target, expected_bytes=plan.data_bytes()) as tmp:
         _write(tmp, loaded, family, config, vocab, plan, result)
     result.size_bytes = target.stat().st_size
