@@ -46,7 +46,6 @@ from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import SCALE_DTYPE, ensure_not_quantized, storage_grid
 from kompakt.ops import ggml_types
 from kompakt.ops.gguf_grid import BLOCK, FORMATS, dequantize_blocks, quantize_blocks
-from kompakt.ops.quant import QuantGrid
 from kompakt.passes.base import PassContext
 from kompakt.passes.quant_types import check_tensor_types, check_type, resolve_types, rounding_for, types_label
 

@@ -24,7 +24,6 @@ Sample recipe steps::
 
     - quant.gptq: {bits: 4, group_size: 64}
     - quant.gptq: {format: q4_0, act_order: true}
-    - quant.gptq: {format: q4_0, tensor_types: {"model.layers.*.mlp.down_proj": q5_0}}
     - quant.awq: {bits: 3, group_size: 64}
     - quant.gptq: {bits: 3, group_size: 64}
 """

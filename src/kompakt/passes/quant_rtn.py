@@ -22,7 +22,6 @@ Sample recipe steps::
     - quant.rtn: {bits: 4, group_size: 64}
     - quant.rtn: {bits: 8, group_size: null}
     - quant.rtn: {format: q4_0}
-    - quant.rtn: {format: q4_0, tensor_types: {"model.layers.*.mlp.down_proj": q8_0, model.embed_tokens: q8_0}}
 """
 
 from __future__ import annotations
