@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 
 from kompakt.cli.app import main
 
@@ -44,8 +45,36 @@ def test_export_hf_directory(tiny_dir, capsys):
 
 
 def test_bad_type_is_one_line(tiny_dir, capsys):
-    code, _, err = _run(["export", str(tiny_dir), "--type", "q3_k"], capsys)
+    code, _, err = _run(["export", str(tiny_dir), "--type", "q7_0"], capsys)
     assert code == 2 and "takes --type" in err
+
+
+def test_tensor_type_writes_mixed_types_and_says_so(tiny_dir, capsys):
+    import gguf
+
+    target = tiny_dir.parent / "mixed.gguf"
+    argv = ["export", str(tiny_dir), "--type", "q4_0", "--tensor-type", "ffn_down=q8_0", "--tensor-type",
+            r"blk\.0\.attn_v=q5_0", "--out", str(target), "--no-verify"]  # fmt: skip
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(target)).tensors}
+    assert types["blk.2.ffn_down.weight"] == "q8_0" and types["blk.0.attn_v.weight"] == "q5_0"
+    assert types["blk.1.attn_v.weight"] == "q4_0"
+    assert "tensor types: q4_0:" in out and "blk.0-3.ffn_down" in out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("ffn_down", "write PATTERN=TYPE"), ("ffn_down=q7_0", "unknown GGUF type 'q7_0'"),
+     ("ffn_dwn=q8_0", "matches no weight tensor"), ("ffn_down=q4_k", "rows of 128, not a multiple of 256"),
+     ("(=q8_0", "no regular expression")],
+)  # fmt: skip
+def test_bad_tensor_type_is_one_line_and_writes_nothing(override, message, tiny_dir, capsys):
+    target = tiny_dir.parent / "bad.gguf"
+    code, _, err = _run(["export", str(tiny_dir), "--type", "q4_0", "--tensor-type", override, "--out", str(target)],
+                        capsys)  # fmt: skip
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not any(p.name.startswith("bad.gguf") for p in tiny_dir.parent.iterdir())
 
 
 def test_corrupt_gguf_in_eval_is_one_line(tiny_dir, capsys):

@@ -213,8 +213,8 @@ def test_existing_file_needs_force(tmp_path):
 
 
 def test_unknown_type_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="unknown GGUF type 'q3_k'"):
-        export_gguf(tiny_model("llama"), tmp_path / "m.gguf", type="q3_k")
+    with pytest.raises(ConfigError, match="unknown GGUF type 'q7_0'"):
+        export_gguf(tiny_model("llama"), tmp_path / "m.gguf", type="q7_0")
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):

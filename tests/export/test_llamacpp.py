@@ -124,3 +124,27 @@ def test_gemma3_in_llama_cpp(wikitext_test, tmp_path):
     with torch.no_grad():
         ref = gemma.model(torch.tensor([ids])).logits[0].float().numpy()
     assert (scores.argmax(-1) == ref.argmax(-1)).mean() >= 0.98
+
+
+def test_mixed_type_export_runs_in_llama_cpp_and_agrees(tmp_path, monkeypatch):
+    """A quant step with per-tensor types (q4_0 default, q8_0 / q5_0 / q5_1 / q4_1 on some
+    Linears, the embedding in q8_0): llama.cpp loads the file and the export check's top-1
+    agreement with transformers passes."""
+    from kompakt.export.api import export
+    from kompakt.passes.base import PassContext, build_config, get_pass
+
+    monkeypatch.setenv("KOMPAKT_CACHE", str(tmp_path / "cache"))
+    loaded = tiny_model("llama")
+    loaded.name = "tiny"
+    types = {"model.layers.*.mlp.down_proj": "q8_0", "model.layers.0.self_attn.v_proj": "q5_0",
+             "model.layers.1.self_attn.q_proj": "q5_1", "model.layers.2.mlp.up_proj": "q4_1",
+             "model.embed_tokens": "q8_0"}  # fmt: skip
+    spec = get_pass("quant.rtn")
+    ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: None)
+    spec.apply(ctx, build_config(spec, {"format": "q4_0", "tensor_types": types}))
+    result = export(loaded, format="gguf", type="q4_0", out=tmp_path / "mixed.gguf",
+                    tensor_types=[r"blk\.3\.attn_output=q8_0"])  # fmt: skip
+    assert result.check is not None and not result.check.failed
+    kinds = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(result.path)).tensors}
+    assert kinds["blk.0.attn_v.weight"] == "q5_0" and kinds["blk.3.attn_output.weight"] == "q8_0"
+    assert kinds["blk.2.ffn_up.weight"] == "q4_1" and kinds["token_embd.weight"] == "q8_0"

@@ -1,6 +1,6 @@
 """The typed compression state: round trip through save -> load, config.json as written before it
-existed still loads, empty fields write nothing, a reserved slot or a malformed grid refuses to
-load (one line), packed layers live in the pass report only, and no other module names its keys."""
+existed still loads, empty fields write nothing, a reserved slot, a malformed grid or malformed
+per-tensor types refuse to load (one line), exact GGUF bytes round-trip beside the weights, packed layers live in the pass report only, and no other module names its keys."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ OLD_QUANTIZATION = {"method": "gptq", "format": "int4", "bits": 4, "group_size":
 OLD_AWQ = {"grid": "int4 g64 sym", "clip": True}
 
 
+TYPES = {DOWN[0]: "q8_0", "model.layers.0.self_attn.v_proj": "f16", "model.embed_tokens": "q6_k"}
 RESERVED = {
-    "per_tensor_types": {DOWN[0]: "q8_0", "model.layers.0.self_attn.v_proj": "f16"},
     "lowrank": {"model.layers.2.mlp.up_proj": LowRank(rank=8, method="svd")},
     "shared": {DOWN[0]: SharedWeights(users=(DOWN[2], DOWN[3]))},
 }
@@ -107,11 +107,33 @@ def test_empty_fields_write_nothing_and_clear_removes_keys(tmp_path):
     assert get_state(loaded).is_empty() and not is_quantized(loaded)
     save_model(loaded, tmp_path / "plain")
     assert not [k for k in _config_json(tmp_path / "plain") if k.startswith("kompakt_")]
-    set_state(loaded, CompressionState(quantization=_state().quantization, awq=_state().awq, **RESERVED))
+    set_state(loaded, CompressionState(quantization=_state().quantization, awq=_state().awq,
+                                       per_tensor_types=TYPES, **RESERVED))  # fmt: skip
     clear_state(loaded)
     assert get_state(loaded).is_empty()
     save_model(loaded, tmp_path / "cleared")
     assert not [k for k in _config_json(tmp_path / "cleared") if k.startswith("kompakt_")]
+
+
+def test_per_tensor_types_round_trip_and_survive_clear_quantization(tmp_path):
+    """The slot the mixed-precision quant steps fill: it loads (no longer refused) and stays when
+    the weights leave their grid (a type choice, not a grid claim)."""
+    loaded = tiny_model("llama")
+    set_state(loaded, CompressionState(quantization=_state().quantization, per_tensor_types=TYPES))
+    back = load(save_model(loaded, tmp_path / "m"), device="cpu")
+    assert get_state(back).per_tensor_types == TYPES
+    assert _config_json(tmp_path / "m")["kompakt_gguf_types"] == TYPES
+    clear_quantization(back)
+    assert get_state(back).quantization is None and get_state(back).per_tensor_types == TYPES
+
+
+@pytest.mark.parametrize("entry", [{DOWN[0]: "q7_0"}, ["q8_0"]])
+def test_malformed_per_tensor_types_refuse_to_load(entry, tmp_path):
+    save_model(tiny_model("llama"), tmp_path / "bad")
+    _write_old_config(tmp_path / "bad", kompakt_gguf_types=entry)
+    with pytest.raises(ModelFormatError, match="malformed kompakt_gguf_types") as info:
+        load(tmp_path / "bad", device="cpu")
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("slot", sorted(RESERVED))

@@ -116,7 +116,7 @@ def test_gptq_without_act_order_and_not_true_sequential():
 @pytest.mark.parametrize(
     "values, message",
     [({"bits": 1}, "bits 1"), ({"percdamp": -0.1}, "percdamp"), ({"block_size": 0}, "at least 1"),
-     ({"format": "q2_k"}, "unknown format")],
+     ({"format": "nf4"}, "unknown GGUF type .nf4.")],
 )  # fmt: skip
 def test_bad_configs(values, message):
     with pytest.raises(ConfigError, match=message):

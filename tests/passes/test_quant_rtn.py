@@ -133,7 +133,7 @@ def test_embeddings_and_lm_head_flags():
         ({"bits": 5}, "bits 5"),
         ({"bits": 16}, "bits 16"),
         ({"group_size": 48}, "group_size 48"),
-        ({"format": "q5_k"}, "unknown format"),
+        ({"format": "q7_0"}, "unknown GGUF type .q7_0."),
         ({"modules": ["attn.x"]}, "match no Linear"),
         ({"groupsize": 64}, "unknown field"),
     ],

@@ -79,6 +79,11 @@ def test_run_meets_a_reachable_target_and_exports(run):
     exports = json.loads((out / "exports.json").read_text())  # both files reloaded in their runtime
     assert exports["gguf_check"].startswith("passed") and exports["hf_check"].startswith("passed")
     assert (out / "export" / "model.gguf.verify.json").is_file() and "gguf_check" in (out / "report.md").read_text()
+    # each tensor's type, grouped, in the report and the model card
+    assert exports["gguf_tensor_types"].startswith(("q4_0:", "q8_0:")) and "tensors" in exports["gguf_tensor_types"]
+    assert exports["gguf_tensor_types"] in (out / "report.md").read_text()
+    card = (out / "export" / "hf" / "README.md").read_text()
+    assert "## GGUF tensor types" in card and exports["gguf_tensor_types"] in card
 
 
 def test_every_file_written_follows_the_umask(run):

@@ -43,6 +43,8 @@ def export_result(final: Path, export_type: str | None,
         written = write_gguf(reference, target / "model.gguf", type=export_type, force=True)
         exports["gguf"] = str(written.path)
         exports["gguf_type"] = export_type
+        exports["gguf_tensor_types"] = written.types_summary  # the report and the model card list it
+        exports["gguf_tensor_types_source"] = "; ".join(f"{k}: {v}" for k, v in written.types_source.items())
     lines, failure = check_run_exports(exports, reference)
     exports.update(lines)
     return exports, failure

@@ -59,7 +59,7 @@ def _pad(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
-def _header_bytes(loaded: LoadedModel, family, config, vocab, plan, file_type: str) -> tuple[int, int]:
+def _header_bytes(loaded: LoadedModel, family, config, vocab, plan) -> tuple[int, int]:
     """(bytes before the tensor data, alignment) of the file export writes for `plan`."""
     import gguf
     import numpy as np
@@ -69,7 +69,7 @@ def _header_bytes(loaded: LoadedModel, family, config, vocab, plan, file_type: s
     with tempfile.TemporaryDirectory(prefix="kompakt-gguf-size-") as tmp:
         path = Path(tmp) / "header.gguf"
         writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)])
-        add_header(writer, loaded, file_type, config, family, vocab)
+        add_header(writer, loaded, plan, config, family, vocab)
         for item in plan.tensors:
             raw = gguf.GGMLQuantizationType[item.type.upper()]
             writer.add_tensor_info(item.gguf_name, item.shape, np.dtype(np.float32),
@@ -92,7 +92,7 @@ def gguf_bytes(loaded: LoadedModel, types: tuple[str, ...] = ("f16", "q8_0", "q4
         sizes = {}
         for ttype in types:
             plan = plan_tensors(loaded.model, config, family, ttype, grid_modules(loaded.model))
-            header, align = _header_bytes(loaded, family, config, vocab, plan, ttype)
+            header, align = _header_bytes(loaded, family, config, vocab, plan)
             parts = {"embedding": 0, "layers": 0, "other": _pad(header, align)}
             embedding_type, elements = ttype, 0
             for item in plan.tensors:

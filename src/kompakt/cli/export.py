@@ -8,10 +8,16 @@ import typer
 from rich.console import Console
 
 HELP = (
-    "Export a model: GGUF for llama.cpp (f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 iq4_nl q4_0), an Ollama directory (GGUF + Modelfile) or a Hugging Face directory."
+    "Export a model: GGUF for llama.cpp (f32 f16 bf16 q8_0 q6_k q5_1 q5_k q5_0 q4_1 q4_k iq4_nl q4_0 q3_k q2_k, "
+    "per tensor with --tensor-type), an Ollama directory (GGUF + Modelfile) or a Hugging Face directory."
 )
 MODEL_HELP = "Model directory, .gguf file or embedded name (default: smollm2-135m)."
-TYPE_HELP = "gguf: f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 iq4_nl q4_0 (default f16); hf: f32 f16 bf16 (default: as stored)."
+TYPE_HELP = "gguf: f32 f16 bf16 q8_0 q6_k q5_1 q5_k q5_0 q4_1 q4_k iq4_nl q4_0 q3_k q2_k (default f16); hf: f32 f16 bf16 (default: as stored)."
+TENSOR_TYPE_HELP = (
+    "gguf: PATTERN=TYPE, the type of the tensors whose GGUF name (or HF name) the regex PATTERN matches, "
+    "as llama-quantize's --tensor-type (e.g. ffn_down=q5_0, token_embd=q4_0); repeatable, first match wins, "
+    "above the model's own per-tensor types and --type."
+)
 NO_VERIFY_HELP = (
     "Skip the check that reloads the export in its runtime (llama.cpp, transformers) and compares its "
     "next-token predictions with the original."
@@ -28,15 +34,19 @@ def register(app: typer.Typer) -> None:
         out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP),
         force: bool = typer.Option(False, "--force", help="Replace an existing output."),
         no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
+        tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help=TENSOR_TYPE_HELP),
     ) -> None:
         from kompakt.export.api import export
 
-        result = export(model, format=format, type=type, out=out, force=force, verify=not no_verify)
+        result = export(model, format=format, type=type, out=out, force=force, verify=not no_verify,
+                        tensor_types=tensor_type)  # fmt: skip
         console = Console()
         for note in result.notes:
             console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
         size = f"{result.size_bytes / 1e6:,.1f} MB"
         console.print(f"wrote {result.path} ({result.format} {result.type}, {size})", highlight=False, soft_wrap=True)
+        if result.types_summary:
+            console.print(f"tensor types: {result.types_summary}", highlight=False, soft_wrap=True)
         console.print(f"sha256 manifest: {result.manifest}", highlight=False, soft_wrap=True)
         if result.check is not None:
             console.print(f"check: {result.check.line()}", highlight=False, soft_wrap=True)

@@ -9,6 +9,7 @@ from kompakt.errors import ConfigError, OutputPathError
 from kompakt.export.check import ExportCheck, check_error, record_check, reject, run_check, verify_path
 from kompakt.export.gguf import write_gguf
 from kompakt.export.gguf_tensors import TYPES
+from kompakt.export.gguf_types import parse_overrides
 from kompakt.export.hf import HF_TYPES, export_hf
 from kompakt.export.manifest import DIRECTORY_MANIFEST, manifest_path, write_manifest
 from kompakt.export.staging import Stage
@@ -25,6 +26,7 @@ class ExportResult:
     type: str
     size_bytes: int
     notes: list[str] = field(default_factory=list)
+    types_summary: str = ""  # gguf: every weight tensor's type in one line
     check: ExportCheck | None = None  # the file reloaded in its runtime (None with verify=False)
 
 
@@ -33,11 +35,15 @@ def default_out(name: str, format: str, type: str) -> Path:
     return Path.cwd() / (f"{stem}.gguf" if format == "gguf" else stem)
 
 
-def _check_early(format: str, type: str | None, out: str | Path | None, force: bool) -> None:
+def _check_early(format: str, type: str | None, out: str | Path | None, force: bool,
+                 tensor_types: list[str] | None) -> None:  # fmt: skip
     """What can be refused before loading the model (which can take a while)."""
     types = tuple(HF_TYPES) if format == "hf" else TYPES
     if type is not None and type not in types:
         raise ConfigError(f"--format {format} takes --type {', '.join(types)}; got {type!r}")
+    if tensor_types and format != "gguf":
+        raise ConfigError(f"--tensor-type sets GGUF tensor types; use it with --format gguf, not {format}")
+    parse_overrides(tensor_types)
     if out is not None and Path(out).expanduser().exists() and not force:
         path = Path(out).expanduser().absolute()
         raise OutputPathError(f"{path} exists; pass --force to replace it or choose another name")
@@ -51,11 +57,14 @@ def export(
     out: str | Path | None = None,
     force: bool = False,
     verify: bool = True,
+    tensor_types: list[str] | None = None,
 ) -> ExportResult:
     """Export a model (a LoadedModel or anything kompakt.model.load accepts; None = embedded default).
 
-    format "gguf": type f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | iq4_nl | q4_0 (default
-    f16), out default `<name>-<type>.gguf` in the current directory. format "hf": type f32 | f16 | bf16 (default
+    format "gguf": type one of kompakt.ops.ggml_types.NAMES (f32, f16, bf16, q8_0, q6_k, ...,
+    q4_0, q3_k, q2_k; default f16), each tensor's own type from `tensor_types` (`PATTERN=TYPE`,
+    as llama-quantize's --tensor-type) and the model's per-tensor types first
+    (kompakt.export.gguf_types); out default `<name>-<type>.gguf` in the current directory. format "hf": type f32 | f16 | bf16 (default
     the stored dtype), out default `<name>-<type>/`. format "ollama": a directory with
     model.gguf (a given .gguf is copied; a model is exported with type, default q4_0) and a
     Modelfile (template and stop tokens from the chat template).
@@ -71,7 +80,7 @@ def export(
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     default_type = {"gguf": "f16", "ollama": "q4_0"}.get(format, "")
     type = (type or default_type).lower() or None
-    _check_early(format, type, out, force)
+    _check_early(format, type, out, force, tensor_types)
     if format == "ollama":
         return _export_ollama(model, type, out, force, verify)
     loaded = _load(model)
@@ -80,9 +89,9 @@ def export(
     with Stage(target.parent, target.name) as stage:
         staged = stage.path(target.name)
         if format == "gguf":
-            written = write_gguf(loaded, staged, type=type, force=True)
+            written = write_gguf(loaded, staged, type=type, force=True, tensor_types=tensor_types)
             result = ExportResult(target, manifest_path(target), "gguf", written.type, written.size_bytes,
-                                  written.notes)  # fmt: skip
+                                  written.notes, types_summary=written.types_summary)  # fmt: skip
         else:
             export_hf(loaded, staged, type=type, force=True)
             size = sum(p.stat().st_size for p in staged.glob("*.safetensors"))
@@ -163,7 +172,7 @@ def _gguf_type(path: Path, default: str) -> str:
     """The type of a GGUF file from its general.file_type (a copied file's own type)."""
     import gguf
 
-    from kompakt.export.gguf_tensors import FILE_TYPES
+    from kompakt.export.gguf_types import FILE_TYPES
 
     field = gguf.GGUFReader(str(path)).get_field("general.file_type")
     if field is None:

@@ -1,19 +1,28 @@
 """Write a model as a GGUF file that llama.cpp (and Ollama, LM Studio) run.
 
     export_gguf(loaded, "small.gguf", type="q4_0")
+    export_gguf(loaded, "mixed.gguf", type="q4_0", tensor_types=["ffn_down=q8_0", "token_embd=q4_0"])
 
 Everything that could make the export fail is checked before a byte is written: the family
 (kompakt.export.gguf_arch), every tensor's llama.cpp name and shape (gguf_tensors), the
 tokenizer (gguf_tokenizer), the output path. The file is written under a temporary name in
 the target directory and renamed when complete; `<file>.sha256` is written beside it.
 
+Each tensor's type: `tensor_types` (`--tensor-type PATTERN=TYPE`), then the model's per-tensor
+types, then `type`, with llama.cpp's rules (kompakt.export.gguf_types). general.file_type is the
+llama.cpp MOSTLY_* of the type holding most weights; `kompakt.tensor_types` lists every weight
+tensor's type in one line, `kompakt.tensor_types.source` says where they came from ("recipe",
+"allocation: ...", "--tensor-type", "--type"), and `kompakt.calibration` what the quant step
+solved on, when it recorded it.
+
 Quantized-grid contract (for quant passes that choose values on a llama.cpp block grid): the
-model's compression state (kompakt.model.compression) has a `quantization` whose format is
-q4_0 / q4_1 / q8_0 and whose modules (names as in model.named_modules()) hold the exact
-dequantized values (fp32; bf16/fp16 would round them); it survives save -> reload.
-Exporting with --type equal to that format writes each listed weight with block parameters
-recovered exactly from its values (gguf_grid_recover) instead of llama.cpp's re-rounding; a
-block that is not on the grid is re-quantized and counted in the log.
+model's compression state (kompakt.model.compression) has a `quantization` (and, when types
+are mixed, `per_tensor_types`) whose modules (names as in model.named_modules()) hold the exact
+dequantized values (fp32; bf16/fp16 would round them); it survives save -> reload. A weight
+written in the type its grid is recorded in gets its block parameters recovered exactly from
+its values (gguf_grid_recover) instead of llama.cpp's re-rounding, or, for grids that cannot be
+recovered (K-quants), the exact bytes the pass handed over (LoadedModel.gguf_blocks); a block
+that is not on the grid is re-quantized and counted in the log.
 
 A compressed-tensors directory (kompakt.model.quantized.save_quantized) whose groups are
 symmetric int4 / int8 with group_size 32 and fp16 scales is the same q4_0 / q8_0 grid and is
@@ -29,7 +38,8 @@ from pathlib import Path
 
 from kompakt.errors import ConfigError, OutputPathError
 from kompakt.export.gguf_arch import add_hyperparameters, check_expressible, family_for, text_config
-from kompakt.export.gguf_tensors import FILE_TYPES, TYPES, GGUFPlan, plan_tensors, tensor_data
+from kompakt.export.gguf_tensors import TYPES, GGUFPlan, plan_tensors, tensor_data
+from kompakt.export.gguf_types import FILE_TYPES, parse_overrides
 from kompakt.export.gguf_tokenizer import add_tokenizer, build_vocab
 from kompakt.export.manifest import manifest_path, write_manifest
 from kompakt.export.public import display_name, public_model_name
@@ -48,18 +58,22 @@ class GGUFExport:
     type: str
     size_bytes: int
     tensor_types: dict[str, int]  # type -> number of tensors
+    types_summary: str = ""  # every weight tensor's type in one line (gguf_types.summarize)
+    types_source: dict[str, str] = field(default_factory=dict)  # {"source", "calibration"} as in the metadata
     exact_grid_tensors: int = 0  # tensors written from their on-grid values without re-rounding
     requantized_blocks: int = 0  # blocks of on-grid tensors that were not on the grid
     notes: list[str] = field(default_factory=list)
 
 
 def grid_modules(model) -> dict[str, str]:
-    """Module name -> GGUF grid format: the recorded quantization (see module docstring), and
-    compressed-tensors groups stored on a q4_0 / q8_0 grid (kompakt.model.quantized)."""
+    """Module name -> GGUF grid format: the recorded quantization (each module in its own type
+    when the state has per-tensor types; see module docstring), and compressed-tensors groups
+    stored on a q4_0 / q8_0 grid (kompakt.model.quantized)."""
     modules = gguf_grid_of_compressed(model.config)
-    quantization = get_state(model).quantization
-    if quantization is not None:
-        modules.update({name: quantization.format for name in quantization.modules})
+    state = get_state(model)
+    if state.quantization is not None:
+        fmt = state.quantization.format
+        modules.update({name: state.per_tensor_types.get(name, fmt) for name in state.quantization.modules})
     return modules
 
 
@@ -79,48 +93,60 @@ def check_output(path: Path, force: bool) -> Path:
     return path
 
 
-def prepare_gguf(loaded: LoadedModel, type: str = "f16"):
-    """All checks and decisions of an export, without writing: (family, config, vocab, plan)."""
+def prepare_gguf(loaded: LoadedModel, type: str = "f16", tensor_types: list[str] | None = None):
+    """All checks and decisions of an export, without writing: (family, config, vocab, plan).
+
+    `tensor_types`: `PATTERN=TYPE` overrides (kompakt.export.gguf_types).
+    """
     type = str(type).lower()
     if type not in TYPES:
         raise ConfigError(f"unknown GGUF type {type!r}; choose one of {', '.join(TYPES)}")
+    overrides = parse_overrides(tensor_types)
     config = text_config(loaded.model)
     family = family_for(config)
     vocab = build_vocab(loaded.tokenizer, int(config.vocab_size))
     check_expressible(config, family, len(vocab.tokens))
-    plan = plan_tensors(loaded.model, config, family, type, grid_modules(loaded.model))
+    plan = plan_tensors(loaded.model, config, family, type, grid_modules(loaded.model), overrides,
+                        loaded.gguf_blocks)  # fmt: skip
+
     plan.notes[:0] = vocab.notes
     return family, config, vocab, plan
 
 
-def export_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", force: bool = False) -> Path:
+def export_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", force: bool = False,
+                tensor_types: list[str] | None = None) -> Path:  # fmt: skip
     """Write `loaded` as a GGUF file of `type` at `path` (+ `path.sha256`); returns the path.
 
     `write_gguf` does the same and returns the details (sizes, tensor types, notes).
     """
-    return write_gguf(loaded, path, type=type, force=force).path
+    return write_gguf(loaded, path, type=type, force=force, tensor_types=tensor_types).path
 
 
-def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", force: bool = False) -> GGUFExport:
+def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", force: bool = False,
+               tensor_types: list[str] | None = None) -> GGUFExport:  # fmt: skip
     """Write `loaded` as a GGUF file of `type` at `path` (+ `path.sha256`).
+
+    `tensor_types`: `PATTERN=TYPE` overrides (`--tensor-type`, kompakt.export.gguf_types).
 
     Raises:
         UnsupportedArchitectureError: a family or structure llama.cpp cannot run as is.
         OutputPathError: `path` exists (without force) or cannot be written.
-        ConfigError: an unknown type.
+        ConfigError: an unknown type, a malformed override or one that matches nothing, a type a
+            row cannot take or that kompakt cannot write yet (all before anything is written).
     """
     target = check_output(Path(path), force)
-    family, config, vocab, plan = prepare_gguf(loaded, type)
+    family, config, vocab, plan = prepare_gguf(loaded, type, tensor_types)
     for note in plan.notes:  # returned to the caller too (the CLI prints them)
         log.info("%s", note)
-    result = GGUFExport(target, manifest_path(target), str(type).lower(), 0, {}, notes=list(plan.notes))
+    result = GGUFExport(target, manifest_path(target), str(type).lower(), 0, {}, plan.types_summary(),
+                        dict(plan.source), notes=list(plan.notes))  # fmt: skip
     with atomic_file(target, expected_bytes=plan.data_bytes()) as tmp:
         _write(tmp, loaded, family, config, vocab, plan, result)
     result.size_bytes = target.stat().st_size
     result.manifest = write_manifest(target)
     if result.requantized_blocks:
         note = (
-            f"{result.requantized_blocks} blocks of on-grid tensors were not on the {type} grid "
+            f"{result.requantized_blocks} blocks of on-grid tensors were not on their grid "
             "and were re-quantized"
         )
         log.info("%s", note)
@@ -138,11 +164,12 @@ def _version() -> str:
         return "unknown"
 
 
-def add_header(writer, loaded: LoadedModel, file_type: str, config, family, vocab) -> None:
-    """The key-value header every kompakt GGUF has: general keys, hyperparameters, tokenizer
-    (auto.gguf_bytes writes the same to size a planned file exactly)."""
+def add_header(writer, loaded: LoadedModel, plan: GGUFPlan, config, family, vocab) -> None:
+    """The key-value header every kompakt GGUF has: general keys, where the tensor types came
+    from, hyperparameters, tokenizer (auto.gguf_bytes writes the same to size a planned file exactly)."""
     import gguf
 
+    file_type = plan.file_type()
     writer.add_type(gguf.GGUFType.MODEL)
     source = public_model_name(loaded)  # a hub id or a name: never a local path (shared file)
     writer.add_name(display_name(source))
@@ -150,8 +177,11 @@ def add_header(writer, loaded: LoadedModel, file_type: str, config, family, voca
     writer.add_string("kompakt.version", _version())
     writer.add_string("kompakt.source", source)
     writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[file_type]]))
-    if file_type not in ("f32", "f16", "bf16"):
+    if any(t not in ("f32", "f16", "bf16") for t in plan.weights_by_type()):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string("kompakt.tensor_types", plan.types_summary())
+    for key, value in plan.source.items():  # "source" -> kompakt.tensor_types.source; "calibration"
+        writer.add_string("kompakt.tensor_types.source" if key == "source" else f"kompakt.{key}", value)
     add_hyperparameters(writer, config, family)
     add_tokenizer(writer, vocab)
 
@@ -161,7 +191,7 @@ def _write(tmp: Path, loaded: LoadedModel, family, config, vocab, plan: GGUFPlan
     from rich.progress import Progress
 
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)])
-    add_header(writer, loaded, result.type, config, family, vocab)
+    add_header(writer, loaded, plan, config, family, vocab)
     state = dense_state_dict(loaded.model)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("writing GGUF tensors", total=len(plan.tensors))
@@ -169,7 +199,10 @@ def _write(tmp: Path, loaded: LoadedModel, family, config, vocab, plan: GGUFPlan
             data, raw_type, missed = tensor_data(item, state[item.hf_name], config, family)
             writer.add_tensor(item.gguf_name, data, raw_dtype=raw_type)
             result.tensor_types[item.type] = result.tensor_types.get(item.type, 0) + 1
-            if item.grid == item.type:
+            if item.blocks is not None and missed:
+                result.notes.append(f"{item.gguf_name}: its saved {item.type} bytes no longer match the weights "
+                                    "(a later step changed them); re-quantized")  # fmt: skip
+            elif item.grid == item.type or item.blocks is not None:
                 result.exact_grid_tensors += 1
                 result.requantized_blocks += missed
             progress.advance(task)

@@ -1,25 +1,25 @@
 """Model tensors as GGUF tensors: llama.cpp names, layout conversions, per-tensor types, bytes.
 
-Tensor types follow what llama.cpp's `llama_model_quantize` chooses for the same file type
-(llama-quant.cpp, no imatrix, not --pure), so a kompakt Q4_0 and a llama.cpp Q4_0 of the same
-model have the same size and compare fairly:
+Each tensor's type is chosen by kompakt.export.gguf_types (`--tensor-type` overrides, then the
+model's per-tensor types, then `--type` with llama.cpp's own output-tensor and fallback rules),
+so a kompakt Q4_0 and a llama.cpp Q4_0 of the same model have the same size and compare fairly;
+1-D tensors (norms, biases) are F32.
 
-- 1-D tensors (norms, biases): F32.
-- the output projection (output.weight, or token_embd when the embeddings are tied):
-  Q8_0 for every quantized type when its rows are not a multiple of 256 (SmolLM2 576,
-  Gemma 3 640); llama.cpp would pick Q6_K otherwise, which gguf-py cannot write: kompakt keeps
-  Q8_0 there and says so.
-- every other 2-D weight: the requested type; rows not a multiple of 32 -> F16 (llama.cpp's
-  own fallback for 32-block types), reported per tensor.
-
-Weights on a GGUF grid (the recorded quantization, see kompakt.export.gguf) are written
-with their exact block parameters (gguf_grid_recover), never re-rounded.
+The bytes of a quantized tensor, best first:
+- the exact bytes a quant pass handed over (LoadedModel.gguf_blocks, e.g. K-quant blocks GPTQ
+  chose), while they still decode to exactly the current weights (q/k rows permuted like the
+  weights); otherwise re-quantized, counted and noted;
+- weights on a 32-block grid (the recorded quantization, see kompakt.export.gguf) written with
+  their exact block parameters (gguf_grid_recover), never re-rounded;
+- llama.cpp's reference quantizer (kompakt.ops.ggml_types.quantize).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,16 +29,14 @@ import torch
 from kompakt.errors import UnsupportedArchitectureError
 from kompakt.export.gguf_arch import GGUFFamily, head_dim
 from kompakt.export.gguf_grid_recover import recover_blocks
-from kompakt.ops.gguf_grid import BLOCK, FORMATS, pack_blocks, quantize_blocks
+from kompakt.export.gguf_types import TypeChooser, check_writable, main_type, summarize
+from kompakt.model.gguf_blocks import GgufBlocks
+from kompakt.ops import ggml_types
+from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 
 log = logging.getLogger(__name__)
 
-FLOAT_TYPES = ("f32", "f16", "bf16")
-TYPES = FLOAT_TYPES + FORMATS
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16",
-              "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1",
-              "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1", "iq4_nl": "MOSTLY_IQ4_NL"}  # fmt: skip
-_OUTPUT_BLOCK = 256  # Q6_K super-block: llama.cpp uses Q8_0 for the output when rows don't divide
+TYPES = ggml_types.NAMES
 
 
 @dataclass
@@ -46,26 +44,37 @@ class TensorPlan:
     hf_name: str
     gguf_name: str
     shape: tuple[int, ...]  # HF shape [out, in]
-    type: str  # f32 | f16 | bf16 | q8_0 | q4_0 | q4_1
+    type: str  # a kompakt.ops.ggml_types name
     grid: str | None = None  # the GGUF grid the weights already lie on (exact export)
     transform: str | None = None  # "permute_q" | "permute_k" | "norm_shift"
+    blocks: GgufBlocks | None = None  # exact bytes a quant pass handed over, in this type
 
 
 @dataclass
 class GGUFPlan:
     tensors: list[TensorPlan]
     notes: list[str] = field(default_factory=list)
+    source: dict[str, str] = field(default_factory=dict)  # where the types came from (GGUF metadata)
 
     def data_bytes(self) -> int:
         """Bytes of the tensor data the file will hold (metadata aside): what a full-disk error
         names as needed."""
-        import gguf
+        return sum(ggml_types.ggml_type(item.type).tensor_bytes(item.shape) for item in self.tensors)
 
-        total = 0
+    def weights_by_type(self) -> dict[str, int]:
+        """Number of weights in each type (all tensors)."""
+        counts: Counter = Counter()
         for item in self.tensors:
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[item.type.upper()]]
-            total += math.prod(item.shape) // block * size
-        return total
+            counts[item.type] += math.prod(item.shape)
+        return dict(counts)
+
+    def file_type(self) -> str:
+        """The type holding most weights: what general.file_type names (llama.cpp's MOSTLY_*)."""
+        return main_type(self.weights_by_type())
+
+    def types_summary(self) -> str:
+        """Each weight tensor's type in one line (kompakt.export.gguf_types.summarize)."""
+        return summarize((item.gguf_name, item.type) for item in self.tensors if len(item.shape) > 1)
 
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -74,35 +83,28 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor_type(plan_type: str, name: str, shape: tuple[int, ...], is_output: bool, notes: list[str]) -> str:
-    if len(shape) < 2:
-        return "f32"
-    if plan_type in FLOAT_TYPES:
-        return plan_type
-    cols = shape[-1]
-    if is_output:
-        if plan_type != "q8_0" and cols % _OUTPUT_BLOCK == 0:
-            notes.append(f"{name}: Q8_0 (llama.cpp's quantizer would use Q6_K, which kompakt cannot write)")
-        return "q8_0" if cols % BLOCK == 0 else "f16"
-    if cols % BLOCK:
-        notes.append(f"{name}: F16 (rows of {cols} are not a multiple of {BLOCK}, as llama.cpp falls back)")
-        return "f16"
-    return plan_type
+def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_modules: dict[str, str],
+                 overrides: list | None = None, blocks: Mapping[str, GgufBlocks] | None = None) -> GGUFPlan:  # fmt: skip
+    """Names, shapes and types of every tensor; raises before writing if any has no GGUF name, an
+    override is wrong (kompakt.export.gguf_types) or a type cannot be written yet.
 
-
-def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_modules: dict[str, str]) -> GGUFPlan:
-    """Names, shapes and types of every tensor; raises before writing if any has no GGUF name."""
+    `type`: the default (`--type`); `overrides`: `--tensor-type` (gguf_types.Override); the
+    model's per-tensor types come from its compression state; `blocks`: LoadedModel.gguf_blocks.
+    """
     import gguf
+
+    from kompakt.model.compression import get_state
+    from kompakt.model.quantized import dense_state_dict
 
     arch = getattr(gguf.MODEL_ARCH, family.arch)
     names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
-    from kompakt.model.quantized import dense_state_dict
-
     state = dense_state_dict(model)
     tied = "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == state.get(
         "model.embed_tokens.weight", torch.empty(0)
     ).data_ptr()
-    plan = GGUFPlan([])
+    recorded = get_state(model)
+    plan = GGUFPlan([], source=_types_source(recorded, bool(overrides)))
+    chooser = TypeChooser(type, list(overrides or []), recorded.per_tensor_types, plan.notes)
     has_output = "lm_head.weight" in state and not tied
     for hf_name, tensor in state.items():
         if hf_name == "lm_head.weight" and tied:
@@ -114,10 +116,15 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
                 "this structure cannot be exported to GGUF"
             )
         shape = tuple(tensor.shape)
-        is_output = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not has_output)
-        ttype = _tensor_type(type, gguf_name, shape, is_output, plan.notes)
         module = hf_name.removesuffix(".weight")
+        is_output = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not has_output)
+        if len(shape) < 2:
+            ttype = "f32"
+        else:
+            searched = (gguf_name, hf_name) + (("lm_head.weight",) if is_output and tied else ())
+            ttype = chooser.choose(gguf_name, searched, module, int(shape[-1]), is_output)
         grid = grid_modules.get(module) if hf_name.endswith(".weight") else None
+        carried = (blocks or {}).get(module) if hf_name.endswith(".weight") else None
         transform = None
         if family.permute_qk and gguf_name.endswith("attn_q.weight"):
             transform = "permute_q"
@@ -127,8 +134,20 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
             transform = "norm_shift"
         if transform == "permute_q" or transform == "permute_k":
             _check_permutable(config, shape, transform)
-        plan.tensors.append(TensorPlan(hf_name, gguf_name, shape, ttype, grid, transform))
+        plan.tensors.append(TensorPlan(hf_name, gguf_name, shape, ttype, grid, transform,
+                                       carried if carried is not None and carried.type == ttype else None))  # fmt: skip
+    chooser.check_used()
+    check_writable(item.type for item in plan.tensors)
     return plan
+
+
+def _types_source(state: Any, overridden: bool) -> dict[str, str]:
+    """{"source", "calibration"} for the GGUF metadata: the model's record of its per-tensor
+    types ("recipe", "allocation: ...") and "--tensor-type" when overrides were given."""
+    recorded = state.types_source if state.per_tensor_types else {}
+    sources = [recorded.get("source", "")] + (["--tensor-type"] if overridden else [])
+    source = " + ".join(s for s in sources if s) or "--type"
+    return {k: v for k, v in {"source": source, "calibration": recorded.get("calibration", "")}.items() if v}
 
 
 def _check_permutable(config: Any, shape: tuple[int, ...], transform: str) -> None:
@@ -141,27 +160,34 @@ def _check_permutable(config: Any, shape: tuple[int, ...], transform: str) -> No
 
 
 def tensor_data(plan: TensorPlan, tensor: torch.Tensor, config: Any, family: GGUFFamily) -> tuple[np.ndarray, Any, int]:
-    """(array, raw ggml type or None, blocks re-quantized) of one tensor, ready for GGUFWriter."""
-    import gguf
+    """(array, raw ggml type or None, blocks re-quantized) of one tensor, ready for GGUFWriter.
 
+    Blocks re-quantized: of a tensor on a grid (or with carried bytes), those that were not
+    exactly on it (carried bytes that no longer decode to the weights count every block).
+    """
     w = tensor.detach().to("cpu", torch.float32)
-    if plan.transform == "permute_q":
-        w = _permute(w, config.num_attention_heads)
-    elif plan.transform == "permute_k":
-        w = _permute(w, config.num_key_value_heads)
+    if plan.transform in ("permute_q", "permute_k"):
+        heads = config.num_attention_heads if plan.transform == "permute_q" else config.num_key_value_heads
+        w = _permute(w, heads)
     elif plan.transform == "norm_shift":
         w = w + family.norm_shift
     if plan.type == "f32":
         return w.numpy(), None, 0
     if plan.type == "f16":
         return w.to(torch.float16).numpy(), None, 0
+    qtype = ggml_types.gguf_enum(plan.type)
     if plan.type == "bf16":
-        return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16, 0
-    qtype = gguf.GGMLQuantizationType[plan.type.upper()]
-    missed = 0
-    if plan.grid == plan.type:
+        return ggml_types.quantize(w.numpy(), "bf16"), qtype, 0
+    if plan.blocks is not None:
+        data = plan.blocks.data
+        if plan.transform in ("permute_q", "permute_k"):  # whole rows move: a row's bytes move with it
+            data = _permute(torch.from_numpy(np.ascontiguousarray(data)), heads).numpy()
+        if GgufBlocks(plan.type, data).matches(w.numpy()):
+            return np.ascontiguousarray(data), qtype, 0
+        t = ggml_types.ggml_type(plan.type)
+        return ggml_types.quantize(w.numpy(), plan.type), qtype, t.tensor_bytes(tuple(w.shape)) // t.block_bytes
+    if plan.grid == plan.type and plan.type in FORMATS:
         # Permuting rows keeps every 32-column block intact, so exact recovery still applies.
         q, d, m, missed = recover_blocks(w, plan.type)
-    else:
-        q, d, m = quantize_blocks(w, plan.type)
-    return pack_blocks(q, d, m, plan.type), qtype, missed
+        return pack_blocks(q, d, m, plan.type), qtype, missed
+    return ggml_types.quantize(w.numpy(), plan.type), qtype, 0

@@ -15,10 +15,18 @@ here. Nothing else names the config keys:
   minimal {"format", "modules"} form still reads). Read by GGUF export (exact block grids), by
   `kompakt.model.quantized.is_quantized` (no quantizing twice) and by quant.qat (train on it).
 - `awq` (AwqScaling): quant.awq rescaled the weights for this grid. Key `kompakt_awq`.
+- `per_tensor_types` (module name -> GGUF type, e.g. "q8_0"): mixed precision. Key
+  `kompakt_gguf_types`. A quant step with `tensor_types` records the type of every module it
+  quantized and the type the export writes the embedding / output head in (a tied pair is one
+  entry, keyed by the embedding). Read by the GGUF export (kompakt.export.gguf_tensors: below
+  `--tensor-type`, above `--type`). It is a type choice, not a grid claim, so
+  `clear_quantization` keeps it.
+- `types_source` ({"source": ..., "calibration": ...}): where those types came from ("recipe",
+  "allocation: <how measured>") and the calibration they were measured or solved on; the GGUF
+  export writes them as metadata. Key `kompakt_gguf_types_source`.
 
 Reserved slots, for passes to come; no pass fills them and nothing reads them yet:
 
-- `per_tensor_types` (module name -> GGUF type, e.g. "q8_0"): mixed precision. Key `kompakt_gguf_types`.
 - `lowrank` (module name -> LowRank): a Linear replaced by two. Key `kompakt_lowrank`.
 - `shared` (owner module name -> SharedWeights): one tensor several modules read. Key `kompakt_shared`.
 
@@ -26,6 +34,9 @@ They round-trip through config.json, but this version can neither rebuild such a
 export it, so `kompakt.load` refuses a config.json where any of them is non-empty (ModelFormatError:
 "written by a newer kompakt; upgrade") rather than load a wrong model. The pass that fills a slot
 teaches the loader and the exporter to read it, and then lifts the refusal.
+
+Exact GGUF bytes a grid cannot give back from dense weights (K-quants) are not config data:
+they travel as `LoadedModel.gguf_blocks` (kompakt.model.gguf_blocks).
 
 The packed integer codes a quant pass produced are not state: they travel in its
 PassReport.packed_layers (kompakt.passes.base), from which the step save writes them as
@@ -50,19 +61,25 @@ import torch
 
 from kompakt.errors import ModelFormatError
 from kompakt.model.loaded import LoadedModel
-from kompakt.ops.gguf_grid import ASYMMETRIC, CODE_BITS, FORMATS
+from kompakt.ops.ggml_types import ASYMMETRIC, QUANT_TYPES
 from kompakt.ops.quant import QuantGrid
 
 _QUANTIZATION_KEY = "kompakt_quantization"
 _AWQ_KEY = "kompakt_awq"
 _GGUF_TYPES_KEY = "kompakt_gguf_types"
+_TYPES_SOURCE_KEY = "kompakt_gguf_types_source"
 _LOWRANK_KEY = "kompakt_lowrank"
 _SHARED_KEY = "kompakt_shared"
 _COMPRESSED_TENSORS_KEY = "quantization_config"  # transformers' own: weights stored compressed
 # Reserved slots (see the module docstring): what a config.json holding one of them stores.
-_RESERVED = {_GGUF_TYPES_KEY: "per-tensor GGUF types", _LOWRANK_KEY: "low-rank factors",
-             _SHARED_KEY: "shared weights"}  # fmt: skip
+_RESERVED = {_LOWRANK_KEY: "low-rank factors", _SHARED_KEY: "shared weights"}
 _INT_FORMAT = re.compile(r"int[2-8]")
+_GGUF_TYPE_NAMES = ("f32", "f16", "bf16", *QUANT_TYPES)  # what a per-tensor type may be
+
+
+def nominal_bits(fmt: str) -> int:
+    """The bits a GGUF type is named for (q6_k -> 6, iq4_nl -> 4), or an integer grid's (int3 -> 3)."""
+    return int(re.search(r"\d+", fmt).group())  # type: ignore[union-attr]
 
 
 @dataclass
@@ -103,8 +120,8 @@ class PackedLayer:
 class Quantization:
     """The grid the weights of `modules` lie on (their fp32 values are exactly on it).
 
-    format: "int2" .. "int8" for integer grids, or a llama.cpp block grid (kompakt.ops.gguf_grid
-    FORMATS: "q4_0", "q5_1", "iq4_nl", ...). group_size: input columns per scale (None = per output channel); `group_sizes`
+    format: "int2" .. "int8" for integer grids, or a GGUF type (kompakt.ops.ggml_types.QUANT_TYPES:
+    "q4_0", "q6_k", ...), the default one when `per_tensor_types` gives some modules another. group_size: input columns per scale (None = per output channel); `group_sizes`
     names the modules that use another one (a group that does not divide their width).
     """
 
@@ -118,8 +135,8 @@ class Quantization:
 
     @property
     def gguf_format(self) -> str | None:
-        """The llama.cpp block type these weights are on (None for integer grids)."""
-        return self.format if self.format in FORMATS else None
+        """The GGUF type these weights are on (None for integer grids)."""
+        return self.format if self.format in QUANT_TYPES else None
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "format": self.format, "bits": self.bits, "group_size": self.group_size,
@@ -134,9 +151,9 @@ class Quantization:
         bits or group size, modules that are not a list of names).
         """
         fmt = str(data.get("format") or f"int{data.get('bits', 4)}").lower()
-        if fmt not in FORMATS and not _INT_FORMAT.fullmatch(fmt):
-            raise ValueError(f"unknown format {fmt!r} (known: int2..int8, {', '.join(FORMATS)})")
-        bits = data.get("bits") or (CODE_BITS[fmt] if fmt in FORMATS else int(fmt.removeprefix("int")))
+        if fmt not in QUANT_TYPES and not _INT_FORMAT.fullmatch(fmt):
+            raise ValueError(f"unknown format {fmt!r} (known: int2..int8, {', '.join(QUANT_TYPES)})")
+        bits = data.get("bits") or nominal_bits(fmt)
         group_size = data.get("group_size")
         modules, group_sizes = data.get("modules", []), data.get("group_sizes") or {}
         if not isinstance(bits, int) or (group_size is not None and not isinstance(group_size, int)):
@@ -198,8 +215,9 @@ class CompressionState:
 
     quantization: Quantization | None = None
     awq: AwqScaling | None = None
-    # reserved slots: kompakt.load refuses a model where one is non-empty (module docstring)
     per_tensor_types: Mapping[str, str] = field(default_factory=dict)
+    types_source: Mapping[str, str] = field(default_factory=dict)
+    # reserved slots: kompakt.load refuses a model where one is non-empty (module docstring)
     lowrank: Mapping[str, LowRank] = field(default_factory=dict)
     shared: Mapping[str, SharedWeights] = field(default_factory=dict)
 
@@ -234,6 +252,7 @@ def get_state(target: LoadedModel | torch.nn.Module) -> CompressionState:
         quantization=Quantization.from_json(quant) if isinstance(quant, Mapping) and quant else None,
         awq=AwqScaling.from_json(awq) if isinstance(awq, Mapping) and awq else None,
         per_tensor_types=_mapping(getattr(config, _GGUF_TYPES_KEY, None), lambda v: str(v).lower()),
+        types_source=_mapping(getattr(config, _TYPES_SOURCE_KEY, None), str),
         lowrank=_mapping(getattr(config, _LOWRANK_KEY, None), LowRank.from_json),
         shared=_mapping(getattr(config, _SHARED_KEY, None), SharedWeights.from_json),
     )
@@ -246,6 +265,7 @@ def set_state(target: LoadedModel | torch.nn.Module, state: CompressionState) ->
         _QUANTIZATION_KEY: state.quantization.to_json() if state.quantization else None,
         _AWQ_KEY: state.awq.to_json() if state.awq else None,
         _GGUF_TYPES_KEY: dict(state.per_tensor_types) or None,
+        _TYPES_SOURCE_KEY: dict(state.types_source) or None,
         _LOWRANK_KEY: {k: v.to_json() for k, v in state.lowrank.items()} or None,
         _SHARED_KEY: {k: v.to_json() for k, v in state.shared.items()} or None,
     }
@@ -270,9 +290,12 @@ def clear_state(target: LoadedModel | torch.nn.Module) -> None:
 
 
 def clear_quantization(target: LoadedModel | torch.nn.Module) -> None:
-    """The weights leave their grid (e.g. QAT trains them): drop the grid and a compressed-tensors
-    `quantization_config` a reloaded step carries. AWQ scaling stays."""
+    """The weights leave their grid (e.g. QAT trains them): drop the grid, a compressed-tensors
+    `quantization_config` a reloaded step carries and a LoadedModel's exact GGUF bytes
+    (`gguf_blocks`). AWQ scaling and the per-tensor types (a choice, not a claim) stay."""
     update_state(target, quantization=None)
+    if isinstance(target, LoadedModel):
+        target.gguf_blocks.clear()
     for config in _configs(_model(target)):
         if _COMPRESSED_TENSORS_KEY in config.__dict__:
             delattr(config, _COMPRESSED_TENSORS_KEY)
@@ -302,6 +325,11 @@ def check_stored_state(config: Mapping[str, Any], where: str) -> None:
         if stored:
             raise ModelFormatError(f"{where} was written by a newer kompakt (it stores {', '.join(stored)}, "
                                    "which this version cannot rebuild); upgrade kompakt to load it")  # fmt: skip
+        types = section.get(_GGUF_TYPES_KEY)
+        if types not in (None, {}) and (not isinstance(types, Mapping) or any(
+                str(v).lower() not in _GGUF_TYPE_NAMES for v in types.values())):  # fmt: skip
+            raise ModelFormatError(f"{where} has a malformed {_GGUF_TYPES_KEY} in config.json (module -> GGUF type "
+                                   "expected); upgrade kompakt, or restore config.json as kompakt wrote it")  # fmt: skip
         for key, parse in ((_QUANTIZATION_KEY, Quantization.from_json), (_AWQ_KEY, AwqScaling.from_json)):
             value = section.get(key)
             if value in (None, {}):

@@ -24,6 +24,7 @@ from kompakt.errors import KompaktError, ModelFormatError, ModelNotFoundError
 from kompakt.model.compression import check_stored_state
 from kompakt.model.dtype import compute_dtype_for, default_device, parse_dtype
 from kompakt.model.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, is_embedded, verify_embedded
+from kompakt.model.gguf_blocks import load_blocks
 from kompakt.model.gguf_convert import convert_gguf, converted_dir_for, is_converted
 from kompakt.model.hf_dir import check_model_dir
 from kompakt.model.loaded import LoadedModel
@@ -163,8 +164,10 @@ def load(
     else:
         model = _load_weights(directory, compute, device)
     tokenizer = _load_tokenizer(directory)
+    blocks = load_blocks(directory)  # exact GGUF bytes a quant step saved beside the weights
     log.info("loaded %s (%s stored, %s on %s) in %.1f s", name, stored, compute, device, time.perf_counter() - start)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=directory, storage_dtype=stored)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=directory, storage_dtype=stored,
+                       gguf_blocks=blocks)  # fmt: skip
 
 
 def _load_weights(directory: Path, dtype: torch.dtype, device: torch.device):

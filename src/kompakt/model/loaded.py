@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kompakt.model.gguf_blocks import GgufBlocks
+
 
 @dataclass
 class LoadedModel:
@@ -21,6 +23,8 @@ class LoadedModel:
         path: local Hugging Face directory holding config.json and weights; None for a
             model built in memory (tiny test models).
         storage_dtype: the dtype the weights are stored in (saved back in this dtype).
+        gguf_blocks: module name -> the exact GGUF bytes a quant pass chose for its weight, where
+            the dense weight alone cannot give them back (kompakt.model.gguf_blocks).
     """
 
     model: PreTrainedModel
@@ -28,6 +32,7 @@ class LoadedModel:
     name: str
     path: Path | None = None
     storage_dtype: torch.dtype = torch.float32
+    gguf_blocks: dict[str, GgufBlocks] = field(default_factory=dict)
     _fingerprint: str | None = field(default=None, repr=False)
 
     @property

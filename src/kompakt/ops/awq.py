@@ -57,7 +57,7 @@ def search_scales(
     weights: Sequence[torch.Tensor],
     gram: torch.Tensor,
     act_mean: torch.Tensor,
-    quantize: Quantizer,
+    quantize: Quantizer | Sequence[Quantizer],
     *,
     n_grid: int = 20,
     expand: torch.Tensor | None = None,
@@ -66,13 +66,15 @@ def search_scales(
 
     Args:
         act_mean: mean |x| per scaled channel [k] (k = in, or fewer when `expand` ties channels).
-        quantize: the target grid's RTN (dequantized result).
+        quantize: the target grid's RTN (dequantized result), or one per weight when they are
+            quantized to different grids (per-tensor types).
         n_grid: α takes the values i / n_grid, i = 0..n_grid.
         expand: LongTensor [in] mapping each input column to its scale (e.g. one scale per
             KV-head channel repeated over the query heads that read it); None = identity.
     """
     gram = gram.float()
     ws = [w.detach().float() for w in weights]
+    quantizers = list(quantize) if isinstance(quantize, Sequence) else [quantize] * len(ws)
     best: ScaleSearch | None = None
     base = 0.0
     for i in range(n_grid + 1):
@@ -80,8 +82,8 @@ def search_scales(
         s = awq_scales(act_mean, alpha)
         full = s if expand is None else s[expand]
         err = 0.0
-        for w in ws:
-            delta = w - quantize(w * full) / full
+        for w, q in zip(ws, quantizers, strict=True):
+            delta = w - q(w * full) / full
             err += float(output_error(delta, gram))
         if i == 0:
             base = err

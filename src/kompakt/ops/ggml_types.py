@@ -23,6 +23,8 @@ FLOAT_TYPES = ("f32", "f16", "bf16")
 # Largest first: the order the allocation and the CLI list them in.
 QUANT_TYPES = ("q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "iq4_nl", "q4_0", "q3_k", "q2_k")
 NAMES = FLOAT_TYPES + QUANT_TYPES
+# Types whose blocks store a minimum beside the scale (x = q*d - m), the others are symmetric.
+ASYMMETRIC = ("q5_1", "q4_1", "q5_k", "q4_k", "q2_k")
 # Types gguf-py (gguf.quants.quantize) encodes bit-exactly like ggml's reference quantizer.
 _GGUF_PY_ENCODES = ("bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
@@ -119,11 +121,5 @@ def fake_quantize(w: np.ndarray, name: str) -> np.ndarray:
 
 def _load_encoders() -> None:
     """Import the modules that register kompakt's own encoders (kept lazy: numpy-heavy)."""
-    import importlib
-
-    for module in ("kompakt.ops.ggml_kquants", "kompakt.ops.ggml_iq4nl"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    import kompakt.ops.ggml_iq4nl  # noqa: F401
+    import kompakt.ops.ggml_kquants  # noqa: F401

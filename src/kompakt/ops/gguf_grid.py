@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 from kompakt.ops import ggml_iq4nl
+from kompakt.ops.ggml_types import ASYMMETRIC
 from kompakt.ops.quant import GroupParams, signed_absmax
 
 BLOCK = 32
 FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 CODE_BITS = {"q8_0": 8, "q5_0": 5, "q5_1": 5, "q4_0": 4, "q4_1": 4, "iq4_nl": 4}  # bits per code
-ASYMMETRIC = ("q4_1", "q5_1")  # the formats with a block minimum m (x ≈ q·d + m)
 _OFFSET = {"q4_0": 8, "q5_0": 16}  # stored code = q + offset; d = signed max / -offset
 _LEVELS = {"q4_1": 15, "q5_1": 31}  # largest code of the asymmetric formats
 _KVALUES = torch.from_numpy(ggml_iq4nl.KVALUES)

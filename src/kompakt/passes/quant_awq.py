@@ -15,6 +15,10 @@ input Gram matrix, clipping search) is in `kompakt.ops.awq`. Scaling points, fou
   reported, when the shapes do not allow it.
 - up → down (the gate's activation multiplies up, so scaling up's rows scales down's inputs).
 
+With `tensor_types` (as the quantizer's, kompakt.passes.quant_types) each Linear's error is
+measured on its own type's grid; a scale shared by Linears of different types minimises their
+summed error.
+
 `clip: true` (default) also searches a per-(row, group) clipping range for every Linear except
 q and k (their error passes through softmax), as the reference does; clipping changes the
 float weights slightly (that is its point).
@@ -51,7 +55,7 @@ from kompakt.model.compression import AwqScaling, update_state
 from kompakt.model.quantized import ensure_not_quantized
 from kompakt.ops.awq import search_clip, search_scales
 from kompakt.passes.base import PassContext, PassReport, PassSpec
-from kompakt.passes.quant_common import GridPlan, QuantGridConfig, plan_grid, rtn_weight
+from kompakt.passes.quant_common import QuantGridConfig, plan_grid, rtn_weight, select_targets, target_types
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +71,8 @@ class AwqConfig:
     bits: int = field(default=4, metadata=_doc("bits of the quantizer that follows: 8, 4, 3, 2"))
     group_size: int | None = field(default=128, metadata=_doc("its group size: 32, 64, 128, null = per channel"))
     symmetric: bool = field(default=True, metadata=_doc("its grid is symmetric"))
-    format: str | None = field(
-        default=None, metadata=_doc("or its GGUF block grid q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl | q8_0")
-    )
+    format: str | None = field(default=None, metadata=_doc("or its GGUF type, e.g. q4_0, q8_0, q5_0"))
+    tensor_types: dict[str, str] | None = field(default=None, metadata=_doc("and its per-module GGUF types"))
     n_grid: int = field(default=20, metadata=_doc("alpha takes i/n_grid, i = 0..n_grid"))
     clip: bool = field(default=True, metadata=_doc("also search weight clipping ranges (not for q, k)"))
     max_shrink: float = field(default=0.5, metadata=_doc("clipping range shrinks by at most this fraction"))
@@ -79,21 +82,20 @@ class AwqConfig:
     batch_size: int = field(default=8, metadata=_doc("calibration blocks per layer call"))
 
     def grid(self) -> QuantGridConfig:
-        return QuantGridConfig(self.bits, self.group_size, self.symmetric, self.format)
+        return QuantGridConfig(self.bits, self.group_size, self.symmetric, self.format, tensor_types=self.tensor_types)
 
     def validate(self) -> None:
         grid = self.grid()
         grid.validate_grid("quant.awq")
-        self.group_size, self.format = grid.group_size, grid.format
+        self.group_size, self.format, self.tensor_types = grid.group_size, grid.format, grid.tensor_types
         if self.n_grid < 1 or self.batch_size < 1 or (self.max_blocks is not None and self.max_blocks < 1):
             raise ConfigError("quant.awq: n_grid, batch_size and max_blocks must be at least 1")
         if not 0.0 <= self.max_shrink < 1.0:
             raise ConfigError(f"quant.awq: max_shrink must be in [0, 1), got {self.max_shrink}")
 
 
-def _quantizer(grid: QuantGridConfig, in_features: int) -> tuple[GridPlan, Any]:
-    plan = plan_grid(grid, in_features)
-    return plan, (lambda w: rtn_weight(w, grid, plan)[0])
+def _identity(w: torch.Tensor) -> torch.Tensor:
+    return w
 
 
 def _rows(role: str, model: nn.Module) -> tuple[str, slice] | None:
@@ -117,6 +119,10 @@ class _Awq:
     def __init__(self, model: nn.Module, config: AwqConfig) -> None:
         self.model, self.config, self.grid = model, config, config.grid()
         self.spec = arch_for(model)
+        # Every Linear's own type (checked before any work: unknown keys, rows a type cannot take).
+        targets = select_targets(model, QuantGridConfig(), "quant.awq")
+        types = target_types(model, self.grid, targets, "quant.awq")
+        self.types = {t.module: types.get(t.name) for t in targets}
         self.log: dict[str, Any] = {}
         self.notes: list[str] = []
 
@@ -148,11 +154,12 @@ class _Awq:
         act = first.mean_abs()
         if expand is not None:
             act = torch.zeros(int(expand.max()) + 1).index_add_(0, expand, act) / torch.bincount(expand).float()
-        plan, quantize = _quantizer(self.grid, first.module.in_features)
-        if plan.grid is None:
+        quantizers = [self._quantizer(stat.module) for stat in stats.values()]
+        if all(q is None for q in quantizers):
             return
-        found = search_scales([s.module.weight for s in stats.values()], gram, act, quantize,
-                              n_grid=self.config.n_grid, expand=expand)  # fmt: skip
+        found = search_scales([s.module.weight for s in stats.values()], gram, act,
+                              [q or _identity for q in quantizers], n_grid=self.config.n_grid,
+                              expand=expand)  # fmt: skip
         s = found.scales
         for stat in stats.values():  # W·diag(s): the consumer's columns grow
             stat.module.weight.mul_(s.to(stat.module.weight.dtype))
@@ -215,14 +222,21 @@ class _Awq:
             if role in NO_CLIP:
                 continue
             w = stat.module.weight
-            plan, quantize = _quantizer(self.grid, w.shape[1])
-            if plan.grid is None:
+            quantize = self._quantizer(stat.module)
+            if quantize is None:
                 continue
-            group = plan.group_size or w.shape[1]
+            group = plan_grid(self.grid, w.shape[1], self.types.get(stat.module)).group_size or w.shape[1]
             with torch.no_grad():
                 new = search_clip(w, stat.hessian(), quantize, group, n_grid=self.config.n_grid,
                                   max_shrink=self.config.max_shrink)  # fmt: skip
                 w.copy_(new.to(w.dtype))
+
+    def _quantizer(self, module: nn.Module):
+        """RTN onto `module`'s own grid (None when it stays unquantized)."""
+        plan = plan_grid(self.grid, module.weight.shape[1], self.types.get(module))
+        if plan.grid is None:
+            return None
+        return lambda w: rtn_weight(w, self.grid, plan)[0]
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
@@ -235,8 +249,8 @@ def apply(ctx: PassContext, config: AwqConfig) -> PassReport:
     loaded = ctx.loaded
     ensure_not_quantized(loaded, "apply AWQ to")
     model = loaded.model
+    awq = _Awq(model, config)  # resolves the per-tensor types first: bad ones fail before any work
     blocks = ctx.calibration()[: config.max_blocks]
-    awq = _Awq(model, config)
     run_sequential(model, blocks, awq.process, collect="hessian", true_sequential=True,
                    batch_size=config.batch_size, description="AWQ scale search")  # fmt: skip
     grid = config.grid().grid_label

@@ -12,11 +12,14 @@ Grids:
   largest storable divisor (64) for that layer; the report counts such layers and names a few.
   Integer-grid scales are fitted in fp16 (what compressed-tensors stores), so what is stored
   is exactly what the pass optimised.
-- `format: q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl | q8_0`: llama.cpp's 32-weight block grids (fp16
-  scale, + fp16 min for q4_1 / q5_1; iq4_nl's codes index a non-linear table). Overrides bits /
-  group / symmetric. Layers whose input width is not a multiple of 32 stay unquantized
+- `format`: a GGUF type (kompakt.ops.ggml_types: q8_0, q6_k, q5_1, q5_k, q5_0, q4_1, q4_k,
+  iq4_nl, q4_0, q3_k, q2_k, where this version has its grid or encoder). Overrides bits / group /
+  symmetric. Layers whose input width the type's block does not divide stay unquantized
   (reported). q4_0 / q8_0 blocks are stored packed as symmetric int4 / int8 groups of 32; the
-  others are no compressed-tensors integer grid, so their steps stay dense (the exact values).
+  other types' steps stay dense, and the types the exporter cannot recover from dense weights
+  (K-quants, ...) hand over their exact file bytes (LoadedModel.gguf_blocks).
+- `tensor_types` (with `format`): a GGUF type per module (kompakt.passes.quant_types), recorded
+  in the compression state's per_tensor_types for the GGUF export.
 
 Modules: every Linear of the decoder layers by default; `modules` picks roles ("attn", "mlp",
 "attn.q", ..., "mlp.down"); `embeddings: true` / `lm_head: true` add those (with tied
@@ -37,12 +40,15 @@ from torch import nn
 
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, embeddings_tied, get_submodule, linear_modules
-from kompakt.model.compression import PackedLayer, Quantization, get_state, update_state
+from kompakt.model.compression import PackedLayer, Quantization, get_state, nominal_bits, update_state
+from kompakt.model.gguf_blocks import GgufBlocks
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import SCALE_DTYPE, ensure_not_quantized, storage_grid
-from kompakt.ops.gguf_grid import ASYMMETRIC, BLOCK, CODE_BITS, FORMATS, GGUFBlockGrid, dequantize_blocks, quantize_blocks
-from kompakt.ops.quant import QuantGrid
+from kompakt.ops import ggml_types
+from kompakt.ops.ggml_types import ASYMMETRIC
+from kompakt.ops.gguf_grid import BLOCK, FORMATS, dequantize_blocks, quantize_blocks
 from kompakt.passes.base import PassContext
+from kompakt.passes.quant_types import check_tensor_types, check_type, resolve_types, rounding_for, types_label
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,7 @@ BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
 MODULE_NAMES = ("attn", "mlp", *ROLES)
+# GGUF types whose blocks store a minimum beside the scale (the others are symmetric grids).
 NAMES_SHOWN = 3  # module names a summary line or lineage record shows before "..."
 
 
@@ -67,7 +74,15 @@ class QuantGridConfig:
     )
     symmetric: bool = field(default=True, metadata=_doc("symmetric q*s (true) or asymmetric (q-z)*s"))
     format: str | None = field(
-        default=None, metadata=_doc("GGUF block grid q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl | q8_0 (overrides bits/group_size/symmetric)")
+        default=None, metadata=_doc("GGUF type, e.g. q4_0, q8_0, q5_0, q4_k (overrides bits/group_size/symmetric)")
+    )
+    tensor_types: dict[str, str] | None = field(
+        default=None,
+        metadata=_doc("GGUF type per module {name or fnmatch pattern: type}; needs format (the default); "
+                      "model.embed_tokens / lm_head keys set the type export writes them in"),
+    )  # fmt: skip
+    types_source: str | None = field(
+        default=None, metadata=_doc("where tensor_types came from, for the GGUF metadata (default: recipe)")
     )
     modules: list[str] | str | None = field(
         default=None, metadata=_doc("Linear roles: attn, mlp, attn.q, ..., mlp.down, or patterns (default all)")
@@ -75,11 +90,14 @@ class QuantGridConfig:
     embeddings: bool = field(default=False, metadata=_doc("also quantize the input embeddings (RTN)"))
     lm_head: bool = field(default=False, metadata=_doc("also quantize the output projection (RTN)"))
 
-    def validate_grid(self, name: str) -> None:
+    def validate_grid(self, name: str, needs_grid: bool = False) -> None:
+        """Check the options; `needs_grid`: the step solves on the grid (GPTQ), not RTN alone."""
         if self.format is not None:
-            if str(self.format).lower() not in FORMATS:
-                raise ConfigError(f"{name}: unknown format {self.format!r}; valid: {', '.join(FORMATS)}")
-            self.format = str(self.format).lower()
+            self.format = check_type(self.format, f"{name}: format", needs_grid)
+            if self.format in ggml_types.FLOAT_TYPES:
+                raise ConfigError(f"{name}: format {self.format} is no quantized type; choose e.g. q4_0 or q8_0")
+        self.tensor_types = check_tensor_types(self.tensor_types, self.format, name)
+        if self.format is not None:
             return
         if self.bits not in BITS:
             raise ConfigError(f"{name}: bits {self.bits} is not supported; choose one of {', '.join(map(str, BITS))}")
@@ -94,15 +112,17 @@ class QuantGridConfig:
     @property
     def grid_label(self) -> str:
         if self.format:
-            return self.format
+            return types_label(self.format, self.tensor_types)
         group = f"g{self.group_size}" if self.group_size else "per-channel"
         return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
 
     @classmethod
-    def of(cls, quantization: Quantization) -> QuantGridConfig:
-        """The grid a previous quant step recorded (its modules are listed in `quantization`)."""
+    def of(cls, quantization: Quantization, per_tensor_types: dict[str, str] | None = None) -> QuantGridConfig:
+        """The grid a previous quant step recorded (its modules are listed in `quantization`, the
+        type of each in `per_tensor_types` when it mixed them)."""
         if quantization.gguf_format:
-            return cls(format=quantization.gguf_format)
+            mixed = {m: t for m, t in (per_tensor_types or {}).items() if m in quantization.modules}
+            return cls(format=quantization.gguf_format, tensor_types=mixed or None)
         return cls(bits=quantization.bits, group_size=quantization.group_size, symmetric=quantization.symmetric)
 
 
@@ -151,20 +171,31 @@ def select_targets(model: nn.Module, config: QuantGridConfig, name: str) -> list
 
 @dataclass
 class GridPlan:
-    """The grid one weight gets: an integer QuantGrid or a GGUF format; None = left unquantized."""
+    """The grid one weight gets: an integer QuantGrid or a GGUF type's grid (GGUFBlockGrid,
+    KQuantGrid, or ReferenceRounding where only llama.cpp's rounding is needed); None = left
+    unquantized. `type`: the weight's GGUF type (None on integer grids)."""
 
-    grid: QuantGrid | GGUFBlockGrid | None
+    grid: Any
     group_size: int | None
     note: str | None = None  # why the requested grid was changed (fallback or skipped)
+    type: str | None = None
 
 
-def plan_grid(config: QuantGridConfig, in_features: int) -> GridPlan:
+def plan_grid(config: QuantGridConfig, in_features: int, type: str | None = None, needs_grid: bool = False) -> GridPlan:
     """The grid of one weight; integer grids follow kompakt.model.quantized.storage_grid (the
-    fallback rule the sensitivity analysis shares), and a changed group size gets a note."""
-    if config.format:
-        if in_features % BLOCK:
-            return GridPlan(None, None, f"input width {in_features} is not a multiple of {BLOCK}: left unquantized")
-        return GridPlan(GGUFBlockGrid(config.format), BLOCK)
+    fallback rule the sensitivity analysis shares), and a changed group size gets a note.
+
+    `type`: the weight's own GGUF type (`target_types`), else `config.format`; `needs_grid`:
+    the caller solves on the grid (GPTQ) rather than rounding with llama.cpp's reference.
+    """
+    ttype = type or config.format
+    if ttype in ggml_types.FLOAT_TYPES:
+        return GridPlan(None, None, f"kept in {ttype} (tensor_types)", ttype)
+    if ttype:
+        block = ggml_types.ggml_type(ttype).block
+        if in_features % block:
+            return GridPlan(None, None, f"input width {in_features} is not a multiple of {block}: left unquantized")
+        return GridPlan(rounding_for(ttype, needs_grid), block, type=ttype)
     grid = storage_grid(in_features, config.bits, config.group_size, config.symmetric)
     note = None
     if config.group_size is not None and config.group_size < in_features and in_features % config.group_size:
@@ -172,20 +203,27 @@ def plan_grid(config: QuantGridConfig, in_features: int) -> GridPlan:
     return GridPlan(grid, grid.group_size, note)
 
 
+def target_types(model: nn.Module, config: QuantGridConfig, targets: list[Target], name: str) -> dict[str, str]:
+    """Module -> GGUF type of every target (and of the head keys `tensor_types` names), checked
+    before any work (kompakt.passes.quant_types); {} on integer grids."""
+    if not config.format:
+        return {}
+    rows = {t.name: int(t.module.weight.shape[1]) for t in targets}
+    return resolve_types(model, config.tensor_types, rows, config.format, name)
+
+
 def packed_from(codes: torch.Tensor, scales: torch.Tensor, zeros, config: QuantGridConfig, plan: GridPlan):
-    """The compressed-tensors record of a quantized weight (None for the other GGUF grids).
+    """The compressed-tensors record of a quantized weight (None for GGUF types but q4_0 / q8_0).
 
     q4_0 and q8_0 blocks are symmetric int4 / int8 groups of 32 with an fp16 scale (q4_0's file
-    codes 0..15 mean code - 8), so they store packed exactly; q4_1 / q5_1's fp16 block minimum
-    is not an integer zero point, iq4_nl's codes are no integers of a uniform grid, and q5_0 has
-    no packed compressed-tensors form here, so those steps stay dense.
+    codes 0..15 mean code - 8), so they store packed exactly; q4_1's fp16 block minimum is not an
+    integer zero point (nor are the other types' scales and minima), so such a step stays dense.
     """
-    if isinstance(plan.grid, GGUFBlockGrid):
-        fmt = plan.grid.fmt
-        if fmt not in ("q4_0", "q8_0"):
+    if plan.type is not None:
+        if plan.type not in ("q4_0", "q8_0"):
             return None
-        signed = codes.cpu() - 8 if fmt == "q4_0" else codes.cpu()
-        return PackedLayer(signed, scales.cpu().to(SCALE_DTYPE), None, 4 if fmt == "q4_0" else 8, BLOCK, True)
+        signed = codes.cpu() - 8 if plan.type == "q4_0" else codes.cpu()
+        return PackedLayer(signed, scales.cpu().to(SCALE_DTYPE), None, 4 if plan.type == "q4_0" else 8, BLOCK, True)
     zero = None if zeros is None else zeros.cpu()
     scale = scales.cpu().to(plan.grid.scale_dtype)  # exact: the grid rounded them to this dtype
     return PackedLayer(codes.cpu(), scale, zero, config.bits, plan.group_size, config.symmetric)
@@ -193,30 +231,54 @@ def packed_from(codes: torch.Tensor, scales: torch.Tensor, zeros, config: QuantG
 
 @torch.no_grad()
 def rtn_weight(weight: torch.Tensor, config: QuantGridConfig, plan: GridPlan):
-    """RTN of one weight [out, in]: (dequantized fp32, PackedLayer or None)."""
+    """RTN of one weight [out, in]: (dequantized fp32, PackedLayer or None, GgufBlocks or None).
+
+    GGUF types are llama.cpp's reference rounding bit for bit; the types the exporter cannot
+    recover from dense weights (not in kompakt.ops.gguf_grid.FORMATS) also return their bytes.
+    """
     w = weight.detach().float()
-    if isinstance(plan.grid, GGUFBlockGrid):  # llama.cpp's reference rounding, bit for bit
-        q, d, m = quantize_blocks(w.cpu(), plan.grid.fmt)
-        return dequantize_blocks(q, d, m, plan.grid.fmt).to(w.device), packed_from(q, d, m, config, plan)
+    if plan.type in FORMATS:
+        q, d, m = quantize_blocks(w.cpu(), plan.type)
+        return dequantize_blocks(q, d, m, plan.type).to(w.device), packed_from(q, d, m, config, plan), None
+    if plan.type is not None:
+        data = ggml_types.quantize(w.cpu().numpy(), plan.type)
+        values = torch.from_numpy(ggml_types.dequantize(data, plan.type, tuple(w.shape)))
+        return values.to(w.device), None, GgufBlocks(plan.type, data)
     q, scale, zero = plan.grid.quantize(w)
-    return plan.grid.dequantize(q, scale, zero), packed_from(q, scale, zero, config, plan)
+    return plan.grid.dequantize(q, scale, zero), packed_from(q, scale, zero, config, plan), None
 
 
-def rtn_targets(targets: list[Target], config: QuantGridConfig) -> tuple[dict[str, GridPlan], dict[str, Any]]:
-    """RTN every target in place; (plan per module, PackedLayer per module)."""
-    done: dict[str, GridPlan] = {}
-    packed: dict[str, Any] = {}
+@dataclass
+class Quantized:
+    """What quantizing a set of targets produced: the plan of each, its packed layer (for the
+    compressed-tensors step save) and its exact GGUF bytes (for export), by module name."""
+
+    plans: dict[str, GridPlan] = field(default_factory=dict)
+    packed: dict[str, Any] = field(default_factory=dict)
+    blocks: dict[str, GgufBlocks] = field(default_factory=dict)
+
+    def update(self, other: Quantized) -> None:
+        self.plans.update(other.plans)
+        self.packed.update(other.packed)
+        self.blocks.update(other.blocks)
+
+
+def rtn_targets(targets: list[Target], config: QuantGridConfig, types: dict[str, str] | None = None) -> Quantized:
+    """RTN every target in place, each on its own type (`types`, from target_types)."""
+    done = Quantized()
     for target in targets:
         weight = target.module.weight
-        plan = plan_grid(config, weight.shape[1])
-        done[target.name] = plan
+        plan = plan_grid(config, weight.shape[1], (types or {}).get(target.name))
+        done.plans[target.name] = plan
         if plan.grid is None:
             continue
-        new, packed_layer = rtn_weight(weight, config, plan)
+        new, packed_layer, blocks = rtn_weight(weight, config, plan)
         weight.data.copy_(new.to(weight.dtype))
         if target.role != "embed":  # compressed-tensors packs Linears only
-            packed[target.name] = packed_layer
-    return done, packed
+            done.packed[target.name] = packed_layer
+        if blocks is not None:
+            done.blocks[target.name] = blocks
+    return done
 
 
 def prepare(ctx: PassContext, name: str, config: QuantGridConfig) -> LoadedModel:
@@ -234,22 +296,33 @@ def prepare(ctx: PassContext, name: str, config: QuantGridConfig) -> LoadedModel
     return loaded
 
 
-def record(
-    loaded: LoadedModel, method: str, config: QuantGridConfig, done: dict[str, GridPlan], packed: dict[str, Any]
-) -> dict[str, PackedLayer]:
-    """Record the grid in the compression state; returns the packed layers for the pass report
-    (PassReport.packed_layers, from which the step is saved packed)."""
+def record(loaded: LoadedModel, method: str, config: QuantGridConfig, done: Quantized,
+           types: dict[str, str] | None = None, calibration: str = "") -> dict[str, PackedLayer]:  # fmt: skip
+    """Record the grid in the compression state, the per-tensor types (when the step mixes
+    them; merged over what a previous step recorded) and the exact GGUF bytes on the model;
+    returns the packed layers for the pass report (PassReport.packed_layers, from which the
+    step is saved packed). `calibration`: what the step solved on, for the GGUF metadata."""
+    plans = done.plans
+    fmt = config.format
     quantization = Quantization(
         method=method,
-        format=config.format or f"int{config.bits}",
-        bits=CODE_BITS[config.format] if config.format else config.bits,
-        group_size=BLOCK if config.format else config.group_size,
-        symmetric=config.format not in ASYMMETRIC if config.format else config.symmetric,
-        modules=tuple(n for n, p in done.items() if p.grid is not None),
-        group_sizes={n: p.group_size for n, p in done.items() if p.grid is not None and p.note},
+        format=fmt or f"int{config.bits}",
+        bits=nominal_bits(fmt) if fmt else config.bits,
+        group_size=ggml_types.ggml_type(fmt).block if fmt else config.group_size,
+        symmetric=fmt not in ASYMMETRIC if fmt else config.symmetric,
+        modules=tuple(n for n, p in plans.items() if p.grid is not None),
+        group_sizes={} if fmt else {n: p.group_size for n, p in plans.items() if p.grid is not None and p.note},
     )
-    update_state(loaded, quantization=quantization)
-    return {n: p for n, p in packed.items() if p is not None}
+    changes: dict[str, Any] = {"quantization": quantization}
+    if config.tensor_types:
+        before = get_state(loaded)  # a QAT step keeps what the step before it recorded
+        changes["per_tensor_types"] = {**before.per_tensor_types, **(types or {})}
+        source = {"source": config.types_source or before.types_source.get("source") or "recipe",
+                  "calibration": calibration or before.types_source.get("calibration", "")}  # fmt: skip
+        changes["types_source"] = {k: v for k, v in source.items() if v}
+    update_state(loaded, **changes)
+    loaded.gguf_blocks.update(done.blocks)
+    return {n: p for n, p in done.packed.items() if p is not None}
 
 
 def few(names: list[str]) -> str:
@@ -275,9 +348,9 @@ def grid_counts(config: QuantGridConfig, done: dict[str, GridPlan]) -> dict[str,
 
     def label(plan: GridPlan) -> str:
         if plan.grid is None:
-            return "unquantized"
-        if config.format:
-            return config.format
+            return plan.type or "unquantized"
+        if plan.type:
+            return plan.type
         return f"int{config.bits} " + (f"g{plan.group_size}" if plan.group_size else "per-channel")
 
     return dict(Counter(label(plan) for plan in done.values()))

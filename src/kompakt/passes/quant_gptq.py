@@ -14,8 +14,10 @@ Use it for 4 and 3 bits (clearly better than RTN there); at 8 bits RTN is as goo
 Combine with `quant.awq` as a step before it (AWQ rescales, GPTQ quantizes). Grid options,
 modules, the group-size fallback (576 with 128 → 64, reported) and what is left on the model
 for storage / export are those of `quant.rtn` (see kompakt.passes.quant_common); with
-`format: q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl | q8_0` GPTQ chooses values exactly on llama.cpp's
-block grid.
+`format:` a GGUF type GPTQ chooses values exactly on llama.cpp's grid of that type, and with
+`tensor_types` each Linear on its own type's grid (kompakt.passes.quant_types). A grid whose
+bytes cannot be recovered from the dense weights (K-quants: `pack(codes, scales, zeros)`) hands
+them to the export as LoadedModel.gguf_blocks.
 Embeddings / lm_head, when asked for, are quantized with RTN (no Hessian is collected there).
 
 Sample recipe steps::
@@ -40,12 +42,16 @@ from kompakt.calib import LayerStats, run_sequential
 from kompakt.calib.threads import solver_threads
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, linear_modules
+from kompakt.model.gguf_blocks import GgufBlocks
+from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.quant_types import check_grids
 from kompakt.passes.quant_common import (
     NAMES_SHOWN,
     GridPlan,
     QuantGridConfig,
+    Quantized,
     Target,
     grid_counts,
     notes_of,
@@ -56,6 +62,7 @@ from kompakt.passes.quant_common import (
     rtn_targets,
     select_targets,
     summary_line,
+    target_types,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,7 +82,7 @@ class GptqConfig(QuantGridConfig):
     batch_size: int = field(default=8, metadata=_doc("calibration blocks per layer call"))
 
     def validate(self) -> None:
-        self.validate_grid("quant.gptq")
+        self.validate_grid("quant.gptq", needs_grid=True)
         if self.percdamp < 0:
             raise ConfigError(f"quant.gptq: percdamp must be >= 0, got {self.percdamp}")
         if self.block_size < 1 or self.batch_size < 1 or (self.max_blocks is not None and self.max_blocks < 1):
@@ -91,7 +98,22 @@ def _gptq_module(module: nn.Linear, hessian: torch.Tensor, config: GptqConfig, p
         )  # fmt: skip
     weight.data.copy_(result.weight.to(weight.dtype))
     packed = packed_from(result.codes, result.scales, result.zeros, config, plan)
-    return {"loss": result.loss, "damp": result.damp, "packed": packed}
+    return {"loss": result.loss, "damp": result.damp, "packed": packed, "blocks": _exact_bytes(plan, result)}
+
+
+def _exact_bytes(plan: GridPlan, result) -> GgufBlocks | None:
+    """The file bytes of a weight whose grid the exporter cannot always recover from dense values:
+    q4_1 (a block whose minimum GPTQ did not keep as a code) and the types without a
+    kompakt.ops.gguf_grid format, from the grid's `pack` (the K-quant grids' contract)."""
+    if plan.type is None or (plan.type in FORMATS and plan.type != "q4_1"):
+        return None
+    if plan.type == "q4_1":
+        return GgufBlocks("q4_1", pack_blocks(result.codes, result.scales, result.zeros, "q4_1"))
+    pack = getattr(plan.grid, "pack", None)
+    if pack is None:
+        logger.warning("quant.gptq: the %s grid cannot give its bytes; export will re-quantize", plan.type)
+        return None
+    return GgufBlocks(plan.type, pack(result.codes, result.scales, result.zeros))
 
 
 # Linears that read the same tensor (the pre-norm's output) share one Hessian: it is collected
@@ -103,12 +125,12 @@ def _collector(role: str) -> str:
     return next((group[0] for group in SHARED_INPUT if role in group), role)
 
 
-def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], config: GptqConfig):
+def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], config: GptqConfig,
+              types: dict[str, str]):  # fmt: skip
     spec = arch_for(model)
     targets = {(t.layer, t.role): t for t in decoder}
     collect = sorted({_collector(t.role) for t in decoder})
-    done: dict[str, GridPlan] = {}
-    packed: dict[str, Any] = {}
+    done = Quantized()
     losses: dict[str, float] = {}
 
     def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
@@ -117,12 +139,14 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
             hessian = stat.hessian()
             for sharer in (r for r in linears if _collector(r) == role and (index, r) in targets):
                 target, module = targets[(index, sharer)], linears[sharer]
-                plan = plan_grid(config, module.in_features)
-                done[target.name] = plan
+                plan = plan_grid(config, module.in_features, types.get(target.name), needs_grid=True)
+                done.plans[target.name] = plan
                 if plan.grid is None:
                     continue
                 out = _gptq_module(module, hessian, config, plan)
-                packed[target.name], losses[target.name] = out["packed"], out["loss"]
+                done.packed[target.name], losses[target.name] = out["packed"], out["loss"]
+                if out["blocks"] is not None:
+                    done.blocks[target.name] = out["blocks"]
                 if out["damp"] != config.percdamp:
                     logger.warning("%s: GPTQ needed damping %.3g", target.name, out["damp"])
 
@@ -130,20 +154,23 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
         model, blocks, process, roles=collect, collect="hessian", true_sequential=config.true_sequential,
         batch_size=config.batch_size, description="GPTQ",
     )  # fmt: skip
-    return done, packed, losses, result.seconds
+    return done, losses, result.seconds
 
 
 def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     start = time.perf_counter()
     loaded = prepare(ctx, "quant.gptq", config)
     targets = select_targets(loaded.model, config, "quant.gptq")
+    types = target_types(loaded.model, config, targets, "quant.gptq")
     decoder = [t for t in targets if t.layer is not None]
+    check_grids(types, [t.name for t in decoder], "quant.gptq")
     blocks = ctx.calibration()[: config.max_blocks]
-    done, packed, losses, calib_seconds = _run_gptq(loaded.model, blocks, decoder, config)
-    extra_done, extra_packed = rtn_targets([t for t in targets if t.layer is None], config)
-    done.update(extra_done)
-    packed.update(extra_packed)
-    packed_layers = record(loaded, "gptq", config, done, packed)
+    quantized, losses, calib_seconds = _run_gptq(loaded.model, blocks, decoder, config, types)
+    extra = rtn_targets([t for t in targets if t.layer is None], config, types)
+    quantized.update(extra)
+    calibration = f"{blocks.shape[0]} blocks of {blocks.shape[1]} tokens (GPTQ Hessians)"
+    packed_layers = record(loaded, "gptq", config, quantized, types, calibration)
+    done = quantized.plans
     notes = notes_of(done, "quant.gptq")
     worst = sorted(losses, key=losses.__getitem__, reverse=True)[:NAMES_SHOWN]
     details = {
@@ -151,7 +178,7 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
         "notes": notes, "act_order": config.act_order, "percdamp": config.percdamp,
         "true_sequential": config.true_sequential, "calibration_blocks": list(blocks.shape),
         "loss_total": sum(losses.values()), "largest_losses": {name: losses[name] for name in worst},
-        "rtn_modules": sorted(extra_done), "seconds": time.perf_counter() - start, "calibration_seconds": calib_seconds,
+        "rtn_modules": sorted(extra.plans), "seconds": time.perf_counter() - start, "calibration_seconds": calib_seconds,
     }  # fmt: skip
     return PassReport(loaded=loaded, summary=summary_line("gptq", config, done, notes), details=details,
                       packed_layers=packed_layers)  # fmt: skip

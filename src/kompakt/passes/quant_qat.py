@@ -15,8 +15,8 @@ the last forward) and the model carries the same storage / export contract as qu
 Grid: on a model a previous step quantized (quant.rtn / gptq / awq, in memory or reloaded from
 a compressed-tensors step directory), QAT trains on *that* grid and those modules (its own grid
 fields are then ignored); on an unquantized model it uses its own fields, exactly as quant.rtn
-reads them (`bits`, `group_size`, `symmetric`, `format: q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl |
-q8_0`, `modules`).
+reads them (`bits`, `group_size`, `symmetric`, `format`, `tensor_types`, `modules`); a previous
+step's per-tensor types are kept (each weight trains on its own type's grid).
 
 When to use it: when post-training quantization loses too much (4 bits and below on small
 models); after quant.rtn or quant.gptq it starts from their codes. Costs like distill.kd, plus
@@ -56,6 +56,7 @@ from kompakt.passes.quant_common import (
     rtn_targets,
     rtn_weight,
     select_targets,
+    target_types,
 )
 from kompakt.passes.train_common import KDFields, TrainingConfig, prepare, run
 
@@ -83,7 +84,7 @@ class FakeQuant(nn.Module):
         self.config, self.plan = config, plan
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        quantized, _ = rtn_weight(weight, self.config, self.plan)
+        quantized = rtn_weight(weight, self.config, self.plan)[0]
         return weight + (quantized.to(weight.dtype) - weight).detach()
 
 
@@ -91,7 +92,7 @@ def grid_of(model: nn.Module) -> tuple[QuantGridConfig, list[str]] | None:
     """The grid and modules a previous quant step left on `model` (None when unquantized)."""
     quantization = get_state(model).quantization
     if quantization is not None and quantization.modules:
-        return QuantGridConfig.of(quantization), list(quantization.modules)
+        return QuantGridConfig.of(quantization, dict(get_state(model).per_tensor_types)), list(quantization.modules)
     data = compressed_tensors_config(model)
     if data is None:
         return None
@@ -122,10 +123,10 @@ def _targets(loaded: LoadedModel, config: QatConfig) -> tuple[QuantGridConfig, l
     return grid, targets, "previous quant step"
 
 
-def _attach(targets: list[Target], grid: QuantGridConfig) -> dict[str, GridPlan]:
+def _attach(targets: list[Target], grid: QuantGridConfig, types: dict[str, str]) -> dict[str, GridPlan]:
     plans: dict[str, GridPlan] = {}
     for target in targets:
-        plan = plan_grid(grid, target.module.weight.shape[1])
+        plan = plan_grid(grid, target.module.weight.shape[1], types.get(target.name))
         plans[target.name] = plan
         if plan.grid is not None:
             parametrize.register_parametrization(target.module, "weight", FakeQuant(grid, plan), unsafe=True)
@@ -142,6 +143,7 @@ def _detach(targets: list[Target]) -> None:
 def apply(ctx: PassContext, config: QatConfig) -> PassReport:
     loaded = ctx.loaded
     grid, targets, source = _targets(loaded, config)
+    types = target_types(loaded.model, grid, targets, NAME)
     if source != "own config" and (config.format or config.bits != 4 or config.modules):
         logger.warning("%s: the model is already on %s; QAT keeps that grid (its own grid fields are ignored)",
                        NAME, grid.grid_label)  # fmt: skip
@@ -150,13 +152,14 @@ def apply(ctx: PassContext, config: QatConfig) -> PassReport:
         clear_quantization(loaded)  # re-recorded when the weights are frozen to the grid
     loaded.storage_dtype = torch.float32  # the frozen values are exact in fp32 (as quant.rtn)
     objective = objective_for(config, prepared.teacher.model, loaded.model)
-    _attach(targets, grid)
+    _attach(targets, grid, types)
     try:
         result = run(ctx, config, NAME, loaded.model, objective, prepared)
     finally:
         _detach(targets)
-    done, packed = rtn_targets(targets, grid)
-    packed_layers = record(loaded, "qat", grid, done, packed)
+    quantized = rtn_targets(targets, grid, types)
+    packed_layers = record(loaded, "qat", grid, quantized, types)
+    done = quantized.plans
     notes = notes_of(done, NAME)
     history = result.history
     summary = (f"qat {grid.grid_label} ({source}): {result.tokens} tokens, {result.steps} steps, "

@@ -6,9 +6,10 @@ Use it at 8 bits (nearly lossless), as the fast baseline at 4 bits, or after `qu
 (activation-aware scaling makes RTN competitive). At 4 bits and below `quant.gptq` is better.
 
 Grids and modules are those every quant pass shares (kompakt.passes.quant_common): integer
-grids (`bits`, `group_size`, `symmetric`) or `format: q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl |
-q8_0`, where RTN is bit-exact llama.cpp's reference quantizer, so `kompakt export --type` of the
-same format writes the values without re-rounding. `embeddings: true` / `lm_head: true` also quantize those.
+grids (`bits`, `group_size`, `symmetric`) or `format:` a GGUF type (q4_0, q8_0, q5_0, q4_k, ...),
+where RTN is bit-exact llama.cpp's reference quantizer, so `kompakt export --type` of the same
+format writes the values without re-rounding; `tensor_types` gives modules their own GGUF types
+(kompakt.passes.quant_types). `embeddings: true` / `lm_head: true` also quantize those.
 
 What the pass leaves: the weights hold the exact dequantized values (fp32), the compression
 state (kompakt.model.compression) records the grid and its modules (it survives save ->
@@ -38,6 +39,7 @@ from kompakt.passes.quant_common import (
     rtn_targets,
     select_targets,
     summary_line,
+    target_types,
 )
 
 
@@ -51,8 +53,10 @@ def apply(ctx: PassContext, config: RtnConfig) -> PassReport:
     start = time.perf_counter()
     loaded = prepare(ctx, "quant.rtn", config)
     targets = select_targets(loaded.model, config, "quant.rtn")
-    done, packed = rtn_targets(targets, config)
-    packed_layers = record(loaded, "rtn", config, done, packed)
+    types = target_types(loaded.model, config, targets, "quant.rtn")
+    quantized = rtn_targets(targets, config, types)
+    packed_layers = record(loaded, "rtn", config, quantized, types)
+    done = quantized.plans
     notes = notes_of(done, "quant.rtn")
     details = {"method": "rtn", "grid": config.grid_label, "modules": len(done), "grids": grid_counts(config, done),
                "notes": notes, "seconds": time.perf_counter() - start}  # fmt: skip

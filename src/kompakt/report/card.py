@@ -40,7 +40,11 @@ def model_card(report: dict, base_model: LoadedModel | str | Path | None) -> str
         lines += ["## Original vs this model", "", "| | original | this model | change |", "|---|---|---|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(comparison)] + [""]
         lines += [f"- {note}" for note in comparison.get("notes", [])] + [""]
-    checks = {k.removesuffix("_check"): v for k, v in (report.get("exports") or {}).items() if k.endswith("_check")}
+    exports = report.get("exports") or {}
+    if exports.get("gguf_tensor_types"):  # each tensor's GGUF type, grouped, and where they came from
+        lines += ["## GGUF tensor types", "", exports["gguf_tensor_types"], ""]
+        lines += [f"({exports['gguf_tensor_types_source']})", ""] if exports.get("gguf_tensor_types_source") else []
+    checks = {k.removesuffix("_check"): v for k, v in exports.items() if k.endswith("_check")}
     if checks:
         lines += ["## Checked after export", ""] + [f"- {kind}: {line}" for kind, line in checks.items()] + [""]
     recipe = annotated_recipe(public_recipe_yaml(report["recipe_yaml"]))  # says what each null meant

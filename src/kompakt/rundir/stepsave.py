@@ -6,6 +6,9 @@ step takes about a quarter of its fp16 bytes in the quantized Linears. Everythin
 as a plain Hugging Face directory. Either way `kompakt.load` reads the step back as a dense
 model (a compressed one with `config.quantization_config` naming its grid), so the next step,
 `kompakt export` and evaluation work from the directory.
+
+The exact GGUF bytes a pass carried on the model (`LoadedModel.gguf_blocks`, e.g. K-quant
+blocks GPTQ chose) are saved beside the weights (kompakt.model.gguf_blocks) and read back by load.
 """
 
 from __future__ import annotations
@@ -34,18 +37,21 @@ def save_step_model(
     whose activations overflow fp16 (the arch table's `fp16_overflows`: Gemma), since plain
     transformers computes in the stored dtype.
     """
+    from kompakt.model.gguf_blocks import save_blocks
     from kompakt.model.quantized import save_quantized
     from kompakt.model.save import save_model
 
     if not packed:
         save_model(loaded, directory)
-        return {}
+        save_blocks(loaded.gguf_blocks, directory)
+        return {"gguf_blocks": len(loaded.gguf_blocks)} if loaded.gguf_blocks else {}
     from kompakt.model.arch import arch_for
 
     dense = input_dtype if input_dtype in SIXTEEN_BIT else torch.float16
     if dense == torch.float16 and arch_for(loaded).fp16_overflows:
         dense = torch.bfloat16
     saved = save_quantized(loaded, directory, packed, dense_dtype=dense)
+    save_blocks(loaded.gguf_blocks, directory)
     stored: dict[str, Any] = {
         "stored_as": "compressed-tensors",
         "packed_layers": saved.layers,
@@ -54,4 +60,6 @@ def save_step_model(
     }
     if saved.regrouped:
         stored["regrouped"] = saved.regrouped
+    if loaded.gguf_blocks:
+        stored["gguf_blocks"] = len(loaded.gguf_blocks)
     return stored

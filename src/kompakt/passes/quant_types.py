@@ -1,0 +1,163 @@
+"""Per-tensor GGUF types in a quant step (`tensor_types`), resolved on the model before any work.
+
+The recipe contract every quant step shares (quant.rtn, quant.gptq, quant.awq, quant.qat)::
+
+    - quant.gptq:
+        format: q4_0                                   # the default type
+        tensor_types:
+          model.layers.*.mlp.down_proj: q5_0           # fnmatch pattern over module names
+          model.layers.0.self_attn.v_proj: q8_0        # an exact name wins over any pattern
+          model.embed_tokens: q6_k                     # the type the GGUF export writes it in
+
+Keys are HF module names or fnmatch patterns over the modules the step quantizes, plus the
+embedding and the output head: the passes do not quantize those (unless `embeddings` /
+`lm_head` ask), the key only sets the type the GGUF export writes them in; a tied pair is one
+decision, keyed by the embedding (`lm_head` on a tied model means the same). An exact name
+beats a pattern; among patterns, the first listed that matches wins (as llama-quantize's
+`--tensor-type`). A float type (f16, bf16, f32) keeps a Linear unquantized and written in it.
+
+Everything a user can get wrong fails here with one ConfigError line, before a weight moves:
+an unknown type, a key that matches nothing, a type the row length cannot take ("rows of 576
+are not a multiple of 256"), a type this step has no grid or encoder for.
+
+Grids: the 32-weight block types of kompakt.ops.gguf_grid are GGUFBlockGrid; the K-quants come
+from kompakt.ops.ggml_kquants.KQuantGrid(name), whose `pack(codes, scales, zeros)` gives the
+file bytes GPTQ chose (they cannot be recovered from the dense weights, so they travel as
+LoadedModel.gguf_blocks); RTN of any type that has an encoder is llama.cpp's reference
+quantizer (kompakt.ops.ggml_types.quantize), see `ReferenceRounding`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import nn
+
+from kompakt.errors import ConfigError
+from kompakt.model.arch import arch_for, embeddings_tied, get_submodule
+from kompakt.export.gguf_types import writable
+from kompakt.ops.ggml_types import FLOAT_TYPES, NAMES, QUANT_TYPES, ggml_type
+from kompakt.ops.gguf_grid import FORMATS, GGUFBlockGrid
+
+
+@dataclass(frozen=True)
+class ReferenceRounding:
+    """A GGUF type quantized by llama.cpp's reference rounding (no GPTQ grid needed): what RTN,
+    AWQ's search and QAT's forward use for types that have an encoder but no grid class."""
+
+    fmt: str
+
+    def group_size_for(self, in_features: int) -> int:
+        return ggml_type(self.fmt).block
+
+
+def gguf_grid(name: str) -> Any | None:
+    """The GPTQ grid of a GGUF type (None when this version has none for it)."""
+    if name in FORMATS:
+        return GGUFBlockGrid(name)
+    if name.endswith("_k"):
+        try:
+            from kompakt.ops.ggml_kquants import KQuantGrid  # type: ignore[import-not-found]
+        except ImportError:
+            return None
+        return KQuantGrid(name)
+    return None
+
+
+def rounding_for(name: str, needs_grid: bool) -> Any:
+    """The grid a weight of GGUF type `name` is quantized on: GPTQ's grid when `needs_grid`, else
+    the grid or, failing that, llama.cpp's reference rounding."""
+    grid = gguf_grid(name)
+    return grid if grid is not None or needs_grid else ReferenceRounding(name)
+
+
+def check_type(name: str, what: str, needs_grid: bool) -> str:
+    """`name` lower-cased if this step can quantize to it; ConfigError (one line) otherwise."""
+    key = str(name).lower()
+    if key not in NAMES:
+        raise ConfigError(f"{what}: unknown GGUF type {name!r}; choose one of {', '.join(NAMES)}")
+    if key in FLOAT_TYPES:
+        return key
+    if needs_grid and gguf_grid(key) is None:
+        usable = [t for t in QUANT_TYPES if gguf_grid(t) is not None]
+        raise ConfigError(f"{what}: this version has no GPTQ grid for {key}; choose one of {', '.join(usable)} "
+                          "or use quant.rtn")  # fmt: skip
+    if not needs_grid and gguf_grid(key) is None and not writable(key):
+        usable = [t for t in QUANT_TYPES if gguf_grid(t) is not None or writable(t)]
+        raise ConfigError(f"{what}: this version cannot write {key} yet; choose one of {', '.join(usable)}")
+    return key
+
+
+def check_tensor_types(tensor_types: Any, fmt: str | None, what: str) -> dict[str, str] | None:
+    """The `tensor_types` option validated without a model (types, shape of the mapping); that
+    a solver has a grid for the types its modules get is `check_grids`' job, on the model."""
+    if not tensor_types:
+        return None
+    if not isinstance(tensor_types, Mapping):
+        raise ConfigError(f"{what}: tensor_types must map module names or patterns to GGUF types")
+    if fmt is None:
+        raise ConfigError(f"{what}: tensor_types needs `format`, the GGUF type of every other module (e.g. q4_0)")
+    return {str(key): check_type(value, f"{what}: tensor_types {key}", False) for key, value in tensor_types.items()}
+
+
+def check_grids(types: Mapping[str, str], modules: list[str], what: str) -> None:
+    """ConfigError unless every module in `modules` that gets a quantized type has a GPTQ grid."""
+    for module in modules:
+        ttype = types.get(module)
+        if ttype in QUANT_TYPES:
+            check_type(ttype, f"{what}: {module}", needs_grid=True)
+
+
+def _heads(model: nn.Module) -> dict[str, int]:
+    """Embedding (and untied output head) name -> row length: keys that only set the export type."""
+    spec = arch_for(model)
+    heads = {spec.embed: int(get_submodule(model, spec.embed).weight.shape[1])}
+    if not embeddings_tied(model):
+        heads[spec.lm_head] = int(get_submodule(model, spec.lm_head).weight.shape[1])
+    return heads
+
+
+def resolve_types(model: nn.Module, tensor_types: Mapping[str, str] | None, targets: Mapping[str, int],
+                  default: str, what: str) -> dict[str, str]:  # fmt: skip
+    """Module -> GGUF type for every target (`targets`: name -> row length) and for the head keys
+    given; ConfigError before any work for a key that matches nothing or a type a row cannot take.
+
+    A target whose row the *default* type cannot take is left out (the step leaves it
+    unquantized and says so, as before per-tensor types).
+    """
+    spec = arch_for(model)
+    heads = _heads(model)
+    rows = {**heads, **targets}
+    tied = spec.lm_head not in heads
+    chosen: dict[str, str] = {}
+    items = sorted((tensor_types or {}).items(), key=lambda kv: kv[0] not in rows)  # exact names first
+    for key, ttype in items:
+        name = spec.embed if tied and key == spec.lm_head else key
+        matched = [n for n in rows if n == name or fnmatchcase(n, name)]
+        if not matched:
+            example = next(iter(targets), spec.embed)
+            raise ConfigError(f"{what}: tensor_types key {key!r} matches no module this step quantizes nor the "
+                              f"embedding / output head (names look like {example!r})")  # fmt: skip
+        if tied and key == spec.lm_head and chosen.get(name, ttype) != ttype:
+            raise ConfigError(f"{what}: the embedding and lm_head are one tied tensor; give it one type, not two")
+        for module in matched:
+            chosen.setdefault(module, ttype)
+    for module, ttype in chosen.items():
+        t = ggml_type(ttype)
+        if not t.fits(rows[module]):
+            raise ConfigError(f"{what}: {module}={ttype}: rows of {rows[module]} are not a multiple of {t.block}; "
+                              "choose a type with smaller blocks for it")  # fmt: skip
+    for module, cols in targets.items():
+        if module not in chosen and ggml_type(default).fits(cols):
+            chosen[module] = default
+    return chosen
+
+
+def types_label(fmt: str, tensor_types: Mapping[str, str] | None) -> str:
+    """The grid label of a mixed step ("q4_0 + *.down_proj=q8_0"): AWQ and the quantizer compare it."""
+    if not tensor_types:
+        return fmt
+    return fmt + " + " + ", ".join(f"{k}={v}" for k, v in tensor_types.items())
