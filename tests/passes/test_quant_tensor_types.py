@@ -176,15 +176,28 @@ def test_bad_keys_fail_before_any_weight_moves(name, types, message):
     assert get_state(loaded).is_empty() and loaded.gguf_blocks == {}
 
 
-def test_gptq_refuses_a_type_it_has_no_grid_for():
-    from kompakt.export.gguf_types import writable
-    from kompakt.passes.quant_types import gguf_grid
+def test_gptq_on_k_quants_carries_the_exact_bytes_to_the_file(tmp_path):
+    """A K-quant grid's weights cannot be recovered from dense values: GPTQ hands its bytes to the
+    model, the step save keeps them, and the GGUF holds exactly those bytes (llama.cpp's values)."""
+    loaded = tiny_model("llama", hidden_size=256, intermediate_size=512)
+    types = {"model.layers.*.mlp.down_proj": "q4_k", V0: "q6_k", Q1: "q3_k"}
+    _run("quant.gptq", loaded, format="q4_0", tensor_types=types)
+    assert {b.type for b in loaded.gguf_blocks.values()} == {"q4_k", "q6_k", "q3_k"}
+    for name, blocks in loaded.gguf_blocks.items():
+        w = loaded.model.get_submodule(name).weight.detach().numpy()
+        assert np.array_equal(ggml_types.dequantize(blocks.data, blocks.type, w.shape), w), name
+    result = write_gguf(loaded, tmp_path / "m.gguf", type="q4_0")
+    assert result.requantized_blocks == 0
+    tensors = _file_tensors(tmp_path / "m.gguf")
+    down = loaded.gguf_blocks[DOWN.format(1)]
+    assert tensors["blk.1.ffn_down.weight"].tensor_type.name == "Q4_K"
+    assert np.array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data).reshape(down.data.shape), down.data)
 
-    missing = [t for t in ggml_types.QUANT_TYPES if gguf_grid(t) is None and writable(t)]
-    if not missing:
-        pytest.skip("every GGUF type has a GPTQ grid")
-    with pytest.raises(ConfigError, match=f"no GPTQ grid for {missing[0]}"):
-        _run("quant.gptq", tiny_model("llama"), format="q4_0", tensor_types={"model.layers.0.*": missing[0]})
+
+def test_gptq_refuses_a_k_quant_the_rows_cannot_take():
+    loaded = tiny_model("llama")
+    with pytest.raises(ConfigError, match="rows of 64 are not a multiple of 256"):
+        _run("quant.gptq", loaded, format="q4_0", tensor_types={"model.layers.0.self_attn.q_proj": "q6_k"})
 
 
 def test_qat_trains_each_linear_on_the_type_the_step_before_recorded(tmp_path):

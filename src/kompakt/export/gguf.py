@@ -132,7 +132,7 @@ def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", forc
         UnsupportedArchitectureError: a family or structure llama.cpp cannot run as is.
         OutputPathError: `path` exists (without force) or cannot be written.
         ConfigError: an unknown type, a malformed override or one that matches nothing, a type a
-            row cannot take or that kompakt cannot write yet (all before anything is written).
+            row cannot take (all before anything is written).
     """
     target = check_output(Path(path), force)
     family, config, vocab, plan = prepare_gguf(loaded, type, tensor_types)

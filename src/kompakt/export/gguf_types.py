@@ -25,10 +25,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from kompakt.errors import ConfigError
-from kompakt.ops.ggml_types import FLOAT_TYPES, NAMES, ggml_type, quantize
+from kompakt.ops.ggml_types import FLOAT_TYPES, NAMES, ggml_type
 
 OUTPUT_BLOCK = 256  # Q6_K's super-block: llama.cpp's output tensor rule
 # The llama.cpp file type (gguf.LlamaFileType member) of a file whose weights are mostly of a type.
@@ -75,18 +74,6 @@ def fallback(ttype: str, cols: int) -> str:
     return other if ggml_type(other).fits(cols) else "f16"
 
 
-def writable(ttype: str) -> bool:
-    """Whether kompakt can write `ttype` (floats always; quantized types need an encoder: gguf-py's,
-    or one registered in kompakt.ops.ggml_types.ENCODERS)."""
-    if ttype in FLOAT_TYPES:
-        return True
-    try:
-        quantize(np.zeros((1, ggml_type(ttype).block), dtype=np.float32), ttype)
-    except KeyError:
-        return False
-    return True
-
-
 @dataclass
 class TypeChooser:
     """Chooses each 2-D tensor's type (module docstring); `notes` says where a rule changed one."""
@@ -123,10 +110,7 @@ class TypeChooser:
         if is_output:
             if self.default == "q8_0" or cols % OUTPUT_BLOCK:
                 return fallback("q8_0", cols)
-            if writable("q6_k"):
-                return "q6_k"
-            self.notes.append(f"{gguf_name}: Q8_0 (llama.cpp's quantizer would use Q6_K, which kompakt cannot write yet)")
-            return "q8_0"
+            return "q6_k"
         new = fallback(self.default, cols)
         if new != self.default:
             block = ggml_type(self.default).block
@@ -140,14 +124,6 @@ class TypeChooser:
             if index not in self._used:
                 raise ConfigError(f"--tensor-type {override.pattern}={override.type} matches no weight tensor "
                                   "(GGUF names look like blk.0.ffn_down.weight, token_embd.weight)")  # fmt: skip
-
-
-def check_writable(types: Iterable[str]) -> None:
-    """ConfigError naming a planned type kompakt has no encoder for yet (before writing)."""
-    for ttype in sorted(set(types)):
-        if not writable(ttype):
-            usable = [t for t in NAMES if writable(t)]
-            raise ConfigError(f"kompakt cannot write {ttype} yet; choose one of {', '.join(usable)}")
 
 
 def main_type(weights: Mapping[str, int]) -> str:

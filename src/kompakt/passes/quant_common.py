@@ -46,9 +46,9 @@ from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import SCALE_DTYPE, ensure_not_quantized, storage_grid
 from kompakt.ops import ggml_types
 from kompakt.ops.ggml_types import ASYMMETRIC
-from kompakt.ops.gguf_grid import BLOCK, FORMATS, dequantize_blocks, quantize_blocks
+from kompakt.ops.gguf_grid import BLOCK, FORMATS, dequantize_blocks, pack_blocks, quantize_blocks
 from kompakt.passes.base import PassContext
-from kompakt.passes.quant_types import check_tensor_types, check_type, resolve_types, rounding_for, types_label
+from kompakt.passes.quant_types import check_tensor_types, check_type, gguf_grid, resolve_types, types_label
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,10 @@ class QuantGridConfig:
     embeddings: bool = field(default=False, metadata=_doc("also quantize the input embeddings (RTN)"))
     lm_head: bool = field(default=False, metadata=_doc("also quantize the output projection (RTN)"))
 
-    def validate_grid(self, name: str, needs_grid: bool = False) -> None:
-        """Check the options; `needs_grid`: the step solves on the grid (GPTQ), not RTN alone."""
+    def validate_grid(self, name: str) -> None:
+        """Check the options (one ConfigError line each)."""
         if self.format is not None:
-            self.format = check_type(self.format, f"{name}: format", needs_grid)
+            self.format = check_type(self.format, f"{name}: format")
             if self.format in ggml_types.FLOAT_TYPES:
                 raise ConfigError(f"{name}: format {self.format} is no quantized type; choose e.g. q4_0 or q8_0")
         self.tensor_types = check_tensor_types(self.tensor_types, self.format, name)
@@ -172,8 +172,7 @@ def select_targets(model: nn.Module, config: QuantGridConfig, name: str) -> list
 @dataclass
 class GridPlan:
     """The grid one weight gets: an integer QuantGrid or a GGUF type's grid (GGUFBlockGrid,
-    KQuantGrid, or ReferenceRounding where only llama.cpp's rounding is needed); None = left
-    unquantized. `type`: the weight's GGUF type (None on integer grids)."""
+    KQuantGrid); None = left unquantized. `type`: the weight's GGUF type (None on integer grids)."""
 
     grid: Any
     group_size: int | None
@@ -181,12 +180,11 @@ class GridPlan:
     type: str | None = None
 
 
-def plan_grid(config: QuantGridConfig, in_features: int, type: str | None = None, needs_grid: bool = False) -> GridPlan:
+def plan_grid(config: QuantGridConfig, in_features: int, type: str | None = None) -> GridPlan:
     """The grid of one weight; integer grids follow kompakt.model.quantized.storage_grid (the
     fallback rule the sensitivity analysis shares), and a changed group size gets a note.
 
-    `type`: the weight's own GGUF type (`target_types`), else `config.format`; `needs_grid`:
-    the caller solves on the grid (GPTQ) rather than rounding with llama.cpp's reference.
+    `type`: the weight's own GGUF type (`target_types`), else `config.format`.
     """
     ttype = type or config.format
     if ttype in ggml_types.FLOAT_TYPES:
@@ -195,7 +193,7 @@ def plan_grid(config: QuantGridConfig, in_features: int, type: str | None = None
         block = ggml_types.ggml_type(ttype).block
         if in_features % block:
             return GridPlan(None, None, f"input width {in_features} is not a multiple of {block}: left unquantized")
-        return GridPlan(rounding_for(ttype, needs_grid), block, type=ttype)
+        return GridPlan(gguf_grid(ttype), block, type=ttype)
     grid = storage_grid(in_features, config.bits, config.group_size, config.symmetric)
     note = None
     if config.group_size is not None and config.group_size < in_features and in_features % config.group_size:
@@ -233,13 +231,15 @@ def packed_from(codes: torch.Tensor, scales: torch.Tensor, zeros, config: QuantG
 def rtn_weight(weight: torch.Tensor, config: QuantGridConfig, plan: GridPlan):
     """RTN of one weight [out, in]: (dequantized fp32, PackedLayer or None, GgufBlocks or None).
 
-    GGUF types are llama.cpp's reference rounding bit for bit; the types the exporter cannot
-    recover from dense weights (not in kompakt.ops.gguf_grid.FORMATS) also return their bytes.
+    GGUF types are llama.cpp's reference rounding bit for bit; a type the step cannot store
+    packed (all but q4_0 / q8_0) also returns its file bytes, so export writes them as they are.
     """
     w = weight.detach().float()
     if plan.type in FORMATS:
         q, d, m = quantize_blocks(w.cpu(), plan.type)
-        return dequantize_blocks(q, d, m, plan.type).to(w.device), packed_from(q, d, m, config, plan), None
+        packed = packed_from(q, d, m, config, plan)
+        blocks = None if packed is not None else GgufBlocks(plan.type, pack_blocks(q, d, m, plan.type))
+        return dequantize_blocks(q, d, m, plan.type).to(w.device), packed, blocks
     if plan.type is not None:
         data = ggml_types.quantize(w.cpu().numpy(), plan.type)
         values = torch.from_numpy(ggml_types.dequantize(data, plan.type, tuple(w.shape)))

@@ -46,7 +46,6 @@ from kompakt.model.gguf_blocks import GgufBlocks
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec
-from kompakt.passes.quant_types import check_grids
 from kompakt.passes.quant_common import (
     NAMES_SHOWN,
     GridPlan,
@@ -82,7 +81,7 @@ class GptqConfig(QuantGridConfig):
     batch_size: int = field(default=8, metadata=_doc("calibration blocks per layer call"))
 
     def validate(self) -> None:
-        self.validate_grid("quant.gptq", needs_grid=True)
+        self.validate_grid("quant.gptq")
         if self.percdamp < 0:
             raise ConfigError(f"quant.gptq: percdamp must be >= 0, got {self.percdamp}")
         if self.block_size < 1 or self.batch_size < 1 or (self.max_blocks is not None and self.max_blocks < 1):
@@ -102,18 +101,15 @@ def _gptq_module(module: nn.Linear, hessian: torch.Tensor, config: GptqConfig, p
 
 
 def _exact_bytes(plan: GridPlan, result) -> GgufBlocks | None:
-    """The file bytes of a weight whose grid the exporter cannot always recover from dense values:
-    q4_1 (a block whose minimum GPTQ did not keep as a code) and the types without a
-    kompakt.ops.gguf_grid format, from the grid's `pack` (the K-quant grids' contract)."""
-    if plan.type is None or (plan.type in FORMATS and plan.type != "q4_1"):
+    """The file bytes of a weight on a GGUF grid the step does not store packed (all but q4_0 /
+    q8_0): export writes them as they are. The K-quant grids' codes + super-block headers
+    (result.stored) cannot be recovered from the dense values at all; the 32-weight blocks could
+    be searched for, but the bytes are exact by construction."""
+    if plan.type is None or plan.type in ("q4_0", "q8_0"):
         return None
-    if plan.type == "q4_1":
-        return GgufBlocks("q4_1", pack_blocks(result.codes, result.scales, result.zeros, "q4_1"))
-    pack = getattr(plan.grid, "pack", None)
-    if pack is None:
-        logger.warning("quant.gptq: the %s grid cannot give its bytes; export will re-quantize", plan.type)
-        return None
-    return GgufBlocks(plan.type, pack(result.codes, result.scales, result.zeros))
+    if plan.type in FORMATS:
+        return GgufBlocks(plan.type, pack_blocks(result.codes, result.scales, result.zeros, plan.type))
+    return GgufBlocks(plan.type, plan.grid.pack(result.codes, result.stored))
 
 
 # Linears that read the same tensor (the pre-norm's output) share one Hessian: it is collected
@@ -139,7 +135,7 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
             hessian = stat.hessian()
             for sharer in (r for r in linears if _collector(r) == role and (index, r) in targets):
                 target, module = targets[(index, sharer)], linears[sharer]
-                plan = plan_grid(config, module.in_features, types.get(target.name), needs_grid=True)
+                plan = plan_grid(config, module.in_features, types.get(target.name))
                 done.plans[target.name] = plan
                 if plan.grid is None:
                     continue
@@ -163,7 +159,6 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     targets = select_targets(loaded.model, config, "quant.gptq")
     types = target_types(loaded.model, config, targets, "quant.gptq")
     decoder = [t for t in targets if t.layer is not None]
-    check_grids(types, [t.name for t in decoder], "quant.gptq")
     blocks = ctx.calibration()[: config.max_blocks]
     quantized, losses, calib_seconds = _run_gptq(loaded.model, blocks, decoder, config, types)
     extra = rtn_targets([t for t in targets if t.layer is None], config, types)

@@ -18,19 +18,18 @@ beats a pattern; among patterns, the first listed that matches wins (as llama-qu
 
 Everything a user can get wrong fails here with one ConfigError line, before a weight moves:
 an unknown type, a key that matches nothing, a type the row length cannot take ("rows of 576
-are not a multiple of 256"), a type this step has no grid or encoder for.
+are not a multiple of 256").
 
-Grids: the 32-weight block types of kompakt.ops.gguf_grid are GGUFBlockGrid; the K-quants come
-from kompakt.ops.ggml_kquants.KQuantGrid(name), whose `pack(codes, scales, zeros)` gives the
-file bytes GPTQ chose (they cannot be recovered from the dense weights, so they travel as
-LoadedModel.gguf_blocks); RTN of any type that has an encoder is llama.cpp's reference
-quantizer (kompakt.ops.ggml_types.quantize), see `ReferenceRounding`.
+Grids: the 32-weight block types of kompakt.ops.gguf_grid are GGUFBlockGrid; the K-quants are
+kompakt.ops.ggml_kquant_grid.KQuantGrid(name), whose `pack(codes, stored)` gives the file bytes
+GPTQ chose (they cannot be recovered from the dense weights, so they travel as
+LoadedModel.gguf_blocks); RTN of any type is llama.cpp's reference quantizer
+(kompakt.ops.ggml_types.quantize).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -38,77 +37,39 @@ from torch import nn
 
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, embeddings_tied, get_submodule
-from kompakt.export.gguf_types import writable
-from kompakt.ops.ggml_types import FLOAT_TYPES, NAMES, QUANT_TYPES, ggml_type
+from kompakt.ops.ggml_types import FLOAT_TYPES, NAMES, ggml_type
+from kompakt.ops.ggml_kquant_grid import KQuantGrid
 from kompakt.ops.gguf_grid import FORMATS, GGUFBlockGrid
 
 
-@dataclass(frozen=True)
-class ReferenceRounding:
-    """A GGUF type quantized by llama.cpp's reference rounding (no GPTQ grid needed): what RTN,
-    AWQ's search and QAT's forward use for types that have an encoder but no grid class."""
-
-    fmt: str
-
-    def group_size_for(self, in_features: int) -> int:
-        return ggml_type(self.fmt).block
-
-
-def gguf_grid(name: str) -> Any | None:
-    """The GPTQ grid of a GGUF type (None when this version has none for it)."""
+def gguf_grid(name: str) -> Any:
+    """The grid a weight of GGUF type `name` is quantized on (GPTQ's, AWQ's search, QAT's forward)."""
     if name in FORMATS:
         return GGUFBlockGrid(name)
-    if name.endswith("_k"):
-        try:
-            from kompakt.ops.ggml_kquants import KQuantGrid  # type: ignore[import-not-found]
-        except ImportError:
-            return None
-        return KQuantGrid(name)
-    return None
+    return KQuantGrid(name)
 
 
-def rounding_for(name: str, needs_grid: bool) -> Any:
-    """The grid a weight of GGUF type `name` is quantized on: GPTQ's grid when `needs_grid`, else
-    the grid or, failing that, llama.cpp's reference rounding."""
-    grid = gguf_grid(name)
-    return grid if grid is not None or needs_grid else ReferenceRounding(name)
-
-
-def check_type(name: str, what: str, needs_grid: bool) -> str:
+def check_type(name: str, what: str) -> str:
     """`name` lower-cased if this step can quantize to it; ConfigError (one line) otherwise."""
     key = str(name).lower()
     if key not in NAMES:
         raise ConfigError(f"{what}: unknown GGUF type {name!r}; choose one of {', '.join(NAMES)}")
     if key in FLOAT_TYPES:
         return key
-    if needs_grid and gguf_grid(key) is None:
-        usable = [t for t in QUANT_TYPES if gguf_grid(t) is not None]
-        raise ConfigError(f"{what}: this version has no GPTQ grid for {key}; choose one of {', '.join(usable)} "
-                          "or use quant.rtn")  # fmt: skip
-    if not needs_grid and gguf_grid(key) is None and not writable(key):
-        usable = [t for t in QUANT_TYPES if gguf_grid(t) is not None or writable(t)]
-        raise ConfigError(f"{what}: this version cannot write {key} yet; choose one of {', '.join(usable)}")
+
     return key
 
 
 def check_tensor_types(tensor_types: Any, fmt: str | None, what: str) -> dict[str, str] | None:
-    """The `tensor_types` option validated without a model (types, shape of the mapping); that
-    a solver has a grid for the types its modules get is `check_grids`' job, on the model."""
+    """The `tensor_types` option validated without a model (types, shape of the mapping); the row
+    lengths are checked on the model (`resolve_types`)."""
     if not tensor_types:
         return None
     if not isinstance(tensor_types, Mapping):
         raise ConfigError(f"{what}: tensor_types must map module names or patterns to GGUF types")
     if fmt is None:
         raise ConfigError(f"{what}: tensor_types needs `format`, the GGUF type of every other module (e.g. q4_0)")
-    return {str(key): check_type(value, f"{what}: tensor_types {key}", False) for key, value in tensor_types.items()}
-
-
-def check_grids(types: Mapping[str, str], modules: list[str], what: str) -> None:
-    """ConfigError unless every module in `modules` that gets a quantized type has a GPTQ grid."""
-    for module in modules:
-        ttype = types.get(module)
-        if ttype in QUANT_TYPES:
-            check_type(ttype, f"{what}: {module}", needs_grid=True)
+    return {str(key): check_type(value, f"{what}: tensor_types {key}") for key, value in tensor_types.items()}
 
 
 def _heads(model: nn.Module) -> dict[str, int]:
