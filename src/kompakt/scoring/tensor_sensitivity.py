@@ -114,9 +114,13 @@ def weight_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def fisher_diagonal(model: nn.Module, blocks: torch.Tensor, params: dict[str, nn.Parameter], *,
-                    seed: int = 0, advance: Callable[[], None] = lambda: None) -> tuple[dict[str, torch.Tensor], int]:  # fmt: skip
+                    prefix: list[int] | tuple[int, ...] = (), seed: int = 0,
+                    advance: Callable[[], None] = lambda: None) -> tuple[dict[str, torch.Tensor], int]:  # fmt: skip
     """Per-token Fisher diagonal of each parameter in `params` over `blocks` [n, len] (labels
-    sampled from the model); returns ({name: F like the weight}, positions averaged over)."""
+    sampled from the model); returns ({name: F like the weight}, positions averaged over).
+
+    `prefix` (what the tokenizer puts before text: Gemma's <bos>) goes in front of each block,
+    as evaluation scores windows; only the block's own positions are sampled."""
     generator = torch.Generator().manual_seed(seed)
     wanted = {id(p) for p in params.values()}
     was = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -127,8 +131,9 @@ def fisher_diagonal(model: nn.Module, blocks: torch.Tensor, params: dict[str, nn
             p.requires_grad_(id(p) in wanted)
             p.grad = None
         for block in blocks:
-            ids = block.reshape(1, -1).to(next(model.parameters()).device)
-            logits = model(input_ids=ids, use_cache=False).logits[0].float()  # [len, vocab]
+            ids = torch.cat([torch.tensor(list(prefix), dtype=block.dtype), block.reshape(-1)]).reshape(1, -1)
+            ids = ids.to(next(model.parameters()).device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, len(prefix) :].float()  # [len, vocab]
             log_probs = torch.log_softmax(logits, dim=-1)
             labels = torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator).to(logits.device)
             log_probs.gather(-1, labels).sum().backward()
@@ -136,7 +141,7 @@ def fisher_diagonal(model: nn.Module, blocks: torch.Tensor, params: dict[str, nn
             for name, p in params.items():
                 fisher[name].add_(p.grad.float().square())
                 p.grad = None
-            positions += ids.shape[1]
+            positions += block.numel()
             advance()
     finally:
         for name, p in model.named_parameters():
@@ -165,10 +170,11 @@ def type_costs(weight: torch.Tensor, fisher: torch.Tensor, types: tuple[str, ...
 
 
 def tensor_sensitivity(model: nn.Module, blocks: torch.Tensor, *, names: list[str] | None = None,
-                       types: tuple[str, ...] | None = None, seed: int = 0,
+                       types: tuple[str, ...] | None = None, prefix: list[int] | tuple[int, ...] = (), seed: int = 0,
                        advance: Callable[[], None] = lambda: None) -> TensorSensitivity:  # fmt: skip
     """Predicted KL of each tensor (`names`, default every 2-D weight) at each type (default:
-    every GGUF quantized type kompakt can quantize) from the Fisher on calibration `blocks`."""
+    every GGUF quantized type kompakt can quantize) from the Fisher on calibration `blocks`
+    (each behind `prefix`, see fisher_diagonal)."""
     started = time.perf_counter()
     weights = weight_tensors(model)
     names = list(weights) if names is None else names
@@ -177,7 +183,7 @@ def tensor_sensitivity(model: nn.Module, blocks: torch.Tensor, *, names: list[st
         raise KeyError(f"no 2-D weight named {missing[0]!r} in the model")
     chosen = available_types() if types is None else types
     params = {n: weights[n] for n in names}
-    fisher, positions = fisher_diagonal(model, blocks, params, seed=seed, advance=advance)
+    fisher, positions = fisher_diagonal(model, blocks, params, prefix=prefix, seed=seed, advance=advance)
     tensors = []
     for name in names:
         tensors.append(TensorCost(name, tuple(params[name].shape), type_costs(params[name], fisher.pop(name), chosen)))
