@@ -36,6 +36,12 @@ def is_layer(tensor: dict) -> bool:
     return tensor["gguf_name"].startswith("blk.")
 
 
+def wants_costs(target, facts: ModelFacts) -> bool:
+    """Whether the plan for `target` allocates per tensor, so the run must measure the costs:
+    a size / bytes / speed goal on a model the GGUF export can write."""
+    return target.goal in ("size", "speed") and facts.gguf and bool(facts.tensors)
+
+
 def has_costs(facts: ModelFacts) -> bool:
     """Whether the facts hold per-tensor costs to allocate from (a GGUF family, measured)."""
     return facts.gguf and bool(facts.tensors) and all(t.get("kl") for t in facts.tensors)
