@@ -43,8 +43,9 @@ ANALYSIS = dict(n_blocks=4, block_len=256, eval_tokens=256, eval_window=256, gro
                 speed=False)  # fmt: skip
 DEFAULT_BUDGET = "15m"
 # The per-tensor sensitivity behind mixed precision (kompakt.scoring.tensor_sensitivity): the
-# Fisher on this many calibration tokens, in blocks of this length.
-SENSITIVITY_TOKENS, SENSITIVITY_BLOCK = 2048, 256
+# Fisher on up to this many calibration tokens, in blocks of this length, fewer (down to 2
+# blocks) when its forward + backward passes would take more than this share of the budget.
+SENSITIVITY_TOKENS, SENSITIVITY_BLOCK, SENSITIVITY_SHARE = 2048, 256, 0.1
 
 
 @dataclass
@@ -117,7 +118,18 @@ def _analysis(original, data, out: Path, seed: int, settings: dict):
     return analyze(original, ids, out=out / "analysis", seed=seed, **settings)
 
 
-def _analysis_seconds(facts, settings: dict, spec: DataSpec, target: Target) -> float:
+def _sensitivity_tokens(facts, budget_s: float | None) -> int:
+    """Calibration tokens for the Fisher: SENSITIVITY_TOKENS, or what SENSITIVITY_SHARE of the
+    budget affords (≈ 3 forwards per token), in whole blocks, at least two."""
+    from kompakt.scoring.tensor_sensitivity import FORWARDS_PER_BLOCK
+
+    if budget_s is None:
+        return SENSITIVITY_TOKENS
+    affordable = SENSITIVITY_SHARE * budget_s * facts.forward_tps / FORWARDS_PER_BLOCK
+    return int(max(2, min(SENSITIVITY_TOKENS, affordable) // SENSITIVITY_BLOCK)) * SENSITIVITY_BLOCK
+
+
+def _analysis_seconds(facts, settings: dict, spec: DataSpec, target: Target, tokens: int) -> float:
     """The light analysis (a decoder pass over the calibration blocks, then the reference and
     2 x layers edits, each a forward scored against the reference's top-k), plus the original's
     distributions on the evaluation text that every step is scored against (once per run), plus
@@ -130,11 +142,11 @@ def _analysis_seconds(facts, settings: dict, spec: DataSpec, target: Target) -> 
     seconds = calibration + scored / facts.scoring_tps + 0.5 * facts.layers
     if wants_costs(target, facts):
         types = max((len(t["bytes"]) for t in facts.tensors), default=0)
-        seconds += sensitivity_seconds(facts.params, types, SENSITIVITY_TOKENS, facts.forward_tps)
+        seconds += sensitivity_seconds(facts.params, types, tokens, facts.forward_tps)
     return seconds
 
 
-def _tensor_costs(original, run_data, out: Path, seed: int, names: list[str]):
+def _tensor_costs(original, run_data, out: Path, seed: int, names: list[str], tokens: int):
     """The per-tensor sensitivity of the file's matrices `names` on the first calibration
     tokens (behind the tokenizer's prefix, as evaluation scores), reused from out/analysis."""
     from kompakt.model.tokens import prefix_ids
@@ -145,7 +157,7 @@ def _tensor_costs(original, run_data, out: Path, seed: int, names: list[str]):
         return TensorSensitivity.from_dict(json.loads(saved.read_text()))
     ids = run_data.calibration().reshape(-1)
     length = min(SENSITIVITY_BLOCK, ids.numel())
-    count = max(1, min(SENSITIVITY_TOKENS, ids.numel()) // length)
+    count = max(1, min(tokens, ids.numel()) // length)
     result = tensor_sensitivity(original.model, ids[: count * length].reshape(count, length), names=names,
                                 prefix=prefix_ids(original.tokenizer), seed=seed)  # fmt: skip
     saved.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +193,8 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     check_bytes_possible(target, facts.fp16_bytes)
     check_bytes_target(target, facts)
     cached = (out_dir / "analysis" / "analysis.json").is_file()
-    need = 0.0 if cached else _analysis_seconds(facts, settings, spec, target)
+    tokens = _sensitivity_tokens(facts, budget_s)
+    need = 0.0 if cached else _analysis_seconds(facts, settings, spec, target, tokens)
     if budget_s is not None and not implicit and budget_s < need:
         raise ConfigError(
             f"--budget {duration(budget_s)} is too small to run even the first step: the analysis alone "
@@ -201,7 +214,8 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     analysis = _analysis(original, run_data, out_dir, seed, settings)
     add_analysis(facts, analysis)
     if wants_costs(target, facts):
-        add_tensor_sensitivity(facts, _tensor_costs(original, run_data, out_dir, seed, [t["name"] for t in facts.tensors]))
+        names = [t["name"] for t in facts.tensors]
+        add_tensor_sensitivity(facts, _tensor_costs(original, run_data, out_dir, seed, names, tokens))
     left = None if budget_s is None else budget_s - (time.perf_counter() - started)
     plan = make_plan(target, facts, spec, left, enforce=False)
     write_text(saved, json.dumps(plan.to_dict(), indent=1, default=str) + "\n")

@@ -14,6 +14,7 @@ that differs from it and for the embedding / output, which the passes leave to t
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from kompakt.auto.allocate import Allocation, Decision, Option, within_bytes, within_kl
@@ -76,7 +77,8 @@ def check_bytes_target(target, facts: ModelFacts) -> None:
     if target.bytes < smallest:
         raise ConfigError(
             f"--target bytes={target.bytes / MB:.1f}MB is below the smallest GGUF file this model can be "
-            f"({smallest / MB:.1f} MB, every tensor in its smallest type); give at least bytes={smallest / MB + 0.05:.1f}MB"
+            f"({smallest / MB:.1f} MB, every tensor in its smallest type); "
+            f"give at least bytes={math.ceil(smallest / 1e5) / 10:.1f}MB"
         )
 
 
@@ -120,8 +122,8 @@ def allocations(target, factor: float, facts: ModelFacts, kept: float, ceiling_b
     check_bytes_target(target, facts)
     if budget < smallest_file(facts):  # a size= factor beyond what the types reach: aim at the smallest file
         budget = smallest_file(facts)
-        choices.append(f"{factor:g}x is beyond the smallest file the GGUF types allow ({facts.fp16_bytes / budget:.2f}x, "
-                       f"{budget / MB:.1f} MB, every tensor in its smallest type)")  # fmt: skip
+        choices.append(f"{factor:g}x is beyond the smallest file the GGUF types allow "
+                       f"({facts.fp16_bytes / budget:.2f}x, {budget / MB:.1f} MB, every tensor in its smallest type)")
     best = within_bytes(pieces, budget, fixed)
     floor = target.max_kl
     ceiling = None if floor is None else PREDICTION_MARGIN * floor

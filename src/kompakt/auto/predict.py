@@ -56,9 +56,9 @@ def _tensor_types(facts: ModelFacts, config: dict) -> dict[str, str]:
     """The type export writes each tensor in after a quant step with `config`: its tensor_types,
     else the format (the output matrix at Q8_0, as the export keeps it; f16 where rows do not fit)."""
     fmt, chosen, types = config.get("format"), config.get("tensor_types") or {}, {}
+    tied = not any(t["gguf_name"] == "output.weight" for t in facts.tensors)
     for tensor in facts.tensors:
-        output = tensor["gguf_name"] == "output.weight" or (
-            tensor["gguf_name"] == "token_embd.weight" and not any(t["gguf_name"] == "output.weight" for t in facts.tensors))
+        output = tensor["gguf_name"] == "output.weight" or (tied and tensor["gguf_name"] == "token_embd.weight")
         default = fmt if is_layer(tensor) or not output else "q8_0"
         wanted = chosen.get(tensor["name"], default)
         types[tensor["name"]] = wanted if wanted in tensor["kl"] else "f16"

@@ -164,8 +164,8 @@ def type_costs(weight: torch.Tensor, fisher: torch.Tensor, types: tuple[str, ...
         for name in costs:
             if name == "f32":
                 continue
-            error = fake_quantize(chunk, name) - chunk
-            costs[name] += 0.5 * float(np.dot(weights.ravel().astype(np.float64), np.square(error.ravel(), dtype=np.float64)))
+            error = np.square(fake_quantize(chunk, name) - chunk, dtype=np.float64).ravel()
+            costs[name] += 0.5 * float(np.dot(weights.ravel().astype(np.float64), error))
     return costs
 
 
