@@ -42,6 +42,10 @@ Event = Callable[[str, dict], None]
 ANALYSIS = dict(n_blocks=4, block_len=256, eval_tokens=256, eval_window=256, group_size=32, reference_eval=False,
                 speed=False)  # fmt: skip
 DEFAULT_BUDGET = "15m"
+# The per-tensor sensitivity behind mixed precision (kompakt.scoring.tensor_sensitivity): the
+# Fisher on up to this many calibration tokens, in blocks of this length, fewer (down to 2
+# blocks) when its forward + backward passes would take more than this share of the budget.
+SENSITIVITY_TOKENS, SENSITIVITY_BLOCK, SENSITIVITY_SHARE = 2048, 256, 0.1
 
 
 @dataclass
@@ -114,13 +118,51 @@ def _analysis(original, data, out: Path, seed: int, settings: dict):
     return analyze(original, ids, out=out / "analysis", seed=seed, **settings)
 
 
-def _analysis_seconds(facts, settings: dict, spec: DataSpec) -> float:
+def _sensitivity_tokens(facts, budget_s: float | None) -> int:
+    """Calibration tokens for the Fisher: SENSITIVITY_TOKENS, or what SENSITIVITY_SHARE of the
+    budget affords (≈ 3 forwards per token), in whole blocks, at least two."""
+    from kompakt.scoring.tensor_sensitivity import FORWARDS_PER_BLOCK
+
+    if budget_s is None:
+        return SENSITIVITY_TOKENS
+    affordable = SENSITIVITY_SHARE * budget_s * facts.forward_tps / FORWARDS_PER_BLOCK
+    return int(max(2, min(SENSITIVITY_TOKENS, affordable) // SENSITIVITY_BLOCK)) * SENSITIVITY_BLOCK
+
+
+def _analysis_seconds(facts, settings: dict, spec: DataSpec, target: Target, tokens: int) -> float:
     """The light analysis (a decoder pass over the calibration blocks, then the reference and
     2 x layers edits, each a forward scored against the reference's top-k), plus the original's
-    distributions on the evaluation text that every step is scored against (once per run)."""
+    distributions on the evaluation text that every step is scored against (once per run), plus
+    the per-tensor sensitivity where the plan allocates types per tensor."""
+    from kompakt.auto.mixed import wants_costs
+    from kompakt.scoring.tensor_sensitivity import sensitivity_seconds
+
     calibration = settings["n_blocks"] * settings["block_len"] / facts.calibration_tps
     scored = (1 + 2 * facts.layers) * settings["eval_tokens"] + spec.eval_tokens
-    return calibration + scored / facts.scoring_tps + 0.5 * facts.layers
+    seconds = calibration + scored / facts.scoring_tps + 0.5 * facts.layers
+    if wants_costs(target, facts):
+        types = max((len(t["bytes"]) for t in facts.tensors), default=0)
+        seconds += sensitivity_seconds(facts.params, types, tokens, facts.forward_tps)
+    return seconds
+
+
+def _tensor_costs(original, run_data, out: Path, seed: int, names: list[str], tokens: int):
+    """The per-tensor sensitivity of the file's matrices `names` on the first calibration
+    tokens (behind the tokenizer's prefix, as evaluation scores), reused from out/analysis."""
+    from kompakt.model.tokens import prefix_ids
+    from kompakt.scoring.tensor_sensitivity import TensorSensitivity, tensor_sensitivity
+
+    saved = out / "analysis" / "tensor_sensitivity.json"
+    if saved.is_file():
+        return TensorSensitivity.from_dict(json.loads(saved.read_text()))
+    ids = run_data.calibration().reshape(-1)
+    length = min(SENSITIVITY_BLOCK, ids.numel())
+    count = max(1, min(tokens, ids.numel()) // length)
+    result = tensor_sensitivity(original.model, ids[: count * length].reshape(count, length), names=names,
+                                prefix=prefix_ids(original.tokenizer), seed=seed)  # fmt: skip
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    write_text(saved, json.dumps(result.to_dict()) + "\n")
+    return result
 
 
 def prepare(model: str | None, target_text: str | None, budget: str | None, data: str | None,
@@ -128,7 +170,8 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
             data_sizes: dict | None = None):  # fmt: skip
     """Everything up to the plan: parse, load, check the run dir and budget, analyse, plan."""
     from kompakt.model.load import load
-    from kompakt.auto.facts import add_analysis, model_facts
+    from kompakt.auto.facts import add_analysis, add_tensor_sensitivity, model_facts
+    from kompakt.auto.mixed import check_bytes_target, wants_costs
     from kompakt.recipe.rundata import RunData
 
     target = parse_target(target_text)
@@ -148,8 +191,10 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     spec, settings = _sizes(original, data, data_sizes)
     facts = model_facts(original)
     check_bytes_possible(target, facts.fp16_bytes)
+    check_bytes_target(target, facts)
     cached = (out_dir / "analysis" / "analysis.json").is_file()
-    need = 0.0 if cached else _analysis_seconds(facts, settings, spec)
+    tokens = _sensitivity_tokens(facts, budget_s)
+    need = 0.0 if cached else _analysis_seconds(facts, settings, spec, target, tokens)
     if budget_s is not None and not implicit and budget_s < need:
         raise ConfigError(
             f"--budget {duration(budget_s)} is too small to run even the first step: the analysis alone "
@@ -168,6 +213,9 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     run_data = RunData(spec, original, seed)
     analysis = _analysis(original, run_data, out_dir, seed, settings)
     add_analysis(facts, analysis)
+    if wants_costs(target, facts):
+        names = [t["name"] for t in facts.tensors]
+        add_tensor_sensitivity(facts, _tensor_costs(original, run_data, out_dir, seed, names, tokens))
     left = None if budget_s is None else budget_s - (time.perf_counter() - started)
     plan = make_plan(target, facts, spec, left, enforce=False)
     write_text(saved, json.dumps(plan.to_dict(), indent=1, default=str) + "\n")

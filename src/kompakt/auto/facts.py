@@ -44,6 +44,12 @@ class ModelFacts:
     gguf_parts: dict[str, dict] = field(default_factory=dict)
     decoder_tps: float = 0.0  # the same forward without the output layer (what calibration passes run)
     score_tps: float = 0.0  # forward + bucketed KL against the reference (evaluation, analysis edits)
+    # Per-tensor GGUF costs for the mixed-precision allocation (kompakt.auto.mixed): one dict per
+    # weight matrix of the file {name, gguf_name, shape, kl: {type: predicted RTN KL}, bytes:
+    # {type: bytes in the file}}, and the file's bytes no type choice changes.
+    tensors: list[dict] = field(default_factory=list)
+    gguf_fixed_bytes: int = 0
+    sensitivity_notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,11 +132,13 @@ def decoder_share(loaded: LoadedModel) -> float:
 def model_facts(loaded: LoadedModel, forward_tps: float | None = None) -> ModelFacts:
     """Sizes and shape (no data needed); throughput measured here unless `forward_tps` is given
     (then it stands for every kind of forward)."""
-    from kompakt.auto.gguf_bytes import gguf_bytes
+    from kompakt.auto.gguf_bytes import gguf_bytes, tensor_layout
+    from kompakt.scoring.tensor_sensitivity import available_types
 
     params = loaded.num_parameters()
     layer_params = layer_parameter_counts(loaded)
     gguf = gguf_bytes(loaded)
+    layout = tensor_layout(loaded) if gguf is not None else None
     formats = {fmt: size.total for fmt, size in (gguf or {}).items()}
     formats.update(_int_bytes(loaded))
     embed = int(loaded.model.get_input_embeddings().weight.numel())
@@ -150,7 +158,36 @@ def model_facts(loaded: LoadedModel, forward_tps: float | None = None) -> ModelF
         # Timing the decoder alone is as noisy as the forward; the multiply-add split is not.
         decoder_tps=forward if forward_tps is not None else forward / decoder_share(loaded),
         score_tps=scored,
+        tensors=tensor_entries(layout, available_types()) if layout is not None else [],
+        gguf_fixed_bytes=layout.fixed if layout is not None else 0,
     )
+
+
+def tensor_entries(layout, types: tuple[str, ...]) -> list[dict]:
+    """The facts' per-tensor entries from the export's layout: bytes of every type in `types`
+    (plus f16) whose blocks fit the rows; `kl` is filled by add_tensor_sensitivity."""
+    from kompakt.ops.ggml_types import ggml_type
+
+    entries = []
+    for name, (gguf_name, shape) in layout.tensors.items():
+        fitting = ["f16", *(t for t in types if ggml_type(t).fits(int(shape[-1])))]
+        entries.append({"name": name, "gguf_name": gguf_name, "shape": list(shape), "kl": {},
+                        "bytes": {t: layout.tensor_bytes(name, t) for t in fitting}})  # fmt: skip
+    return entries
+
+
+def add_tensor_sensitivity(facts: ModelFacts, sensitivity) -> ModelFacts:
+    """Copy each tensor's predicted KL per type (kompakt.scoring.tensor_sensitivity) beside its
+    bytes (types the facts have no bytes for are left out)."""
+    costs = {cost.name: cost.kl for cost in sensitivity.tensors}
+    for entry in facts.tensors:
+        entry["kl"] = {t: v for t, v in costs.get(entry["name"], {}).items() if t in entry["bytes"]}
+    facts.sensitivity_notes = [
+        f"per-tensor sensitivity: Fisher of the model's own predictions on {sensitivity.tokens} calibration tokens "
+        f"({sensitivity.blocks} blocks) x llama.cpp's reference rounding error per type, {sensitivity.seconds:.0f} s",
+        *sensitivity.notes,
+    ]
+    return facts
 
 
 def add_analysis(facts: ModelFacts, analysis) -> ModelFacts:

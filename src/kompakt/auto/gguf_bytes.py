@@ -109,3 +109,39 @@ def gguf_bytes(loaded: LoadedModel, types: tuple[str, ...] = ("f16", "q8_0", "q4
         return None
     return sizes
 
+
+
+@dataclass
+class TensorLayout:
+    """The export's file as a per-tensor allocation sees it: the bytes no type choice changes
+    (header, alignment, the F32 norms) and the weight matrices whose type is chosen."""
+
+    fixed: int
+    align: int
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # module name (recipe key) -> (GGUF name, HF shape)
+
+    def tensor_bytes(self, name: str, ttype: str) -> int:
+        """Bytes `name` takes in the file (aligned as the writer aligns) when stored as `ttype`."""
+        return _pad(tensor_bytes(self.tensors[name][1], ttype), self.align)
+
+
+def tensor_layout(loaded: LoadedModel) -> TensorLayout | None:
+    """The layout of the quantized GGUF file export writes for `loaded` (None when it cannot be
+    exported). The header is sized for a quantized file type: its keys and tensor infos have
+    the same size whatever the per-tensor types are."""
+    from kompakt.errors import KompaktError
+    from kompakt.export.gguf import prepare_gguf
+
+    try:
+        family, config, vocab, plan = prepare_gguf(loaded, "q8_0")
+    except KompaktError as error:
+        logger.info("no GGUF layout: %s", error)
+        return None
+    header, align = _header_bytes(loaded, family, config, vocab, plan, "q8_0")
+    fixed, tensors = _pad(header, align), {}
+    for item in plan.tensors:
+        if len(item.shape) == 2:
+            tensors[item.hf_name.removesuffix(".weight")] = (item.gguf_name, tuple(item.shape))
+        else:
+            fixed += _pad(tensor_bytes(item.shape, item.type), align)
+    return TensorLayout(fixed, align, tensors)

@@ -7,7 +7,10 @@ The rules (seed 9.2 / 9.3: choose methods for the target; gentle steps first; ev
   compressed-tensors int8/int4 for families llama.cpp cannot run). 4-bit is AWQ + GPTQ on the
   export's own grid, so the GGUF holds exactly the values GPTQ chose. Generation on a CPU is
   memory-bound, so a speed factor is planned as the same factor in bytes (and measured).
-- When no format alone reaches the factor: remove whole layers (the ones whose removal costs
+- With per-tensor costs measured (GGUF families; kompakt.auto.mixed): each tensor's type by a
+  knapsack, the lowest predicted KL within the factor's bytes (the fewest bytes within the
+  floor when that is predicted past it), a looser allocation as back-off, then uniform Q8_0.
+- Without them, when no format alone reaches the factor: remove whole layers (the ones whose removal costs
   the least KL in the analysis), heal with distillation, then quantize — but only when the
   analysis predicts the floor can still hold; otherwise the plan says why and keeps the
   largest factor that stays within the floor.
@@ -30,7 +33,9 @@ from dataclasses import dataclass, field
 from kompakt.errors import ConfigError
 from kompakt.auto.embedding import beyond_layers, embedding_line
 from kompakt.auto.facts import ModelFacts
-from kompakt.auto.predict import quant_kl
+from kompakt.auto.mixed import allocations, has_costs, mixed_steps
+from kompakt.auto.predict import kept_of_rtn, quant_kl
+from kompakt.ops.ggml_types import QUANT_TYPES
 from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
 from kompakt.auto.target import Target
 from kompakt.train.estimate import flops_per_token
@@ -122,7 +127,9 @@ class Plan:
 def _step_detail(step: Step) -> str:
     """The one setting that says how much a step does ("" when none of the usual ones is set)."""
     config = step.config
-    if config.get("format"):
+    if config.get("tensor_types"):
+        detail = f"per tensor ({len(config['tensor_types'])} typed, the rest {config['format']})"
+    elif config.get("format"):
         detail = f"on the {config['format']} grid"
     elif config.get("bits"):
         detail = f"int{config['bits']}" + (f" g{config['group_size']}" if config.get("group_size") else "")
@@ -235,6 +242,8 @@ def plan_size(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float
     sizes = ", ".join(f"{f} {facts.size_factor(f):.2f}x" for f in formats)
     choices.append(f"size factors of the storage formats for this model: {sizes} (vs {facts.fp16_bytes / 1e6:.0f} MB fp16; "
                    "the bytes of the file export writes, header included)")  # fmt: skip
+    if has_costs(facts):
+        return _mixed_attempts(target, factor, facts, data, budget_s, choices)
     embedding = embedding_line(facts, formats[-1])
     if embedding is not None:
         choices.append(embedding)
@@ -252,6 +261,20 @@ def plan_size(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float
     pruned = _prune_attempt(target, factor, fmt, facts, data, budget_s, with_awq, choices)
     gentler = [_quant_attempt(f"back-off: {g}", g, facts, data, with_awq, factor) for g in formats[:-1]]
     return ([pruned] if pruned is not None else []) + [quant_only] + gentler
+
+
+def _mixed_attempts(target: Target, factor: float, facts: ModelFacts, data: DataSpec, budget_s: float | None,
+                    choices: list[str]) -> list[Attempt]:  # fmt: skip
+    """Per-tensor types by measurement (kompakt.auto.mixed), then the uniform Q8_0 back-off."""
+    with_awq = _afford_awq(facts, data, budget_s, choices)
+    kept = kept_of_rtn("quant.awq+quant.gptq" if with_awq else "quant.gptq")
+    attempts = []
+    for label, allocation, meets in allocations(target, factor, facts, kept, facts.format_bytes["q8_0"], choices):
+        steps = mixed_steps(allocation, facts, data.calibration_blocks, with_awq)
+        attempts.append(Attempt(label, steps, facts.fp16_bytes / allocation.bytes, 1.0, allocation.kl,
+                                attempt_seconds(steps, facts, data), meets, allocation.bytes))  # fmt: skip
+    choices.extend(facts.sensitivity_notes)
+    return attempts + [_quant_attempt("back-off: q8_0", "q8_0", facts, data, with_awq, factor)]
 
 
 def _afford_awq(facts: ModelFacts, data: DataSpec, budget_s: float | None, choices: list[str]) -> bool:
@@ -377,6 +400,6 @@ def _export_type(attempt: Attempt, facts: ModelFacts) -> str | None:
     if not facts.gguf:
         return None
     for step in attempt.steps:
-        if step.config.get("format") in ("q4_0", "q8_0"):
-            return step.config["format"]
+        if step.config.get("format") in QUANT_TYPES:
+            return step.config["format"]  # with tensor_types: the file type; each tensor's own is recorded
     return "f16"

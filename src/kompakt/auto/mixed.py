@@ -1,0 +1,145 @@
+"""Mixed precision in the plan: the per-tensor allocation (kompakt.auto.allocate) on the
+model's measured tensor costs (ModelFacts.tensors), turned into quantization steps and a line.
+
+What is predicted: the decoder Linears are rounded by the attempt's pass (AWQ + GPTQ or GPTQ)
+on their allocated grids, so they keep a share of the plain-rounding KL (predict.KEPT_OF_RTN);
+the embedding / output matrix is written by the export with llama.cpp's reference rounding,
+so it keeps all of its KL. The knapsack minimises that sum, and the bytes are the file's
+(ModelFacts.gguf_fixed_bytes + each tensor in its type, aligned as the writer aligns).
+
+Recipe contract (shared with the quant passes and the export): each quant step carries
+`format` (the type most decoder Linears get) and `tensor_types` {module: type} for every tensor
+that differs from it and for the embedding / output, which the passes leave to the export.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from kompakt.auto.allocate import Allocation, Decision, Option, within_bytes, within_kl
+from kompakt.auto.facts import ModelFacts
+from kompakt.errors import ConfigError
+from kompakt.ops.ggml_types import FLOAT_TYPES, QUANT_TYPES
+from kompakt.recipe.schema import Step
+
+MB = 1e6
+AWQ_MAX_BLOCKS = 16
+# The first attempt aims at this share of the KL floor: the prediction's error on the embedded
+# models is ~10 % (tests/scoring/test_tensor_sensitivity.py), and crossing the floor costs a
+# whole back-off attempt.
+PREDICTION_MARGIN = 0.9
+
+
+def is_layer(tensor: dict) -> bool:
+    """Whether the quant passes round this tensor (a decoder-layer matrix; not the embedding /
+    output, which the export writes)."""
+    return tensor["gguf_name"].startswith("blk.")
+
+
+def wants_costs(target, facts: ModelFacts) -> bool:
+    """Whether the plan for `target` allocates per tensor, so the run must measure the costs:
+    a size / bytes / speed goal on a model the GGUF export can write."""
+    return target.goal in ("size", "speed") and facts.gguf and bool(facts.tensors)
+
+
+def has_costs(facts: ModelFacts) -> bool:
+    """Whether the facts hold per-tensor costs to allocate from (a GGUF family, measured)."""
+    return facts.gguf and bool(facts.tensors) and all(t.get("kl") for t in facts.tensors)
+
+
+def decisions(facts: ModelFacts, kept: float) -> list[Decision]:
+    """One decision per tensor: its quantized types (f16 only where no quantized type fits its
+    rows), with bytes and the KL the attempt is predicted to keep (`kept` of RTN's on layers)."""
+    out = []
+    for tensor in facts.tensors:
+        share = kept if is_layer(tensor) else 1.0
+        types = _types(tensor["kl"])
+        out.append(Decision(tensor["name"], [Option(t, tensor["bytes"][t], share * tensor["kl"][t]) for t in types]))
+    return out
+
+
+def _types(available: dict) -> list[str]:
+    """The types a tensor may take: its quantized ones, or its float ones when none fits."""
+    return [t for t in QUANT_TYPES if t in available] or [t for t in FLOAT_TYPES if t in available]
+
+
+def smallest_file(facts: ModelFacts) -> int:
+    """Bytes of the smallest GGUF file the types allow (every tensor in its smallest type)."""
+    return facts.gguf_fixed_bytes + sum(min(t["bytes"][x] for x in _types(t["bytes"])) for t in facts.tensors)
+
+
+def check_bytes_target(target, facts: ModelFacts) -> None:
+    """ConfigError (one line, before work) when a `bytes=` target is below the smallest file."""
+    if target.bytes is None or not facts.tensors:
+        return
+    smallest = smallest_file(facts)
+    if target.bytes < smallest:
+        raise ConfigError(
+            f"--target bytes={target.bytes / MB:.1f}MB is below the smallest GGUF file this model can be "
+            f"({smallest / MB:.1f} MB, every tensor in its smallest type); "
+            f"give at least bytes={math.ceil(smallest / 1e5) / 10:.1f}MB"
+        )
+
+
+def mixed_steps(allocation: Allocation, facts: ModelFacts, blocks: int, with_awq: bool) -> list[Step]:
+    """The quant steps that write `allocation`: AWQ (when affordable) + GPTQ on each tensor's grid."""
+    layers = {t["name"] for t in facts.tensors if is_layer(t)}
+    quantized = {n: t for n, t in allocation.types.items() if t in QUANT_TYPES}
+    counts = Counter(t for n, t in quantized.items() if n in layers)
+    fmt = counts.most_common(1)[0][0] if counts else "q8_0"
+    types = {n: t for n, t in quantized.items() if n not in layers or t != fmt}
+    config = {"format": fmt, "tensor_types": types}
+    if all(t == "q8_0" for t in quantized.values()):
+        return [Step("quant.rtn", config)]  # 8-bit rounding is near-lossless: no calibration needed
+    steps = [Step("quant.awq", {**config, "max_blocks": min(blocks, AWQ_MAX_BLOCKS)})] if with_awq else []
+    return steps + [Step("quant.gptq", {**config, "max_blocks": blocks})]
+
+
+def summary(allocation: Allocation, facts: ModelFacts) -> str:
+    """What the allocation did, in one line: tensors per type, the embedding's type, predicted
+    KL (layers / embedding) and the file's bytes."""
+    by_name = {t["name"]: t for t in facts.tensors}
+    counts = Counter(t for n, t in allocation.types.items() if is_layer(by_name[n]))
+    layers = ", ".join(f"{count} at {t}" for t, count in sorted(counts.items(), key=lambda c: -c[1]))
+    outside = [n for n in allocation.types if not is_layer(by_name[n])]
+    ends = ", ".join(f"{by_name[n]['gguf_name'].removesuffix('.weight')} {allocation.types[n]}" for n in outside)
+    layer_kl = sum(allocation.chosen[n].kl for n in allocation.types if is_layer(by_name[n]))
+    return (f"decoder tensors: {layers}; {ends or 'no embedding tensor'}; predicted KL {allocation.kl:.3f} "
+            f"({layer_kl:.3f} layers + {allocation.kl - layer_kl:.3f} embedding/output), "
+            f"{allocation.bytes / MB:.1f} MB = {facts.fp16_bytes / allocation.bytes:.2f}x")  # fmt: skip
+
+
+def allocations(target, factor: float, facts: ModelFacts, kept: float, ceiling_bytes: int,
+                choices: list[str]) -> list[tuple[str, Allocation, bool]]:  # fmt: skip
+    """(label, allocation, meets the target) to try in order, each explained in `choices`:
+    the lowest predicted KL within the factor's bytes; when that is predicted past the floor
+    (with a margin), the fewest bytes within the floor instead (a size= factor beyond the
+    smallest file aims at that file; a bytes= budget below it is a ConfigError); then a looser back-off (half
+    the predicted KL, more bytes) while it stays below `ceiling_bytes` (the uniform Q8_0 file)."""
+    pieces, fixed = decisions(facts, kept), facts.gguf_fixed_bytes
+    budget = int(facts.fp16_bytes / factor)
+    check_bytes_target(target, facts)
+    if budget < smallest_file(facts):  # a size= factor beyond what the types reach: aim at the smallest file
+        budget = smallest_file(facts)
+        choices.append(f"{factor:g}x is beyond the smallest file the GGUF types allow "
+                       f"({facts.fp16_bytes / budget:.2f}x, {budget / MB:.1f} MB, every tensor in its smallest type)")
+    best = within_bytes(pieces, budget, fixed)
+    floor = target.max_kl
+    ceiling = None if floor is None else PREDICTION_MARGIN * floor
+    if ceiling is None or best.kl <= ceiling:
+        choices.append(f"mixed precision for {factor:g}x ({budget / MB:.1f} MB), the lowest predicted KL: "
+                       + summary(best, facts))  # fmt: skip
+        first, meets = best, True
+    else:
+        first, meets = within_kl(pieces, ceiling, fixed), False
+        choices.append(
+            f"{factor:g}x ({budget / MB:.1f} MB) is predicted at KL {best.kl:.3f}, past {PREDICTION_MARGIN:g} x the "
+            f"floor ({ceiling:.3f}); mixed precision for the fewest bytes within it instead: " + summary(first, facts)
+        )
+    out = [(f"mixed {facts.fp16_bytes / first.bytes:.2f}x", first, meets)]
+    looser = within_kl(pieces, first.kl / 2, fixed)
+    if first.bytes < looser.bytes < ceiling_bytes:
+        out.append((f"back-off: mixed {facts.fp16_bytes / looser.bytes:.2f}x", looser, False))
+        choices.append("back-off: half the predicted KL, more bytes: " + summary(looser, facts))
+    return out
