@@ -59,6 +59,9 @@ def atomic_file(target: str | Path, *, expected_bytes: int | None = None) -> Ite
         with _reporting_errors(target, expected_bytes, temp):
             os.chmod(temp, 0o666 & ~umask())
             yield temp
+            # A writer that replaced the file (safetensors writes its own private temporary
+            # file and renames it) leaves mode 0600: give it open()'s mode again.
+            os.chmod(temp, 0o666 & ~umask())
             _fsync_path(temp)
             os.replace(temp, target)
             fsync_directory(target.parent)

@@ -51,7 +51,7 @@ def test_default_target_on_the_embedded_models(name, reach):
     assert first.size_factor >= reach > facts.size_factor("q4_0") and first.predicted_kl <= 0.9 * 0.15
     assert [s.name for s in first.steps] == ["quant.awq", "quant.gptq"]
     types = _types(first, facts)
-    assert first.predicted_bytes == _file_bytes(facts, types)
+    assert 0 < first.predicted_bytes - _file_bytes(facts, types) <= 512  # + the header's type-source keys
     assert types["model.embed_tokens"] in ("q5_1", "q5_0", "q4_1", "iq4_nl", "q4_0")  # one decision, tied
     assert set(types.values()) <= {"q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "iq4_nl", "q4_0"}
     assert "model.embed_tokens" in first.steps[-1].config["tensor_types"]  # the export's, named explicitly
@@ -105,7 +105,7 @@ def test_bytes_below_the_smallest_file_is_one_line_and_a_size_beyond_it_aims_at_
         make_plan(parse_target(f"bytes={smallest - 1_000_000}B"), facts, DEFAULT, None)
     assert "\n" not in str(error.value) and f"{smallest / 1e6:.1f} MB" in str(error.value)
     plan = make_plan(parse_target("size=10x,max-kl=100"), facts, DEFAULT, None)
-    assert plan.attempts[0].predicted_bytes == smallest and any("beyond the smallest file" in c for c in plan.choices)
+    assert 0 < plan.attempts[0].predicted_bytes - smallest <= 512 and any("beyond the smallest file" in c for c in plan.choices)
 
 
 def test_plan_round_trips_with_the_tensor_costs():
@@ -120,7 +120,7 @@ def test_plan_round_trips_with_the_tensor_costs():
 def test_the_layout_adds_up_to_the_file_export_writes(family, tmp_path):
     """Fixed bytes + each matrix in its type = gguf_bytes' total (the export's own plan and header)
     for the uniform types, so a per-tensor allocation's bytes are the file's."""
-    from kompakt.auto.gguf_bytes import gguf_bytes, tensor_layout
+    from kompakt.auto.gguf_bytes import fixed_with_source, gguf_bytes, tensor_layout
     from kompakt.export.gguf import prepare_gguf
     from kompakt.model.tiny import save_tiny
 
@@ -130,7 +130,8 @@ def test_the_layout_adds_up_to_the_file_export_writes(family, tmp_path):
         plan = prepare_gguf(loaded, ttype)[3]
         types = {i.hf_name.removesuffix(".weight"): i.type for i in plan.tensors if len(i.shape) == 2}
         assert set(types) == set(layout.tensors)
-        assert layout.fixed + sum(layout.tensor_bytes(n, t) for n, t in types.items()) == sizes[ttype].total
+        fixed = fixed_with_source(layout.fixed, layout.header, layout.align, {"source": "--type"})
+        assert fixed + sum(layout.tensor_bytes(n, t) for n, t in types.items()) == sizes[ttype].total
 
 
 def test_compress_stops_a_bytes_target_below_the_smallest_file_before_work(tmp_path):

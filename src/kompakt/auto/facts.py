@@ -48,7 +48,9 @@ class ModelFacts:
     # weight matrix of the file {name, gguf_name, shape, kl: {type: predicted RTN KL}, bytes:
     # {type: bytes in the file}}, and the file's bytes no type choice changes.
     tensors: list[dict] = field(default_factory=list)
-    gguf_fixed_bytes: int = 0
+    gguf_fixed_bytes: int = 0  # the GGUF file outside the weight matrices (no type-source keys)
+    gguf_header_bytes: int = 0  # its header, unpadded (to add the type-source keys exactly)
+    gguf_align: int = 32
     sensitivity_notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -160,6 +162,8 @@ def model_facts(loaded: LoadedModel, forward_tps: float | None = None) -> ModelF
         score_tps=scored,
         tensors=tensor_entries(layout, available_types()) if layout is not None else [],
         gguf_fixed_bytes=layout.fixed if layout is not None else 0,
+        gguf_header_bytes=layout.header if layout is not None else 0,
+        gguf_align=layout.align if layout is not None else 32,
     )
 
 

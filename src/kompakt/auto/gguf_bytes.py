@@ -116,9 +116,10 @@ class TensorLayout:
     """The export's file as a per-tensor allocation sees it: the bytes no type choice changes
     (header, alignment, the F32 norms) and the weight matrices whose type is chosen."""
 
-    fixed: int
+    fixed: int  # with no type-source keys in the header (see fixed_with_source)
     align: int
     tensors: dict[str, tuple[str, tuple[int, ...]]]  # module name (recipe key) -> (GGUF name, HF shape)
+    header: int = 0  # bytes before the tensor data, unpadded, with no type-source keys
 
     def tensor_bytes(self, name: str, ttype: str) -> int:
         """Bytes `name` takes in the file (aligned as the writer aligns) when stored as `ttype`."""
@@ -137,11 +138,29 @@ def tensor_layout(loaded: LoadedModel) -> TensorLayout | None:
     except KompaktError as error:
         logger.info("no GGUF layout: %s", error)
         return None
-    header, align = _header_bytes(loaded, family, config, vocab, plan, "q8_0")
+    plan.source = {}  # a planned file's source keys are added by fixed_with_source
+    header, align = _header_bytes(loaded, family, config, vocab, plan)
     fixed, tensors = _pad(header, align), {}
     for item in plan.tensors:
         if len(item.shape) == 2:
             tensors[item.hf_name.removesuffix(".weight")] = (item.gguf_name, tuple(item.shape))
         else:
             fixed += _pad(tensor_bytes(item.shape, item.type), align)
-    return TensorLayout(fixed, align, tensors)
+    return TensorLayout(fixed, align, tensors, header)
+
+
+def metadata_bytes(source: dict[str, str]) -> int:
+    """Bytes the type-source keys take in a GGUF header (kompakt.export.gguf.add_header writes
+    "source" as kompakt.tensor_types.source, other keys as kompakt.<key>): per string key-value,
+    u64 key length + key + u32 value type + u64 string length + string."""
+    total = 0
+    for key, value in source.items():
+        name = "kompakt.tensor_types.source" if key == "source" else f"kompakt.{key}"
+        total += 8 + len(name.encode()) + 4 + 8 + len(value.encode())
+    return total
+
+
+def fixed_with_source(fixed: int, header: int, align: int, source: dict[str, str]) -> int:
+    """The file's bytes outside the weight matrices once the header also says where the types
+    came from (`fixed`, `header`, `align`: a TensorLayout's, without those keys)."""
+    return fixed - _pad(header, align) + _pad(header + metadata_bytes(source), align)

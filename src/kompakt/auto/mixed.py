@@ -25,6 +25,9 @@ from kompakt.recipe.schema import Step
 
 MB = 1e6
 AWQ_MAX_BLOCKS = 16
+# Where the per-tensor types came from, as the GGUF metadata, the report and the card say.
+SOURCE = ("allocation: per-tensor KL predicted as Fisher (the model's own predictions) x llama.cpp's "
+          "rounding error, lowest total within the bytes (kompakt.auto.allocate)")
 # The first attempt aims at this share of the KL floor: the prediction's error on the embedded
 # models is ~10 % (tests/scoring/test_tensor_sensitivity.py), and crossing the floor costs a
 # whole back-off attempt.
@@ -64,9 +67,10 @@ def _types(available: dict) -> list[str]:
     return [t for t in QUANT_TYPES if t in available] or [t for t in FLOAT_TYPES if t in available]
 
 
-def smallest_file(facts: ModelFacts) -> int:
-    """Bytes of the smallest GGUF file the types allow (every tensor in its smallest type)."""
-    return facts.gguf_fixed_bytes + sum(min(t["bytes"][x] for x in _types(t["bytes"])) for t in facts.tensors)
+def smallest_file(facts: ModelFacts, fixed: int | None = None) -> int:
+    """Bytes of the smallest GGUF file the types allow (every tensor in its smallest type; `fixed`:
+    the bytes outside the matrices, default the header without type-source keys)."""
+    return (facts.gguf_fixed_bytes if fixed is None else fixed) + sum(min(t["bytes"][x] for x in _types(t["bytes"])) for t in facts.tensors)
 
 
 def check_bytes_target(target, facts: ModelFacts) -> None:
@@ -90,10 +94,30 @@ def mixed_steps(allocation: Allocation, facts: ModelFacts, blocks: int, with_awq
     fmt = counts.most_common(1)[0][0] if counts else "q8_0"
     types = {n: t for n, t in quantized.items() if n not in layers or t != fmt}
     config = {"format": fmt, "tensor_types": types}
+    recorded = {**config, "types_source": SOURCE}  # the steps that record the types say where they came from
     if all(t == "q8_0" for t in quantized.values()):
-        return [Step("quant.rtn", config)]  # 8-bit rounding is near-lossless: no calibration needed
+        return [Step("quant.rtn", recorded)]  # 8-bit rounding is near-lossless: no calibration needed
     steps = [Step("quant.awq", {**config, "max_blocks": min(blocks, AWQ_MAX_BLOCKS)})] if with_awq else []
-    return steps + [Step("quant.gptq", {**config, "max_blocks": blocks})]
+    return steps + [Step("quant.gptq", {**recorded, "max_blocks": blocks})]
+
+
+def fixed_bytes(facts: ModelFacts, data, steps: list[Step] | None = None) -> int:
+    """The file's bytes outside the weight matrices, its header saying where the types came from
+    as the steps will record it (the GPTQ step's calibration; `steps` None: a GPTQ attempt)."""
+    from kompakt.auto.gguf_bytes import fixed_with_source
+    from kompakt.passes.quant_common import calibration_label
+
+    source = {"source": SOURCE}
+    gptq = [s for s in steps if s.name == "quant.gptq"] if steps is not None else [None]
+    if gptq:
+        blocks = data.calibration_blocks if gptq[-1] is None else int(gptq[-1].config["max_blocks"])
+        source["calibration"] = calibration_label(min(blocks, data.calibration_blocks), data.block_len)
+    return fixed_with_source(facts.gguf_fixed_bytes, facts.gguf_header_bytes, facts.gguf_align, source)
+
+
+def file_bytes(allocation: Allocation, facts: ModelFacts, steps: list[Step], data) -> int:
+    """Bytes of the GGUF the attempt's export writes (the allocation's weights + fixed_bytes)."""
+    return allocation.bytes - allocation.fixed + fixed_bytes(facts, data, steps)
 
 
 def summary(allocation: Allocation, facts: ModelFacts) -> str:
@@ -111,17 +135,17 @@ def summary(allocation: Allocation, facts: ModelFacts) -> str:
 
 
 def allocations(target, factor: float, facts: ModelFacts, kept: float, ceiling_bytes: int,
-                choices: list[str]) -> list[tuple[str, Allocation, bool]]:  # fmt: skip
+                choices: list[str], data) -> list[tuple[str, Allocation, bool]]:  # fmt: skip
     """(label, allocation, meets the target) to try in order, each explained in `choices`:
     the lowest predicted KL within the factor's bytes; when that is predicted past the floor
     (with a margin), the fewest bytes within the floor instead (a size= factor beyond the
     smallest file aims at that file; a bytes= budget below it is a ConfigError); then a looser back-off (half
     the predicted KL, more bytes) while it stays below `ceiling_bytes` (the uniform Q8_0 file)."""
-    pieces, fixed = decisions(facts, kept), facts.gguf_fixed_bytes
+    pieces, fixed = decisions(facts, kept), fixed_bytes(facts, data)
     budget = int(facts.fp16_bytes / factor)
     check_bytes_target(target, facts)
-    if budget < smallest_file(facts):  # a size= factor beyond what the types reach: aim at the smallest file
-        budget = smallest_file(facts)
+    if budget < smallest_file(facts, fixed):  # a size= factor beyond what the types reach: aim at the smallest file
+        budget = smallest_file(facts, fixed)
         choices.append(f"{factor:g}x is beyond the smallest file the GGUF types allow "
                        f"({facts.fp16_bytes / budget:.2f}x, {budget / MB:.1f} MB, every tensor in its smallest type)")
     best = within_bytes(pieces, budget, fixed)

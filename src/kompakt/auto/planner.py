@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from kompakt.errors import ConfigError
 from kompakt.auto.embedding import beyond_layers, embedding_line
 from kompakt.auto.facts import ModelFacts
-from kompakt.auto.mixed import allocations, has_costs, mixed_steps
+from kompakt.auto.mixed import allocations, file_bytes, has_costs, mixed_steps
 from kompakt.auto.predict import kept_of_rtn, quant_kl
 from kompakt.ops.ggml_types import QUANT_TYPES
 from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
@@ -269,10 +269,11 @@ def _mixed_attempts(target: Target, factor: float, facts: ModelFacts, data: Data
     with_awq = _afford_awq(facts, data, budget_s, choices)
     kept = kept_of_rtn("quant.awq+quant.gptq" if with_awq else "quant.gptq")
     attempts = []
-    for label, allocation, meets in allocations(target, factor, facts, kept, facts.format_bytes["q8_0"], choices):
+    for label, allocation, meets in allocations(target, factor, facts, kept, facts.format_bytes["q8_0"], choices, data):
         steps = mixed_steps(allocation, facts, data.calibration_blocks, with_awq)
-        attempts.append(Attempt(label, steps, facts.fp16_bytes / allocation.bytes, 1.0, allocation.kl,
-                                attempt_seconds(steps, facts, data), meets, allocation.bytes))  # fmt: skip
+        size = file_bytes(allocation, facts, steps, data)
+        attempts.append(Attempt(label, steps, facts.fp16_bytes / size, 1.0, allocation.kl,
+                                attempt_seconds(steps, facts, data), meets, size))  # fmt: skip
     choices.extend(facts.sensitivity_notes)
     return attempts + [_quant_attempt("back-off: q8_0", "q8_0", facts, data, with_awq, factor)]
 

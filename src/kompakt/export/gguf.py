@@ -166,7 +166,10 @@ def _version() -> str:
 
 def add_header(writer, loaded: LoadedModel, plan: GGUFPlan, config, family, vocab) -> None:
     """The key-value header every kompakt GGUF has: general keys, where the tensor types came
-    from, hyperparameters, tokenizer (auto.gguf_bytes writes the same to size a planned file exactly)."""
+    from, hyperparameters, tokenizer (auto.gguf_bytes writes the same to size a planned file exactly).
+
+    Each tensor's type is in its tensor info (what llama.cpp and gguf-py list); the header adds
+    only where the types came from, so its size does not depend on which types were chosen."""
     import gguf
 
     file_type = plan.file_type()
@@ -179,7 +182,6 @@ def add_header(writer, loaded: LoadedModel, plan: GGUFPlan, config, family, voca
     writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[file_type]]))
     if any(t not in ("f32", "f16", "bf16") for t in plan.weights_by_type()):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_string("kompakt.tensor_types", plan.types_summary())
     for key, value in plan.source.items():  # "source" -> kompakt.tensor_types.source; "calibration"
         writer.add_string("kompakt.tensor_types.source" if key == "source" else f"kompakt.{key}", value)
     add_hyperparameters(writer, config, family)

@@ -296,6 +296,12 @@ def prepare(ctx: PassContext, name: str, config: QuantGridConfig) -> LoadedModel
     return loaded
 
 
+def calibration_label(n_blocks: int, block_len: int) -> str:
+    """What a GPTQ step solved on, as its GGUF metadata says (kompakt.calibration); the planner
+    sizes a planned file's header with the same text."""
+    return f"{n_blocks} blocks of {block_len} tokens (GPTQ Hessians)"
+
+
 def record(loaded: LoadedModel, method: str, config: QuantGridConfig, done: Quantized,
            types: dict[str, str] | None = None, calibration: str = "") -> dict[str, PackedLayer]:  # fmt: skip
     """Record the grid in the compression state, the per-tensor types (when the step mixes

@@ -52,6 +52,7 @@ from kompakt.passes.quant_common import (
     QuantGridConfig,
     Quantized,
     Target,
+    calibration_label,
     grid_counts,
     notes_of,
     packed_from,
@@ -163,7 +164,7 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     quantized, losses, calib_seconds = _run_gptq(loaded.model, blocks, decoder, config, types)
     extra = rtn_targets([t for t in targets if t.layer is None], config, types)
     quantized.update(extra)
-    calibration = f"{blocks.shape[0]} blocks of {blocks.shape[1]} tokens (GPTQ Hessians)"
+    calibration = calibration_label(*blocks.shape)
     packed_layers = record(loaded, "gptq", config, quantized, types, calibration)
     done = quantized.plans
     notes = notes_of(done, "quant.gptq")
