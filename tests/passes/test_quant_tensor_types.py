@@ -57,8 +57,11 @@ def test_rtn_puts_each_linear_on_its_own_type_and_records_it():
     assert loaded.gguf_blocks[V0].type == "q5_0"
     # q4_0 / q8_0 store packed as before, the others stay dense
     assert DOWN.format(0) in report.packed_layers and V0 not in report.packed_layers
-    assert report.details["grids"] == {"q8_0": 4, "q4_0": 22, "q5_0": 1, "q5_1": 1}
-    assert torch.equal(loaded.model.model.embed_tokens.weight, tiny_model("llama").model.model.embed_tokens.weight)
+    # the embedding named in tensor_types is rounded to its type here too: the step measures the file
+    assert report.details["grids"] == {"q8_0": 5, "q4_0": 22, "q5_0": 1, "q5_1": 1}
+    embed = loaded.model.get_submodule("model.embed_tokens").weight.detach().numpy()
+    assert np.array_equal(ggml_types.fake_quantize(embed, "q8_0"), embed)
+    assert not torch.equal(loaded.model.model.embed_tokens.weight, tiny_model("llama").model.model.embed_tokens.weight)
 
 
 def test_gguf_export_writes_the_recorded_types_exactly(tmp_path):
@@ -70,7 +73,7 @@ def test_gguf_export_writes_the_recorded_types_exactly(tmp_path):
     assert kinds["blk.0.ffn_down.weight"] == "q8_0" and kinds["blk.0.attn_v.weight"] == "q5_0"
     assert kinds["blk.1.attn_q.weight"] == "q5_1" and kinds["blk.1.attn_k.weight"] == "q4_0"
     assert kinds["token_embd.weight"] == "q8_0" and kinds["output.weight"] == "q8_0"  # 64 % 256: llama.cpp's Q8_0
-    assert result.requantized_blocks == 0 and result.exact_grid_tensors == 28
+    assert result.requantized_blocks == 0 and result.exact_grid_tensors == 29  # 28 Linears + the embedding
     heads = loaded.model.config.num_attention_heads
     q = _permute(loaded.model.get_submodule(Q1).weight.detach(), heads).numpy()  # q5_1 bytes, rows permuted
     stored = tensors["blk.1.attn_q.weight"]

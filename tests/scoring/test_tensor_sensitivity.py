@@ -138,3 +138,15 @@ def test_predicts_and_ranks_the_measured_kl_on_smollm2():
     whole = {t.name: "q8_0" if t is embedding else "q4_0" for t in result.tensors}
     ratio = _measured(model, reference, whole) / result.predicted_kl(whole)
     assert 1 / 1.5 <= ratio <= 1.5, ratio
+
+
+def test_a_weight_already_on_a_grid_is_not_predicted_free():
+    """A model dequantized from a GGUF rounds to itself on that type; the passes move it off the
+    grid, so its cost there is what the bits predict from the 4-bit error, not zero."""
+    from kompakt.scoring.tensor_sensitivity import type_costs
+
+    w = torch.from_numpy(fake_quantize(np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32), "q4_1"))
+    costs = type_costs(w, torch.ones_like(w), ("q8_0", "q4_1", "q4_0", "iq4_nl"))
+    four_bit = max(costs["q4_0"], costs["iq4_nl"])
+    assert costs["q4_1"] == pytest.approx(four_bit * 4 ** (4.5 - 5.0))  # not ~0
+    assert 0 < costs["q8_0"] < costs["q4_0"]  # measured: off the q8_0 grid, small

@@ -3,13 +3,13 @@ model's measured tensor costs (ModelFacts.tensors), turned into quantization ste
 
 What is predicted: the decoder Linears are rounded by the attempt's pass (AWQ + GPTQ or GPTQ)
 on their allocated grids, so they keep a share of the plain-rounding KL (predict.KEPT_OF_RTN);
-the embedding / output matrix is written by the export with llama.cpp's reference rounding,
-so it keeps all of its KL. The knapsack minimises that sum, and the bytes are the file's
+the embedding / output matrix is rounded with llama.cpp's reference rounding (by the GPTQ / RTN
+step, so the measured KL is the file's), so it keeps all of its KL. The knapsack minimises that sum, and the bytes are the file's
 (ModelFacts.gguf_fixed_bytes + each tensor in its type, aligned as the writer aligns).
 
 Recipe contract (shared with the quant passes and the export): each quant step carries
 `format` (the type most decoder Linears get) and `tensor_types` {module: type} for every tensor
-that differs from it and for the embedding / output, which the passes leave to the export.
+that differs from it and for the embedding / output.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ PREDICTION_MARGIN = 0.9
 
 
 def is_layer(tensor: dict) -> bool:
-    """Whether the quant passes round this tensor (a decoder-layer matrix; not the embedding /
-    output, which the export writes)."""
+    """Whether this tensor is a decoder-layer matrix, which GPTQ solves (the embedding / output
+    is rounded plainly)."""
     return tensor["gguf_name"].startswith("blk.")
 
 

@@ -54,6 +54,7 @@ from kompakt.model.arch import arch_for, fused_splits, linear_modules, norm_modu
 from kompakt.model.compression import AwqScaling, update_state
 from kompakt.model.quantized import ensure_not_quantized
 from kompakt.ops.awq import search_clip, search_scales
+from kompakt.ops.quant import QuantGrid
 from kompakt.passes.base import PassContext, PassReport, PassSpec
 from kompakt.passes.quant_common import QuantGridConfig, plan_grid, rtn_weight, select_targets, target_types
 
@@ -92,6 +93,20 @@ class AwqConfig:
             raise ConfigError("quant.awq: n_grid, batch_size and max_blocks must be at least 1")
         if not 0.0 <= self.max_shrink < 1.0:
             raise ConfigError(f"quant.awq: max_shrink must be in [0, 1), got {self.max_shrink}")
+
+
+# The scale and clipping searches round each candidate dozens of times; llama.cpp's rounding of
+# iq4_nl and the K-quants is itself a search (seconds per matrix), so they search with the
+# closed-form integer grid of the same bits and block (bits, group, symmetric) instead. The
+# following GPTQ / RTN step then rounds on the type's real grid. (AWQ's reference searches with
+# plain RTN for every target format in the same spirit.)
+SEARCH_STAND_INS = {"iq4_nl": (4, 32, True), "q6_k": (6, 16, True), "q5_k": (5, 32, False),
+                    "q4_k": (4, 32, False), "q3_k": (3, 16, True), "q2_k": (2, 16, False)}  # fmt: skip
+
+
+def _search_group(plan) -> int | None:
+    """Columns per scale of the grid the searches round on."""
+    return SEARCH_STAND_INS[plan.type][1] if plan.type in SEARCH_STAND_INS else plan.group_size
 
 
 def _identity(w: torch.Tensor) -> torch.Tensor:
@@ -225,17 +240,21 @@ class _Awq:
             quantize = self._quantizer(stat.module)
             if quantize is None:
                 continue
-            group = plan_grid(self.grid, w.shape[1], self.types.get(stat.module)).group_size or w.shape[1]
+            group = _search_group(plan_grid(self.grid, w.shape[1], self.types.get(stat.module))) or w.shape[1]
             with torch.no_grad():
                 new = search_clip(w, stat.hessian(), quantize, group, n_grid=self.config.n_grid,
                                   max_shrink=self.config.max_shrink)  # fmt: skip
                 w.copy_(new.to(w.dtype))
 
     def _quantizer(self, module: nn.Module):
-        """RTN onto `module`'s own grid (None when it stays unquantized)."""
+        """RTN onto `module`'s own grid (None when it stays unquantized); for the types whose
+        reference rounding is an iterative search, its closed-form stand-in (SEARCH_STAND_INS)."""
         plan = plan_grid(self.grid, module.weight.shape[1], self.types.get(module))
         if plan.grid is None:
             return None
+        if plan.type in SEARCH_STAND_INS:
+            stand_in = QuantGrid(*SEARCH_STAND_INS[plan.type], scale_dtype=torch.float16)
+            return stand_in.fake_quantize
         return lambda w: rtn_weight(w, self.grid, plan)[0]
 
     def _note(self, text: str) -> None:

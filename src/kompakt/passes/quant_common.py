@@ -79,7 +79,7 @@ class QuantGridConfig:
     tensor_types: dict[str, str] | None = field(
         default=None,
         metadata=_doc("GGUF type per module {name or fnmatch pattern: type}; needs format (the default); "
-                      "model.embed_tokens / lm_head keys set the type export writes them in"),
+                      "model.embed_tokens / lm_head keys round those to their type (RTN) too"),
     )  # fmt: skip
     types_source: str | None = field(
         default=None, metadata=_doc("where tensor_types came from, for the GGUF metadata (default: recipe)")
@@ -148,8 +148,16 @@ class Target:
     layer: int | None = None
 
 
+def _typed(config: QuantGridConfig, module: str) -> bool:
+    """Whether `tensor_types` gives `module` (the embedding or output head) a quantized type."""
+    return (config.tensor_types or {}).get(module, "f16") not in ggml_types.FLOAT_TYPES
+
+
 def select_targets(model: nn.Module, config: QuantGridConfig, name: str) -> list[Target]:
-    """Decoder Linears chosen by `modules`, then embeddings / lm_head when asked."""
+    """Decoder Linears chosen by `modules`, then embeddings / lm_head when asked — also when
+    `tensor_types` names them with a quantized type: they are rounded to it here (llama.cpp's
+    rounding, exact bytes kept), so the step's measured KL is the written file's, not that of a
+    model whose embedding the export alone would round."""
     spec = arch_for(model)
     patterns = role_patterns(config.modules, name)
     targets = []
@@ -160,9 +168,10 @@ def select_targets(model: nn.Module, config: QuantGridConfig, name: str) -> list
     if not targets:
         raise ConfigError(f"{name}: modules {config.modules} match no Linear of this {spec.family} model")
     tied = embeddings_tied(model)
-    if config.embeddings or (config.lm_head and tied):
+    embeddings, lm_head = config.embeddings or _typed(config, spec.embed), config.lm_head or _typed(config, spec.lm_head)
+    if embeddings or (lm_head and tied):
         targets.append(Target(spec.embed, get_submodule(model, spec.embed), "embed"))
-    if config.lm_head and not tied:
+    if lm_head and not tied:
         targets.append(Target(spec.lm_head, get_submodule(model, spec.lm_head), "lm_head"))
     if tied and config.embeddings != config.lm_head:
         logger.warning("%s: embeddings and lm_head are tied; both are quantized (one matrix)", name)

@@ -7,12 +7,13 @@ The recipe contract every quant step shares (quant.rtn, quant.gptq, quant.awq, q
         tensor_types:
           model.layers.*.mlp.down_proj: q5_0           # fnmatch pattern over module names
           model.layers.0.self_attn.v_proj: q8_0        # an exact name wins over any pattern
-          model.embed_tokens: q6_k                     # the type the GGUF export writes it in
+          model.embed_tokens: q5_0                     # rounded to it too (llama.cpp's rounding)
 
 Keys are HF module names or fnmatch patterns over the modules the step quantizes, plus the
-embedding and the output head: the passes do not quantize those (unless `embeddings` /
-`lm_head` ask), the key only sets the type the GGUF export writes them in; a tied pair is one
-decision, keyed by the embedding (`lm_head` on a tied model means the same). An exact name
+embedding and the output head: a quantized type there has the step round that matrix with
+llama.cpp's reference rounding (as `embeddings` / `lm_head` do), so what the step measures is
+what the GGUF holds, and the export writes it in that type; a tied pair is one decision, keyed
+by the embedding (`lm_head` on a tied model means the same). An exact name
 beats a pattern; among patterns, the first listed that matches wins (as llama-quantize's
 `--tensor-type`). A float type (f16, bf16, f32) keeps a Linear unquantized and written in it.
 
@@ -118,7 +119,17 @@ def resolve_types(model: nn.Module, tensor_types: Mapping[str, str] | None, targ
 
 
 def types_label(fmt: str, tensor_types: Mapping[str, str] | None) -> str:
-    """The grid label of a mixed step ("q4_0 + *.down_proj=q8_0"): AWQ and the quantizer compare it."""
+    """The grid label of a mixed step, which AWQ and the quantizer after it compare: a few keys in
+    full ("q4_0 + *.down_proj=q8_0"), many as counts per type plus a digest of the whole map
+    ("iq4_nl + 73 typed: 45 q4_1, 25 q3_k, 3 q4_k #1a2b3c4d"), so summaries stay one short line."""
     if not tensor_types:
         return fmt
-    return fmt + " + " + ", ".join(f"{k}={v}" for k, v in tensor_types.items())
+    if len(tensor_types) <= 4:
+        return fmt + " + " + ", ".join(f"{k}={v}" for k, v in tensor_types.items())
+    import hashlib
+    import json
+    from collections import Counter
+
+    counts = ", ".join(f"{n} {t}" for t, n in Counter(tensor_types.values()).most_common())
+    digest = hashlib.sha256(json.dumps(dict(tensor_types), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{fmt} + {len(tensor_types)} typed: {counts} #{digest}"
