@@ -33,3 +33,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the kompakt CLI in this process: cli(argv) -> (exit code, stdout, stderr)."""
+    from kompakt.cli.app import main
+
+    def run(argv: list[str]) -> tuple[int, str, str]:
+        code = 0
+        try:
+            main(argv)
+        except SystemExit as done:
+            code = done.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from kompakt.cli.app import main
 
 
-def _run(argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def test_export_gguf_default_name_and_manifest(tiny_dir, capsys):
-    code, out, _ = _run(["export", str(tiny_dir), "--type", "q8_0"], capsys)
+def test_export_gguf_default_name_and_manifest(tiny_dir, cli):
+    code, out, _ = cli(["export", str(tiny_dir), "--type", "q8_0"])
     assert code == 0
     target = tiny_dir.parent / "tiny-q8_0.gguf"
     assert target.read_bytes()[:4] == b"GGUF"
@@ -26,36 +17,36 @@ def test_export_gguf_default_name_and_manifest(tiny_dir, capsys):
     assert "wrote" in out and "sha256 manifest" in out
 
 
-def test_export_existing_file_without_force_is_one_line(tiny_dir, capsys):
+def test_export_existing_file_without_force_is_one_line(tiny_dir, cli):
     target = tiny_dir.parent / "x.gguf"
     target.write_bytes(b"old")
-    code, _, err = _run(["export", str(tiny_dir), "--out", str(target)], capsys)
+    code, _, err = cli(["export", str(tiny_dir), "--out", str(target)])
     assert code == 2 and "exists; pass --force" in err and len(err.strip().splitlines()) == 1
     assert target.read_bytes() == b"old"
-    code, _, _ = _run(["export", str(tiny_dir), "--out", str(target), "--force"], capsys)
+    code, _, _ = cli(["export", str(tiny_dir), "--out", str(target), "--force"])
     assert code == 0 and target.read_bytes()[:4] == b"GGUF"
 
 
-def test_export_hf_directory(tiny_dir, capsys):
-    code, _, _ = _run(["export", str(tiny_dir), "--format", "hf", "--type", "f16", "--out", "hf"], capsys)
+def test_export_hf_directory(tiny_dir, cli):
+    code, _, _ = cli(["export", str(tiny_dir), "--format", "hf", "--type", "f16", "--out", "hf"])
     assert code == 0
     from kompakt.export import verify_manifest
 
     assert verify_manifest(tiny_dir.parent / "hf") == []
 
 
-def test_bad_type_is_one_line(tiny_dir, capsys):
-    code, _, err = _run(["export", str(tiny_dir), "--type", "q7_0"], capsys)
+def test_bad_type_is_one_line(tiny_dir, cli):
+    code, _, err = cli(["export", str(tiny_dir), "--type", "q7_0"])
     assert code == 2 and "takes --type" in err
 
 
-def test_tensor_type_writes_mixed_types_and_says_so(tiny_dir, capsys):
+def test_tensor_type_writes_mixed_types_and_says_so(tiny_dir, cli):
     import gguf
 
     target = tiny_dir.parent / "mixed.gguf"
     argv = ["export", str(tiny_dir), "--type", "q4_0", "--tensor-type", "ffn_down=q8_0", "--tensor-type",
             r"blk\.0\.attn_v=q5_0", "--out", str(target), "--no-verify"]  # fmt: skip
-    code, out, err = _run(argv, capsys)
+    code, out, err = cli(argv)
     assert code == 0, err
     types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(target)).tensors}
     assert types["blk.2.ffn_down.weight"] == "q8_0" and types["blk.0.attn_v.weight"] == "q5_0"
@@ -69,31 +60,30 @@ def test_tensor_type_writes_mixed_types_and_says_so(tiny_dir, capsys):
      ("ffn_dwn=q8_0", "matches no weight tensor"), ("ffn_down=q4_k", "rows of 128, not a multiple of 256"),
      ("(=q8_0", "no regular expression")],
 )  # fmt: skip
-def test_bad_tensor_type_is_one_line_and_writes_nothing(override, message, tiny_dir, capsys):
+def test_bad_tensor_type_is_one_line_and_writes_nothing(override, message, tiny_dir, cli):
     target = tiny_dir.parent / "bad.gguf"
-    code, _, err = _run(["export", str(tiny_dir), "--type", "q4_0", "--tensor-type", override, "--out", str(target)],
-                        capsys)  # fmt: skip
+    code, _, err = cli(["export", str(tiny_dir), "--type", "q4_0", "--tensor-type", override, "--out", str(target)])  # fmt: skip
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not any(p.name.startswith("bad.gguf") for p in tiny_dir.parent.iterdir())
 
 
-def test_corrupt_gguf_in_eval_is_one_line(tiny_dir, capsys):
-    code, _, _ = _run(["export", str(tiny_dir), "--type", "f16", "--out", "good.gguf"], capsys)
+def test_corrupt_gguf_in_eval_is_one_line(tiny_dir, cli):
+    code, _, _ = cli(["export", str(tiny_dir), "--type", "f16", "--out", "good.gguf"])
     data = (tiny_dir.parent / "good.gguf").read_bytes()
     bad = tiny_dir.parent / "bad.gguf"
     bad.write_bytes(data[: len(data) // 2])
-    code, _, err = _run(["eval", str(bad)], capsys)
+    code, _, err = cli(["eval", str(bad)])
     assert code == 2 and "truncated or corrupt" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_check_that_cannot_run_is_not_called_passed(tiny_dir, capsys, monkeypatch):
+def test_a_check_that_cannot_run_is_not_called_passed(tiny_dir, cli, monkeypatch):
     """Without llama-cpp-python the GGUF is not checked: said so, and verify.json says passed: null."""
     import json
 
     import kompakt.export.check as check_module
 
     monkeypatch.setattr(check_module, "llamacpp_installed", lambda: False)
-    code, out, _ = _run(["export", str(tiny_dir), "--type", "q8_0", "--out", "s.gguf"], capsys)
+    code, out, _ = cli(["export", str(tiny_dir), "--type", "q8_0", "--out", "s.gguf"])
     out = " ".join(out.split())
     assert code == 0 and "check: not checked: llama-cpp-python is not installed" in out and "passed" not in out
     saved = json.loads((tiny_dir.parent / "s.gguf.verify.json").read_text())

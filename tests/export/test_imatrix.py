@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from kompakt.cli.app import main
 from kompakt.errors import DataError
 from kompakt.export.imatrix import gguf_linear_names, imatrix_from_blocks, read_importance
 from kompakt.export.imatrix_file import Entry, Imatrix, read_imatrix, write_imatrix
@@ -29,14 +28,6 @@ def computed(tiny):
     return imatrix_from_blocks(tiny, BLOCKS, dataset="probe.txt", batch_size=2)
 
 
-def _run(argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_names_and_counts_are_llama_imatrix_s(tiny, computed):
@@ -127,21 +118,21 @@ def test_garbage_and_model_files_are_refused(tiny, tmp_path):
         read_imatrix(tmp_path / "missing.gguf")
 
 
-def test_cli_writes_converts_and_refuses_in_one_line(tiny_dir, capsys):
+def test_cli_writes_converts_and_refuses_in_one_line(tiny_dir, cli):
     text = tiny_dir.parent / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    code, out, _ = _run(["imatrix", str(tiny_dir), "--data", str(text), "--blocks", "4", "--block-len", "64"], capsys)
+    code, out, _ = cli(["imatrix", str(tiny_dir), "--data", str(text), "--blocks", "4", "--block-len", "64"])
     assert code == 0 and "4 x 64 tokens of calib.txt" in out
     made = tiny_dir.parent / "tiny.imatrix.gguf"
     assert read_imatrix(made).entries["blk.0.ffn_up.weight"].counts.tolist() == [256]
 
-    code, out, _ = _run(["imatrix", str(tiny_dir), "--imatrix", str(made), "--out", "legacy.dat"], capsys)
+    code, out, _ = cli(["imatrix", str(tiny_dir), "--imatrix", str(made), "--out", "legacy.dat"])
     assert code == 0 and "converted from" in out
     assert read_imatrix(tiny_dir.parent / "legacy.dat").legacy
 
-    code, _, err = _run(["imatrix", str(tiny_dir), "--data", str(text), "--blocks", "4", "--block-len", "64"], capsys)
+    code, _, err = cli(["imatrix", str(tiny_dir), "--data", str(text), "--blocks", "4", "--block-len", "64"])
     assert code == 2 and "exists; pass --force" in err and len(err.strip().splitlines()) == 1
     (tiny_dir.parent / "bad.dat").write_bytes(b"\xff" * 64)
-    code, _, err = _run(["imatrix", str(tiny_dir), "--imatrix", "bad.dat", "--out", "x.gguf"], capsys)
+    code, _, err = cli(["imatrix", str(tiny_dir), "--imatrix", "bad.dat", "--out", "x.gguf"])
     assert code == 2 and "not a readable llama.cpp imatrix" in err and len(err.strip().splitlines()) == 1
     assert not (tiny_dir.parent / "x.gguf").exists()

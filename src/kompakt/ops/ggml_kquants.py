@@ -181,10 +181,11 @@ def unpack_q3_scales(sc: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------- q6_K
 
 
-def _encode_q6(blocks: np.ndarray) -> np.ndarray:
+def encode_q6(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """q6_K super-blocks; `qw` the importance weights of the imatrix variant (same layout)."""
     nb = len(blocks)
     sub = blocks.reshape(nb * 16, 16)
-    scales, L = make_qx_quants(sub, 32)
+    scales, L = make_qx_quants(sub, 32, None if qw is None else qw.reshape(-1, 16))
     scales = scales.reshape(nb, 16)
     max_scale = signed_absmax(scales)
     zero = np.abs(max_scale) < GROUP_MAX_EPS
@@ -254,7 +255,7 @@ _ENCODE = {
     "q3_k": _encode_q3,
     "q4_k": lambda b: _encode_q45(b, 15, -1.0, 20),
     "q5_k": lambda b: _encode_q45(b, 31, -0.5, 15),
-    "q6_k": _encode_q6,
+    "q6_k": encode_q6,
 }
 
 for _name in KQUANT_TYPES:

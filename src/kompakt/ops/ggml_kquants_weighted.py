@@ -15,6 +15,7 @@ import numpy as np
 from kompakt.ops.ggml_kquants import (
     F32,
     QK_K,
+    encode_q6,
     fp16,
     fp16_bytes,
     pack_k4,
@@ -24,13 +25,10 @@ from kompakt.ops.ggml_kquants import (
     unpack_k4,
 )
 from kompakt.ops.ggml_kquants_search import (
-    GROUP_MAX_EPS,
     make_qkx2_quants,
     make_qp_quants,
     make_qx_quants,
-    nearest_int,
     seqsum,
-    signed_absmax,
 )
 
 _CHUNK = 256  # super-blocks per numpy pass, as in ggml_kquants
@@ -118,29 +116,10 @@ def _encode_q45(blocks: np.ndarray, qw: np.ndarray, nmax: int) -> np.ndarray:
     return pack_kquant(header, L.reshape(nb, QK_K), "q5_k" if nmax == 31 else "q4_k")
 
 
-def _encode_q6(blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    nb = len(blocks)
-    scales, L = make_qx_quants(blocks.reshape(-1, 16), 32, qw.reshape(-1, 16))
-    scales = scales.reshape(nb, 16)
-    max_scale = signed_absmax(scales)
-    zero = np.abs(max_scale) < GROUP_MAX_EPS
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(-128) / max_scale
-        d = np.where(zero, F32(0), F32(1) / iscale)
-        sc = np.minimum(127, nearest_int(iscale[:, None] * scales)) & 0xFF
-    sc = np.where(zero[:, None], 0, sc).astype(np.uint8)
-    header = np.concatenate([sc, fp16_bytes(d)], axis=1)
-    dd = fp16(d)[:, None] * sc.view(np.int8).astype(F32)
-    L = requantize(blocks.reshape(nb, 16, 16), dd, None, -32, 31, L.reshape(nb, 16, 16))
-    out = pack_kquant(header, L.reshape(nb, QK_K), "q6_k")
-    out[zero] = 0
-    return out
-
-
 _ENCODE = {
     "q2_k": _encode_q2,
     "q3_k": _encode_q3,
     "q4_k": lambda b, qw: _encode_q45(b, qw, 15),
     "q5_k": lambda b, qw: _encode_q45(b, qw, 31),
-    "q6_k": _encode_q6,
+    "q6_k": encode_q6,
 }
