@@ -43,8 +43,8 @@ def _file_bytes(facts: ModelFacts, types: dict[str, str]) -> int:
 def test_default_target_on_the_embedded_models(name, reach):
     """The default target (size=4x, max-kl=0.15) on the measured facts: the first attempt is the
     fewest bytes predicted within the floor, past what one type for all reaches (SmolLM2 Q4_0
-    2.93x; Gemma 3 2.14x), with the embedding below Q8_0 (measured when written: SmolLM2 3.38x,
-    Gemma 3 2.95x)."""
+    2.93x; Gemma 3 2.14x), with the embedding below Q8_0 (facts of the release's own runs:
+    SmolLM2 plans 3.47x; its back-off measured 3.25x at KL 0.104)."""
     facts = embedded(name)
     plan = make_plan(parse_target(None), facts, DEFAULT, None)
     first = plan.attempts[0]
@@ -142,3 +142,21 @@ def test_compress_stops_a_bytes_target_below_the_smallest_file_before_work(tmp_p
     with pytest.raises(ConfigError, match="below the smallest GGUF file"):
         compress_auto(str(tmp_path / "m"), target="bytes=100KB", out=tmp_path / "run", plan_only=True)
     assert not (tmp_path / "run" / "analysis").exists()
+
+
+def test_a_crossed_mixed_attempt_is_reallocated_with_the_measured_ratio():
+    """SmolLM2's first attempt measured 0.187 where 0.135 was predicted: the next attempt is the
+    allocation for the floor with the prediction scaled by that ratio, between the attempt and
+    the back-off planned up front; a rerun following the saved plan does not add it twice."""
+    from kompakt.auto.planner import reallocated
+
+    plan = make_plan(parse_target(None), embedded("smollm2-135m"), DEFAULT, None)
+    first, planned = plan.attempts[0], plan.attempts[1]
+    again = reallocated(plan, 0, first.predicted_kl * 1.39)
+    assert again is not None and again.label.endswith("(re-allocated)")
+    assert first.predicted_bytes < again.predicted_bytes < planned.predicted_bytes
+    assert again.predicted_kl == pytest.approx(0.9 * 0.15 / 1.39, rel=0.05)
+    assert any("re-allocated for the floor" in c for c in plan.choices)
+    assert reallocated(plan, 0, first.predicted_kl * 0.9) is None  # measured below the prediction
+    plan.attempts.insert(1, again)
+    assert reallocated(plan, 0, first.predicted_kl * 1.39) is None  # already there

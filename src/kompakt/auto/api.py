@@ -241,6 +241,10 @@ def floor_crossed(target: Target, metrics: dict) -> str | None:
 class _Abandon(Exception):
     """Raised from the step callback: this attempt can no longer end within the floor."""
 
+    def __init__(self, reason: str, kl: float | None = None) -> None:
+        super().__init__(reason)
+        self.kl = kl  # the measured KL that crossed it (re-allocates a mixed back-off)
+
 
 def _heal_ahead(steps: list, index: int) -> bool:
     return any(step.name.startswith(("distill.", "finetune.", "quant.qat")) for step in steps[index:])
@@ -264,7 +268,7 @@ def run_attempts(original, plan: Plan, out_dir: Path, model: str | None, seed: i
                 on_step(record)
             crossed = floor_crossed(plan.target, record.get("metrics", {})) if record["index"] else None
             if crossed and not _heal_ahead(steps, record["index"]):
-                raise _Abandon(f"step {record['index']} ({record['pass']}): {crossed}")
+                raise _Abandon(f"step {record['index']} ({record['pass']}): {crossed}", record["metrics"].get("kl_mean"))
 
         try:
             run = run_recipe(recipe, run_dir, on_step=check, reference_dir=out_dir / REFERENCE_DIR)
@@ -277,6 +281,7 @@ def run_attempts(original, plan: Plan, out_dir: Path, model: str | None, seed: i
             outcome.update(status="floor crossed", reason=str(stop))
             result.outcomes.append(outcome)
             _emit(on_event, "back-off", outcome)
+            _reallocate(plan, index, stop.kl, out_dir)
     if result.final is None:
         _keep_closest(result)
         if result.attempt is not None:
@@ -284,6 +289,17 @@ def run_attempts(original, plan: Plan, out_dir: Path, model: str | None, seed: i
     if result.final is not None:
         atomic_symlink(out_dir / "final", str(result.final.resolve().relative_to(out_dir)))
     return result
+
+
+def _reallocate(plan: Plan, index: int, measured_kl: float | None, out_dir: Path) -> None:
+    """Put the re-allocated back-off (planner.reallocated) next in the plan, and save the plan, so
+    a rerun follows the same attempts."""
+    from kompakt.auto.planner import reallocated
+
+    if measured_kl is None or (attempt := reallocated(plan, index, float(measured_kl))) is None:
+        return
+    plan.attempts.insert(index + 1, attempt)
+    write_text(out_dir / "plan.json", json.dumps(plan.to_dict(), indent=1, default=str) + "\n")
 
 
 def _keep_closest(result: AutoResult) -> None:

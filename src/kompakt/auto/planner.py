@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from kompakt.errors import ConfigError
 from kompakt.auto.embedding import beyond_layers, embedding_line
 from kompakt.auto.facts import ModelFacts
-from kompakt.auto.mixed import allocations, file_bytes, has_costs, mixed_steps
+from kompakt.auto.mixed import PREDICTION_MARGIN, allocations, file_bytes, has_costs, mixed_steps, summary, within_kl_rescaled
 from kompakt.auto.predict import kept_of_rtn, quant_kl
 from kompakt.ops.ggml_types import QUANT_TYPES
 from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
@@ -276,6 +276,33 @@ def _mixed_attempts(target: Target, factor: float, facts: ModelFacts, data: Data
                                 attempt_seconds(steps, facts, data), meets, size))  # fmt: skip
     choices.extend(facts.sensitivity_notes)
     return attempts + [_quant_attempt("back-off: q8_0", "q8_0", facts, data, with_awq, factor)]
+
+
+def reallocated(plan: Plan, index: int, measured_kl: float) -> Attempt | None:
+    """After mixed attempt `index` crossed the floor at `measured_kl`: the allocation for the
+    floor with the prediction rescaled by what was measured (seed 9.3: evaluate, adjust), to run
+    before the back-off planned up front; None when the attempt was not mixed, the floor is not
+    a KL, or the new allocation is not between the attempt and that back-off in bytes."""
+    attempt, facts = plan.attempts[index], plan.facts
+    later = plan.attempts[index + 1] if index + 1 < len(plan.attempts) else None
+    floor = plan.target.max_kl
+    if not attempt.label.startswith(("mixed", "back-off: mixed")) or floor is None or not has_costs(facts):
+        return None
+    if not attempt.predicted_kl or measured_kl <= attempt.predicted_kl or later is None:
+        return None
+    if later.label.endswith("(re-allocated)"):  # a rerun following its saved plan: done already
+        return None
+    ratio = measured_kl / attempt.predicted_kl
+    with_awq = any(s.name == "quant.awq" for s in attempt.steps)
+    allocation = within_kl_rescaled(facts, plan.data, with_awq, PREDICTION_MARGIN * floor / ratio)
+    steps = mixed_steps(allocation, facts, plan.data.calibration_blocks, with_awq)
+    size = file_bytes(allocation, facts, steps, plan.data)
+    if not (attempt.predicted_bytes or 0) < size < (later.predicted_bytes or 0):
+        return None
+    plan.choices.append(f"attempt {index + 1} measured KL {measured_kl:.3f} where {attempt.predicted_kl:.3f} was "
+                        f"predicted ({ratio:.2f}x): re-allocated for the floor with that ratio: " + summary(allocation, facts))  # fmt: skip
+    return Attempt(f"back-off: mixed {facts.fp16_bytes / size:.2f}x (re-allocated)", steps, facts.fp16_bytes / size,
+                   1.0, allocation.kl, attempt_seconds(steps, facts, plan.data), False, size)  # fmt: skip
 
 
 def _afford_awq(facts: ModelFacts, data: DataSpec, budget_s: float | None, choices: list[str]) -> bool:
