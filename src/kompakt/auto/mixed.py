@@ -120,12 +120,8 @@ def file_bytes(allocation: Allocation, facts: ModelFacts, steps: list[Step], dat
     return allocation.bytes - allocation.fixed + fixed_bytes(facts, data, steps)
 
 
-def within_kl_rescaled(facts: ModelFacts, data, with_awq: bool, ceiling: float) -> Allocation:
-    """The fewest bytes whose predicted KL (with the attempt's method) is at most `ceiling`."""
-    from kompakt.auto.allocate import within_kl
-    from kompakt.auto.predict import kept_of_rtn
-
-    kept = kept_of_rtn("quant.awq+quant.gptq" if with_awq else "quant.gptq")
+def fewest_bytes_within(facts: ModelFacts, data, kept: float, ceiling: float) -> Allocation:
+    """The fewest bytes whose predicted KL (layers keeping `kept` of RTN's) is at most `ceiling`."""
     return within_kl(decisions(facts, kept), ceiling, fixed_bytes(facts, data))
 
 

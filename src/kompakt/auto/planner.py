@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from kompakt.errors import ConfigError
 from kompakt.auto.embedding import beyond_layers, embedding_line
 from kompakt.auto.facts import ModelFacts
-from kompakt.auto.mixed import PREDICTION_MARGIN, allocations, file_bytes, has_costs, mixed_steps, summary, within_kl_rescaled
+from kompakt.auto.mixed import PREDICTION_MARGIN, allocations, file_bytes, has_costs, mixed_steps, summary, fewest_bytes_within
 from kompakt.auto.predict import kept_of_rtn, quant_kl
 from kompakt.ops.ggml_types import QUANT_TYPES
 from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
@@ -294,7 +294,8 @@ def reallocated(plan: Plan, index: int, measured_kl: float) -> Attempt | None:
         return None
     ratio = measured_kl / attempt.predicted_kl
     with_awq = any(s.name == "quant.awq" for s in attempt.steps)
-    allocation = within_kl_rescaled(facts, plan.data, with_awq, PREDICTION_MARGIN * floor / ratio)
+    kept = kept_of_rtn("quant.awq+quant.gptq" if with_awq else "quant.gptq")
+    allocation = fewest_bytes_within(facts, plan.data, kept, PREDICTION_MARGIN * floor / ratio)
     steps = mixed_steps(allocation, facts, plan.data.calibration_blocks, with_awq)
     size = file_bytes(allocation, facts, steps, plan.data)
     if not (attempt.predicted_bytes or 0) < size < (later.predicted_bytes or 0):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from kompakt.ops.ggml_types import ENCODERS
 
 BLOCK = 32
 BLOCK_BYTES = 18  # fp16 d + 16 bytes of index pairs
@@ -131,5 +130,3 @@ def quantize(w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         out[start : start + len(chunk)] = pack(indices, d).reshape(len(chunk), -1)
     return out
 
-
-ENCODERS["iq4_nl"] = quantize

@@ -7,7 +7,7 @@ integer scales (and mins) per 16- or 32-weight sub-block, found by a per-sub-blo
 (`kompakt.ops.ggml_kquants_search`), then every weight rounded on its sub-block's grid.
 
 `quantize_kquant(w, name)` runs the whole reference over all super-blocks at once (numpy,
-float32 in the C order); importing this module registers it in `ggml_types.ENCODERS`.
+float32 in the C order); `kompakt.ops.ggml_types.quantize` calls `quantize_kquant`.
 `pack_kquant(header, L, name)` lays out bytes from a super-block header (the scale bytes of
 `HEADER`) and the integer codes; GPTQ on these grids (`kompakt.ops.ggml_kquant_grid`) uses it
 to write the codes it chose. The imatrix variants (`llama-quantize --imatrix`) are in
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from kompakt.ops import ggml_types
 from kompakt.ops.ggml_kquants_search import (
     F32,
     GROUP_MAX_EPS,
@@ -257,6 +256,3 @@ _ENCODE = {
     "q5_k": lambda b: _encode_q45(b, 31, -0.5, 15),
     "q6_k": encode_q6,
 }
-
-for _name in KQUANT_TYPES:
-    ggml_types.ENCODERS[_name] = lambda w, _n=_name: quantize_kquant(w, _n)

@@ -8,7 +8,7 @@ Sizes come from gguf-py's GGML_QUANT_SIZES, which is llama.cpp's own table.
 `quantize(w, name)` is llama.cpp's reference quantizer without an importance matrix (what
 `llama-quantize` writes for that type with plain rounding), byte for byte; `dequantize` is the
 inverse llama.cpp computes when it runs the file. Types gguf-py can encode go through gguf-py;
-the others have kompakt's own encoders (see ENCODERS), tested byte-identical against
+the others have kompakt's own encoders (see _own_encoder), tested byte-identical against
 ggml's `ggml_quantize_chunk` in tests/ops.
 """
 
@@ -75,11 +75,6 @@ def gguf_enum(name: str):
     return gguf.GGMLQuantizationType[ggml_type(name).name.upper()]
 
 
-# name -> encoder(w float32 [rows, cols]) -> uint8 [rows, row_bytes]; kompakt's own encoders
-# for the types gguf-py cannot write register here (kompakt.ops.ggml_kquants, ...).
-ENCODERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
-
-
 def quantize(w: np.ndarray, name: str) -> np.ndarray:
     """llama.cpp's reference quantization of a float32 [rows, cols] array, as file bytes.
 
@@ -99,9 +94,7 @@ def quantize(w: np.ndarray, name: str) -> np.ndarray:
         import gguf
 
         return gguf.quants.quantize(w, gguf_enum(t.name))
-    if t.name not in ENCODERS:
-        _load_encoders()
-    return ENCODERS[t.name](w)
+    return _own_encoder(t.name)(w)
 
 
 def dequantize(data: np.ndarray, name: str, shape: tuple[int, int]) -> np.ndarray:
@@ -119,7 +112,13 @@ def fake_quantize(w: np.ndarray, name: str) -> np.ndarray:
     return dequantize(quantize(w, name), name, w.shape)
 
 
-def _load_encoders() -> None:
-    """Import the modules that register kompakt's own encoders (kept lazy: numpy-heavy)."""
-    import kompakt.ops.ggml_iq4nl  # noqa: F401
-    import kompakt.ops.ggml_kquants  # noqa: F401
+def _own_encoder(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """kompakt's encoder of a type gguf-py cannot write: w float32 [rows, cols] -> uint8 [rows,
+    row_bytes] (imported lazily: numpy-heavy, and only writers need it)."""
+    if name == "iq4_nl":
+        from kompakt.ops.ggml_iq4nl import quantize as quantize_iq4nl
+
+        return quantize_iq4nl
+    from kompakt.ops.ggml_kquants import quantize_kquant
+
+    return lambda w: quantize_kquant(w, name)
