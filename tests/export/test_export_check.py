@@ -11,7 +11,6 @@ import pytest
 
 import kompakt.export.check as check_module
 import kompakt.export.check_runtimes as runtimes
-from kompakt.cli.app import main
 from kompakt.export.api import export
 from kompakt.export.check import MIN_TOP1, ExportCheckError, check_export, reject
 from kompakt.export.manifest import verify_manifest
@@ -23,18 +22,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
-def _run(argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
+def _run(argv, cli) -> tuple[int, str, str]:
+    """The CLI's exit code, stdout with its line wrapping undone, stderr."""
+    code, out, err = cli(argv)
     return code, " ".join(out.split()), err
 
 
-def test_gguf_export_is_checked_in_llama_cpp(tiny_dir, capsys):
-    code, out, _ = _run(["export", str(tiny_dir), "--type", "q8_0", "--out", "t.gguf"], capsys)
+def test_gguf_export_is_checked_in_llama_cpp(tiny_dir, cli):
+    code, out, _ = _run(["export", str(tiny_dir), "--type", "q8_0", "--out", "t.gguf"], cli)
     assert code == 0 and "check: passed: llama.cpp" in out and "top-1 agreement" in out
     saved = json.loads((tiny_dir.parent / "t.gguf.verify.json").read_text())
     assert saved["passed"] and saved["top1"] >= MIN_TOP1["q8_0"] and saved["tokens"] > 100
@@ -70,8 +65,8 @@ def test_force_replaces_a_directory_export_whole(tiny_dir):
     assert again.check.passed and not (again.path / "stale.bin").exists() and verify_manifest(again.path) == []
 
 
-def test_no_verify_skips_the_check(tiny_dir, capsys):
-    code, out, _ = _run(["export", str(tiny_dir), "--type", "f16", "--out", "n.gguf", "--no-verify"], capsys)
+def test_no_verify_skips_the_check(tiny_dir, cli):
+    code, out, _ = _run(["export", str(tiny_dir), "--type", "f16", "--out", "n.gguf", "--no-verify"], cli)
     assert code == 0 and "check:" not in out and not (tiny_dir.parent / "n.gguf.verify.json").exists()
 
 
@@ -90,26 +85,26 @@ def _scramble_output_rows(monkeypatch):
     monkeypatch.setattr(gguf_module, "tensor_data", scrambled)
 
 
-def test_broken_export_fails_in_one_line_and_is_renamed(tiny_dir, capsys, monkeypatch):
+def test_broken_export_fails_in_one_line_and_is_renamed(tiny_dir, cli, monkeypatch):
     target = tiny_dir.parent / "bad.gguf"
     _scramble_output_rows(monkeypatch)
-    code, _, err = _run(["export", str(tiny_dir), "--type", "f32", "--out", str(target)], capsys)
+    code, _, err = _run(["export", str(tiny_dir), "--type", "f32", "--out", str(target)], cli)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "does not work in llama.cpp" in err and "top-1 agreement" in err and "--no-verify" in err
     assert not target.exists() and not (tiny_dir.parent / "bad.gguf.sha256").exists()
     assert (tiny_dir.parent / "bad.gguf.rejected").is_file()
 
 
-def test_a_failed_check_with_force_keeps_the_previous_export(tiny_dir, capsys, monkeypatch):
+def test_a_failed_check_with_force_keeps_the_previous_export(tiny_dir, cli, monkeypatch):
     """--force writes and checks the new file beside the old one: a broken one never replaces it."""
     target = tiny_dir.parent / "keep.gguf"
-    code, _, _ = _run(["export", str(tiny_dir), "--type", "f32", "--out", str(target)], capsys)
+    code, _, _ = _run(["export", str(tiny_dir), "--type", "f32", "--out", str(target)], cli)
     assert code == 0
     names = ("keep.gguf", "keep.gguf.sha256", "keep.gguf.verify.json")
     before = {name: (tiny_dir.parent / name).read_bytes() for name in names}
     (tiny_dir.parent / "keep.gguf.rejected").mkdir()  # an older rejected export of another kind is replaced
     _scramble_output_rows(monkeypatch)
-    code, _, err = _run(["export", str(tiny_dir), "--type", "f32", "--out", str(target), "--force"], capsys)
+    code, _, err = _run(["export", str(tiny_dir), "--type", "f32", "--out", str(target), "--force"], cli)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "moved to" in err, err
     assert {name: (tiny_dir.parent / name).read_bytes() for name in before} == before
     assert verify_manifest(target) == [] and (tiny_dir.parent / "keep.gguf.rejected").is_file()
