@@ -38,7 +38,6 @@ def kompakt_types(original, calib, budgets: list[int], sensitivity_blocks: int) 
     from kompakt.auto.allocate import within_bytes
     from kompakt.auto.facts import add_tensor_sensitivity, model_facts
     from kompakt.auto.mixed import decisions, mixed_steps
-    from kompakt.auto.predict import kept_of_rtn
     from kompakt.recipe.schema import DataSpec
     from kompakt.scoring.tensor_sensitivity import tensor_sensitivity
 
@@ -47,10 +46,10 @@ def kompakt_types(original, calib, budgets: list[int], sensitivity_blocks: int) 
     data = DataSpec(calibration_blocks=calib.shape[0], block_len=calib.shape[1])
     from kompakt.auto.mixed import fixed_bytes
 
-    fixed, kept = fixed_bytes(facts, data), kept_of_rtn("quant.awq+quant.gptq")
+    fixed, method = fixed_bytes(facts, data), "quant.awq+quant.gptq"
     planned = []
     for budget in budgets:
-        allocation = within_bytes(decisions(facts, kept), budget, fixed)
+        allocation = within_bytes(decisions(facts, method), budget, fixed)
         planned.append((budget, allocation, mixed_steps(allocation, facts, calib.shape[0], with_awq=True)))
     return facts, planned
 

@@ -150,3 +150,23 @@ def test_a_weight_already_on_a_grid_is_not_predicted_free():
     four_bit = max(costs["q4_0"], costs["iq4_nl"])
     assert costs["q4_1"] == pytest.approx(four_bit * 4 ** (4.5 - 5.0))  # not ~0
     assert 0 < costs["q8_0"] < costs["q4_0"]  # measured: off the q8_0 grid, small
+
+
+def test_sampled_rows_estimate_the_cost_of_every_row():
+    """The row sample (∝ Σ F W², weighted by 1 / probability) estimates the full sum: exact on a
+    tensor small enough to take whole, close on a large one whose Fisher sits in a few rows
+    (an embedding's frequent tokens), and the types of one tensor are measured on the same rows."""
+    from kompakt.scoring import tensor_sensitivity as ts
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8192, 64)).astype(np.float32) * rng.uniform(0.2, 2.0, (8192, 1)).astype(np.float32)
+    f = np.abs(rng.standard_normal((8192, 64))).astype(np.float32) * (rng.pareto(1.5, (8192, 1)) ** 2).astype(np.float32)
+    index, weights = ts.sampled_rows(w, f, seed=0)
+    assert len(index) <= ts.draws(8192) < 8192
+    full = {t: 0.5 * float(np.sum(f * np.square(fake_quantize(w, t) - w))) for t in ("q4_0", "q8_0")}
+    sampled = ts.type_costs(torch.from_numpy(w), torch.from_numpy(f), ("q4_0", "q8_0"))
+    for ttype, value in full.items():
+        assert sampled[ttype] == pytest.approx(value, rel=0.05), ttype
+    small = w[:200]
+    index, weights = ts.sampled_rows(small, f[:200])
+    assert list(index) == list(range(200)) and np.all(weights == 1)

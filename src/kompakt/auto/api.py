@@ -142,7 +142,8 @@ def _analysis_seconds(facts, settings: dict, spec: DataSpec, target: Target, tok
     seconds = calibration + scored / facts.scoring_tps + 0.5 * facts.layers
     if wants_costs(target, facts):
         types = max((len(t["bytes"]) for t in facts.tensors), default=0)
-        seconds += sensitivity_seconds(facts.params, types, tokens, facts.forward_tps)
+        shapes = [tuple(t["shape"][-2:]) for t in facts.tensors]
+        seconds += sensitivity_seconds(shapes, types, tokens, facts.forward_tps)
     return seconds
 
 

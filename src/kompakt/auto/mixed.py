@@ -2,7 +2,7 @@
 model's measured tensor costs (ModelFacts.tensors), turned into quantization steps and a line.
 
 What is predicted: the decoder Linears are rounded by the attempt's pass (AWQ + GPTQ or GPTQ)
-on their allocated grids, so they keep a share of the plain-rounding KL (predict.KEPT_OF_RTN);
+on their allocated grids, so they keep a share of the rounding KL (kompakt.auto.kept_share);
 the embedding / output matrix is rounded with llama.cpp's reference rounding (by the GPTQ / RTN
 step, so the measured KL is the file's), so it keeps all of its KL. The knapsack minimises that sum, and the bytes are the file's
 (ModelFacts.gguf_fixed_bytes + each tensor in its type, aligned as the writer aligns).
@@ -19,6 +19,7 @@ from collections import Counter
 
 from kompakt.auto.allocate import Allocation, Decision, Option, within_bytes, within_kl
 from kompakt.auto.facts import ModelFacts
+from kompakt.auto.kept_share import kept_of_rtn
 from kompakt.errors import ConfigError
 from kompakt.ops.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from kompakt.recipe.schema import Step
@@ -51,15 +52,19 @@ def has_costs(facts: ModelFacts) -> bool:
     return facts.gguf and bool(facts.tensors) and all(t.get("kl") for t in facts.tensors)
 
 
-def decisions(facts: ModelFacts, kept: float) -> list[Decision]:
+def decisions(facts: ModelFacts, method: str) -> list[Decision]:
     """One decision per tensor: its quantized types (f16 only where no quantized type fits its
-    rows), with bytes and the KL the attempt is predicted to keep (`kept` of RTN's on layers)."""
+    rows), with bytes and the KL the attempt is predicted to keep (on layers, the share of the
+    rounding KL that `method`, e.g. "quant.awq+quant.gptq", keeps on that type)."""
     out = []
     for tensor in facts.tensors:
-        share = kept if is_layer(tensor) else 1.0
-        types = _types(tensor["kl"])
-        out.append(Decision(tensor["name"], [Option(t, tensor["bytes"][t], share * tensor["kl"][t]) for t in types]))
+        options = [Option(t, tensor["bytes"][t], _share(tensor, method, t) * tensor["kl"][t]) for t in _types(tensor["kl"])]
+        out.append(Decision(tensor["name"], options))
     return out
+
+
+def _share(tensor: dict, method: str, ttype: str) -> float:
+    return kept_of_rtn(method, ttype) if is_layer(tensor) else 1.0
 
 
 def _types(available: dict) -> list[str]:
@@ -120,9 +125,9 @@ def file_bytes(allocation: Allocation, facts: ModelFacts, steps: list[Step], dat
     return allocation.bytes - allocation.fixed + fixed_bytes(facts, data, steps)
 
 
-def fewest_bytes_within(facts: ModelFacts, data, kept: float, ceiling: float) -> Allocation:
-    """The fewest bytes whose predicted KL (layers keeping `kept` of RTN's) is at most `ceiling`."""
-    return within_kl(decisions(facts, kept), ceiling, fixed_bytes(facts, data))
+def fewest_bytes_within(facts: ModelFacts, data, method: str, ceiling: float) -> Allocation:
+    """The fewest bytes whose predicted KL (the layers quantized by `method`) is at most `ceiling`."""
+    return within_kl(decisions(facts, method), ceiling, fixed_bytes(facts, data))
 
 
 def summary(allocation: Allocation, facts: ModelFacts) -> str:
@@ -139,14 +144,14 @@ def summary(allocation: Allocation, facts: ModelFacts) -> str:
             f"{allocation.bytes / MB:.1f} MB = {facts.fp16_bytes / allocation.bytes:.2f}x")  # fmt: skip
 
 
-def allocations(target, factor: float, facts: ModelFacts, kept: float, ceiling_bytes: int,
+def allocations(target, factor: float, facts: ModelFacts, method: str, ceiling_bytes: int,
                 choices: list[str], data) -> list[tuple[str, Allocation, bool]]:  # fmt: skip
     """(label, allocation, meets the target) to try in order, each explained in `choices`:
     the lowest predicted KL within the factor's bytes; when that is predicted past the floor
     (with a margin), the fewest bytes within the floor instead (a size= factor beyond the
     smallest file aims at that file; a bytes= budget below it is a ConfigError); then a looser back-off (half
     the predicted KL, more bytes) while it stays below `ceiling_bytes` (the uniform Q8_0 file)."""
-    pieces, fixed = decisions(facts, kept), fixed_bytes(facts, data)
+    pieces, fixed = decisions(facts, method), fixed_bytes(facts, data)
     budget = int(facts.fp16_bytes / factor)
     check_bytes_target(target, facts)
     if budget < smallest_file(facts, fixed):  # a size= factor beyond what the types reach: aim at the smallest file

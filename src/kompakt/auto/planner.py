@@ -34,7 +34,7 @@ from kompakt.errors import ConfigError
 from kompakt.auto.embedding import beyond_layers, embedding_line
 from kompakt.auto.facts import ModelFacts
 from kompakt.auto.mixed import PREDICTION_MARGIN, allocations, file_bytes, has_costs, mixed_steps, summary, fewest_bytes_within
-from kompakt.auto.predict import kept_of_rtn, quant_kl
+from kompakt.auto.predict import quant_kl
 from kompakt.ops.ggml_types import QUANT_TYPES
 from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
 from kompakt.auto.target import Target
@@ -267,9 +267,9 @@ def _mixed_attempts(target: Target, factor: float, facts: ModelFacts, data: Data
                     choices: list[str]) -> list[Attempt]:  # fmt: skip
     """Per-tensor types by measurement (kompakt.auto.mixed), then the uniform Q8_0 back-off."""
     with_awq = _afford_awq(facts, data, budget_s, choices)
-    kept = kept_of_rtn("quant.awq+quant.gptq" if with_awq else "quant.gptq")
+    method = "quant.awq+quant.gptq" if with_awq else "quant.gptq"
     attempts = []
-    for label, allocation, meets in allocations(target, factor, facts, kept, facts.format_bytes["q8_0"], choices, data):
+    for label, allocation, meets in allocations(target, factor, facts, method, facts.format_bytes["q8_0"], choices, data):
         steps = mixed_steps(allocation, facts, data.calibration_blocks, with_awq)
         size = file_bytes(allocation, facts, steps, data)
         attempts.append(Attempt(label, steps, facts.fp16_bytes / size, 1.0, allocation.kl,
@@ -294,8 +294,8 @@ def reallocated(plan: Plan, index: int, measured_kl: float) -> Attempt | None:
         return None
     ratio = measured_kl / attempt.predicted_kl
     with_awq = any(s.name == "quant.awq" for s in attempt.steps)
-    kept = kept_of_rtn("quant.awq+quant.gptq" if with_awq else "quant.gptq")
-    allocation = fewest_bytes_within(facts, plan.data, kept, PREDICTION_MARGIN * floor / ratio)
+    method = "quant.awq+quant.gptq" if with_awq else "quant.gptq"
+    allocation = fewest_bytes_within(facts, plan.data, method, PREDICTION_MARGIN * floor / ratio)
     steps = mixed_steps(allocation, facts, plan.data.calibration_blocks, with_awq)
     size = file_bytes(allocation, facts, steps, plan.data)
     if not (attempt.predicted_bytes or 0) < size < (later.predicted_bytes or 0):

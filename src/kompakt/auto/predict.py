@@ -4,8 +4,8 @@ recalibrated on what the run has measured so far.
 The model (stated so that its error can be measured; tests/auto/test_predict.py does):
 - rounding all layers costs about the sum of what rounding each layer alone costs (the
   analysis measures each layer at 4 bits on groups of 32, the q4_0 block size: `quant_kl`);
-- GPTQ keeps about half of RTN's KL and AWQ + GPTQ about a third (SmolLM2, 4-bit g64,
-  README's quantization table: RTN 0.353, GPTQ 0.176, AWQ + GPTQ 0.121);
+- GPTQ keeps about half of RTN's KL and AWQ + GPTQ about a third on plain-rounding grids, more
+  on grids whose reference rounding already searches (kompakt.auto.kept_share);
 - 8-bit blocks have 1/16 of the 4-bit rounding error, so 1/256 of the KL (KL is quadratic);
 - removing a layer costs its skip KL, of which distillation wins back about half (planner).
 
@@ -30,10 +30,10 @@ too high; fixed in kompakt.analyze) and rounded on groups of 64; the model above
 from __future__ import annotations
 
 from kompakt.auto.facts import ModelFacts
+from kompakt.auto.kept_share import kept_of_rtn
 from kompakt.auto.mixed import has_costs, is_layer
 from kompakt.recipe.schema import Step
 
-KEPT_OF_RTN = {"quant.rtn": 1.0, "quant.gptq": 0.5, "quant.awq+quant.gptq": 0.34}
 EIGHT_BIT = 1 / 256
 
 
@@ -45,11 +45,6 @@ def _method(steps: list[Step]) -> tuple[str, int] | None:
     last = steps[[s.name for s in steps].index(names[-1])].config
     bits = 8 if last.get("format") == "q8_0" or last.get("bits") == 8 else 4
     return "+".join(names), bits
-
-
-def kept_of_rtn(method: str) -> float:
-    """The share of plain rounding's KL a quantization method ("quant.awq+quant.gptq", ...) keeps."""
-    return KEPT_OF_RTN.get(method, KEPT_OF_RTN["quant.gptq"])
 
 
 def _tensor_types(facts: ModelFacts, config: dict) -> dict[str, str]:
@@ -73,8 +68,9 @@ def tensor_kl(facts: ModelFacts, steps: list[Step]) -> float | None:
     config = next((s.config for s in reversed(steps) if s.name.startswith("quant.")), {})
     if method is None or not has_costs(facts) or not config.get("format"):
         return None
-    types, share = _tensor_types(facts, config), kept_of_rtn(method[0])
-    return sum(t["kl"][types[t["name"]]] * (share if is_layer(t) else 1.0) for t in facts.tensors)
+    types = _tensor_types(facts, config)
+    return sum(t["kl"][types[t["name"]]] * (kept_of_rtn(method[0], types[t["name"]]) if is_layer(t) else 1.0)
+               for t in facts.tensors)  # fmt: skip
 
 
 def quant_kl(facts: ModelFacts, steps: list[Step], kept: list[int] | None = None) -> float | None:

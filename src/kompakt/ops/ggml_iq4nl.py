@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kompakt.ops.ggml_kquants_search import seqsum
+
 
 BLOCK = 32
 BLOCK_BYTES = 18  # fp16 d + 16 bytes of index pairs
@@ -44,19 +46,11 @@ def nearest_index(x: np.ndarray) -> np.ndarray:
     return np.where(x <= KVALUES[0], np.uint8(0), np.where(x >= KVALUES[-1], np.uint8(len(KVALUES) - 1), index))
 
 
-def sequential_sum(terms: np.ndarray) -> np.ndarray:
-    """Σ over the last axis in C loop order, in float32 (terms [B, 32] -> [B])."""
-    total = np.zeros(terms.shape[:-1], dtype=np.float32)
-    for j in range(terms.shape[-1]):
-        total += terms[..., j]
-    return total
-
-
 def _fit(x: np.ndarray, weight: np.ndarray, id_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(Σwqx, Σwq²) [B] for the indices nearest to id·x; x, weight [B, 32], id [B]."""
     q = KVALUES.take(nearest_index(id_[:, None] * x))
     wq = weight * q
-    return sequential_sum(wq * x), sequential_sum(wq * q)
+    return seqsum(wq * x, axis=-1), seqsum(wq * q, axis=-1)
 
 
 def block_scales(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
@@ -69,7 +63,7 @@ def block_scales(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndar
     if importance is None:
         weight = x * x
     else:
-        sigma2 = sequential_sum(x * x) * np.float32(2.0 / BLOCK)
+        sigma2 = seqsum(x * x, axis=-1) * np.float32(2.0 / BLOCK)
         weight = np.asarray(importance, dtype=np.float32) * np.sqrt(sigma2[:, None] + x * x)
     arg = np.abs(x).argmax(axis=-1)  # first of equal magnitudes, as ggml's strict `>`
     peak = np.take_along_axis(x, arg[:, None], axis=-1)[:, 0]  # signed

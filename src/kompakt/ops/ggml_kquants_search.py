@@ -27,12 +27,14 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     return (f.view(np.int32) & 0x007FFFFF) - 0x00400000
 
 
-def seqsum(a: np.ndarray) -> np.ndarray:
-    """Sum over the first axis in order, in float32, as a C `for` loop accumulates.
+def seqsum(a: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Sum over `axis` in order, in float32, as a C `for` loop accumulates (numpy's pairwise
+    `sum` would round differently).
 
     The search functions keep sub-blocks element-major ([n, n_sub]) so that this loop adds
     whole contiguous rows: ~15x faster than np.add.accumulate along a short last axis.
     """
+    a = np.moveaxis(a, axis, 0)
     total = a[0].astype(F32, copy=True)
     for row in a[1:]:
         total += row

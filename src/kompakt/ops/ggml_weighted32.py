@@ -10,7 +10,8 @@ etc.):
   the best one's codes.
 - q4_1 / q5_1: `make_qkx3_quants` — 37 ranges from (max - min)/(15 - 0.9) to /(15 + 0.9) (31
   for q5_1), each with the weighted least-squares scale and minimum of its codes (minimum
-  capped at 0), the one with the smallest weighted squared error.
+  capped at 0), the one with the smallest weighted squared error: the K-quants' search
+  (kompakt.ops.ggml_kquants_search.make_qkx2_quants) on 32 weights.
 - iq4_nl: its own scale search with these weights (kompakt.ops.ggml_iq4nl).
 - q8_0 ignores the importance (as ggml does).
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from kompakt.ops import ggml_iq4nl, ggml_types
-from kompakt.ops.ggml_iq4nl import sequential_sum
+from kompakt.ops.ggml_kquants_search import make_qkx2_quants, seqsum
 
 BLOCK = 32
 _NMAX_SYMMETRIC = {"q4_0": 8, "q5_0": 16}
@@ -44,7 +45,7 @@ def _make_qx_quants(x: np.ndarray, weight: np.ndarray, nmax: int) -> tuple[np.nd
         return np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1).astype(F32)
 
     def sums(l: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return sequential_sum(weight * x * l), sequential_sum(weight * l * l)
+        return seqsum(weight * x * l, axis=-1), seqsum(weight * l * l, axis=-1)
 
     iscale = F32(-nmax) / peak
     l_best = codes(iscale)
@@ -64,53 +65,9 @@ def _make_qx_quants(x: np.ndarray, weight: np.ndarray, nmax: int) -> tuple[np.nd
     return np.where(live, scale, F32(0)), np.where(live[:, None], stored, np.uint8(0))
 
 
-def _weighted_sq_error(weight: np.ndarray, scale: np.ndarray, l: np.ndarray, low: np.ndarray, x: np.ndarray) -> np.ndarray:
-    diff = scale[:, None] * l + low[:, None] - x
-    return sequential_sum(weight * (diff * diff))
-
-
-def _make_qkx3_quants(x: np.ndarray, weight: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scale [B], min [B], codes [B, 32] in 0..nmax) of ggml's make_qkx3_quants(-0.9, 0.05, 36).
-
-    As in ggml, a better candidate's minimum becomes the origin of the next candidates' ranges.
-    """
-    high = x.max(axis=-1)
-    low = np.minimum(x.min(axis=-1), F32(0))
-    flat = high <= low  # ggml: codes 0, scale 0, the minimum kept
-    sum_w, sum_x = sequential_sum(weight), sequential_sum(weight * x)
-
-    def codes(iscale: np.ndarray) -> np.ndarray:  # l in [0, nmax] for the current minimum, float32
-        return np.clip(np.rint(iscale[:, None] * (x - low[:, None])), 0, nmax).astype(F32)
-
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(nmax) / (high - low)
-        scale = (F32(1) / iscale).astype(F32)
-        l_best = codes(iscale)
-        best_mad = _weighted_sq_error(weight, scale, l_best, low, x)
-        for step in range(37):
-            iscale = (F32(-0.9) + F32(0.05) * F32(step) + F32(nmax)) / (high - low)
-            l = codes(iscale)
-            wl = weight * l
-            sum_l, sum_l2, sum_xl = sequential_sum(wl), sequential_sum(wl * l), sequential_sum(wl * x)
-            det = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            positive = this_min > 0
-            this_scale = np.where(positive, sum_xl / sum_l2, this_scale).astype(F32)
-            this_min = np.where(positive, F32(0), this_min).astype(F32)
-            mad = _weighted_sq_error(weight, this_scale, l, this_min, x)
-            better = (det > 0) & (mad < best_mad) & ~flat
-            l_best = np.where(better[:, None], l, l_best)
-            best_mad = np.where(better, mad, best_mad).astype(F32)
-            scale = np.where(better, this_scale, scale).astype(F32)
-            low = np.where(better, this_min, low).astype(F32)
-    codes_out = np.where(flat[:, None], F32(0), l_best).astype(np.uint8)
-    return np.where(flat, F32(0), scale).astype(F32), low, codes_out
-
-
 def _block_weights(w: np.ndarray, importance: np.ndarray) -> np.ndarray:
     """imp · sqrt(σ²_row + x²), [rows, cols] -> [rows · cols/32, 32]."""
-    sigma2 = sequential_sum(w * w) / F32(w.shape[1])
+    sigma2 = seqsum(w * w, axis=-1) / F32(w.shape[1])
     return (importance[None, :] * np.sqrt(sigma2[:, None] + w * w)).reshape(-1, BLOCK)
 
 
@@ -145,5 +102,6 @@ def quantize_weighted(w: np.ndarray, name: str, importance: np.ndarray) -> np.nd
     if t.name in _NMAX_SYMMETRIC:
         d, codes = _make_qx_quants(x, weight, _NMAX_SYMMETRIC[t.name])
         return _pack(t.name, d, None, codes, w.shape[0])
-    d, m, codes = _make_qkx3_quants(x, weight, _NMAX_ASYMMETRIC[t.name])
-    return _pack(t.name, d, m, codes, w.shape[0])
+    # ggml's make_qkx3_quants(-0.9, 0.05, 36): the K-quants' weighted scale + min search on 32 weights
+    d, negated_min, codes = make_qkx2_quants(x, weight, _NMAX_ASYMMETRIC[t.name], -0.9, 0.05, 36, use_mad=False)
+    return _pack(t.name, d, -negated_min, codes, w.shape[0])
