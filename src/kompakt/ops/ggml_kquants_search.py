@@ -118,6 +118,13 @@ def make_qkx2_quants(
     return scale.astype(F32), (-low).astype(F32), L.T.astype(np.uint8)
 
 
+def _rounded(iscale: np.ndarray, x: np.ndarray, w: np.ndarray, wx: np.ndarray, nmax: int):
+    """(l in [-nmax, nmax-1], Σ w·x·l, Σ w·l²) of the codes nearest to iscale·x; x, w, wx [n, n_sub]."""
+    l = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
+    lf = l.astype(F32)
+    return l, seqsum(wx * lf), seqsum((w * lf) * lf)
+
+
 def make_qx_quants(
     x: np.ndarray, nmax: int, qw: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -133,20 +140,14 @@ def make_qx_quants(
     w = x * x if qw is None else np.ascontiguousarray(qw.T, dtype=F32)
     wx = w * x
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(-nmax) / peak
-        l = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = l.astype(F32)
-        sumlx, suml2 = seqsum(wx * lf), seqsum((w * lf) * lf)
+        l, sumlx, suml2 = _rounded(F32(-nmax) / peak, x, w, wx, nmax)
         L = l + nmax
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
-            iscale = -(F32(nmax) + F32(0.1) * F32(step)) / peak
-            l = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-            lf = l.astype(F32)
-            sumlx, suml2 = seqsum(wx * lf), seqsum((w * lf) * lf)
+            l, sumlx, suml2 = _rounded(-(F32(nmax) + F32(0.1) * F32(step)) / peak, x, w, wx, nmax)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             L = np.where(better, l + nmax, L)
             scale = np.where(better, sumlx / suml2, scale)
@@ -169,10 +170,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     w = x * x
     wx = w * x
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(-nmax) / peak
-        L = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = L.astype(F32)
-        sumlx, suml2 = seqsum(wx * lf), seqsum((w * lf) * lf)
+        L, sumlx, suml2 = _rounded(F32(-nmax) / peak, x, w, wx, nmax)
         for _ in range(5):
             for i in range(len(x)):
                 wi, wxi, li = w[i], wx[i], L[i].astype(F32)
