@@ -72,7 +72,8 @@ def test_a_reachable_size_takes_the_lowest_kl_within_its_bytes():
     assert first.meets_target and first.predicted_bytes <= facts.fp16_bytes / 3
     assert first.predicted_bytes > 0.99 * facts.fp16_bytes / 3  # the budget is spent on lower KL
     roomy = make_plan(parse_target("size=1.5x,max-kl=0.5"), facts, DEFAULT, None).attempts[0]
-    least = sum(min(t["kl"][x] * (0.34 if is_layer(t) else 1) for x in t["kl"] if x != "f16") for t in facts.tensors)
+    kept = kept_of_rtn("quant.awq+quant.gptq", allocated=True)
+    least = sum(min(t["kl"][x] * (kept if is_layer(t) else 1) for x in t["kl"] if x != "f16") for t in facts.tensors)
     assert roomy.predicted_kl == pytest.approx(least)
     # The embedded SmolLM2 is a Q4_1 GGUF: its layers lie on the q4_1 grid, which AWQ / GPTQ do
     # not keep, so q4_1 is not free (tensor_sensitivity's on-grid rule): with room, all is q8_0.
@@ -95,18 +96,18 @@ def test_gptq_alone_keeps_more_of_the_layers_kl_than_awq_plus_gptq():
     roomy = make_plan(parse_target("size=2.5x,max-kl=1"), facts, DEFAULT, None).attempts[0]
     tight = make_plan(parse_target("size=2.5x,max-kl=1"), facts, DEFAULT, 200, enforce=False).attempts[0]
     assert [s.name for s in tight.steps] == ["quant.gptq"] and tight.predicted_kl > roomy.predicted_kl
-    types = _types(tight, facts)
-    layers = sum(t["kl"][types[t["name"]]] * kept_of_rtn("quant.gptq", types[t["name"]]) for t in facts.tensors if is_layer(t))
-    embedding = sum(t["kl"][types[t["name"]]] for t in facts.tensors if not is_layer(t))
-    assert tight.predicted_kl == pytest.approx(layers + embedding)  # the export rounds the embedding
+    layer_rtn = sum(t["kl"][_types(tight, facts)[t["name"]]] for t in facts.tensors if is_layer(t))
+    embedding = sum(t["kl"][_types(tight, facts)[t["name"]]] for t in facts.tensors if not is_layer(t))
+    kept = kept_of_rtn("quant.gptq", allocated=True)
+    assert tight.predicted_kl == pytest.approx(kept * layer_rtn + embedding)  # the export rounds the embedding
 
 
-def test_grids_that_search_their_scales_keep_more_of_their_rounding_kl():
-    """llama.cpp's iq4_nl / K-quant rounding already searches its scales: GPTQ and AWQ win less
-    of it back than of plain rounding (kompakt.auto.kept_share)."""
-    assert kept_of_rtn("quant.awq+quant.gptq", "q4_0") == kept_of_rtn("quant.awq+quant.gptq") == 0.34
-    assert 0.34 < kept_of_rtn("quant.awq+quant.gptq", "iq4_nl") < kept_of_rtn("quant.gptq", "q3_k") <= 1.0
-    assert kept_of_rtn("quant.rtn", "q4_k") == 1.0
+def test_an_allocation_is_predicted_to_keep_more_of_its_rounding_kl_than_one_type():
+    """The knapsack favours the tensor costs that were estimated low, so an allocation keeps a
+    larger share of its predicted KL than a uniform type (kompakt.auto.kept_share)."""
+    for method in ("quant.gptq", "quant.awq+quant.gptq"):
+        assert kept_of_rtn(method) < kept_of_rtn(method, allocated=True) <= 1.0
+    assert kept_of_rtn("quant.rtn", allocated=True) == 1.0
 
 
 def test_bytes_below_the_smallest_file_is_one_line_and_a_size_beyond_it_aims_at_it():

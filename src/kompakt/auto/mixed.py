@@ -55,16 +55,13 @@ def has_costs(facts: ModelFacts) -> bool:
 def decisions(facts: ModelFacts, method: str) -> list[Decision]:
     """One decision per tensor: its quantized types (f16 only where no quantized type fits its
     rows), with bytes and the KL the attempt is predicted to keep (on layers, the share of the
-    rounding KL that `method`, e.g. "quant.awq+quant.gptq", keeps on that type)."""
-    out = []
+    rounding KL that `method`, e.g. "quant.awq+quant.gptq", keeps of an allocation)."""
+    out, kept = [], kept_of_rtn(method, allocated=True)
     for tensor in facts.tensors:
-        options = [Option(t, tensor["bytes"][t], _share(tensor, method, t) * tensor["kl"][t]) for t in _types(tensor["kl"])]
-        out.append(Decision(tensor["name"], options))
+        share = kept if is_layer(tensor) else 1.0
+        types = _types(tensor["kl"])
+        out.append(Decision(tensor["name"], [Option(t, tensor["bytes"][t], share * tensor["kl"][t]) for t in types]))
     return out
-
-
-def _share(tensor: dict, method: str, ttype: str) -> float:
-    return kept_of_rtn(method, ttype) if is_layer(tensor) else 1.0
 
 
 def _types(available: dict) -> list[str]:

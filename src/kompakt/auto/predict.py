@@ -4,8 +4,8 @@ recalibrated on what the run has measured so far.
 The model (stated so that its error can be measured; tests/auto/test_predict.py does):
 - rounding all layers costs about the sum of what rounding each layer alone costs (the
   analysis measures each layer at 4 bits on groups of 32, the q4_0 block size: `quant_kl`);
-- GPTQ keeps about half of RTN's KL and AWQ + GPTQ about a third on plain-rounding grids, more
-  on grids whose reference rounding already searches (kompakt.auto.kept_share);
+- GPTQ keeps about half of RTN's KL and AWQ + GPTQ about a third, of a per-tensor allocation's
+  predicted KL more (kompakt.auto.kept_share);
 - 8-bit blocks have 1/16 of the 4-bit rounding error, so 1/256 of the KL (KL is quadratic);
 - removing a layer costs its skip KL, of which distillation wins back about half (planner).
 
@@ -68,9 +68,8 @@ def tensor_kl(facts: ModelFacts, steps: list[Step]) -> float | None:
     config = next((s.config for s in reversed(steps) if s.name.startswith("quant.")), {})
     if method is None or not has_costs(facts) or not config.get("format"):
         return None
-    types = _tensor_types(facts, config)
-    return sum(t["kl"][types[t["name"]]] * (kept_of_rtn(method[0], types[t["name"]]) if is_layer(t) else 1.0)
-               for t in facts.tensors)  # fmt: skip
+    types, share = _tensor_types(facts, config), kept_of_rtn(method[0])
+    return sum(t["kl"][types[t["name"]]] * (share if is_layer(t) else 1.0) for t in facts.tensors)
 
 
 def quant_kl(facts: ModelFacts, steps: list[Step], kept: list[int] | None = None) -> float | None:
