@@ -24,6 +24,7 @@ This is generic: no family is named; whatever the layers receive is replayed ver
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,11 +133,18 @@ def layer_output(output: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def run_layer(
-    layer: nn.Module, layer_index: int, captured: CapturedInputs, inputs: list[torch.Tensor]
+    layer: nn.Module,
+    layer_index: int,
+    captured: CapturedInputs,
+    inputs: list[torch.Tensor],
+    before: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
-    """Run decoder layer `layer_index` alone on every batch of `inputs`; its outputs per batch."""
+    """Run decoder layer `layer_index` alone on every batch of `inputs`; its outputs per batch.
+    `before(i)` is called before batch i (the driver's layer caches key their records by it)."""
     outputs = []
-    for states in inputs:
+    for batch, states in enumerate(inputs):
+        if before is not None:
+            before(batch)
         call = captured.call_for(layer_index, states)
         outputs.append(layer_output(layer(states, *call.args, **call.kwargs)))
     return outputs

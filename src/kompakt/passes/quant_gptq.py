@@ -38,14 +38,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from kompakt.calib import LayerStats, run_sequential
+from kompakt.calib import LayerStats, Phase, run_sequential
 from kompakt.calib.threads import solver_threads
 from kompakt.errors import ConfigError
-from kompakt.model.arch import arch_for, linear_modules
+from kompakt.model.compression import AwqScaling, update_state
 from kompakt.model.gguf_blocks import GgufBlocks
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.quant_awq import AwqConfig, AwqScaler, scales_summary
 from kompakt.passes.quant_common import (
     NAMES_SHOWN,
     GridPlan,
@@ -80,9 +81,15 @@ class GptqConfig(QuantGridConfig):
     true_sequential: bool = field(default=True, metadata=_doc("quantize q/k/v, o, gate/up, down one after another"))
     max_blocks: int | None = field(default=None, metadata=_doc("use at most this many calibration blocks"))
     batch_size: int = field(default=8, metadata=_doc("calibration blocks per layer call"))
+    awq: bool = field(default=False, metadata=_doc("AWQ's scale and clipping search first, in the same calibration "
+                                                   "run (quant.awq's defaults, this step's grid)"))
+    awq_blocks: int | None = field(default=None, metadata=_doc("AWQ's statistics from at most this many blocks "
+                                                               "(whole batches; default all)"))
 
     def validate(self) -> None:
         self.validate_grid("quant.gptq")
+        if self.awq_blocks is not None and (self.awq_blocks < 1 or not self.awq):
+            raise ConfigError("quant.gptq: awq_blocks needs awq: true and must be at least 1")
         if self.percdamp < 0:
             raise ConfigError(f"quant.gptq: percdamp must be >= 0, got {self.percdamp}")
         if self.block_size < 1 or self.batch_size < 1 or (self.max_blocks is not None and self.max_blocks < 1):
@@ -113,45 +120,47 @@ def _exact_bytes(plan: GridPlan, result) -> GgufBlocks | None:
     return GgufBlocks(plan.type, plan.grid.pack(result.codes, result.stored))
 
 
-# Linears that read the same tensor (the pre-norm's output) share one Hessian: it is collected
-# once, for the first role, instead of once per Linear (saves a quarter of the Hessian work).
-SHARED_INPUT = (("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up"))
-
-
-def _collector(role: str) -> str:
-    return next((group[0] for group in SHARED_INPUT if role in group), role)
+def _awq_phase(model: nn.Module, config: GptqConfig) -> tuple[AwqScaler | None, list[Phase]]:
+    """AWQ as the first phase of every layer (kompakt.calib.Phase): it scales all of the layer's
+    groups on their float weights, then GPTQ quantizes them, before the layer's outputs move on."""
+    if not config.awq:
+        return None, []
+    grid = AwqConfig(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
+                     format=config.format, tensor_types=config.tensor_types)  # fmt: skip
+    grid.validate()
+    scaler = AwqScaler(model, grid)
+    batches = None if config.awq_blocks is None else -(-config.awq_blocks // config.batch_size)
+    return scaler, [Phase(scaler.process, roles=None, max_batches=batches)]
 
 
 def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], config: GptqConfig,
               types: dict[str, str]):  # fmt: skip
-    spec = arch_for(model)
     targets = {(t.layer, t.role): t for t in decoder}
-    collect = sorted({_collector(t.role) for t in decoder})
     done = Quantized()
     losses: dict[str, float] = {}
 
     def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
-        linears = linear_modules(layer, spec)
         for role, stat in stats.items():
-            hessian = stat.hessian()
-            for sharer in (r for r in linears if _collector(r) == role and (index, r) in targets):
-                target, module = targets[(index, sharer)], linears[sharer]
-                plan = plan_grid(config, module.in_features, types.get(target.name))
-                done.plans[target.name] = plan
-                if plan.grid is None:
-                    continue
-                out = _gptq_module(module, hessian, config, plan)
-                done.packed[target.name], losses[target.name] = out["packed"], out["loss"]
-                if out["blocks"] is not None:
-                    done.blocks[target.name] = out["blocks"]
-                if out["damp"] != config.percdamp:
-                    logger.warning("%s: GPTQ needed damping %.3g", target.name, out["damp"])
+            target, module = targets[(index, role)], stat.module
+            plan = plan_grid(config, module.in_features, types.get(target.name))
+            done.plans[target.name] = plan
+            if plan.grid is None:
+                continue
+            out = _gptq_module(module, stat.hessian(), config, plan)
+            done.packed[target.name], losses[target.name] = out["packed"], out["loss"]
+            if out["blocks"] is not None:
+                done.blocks[target.name] = out["blocks"]
+            if out["damp"] != config.percdamp:
+                logger.warning("%s: GPTQ needed damping %.3g", target.name, out["damp"])
 
+    awq, phases = _awq_phase(model, config)
+    roles = sorted({t.role for t in decoder})
     result = run_sequential(
-        model, blocks, process, roles=collect, collect="hessian", true_sequential=config.true_sequential,
-        batch_size=config.batch_size, description="GPTQ",
+        model, blocks, [*phases, Phase(process, roles=roles)], collect="hessian",
+        true_sequential=config.true_sequential, batch_size=config.batch_size,
+        description="AWQ + GPTQ" if awq else "GPTQ",
     )  # fmt: skip
-    return done, losses, result.seconds
+    return done, losses, result.seconds, awq
 
 
 def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
@@ -161,7 +170,7 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     types = target_types(loaded.model, config, targets, "quant.gptq")
     decoder = [t for t in targets if t.layer is not None]
     blocks = ctx.calibration()[: config.max_blocks]
-    quantized, losses, calib_seconds = _run_gptq(loaded.model, blocks, decoder, config, types)
+    quantized, losses, calib_seconds, awq = _run_gptq(loaded.model, blocks, decoder, config, types)
     extra = rtn_targets([t for t in targets if t.layer is None], config, types)
     quantized.update(extra)
     calibration = calibration_label(*blocks.shape)
@@ -176,8 +185,13 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
         "loss_total": sum(losses.values()), "largest_losses": {name: losses[name] for name in worst},
         "rtn_modules": sorted(extra.plans), "seconds": time.perf_counter() - start, "calibration_seconds": calib_seconds,
     }  # fmt: skip
-    return PassReport(loaded=loaded, summary=summary_line("gptq", config, done, notes), details=details,
-                      packed_layers=packed_layers)  # fmt: skip
+    summary = summary_line("gptq", config, done, notes)
+    if awq is not None:  # the step also did what a quant.awq step reports
+        update_state(loaded, awq=AwqScaling(grid=config.grid_label, clip=awq.config.clip))
+        details["awq"] = {"scales": scales_summary(awq.log), "notes": awq.notes,
+                          "blocks": config.awq_blocks or int(blocks.shape[0])}  # fmt: skip
+        summary += f"; awq first: {awq.summary()}"
+    return PassReport(loaded=loaded, summary=summary, details=details, packed_layers=packed_layers)
 
 
 PASS = PassSpec(name="quant.gptq", config=GptqConfig, apply=apply, needs_calibration=True, doc=__doc__ or "")
