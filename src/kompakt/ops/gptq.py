@@ -25,7 +25,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,6 +46,8 @@ class GPTQResult:
     damp: the relative damping used (percdamp, or more after a failed Cholesky).
     stored: [out, n_groups, k], the groups' GroupParams.stored (the exact header bytes a
         K-quant packer needs, `KQuantGrid.pack`), or None for grids without it.
+    row_loss: [out], the loss of each output row (rows are independent in GPTQ, so the rows of
+        several weights sharing one Hessian and grid can be solved as one stacked weight).
     """
 
     weight: torch.Tensor
@@ -57,6 +59,18 @@ class GPTQResult:
     perm: torch.Tensor | None
     damp: float
     stored: torch.Tensor | None = None
+    row_loss: torch.Tensor | None = None
+
+    def rows(self, start: int, end: int) -> GPTQResult:
+        """The result of output rows [start, end) alone (one weight of a stacked solve)."""
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:end]
+
+        row_loss = cut(self.row_loss)
+        return replace(self, weight=self.weight[start:end], codes=self.codes[start:end], scales=self.scales[start:end],
+                       zeros=cut(self.zeros), stored=cut(self.stored), row_loss=row_loss,
+                       loss=float(row_loss.sum()) if row_loss is not None else self.loss)  # fmt: skip
 
 
 def gptq_quantize(
@@ -123,9 +137,9 @@ class _State:
             self.deq[:, i1 + i] = deq[:, 0]
             pivot = hinv1[i, i]
             err = (col - deq) / pivot  # [out, 1]
-            self.losses += err[:, 0].square() / 2
             w1[:, i:] -= err * hinv1[i : i + 1, i:]
             err1[:, i : i + 1] = err
+        self.losses += err1.square().sum(1) / 2  # once per block: the loop's ops are its cost
         self.w[:, i2:] -= err1 @ self.hinv[i1:i2, i2:]
 
     def _fit_group(self, gid: int, i1: int, err_done: torch.Tensor) -> GroupParams:
@@ -152,4 +166,5 @@ class _State:
             perm=perm,
             damp=damp,
             stored=stored,
+            row_loss=self.losses,
         )
