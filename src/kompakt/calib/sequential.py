@@ -19,8 +19,16 @@ group has seen its input (hooks raise a stop signal), so the extra runs cost les
 layer each. With `true_sequential=False` all Linears are processed together from the layer's
 inputs (one statistics run per layer; Wanda's reference behaviour).
 
+Linears that receive the very same tensor (q, k, v after one norm; gate and up) share one
+accumulation of their statistics. Several `Phase`s may run per layer before its outputs move on
+(AWQ scaling every group, then GPTQ quantizing them: one capture and one propagation for both).
+The layer runs reuse the attention's and MLP's inner results while only their last Linear changed
+(`kompakt.calib.layer_cache`: checked, bit-identical), so a GPTQ layer computes its attention once
+per batch and its gate/up once, not four and three times.
+
 Memory: one layer's inputs and outputs, n × len × hidden each (128 × 512 × 576 fp32 ≈ 150 MB
-for SmolLM2-135M), plus the statistics of one group (an in × in Hessian per Linear).
+for SmolLM2-135M), the layer caches (about 5 × that), plus the statistics of one group (an
+in × in Hessian per Linear).
 """
 
 from __future__ import annotations

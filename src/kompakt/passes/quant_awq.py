@@ -25,7 +25,8 @@ float weights slightly (that is its point).
 
 AWQ only rescales (and clips): it does not quantize. Put `quant.rtn` or `quant.gptq` after it
 with the same grid (bits / group_size / symmetric / format): the search optimises for that grid,
-and the quant step warns when the grids differ. It runs layer by layer through
+and the quant step warns when the grids differ. Before GPTQ, `quant.gptq: {awq: true}` does both
+in one calibration run (about half the time; `AwqScaler` is its first phase). It runs layer by layer through
 `kompakt.calib.run_sequential` on the float model (as the reference does), so it composes with
 either quantizer. Use it at 4 bits and below, especially before RTN or on a GGUF grid.
 

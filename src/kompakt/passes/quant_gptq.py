@@ -11,7 +11,20 @@ quantized layers before it, and within a layer {q,k,v}, o, {gate,up}, down are q
 after another (`true_sequential`), each on inputs produced by the already quantized ones.
 
 Use it for 4 and 3 bits (clearly better than RTN there); at 8 bits RTN is as good and instant.
-Combine with `quant.awq` as a step before it (AWQ rescales, GPTQ quantizes). Grid options,
+Linears that read the same tensor and get the same grid (q, k, v; gate, up) share one Hessian and
+are solved as one weight with their rows stacked (GPTQ's rows are independent: same result, one
+Cholesky and one column loop).
+
+With AWQ (Lin et al. 2023, `kompakt.passes.quant_awq`): `awq: true` runs AWQ's scale and
+clipping search (quant.awq's defaults, on this step's grid) inside the same calibration run, as
+llm-compressor's sequential pipeline runs its modifiers on one capture: per layer, AWQ first
+scales all groups on their float weights (phase 1), then GPTQ quantizes them true-sequentially
+(phase 2), and the layer's outputs are propagated once. Layer 0 comes out bit-identical to a
+`quant.awq` step followed by a `quant.gptq` step; from layer 1 on AWQ sees the outputs of the
+already quantized layers before it (the inputs the layer will have) where the separate AWQ step
+saw the float model's. About half the time of the two steps; the report carries AWQ's scaling
+summary (`details.awq`). `awq_blocks` limits AWQ's statistics to the first blocks (whole
+batches). The two-step form stays valid (e.g. AWQ before RTN). Grid options,
 modules, the group-size fallback (576 with 128 → 64, reported) and what is left on the model
 for storage / export are those of `quant.rtn` (see kompakt.passes.quant_common); with
 `format:` a GGUF type GPTQ chooses values exactly on llama.cpp's grid of that type, and with
@@ -24,8 +37,7 @@ Sample recipe steps::
 
     - quant.gptq: {bits: 4, group_size: 64}
     - quant.gptq: {format: q4_0, act_order: true}
-    - quant.awq: {bits: 3, group_size: 64}
-    - quant.gptq: {bits: 3, group_size: 64}
+    - quant.gptq: {format: q4_0, awq: true, awq_blocks: 16}
 """
 
 from __future__ import annotations
@@ -157,7 +169,7 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
             done.plans[target.name] = plan
             if plan.grid is not None:
                 shared.setdefault((id(stat.hessian_acc), plan.grid), []).append((target, stat.module))
-        for (_, grid), members in shared.items():
+        for members in shared.values():
             plan = done.plans[members[0][0].name]
             hessian = stats[members[0][0].role].hessian()
             for (target, _), out in zip(members, _gptq_stacked([m for _, m in members], hessian, config, plan)):
