@@ -18,8 +18,11 @@ runs the submodule for real and records again. That "output = last Linear's outp
 checked once per submodule class on a real run (the returned tensor *is* the Linear's output);
 a family whose attention post-processes its o_proj output never gets substituted.
 
-Memory: the recorded input and z (u) of every calibration batch of the current layer (for
-SmolLM2-135M at 128 × 512 tokens: 150 MB each for hidden-size tensors, 400 MB for u).
+The last Linear's output is kept too while that Linear is unchanged (o_proj's output is read by
+the gate/up run, the down run and the propagation).
+
+Memory: the recorded input, z (u) and output of every calibration batch of the current layer
+(for SmolLM2-135M at 128 × 512 tokens: 150 MB for each hidden-size tensor, 400 MB for u).
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class LastLinearCache:
         self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (parent input, last input)
         self.batch = 0
         self.blocked = False  # a Linear inside the parent (other than `last`) is being observed
+        self.last_observed = False  # `last` itself is: it must run (its hooks record its input)
+        self.outputs: dict[int, torch.Tensor] = {}  # batch -> last(z), while last is unchanged
+        self.last_snapshot: list[torch.Tensor] | None = None
         self._pending: torch.Tensor | None = None  # the parent input of the real run in progress
         self._last_out: torch.Tensor | None = None
         self._real = parent.forward
@@ -77,12 +83,25 @@ class LastLinearCache:
     def _params_unchanged(self) -> bool:
         return self.snapshot is not None and all(torch.equal(p, s) for p, s in zip(self.others, self.snapshot))
 
+    def _last_output(self, z: torch.Tensor) -> torch.Tensor:
+        """last(z), computed once per batch while `last` is unchanged (o_proj's output is needed
+        by the gate/up run, the down run and the propagation)."""
+        if self.last_observed:
+            return self.last(z)
+        params = list(self.last.parameters())
+        if self.last_snapshot is None or not all(torch.equal(p, s) for p, s in zip(params, self.last_snapshot)):
+            self.outputs.clear()
+            self.last_snapshot = [p.detach().clone() for p in params]
+        if self.batch not in self.outputs:
+            self.outputs[self.batch] = self.last(z)
+        return self.outputs[self.batch].clone()  # the layer may change what it gets in place
+
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = _first_tensor(args, kwargs)
         entry = self.entries.get(self.batch)
         arity = self.verified.get(type(self.parent), -1)
         if arity >= 0 and not self.blocked and entry is not None and torch.equal(entry[0], hidden) and self._params_unchanged():
-            out = self.last(entry[1])
+            out = self._last_output(entry[1])
             return (out, *([None] * (arity - 1))) if arity else out
         self._pending, self._last_out = hidden, None
         try:
@@ -98,8 +117,10 @@ class LastLinearCache:
             return
         if not self._params_unchanged():  # entries of other batches were made with other weights
             self.entries.clear()
+            self.outputs.clear()
             self.snapshot = [p.detach().clone() for p in self.others]
         self.entries[self.batch] = (self._pending.detach(), args[0].detach())
+        self.outputs.pop(self.batch, None)
 
     def _seen(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._last_out = output
@@ -136,6 +157,7 @@ class LayerCaches:
         for cache in self.caches:
             inner = {id(module) for module in cache.parent.modules()} - {id(cache.last)}
             cache.blocked = bool(wanted & inner)
+            cache.last_observed = id(cache.last) in wanted
 
     @contextmanager
     def installed(self) -> Iterator[LayerCaches]:
