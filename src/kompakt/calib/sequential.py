@@ -138,11 +138,13 @@ class Phase:
         process: called once per group, as `run_sequential`'s `process`.
         roles: the Linear roles of this phase (None: the driver's `roles`).
         max_batches: statistics from at most this many calibration batches (None: all).
+        true_sequential: this phase's grouping (None: the driver's `true_sequential`).
     """
 
     process: ProcessFn
     roles: Sequence[str] | None = None
     max_batches: int | None = None
+    true_sequential: bool | None = None
 
 
 @dataclass
@@ -296,7 +298,8 @@ def run_sequential(
             with LayerCaches(layer, spec, verified).installed() as caches:
                 for phase in phases:
                     run = _Run(spec, index, layer, captured, inputs[: phase.max_batches], caches, collect, hessian_dtype)
-                    run.groups(phase.roles if phase.roles is not None else roles, true_sequential, phase.process)
+                    grouping = true_sequential if phase.true_sequential is None else phase.true_sequential
+                    run.groups(phase.roles if phase.roles is not None else roles, grouping, phase.process)
                 inputs = run_layer(layer, index, captured, inputs, caches.batch)  # the next layer's inputs
             logger.debug("layer %d calibrated", index)
             progress.advance(task)

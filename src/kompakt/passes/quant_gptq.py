@@ -152,7 +152,7 @@ def _awq_phase(model: nn.Module, config: GptqConfig) -> tuple[AwqScaler | None, 
     grid.validate()
     scaler = AwqScaler(model, grid)
     batches = None if config.awq_blocks is None else -(-config.awq_blocks // config.batch_size)
-    return scaler, [Phase(scaler.process, roles=None, max_batches=batches)]
+    return scaler, [Phase(scaler.process, roles=None, max_batches=batches, true_sequential=True)]  # as quant.awq
 
 
 def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], config: GptqConfig,
