@@ -59,7 +59,9 @@ ROWS = [  # the rows the issue's goals need first, the rest after
     ("RTN q4_0 (= llama.cpp Q4_0 rounding)", [("quant.rtn", Q40)]),
     ("GPTQ q4_0", [("quant.gptq", Q40)]),
     ("AWQ+GPTQ q4_0", [("quant.awq", Q40), ("quant.gptq", Q40)]),
+    ("AWQ+GPTQ q4_0 one run", [("quant.gptq", {**Q40, "awq": True})]),
     ("AWQ+GPTQ W4 g64 sym", [("quant.awq", W4), ("quant.gptq", W4)]),
+    ("AWQ+GPTQ W4 g64 sym one run", [("quant.gptq", {**W4, "awq": True})]),
     ("AWQ+RTN W4 g64 sym", [("quant.awq", W4), ("quant.rtn", W4)]),
 ]
 KEEP = "AWQ+GPTQ q4_0"
@@ -67,18 +69,18 @@ KEEP_DIR = Path.home() / ".cache" / "kompakt" / "bench" / "awq-gptq-q4_0"  # sav
 ANCHORS = {"RTN W4 g64 sym": 41.05, "llm-compressor GPTQ W4 g64 sym": 37.90, "original": 29.53}
 
 
-def calibration_blocks(tokenizer, n_blocks: int, block_len: int = 512) -> torch.Tensor:
+def calibration_blocks(tokenizer, n_blocks: int, block_len: int = 512, data: Path = DATA) -> torch.Tensor:
     from kompakt.data import sample_blocks, tokenize_texts
 
-    text = (DATA / "wiki.valid.tokens").read_text(encoding="utf-8").replace(" <unk>", "")
+    text = (data / "wiki.valid.tokens").read_text(encoding="utf-8").replace(" <unk>", "")
     ids = tokenize_texts([text], tokenizer)
     return sample_blocks(ids, n_blocks, block_len, seed=0)
 
 
-def evaluation_ids(tokenizer) -> torch.Tensor:
+def evaluation_ids(tokenizer, data: Path = DATA) -> torch.Tensor:
     from kompakt.data import tokenize_texts
 
-    return tokenize_texts([(DATA / "wiki.test.raw").read_text(encoding="utf-8")], tokenizer)
+    return tokenize_texts([(data / "wiki.test.raw").read_text(encoding="utf-8")], tokenizer)
 
 
 def run_steps(original, steps, calib: torch.Tensor, done: dict):
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--calib-blocks", type=int, default=128, help="calibration blocks of 512 tokens")
     parser.add_argument("--only", action="append", help="row label to run (repeatable); default all")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--data", type=Path, default=DATA, help="the WikiText-2 directory (default ../shared/data/wikitext2)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quant.json")
     parser.add_argument("--merge", action="store_true", help="keep the other rows already in --out (same protocol)")
     parser.add_argument("--keep-dir", type=Path, default=KEEP_DIR, help=f"where the {KEEP} model is saved")
@@ -138,8 +141,8 @@ def main() -> None:
     from kompakt.model.load import load
 
     original = load(args.model)
-    calib = calibration_blocks(original.tokenizer, args.calib_blocks)
-    ids = evaluation_ids(original.tokenizer)
+    calib = calibration_blocks(original.tokenizer, args.calib_blocks, data=args.data)
+    ids = evaluation_ids(original.tokenizer, data=args.data)
     start = time.perf_counter()
     results = ResultsFile(args.out, header(args), args.merge)
     base = results.previous_row("original fp32") if args.merge else None  # same protocol: reuse

@@ -71,14 +71,16 @@ def test_gentlest_format_that_reaches_the_factor_comes_first():
 def test_four_bit_is_awq_plus_gptq_on_the_export_grid_with_q8_backoff():
     plan = make_plan(parse_target("size=2.5x"), facts(), DataSpec(), None)
     first, backoff = plan.attempts
-    assert names(first) == ["quant.awq", "quant.gptq"] and first.steps[1].config["format"] == "q4_0"
+    assert names(first) == ["quant.gptq"] and first.steps[0].config["format"] == "q4_0"
+    assert first.steps[0].config["awq"] and first.steps[0].config["awq_blocks"] == 16  # AWQ in the same run
     assert backoff.steps[0].config == {"format": "q8_0"} and not backoff.meets_target
     assert plan.export_type == "q4_0"
 
 
 def test_unreachable_within_floor_keeps_quantization_and_says_why():
     plan = make_plan(parse_target("size=4x,max-kl=0.15"), facts(skip_kl=0.05), DataSpec(), None)
-    assert [names(a) for a in plan.attempts] == [["quant.awq", "quant.gptq"], ["quant.rtn"]]  # q4_0, back-off q8_0
+    assert [names(a) for a in plan.attempts] == [["quant.gptq"], ["quant.rtn"]]  # q4_0 (+ AWQ), back-off q8_0
+    assert plan.attempts[0].steps[0].config["awq"]
     assert not plan.attempts[0].meets_target
     assert any("not attempted" in c and "predicts KL" in c for c in plan.choices)
     assert any("not reachable" in c for c in plan.choices)
@@ -87,9 +89,9 @@ def test_unreachable_within_floor_keeps_quantization_and_says_why():
 def test_cheap_layers_are_pruned_healed_then_quantized():
     plan = make_plan(parse_target("size=4x,max-kl=0.5"), facts(skip_kl=0.005, quant_kl=0.001), DataSpec(), None)
     first = plan.attempts[0]
-    assert names(first)[0] == "prune.depth" and names(first)[-2:] == ["quant.awq", "quant.gptq"]
+    assert names(first)[0] == "prune.depth" and names(first)[-1] == "quant.gptq" and first.steps[-1].config["awq"]
     assert first.meets_target and first.size_factor >= 4.0
-    assert names(plan.attempts[1]) == ["quant.awq", "quant.gptq"]  # the back-off: no pruning
+    assert names(plan.attempts[1]) == ["quant.gptq"]  # the back-off: no pruning
 
 
 def test_half_the_model_is_never_removed_for_size():

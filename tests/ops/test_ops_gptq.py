@@ -88,3 +88,16 @@ def test_lazy_blocks_do_not_change_the_result(layer_factory, act_order):
         )
         assert torch.equal(lazy.codes, other.codes)
         assert torch.allclose(lazy.scales, other.scales, rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_rows_solve_like_separate_weights(layer):
+    """GPTQ treats output rows independently: Linears sharing a Hessian are solved stacked."""
+    grid = QuantGrid(4, 32, symmetric=True)
+    top, bottom = layer.weight[:40], layer.weight[40:]
+    stacked = gptq_quantize(torch.cat([top, bottom]), layer.hessian, grid, act_order=True)
+    for rows, weight in ((slice(0, 40), top), (slice(40, None), bottom)):
+        alone = gptq_quantize(weight, layer.hessian, grid, act_order=True)
+        part = stacked.rows(rows.start, rows.stop or layer.weight.shape[0])
+        assert torch.equal(part.weight, alone.weight) and torch.equal(part.codes, alone.codes)
+        assert torch.equal(part.scales, alone.scales)
+        assert part.loss == pytest.approx(alone.loss, rel=1e-5)

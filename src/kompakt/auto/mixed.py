@@ -99,8 +99,13 @@ def mixed_steps(allocation: Allocation, facts: ModelFacts, blocks: int, with_awq
     recorded = {**config, "types_source": SOURCE}  # the steps that record the types say where they came from
     if all(t == "q8_0" for t in quantized.values()):
         return [Step("quant.rtn", recorded)]  # 8-bit rounding is near-lossless: no calibration needed
-    steps = [Step("quant.awq", {**config, "max_blocks": min(blocks, AWQ_MAX_BLOCKS)})] if with_awq else []
-    return steps + [Step("quant.gptq", {**recorded, "max_blocks": blocks})]
+    return [Step("quant.gptq", {**recorded, "max_blocks": blocks, **awq_options(blocks, with_awq)})]
+
+
+def awq_options(blocks: int, with_awq: bool) -> dict:
+    """AWQ inside the GPTQ step: one calibration run for both (quant.gptq `awq`), AWQ's
+    statistics from at most AWQ_MAX_BLOCKS blocks."""
+    return {"awq": True, "awq_blocks": min(blocks, AWQ_MAX_BLOCKS)} if with_awq else {}
 
 
 def fixed_bytes(facts: ModelFacts, data, steps: list[Step] | None = None) -> int:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from kompakt.errors import ConfigError
 from kompakt.auto.embedding import beyond_layers, embedding_line
 from kompakt.auto.facts import ModelFacts
-from kompakt.auto.mixed import PREDICTION_MARGIN, allocations, file_bytes, has_costs, mixed_steps, summary, fewest_bytes_within
+from kompakt.auto.mixed import PREDICTION_MARGIN, allocations, awq_options, file_bytes, has_costs, mixed_steps, summary, fewest_bytes_within
 from kompakt.auto.predict import quant_kl
 from kompakt.ops.ggml_types import QUANT_TYPES
 from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
@@ -150,10 +150,11 @@ def steps_text(steps: list[Step]) -> str:
     groups: list[tuple[list[str], str]] = []
     for step in steps:
         detail = _step_detail(step)
+        names = ["quant.awq", step.name] if step.config.get("awq") else [step.name]  # AWQ inside GPTQ
         if groups and detail and groups[-1][1] == detail:
-            groups[-1][0].append(step.name)
+            groups[-1][0].extend(names)
         else:
-            groups.append(([step.name], detail))
+            groups.append((names, detail))
     return " → ".join(f"{' + '.join(names)} {detail}".strip() for names, detail in groups) or "no steps"
 
 
@@ -162,8 +163,11 @@ def _quant_steps(fmt: str, blocks: int, with_awq: bool) -> list[Step]:
         config = {"format": "q8_0"} if fmt == "q8_0" else {"bits": 8, "group_size": None}
         return [Step("quant.rtn", config)]  # 8-bit rounding is near-lossless: no calibration needed
     config = {"format": "q4_0"} if fmt == "q4_0" else {"bits": 4, "group_size": 64, "symmetric": True}
-    steps = [Step("quant.awq", {**config, "max_blocks": min(blocks, 16)})] if with_awq else []
-    return steps + [Step("quant.gptq", {**config, "max_blocks": blocks})]
+    return [Step("quant.gptq", {**config, "max_blocks": blocks, **awq_options(blocks, with_awq)})]
+
+
+def with_awq_of(steps: list[Step]) -> bool:
+    return any(s.name == "quant.awq" or s.config.get("awq") for s in steps)
 
 
 def _kd_step(tokens: int) -> Step | None:
@@ -181,7 +185,8 @@ def _step_seconds(step: Step, facts: ModelFacts, data: DataSpec) -> float:
     blocks = step.config.get("max_blocks") or data.calibration_blocks
     forwards = COST_FORWARDS.get(step.name, 2.0)
     tps = facts.calibration_tps if step.name in DECODER_ONLY else facts.forward_tps
-    return forwards * min(tokens, blocks * data.block_len) / tps
+    awq = step.config.get("awq") and _step_seconds(Step("quant.awq", {"max_blocks": step.config.get("awq_blocks")}), facts, data)
+    return forwards * min(tokens, blocks * data.block_len) / tps + (awq or 0.0)
 
 
 def eval_seconds(facts: ModelFacts, data: DataSpec) -> float:
@@ -293,7 +298,7 @@ def reallocated(plan: Plan, index: int, measured_kl: float) -> Attempt | None:
     if later.label.endswith("(re-allocated)"):  # a rerun following its saved plan: done already
         return None
     ratio = measured_kl / attempt.predicted_kl
-    with_awq = any(s.name == "quant.awq" for s in attempt.steps)
+    with_awq = with_awq_of(attempt.steps)
     method = "quant.awq+quant.gptq" if with_awq else "quant.gptq"
     allocation = fewest_bytes_within(facts, plan.data, method, PREDICTION_MARGIN * floor / ratio)
     steps = mixed_steps(allocation, facts, plan.data.calibration_blocks, with_awq)

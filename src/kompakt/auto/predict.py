@@ -39,7 +39,7 @@ EIGHT_BIT = 1 / 256
 
 def _method(steps: list[Step]) -> tuple[str, int] | None:
     """(method, bits) of the attempt's quantization steps, None when it does not quantize."""
-    names = [s.name for s in steps if s.name.startswith("quant.")]
+    names = [n for s in steps if s.name.startswith("quant.") for n in ["quant.awq"] * bool(s.config.get("awq")) + [s.name]]
     if not names:
         return None
     last = steps[[s.name for s in steps].index(names[-1])].config

@@ -11,6 +11,7 @@ from kompakt.calib.capture import CapturedInputs, LayerCall, capture_layer_input
 from kompakt.calib.sequential import (
     SEQUENTIAL_GROUPS,
     LayerStats,
+    Phase,
     ProcessFn,
     SequentialResult,
     collect_stats,
@@ -25,6 +26,7 @@ __all__ = [
     "LayerCall",
     "LayerStats",
     "LinearStats",
+    "Phase",
     "ProcessFn",
     "SequentialResult",
     "capture_layer_inputs",

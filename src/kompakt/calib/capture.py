@@ -14,7 +14,8 @@ inside the model's forward, so they are captured with forward pre-hooks:
   [batch, 1, len, len]), never on the token values (no padding: every block is full). So for
   the first batch of each distinct shape (at most two: full batches and a smaller last one)
   the forward runs through all layers with a pre-hook on each recording its kwargs, and
-  stops at the last layer's pre-hook. Layers of one type share the same mask / cos-sin
+  stops at the last layer's pre-hook; the layers themselves are replaced by a pass-through
+  meanwhile (their outputs are not needed), so this costs no layer computation. Layers of one type share the same mask / cos-sin
   tensor objects, so storing a reference per layer costs no memory. Capturing kwargs at every
   layer for every batch instead would hold one mask per batch per layer type; deriving them
   from `config.layer_types` would put architecture knowledge here.
@@ -24,6 +25,7 @@ This is generic: no family is named; whatever the layers receive is replayed ver
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +111,8 @@ def capture_layer_inputs(model: nn.Module, blocks: torch.Tensor, *, batch_size: 
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for layer in layers:  # while kwargs are recorded the layers pass their input on uncomputed
+        layer.forward = _pass_through
     try:
         for batch in blocks.split(batch_size):
             state["key"] = tuple(batch.shape[:2])
@@ -120,9 +124,18 @@ def capture_layer_inputs(model: nn.Module, blocks: torch.Tensor, *, batch_size: 
             except _StopForward:
                 pass
     finally:
+        for layer in layers:
+            del layer.forward
         for handle in handles:
             handle.remove()
     return CapturedInputs(hidden=hidden, calls=calls)
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """A decoder layer's stand-in while the call arguments of every layer are recorded: what the
+    layers receive besides the hidden states (masks, rotary tables) is built by the model before
+    its layer loop, so their outputs are not needed and a full forward per batch shape is saved."""
+    return _hidden_arg(args, kwargs)[0]
 
 
 def layer_output(output: Any) -> torch.Tensor:
@@ -132,11 +145,18 @@ def layer_output(output: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def run_layer(
-    layer: nn.Module, layer_index: int, captured: CapturedInputs, inputs: list[torch.Tensor]
+    layer: nn.Module,
+    layer_index: int,
+    captured: CapturedInputs,
+    inputs: list[torch.Tensor],
+    before: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
-    """Run decoder layer `layer_index` alone on every batch of `inputs`; its outputs per batch."""
+    """Run decoder layer `layer_index` alone on every batch of `inputs`; its outputs per batch.
+    `before(i)` is called before batch i (the driver's layer caches key their records by it)."""
     outputs = []
-    for states in inputs:
+    for batch, states in enumerate(inputs):
+        if before is not None:
+            before(batch)
         call = captured.call_for(layer_index, states)
         outputs.append(layer_output(layer(states, *call.args, **call.kwargs)))
     return outputs

@@ -19,8 +19,16 @@ group has seen its input (hooks raise a stop signal), so the extra runs cost les
 layer each. With `true_sequential=False` all Linears are processed together from the layer's
 inputs (one statistics run per layer; Wanda's reference behaviour).
 
+Linears that receive the very same tensor (q, k, v after one norm; gate and up) share one
+accumulation of their statistics. Several `Phase`s may run per layer before its outputs move on
+(AWQ scaling every group, then GPTQ quantizing them: one capture and one propagation for both).
+The layer runs reuse the attention's and MLP's inner results while only their last Linear changed
+(`kompakt.calib.layer_cache`: checked, bit-identical), so a GPTQ layer computes its attention once
+per batch and its gate/up once, not four and three times.
+
 Memory: one layer's inputs and outputs, n × len × hidden each (128 × 512 × 576 fp32 ≈ 150 MB
-for SmolLM2-135M), plus the statistics of one group (an in × in Hessian per Linear).
+for SmolLM2-135M), the layer caches (about 5 × that), plus the statistics of one group (an
+in × in Hessian per Linear).
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ import torch
 from torch import nn
 
 from kompakt.calib.capture import CapturedInputs, _StopForward, capture_layer_inputs, run_layer
+from kompakt.calib.layer_cache import LayerCaches
 from kompakt.calib.stats import LinearStats, collect_kinds
-from kompakt.model.arch import arch_for, decoder_layers, linear_modules
+from kompakt.model.arch import ArchSpec, arch_for, decoder_layers, linear_modules
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +126,27 @@ class LayerStats:
 ProcessFn = Callable[[int, nn.Module, LayerStats], None]
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One sweep over a layer's groups, several of which run per layer before its outputs move on.
+
+    AWQ before GPTQ in one step is two phases: AWQ scales every group of the layer on its float
+    weights, then GPTQ quantizes them group by group; the layer's inputs are captured and its
+    outputs propagated once for both.
+
+    Attributes:
+        process: called once per group, as `run_sequential`'s `process`.
+        roles: the Linear roles of this phase (None: the driver's `roles`).
+        max_batches: statistics from at most this many calibration batches (None: all).
+        true_sequential: this phase's grouping (None: the driver's `true_sequential`).
+    """
+
+    process: ProcessFn
+    roles: Sequence[str] | None = None
+    max_batches: int | None = None
+    true_sequential: bool | None = None
+
+
 @dataclass
 class SequentialResult:
     """outputs: the last decoder layer's outputs per batch (before the final norm);
@@ -137,37 +167,84 @@ def collect_stats(
     *,
     collect: str | Iterable[str] = "hessian",
     hessian_dtype: torch.dtype = torch.float32,
+    caches: LayerCaches | None = None,
 ) -> dict[str, LinearStats]:
     """Run `layer` on every batch of `inputs` with pre-hooks on `modules` accumulating their inputs.
 
     Each batch stops as soon as every module has seen its input (no wasted compute after).
+    Linears that receive the very same tensor (q, k, v of one pre-norm; gate and up) share one
+    accumulation (`LinearStats.alias`): their Hessians are equal, so it is computed once.
+    `caches`: the layer's caches (kompakt.calib.layer_cache), told which batch runs.
     """
     kinds = collect_kinds(collect)
     stats = {role: LinearStats.create(role, module, kinds, hessian_dtype) for role, module in modules.items()}
-    seen: set[str] = set()
+    seen: dict[str, torch.Tensor] = {}  # role -> its input in the batch being run
+    alias: dict[str, str] = {}  # role -> the role whose statistics it shares
+    first = [True]
 
     def make_hook(role: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            stats[role].add(args[0])
-            seen.add(role)
+            x = args[0]
+            source = next((r for r, t in seen.items() if t is x), None)
+            if first[0] and source is not None:
+                alias[role] = source
+            if alias.get(role) != source:
+                raise RuntimeError(f"{role} shares its input with {source} in one batch only")
+            if source is None:
+                stats[role].add(x)
+            seen[role] = x
             if len(seen) == len(stats):
                 raise _StopForward
 
         return hook
 
     handles = [module.register_forward_pre_hook(make_hook(role)) for role, module in modules.items()]
+    if caches is not None:
+        caches.observe(modules.values())
     try:
-        for states in inputs:
+        for batch, states in enumerate(inputs):
             seen.clear()
+            if caches is not None:
+                caches.batch(batch)
             call = captured.call_for(index, states)
             try:
                 layer(states, *call.args, **call.kwargs)
             except _StopForward:
                 pass
+            first[0] = False
     finally:
         for handle in handles:
             handle.remove()
+        if caches is not None:
+            caches.observe(())
+    for role, source in alias.items():
+        stats[role] = stats[source].alias(role, modules[role])
     return stats
+
+
+@dataclass
+class _Run:
+    """One phase on one layer: its groups' statistics and `process` calls."""
+
+    spec: ArchSpec
+    index: int
+    layer: nn.Module
+    captured: CapturedInputs
+    inputs: list[torch.Tensor]
+    caches: LayerCaches
+    collect: str | Iterable[str]
+    hessian_dtype: torch.dtype
+
+    def groups(self, roles: Sequence[str] | None, true_sequential: bool, process: ProcessFn) -> None:
+        linears = linear_modules(self.layer, self.spec)
+        selected = [role for role in linears if roles is None or role in roles]
+        groups = sequential_groups(selected, true_sequential)
+        for group_index, group in enumerate(groups):
+            modules = {role: linears[role] for role in group}
+            stats = collect_stats(self.layer, self.index, self.captured, self.inputs, modules, collect=self.collect,
+                                  hessian_dtype=self.hessian_dtype, caches=self.caches)  # fmt: skip
+            process(self.index, self.layer, LayerStats(self.index, self.layer, stats, group_index, len(groups),
+                                                       self.inputs, self.captured))  # fmt: skip
 
 
 def _progress(description: str, total: int):
@@ -180,7 +257,7 @@ def _progress(description: str, total: int):
 def run_sequential(
     model: nn.Module,
     blocks: torch.Tensor,
-    process: ProcessFn,
+    process: ProcessFn | Sequence[Phase],
     *,
     roles: Sequence[str] | None = None,
     collect: str | Iterable[str] = "hessian",
@@ -196,6 +273,7 @@ def run_sequential(
         blocks: calibration token ids [n_blocks, block_len].
         process: `process(layer_index, layer, stats)`; changes the Linears in `stats` in place.
             Called once per group (see `sequential_groups`) that has at least one selected role.
+            Or several `Phase`s, run one after another on every layer.
         roles: the Linear roles to collect and hand to `process` (default every Linear of the
             layer: "attn.q", ..., "mlp.down"); roles a family lacks are ignored.
         collect: "hessian", "norms" or "inputs", or several (norms are always collected).
@@ -210,22 +288,19 @@ def run_sequential(
     start = time.perf_counter()
     spec = arch_for(model)
     layers = decoder_layers(model)
+    phases = [Phase(process)] if callable(process) else list(process)
     captured = capture_layer_inputs(model, blocks, batch_size=batch_size)
     inputs = captured.hidden
+    verified: dict[type, int] = {}
     progress, task = _progress(description, len(layers))
     with progress:
         for index, layer in enumerate(layers):
-            linears = linear_modules(layer, spec)
-            selected = [role for role in linears if roles is None or role in roles]
-            groups = sequential_groups(selected, true_sequential)
-            for group_index, group in enumerate(groups):
-                modules = {role: linears[role] for role in group}
-                stats = collect_stats(
-                    layer, index, captured, inputs, modules, collect=collect, hessian_dtype=hessian_dtype
-                )
-                process(index, layer, LayerStats(index, layer, stats, group_index, len(groups), inputs, captured))
-                del stats
-            inputs = run_layer(layer, index, captured, inputs)  # the next layer's inputs
-            logger.debug("layer %d calibrated (%d groups)", index, len(groups))
+            with LayerCaches(layer, spec, verified).installed() as caches:
+                for phase in phases:
+                    run = _Run(spec, index, layer, captured, inputs[: phase.max_batches], caches, collect, hessian_dtype)
+                    grouping = true_sequential if phase.true_sequential is None else phase.true_sequential
+                    run.groups(phase.roles if phase.roles is not None else roles, grouping, phase.process)
+                inputs = run_layer(layer, index, captured, inputs, caches.batch)  # the next layer's inputs
+            logger.debug("layer %d calibrated", index)
             progress.advance(task)
     return SequentialResult(outputs=inputs, n_samples=captured.n_samples, seconds=time.perf_counter() - start)

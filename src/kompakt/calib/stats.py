@@ -10,7 +10,7 @@ What each calibration pass needs from a Linear's input X [samples, in]:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -75,6 +75,12 @@ class LinearStats:
             self.hessian_acc.add_batch(rows)
         if self.inputs is not None:
             self.inputs.append(x.detach())
+
+    def alias(self, role: str, module: nn.Linear) -> LinearStats:
+        """The statistics of another Linear that read the very same input tensor (k and v beside
+        q, up beside gate): the accumulators are shared, not copied, so a change made to one
+        (AWQ dividing the Gram by its scales) is seen by all of them once."""
+        return replace(self, role=role, module=module)
 
     def _require(self) -> None:
         if self.n_samples == 0 or self.sq_sum is None:

@@ -25,7 +25,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,6 +46,8 @@ class GPTQResult:
     damp: the relative damping used (percdamp, or more after a failed Cholesky).
     stored: [out, n_groups, k], the groups' GroupParams.stored (the exact header bytes a
         K-quant packer needs, `KQuantGrid.pack`), or None for grids without it.
+    row_loss: [out], the loss of each output row (rows are independent in GPTQ, so the rows of
+        several weights sharing one Hessian and grid can be solved as one stacked weight).
     """
 
     weight: torch.Tensor
@@ -57,6 +59,18 @@ class GPTQResult:
     perm: torch.Tensor | None
     damp: float
     stored: torch.Tensor | None = None
+    row_loss: torch.Tensor | None = None
+
+    def rows(self, start: int, end: int) -> GPTQResult:
+        """The result of output rows [start, end) alone (one weight of a stacked solve)."""
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:end]
+
+        row_loss = cut(self.row_loss)
+        return replace(self, weight=self.weight[start:end], codes=self.codes[start:end], scales=self.scales[start:end],
+                       zeros=cut(self.zeros), stored=cut(self.stored), row_loss=row_loss,
+                       loss=float(row_loss.sum()) if row_loss is not None else self.loss)  # fmt: skip
 
 
 def gptq_quantize(
@@ -107,25 +121,31 @@ class _State:
         self.column_at = (order % group).tolist()  # column within its group
 
     def run_block(self, i1: int, i2: int) -> None:
-        """Quantize positions [i1, i2); then apply the block's errors to all later columns."""
+        """Quantize positions [i1, i2); then apply the block's errors to all later columns.
+
+        The per-column results are collected in lists and written once per block: on CPU the
+        loop's cost is the number of tensor ops per column, not their arithmetic."""
         w1 = self.w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
         hinv1 = self.hinv[i1:i2, i1:i2]
+        codes, deqs, errs = [], [], []  # one [out, 1] column each
         for i in range(i2 - i1):
             gid = self.group_at[i1 + i]
             if gid not in self.params:
-                self.params[gid] = self._fit_group(gid, i1, err1[:, :i])
+                done = torch.cat(errs, dim=1) if errs else w1[:, :0]
+                self.params[gid] = self._fit_group(gid, i1, done)
             col = w1[:, i : i + 1]  # [out, 1]
             params = column_params(self.grid, self.params[gid], self.column_at[i1 + i])
             q = self.grid.encode(col, params)
             deq = self.grid.decode(q, params)
-            self.codes[:, i1 + i] = q[:, 0]
-            self.deq[:, i1 + i] = deq[:, 0]
-            pivot = hinv1[i, i]
-            err = (col - deq) / pivot  # [out, 1]
-            self.losses += err[:, 0].square() / 2
+            err = (col - deq) / hinv1[i, i]  # [out, 1]
             w1[:, i:] -= err * hinv1[i : i + 1, i:]
-            err1[:, i : i + 1] = err
+            codes.append(q)
+            deqs.append(deq)
+            errs.append(err)
+        err1 = torch.cat(errs, dim=1)  # [out, i2 - i1]
+        self.codes[:, i1:i2] = torch.cat(codes, dim=1)
+        self.deq[:, i1:i2] = torch.cat(deqs, dim=1)
+        self.losses += err1.square().sum(1) / 2
         self.w[:, i2:] -= err1 @ self.hinv[i1:i2, i2:]
 
     def _fit_group(self, gid: int, i1: int, err_done: torch.Tensor) -> GroupParams:
@@ -152,4 +172,5 @@ class _State:
             perm=perm,
             damp=damp,
             stored=stored,
+            row_loss=self.losses,
         )

@@ -25,7 +25,8 @@ float weights slightly (that is its point).
 
 AWQ only rescales (and clips): it does not quantize. Put `quant.rtn` or `quant.gptq` after it
 with the same grid (bits / group_size / symmetric / format): the search optimises for that grid,
-and the quant step warns when the grids differ. It runs layer by layer through
+and the quant step warns when the grids differ. Before GPTQ, `quant.gptq: {awq: true}` does both
+in one calibration run (about half the time; `AwqScaler` is its first phase). It runs layer by layer through
 `kompakt.calib.run_sequential` on the float model (as the reference does), so it composes with
 either quantizer. Use it at 4 bits and below, especially before RTN or on a GGUF grid.
 
@@ -128,8 +129,9 @@ def _rows(role: str, model: nn.Module) -> tuple[str, slice] | None:
     return None
 
 
-class _Awq:
-    """Per-layer scale search and folding; `process` is the sequential driver's callback."""
+class AwqScaler:
+    """Per-layer scale search and folding; `process` is the sequential driver's callback (also
+    the first phase of quant.gptq with `awq: true`)."""
 
     def __init__(self, model: nn.Module, config: AwqConfig) -> None:
         self.model, self.config, self.grid = model, config, config.grid()
@@ -213,9 +215,9 @@ class _Awq:
 
     @staticmethod
     def _scaled_gram(stats: LayerStats, s: torch.Tensor) -> None:
-        """The inputs are now x/s: keep the statistics consistent for the clipping search."""
-        for stat in stats.values():
-            acc = stat.hessian_acc
+        """The inputs are now x/s: keep the statistics consistent for the clipping search (once
+        per accumulator: Linears reading the same input share theirs)."""
+        for acc in {id(stat.hessian_acc): stat.hessian_acc for stat in stats.values()}.values():
             acc.sum_xxt.div_(torch.outer(s, s).to(acc.sum_xxt.dtype))
 
     def _scale_v_to_o(self, index: int, layer: nn.Module, stats: LayerStats) -> None:
@@ -257,6 +259,13 @@ class _Awq:
             return stand_in.fake_quantize
         return lambda w: rtn_weight(w, self.grid, plan)[0]
 
+    def summary(self) -> str:
+        """What the search did, for a step's summary line."""
+        scales = scales_summary(self.log)
+        text = (f"{scales['points']} scaling points, output error x{scales['error_ratio_mean']:.2f} on average"
+                f"{' + clipping' if self.config.clip else ''}")  # fmt: skip
+        return "; ".join([text, *self.notes])
+
     def _note(self, text: str) -> None:
         if text not in self.notes:
             logger.warning("quant.awq: %s", text)
@@ -268,23 +277,20 @@ def apply(ctx: PassContext, config: AwqConfig) -> PassReport:
     loaded = ctx.loaded
     ensure_not_quantized(loaded, "apply AWQ to")
     model = loaded.model
-    awq = _Awq(model, config)  # resolves the per-tensor types first: bad ones fail before any work
+    awq = AwqScaler(model, config)  # resolves the per-tensor types first: bad ones fail before any work
     blocks = ctx.calibration()[: config.max_blocks]
     run_sequential(model, blocks, awq.process, collect="hessian", true_sequential=True,
                    batch_size=config.batch_size, description="AWQ scale search")  # fmt: skip
     grid = config.grid().grid_label
     update_state(loaded, awq=AwqScaling(grid=grid, clip=config.clip))
-    scales = _scales_summary(awq.log)
-    summary = (f"awq for {grid}: {scales['points']} scaling points, output error x{scales['error_ratio_mean']:.2f} "
-               f"on average{' + clipping' if config.clip else ''}; quantize next with the same grid")  # fmt: skip
-    if awq.notes:
-        summary += "; " + "; ".join(awq.notes)
+    scales = scales_summary(awq.log)
+    summary = f"awq for {grid}: {awq.summary()}; quantize next with the same grid"
     details = {"grid": grid, "scales": scales, "notes": awq.notes, "calibration_blocks": list(blocks.shape),
                "seconds": time.perf_counter() - start}  # fmt: skip
     return PassReport(loaded=loaded, summary=summary, details=details)
 
 
-def _scales_summary(log: dict[str, Any]) -> dict[str, Any]:
+def scales_summary(log: dict[str, Any]) -> dict[str, Any]:
     """The scale search in a few numbers (lineage.jsonl holds one record per step, not per layer);
     the per-point values go to the debug log."""
     for point, found in log.items():

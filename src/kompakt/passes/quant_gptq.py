@@ -11,7 +11,20 @@ quantized layers before it, and within a layer {q,k,v}, o, {gate,up}, down are q
 after another (`true_sequential`), each on inputs produced by the already quantized ones.
 
 Use it for 4 and 3 bits (clearly better than RTN there); at 8 bits RTN is as good and instant.
-Combine with `quant.awq` as a step before it (AWQ rescales, GPTQ quantizes). Grid options,
+Linears that read the same tensor and get the same grid (q, k, v; gate, up) share one Hessian and
+are solved as one weight with their rows stacked (GPTQ's rows are independent: same result, one
+Cholesky and one column loop).
+
+With AWQ (Lin et al. 2023, `kompakt.passes.quant_awq`): `awq: true` runs AWQ's scale and
+clipping search (quant.awq's defaults, on this step's grid) inside the same calibration run, as
+llm-compressor's sequential pipeline runs its modifiers on one capture: per layer, AWQ first
+scales all groups on their float weights (phase 1), then GPTQ quantizes them true-sequentially
+(phase 2), and the layer's outputs are propagated once. Layer 0 comes out bit-identical to a
+`quant.awq` step followed by a `quant.gptq` step; from layer 1 on AWQ sees the outputs of the
+already quantized layers before it (the inputs the layer will have) where the separate AWQ step
+saw the float model's. About half the time of the two steps; the report carries AWQ's scaling
+summary (`details.awq`). `awq_blocks` limits AWQ's statistics to the first blocks (whole
+batches). The two-step form stays valid (e.g. AWQ before RTN). Grid options,
 modules, the group-size fallback (576 with 128 → 64, reported) and what is left on the model
 for storage / export are those of `quant.rtn` (see kompakt.passes.quant_common); with
 `format:` a GGUF type GPTQ chooses values exactly on llama.cpp's grid of that type, and with
@@ -24,8 +37,7 @@ Sample recipe steps::
 
     - quant.gptq: {bits: 4, group_size: 64}
     - quant.gptq: {format: q4_0, act_order: true}
-    - quant.awq: {bits: 3, group_size: 64}
-    - quant.gptq: {bits: 3, group_size: 64}
+    - quant.gptq: {format: q4_0, awq: true, awq_blocks: 16}
 """
 
 from __future__ import annotations
@@ -33,19 +45,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from kompakt.calib import LayerStats, run_sequential
+from kompakt.calib import LayerStats, Phase, run_sequential
 from kompakt.calib.threads import solver_threads
 from kompakt.errors import ConfigError
-from kompakt.model.arch import arch_for, linear_modules
+from kompakt.model.compression import AwqScaling, update_state
 from kompakt.model.gguf_blocks import GgufBlocks
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.quant_awq import AwqConfig, AwqScaler, scales_summary
 from kompakt.passes.quant_common import (
     NAMES_SHOWN,
     GridPlan,
@@ -80,25 +92,41 @@ class GptqConfig(QuantGridConfig):
     true_sequential: bool = field(default=True, metadata=_doc("quantize q/k/v, o, gate/up, down one after another"))
     max_blocks: int | None = field(default=None, metadata=_doc("use at most this many calibration blocks"))
     batch_size: int = field(default=8, metadata=_doc("calibration blocks per layer call"))
+    awq: bool = field(default=False, metadata=_doc("AWQ's scale and clipping search first, in the same calibration "
+                                                   "run (quant.awq's defaults, this step's grid)"))
+    awq_blocks: int | None = field(default=None, metadata=_doc("AWQ's statistics from at most this many blocks "
+                                                               "(whole batches; default all)"))
 
     def validate(self) -> None:
         self.validate_grid("quant.gptq")
+        if self.awq_blocks is not None and (self.awq_blocks < 1 or not self.awq):
+            raise ConfigError("quant.gptq: awq_blocks needs awq: true and must be at least 1")
         if self.percdamp < 0:
             raise ConfigError(f"quant.gptq: percdamp must be >= 0, got {self.percdamp}")
         if self.block_size < 1 or self.batch_size < 1 or (self.max_blocks is not None and self.max_blocks < 1):
             raise ConfigError("quant.gptq: block_size, batch_size and max_blocks must be at least 1")
 
 
-def _gptq_module(module: nn.Linear, hessian: torch.Tensor, config: GptqConfig, plan: GridPlan) -> dict[str, Any]:
-    weight = module.weight
-    with solver_threads(weight.device):
+def _gptq_stacked(modules: list[nn.Linear], hessian: torch.Tensor, config: GptqConfig, plan: GridPlan):
+    """GPTQ of Linears that share one Hessian and one grid (q, k, v; gate, up), solved as one
+    weight with their rows stacked: GPTQ treats rows independently, so this is the same result
+    with one Cholesky and one column loop instead of one per Linear (the loop's per-column
+    overhead is most of GPTQ's solve time on CPU). One dict per module, in order."""
+    stacked = torch.cat([module.weight.data for module in modules])
+    with solver_threads(stacked.device):
         result = gptq_quantize(
-            weight.data, hessian, plan.grid, block_size=config.block_size, percdamp=config.percdamp,
+            stacked, hessian, plan.grid, block_size=config.block_size, percdamp=config.percdamp,
             act_order=config.act_order,
         )  # fmt: skip
-    weight.data.copy_(result.weight.to(weight.dtype))
-    packed = packed_from(result.codes, result.scales, result.zeros, config, plan)
-    return {"loss": result.loss, "damp": result.damp, "packed": packed, "blocks": _exact_bytes(plan, result)}
+    outs, start = [], 0
+    for module in modules:
+        weight, end = module.weight, start + module.out_features
+        part = result.rows(start, end)
+        weight.data.copy_(part.weight.to(weight.dtype))
+        packed = packed_from(part.codes, part.scales, part.zeros, config, plan)
+        outs.append({"loss": part.loss, "damp": part.damp, "packed": packed, "blocks": _exact_bytes(plan, part)})
+        start = end
+    return outs
 
 
 def _exact_bytes(plan: GridPlan, result) -> GgufBlocks | None:
@@ -113,45 +141,51 @@ def _exact_bytes(plan: GridPlan, result) -> GgufBlocks | None:
     return GgufBlocks(plan.type, plan.grid.pack(result.codes, result.stored))
 
 
-# Linears that read the same tensor (the pre-norm's output) share one Hessian: it is collected
-# once, for the first role, instead of once per Linear (saves a quarter of the Hessian work).
-SHARED_INPUT = (("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up"))
-
-
-def _collector(role: str) -> str:
-    return next((group[0] for group in SHARED_INPUT if role in group), role)
+def _awq_phase(model: nn.Module, config: GptqConfig) -> tuple[AwqScaler | None, list[Phase]]:
+    """AWQ as the first phase of every layer (kompakt.calib.Phase): it scales all of the layer's
+    groups on their float weights, then GPTQ quantizes them, before the layer's outputs move on."""
+    if not config.awq:
+        return None, []
+    grid = AwqConfig(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
+                     format=config.format, tensor_types=config.tensor_types)  # fmt: skip
+    grid.validate()
+    scaler = AwqScaler(model, grid)
+    batches = None if config.awq_blocks is None else -(-config.awq_blocks // config.batch_size)
+    return scaler, [Phase(scaler.process, roles=None, max_batches=batches, true_sequential=True)]  # as quant.awq
 
 
 def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], config: GptqConfig,
               types: dict[str, str]):  # fmt: skip
-    spec = arch_for(model)
     targets = {(t.layer, t.role): t for t in decoder}
-    collect = sorted({_collector(t.role) for t in decoder})
     done = Quantized()
     losses: dict[str, float] = {}
 
     def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
-        linears = linear_modules(layer, spec)
+        shared: dict[tuple, list[tuple[Target, nn.Linear]]] = {}  # (accumulator, grid) -> its Linears
         for role, stat in stats.items():
-            hessian = stat.hessian()
-            for sharer in (r for r in linears if _collector(r) == role and (index, r) in targets):
-                target, module = targets[(index, sharer)], linears[sharer]
-                plan = plan_grid(config, module.in_features, types.get(target.name))
-                done.plans[target.name] = plan
-                if plan.grid is None:
-                    continue
-                out = _gptq_module(module, hessian, config, plan)
+            target = targets[(index, role)]
+            plan = plan_grid(config, stat.module.in_features, types.get(target.name))
+            done.plans[target.name] = plan
+            if plan.grid is not None:
+                shared.setdefault((id(stat.hessian_acc), plan.grid), []).append((target, stat.module))
+        for members in shared.values():
+            plan = done.plans[members[0][0].name]
+            hessian = stats[members[0][0].role].hessian()
+            for (target, _), out in zip(members, _gptq_stacked([m for _, m in members], hessian, config, plan)):
                 done.packed[target.name], losses[target.name] = out["packed"], out["loss"]
                 if out["blocks"] is not None:
                     done.blocks[target.name] = out["blocks"]
                 if out["damp"] != config.percdamp:
                     logger.warning("%s: GPTQ needed damping %.3g", target.name, out["damp"])
 
+    awq, phases = _awq_phase(model, config)
+    roles = sorted({t.role for t in decoder})
     result = run_sequential(
-        model, blocks, process, roles=collect, collect="hessian", true_sequential=config.true_sequential,
-        batch_size=config.batch_size, description="GPTQ",
+        model, blocks, [*phases, Phase(process, roles=roles)], collect="hessian",
+        true_sequential=config.true_sequential, batch_size=config.batch_size,
+        description="AWQ + GPTQ" if awq else "GPTQ",
     )  # fmt: skip
-    return done, losses, result.seconds
+    return done, losses, result.seconds, awq
 
 
 def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
@@ -161,7 +195,7 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     types = target_types(loaded.model, config, targets, "quant.gptq")
     decoder = [t for t in targets if t.layer is not None]
     blocks = ctx.calibration()[: config.max_blocks]
-    quantized, losses, calib_seconds = _run_gptq(loaded.model, blocks, decoder, config, types)
+    quantized, losses, calib_seconds, awq = _run_gptq(loaded.model, blocks, decoder, config, types)
     extra = rtn_targets([t for t in targets if t.layer is None], config, types)
     quantized.update(extra)
     calibration = calibration_label(*blocks.shape)
@@ -176,8 +210,13 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
         "loss_total": sum(losses.values()), "largest_losses": {name: losses[name] for name in worst},
         "rtn_modules": sorted(extra.plans), "seconds": time.perf_counter() - start, "calibration_seconds": calib_seconds,
     }  # fmt: skip
-    return PassReport(loaded=loaded, summary=summary_line("gptq", config, done, notes), details=details,
-                      packed_layers=packed_layers)  # fmt: skip
+    summary = summary_line("gptq", config, done, notes)
+    if awq is not None:  # the step also did what a quant.awq step reports
+        update_state(loaded, awq=AwqScaling(grid=config.grid_label, clip=awq.config.clip))
+        details["awq"] = {"scales": scales_summary(awq.log), "notes": awq.notes,
+                          "blocks": config.awq_blocks or int(blocks.shape[0])}  # fmt: skip
+        summary += f"; awq first: {awq.summary()}"
+    return PassReport(loaded=loaded, summary=summary, details=details, packed_layers=packed_layers)
 
 
 PASS = PassSpec(name="quant.gptq", config=GptqConfig, apply=apply, needs_calibration=True, doc=__doc__ or "")
