@@ -1,11 +1,16 @@
 """Fidelity of a candidate whose vocabulary is a trimmed copy of its reference's (prune.vocab).
 
-The two forms of kompakt.evaluate.fidelity (both models run with full-vocabulary KL, or the
-reference kept at top-k) under the rule of kompakt.evaluate.vocab_map: the reference's stream,
-the candidate reading it with removed tokens replaced by their pieces, positions compared
-where both predict the same kept token, KL(P restricted to the kept ids, renormalised || Q).
-The callers (`kompakt.evaluate`, the recipe runner's measurement) come here when `vocab_map`
-finds one; with the same vocabulary nothing changes for them.
+kompakt.evaluate.fidelity (both models run, full-vocabulary KL) under the rule of
+kompakt.evaluate.vocab_map: the reference's stream, the candidate reading it with removed
+tokens replaced by their pieces, positions compared where both predict the same kept token,
+KL(P restricted to the kept ids, renormalised || Q). The callers (`kompakt.evaluate`, the
+recipe runner's measurement) come here when `vocab_map` finds one; with the same vocabulary
+nothing changes for them.
+
+There is no top-k form: a reference kept at top-k (kompakt.evaluate.topk) lumps its tail into
+one bucket, and the share of removed tokens in that bucket is unknown, which on text made of
+kept tokens shows as a KL of 1e-3 where the true one is 0. So the runner's measurement of a
+trimmed model runs the original again (one more forward per evaluation window).
 """
 
 from __future__ import annotations
@@ -19,24 +24,22 @@ import torch
 from kompakt.errors import ConfigError
 from kompakt.evaluate.fidelity import FidelityResult, _windows_for
 from kompakt.evaluate.perplexity import forward_logits, progress_bar, room_for_window, unwrap_model, window_prefix
-from kompakt.evaluate.topk import TopK, full_kl, kl_label
+from kompakt.evaluate.topk import full_kl, kl_label
 from kompakt.evaluate.vocab_map import VocabMap
 from kompakt.evaluate.windows import Window, batches, batch_inputs
 
 _CHUNK = 128  # positions per fp32 [chunk, vocab] block
-_TINY = 1e-30
 
 
 @dataclass
 class _Rows:
     """The compared positions of one window: logits rows of each model, targets in each id space,
-    and the index of each among the window's scored positions (for top-k rows)."""
+    and how many scored positions were not compared (their next token was removed)."""
 
     reference: torch.Tensor
     candidate: torch.Tensor
     target_old: torch.Tensor
     target_new: torch.Tensor
-    scored_index: torch.Tensor
     removed: int
 
 
@@ -54,14 +57,14 @@ class _Totals:
         self.removed_mass += float(removed_mass.double().sum())
         self.count += int(kl.numel())
 
-    def result(self, window: int, stride: int, used: int, k: int | None) -> FidelityResult:
+    def result(self, window: int, stride: int, used: int) -> FidelityResult:
         if not self.count:
             raise ConfigError("no position of the text predicts a token the candidate kept; evaluate on other text")
         kl = np.concatenate(self.kl)
         return FidelityResult(
             kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)), top1=self.agree / self.count,
             ppl_reference=math.exp(self.nll_reference / self.count), ppl_candidate=math.exp(self.nll_candidate / self.count),
-            tokens=self.count, window=window, stride=stride, tokens_used=used, kl_kind=kl_label(k) + ", kept tokens",
+            tokens=self.count, window=window, stride=stride, tokens_used=used, kl_kind=kl_label(None) + ", kept tokens",
             positions_removed=self.removed, removed_mass=self.removed_mass / self.count,
         )  # fmt: skip
 
@@ -79,8 +82,7 @@ def _candidate_windows(flat: torch.Tensor, windows: list[Window], vmap: VocabMap
         targets = flat[item.start + offsets]
         kept = new_of[targets] >= 0
         rows = _Rows(reference=offsets[kept] - 1, candidate=start[item.start + offsets[kept]] - begin - 1,
-                     target_old=targets[kept], target_new=new_of[targets[kept]],
-                     scored_index=torch.nonzero(kept).reshape(-1), removed=int((~kept).sum()))  # fmt: skip
+                     target_old=targets[kept], target_new=new_of[targets[kept]], removed=int((~kept).sum()))  # fmt: skip
         out.append((inputs, rows))
     return out
 
@@ -138,59 +140,4 @@ def fidelity_across(reference, candidate, ids: torch.Tensor, vmap: VocabMap, *, 
                                cand_lp.gather(-1, rows.target_new[part].to(ref_device).unsqueeze(-1)),
                                1 - mass.exp())  # fmt: skip
             progress.advance(task, len(group))
-    return totals.result(window, stride, int(flat.numel()), None)
-
-
-def _restricted_kl(reference: TopK, new_idx: torch.Tensor, logits: torch.Tensor, target_new: torch.Tensor):
-    """Bucketed KL of kompakt.evaluate.topk with the reference's top-k restricted to kept ids and
-    renormalised (its tail bucket counted as kept: at top-k the removed share of it is unknown)."""
-    device = logits.device
-    keep = new_idx.to(device) >= 0
-    lp = reference.log_probs.to(device).float()
-    rest = reference.rest_mass.to(device).float()
-    kept_top = torch.where(keep, lp, torch.full_like(lp, -math.inf)).logsumexp(-1)
-    log_z = torch.logaddexp(kept_top, rest.clamp_min(_TINY).log())
-    p_log = lp - log_z.unsqueeze(-1)
-    p_rest = rest / log_z.exp()
-    lse = torch.logsumexp(logits.float(), -1, keepdim=True)
-    q_top = logits.gather(-1, new_idx.to(device).clamp_min(0)).float() - lse
-    q_rest = (1 - torch.where(keep, q_top.exp(), 0).sum(-1)).clamp_min(_TINY)
-    top = torch.where(keep, p_log.exp() * (p_log - q_top), 0).sum(-1)
-    tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(_TINY).log() - q_rest.log()), 0)
-    best = torch.where(keep, lp, torch.full_like(lp, -math.inf)).argmax(-1, keepdim=True)
-    agree = logits.argmax(-1) == new_idx.to(device).gather(-1, best).squeeze(-1)
-    target = logits.gather(-1, target_new.to(device).unsqueeze(-1)).squeeze(-1).float() - lse.squeeze(-1)
-    return (top + tail).clamp_min(0.0), agree, target, 1 - log_z.exp()
-
-
-def fidelity_topk_across(reference: TopK, candidate, ids: torch.Tensor, vmap: VocabMap, *, window: int = 512,
-                         stride: int | None = None, max_tokens: int | None = None,
-                         batch_size: int = 4) -> FidelityResult:  # fmt: skip
-    """`fidelity_topk` (reference kept at top-k) for a candidate with a trimmed vocabulary."""
-    cand_net = unwrap_model(candidate)
-    prefix, stride, flat, windows, mapped = _plan(candidate, candidate, ids, vmap, window, stride, max_tokens)
-    if reference.vocab and reference.vocab != vmap.reference_rows:
-        raise ConfigError(f"the reference holds a {reference.vocab}-token vocabulary, the map one of {vmap.reference_rows}")
-    if sum(item.scored for item in windows) != len(reference):
-        raise ConfigError(f"the reference holds {len(reference)} positions, the text gives "
-                          f"{sum(item.scored for item in windows)}; compute it with the same ids and window settings")  # fmt: skip
-    firsts = np.cumsum([0] + [item.scored for item in windows])
-    order = {item.start: (first, entry) for item, first, entry in zip(windows, firsts, mapped)}
-    totals = _Totals()
-    device = next(cand_net.parameters()).device
-    progress, task = progress_bar("fidelity", len(windows))
-    with progress, torch.inference_mode():
-        for group in batches(windows, batch_size):
-            entries = [order[item.start] for item in group]
-            logits = _candidate_logits(cand_net, prefix, [inputs for _, (inputs, _) in entries], device)
-            for row, (first, (_, rows)) in enumerate(entries):
-                totals.removed += rows.removed
-                at = int(first) + rows.scored_index
-                ref = TopK(*(getattr(reference, name)[at] for name in ("indices", "log_probs", "rest_mass",
-                                                                        "target_log_probs")), reference.vocab)  # fmt: skip
-                new_idx = vmap.new_of[ref.indices.long()]
-                kl, agree, target, removed = _restricted_kl(ref, new_idx, logits[row, rows.candidate.to(device)],
-                                                            rows.target_new)  # fmt: skip
-                totals.add(kl, agree, ref.target_log_probs, target, removed)
-            progress.advance(task, len(group))
-    return totals.result(window, stride, int(flat.numel()), reference.k)
+    return totals.result(window, stride, int(flat.numel()))

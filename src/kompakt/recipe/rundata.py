@@ -200,7 +200,7 @@ class Measurer:
         from kompakt.evaluate import perplexity
 
         from kompakt.evaluate.fidelity import fidelity_topk
-        from kompakt.evaluate.fidelity_mapped import fidelity_topk_across
+        from kompakt.evaluate.fidelity_mapped import fidelity_across
         from kompakt.evaluate.vocab_map import vocab_map
 
         ids, window = self.data.evaluation(), self._window()
@@ -209,11 +209,13 @@ class Measurer:
         if "kl" in self.metrics or "top1" in self.metrics:
             if vmap is None:
                 fid = fidelity_topk(self.reference(), candidate, ids, **window)
-            else:
-                fid = fidelity_topk_across(self.reference(), candidate, ids, vmap, **window)
+            else:  # full KL on the kept tokens (kompakt.evaluate.fidelity_mapped: no top-k form)
+                fid = fidelity_across(self.original, candidate, ids, vmap, **window)
                 out.update(positions_removed=fid.positions_removed, removed_mass=fid.removed_mass)
             out.update(ppl=fid.ppl_candidate, ppl_reference=fid.ppl_reference, kl_mean=fid.kl_mean,
-                       kl_p99=fid.kl_p99, top1=fid.top1, eval_tokens=fid.tokens, kl_top_k=TOP_K)  # fmt: skip
+                       kl_p99=fid.kl_p99, top1=fid.top1, eval_tokens=fid.tokens)  # fmt: skip
+            if vmap is None:
+                out["kl_top_k"] = TOP_K
         elif "ppl" in self.metrics:
             if self._reference_ppl is None:
                 self._reference_ppl = perplexity(self.original, ids, **window).ppl
