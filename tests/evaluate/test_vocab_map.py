@@ -93,3 +93,17 @@ def test_run_measurement_of_a_trimmed_step(pair, tmp_path):
     full = Measurer(original, data, ["ppl", "kl", "top1"]).measure(trimmed)
     assert full["kl_mean"] > 0 and full["positions_removed"] > 0 and "kl_top_k" not in full
     assert Measurer(original, data, ["ppl"]).measure(trimmed)["ppl"] > 1  # reads the text in its own tokens
+
+
+def test_cli_eval_of_a_trimmed_directory(pair, tmp_path, cli):
+    from kompakt.model.save import save_model
+
+    original, trimmed = pair
+    save_model(original, tmp_path / "original")
+    save_model(trimmed, tmp_path / "trimmed")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(corpus(words=ENGLISH + OTHER[:2], seed=8, n=20)))
+    code, out, err = cli(["eval", str(tmp_path / "trimmed"), "--reference", str(tmp_path / "original"),
+                          "--data", str(text), "--window", str(WINDOW), "--no-speed"])  # fmt: skip
+    assert code == 0, err
+    assert "next tokens it lacks" in out and "KL mean" in out

@@ -150,3 +150,37 @@ def test_quantized_head_is_refused(tmp_path):
     update_state(loaded, quantization=grid)
     with pytest.raises(ConfigError, match="lm_head .* is quantized; run prune.vocab before"):
         _trim(loaded, tmp_path)
+
+
+GEMMA_CORPUS = """The river flows through the old town, past the market and the church.
+In the morning the market opens early, and farmers bring bread, cheese and fresh fruit.
+Children walk to school along the river while their parents drink coffee in the square.
+The church was built in the twelfth century and restored after a fire in 1850.
+Visitors come in summer to see the bridge, the gardens and the small museum of local history."""
+
+
+@pytest.mark.slow
+def test_gemma3_trimmed_reloads_with_transformers_and_tokenizes_identically(tmp_path):
+    import kompakt
+
+    original = kompakt.load("gemma3-270m")
+    path = tmp_path / "corpus.txt"
+    path.write_text(GEMMA_CORPUS)
+    ctx = PassContext(loaded=copy.deepcopy(original), original=lambda: original,
+                      calibration=lambda: pytest.fail("used calibration"), work_dir=tmp_path)  # fmt: skip
+    report = SPEC.apply(ctx, build_config(SPEC, {"data": str(path)}))
+    save_step_model(report.loaded, tmp_path / "step", original.storage_dtype, {})
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "step")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "step")
+    old_ids = json.loads(report.files["vocab_map.json"].read_text())["old_ids"]
+    assert model.config.vocab_size == len(old_ids) == len(tokenizer) < 262144 // 4
+    kept_text = "Children walk to school along the river, past the market and the church in the morning."
+    assert set(_tokens(original.tokenizer, kept_text)) <= set(tokenizer.get_vocab())  # made of kept tokens
+    assert _tokens(tokenizer, kept_text) == _tokens(original.tokenizer, kept_text)
+    ids = tokenizer(kept_text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = original.model(original.tokenizer(kept_text, return_tensors="pt")["input_ids"]).logits[0]
+        got = model(ids).logits[0]
+    torch.testing.assert_close(got, ref[:, old_ids], rtol=1e-4, atol=1e-3)
+    foreign = "Der Fluss fließt durch die Altstadt — 川が流れる"
+    assert tokenizer.decode(tokenizer(foreign, add_special_tokens=False)["input_ids"]) == foreign
