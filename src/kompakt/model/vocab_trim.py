@@ -6,19 +6,22 @@ those tokens needs to tokenize *identically* (same token strings, ids renumbered
 
 - the merge closure: every token that a kept token can be built from. A BPE tokenizer reaches a
   token through intermediate tokens, and those intermediates need not occur in any tokenized
-  text ("hello" is built from "he" and "llo"). For every kept token every split into two vocabulary
-  tokens is kept, recursively. That is a superset of the merges the Hugging Face BPE applies (it
-  merges listed pairs by rank) and of the pairs llama.cpp's SentencePiece tokenizer considers
-  (any adjacent pair whose concatenation is a token, best score first). With every intermediate
-  kept and only ever fewer candidate merges, the first-ranked merge of the original at each step
-  is still there and still first, so both tokenizers take the same steps.
+  text ("hello" is built from "he" and "llo"). Byte-level BPE (transformers and llama.cpp both
+  apply listed merges by rank): both parts of every merge that yields a kept token are kept,
+  recursively. SentencePiece-style BPE, which llama.cpp tokenizes by scores over *any* adjacent
+  pair whose concatenation is a token: both parts of every split of a kept token into two
+  tokens, recursively (a superset of the listed merges). Either way every intermediate of the
+  original's steps on kept-token text is kept and the trimmed tokenizer only ever has fewer
+  candidate merges, so the original's first choice at each step is still there and still
+  first: both take the same steps. (Ushio et al. trim SentencePiece Unigram models, where no
+  such closure is needed.)
 - the base tokens: the 256 byte-level characters (GPT-2 style) or the 256 `<0xNN>` byte-fallback
   tokens (SentencePiece style), so any text still tokenizes (unkept words fall apart into
   smaller kept pieces, at worst bytes);
 - special tokens (added tokens flagged special, or with `specials: named` only those the
   tokenizer names: bos / eos / pad / unk / mask / extra special tokens), the tokens of the chat
   template's own text, the ids config.json / generation_config name (`*_token_id`), and rows
-  without a token (padding of the embedding, image placeholders), kept in order at the end so
+  without a token (padding of the embedding, image placeholders), kept in their order, so
   that a trimmed model and its original can be matched by token strings alone
   (kompakt.evaluate.vocab_map).
 
@@ -105,8 +108,11 @@ def split_closure(vocab: Mapping[str, int], kept: set[str]) -> set[str]:
     while todo:
         token = todo.pop()
         for cut in range(1, len(token)):
-            for part in (token[:cut], token[cut:]):
-                if part in vocab and part not in closed:
+            left, right = token[:cut], token[cut:]
+            if left not in vocab or right not in vocab:
+                continue
+            for part in (left, right):
+                if part not in closed:
                     closed.add(part)
                     todo.append(part)
     return closed
@@ -182,7 +188,8 @@ def renumber_tokenizer_config(config: dict, new_of: Mapping[int, int]) -> dict:
     return config
 
 
-def trimmed_tokenizer(tokenizer: Any, old_ids: list[int], directory: Path, extra_config: Mapping[str, Any] = {}) -> Any:
+def trimmed_tokenizer(tokenizer: Any, old_ids: list[int], directory: Path,
+                      extra_config: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
     """The tokenizer keeping `old_ids`, written to `directory` and read back by AutoTokenizer
     (so the result is exactly what transformers loads from a saved model); `extra_config` is
     added to its tokenizer_config.json."""
@@ -197,6 +204,6 @@ def trimmed_tokenizer(tokenizer: Any, old_ids: list[int], directory: Path, extra
     if config_path.is_file():
         new_of = {old: new for new, old in enumerate(old_ids)}
         config = renumber_tokenizer_config(json.loads(config_path.read_text(encoding="utf-8")), new_of)
-        config.update(extra_config)
+        config.update(extra_config or {})
         write_text(config_path, json.dumps(config, ensure_ascii=False, indent=2))
     return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
