@@ -137,15 +137,14 @@ def apply(ctx: PassContext, config: VocabConfig) -> PassReport:
     from kompakt.atomic import write_text
     from kompakt.model.arch import arch_for, get_submodule
 
-    loaded = ctx.loaded
+    loaded, work = ctx.loaded, ctx.work_dir
+    if work is None:
+        raise ConfigError("prune.vocab needs the step's work directory to write the tokenizer")
     check_rows_editable(loaded)
     data = vocab_trim.tokenizer_json(loaded.tokenizer)  # refuses what it cannot rewrite, first
     rows = int(get_submodule(loaded.model, arch_for(loaded.model).embed).weight.shape[0])
     counts = corpus_counts(ctx, config, rows)
     old_ids, why = kept_ids(loaded, data, counts, config)
-    work = ctx.work_dir
-    if work is None:
-        raise ConfigError("prune.vocab needs the step's work directory to write the tokenizer")
     tokenizer = vocab_trim.trimmed_tokenizer(loaded.tokenizer, old_ids, work / "tokenizer", _gguf_pre(loaded.tokenizer, data))
     loaded, changes = keep_vocab_rows(loaded, torch.tensor(old_ids, dtype=torch.long))
     loaded.tokenizer = tokenizer
