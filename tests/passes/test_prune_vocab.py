@@ -184,3 +184,20 @@ def test_gemma3_trimmed_reloads_with_transformers_and_tokenizes_identically(tmp_
     torch.testing.assert_close(got, ref[:, old_ids], rtol=1e-4, atol=1e-3)
     foreign = "Der Fluss fließt durch die Altstadt — 川が流れる"
     assert tokenizer.decode(tokenizer(foreign, add_special_tokens=False)["input_ids"]) == foreign
+
+
+def test_gguf_pre_tokenizer_name_survives_trimming(tmp_path, monkeypatch):
+    """llama.cpp names a byte-level pre-tokenizer by a hash of ids, which trimming changes: the
+    original's name is recorded in tokenizer_config.json and the GGUF export reads it back."""
+    from hashlib import sha256
+
+    from kompakt.export import gguf_tokenizer
+
+    loaded = model_with(byte_level_tokenizer(), "llama")
+    digest = sha256(str(loaded.tokenizer.encode(gguf_tokenizer.CHKTXT)).encode()).hexdigest()
+    monkeypatch.setitem(gguf_tokenizer.PRE_TOKENIZERS, digest, "gpt2")
+    report = _trim(copy.deepcopy(loaded), tmp_path)
+    save_step_model(report.loaded, tmp_path / "step", torch.float32, {})
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "step")
+    assert sha256(str(tokenizer.encode(gguf_tokenizer.CHKTXT)).encode()).hexdigest() not in gguf_tokenizer.PRE_TOKENIZERS
+    assert gguf_tokenizer.recognised_pre(tokenizer) == "gpt2"
