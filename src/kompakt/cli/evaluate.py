@@ -39,6 +39,12 @@ def _table(result: dict) -> Table:
             ("KL p99 (nats)", f"{result['kl_p99']:.5f}"),
             ("top-1 agreement", f"{100 * result['top1']:.2f} %"),
         ]
+        extra = result.get("extra") or {}
+        if "positions_removed" in extra:  # a trimmed vocabulary (prune.vocab): KL over the kept tokens
+            rows += [
+                ("next tokens it lacks (not compared)", f"{extra['positions_removed']:,}"),
+                ("reference mass on removed tokens", f"{100 * extra['removed_mass']:.3f} %"),
+            ]
     rows += [
         ("parameters", f"{result['parameters']:,}"),
         ("parameters in memory", _mb(result["parameter_bytes"])),

@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 
 from kompakt.evaluate.fidelity import FidelityResult, fidelity
+from kompakt.evaluate.fidelity_mapped import fidelity_across
 from kompakt.evaluate.memory import PeakMemory
 from kompakt.evaluate.perplexity import PerplexityResult, perplexity
 from kompakt.evaluate.size import disk_bytes, parameter_bytes, parameter_count
 from kompakt.evaluate.speed import SpeedResult, measure_speed, torch_threads
+from kompakt.evaluate.vocab_map import vocab_map
 from kompakt.evaluate.windows import check_window
 from kompakt.model.loaded import LoadedModel
 
@@ -71,7 +73,11 @@ def _load_ids(data: str | Path | None, loaded: LoadedModel, n_tokens: int | None
 def _quality(candidate, reference, ids, window, stride, max_tokens) -> tuple[PerplexityResult, FidelityResult | None]:
     if reference is None:
         return perplexity(candidate, ids, window=window, stride=stride, max_tokens=max_tokens), None
-    fid = fidelity(reference, candidate, ids, window=window, stride=stride, max_tokens=max_tokens)
+    vmap = vocab_map(reference, candidate)  # a trimmed vocabulary (prune.vocab): its own rule
+    if vmap is None:
+        fid = fidelity(reference, candidate, ids, window=window, stride=stride, max_tokens=max_tokens)
+    else:
+        fid = fidelity_across(reference, candidate, ids, vmap, window=window, stride=stride, max_tokens=max_tokens)
     ppl = PerplexityResult(
         ppl=fid.ppl_candidate,
         nll_mean=math.log(fid.ppl_candidate),
@@ -136,4 +142,6 @@ def evaluate(
         result.reference = reference.name
         result.ppl_reference = fid.ppl_reference
         result.kl_mean, result.kl_p99, result.top1 = fid.kl_mean, fid.kl_p99, fid.top1
+        if fid.positions_removed or fid.removed_mass:
+            result.extra.update(positions_removed=fid.positions_removed, removed_mass=fid.removed_mass)
     return result

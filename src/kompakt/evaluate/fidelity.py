@@ -49,6 +49,10 @@ class FidelityResult:
     stride: int = 512
     tokens_used: int = 0
     kl_kind: str = kl_label(None)  # how KL was computed (full vocabulary or top-k + rest)
+    # A candidate with a trimmed vocabulary (kompakt.evaluate.vocab_map): next tokens it lacks
+    # (not compared) and the reference's mean probability on its removed ids.
+    positions_removed: int = 0
+    removed_mass: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)

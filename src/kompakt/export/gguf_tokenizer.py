@@ -34,6 +34,7 @@ from kompakt.export.gguf_pretokenizers import CHKTXT, PRE_TOKENIZERS
 log = logging.getLogger(__name__)
 
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+PRE_KEY = "kompakt_gguf_pre"  # tokenizer_config.json: see recognised_pre
 
 
 @dataclass
@@ -75,10 +76,20 @@ def _token_list(data: dict, n_vocab: int) -> tuple[list[str | None], dict[int, d
     return tokens, added
 
 
-def _pre_name(tokenizer: Any) -> tuple[str, str | None]:
+def recognised_pre(tokenizer: Any) -> str | None:
+    """llama.cpp's name for the tokenizer's pre-tokenizer, or None when not recognised.
+
+    A trimmed vocabulary (prune.vocab) no longer hashes to its original's name (other ids, and
+    CHKTXT's rarer tokens removed); the pass records the original's name in tokenizer_config.json
+    under PRE_KEY, read here when the hash is unknown.
+    """
     ids = tokenizer.encode(CHKTXT)  # default special-token handling, as llama.cpp hashes it
     digest = sha256(str(ids).encode()).hexdigest()
-    name = PRE_TOKENIZERS.get(digest)
+    return PRE_TOKENIZERS.get(digest) or getattr(tokenizer, "init_kwargs", {}).get(PRE_KEY)
+
+
+def _pre_name(tokenizer: Any) -> tuple[str, str | None]:
+    name = recognised_pre(tokenizer)
     if name is None:
         return "default", (
             "pre-tokenizer not recognised (hash not in llama.cpp's table); wrote 'default', "

@@ -200,17 +200,28 @@ class Measurer:
         from kompakt.evaluate import perplexity
 
         from kompakt.evaluate.fidelity import fidelity_topk
+        from kompakt.evaluate.fidelity_mapped import fidelity_across
+        from kompakt.evaluate.vocab_map import vocab_map
 
         ids, window = self.data.evaluation(), self._window()
         out: dict[str, Any] = {}
+        vmap = vocab_map(self.original, candidate)  # a trimmed vocabulary (prune.vocab)
         if "kl" in self.metrics or "top1" in self.metrics:
-            fid = fidelity_topk(self.reference(), candidate, ids, **window)
+            if vmap is None:
+                fid = fidelity_topk(self.reference(), candidate, ids, **window)
+            else:  # full KL on the kept tokens (kompakt.evaluate.fidelity_mapped: no top-k form)
+                fid = fidelity_across(self.original, candidate, ids, vmap, **window)
+                out.update(positions_removed=fid.positions_removed, removed_mass=fid.removed_mass)
             out.update(ppl=fid.ppl_candidate, ppl_reference=fid.ppl_reference, kl_mean=fid.kl_mean,
-                       kl_p99=fid.kl_p99, top1=fid.top1, eval_tokens=fid.tokens, kl_top_k=TOP_K)  # fmt: skip
+                       kl_p99=fid.kl_p99, top1=fid.top1, eval_tokens=fid.tokens)  # fmt: skip
+            if vmap is None:
+                out["kl_top_k"] = TOP_K
         elif "ppl" in self.metrics:
             if self._reference_ppl is None:
                 self._reference_ppl = perplexity(self.original, ids, **window).ppl
-            result = perplexity(candidate, ids, **window)
+            # The candidate reads the same text in its own tokens (per-token perplexities then
+            # differ by tokenization too; kl compares the same tokens).
+            result = perplexity(candidate, ids if vmap is None else vmap.translate(ids)[0], **window)
             out.update(ppl=result.ppl, ppl_reference=self._reference_ppl, eval_tokens=result.tokens_scored)
         if "ppl" in out:
             out["ppl_ratio"] = out["ppl"] / out["ppl_reference"] if out["ppl_reference"] else math.inf
