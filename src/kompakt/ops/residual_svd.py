@@ -1,0 +1,30 @@
+"""The best rank-r correction of a shared weight towards a layer's own: truncated SVD of the residual.
+
+Relaxed Recursive Transformers (Bae et al. 2024, "Relaxed Recursive Transformers: Effective
+Parameter Sharing with Layer-wise LoRA", Sec. 3) give every depth that reuses a shared weight Φ'
+its own low-rank delta B·A, initialised from the residual R = W_depth − Φ':
+U_r Σ_r V_rᵀ = TruncatedSVD(R, r), B = U_r Σ_r, A = V_rᵀ (as the paper). By Eckart–Young this is
+the rank-r matrix closest to R in Frobenius norm, so at r = min(out, in) the layer's own weight
+is recovered exactly (up to float rounding) and r = 0 is plain sharing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def residual_factors(original: torch.Tensor, shared: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B [out, rank], A [rank, in]) with B·A the best rank-`rank` approximation of original − shared.
+
+    Computed in fp32 (fp64 for fp64 inputs) on the inputs' device and returned in original's dtype.
+    """
+    if original.shape != shared.shape or original.dim() != 2:
+        raise ValueError(f"residual of {tuple(original.shape)} and {tuple(shared.shape)}: two equal 2-D shapes expected")
+    if not 0 < rank <= min(original.shape):
+        raise ValueError(f"rank {rank} outside 1..{min(original.shape)} for a {tuple(original.shape)} matrix")
+    work = torch.float64 if original.dtype == torch.float64 else torch.float32
+    residual = original.to(work) - shared.to(work)
+    u, s, vh = torch.linalg.svd(residual, full_matrices=False)  # u [out, k], s [k], vh [k, in]
+    b = u[:, :rank] * s[:rank]  # U_r Σ_r: the singular values go into B, as the paper
+    a = vh[:rank]
+    return b.to(original.dtype).contiguous(), a.to(original.dtype).contiguous()
