@@ -219,3 +219,38 @@ def test_cli_bad_count_exits_2_and_writes_no_step(cli, text, tmp_path):
                         "--out", str(tmp_path / "run")])  # fmt: skip
     assert code == 2 and "does not divide 4 layers" in err and len(err.strip().splitlines()) == 1, err
     assert not any((tmp_path / "run" / "steps").iterdir())  # no step directory, complete or half-written
+
+
+@pytest.mark.parametrize("name, values", [
+    ("prune.depth", {"count": 1, "method": "last"}),
+    ("prune.width", {"mlp_channels": 64}),
+    ("quant.rtn", {"bits": 4, "group_size": 32}),
+])  # fmt: skip
+def test_passes_that_would_break_the_ties_refuse_a_shared_model(name, values):
+    loaded = tiny_model("llama")
+    _share(loaded, unique=2, relax_rank=0)
+    spec = get_pass(name)
+    ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: torch.randint(3, 250, (4, 32)),
+                      seed=0)  # fmt: skip
+    with pytest.raises(ConfigError, match="share.layers") as error:
+        spec.apply(ctx, build_config(spec, values))
+    assert "\n" not in str(error.value) and _q(loaded, 2).weight is _q(loaded, 0).weight
+
+
+@pytest.mark.slow
+def test_smollm2_30_layers_to_15_blocks_round_trip(tmp_path):
+    """The embedded model: exact parameter arithmetic, and save -> load gives the same logits with
+    the ties rebuilt (one storage per shared tensor) at about 64 % of the dense bytes."""
+    loaded = kompakt.load("smollm2-135m", device="cpu", dtype="float32")
+    before = loaded.num_parameters()
+    save_model(loaded, tmp_path / "dense")
+    _share(loaded, unique=15, relax_rank=16)
+    per_layer = 2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576  # q, o; k, v; gate, up, down
+    deltas = 30 * 16 * (2 * (576 + 576) + 2 * (192 + 576) + 3 * (1536 + 576))
+    assert loaded.num_parameters() == before - 15 * per_layer + deltas
+    save_model(loaded, tmp_path / "shared")
+    reloaded = kompakt.load(tmp_path / "shared", device="cpu", dtype="float32")
+    torch.testing.assert_close(_logits(reloaded), _logits(loaded), rtol=0, atol=1e-4)
+    assert _q(reloaded, 15).weight.data_ptr() == _q(reloaded, 0).weight.data_ptr()
+    assert reloaded.num_parameters() == loaded.num_parameters()
+    assert disk_bytes(tmp_path / "shared") < 0.7 * disk_bytes(tmp_path / "dense")
