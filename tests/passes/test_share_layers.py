@@ -133,13 +133,17 @@ def test_kd_trains_each_shared_tensor_once_and_saves_it(text, tmp_path):
                                rtol=0, atol=1e-5)  # fmt: skip
 
 
-def test_export_refuses_shared_layers_and_merge_writes_the_dense_equivalent(tmp_path):
+def test_export_refuses_shared_layers_and_merge_writes_the_dense_equivalent(cli, tmp_path):
     loaded = tiny_model("llama")
     _share(loaded, unique=2, relax_rank=4)
     for fmt in ("gguf", "hf"):
         with pytest.raises(ConfigError, match="--merge") as error:
             kompakt.export(loaded, format=fmt, out=tmp_path / f"out-{fmt}")
         assert "\n" not in str(error.value) and not (tmp_path / f"out-{fmt}").exists()
+    save_model(loaded, tmp_path / "shared")
+    code, _, err = cli(["export", str(tmp_path / "shared"), "--out", str(tmp_path / "m.gguf")])
+    assert code == 2 and "--merge" in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.glob("m.gguf*"))
     dense = merged_dense(loaded)
     assert not get_state(dense).shared and get_state(loaded).shared  # the shared model is untouched
     assert type(_q(dense, 2)) is torch.nn.Linear and _q(dense, 2).weight is not _q(dense, 0).weight
