@@ -6,9 +6,11 @@ with distillation, ends closer to the original than a depth-pruned model with as
 healed with the same budget.
 
 Protocol (../shared/BENCH.md, the healing bench's settings, bench/heal.py): SmolLM2-135M
-(embedded, fp32) is the original and the teacher. share.layers: 30 layers -> 15 unique blocks x 2
-(cycle, average init — the paper's best init for relaxed models), relaxation rank 16 (and
-`--ranks 16 64`). prune.depth: block_influence on 32 calibration blocks of 512 from wiki.valid,
+(embedded, fp32) is the original and the teacher. share.layers: 30 layers -> 15 unique blocks x 2,
+relaxation rank 16 (and `--ranks 16 64`), `--pattern repeat --init average` by default: of the
+sharings probed on 1024 tokens of wiki.valid (calibration text, never the test) before training,
+it started closest to the original at rank 16 (KL 11.1; cycle + keep 20.5) — every sharing starts
+far from it (SmolLM2's early layers do not survive being merged), so healing has all the work. prune.depth: block_influence on 32 calibration blocks of 512 from wiki.valid,
 removing the fewest layers that bring it to at most the shared model's parameters. Both then get
 distill.kd with the depth row's budget of bench/heal.py: `--tokens` (full run 153600 = 150 steps of
 4 x 256) of WikiText-2 validation, alpha 0.5, T 2, lr 2e-4. Evaluation: the first `--eval-tokens`
@@ -18,7 +20,7 @@ tensor once; prefill speed as a ratio to the original measured in the same run (
 shared model still computes, plus its deltas).
 
     nice -n 10 .venv/bin/python bench/share_layers.py                      # the full run (alone)
-    .venv/bin/python bench/share_layers.py --tokens 20480 --eval-tokens 8192 --suffix=-short
+    .venv/bin/python bench/share_layers.py --tokens 8192 --eval-tokens 4096 --suffix=-short
     .venv/bin/python bench/share_layers.py --report
 Writes bench/results/share_layers<suffix>.json (row by row) and prints the table.
 """
@@ -93,6 +95,7 @@ def run(args) -> None:
     teacher = load("smollm2-135m", device="cpu", dtype="float32")
     ids = eval_ids(teacher.tokenizer)
     header = {"bench": "share_layers", "model": "smollm2-135m (fp32)", "train_tokens": args.tokens,
+              "share": f"{args.unique} unique blocks, {args.pattern}, {args.init}",
               "batch": f"{args.batch} x 256", "lr": args.lr, "kd": "alpha 0.5, T 2, wiki.valid",
               "threads": args.threads, "eval": "WikiText-2 test, window 512", "eval_tokens": args.eval_tokens,
               "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__}  # fmt: skip
@@ -102,8 +105,8 @@ def run(args) -> None:
     for rank in args.ranks:
         shared = copy_model(teacher)
         report, wall = apply("share.layers", context(shared, teacher),
-                             {"unique": args.unique, "pattern": "cycle", "init": "average", "relax_rank": rank})  # fmt: skip
-        label = f"share {args.unique} blocks r{rank}"
+                             {"unique": args.unique, "pattern": args.pattern, "init": args.init, "relax_rank": rank})  # fmt: skip
+        label = f"share {args.unique} blocks {args.pattern} {args.init} r{rank}"
         results.add(row(f"{label} (no training)", shared, teacher, ids, args, reference_rate, summary=report.summary))
         smallest = min(smallest or shared.num_parameters(), shared.num_parameters())
         heal(label, shared, teacher, ids, args, reference_rate, results)
@@ -132,6 +135,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=153600, help="KD training tokens per run (heal.py's depth row)")
     parser.add_argument("--unique", type=int, default=15, help="unique blocks of the 30 layers")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16], help="relaxation ranks (one shared run each)")
+    parser.add_argument("--pattern", default="repeat", help="share.layers pattern: cycle or repeat")
+    parser.add_argument("--init", default="average", help="share.layers init: average or keep")
     parser.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--eval-tokens", type=int, default=32768)
