@@ -12,8 +12,10 @@ plus the relaxation).
 - `init: average` (the paper's Average): a block's weight is the mean of the weights of the
   depths that use it. `init: keep` (the paper's Stepwise): block i keeps original layer
   round(i·(L−1)/(K−1)) — every B-th layer, first and last kept; with `repeat` that layer is one of
-  the block's own depths. The paper finds Stepwise best for plain sharing and Average best once
-  the relaxation is on.
+  the block's own depths. The paper recommends Stepwise for plain sharing and Average with the
+  relaxation. Measured on SmolLM2-135M (15 of 30, KL to the original on 1024 tokens of wiki.valid
+  before any training): repeat + average at rank 16 starts closest (KL 11.1), cycle + keep at
+  rank 16 farthest (20.5) — every sharing of a small pretrained model starts far away.
 - `relax_rank` r > 0 (the "relaxed" model): every depth adds its own rank-r delta B·A to each
   shared Linear, initialised from the truncated SVD of (its original weight − the shared one),
   B = U_r Σ_r, A = V_rᵀ, as the paper; at full rank the original model is recovered exactly.
@@ -27,7 +29,8 @@ shared tensor once, the save stores it once, `kompakt.load` rebuilds the ties. G
 export refuse it, or write the dense equivalent with `--merge` (full size again).
 
 When to use it: a model that has to get much smaller in parameters and bytes at the same depth,
-healed afterwards with distill.kd (sharing alone costs a lot of quality before healing). Every
+with a real healing budget afterwards (distill.kd; the paper uptrains on billions of tokens):
+before healing the shared model is close to useless (see the numbers above). Every
 depth still computes, so unlike prune.depth it does not get faster; per the paper, at the same
 parameter count a healed relaxed recursive model beats a depth-pruned one. Apply it before
 quantization and before per-layer width pruning (the layers of a group must have equal shapes).
