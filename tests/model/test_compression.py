@@ -20,7 +20,6 @@ from kompakt.model.compression import (
     LowRank,
     PackedLayer,
     Quantization,
-    SharedWeights,
     clear_quantization,
     clear_state,
     compressed_tensors_config,
@@ -44,7 +43,6 @@ OLD_AWQ = {"grid": "int4 g64 sym", "clip": True}
 TYPES = {DOWN[0]: "q8_0", "model.layers.0.self_attn.v_proj": "f16", "model.embed_tokens": "q6_k"}
 RESERVED = {
     "lowrank": {"model.layers.2.mlp.up_proj": LowRank(rank=8, method="svd")},
-    "shared": {DOWN[0]: SharedWeights(users=(DOWN[2], DOWN[3]))},
 }
 
 

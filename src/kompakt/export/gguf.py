@@ -47,6 +47,7 @@ from kompakt.atomic import atomic_file
 from kompakt.model.compression import get_state
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import dense_state_dict, gguf_grid_of_compressed
+from kompakt.model.sharing import refuse_shared
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", forc
         ConfigError: an unknown type, a malformed override or one that matches nothing, a type a
             row cannot take (all before anything is written).
     """
+    refuse_shared(loaded, "GGUF")  # kompakt.export.api.export(merge=True) writes the dense equivalent
     target = check_output(Path(path), force)
     family, config, vocab, plan = prepare_gguf(loaded, type, tensor_types)
     for note in plan.notes:  # returned to the caller too (the CLI prints them)

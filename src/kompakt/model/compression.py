@@ -7,6 +7,7 @@ here. Nothing else names the config keys:
     update_state(loaded, quantization=Quantization(...))
     clear_quantization(loaded)                 # the weights are no longer on a grid
     check_stored_state(config_json, where)     # kompakt.load: refuse what this version cannot rebuild
+    stores_shared(config_json)                 # kompakt.load: rebuild shared layers first
 
 `CompressionState` fields, and where each lives:
 
@@ -24,16 +25,21 @@ here. Nothing else names the config keys:
 - `types_source` ({"source": ..., "calibration": ...}): where those types came from ("recipe",
   "allocation: <how measured>") and the calibration they were measured or solved on; the GGUF
   export writes them as metadata. Key `kompakt_gguf_types_source`.
+- `shared` (owner Linear's name -> SharedWeights): share.layers made the Linears named in `users`
+  read the owner's weight (one nn.Parameter; saved once, under the owner's name) and, when
+  `relax_rank` > 0, turned the owner and every user into a RelaxedLinear with its own rank-r delta
+  (kompakt.model.relaxed). Key `kompakt_shared`. Read by kompakt.load (kompakt.model.sharing
+  rebuilds the ties before the weights are read), by the save (each shared tensor once) and by
+  the export (refused, or `merged_dense` first).
 
-Reserved slots, for passes to come; no pass fills them and nothing reads them yet:
+Reserved slot, for a pass to come; no pass fills it and nothing reads it yet:
 
 - `lowrank` (module name -> LowRank): a Linear replaced by two. Key `kompakt_lowrank`.
-- `shared` (owner module name -> SharedWeights): one tensor several modules read. Key `kompakt_shared`.
 
-They round-trip through config.json, but this version can neither rebuild such a model nor
-export it, so `kompakt.load` refuses a config.json where any of them is non-empty (ModelFormatError:
-"written by a newer kompakt; upgrade") rather than load a wrong model. The pass that fills a slot
-teaches the loader and the exporter to read it, and then lifts the refusal.
+It round-trips through config.json, but this version can neither rebuild such a model nor
+export it, so `kompakt.load` refuses a config.json where it is non-empty (ModelFormatError:
+"written by a newer kompakt; upgrade") rather than load a wrong model. The pass that fills the
+slot teaches the loader and the exporter to read it, and then lifts the refusal.
 
 Exact GGUF bytes a grid cannot give back from dense weights (K-quants) are not config data:
 they travel as `LoadedModel.gguf_blocks` (kompakt.model.gguf_blocks).
@@ -72,7 +78,7 @@ _LOWRANK_KEY = "kompakt_lowrank"
 _SHARED_KEY = "kompakt_shared"
 _COMPRESSED_TENSORS_KEY = "quantization_config"  # transformers' own: weights stored compressed
 # Reserved slots (see the module docstring): what a config.json holding one of them stores.
-_RESERVED = {_LOWRANK_KEY: "low-rank factors", _SHARED_KEY: "shared weights"}
+_RESERVED = {_LOWRANK_KEY: "low-rank factors"}
 _INT_FORMAT = re.compile(r"int[2-8]")
 _GGUF_TYPE_NAMES = ("f32", "f16", "bf16", *QUANT_TYPES)  # what a per-tensor type may be
 
@@ -197,16 +203,24 @@ class LowRank:
 
 @dataclass(frozen=True)
 class SharedWeights:
-    """The owner module's weight is also the weight of every module in `users` (one tensor)."""
+    """The owner module's weight is also the weight of every module in `users` (one tensor);
+    `relax_rank` > 0: the owner and each user add their own rank-r delta (RelaxedLinear)."""
 
     users: tuple[str, ...]
+    relax_rank: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"users": list(self.users)}
+        return {"users": list(self.users), "relax_rank": self.relax_rank}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SharedWeights:
-        return cls(users=tuple(str(u) for u in data.get("users", [])))
+        """Raises ValueError naming what is wrong (users not a list of names, a bad rank)."""
+        users, rank = data.get("users", []), data.get("relax_rank", 0)
+        if not isinstance(users, list | tuple) or not all(isinstance(u, str) for u in users):
+            raise ValueError("users must be a list of module names")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise ValueError(f"relax_rank must be an integer >= 0, got {rank!r}")
+        return cls(users=tuple(users), relax_rank=rank)
 
 
 @dataclass(frozen=True)
@@ -217,7 +231,7 @@ class CompressionState:
     awq: AwqScaling | None = None
     per_tensor_types: Mapping[str, str] = field(default_factory=dict)
     types_source: Mapping[str, str] = field(default_factory=dict)
-    # reserved slots: kompakt.load refuses a model where one is non-empty (module docstring)
+    # reserved slot: kompakt.load refuses a model where it is non-empty (module docstring)
     lowrank: Mapping[str, LowRank] = field(default_factory=dict)
     shared: Mapping[str, SharedWeights] = field(default_factory=dict)
 
@@ -254,7 +268,7 @@ def get_state(target: LoadedModel | torch.nn.Module) -> CompressionState:
         per_tensor_types=_mapping(getattr(config, _GGUF_TYPES_KEY, None), lambda v: str(v).lower()),
         types_source=_mapping(getattr(config, _TYPES_SOURCE_KEY, None), str),
         lowrank=_mapping(getattr(config, _LOWRANK_KEY, None), LowRank.from_json),
-        shared=_mapping(getattr(config, _SHARED_KEY, None), SharedWeights.from_json),
+        shared=_mapping(getattr(config, _SHARED_KEY, None), _shared_entry),
     )
 
 
@@ -312,12 +326,23 @@ def compressed_tensors_config(target: LoadedModel | torch.nn.Module | Any) -> di
     return dict(qconfig) if isinstance(qconfig, Mapping) else qconfig.to_dict()
 
 
+def stores_shared(config: Mapping[str, Any]) -> bool:
+    """Whether a config.json (as a dict) records layers that share weights (kompakt.load rebuilds them)."""
+    return any(isinstance(s, Mapping) and bool(s.get(_SHARED_KEY)) for s in (config, config.get("text_config")))
+
+
+def _shared_entry(value: Any) -> SharedWeights:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"a shared entry is a {type(value).__name__}, not a mapping")
+    return SharedWeights.from_json(value)
+
+
 def check_stored_state(config: Mapping[str, Any], where: str) -> None:
     """Refuse a config.json (as a dict) whose compression state this version cannot honour.
 
     A non-empty reserved slot (module docstring) means a newer kompakt wrote weights this loader
-    would not rebuild, so the model would load wrong; a malformed grid would fail or mislead
-    later. Both raise ModelFormatError, one line; `where` names the model (its directory).
+    would not rebuild, so the model would load wrong; a malformed grid or sharing record would
+    fail or mislead later. Both raise ModelFormatError, one line; `where` names the model (its directory).
     """
     sections = [config, config.get("text_config")]
     for section in (s for s in sections if isinstance(s, Mapping)):
@@ -330,7 +355,9 @@ def check_stored_state(config: Mapping[str, Any], where: str) -> None:
                 str(v).lower() not in _GGUF_TYPE_NAMES for v in types.values())):  # fmt: skip
             raise ModelFormatError(f"{where} has a malformed {_GGUF_TYPES_KEY} in config.json (module -> GGUF type "
                                    "expected); upgrade kompakt, or restore config.json as kompakt wrote it")  # fmt: skip
-        for key, parse in ((_QUANTIZATION_KEY, Quantization.from_json), (_AWQ_KEY, AwqScaling.from_json)):
+        checks = ((_QUANTIZATION_KEY, Quantization.from_json), (_AWQ_KEY, AwqScaling.from_json),
+                  (_SHARED_KEY, lambda v: _mapping(v, _shared_entry)))  # fmt: skip
+        for key, parse in checks:
             value = section.get(key)
             if value in (None, {}):
                 continue

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kompakt.errors import KompaktError, ModelFormatError, ModelNotFoundError
-from kompakt.model.compression import check_stored_state
+from kompakt.model.compression import check_stored_state, stores_shared
 from kompakt.model.dtype import compute_dtype_for, default_device, parse_dtype
 from kompakt.model.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, is_embedded, verify_embedded
 from kompakt.model.gguf_blocks import load_blocks
@@ -30,6 +30,7 @@ from kompakt.model.hf_dir import check_model_dir
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.progress import quiet_third_party
 from kompakt.model.quantized import densify_compressed, is_compressed_config
+from kompakt.model.sharing import load_shared_model
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,12 @@ def load(
     check_stored_state(config, str(directory))
     device = torch.device(device or default_device())
     compute = parse_dtype(dtype) or compute_dtype_for(stored, device)
-    if is_compressed_config(config):
+    if stores_shared(config):
+        if is_compressed_config(config):
+            raise ModelFormatError(f"{directory} stores shared layers as packed integers, which this version cannot "
+                                   "rebuild; upgrade kompakt or save the model unpacked")  # fmt: skip
+        model = load_shared_model(directory, compute).to(device)
+    elif is_compressed_config(config):
         # Packed integer weights: decompressed exactly in fp32 into a plain dense model (see
         # kompakt.model.quantized.densify_compressed), then cast to the compute dtype.
         model = _load_weights(directory, torch.float32, torch.device("cpu"))

@@ -21,6 +21,7 @@ import torch
 from kompakt.atomic import atomic_directory
 from kompakt.errors import OutputPathError
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.sharing import is_shared, stored_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +57,16 @@ def weight_bytes(loaded: LoadedModel) -> int:
 
 def _write(loaded: LoadedModel, directory: Path) -> None:
     model = loaded.model
-    state_dict = _cast_state_dict(model, loaded.storage_dtype)
-    save_pretrained_on_every_rank(model, directory, state_dict)
+    # Shared layers (kompakt.model.sharing): each shared tensor once, in the model's own tensor names,
+    # which kompakt.load reads back (transformers' original-format renames are for its own loader).
+    state_dict = stored_state_dict(model, _cast_state_dict(model, loaded.storage_dtype))
+    save_pretrained_on_every_rank(model, directory, state_dict, original_format=not is_shared(model))
     _set_config_dtype(directory / "config.json", loaded.storage_dtype)
     loaded.tokenizer.save_pretrained(directory)
 
 
-def save_pretrained_on_every_rank(model: torch.nn.Module, directory: Path, state_dict: dict | None) -> None:
+def save_pretrained_on_every_rank(model: torch.nn.Module, directory: Path, state_dict: dict | None,
+                                  original_format: bool = True) -> None:  # fmt: skip
     """`model.save_pretrained`, also in processes other than rank 0 of a torch.distributed group.
 
     transformers writes only on rank 0 once a process group exists (after the first training
@@ -74,7 +78,7 @@ def save_pretrained_on_every_rank(model: torch.nn.Module, directory: Path, state
     model.should_save_on_this_rank = lambda is_main_process: True  # shadows the mixin's rank check
     try:
         with quiet_third_party():  # no "Writing model shards" / "Compressing model" bars
-            model.save_pretrained(directory, state_dict=state_dict)
+            model.save_pretrained(directory, state_dict=state_dict, save_original_format=original_format)
     finally:
         del model.should_save_on_this_rank
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, get_submodule, set_submodule, text_config
+from kompakt.model.compression import get_state
 from kompakt.model.loaded import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,14 @@ def finish(loaded: LoadedModel, before: int, changes: dict[str, Any]) -> tuple[L
     return loaded, changes
 
 
+def _check_unshared(loaded: LoadedModel, edit: str) -> None:
+    """ConfigError before any change when share.layers tied the layers: these edits rewrite and
+    renumber each layer on its own, which would silently break the recorded ties."""
+    if get_state(loaded).shared:
+        raise ConfigError(f"cannot {edit} of a model whose layers share weights (share.layers); "
+                          "prune before share.layers")  # fmt: skip
+
+
 def config_problem(loaded: LoadedModel, **changes: Any) -> str | None:
     """Why transformers would reject the config after `changes` (None when it accepts it).
 
@@ -165,6 +174,7 @@ def drop_layers(loaded: LoadedModel, indices: Iterable[int]) -> tuple[LoadedMode
     Raises:
         ConfigError: an index out of range, or removing every layer.
     """
+    _check_unshared(loaded, "drop layers")
     model = loaded.model
     spec = arch_for(model)
     config = text_config(model)
@@ -210,6 +220,7 @@ def shrink_mlp(loaded: LoadedModel, keep: Keep | Sequence[Keep]) -> tuple[Loaded
     gate/up (or both halves of a fused gate_up) lose rows, down loses columns;
     `intermediate_size` becomes the kept count.
     """
+    _check_unshared(loaded, "shrink the MLP")
     model = loaded.model
     spec = arch_for(model)
     config = text_config(model)
@@ -239,6 +250,7 @@ def shrink_heads(loaded: LoadedModel, keep_kv_groups: Keep | Sequence[Keep]) -> 
     q/k/v lose rows (the fused qkv its three parts), o loses columns; the config gets the new
     head counts and an explicit `head_dim`.
     """
+    _check_unshared(loaded, "remove heads")
     model = loaded.model
     spec = arch_for(model)
     config = text_config(model)
@@ -287,6 +299,7 @@ def shrink_hidden(loaded: LoadedModel, keep: Keep) -> tuple[LoadedModel, dict[st
     get the kept embedding values preserved: the weights absorb the changed scale and, when
     tied, the final norm absorbs the inverse so the logits keep their scale.
     """
+    _check_unshared(loaded, "shrink the hidden size")
     model = loaded.model
     spec = arch_for(model)
     config = text_config(model)

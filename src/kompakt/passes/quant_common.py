@@ -158,6 +158,9 @@ def select_targets(model: nn.Module, config: QuantGridConfig, name: str) -> list
     `tensor_types` names them with a quantized type: they are rounded to it here (llama.cpp's
     rounding, exact bytes kept), so the step's measured KL is the written file's, not that of a
     model whose embedding the export alone would round."""
+    if get_state(model).shared:  # each depth would round the one shared tensor again, and the deltas stay fp
+        raise ConfigError(f"{name}: the model's layers share weights (share.layers), which quantization does not "
+                          "handle yet; quantize a model without share.layers")  # fmt: skip
     spec = arch_for(model)
     patterns = role_patterns(config.modules, name)
     targets = []

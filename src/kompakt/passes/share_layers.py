@@ -1,0 +1,166 @@
+"""Recursive layer sharing: K unique decoder blocks reused over the model's L depths (ALBERT-style).
+
+Paper: Bae et al. 2024, "Relaxed Recursive Transformers: Effective Parameter Sharing with
+Layer-wise LoRA" (ICLR 2025). A pretrained L-layer model becomes K = L / B unique blocks, each used
+B times; the Linear weights of the depths that share a block become one tensor, which cuts about
+(1 − K/L) of the decoder's Linear parameters. Every depth still runs (same compute as before,
+plus the relaxation).
+
+- `pattern: cycle` (the paper's CYCLE): depth d uses block d mod K — the K-block stack is looped
+  B times. `repeat` (the paper's SEQUENCE): depth d uses block d // B — each block runs B times
+  in a row.
+- `init: average` (the paper's Average): a block's weight is the mean of the weights of the
+  depths that use it. `init: keep` (the paper's Stepwise): block i keeps original layer
+  round(i·(L−1)/(K−1)) — every B-th layer, first and last kept; with `repeat` that layer is one of
+  the block's own depths. The paper recommends Stepwise for plain sharing and Average with the
+  relaxation. Measured on SmolLM2-135M (15 of 30, KL to the original on 1024 tokens of wiki.valid
+  before any training): repeat + average at rank 16 starts closest (KL 11.1), cycle + keep at
+  rank 16 farthest (20.5) — every sharing of a small pretrained model starts far away.
+- `relax_rank` r > 0 (the "relaxed" model): every depth adds its own rank-r delta B·A to each
+  shared Linear, initialised from the truncated SVD of (its original weight − the shared one),
+  B = U_r Σ_r, A = V_rᵀ, as the paper; at full rank the original model is recovered exactly.
+  It costs r·(in + out) parameters per Linear per depth (SmolLM2-135M: 0.16 M per depth at r 16).
+
+Norms and biases stay per depth (not shared): they are < 0.1 % of a layer, they let each depth
+rescale the shared block's inputs (cheap specialisation), and with them a full-rank relaxation
+is the original model exactly, whatever the init. The result is a standard transformers model
+whose depths hold the same nn.Parameter objects (kompakt.model.sharing): training sees each
+shared tensor once, the save stores it once, `kompakt.load` rebuilds the ties. GGUF / plain HF
+export refuse it, or write the dense equivalent with `--merge` (full size again).
+
+When to use it: a model that has to get much smaller in parameters and bytes at the same depth,
+with a real healing budget afterwards (distill.kd; the paper uptrains on billions of tokens):
+before healing the shared model is close to useless (see the numbers above). Every
+depth still computes, so unlike prune.depth it does not get faster; per the paper, at the same
+parameter count a healed relaxed recursive model beats a depth-pruned one. Apply it before
+quantization and before per-layer width pruning (the layers of a group must have equal shapes).
+
+Sample recipe step::
+
+    - share.layers: {ratio: 0.5, pattern: cycle, init: average, relax_rank: 16}
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from kompakt.errors import ConfigError
+from kompakt.model.arch import arch_for, decoder_layers
+from kompakt.model.loaded import LoadedModel
+from kompakt.model.quantized import is_quantized
+from kompakt.model.surgery import linear
+from kompakt.passes.base import PassContext, PassReport, PassSpec
+
+logger = logging.getLogger(__name__)
+
+NAME = "share.layers"
+PATTERNS = ("cycle", "repeat")
+INITS = ("average", "keep")
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass
+class ShareLayersConfig:
+    unique: int | None = field(default=None, metadata=_doc("unique blocks to keep; must divide the layer count"))
+    ratio: float | None = field(default=None, metadata=_doc("unique blocks as a fraction of the layers, in (0, 1)"))
+    pattern: str = field(default="cycle", metadata=_doc(f"which depths share a block: {', '.join(PATTERNS)}"))
+    init: str = field(default="average", metadata=_doc(f"the shared weight: {', '.join(INITS)}"))
+    relax_rank: int = field(default=16, metadata=_doc("rank of each depth's own low-rank delta (0 = plain sharing)"))
+
+    def validate(self) -> None:
+        if (self.unique is None) == (self.ratio is None):
+            raise ConfigError(f"{NAME}: give exactly one of unique or ratio")
+        if self.unique is not None and self.unique < 1:
+            raise ConfigError(f"{NAME}: unique must be at least 1, got {self.unique}")
+        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"{NAME}: ratio must be in (0, 1), got {self.ratio}")
+        if self.pattern not in PATTERNS:
+            raise ConfigError(f"{NAME}: unknown pattern {self.pattern!r}; valid patterns: {', '.join(PATTERNS)}")
+        if self.init not in INITS:
+            raise ConfigError(f"{NAME}: unknown init {self.init!r}; valid inits: {', '.join(INITS)}")
+        if self.relax_rank < 0:
+            raise ConfigError(f"{NAME}: relax_rank must be >= 0, got {self.relax_rank}")
+
+    def unique_blocks(self, n_layers: int) -> int:
+        """K for an L-layer model; ConfigError unless 1 <= K < L and K divides L."""
+        k = self.unique if self.unique is not None else round(self.ratio * n_layers)  # type: ignore[operator]
+        asked = f"unique {self.unique}" if self.unique is not None else f"ratio {self.ratio} ({k} blocks)"
+        if not 1 <= k < n_layers:
+            raise ConfigError(f"{NAME}: {asked} of {n_layers} layers shares nothing or is impossible; "
+                              f"choose 1 to {n_layers - 1} unique blocks")  # fmt: skip
+        if n_layers % k:
+            divisors = [d for d in range(1, n_layers) if n_layers % d == 0]
+            raise ConfigError(f"{NAME}: {asked} does not divide {n_layers} layers; choose one of "
+                              f"{', '.join(map(str, divisors))}")  # fmt: skip
+        return k
+
+
+def groups_for(pattern: str, n_layers: int, k: int) -> list[list[int]]:
+    """Depths of each unique block: cycle block i at i, i+K, ...; repeat block i at iB .. iB+B-1."""
+    if pattern == "cycle":
+        return [list(range(i, n_layers, k)) for i in range(k)]
+    b = n_layers // k
+    return [list(range(i * b, (i + 1) * b)) for i in range(k)]
+
+
+def stepwise_sources(n_layers: int, k: int) -> list[int]:
+    """The paper's Stepwise selection: K layers at regular intervals, first and last kept."""
+    return [0] if k == 1 else [round(i * (n_layers - 1) / (k - 1)) for i in range(k)]
+
+
+def _values(loaded: LoadedModel, config: ShareLayersConfig, groups: list[list[int]]):
+    """block, role -> the block's initial shared weight (mean of its depths, or the kept layer's)."""
+    spec, layers = arch_for(loaded.model), decoder_layers(loaded.model)
+    sources = stepwise_sources(len(layers), len(groups))
+
+    def value(block: int, role: str) -> torch.Tensor:
+        path = spec.linear_paths[role]
+        if config.init == "keep":
+            return linear(layers[sources[block]], path).weight
+        weights = [linear(layers[d], path).weight for d in groups[block]]
+        return torch.stack([w.float() for w in weights]).mean(dim=0).to(weights[0].dtype)
+
+    return value, sources
+
+
+def apply(ctx: PassContext, config: ShareLayersConfig) -> PassReport:
+    from kompakt.model.sharing import tie_layers
+
+    loaded = ctx.loaded
+    if is_quantized(loaded):
+        raise ConfigError(f"{NAME}: {loaded.name} is quantized; share layers before quantizing")
+    n_layers = len(decoder_layers(loaded.model))
+    k = config.unique_blocks(n_layers)
+    groups = groups_for(config.pattern, n_layers, k)
+    before = loaded.num_parameters()
+    value, sources = _values(loaded, config, groups)
+    _check_smaller(loaded, config, n_layers, k)
+    loaded, changes = tie_layers(loaded, groups, value, config.relax_rank)
+    after = loaded.num_parameters()
+    init = f"keep layers {sources}" if config.init == "keep" else "average"
+    summary = (f"{n_layers} layers -> {k} unique blocks x {n_layers // k} ({config.pattern}, {init}, "
+               f"relax rank {config.relax_rank}): {before / 1e6:.1f} M -> {after / 1e6:.1f} M parameters")  # fmt: skip
+    logger.info("%s: %s", NAME, summary)
+    details = {**changes, "pattern": config.pattern, "init": config.init, "groups": groups,
+               **({"kept_layers": sources} if config.init == "keep" else {})}  # fmt: skip
+    return PassReport(loaded=loaded, summary=summary, details=details)
+
+
+def _check_smaller(loaded: LoadedModel, config: ShareLayersConfig, n_layers: int, k: int) -> None:
+    """ConfigError (before any change) when the deltas would cost at least what sharing saves."""
+    spec, layer = arch_for(loaded.model), decoder_layers(loaded.model)[0]
+    shapes = [tuple(linear(layer, path).weight.shape) for path in spec.linear_paths.values()]
+    saved = (n_layers - k) * sum(o * i for o, i in shapes)
+    added = n_layers * sum(min(config.relax_rank, o, i) * (o + i) for o, i in shapes)
+    if added >= saved:
+        raise ConfigError(f"{NAME}: relax_rank {config.relax_rank} adds {added:,} parameters, at least the {saved:,} "
+                          "that sharing saves; lower relax_rank or share more layers")  # fmt: skip
+
+
+PASS = PassSpec(name=NAME, config=ShareLayersConfig, apply=apply, changes_architecture=True, doc=__doc__ or "")
