@@ -25,14 +25,17 @@ here. Nothing else names the config keys:
   "allocation: <how measured>") and the calibration they were measured or solved on; the GGUF
   export writes them as metadata. Key `kompakt_gguf_types_source`.
 
-Reserved slots, for passes to come; no pass fills them and nothing reads them yet:
+- `lowrank` (module name -> LowRank): a Linear replaced by two (kompakt.model.lowrank: lowrank.svd
+  writes it). Key `kompakt_lowrank`. `kompakt.load` rebuilds those modules from it
+  (kompakt.model.lowrank_load); GGUF and HF export refuse such a model unless asked to merge.
 
-- `lowrank` (module name -> LowRank): a Linear replaced by two. Key `kompakt_lowrank`.
+Reserved slot, for a pass to come; no pass fills it and nothing reads it yet:
+
 - `shared` (owner module name -> SharedWeights): one tensor several modules read. Key `kompakt_shared`.
 
-They round-trip through config.json, but this version can neither rebuild such a model nor
-export it, so `kompakt.load` refuses a config.json where any of them is non-empty (ModelFormatError:
-"written by a newer kompakt; upgrade") rather than load a wrong model. The pass that fills a slot
+It round-trips through config.json, but this version can neither rebuild such a model nor
+export it, so `kompakt.load` refuses a config.json where it is non-empty (ModelFormatError:
+"written by a newer kompakt; upgrade") rather than load a wrong model. The pass that fills it
 teaches the loader and the exporter to read it, and then lifts the refusal.
 
 Exact GGUF bytes a grid cannot give back from dense weights (K-quants) are not config data:
@@ -72,7 +75,7 @@ _LOWRANK_KEY = "kompakt_lowrank"
 _SHARED_KEY = "kompakt_shared"
 _COMPRESSED_TENSORS_KEY = "quantization_config"  # transformers' own: weights stored compressed
 # Reserved slots (see the module docstring): what a config.json holding one of them stores.
-_RESERVED = {_LOWRANK_KEY: "low-rank factors", _SHARED_KEY: "shared weights"}
+_RESERVED = {_SHARED_KEY: "shared weights"}
 _INT_FORMAT = re.compile(r"int[2-8]")
 _GGUF_TYPE_NAMES = ("f32", "f16", "bf16", *QUANT_TYPES)  # what a per-tensor type may be
 
@@ -182,17 +185,26 @@ class AwqScaling:
 
 @dataclass(frozen=True)
 class LowRank:
-    """A Linear stored as two: `<name>.0` [rank, in] then `<name>.1` [out, rank] (+ the bias)."""
+    """A Linear stored as two: `<name>.0` [rank, in] then `<name>.1` [out, rank] (+ the bias).
+
+    module: the class that holds them (kompakt.model.lowrank.MODULE_TYPE); a loader refuses a
+    name it does not know rather than guess the layout.
+    """
 
     rank: int
-    method: str = ""  # e.g. "svd", "asvd"
+    method: str = ""  # "plain", "asvd", "svd-llm"
+    module: str = "LowRankLinear"
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "method": self.method}
+        return {"rank": self.rank, "method": self.method, "module": self.module}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LowRank:
-        return cls(rank=int(data["rank"]), method=str(data.get("method", "")))
+        """Raises ValueError / TypeError / KeyError for an entry without an integer rank."""
+        rank = data["rank"]
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise ValueError(f"rank {rank!r} is not an integer")
+        return cls(rank=rank, method=str(data.get("method", "")), module=str(data.get("module", "LowRankLinear")))
 
 
 @dataclass(frozen=True)
@@ -217,8 +229,8 @@ class CompressionState:
     awq: AwqScaling | None = None
     per_tensor_types: Mapping[str, str] = field(default_factory=dict)
     types_source: Mapping[str, str] = field(default_factory=dict)
-    # reserved slots: kompakt.load refuses a model where one is non-empty (module docstring)
     lowrank: Mapping[str, LowRank] = field(default_factory=dict)
+    # reserved slot: kompakt.load refuses a model where it is non-empty (module docstring)
     shared: Mapping[str, SharedWeights] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
@@ -330,7 +342,8 @@ def check_stored_state(config: Mapping[str, Any], where: str) -> None:
                 str(v).lower() not in _GGUF_TYPE_NAMES for v in types.values())):  # fmt: skip
             raise ModelFormatError(f"{where} has a malformed {_GGUF_TYPES_KEY} in config.json (module -> GGUF type "
                                    "expected); upgrade kompakt, or restore config.json as kompakt wrote it")  # fmt: skip
-        for key, parse in ((_QUANTIZATION_KEY, Quantization.from_json), (_AWQ_KEY, AwqScaling.from_json)):
+        for key, parse in ((_QUANTIZATION_KEY, Quantization.from_json), (_AWQ_KEY, AwqScaling.from_json),
+                           (_LOWRANK_KEY, _parse_lowrank)):  # fmt: skip
             value = section.get(key)
             if value in (None, {}):
                 continue
@@ -338,6 +351,18 @@ def check_stored_state(config: Mapping[str, Any], where: str) -> None:
                 if not isinstance(value, Mapping):
                     raise ValueError(f"a {type(value).__name__}, not a mapping")
                 parse(value)
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, KeyError) as exc:
                 raise ModelFormatError(f"{where} has a malformed {key} in config.json ({exc}); "
                                        "upgrade kompakt, or restore config.json as kompakt wrote it") from None
+
+
+def stored_lowrank(config: Mapping[str, Any]) -> dict[str, LowRank]:
+    """The `lowrank` entries of a config.json (as a dict, already checked by check_stored_state)."""
+    for section in (config, config.get("text_config")):
+        if isinstance(section, Mapping) and section.get(_LOWRANK_KEY):
+            return _parse_lowrank(section[_LOWRANK_KEY])
+    return {}
+
+
+def _parse_lowrank(value: Mapping[str, Any]) -> dict[str, LowRank]:
+    return {str(name): LowRank.from_json(entry) for name, entry in value.items()}
