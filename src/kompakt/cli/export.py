@@ -22,6 +22,10 @@ NO_VERIFY_HELP = (
     "Skip the check that reloads the export in its runtime (llama.cpp, transformers) and compares its "
     "next-token predictions with the original."
 )
+MERGE_HELP = (
+    "Write factorized Linears (lowrank.svd) as their dense product: llama.cpp and plain transformers have no "
+    "such layer, so a factorized model is refused without it; the file is back to full size."
+)
 OUT_HELP = "Output file (gguf) or directory (hf); default <model>-<type>[.gguf] in the current directory."
 
 
@@ -35,11 +39,12 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Replace an existing output."),
         no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
         tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help=TENSOR_TYPE_HELP),
+        merge: bool = typer.Option(False, "--merge", help=MERGE_HELP),
     ) -> None:
         from kompakt.export.api import export
 
         result = export(model, format=format, type=type, out=out, force=force, verify=not no_verify,
-                        tensor_types=tensor_type)  # fmt: skip
+                        tensor_types=tensor_type, merge=merge)  # fmt: skip
         console = Console()
         for note in result.notes:
             console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)

@@ -12,6 +12,7 @@ from kompakt.export.gguf_tensors import TYPES
 from kompakt.export.gguf_types import parse_overrides
 from kompakt.export.hf import HF_TYPES, export_hf
 from kompakt.export.manifest import DIRECTORY_MANIFEST, manifest_path, write_manifest
+from kompakt.export.merge import dense_for_export
 from kompakt.export.staging import Stage
 from kompakt.model.loaded import LoadedModel
 
@@ -58,6 +59,7 @@ def export(
     force: bool = False,
     verify: bool = True,
     tensor_types: list[str] | None = None,
+    merge: bool = False,
 ) -> ExportResult:
     """Export a model (a LoadedModel or anything kompakt.model.load accepts; None = embedded default).
 
@@ -74,6 +76,8 @@ def export(
     verify: reload the export in its runtime and compare it with the model it came from
     (kompakt.export.check); a failing export is left as `<name>.rejected` and ExportCheckError
     is raised. The result is in `.check` and in the export's verify.json.
+    merge: write factorized Linears (lowrank.svd) as their dense product; without it such a model
+    is refused (kompakt.export.merge).
     """
     format = format.lower()
     if format not in FORMATS:
@@ -82,8 +86,8 @@ def export(
     type = (type or default_type).lower() or None
     _check_early(format, type, out, force, tensor_types)
     if format == "ollama":
-        return _export_ollama(model, type, out, force, verify)
-    loaded = _load(model)
+        return _export_ollama(model, type, out, force, verify, merge)
+    loaded, merge_notes = dense_for_export(_load(model), format, merge)
     target = Path(out) if out is not None else default_out(loaded.name, format, type or "hf")
     target = _check_destination(format, target, force)
     with Stage(target.parent, target.name) as stage:
@@ -91,12 +95,12 @@ def export(
         if format == "gguf":
             written = write_gguf(loaded, staged, type=type, force=True, tensor_types=tensor_types)
             result = ExportResult(target, manifest_path(target), "gguf", written.type, written.size_bytes,
-                                  written.notes, types_summary=written.types_summary)  # fmt: skip
+                                  merge_notes + written.notes, types_summary=written.types_summary)  # fmt: skip
         else:
             export_hf(loaded, staged, type=type, force=True)
             size = sum(p.stat().st_size for p in staged.glob("*.safetensors"))
             stored = type or str(loaded.storage_dtype).removeprefix("torch.")
-            result = ExportResult(target, target / DIRECTORY_MANIFEST, "hf", stored, size)
+            result = ExportResult(target, target / DIRECTORY_MANIFEST, "hf", stored, size, merge_notes)
         if verify:
             result.check = _verify(loaded, stage, staged, format, result.type, [staged, manifest_path(staged)])
         if format == "gguf":  # the file first, its manifest last; an older verify.json would describe another file
@@ -142,20 +146,20 @@ def _load(model: LoadedModel | str | Path | None) -> LoadedModel:
     return load(model, device="cpu", dtype="float32")
 
 
-def _export_ollama(model, type: str, out: str | Path | None, force: bool, verify: bool) -> ExportResult:
+def _export_ollama(model, type: str, out: str | Path | None, force: bool, verify: bool, merge: bool) -> ExportResult:
     """model.gguf and the Modelfile, staged inside the output directory (which may hold other
     files), checked, and renamed into it with a SHA256SUMS that lists them and their verify.json."""
     from kompakt.export.ollama import GGUF_NAME, MODELFILE, check_out_dir, export_ollama
 
     is_gguf = isinstance(model, (str, Path)) and str(model).lower().endswith(".gguf")
-    source = model if is_gguf else _load(model)
+    source, merge_notes = (model, []) if is_gguf else dense_for_export(_load(model), "ollama", merge)
     name = source.name if isinstance(source, LoadedModel) else Path(str(model)).stem
     out_dir = check_out_dir(Path(out) if out is not None else Path.cwd() / f"{name}-ollama", force)
     with Stage(out_dir, "ollama") as stage:
         export_ollama(source, stage.root, force=True, type=type)
         gguf = stage.path(GGUF_NAME)
         result = ExportResult(out_dir, manifest_path(out_dir), "ollama", type, gguf.stat().st_size,
-                              [f"run: ollama create {name} -f {out_dir / MODELFILE}"])  # fmt: skip
+                              [*merge_notes, f"run: ollama create {name} -f {out_dir / MODELFILE}"])  # fmt: skip
         verify_file = verify_path(stage.root, "ollama").name
         if verify:
             # A copied GGUF is compared with kompakt's own reading of it (the same weights, dequantized).

@@ -31,12 +31,13 @@ MODULE_TYPE = "LowRankLinear"  # what config.json names; kompakt.load refuses an
 class LowRankLinear(nn.Sequential):
     """y = B(A x) + b with A = self[0] (Linear in -> rank, no bias), B = self[1] (rank -> out)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, method: str = "",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
         super().__init__(
             nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype),
             nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype),
         )
+        self.method = method  # how the factors were computed ("svd-llm", ...), for the state
 
     @property
     def in_features(self) -> int:
@@ -75,16 +76,22 @@ def factorize_linear(model: nn.Module, name: str, *, up: torch.Tensor, down: tor
         raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
     weight = linear.weight
     module = LowRankLinear(linear.in_features, linear.out_features, int(down.shape[0]), linear.bias is not None,
-                           device=weight.device, dtype=weight.dtype)  # fmt: skip
+                           method, device=weight.device, dtype=weight.dtype)  # fmt: skip
     module[0].weight.copy_(down)
     module[1].weight.copy_(up)
     if linear.bias is not None:
         module[1].bias.copy_(linear.bias)
     model.set_submodule(name, module)
-    entries = dict(get_state(model).lowrank)
-    entries[name] = LowRank(rank=module.rank, method=method, module=MODULE_TYPE)
-    update_state(model, lowrank=entries)
+    record_lowrank(model)
     return module
+
+
+def record_lowrank(model: nn.Module) -> None:
+    """Set the `lowrank` state from the modules themselves, so it follows surgery that renames
+    them (prune.depth renumbers layers); saving calls it before config.json is written."""
+    entries = {name: LowRank(rank=m.rank, method=m.method, module=MODULE_TYPE) for name, m in lowrank_modules(model).items()}
+    if entries or get_state(model).lowrank:
+        update_state(model, lowrank=entries)
 
 
 def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
@@ -100,7 +107,7 @@ def merge_lowrank(model: nn.Module) -> list[str]:
     merged = lowrank_modules(model)
     for name, module in merged.items():
         model.set_submodule(name, module.to_linear())
-    update_state(model, lowrank={})
+    record_lowrank(model)
     return sorted(merged)
 
 
@@ -119,5 +126,5 @@ def build_lowrank(model: nn.Module, entries: Mapping[str, LowRank]) -> None:
         if not isinstance(linear, nn.Linear) or entry.rank < 1:
             raise ValueError(f"it factorizes {name} ({type(linear).__name__}) at rank {entry.rank}")
         module = LowRankLinear(linear.in_features, linear.out_features, entry.rank, linear.bias is not None,
-                               device=linear.weight.device, dtype=linear.weight.dtype)  # fmt: skip
+                               entry.method, device=linear.weight.device, dtype=linear.weight.dtype)  # fmt: skip
         model.set_submodule(name, module)

@@ -4,7 +4,7 @@ transformers cannot load it alone: config.json describes the dense architecture 
 hold `...q_proj.0.weight` / `...q_proj.1.weight` where it expects `...q_proj.weight`. So the
 family's own class (from config.json's model_type, never remote code) is subclassed for the
 duration of the load: its `__init__` builds the model and then swaps empty LowRankLinear modules
-in where the `kompakt_lowrank` entries say (kompakt.model.lowrank.build_lowrank). transformers'
+in where the compression state's `lowrank` entries say (kompakt.model.lowrank.build_lowrank). transformers'
 `from_pretrained` then fills that skeleton from the safetensors files with all its usual
 machinery (checkpoint key renames, tied weights, dtype, compressed-tensors for factors a later
 quant step stored packed), and the loader's missing-weights check covers the factors too.
