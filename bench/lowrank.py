@@ -10,7 +10,8 @@ and lm_head excluded). No training. Wall time is the pass alone (no evaluation).
     OMP_NUM_THREADS=1 .venv/bin/python bench/lowrank.py --threads 1 --blocks 32 --eval-tokens 8192 --data DIR
     .venv/bin/python bench/lowrank.py --merge --rows svd-llm          # some rows, kept beside the others
 
-A row is (label, pass, config): another low-rank pass (share.basis) is one more row in ROWS.
+`--speed` adds prefill / generation tokens/s as ratios to the original measured in the same run
+(a factorized Linear does two matmuls). A row is (label, pass, config): another low-rank pass (share.basis) is one more row in ROWS.
 The issue's goals are checked at the end: svd-llm < asvd < plain in perplexity at both budgets,
 and svd-llm at 20 % within 1.5x the original's perplexity.
 Prints a table and writes bench/results/lowrank.json.
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 import pruning
-from pruning import calibration_blocks, evaluation_ids, machine, quality, run_row
+from pruning import calibration_blocks, evaluation_ids, machine, paired_speed, quality, run_row
 from results_file import ResultsFile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=128, help="calibration blocks of 512 tokens")
     parser.add_argument("--eval-tokens", type=int, default=32768, help="evaluation tokens of WikiText-2 test")
     parser.add_argument("--rows", action="append", help="run only rows whose name contains this (repeatable)")
+    parser.add_argument("--speed", action="store_true",
+                        help="prefill / generation tokens/s against the original, measured alternately in this run")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "lowrank.json")
     parser.add_argument("--merge", action="store_true", help="keep the other rows already in --out (same protocol)")
@@ -78,6 +81,8 @@ def main() -> None:
         row = {"name": label, "pass": name, "config": values, "seconds": seconds, "params": parameter_count(model),
                "linear_params": linear_params(model), **quality(dense, report.loaded, ids, args.eval_tokens, True),
                "summary": report.summary, "details": report.details, "machine": machine(), "order": order}  # fmt: skip
+        if args.speed:  # two matmuls per factorized Linear: faster only well below break-even
+            row.update(paired_speed(dense, report.loaded))
         results.add(row)
         print_row(row, base)
         del model, report
@@ -92,8 +97,9 @@ def print_row(row: dict, base: dict, header: bool = False) -> None:
     kl = f"{row['kl']:.4f}" if "kl" in row else "-"
     top1 = f"{row['top1']:.1%}" if "top1" in row else "-"
     removed = 1 - row["linear_params"] / base["linear_params"]
+    speed = f" prefill x{row['prefill_speedup']:.2f} gen x{row['generate_speedup']:.2f}" if "prefill_speedup" in row else ""
     print(f"{row['name']:<14} {row['ppl']:>8.2f} {row['ppl'] / base['ppl']:>6.3f} {kl:>7} {top1:>6} "
-          f"{row['linear_params'] / 1e6:>6.1f}M {removed:>7.1%} {row['params'] / 1e6:>6.1f}M {row['seconds']:>7.1f}",
+          f"{row['linear_params'] / 1e6:>6.1f}M {removed:>7.1%} {row['params'] / 1e6:>6.1f}M {row['seconds']:>7.1f}{speed}",
           flush=True)  # fmt: skip
 
 
