@@ -88,3 +88,13 @@ def test_allocation_keeps_dense_what_would_reach_break_even_and_refuses_an_impos
     assert allocate_ranks([flat], 64 * 64) == [None]  # the full budget: dense is the best use
     with pytest.raises(ValueError, match="smallest ranks need"):
         allocate_ranks([big], 8 * 512 - 1)
+
+
+def test_whitening_on_the_inputs_is_already_svd_llms_closed_form_update(layer):
+    """The reference refits U by least squares, min ‖X Wᵀ − (X Aᵀ) Bᵀ‖, on the inputs the compressed
+    layers produce; whitening with those inputs' own Gram (what lowrank.svd does on the sequential
+    driver) already gives that B, so the refit changes nothing."""
+    x = layer.inputs.double()
+    factors = svd.factorize(layer.weight, RANK, svd.whitening(x.T @ x))
+    refit = torch.linalg.lstsq(x @ factors.down.double().T, x @ layer.weight.double().T).solution.T
+    torch.testing.assert_close(refit.float(), factors.up, rtol=1e-3, atol=1e-4)
