@@ -45,7 +45,7 @@ from torch import nn
 from kompakt.calib.capture import CapturedInputs, _StopForward, capture_layer_inputs, run_layer
 from kompakt.calib.layer_cache import LayerCaches
 from kompakt.calib.stats import LinearStats, collect_kinds
-from kompakt.model.arch import ArchSpec, arch_for, decoder_layers, linear_modules
+from kompakt.model.arch import ArchSpec, arch_for, base_role, decoder_layers, linear_modules
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +60,11 @@ SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
 
 def sequential_groups(roles: Iterable[str], true_sequential: bool = True) -> list[tuple[str, ...]]:
     """Split `roles` into the groups processed one after another (one group if not true-sequential)."""
-    present = set(roles)
-    ordered = [tuple(r for r in group if r in present) for group in SEQUENTIAL_GROUPS]
+    present = sorted(set(roles))  # a factorized Linear's roles "attn.q.0", "attn.q.1" join its group
+    ordered = [tuple(r for g in group for r in present if base_role(r) == g) for group in SEQUENTIAL_GROUPS]
     ordered = [group for group in ordered if group]
     known = {r for group in ordered for r in group}
-    extra = tuple(sorted(present - known))  # roles the table may add later: processed last
+    extra = tuple(sorted(set(present) - known))  # roles the table may add later: processed last
     if extra:
         ordered.append(extra)
     if not true_sequential:

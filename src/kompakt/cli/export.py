@@ -22,7 +22,10 @@ NO_VERIFY_HELP = (
     "Skip the check that reloads the export in its runtime (llama.cpp, transformers) and compares its "
     "next-token predictions with the original."
 )
-MERGE_HELP = "Write a model whose layers share weights (share.layers) as its dense equivalent (full size again)."
+MERGE_HELP = (
+    "Write a factorized (lowrank.svd) or shared (share.layers) model as its dense equivalent: llama.cpp and plain "
+    "transformers have no such layers, so such a model is refused without it; the file is back to full size."
+)
 OUT_HELP = "Output file (gguf) or directory (hf); default <model>-<type>[.gguf] in the current directory."
 
 

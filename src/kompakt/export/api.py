@@ -12,6 +12,7 @@ from kompakt.export.gguf_tensors import TYPES
 from kompakt.export.gguf_types import parse_overrides
 from kompakt.export.hf import HF_TYPES, export_hf
 from kompakt.export.manifest import DIRECTORY_MANIFEST, manifest_path, write_manifest
+from kompakt.export.merge import dense_for_export
 from kompakt.export.staging import Stage
 from kompakt.model.loaded import LoadedModel
 
@@ -75,9 +76,8 @@ def export(
     verify: reload the export in its runtime and compare it with the model it came from
     (kompakt.export.check); a failing export is left as `<name>.rejected` and ExportCheckError
     is raised. The result is in `.check` and in the export's verify.json.
-    merge: a model whose layers share weights (share.layers), which no format here can store, is
-    written as its dense equivalent (kompakt.model.sharing.merged_dense: full size again); without
-    it such a model is refused.
+    merge: write a factorized (lowrank.svd) or shared (share.layers) model as its dense
+    equivalent; without it such a model is refused (kompakt.export.merge).
     """
     format = format.lower()
     if format not in FORMATS:
@@ -87,7 +87,7 @@ def export(
     _check_early(format, type, out, force, tensor_types)
     if format == "ollama":
         return _export_ollama(model, type, out, force, verify, merge)
-    loaded, merge_notes = _exportable(_load(model), merge, format)
+    loaded, merge_notes = dense_for_export(_load(model), format, merge)
     target = Path(out) if out is not None else default_out(loaded.name, format, type or "hf")
     target = _check_destination(format, target, force)
     with Stage(target.parent, target.name) as stage:
@@ -95,13 +95,12 @@ def export(
         if format == "gguf":
             written = write_gguf(loaded, staged, type=type, force=True, tensor_types=tensor_types)
             result = ExportResult(target, manifest_path(target), "gguf", written.type, written.size_bytes,
-                                  written.notes, types_summary=written.types_summary)  # fmt: skip
+                                  merge_notes + written.notes, types_summary=written.types_summary)  # fmt: skip
         else:
             export_hf(loaded, staged, type=type, force=True)
             size = sum(p.stat().st_size for p in staged.glob("*.safetensors"))
             stored = type or str(loaded.storage_dtype).removeprefix("torch.")
-            result = ExportResult(target, target / DIRECTORY_MANIFEST, "hf", stored, size)
-        result.notes[:0] = merge_notes
+            result = ExportResult(target, target / DIRECTORY_MANIFEST, "hf", stored, size, merge_notes)
         if verify:
             result.check = _verify(loaded, stage, staged, format, result.type, [staged, manifest_path(staged)])
         if format == "gguf":  # the file first, its manifest last; an older verify.json would describe another file
@@ -147,27 +146,13 @@ def _load(model: LoadedModel | str | Path | None) -> LoadedModel:
     return load(model, device="cpu", dtype="float32")
 
 
-def _exportable(loaded: LoadedModel, merge: bool, format: str) -> tuple[LoadedModel, list[str]]:
-    """(a model `format` can store, notes): layers that share weights are refused, or with
-    `merge` written as their dense equivalent."""
-    from kompakt.model.sharing import is_shared, merged_dense, refuse_shared
-
-    if not merge:
-        refuse_shared(loaded, f"a {format} export")
-    if not is_shared(loaded):
-        return loaded, []
-    dense = merged_dense(loaded)
-    return dense, [f"--merge: the shared layers are written dense, {dense.num_parameters() / 1e6:.1f} M parameters "
-                   f"instead of the shared model's {loaded.num_parameters() / 1e6:.1f} M (full size again)"]  # fmt: skip
-
-
 def _export_ollama(model, type: str, out: str | Path | None, force: bool, verify: bool, merge: bool) -> ExportResult:
     """model.gguf and the Modelfile, staged inside the output directory (which may hold other
     files), checked, and renamed into it with a SHA256SUMS that lists them and their verify.json."""
     from kompakt.export.ollama import GGUF_NAME, MODELFILE, check_out_dir, export_ollama
 
     is_gguf = isinstance(model, (str, Path)) and str(model).lower().endswith(".gguf")
-    source, merge_notes = (model, []) if is_gguf else _exportable(_load(model), merge, "ollama")
+    source, merge_notes = (model, []) if is_gguf else dense_for_export(_load(model), "ollama", merge)
     name = source.name if isinstance(source, LoadedModel) else Path(str(model)).stem
     out_dir = check_out_dir(Path(out) if out is not None else Path.cwd() / f"{name}-ollama", force)
     with Stage(out_dir, "ollama") as stage:

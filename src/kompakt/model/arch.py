@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from kompakt.errors import UnsupportedArchitectureError
+from kompakt.model.lowrank import LowRankLinear
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,33 @@ def decoder_layers(model: Any) -> nn.ModuleList:
 
 
 def linear_modules(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
-    """Role -> Linear of one decoder layer ("attn.q", ..., "mlp.down"; fused roles for Phi-3)."""
-    return {role: get_submodule(layer, path) for role, path in spec.linear_paths.items()}  # type: ignore[misc]
+    """Role -> Linear of one decoder layer ("attn.q", ..., "mlp.down"; fused roles for Phi-3).
+
+    A factorized Linear (kompakt.model.lowrank) appears as its two factors, ordinary Linears in
+    data-flow order: "<role>.0" (A, in -> rank) then "<role>.1" (B, rank -> out), so passes that
+    treat Linears (GPTQ, RTN) quantize the factors. `linear_path` maps either kind of role to its path.
+    """
+    result: dict[str, nn.Linear] = {}
+    for role, path in spec.linear_paths.items():
+        module = get_submodule(layer, path)
+        if isinstance(module, LowRankLinear):
+            result.update({f"{role}.{i}": factor for i, factor in enumerate(module)})
+        else:
+            result[role] = module  # type: ignore[assignment]
+    return result
+
+
+def linear_path(spec: ArchSpec, role: str) -> str:
+    """The path of a Linear role relative to a decoder layer; a factor role ("attn.q.0") gets
+    its factor's path ("self_attn.q_proj.0")."""
+    base = base_role(role)
+    path = spec.linear_paths[base]
+    return path if base == role else f"{path}.{role.rsplit('.', 1)[1]}"
+
+
+def base_role(role: str) -> str:
+    """The role of the Linear a factor role belongs to ("attn.q.1" -> "attn.q")."""
+    return role.rsplit(".", 1)[0] if role.count(".") >= 2 else role
 
 
 def norm_modules(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:

@@ -31,15 +31,9 @@ here. Nothing else names the config keys:
   (kompakt.model.relaxed). Key `kompakt_shared`. Read by kompakt.load (kompakt.model.sharing
   rebuilds the ties before the weights are read), by the save (each shared tensor once) and by
   the export (refused, or `merged_dense` first).
-
-Reserved slot, for a pass to come; no pass fills it and nothing reads it yet:
-
-- `lowrank` (module name -> LowRank): a Linear replaced by two. Key `kompakt_lowrank`.
-
-It round-trips through config.json, but this version can neither rebuild such a model nor
-export it, so `kompakt.load` refuses a config.json where it is non-empty (ModelFormatError:
-"written by a newer kompakt; upgrade") rather than load a wrong model. The pass that fills the
-slot teaches the loader and the exporter to read it, and then lifts the refusal.
+- `lowrank` (module name -> LowRank): a Linear replaced by two (kompakt.model.lowrank: lowrank.svd
+  writes it). Key `kompakt_lowrank`. `kompakt.load` rebuilds those modules from it
+  (kompakt.model.lowrank_load); GGUF and HF export refuse such a model unless asked to merge.
 
 Exact GGUF bytes a grid cannot give back from dense weights (K-quants) are not config data:
 they travel as `LoadedModel.gguf_blocks` (kompakt.model.gguf_blocks).
@@ -77,8 +71,6 @@ _TYPES_SOURCE_KEY = "kompakt_gguf_types_source"
 _LOWRANK_KEY = "kompakt_lowrank"
 _SHARED_KEY = "kompakt_shared"
 _COMPRESSED_TENSORS_KEY = "quantization_config"  # transformers' own: weights stored compressed
-# Reserved slots (see the module docstring): what a config.json holding one of them stores.
-_RESERVED = {_LOWRANK_KEY: "low-rank factors"}
 _INT_FORMAT = re.compile(r"int[2-8]")
 _GGUF_TYPE_NAMES = ("f32", "f16", "bf16", *QUANT_TYPES)  # what a per-tensor type may be
 
@@ -188,17 +180,26 @@ class AwqScaling:
 
 @dataclass(frozen=True)
 class LowRank:
-    """A Linear stored as two: `<name>.0` [rank, in] then `<name>.1` [out, rank] (+ the bias)."""
+    """A Linear stored as two: `<name>.0` [rank, in] then `<name>.1` [out, rank] (+ the bias).
+
+    module: the class that holds them (kompakt.model.lowrank.MODULE_TYPE); a loader refuses a
+    name it does not know rather than guess the layout.
+    """
 
     rank: int
-    method: str = ""  # e.g. "svd", "asvd"
+    method: str = ""  # "plain", "asvd", "svd-llm"
+    module: str = "LowRankLinear"
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "method": self.method}
+        return {"rank": self.rank, "method": self.method, "module": self.module}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LowRank:
-        return cls(rank=int(data["rank"]), method=str(data.get("method", "")))
+        """Raises ValueError / TypeError / KeyError for an entry without an integer rank."""
+        rank = data["rank"]
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise ValueError(f"rank {rank!r} is not an integer")
+        return cls(rank=rank, method=str(data.get("method", "")), module=str(data.get("module", "LowRankLinear")))
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,6 @@ class CompressionState:
     awq: AwqScaling | None = None
     per_tensor_types: Mapping[str, str] = field(default_factory=dict)
     types_source: Mapping[str, str] = field(default_factory=dict)
-    # reserved slot: kompakt.load refuses a model where it is non-empty (module docstring)
     lowrank: Mapping[str, LowRank] = field(default_factory=dict)
     shared: Mapping[str, SharedWeights] = field(default_factory=dict)
 
@@ -340,23 +340,18 @@ def _shared_entry(value: Any) -> SharedWeights:
 def check_stored_state(config: Mapping[str, Any], where: str) -> None:
     """Refuse a config.json (as a dict) whose compression state this version cannot honour.
 
-    A non-empty reserved slot (module docstring) means a newer kompakt wrote weights this loader
-    would not rebuild, so the model would load wrong; a malformed grid or sharing record would
-    fail or mislead later. Both raise ModelFormatError, one line; `where` names the model (its directory).
+    A malformed grid, type, sharing or factor record would fail or mislead later: ModelFormatError,
+    one line; `where` names the model (its directory).
     """
     sections = [config, config.get("text_config")]
     for section in (s for s in sections if isinstance(s, Mapping)):
-        stored = [what for key, what in _RESERVED.items() if section.get(key)]
-        if stored:
-            raise ModelFormatError(f"{where} was written by a newer kompakt (it stores {', '.join(stored)}, "
-                                   "which this version cannot rebuild); upgrade kompakt to load it")  # fmt: skip
         types = section.get(_GGUF_TYPES_KEY)
         if types not in (None, {}) and (not isinstance(types, Mapping) or any(
                 str(v).lower() not in _GGUF_TYPE_NAMES for v in types.values())):  # fmt: skip
             raise ModelFormatError(f"{where} has a malformed {_GGUF_TYPES_KEY} in config.json (module -> GGUF type "
                                    "expected); upgrade kompakt, or restore config.json as kompakt wrote it")  # fmt: skip
         checks = ((_QUANTIZATION_KEY, Quantization.from_json), (_AWQ_KEY, AwqScaling.from_json),
-                  (_SHARED_KEY, lambda v: _mapping(v, _shared_entry)))  # fmt: skip
+                  (_SHARED_KEY, lambda v: _mapping(v, _shared_entry)), (_LOWRANK_KEY, _parse_lowrank))  # fmt: skip
         for key, parse in checks:
             value = section.get(key)
             if value in (None, {}):
@@ -365,6 +360,18 @@ def check_stored_state(config: Mapping[str, Any], where: str) -> None:
                 if not isinstance(value, Mapping):
                     raise ValueError(f"a {type(value).__name__}, not a mapping")
                 parse(value)
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, KeyError) as exc:
                 raise ModelFormatError(f"{where} has a malformed {key} in config.json ({exc}); "
                                        "upgrade kompakt, or restore config.json as kompakt wrote it") from None
+
+
+def stored_lowrank(config: Mapping[str, Any]) -> dict[str, LowRank]:
+    """The `lowrank` entries of a config.json (as a dict, already checked by check_stored_state)."""
+    for section in (config, config.get("text_config")):
+        if isinstance(section, Mapping) and section.get(_LOWRANK_KEY):
+            return _parse_lowrank(section[_LOWRANK_KEY])
+    return {}
+
+
+def _parse_lowrank(value: Mapping[str, Any]) -> dict[str, LowRank]:
+    return {str(name): LowRank.from_json(entry) for name, entry in value.items()}

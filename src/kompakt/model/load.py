@@ -28,6 +28,7 @@ from kompakt.model.gguf_blocks import load_blocks
 from kompakt.model.gguf_convert import convert_gguf, converted_dir_for, is_converted
 from kompakt.model.hf_dir import check_model_dir
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.lowrank_load import factorized_class, restore_family
 from kompakt.model.progress import quiet_third_party
 from kompakt.model.quantized import densify_compressed, is_compressed_config
 from kompakt.model.sharing import load_shared_model
@@ -156,6 +157,7 @@ def load(
     check_stored_state(config, str(directory))
     device = torch.device(device or default_device())
     compute = parse_dtype(dtype) or compute_dtype_for(stored, device)
+    family = factorized_class(config, str(directory))  # None unless Linears are stored factorized
     if stores_shared(config):
         if is_compressed_config(config):
             raise ModelFormatError(f"{directory} stores shared layers as packed integers, which this version cannot "
@@ -164,11 +166,11 @@ def load(
     elif is_compressed_config(config):
         # Packed integer weights: decompressed exactly in fp32 into a plain dense model (see
         # kompakt.model.quantized.densify_compressed), then cast to the compute dtype.
-        model = _load_weights(directory, torch.float32, torch.device("cpu"))
+        model = _load_weights(directory, torch.float32, torch.device("cpu"), family)
         densify_compressed(model, config["quantization_config"])
         model = model.to(device=device, dtype=compute)
     else:
-        model = _load_weights(directory, compute, device)
+        model = _load_weights(directory, compute, device, family)
     tokenizer = _load_tokenizer(directory)
     blocks = load_blocks(directory)  # exact GGUF bytes a quant step saved beside the weights
     log.info("loaded %s (%s stored, %s on %s) in %.1f s", name, stored, compute, device, time.perf_counter() - start)
@@ -176,13 +178,14 @@ def load(
                        gguf_blocks=blocks)  # fmt: skip
 
 
-def _load_weights(directory: Path, dtype: torch.dtype, device: torch.device):
+def _load_weights(directory: Path, dtype: torch.dtype, device: torch.device, family: type | None = None):
+    """transformers' from_pretrained; `family`: a class that rebuilds factorized Linears first."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
         with quiet_third_party():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = (family or AutoModelForCausalLM).from_pretrained(
                 directory, dtype=dtype, trust_remote_code=False, use_safetensors=True, output_loading_info=True
             )
     except KompaktError:
@@ -198,7 +201,7 @@ def _load_weights(directory: Path, dtype: torch.dtype, device: torch.device):
             f"{directory} lacks {len(missing)} weights (e.g. {missing[0]}) that would be random; "
             "copy or download the model again"
         )
-    return model.to(device).eval()
+    return restore_family(model).to(device).eval()
 
 
 def _load_tokenizer(directory: Path):

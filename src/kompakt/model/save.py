@@ -21,6 +21,7 @@ import torch
 from kompakt.atomic import atomic_directory
 from kompakt.errors import OutputPathError
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.lowrank import record_lowrank
 from kompakt.model.sharing import is_shared, stored_state_dict
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def save_pretrained_on_every_rank(model: torch.nn.Module, directory: Path, state
     """
     from kompakt.model.progress import quiet_third_party
 
+    record_lowrank(model)  # config.json names the factorized modules as they are now
     model.should_save_on_this_rank = lambda is_main_process: True  # shadows the mixin's rank check
     try:
         with quiet_third_party():  # no "Writing model shards" / "Compressing model" bars

@@ -16,6 +16,7 @@ _PASS_MODULES: tuple[str, ...] = (
     "kompakt.passes.distill_kd",
     "kompakt.passes.quant_qat",
     "kompakt.passes.finetune_lora",
+    "kompakt.passes.lowrank_svd",
 )
 
 

@@ -44,7 +44,15 @@ import torch
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, get_submodule, text_config
 from kompakt.model.loaded import LoadedModel
-from kompakt.model.surgery import check_config, config_problem, head_dim_of, shrink_heads, shrink_hidden, shrink_mlp
+from kompakt.model.surgery import (
+    check_config,
+    config_problem,
+    head_dim_of,
+    require_linears,
+    shrink_heads,
+    shrink_hidden,
+    shrink_mlp,
+)
 from kompakt.passes.base import PassContext, PassReport, PassSpec
 from kompakt.scoring.channels import ChannelImportance, channel_importance, top_k
 
@@ -244,6 +252,7 @@ def random_scores(loaded: LoadedModel, seed: int) -> ChannelImportance:
 
 def apply(ctx: PassContext, config: WidthConfig) -> PassReport:
     loaded = ctx.loaded
+    require_linears(decoder_layers(loaded.model), arch_for(loaded).linear_paths.values())  # not factorized
     cfg = text_config(loaded.model)
     before = loaded.num_parameters()
     n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads

@@ -52,7 +52,7 @@ from torch import nn
 from kompakt.calib import LayerStats, run_sequential
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, fused_splits, linear_modules, norm_modules, text_config
-from kompakt.model.compression import AwqScaling, update_state
+from kompakt.model.compression import AwqScaling, get_state, update_state
 from kompakt.model.quantized import ensure_not_quantized
 from kompakt.ops.awq import search_clip, search_scales
 from kompakt.ops.quant import QuantGrid
@@ -276,6 +276,9 @@ def apply(ctx: PassContext, config: AwqConfig) -> PassReport:
     start = time.perf_counter()
     loaded = ctx.loaded
     ensure_not_quantized(loaded, "apply AWQ to")
+    if get_state(loaded).lowrank:  # its scales would have to pass through a factor's rank dimension
+        raise ConfigError("quant.awq: the model has factorized Linears (lowrank.svd); quantize them with "
+                          "quant.gptq or quant.rtn instead")  # fmt: skip
     model = loaded.model
     awq = AwqScaler(model, config)  # resolves the per-tensor types first: bad ones fail before any work
     blocks = ctx.calibration()[: config.max_blocks]

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from kompakt.errors import ConfigError
-from kompakt.model.arch import arch_for, decoder_layers, embeddings_tied, get_submodule, linear_modules
+from kompakt.model.arch import arch_for, decoder_layers, embeddings_tied, get_submodule, linear_modules, linear_path
 from kompakt.model.compression import PackedLayer, Quantization, get_state, nominal_bits, update_state
 from kompakt.model.gguf_blocks import GgufBlocks
 from kompakt.model.loaded import LoadedModel
@@ -167,7 +167,7 @@ def select_targets(model: nn.Module, config: QuantGridConfig, name: str) -> list
     for index, layer in enumerate(decoder_layers(model)):
         for role, module in linear_modules(layer, spec).items():
             if not patterns or any(fnmatchcase(role, p) for p in patterns):
-                targets.append(Target(f"{spec.layers}.{index}.{spec.linear_paths[role]}", module, role, index))
+                targets.append(Target(f"{spec.layers}.{index}.{linear_path(spec, role)}", module, role, index))
     if not targets:
         raise ConfigError(f"{name}: modules {config.modules} match no Linear of this {spec.family} model")
     tied = embeddings_tied(model)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kompakt.model.arch import arch_for, linear_modules, norm_modules, text_config
+from kompakt.model.arch import arch_for, get_submodule, norm_modules, text_config
 from kompakt.scoring.hooks import forward_with_hooks
 
 AGGREGATION = "Minitron (batch=L2, seq=mean): mean over a block's positions, then RMS over calibration blocks"
@@ -95,7 +95,9 @@ class ChannelCollector:
         self.n_heads = int(config.num_attention_heads)
         self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         self.layers = layers
-        self.linears = [linear_modules(layer, spec) for layer in layers]
+        # The modules at the o / down paths: their input is what is scored (a factorized one, too).
+        self.linears = [{role: get_submodule(layer, spec.linear_paths[role]) for role in ("attn.o", "mlp.down")}
+                        for layer in layers]  # fmt: skip
         self.norms = [norm_modules(layer, spec) for layer in layers]
         self.sums: dict[tuple, torch.Tensor] = {}  # (kind, layer[, role]) -> sum over blocks of score^2
         self.blocks = 0
