@@ -1,5 +1,5 @@
 """The typed compression state: round trip through save -> load, config.json as written before it
-existed still loads, empty fields write nothing, a reserved slot, a malformed grid or malformed
+existed still loads, empty fields write nothing, a malformed grid or malformed
 per-tensor types refuse to load (one line), exact GGUF bytes round-trip beside the weights, packed layers live in the pass report only, and no other module names its keys."""
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ OLD_AWQ = {"grid": "int4 g64 sym", "clip": True}
 
 
 TYPES = {DOWN[0]: "q8_0", "model.layers.0.self_attn.v_proj": "f16", "model.embed_tokens": "q6_k"}
-RESERVED = {
-    "lowrank": {"model.layers.2.mlp.up_proj": LowRank(rank=8, method="svd")},
-}
+FACTORS = {"lowrank": {"model.layers.2.mlp.up_proj": LowRank(rank=8, method="svd")}}
 
 
 def _state() -> CompressionState:
@@ -106,7 +104,7 @@ def test_empty_fields_write_nothing_and_clear_removes_keys(tmp_path):
     save_model(loaded, tmp_path / "plain")
     assert not [k for k in _config_json(tmp_path / "plain") if k.startswith("kompakt_")]
     set_state(loaded, CompressionState(quantization=_state().quantization, awq=_state().awq,
-                                       per_tensor_types=TYPES, **RESERVED))  # fmt: skip
+                                       per_tensor_types=TYPES, **FACTORS))  # fmt: skip
     clear_state(loaded)
     assert get_state(loaded).is_empty()
     save_model(loaded, tmp_path / "cleared")
@@ -132,19 +130,6 @@ def test_malformed_per_tensor_types_refuse_to_load(entry, tmp_path):
     with pytest.raises(ModelFormatError, match="malformed kompakt_gguf_types") as info:
         load(tmp_path / "bad", device="cpu")
     assert "\n" not in str(info.value)
-
-
-@pytest.mark.parametrize("slot", ["shared"])  # lowrank loads since lowrank.svd: tests/model/test_lowrank.py
-def test_a_reserved_slot_refuses_to_load(slot, tmp_path):
-    """No pass fills them yet and this loader would not rebuild them: a model that has one is
-    from a newer kompakt, and loading it silently would give a wrong model."""
-    loaded = tiny_model("llama")
-    set_state(loaded, CompressionState(**{slot: RESERVED[slot]}))
-    assert getattr(get_state(loaded), slot) == RESERVED[slot]  # the slot itself round-trips in memory
-    save_model(loaded, tmp_path / "newer")
-    with pytest.raises(ModelFormatError, match="written by a newer kompakt.*upgrade") as info:
-        load(tmp_path / "newer", device="cpu")
-    assert "\n" not in str(info.value) and str(tmp_path / "newer") in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,6 @@ from kompakt.model.quantized import is_quantized
 from kompakt.ops import svd
 from kompakt.ops.rank_alloc import Spectrum, allocate_ranks, parameters
 from kompakt.passes.base import PassContext, PassReport, PassSpec
-from kompakt.passes.quant_gptq import SHARED_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +139,6 @@ def _select(linears: list[Matrix], targets: list[str] | None) -> list[Matrix]:
     return chosen
 
 
-def _collector(role: str) -> str:
-    """Linears reading the same tensor share one Gram (collected once, for the first role)."""
-    return next((group[0] for group in SHARED_INPUT if role in group), role)
-
-
 def _transform(matrix: Matrix, method: str, alpha: float, gram: torch.Tensor | None) -> svd.Transform:
     if method == "plain":
         return svd.identity()
@@ -158,12 +152,12 @@ def _calibrate(ctx: PassContext, config: LowRankConfig, chosen: list[Matrix],
     """Run the sequential driver over the chosen matrices; `on_group(matrix, stats)` per matrix."""
     model = ctx.loaded.model
     by_key = {(m.layer, m.role): m for m in chosen}
-    roles = sorted({_collector(m.role) for m in chosen})
+    roles = sorted({m.role for m in chosen})  # Linears reading one tensor share its Gram (the driver aliases them)
     blocks = ctx.calibration()[: config.max_blocks]
 
     def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
         for role, stat in stats.items():
-            for matrix in (m for (i, r), m in by_key.items() if i == index and _collector(r) == role):
+            for matrix in (m for (i, r), m in by_key.items() if i == index and r == role):
                 on_group(matrix, stat)
 
     run_sequential(model, blocks, process, roles=roles, collect=collect, true_sequential=true_sequential,
