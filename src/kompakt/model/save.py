@@ -21,6 +21,7 @@ import torch
 from kompakt.atomic import atomic_directory
 from kompakt.errors import OutputPathError
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.lora_adapter import save_attached
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def _write(loaded: LoadedModel, directory: Path) -> None:
     model = loaded.model
     state_dict = _cast_state_dict(model, loaded.storage_dtype)
     save_pretrained_on_every_rank(model, directory, state_dict)
+    save_attached(model, directory)  # a LoRA adapter running beside the weights (lowrank.compensate)
     _set_config_dtype(directory / "config.json", loaded.storage_dtype)
     loaded.tokenizer.save_pretrained(directory)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kompakt.passes.base import register
 
-_PASS_MODULES: tuple[str, ...] = ("kompakt.passes.prune_depth", "kompakt.passes.prune_width", "kompakt.passes.prune_sparse", "kompakt.passes.quant_rtn", "kompakt.passes.quant_gptq", "kompakt.passes.quant_awq", "kompakt.passes.distill_kd", "kompakt.passes.quant_qat", "kompakt.passes.finetune_lora")
+_PASS_MODULES: tuple[str, ...] = ("kompakt.passes.prune_depth", "kompakt.passes.prune_width", "kompakt.passes.prune_sparse", "kompakt.passes.quant_rtn", "kompakt.passes.quant_gptq", "kompakt.passes.quant_awq", "kompakt.passes.distill_kd", "kompakt.passes.quant_qat", "kompakt.passes.finetune_lora", "kompakt.passes.lowrank_compensate")
 
 
 def _register_all() -> None:
