@@ -23,8 +23,9 @@ PeftModel, keeps PEFT's save_pretrained.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -92,6 +93,19 @@ def detach(model: nn.Module) -> None:
             if getattr(hook, "__self__", None) is delta:
                 del module._forward_hooks[key]
         del module._modules[_CHILD]
+
+
+@contextlib.contextmanager
+def without_adapter(model: nn.Module) -> Iterator[None]:
+    """The base model alone inside the block (what a GGUF or a plain transformers load of its
+    weights computes), the adapter attached again after."""
+    factors = attached(model)
+    detach(model)
+    try:
+        yield
+    finally:
+        if factors:
+            attach(model, factors)
 
 
 def write_adapter(factors: Factors, directory: Path, base_model: str = "") -> None:
