@@ -1,13 +1,13 @@
 """EoRA's eigenspace correction (kompakt.ops.error_compensation): it lowers the output error more
-than a plain SVD of the weight error at the same rank when the inputs are correlated, measures
-the error between outputs when the inputs differ (AWQ scaling), and the global allocation spends
+than a plain SVD of the weight error at the same rank when the inputs are correlated, takes the
+reference in the quantized coordinates when AWQ rescaled the inputs, and the global allocation spends
 its budget where the relative error is largest."""
 
 from __future__ import annotations
 
 import torch
 
-from kompakt.ops.error_compensation import allocate_ranks, output_error, plain_svd, whitened_svd
+from kompakt.ops.error_compensation import allocate_ranks, channel_gains, output_error, plain_svd, whitened_svd
 
 _GEN = torch.Generator().manual_seed(0)
 
@@ -46,27 +46,27 @@ def test_eigenspace_correction_beats_plain_svd_and_no_correction():
         assert abs(spectrum.left_error(rank) - eora / x.shape[0]) < 1e-3 * spectrum.total_energy
 
 
-def test_shifted_inputs_are_compared_by_outputs():
-    """AWQ: the quantized layer reads x / s and holds Q(W diag(s)); the correction must fit
-    W x_o, which comparing W with W_q directly would get wrong."""
+def test_rescaled_inputs_are_compared_in_the_quantized_coordinates():
+    """AWQ: the quantized layer reads x / s and holds Q(W diag(s)); the measured gains recover s
+    and the correction fits W x_o, which comparing W with W_q directly gets badly wrong."""
     x_o = _inputs()
     s = torch.rand(48, generator=_GEN) * 3 + 0.5
     x_q = x_o / s
     w = torch.randn(32, 48, generator=_GEN)
     w_q = _quantize(w * s)
     n = x_o.shape[0]
-    error, space = output_error(w, w_q, x_q.T @ x_q / n, x_o.T @ x_q / n, damp=1e-6)
-    iso = torch.randn(n, 48, generator=_GEN, dtype=torch.float64)  # well conditioned: E = W diag(s) - W_q
-    exact, _ = output_error(w, w_q, (iso / s).T @ (iso / s) / n, iso.T @ (iso / s) / n, damp=0.0)
-    torch.testing.assert_close(exact.float(), w * s - w_q, atol=1e-4, rtol=1e-4)
-    b, a = whitened_svd(error, space, 4).factors(4)
+    covariance = x_q.T @ x_q / n
+    gains = channel_gains((x_o * x_q).sum(0) / n, covariance.diagonal())
+    torch.testing.assert_close(gains, s, rtol=1e-4, atol=1e-5)
     target = x_o @ w.T
-    fitted = float((target - x_q @ (w_q + b @ a).T).square().sum())
-    naive_error, naive_space = output_error(w, w_q, x_q.T @ x_q / n, damp=1e-6)
-    nb, na = whitened_svd(naive_error, naive_space, 4).factors(4)
-    naive = float((target - x_q @ (w_q + nb @ na).T).square().sum())
+
+    def left(g):
+        error, space = output_error(w, w_q, covariance, g)
+        b, a = whitened_svd(error, space, 4).factors(4)
+        return float((target - x_q @ (w_q + b @ a).T).square().sum())
+
     none = float((target - x_q @ w_q.T).square().sum())
-    assert fitted < none < naive
+    assert left(gains) < none < left(None)
 
 
 def test_global_allocation_follows_the_relative_error_within_budget():

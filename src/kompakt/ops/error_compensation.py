@@ -14,13 +14,15 @@ of S between the factors is the reference implementation's). The discarded singu
 S_{r+1}² + ... are exactly the output error left per token: the global rank allocation below
 spends a budget where they are largest.
 
-When the quantized layer reads other inputs than the reference (AWQ folded 1/s into the norm
-before it, or the layers before it changed what reaches it), the error is measured between
-outputs: minimise ‖W X_o − (W_q + B A) X_q‖ with X_o the reference layer's inputs and X_q the
-quantized one's. With C = X_qᵀX_q/n and G = X_oᵀX_q/n the unconstrained optimum is
-W G C⁻¹, so E = W G C⁻¹ − W_q = (W − W_q) + W (G − C) C⁻¹, and the eigenspace step above then
-applies unchanged (the residual of the full-rank fit cannot be reduced by any B A). When
-X_o = X_q, G = C and E is EoRA's W − W_q exactly.
+When the quantized layer reads rescaled inputs (quant.awq folded 1/s into the norm or the
+producer before it, and s into the weight it then quantized), W − W_q compares weights in
+different coordinates. AWQ's change is diagonal, so the reference is taken in the quantized
+layer's coordinates, W diag(g), with g the per-channel gain from the quantized layer's inputs to
+the reference's: g_j = ⟨x_o,j, x_q,j⟩ / ⟨x_q,j, x_q,j⟩ over the calibration tokens (exact for
+norm-fed Linears, a least-squares estimate where the producer was quantized too). A full
+regression W G C⁻¹ (G = X_oᵀX_q) would also try to undo the upstream layers' errors through an
+in × in fit; measured on SmolLM2 AWQ+GPTQ q4_0 it overfits the calibration set and ruins the
+model (KL 0.11 -> 9), so only the diagonal is used.
 """
 
 from __future__ import annotations
@@ -46,10 +48,6 @@ class Eigenspace:
         eig, q = torch.linalg.eigh(c)
         floor = eig.max().clamp_min(1e-12) * 1e-10  # fp noise can make tiny eigenvalues negative
         return cls(q=q, sqrt_eig=eig.clamp_min(floor).sqrt())
-
-    def damped(self) -> torch.Tensor:
-        """C + λI again, [in, in]."""
-        return (self.q * self.sqrt_eig.square()) @ self.q.T
 
 
 @dataclass
@@ -78,26 +76,27 @@ class Spectrum:
         return max(self.total_energy - float(self.singular[:rank].square().sum()), 0.0)
 
 
+def channel_gains(cross_diag: torch.Tensor, covariance_diag: torch.Tensor) -> torch.Tensor:
+    """g [in]: Σ x_o x_q / Σ x_q² per input channel (1 where the calibration never excited it)."""
+    live = covariance_diag > covariance_diag.max().clamp_min(1e-30) * 1e-12
+    return torch.where(live, cross_diag / covariance_diag.clamp_min(1e-30), torch.ones_like(covariance_diag))
+
+
 def output_error(
     weight: torch.Tensor,
     quantized: torch.Tensor,
     covariance: torch.Tensor,
-    cross: torch.Tensor | None = None,
+    gains: torch.Tensor | None = None,
     damp: float = 0.01,
 ) -> tuple[torch.Tensor, Eigenspace]:
-    """(E [out, in], eigenspace of C): the error to correct, see the module docstring.
+    """(E [out, in], eigenspace of C): E = W diag(g) − W_q, see the module docstring.
 
-    `weight` W of the reference, `quantized` W_q, `covariance` C = X_qᵀX_q / n, `cross`
-    G = X_oᵀX_q / n (None: the same inputs, G = C).
+    `weight` W of the reference, `quantized` W_q, `covariance` C = X_qᵀX_q / n of the quantized
+    layer's inputs, `gains` g (None: the same inputs, EoRA's E = W − W_q).
     """
     space = Eigenspace.of(covariance, damp)
-    error = weight.double() - quantized.double()
-    if cross is not None:
-        shift = cross.double() - covariance.double()  # G − C, [in, in]
-        # W (G − C) (C + λI)⁻¹ through the eigenbasis (symmetric, already factored)
-        inv = (space.q / space.sqrt_eig.square()) @ space.q.T
-        error = error + weight.double() @ shift @ inv
-    return error, space
+    reference = weight.double() if gains is None else weight.double() * gains.double()
+    return reference - quantized.double(), space
 
 
 def whitened_svd(error: torch.Tensor, space: Eigenspace, max_rank: int, reference_energy: float = 0.0) -> Spectrum:

@@ -12,11 +12,11 @@ the correction is a standard PEFT LoRA adapter (alpha = r, scaling 1) saved with
 llama.cpp (`llama-cli -m base.gguf --lora adapter.gguf`).
 
 Inputs: the quantized model's own layer inputs, layer by layer on the calibration data
-(kompakt.calib.run_sequential, as EoRA's reference does); the reference Linear's inputs come
-from running the reference's layer on the same hidden states. When they differ (quant.awq
-folded its scales into the norms and producers) the error is measured between the two outputs,
-which keeps the correction right for AWQ-scaled models. Corrections do not feed the later
-layers' calibration inputs, so the global allocation can see every layer before choosing.
+(kompakt.calib.run_sequential, as EoRA's reference does). After quant.awq the quantized Linears
+read rescaled inputs: the reference's layer then runs on the same hidden states and the
+reference weights are taken in the quantized coordinates, W diag(g), g the measured per-channel
+gain. Corrections do not feed the later layers' calibration inputs, so the global allocation
+can see every layer before choosing.
 
 Rank: `rank: 16` on every Linear (`allocation: uniform`), or `allocation: global`: the same
 number of adapter parameters as uniform rank r, spent where the discarded eigen-weighted error
@@ -52,7 +52,7 @@ from kompakt.model.arch import arch_for, decoder_layers, linear_modules
 from kompakt.model.compression import Adapter, get_state, update_state
 from kompakt.model.lora_adapter import ADAPTER_DIR, attach, detach
 from kompakt.model.quantized import is_quantized
-from kompakt.ops.error_compensation import Spectrum, allocate_ranks, output_error, whitened_svd
+from kompakt.ops.error_compensation import Spectrum, allocate_ranks, channel_gains, output_error, whitened_svd
 from kompakt.passes.base import PassContext, PassReport, PassSpec
 
 logger = logging.getLogger(__name__)
@@ -91,33 +91,35 @@ class CompensateConfig:
 
 
 class _Accumulator:
-    """C = X_qᵀX_q, G = X_oᵀX_q and C_o = X_oᵀX_o of one Linear (sums; divided by n at the end)."""
+    """Σ x_q x_qᵀ [in, in] and Σ x_o ⊙ x_q [in] of one Linear (divided by n at the end)."""
 
     def __init__(self, width: int) -> None:
-        self.sums = [torch.zeros(width, width) for _ in range(3)]
+        self.covariance = torch.zeros(width, width)
+        self.cross = torch.zeros(width)
         self.n = 0
 
-    def add(self, x_q: torch.Tensor, x_o: torch.Tensor) -> None:
+    def add(self, x_q: torch.Tensor, x_o: torch.Tensor | None) -> None:
         q = x_q.reshape(-1, x_q.shape[-1]).float()  # [tokens, in]
-        o = x_o.reshape(-1, x_o.shape[-1]).float()
-        self.sums[0].addmm_(q.T, q)
-        self.sums[1].addmm_(o.T, q)
-        self.sums[2].addmm_(o.T, o)
+        self.covariance.addmm_(q.T, q)
+        if x_o is not None:
+            self.cross += (x_o.reshape(-1, x_o.shape[-1]).float() * q).sum(0)
         self.n += q.shape[0]
-
-    def means(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(s / self.n for s in self.sums)  # type: ignore[return-value]
 
 
 class _Compensator:
-    """The run_sequential callback: the whitened error spectrum of every target Linear."""
+    """The run_sequential callback: the whitened error spectrum of every target Linear.
+
+    `rescaled`: quant.awq changed the inputs the quantized Linears read, so the reference layer
+    runs on the same hidden states to measure the per-channel gains (kompakt.ops.error_compensation).
+    """
 
     def __init__(self, model: nn.Module, reference: nn.Module, targets: dict[tuple[int, str], str],
-                 config: CompensateConfig) -> None:  # fmt: skip
+                 config: CompensateConfig, rescaled: bool) -> None:  # fmt: skip
         self.spec = arch_for(model)
         self.reference_layers = decoder_layers(reference)
         self.targets = targets
         self.config = config
+        self.rescaled = rescaled
         self.spectra: dict[str, Spectrum] = {}
 
     def process(self, index: int, layer: nn.Module, stats: LayerStats) -> None:
@@ -135,19 +137,24 @@ class _Compensator:
         try:
             for batch, hidden in enumerate(stats.inputs):
                 seen.clear()
-                reference.forward([hidden])
+                if self.rescaled:
+                    reference.forward([hidden])
                 for role in roles:
-                    sums[role].add(stats[role].inputs[batch], seen[role])
+                    sums[role].add(stats[role].inputs[batch], seen.get(role))
         finally:
             for hook in hooks:
                 hook.remove()
         for role in roles:
-            covariance, cross, ref_cov = sums[role].means()
-            weight = ref_linears[role].weight.detach().float().cpu()
-            error, space = output_error(weight, stats[role].module.weight.detach().float().cpu(), covariance.cpu(),
-                                        cross.cpu(), self.config.damp)  # fmt: skip
-            energy = float(((weight.double() @ ref_cov.double().cpu()) * weight.double()).sum())
-            self.spectra[self.targets[(index, role)]] = whitened_svd(error, space, self.config.cap(), energy)
+            self._spectrum(self.targets[(index, role)], stats[role].module, ref_linears[role], sums[role])
+
+    def _spectrum(self, name: str, module: nn.Linear, ref: nn.Linear, sums: _Accumulator) -> None:
+        covariance = sums.covariance / sums.n
+        gains = channel_gains(sums.cross / sums.n, covariance.diagonal()) if self.rescaled else None
+        weight = ref.weight.detach().float().cpu()
+        error, space = output_error(weight, module.weight.detach().float().cpu(), covariance, gains, self.config.damp)
+        scaled = weight.double() if gains is None else weight.double() * gains.double()  # W in the quantized coordinates
+        energy = float(((scaled @ covariance.double()) * scaled).sum())
+        self.spectra[name] = whitened_svd(error, space, self.config.cap(), energy)
 
     def _check_shape(self, index: int, role: str, module: nn.Linear, ref: nn.Linear) -> None:
         if tuple(module.weight.shape) != tuple(ref.weight.shape):
@@ -207,7 +214,7 @@ def apply(ctx: PassContext, config: CompensateConfig) -> PassReport:
         raise ConfigError(f"{NAME}: no decoder Linear of {loaded.name} is quantized; nothing to compensate")
     reference = _reference(ctx, config, model)
     blocks = ctx.calibration()[: config.max_blocks]
-    compensator = _Compensator(model, reference, targets, config)
+    compensator = _Compensator(model, reference, targets, config, rescaled=get_state(loaded).awq is not None)
     roles = sorted({role for _, role in targets})
     result = run_sequential(model, blocks, compensator.process, roles=roles, collect="inputs", true_sequential=False,
                             batch_size=config.batch_size, description="EoRA")  # fmt: skip
