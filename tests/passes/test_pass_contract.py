@@ -116,14 +116,21 @@ def _context(spec: PassSpec, student: LoadedModel, original: LoadedModel, data: 
     )
 
 
-def _config(spec: PassSpec) -> Any:
-    """The pass's first own sample step, validated as written, then made small and pointed at the
-    run's inputs through the same typed config."""
+def _config(spec: PassSpec) -> tuple[list[tuple[PassSpec, Any]], Any]:
+    """(the sample steps before the pass's own, the pass's first own sample step): each validated
+    as written, then made small and pointed at the run's inputs through the same typed config.
+    Steps before it set up what the pass needs (`quant.gptq` before `lowrank.compensate`)."""
     steps = sample_steps(spec)
     kompakt.Recipe.from_dict({"steps": steps}).validate()  # the documented sample validates unchanged
-    own = [values for step in steps for name, values in step.items() if name == spec.name]
-    assert own, f"{spec.name}: its sample block has no {spec.name} step"
-    values = dict(own[0] or {})
+    pairs = [(name, values) for step in steps for name, values in step.items()]
+    own = next((i for i, (name, _) in enumerate(pairs) if name == spec.name), None)
+    assert own is not None, f"{spec.name}: its sample block has no {spec.name} step"
+    before = [(PASSES[name], _shrunk(PASSES[name], values)) for name, values in pairs[:own]]
+    return before, _shrunk(spec, pairs[own][1])
+
+
+def _shrunk(spec: PassSpec, values: dict[str, Any] | None) -> Any:
+    values = dict(values or {})
     values.update({key: value for key, value in RUN_INPUTS.items() if key in config_fields(spec.config)})
     for owner, fast in FAST.items():
         if issubclass(spec.config, owner):
@@ -143,12 +150,14 @@ def _shapes(loaded: LoadedModel) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize("name, family", TEST_CASES)
 def test_pass_contract(name, family, run_inputs, tmp_path):
     spec = PASSES[name]
-    config = _config(spec)
+    before, config = _config(spec)
     original, data = run_inputs(family)
     student = LoadedModel(model=copy.deepcopy(original.model), tokenizer=original.tokenizer, name=original.name)
-    input_dtype = student.storage_dtype
     work = tmp_path / "work"
     work.mkdir()
+    for step, step_config in before:
+        student = step.apply(_context(step, student, original, data, work), step_config).loaded
+    input_dtype = student.storage_dtype
 
     report = spec.apply(_context(spec, student, original, data, work), config)
 

@@ -9,10 +9,11 @@ from rich.console import Console
 
 HELP = (
     "Export a model: GGUF for llama.cpp (f32 f16 bf16 q8_0 q6_k q5_1 q5_k q5_0 q4_1 q4_k iq4_nl q4_0 q3_k q2_k, "
-    "per tensor with --tensor-type), an Ollama directory (GGUF + Modelfile) or a Hugging Face directory."
+    "per tensor with --tensor-type), a model's LoRA adapter for llama.cpp's --lora (gguf-lora), an Ollama "
+    "directory (GGUF + Modelfile) or a Hugging Face directory."
 )
 MODEL_HELP = "Model directory, .gguf file or embedded name (default: smollm2-135m)."
-TYPE_HELP = "gguf: f32 f16 bf16 q8_0 q6_k q5_1 q5_k q5_0 q4_1 q4_k iq4_nl q4_0 q3_k q2_k (default f16); hf: f32 f16 bf16 (default: as stored)."
+TYPE_HELP = "gguf: f32 f16 bf16 q8_0 q6_k q5_1 q5_k q5_0 q4_1 q4_k iq4_nl q4_0 q3_k q2_k (default f16); gguf-lora: f16 f32 (default f16); hf: f32 f16 bf16 (default: as stored)."
 TENSOR_TYPE_HELP = (
     "gguf: PATTERN=TYPE, the type of the tensors whose GGUF name (or HF name) the regex PATTERN matches, "
     "as llama-quantize's --tensor-type (e.g. ffn_down=q5_0, token_embd=q4_0); repeatable, first match wins, "
@@ -26,6 +27,7 @@ MERGE_HELP = (
     "Write a factorized (lowrank.svd) or shared (share.layers) model as its dense equivalent: llama.cpp and plain "
     "transformers have no such layers, so such a model is refused without it; the file is back to full size."
 )
+BASE_HELP = "gguf-lora: the base .gguf the adapter will run on; its tensor names and shapes are checked first."
 OUT_HELP = "Output file (gguf) or directory (hf); default <model>-<type>[.gguf] in the current directory."
 
 
@@ -33,18 +35,19 @@ def register(app: typer.Typer) -> None:
     @app.command("export", help=HELP)
     def export_command(
         model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
-        format: str = typer.Option("gguf", "--format", "-f", help="gguf, ollama or hf."),
+        format: str = typer.Option("gguf", "--format", "-f", help="gguf, gguf-lora, ollama or hf."),
         type: Optional[str] = typer.Option(None, "--type", "-t", help=TYPE_HELP),
         out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP),
         force: bool = typer.Option(False, "--force", help="Replace an existing output."),
         no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
         tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help=TENSOR_TYPE_HELP),
         merge: bool = typer.Option(False, "--merge", help=MERGE_HELP),
+        base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
     ) -> None:
         from kompakt.export.api import export
 
         result = export(model, format=format, type=type, out=out, force=force, verify=not no_verify,
-                        tensor_types=tensor_type, merge=merge)  # fmt: skip
+                        tensor_types=tensor_type, merge=merge, base=base)  # fmt: skip
         console = Console()
         for note in result.notes:
             console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from kompakt.errors import ConfigError, OutputPathError
 from kompakt.export.check import ExportCheck, check_error, record_check, reject, run_check, verify_path
 from kompakt.export.gguf import write_gguf
+from kompakt.export.gguf_lora import LORA_TYPES
 from kompakt.export.gguf_tensors import TYPES
 from kompakt.export.gguf_types import parse_overrides
 from kompakt.export.hf import HF_TYPES, export_hf
@@ -15,8 +16,9 @@ from kompakt.export.manifest import DIRECTORY_MANIFEST, manifest_path, write_man
 from kompakt.export.merge import dense_for_export
 from kompakt.export.staging import Stage
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.lora_adapter import attached, without_adapter
 
-FORMATS = ("gguf", "hf", "ollama")
+FORMATS = ("gguf", "gguf-lora", "hf", "ollama")
 
 
 @dataclass
@@ -32,19 +34,23 @@ class ExportResult:
 
 
 def default_out(name: str, format: str, type: str) -> Path:
-    stem = f"{Path(str(name)).name}-{type}"
-    return Path.cwd() / (f"{stem}.gguf" if format == "gguf" else stem)
+    stem = f"{Path(str(name)).name}-{'lora-' if format == 'gguf-lora' else ''}{type}"
+    return Path.cwd() / (f"{stem}.gguf" if format in ("gguf", "gguf-lora") else stem)
 
 
 def _check_early(format: str, type: str | None, out: str | Path | None, force: bool,
-                 tensor_types: list[str] | None) -> None:  # fmt: skip
+                 tensor_types: list[str] | None, base: str | Path | None = None) -> None:  # fmt: skip
     """What can be refused before loading the model (which can take a while)."""
-    types = tuple(HF_TYPES) if format == "hf" else TYPES
+    types = {"hf": tuple(HF_TYPES), "gguf-lora": LORA_TYPES}.get(format, TYPES)
     if type is not None and type not in types:
         raise ConfigError(f"--format {format} takes --type {', '.join(types)}; got {type!r}")
     if tensor_types and format != "gguf":
         raise ConfigError(f"--tensor-type sets GGUF tensor types; use it with --format gguf, not {format}")
     parse_overrides(tensor_types)
+    if base is not None and format != "gguf-lora":
+        raise ConfigError(f"--base names the base GGUF of a LoRA adapter; use it with --format gguf-lora, not {format}")
+    if base is not None and not Path(base).expanduser().is_file():
+        raise ConfigError(f"--base {base} is not a file; give the .gguf the adapter will run on")
     if out is not None and Path(out).expanduser().exists() and not force:
         path = Path(out).expanduser().absolute()
         raise OutputPathError(f"{path} exists; pass --force to replace it or choose another name")
@@ -60,13 +66,17 @@ def export(
     verify: bool = True,
     tensor_types: list[str] | None = None,
     merge: bool = False,
+    base: str | Path | None = None,
 ) -> ExportResult:
     """Export a model (a LoadedModel or anything kompakt.model.load accepts; None = embedded default).
 
     format "gguf": type one of kompakt.ops.ggml_types.NAMES (f32, f16, bf16, q8_0, q6_k, ...,
     q4_0, q3_k, q2_k; default f16), each tensor's own type from `tensor_types` (`PATTERN=TYPE`,
     as llama-quantize's --tensor-type) and the model's per-tensor types first
-    (kompakt.export.gguf_types); out default `<name>-<type>.gguf` in the current directory. format "hf": type f32 | f16 | bf16 (default
+    (kompakt.export.gguf_types); out default `<name>-<type>.gguf` in the current directory. format
+    "gguf-lora": the model's LoRA adapter (lowrank.compensate) for llama.cpp's --lora, type f16
+    (default) or f32, checked against the base GGUF `base` when given (kompakt.export.gguf_lora);
+    out default `<name>-lora-<type>.gguf`. format "hf": type f32 | f16 | bf16 (default
     the stored dtype), out default `<name>-<type>/`. format "ollama": a directory with
     model.gguf (a given .gguf is copied; a model is exported with type, default q4_0) and a
     Modelfile (template and stop tokens from the chat template).
@@ -82,11 +92,13 @@ def export(
     format = format.lower()
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    default_type = {"gguf": "f16", "ollama": "q4_0"}.get(format, "")
+    default_type = {"gguf": "f16", "gguf-lora": "f16", "ollama": "q4_0"}.get(format, "")
     type = (type or default_type).lower() or None
-    _check_early(format, type, out, force, tensor_types)
+    _check_early(format, type, out, force, tensor_types, base)
     if format == "ollama":
         return _export_ollama(model, type, out, force, verify, merge)
+    if format == "gguf-lora":
+        return _export_gguf_lora(_load(model), type or "f16", out, force, base)
     loaded, merge_notes = dense_for_export(_load(model), format, merge)
     target = Path(out) if out is not None else default_out(loaded.name, format, type or "hf")
     target = _check_destination(format, target, force)
@@ -101,8 +113,12 @@ def export(
             size = sum(p.stat().st_size for p in staged.glob("*.safetensors"))
             stored = type or str(loaded.storage_dtype).removeprefix("torch.")
             result = ExportResult(target, target / DIRECTORY_MANIFEST, "hf", stored, size, merge_notes)
+        if format == "gguf" and attached(loaded.model):
+            result.notes.append("the model's LoRA adapter is not in this file: export it with --format gguf-lora "
+                                "and run llama.cpp with --lora")  # fmt: skip
         if verify:
-            result.check = _verify(loaded, stage, staged, format, result.type, [staged, manifest_path(staged)])
+            with without_adapter(loaded.model):  # the runtimes load the weights alone
+                result.check = _verify(loaded, stage, staged, format, result.type, [staged, manifest_path(staged)])
         if format == "gguf":  # the file first, its manifest last; an older verify.json would describe another file
             verify_file = verify_path(staged, format).name
             shipped = [target.name, *([verify_file] if verify else []), manifest_path(staged).name]
@@ -110,6 +126,17 @@ def export(
         else:
             stage.publish([target.name])  # verify.json and SHA256SUMS are inside
     return result
+
+
+def _export_gguf_lora(loaded: LoadedModel, type: str, out: str | Path | None, force: bool,
+                      base: str | Path | None) -> ExportResult:  # fmt: skip
+    """The adapter file, written atomically once every name and shape fits (the base when given)."""
+    from kompakt.export.gguf_lora import write_gguf_lora
+
+    target = Path(out) if out is not None else default_out(loaded.name, "gguf-lora", type)
+    written = write_gguf_lora(loaded, target, type=type, base=base, force=force)
+    return ExportResult(written.path, written.manifest, "gguf-lora", type, written.size_bytes, written.notes,
+                        types_summary=f"{written.tensors} adapted tensors, alpha {written.alpha:g}")  # fmt: skip
 
 
 def _check_destination(format: str, target: Path, force: bool) -> Path:
@@ -165,7 +192,8 @@ def _export_ollama(model, type: str, out: str | Path | None, force: bool, verify
             # A copied GGUF is compared with kompakt's own reading of it (the same weights, dequantized).
             reference = _load(model) if is_gguf else source
             written = [gguf, stage.path(MODELFILE), manifest_path(gguf)]
-            result.check = _verify(reference, stage, stage.root, "ollama", _gguf_type(gguf, type), written)
+            with without_adapter(reference.model):  # llama.cpp runs the base weights alone
+                result.check = _verify(reference, stage, stage.root, "ollama", _gguf_type(gguf, type), written)
         write_manifest(stage.root)  # after verify.json, so the manifest lists it
         names = sorted(path.name for path in stage.root.iterdir() if path.name != DIRECTORY_MANIFEST)
         stage.publish([*names, DIRECTORY_MANIFEST], stale=(verify_file, manifest_path(gguf).name))

@@ -34,6 +34,10 @@ here. Nothing else names the config keys:
 - `lowrank` (module name -> LowRank): a Linear replaced by two (kompakt.model.lowrank: lowrank.svd
   writes it). Key `kompakt_lowrank`. `kompakt.load` rebuilds those modules from it
   (kompakt.model.lowrank_load); GGUF and HF export refuse such a model unless asked to merge.
+- `adapter` (Adapter): a LoRA adapter runs beside the (untouched) weights, stored as PEFT files in
+  the model directory's `adapter.directory` (lowrank.compensate; kompakt.model.lora_adapter).
+  Key `kompakt_adapter`. `kompakt.load` attaches it; `kompakt export --format gguf-lora` writes
+  it for llama.cpp. The weights alone are the base model (what `--format gguf` exports).
 
 Exact GGUF bytes a grid cannot give back from dense weights (K-quants) are not config data:
 they travel as `LoadedModel.gguf_blocks` (kompakt.model.gguf_blocks).
@@ -70,6 +74,7 @@ _GGUF_TYPES_KEY = "kompakt_gguf_types"
 _TYPES_SOURCE_KEY = "kompakt_gguf_types_source"
 _LOWRANK_KEY = "kompakt_lowrank"
 _SHARED_KEY = "kompakt_shared"
+_ADAPTER_KEY = "kompakt_adapter"
 _COMPRESSED_TENSORS_KEY = "quantization_config"  # transformers' own: weights stored compressed
 _INT_FORMAT = re.compile(r"int[2-8]")
 _GGUF_TYPE_NAMES = ("f32", "f16", "bf16", *QUANT_TYPES)  # what a per-tensor type may be
@@ -179,6 +184,23 @@ class AwqScaling:
 
 
 @dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter in the model directory's `directory`, made by `method` (e.g. "eora")."""
+
+    directory: str
+    method: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"directory": self.directory, "method": self.method}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Adapter:
+        if not isinstance(data.get("directory"), str) or not data["directory"]:
+            raise ValueError("an adapter needs its directory name")
+        return cls(directory=str(data["directory"]), method=str(data.get("method", "")))
+
+
+@dataclass(frozen=True)
 class LowRank:
     """A Linear stored as two: `<name>.0` [rank, in] then `<name>.1` [out, rank] (+ the bias).
 
@@ -232,6 +254,7 @@ class CompressionState:
     awq: AwqScaling | None = None
     per_tensor_types: Mapping[str, str] = field(default_factory=dict)
     types_source: Mapping[str, str] = field(default_factory=dict)
+    adapter: Adapter | None = None
     lowrank: Mapping[str, LowRank] = field(default_factory=dict)
     shared: Mapping[str, SharedWeights] = field(default_factory=dict)
 
@@ -262,11 +285,13 @@ def get_state(target: LoadedModel | torch.nn.Module) -> CompressionState:
     config = model.config
     quant = getattr(config, _QUANTIZATION_KEY, None)
     awq = getattr(config, _AWQ_KEY, None)
+    adapter = getattr(config, _ADAPTER_KEY, None)
     return CompressionState(
         quantization=Quantization.from_json(quant) if isinstance(quant, Mapping) and quant else None,
         awq=AwqScaling.from_json(awq) if isinstance(awq, Mapping) and awq else None,
         per_tensor_types=_mapping(getattr(config, _GGUF_TYPES_KEY, None), lambda v: str(v).lower()),
         types_source=_mapping(getattr(config, _TYPES_SOURCE_KEY, None), str),
+        adapter=Adapter.from_json(adapter) if isinstance(adapter, Mapping) and adapter else None,
         lowrank=_mapping(getattr(config, _LOWRANK_KEY, None), LowRank.from_json),
         shared=_mapping(getattr(config, _SHARED_KEY, None), _shared_entry),
     )
@@ -280,6 +305,7 @@ def set_state(target: LoadedModel | torch.nn.Module, state: CompressionState) ->
         _AWQ_KEY: state.awq.to_json() if state.awq else None,
         _GGUF_TYPES_KEY: dict(state.per_tensor_types) or None,
         _TYPES_SOURCE_KEY: dict(state.types_source) or None,
+        _ADAPTER_KEY: state.adapter.to_json() if state.adapter else None,
         _LOWRANK_KEY: {k: v.to_json() for k, v in state.lowrank.items()} or None,
         _SHARED_KEY: {k: v.to_json() for k, v in state.shared.items()} or None,
     }
@@ -351,7 +377,8 @@ def check_stored_state(config: Mapping[str, Any], where: str) -> None:
             raise ModelFormatError(f"{where} has a malformed {_GGUF_TYPES_KEY} in config.json (module -> GGUF type "
                                    "expected); upgrade kompakt, or restore config.json as kompakt wrote it")  # fmt: skip
         checks = ((_QUANTIZATION_KEY, Quantization.from_json), (_AWQ_KEY, AwqScaling.from_json),
-                  (_SHARED_KEY, lambda v: _mapping(v, _shared_entry)), (_LOWRANK_KEY, _parse_lowrank))  # fmt: skip
+                  (_SHARED_KEY, lambda v: _mapping(v, _shared_entry)), (_LOWRANK_KEY, _parse_lowrank),
+                  (_ADAPTER_KEY, Adapter.from_json))  # fmt: skip
         for key, parse in checks:
             value = section.get(key)
             if value in (None, {}):

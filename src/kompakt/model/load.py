@@ -29,6 +29,7 @@ from kompakt.model.gguf_convert import convert_gguf, converted_dir_for, is_conve
 from kompakt.model.hf_dir import check_model_dir
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.lowrank_load import factorized_class, restore_family
+from kompakt.model.lora_adapter import load_attached
 from kompakt.model.progress import quiet_third_party
 from kompakt.model.quantized import densify_compressed, is_compressed_config
 from kompakt.model.sharing import load_shared_model
@@ -171,6 +172,7 @@ def load(
         model = model.to(device=device, dtype=compute)
     else:
         model = _load_weights(directory, compute, device, family)
+    load_attached(model, directory)  # a LoRA adapter that runs beside the weights (lowrank.compensate)
     tokenizer = _load_tokenizer(directory)
     blocks = load_blocks(directory)  # exact GGUF bytes a quant step saved beside the weights
     log.info("loaded %s (%s stored, %s on %s) in %.1f s", name, stored, compute, device, time.perf_counter() - start)

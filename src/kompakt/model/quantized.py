@@ -39,6 +39,7 @@ from kompakt.atomic import atomic_directory
 from kompakt.errors import ConfigError, OutputPathError
 from kompakt.model.compression import PackedLayer, compressed_tensors_config, get_state
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.lora_adapter import save_attached
 from kompakt.model.save import save_pretrained_on_every_rank
 from kompakt.ops.quant import QuantGrid
 
@@ -205,6 +206,7 @@ def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path,
     expected = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
     with atomic_directory(target, replace=True, expected_bytes=expected) as temp:
         save_pretrained_on_every_rank(loaded.model, temp, state)
+        save_attached(loaded.model, temp)
         config_path = temp / "config.json"
         config = json.loads(config_path.read_text())
         config["quantization_config"] = qconfig

@@ -21,6 +21,7 @@ import torch
 from kompakt.atomic import atomic_directory
 from kompakt.errors import OutputPathError
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.lora_adapter import save_attached
 from kompakt.model.lowrank import record_lowrank
 from kompakt.model.sharing import is_shared, stored_state_dict
 
@@ -62,6 +63,7 @@ def _write(loaded: LoadedModel, directory: Path) -> None:
     # which kompakt.load reads back (transformers' original-format renames are for its own loader).
     state_dict = stored_state_dict(model, _cast_state_dict(model, loaded.storage_dtype))
     save_pretrained_on_every_rank(model, directory, state_dict, original_format=not is_shared(model))
+    save_attached(model, directory)  # a LoRA adapter running beside the weights (lowrank.compensate)
     _set_config_dtype(directory / "config.json", loaded.storage_dtype)
     loaded.tokenizer.save_pretrained(directory)
 

@@ -17,6 +17,7 @@ _PASS_MODULES: tuple[str, ...] = (
     "kompakt.passes.quant_qat",
     "kompakt.passes.finetune_lora",
     "kompakt.passes.lowrank_svd",
+    "kompakt.passes.lowrank_compensate",
 )
 
 
