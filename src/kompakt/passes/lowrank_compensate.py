@@ -91,7 +91,7 @@ class CompensateConfig:
 
 
 class _Accumulator:
-    """Σ x_q x_qᵀ [in, in] and Σ x_o ⊙ x_q [in] of one Linear (divided by n at the end)."""
+    """Σ x_q x_qᵀ [in, in] and Σ x_o² [in] of one Linear (divided by n at the end)."""
 
     def __init__(self, width: int) -> None:
         self.covariance = torch.zeros(width, width)
@@ -102,7 +102,7 @@ class _Accumulator:
         q = x_q.reshape(-1, x_q.shape[-1]).float()  # [tokens, in]
         self.covariance.addmm_(q.T, q)
         if x_o is not None:
-            self.cross += (x_o.reshape(-1, x_o.shape[-1]).float() * q).sum(0)
+            self.cross += x_o.reshape(-1, x_o.shape[-1]).float().square().sum(0)
         self.n += q.shape[0]
 
 
