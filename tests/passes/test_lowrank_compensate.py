@@ -74,17 +74,14 @@ def test_compensation_lowers_kl_and_keeps_the_grid(quantized):
     assert kls["global"] < 0.8 * before, (before, kls)
 
 
-def test_compensation_after_awq_uses_the_rescaled_coordinates():
-    """quant.awq moved scales into the norms and producers: the reference is compared in the
-    quantized layer's coordinates, and the adapter still lowers the KL."""
+def test_awq_scaled_models_are_refused():
+    """quant.awq + compensation measured harmful on SmolLM2 (KL 0.11 -> 9): refused, one line."""
     original = tiny_model("llama")
     student = _copy(original)
     _run("quant.awq", student, original, bits=3, group_size=32)
     _run("quant.rtn", student, original, bits=3, group_size=32)
-    reference = _logits(original.model)
-    before = _kl(reference, student.model)
-    _run("lowrank.compensate", student, original, rank=4)
-    assert _kl(reference, student.model) < 0.8 * before
+    with pytest.raises(ConfigError, match="quant.awq"):
+        _run("lowrank.compensate", student, original, rank=4)
 
 
 def test_adapter_round_trips_through_peft_and_kompakt_load(quantized, tmp_path):

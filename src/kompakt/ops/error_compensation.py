@@ -18,8 +18,9 @@ When the quantized layer reads rescaled inputs (quant.awq folded 1/s into the no
 producer before it, and s into the weight it then quantized), W − W_q compares weights in
 different coordinates. AWQ's change is diagonal, so the reference is taken in the quantized
 layer's coordinates, W diag(g), with g the per-channel gain from the quantized layer's inputs to
-the reference's: g_j = ⟨x_o,j, x_q,j⟩ / ⟨x_q,j, x_q,j⟩ over the calibration tokens (exact for
-norm-fed Linears, a least-squares estimate where the producer was quantized too). A full
+the reference's: g_j = ‖x_o,j‖ / ‖x_q,j‖ over the calibration tokens (exact for norm-fed
+Linears, an estimate where the producer was quantized too; the least-squares ⟨x_o, x_q⟩ / ‖x_q‖²
+was tried and gives negative, noisy gains on weakly excited channels). A full
 regression W G C⁻¹ (G = X_oᵀX_q) would also try to undo the upstream layers' errors through an
 in × in fit; measured on SmolLM2 AWQ+GPTQ q4_0 it overfits the calibration set and ruins the
 model (KL 0.11 -> 9), so only the diagonal is used.
@@ -76,10 +77,10 @@ class Spectrum:
         return max(self.total_energy - float(self.singular[:rank].square().sum()), 0.0)
 
 
-def channel_gains(cross_diag: torch.Tensor, covariance_diag: torch.Tensor) -> torch.Tensor:
-    """g [in]: Σ x_o x_q / Σ x_q² per input channel (1 where the calibration never excited it)."""
-    live = covariance_diag > covariance_diag.max().clamp_min(1e-30) * 1e-12
-    return torch.where(live, cross_diag / covariance_diag.clamp_min(1e-30), torch.ones_like(covariance_diag))
+def channel_gains(reference_sq: torch.Tensor, covariance_diag: torch.Tensor) -> torch.Tensor:
+    """g [in]: (Σ x_o² / Σ x_q²)^½ per input channel (1 where the calibration never excited it)."""
+    live = (covariance_diag > covariance_diag.max().clamp_min(1e-30) * 1e-12) & (reference_sq > 0)
+    return torch.where(live, (reference_sq / covariance_diag.clamp_min(1e-30)).sqrt(), torch.ones_like(covariance_diag))
 
 
 def output_error(
