@@ -113,6 +113,11 @@ class PassSpec:
         return self.doc.strip().splitlines()[0] if self.doc.strip() else self.name
 
 
+def doc(text: str) -> dict[str, str]:
+    """A config field's metadata: its one-line help (what `kompakt passes show` prints)."""
+    return {"doc": text}
+
+
 def config_fields(config_cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_cls)}
 

@@ -54,7 +54,7 @@ from kompakt.model.compression import Adapter, get_state, update_state
 from kompakt.model.lora_adapter import ADAPTER_DIR, attach, detach
 from kompakt.model.quantized import is_quantized
 from kompakt.ops.error_compensation import Spectrum, allocate_ranks, channel_gains, output_error, whitened_svd
-from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 
 logger = logging.getLogger(__name__)
 
@@ -62,19 +62,15 @@ NAME = "lowrank.compensate"
 ALLOCATIONS = ("uniform", "global")
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
-
-
 @dataclass
 class CompensateConfig:
-    rank: int = field(default=16, metadata=_doc("adapter rank per Linear (global: the average)"))
-    allocation: str = field(default="uniform", metadata=_doc("uniform | global (budget to the largest errors)"))
-    max_rank: int | None = field(default=None, metadata=_doc("global: rank cap per Linear (default 4 x rank)"))
-    reference: str | None = field(default=None, metadata=_doc("the model that was quantized (default: the original)"))
-    damp: float = field(default=0.01, metadata=_doc("input covariance damping, fraction of its mean diagonal"))
-    max_blocks: int | None = field(default=None, metadata=_doc("use at most this many calibration blocks"))
-    batch_size: int = field(default=8, metadata=_doc("calibration blocks per layer call"))
+    rank: int = field(default=16, metadata=doc("adapter rank per Linear (global: the average)"))
+    allocation: str = field(default="uniform", metadata=doc("uniform | global (budget to the largest errors)"))
+    max_rank: int | None = field(default=None, metadata=doc("global: rank cap per Linear (default 4 x rank)"))
+    reference: str | None = field(default=None, metadata=doc("the model that was quantized (default: the original)"))
+    damp: float = field(default=0.01, metadata=doc("input covariance damping, fraction of its mean diagonal"))
+    max_blocks: int | None = field(default=None, metadata=doc("use at most this many calibration blocks"))
+    batch_size: int = field(default=8, metadata=doc("calibration blocks per layer call"))
 
     def validate(self) -> None:
         if self.rank < 1 or (self.max_rank is not None and self.max_rank < 1):

@@ -57,7 +57,7 @@ from kompakt.model.lowrank import factorize_linear
 from kompakt.model.quantized import is_quantized
 from kompakt.ops import svd
 from kompakt.ops.rank_alloc import Spectrum, allocate_ranks, parameters
-from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +66,17 @@ RANK_MULTIPLE = 8
 NAMES_SHOWN = 3
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
-
-
 @dataclass
 class LowRankConfig:
-    method: str = field(default="svd-llm", metadata=_doc("plain, asvd or svd-llm"))
-    target_params: float = field(default=0.2, metadata=_doc("fraction of decoder Linear parameters removed, in (0, 1)"))
+    method: str = field(default="svd-llm", metadata=doc("plain, asvd or svd-llm"))
+    target_params: float = field(default=0.2, metadata=doc("fraction of decoder Linear parameters removed, in (0, 1)"))
     targets: list[str] | str | None = field(
-        default=None, metadata=_doc("module-name patterns (fnmatch) to factorize, e.g. '*.mlp.*' (default all)")
+        default=None, metadata=doc("module-name patterns (fnmatch) to factorize, e.g. '*.mlp.*' (default all)")
     )
-    alpha: float = field(default=svd.ASVD_ALPHA, metadata=_doc("asvd: exponent on the activation magnitude"))
-    true_sequential: bool = field(default=True, metadata=_doc("svd-llm: q/k/v, o, gate/up, down one after another"))
-    max_blocks: int | None = field(default=None, metadata=_doc("use at most this many calibration blocks"))
-    batch_size: int = field(default=8, metadata=_doc("calibration blocks per layer call"))
+    alpha: float = field(default=svd.ASVD_ALPHA, metadata=doc("asvd: exponent on the activation magnitude"))
+    true_sequential: bool = field(default=True, metadata=doc("svd-llm: q/k/v, o, gate/up, down one after another"))
+    max_blocks: int | None = field(default=None, metadata=doc("use at most this many calibration blocks"))
+    batch_size: int = field(default=8, metadata=doc("calibration blocks per layer call"))
 
     def validate(self) -> None:
         if self.method not in METHODS:

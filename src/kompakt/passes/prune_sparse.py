@@ -60,7 +60,7 @@ from kompakt.model.arch import ArchSpec, arch_for, decoder_layers, linear_module
 from kompakt.ops.sparsegpt import sparsegpt_prune
 from kompakt.ops.sparsity_masks import magnitude_prune
 from kompakt.ops.wanda import wanda_prune, wanda_scores
-from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 
 logger = logging.getLogger(__name__)
 
@@ -71,31 +71,27 @@ DEFAULT_SPARSITY = 0.5
 MAX_LAYER_SPARSITY = 0.99  # OWL never prunes a layer completely
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
-
-
 @dataclass
 class SparseConfig:
-    method: str = field(default="sparsegpt", metadata=_doc(f"pruning criterion: {', '.join(METHODS)}"))
+    method: str = field(default="sparsegpt", metadata=doc(f"pruning criterion: {', '.join(METHODS)}"))
     sparsity: float | None = field(
-        default=None, metadata=_doc("fraction of weights removed per Linear, in [0, 1) (default 0.5 without nm)")
+        default=None, metadata=doc("fraction of weights removed per Linear, in [0, 1) (default 0.5 without nm)")
     )
-    nm: str | None = field(default=None, metadata=_doc('N:M pattern "2:4" or "4:8": keep N of every M inputs'))
+    nm: str | None = field(default=None, metadata=doc('N:M pattern "2:4" or "4:8": keep N of every M inputs'))
     modules: list[str] | str | None = field(
-        default=None, metadata=_doc("Linear roles to prune: attn, mlp, attn.q, ..., mlp.down (default all)")
+        default=None, metadata=doc("Linear roles to prune: attn, mlp, attn.q, ..., mlp.down (default all)")
     )
-    owl: bool = field(default=False, metadata=_doc("non-uniform layer sparsity from outlier ratios (OWL)"))
-    owl_m: float = field(default=5.0, metadata=_doc("OWL: an outlier score exceeds owl_m x the layer mean"))
-    owl_lambda: float = field(default=0.08, metadata=_doc("OWL: layer sparsities span target +- owl_lambda"))
-    steps: int = field(default=1, metadata=_doc("gradual pruning: number of steps in the cubic schedule"))
-    step: int = field(default=1, metadata=_doc("gradual pruning: this step's number, 1..steps"))
-    initial_sparsity: float = field(default=0.0, metadata=_doc("gradual pruning: sparsity before step 1"))
-    true_sequential: bool = field(default=True, metadata=_doc("prune q/k/v, o, gate/up, down one after another"))
-    block_size: int = field(default=128, metadata=_doc("SparseGPT: columns per lazy-update block"))
-    percdamp: float = field(default=0.01, metadata=_doc("SparseGPT: Hessian damping, fraction of mean diagonal"))
-    max_blocks: int | None = field(default=None, metadata=_doc("use at most this many calibration blocks"))
-    batch_size: int = field(default=8, metadata=_doc("calibration blocks per layer call"))
+    owl: bool = field(default=False, metadata=doc("non-uniform layer sparsity from outlier ratios (OWL)"))
+    owl_m: float = field(default=5.0, metadata=doc("OWL: an outlier score exceeds owl_m x the layer mean"))
+    owl_lambda: float = field(default=0.08, metadata=doc("OWL: layer sparsities span target +- owl_lambda"))
+    steps: int = field(default=1, metadata=doc("gradual pruning: number of steps in the cubic schedule"))
+    step: int = field(default=1, metadata=doc("gradual pruning: this step's number, 1..steps"))
+    initial_sparsity: float = field(default=0.0, metadata=doc("gradual pruning: sparsity before step 1"))
+    true_sequential: bool = field(default=True, metadata=doc("prune q/k/v, o, gate/up, down one after another"))
+    block_size: int = field(default=128, metadata=doc("SparseGPT: columns per lazy-update block"))
+    percdamp: float = field(default=0.01, metadata=doc("SparseGPT: Hessian damping, fraction of mean diagonal"))
+    max_blocks: int | None = field(default=None, metadata=doc("use at most this many calibration blocks"))
+    batch_size: int = field(default=8, metadata=doc("calibration blocks per layer call"))
 
     def validate(self) -> None:
         if self.method not in METHODS:

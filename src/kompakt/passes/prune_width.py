@@ -53,7 +53,7 @@ from kompakt.model.surgery import (
     shrink_hidden,
     shrink_mlp,
 )
-from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 from kompakt.scoring.channels import ChannelImportance, channel_importance, top_k
 
 logger = logging.getLogger(__name__)
@@ -63,32 +63,28 @@ MLP_TO_HIDDEN_CUT = 1.4  # Llama-3.1-Minitron-4B-Width: MLP cut 35.7 % vs hidden
 MIN_KEPT = 1 / 8  # the solver never keeps less than this share of a width
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
-
-
 @dataclass
 class WidthConfig:
-    mlp_fraction: float | None = field(default=None, metadata=_doc("fraction of MLP channels to remove, in [0, 1)"))
-    mlp_channels: int | None = field(default=None, metadata=_doc("MLP intermediate channels to keep per layer"))
+    mlp_fraction: float | None = field(default=None, metadata=doc("fraction of MLP channels to remove, in [0, 1)"))
+    mlp_channels: int | None = field(default=None, metadata=doc("MLP intermediate channels to keep per layer"))
     heads_fraction: float | None = field(
-        default=None, metadata=_doc("fraction of KV groups (a KV head + its query heads) to remove, in [0, 1)")
+        default=None, metadata=doc("fraction of KV groups (a KV head + its query heads) to remove, in [0, 1)")
     )
-    kv_groups: int | None = field(default=None, metadata=_doc("KV groups to keep per layer (an integer >= 1)"))
+    kv_groups: int | None = field(default=None, metadata=doc("KV groups to keep per layer (an integer >= 1)"))
     attention_heads: int | None = field(
-        default=None, metadata=_doc("query heads to keep per layer; a multiple of the GQA group size")
+        default=None, metadata=doc("query heads to keep per layer; a multiple of the GQA group size")
     )
     hidden_fraction: float | None = field(
-        default=None, metadata=_doc("fraction of hidden (embedding) channels to remove, in [0, 1)")
+        default=None, metadata=doc("fraction of hidden (embedding) channels to remove, in [0, 1)")
     )
-    hidden_size: int | None = field(default=None, metadata=_doc("hidden channels to keep"))
+    hidden_size: int | None = field(default=None, metadata=doc("hidden channels to keep"))
     target_params: float | None = field(
-        default=None, metadata=_doc("fraction of parameters to keep, in (0, 1): splits the cut over MLP and hidden")
+        default=None, metadata=doc("fraction of parameters to keep, in (0, 1): splits the cut over MLP and hidden")
     )
-    round_to: int = field(default=32, metadata=_doc("widths chosen by target_params are multiples of this"))
-    importance: str = field(default="activation", metadata=_doc(f"ranking: {', '.join(IMPORTANCES)}"))
-    max_blocks: int = field(default=64, metadata=_doc("calibration blocks used for the importance scores"))
-    batch_size: int = field(default=4, metadata=_doc("calibration blocks per forward pass"))
+    round_to: int = field(default=32, metadata=doc("widths chosen by target_params are multiples of this"))
+    importance: str = field(default="activation", metadata=doc(f"ranking: {', '.join(IMPORTANCES)}"))
+    max_blocks: int = field(default=64, metadata=doc("calibration blocks used for the importance scores"))
+    batch_size: int = field(default=4, metadata=doc("calibration blocks per forward pass"))
 
     def validate(self) -> None:
         for name in ("mlp_fraction", "heads_fraction", "hidden_fraction"):

@@ -56,7 +56,7 @@ from kompakt.model.compression import AwqScaling, get_state, update_state
 from kompakt.model.quantized import ensure_not_quantized
 from kompakt.ops.awq import search_clip, search_scales
 from kompakt.ops.quant import QuantGrid
-from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 from kompakt.passes.quant_common import QuantGridConfig, plan_grid, rtn_weight, select_targets, target_types
 
 logger = logging.getLogger(__name__)
@@ -64,24 +64,20 @@ logger = logging.getLogger(__name__)
 NO_CLIP = ("attn.q", "attn.k", "attn.qkv")
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
-
-
 @dataclass
 class AwqConfig:
-    bits: int = field(default=4, metadata=_doc("bits of the quantizer that follows: 8, 4, 3, 2"))
-    group_size: int | None = field(default=128, metadata=_doc("its group size: 32, 64, 128, null = per channel"))
-    symmetric: bool = field(default=True, metadata=_doc("its grid is symmetric"))
-    format: str | None = field(default=None, metadata=_doc("or its GGUF type, e.g. q4_0, q8_0, q5_0"))
-    tensor_types: dict[str, str] | None = field(default=None, metadata=_doc("and its per-module GGUF types"))
-    n_grid: int = field(default=20, metadata=_doc("alpha takes i/n_grid, i = 0..n_grid"))
-    clip: bool = field(default=True, metadata=_doc("also search weight clipping ranges (not for q, k)"))
-    max_shrink: float = field(default=0.5, metadata=_doc("clipping range shrinks by at most this fraction"))
-    v_to_o: bool = field(default=True, metadata=_doc("scale o_proj's inputs, folded into v_proj"))
-    up_to_down: bool = field(default=True, metadata=_doc("scale down_proj's inputs, folded into up_proj"))
-    max_blocks: int | None = field(default=None, metadata=_doc("use at most this many calibration blocks"))
-    batch_size: int = field(default=8, metadata=_doc("calibration blocks per layer call"))
+    bits: int = field(default=4, metadata=doc("bits of the quantizer that follows: 8, 4, 3, 2"))
+    group_size: int | None = field(default=128, metadata=doc("its group size: 32, 64, 128, null = per channel"))
+    symmetric: bool = field(default=True, metadata=doc("its grid is symmetric"))
+    format: str | None = field(default=None, metadata=doc("or its GGUF type, e.g. q4_0, q8_0, q5_0"))
+    tensor_types: dict[str, str] | None = field(default=None, metadata=doc("and its per-module GGUF types"))
+    n_grid: int = field(default=20, metadata=doc("alpha takes i/n_grid, i = 0..n_grid"))
+    clip: bool = field(default=True, metadata=doc("also search weight clipping ranges (not for q, k)"))
+    max_shrink: float = field(default=0.5, metadata=doc("clipping range shrinks by at most this fraction"))
+    v_to_o: bool = field(default=True, metadata=doc("scale o_proj's inputs, folded into v_proj"))
+    up_to_down: bool = field(default=True, metadata=doc("scale down_proj's inputs, folded into up_proj"))
+    max_blocks: int | None = field(default=None, metadata=doc("use at most this many calibration blocks"))
+    batch_size: int = field(default=8, metadata=doc("calibration blocks per layer call"))
 
     def grid(self) -> QuantGridConfig:
         return QuantGridConfig(self.bits, self.group_size, self.symmetric, self.format, tensor_types=self.tensor_types)

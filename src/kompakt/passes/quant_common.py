@@ -47,7 +47,7 @@ from kompakt.model.quantized import SCALE_DTYPE, ensure_not_quantized, storage_g
 from kompakt.ops import ggml_types
 from kompakt.ops.ggml_types import ASYMMETRIC
 from kompakt.ops.gguf_grid import BLOCK, FORMATS, dequantize_blocks, pack_blocks, quantize_blocks
-from kompakt.passes.base import PassContext
+from kompakt.passes.base import PassContext, doc
 from kompakt.passes.quant_types import check_tensor_types, check_type, gguf_grid, resolve_types, types_label
 
 logger = logging.getLogger(__name__)
@@ -60,35 +60,31 @@ MODULE_NAMES = ("attn", "mlp", *ROLES)
 NAMES_SHOWN = 3  # module names a summary line or lineage record shows before "..."
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
-
-
 @dataclass
 class QuantGridConfig:
     """The grid and module options every weight quantizer shares (rtn, gptq, awq's search grid)."""
 
-    bits: int = field(default=4, metadata=_doc("integer bits: 8, 4, 3 or 2"))
+    bits: int = field(default=4, metadata=doc("integer bits: 8, 4, 3 or 2"))
     group_size: int | None = field(
-        default=128, metadata=_doc("input columns per scale: 32, 64, 128; null or 0 = per output channel")
+        default=128, metadata=doc("input columns per scale: 32, 64, 128; null or 0 = per output channel")
     )
-    symmetric: bool = field(default=True, metadata=_doc("symmetric q*s (true) or asymmetric (q-z)*s"))
+    symmetric: bool = field(default=True, metadata=doc("symmetric q*s (true) or asymmetric (q-z)*s"))
     format: str | None = field(
-        default=None, metadata=_doc("GGUF type, e.g. q4_0, q8_0, q5_0, q4_k (overrides bits/group_size/symmetric)")
+        default=None, metadata=doc("GGUF type, e.g. q4_0, q8_0, q5_0, q4_k (overrides bits/group_size/symmetric)")
     )
     tensor_types: dict[str, str] | None = field(
         default=None,
-        metadata=_doc("GGUF type per module {name or fnmatch pattern: type}; needs format (the default); "
+        metadata=doc("GGUF type per module {name or fnmatch pattern: type}; needs format (the default); "
                       "model.embed_tokens / lm_head keys round those to their type (RTN) too"),
     )  # fmt: skip
     types_source: str | None = field(
-        default=None, metadata=_doc("where tensor_types came from, for the GGUF metadata (default: recipe)")
+        default=None, metadata=doc("where tensor_types came from, for the GGUF metadata (default: recipe)")
     )
     modules: list[str] | str | None = field(
-        default=None, metadata=_doc("Linear roles: attn, mlp, attn.q, ..., mlp.down, or patterns (default all)")
+        default=None, metadata=doc("Linear roles: attn, mlp, attn.q, ..., mlp.down, or patterns (default all)")
     )
-    embeddings: bool = field(default=False, metadata=_doc("also quantize the input embeddings (RTN)"))
-    lm_head: bool = field(default=False, metadata=_doc("also quantize the output projection (RTN)"))
+    embeddings: bool = field(default=False, metadata=doc("also quantize the input embeddings (RTN)"))
+    lm_head: bool = field(default=False, metadata=doc("also quantize the output projection (RTN)"))
 
     def validate_grid(self, name: str) -> None:
         """Check the options (one ConfigError line each)."""

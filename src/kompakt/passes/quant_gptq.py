@@ -56,7 +56,7 @@ from kompakt.model.compression import AwqScaling, update_state
 from kompakt.model.gguf_blocks import GgufBlocks
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
-from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 from kompakt.passes.quant_awq import AwqConfig, AwqScaler, scales_summary
 from kompakt.passes.quant_common import (
     NAMES_SHOWN,
@@ -80,21 +80,17 @@ from kompakt.passes.quant_common import (
 logger = logging.getLogger(__name__)
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
-
-
 @dataclass
 class GptqConfig(QuantGridConfig):
-    act_order: bool = field(default=True, metadata=_doc("quantize columns with the largest Hessian diagonal first"))
-    percdamp: float = field(default=0.01, metadata=_doc("Hessian damping, fraction of its mean diagonal"))
-    block_size: int = field(default=128, metadata=_doc("columns per lazy-update block"))
-    true_sequential: bool = field(default=True, metadata=_doc("quantize q/k/v, o, gate/up, down one after another"))
-    max_blocks: int | None = field(default=None, metadata=_doc("use at most this many calibration blocks"))
-    batch_size: int = field(default=8, metadata=_doc("calibration blocks per layer call"))
-    awq: bool = field(default=False, metadata=_doc("AWQ's scale and clipping search first, in the same calibration "
+    act_order: bool = field(default=True, metadata=doc("quantize columns with the largest Hessian diagonal first"))
+    percdamp: float = field(default=0.01, metadata=doc("Hessian damping, fraction of its mean diagonal"))
+    block_size: int = field(default=128, metadata=doc("columns per lazy-update block"))
+    true_sequential: bool = field(default=True, metadata=doc("quantize q/k/v, o, gate/up, down one after another"))
+    max_blocks: int | None = field(default=None, metadata=doc("use at most this many calibration blocks"))
+    batch_size: int = field(default=8, metadata=doc("calibration blocks per layer call"))
+    awq: bool = field(default=False, metadata=doc("AWQ's scale and clipping search first, in the same calibration "
                                                    "run (quant.awq's defaults, this step's grid)"))
-    awq_blocks: int | None = field(default=None, metadata=_doc("AWQ's statistics from at most this many blocks "
+    awq_blocks: int | None = field(default=None, metadata=doc("AWQ's statistics from at most this many blocks "
                                                                "(whole batches; default all)"))
 
     def validate(self) -> None:

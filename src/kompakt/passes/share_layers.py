@@ -52,7 +52,7 @@ from kompakt.model.arch import arch_for, decoder_layers
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import is_quantized
 from kompakt.model.surgery import linear
-from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +61,13 @@ PATTERNS = ("cycle", "repeat")
 INITS = ("average", "keep")
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
-
-
 @dataclass
 class ShareLayersConfig:
-    unique: int | None = field(default=None, metadata=_doc("unique blocks to keep; must divide the layer count"))
-    ratio: float | None = field(default=None, metadata=_doc("unique blocks as a fraction of the layers, in (0, 1)"))
-    pattern: str = field(default="cycle", metadata=_doc(f"which depths share a block: {', '.join(PATTERNS)}"))
-    init: str = field(default="average", metadata=_doc(f"the shared weight: {', '.join(INITS)}"))
-    relax_rank: int = field(default=16, metadata=_doc("rank of each depth's own low-rank delta (0 = plain sharing)"))
+    unique: int | None = field(default=None, metadata=doc("unique blocks to keep; must divide the layer count"))
+    ratio: float | None = field(default=None, metadata=doc("unique blocks as a fraction of the layers, in (0, 1)"))
+    pattern: str = field(default="cycle", metadata=doc(f"which depths share a block: {', '.join(PATTERNS)}"))
+    init: str = field(default="average", metadata=doc(f"the shared weight: {', '.join(INITS)}"))
+    relax_rank: int = field(default=16, metadata=doc("rank of each depth's own low-rank delta (0 = plain sharing)"))
 
     def validate(self) -> None:
         if (self.unique is None) == (self.ratio is None):

@@ -16,7 +16,7 @@ import torch
 from kompakt.errors import ConfigError
 from kompakt.model.loaded import LoadedModel
 from kompakt.ops.kd_losses import DIVERGENCES
-from kompakt.passes.base import PassContext
+from kompakt.passes.base import PassContext, doc
 from kompakt.train.data import SequenceBatches, TrainData
 from kompakt.train.loop import LoopConfig, TrainResult, train
 
@@ -26,30 +26,26 @@ HELDOUT_FRACTION = 0.1
 EVAL_WINDOW = 512
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
-
-
 @dataclass
 class TrainingConfig:
     """Budget, optimiser and data fields every training pass has (see kompakt.train.loop)."""
 
-    tokens: int | None = field(default=65536, metadata=_doc("training tokens (steps = tokens / (batch_size*seq_len*grad_accum))"))
-    steps: int | None = field(default=None, metadata=_doc("optimizer steps; overrides tokens"))
-    teacher: str | None = field(default=None, metadata=_doc("teacher model path / name; null = the recipe's original"))
-    data: str | None = field(default=None, metadata=_doc("training text (txt, jsonl, chat jsonl, parquet); null = the run's data, else teacher-generated"))
-    batch_size: int = field(default=4, metadata=_doc("sequences per micro-batch"))
-    seq_len: int = field(default=256, metadata=_doc("tokens per packed sequence"))
-    grad_accum: int = field(default=1, metadata=_doc("micro-batches per optimizer step"))
-    lr: float = field(default=1e-4, metadata=_doc("peak AdamW learning rate"))
-    weight_decay: float = field(default=0.0, metadata=_doc("AdamW weight decay (matrices only)"))
-    warmup: float = field(default=0.05, metadata=_doc("warm-up: fraction of steps (< 1) or steps"))
-    min_lr_ratio: float = field(default=0.1, metadata=_doc("cosine floor as a fraction of lr"))
-    max_grad_norm: float = field(default=1.0, metadata=_doc("gradient clipping norm"))
-    eval_every: int = field(default=0, metadata=_doc("evaluate ppl + KL on held-out text every N steps (0 = never)"))
-    eval_tokens: int = field(default=4096, metadata=_doc("held-out tokens per evaluation"))
-    checkpoint_every: int = field(default=50, metadata=_doc("checkpoint every N steps (runs resume from it)"))
-    threads: int | None = field(default=None, metadata=_doc("torch CPU threads while training (null = as set)"))
+    tokens: int | None = field(default=65536, metadata=doc("training tokens (steps = tokens / (batch_size*seq_len*grad_accum))"))
+    steps: int | None = field(default=None, metadata=doc("optimizer steps; overrides tokens"))
+    teacher: str | None = field(default=None, metadata=doc("teacher model path / name; null = the recipe's original"))
+    data: str | None = field(default=None, metadata=doc("training text (txt, jsonl, chat jsonl, parquet); null = the run's data, else teacher-generated"))
+    batch_size: int = field(default=4, metadata=doc("sequences per micro-batch"))
+    seq_len: int = field(default=256, metadata=doc("tokens per packed sequence"))
+    grad_accum: int = field(default=1, metadata=doc("micro-batches per optimizer step"))
+    lr: float = field(default=1e-4, metadata=doc("peak AdamW learning rate"))
+    weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay (matrices only)"))
+    warmup: float = field(default=0.05, metadata=doc("warm-up: fraction of steps (< 1) or steps"))
+    min_lr_ratio: float = field(default=0.1, metadata=doc("cosine floor as a fraction of lr"))
+    max_grad_norm: float = field(default=1.0, metadata=doc("gradient clipping norm"))
+    eval_every: int = field(default=0, metadata=doc("evaluate ppl + KL on held-out text every N steps (0 = never)"))
+    eval_tokens: int = field(default=4096, metadata=doc("held-out tokens per evaluation"))
+    checkpoint_every: int = field(default=50, metadata=doc("checkpoint every N steps (runs resume from it)"))
+    threads: int | None = field(default=None, metadata=doc("torch CPU threads while training (null = as set)"))
 
     def validate_training(self, name: str) -> None:
         positive = ("batch_size", "seq_len", "grad_accum", "eval_tokens")
@@ -77,10 +73,10 @@ class TrainingConfig:
 class KDFields:
     """The distillation loss fields (distill.kd, quant.qat; finetune.lora with kd_weight)."""
 
-    alpha: float = field(default=0.5, metadata=_doc("weight of the soft (teacher) term; 1 - alpha on cross-entropy"))
-    temperature: float = field(default=2.0, metadata=_doc("softmax temperature T of the soft term (scaled by T^2)"))
-    divergence: str = field(default="forward", metadata=_doc("forward | reverse | jsd"))
-    top_k: int | None = field(default=None, metadata=_doc("keep only the teacher's k largest logits per position"))
+    alpha: float = field(default=0.5, metadata=doc("weight of the soft (teacher) term; 1 - alpha on cross-entropy"))
+    temperature: float = field(default=2.0, metadata=doc("softmax temperature T of the soft term (scaled by T^2)"))
+    divergence: str = field(default="forward", metadata=doc("forward | reverse | jsd"))
+    top_k: int | None = field(default=None, metadata=doc("keep only the teacher's k largest logits per position"))
 
     def validate_kd(self, name: str) -> None:
         if not 0 <= self.alpha <= 1:
