@@ -36,6 +36,7 @@ from kompakt.errors import ConfigError, ModelFormatError
 from kompakt.model.arch import arch_for, decoder_layers, get_submodule, set_submodule
 from kompakt.model.compression import SharedWeights, get_state, update_state
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.lowrank import build_lowrank
 from kompakt.model.relaxed import RelaxedLinear
 from kompakt.model.surgery import finish, linear, require_linears
 from kompakt.ops.residual_svd import residual_factors
@@ -184,6 +185,7 @@ def load_shared_model(directory: Path, dtype: torch.dtype) -> nn.Module:
     with quiet_third_party():
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _build_factors(model, where)  # share.basis shares a factor of factorized Linears: build those first
     rebuild_ties(model, get_state(model).shared, where)
     tensors = _read_tensors(safetensors_files(directory))
     _check_complete(model, tensors, where)
@@ -195,6 +197,14 @@ def load_shared_model(directory: Path, dtype: torch.dtype) -> nn.Module:
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.eval()
+
+
+def _build_factors(model: nn.Module, where: str) -> None:
+    """Swap in the LowRankLinears the `lowrank` record names (their factors may be what is shared)."""
+    try:
+        build_lowrank(model, get_state(model).lowrank)
+    except ValueError as exc:
+        raise ModelFormatError(f"{where} cannot be rebuilt: {exc}; upgrade kompakt") from None
 
 
 def _read_tensors(files: Sequence[Path]) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ _PASS_MODULES: tuple[str, ...] = (
     "kompakt.passes.finetune_lora",
     "kompakt.passes.lowrank_svd",
     "kompakt.passes.lowrank_compensate",
+    "kompakt.passes.share_basis",
 )
 
 

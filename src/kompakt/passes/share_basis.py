@@ -1,0 +1,268 @@
+"""share.basis: adjacent layers share one whitened SVD basis per matrix type; each keeps its coefficients.
+
+Paper: Wang et al. 2024, "Basis Sharing: Cross-Layer Parameter Sharing for Large Language Model
+Compression" (arXiv:2410.03765; reference code TUDa-HWAI/Basis_Sharing). Training-free. The
+decoder Linears of one type (q, k, v, o, gate, up, down) in a group of n adjacent layers become
+LowRankLinears W_i ≈ B_i·A_i whose shared factor is one tensor for the whole group, so the
+group pays for the basis once: a rank-k group costs k·(in + n·out) or k·(out + n·in) parameters
+instead of n·k·(in + out). The math (kompakt.ops.basis) whitens with the calibration Grams as
+SVD-LLM does, and the basis can be shared on either side:
+
+- "in" (the paper's): the input-side factor A [k, in] is shared; suits the Linears that read the
+  residual stream (q, k, v, gate, up), whose coordinates all layers have in common. Each layer's
+  B_i is refit in closed form on its own calibration Gram.
+- "out": the output-side factor B [out, k] is shared; suits the Linears that write the residual
+  stream (o, down). The stacked truncation is exactly optimal for the group.
+
+Per matrix type the side and the group size (`group_sizes`, default 1, 2, 4, 8 adjacent layers;
+1 = no sharing, plain per-layer SVD-LLM) are chosen from the calibration loss: for each
+candidate, that type's ranks are allocated at the type's share of the budget, and the candidate
+whose summed relative whitened output error ‖(W − BA)Xᵀ‖²/‖WXᵀ‖² is lowest wins (the paper
+reports which types share well; here it is measured). A layer count that a size does not divide
+leaves a smaller last group. Then one global allocation (kompakt.ops.rank_alloc, as lowrank.svd)
+spends the budget over all groups: ranks are multiples of 8 and always below the group's
+break-even rank; a group that would need more stays dense.
+
+Budget: `target_params` is the fraction of the decoder Linear parameters removed (a shared
+basis counted once; embeddings and lm_head excluded), as lowrank.svd's. All statistics come from
+the unchanged model in one calibration run (no sequential update, as the paper).
+
+The result holds each basis once (kompakt.model.basis_sharing): saved once, rebuilt by
+`kompakt.load`, one gradient in distill.kd, counted once. Export: `--merge` writes the dense
+products (back to full size); without it a one-line refusal. Quantize the factors afterwards
+only with passes that handle shared tensors (quant.rtn / quant.gptq refuse shared models today).
+
+When to use: instead of lowrank.svd when adjacent layers are alike (they are in pretrained LLMs:
+the paper beats SVD-LLM at 20-50 % compression of LLaMA-7B), before healing with distill.kd.
+
+Sample recipe steps::
+
+    - share.basis: {target_params: 0.2}
+    - share.basis: {target_params: 0.4, group_sizes: [2, 4], side: in}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kompakt.calib import LayerStats, run_sequential
+from kompakt.errors import ConfigError
+from kompakt.model.arch import arch_for, decoder_layers, linear_modules, linear_path
+from kompakt.model.basis_sharing import tie_factor
+from kompakt.model.compression import get_state
+from kompakt.model.lowrank import factorize_linear
+from kompakt.model.quantized import is_quantized
+from kompakt.ops import basis
+from kompakt.ops.rank_alloc import allocate_ranks, parameters
+from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
+
+logger = logging.getLogger(__name__)
+
+NAME = "share.basis"
+SIDES = ("auto", *basis.SIDES)
+DEFAULT_SIZES = (1, 2, 4, 8)
+RANK_MULTIPLE = 8
+
+
+@dataclass
+class ShareBasisConfig:
+    target_params: float = field(default=0.2, metadata=doc("fraction of decoder Linear parameters removed, in (0, 1)"))
+    group_sizes: list[int] | None = field(
+        default=None, metadata=doc("adjacent-layer group sizes to try per matrix type (default 1, 2, 4, 8; 1 = no sharing)")
+    )
+    side: str = field(default="auto", metadata=doc("shared factor: in (input side), out, or auto (chosen per type)"))
+    max_blocks: int | None = field(default=None, metadata=doc("use at most this many calibration blocks"))
+    batch_size: int = field(default=8, metadata=doc("calibration blocks per layer call"))
+
+    def validate(self) -> None:
+        if not 0.0 < self.target_params < 1.0:
+            raise ConfigError(f"{NAME}: target_params must be in (0, 1), e.g. 0.2; got {self.target_params}")
+        sizes = self.group_sizes
+        if sizes is not None and (not isinstance(sizes, list) or not sizes or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)):  # fmt: skip
+            raise ConfigError(f"{NAME}: group_sizes must be a list of layer counts >= 1, e.g. [2, 4]; got {sizes!r}")
+        if self.side not in SIDES:
+            raise ConfigError(f"{NAME}: side {self.side!r} is unknown; choose one of {', '.join(SIDES)}")
+        if self.batch_size < 1 or (self.max_blocks is not None and self.max_blocks < 1):
+            raise ConfigError(f"{NAME}: batch_size and max_blocks must be at least 1")
+
+
+@dataclass
+class Group:
+    """Adjacent layers whose Linears of one type share a basis (one layer: no sharing)."""
+
+    names: list[str]
+    modules: list[nn.Linear]
+    grams: list[torch.Tensor]
+    side: str
+    spectrum: basis.GroupSpectrum
+    rank: int | None = None
+
+
+@dataclass
+class RoleChoice:
+    """One matrix type over all layers, with the side and group size the calibration loss chose."""
+
+    role: str
+    side: str = "out"
+    size: int = 1
+    loss: float = 0.0
+    groups: list[Group] = field(default_factory=list)
+
+
+def _check_model(ctx: PassContext) -> None:
+    state = get_state(ctx.loaded)
+    if state.lowrank or state.shared:
+        raise ConfigError(f"{NAME}: the model is already factorized or shares weights; run {NAME} once, on the dense model")
+    if is_quantized(ctx.loaded):
+        raise ConfigError(f"{NAME}: the weights are quantized; share the basis first, then quantize")
+
+
+def _grams(ctx: PassContext, config: ShareBasisConfig) -> tuple[dict[tuple[int, str], torch.Tensor], list[int]]:
+    """(layer, role) -> the calibration Gram of that Linear's inputs (CPU fp32; q/k/v share one)."""
+    model = ctx.loaded.model
+    blocks = ctx.calibration()[: config.max_blocks]
+    grams: dict[tuple[int, str], torch.Tensor] = {}
+    seen: dict[int, torch.Tensor] = {}
+
+    def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
+        for role, stat in stats.items():
+            key = id(stat.hessian_acc)
+            if key not in seen:
+                seen[key] = stat.hessian().float().cpu()
+            grams[(index, role)] = seen[key]
+
+    run_sequential(model, blocks, process, collect="hessian", true_sequential=False, batch_size=config.batch_size,
+                   description=NAME)  # fmt: skip
+    return grams, [int(blocks.shape[0]), int(blocks.shape[1])]
+
+
+def _roles(model: nn.Module) -> dict[str, list[tuple[str, nn.Linear]]]:
+    """Role -> (name, Linear) per layer; ConfigError when the layers of a role differ in shape."""
+    spec = arch_for(model)
+    roles: dict[str, list[tuple[str, nn.Linear]]] = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for role, module in linear_modules(layer, spec).items():
+            roles.setdefault(role, []).append((f"{spec.layers}.{index}.{linear_path(spec, role)}", module))
+    for role, members in roles.items():
+        shapes = {tuple(m.weight.shape) for _, m in members}
+        if len(shapes) > 1:
+            raise ConfigError(f"{NAME}: the {role} Linears differ in shape across layers ({sorted(shapes)}), so they "
+                              "cannot share a basis; run share.basis before per-layer width pruning")  # fmt: skip
+    return roles
+
+
+def _sizes(config: ShareBasisConfig, layers: int) -> list[int]:
+    if config.group_sizes is None:
+        return [s for s in DEFAULT_SIZES if s <= layers]
+    too_big = [s for s in config.group_sizes if s > layers]
+    if too_big:
+        raise ConfigError(f"{NAME}: a group of {too_big[0]} layers does not fit the model's {layers} decoder layers; "
+                          f"choose group_sizes up to {layers}")  # fmt: skip
+    return sorted(set(config.group_sizes))
+
+
+def _groups(members, grams, role: str, size: int, side: str, dtype: torch.dtype) -> list[Group]:
+    out = []
+    for start in range(0, len(members), size):
+        chunk = members[start : start + size]
+        names, modules = [n for n, _ in chunk], [m for _, m in chunk]
+        layer_grams = [grams[(start + i, role)] for i in range(len(chunk))]
+        spectrum = basis.group_spectrum([m.weight for m in modules], layer_grams, side, dtype)
+        out.append(Group(names, modules, layer_grams, side, spectrum))
+    return out
+
+
+def _loss(groups: list[Group], ranks: list[int | None]) -> float:
+    """Summed relative whitened loss of the groups at `ranks` (dense: none)."""
+    return sum(0.0 if r is None else float(g.spectrum.energy()[r:].sum()) for g, r in zip(groups, ranks))
+
+
+def _choose(role: str, members, grams, config: ShareBasisConfig, sizes: list[int]) -> RoleChoice:
+    """The side and group size with the lowest loss at this type's share of the budget."""
+    dense = sum(m.weight.numel() for _, m in members)
+    budget = int((1.0 - config.target_params) * dense)
+    best: RoleChoice | None = None
+    for size in sizes:
+        sides = ["out"] if size == 1 else (list(basis.SIDES) if config.side == "auto" else [config.side])
+        for side in sides:  # one layer: both sides are plain per-layer SVD-LLM
+            groups = _groups(members, grams, role, size, side, torch.float32)
+            try:
+                ranks = allocate_ranks([g.spectrum for g in groups], budget, RANK_MULTIPLE)
+            except ValueError:
+                continue  # even the smallest ranks do not fit this type's share
+            loss = _loss(groups, ranks)
+            if best is None or loss < best.loss * (1 - 1e-9):
+                best = RoleChoice(role, side, size, loss, groups)
+    if best is None:  # nothing fits the type's own share: let the global allocation decide per layer
+        best = RoleChoice(role, "out", 1, float("inf"), _groups(members, grams, role, 1, "out", torch.float32))
+    return best
+
+
+def _allocate(config: ShareBasisConfig, groups: list[Group], total: int) -> None:
+    try:
+        ranks = allocate_ranks([g.spectrum for g in groups], int((1.0 - config.target_params) * total), RANK_MULTIPLE)
+    except ValueError as exc:
+        raise ConfigError(f"{NAME}: target_params {config.target_params} cannot be met without exceeding dense "
+                          f"({exc}); lower target_params")  # fmt: skip
+    for group, rank in zip(groups, ranks):
+        group.rank = rank
+
+
+def _factorize(model: nn.Module, group: Group) -> list[float]:
+    """Swap the group's Linears for LowRankLinears with one shared factor; their losses."""
+    factors = basis.shared_factors([m.weight for m in group.modules], group.grams, group.side, group.rank)  # type: ignore[arg-type]
+    for name, up, down in zip(group.names, factors.ups, factors.downs, strict=True):
+        factorize_linear(model, name, up=up, down=down, method="basis")
+    if len(group.names) > 1:
+        tie_factor(model, group.names, group.side)
+    return factors.losses
+
+
+def apply(ctx: PassContext, config: ShareBasisConfig) -> PassReport:
+    start = time.perf_counter()
+    _check_model(ctx)
+    model = ctx.loaded.model
+    roles = _roles(model)
+    sizes = _sizes(config, len(decoder_layers(model)))
+    grams, calibration = _grams(ctx, config)
+    choices = [_choose(role, members, grams, config, sizes) for role, members in roles.items()]
+    groups = [g for c in choices for g in c.groups]
+    total = sum(m.weight.numel() for members in roles.values() for _, m in members)
+    _allocate(config, groups, total)
+    after = parameters([g.spectrum for g in groups], [g.rank for g in groups])
+    losses: list[float] = []
+    with torch.no_grad():
+        for group in (g for g in groups if g.rank is not None):
+            losses += _factorize(model, group)
+    return _report(ctx, config, choices, groups, (total, after), losses, calibration, time.perf_counter() - start)
+
+
+def _report(ctx, config, choices, groups, params, losses, calibration, seconds) -> PassReport:  # noqa: ANN001
+    total, after = params
+    removed = 1.0 - after / total
+    ranks = sorted(g.rank for g in groups if g.rank is not None)
+    shared = sum(1 for g in groups if g.rank is not None and len(g.names) > 1)
+    dense = sum(len(g.names) for g in groups if g.rank is None)
+    types = {c.role: {"side": c.side if c.size > 1 else "layer", "group_size": c.size} for c in choices}
+    details = {
+        "target_params": config.target_params, "removed_params": removed, "linear_params": [total, after],
+        "types": types, "shared_bases": shared, "factorized": len(losses), "dense": dense,
+        "ranks": {"min": ranks[0], "median": ranks[len(ranks) // 2], "max": ranks[-1]} if ranks else {},
+        "mean_truncation_loss": sum(losses) / max(len(losses), 1), "calibration_blocks": calibration,
+        "seconds": seconds,
+    }  # fmt: skip
+    chosen = ", ".join(f"{role} {t['group_size']}{'' if t['group_size'] == 1 else '/' + t['side']}"
+                       for role, t in types.items())  # fmt: skip
+    summary = (f"{NAME}: {shared} shared bases over {len(losses)} Linears ({dense} kept dense), "
+               f"{removed:.1%} of decoder Linear parameters removed; group size/side per type: {chosen}")  # fmt: skip
+    return PassReport(loaded=ctx.loaded, summary=summary, details=details)
+
+
+PASS = PassSpec(name=NAME, config=ShareBasisConfig, apply=apply, needs_calibration=True, changes_architecture=True,
+                doc=__doc__ or "")  # fmt: skip
