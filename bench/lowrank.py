@@ -11,9 +11,9 @@ and lm_head excluded). No training. Wall time is the pass alone (no evaluation).
     .venv/bin/python bench/lowrank.py --merge --rows svd-llm          # some rows, kept beside the others
 
 `--speed` adds prefill / generation tokens/s as ratios to the original measured in the same run
-(a factorized Linear does two matmuls). A row is (label, pass, config): another low-rank pass (share.basis) is one more row in ROWS.
+(a factorized Linear does two matmuls). A row is (label, pass, config); share.basis has its rows beside lowrank.svd's.
 The issue's goals are checked at the end: svd-llm < asvd < plain in perplexity at both budgets,
-and svd-llm at 20 % within 1.5x the original's perplexity.
+share.basis below svd-llm at both, and svd-llm at 20 % within 1.5x the original's perplexity.
 Prints a table and writes bench/results/lowrank.json.
 """
 
@@ -33,6 +33,7 @@ TARGETS = (0.2, 0.4)
 METHODS = ("plain", "asvd", "svd-llm")
 ROWS = [(f"{method} {target:.0%}", "lowrank.svd", {"method": method, "target_params": target})
         for target in TARGETS for method in METHODS]  # fmt: skip
+ROWS += [(f"share.basis {target:.0%}", "share.basis", {"target_params": target}) for target in TARGETS]
 
 
 def linear_params(model: torch.nn.Module) -> int:
@@ -112,6 +113,12 @@ def print_goals(data: dict, base: dict) -> None:
             order = "yes" if ppl[2] < ppl[1] < ppl[0] else "no"
             print(f"{target:.0%}: svd-llm < asvd < plain in perplexity: {order} "
                   f"({ppl[2]:.2f} / {ppl[1]:.2f} / {ppl[0]:.2f})")  # fmt: skip
+    for target in TARGETS:
+        shared, single = rows.get(f"share.basis {target:.0%}"), rows.get(f"svd-llm {target:.0%}")
+        if shared and single:
+            beats = "yes" if shared["ppl"] < single["ppl"] else "no"
+            print(f"{target:.0%}: share.basis beats svd-llm in perplexity: {beats} ({shared['ppl']:.2f} vs "
+                  f"{single['ppl']:.2f}; KL {shared.get('kl', float('nan')):.4f} vs {single.get('kl', float('nan')):.4f})")
     goal = rows.get("svd-llm 20%")
     if goal:
         ratio = goal["ppl"] / base["ppl"]

@@ -128,9 +128,9 @@ def _grams(ctx: PassContext, config: ShareBasisConfig) -> tuple[dict[tuple[int, 
     model = ctx.loaded.model
     blocks = ctx.calibration()[: config.max_blocks]
     grams: dict[tuple[int, str], torch.Tensor] = {}
-    seen: dict[int, torch.Tensor] = {}
 
     def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
+        seen: dict[int, torch.Tensor] = {}  # within one layer: Linears reading one input alias one accumulator
         for role, stat in stats.items():
             key = id(stat.hessian_acc)
             if key not in seen:
@@ -243,7 +243,8 @@ def apply(ctx: PassContext, config: ShareBasisConfig) -> PassReport:
     return _report(ctx, config, choices, groups, (total, after), losses, calibration, time.perf_counter() - start)
 
 
-def _report(ctx, config, choices, groups, params, losses, calibration, seconds) -> PassReport:  # noqa: ANN001
+def _report(ctx: PassContext, config: ShareBasisConfig, choices: list[RoleChoice], groups: list[Group],
+            params: tuple[int, int], losses: list[float], calibration: list[int], seconds: float) -> PassReport:  # fmt: skip
     total, after = params
     removed = 1.0 - after / total
     ranks = sorted(g.rank for g in groups if g.rank is not None)
