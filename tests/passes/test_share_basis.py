@@ -219,3 +219,25 @@ def test_models_that_cannot_share_a_basis_are_refused(make, message):
     with pytest.raises(ConfigError, match=message) as error:
         _run("share.basis", loaded, target_params=0.2)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["quant.rtn", "quant.gptq"])
+def test_quantizing_the_factors_rounds_each_shared_basis_once_and_reloads(alike, name, tmp_path):
+    from kompakt.model.quantized import is_quantized
+
+    shared = _run("share.basis", alike, target_params=0.3, group_sizes=[2], side="in").loaded
+    path = _factorized_path(shared)
+    spec = get_pass(name)
+    ctx = PassContext(loaded=shared, original=lambda: alike, calibration=lambda: BLOCKS, seed=0)
+    report = spec.apply(ctx, build_config(spec, {"bits": 4, "group_size": 32}))
+    loaded = report.loaded
+    m0, m1 = (get_submodule(layer, path) for layer in decoder_layers(loaded.model)[:2])
+    assert m1[0].weight is m0[0].weight and is_quantized(loaded)
+    basis = m0[0].weight.detach()  # [k, 64]: two groups of 32 columns per row, 16 levels each
+    assert max(len(group.unique()) for row in basis.reshape(basis.shape[0], 2, 32) for group in row) <= 16
+    assert {f"model.layers.{d}.{path}.{i}" for d in (0, 1) for i in (0, 1)} <= set(get_state(loaded).quantization.modules)
+    save_model(loaded, tmp_path / "q")
+    reloaded = kompakt.load(tmp_path / "q", device="cpu")
+    assert is_quantized(reloaded) and get_submodule(decoder_layers(reloaded.model)[1], path)[0].weight is \
+        get_submodule(decoder_layers(reloaded.model)[0], path)[0].weight  # fmt: skip
+    torch.testing.assert_close(_logits(reloaded), _logits(loaded), rtol=0, atol=1e-5)

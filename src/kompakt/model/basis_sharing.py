@@ -41,3 +41,14 @@ def tie_factor(model: nn.Module, names: Sequence[str], side: str) -> str:
     entries[f"{names[0]}.{index}"] = SharedWeights(users=tuple(f"{name}.{index}" for name in names[1:]))
     update_state(model, shared=entries)
     return f"{names[0]}.{index}"
+
+
+def shares_only_factors(model: nn.Module) -> bool:
+    """Whether every shared tensor of the model is a plain factor of factorized Linears (share.basis),
+    which a weight-by-weight pass may rewrite once for all its users; False for share.layers' ties."""
+    state = get_state(model)
+    return bool(state.shared) and all(
+        entry.relax_rank == 0
+        and all(name.rpartition(".")[0] in state.lowrank for name in (owner, *entry.users))
+        for owner, entry in state.shared.items()
+    )

@@ -53,7 +53,7 @@ def is_shared(target: LoadedModel | nn.Module) -> bool:
 def refuse_shared(target: LoadedModel | nn.Module, what: str) -> None:
     """ConfigError when the model shares layers, which `what` (e.g. "a gguf export") cannot store."""
     if is_shared(target):
-        raise ConfigError(f"the model shares weights across layers (share.layers), which {what} cannot store "
+        raise ConfigError(f"the model shares weights across layers (share.layers / share.basis), which {what} cannot store "
                           "(llama.cpp and plain transformers have no shared layers); export with --merge to write "
                           "the dense equivalent (back to full size)")  # fmt: skip
 

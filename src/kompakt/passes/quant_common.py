@@ -40,6 +40,7 @@ from torch import nn
 
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, embeddings_tied, get_submodule, linear_modules, linear_path
+from kompakt.model.basis_sharing import shares_only_factors
 from kompakt.model.compression import PackedLayer, Quantization, get_state, nominal_bits, update_state
 from kompakt.model.gguf_blocks import GgufBlocks
 from kompakt.model.loaded import LoadedModel
@@ -154,7 +155,8 @@ def select_targets(model: nn.Module, config: QuantGridConfig, name: str) -> list
     `tensor_types` names them with a quantized type: they are rounded to it here (llama.cpp's
     rounding, exact bytes kept), so the step's measured KL is the written file's, not that of a
     model whose embedding the export alone would round."""
-    if get_state(model).shared:  # each depth would round the one shared tensor again, and the deltas stay fp
+    if get_state(model).shared and not shares_only_factors(model):  # each depth would round the one shared
+        # tensor again, and the deltas stay fp; a shared basis (share.basis) is one plain factor, rounded once
         raise ConfigError(f"{name}: the model's layers share weights (share.layers), which quantization does not "
                           "handle yet; quantize a model without share.layers")  # fmt: skip
     spec = arch_for(model)
@@ -274,12 +276,14 @@ class Quantized:
 def rtn_targets(targets: list[Target], config: QuantGridConfig, types: dict[str, str] | None = None) -> Quantized:
     """RTN every target in place, each on its own type (`types`, from target_types)."""
     done = Quantized()
+    rounded: set[int] = set()
     for target in targets:
         weight = target.module.weight
         plan = plan_grid(config, weight.shape[1], (types or {}).get(target.name))
         done.plans[target.name] = plan
-        if plan.grid is None:
+        if plan.grid is None or id(weight) in rounded:  # a shared basis: rounded once, at its first user
             continue
+        rounded.add(id(weight))
         new, packed_layer, blocks = rtn_weight(weight, config, plan)
         weight.data.copy_(new.to(weight.dtype))
         if target.role != "embed":  # compressed-tensors packs Linears only
@@ -336,6 +340,8 @@ def record(loaded: LoadedModel, method: str, config: QuantGridConfig, done: Quan
         changes["types_source"] = {k: v for k, v in source.items() if v}
     update_state(loaded, **changes)
     loaded.gguf_blocks.update(done.blocks)
+    if get_state(loaded).shared:  # compressed-tensors cannot store a tie: the step is saved unpacked (fp32)
+        return {}
     return {n: p for n, p in done.packed.items() if p is not None}
 
 
