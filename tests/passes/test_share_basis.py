@@ -128,7 +128,7 @@ def _whitened_loss(original: LoadedModel, result: LoadedModel) -> float:
         for role, module in linear_modules(layer, spec).items():
             w = module.weight.detach().double()
             other = get_submodule(new, paths[role])
-            approx = other.dense_weight() if isinstance(other, LowRankLinear) else other.weight.detach()
+            approx = (other.dense_weight() if isinstance(other, LowRankLinear) else other.weight).detach()
             diff, g = w - approx.double(), grams[f"{index}.{role}"]
             total += float(((diff @ g) * diff).sum() / ((w @ g) * w).sum())
     return total

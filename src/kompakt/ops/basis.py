@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kompakt.ops import svd
 from kompakt.ops.rank_alloc import Spectrum
-from kompakt.ops.svd import whitening
 
 SIDES = ("in", "out")
 _RIDGE = 1e-8  # relative to the mean diagonal of A G Aᵀ in the refit (a rank-deficient input)
@@ -122,9 +122,9 @@ def pooled_gram(grams: Sequence[torch.Tensor]) -> torch.Tensor:
     return total  # type: ignore[return-value]
 
 
-def pooled_whitening(grams: Sequence[torch.Tensor]):
+def pooled_whitening(grams: Sequence[torch.Tensor]) -> svd.Transform:
     """The Cholesky transform of the pooled Gram (regularised as SVD-LLM's when singular)."""
-    return whitening(pooled_gram(grams))
+    return svd.whitening(pooled_gram(grams))
 
 
 def shared_factors(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], side: str,
@@ -165,3 +165,18 @@ def relative_loss(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gr
     diff = w - up.double().to(w.device) @ down.double().to(w.device)
     total = float(((w @ g) * w).sum())
     return float(((diff @ g) * diff).sum()) / total if total > 0 else 0.0
+
+
+def layer_factors(weight: torch.Tensor, gram: torch.Tensor, side: str, rank: int,
+                  shared: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(B, A) of one layer on its own Gram `gram`, given its group's `shared` factor (None: a group
+    of one, plain SVD-LLM at `rank`). Side "in": B refit in closed form for the shared A; side
+    "out": A = Bᵀ W, the projection on the shared orthonormal basis (no Gram can improve it).
+    This is how the sequential update re-fits a layer on the inputs the compressed layers before
+    it produce (SVD-LLM's update, kompakt.passes.share_basis)."""
+    if shared is None:
+        factors = svd.factorize(weight, rank, svd.whitening(gram))
+        return factors.up, factors.down
+    if side == "in":
+        return _refit(weight, gram, shared.double()).float(), shared.float()
+    return shared.float(), (shared.double().T @ weight.detach().double().to(shared.device)).float()

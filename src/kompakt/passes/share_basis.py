@@ -29,8 +29,9 @@ the unchanged model in one calibration run (no sequential update, as the paper).
 
 The result holds each basis once (kompakt.model.basis_sharing): saved once, rebuilt by
 `kompakt.load`, one gradient in distill.kd, counted once. Export: `--merge` writes the dense
-products (back to full size); without it a one-line refusal. Quantize the factors afterwards
-only with passes that handle shared tensors (quant.rtn / quant.gptq refuse shared models today).
+products (back to full size); without it a one-line refusal. quant.rtn / quant.gptq quantize the
+factors afterwards, each shared basis once (GPTQ solves it on its first layer's Hessian); such a
+step is saved unpacked (fp32), as compressed-tensors cannot store a tie.
 
 When to use: instead of lowrank.svd when adjacent layers are alike (they are in pretrained LLMs:
 the paper beats SVD-LLM at 20-50 % compression of LLaMA-7B), before healing with distill.kd.
@@ -76,6 +77,7 @@ class ShareBasisConfig:
         default=None, metadata=doc("adjacent-layer group sizes to try per matrix type (default 1, 2, 4, 8; 1 = no sharing)")
     )
     side: str = field(default="auto", metadata=doc("shared factor: in (input side), out, or auto (chosen per type)"))
+    update: bool = field(default=True, metadata=doc("refit each layer's own factor on the compressed layers' outputs"))
     max_blocks: int | None = field(default=None, metadata=doc("use at most this many calibration blocks"))
     batch_size: int = field(default=8, metadata=doc("calibration blocks per layer call"))
 
@@ -214,14 +216,55 @@ def _allocate(config: ShareBasisConfig, groups: list[Group], total: int) -> None
         group.rank = rank
 
 
-def _factorize(model: nn.Module, group: Group) -> list[float]:
-    """Swap the group's Linears for LowRankLinears with one shared factor; their losses."""
-    factors = basis.shared_factors([m.weight for m in group.modules], group.grams, group.side, group.rank)  # type: ignore[arg-type]
-    for name, up, down in zip(group.names, factors.ups, factors.downs, strict=True):
+def _bases(groups: list[Group]) -> dict[int, torch.Tensor]:
+    """id(group) -> its shared factor, from the unchanged model's Grams (groups of several layers)."""
+    bases = {}
+    for group in groups:
+        if group.rank is not None and len(group.names) > 1:
+            factors = basis.shared_factors([m.weight for m in group.modules], group.grams, group.side, group.rank)
+            bases[id(group)] = factors.downs[0] if group.side == "in" else factors.ups[0]
+    return bases
+
+
+def _factorize_all(ctx: PassContext, config: ShareBasisConfig, groups: list[Group]) -> dict[str, float]:
+    """Swap every allocated Linear for its factors, then tie each group's shared factor.
+
+    With `update`, layer by layer on the sequential driver as lowrank.svd's svd-llm: each Linear's
+    own factor (the whole factorization for a group of one) is fitted on the Gram of the inputs the
+    already-compressed layers before it produce; otherwise on the unchanged model's Grams."""
+    model = ctx.loaded.model
+    bases = _bases(groups)
+    todo = {name: (g, i) for g in groups if g.rank is not None for i, name in enumerate(g.names)}
+    losses: dict[str, float] = {}
+
+    def fit(name: str, module: nn.Linear, gram: torch.Tensor) -> None:
+        group, _ = todo[name]
+        up, down = basis.layer_factors(module.weight, gram, group.side, group.rank, bases.get(id(group)))  # type: ignore[arg-type]
+        losses[name] = basis.relative_loss(module.weight, up, down, gram)
         factorize_linear(model, name, up=up, down=down, method="basis")
-    if len(group.names) > 1:
-        tie_factor(model, group.names, group.side)
-    return factors.losses
+
+    if config.update:
+        for group in groups:
+            group.grams = []  # the unchanged model's Grams are no longer needed
+        spec = arch_for(model)
+
+        def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
+            for role, stat in stats.items():
+                name = f"{spec.layers}.{index}.{linear_path(spec, role)}"
+                if name in todo:
+                    fit(name, stat.module, stat.hessian())
+
+        blocks = ctx.calibration()[: config.max_blocks]
+        run_sequential(model, blocks, process, collect="hessian", true_sequential=True, batch_size=config.batch_size,
+                       description=f"{NAME} (update)")  # fmt: skip
+    else:
+        with torch.no_grad():
+            for name, (group, i) in todo.items():
+                fit(name, group.modules[i], group.grams[i])
+    for group in groups:
+        if group.rank is not None and len(group.names) > 1:
+            tie_factor(model, group.names, group.side)
+    return losses
 
 
 def apply(ctx: PassContext, config: ShareBasisConfig) -> PassReport:
@@ -236,10 +279,8 @@ def apply(ctx: PassContext, config: ShareBasisConfig) -> PassReport:
     total = sum(m.weight.numel() for members in roles.values() for _, m in members)
     _allocate(config, groups, total)
     after = parameters([g.spectrum for g in groups], [g.rank for g in groups])
-    losses: list[float] = []
-    with torch.no_grad():
-        for group in (g for g in groups if g.rank is not None):
-            losses += _factorize(model, group)
+    del grams
+    losses = list(_factorize_all(ctx, config, groups).values())
     return _report(ctx, config, choices, groups, (total, after), losses, calibration, time.perf_counter() - start)
 
 
