@@ -241,3 +241,20 @@ def test_quantizing_the_factors_rounds_each_shared_basis_once_and_reloads(alike,
     assert is_quantized(reloaded) and get_submodule(decoder_layers(reloaded.model)[1], path)[0].weight is \
         get_submodule(decoder_layers(reloaded.model)[0], path)[0].weight  # fmt: skip
     torch.testing.assert_close(_logits(reloaded), _logits(loaded), rtol=0, atol=1e-5)
+
+
+def test_groups_of_one_layer_are_lowrank_svd_svd_llm(alike):
+    ours = _run("share.basis", alike, target_params=0.3, group_sizes=[1])
+    reference = _run("lowrank.svd", alike, method="svd-llm", target_params=0.3)
+    assert ours.details["shared_bases"] == 0 and ours.details["linear_params"] == reference.details["linear_params"]
+    torch.testing.assert_close(_logits(ours.loaded), _logits(reference.loaded), rtol=0, atol=1e-4)
+
+
+def test_the_update_refits_only_each_layers_own_factor(alike):
+    fixed = _run("share.basis", alike, target_params=0.4, group_sizes=[2], side="in", update=False).loaded
+    updated = _run("share.basis", alike, target_params=0.4, group_sizes=[2], side="in").loaded
+    assert get_state(updated).lowrank == get_state(fixed).lowrank and get_state(updated).shared == get_state(fixed).shared
+    path = _factorized_path(updated)
+    new, old = get_submodule(decoder_layers(updated.model)[1], path), get_submodule(decoder_layers(fixed.model)[1], path)
+    torch.testing.assert_close(new[0].weight, old[0].weight)  # the basis comes from the unchanged model in both
+    assert not torch.allclose(new[1].weight, old[1].weight)  # the coefficients saw the compressed layers' outputs
