@@ -196,6 +196,7 @@ def _different_widths() -> LoadedModel:
     ({"target_params": 0.0}, "in \\(0, 1\\)"), ({"target_params": 1.0}, "in \\(0, 1\\)"),
     ({"group_sizes": [8]}, "group of 8 layers does not fit the model's 4"),
     ({"group_sizes": [0]}, "group_sizes must be a list"), ({"group_sizes": []}, "group_sizes must be a list"),
+    ({"group_sizes": "2,x"}, "group_sizes must be a list"),
     ({"side": "both"}, "auto, in, out"), ({"target_params": 0.97}, "cannot be met without exceeding dense"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_changes_nothing(values, message):
@@ -258,3 +259,17 @@ def test_the_update_refits_only_each_layers_own_factor(alike):
     new, old = get_submodule(decoder_layers(updated.model)[1], path), get_submodule(decoder_layers(fixed.model)[1], path)
     torch.testing.assert_close(new[0].weight, old[0].weight)  # the basis comes from the unchanged model in both
     assert not torch.allclose(new[1].weight, old[1].weight)  # the coefficients saw the compressed layers' outputs
+
+
+def test_cli_group_that_does_not_fit_exits_2_and_writes_no_step(cli, tmp_path):
+    from kompakt.model.tiny import save_tiny
+
+    save_tiny("llama", tmp_path / "model")
+    words = "the a model layer small token weight data run step of to and in is it that text".split()
+    rng = random.Random(0)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(300)) + "\n")
+    code, _, err = cli(["compress", str(tmp_path / "model"), "--step", "share.basis:group_sizes=2 8", "--data",
+                        str(text), "--out", str(tmp_path / "run")])  # fmt: skip
+    assert code == 2 and "does not fit the model's 4 decoder layers" in err and len(err.strip().splitlines()) == 1, err
+    assert not any((tmp_path / "run" / "steps").iterdir())  # no step directory, complete or half-written
