@@ -79,10 +79,23 @@ class SharedFactors:
         return int(self.downs[0].shape[0])
 
 
+def layer_block(weight: torch.Tensor, gram: torch.Tensor, side: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What one layer adds to its group's stack Gram, independent of the grouping (so a caller
+    trying several group sizes computes it once per layer): "out": W G Wᵀ / tr(W G Wᵀ) [out, out]
+    (its own whitening, normalised); "in": Wᵀ W [in, in] (whitened and normalised per group)."""
+    w = weight.detach().to(dtype)
+    if side == "in":
+        return w.T @ w
+    p = w @ gram.to(device=w.device, dtype=dtype) @ w.T
+    return p / p.trace().clamp(min=torch.finfo(dtype).tiny)
+
+
 def group_spectrum(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], side: str,
-                   dtype: torch.dtype = torch.float32) -> GroupSpectrum:  # fmt: skip
-    """The singular values of the group's normalised whitened stack (module docstring)."""
-    gram = _stack_gram(weights, grams, side, dtype)
+                   dtype: torch.dtype = torch.float32,
+                   blocks: Sequence[torch.Tensor] | None = None) -> GroupSpectrum:  # fmt: skip
+    """The singular values of the group's normalised whitened stack (module docstring);
+    `blocks`: the layers' `layer_block`s when the caller has them already."""
+    gram = _stack_gram(weights, grams, side, dtype, blocks)
     values = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0).sqrt()
     out_features, in_features = weights[0].shape
     n = len(weights)
@@ -91,25 +104,21 @@ def group_spectrum(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor
 
 
 def _stack_gram(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], side: str,
-                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+                dtype: torch.dtype, blocks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """"out": Σ_i W_i G_i W_iᵀ / n_i² [out, out] (= M Mᵀ of the horizontal stack);
-    "in": Lᵀ (Σ_i W_iᵀ W_i / n_i²) L [in, in] (= MᵀM of the vertical stack, L from the pooled Gram)."""
+    "in": Lᵀ (Σ_i W_iᵀ W_i / n_i²) L [in, in] (= MᵀM of the vertical stack, L from the pooled
+    Gram, n_i² = ‖W_i L‖² = ⟨W_iᵀW_i, L Lᵀ⟩)."""
+    if blocks is None:
+        blocks = [layer_block(w, g, side, dtype) for w, g in zip(weights, grams, strict=True)]
+    blocks = [b.to(dtype) for b in blocks]
     if side == "out":
-        total = None
-        for w, g in zip(weights, grams, strict=True):
-            w = w.detach().to(dtype)
-            p = w @ g.to(device=w.device, dtype=dtype) @ w.T
-            p = p / p.trace().clamp(min=torch.finfo(dtype).tiny)
-            total = p if total is None else total + p
-        return (total + total.T) / 2  # type: ignore[operator]
-    lower = pooled_whitening(grams).matrix.to(dtype)  # type: ignore[union-attr]
-    total = None
-    for w in weights:
-        wl = w.detach().to(dtype) @ lower.to(w.device)
-        wl = wl / wl.norm().clamp(min=torch.finfo(dtype).tiny)
-        k = wl.T @ wl
-        total = k if total is None else total + k
-    return (total + total.T) / 2  # type: ignore[operator]
+        total = torch.stack(list(blocks)).sum(0)
+        return (total + total.T) / 2
+    lower = pooled_whitening(grams).matrix.to(device=blocks[0].device, dtype=dtype)  # type: ignore[union-attr]
+    pooled = lower @ lower.T
+    total = sum(b / (b * pooled).sum().clamp(min=torch.finfo(dtype).tiny) for b in blocks)
+    total = lower.T @ total @ lower  # type: ignore[operator]
+    return (total + total.T) / 2
 
 
 def pooled_gram(grams: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -173,13 +173,15 @@ def _sizes(config: ShareBasisConfig, layers: int) -> list[int]:
     return sorted(set(config.group_sizes))
 
 
-def _groups(members, grams, role: str, size: int, side: str, dtype: torch.dtype) -> list[Group]:
+def _groups(members, grams, role: str, size: int, side: str, blocks: list[torch.Tensor]) -> list[Group]:
+    """The role's layers in groups of `size` adjacent ones (a smaller last group), with spectra."""
     out = []
     for start in range(0, len(members), size):
         chunk = members[start : start + size]
         names, modules = [n for n, _ in chunk], [m for _, m in chunk]
         layer_grams = [grams[(start + i, role)] for i in range(len(chunk))]
-        spectrum = basis.group_spectrum([m.weight for m in modules], layer_grams, side, dtype)
+        spectrum = basis.group_spectrum([m.weight for m in modules], layer_grams, side, torch.float32,
+                                        blocks[start : start + size])  # fmt: skip
         out.append(Group(names, modules, layer_grams, side, spectrum))
     return out
 
@@ -194,10 +196,17 @@ def _choose(role: str, members, grams, config: ShareBasisConfig, sizes: list[int
     dense = sum(m.weight.numel() for _, m in members)
     budget = int((1.0 - config.target_params) * dense)
     best: RoleChoice | None = None
+    blocks: dict[str, list[torch.Tensor]] = {}  # side -> each layer's part of a stack Gram, computed once
+
+    def of(side: str) -> list[torch.Tensor]:
+        if side not in blocks:
+            blocks[side] = [basis.layer_block(m.weight, grams[(i, role)], side) for i, (_, m) in enumerate(members)]
+        return blocks[side]
+
     for size in sizes:
         sides = ["out"] if size == 1 else (list(basis.SIDES) if config.side == "auto" else [config.side])
         for side in sides:  # one layer: both sides are plain per-layer SVD-LLM
-            groups = _groups(members, grams, role, size, side, torch.float32)
+            groups = _groups(members, grams, role, size, side, of(side))
             try:
                 ranks = allocate_ranks([g.spectrum for g in groups], budget, RANK_MULTIPLE)
             except ValueError:
@@ -206,7 +215,7 @@ def _choose(role: str, members, grams, config: ShareBasisConfig, sizes: list[int
             if best is None or loss < best.loss * (1 - 1e-9):
                 best = RoleChoice(role, side, size, loss, groups)
     if best is None:  # nothing fits the type's own share: let the global allocation decide per layer
-        best = RoleChoice(role, "out", 1, float("inf"), _groups(members, grams, role, 1, "out", torch.float32))
+        best = RoleChoice(role, "out", 1, float("inf"), _groups(members, grams, role, 1, "out", of("out")))
     return best
 
 
