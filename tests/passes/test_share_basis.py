@@ -150,6 +150,18 @@ def test_group_size_and_side_are_chosen_per_type_and_reported(alike):
     assert all(t["group_size"] in (1, 2, 4) and t["side"] in ("in", "out", "layer") for t in types.values())
     assert any(t["group_size"] > 1 for t in types.values())  # alike layers: sharing wins somewhere
     assert "shared bases" in report.summary and "\n" not in report.summary
+    modules = {n: m for n, m in report.loaded.model.named_modules() if isinstance(m, LowRankLinear)}
+    shared = get_state(report.loaded).shared
+    in_group = {u.rpartition(".")[0] for e in shared.values() for u in e.users}
+    for name, module in modules.items():  # every rank a multiple of 8, below its group's break-even
+        if name in in_group:
+            continue
+        entry = shared.get(f"{name}.0") or shared.get(f"{name}.1")
+        n, rank, out_features, in_features = 1 + len(entry.users if entry else ()), module.rank, \
+            module.out_features, module.in_features  # fmt: skip
+        side = "in" if f"{name}.0" in shared else "out"
+        cost = rank * (in_features + n * out_features) if side == "in" else rank * (out_features + n * in_features)
+        assert rank % 8 == 0 and cost < n * out_features * in_features
 
 
 def test_kd_trains_each_shared_basis_once(alike, tmp_path):
