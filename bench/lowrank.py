@@ -37,11 +37,13 @@ ROWS += [(f"share.basis {target:.0%}", "share.basis", {"target_params": target})
 
 
 def linear_params(model: torch.nn.Module) -> int:
-    """Parameters of the decoder Linears (factors included), the budget `target_params` is a share of."""
+    """Parameters of the decoder Linears (factors included, a basis shared by several layers once),
+    the budget `target_params` is a share of."""
     from kompakt.model.arch import arch_for, decoder_layers, linear_modules
 
     spec = arch_for(model)
-    return sum(m.weight.numel() for layer in decoder_layers(model) for m in linear_modules(layer, spec).values())
+    weights = {id(m.weight): m.weight for layer in decoder_layers(model) for m in linear_modules(layer, spec).values()}
+    return sum(w.numel() for w in weights.values())
 
 
 def main() -> None:
