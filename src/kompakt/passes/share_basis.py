@@ -15,13 +15,14 @@ SVD-LLM does, and the basis can be shared on either side:
   stream (o, down). The stacked truncation is exactly optimal for the group.
 
 Per matrix type the side and the group size (`group_sizes`, default 1, 2, 4, 8 adjacent layers;
-1 = no sharing, plain per-layer SVD-LLM) are chosen from the calibration loss: for each
-candidate, that type's ranks are allocated at the type's share of the budget, and the candidate
-whose summed relative whitened output error ‖(W − BA)Xᵀ‖²/‖WXᵀ‖² is lowest wins (the paper
-reports which types share well; here it is measured). A layer count that a size does not divide
-leaves a smaller last group. Then one global allocation (kompakt.ops.rank_alloc, as lowrank.svd)
-spends the budget over all groups: ranks are multiples of 8 and always below the group's
-break-even rank; a group that would need more stays dense.
+1 = no sharing, plain per-layer SVD-LLM) are chosen from the calibration loss at equal parameter
+count: one global allocation (kompakt.ops.rank_alloc, as lowrank.svd) spends the whole budget
+over all groups, and the choice per type minimises its summed relative whitened output error
+‖(W − BA)Xᵀ‖²/‖WXᵀ‖², by coordinate descent from per-layer SVD-LLM (each type in turn takes the
+candidate that lowers the total most; the paper reports which types share well, here it is
+measured per model and budget). A layer count that a size does not divide leaves a smaller last
+group. Ranks are multiples of 8 and always below the group's break-even rank; a group that
+would need more stays dense.
 
 Budget: `target_params` is the fraction of the decoder Linear parameters removed (a shared
 basis counted once; embeddings and lm_head excluded), as lowrank.svd's. All statistics come from
@@ -69,6 +70,7 @@ NAME = "share.basis"
 SIDES = ("auto", *basis.SIDES)
 DEFAULT_SIZES = (1, 2, 4, 8)
 RANK_MULTIPLE = 8
+MAX_SWEEPS = 3  # coordinate descent over the types' group sizes; two sweeps usually settle it
 
 
 @dataclass
@@ -112,7 +114,8 @@ class Group:
 
 @dataclass
 class RoleChoice:
-    """One matrix type over all layers, with the side and group size the calibration loss chose."""
+    """One matrix type over all layers in groups of `size` sharing on `side` (a candidate, or the
+    choice; `loss`: the global allocation's total loss once chosen)."""
 
     role: str
     side: str = "out"
@@ -191,11 +194,8 @@ def _loss(groups: list[Group], ranks: list[int | None]) -> float:
     return sum(0.0 if r is None else float(g.spectrum.energy()[r:].sum()) for g, r in zip(groups, ranks))
 
 
-def _choose(role: str, members, grams, config: ShareBasisConfig, sizes: list[int]) -> RoleChoice:
-    """The side and group size with the lowest loss at this type's share of the budget."""
-    dense = sum(m.weight.numel() for _, m in members)
-    budget = int((1.0 - config.target_params) * dense)
-    best: RoleChoice | None = None
+def _candidates(role: str, members, grams, config: ShareBasisConfig, sizes: list[int]) -> list[RoleChoice]:
+    """Every (group size, side) this type may take, with its groups' spectra (smallest size first)."""
     blocks: dict[str, list[torch.Tensor]] = {}  # side -> each layer's part of a stack Gram, computed once
 
     def of(side: str) -> list[torch.Tensor]:
@@ -203,20 +203,44 @@ def _choose(role: str, members, grams, config: ShareBasisConfig, sizes: list[int
             blocks[side] = [basis.layer_block(m.weight, grams[(i, role)], side) for i, (_, m) in enumerate(members)]
         return blocks[side]
 
+    found = []
     for size in sizes:
         sides = ["out"] if size == 1 else (list(basis.SIDES) if config.side == "auto" else [config.side])
         for side in sides:  # one layer: both sides are plain per-layer SVD-LLM
-            groups = _groups(members, grams, role, size, side, of(side))
-            try:
-                ranks = allocate_ranks([g.spectrum for g in groups], budget, RANK_MULTIPLE)
-            except ValueError:
-                continue  # even the smallest ranks do not fit this type's share
-            loss = _loss(groups, ranks)
-            if best is None or loss < best.loss * (1 - 1e-9):
-                best = RoleChoice(role, side, size, loss, groups)
-    if best is None:  # nothing fits the type's own share: let the global allocation decide per layer
-        best = RoleChoice(role, "out", 1, float("inf"), _groups(members, grams, role, 1, "out", of("out")))
-    return best
+            found.append(RoleChoice(role, side, size, 0.0, _groups(members, grams, role, size, side, of(side))))
+    return found
+
+
+def _global_loss(choices: list[RoleChoice], budget: int) -> float:
+    """The summed relative loss of the global rank allocation over these choices (inf: does not fit)."""
+    groups = [g for c in choices for g in c.groups]
+    try:
+        ranks = allocate_ranks([g.spectrum for g in groups], budget, RANK_MULTIPLE)
+    except ValueError:
+        return float("inf")
+    return _loss(groups, ranks)
+
+
+def _select(candidates: list[list[RoleChoice]], budget: int) -> list[RoleChoice]:
+    """One (group size, side) per type, by coordinate descent on the global allocation's loss:
+    from the smallest groups (size 1: per-layer SVD-LLM), each type in turn takes the candidate
+    that lowers the loss of the whole budget most, until a sweep changes nothing. So the choice
+    is made at equal parameter count, and never loses to the starting point on this loss."""
+    current = [options[0] for options in candidates]
+    best = _global_loss(current, budget)
+    for _ in range(MAX_SWEEPS):
+        changed = False
+        for index, options in enumerate(candidates):
+            for option in options:
+                trial = [*current[:index], option, *current[index + 1 :]]
+                loss = _global_loss(trial, budget) if option is not current[index] else best
+                if loss < best * (1 - 1e-9):
+                    current, best, changed = trial, loss, True
+        if not changed:
+            break
+    for choice in current:
+        choice.loss = best
+    return current
 
 
 def _allocate(config: ShareBasisConfig, groups: list[Group], total: int) -> None:
@@ -287,9 +311,10 @@ def apply(ctx: PassContext, config: ShareBasisConfig) -> PassReport:
     roles = _roles(model)
     sizes = _sizes(config, len(decoder_layers(model)))
     grams, calibration = _grams(ctx, config)
-    choices = [_choose(role, members, grams, config, sizes) for role, members in roles.items()]
-    groups = [g for c in choices for g in c.groups]
     total = sum(m.weight.numel() for members in roles.values() for _, m in members)
+    candidates = [_candidates(role, members, grams, config, sizes) for role, members in roles.items()]
+    choices = _select(candidates, int((1.0 - config.target_params) * total))
+    groups = [g for c in choices for g in c.groups]
     _allocate(config, groups, total)
     after = parameters([g.spectrum for g in groups], [g.rank for g in groups])
     del grams
