@@ -263,6 +263,14 @@ def test_groups_of_one_layer_are_lowrank_svd_svd_llm(alike):
     torch.testing.assert_close(_logits(ours.loaded), _logits(reference.loaded), rtol=0, atol=1e-4)
 
 
+def test_the_chosen_sizes_never_lose_to_per_layer_allocation_on_the_calibration_loss():
+    model = tiny_model("llama", seed=3)  # unrelated layers: sharing rarely pays, and must not be forced
+    single = _run("share.basis", model, target_params=0.3, group_sizes=[1]).details
+    chosen = _run("share.basis", model, target_params=0.3).details
+    assert chosen["allocation_loss"] <= single["allocation_loss"] and single["allocation_loss"] > 0
+    assert chosen["linear_params"][1] <= int(0.7 * chosen["linear_params"][0])
+
+
 def test_the_update_refits_only_each_layers_own_factor(alike):
     fixed = _run("share.basis", alike, target_params=0.4, group_sizes=[2], side="in", update=False).loaded
     updated = _run("share.basis", alike, target_params=0.4, group_sizes=[2], side="in").loaded

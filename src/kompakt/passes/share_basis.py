@@ -335,6 +335,7 @@ def _report(ctx: PassContext, config: ShareBasisConfig, choices: list[RoleChoice
         "types": types, "shared_bases": shared, "factorized": len(losses), "dense": dense,
         "ranks": {"min": ranks[0], "median": ranks[len(ranks) // 2], "max": ranks[-1]} if ranks else {},
         "mean_truncation_loss": sum(losses) / max(len(losses), 1), "calibration_blocks": calibration,
+        "allocation_loss": choices[0].loss if choices else 0.0,
         "seconds": seconds,
     }  # fmt: skip
     chosen = ", ".join(f"{role} {t['group_size']}{'' if t['group_size'] == 1 else '/' + t['side']}"
