@@ -209,7 +209,7 @@ def _different_widths() -> LoadedModel:
     ({"group_sizes": [8]}, "group of 8 layers does not fit the model's 4"),
     ({"group_sizes": [0]}, "group_sizes must be a list"), ({"group_sizes": []}, "group_sizes must be a list"),
     ({"group_sizes": "2,x"}, "group_sizes must be a list"),
-    ({"side": "both"}, "auto, in, out"), ({"target_params": 0.97}, "cannot be met without exceeding dense"),
+    ({"side": "both"}, "auto, in, out"), ({"choose": "best"}, "type, global"), ({"target_params": 0.97}, "cannot be met without exceeding dense"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_changes_nothing(values, message):
     original = tiny_model("llama")
@@ -263,10 +263,10 @@ def test_groups_of_one_layer_are_lowrank_svd_svd_llm(alike):
     torch.testing.assert_close(_logits(ours.loaded), _logits(reference.loaded), rtol=0, atol=1e-4)
 
 
-def test_the_chosen_sizes_never_lose_to_per_layer_allocation_on_the_calibration_loss():
+def test_global_choice_never_loses_to_per_layer_allocation_on_the_calibration_loss():
     model = tiny_model("llama", seed=3)  # unrelated layers: sharing rarely pays, and must not be forced
-    single = _run("share.basis", model, target_params=0.3, group_sizes=[1]).details
-    chosen = _run("share.basis", model, target_params=0.3).details
+    single = _run("share.basis", model, target_params=0.3, group_sizes=[1], choose="global").details
+    chosen = _run("share.basis", model, target_params=0.3, choose="global").details
     assert chosen["allocation_loss"] <= single["allocation_loss"] and single["allocation_loss"] > 0
     assert chosen["linear_params"][1] <= int(0.7 * chosen["linear_params"][0])
 
