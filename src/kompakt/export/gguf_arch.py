@@ -12,6 +12,12 @@ convert_hf_to_gguf.py does):
 - `tied_output`: whether llama.cpp reads the output projection from token_embd when the
   file has no output.weight (all supported families do).
 
+Encoder rows (`encoder=True`, sentence-embedding models) map onto llama.cpp's "bert"
+architecture; what differs between them is data too: `position_offset` (RoBERTa / XLM-R count
+positions from padding_idx + 1, llama.cpp from 0, so the first rows are dropped), `ffn_key`
+(DistilBERT names the FFN width hidden_dim) and `skip` (BERT's pooler, which sentence-embedding
+pooling never uses). Their header and checks are in kompakt.export.gguf_encoder.
+
 `check_expressible` is called before anything is written and refuses, in one line, what
 llama.cpp would compute differently (unknown rope scaling, Gemma attention scales that
 llama.cpp hard-codes, a vocabulary larger than the embedding).
@@ -33,6 +39,10 @@ class GGUFFamily:
     norm_shift: float = 0.0
     sliding_window: bool = False  # writes attention.sliding_window (+ the per-layer pattern)
     softcapping: bool = False  # Gemma 2 attention/final logit soft-capping
+    encoder: bool = False  # a bidirectional sentence encoder (kompakt.export.gguf_encoder)
+    position_offset: bool = False  # position rows start at pad_token_id + 1 (RoBERTa)
+    ffn_key: str = "intermediate_size"  # the config attribute holding the FFN width
+    skip: tuple[str, ...] = ()  # HF tensor name prefixes llama.cpp has no use for
 
 
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
@@ -44,6 +54,10 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "gemma": GGUFFamily("gemma", "GEMMA", norm_shift=1.0),
     "gemma2": GGUFFamily("gemma2", "GEMMA2", norm_shift=1.0, sliding_window=True, softcapping=True),
     "gemma3_text": GGUFFamily("gemma3_text", "GEMMA3", norm_shift=1.0, sliding_window=True),
+    "bert": GGUFFamily("bert", "BERT", encoder=True, skip=("pooler.",)),
+    "distilbert": GGUFFamily("distilbert", "BERT", encoder=True, ffn_key="hidden_dim"),
+    "roberta": GGUFFamily("roberta", "BERT", encoder=True, position_offset=True, skip=("pooler.",)),
+    "xlm-roberta": GGUFFamily("xlm-roberta", "BERT", encoder=True, position_offset=True, skip=("pooler.",)),
 }
 _ROPE_TYPES = ("default", "linear")
 

@@ -12,6 +12,8 @@ Two kinds of tokenizer.json map onto llama.cpp's tokenizers:
   whose result scores highest; SentencePiece BPE scores pieces by -rank, so normal tokens get
   score -id (Gemma 3's own GGUF scores are strictly decreasing with id, the same order),
   byte tokens 0 and special tokens -1000.
+- WordPiece (BERT-family encoders) -> `"bert"`, llama.cpp's WPM tokenizer, with tokens in its
+  phantom-space form (kompakt.export.gguf_wordpiece).
 
 Special token ids, add_bos/add_eos and the chat template come from gguf.SpecialVocab, which
 reads the saved tokenizer files exactly as llama.cpp's converter does.
@@ -39,7 +41,7 @@ PRE_KEY = "kompakt_gguf_pre"  # tokenizer_config.json: see recognised_pre
 
 @dataclass
 class GGUFVocab:
-    model: str  # "gpt2" | "llama"
+    model: str  # "gpt2" | "llama" | "bert"
     pre: str
     tokens: list[str]
     types: list[int]
@@ -48,6 +50,7 @@ class GGUFVocab:
     special: Any = None  # gguf.SpecialVocab
     add_special: dict[str, bool] = field(default_factory=dict)  # observed add_bos / add_eos
     notes: list[str] = field(default_factory=list)
+    normalizer: dict[str, bool] | None = None  # WordPiece: lowercase / strip_accents (gguf_wordpiece)
 
 
 def _tokenizer_json(tokenizer: Any, directory: Path) -> dict:
@@ -116,12 +119,14 @@ def build_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
         directory = Path(tmp)
         data = _tokenizer_json(tokenizer, directory)
         model = data["model"]
-        if model.get("type") != "BPE":
+        if model.get("type") not in ("BPE", "WordPiece"):
             raise UnsupportedArchitectureError(
-                f"GGUF export supports BPE tokenizers, this one is {model.get('type')!r}"
+                f"GGUF export supports BPE and WordPiece tokenizers, this one is {model.get('type')!r}"
             )
         tokens, added = _token_list(data, n_vocab)
-        special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=len(tokens))
+        special = gguf.SpecialVocab(directory, load_merges=model.get("type") == "BPE", n_vocab=len(tokens))
+    if model.get("type") == "WordPiece":
+        return _wordpiece_vocab(tokenizer, data, tokens, added, special)
     byte_fallback = bool(model.get("byte_fallback"))
     add_special = _observed_add_special(tokenizer)
     types, scores, texts = [], [], []
@@ -156,6 +161,16 @@ def build_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
     return vocab
 
 
+def _wordpiece_vocab(tokenizer: Any, data: dict, tokens: list[str | None], added: dict[int, dict],
+                     special: Any) -> GGUFVocab:  # fmt: skip
+    from kompakt.export.gguf_wordpiece import normalizer_flags, wordpiece_tokens
+
+    flags = normalizer_flags(data)
+    texts, types = wordpiece_tokens(data, tokens, added)
+    return GGUFVocab("bert", "default", texts, types, special=special, add_special=_observed_add_special(tokenizer),
+                     normalizer=flags)  # fmt: skip
+
+
 def _add_placeholder_merge(vocab: GGUFVocab, special: Any) -> None:
     """Give a merge-less byte-level BPE one merge, so GGUF readers accept the vocabulary.
 
@@ -185,6 +200,10 @@ def add_tokenizer(writer: Any, vocab: GGUFVocab) -> None:
     writer.add_token_types(vocab.types)
     writer.add_add_space_prefix(vocab.add_space_prefix)
     vocab.special.add_to_gguf(writer, quiet=True)
+    if vocab.normalizer is not None:
+        from kompakt.export.gguf_wordpiece import add_normalizer
+
+        add_normalizer(writer, vocab.normalizer)
     for kind, value in vocab.add_special.items():
         if kind not in vocab.special.add_special_token:
             getattr(writer, f"add_add_{kind}_token")(value)
