@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 PRE_KEY = "kompakt_gguf_pre"  # tokenizer_config.json: see recognised_pre
+CLS_KEY = "tokenizer.ggml.cls_token_id"  # read by llama.cpp; gguf-py 0.19 has no constant for it
 
 
 @dataclass
@@ -51,6 +52,7 @@ class GGUFVocab:
     add_special: dict[str, bool] = field(default_factory=dict)  # observed add_bos / add_eos
     notes: list[str] = field(default_factory=list)
     normalizer: dict[str, bool] | None = None  # WordPiece: lowercase / strip_accents (gguf_wordpiece)
+    cls_id: int | None = None  # written by add_tokenizer: gguf-py 0.19's SpecialVocab has no writer for it
 
 
 def _tokenizer_json(tokenizer: Any, directory: Path) -> dict:
@@ -125,8 +127,17 @@ def build_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
             )
         tokens, added = _token_list(data, n_vocab)
         special = gguf.SpecialVocab(directory, load_merges=model.get("type") == "BPE", n_vocab=len(tokens))
-    if model.get("type") == "WordPiece":
-        return _wordpiece_vocab(tokenizer, data, tokens, added, special)
+    cls_id = special.special_token_ids.pop("cls", None)
+    vocab = (_wordpiece_vocab if model.get("type") == "WordPiece" else _bpe_vocab)(tokenizer, data, model, tokens,
+                                                                                 added, special)  # fmt: skip
+    vocab.cls_id = cls_id
+    return vocab
+
+
+def _bpe_vocab(tokenizer: Any, data: dict, model: dict, tokens: list[str | None], added: dict[int, dict],
+               special: Any) -> GGUFVocab:  # fmt: skip
+    import gguf
+
     byte_fallback = bool(model.get("byte_fallback"))
     add_special = _observed_add_special(tokenizer)
     types, scores, texts = [], [], []
@@ -161,7 +172,7 @@ def build_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
     return vocab
 
 
-def _wordpiece_vocab(tokenizer: Any, data: dict, tokens: list[str | None], added: dict[int, dict],
+def _wordpiece_vocab(tokenizer: Any, data: dict, model: dict, tokens: list[str | None], added: dict[int, dict],
                      special: Any) -> GGUFVocab:  # fmt: skip
     from kompakt.export.gguf_wordpiece import normalizer_flags, wordpiece_tokens
 
@@ -200,6 +211,8 @@ def add_tokenizer(writer: Any, vocab: GGUFVocab) -> None:
     writer.add_token_types(vocab.types)
     writer.add_add_space_prefix(vocab.add_space_prefix)
     vocab.special.add_to_gguf(writer, quiet=True)
+    if vocab.cls_id is not None:
+        writer.add_uint32(CLS_KEY, vocab.cls_id)
     if vocab.normalizer is not None:
         from kompakt.export.gguf_wordpiece import add_normalizer
 
