@@ -176,3 +176,13 @@ def test_all_minilm_l6_v2_in_llamacpp(type, floor, tmp_path):
     check = result.check
     assert check.passed and check.tokenization == "same" and check.cosine_min >= floor, check.line()
     assert _fields(result.path)["tokenizer.ggml.model"] == "bert"
+
+
+def test_ollama_and_hf_exports_of_an_encoder_are_checked_by_embeddings(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    loaded = tiny_encoder("bert")
+    ollama = export(loaded, format="ollama", type="q8_0", out=tmp_path / "ollama")
+    assert ollama.check.passed and ollama.check.cosine_min >= 0.99, ollama.check.line()
+    hf = export(loaded, format="hf", type="f16", out=tmp_path / "hf")
+    assert hf.check.runtime == "sentence-transformers" and hf.check.passed, hf.check.line()
+    assert 0.999 <= hf.check.cosine_min <= hf.check.cosine <= 1.0

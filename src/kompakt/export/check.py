@@ -167,11 +167,16 @@ def run_check(reference: LoadedModel, path: Path, *, format: str, type: str) -> 
         check.problems += check_modelfile(path / "Modelfile", checked)
     if format in ("gguf", "ollama") and not llamacpp_installed():
         check.runtime, check.skipped = "llama.cpp", "llama-cpp-python is not installed (pip install 'kompakt[llamacpp]')"
-    elif reference.is_encoder and format == "gguf":
+    elif reference.is_encoder and format in ("gguf", "ollama"):
         from kompakt.export.check_embed import MIN_COSINE, compare_embeddings
 
         check.threshold = MIN_COSINE.get(check.type)
         compare_embeddings(reference, checked, check)
+    elif reference.is_encoder and format == "hf":
+        from kompakt.export.check_embed import MIN_COSINE, compare_hf_embeddings
+
+        check.threshold = MIN_COSINE.get(check.type)
+        compare_hf_embeddings(reference, checked, check)
     else:
         _compare(reference, checked, format, check)
     check.seconds = round(time.perf_counter() - started, 3)

@@ -11,6 +11,9 @@ cosine is below MIN_COSINE[type], when llama.cpp splits a sentence into other to
 Hugging Face tokenizer, or when llama.cpp cannot load or run the file. A sentence longer than
 the model's input limit (kompakt.model.encode.input_limit) is left out: kompakt truncates it and
 llama.cpp would not, so they would embed different text.
+
+A Hugging Face directory of an encoder is checked the same way in sentence-transformers
+(`SentenceTransformer(dir)`, as a user loads it; skipped, with the reason, when it is not installed).
 """
 
 from __future__ import annotations
@@ -82,5 +85,34 @@ def compare_embeddings(reference, checked: Path, check) -> None:
     check.tokenization = "same" if not differs else f"differs on sentence {', '.join(differs)} of {len(texts)}"
     if differs:
         check.problems.append(f"its tokenizer splits check sentence {', '.join(differs)} differently")
+    if check.threshold is not None and check.cosine_min < check.threshold:
+        check.problems.append(f"lowest cosine {check.cosine_min:.4f} < {check.threshold} over {len(texts)} sentences")
+
+
+def compare_hf_embeddings(reference, directory: Path, check) -> None:
+    """Fill `check` with the cosine of `SentenceTransformer(directory)`'s embeddings to `embed(reference)`."""
+    import importlib.util
+
+    from kompakt.model.encode import embed
+    from kompakt.model.progress import quiet_third_party
+
+    check.runtime = "sentence-transformers"
+    if importlib.util.find_spec("sentence_transformers") is None:
+        check.skipped = "sentence-transformers is not installed (pip install sentence-transformers)"
+        return
+    from sentence_transformers import SentenceTransformer
+
+    texts = sentences_for(reference)
+    try:
+        with quiet_third_party():
+            model = SentenceTransformer(str(directory), device="cpu", model_kwargs={"dtype": torch.float32})
+            got = torch.nn.functional.normalize(model.encode(texts, convert_to_tensor=True).float().cpu(), dim=-1)
+    except Exception as error:  # noqa: BLE001 - any failure to load or run is the check's answer
+        check.problems.append(f"it does not load or run: {type(error).__name__}: {' '.join(str(error).split())[:200]}")
+        return
+    want = torch.nn.functional.normalize(embed(reference, texts).float(), dim=-1)
+    cosines = (got * want).sum(-1)
+    check.sentences, check.tokenization = len(texts), "same"
+    check.cosine, check.cosine_min = round(float(cosines.mean()), 6), round(float(cosines.min()), 6)
     if check.threshold is not None and check.cosine_min < check.threshold:
         check.problems.append(f"lowest cosine {check.cosine_min:.4f} < {check.threshold} over {len(texts)} sentences")
