@@ -120,6 +120,25 @@ def test_encoder_on_a_q4_0_grid_keeps_its_exact_values(tmp_path):
     assert written.exact_grid_tensors == len(names) and written.requantized_blocks == 0
 
 
+@pytest.mark.skipif(not hasattr(__import__("kompakt.passes.base").passes.base.PassSpec, "decoder_only"),
+                    reason="quant passes run on encoders from the encoder-passes change on")  # fmt: skip
+@pytest.mark.parametrize("family, fmt", [("bert", "q4_0"), ("distilbert", "q8_0"), ("roberta", "q4_0")])
+def test_quant_rtn_on_an_encoder_is_written_exactly(family, fmt, tmp_path):
+    from kompakt.model.load import load
+    from kompakt.model.save import save_model
+    from kompakt.passes.base import PassContext, build_config, get_pass
+
+    loaded = tiny_encoder(family)
+    spec = get_pass("quant.rtn")
+    ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: None, seed=0)
+    quantized = spec.apply(ctx, build_config(spec, {"format": fmt})).loaded
+    result = export(quantized, format="gguf", type=fmt, out=tmp_path / "q.gguf")
+    assert result.check.passed and result.check.cosine_min >= 0.9999, result.check.line()  # on-grid: no new error
+    save_model(quantized, tmp_path / "step")
+    written = write_gguf(load(tmp_path / "step", device="cpu"), tmp_path / "again.gguf", type=fmt)
+    assert written.exact_grid_tensors == 24 and written.requantized_blocks == 0
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -136,9 +155,36 @@ def test_what_llamacpp_computes_differently_is_refused_before_writing(change, me
     assert not (tmp_path / "x.gguf").exists() and not any(tmp_path.glob("*.gguf*"))
 
 
-def test_modernbert_is_refused_in_one_line(tmp_path):
-    with pytest.raises(UnsupportedArchitectureError, match="'modernbert'") as info:
-        export(tiny_encoder("modernbert"), format="gguf", out=tmp_path / "m.gguf")
+def _sharpened_modernbert():
+    """A tiny ModernBERT whose attention is sharp enough (q/k/v x 20) that its local window, rope
+    thetas and layer pattern move the CLS state: random weights barely attend otherwise."""
+    loaded = dataclasses.replace(tiny_encoder("modernbert"), pooling=Pooling("cls", False, 128))
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if "Wqkv" in name:
+                param.mul_(20)
+    return loaded
+
+
+def test_modernbert_runs_in_llamacpp_and_a_wrong_window_would_show(tmp_path):
+    loaded = _sharpened_modernbert()
+    result = export(loaded, format="gguf", type="f32", out=tmp_path / "mb.gguf")
+    assert result.check.passed and result.check.cosine_min >= 0.9999, result.check.line()
+    fields = _fields(result.path)
+    assert fields["general.architecture"] == "modern-bert" and fields["modern-bert.attention.sliding_window"] == 32
+    assert fields["modern-bert.attention.sliding_window_pattern"] == [False, True, False, True]
+    assert fields["modern-bert.rope.freq_base"] == 160000.0 and fields["modern-bert.rope.freq_base_swa"] == 10000.0
+    loaded.model.config.local_attention = 128  # written wrong: global attention everywhere
+    path = write_gguf(loaded, tmp_path / "wrong.gguf", type="f32").path
+    loaded.model.config.local_attention = 32
+    assert run_check(loaded, path, format="gguf", type="f32").cosine_min < 0.999
+
+
+def test_modernbert_with_biases_is_refused_in_one_line(tmp_path):
+    loaded = tiny_encoder("modernbert")
+    loaded.model.config.norm_bias = True
+    with pytest.raises(UnsupportedArchitectureError, match="norm_bias") as info:
+        export(loaded, format="gguf", out=tmp_path / "m.gguf")
     assert "\n" not in str(info.value) and not any(tmp_path.glob("*.gguf*"))
 
 

@@ -24,8 +24,9 @@ its values (gguf_grid_recover) instead of llama.cpp's re-rounding, or, for grids
 recovered (K-quants), the exact bytes the pass handed over (LoadedModel.gguf_blocks); a block
 that is not on the grid is re-quantized and counted in the log.
 
-Sentence encoders (BERT, DistilBERT, RoBERTa, XLM-R with a BPE or WordPiece tokenizer) are
-written as llama.cpp "bert" embedding models with their pooling (kompakt.export.gguf_encoder).
+Sentence encoders (BERT, DistilBERT, RoBERTa, XLM-R with a BPE or WordPiece tokenizer; ModernBERT)
+are written as llama.cpp "bert" / "modern-bert" embedding models with their pooling
+(kompakt.export.gguf_encoder).
 
 A compressed-tensors directory (kompakt.model.quantized.save_quantized) whose groups are
 symmetric int4 / int8 with group_size 32 and fp16 scales is the same q4_0 / q8_0 grid and is

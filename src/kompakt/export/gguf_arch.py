@@ -15,8 +15,11 @@ convert_hf_to_gguf.py does):
 Encoder rows (`encoder=True`, sentence-embedding models) map onto llama.cpp's "bert"
 architecture; what differs between them is data too: `position_offset` (RoBERTa / XLM-R count
 positions from padding_idx + 1, llama.cpp from 0, so the first rows are dropped), `ffn_key`
-(DistilBERT names the FFN width hidden_dim) and `skip` (BERT's pooler, which sentence-embedding
-pooling never uses). Their header and checks are in kompakt.export.gguf_encoder.
+(DistilBERT names the FFN width hidden_dim), `skip` (BERT's pooler, which sentence-embedding
+pooling never uses), `token_types` (a token-type table) and `bias_free` (config flags that must be
+off: llama.cpp's modern-bert graph has no biases). ModernBERT is llama.cpp's "modern-bert" (rope,
+alternating global / local attention: `sliding_window`). Their header and checks are in
+kompakt.export.gguf_encoder.
 
 `check_expressible` is called before anything is written and refuses, in one line, what
 llama.cpp would compute differently (unknown rope scaling, Gemma attention scales that
@@ -43,6 +46,8 @@ class GGUFFamily:
     position_offset: bool = False  # position rows start at pad_token_id + 1 (RoBERTa)
     ffn_key: str = "intermediate_size"  # the config attribute holding the FFN width
     skip: tuple[str, ...] = ()  # HF tensor name prefixes llama.cpp has no use for
+    token_types: bool = True  # encoders: the tokenizer declares a token-type count (BERT's segment table)
+    bias_free: tuple[str, ...] = ()  # config flags that must be false (llama.cpp has no such biases)
 
 
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
@@ -58,6 +63,8 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "distilbert": GGUFFamily("distilbert", "BERT", encoder=True, ffn_key="hidden_dim"),
     "roberta": GGUFFamily("roberta", "BERT", encoder=True, position_offset=True, skip=("pooler.",)),
     "xlm-roberta": GGUFFamily("xlm-roberta", "BERT", encoder=True, position_offset=True, skip=("pooler.",)),
+    "modernbert": GGUFFamily("modernbert", "MODERN_BERT", encoder=True, sliding_window=True, token_types=False,
+                             bias_free=("attention_bias", "mlp_bias", "norm_bias")),  # fmt: skip
 }
 _ROPE_TYPES = ("default", "linear")
 

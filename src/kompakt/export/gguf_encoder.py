@@ -1,4 +1,4 @@
-"""Sentence encoders (BERT, DistilBERT, RoBERTa, XLM-R) as llama.cpp "bert" GGUF files.
+"""Sentence encoders (BERT, DistilBERT, RoBERTa, XLM-R, ModernBERT) as llama.cpp GGUF files.
 
 llama.cpp runs a BERT-family encoder as an embedding model (`llama-embedding`, `llama-server
 --embeddings`, llama-cpp-python `Llama(path, embedding=True)`): word + position (+ token type 0)
@@ -18,6 +18,13 @@ What llama.cpp would compute differently is refused before anything is written, 
 activation other than GELU, relative position embeddings, a decoder-style config, max pooling.
 DistilBERT has no token-type table; llama.cpp's bert graph skips the token-type add when the
 tensor is absent, which is exactly DistilBERT.
+
+ModernBERT is llama.cpp's "modern-bert": rope on q/k (the global layers' theta as
+`rope.freq_base`, the local layers' as `rope.freq_base_swa`), local attention over
+`local_attention` positions (`attention.sliding_window`) on the layers `layer_types` marks
+"sliding_attention" (written per layer, so a depth-pruned model keeps its own pattern), GeGLU
+FFN, bias-free LayerNorms. Verified against transformers token by token on a tiny ModernBERT
+with sharpened attention, where a wrong window, theta or layer pattern moves the states visibly.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 from kompakt.errors import UnsupportedArchitectureError
-from kompakt.export.gguf_arch import GGUFFamily, head_dim
+from kompakt.export.gguf_arch import GGUFFamily, head_dim, rope_parameters
 
 # llama.cpp's bert graph applies ggml_gelu (tanh approximation, within 1e-3 of erf GELU).
 GELU = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -56,7 +63,7 @@ def check_encoder(config: Any, family: GGUFFamily, pooling: Any) -> None:
             f"llama.cpp has no {pooling.mode} pooling (it pools {', '.join(POOLING)}); "
             "export this encoder with --format onnx or hf instead"
         )
-    activation = _get(config, "hidden_act", _get(config, "activation", "gelu"))
+    activation = _get(config, "hidden_act", _get(config, "activation", _get(config, "hidden_activation", "gelu")))
     if activation not in GELU:
         raise UnsupportedArchitectureError(
             f"{model_type} with activation {activation!r}: llama.cpp's bert graph applies GELU; "
@@ -70,6 +77,12 @@ def check_encoder(config: Any, family: GGUFFamily, pooling: Any) -> None:
         )
     if _get(config, "is_decoder", False) or _get(config, "add_cross_attention", False):
         raise UnsupportedArchitectureError(f"{model_type} configured as a decoder cannot run as a llama.cpp encoder")
+    biased = [flag for flag in family.bias_free if _get(config, flag, False)]
+    if biased:
+        raise UnsupportedArchitectureError(
+            f"{model_type} with {', '.join(biased)}: llama.cpp's {family.arch.lower().replace('_', '-')} graph has "
+            "no such biases; export it with --format onnx or hf instead"
+        )
     if family.position_offset and _get(config, "pad_token_id", None) is None:
         raise UnsupportedArchitectureError(
             f"{model_type} without pad_token_id: its position offset is unknown; set pad_token_id in config.json"
@@ -90,7 +103,29 @@ def add_encoder_hyperparameters(writer: Any, config: Any, family: GGUFFamily, po
     # llama.cpp derives head_dim = n_embd / n_head unless told; pruned heads break that.
     writer.add_key_length(head_dim(config))
     writer.add_value_length(head_dim(config))
-    writer.add_layer_norm_eps(float(_get(config, "layer_norm_eps", 1e-12)))  # DistilBERT: 1e-12, fixed
+    # DistilBERT's LayerNorms use 1e-12, fixed; ModernBERT names it norm_eps.
+    writer.add_layer_norm_eps(float(_get(config, "layer_norm_eps", _get(config, "norm_eps", 1e-12))))
     writer.add_causal_attention(False)
     writer.add_pooling_type(getattr(gguf.PoolingType, POOLING[pooling.mode]))
-    writer.add_token_type_count(int(_get(config, "type_vocab_size", 1)))
+    if family.token_types:
+        writer.add_token_type_count(int(_get(config, "type_vocab_size", 1)))
+    if family.sliding_window:
+        _add_local_attention(writer, config)
+
+
+def _add_local_attention(writer: Any, config: Any) -> None:
+    """ModernBERT's rope and global / local layers (module docstring)."""
+    import gguf
+
+    writer.add_rope_freq_base(float(rope_parameters(config, "full_attention").get("rope_theta", 160000.0)))
+    local = rope_parameters(config, "sliding_attention")
+    params = _get(config, "rope_parameters", None) or {}
+    theta = local.get("rope_theta") if "sliding_attention" in params else _get(config, "local_rope_theta", 10000.0)
+    writer.add_rope_freq_base_swa(float(theta))
+    writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    writer.add_sliding_window(int(config.local_attention))
+    types = _get(config, "layer_types", None)
+    if not types:  # older configs: every n-th layer (from the first) is global
+        every = int(config.global_attn_every_n_layers)
+        types = ["full_attention" if i % every == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
+    writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in types])
