@@ -53,6 +53,40 @@ def test_tiny_encoder_runs_in_llamacpp_with_the_same_embeddings(family, tmp_path
     assert ("token_types.weight" in tensors) == (family != "distilbert")
 
 
+def _unigram_tokenizer():
+    """An XLM-R-style SentencePiece Unigram tokenizer (Metaspace, collapsed spaces, <s> ... </s>)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.ascii_letters + string.digits + string.punctuation)
+    words = ["\u2581the", "\u2581of", "\u2581and", "\u2581to", "ing", "ed", "er", "es", "on", "\u2581light"]
+    pieces = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(w, -3.0 - i / 10) for i, w in enumerate(words)] + [(c, -8.0) for c in chars]
+    pieces += [("\u2581" + c, -7.5) for c in chars] + [("<mask>", 0.0)]
+    core = Tokenizer(models.Unigram(pieces, unk_id=3, byte_fallback=False))
+    core.normalizer = normalizers.Sequence([normalizers.Replace(Regex(" {2,}"), " ")])
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", cls_token="<s>",
+                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
+                                   model_max_length=128)  # fmt: skip
+
+
+def test_xlm_roberta_with_a_unigram_tokenizer_runs_as_ugm(tmp_path):
+    loaded = tiny_encoder("xlm-roberta")
+    tokenizer = _unigram_tokenizer()
+    loaded.model.resize_token_embeddings(-(-len(tokenizer) // 16) * 16, mean_resizing=False)
+    loaded = dataclasses.replace(loaded, tokenizer=tokenizer)
+    result = export(loaded, format="gguf", type="f16", out=tmp_path / "xlmr.gguf")
+    assert result.check.passed and result.check.tokenization == "same", result.check.line()
+    fields = _fields(result.path)
+    assert fields["tokenizer.ggml.model"] == "t5" and fields["tokenizer.ggml.add_space_prefix"] is True
+    assert fields["tokenizer.ggml.remove_extra_whitespaces"] is True
+
+
 def test_roberta_positions_drop_the_padding_rows(tmp_path):
     loaded = tiny_encoder("roberta")
     path = write_gguf(loaded, tmp_path / "r.gguf", type="f32").path

@@ -24,7 +24,7 @@ its values (gguf_grid_recover) instead of llama.cpp's re-rounding, or, for grids
 recovered (K-quants), the exact bytes the pass handed over (LoadedModel.gguf_blocks); a block
 that is not on the grid is re-quantized and counted in the log.
 
-Sentence encoders (BERT, DistilBERT, RoBERTa, XLM-R with a BPE or WordPiece tokenizer; ModernBERT)
+Sentence encoders (BERT, DistilBERT, RoBERTa, XLM-R with a WordPiece, BPE or Unigram tokenizer; ModernBERT)
 are written as llama.cpp "bert" / "modern-bert" embedding models with their pooling
 (kompakt.export.gguf_encoder).
 

@@ -14,6 +14,7 @@ Two kinds of tokenizer.json map onto llama.cpp's tokenizers:
   byte tokens 0 and special tokens -1000.
 - WordPiece (BERT-family encoders) -> `"bert"`, llama.cpp's WPM tokenizer, with tokens in its
   phantom-space form (kompakt.export.gguf_wordpiece).
+- Unigram (XLM-R's SentencePiece) -> `"t5"`, llama.cpp's UGM tokenizer (kompakt.export.gguf_unigram).
 
 Special token ids, add_bos/add_eos and the chat template come from gguf.SpecialVocab, which
 reads the saved tokenizer files exactly as llama.cpp's converter does.
@@ -42,7 +43,7 @@ CLS_KEY = "tokenizer.ggml.cls_token_id"  # read by llama.cpp; gguf-py 0.19 has n
 
 @dataclass
 class GGUFVocab:
-    model: str  # "gpt2" | "llama" | "bert"
+    model: str  # "gpt2" | "llama" | "bert" | "t5"
     pre: str
     tokens: list[str]
     types: list[int]
@@ -53,6 +54,7 @@ class GGUFVocab:
     notes: list[str] = field(default_factory=list)
     normalizer: dict[str, bool] | None = None  # WordPiece: lowercase / strip_accents (gguf_wordpiece)
     cls_id: int | None = None  # written by add_tokenizer: gguf-py 0.19's SpecialVocab has no writer for it
+    unigram: dict[str, Any] | None = None  # Unigram: whitespace handling and charsmap (gguf_unigram)
 
 
 def _tokenizer_json(tokenizer: Any, directory: Path) -> dict:
@@ -121,10 +123,12 @@ def build_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
         directory = Path(tmp)
         data = _tokenizer_json(tokenizer, directory)
         model = data["model"]
-        if model.get("type") not in ("BPE", "WordPiece"):
+        if model.get("type") not in ("BPE", "WordPiece", "Unigram"):
             raise UnsupportedArchitectureError(
-                f"GGUF export supports BPE and WordPiece tokenizers, this one is {model.get('type')!r}"
+                f"GGUF export supports BPE, WordPiece and Unigram tokenizers, this one is {model.get('type')!r}"
             )
+        if model.get("type") == "Unigram":
+            return _unigram_vocab(tokenizer, data, directory, n_vocab)
         tokens, added = _token_list(data, n_vocab)
         special = gguf.SpecialVocab(directory, load_merges=model.get("type") == "BPE", n_vocab=len(tokens))
     cls_id = special.special_token_ids.pop("cls", None)
@@ -182,6 +186,20 @@ def _wordpiece_vocab(tokenizer: Any, data: dict, model: dict, tokens: list[str |
                      normalizer=flags)  # fmt: skip
 
 
+def _unigram_vocab(tokenizer: Any, data: dict, directory: Path, n_vocab: int) -> GGUFVocab:
+    import gguf
+
+    from kompakt.export.gguf_unigram import unigram_settings, unigram_tokens
+
+    settings = unigram_settings(data)
+    texts, types, scores = unigram_tokens(data, n_vocab)
+    special = gguf.SpecialVocab(directory, load_merges=False, n_vocab=len(texts))
+    vocab = GGUFVocab("t5", "default", texts, types, scores, settings["add_space_prefix"], special,
+                      _observed_add_special(tokenizer), unigram=settings)  # fmt: skip
+    vocab.cls_id = special.special_token_ids.pop("cls", None)
+    return vocab
+
+
 def _add_placeholder_merge(vocab: GGUFVocab, special: Any) -> None:
     """Give a merge-less byte-level BPE one merge, so GGUF readers accept the vocabulary.
 
@@ -217,6 +235,10 @@ def add_tokenizer(writer: Any, vocab: GGUFVocab) -> None:
         from kompakt.export.gguf_wordpiece import add_normalizer
 
         add_normalizer(writer, vocab.normalizer)
+    if vocab.unigram is not None:
+        from kompakt.export.gguf_unigram import add_unigram
+
+        add_unigram(writer, vocab.unigram)
     for kind, value in vocab.add_special.items():
         if kind not in vocab.special.add_special_token:
             getattr(writer, f"add_add_{kind}_token")(value)
