@@ -263,6 +263,7 @@ def test_ollama_and_hf_exports_of_an_encoder_are_checked_by_embeddings(tmp_path)
     loaded = tiny_encoder("bert")
     ollama = export(loaded, format="ollama", type="q8_0", out=tmp_path / "ollama")
     assert ollama.check.passed and ollama.check.cosine_min >= 0.99, ollama.check.line()
+    assert (tmp_path / "ollama" / "Modelfile").read_text() == "FROM ./model.gguf\n"  # no chat template
     hf = export(loaded, format="hf", type="f16", out=tmp_path / "hf")
     assert hf.check.runtime == "sentence-transformers" and hf.check.passed, hf.check.line()
     assert 0.999 <= hf.check.cosine_min <= hf.check.cosine <= 1.0
