@@ -267,3 +267,12 @@ def test_ollama_and_hf_exports_of_an_encoder_are_checked_by_embeddings(tmp_path)
     hf = export(loaded, format="hf", type="f16", out=tmp_path / "hf")
     assert hf.check.runtime == "sentence-transformers" and hf.check.passed, hf.check.line()
     assert 0.999 <= hf.check.cosine_min <= hf.check.cosine <= 1.0
+
+
+def test_loading_an_encoder_gguf_back_is_a_one_line_error(tmp_path):
+    from kompakt.model.load import load
+
+    path = write_gguf(tiny_encoder("bert"), tmp_path / "enc.gguf", type="f16").path
+    with pytest.raises(UnsupportedArchitectureError, match="sentence-encoder GGUF") as info:
+        load(path, device="cpu")
+    assert "\n" not in str(info.value)
