@@ -276,3 +276,23 @@ def test_loading_an_encoder_gguf_back_is_a_one_line_error(tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="sentence-encoder GGUF") as info:
         load(path, device="cpu")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("type, ftype", [("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"), ("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")])
+def test_tensor_types_and_size_match_llama_quantize(type, ftype, tmp_path):
+    """kompakt's q8_0 / q4_0 of an encoder has llama-quantize's tensor types and file size (which
+    tensors stay F32, token_embd's type), quantizing the same f16 file."""
+    import ctypes
+
+    import llama_cpp
+
+    loaded = tiny_encoder("bert")
+    source = write_gguf(loaded, tmp_path / "f16.gguf", type="f16").path
+    ours = write_gguf(loaded, tmp_path / "ours.gguf", type=type).path
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = getattr(llama_cpp, ftype), 1
+    theirs = tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    types = {name: t.tensor_type for name, t in _tensors(ours).items()}
+    assert types == {name: t.tensor_type for name, t in _tensors(theirs).items()}
+    assert ours.stat().st_size == theirs.stat().st_size
