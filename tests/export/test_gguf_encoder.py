@@ -104,7 +104,7 @@ def test_cls_and_last_token_pooling_agree_in_llamacpp(mode, pooling_type, tmp_pa
     assert result.check.passed and result.check.cosine_min >= 0.999, result.check.line()
 
 
-@pytest.mark.parametrize("type, floor", [("q8_0", 0.99), ("q4_0", 0.95)])
+@pytest.mark.parametrize("type, floor", [("q8_0", 0.99), ("q4_0", 0.9)])
 def test_quantized_types_pass_their_floor(type, floor, tmp_path):
     result = export(tiny_encoder("bert"), format="gguf", type=type, out=tmp_path / f"{type}.gguf")
     assert result.check.passed and result.check.threshold == floor and result.check.cosine_min >= floor
