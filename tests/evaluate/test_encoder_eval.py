@@ -108,6 +108,6 @@ def test_mixed_kinds_and_bad_input_are_one_line_errors(teacher, tmp_path):
     with pytest.raises(DataError):
         evaluate(teacher, teacher, data=empty)
     few = tmp_path / "few.txt"
-    few.write_text("One.\nTwo.\nThree.\n")
+    few.write_text("Number one is here.\nNumber two is here.\nNumber three is here.\n")
     with pytest.raises(ConfigError, match="more than 10 sentences"):
         evaluate(teacher, teacher, data=few, speed=False)
