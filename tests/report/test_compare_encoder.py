@@ -59,7 +59,11 @@ def test_the_run_metrics_are_used_when_they_hold_the_encoder_numbers(measured):
 
     _, original, result = measured
     metrics = {"cosine_mean": 0.97, "recall_at_k": 0.88, "k": 10, "spearman": 0.93, "pairs": 500}
-    assert _fidelity(original, result, metrics) == (metrics, "the run's last evaluation")
+    got, source = _fidelity(original, result, metrics)
+    assert source == "the run's last evaluation" and (got["recall_at_k"], got["k"], got["spearman"]) == (0.88, 10, 0.93)
+    step = {"cosine_mean": 0.96, "recall_at_10": 0.86, "spearman": 0.9, "eval_text": "wiki.test"}  # a recipe step's
+    got, _ = _fidelity(original, result, step)
+    assert (got["recall_at_k"], got["k"], got["data"]) == (0.86, 10, "wiki.test")
     measured_now, source = _fidelity(original, result, {"kl_mean": 0.1})  # a decoder's metrics: measure
     assert source == "measured for this report" and 0 < measured_now["recall_at_k"] < 1
 

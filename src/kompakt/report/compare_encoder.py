@@ -23,13 +23,16 @@ from kompakt.report.footprint import energy_per_1k, hardware_needed, power_watts
 logger = logging.getLogger(__name__)
 
 ENCODER = "encoder"  # comparison["kind"]: kompakt.report.document picks the encoder rows by it
-_FIDELITY_KEYS = ("cosine_mean", "recall_at_k", "spearman")
 
 
 def _fidelity(original: LoadedModel, result: LoadedModel, metrics: dict[str, Any]) -> tuple[dict, str]:
-    """(cosine_mean, recall_at_k, k, spearman, sentences) of result vs original, and where from."""
-    if all(metrics.get(key) is not None for key in _FIDELITY_KEYS[1:]):
-        return metrics, "the run's last evaluation"
+    """(cosine_mean, recall_at_k, k, spearman, data) of result vs original, and where from. A run's
+    step metrics (kompakt.recipe) name recall "recall_at_10" and the text "eval_text"."""
+    recall = metrics.get("recall_at_k", metrics.get("recall_at_10"))
+    if recall is not None and metrics.get("spearman") is not None:
+        k = metrics.get("k") or 10
+        data = metrics.get("data") or metrics.get("eval_text") or "the run's held-out sentences"
+        return {**metrics, "recall_at_k": recall, "k": k, "data": data}, "the run's last evaluation"
     from kompakt.evaluate.encoder_api import evaluate_encoder
 
     measured = evaluate_encoder(result, original, speed=False).to_dict()
@@ -71,9 +74,11 @@ def compare_encoder(original: LoadedModel, result: LoadedModel, result_dir: Path
     notes = [
         "size: the weight files of both directories as saved",
         f"speed and peak memory: {speed_o.get('backend', speed_r.get('backend', '?'))}, {threads} threads, a fresh "
-        f"process per model, kompakt's held-out sentences ({speed_r.get('sentences', '?')} sentences)",
+        f"process per model, kompakt's held-out sentences ({speed_r.get('batch1_sentences', '?')} one at a time, "
+        f"{speed_r.get('batched_sentences', '?')} in batches of 32, best of 3)",
         f"fidelity ({fid_source}): {fid.get('data', 'held-out sentences')}; recall@{k} of the original's "
-        f"{k} nearest neighbours, Spearman over {fid.get('pairs', '?')} sentence pairs",
+        f"{k} nearest neighbours, Spearman of the similarities of "
+        + (f"{fid['pairs']:,} sentence pairs" if fid.get("pairs") else "sentence pairs"),
         f"energy is an estimate: time per 1k sentences at batch 32 x {watts_note}",
     ]
     if fid.get("cosine_mean") is None:

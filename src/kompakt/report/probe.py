@@ -91,8 +91,9 @@ def _encoder(loaded, load_s: float) -> dict:
 
     sentences = load_sentences(None).sentences
     speed = measure_sentence_speed(loaded, sentences, repeats=REPEATS)
-    return {"backend": speed.backend + f" {speed.dtype}", "load_s": load_s, "sentences": len(sentences),
-            "sentences_b1_per_s": speed.batch1_per_s, "sentences_b32_per_s": speed.batched_per_s}  # fmt: skip
+    return {"backend": speed.backend + f" {speed.dtype}", "load_s": load_s, "batch1_sentences": speed.batch1_sentences,
+            "batched_sentences": speed.batched_sentences, "sentences_b1_per_s": speed.batch1_per_s,
+            "sentences_b32_per_s": speed.batched_per_s}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
