@@ -45,7 +45,7 @@ def test_table_states_sentences_metrics_and_speed(cli, dirs, one_thread):
                           "--max-sentences", "40", "--threads", "1"])  # fmt: skip
     assert code == 0, err
     for expected in ("sentence encoder", "held-out", "990", "neighbour recall@10", "100.00 %", "Spearman",
-                     "sentences/s, batch 1", "sentences/s, batch 32"):  # fmt: skip
+                     "sentences/s, batch 1", "sentences/s, batch 32", "128 tokens; none longer"):  # fmt: skip
         assert expected in out, out
 
 
@@ -62,3 +62,13 @@ def test_an_empty_sentence_file_and_bad_max_sentences_are_one_line_errors(cli, d
     assert "empty" in _one_line(code, err) or "no sentences" in err
     code, _, err = cli(["eval", str(dirs / "student"), "--max-sentences", "1"])
     assert "--max-sentences" in _one_line(code, err)
+
+
+def test_sentences_past_the_input_limit_are_truncated_and_said_so(cli, dirs, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+    path = tmp_path / "long.txt"
+    path.write_text("".join(f"Short sentence number {i} here.\n" for i in range(12)) + "A long one " + "x " * 300 + "end.\n")
+    code, out, err = cli(["eval", str(dirs / "student"), "--reference", str(dirs / "teacher"),
+                          "--data", str(path), "--no-speed"])  # fmt: skip
+    assert code == 0, err
+    assert "128 tokens; 1 longer, kept their first 128" in out, out

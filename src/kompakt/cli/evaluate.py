@@ -74,10 +74,12 @@ def _pct(value: float | None) -> str:
 
 def _encoder_rows(result: dict) -> list[tuple[str, str]]:
     rows = [("sentences", result["data"]), ("sentence rule", result["sentence_rule"])]
-    for cut in result["truncation"]:
-        if cut["truncated"]:
-            rows.append((f"truncated ({cut['model']})",
-                         f"{cut['truncated']:,} longer than {cut['limit']} tokens: kept their first {cut['limit']}"))  # fmt: skip
+    seen = set()
+    for cut in result["truncation"]:  # the stated truncation rule, per model (once when both are one)
+        if cut["model"] not in seen:
+            seen.add(cut["model"])
+            longer = f"{cut['truncated']:,} longer, kept their first {cut['limit']}" if cut["truncated"] else "none longer"
+            rows.append((f"input limit ({cut['model']})", f"{cut['limit']} tokens; {longer}"))
     if result.get("reference"):
         rows += [("reference", result["reference"])]
         if result["cosine_mean"] is None:
