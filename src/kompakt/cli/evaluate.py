@@ -131,7 +131,11 @@ def eval_command(
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only, to stdout."),
 ) -> None:
-    """Measure a model: perplexity, KL / top-1 vs a reference, size, peak memory, speed."""
+    """Measure a model: perplexity, KL / top-1 vs a reference, size, peak memory, speed.
+
+    A sentence encoder is measured on sentences instead: cosine to the reference's embeddings,
+    neighbour recall@10, Spearman of pair similarities, sentences/s at batch 1 and 32 (--window,
+    --stride and --max-tokens do not apply; --max-sentences does)."""
     from kompakt.evaluate import evaluate
     from kompakt.evaluate.windows import check_window
 
