@@ -214,6 +214,22 @@ def test_modernbert_runs_in_llamacpp_and_a_wrong_window_would_show(tmp_path):
     assert run_check(loaded, path, format="gguf", type="f32").cosine_min < 0.999
 
 
+def test_depth_pruned_modernbert_keeps_its_own_layer_pattern(tmp_path):
+    """After dropping layer 1 the layers are full, full, sliding: not every-other any more; the
+    per-layer pattern is written, and the every-other one would show in the embeddings."""
+    from kompakt.model.surgery import drop_layers
+
+    loaded, _ = drop_layers(_sharpened_modernbert(), [1])
+    result = export(loaded, format="gguf", type="f32", out=tmp_path / "mb.gguf")
+    assert _fields(result.path)["modern-bert.attention.sliding_window_pattern"] == [False, False, True]
+    assert result.check.passed and result.check.cosine_min >= 0.9999, result.check.line()
+    kept = list(loaded.model.config.layer_types)
+    loaded.model.config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    path = write_gguf(loaded, tmp_path / "periodic.gguf", type="f32").path
+    loaded.model.config.layer_types = kept
+    assert run_check(loaded, path, format="gguf", type="f32").cosine_min < 0.999
+
+
 def test_modernbert_with_biases_is_refused_in_one_line(tmp_path):
     loaded = tiny_encoder("modernbert")
     loaded.model.config.norm_bias = True
