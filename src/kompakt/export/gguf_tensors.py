@@ -96,7 +96,7 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
     """
     import gguf
 
-    from kompakt.export.gguf_encoder import F32_TENSORS, position_offset
+    from kompakt.export.gguf_encoder import F32_TENSORS
     from kompakt.model.compression import get_state
     from kompakt.model.quantized import dense_state_dict
 
@@ -129,22 +129,27 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
             ttype = chooser.choose(gguf_name, searched, module, int(shape[-1]), is_output)
         grid = grid_modules.get(module) if hf_name.endswith(".weight") else None
         carried = (blocks or {}).get(module) if hf_name.endswith(".weight") else None
-        transform = None
-        if family.permute_qk and gguf_name.endswith("attn_q.weight"):
-            transform = "permute_q"
-        elif family.permute_qk and gguf_name.endswith("attn_k.weight"):
-            transform = "permute_k"
-        elif family.norm_shift and hf_name.endswith("norm.weight"):
-            transform = "norm_shift"
-        elif gguf_name == "position_embd.weight" and position_offset(config, family):
-            transform = "position_offset"
-            shape = (shape[0] - position_offset(config, family), *shape[1:])
-        if transform == "permute_q" or transform == "permute_k":
-            _check_permutable(config, shape, transform)
+        transform, shape = _transform(config, family, hf_name, gguf_name, shape)
         plan.tensors.append(TensorPlan(hf_name, gguf_name, shape, ttype, grid, transform,
                                        carried if carried is not None and carried.type == ttype else None))  # fmt: skip
     chooser.check_used()
     return plan
+
+
+def _transform(config: Any, family: GGUFFamily, hf_name: str, gguf_name: str,
+               shape: tuple[int, ...]) -> tuple[str | None, tuple[int, ...]]:  # fmt: skip
+    """(the layout conversion llama.cpp needs for this tensor or None, its shape in the file)."""
+    from kompakt.export.gguf_encoder import position_offset
+
+    if family.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        transform = "permute_q" if gguf_name.endswith("attn_q.weight") else "permute_k"
+        _check_permutable(config, shape, transform)
+        return transform, shape
+    if family.norm_shift and hf_name.endswith("norm.weight"):
+        return "norm_shift", shape
+    if gguf_name == "position_embd.weight" and position_offset(config, family):
+        return "position_offset", (shape[0] - position_offset(config, family), *shape[1:])
+    return None, shape
 
 
 def _types_source(state: Any, overridden: bool) -> dict[str, str]:
