@@ -133,26 +133,43 @@ def write_onnx(loaded: LoadedModel, directory: str | Path, *, type: str = "f32")
 
 
 def export_graph(loaded: LoadedModel, path: Path, names: list[str], *, external: bool = False) -> None:
-    """torch.onnx.export (dynamo) of SentenceEmbedding with dynamic batch and sequence axes, in fp32.
+    """torch.onnx.export (dynamo) of SentenceEmbedding with dynamic batch and sequence axes, in fp32,
+    without the exporter's per-node metadata.
 
     The example batch is 2 x 8 with one padded row: torch.export specialises a dimension whose
     example size is 0 or 1, and padding exercises the mask path."""
     module = SentenceEmbedding(_fp32(loaded)).eval()
     args = _example_inputs(loaded, names)
+    import onnx
+
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     try:
         with torch.no_grad(), _quiet_exporter():
-            torch.onnx.export(
-                module, args, str(path), dynamo=True, opset_version=OPSET, external_data=external,
-                input_names=names, output_names=list(OUTPUTS),
+            program = torch.onnx.export(
+                module, args, None, dynamo=True, opset_version=OPSET, input_names=names, output_names=list(OUTPUTS),
                 dynamic_shapes={name: {0: batch, 1: sequence} for name in names}, verbose=False,
             )  # fmt: skip
+            proto = program.model_proto
     except Exception as error:  # noqa: BLE001 - any exporter failure is this architecture's, said in one line
         family = getattr(loaded.model.config, "model_type", type(loaded.model).__name__)
         raise OnnxExportError(
             f"torch.onnx cannot export {loaded.name} ({family}): {_first_line(error)}; "
             "export it with --format hf (or gguf) instead"
         ) from None
+    _strip_node_metadata(proto)
+    onnx.save_model(proto, str(path), save_as_external_data=external, location=path.name + ".data")
+
+
+def _strip_node_metadata(proto) -> None:
+    """Drop what the exporter records per node (Python stack traces with this machine's paths,
+    FX node text, module names): the export ships, and these hold local paths (DESIGN.md: shared
+    artifacts name no local path) and a third of a small model's file."""
+    graphs = [proto.graph, *(function for function in proto.functions)]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            del node.metadata_props[:]
+            graphs.extend(attribute.g for attribute in node.attribute if attribute.HasField("g"))
 
 
 def quantize_int8(source: Path, target: Path, *, external: bool = False) -> None:

@@ -73,7 +73,9 @@ class OnnxCheck:
 
     def line(self) -> str:
         verdict = "passed" if self.passed else "FAILED: " + "; ".join(self.problems)
-        cosine = f"mean cosine {self.mean_cosine:.4f} (lowest {self.min_cosine:.4f})" if self.mean_cosine is not None else ""
+        cosine = ""
+        if self.mean_cosine is not None:
+            cosine = f"mean cosine {self.mean_cosine:.4f} (lowest {self.min_cosine:.4f})"
         limit = ""
         if self.max_abs is not None:
             limit = f", max |diff| {self.max_abs:.1e} (limit {self.threshold:.0e})"
@@ -97,9 +99,9 @@ def check_onnx(reference: LoadedModel, directory: str | Path, *, type: str) -> O
                       threshold=MAX_ABS_F32 if type == "f32" else MIN_COSINE_INT8)  # fmt: skip
     sentences = list(CHECK_SENTENCES)
     try:
-        session = _session(directory / MODEL_FILE)
-        feeds, same_ids = _feeds(reference, directory, session, sentences)
-        embedding, hidden = session.run(list(OUTPUTS), feeds)
+        runner = session(directory / MODEL_FILE)
+        feeds, same_ids = _feeds(reference, directory, runner, sentences)
+        embedding, hidden = runner.run(list(OUTPUTS), feeds)
     except Exception as error:  # noqa: BLE001 - whatever onnxruntime or the tokenizer says is the finding
         check.problems.append(f"it does not load or run: {' '.join(str(error).split())[:300]}")
         return check
@@ -114,7 +116,8 @@ def check_onnx(reference: LoadedModel, directory: str | Path, *, type: str) -> O
         diff = max(np.abs(embedding - want_embedding).max(), np.abs(hidden[mask] - want_hidden[mask]).max())
         check.max_abs = float(diff)
         if diff > MAX_ABS_F32:
-            check.problems.append(f"its embeddings differ from the model's by up to {diff:.2e} (limit {MAX_ABS_F32:.0e})")
+            check.problems.append(f"its embeddings differ from the model's by up to {diff:.2e} "
+                                  f"(limit {MAX_ABS_F32:.0e})")  # fmt: skip
     elif check.mean_cosine < MIN_COSINE_INT8:
         check.problems.append(f"mean cosine to the model's embeddings {check.mean_cosine:.4f} < {MIN_COSINE_INT8}")
     check.seconds = round(time.perf_counter() - started, 3)
@@ -123,10 +126,6 @@ def check_onnx(reference: LoadedModel, directory: str | Path, *, type: str) -> O
 
 def session(path: str | Path, threads: int | None = None):
     """An onnxruntime CPU session (`threads` intra-op threads; None = onnxruntime's choice)."""
-    return _session(Path(path), threads)
-
-
-def _session(path: Path, threads: int | None = None):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -136,7 +135,7 @@ def _session(path: Path, threads: int | None = None):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _feeds(reference: LoadedModel, directory: Path, session, sentences: list[str]) -> tuple[dict, bool]:
+def _feeds(reference: LoadedModel, directory: Path, runner, sentences: list[str]) -> tuple[dict, bool]:
     """The exported tokenizer's arrays for the session's inputs, and whether its ids equal the model's."""
     from transformers import AutoTokenizer
 
@@ -145,10 +144,11 @@ def _feeds(reference: LoadedModel, directory: Path, session, sentences: list[str
     exported = AutoTokenizer.from_pretrained(directory)
     ours = tokenize(reference, sentences)
     theirs = tokenize(dataclasses.replace(reference, tokenizer=exported), sentences)
-    same = ours["input_ids"].shape == theirs["input_ids"].shape and bool((ours["input_ids"] == theirs["input_ids"]).all())
-    names = [i.name for i in session.get_inputs()]
-    theirs = {key: value.cpu() for key, value in theirs.items()}
-    return {name: theirs[name].numpy() if name in theirs else np.zeros_like(theirs["input_ids"].numpy()) for name in names}, same
+    ids, want = theirs["input_ids"], ours["input_ids"]
+    same = ids.shape == want.shape and bool((ids == want).all())
+    arrays = {key: value.cpu().numpy() for key, value in theirs.items()}
+    zeros = np.zeros_like(arrays["input_ids"])  # token_type_ids the tokenizer leaves out: segment 0
+    return {i.name: arrays.get(i.name, zeros) for i in runner.get_inputs()}, same
 
 
 def _reference(reference: LoadedModel, sentences: list[str], feeds: dict) -> tuple[np.ndarray, np.ndarray]:
