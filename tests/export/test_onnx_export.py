@@ -128,8 +128,8 @@ def test_a_failing_check_rejects_the_export(tmp_path, monkeypatch):
     import kompakt.export.onnx as onnx_export
     from kompakt.export import ExportCheckError
 
-    other = tiny_encoder("distilbert", seed=1)
-    monkeypatch.setattr(onnx_export, "_fp32", lambda loaded: other)
+    other, real_export = tiny_encoder("distilbert", seed=1), onnx_export.export_graph
+    monkeypatch.setattr(onnx_export, "export_graph", lambda loaded, *args, **kw: real_export(other, *args, **kw))
     with pytest.raises(ExportCheckError, match="differ from the model's"):
         export(tiny_encoder("distilbert"), format="onnx", out=tmp_path / "enc")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.rejected"]

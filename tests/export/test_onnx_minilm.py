@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 
 from kompakt.export import export
+from kompakt.export.onnx_speed import onnx_embed
 from kompakt.model.encode import embed
 
 pytestmark = pytest.mark.slow
@@ -22,24 +21,10 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def sentences(wikitext_test):
-    """50 held-out WikiText-2 test sentences (no heading lines), 4 to ~60 words."""
-    text = wikitext_test.read_text(encoding="utf-8")
-    found = [s.strip() for s in re.split(r"(?<=[.!?]) ", text) if 20 < len(s.strip()) < 400 and "=" not in s]
-    return found[:50]
+    """The first 50 WikiText-2 test sentences (kompakt's splitting rule, headings left out)."""
+    from kompakt.data.sentences import read_sentences
 
-
-def _onnx_embeddings(directory, sentences):
-    import onnxruntime
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    session = onnxruntime.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
-    out = []
-    for start in range(0, len(sentences), 16):
-        encoded = tokenizer(sentences[start : start + 16], padding=True, truncation=True, return_tensors="np")
-        feeds = {i.name: encoded[i.name] for i in session.get_inputs()}
-        out.append(session.run(["sentence_embedding"], feeds)[0])
-    return np.concatenate(out)
+    return [s for s in read_sentences(wikitext_test) if "=" not in s][:50]
 
 
 @pytest.mark.parametrize("type", ["f32", "int8"])
@@ -47,7 +32,7 @@ def test_minilm_onnx_matches_embed(type, minilm, sentences, tmp_path):
     result = export(minilm, format="onnx", type=type, out=tmp_path / "enc")
     assert result.check.passed
     assert _inputs(tmp_path / "enc") == ["input_ids", "attention_mask", "token_type_ids"]
-    got, want = _onnx_embeddings(tmp_path / "enc", sentences), embed(minilm, sentences).numpy()
+    got, want = onnx_embed(tmp_path / "enc" / "model.onnx", sentences, 16), embed(minilm, sentences).numpy()
     cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     if type == "f32":
         assert np.abs(got - want).max() <= 1e-4

@@ -159,11 +159,12 @@ def _export_onnx(loaded: LoadedModel, type: str, out: str | Path | None, force: 
 
     from kompakt.atomic import write_text
     from kompakt.export.check import VERIFY_FILE
-    from kompakt.export.onnx import MODEL_FILE, OUTPUTS, refuse_decoder, write_onnx
+    from kompakt.export.onnx import MODEL_FILE, OUTPUTS, as_fp32_cpu, refuse_decoder, write_onnx
     from kompakt.export.onnx_check import check_onnx
 
     refuse_decoder(loaded)
     loaded, notes = dense_for_export(loaded, "onnx", True) if merge else (loaded, [])
+    loaded = as_fp32_cpu(loaded)
     target = Path(out) if out is not None else default_out(loaded.name, "onnx", type)
     target = _check_destination("onnx", target, force)
     with Stage(target.parent, target.name) as stage:

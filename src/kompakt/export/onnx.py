@@ -138,7 +138,7 @@ def export_graph(loaded: LoadedModel, path: Path, names: list[str], *, external:
 
     The example batch is 2 x 8 with one padded row: torch.export specialises a dimension whose
     example size is 0 or 1, and padding exercises the mask path."""
-    module = SentenceEmbedding(_fp32(loaded)).eval()
+    module = SentenceEmbedding(as_fp32_cpu(loaded)).eval()
     args = _example_inputs(loaded, names)
     import onnx
 
@@ -212,8 +212,10 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.start)
 
 
-def _fp32(loaded: LoadedModel) -> LoadedModel:
-    """The model in float32 on the CPU (a copy only when it is not already)."""
+def as_fp32_cpu(loaded: LoadedModel) -> LoadedModel:
+    """The model in float32 on the CPU (a copy only when it is not already): what the graph holds,
+    and what the check compares it with (a bf16 or GPU original would differ by more than the
+    export does)."""
     if loaded.compute_dtype == torch.float32 and loaded.device.type == "cpu":
         return loaded
     import copy
