@@ -144,3 +144,20 @@ def test_onnx_speed_counts_sentences_per_second(bert_export):
         assert onnx_speed(result.path / "model.onnx", SENTENCES * 3, batch_size, threads=1) > 0
     with pytest.raises(ConfigError):
         onnx_speed(result.path / "model.onnx", [], 4)
+
+
+def test_factorized_layers_export_as_they_run(tmp_path):
+    """ONNX has no layer types to lose: a lowrank.svd model exports factorized (no --merge needed)."""
+    import torch
+
+    from kompakt.model.lowrank import factorize_linear
+
+    loaded = tiny_encoder("distilbert")
+    name = "transformer.layer.0.ffn.lin1"
+    u, s, v = torch.linalg.svd(loaded.model.get_submodule(name).weight.detach(), full_matrices=False)
+    with torch.no_grad():
+        factorize_linear(loaded.model, name, up=u[:, :16] * s[:16], down=v[:16], method="svd")
+    result = export(loaded, format="onnx", out=tmp_path / "enc")
+    assert result.check.passed and not any("--merge" in note for note in result.notes)
+    embedding, _, _ = _run(tmp_path / "enc", SENTENCES)
+    assert np.abs(embedding - embed(loaded, SENTENCES).numpy()).max() <= MAX_ABS_F32
