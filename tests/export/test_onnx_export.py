@@ -101,6 +101,15 @@ def test_bad_type_and_existing_output_are_refused_before_loading(tmp_path, cli):
     assert code == 2 and "exists; pass --force" in err
 
 
+def test_missing_onnx_packages_are_named_before_loading(tmp_path, cli, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    code, _, err = cli(["export", str(tmp_path / "nowhere"), "--format", "onnx"])
+    assert code == 2 and "needs onnxscript: pip install 'kompakt[encoders]'" in err
+
+
 def test_exporter_failure_is_one_line_and_leaves_nothing(tmp_path, cli, monkeypatch):
     """What torch.onnx raises on an architecture it cannot trace. Every tiny family traces, so the
     failure is injected into torch.onnx.export itself: this covers the message and the cleanup."""

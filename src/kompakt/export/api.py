@@ -15,7 +15,7 @@ from kompakt.export.gguf_types import parse_overrides
 from kompakt.export.hf import HF_TYPES, export_hf
 from kompakt.export.manifest import DIRECTORY_MANIFEST, manifest_path, write_manifest
 from kompakt.export.merge import dense_for_export
-from kompakt.export.onnx import ONNX_TYPES
+from kompakt.export.onnx import ONNX_TYPES, require_onnx
 from kompakt.export.staging import Stage
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.lora_adapter import attached, without_adapter
@@ -50,6 +50,8 @@ def _check_early(format: str, type: str | None, out: str | Path | None, force: b
     types = {"hf": tuple(HF_TYPES), "gguf-lora": LORA_TYPES, "onnx": ONNX_TYPES}.get(format, TYPES)
     if type is not None and type not in types:
         raise ConfigError(f"--format {format} takes --type {', '.join(types)}; got {type!r}")
+    if format == "onnx":
+        require_onnx()
     if tensor_types and format != "gguf":
         raise ConfigError(f"--tensor-type sets GGUF tensor types; use it with --format gguf, not {format}")
     parse_overrides(tensor_types)

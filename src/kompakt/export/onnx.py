@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import inspect
 import json
 import logging
@@ -88,6 +89,14 @@ class SentenceEmbedding(nn.Module):
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         return pool(hidden, attention_mask, self.pooling), hidden
+
+
+def require_onnx() -> None:
+    """The exporter (onnx, onnxscript), the runtime and its quantizer (onnxruntime), or one line
+    naming the extra that brings them; called before the model is loaded."""
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"--format onnx needs {', '.join(missing)}: pip install 'kompakt[encoders]'")
 
 
 def refuse_decoder(loaded: LoadedModel) -> None:
