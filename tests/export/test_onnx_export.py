@@ -49,7 +49,7 @@ def test_f32_export_agrees_with_embed(family, tmp_path):
     for sentences in (SENTENCES, SENTENCES[:1]):  # dynamic batch and sequence axes
         embedding, hidden, names = _run(tmp_path / "enc", sentences)
         assert np.abs(embedding - embed(loaded, sentences).numpy()).max() <= MAX_ABS_F32
-    assert names == list(tokenize(loaded, ["x"]))  # the graph asks for what the tokenizer gives
+    assert set(names) == set(tokenize(loaded, ["x"]))  # the graph asks for what the tokenizer gives
     assert hidden.shape[-1] == embedding.shape[-1] == 64
 
 

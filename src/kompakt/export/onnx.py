@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import inspect
 import json
 import logging
 import warnings
@@ -47,8 +46,6 @@ from torch import nn
 
 from kompakt.errors import ConfigError, KompaktError
 from kompakt.model.loaded import LoadedModel
-
-log = logging.getLogger(__name__)
 
 ONNX_TYPES = ("f32", "int8")
 MODEL_FILE = "model.onnx"
@@ -109,10 +106,12 @@ def refuse_decoder(loaded: LoadedModel) -> None:
 
 
 def graph_inputs(loaded: LoadedModel) -> list[str]:
-    """The inputs the tokenizer produces and the encoder takes, in INPUTS order."""
-    produced = set(loaded.tokenizer.model_input_names)
-    taken = set(inspect.signature(loaded.model.forward).parameters)
-    return [name for name in INPUTS if name in ("input_ids", "attention_mask") or (name in produced and name in taken)]
+    """What kompakt.model.encode.tokenize feeds the encoder (the tokenizer's outputs the forward
+    takes), in the order of SentenceEmbedding.forward's arguments."""
+    from kompakt.model.encode import tokenize
+
+    fed = set(tokenize(loaded, ["x"]))
+    return [name for name in INPUTS if name in fed or name in ("input_ids", "attention_mask")]
 
 
 def write_onnx(loaded: LoadedModel, directory: str | Path, *, type: str = "f32") -> OnnxExport:
@@ -149,8 +148,6 @@ def export_graph(loaded: LoadedModel, path: Path, names: list[str], *, external:
     example size is 0 or 1, and padding exercises the mask path."""
     module = SentenceEmbedding(as_fp32_cpu(loaded)).eval()
     args = _example_inputs(loaded, names)
-    import onnx
-
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     try:
         with torch.no_grad(), _quiet_exporter():
@@ -158,27 +155,24 @@ def export_graph(loaded: LoadedModel, path: Path, names: list[str], *, external:
                 module, args, None, dynamo=True, opset_version=OPSET, input_names=names, output_names=list(OUTPUTS),
                 dynamic_shapes={name: {0: batch, 1: sequence} for name in names}, verbose=False,
             )  # fmt: skip
-            proto = program.model_proto
     except Exception as error:  # noqa: BLE001 - any exporter failure is this architecture's, said in one line
         family = getattr(loaded.model.config, "model_type", type(loaded.model).__name__)
         raise OnnxExportError(
             f"torch.onnx cannot export {loaded.name} ({family}): {_first_line(error)}; "
             "export it with --format hf (or gguf) instead"
         ) from None
-    _strip_node_metadata(proto)
-    onnx.save_model(proto, str(path), save_as_external_data=external, location=path.name + ".data")
+    _strip_node_metadata(program.model)
+    program.save(str(path), external_data=external)  # external: weights in model.onnx.data beside it
 
 
-def _strip_node_metadata(proto) -> None:
+def _strip_node_metadata(model) -> None:
     """Drop what the exporter records per node (Python stack traces with this machine's paths,
     FX node text, module names): the export ships, and these hold local paths (DESIGN.md: shared
-    artifacts name no local path) and a third of a small model's file."""
-    graphs = [proto.graph, *(function for function in proto.functions)]
-    while graphs:
-        graph = graphs.pop()
-        for node in graph.node:
-            del node.metadata_props[:]
-            graphs.extend(attribute.g for attribute in node.attribute if attribute.HasField("g"))
+    artifacts name no local path) and a third of a small model's file. `model` is the exporter's
+    onnx_ir model, edited before it is serialised (no 2 GB protobuf in memory)."""
+    for graph in [model.graph, *model.functions.values()]:
+        for node in graph.all_nodes():  # subgraphs included
+            node.metadata_props.clear()
 
 
 def quantize_int8(source: Path, target: Path, *, external: bool = False) -> None:
