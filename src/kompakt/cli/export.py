@@ -25,7 +25,8 @@ NO_VERIFY_HELP = (
 )
 MERGE_HELP = (
     "Write a factorized (lowrank.svd) or shared (share.layers) model as its dense equivalent: llama.cpp and plain "
-    "transformers have no such layers, so such a model is refused without it; the file is back to full size."
+    "transformers have no such layers, so such a model is refused without it; the file is back to full size. "
+    "ONNX runs them as they are (no --merge needed)."
 )
 BASE_HELP = "gguf-lora: the base .gguf the adapter will run on; its tensor names and shapes are checked first."
 OUT_HELP = (
