@@ -56,7 +56,9 @@ def test_f32_export_agrees_with_embed(family, tmp_path):
 @pytest.mark.parametrize("mode", ["max", "lasttoken"])  # mean in every other test; cls is lasttoken's indexing
 def test_every_pooling_mode_is_inside_the_graph(mode, tmp_path):
     loaded = dataclasses.replace(tiny_encoder("distilbert"), pooling=Pooling(mode, normalize=False, max_seq_length=100))
-    export(loaded, format="onnx", out=tmp_path / "enc")
+    result = export(loaded, format="onnx", out=tmp_path / "enc", verify=False)  # this test is the check
+    assert result.check is None and not (tmp_path / "enc" / "kompakt-verify.json").exists()
+    assert verify_manifest(tmp_path / "enc") == []
     embedding, _, _ = _run(tmp_path / "enc", SENTENCES)
     assert np.abs(embedding - embed(loaded, SENTENCES).numpy()).max() <= MAX_ABS_F32
     assert abs(float(np.linalg.norm(embedding[0])) - 1.0) > 1e-3  # not normalised, as the pooling says
