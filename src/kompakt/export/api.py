@@ -163,6 +163,7 @@ def _export_onnx(loaded: LoadedModel, type: str, out: str | Path | None, force: 
     from kompakt.export.check import VERIFY_FILE
     from kompakt.export.onnx import MODEL_FILE, OUTPUTS, as_fp32_cpu, refuse_decoder, write_onnx
     from kompakt.export.onnx_check import check_onnx
+    from kompakt.model.progress import spinner
 
     refuse_decoder(loaded)
     loaded, notes = dense_for_export(loaded, "onnx", True) if merge else (loaded, [])
@@ -177,7 +178,8 @@ def _export_onnx(loaded: LoadedModel, type: str, out: str | Path | None, force: 
         result = ExportResult(target, target / DIRECTORY_MANIFEST, "onnx", type, written.size_bytes,
                               [*notes, *written.notes, run])  # fmt: skip
         if verify:
-            result.check = check_onnx(loaded, staged, type=type)
+            with spinner("checking the export in onnxruntime"):
+                result.check = check_onnx(loaded, staged, type=type)
             if result.check.failed:
                 raise check_error(result.check, reject([staged], into=stage.destination)[0])
             write_text(staged / VERIFY_FILE, json.dumps(result.check.to_dict(), indent=1) + "\n")

@@ -46,6 +46,7 @@ from torch import nn
 
 from kompakt.errors import ConfigError, KompaktError
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.progress import spinner
 
 ONNX_TYPES = ("f32", "int8")
 MODEL_FILE = "model.onnx"
@@ -130,9 +131,11 @@ def write_onnx(loaded: LoadedModel, directory: str | Path, *, type: str = "f32")
     names = graph_inputs(loaded)
     fp32 = directory / MODEL_FILE if type == "f32" else directory / "model-f32.onnx"
     external = _weight_bytes(loaded) > PROTOBUF_LIMIT * 0.9
-    export_graph(loaded, fp32, names, external=external)
+    with spinner(f"exporting {loaded.name} to ONNX (torch.onnx)"):
+        export_graph(loaded, fp32, names, external=external)
     if type == "int8":
-        quantize_int8(fp32, directory / MODEL_FILE, external=external)
+        with spinner("quantizing to int8 (onnxruntime quantize_dynamic)"):
+            quantize_int8(fp32, directory / MODEL_FILE, external=external)
         for path in (fp32, fp32.with_name(fp32.name + ".data")):
             path.unlink(missing_ok=True)
     _write_companions(loaded, directory)
