@@ -22,8 +22,10 @@ type's candidates are compared at the type's own share of the budget (1 − targ
 parameters). `choose: global`: coordinate descent on the loss of the whole-budget allocation,
 from per-layer SVD-LLM (each type in turn takes the candidate that lowers the total most), which
 never loses to SVD-LLM on that loss — but that loss is a poor proxy for perplexity here: on
-SmolLM2 at 20 % it shared one group and ended where SVD-LLM does (ppl ×3.73), while `type` shared
-v, gate and up in groups of 4 (×3.34; reduced bench, see bench/lowrank.py). A layer count that a
+SmolLM2 at 20 % it shared one group and ended where SVD-LLM does (ppl ×3.73 vs ×3.74), while
+`type` shared v, gate and up in groups of 4 on the input side (×3.34, KL 1.29 vs 1.40; reduced
+bench/lowrank.py run). At 40 % `type` shares nothing the allocation keeps and equals SVD-LLM
+(×16.37); `global` shares up in pairs (×16.66). A layer count that a
 size does not divide leaves a smaller last group. Then one global allocation
 (kompakt.ops.rank_alloc, as lowrank.svd) spends the budget over all groups: ranks are multiples
 of 8 and always below the group's break-even rank; a group that would need more stays dense.
