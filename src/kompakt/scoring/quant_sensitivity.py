@@ -48,7 +48,7 @@ def quantized_layer(layer: nn.Module, spec: ArchSpec, bits: int, group_size: int
             linears[role].weight.data.copy_(weight)
 
 
-def _fallback_note(group_size: int, changed: dict[str, int | None]) -> str:
+def fallback_note(group_size: int, changed: dict[str, int | None]) -> str:
     by_group: dict[str, list[str]] = {}
     for role, group in sorted(changed.items()):
         by_group.setdefault(str(group) if group else "one scale per output channel", []).append(role)
@@ -79,4 +79,4 @@ def quant_sensitivity(
             if group_size and group != group_size and group_size < linears[role].in_features:
                 changed[role] = group
         advance()
-    return scores, [_fallback_note(group_size, changed)] if changed else []
+    return scores, [fallback_note(group_size, changed)] if changed else []

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from kompakt.serve import completions
+from kompakt.serve import completions, embeddings
 from kompakt.serve.body_limit import BodyLimit
 from kompakt.serve.openai_schema import MAX_BODY_BYTES, APIError, error_body, models_list
 from kompakt.serve.state import ServerState
@@ -63,6 +63,10 @@ def build_app(state: ServerState, loader: Callable[[], None]) -> FastAPI:
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def complete(request: Request):
         return await completions.complete(state, request, await _json_body(request))
+
+    @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
+    async def embed(request: Request):
+        return await embeddings.embeddings(state, request, await _json_body(request))
 
     return app
 

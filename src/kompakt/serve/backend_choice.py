@@ -2,6 +2,7 @@
 
     backend = open_backend("small.gguf")            # llama.cpp for .gguf files (auto)
     backend = open_backend("runs/heal/final")       # transformers for anything kompakt loads
+    backend = open_backend("all-minilm-l6-v2")      # an encoder: embeddings (backend.task == "embed")
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ def open_backend(source: str | Path | None = None, backend: str = "auto", *, n_c
 
         return LlamaCppBackend(Path(str(source)).expanduser(), n_ctx=n_ctx)
     from kompakt.model.load import load
+
+    loaded = load(source)
+    if loaded.is_encoder:  # a sentence-embedding model: /v1/embeddings, no generation
+        from kompakt.serve.backend_embeddings import EmbeddingBackend
+
+        return EmbeddingBackend(loaded)
     from kompakt.serve.backend_transformers import TransformersBackend
 
-    return TransformersBackend(load(source))
+    return TransformersBackend(loaded)

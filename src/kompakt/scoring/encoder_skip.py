@@ -1,0 +1,118 @@
+"""Encoder layer importance: how far the sentence embedding moves when one layer is skipped.
+
+The encoder analogue of skip KL (skip.py). An encoder has no next-token distribution; what a
+user of a sentence-embedding model keeps or loses is the pooled embedding. So layer i is
+replaced by the identity (its output is its input: the residual stream passes by), every
+calibration sentence is embedded (pooled and normalised as the model's sentence-transformers
+files say), and the result is compared with the unedited model's embedding of the same sentence:
+the mean cosine over sentences (and the worst one). `1 - cosine` is the cost: the layer with the
+smallest cost is the cheapest to drop, as Minitron's "remove one layer, measure the change"
+ranks decoder layers.
+
+`embedding_skip_scores` scores every layer against a prepared reference (the analysis, which
+also scores quantization edits on it); `embedding_skip_loss` is the one-call form prune.depth
+ranks by (optionally against a separate teacher, e.g. the unpruned model). Batches are
+`sentence_batches` rows: token ids padded together with an attention mask; pooling reads the
+mask, so padding does not change a sentence's embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]  # input_ids and attention_mask, [batch, seq] each
+
+
+@dataclass
+class EmbeddingScore:
+    """Agreement of an edited model's sentence embeddings with the reference's."""
+
+    cosine: float  # mean over sentences
+    min_cosine: float  # the worst sentence
+
+    @property
+    def loss(self) -> float:
+        """1 - mean cosine: 0 when nothing changed; the number layers are ranked by."""
+        return 1.0 - self.cosine
+
+    def to_dict(self) -> dict:
+        return {"cosine": self.cosine, "min_cosine": self.min_cosine, "loss": self.loss}
+
+
+def sentence_batches(tokenizer, sentences: Sequence[str], max_length: int, batch_size: int = 32,
+                     device: torch.device | str = "cpu") -> list[Batch]:  # fmt: skip
+    """Tokenized sentences (special tokens added, cut to `max_length`), `batch_size` per batch."""
+    batches = []
+    for start in range(0, len(sentences), batch_size):
+        encoded = tokenizer(
+            list(sentences[start : start + batch_size]), padding=True, truncation=True,
+            max_length=max_length, return_tensors="pt",
+        )  # fmt: skip
+        batches.append({key: encoded[key].to(device) for key in ("input_ids", "attention_mask")})
+    return batches
+
+
+@torch.inference_mode()
+def pooled_embeddings(model: nn.Module, batches: Sequence[Batch], pooling) -> torch.Tensor:
+    """[n_sentences, hidden] fp32 embeddings of every batch, pooled per `pooling`."""
+    from kompakt.model.sentence import pool
+
+    rows = []
+    for batch in batches:
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        rows.append(pool(hidden.float(), batch["attention_mask"], pooling).float())
+    return torch.cat(rows)
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor) -> EmbeddingScore:
+    """Cosine of each candidate row with its reference row: mean and minimum."""
+    cos = torch.nn.functional.cosine_similarity(reference.double(), candidate.double(), dim=-1)
+    return EmbeddingScore(cosine=float(cos.mean()), min_cosine=float(cos.min()))
+
+
+@contextmanager
+def skipped_layer(layer: nn.Module) -> Iterator[None]:
+    """The layer returns its input (in the form its output takes: a tensor or a tuple)."""
+
+    def identity(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = layer.register_forward_hook(identity, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def embedding_skip_scores(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batches: Sequence[Batch],
+    pooling,
+    reference: torch.Tensor,
+    advance: Callable[[], None] = lambda: None,
+) -> list[EmbeddingScore]:
+    """Score the model with each layer skipped in turn against `reference` embeddings."""
+    scores = []
+    for layer in layers:
+        with skipped_layer(layer):
+            scores.append(compare(reference, pooled_embeddings(model, batches, pooling)))
+        advance()
+    return scores
+
+
+def embedding_skip_loss(
+    model: nn.Module, layers: nn.ModuleList, batches: Sequence[Batch], pooling, teacher: nn.Module | None = None
+) -> list[float]:
+    """1 - mean cosine per skipped layer (prune.depth's encoder importance; lower = cheaper).
+
+    The reference is `teacher`'s embeddings when given, else the model's own, unedited.
+    """
+    reference = pooled_embeddings(teacher if teacher is not None else model, batches, pooling)
+    return [score.loss for score in embedding_skip_scores(model, layers, batches, pooling, reference)]
