@@ -207,10 +207,15 @@ def analyze(
     perplexity and (with `speed`) prefill / generation speed. With `out`, writes
     analysis.json, PNG plots and a self-contained analysis.html there.
 
+    A sentence encoder (`loaded.is_encoder`) is analysed on sentences instead: pass them as
+    `ids` (a list of strings); see kompakt.analyze.encoder.analyze_encoder for its options.
+
     Raises:
         OutputPathError: `out` points into an existing file (checked before any work).
         ConfigError / DataError: sizes that do not fit the model or the data.
     """
+    if loaded.is_encoder:
+        return _analyze_encoder(loaded, ids, out=out, bits=bits, group_size=group_size)
     out_dir = check_out(out)
     _check_sizes(loaded, n_blocks, block_len, eval_tokens, eval_window)
     spec, layers = arch_for(loaded.model), decoder_layers(loaded.model)
@@ -248,6 +253,15 @@ def analyze(
         stage_line(f"writing analysis.json, plots and analysis.html to {out_dir}")
         analysis.files = write_outputs(analysis, out_dir)
     return analysis
+
+
+def _analyze_encoder(loaded, sentences, **options) -> Analysis:
+    """The encoder analysis (kompakt.analyze.encoder), imported when used: it imports this module."""
+    if isinstance(sentences, str) or not isinstance(sentences, (list, tuple)):
+        raise DataError(f"{loaded.name} is an embedding model: analyse it on sentences (a list of strings), not token ids")
+    from kompakt.analyze.encoder import analyze_encoder
+
+    return analyze_encoder(loaded, list(sentences), **options)
 
 
 def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, str]:

@@ -32,11 +32,11 @@ class EmbeddingBackend:
     def __init__(self, loaded: LoadedModel, model_id: str | None = None) -> None:
         if not loaded.is_encoder:
             raise ConfigError(f"{loaded.name} is not an embedding model; serve it with the generation backend")
-        from kompakt.model.encode import token_limit
+        from kompakt.model.encode import input_limit
 
         self.loaded = loaded
         self.model_id = model_id or loaded.name
-        self.context_length = token_limit(loaded)
+        self.context_length = input_limit(loaded)
         self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
         self.dimensions = int(loaded.model.config.hidden_size)
         self.normalize = bool(loaded.pooling.normalize)
