@@ -15,19 +15,17 @@ this package only arranges and presents them.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from kompakt.analyze import html as html_page
-from kompakt.analyze import plots
 from kompakt.analyze.breakdown import breakdown as count_parameters
-from kompakt.analyze.output import check_out, write_files
+from kompakt.analyze.output import check_out
 from kompakt.analyze.result import Analysis
 from kompakt.analyze.summary import MLP_TINY, tiny_fraction, where_to_cut
+from kompakt.analyze.write import write_outputs
 from kompakt.data import sample_blocks
 from kompakt.errors import ConfigError, DataError
 from kompakt.model.arch import arch_for, decoder_layers, text_config
@@ -262,15 +260,3 @@ def _analyze_encoder(loaded, sentences, **options) -> Analysis:
     from kompakt.analyze.encoder import analyze_encoder
 
     return analyze_encoder(loaded, list(sentences), **options)
-
-
-def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, str]:
-    """Write analysis.json, the plots and analysis.html into out_dir (each file atomically)."""
-    images = plots.all_plots(analysis)
-    names = ["analysis.json", *images, "analysis.html"]
-    analysis.files = {name: str(out_dir / name) for name in names}
-    contents: dict[str, bytes] = dict(images)
-    contents["analysis.html"] = html_page.render(analysis, images).encode()
-    contents["analysis.json"] = json.dumps(analysis.to_dict(), indent=1).encode()
-    write_files(out_dir, contents)
-    return analysis.files

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from kompakt.analyze.api import write_outputs
 from kompakt.analyze.breakdown import breakdown as count_parameters
 from kompakt.analyze.output import check_out
 from kompakt.analyze.result import Analysis
 from kompakt.analyze.summary import MLP_TINY, tiny_fraction, where_to_cut
+from kompakt.analyze.write import write_outputs
 from kompakt.errors import ConfigError, DataError
 from kompakt.model.arch import arch_for, decoder_layers, linear_modules
 from kompakt.model.encode import input_limit

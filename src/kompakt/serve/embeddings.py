@@ -29,7 +29,7 @@ def _check_dimensions(backend, dimensions: int | None) -> None:
     if dimensions is not None and dimensions > backend.dimensions:
         raise APIError(
             400,
-            f"dimensions: this model's embeddings have {backend.dimensions} values; ask for at most that many",
+            f"dimensions: this model's embeddings have {backend.dimensions} values; ask for at most {backend.dimensions}",
             param="dimensions",
         )
 
