@@ -212,9 +212,9 @@ def analyze(
         OutputPathError: `out` points into an existing file (checked before any work).
         ConfigError / DataError: sizes that do not fit the model or the data.
     """
+    out_dir = check_out(out)  # before the model or the data are looked at
     if loaded.is_encoder:
         return _analyze_encoder(loaded, ids, out=out, bits=bits, group_size=group_size)
-    out_dir = check_out(out)
     _check_sizes(loaded, n_blocks, block_len, eval_tokens, eval_window)
     spec, layers = arch_for(loaded.model), decoder_layers(loaded.model)
     info = _model_info(loaded)

@@ -146,16 +146,7 @@ def analyze_command(
     check_out(out)  # a bad --out fails before the model loads
     loaded = load(model)
     if loaded.is_encoder:
-        from kompakt.analyze.encoder import analyze_encoder
-        from kompakt.evaluate.sentences import load_sentences
-
-        found = load_sentences(data, max_sentences=calib_sentences + eval_sentences)
-        analysis = analyze_encoder(
-            loaded, found.sentences, out=out or _default_out(loaded.name), calib_sentences=calib_sentences,
-            eval_sentences=max(1, min(eval_sentences, len(found.sentences) // 2)), bits=bits, group_size=group_size or None,
-            source=found.describe(),
-        )  # fmt: skip
-        _show(analysis.to_dict(), as_json, "")
+        _analyze_encoder(loaded, data, out, calib_sentences, eval_sentences, bits, group_size, as_json)
         return
     ids = load_tokens(data, loaded, n_tokens=tokens)
     analysis = analyze(
@@ -171,6 +162,25 @@ def analyze_command(
         speed=not no_speed,
     )
     _show(analysis.to_dict(), as_json, data or "self-generated (text written by the model itself; pass --data for your own)")
+
+
+def _analyze_encoder(loaded, data, out, calib_sentences, eval_sentences, bits, group_size, as_json) -> None:
+    """Encoders are analysed on sentences (kompakt.data.sentences: --data split by its rule, or
+    the default SmolLM2-written text); a file with fewer sentences than asked shrinks both sets."""
+    from kompakt.analyze.encoder import analyze_encoder
+    from kompakt.data.sentences import default_sentences, read_sentences
+
+    wanted = calib_sentences + eval_sentences
+    if data is None:
+        sentences, source = default_sentences(wanted), "default sentences (text written by SmolLM2-135M, cached)"
+    else:
+        sentences, source = read_sentences(data, loaded.tokenizer)[:wanted], str(data)
+    analysis = analyze_encoder(
+        loaded, sentences, out=out or _default_out(loaded.name), calib_sentences=calib_sentences,
+        eval_sentences=max(1, min(eval_sentences, len(sentences) // 2)), bits=bits, group_size=group_size or None,
+        source=f"{source}: {len(sentences)} sentences",
+    )  # fmt: skip
+    _show(analysis.to_dict(), as_json, source)
 
 
 def _show(result: dict, as_json: bool, data_name: str) -> None:
