@@ -127,3 +127,19 @@ def test_cli_on_the_embedded_minilm(tmp_path, cli):
     losses = [row["skip"]["loss"] for row in result["layers"]]
     assert all(0 < loss < 1 for loss in losses)
     assert all(row["quant"]["cosine"] > 0.95 for row in result["layers"])
+
+
+def test_per_linear_quantizes_each_linear_alone(tmp_path):
+    """A Linear of zeros is exact on any grid: its own cost is 0 (and its consumer's: the FFN output
+    then sees only zeros), the same Linear of the other layers and the attention Linears cost more."""
+    loaded = tiny_encoder("bert")
+    up = linear_modules(decoder_layers(loaded.model)[1], arch_for(loaded.model))["mlp.up"]
+    with torch.no_grad():
+        up.weight.zero_()
+    analysis = analyze_encoder(loaded, _sentences(24), calib_sentences=8, eval_sentences=8, per_linear=True,
+                               out=tmp_path / "out")  # fmt: skip
+    costs = analysis.layers[1]["quant"]["per_linear"]
+    assert set(costs) == {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"}
+    assert costs["mlp.up"] == 0 and costs["attn.v"] > 0 and costs["attn.o"] > 0
+    assert all(row["quant"]["per_linear"]["mlp.up"] > 0 for row in analysis.layers if row["index"] != 1)
+    assert "RTN of one Linear alone" in (tmp_path / "out" / "analysis.html").read_text()

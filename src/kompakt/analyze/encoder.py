@@ -11,7 +11,7 @@ loses, the pooled sentence embedding:
 3. the held-out sentences (the last `eval_sentences`) embedded once as the reference, then
    2 x n_layers edits scored against it: each layer skipped (scoring.encoder_skip, the encoder
    analogue of skip KL) and each layer's Linears RTN-quantized (scoring.encoder_quant); the
-   cost is 1 - mean cosine of the sentence embeddings;
+   cost is 1 - mean cosine of the sentence embeddings (with `per_linear`, each Linear alone too);
 4. the "where to cut" summary, and files under `out`.
 
 Perplexity, next-token KL and generation speed are decoder measures and are not run (a note
@@ -119,7 +119,7 @@ def _calibrate(loaded, layers, sentences: list[str], batch_size: int, advance) -
     return influence.values(), collector.result()
 
 
-def _measure(loaded, calibration, heldout, *, bits, group_size, batch_size) -> dict:
+def _measure(loaded, calibration, heldout, *, bits, group_size, batch_size, per_linear) -> dict:
     """Calibration pass, skip cost and quantization sensitivity, timed."""
     model, pooling, timings = loaded.model, loaded.pooling, {}
     spec, layers = arch_for(model), decoder_layers(model)
@@ -138,7 +138,7 @@ def _measure(loaded, calibration, heldout, *, bits, group_size, batch_size) -> d
         stage = progress.add_task(f"{bits}-bit quantize each layer", total=len(layers))
         quants, notes = embedding_quant_scores(
             model, layers, spec, batches, pooling, reference, bits=bits, group_size=group_size,
-            advance=lambda: progress.advance(stage),
+            per_linear=per_linear, advance=lambda: progress.advance(stage),
         )  # fmt: skip
         timings["quant_sensitivity_s"] = time.perf_counter() - tick
     return dict(influence=influence, channels=channels, skips=skips, quants=quants, notes=notes, timings=timings)
@@ -173,9 +173,13 @@ def analyze_encoder(
     bits: int = 4,
     group_size: int | None = 64,
     batch_size: int = 32,
+    per_linear: bool = False,
     source: str | None = None,
 ) -> Analysis:
     """Analyse the encoder `loaded` on `sentences` (see the module docstring for the stages).
+
+    `per_linear` also quantizes each Linear alone (layers[i]["quant"]["per_linear"][role]): one
+    more pass over the held-out sentences per Linear, about 4x the whole analysis on MiniLM.
 
     Raises:
         OutputPathError: `out` points into an existing file (checked before any work).
@@ -186,7 +190,8 @@ def analyze_encoder(
     info = _encoder_info(loaded)
     began, cpu_began = time.perf_counter(), time.process_time()
     parts = count_parameters(loaded)
-    measured = _measure(loaded, calibration, heldout, bits=bits, group_size=group_size, batch_size=batch_size)
+    measured = _measure(loaded, calibration, heldout, bits=bits, group_size=group_size, batch_size=batch_size,
+                        per_linear=per_linear)  # fmt: skip
     timings = measured["timings"]
     skip_loss, quant_loss = [s.loss for s in measured["skips"]], [q.loss for q in measured["quants"]]
     timings["total_s"] = time.perf_counter() - began

@@ -81,7 +81,12 @@ def _encoder_layers(analysis: Analysis) -> str:
          f"{row['skip']['min_cosine']:.4f}", f"{row['quant']['cosine']:.5f}", f"{row['quant']['min_cosine']:.5f}"]
         for row in analysis.layers
     ]  # fmt: skip
-    return html_table(header, rows)
+    table = html_table(header, rows)
+    roles = list(analysis.layers[0]["quant"].get("per_linear", {})) if analysis.layers else []
+    if roles:  # analyze_encoder(per_linear=True): each Linear quantized alone
+        rows = [[row["index"], *(f"{row['quant']['per_linear'][role]:.2e}" for role in roles)] for row in analysis.layers]
+        table += f"<p>{bits}-bit RTN of one Linear alone: 1 - cosine</p>" + html_table(["layer", *roles], rows)
+    return table
 
 
 def _layers(analysis: Analysis) -> str:

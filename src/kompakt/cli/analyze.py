@@ -135,6 +135,7 @@ def analyze_command(
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement."),
     calib_sentences: int = typer.Option(128, "--calib-sentences", help="Encoders: calibration sentences."),
     eval_sentences: int = typer.Option(128, "--eval-sentences", help="Encoders: held-out sentences (the last N)."),
+    per_linear: bool = typer.Option(False, "--per-linear", help="Encoders: also quantize each Linear alone (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (without per-channel arrays), to stdout."),
 ) -> None:
     """Analyse a model: parameter breakdown, layer / head / channel importance, quantization sensitivity."""
@@ -146,7 +147,8 @@ def analyze_command(
     check_out(out)  # a bad --out fails before the model loads
     loaded = load(model)
     if loaded.is_encoder:
-        _analyze_encoder(loaded, data, out, calib_sentences, eval_sentences, bits, group_size, as_json)
+        options = dict(calib_sentences=calib_sentences, bits=bits, group_size=group_size or None, per_linear=per_linear)
+        _analyze_encoder(loaded, data, out or _default_out(loaded.name), eval_sentences, options, as_json)
         return
     ids = load_tokens(data, loaded, n_tokens=tokens)
     analysis = analyze(
@@ -164,21 +166,20 @@ def analyze_command(
     _show(analysis.to_dict(), as_json, data or "self-generated (text written by the model itself; pass --data for your own)")
 
 
-def _analyze_encoder(loaded, data, out, calib_sentences, eval_sentences, bits, group_size, as_json) -> None:
+def _analyze_encoder(loaded, data, out: Path, eval_sentences: int, options: dict, as_json: bool) -> None:
     """Encoders are analysed on sentences (kompakt.data.sentences: --data split by its rule, or
     the default SmolLM2-written text); a file with fewer sentences than asked shrinks both sets."""
     from kompakt.analyze.encoder import analyze_encoder
     from kompakt.data.sentences import default_sentences, read_sentences
 
-    wanted = calib_sentences + eval_sentences
+    wanted = options["calib_sentences"] + eval_sentences
     if data is None:
         sentences, source = default_sentences(wanted), "default sentences (text written by SmolLM2-135M, cached)"
     else:
         sentences, source = read_sentences(data, loaded.tokenizer)[:wanted], str(data)
     analysis = analyze_encoder(
-        loaded, sentences, out=out or _default_out(loaded.name), calib_sentences=calib_sentences,
-        eval_sentences=max(1, min(eval_sentences, len(sentences) // 2)), bits=bits, group_size=group_size or None,
-        source=f"{source}: {len(sentences)} sentences",
+        loaded, sentences, out=out, eval_sentences=max(1, min(eval_sentences, len(sentences) // 2)),
+        source=f"{source}: {len(sentences)} sentences", **options,
     )  # fmt: skip
     _show(analysis.to_dict(), as_json, source)
 

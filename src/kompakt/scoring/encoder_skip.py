@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ class EmbeddingScore:
 
     cosine: float  # mean over sentences
     min_cosine: float  # the worst sentence
+    per_linear: dict[str, float] = field(default_factory=dict)  # role -> 1 - cosine (quantization only)
 
     @property
     def loss(self) -> float:
@@ -41,7 +42,10 @@ class EmbeddingScore:
         return 1.0 - self.cosine
 
     def to_dict(self) -> dict:
-        return {"cosine": self.cosine, "min_cosine": self.min_cosine, "loss": self.loss}
+        out = {"cosine": self.cosine, "min_cosine": self.min_cosine, "loss": self.loss}
+        if self.per_linear:
+            out["per_linear"] = dict(self.per_linear)
+        return out
 
 
 def sentence_batches(tokenizer, sentences: Sequence[str], max_length: int, batch_size: int = 32,

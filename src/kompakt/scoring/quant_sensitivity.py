@@ -28,14 +28,16 @@ from kompakt.scoring.reference import Reference, Score, replay, score
 
 
 @contextmanager
-def quantized_layer(layer: nn.Module, spec: ArchSpec, bits: int, group_size: int | None) -> Iterator[dict]:
-    """Quantize every Linear of `layer` in place; restore the exact weights on exit.
+def quantized_layer(layer: nn.Module, spec: ArchSpec, bits: int, group_size: int | None,
+                    roles: tuple[str, ...] | None = None) -> Iterator[dict]:  # fmt: skip
+    """Quantize every Linear of `layer` (or only those of `roles`) in place; restore the exact
+    weights on exit.
 
     Yields {role: group size used (None = per channel)}.
     """
     saved: dict[str, torch.Tensor] = {}
     used: dict[str, int | None] = {}
-    linears = linear_modules(layer, spec)
+    linears = {role: linear for role, linear in linear_modules(layer, spec).items() if roles is None or role in roles}
     try:
         for role, linear in linears.items():
             saved[role] = linear.weight.data.clone()
