@@ -6,6 +6,12 @@ vocabulary or over the limit 400, a request over the token budget 400, queue ful
 decided before the model runs. Inputs are embedded in batches of EMBED_BATCH, shortest first
 (less padding), each batch one call on the model thread, and the client is polled between
 batches: a client that leaves stops the work at the next batch.
+
+A generation model (a causal LM) asked for embeddings is refused with 400 model_not_supported
+naming an embedding model to serve, not answered with mean-pooled hidden states: a causal LM
+not trained for embeddings gives vectors whose cosines barely separate related from unrelated
+sentences, and a retrieval index built on them fails quietly. vLLM (a model served for
+generation) and llama-server (without --embeddings) refuse the same way.
 """
 
 from __future__ import annotations
