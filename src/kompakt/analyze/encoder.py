@@ -9,8 +9,8 @@ loses, the pooled sentence embedding:
    so every position is a real token): block influence per layer (scoring.layers) and FFN-
    channel, head and hidden-channel importance (scoring.channels, through the ArchSpec roles);
 3. the held-out sentences (the last `eval_sentences`) embedded once as the reference, then
-   2 x n_layers edits scored against it: each layer skipped (scoring.encoder_skip, the encoder
-   analogue of skip KL) and each layer's Linears RTN-quantized (scoring.encoder_quant); the
+   2 x n_layers edits scored against it: each layer skipped (scoring.embedding_edits, the encoder
+   analogue of skip KL) and each layer's Linears RTN-quantized (scoring.embedding_quant); the
    cost is 1 - mean cosine of the sentence embeddings (with `per_linear`, each Linear alone too);
 4. the "where to cut" summary, and files under `out`.
 
@@ -36,8 +36,8 @@ from kompakt.model.arch import arch_for, decoder_layers, linear_modules
 from kompakt.model.encode import input_limit
 from kompakt.model.progress import stage_line, stages
 from kompakt.scoring.channels import ChannelCollector
-from kompakt.scoring.encoder_quant import embedding_quant_scores
-from kompakt.scoring.encoder_skip import embedding_skip_scores, pooled_embeddings, sentence_batches
+from kompakt.scoring.embedding_quant import embedding_quant_scores
+from kompakt.scoring.embedding_edits import embedding_skip_scores, pooled_embeddings, sentence_batches
 from kompakt.scoring.layers import BlockInfluence
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Encoder layer importance: how far the sentence embedding moves when one layer is skipped.
+"""One-layer edits of a sentence encoder scored on its sentence embeddings (the analysis' measure).
 
 The encoder analogue of skip KL (skip.py). An encoder has no next-token distribution; what a
 user of a sentence-embedding model keeps or loses is the pooled embedding. So layer i is
@@ -9,11 +9,10 @@ the mean cosine over sentences (and the worst one). `1 - cosine` is the cost: th
 smallest cost is the cheapest to drop, as Minitron's "remove one layer, measure the change"
 ranks decoder layers.
 
-`embedding_skip_scores` scores every layer against a prepared reference (the analysis, which
-also scores quantization edits on it); `embedding_skip_loss` is the one-call form prune.depth
-ranks by (optionally against a separate teacher, e.g. the unpruned model). Batches are
-`sentence_batches` rows: token ids padded together with an attention mask; pooling reads the
-mask, so padding does not change a sentence's embedding.
+`embedding_skip_scores` scores every layer against a reference embedded once, which the
+analysis also scores quantization edits against (embedding_quant.py), and reports the worst
+sentence beside the mean. Batches are `sentence_batches` rows: token ids padded together with
+an attention mask; pooling reads the mask, so padding does not change a sentence's embedding.
 """
 
 from __future__ import annotations
@@ -109,14 +108,3 @@ def embedding_skip_scores(
             scores.append(compare(reference, pooled_embeddings(model, batches, pooling)))
         advance()
     return scores
-
-
-def embedding_skip_loss(
-    model: nn.Module, layers: nn.ModuleList, batches: Sequence[Batch], pooling, teacher: nn.Module | None = None
-) -> list[float]:
-    """1 - mean cosine per skipped layer (prune.depth's encoder importance; lower = cheaper).
-
-    The reference is `teacher`'s embeddings when given, else the model's own, unedited.
-    """
-    reference = pooled_embeddings(teacher if teacher is not None else model, batches, pooling)
-    return [score.loss for score in embedding_skip_scores(model, layers, batches, pooling, reference)]

@@ -3,7 +3,7 @@
 The encoder form of quant_sensitivity.py: every Linear of one layer (and nothing else) is
 replaced by its round-to-nearest weight on quant.rtn's grid (the same `quantized_layer`), the
 calibration sentences are embedded, and the embeddings are compared with the unedited model's
-(mean and worst cosine, encoder_skip.compare). Layers with the lowest cosine are the ones to keep
+(mean and worst cosine, embedding_edits.compare). Layers with the lowest cosine are the ones to keep
 at higher precision; the per-Linear costs say which of their Linears (BERT's FFN output is
 usually the one).
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kompakt.model.arch import ArchSpec, linear_modules
-from kompakt.scoring.encoder_skip import Batch, EmbeddingScore, compare, pooled_embeddings
+from kompakt.scoring.embedding_edits import Batch, EmbeddingScore, compare, pooled_embeddings
 from kompakt.scoring.quant_sensitivity import fallback_note, quantized_layer
 
 
