@@ -148,7 +148,7 @@ def test_encoder_refuses_chat_and_completions(client, http):
     response = http.post("/v1/completions", json={"prompt": "hi"})
     assert response.status_code == 400 and "/v1/embeddings" in response.json()["error"]["message"]
     assert [model["id"] for model in http.get("/v1/models").json()["data"]] == [MODEL]
-    assert http.get("/health").json()["status"] == "ok"
+    assert http.get("/health").json()["serves"] == "/v1/embeddings"
 
 
 def test_decoder_refuses_embeddings(tmp_path):
