@@ -39,8 +39,8 @@ def _silence(loaded, index: int) -> None:
 def test_api_dispatches_on_encoders_and_ranks_a_silenced_layer_cheapest(tmp_path):
     loaded = tiny_encoder("bert")
     _silence(loaded, 2)
-    analysis = analyze(loaded, _sentences(140), out=tmp_path / "out")
-    assert analysis.is_encoder and analysis.settings["heldout"]["sentences"] == 128
+    analysis = analyze(loaded, _sentences(100), out=tmp_path / "out")
+    assert analysis.is_encoder and analysis.settings["heldout"]["sentences"] == 64
     skip = [row["skip"] for row in analysis.layers]
     assert skip[2]["loss"] < 1e-5 < min(s["loss"] for i, s in enumerate(skip) if i != 2)
     assert analysis.summary["cheapest_to_skip"] == [2]

@@ -133,8 +133,8 @@ def analyze_command(
     bits: int = typer.Option(4, "--bits", help="Bits of the per-layer RTN sensitivity test."),
     group_size: int = typer.Option(64, "--group-size", help="Quantization group size (0 = per channel)."),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement."),
-    calib_sentences: int = typer.Option(128, "--calib-sentences", help="Encoders: calibration sentences."),
-    eval_sentences: int = typer.Option(128, "--eval-sentences", help="Encoders: held-out sentences (the last N)."),
+    calib_sentences: int = typer.Option(64, "--calib-sentences", help="Encoders: calibration sentences."),
+    eval_sentences: int = typer.Option(64, "--eval-sentences", help="Encoders: held-out sentences (the last N)."),
     per_linear: bool = typer.Option(False, "--per-linear", help="Encoders: also quantize each Linear alone (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (without per-channel arrays), to stdout."),
 ) -> None:
@@ -174,7 +174,9 @@ def _analyze_encoder(loaded, data, out: Path, eval_sentences: int, options: dict
 
     wanted = options["calib_sentences"] + eval_sentences
     if data is None:
-        sentences, source = default_sentences(wanted), "default sentences (text written by SmolLM2-135M, cached)"
+        source = "default sentences (text written by SmolLM2-135M, generated once and cached)"
+        Console(stderr=True).print(f"data: {source}; pass --data for your own", highlight=False)
+        sentences = default_sentences(wanted)
     else:
         sentences, source = read_sentences(data, loaded.tokenizer)[:wanted], str(data)
     analysis = analyze_encoder(
