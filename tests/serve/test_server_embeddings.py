@@ -177,3 +177,18 @@ def test_open_backend_serves_a_saved_encoder_as_embeddings(tmp_path):
     save_tiny_encoder("bert", tmp_path / "enc")
     backend = open_backend(tmp_path / "enc")
     assert backend.task == "embed" and backend.dimensions == 64 and backend.context_length == 128
+
+
+@pytest.mark.slow
+def test_served_minilm_ranks_a_paraphrase_above_an_unrelated_sentence():
+    """The embedded all-MiniLM-L6-v2 served as `kompakt serve all-minilm-l6-v2` would serve it."""
+    from kompakt.serve.backend_choice import open_backend
+
+    backend = open_backend("all-minilm-l6-v2")
+    texts = ["How do I reset my password?", "I forgot my password and need to change it.", "The tide comes in at dawn."]
+    with running_server(backend) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        vectors = _matrix(client.embeddings.create(model="all-minilm-l6-v2", input=texts))
+    np.testing.assert_allclose(vectors, embed(backend.loaded, texts).numpy(), atol=1e-5)
+    assert vectors.shape == (3, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert vectors[0] @ vectors[1] > 0.5 > vectors[0] @ vectors[2]
