@@ -26,9 +26,10 @@ class ServerSettings:
 
     max_prompt_tokens bounds the work of one /v1/completions request (prompt tokens summed
     over its batch, each scored when logprobs are asked), so one request cannot hold the
-    single model worker for minutes while every other client waits. max_embedding_tokens does
-    the same for one /v1/embeddings request (tokens summed over its inputs, after cutting);
-    its default is OpenAI's limit, so indexing tools configured for OpenAI work unchanged.
+    single model worker for minutes while every other client waits. max_embedding_tokens bounds
+    one /v1/embeddings request (tokens summed over its inputs, after cutting); its default is
+    OpenAI's limit, so indexing tools configured for OpenAI work unchanged, but a request that
+    large holds a CPU worker for a minute or more: lower it when many clients share the server.
     """
 
     api_key: str | None = None
