@@ -43,7 +43,8 @@ def test_api_dispatches_on_encoders_and_ranks_a_silenced_layer_cheapest(tmp_path
     assert analysis.is_encoder and analysis.settings["heldout"]["sentences"] == 64
     skip = [row["skip"] for row in analysis.layers]
     assert skip[2]["loss"] < 1e-5 < min(s["loss"] for i, s in enumerate(skip) if i != 2)
-    assert analysis.summary["cheapest_to_skip"] == [2]
+    assert analysis.summary["cheapest_to_skip"] == [2] and analysis.summary["skip_order"][0] == 2
+    assert sorted(analysis.summary["skip_order"]) == [0, 1, 2, 3]
     assert all(s["loss"] == pytest.approx(1 - s["cosine"]) and s["min_cosine"] <= s["cosine"] for s in skip)
     # 4-bit RTN of one layer moves embeddings less than removing a (working) layer does.
     assert all(row["quant"]["loss"] < row["skip"]["loss"] for row in analysis.layers if row["index"] != 2)

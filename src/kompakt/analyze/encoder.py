@@ -38,7 +38,7 @@ from kompakt.model.progress import stage_line, stages
 from kompakt.scoring.channels import ChannelCollector
 from kompakt.scoring.embedding_quant import embedding_quant_scores
 from kompakt.scoring.embedding_edits import embedding_skip_scores, pooled_embeddings, sentence_batches
-from kompakt.scoring.layers import BlockInfluence
+from kompakt.scoring.layers import BlockInfluence, rank_layers
 
 logger = logging.getLogger(__name__)
 
@@ -208,10 +208,15 @@ def analyze_encoder(
         "cost": "1 - mean cosine of the pooled sentence embeddings vs the unedited model, held-out sentences",
     }
     reference = {"sentences": len(heldout), "embedding_dim": info["hidden_size"]}
+    summary = where_to_cut(parts, measured["influence"], skip_loss, quant_loss, measured["channels"], cost="1-cos")
+    # Encoders are often halved (DistilBERT: 6 of 12 layers), so the whole order is worth a line.
+    summary["skip_order"] = rank_layers(skip_loss)
+    summary["lines"].insert(1, "All layers, cheapest to drop first (1-cos when skipped): " + ", ".join(
+        f"{i} ({skip_loss[i]:.3f})" for i in summary["skip_order"]) + ".")  # fmt: skip
     analysis = Analysis(
         model=info, settings=settings, breakdown=parts, layers=_layer_rows(parts, measured),
         channels=measured["channels"], reference=reference, baseline=None,
-        summary=where_to_cut(parts, measured["influence"], skip_loss, quant_loss, measured["channels"], cost="1-cos"),
+        summary=summary,
         timings=timings, notes=[SKIPPED_NOTE, *measured["notes"]],
     )  # fmt: skip
     if out_dir is not None:
