@@ -163,6 +163,28 @@ def _tokens(tokenizer, sentences: list[str], limit: int) -> int:
     return sum(len(ids) for ids in tokenizer(sentences, truncation=True, max_length=limit)["input_ids"])
 
 
+def _settings(loaded, calibration: list[str], heldout: list[str], bits: int, group_size, source) -> dict:
+    limit = input_limit(loaded)
+    return {
+        "task": "embed",
+        "data": source or "sentences given in code",
+        "calibration": {"sentences": len(calibration), "tokens": _tokens(loaded.tokenizer, calibration, limit)},
+        "heldout": {"sentences": len(heldout), "tokens": _tokens(loaded.tokenizer, heldout, limit)},
+        "truncation": f"sentences cut to their first {limit} tokens (kompakt.model.encode rule)",
+        "quant": {"bits": bits, "group_size": group_size, "symmetric": True, "method": "RTN"},
+        "cost": "1 - mean cosine of the pooled sentence embeddings vs the unedited model, held-out sentences",
+    }
+
+
+def _summary(parts, measured: dict, skip_loss: list[float], quant_loss: list[float]) -> dict:
+    summary = where_to_cut(parts, measured["influence"], skip_loss, quant_loss, measured["channels"], cost="1-cos")
+    # Encoders are often halved (DistilBERT: 6 of 12 layers), so the whole order is worth a line.
+    summary["skip_order"] = rank_layers(skip_loss)
+    order = ", ".join(f"{i} ({skip_loss[i]:.3f})" for i in summary["skip_order"])
+    summary["lines"].insert(1, f"All layers, cheapest to drop first (1-cos when skipped): {order}.")
+    return summary
+
+
 def analyze_encoder(
     loaded,
     sentences: list[str],
@@ -197,27 +219,13 @@ def analyze_encoder(
     timings["total_s"] = time.perf_counter() - began
     timings["cpu_s"] = time.process_time() - cpu_began
     logger.info("analysed %s in %.1f s (%s)", loaded.name, timings["total_s"], timings)
-    limit = input_limit(loaded)
-    settings = {
-        "task": "embed",
-        "data": source or "sentences given in code",
-        "calibration": {"sentences": len(calibration), "tokens": _tokens(loaded.tokenizer, calibration, limit)},
-        "heldout": {"sentences": len(heldout), "tokens": _tokens(loaded.tokenizer, heldout, limit)},
-        "truncation": f"sentences cut to their first {limit} tokens (kompakt.model.encode rule)",
-        "quant": {"bits": bits, "group_size": group_size, "symmetric": True, "method": "RTN"},
-        "cost": "1 - mean cosine of the pooled sentence embeddings vs the unedited model, held-out sentences",
-    }
+    settings = _settings(loaded, calibration, heldout, bits, group_size, source)
     reference = {"sentences": len(heldout), "embedding_dim": info["hidden_size"]}
-    summary = where_to_cut(parts, measured["influence"], skip_loss, quant_loss, measured["channels"], cost="1-cos")
-    # Encoders are often halved (DistilBERT: 6 of 12 layers), so the whole order is worth a line.
-    summary["skip_order"] = rank_layers(skip_loss)
-    summary["lines"].insert(1, "All layers, cheapest to drop first (1-cos when skipped): " + ", ".join(
-        f"{i} ({skip_loss[i]:.3f})" for i in summary["skip_order"]) + ".")  # fmt: skip
+    summary = _summary(parts, measured, skip_loss, quant_loss)
     analysis = Analysis(
         model=info, settings=settings, breakdown=parts, layers=_layer_rows(parts, measured),
-        channels=measured["channels"], reference=reference, baseline=None,
-        summary=summary,
-        timings=timings, notes=[SKIPPED_NOTE, *measured["notes"]],
+        channels=measured["channels"], reference=reference, baseline=None, summary=summary, timings=timings,
+        notes=[SKIPPED_NOTE, *measured["notes"]],
     )  # fmt: skip
     if out_dir is not None:
         stage_line(f"writing analysis.json, plots and analysis.html to {out_dir}")
