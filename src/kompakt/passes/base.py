@@ -37,6 +37,9 @@ class PassContext:
         training: `training(source, n_tokens, answer_only, generator)` returns training
             tokens (kompakt.train.data.TrainData): the pass's own `source`, else the run's
             data, else text sampled from `generator` (cached). Default: kompakt.train.sources.
+        sentences: `sentences(source, n)` returns (sentences, where from) for training an
+            encoder: the pass's own `source`, else the run's data, else sentences split from
+            generated text. Default: kompakt.data.sentences.training_sentences.
         evaluation: held-out token ids [N] for evaluation during training (None: the pass
             holds out the end of its training data).
         checkpoint_dir: where training checkpoints survive a killed run (kept until the step
@@ -51,6 +54,7 @@ class PassContext:
     work_dir: Path | None = None
     teacher: Callable[[str | None], LoadedModel] | None = None
     training: Callable[..., Any] | None = None
+    sentences: Callable[[str | None, int], tuple[list[str], str]] | None = None
     evaluation: Callable[[], torch.Tensor] | None = None
     checkpoint_dir: Path | None = None
     run_id: str = ""
@@ -74,6 +78,14 @@ class PassContext:
 
         return training_tokens(source, self.loaded, n_tokens, seed=self.seed, answer_only=answer_only,
                                generator=generator or self.original())  # fmt: skip
+
+    def training_sentences(self, source: str | None, n_sentences: int) -> tuple[list[str], str]:
+        """(sentences, where they come from) for training an encoder; see `sentences` above."""
+        if self.sentences is not None:
+            return self.sentences(source, n_sentences)
+        from kompakt.data.sentences import training_sentences
+
+        return training_sentences(source, n_sentences, seed=self.seed)
 
 
 @dataclass
