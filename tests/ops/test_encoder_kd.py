@@ -86,3 +86,17 @@ def test_relations_kl_averages_q_k_v():
     student = {"q": teacher["q"], "k": teacher["k"], "v": _states(9)}
     expected = relation_kl(student["v"], teacher["v"], 2, mask).item() / 3
     assert relations_kl(student, teacher, 2, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_losses_stay_exact_under_bf16_autocast():
+    """Near-uniform attention maps differ by ~1e-6 in KL; bf16 rounding made it negative."""
+    q = 0.1 * _states(0, width=16)
+    k = 0.1 * _states(1, width=16)
+    near = q + 0.01 * _states(2, width=16)
+    mask = torch.ones(2, 5)
+    exact = attention_kl((near, k), (q, k), 2, 2, mask).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = attention_kl((near, k), (q, k), 2, 2, mask)
+        relation = relation_kl(near, q, 2, mask)
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(exact, rel=1e-4)
+    assert relation.item() >= 0

@@ -22,10 +22,15 @@ Four kinds, each weighted in the pass config:
 Shapes: sentence embeddings [B, D]; hidden / q / k / v states [B, T, width]; the attention
 mask [B, T] (1 = token, 0 = padding). Padded keys get no attention mass; padded queries are
 not counted. Every loss is a mean over counted positions (and heads).
+
+Every loss computes in float32 with autocast off (`_fp32`): under bf16 autocast the relation
+matmuls and their log-softmax would run in bf16, whose rounding (≈1 % of a probability)
+exceeds the KL of two near-uniform attention maps and makes it negative.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,11 +39,24 @@ import torch.nn.functional as F
 RELATIONS = ("q", "k", "v")
 
 
+def _fp32(function):
+    """Run `function` with autocast off (inputs are cast to float32 inside)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_fp32
 def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean over sentences of 1 − cos(student, teacher) ([B, D] each; 0 when aligned)."""
     return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
+@_fp32
 def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the sentence embeddings ([B, D] each), averaged over B and D."""
     return (student.float() - teacher.float()).pow(2).mean()
@@ -83,6 +101,7 @@ def _kl_rows(log_teacher: torch.Tensor, log_student: torch.Tensor, mask: torch.T
     return _masked_rows_mean(per_row, mask)
 
 
+@_fp32
 def attention_kl(student_qk: tuple[torch.Tensor, torch.Tensor], teacher_qk: tuple[torch.Tensor, torch.Tensor],
                  student_heads: int, teacher_heads: int, mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """MiniLM v1: KL of the self-attention distributions, from each model's q and k vectors."""
@@ -96,6 +115,7 @@ def attention_kl(student_qk: tuple[torch.Tensor, torch.Tensor], teacher_qk: tupl
     return _kl_rows(log_t, log_s, mask)
 
 
+@_fp32
 def relation_kl(student: torch.Tensor, teacher: torch.Tensor, relation_heads: int, mask: torch.Tensor) -> torch.Tensor:
     """MiniLM v2: KL of one self-attention relation (q-q, k-k or v-v) with both models' vectors
     re-split into `relation_heads` heads ([B, T, W_s] and [B, T, W_t])."""

@@ -7,8 +7,8 @@ Budget: `steps`, else `sentences` (steps = sentences / (batch_size · grad_accum
 `tokens` counted as real tokens (steps = tokens / (mean tokens per sentence · batch_size ·
 grad_accum)). Data: the pass's `data`, else the run's data, else sentences split from text
 the embedded SmolLM2 writes (kompakt.data.sentences; at most MAX_GENERATED_SENTENCES, cycled
-over epochs). Sentences are truncated to the student's limit, min(max_seq_length, position
-limit) tokens, as `embed()` truncates them in use.
+over epochs). Sentences are truncated to the student's limit (kompakt.model.encode.input_limit), as
+`embed()` truncates them in use.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from kompakt.errors import ConfigError
 from kompakt.passes.base import PassContext, PassReport
 from kompakt.train.encoder_objective import EncoderDistillObjective, num_heads
+from kompakt.model.encode import input_limit
 from kompakt.train.sentence_batches import SentenceBatches
 
 logger = logging.getLogger(__name__)
@@ -48,15 +49,6 @@ def _check_teacher(teacher, student, name: str) -> None:
     if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
         raise ConfigError(f"{name}: teacher {teacher.name} and student {student.name} have different vocabularies; "
                           "give a teacher with the same tokenizer as the student (teacher: PATH)")  # fmt: skip
-
-
-def sentence_limit(loaded) -> int:
-    """Tokens a sentence keeps: min(pooling.max_seq_length, max_position_embeddings)."""
-    limit = loaded.context_length
-    pooling = loaded.pooling
-    if pooling is not None and pooling.max_seq_length:
-        limit = min(limit, int(pooling.max_seq_length))
-    return limit
 
 
 def _objective(config: Any, teacher, student, name: str) -> EncoderDistillObjective:
@@ -135,7 +127,7 @@ def distill_encoder(ctx: PassContext, config: Any, name: str) -> PassReport:
         cut = len(sentences) - max(1, round(len(sentences) * HELDOUT_FRACTION))
         sentences, heldout = sentences[:cut], sentences[cut:]
     batches = SentenceBatches(sentences, student.tokenizer, batch_size=config.batch_size,
-                              max_length=sentence_limit(student), seed=ctx.seed, source=source)  # fmt: skip
+                              max_length=input_limit(student), seed=ctx.seed, source=source)  # fmt: skip
     steps = _steps(config, batches)
     loop = dataclasses.replace(config.loop_config(ctx.seed), steps=steps, seq_len=max(1, round(batches.mean_tokens())))
     identity = digest({"run": ctx.run_id or student.fingerprint(), "pass": name, "config": dataclasses.asdict(config),
