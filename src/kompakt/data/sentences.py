@@ -1,109 +1,86 @@
-"""Sentences for embedding models: read from the user's text, or split from text the embedded
-language model writes when no data is given.
+"""Sentences for sentence encoders: read from the user's data, or generated when none is given.
 
-Splitting rule (stated, so results can be reproduced): a document is cut into paragraphs at
-line breaks; a paragraph is cut into sentences after `.`, `!` or `?` (optionally followed by a
-closing quote or bracket) when whitespace and then an upper-case letter, a digit or an opening
-quote follow. Chat markup (`<|...|>` tokens, role lines) is removed first. Sentences with fewer
-than `MIN_WORDS` words (headings, list numbers, fragments) are dropped, and exact duplicates
-are kept once, first occurrence first. A file of one sentence per line therefore gives back
-its lines (the short ones aside).
+Splitting rule (stated once, used by calibration, distillation and evaluation): a document is
+split into lines, and a line into sentences after ".", "!" or "?" (closing quotes and brackets
+kept) followed by whitespace and an upper-case letter, digit or opening quote. Sentences of
+fewer than 3 words are dropped; duplicates are kept once, in first-seen order. Nothing is cut
+here: an encoder truncates a sentence longer than its input limit (kompakt.model.encode).
 
-No data given (`training_sentences(None, ...)`): sentences split from the answers the embedded
-SmolLM2-135M-Instruct writes to varied requests (`kompakt.data.generate_texts`, temperature 1,
-cached on disk), the same self-generated text the decoder passes calibrate on — it needs no
-network. Only the assistant's answers are used, not the prompt templates. Training sentences
-are sampled with seed + TRAINING_SEED_OFFSET, so they are not the ones an evaluation sampled
-with seed or seed + 1 holds out.
+Default text (no `--data`, no network): sentences from text the embedded decoder SmolLM2-135M
+writes for a few hundred varied requests (stories, explanations, articles, emails, dialogues
+on many topics; kompakt.data.generated), generated once and cached. Chat markup is stripped.
+Training and held-out evaluation sentences come from different generation seeds, so an
+evaluation never sees a sentence a pass trained or calibrated on.
 """
 
 from __future__ import annotations
 
-import logging
+import random
 import re
 from pathlib import Path
 from typing import Any
 
 from kompakt.errors import DataError
 
-logger = logging.getLogger(__name__)
-
 MIN_WORDS = 3
-# Generated answers average ≈ 25 SmolLM2 tokens per kept sentence (measured on its cached text).
-TOKENS_PER_SENTENCE = 30
-# Generation seed offset of training sentences, as for decoder training text
-# (kompakt.train.sources): seed is calibration, seed + 1 held-out evaluation, seed + 2 training.
-TRAINING_SEED_OFFSET = 2
-_MARKUP = re.compile(r"<\|[^|>]*\|>")
-_ROLE_LINE = re.compile(r"^(system|user|assistant)\s*$", re.IGNORECASE)
-_BOUNDARY = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
+DEFAULT_SOURCE = "smollm2-135m"  # the embedded decoder that writes the default sentences
+TRAIN_SEED, HELDOUT_SEED = 0, 1  # generation seeds: disjoint documents
+_TOKENS_PER_SENTENCE = 24  # generated tokens per kept sentence, measured on SmolLM2's output (rounded up)
+_BOUNDARY = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[])")
+_CHAT_MARKUP = re.compile(r"<\|[^|>]*\|>(?:\s*(?:system|user|assistant)\b)?|</?s>")
+_ABBREVIATION = re.compile(r"\b(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|vs|etc|e\.g|i\.e|No|Fig)\.$")
 
 
-def split_sentences(text: str) -> list[str]:
-    """The sentences of one document, by the rule in the module docstring (duplicates kept)."""
-    text = _MARKUP.sub("\n", text)
-    sentences = []
-    for paragraph in text.splitlines():
-        paragraph = paragraph.strip()
-        if not paragraph or _ROLE_LINE.match(paragraph):
-            continue
-        for sentence in _BOUNDARY.split(paragraph):
-            sentence = " ".join(sentence.split())
-            if len(sentence.split()) >= MIN_WORDS:
-                sentences.append(sentence)
-    return sentences
+def _sentences_of(line: str) -> list[str]:
+    """Split one line at sentence boundaries, re-joining a split made after an abbreviation."""
+    parts: list[str] = []
+    for piece in _BOUNDARY.split(line):
+        if parts and _ABBREVIATION.search(parts[-1]):
+            parts[-1] = f"{parts[-1]} {piece}"
+        else:
+            parts.append(piece)
+    return parts
 
 
-def unique(sentences: list[str]) -> list[str]:
-    """Exact duplicates removed, first occurrence kept, order kept."""
-    return list(dict.fromkeys(sentences))
+def split_sentences(texts: list[str]) -> list[str]:
+    """Sentences of `texts` by the rule in the module docstring."""
+    seen: dict[str, None] = {}
+    for text in texts:
+        for line in _CHAT_MARKUP.sub("\n", text).splitlines():
+            for sentence in _sentences_of(line.strip()):
+                sentence = " ".join(sentence.split())
+                if len(sentence.split()) >= MIN_WORDS:
+                    seen.setdefault(sentence, None)
+    return list(seen)
 
 
-def read_sentences(source: str | Path) -> list[str]:
-    """The sentences of a text / jsonl / parquet file, directory or saved dataset (see read_texts)."""
+def read_sentences(path: str | Path, tokenizer: Any = None) -> list[str]:
+    """The sentences of a user's data (anything kompakt.data.read_texts reads), split by the rule."""
     from kompakt.data.sources import read_texts
 
-    sentences = unique([s for text in read_texts(source) for s in split_sentences(text)])
+    sentences = split_sentences(read_texts(path, tokenizer=tokenizer))
     if not sentences:
-        raise DataError(
-            f"{source} holds no sentence of at least {MIN_WORDS} words; give text with one sentence per line or prose"
-        )
+        raise DataError(f"{path} holds no sentence of {MIN_WORDS} words or more; pass a file with sentences in it")
     return sentences
 
 
-def _answers(text: str) -> str:
-    """The assistant's part of a generated chat document (all of it for base-model text)."""
-    marker = "<|im_start|>assistant"
-    return text.rsplit(marker, 1)[1] if marker in text else text
-
-
-def generated_sentences(generator: Any, n_sentences: int, seed: int = 0) -> list[str]:
-    """At least `n_sentences` sentences (fewer only if the model writes too few) split from
-    text `generator` (a decoder LoadedModel) writes; cached with the generated text."""
+def default_sentences(n: int, *, heldout: bool = False) -> list[str]:
+    """`n` sentences of the default text (training set, or the disjoint held-out set), cached."""
     from kompakt.data.generated import generate_texts
+    from kompakt.model.load import load
 
-    texts = generate_texts(generator, n_sentences * TOKENS_PER_SENTENCE, seed)
-    sentences = unique([s for text in texts for s in split_sentences(_answers(text))])
-    if not sentences:
-        raise DataError(f"{generator.name} wrote no usable sentences; pass --data with sentences")
-    return sentences[:n_sentences] if len(sentences) > n_sentences else sentences
+    writer = load(DEFAULT_SOURCE, device="cpu")
+    seed = HELDOUT_SEED if heldout else TRAIN_SEED
+    wanted = n * _TOKENS_PER_SENTENCE
+    while True:
+        sentences = split_sentences(generate_texts(writer, wanted, seed=seed))
+        if len(sentences) >= n:
+            return sentences[:n]
+        wanted *= 2  # fewer sentences per token than assumed: generate more (a cached prefix is reused)
 
 
-def training_sentences(source: str | Path | None, n_sentences: int, *, seed: int = 0,
-                       generator: Any = None) -> tuple[list[str], str]:  # fmt: skip
-    """(sentences, where they come from): the user's `source`, else generated (see module doc).
-
-    Args:
-        source: a data path, or None for generated sentences.
-        n_sentences: how many are wanted (a file gives all of its sentences).
-        generator: the decoder that writes text when `source` is None (default: the embedded
-            SmolLM2-135M-Instruct, loaded here).
-    """
-    if source is not None:
-        return read_sentences(source), str(source)
-    if generator is None:
-        from kompakt.model.load import load
-
-        generator = load(None)
-    logger.info("no sentences given: splitting %d from text %s writes (cached)", n_sentences, generator.name)
-    return generated_sentences(generator, n_sentences, seed + TRAINING_SEED_OFFSET), f"sentences from text generated by {generator.name}"
+def sample_sentences(sentences: list[str], n: int, seed: int = 0) -> list[str]:
+    """At most `n` sentences drawn without replacement, deterministic for a seed."""
+    if len(sentences) <= n:
+        return list(sentences)
+    return random.Random(seed).sample(sentences, n)
