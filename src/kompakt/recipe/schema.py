@@ -36,13 +36,16 @@ import yaml
 
 from kompakt.errors import ConfigError, DataError
 
-METRICS = ("ppl", "kl", "top1", "speed")
+# "cosine": sentence encoders' embedding fidelity (cosine, recall@10, Spearman vs the original),
+# which an encoder's steps always get (kompakt.recipe.encoder_measure); listed for its gate.
+METRICS = ("ppl", "kl", "top1", "speed", "cosine")
 DEFAULT_METRICS = ("ppl", "kl", "top1")
 # gate name -> (metric it needs, key in a step's metrics, "max" or "min")
 GATES: dict[str, tuple[str, str, str]] = {
     "max_ppl_ratio": ("ppl", "ppl_ratio", "max"),
     "max_kl": ("kl", "kl_mean", "max"),
     "min_top1": ("top1", "top1", "min"),
+    "min_cosine": ("cosine", "cosine_mean", "min"),
 }
 
 
@@ -85,6 +88,7 @@ class Gates:
     max_ppl_ratio: float | None = None
     max_kl: float | None = None
     min_top1: float | None = None
+    min_cosine: float | None = None  # sentence encoders: mean cosine to the original's embeddings
 
     def active(self) -> dict[str, float]:
         return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
