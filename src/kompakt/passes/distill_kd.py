@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 
 from kompakt.errors import ConfigError
 from kompakt.model.quantized import is_quantized
-from kompakt.ops.kd_losses import HiddenProjection, uniform_layer_map
+from kompakt.ops.kd_losses import HiddenProjection
 from kompakt.passes.base import PassContext, PassReport, PassSpec
-from kompakt.passes.train_common import KDFields, TrainingConfig, prepare, run
+from kompakt.passes.train_common import KDFields, TrainingConfig, layer_pairs, model_width, prepare, run
 from kompakt.train.objectives import DistillObjective
 
 NAME = "distill.kd"
@@ -83,35 +83,15 @@ class DistillConfig(TrainingConfig, KDFields):
                 raise ConfigError(f"{NAME}: {key} must be positive or null, got {getattr(self, key)}")
 
 
-def _num_layers(model) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.num_hidden_layers)
-
-
-def _width(model) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.hidden_size)
-
-
-def layer_pairs(student_model, teacher_model, layer_map: list[list[int]] | None) -> list[tuple[int, int]]:
-    """(student layer, teacher layer) pairs: `layer_map` checked, or the uniform map."""
-    n_s, n_t = _num_layers(student_model), _num_layers(teacher_model)
-    pairs = [tuple(p) for p in layer_map] if layer_map else uniform_layer_map(n_s, n_t)
-    bad = [p for p in pairs if not (0 <= p[0] <= n_s and 0 <= p[1] <= n_t)]
-    if bad:
-        raise ConfigError(f"{NAME}: layer_map pair {list(bad[0])} is outside 0..{n_s} (student) / 0..{n_t} (teacher)")
-    return pairs
-
-
 def objective_for(config: KDFields, teacher_model, student_model, hidden_weight: float = 0.0,
                   layer_map: list[list[int]] | None = None) -> DistillObjective:  # fmt: skip
     """The KD objective (with hidden-state term and projection when asked)."""
     pairs: list[tuple[int, int]] = []
     projection = None
     if hidden_weight > 0:
-        pairs = layer_pairs(student_model, teacher_model, layer_map)
-        if _width(student_model) != _width(teacher_model):
-            projection = HiddenProjection(len(pairs), _width(student_model), _width(teacher_model))
+        pairs = layer_pairs(student_model, teacher_model, layer_map, NAME)
+        if model_width(student_model) != model_width(teacher_model):
+            projection = HiddenProjection(len(pairs), model_width(student_model), model_width(teacher_model))
     return DistillObjective(
         teacher_model, alpha=config.alpha, temperature=config.temperature, divergence=config.divergence,
         top_k=config.top_k, hidden_weight=hidden_weight, layer_map=pairs, projection=projection,

@@ -22,6 +22,7 @@ import torch
 
 from kompakt.errors import ConfigError
 from kompakt.passes.base import PassContext, PassReport
+from kompakt.passes.train_common import layer_pairs, model_width
 from kompakt.train.encoder_objective import EncoderDistillObjective, num_heads
 from kompakt.model.encode import input_limit
 from kompakt.train.sentence_batches import SentenceBatches
@@ -53,19 +54,18 @@ def _check_teacher(teacher, student, name: str) -> None:
 
 def _objective(config: Any, teacher, student, name: str) -> EncoderDistillObjective:
     from kompakt.ops.kd_losses import HiddenProjection
-    from kompakt.passes.distill_kd import layer_pairs, _width
 
     pairs, projection = [], None
     if config.hidden_weight > 0:
-        pairs = layer_pairs(student.model, teacher.model, config.layer_map)
-        if _width(student.model) != _width(teacher.model):
-            projection = HiddenProjection(len(pairs), _width(student.model), _width(teacher.model))
+        pairs = layer_pairs(student.model, teacher.model, config.layer_map, name)
+        if model_width(student.model) != model_width(teacher.model):
+            projection = HiddenProjection(len(pairs), model_width(student.model), model_width(teacher.model))
     heads = config.relation_heads or num_heads(teacher.model)
     if config.relation_weight > 0:
         for who in (student, teacher):
-            if _width(who.model) % heads:
+            if model_width(who.model) % heads:
                 raise ConfigError(f"{name}: relation_heads {heads} does not divide {who.name}'s width "
-                                  f"{_width(who.model)}; choose relation_heads dividing both widths")  # fmt: skip
+                                  f"{model_width(who.model)}; choose relation_heads dividing both widths")  # fmt: skip
     if config.attention_weight > 0 and num_heads(student.model) != num_heads(teacher.model):
         raise ConfigError(f"{name}: attention_weight needs the same head count ({num_heads(student.model)} vs "
                           f"{num_heads(teacher.model)}); use relation_weight (MiniLM v2) instead")  # fmt: skip

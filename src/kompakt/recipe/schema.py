@@ -13,11 +13,13 @@ every step, quality gates, the list of steps and the exports::
       eval_tokens: 4096
       window: 512
       stride: 512
-    metrics: [ppl, kl, top1]     # also: speed (prefill / generation tokens per second)
+    metrics: [ppl, kl, top1]     # also: speed (prefill / generation tokens per second);
+                                 # sentence encoders: cosine (+ recall@10, Spearman) and speed
     gates:
       max_ppl_ratio: 1.5         # stop when ppl(step) / ppl(original) exceeds this
       max_kl: null
       min_top1: null
+      min_cosine: null           # encoders: stop when the mean cosine to the original falls below
     steps:
       - prune.depth: {fraction: 0.25}
     exports: []
