@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.1
 ASSUMED_TOKENS_PER_SENTENCE = 32  # only sizes the request for data; the budget uses the real mean
-MAX_GENERATED_SENTENCES = 2048
+MAX_GENERATED_SENTENCES = 4096
 ENCODER_FIELDS = {"cosine_weight": 1.0, "mse_weight": 0.0, "attention_weight": 0.0, "relation_weight": 0.0,
                   "relation_heads": None, "sentences": None}  # fmt: skip
 
