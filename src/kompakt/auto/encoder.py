@@ -71,14 +71,15 @@ def is_encoder_source(model: str | None) -> bool:
         return False
 
 
-def encoder_facts(loaded) -> EncoderFacts:
+def encoder_facts(loaded, measure_speed: bool = True) -> EncoderFacts:
+    """Parameter counts per layer and the rest; sentences/s only when a budget needs it (0 otherwise)."""
     from kompakt.model.arch import decoder_layers
     from kompakt.recipe.encoder_measure import sentences_per_s
 
     layer_params = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(loaded.model)]
     return EncoderFacts(name=loaded.name, fingerprint=loaded.fingerprint(), params=loaded.num_parameters(),
                         layers=len(layer_params), layer_params=layer_params,
-                        sentences_per_s=sentences_per_s(loaded, _TIMING))  # fmt: skip
+                        sentences_per_s=sentences_per_s(loaded, _TIMING) if measure_speed else 0.0)  # fmt: skip
 
 
 def _emit(on_event, kind: str, values: dict) -> None:
@@ -135,7 +136,7 @@ def compress_encoder(model: str | None, *, target: str | None = None, budget: st
     original = load(model)
     out_dir = (Path(out) if out is not None else default_out(model, goal)).expanduser().absolute()
     check_out(out_dir, original.fingerprint(), goal, force)
-    plan = make_encoder_plan(goal, encoder_facts(original), budget_s, data)
+    plan = make_encoder_plan(goal, encoder_facts(original, budget_s is not None), budget_s, data)
     with reporting_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     name = str(model or original.name)
