@@ -11,8 +11,8 @@ Protocol:
   `--minutes` CPU-minutes (CPU time of this process, all threads; 3 timed steps first).
 - Evaluation text (never seen by any pass): the first `--eval-sentences` sentences of WikiText-2
   test (../shared/data/wikitext2/wiki.test.raw) split by kompakt.data.sentences' rule.
-- Training text: WikiText-2 validation (wiki.valid.tokens) split the same way, sentences with
-  `<unk>` dropped. A different split than the evaluation text.
+- Training text: WikiText-2 validation (wiki.valid.tokens, " <unk>" removed as bench/heal.py
+  does) split the same way. A different split than the evaluation text.
 - Metrics (kompakt.evaluate.embedding_fidelity): mean / min cosine of student vs teacher
   embeddings of the same sentence; recall@10 of the teacher's 10 nearest neighbours (each
   evaluation sentence a query over all of them); Spearman of 20 000 pairwise similarities;
@@ -55,7 +55,8 @@ SPEED_SENTENCES = 512
 def wiki_sentences(name: str, limit: int | None = None) -> list[str]:
     from kompakt.data.sentences import split_sentences
 
-    sentences = [s for s in split_sentences([(DATA / name).read_text(encoding="utf-8")]) if "<unk>" not in s]
+    text = (DATA / name).read_text(encoding="utf-8").replace(" <unk>", "")  # as bench/heal.py: rare words dropped
+    sentences = split_sentences([text])
     return sentences[:limit] if limit else sentences
 
 
@@ -221,7 +222,7 @@ def main() -> None:
     result = {
         "bench": "encoders", "model": "all-minilm-l6-v2", "threads": args.threads, "machine": platform.processor() or platform.machine(),
         "evaluation": f"first {len(evaluation)} sentences of WikiText-2 test (wiki.test.raw), kompakt.data.sentences rule",
-        "training": f"{len(train)} WikiText-2 validation sentences (wiki.valid.tokens, <unk> sentences dropped)",
+        "training": f"{len(train)} WikiText-2 validation sentences (wiki.valid.tokens, ' <unk>' removed)",
         "student_init": how, "kd": {**KD, "steps": steps, "cpu_s_per_step": round(per_step, 2)},
         "budget_cpu_minutes": args.minutes, "student_cpu_minutes": round(cpu_minutes, 2),
         "total_cpu_minutes": round((time.process_time() - started_cpu) / 60, 2),
