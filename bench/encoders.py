@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext2"
 RESULTS = REPO / "bench" / "results"
 GOALS = {"cosine_mean": 0.95, "recall_at_10": 0.85, "speedup_b32": 1.8}
-KD = {"batch_size": 32, "lr": 5e-4, "warmup": 0.1, "cosine_weight": 1.0, "hidden_weight": 1.0, "checkpoint_every": 0}
+KD = {"batch_size": 32, "lr": 5e-4, "warmup": 0.1, "cosine_weight": 1.0, "checkpoint_every": 0}
 SPEED_SENTENCES = 512
 BLOCK_SENTENCES = 256
 

@@ -115,6 +115,16 @@ def _run_attempts(plan: EncoderPlan, out_dir: Path, model: str, seed: int, on_st
     return outcomes, best[1], best[2]
 
 
+def _compare(original, final: Path, metrics: dict, out_dir: Path) -> None:
+    """comparison.json: the report's side-by-side table in its encoder form (kompakt.report.compare)."""
+    from kompakt.model.load import load
+    from kompakt.report.compare import compare, machine
+
+    comparison = compare(original, load(final), final, None, metrics)
+    comparison["machine"] = machine()
+    write_text(out_dir / "comparison.json", json.dumps(comparison, indent=1, default=str) + "\n")
+
+
 def compress_encoder(model: str | None, *, target: str | None = None, budget: str | None = None,
                      data: str | None = None, out: str | Path | None = None, plan_only: bool = False, seed: int = 0,
                      force: bool = False, on_step: Callable[[dict], None] | None = None,
@@ -153,6 +163,7 @@ def compress_encoder(model: str | None, *, target: str | None = None, budget: st
         result.final = final
         write_text(out_dir / "recipe.yaml", plan.recipe(index, name, seed).to_yaml())
         atomic_symlink(out_dir / "final", str(Path(final).resolve().relative_to(out_dir)))
+        _compare(original, Path(final), outcomes[index]["metrics"], out_dir)
     result.wall_s = time.perf_counter() - started
     write_text(out_dir / "outcome.json", json.dumps({"outcomes": outcomes, "wall_s": result.wall_s, "attempt": index},
                                                     indent=1, default=str) + "\n")  # fmt: skip
