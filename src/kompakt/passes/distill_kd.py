@@ -1,4 +1,4 @@
-"""Knowledge distillation: the student learns the teacher's next-token distributions (healing).
+"""Knowledge distillation: the student learns the teacher's next-token distributions or sentence embeddings (healing).
 
 The current model (student) learns to match a teacher's next-token distributions, healing
 what pruning took away.
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from kompakt.errors import ConfigError
 from kompakt.model.quantized import is_quantized
 from kompakt.ops.kd_losses import HiddenProjection
-from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 from kompakt.passes.train_common import KDFields, TrainingConfig, layer_pairs, model_width, prepare, run
 from kompakt.train.objectives import DistillObjective
 
@@ -56,17 +56,17 @@ NAME = "distill.kd"
 
 @dataclass
 class DistillConfig(TrainingConfig, KDFields):
-    hidden_weight: float = field(default=0.0, metadata={"doc": "weight of the hidden-state MSE term (0 = off)"})
+    hidden_weight: float = field(default=0.0, metadata=doc("weight of the hidden-state MSE term (0 = off)"))
     layer_map: list[list[int]] | None = field(
-        default=None, metadata={"doc": "[[student layer, teacher layer], ...] 1-based; null = uniform"}
+        default=None, metadata=doc("[[student layer, teacher layer], ...] 1-based; null = uniform")
     )
 
-    cosine_weight: float = field(default=1.0, metadata={"doc": "encoders: weight of 1 - cos of student vs teacher sentence embeddings"})
-    mse_weight: float = field(default=0.0, metadata={"doc": "encoders: weight of the sentence-embedding MSE"})
-    attention_weight: float = field(default=0.0, metadata={"doc": "encoders: weight of the last-layer attention KL (MiniLM v1; same head count)"})
-    relation_weight: float = field(default=0.0, metadata={"doc": "encoders: weight of the last-layer q/k/v relation KL (MiniLM v2)"})
-    relation_heads: int | None = field(default=None, metadata={"doc": "encoders: relation heads of relation_weight (null = the teacher's heads)"})
-    sentences: int | None = field(default=None, metadata={"doc": "encoders: training sentences (budget; steps = sentences / (batch_size*grad_accum))"})
+    cosine_weight: float = field(default=1.0, metadata=doc("encoders: weight of 1 - cos of student vs teacher sentence embeddings"))
+    mse_weight: float = field(default=0.0, metadata=doc("encoders: weight of the sentence-embedding MSE"))
+    attention_weight: float = field(default=0.0, metadata=doc("encoders: weight of the last-layer attention KL (MiniLM v1; same head count)"))
+    relation_weight: float = field(default=0.0, metadata=doc("encoders: weight of the last-layer q/k/v relation KL (MiniLM v2)"))
+    relation_heads: int | None = field(default=None, metadata=doc("encoders: relation heads of relation_weight (null = the teacher's heads)"))
+    sentences: int | None = field(default=None, metadata=doc("encoders: training sentences (budget; steps = sentences / (batch_size*grad_accum))"))
 
     def validate(self) -> None:
         self.validate_training(NAME)
