@@ -58,3 +58,22 @@ def test_min_cosine_gate_stops_the_run(encoder_dir, sentences_file, tmp_path):
     recipe = _recipe(encoder_dir, sentences_file, steps, Gates(min_cosine=0.99999))
     with pytest.raises(GateError, match="min_cosine: cosine_mean"):
         run_recipe(recipe, tmp_path / "run")
+
+
+def test_without_data_steps_are_scored_on_the_shipped_held_out_sentences():
+    from kompakt.evaluate.sentences import DEFAULT_LABEL
+    from kompakt.model.tiny_encoder import tiny_encoder
+    from kompakt.recipe.rundata import EVAL_SENTENCES, RunData
+
+    sentences, where = RunData(DataSpec(), tiny_encoder("bert"), 0).eval_sentences()
+    assert where == DEFAULT_LABEL and 20 <= len(sentences) <= EVAL_SENTENCES
+
+
+def test_run_data_holds_the_evaluation_end_out_of_training(sentences_file):
+    from kompakt.model.tiny_encoder import tiny_encoder
+    from kompakt.recipe.rundata import RunData
+
+    data = RunData(DataSpec(calibration=str(sentences_file)), tiny_encoder("bert"), 0)
+    train, _ = data.sentences(None, 100)
+    held, _ = data.eval_sentences()
+    assert len(train) + len(held) == 384 and not set(train) & set(held)

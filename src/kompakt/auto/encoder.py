@@ -12,8 +12,8 @@ Run directory (the decoder layout where it applies)::
     out/outcome.json, report.md / report.html / report.json
 
 Each step is scored on held-out sentences (kompakt.recipe.encoder_measure): the last 10 % of
-`--data`'s sentences, or sentences split from text the embedded SmolLM2 writes when no data is
-given (training sentences come from another generation seed).
+`--data`'s sentences, or kompakt's shipped held-out set when no data is given (training
+sentences are then split from text the embedded SmolLM2 writes).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 `kompakt.recipe.rundata.Measurer`).
 
 On the run's held-out sentences (RunData.eval_sentences: data.evaluation, else the held-out
-end of the run's data, else held-out default sentences; at most EVAL_SENTENCES): the mean,
+end of the run's data, else the shipped held-out set `kompakt eval` uses; at most
+EVAL_SENTENCES): the mean,
 minimum and 5th-percentile cosine between the step's and the original's embeddings of the same
 sentence, the recall@10 of the original's nearest neighbours, and the Spearman correlation of
 pairwise similarities (kompakt.evaluate.embedding_fidelity). The original's embeddings are
