@@ -108,6 +108,15 @@ def test_cli_json_and_tables(encoder_dir, cli):
     assert "skip cos" in out and "Where to cut" in out and "embedding model" in out
 
 
+def test_cli_without_data_uses_the_shipped_sentences(encoder_dir, cli):
+    args = ["analyze", str(encoder_dir / "enc"), "--calib-sentences", "8", "--eval-sentences", "8",
+            "--out", str(encoder_dir / "out3"), "--json"]  # fmt: skip
+    code, out, err = cli(args)
+    assert code == 0, err
+    settings = json.loads(out)["settings"]
+    assert "shipped" in settings["data"] and settings["heldout"]["sentences"] == 8
+
+
 def test_cli_too_few_sentences_exits_2(encoder_dir, cli):
     code, out, err = cli(["analyze", str(encoder_dir / "enc"), "--data", str(encoder_dir / "one.txt")])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "sentences" in err

@@ -167,23 +167,18 @@ def analyze_command(
 
 
 def _analyze_encoder(loaded, data, out: Path, eval_sentences: int, options: dict, as_json: bool) -> None:
-    """Encoders are analysed on sentences (kompakt.data.sentences: --data split by its rule, or
-    the default SmolLM2-written text); a file with fewer sentences than asked shrinks both sets."""
+    """Encoders are analysed on sentences (kompakt.evaluate.sentences: --data split by the one
+    sentence rule, or the shipped held-out set, which needs no generation); a file with fewer
+    sentences than asked shrinks the held-out set to half of them."""
     from kompakt.analyze.encoder import analyze_encoder
-    from kompakt.data.sentences import default_sentences, read_sentences
+    from kompakt.evaluate.sentences import load_sentences
 
-    wanted = options["calib_sentences"] + eval_sentences
-    if data is None:
-        source = "default sentences (text written by SmolLM2-135M, generated once and cached)"
-        Console(stderr=True).print(f"data: {source}; pass --data for your own", highlight=False)
-        sentences = default_sentences(wanted)
-    else:
-        sentences, source = read_sentences(data, loaded.tokenizer)[:wanted], str(data)
+    found = load_sentences(data, max_sentences=options["calib_sentences"] + eval_sentences)
     analysis = analyze_encoder(
-        loaded, sentences, out=out, eval_sentences=max(1, min(eval_sentences, len(sentences) // 2)),
-        source=f"{source}: {len(sentences)} sentences", **options,
+        loaded, found.sentences, out=out, eval_sentences=max(1, min(eval_sentences, len(found.sentences) // 2)),
+        source=found.describe(), **options,
     )  # fmt: skip
-    _show(analysis.to_dict(), as_json, source)
+    _show(analysis.to_dict(), as_json, found.describe())
 
 
 def _show(result: dict, as_json: bool, data_name: str) -> None:
