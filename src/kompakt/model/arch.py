@@ -43,13 +43,18 @@ class ArchSpec:
         fp16_overflows: activations exceed fp16's range (Gemma: NaN logits in float16), so
             16-bit copies of its weights are stored in bfloat16, which plain transformers then
             computes in.
+        encoder: a bidirectional sentence encoder (BERT family) loaded as the transformers base
+            model (AutoModel), without an LM head: paths are relative to that base model,
+            `final_norm` / `lm_head` are None (BERT has neither). BERT-style encoders are post-LN:
+            their "attn.pre" / "mlp.pre" roles name the LayerNorms *after* each residual add, so
+            passes that fold scales into a pre-norm (AWQ) must not run on them.
     """
 
     family: str
     layers: str = "model.layers"
     embed: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    lm_head: str = "lm_head"
+    final_norm: str | None = "model.norm"
+    lm_head: str | None = "lm_head"
     attn: str = "self_attn"
     q: str | None = "self_attn.q_proj"
     k: str | None = "self_attn.k_proj"
@@ -72,6 +77,7 @@ class ArchSpec:
     layer_config_lists: tuple[str, ...] = ()
     hidden_outputs: tuple[str, ...] = ()
     fp16_overflows: bool = False
+    encoder: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -140,7 +146,39 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
 }  # fmt: skip
 
+# Sentence encoders (kompakt.model.sentence): the base models AutoModel loads, without heads.
+# BERT, RoBERTa and XLM-R share one layout; the LayerNorms sit after each residual add (post-LN).
+_BERT = ArchSpec(
+    family="bert", layers="encoder.layer", embed="embeddings.word_embeddings", final_norm=None, lm_head=None,
+    attn="attention", q="attention.self.query", k="attention.self.key", v="attention.self.value",
+    o="attention.output.dense", mlp="intermediate", gate=None, up="intermediate.dense", down="output.dense",
+    attn_norm="attention.output.LayerNorm", mlp_norm="output.LayerNorm", encoder=True,
+)
+ENCODER_ARCHITECTURES: dict[str, ArchSpec] = {
+    "bert": _BERT,
+    "roberta": replace(_BERT, family="roberta"),
+    "xlm-roberta": replace(_BERT, family="xlm-roberta"),
+    "distilbert": replace(
+        _BERT, family="distilbert", layers="transformer.layer", q="attention.q_lin", k="attention.k_lin",
+        v="attention.v_lin", o="attention.out_lin", mlp="ffn", up="ffn.lin1", down="ffn.lin2",
+        attn_norm="sa_layer_norm", mlp_norm="output_layer_norm",
+    ),
+    # ModernBERT is pre-LN with a GLU MLP: Wi's rows are [activated | linear] = [gate | up].
+    "modernbert": replace(
+        _BERT, family="modernbert", layers="layers", embed="embeddings.tok_embeddings", final_norm="final_norm",
+        attn="attn", q=None, k=None, v=None, qkv="attn.Wqkv", o="attn.Wo", mlp="mlp", up=None,
+        gate_up="mlp.Wi", down="mlp.Wo", attn_norm="attn_norm", mlp_norm="mlp_norm",
+    ),
+}  # fmt: skip
+DECODER_FAMILIES = tuple(ARCHITECTURES)
+ENCODER_FAMILIES = tuple(ENCODER_ARCHITECTURES)
+ARCHITECTURES.update(ENCODER_ARCHITECTURES)
 SUPPORTED_FAMILIES = tuple(ARCHITECTURES)
+
+
+def is_encoder_family(model_or_config: Any) -> bool:
+    """Whether a model, LoadedModel, config or config.json dict is a sentence-encoder family."""
+    return _get(_config_of(model_or_config), "model_type") in ENCODER_ARCHITECTURES
 
 
 def _config_of(model_or_config: Any) -> Any:
@@ -161,7 +199,7 @@ def unsupported_message(model_type: str | None, config: Any = None) -> str:
     """One line naming the unsupported type and the families kompakt supports."""
     kind = ""
     if config is not None and _get(config, "is_encoder_decoder", False):
-        kind = " (encoder-decoder; kompakt shrinks decoder-only causal LMs)"
+        kind = " (encoder-decoder; kompakt shrinks decoder-only causal LMs and sentence encoders)"
     return (
         f"model type {model_type!r} is not supported{kind}; "
         f"use a model of one of these families: {', '.join(SUPPORTED_FAMILIES)}"
@@ -194,7 +232,7 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:
-    """The decoder layers of a model (or LoadedModel), in order."""
+    """The decoder layers of a model (or LoadedModel), in order; an encoder's layers for an encoder."""
     model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
     return get_submodule(model, arch_for(model).layers)  # type: ignore[return-value]
 
@@ -262,6 +300,8 @@ def embeddings_tied(model: Any) -> bool:
     """Whether lm_head shares its weight with the input embeddings (counted once in size)."""
     model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
     spec = arch_for(model)
+    if spec.lm_head is None:  # an encoder: no output head
+        return False
     head = get_submodule(model, spec.lm_head)
     embed = get_submodule(model, spec.embed)
     return head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr()

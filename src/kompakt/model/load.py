@@ -22,8 +22,11 @@ import torch
 
 from kompakt.errors import KompaktError, ModelFormatError, ModelNotFoundError
 from kompakt.model.compression import check_stored_state, stores_shared
+from kompakt.model.arch import is_encoder_family
 from kompakt.model.dtype import compute_dtype_for, default_device, parse_dtype
-from kompakt.model.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, is_embedded, verify_embedded
+from kompakt.model.embedded import (
+    DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, embedded_hf_dir, is_embedded, verify_embedded,
+)
 from kompakt.model.gguf_blocks import load_blocks
 from kompakt.model.gguf_convert import convert_gguf, converted_dir_for, is_converted
 from kompakt.model.hf_dir import check_model_dir
@@ -32,6 +35,7 @@ from kompakt.model.lowrank_load import factorized_class, restore_family
 from kompakt.model.lora_adapter import load_attached
 from kompakt.model.progress import quiet_third_party
 from kompakt.model.quantized import densify_compressed, is_compressed_config
+from kompakt.model.sentence import read_pooling
 from kompakt.model.sharing import load_shared_model
 
 log = logging.getLogger(__name__)
@@ -124,6 +128,9 @@ def _resolve(source: str | Path | None) -> tuple[Path, str]:
     source = DEFAULT_MODEL if source is None else source
     kind, value = _source_kind(source)
     if kind == "embedded":
+        hf_dir = embedded_hf_dir(str(value))
+        if hf_dir is not None:
+            return hf_dir, str(value)
         gguf_path = embedded_gguf(str(value))
         if not is_converted(converted_dir_for(gguf_path)):
             verify_embedded(str(value), gguf_path)
@@ -141,7 +148,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode, in the compute dtype of the hardware.
+    """Load a causal LM or a sentence encoder (BERT family) and its tokenizer, in eval mode, in the compute dtype of the hardware.
 
     Args:
         source: see the module docstring; None is the embedded default model.
@@ -159,6 +166,7 @@ def load(
     device = torch.device(device or default_device())
     compute = parse_dtype(dtype) or compute_dtype_for(stored, device)
     family = factorized_class(config, str(directory))  # None unless Linears are stored factorized
+    encoder = is_encoder_family(config)
     if stores_shared(config):
         if is_compressed_config(config):
             raise ModelFormatError(f"{directory} stores shared layers as packed integers, which this version cannot "
@@ -167,27 +175,33 @@ def load(
     elif is_compressed_config(config):
         # Packed integer weights: decompressed exactly in fp32 into a plain dense model (see
         # kompakt.model.quantized.densify_compressed), then cast to the compute dtype.
-        model = _load_weights(directory, torch.float32, torch.device("cpu"), family)
+        model = _load_weights(directory, torch.float32, torch.device("cpu"), family, encoder)
         densify_compressed(model, config["quantization_config"])
         model = model.to(device=device, dtype=compute)
     else:
-        model = _load_weights(directory, compute, device, family)
+        model = _load_weights(directory, compute, device, family, encoder)
     load_attached(model, directory)  # a LoRA adapter that runs beside the weights (lowrank.compensate)
     tokenizer = _load_tokenizer(directory)
     blocks = load_blocks(directory)  # exact GGUF bytes a quant step saved beside the weights
     log.info("loaded %s (%s stored, %s on %s) in %.1f s", name, stored, compute, device, time.perf_counter() - start)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=directory, storage_dtype=stored,
-                       gguf_blocks=blocks)  # fmt: skip
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, path=directory, storage_dtype=stored,
+                         gguf_blocks=blocks)  # fmt: skip
+    if encoder:  # a sentence encoder: how its token states become one embedding
+        loaded.pooling = read_pooling(directory, loaded.context_length)
+    return loaded
 
 
-def _load_weights(directory: Path, dtype: torch.dtype, device: torch.device, family: type | None = None):
-    """transformers' from_pretrained; `family`: a class that rebuilds factorized Linears first."""
+def _load_weights(
+    directory: Path, dtype: torch.dtype, device: torch.device, family: type | None = None, encoder: bool = False
+):
+    """transformers' from_pretrained; `family`: a class that rebuilds factorized Linears first;
+    `encoder`: a sentence encoder, loaded as the base model (AutoModel) without a head."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     try:
         with quiet_third_party():
-            model, info = (family or AutoModelForCausalLM).from_pretrained(
+            model, info = (family or (AutoModel if encoder else AutoModelForCausalLM)).from_pretrained(
                 directory, dtype=dtype, trust_remote_code=False, use_safetensors=True, output_loading_info=True
             )
     except KompaktError:
@@ -197,7 +211,9 @@ def _load_weights(directory: Path, dtype: torch.dtype, device: torch.device, fam
             f"transformers cannot load {directory} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
             "copy or download the model again"
         ) from None
-    missing = sorted(info.get("missing_keys") or [])
+    # BERT's pooler (dense + tanh on [CLS]) feeds classification heads, never sentence embeddings;
+    # checkpoints saved without it are complete.
+    missing = sorted(key for key in info.get("missing_keys") or [] if not (encoder and key.startswith("pooler.")))
     if missing:
         raise ModelFormatError(
             f"{directory} lacks {len(missing)} weights (e.g. {missing[0]}) that would be random; "

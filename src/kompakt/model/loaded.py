@@ -10,11 +10,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kompakt.model.gguf_blocks import GgufBlocks
+from kompakt.model.sentence import Pooling
 
 
 @dataclass
 class LoadedModel:
-    """A causal LM ready to run (eval mode, compute dtype chosen for the hardware).
+    """A causal LM or a sentence encoder, ready to run (eval mode, compute dtype chosen for the hardware).
 
     Attributes:
         model: the transformers model.
@@ -33,7 +34,13 @@ class LoadedModel:
     path: Path | None = None
     storage_dtype: torch.dtype = torch.float32
     gguf_blocks: dict[str, GgufBlocks] = field(default_factory=dict)
+    pooling: Pooling | None = None
     _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def is_encoder(self) -> bool:
+        """A sentence encoder (embeddings out), not a causal LM (next-token logits out)."""
+        return self.pooling is not None
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -23,6 +23,7 @@ from kompakt.errors import OutputPathError
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.lora_adapter import save_attached
 from kompakt.model.lowrank import record_lowrank
+from kompakt.model.sentence import write_sentence_files
 from kompakt.model.sharing import is_shared, stored_state_dict
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ def _write(loaded: LoadedModel, directory: Path) -> None:
     save_attached(model, directory)  # a LoRA adapter running beside the weights (lowrank.compensate)
     _set_config_dtype(directory / "config.json", loaded.storage_dtype)
     loaded.tokenizer.save_pretrained(directory)
+    if loaded.pooling is not None:  # a sentence encoder: SentenceTransformer(directory) loads it too
+        write_sentence_files(directory, loaded.pooling, _hidden_size(model.config))
 
 
 def save_pretrained_on_every_rank(model: torch.nn.Module, directory: Path, state_dict: dict | None,
@@ -127,3 +130,7 @@ def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
                 if key in section or (key == "dtype" and section is config):
                     section[key] = name
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _hidden_size(config) -> int:
+    return int(getattr(config, "hidden_size", None) or getattr(config, "dim"))  # DistilBERT calls it dim

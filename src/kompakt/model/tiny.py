@@ -109,3 +109,7 @@ def save_tiny(family: str, directory, seed: int = 0) -> LoadedModel:
         loaded.model.save_pretrained(directory)
     loaded.tokenizer.save_pretrained(directory)
     return loaded
+
+
+# Tiny sentence encoders live in their own file; re-exported so tests find every tiny model here.
+from kompakt.model.tiny_encoder import TINY_ENCODERS, save_tiny_encoder, tiny_encoder  # noqa: E402,F401
