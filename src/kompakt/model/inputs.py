@@ -48,7 +48,14 @@ class SentenceBatch:
         return SentenceBatch(self.input_ids[index], self.attention_mask[index])
 
     def split(self, size: int) -> tuple[SentenceBatch, ...]:
-        return tuple(self[start : start + size] for start in range(0, len(self), size))
+        """Batches of `size` rows, each cut to its longest sentence (no all-padding columns):
+        sentences sorted by length then cost what their own tokens cost."""
+        return tuple(self[start : start + size].trimmed() for start in range(0, len(self), size))
+
+    def trimmed(self) -> SentenceBatch:
+        """Without the trailing columns that are padding in every row (right padding)."""
+        length = int(self.attention_mask.sum(1).max()) if len(self) else 0
+        return SentenceBatch(self.input_ids[:, :length], self.attention_mask[:, :length])
 
     def to(self, device: torch.device | str) -> SentenceBatch:
         return SentenceBatch(self.input_ids.to(device), self.attention_mask.to(device))

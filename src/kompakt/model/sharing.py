@@ -175,15 +175,17 @@ def load_shared_model(directory: Path, dtype: torch.dtype) -> nn.Module:
     The directory was saved in the model's own tensor names (kompakt.model.save), which are the
     names of `model.state_dict()` here.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
 
+    from kompakt.model.arch import is_encoder_family
     from kompakt.model.hf_dir import safetensors_files
     from kompakt.model.progress import quiet_third_party
 
     where = str(directory)
     with quiet_third_party():
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        auto = AutoModel if is_encoder_family(config) else AutoModelForCausalLM  # an encoder loads headless
+        model = auto.from_config(config, dtype=dtype)
     rebuild_ties(model, get_state(model).shared, where)
     tensors = _read_tensors(safetensors_files(directory))
     _check_complete(model, tensors, where)
