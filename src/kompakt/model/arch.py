@@ -48,6 +48,10 @@ class ArchSpec:
             `final_norm` / `lm_head` are None (BERT has neither). BERT-style encoders are post-LN:
             their "attn.pre" / "mlp.pre" roles name the LayerNorms *after* each residual add, so
             passes that fold scales into a pre-norm (AWQ) must not run on them.
+        stores_packed: a quantized step can be stored packed (compressed-tensors). False for
+            ModernBERT: transformers 5's ModernBERT weight init reads `.weight` of every Wqkv / Wi /
+            Wo, which compressed-tensors' packed Linears lack, so such a directory cannot load; its
+            quantized steps are stored dense (the exact dequantized values, fp32).
     """
 
     family: str
@@ -78,6 +82,7 @@ class ArchSpec:
     hidden_outputs: tuple[str, ...] = ()
     fp16_overflows: bool = False
     encoder: bool = False
+    stores_packed: bool = True
 
     @property
     def fused_qkv(self) -> bool:
@@ -167,7 +172,7 @@ ENCODER_ARCHITECTURES: dict[str, ArchSpec] = {
     "modernbert": replace(
         _BERT, family="modernbert", layers="layers", embed="embeddings.tok_embeddings", final_norm="final_norm",
         attn="attn", q=None, k=None, v=None, qkv="attn.Wqkv", o="attn.Wo", mlp="mlp", up=None,
-        gate_up="mlp.Wi", down="mlp.Wo", attn_norm="attn_norm", mlp_norm="mlp_norm",
+        gate_up="mlp.Wi", down="mlp.Wo", attn_norm="attn_norm", mlp_norm="mlp_norm", stores_packed=False,
     ),
 }  # fmt: skip
 DECODER_FAMILIES = tuple(ARCHITECTURES)
