@@ -107,7 +107,7 @@ def _make_identity(loaded: LoadedModel, index: int) -> None:
 def test_cosine_removes_the_layer_that_does_nothing(family):
     loaded = tiny_encoder(family)
     _make_identity(loaded, 2)
-    report = _run("prune.depth", loaded, _batch(loaded), count=1)  # cosine: the default on encoders
+    report = _run("prune.depth", loaded, _batch(loaded), count=1, method="cosine")
     scores = report.details["rounds"][0]["scores"]
     assert report.details["removed_layers"] == [2], scores
     assert scores[2] < 1e-6 and scores[2] < min(scores[:2] + scores[3:]) / 10, scores

@@ -17,13 +17,13 @@ Methods (importance from calibration data):
 - ``cosine`` — sentence encoders' measured score (kompakt.scoring.encoder_skip): skip each
   layer in turn and measure 1 − mean cosine between the sentence embeddings with and without it
   (the model's own pooling, padding left out); the layers whose absence moves the embeddings
-  least go. The default on encoders (``kl`` needs next-token distributions, which an encoder
-  has none of); block_influence, angular and last work on encoders too.
+  least go. Encoders only, as ``kl`` is decoders only (an encoder has no next-token
+  distribution); block_influence, angular and last work on both, padding left out.
 
 ``select: every_other`` is DistilBERT's initialisation (Sanh et al. 2019, "DistilBERT, a
 distilled version of BERT": the student takes one layer out of two from the teacher): keep
 layers 0, 2, 4, … and remove the others (half of the layers, rounded down); no scores, no data.
-Give no method with it; count / fraction, if given, must equal that half.
+Give no other method with it; count / fraction, if given, must equal that half.
 
 Every score comes from kompakt.scoring, the functions `kompakt analyze` reports, so the layers
 the analysis ranks least important are the layers this pass removes (ties: the deeper layer).
@@ -77,10 +77,9 @@ class DepthConfig:
     fraction: float | None = field(
         default=None, metadata={"doc": "fraction of the layers to remove, in (0, 1), rounded to nearest"}
     )
-    method: str | None = field(
-        default=None,
-        metadata={"doc": f"how layers are scored: {', '.join(METHODS)} "
-                         "(default block_influence; cosine on sentence encoders)"},
+    method: str = field(
+        default="block_influence",
+        metadata={"doc": f"how layers are scored: {', '.join(METHODS)} (cosine: sentence encoders only)"},
     )
     select: str = field(
         default="importance",
@@ -98,7 +97,7 @@ class DepthConfig:
         if self.select not in SELECTS:
             raise ConfigError(f"prune.depth: unknown select {self.select!r}; valid: {', '.join(SELECTS)}")
         if self.select == "every_other":
-            if self.method is not None or self.iterative:
+            if self.method != "block_influence" or self.iterative:
                 raise ConfigError("prune.depth: select: every_other chooses the layers itself; drop method / iterative")
             if self.count is not None and self.fraction is not None:
                 raise ConfigError("prune.depth: give at most one of count or fraction")
@@ -108,9 +107,9 @@ class DepthConfig:
             raise ConfigError(f"prune.depth: count must be at least 1, got {self.count}")
         if self.fraction is not None and not 0.0 < self.fraction < 1.0:
             raise ConfigError(f"prune.depth: fraction must be in (0, 1), got {self.fraction}")
-        if self.method is not None and self.method not in METHODS:
+        if self.method not in METHODS:
             raise ConfigError(f"prune.depth: unknown method {self.method!r}; valid methods: {', '.join(METHODS)}")
-        if self.iterative and self.method not in (None, "block_influence", "kl", "cosine"):
+        if self.iterative and self.method not in ("block_influence", "kl", "cosine"):
             raise ConfigError(
                 f"prune.depth: iterative applies to block_influence, kl and cosine, not {self.method} "
                 "(angular picks one contiguous block; last needs no scores)"
@@ -153,9 +152,8 @@ def _batches(blocks: Batch, config: DepthConfig, device: torch.device) -> Iterat
 
 
 def method_for(loaded: LoadedModel, config: DepthConfig) -> str:
-    """The scoring method: the configured one, else block_influence (decoders) or cosine
-    (encoders); ConfigError when it needs what this kind of model does not produce."""
-    method = config.method or ("cosine" if loaded.is_encoder else "block_influence")
+    """The scoring method; ConfigError when it needs what this kind of model does not produce."""
+    method = config.method
     if method == "kl" and loaded.is_encoder:
         raise ConfigError("prune.depth: method kl compares next-token distributions, which an encoder does not "
                           "produce; use method: cosine (the sentence-embedding skip score)")  # fmt: skip
