@@ -113,6 +113,15 @@ def test_cosine_removes_the_layer_that_does_nothing(family):
     assert scores[2] < 1e-6 and scores[2] < min(scores[:2] + scores[3:]) / 10, scores
 
 
+def test_iterative_cosine_rescores_the_smaller_model():
+    loaded = tiny_encoder("roberta")
+    for index in (0, 3):
+        _make_identity(loaded, index)
+    report = _run("prune.depth", loaded, _batch(loaded), count=2, method="cosine", iterative=True)
+    assert report.details["removed_layers"] == [0, 3]
+    assert [len(r["scores"]) for r in report.details["rounds"]] == [4, 3]
+
+
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_every_other_keeps_even_layers_and_reloads(family, tmp_path):
     original = tiny_encoder(family)
@@ -201,4 +210,17 @@ def test_runner_refuses_a_decoder_only_step_before_writing(tmp_path):
 
     with pytest.raises(ConfigError, match=r"^quant.awq does not run on sentence encoders .*post-LN.*quant.gptq"):
         run_recipe(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_decoder_only_pass_in_one_line(tmp_path, capsys):
+    from kompakt.cli.app import main
+    from kompakt.model.tiny import save_tiny_encoder
+
+    save_tiny_encoder("distilbert", tmp_path / "enc")
+    with pytest.raises(SystemExit) as done:
+        main(["compress", str(tmp_path / "enc"), "--step", "prune.vocab", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "prune.vocab does not run on sentence encoders" in err and "no LM head" in err
     assert not (tmp_path / "run").exists()

@@ -49,6 +49,7 @@ import torch
 
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, get_submodule, text_config
+from kompakt.model.inputs import Batch
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.surgery import (
     check_config,
@@ -231,9 +232,9 @@ def _hidden_widths(loaded: LoadedModel, round_to: int, heads: tuple[int, int] | 
 # --------------------------------------------------------------------------- importance
 
 
-def activation_scores(loaded: LoadedModel, blocks: torch.Tensor, batch_size: int) -> ChannelImportance:
-    """Minitron importances from one pass over `blocks` [n, L] (kompakt.scoring.channels)."""
-    batches = [blocks[start : start + batch_size].to(loaded.device) for start in range(0, len(blocks), batch_size)]
+def activation_scores(loaded: LoadedModel, blocks: Batch, batch_size: int) -> ChannelImportance:
+    """Minitron importances from one pass over `blocks` [n, L] or padded sentences (kompakt.scoring.channels)."""
+    batches = [batch.to(loaded.device) for batch in blocks.split(batch_size)]  # sentences: cut to their length
     return channel_importance(loaded.model, decoder_layers(loaded.model), batches)
 
 
