@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kompakt.errors import ConfigError, OutputPathError
 from kompakt.export.check import ExportCheck, check_error, record_check, reject, run_check, verify_path
@@ -14,11 +15,15 @@ from kompakt.export.gguf_types import parse_overrides
 from kompakt.export.hf import HF_TYPES, export_hf
 from kompakt.export.manifest import DIRECTORY_MANIFEST, manifest_path, write_manifest
 from kompakt.export.merge import dense_for_export
+from kompakt.export.onnx import ONNX_TYPES, require_onnx
 from kompakt.export.staging import Stage
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.lora_adapter import attached, without_adapter
 
-FORMATS = ("gguf", "gguf-lora", "hf", "ollama")
+if TYPE_CHECKING:
+    from kompakt.export.onnx_check import OnnxCheck
+
+FORMATS = ("gguf", "gguf-lora", "hf", "ollama", "onnx")
 
 
 @dataclass
@@ -30,20 +35,23 @@ class ExportResult:
     size_bytes: int
     notes: list[str] = field(default_factory=list)
     types_summary: str = ""  # gguf: every weight tensor's type in one line
-    check: ExportCheck | None = None  # the file reloaded in its runtime (None with verify=False)
+    check: ExportCheck | OnnxCheck | None = None  # the file reloaded in its runtime (None with verify=False)
 
 
 def default_out(name: str, format: str, type: str) -> Path:
-    stem = f"{Path(str(name)).name}-{'lora-' if format == 'gguf-lora' else ''}{type}"
+    prefix = {"gguf-lora": "lora-", "onnx": "onnx-"}.get(format, "")
+    stem = f"{Path(str(name)).name}-{prefix}{type}"
     return Path.cwd() / (f"{stem}.gguf" if format in ("gguf", "gguf-lora") else stem)
 
 
 def _check_early(format: str, type: str | None, out: str | Path | None, force: bool,
                  tensor_types: list[str] | None, base: str | Path | None = None) -> None:  # fmt: skip
     """What can be refused before loading the model (which can take a while)."""
-    types = {"hf": tuple(HF_TYPES), "gguf-lora": LORA_TYPES}.get(format, TYPES)
+    types = {"hf": tuple(HF_TYPES), "gguf-lora": LORA_TYPES, "onnx": ONNX_TYPES}.get(format, TYPES)
     if type is not None and type not in types:
         raise ConfigError(f"--format {format} takes --type {', '.join(types)}; got {type!r}")
+    if format == "onnx":
+        require_onnx()
     if tensor_types and format != "gguf":
         raise ConfigError(f"--tensor-type sets GGUF tensor types; use it with --format gguf, not {format}")
     parse_overrides(tensor_types)
@@ -76,7 +84,10 @@ def export(
     (kompakt.export.gguf_types); out default `<name>-<type>.gguf` in the current directory. format
     "gguf-lora": the model's LoRA adapter (lowrank.compensate) for llama.cpp's --lora, type f16
     (default) or f32, checked against the base GGUF `base` when given (kompakt.export.gguf_lora);
-    out default `<name>-lora-<type>.gguf`. format "hf": type f32 | f16 | bf16 (default
+    out default `<name>-lora-<type>.gguf`. format "onnx": a sentence encoder as a directory with
+    model.onnx (pooling inside the graph), tokenizer and configs, type f32 (default) or int8
+    (onnxruntime's dynamic quantization), checked in onnxruntime (kompakt.export.onnx); out
+    default `<name>-onnx-<type>/`. format "hf": type f32 | f16 | bf16 (default
     the stored dtype), out default `<name>-<type>/`. format "ollama": a directory with
     model.gguf (a given .gguf is copied; a model is exported with type, default q4_0) and a
     Modelfile (template and stop tokens from the chat template).
@@ -92,13 +103,15 @@ def export(
     format = format.lower()
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    default_type = {"gguf": "f16", "gguf-lora": "f16", "ollama": "q4_0"}.get(format, "")
+    default_type = {"gguf": "f16", "gguf-lora": "f16", "ollama": "q4_0", "onnx": "f32"}.get(format, "")
     type = (type or default_type).lower() or None
     _check_early(format, type, out, force, tensor_types, base)
     if format == "ollama":
         return _export_ollama(model, type, out, force, verify, merge)
     if format == "gguf-lora":
         return _export_gguf_lora(_load(model), type or "f16", out, force, base)
+    if format == "onnx":
+        return _export_onnx(_load(model), type or "f32", out, force, verify, merge)
     loaded, merge_notes = dense_for_export(_load(model), format, merge)
     target = Path(out) if out is not None else default_out(loaded.name, format, type or "hf")
     target = _check_destination(format, target, force)
@@ -139,6 +152,42 @@ def _export_gguf_lora(loaded: LoadedModel, type: str, out: str | Path | None, fo
                         types_summary=f"{written.tensors} adapted tensors, alpha {written.alpha:g}")  # fmt: skip
 
 
+def _export_onnx(loaded: LoadedModel, type: str, out: str | Path | None, force: bool, verify: bool,
+                 merge: bool) -> ExportResult:  # fmt: skip
+    """The ONNX directory, written and checked in onnxruntime beside its destination, then put in
+    place with its kompakt-verify.json and SHA256SUMS. Factorized or shared layers export as they
+    run (ONNX has no layer types to lose), dense with --merge."""
+    import json
+
+    from kompakt.atomic import write_text
+    from kompakt.export.check import VERIFY_FILE
+    from kompakt.export.onnx import MODEL_FILE, OUTPUTS, as_fp32_cpu, refuse_decoder, write_onnx
+    from kompakt.export.onnx_check import check_onnx
+    from kompakt.model.progress import spinner
+
+    refuse_decoder(loaded)
+    loaded, notes = dense_for_export(loaded, "onnx", True) if merge else (loaded, [])
+    loaded = as_fp32_cpu(loaded)
+    target = Path(out) if out is not None else default_out(loaded.name, "onnx", type)
+    target = _check_destination("onnx", target, force)
+    with Stage(target.parent, target.name) as stage:
+        staged = stage.path(target.name)
+        written = write_onnx(loaded, staged, type=type)
+        run = (f"run: onnxruntime.InferenceSession('{target / MODEL_FILE}') with inputs {', '.join(written.inputs)} "
+               f"from its tokenizer; output {OUTPUTS[0]} is the finished embedding")  # fmt: skip
+        result = ExportResult(target, target / DIRECTORY_MANIFEST, "onnx", type, written.size_bytes,
+                              [*notes, *written.notes, run])  # fmt: skip
+        if verify:
+            with spinner("checking the export in onnxruntime"):
+                result.check = check_onnx(loaded, staged, type=type)
+            if result.check.failed:
+                raise check_error(result.check, reject([staged], into=stage.destination)[0])
+            write_text(staged / VERIFY_FILE, json.dumps(result.check.to_dict(), indent=1) + "\n")
+        write_manifest(staged)
+        stage.publish([target.name])
+    return result
+
+
 def _check_destination(format: str, target: Path, force: bool) -> Path:
     """The absolute path a gguf or hf export goes to, checked before anything is written."""
     from kompakt.export.gguf import check_output
@@ -149,7 +198,8 @@ def _check_destination(format: str, target: Path, force: bool) -> Path:
     if target.exists() and not force:
         raise OutputPathError(f"{target} exists; pass --force (force=True) to replace it or choose another name")
     if target.exists() and not target.is_dir():
-        raise OutputPathError(f"{target} is a file; choose a directory path for the Hugging Face export")
+        kind = "ONNX" if format == "onnx" else "Hugging Face"
+        raise OutputPathError(f"{target} is a file; choose a directory path for the {kind} export")
     return target
 
 

@@ -25,11 +25,12 @@ def model_card(report: dict, base_model: LoadedModel | str | Path | None) -> str
     name and sha256 (never a local path); the recipe says what each `null` meant, as the report's."""
     plan = report["plan"]
     base_model = public_model_name(base_model)
+    encoder = (report.get("comparison") or {}).get("kind") == "encoder"  # loads with SentenceTransformer(dir)
     front = {
         "base_model": base_model,
         "base_model_relation": _relation(report),
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
+        "library_name": "sentence-transformers" if encoder else "transformers",
+        "pipeline_tag": "sentence-similarity" if encoder else "text-generation",
         "tags": ["kompakt", "compressed", "small-language-model"] + sorted(
             {name.split(".")[0] for step in final_attempt(report)["steps"] for name in step}),
     }  # fmt: skip

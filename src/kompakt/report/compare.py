@@ -20,41 +20,16 @@ from typing import Any
 import torch
 
 from kompakt.model.loaded import LoadedModel
+from kompakt.report.footprint import energy_per_1k, hardware_needed, power_watts
 
 logger = logging.getLogger(__name__)
 
-WATTS_PER_CORE = 10.0
-GPU_WATTS = 300.0
-RAM_TIERS_GB = (0.5, 1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80, 128, 192, 256)
 PROMPTS = (
     "Explain in two sentences why the sky is blue.",
     "Write a short poem about a lighthouse.",
     "Give three tips for learning a new language.",
 )
 SAMPLE_TOKENS = 48
-
-
-def hardware_needed(peak_bytes: float | None) -> str:
-    """The smallest common RAM size that holds the peak with 25 % headroom for the OS and the app."""
-    if not peak_bytes:
-        return ""
-    need = peak_bytes * 1.25 / 1e9
-    tier = next((t for t in RAM_TIERS_GB if t >= need), RAM_TIERS_GB[-1])
-    return f"{tier:g} GB RAM"
-
-
-def power_watts(threads: int) -> tuple[float, str]:
-    override = os.environ.get("KOMPAKT_WATTS")
-    if override:
-        return float(override), f"{float(override):g} W (KOMPAKT_WATTS)"
-    if torch.cuda.is_available():
-        return GPU_WATTS, f"{GPU_WATTS:g} W assumed for a GPU"
-    return WATTS_PER_CORE * threads, f"{WATTS_PER_CORE:g} W per busy core assumed x {threads} threads"
-
-
-def energy_per_1k(generate_tps: float | None, watts: float) -> float | None:
-    """Joules per 1000 generated tokens (watt-hours = J / 3600)."""
-    return 1000.0 / generate_tps * watts if generate_tps else None
 
 
 def _probe_pair(original: LoadedModel, result_dir: Path, result_gguf: Path | None, threads: int, scratch: Path) -> tuple[dict, dict]:
@@ -69,8 +44,12 @@ def _probe_pair(original: LoadedModel, result_dir: Path, result_gguf: Path | Non
 
 
 def samples(original: LoadedModel, result: LoadedModel, seed: int = 0) -> list[dict[str, str]]:
-    """Greedy continuations of the same prompts by both models (chat template when there is one)."""
+    """Greedy continuations of the same prompts by both models (chat template when there is one);
+    none for sentence encoders, which do not generate."""
     from kompakt.serve.generate import generate_text, has_chat_template
+
+    if original.is_encoder:
+        return []
 
     rows = []
     for prompt in PROMPTS:
@@ -97,8 +76,14 @@ def machine() -> dict[str, Any]:
 
 def compare(original: LoadedModel, result: LoadedModel, result_dir: Path, result_gguf: Path | None,
             metrics: dict[str, Any], threads: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """Measure both models and return the comparison (JSON-able): rows, samples, notes."""
+    """Measure both models and return the comparison (JSON-able): rows, samples, notes. Sentence
+    encoders get the table's encoder form (kompakt.report.compare_encoder)."""
     from kompakt.evaluate import disk_bytes
+
+    if original.is_encoder:
+        from kompakt.report.compare_encoder import compare_encoder
+
+        return compare_encoder(original, result, result_dir, metrics, threads)
 
     threads = threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="kompakt-compare-") as scratch:

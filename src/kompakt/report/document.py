@@ -37,6 +37,19 @@ ROWS = (
     ("top1", "top-1 agreement with the original", "pct", "higher"),
     ("energy_j_per_1k", "energy per 1k generated tokens (estimate)", "joules", "lower"),
 )
+# The same table for sentence encoders (comparison["kind"] == "encoder", kompakt.report.compare_encoder).
+ENCODER_ROWS = (
+    ("parameters", "parameters", "count", "lower"),
+    ("size_bytes", "size on disk", "bytes", "lower"),
+    ("peak_memory_bytes", "peak memory while embedding", "bytes", "lower"),
+    ("hardware", "hardware needed (smallest RAM that holds it)", "text", ""),
+    ("sentences_b1_per_s", "sentences/s, batch 1 (one query)", "rate", "higher"),
+    ("sentences_b32_per_s", "sentences/s, batch 32 (indexing)", "rate", "higher"),
+    ("cosine_mean", "cosine to the original's embeddings (mean)", "float", "higher"),
+    ("recall_at_k", "neighbour recall@{k} vs the original", "pct", "higher"),
+    ("spearman", "Spearman of pair similarities vs the original", "float", "higher"),
+    ("energy_j_per_1k", "energy per 1k sentences, batch 32 (estimate)", "joules", "lower"),
+)
 
 
 def _read_json(path: Path, default: Any = None) -> Any:
@@ -82,12 +95,14 @@ def _change(original: Any, result: Any, kind: str) -> str:
 
 
 def comparison_rows(comparison: dict) -> list[list[str]]:
-    """[label, original, result, change] rows of the LLM-vs-SLM table."""
+    """[label, original, result, change] rows of the LLM-vs-SLM table (its encoder form for encoders)."""
     values = dict(comparison.get("values", {}))
     values["hardware"] = tuple(comparison.get("hardware", ("", "")))
+    table = ENCODER_ROWS if comparison.get("kind") == "encoder" else ROWS
     rows = []
-    for key, label, kind, _ in ROWS:
+    for key, label, kind, _ in table:
         original, result = values.get(key, (None, None))
+        label = label.format(k=comparison.get("k", 10))
         rows.append([label, format_value(original, kind), format_value(result, kind), _change(original, result, kind)])
     return rows
 
@@ -125,9 +140,12 @@ def outcome_text(report: dict) -> str:
     head = f"Target `{target['text']}`: "
     if final is None:
         return head + "no attempt finished."
-    reached = f"the result is {factor:.2f}x smaller than the original's fp16 size" if factor else "result measured"
+    basis = "size on disk" if comparison.get("kind") == "encoder" else "fp16 size"
+    reached = f"the result is {factor:.2f}x smaller than the original's {basis}" if factor else "result measured"
     kl = values.get("kl_mean", (None, None))[1]
-    parts = [head + reached + (f", KL {kl:.3f}" if kl is not None else "") + "."]
+    cosine = values.get("cosine_mean", (None, None))[1]  # a sentence encoder
+    quality = f", KL {kl:.3f}" if kl is not None else f", mean cosine {cosine:.3f}" if cosine is not None else ""
+    parts = [head + reached + quality + "."]
     if final.get("status", "").startswith("kept although"):
         parts.append("No attempt stayed within the quality floor; the last one is kept so it can be inspected.")
     wanted = target.get("size")

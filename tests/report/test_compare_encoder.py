@@ -1,0 +1,99 @@
+"""The encoder form of the LLM-vs-SLM table: measured on two tiny saved encoders (fresh-process
+probes, fidelity measured when the run's metrics lack it), rendered in Markdown, HTML and the card."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from kompakt.model.load import load
+from kompakt.model.save import save_model
+from kompakt.model.tiny import save_tiny_encoder
+from kompakt.report.compare import compare, samples
+from kompakt.report.document import comparison_rows
+from kompakt.report.render import markdown, page
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """(comparison, original, result): the result is the original with its last 2 of 4 layers cut."""
+    root = tmp_path_factory.mktemp("cmp")
+    save_tiny_encoder("bert", root / "original")
+    original = load(root / "original")
+    cut = copy.deepcopy(original)
+    del cut.model.encoder.layer[2:]
+    cut.model.config.num_hidden_layers = 2
+    save_model(cut, root / "result")
+    result = load(root / "result")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        comparison = compare(original, result, root / "result", None, metrics={})
+    finally:
+        torch.set_num_threads(before)
+    return comparison, original, result
+
+
+def test_compare_dispatches_to_the_encoder_form_and_measures_everything(measured):
+    comparison, original, result = measured
+    values = comparison["values"]
+    assert comparison["kind"] == "encoder" and comparison["k"] == 10
+    assert values["parameters"][0] > values["parameters"][1]
+    assert values["size_bytes"][0] > values["size_bytes"][1] > 0
+    for key in ("peak_memory_bytes", "sentences_b1_per_s", "sentences_b32_per_s", "energy_j_per_1k"):
+        assert all(v and v > 0 for v in values[key]), (key, comparison["notes"])
+    assert values["cosine_mean"][0] == 1.0 and 0 < values["cosine_mean"][1] < 1
+    assert 0 < values["recall_at_k"][1] < 1 and values["spearman"][1] < 1
+    assert any("measured for this report" in note for note in comparison["notes"])
+    json.dumps(comparison)  # comparison.json: JSON-able as it is
+    assert samples(original, result) == []  # encoders do not generate
+
+
+def test_the_run_metrics_are_used_when_they_hold_the_encoder_numbers(measured):
+    from kompakt.report.compare_encoder import _fidelity
+
+    _, original, result = measured
+    metrics = {"cosine_mean": 0.97, "recall_at_k": 0.88, "k": 10, "spearman": 0.93, "pairs": 500}
+    got, source = _fidelity(original, result, metrics)
+    assert source == "the run's last evaluation" and (got["recall_at_k"], got["k"], got["spearman"]) == (0.88, 10, 0.93)
+    step = {"cosine_mean": 0.96, "recall_at_10": 0.86, "spearman": 0.9, "eval_text": "wiki.test"}  # a recipe step's
+    got, _ = _fidelity(original, result, step)
+    assert (got["recall_at_k"], got["k"], got["data"]) == (0.86, 10, "wiki.test")
+    measured_now, source = _fidelity(original, result, {"kl_mean": 0.1})  # a decoder's metrics: measure
+    assert source == "measured for this report" and 0 < measured_now["recall_at_k"] < 1
+
+
+def test_the_encoder_rows_render_in_markdown_html_and_are_labelled_for_sentences(measured):
+    comparison, _, _ = measured
+    labels = [row[0] for row in comparison_rows(comparison)]
+    assert labels[4:9] == [
+        "sentences/s, batch 1 (one query)", "sentences/s, batch 32 (indexing)",
+        "cosine to the original's embeddings (mean)", "neighbour recall@10 vs the original",
+        "Spearman of pair similarities vs the original",
+    ]  # fmt: skip
+    assert not any("token" in label or "KL" in label for label in labels)
+    report = {"title": "t", "outcome": "o", "trajectory": [], "recipe_shown": "", "run_dir": "/r",
+              "comparison": comparison}  # fmt: skip
+    text = markdown(report)
+    assert "neighbour recall@10" in text and "100.0%" in text and "perplexity" not in text
+    assert "sentences/s, batch 32 (indexing)" in page(report, {})
+
+
+def test_the_model_card_of_an_encoder_says_sentence_transformers(measured):
+    import yaml
+
+    from kompakt.report.card import model_card
+
+    comparison, _, _ = measured
+    report = {"plan": {"target": {"text": "params=0.5"}, "attempts": [{"steps": [{"prune.depth": {}}]}]},
+              "outcomes": [{"attempt": 1, "status": "kept"}], "outcome": "o", "comparison": comparison,
+              "recipe_yaml": "model: all-minilm-l6-v2\nsteps: []\n"}  # fmt: skip
+    card = model_card(report, "sentence-transformers/all-MiniLM-L6-v2")
+    front = yaml.safe_load(card.split("---")[1])
+    assert (front["library_name"], front["pipeline_tag"]) == ("sentence-transformers", "sentence-similarity")
+    assert "| neighbour recall@10 vs the original |" in card
