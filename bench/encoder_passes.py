@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from results_file import ResultsFile
 
 REPO = Path(__file__).resolve().parents[1]

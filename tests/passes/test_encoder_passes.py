@@ -19,13 +19,7 @@ from transformers import AutoModel
 import kompakt
 from kompakt.calib import capture_layer_inputs, collect_stats
 from kompakt.errors import ConfigError
-from kompakt.model.arch import (
-    arch_for,
-    decoder_layers,
-    get_submodule,
-    linear_modules,
-    text_config,
-)
+from kompakt.model.arch import arch_for, decoder_layers, get_submodule, linear_modules, text_config
 from kompakt.model.encode import embed
 from kompakt.model.inputs import pad_sentences
 from kompakt.model.loaded import LoadedModel
