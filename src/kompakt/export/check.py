@@ -11,7 +11,8 @@ The check feeds the same token ids to both models (HELD_OUT, a few short texts n
 set contains) and counts the positions where their top-1 next tokens agree; the runtime's own
 tokenizer must split the texts as the original's does. It fails when the agreement is below
 MIN_TOP1[type], the tokenization differs, the runtime cannot load or run the file, or the
-Modelfile is invalid. A check that could not run (no llama-cpp-python) neither passes nor
+Modelfile is invalid. A sentence encoder's GGUF is checked by its embeddings instead
+(kompakt.export.check_embed: cosine to kompakt's own, MIN_COSINE[type]). A check that could not run (no llama-cpp-python) neither passes nor
 fails: `passed` is None and `skipped` says why.
 
 `kompakt export` checks the new file before it replaces anything (kompakt.export.staging); a
@@ -104,6 +105,9 @@ class ExportCheck:
     problems: list[str] = field(default_factory=list)  # why it failed; [] = passed (or skipped)
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None  # why the runtime check did not run (e.g. llama-cpp-python not installed)
+    cosine: float | None = None  # encoders: mean cosine of the runtime's embeddings to the original's
+    cosine_min: float | None = None  # encoders: the lowest (what the threshold applies to)
+    sentences: int = 0  # encoders: sentences compared
 
     @property
     def failed(self) -> bool:
@@ -119,6 +123,10 @@ class ExportCheck:
         if self.skipped and not self.problems:
             return f"not checked: {self.skipped}"
         verdict = "passed" if self.passed else "FAILED: " + "; ".join(self.problems)
+        if self.cosine is not None:
+            floor = f" (floor {self.threshold} for {self.type})" if self.threshold is not None else ""
+            return (f"{verdict}: {self.runtime}, embedding cosine mean {self.cosine:.5f}, min {self.cosine_min:.5f} "
+                    f"over {self.sentences} sentences{floor}")  # fmt: skip
         agreement = f"top-1 agreement {self.top1:.1%} over {self.tokens} tokens" if self.top1 is not None else ""
         floor = f" (floor {self.threshold:.0%} for {self.type})" if self.threshold is not None else ""
         sample = f"; greedy sample {self.sample!r}" if self.sample else ""
@@ -159,6 +167,16 @@ def run_check(reference: LoadedModel, path: Path, *, format: str, type: str) -> 
         check.problems += check_modelfile(path / "Modelfile", checked)
     if format in ("gguf", "ollama") and not llamacpp_installed():
         check.runtime, check.skipped = "llama.cpp", "llama-cpp-python is not installed (pip install 'kompakt[llamacpp]')"
+    elif reference.is_encoder and format in ("gguf", "ollama"):
+        from kompakt.export.check_embed import MIN_COSINE, compare_embeddings
+
+        check.threshold = MIN_COSINE.get(check.type)
+        compare_embeddings(reference, checked, check)
+    elif reference.is_encoder and format == "hf":
+        from kompakt.export.check_embed import MIN_COSINE, compare_hf_embeddings
+
+        check.threshold = MIN_COSINE.get(check.type)
+        compare_hf_embeddings(reference, checked, check)
     else:
         _compare(reference, checked, format, check)
     check.seconds = round(time.perf_counter() - started, 3)

@@ -104,11 +104,24 @@ _crashes_by_default = False  # set once default kernels crashed in this process:
 
 def run_llamacpp(path: Path, sequences, prompt, new_tokens: int, texts: list[str]) -> Answer:
     """Run the GGUF at `path` in llama.cpp (a child process) and answer."""
-    global _crashes_by_default
     longest = max([len(ids) for ids in sequences] + [len(prompt) + new_tokens])
     request = {"path": str(path), "sequences": sequences, "prompt": prompt, "new_tokens": new_tokens,
-               "texts": texts, "n_ctx": 64 * (longest // 64 + 1), "threads": min(4, os.cpu_count() or 1),
-               "no_repack": _crashes_by_default}  # fmt: skip
+               "texts": texts, "n_ctx": 64 * (longest // 64 + 1)}  # fmt: skip
+    answer, notes = ask_llamacpp(request)
+    return Answer(runtime=f"llama.cpp (llama-cpp-python {answer['version']})", top1=answer["top1"],
+                  greedy=answer["greedy"], sample=answer["sample"], tokens=answer["tokens"],
+                  seconds=answer["seconds"], notes=notes)  # fmt: skip
+
+
+def ask_llamacpp(request: dict) -> tuple[dict, list[str]]:
+    """(the worker's answer to `request`, notes): once with llama.cpp's default CPU kernels, again
+    without its extra buffer types when those crash (module docstring).
+
+    Raises:
+        RuntimeFailure: llama.cpp crashed both ways, or answered with an error.
+    """
+    global _crashes_by_default
+    request = {**request, "threads": min(4, os.cpu_count() or 1), "no_repack": _crashes_by_default}
     notes = []
     answer, crash = _run_worker(request)
     if crash and not request["no_repack"]:
@@ -123,9 +136,7 @@ def run_llamacpp(path: Path, sequences, prompt, new_tokens: int, texts: list[str
         notes.append(_NO_REPACK_NOTE.format(signal="earlier in this process"))
     if "error" in answer:
         raise RuntimeFailure(one_line(answer["error"], 300))
-    return Answer(runtime=f"llama.cpp (llama-cpp-python {answer['version']})", top1=answer["top1"],
-                  greedy=answer["greedy"], sample=answer["sample"], tokens=answer["tokens"],
-                  seconds=answer["seconds"], notes=notes)  # fmt: skip
+    return answer, notes
 
 
 def _run_worker(request: dict) -> tuple[dict, str | None]:

@@ -24,6 +24,10 @@ its values (gguf_grid_recover) instead of llama.cpp's re-rounding, or, for grids
 recovered (K-quants), the exact bytes the pass handed over (LoadedModel.gguf_blocks); a block
 that is not on the grid is re-quantized and counted in the log.
 
+Sentence encoders (BERT, DistilBERT, RoBERTa, XLM-R with a WordPiece, BPE or Unigram tokenizer; ModernBERT)
+are written as llama.cpp "bert" / "modern-bert" embedding models with their pooling
+(kompakt.export.gguf_encoder).
+
 A compressed-tensors directory (kompakt.model.quantized.save_quantized) whose groups are
 symmetric int4 / int8 with group_size 32 and fp16 scales is the same q4_0 / q8_0 grid and is
 exported exactly the same way, with no extra metadata.
@@ -36,7 +40,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kompakt.errors import ConfigError, OutputPathError
+from kompakt.errors import ConfigError, OutputPathError, UnsupportedArchitectureError
 from kompakt.export.gguf_arch import add_hyperparameters, check_expressible, family_for, text_config
 from kompakt.export.gguf_tensors import TYPES, GGUFPlan, plan_tensors, tensor_data
 from kompakt.export.gguf_types import FILE_TYPES, parse_overrides
@@ -105,6 +109,8 @@ def prepare_gguf(loaded: LoadedModel, type: str = "f16", tensor_types: list[str]
     overrides = parse_overrides(tensor_types)
     config = text_config(loaded.model)
     family = family_for(config)
+    if family.encoder or _pooling(loaded) is not None:
+        _check_encoder(loaded, config, family)
     vocab = build_vocab(loaded.tokenizer, int(config.vocab_size))
     check_expressible(config, family, len(vocab.tokens))
     plan = plan_tensors(loaded.model, config, family, type, grid_modules(loaded.model), overrides,
@@ -112,6 +118,21 @@ def prepare_gguf(loaded: LoadedModel, type: str = "f16", tensor_types: list[str]
 
     plan.notes[:0] = vocab.notes
     return family, config, vocab, plan
+
+
+def _pooling(loaded: LoadedModel):
+    return getattr(loaded, "pooling", None)
+
+
+def _check_encoder(loaded: LoadedModel, config, family) -> None:
+    from kompakt.export.gguf_encoder import check_encoder
+
+    if not family.encoder:
+        raise UnsupportedArchitectureError(
+            f"{family.model_type} loaded as a sentence encoder: llama.cpp's {family.arch.lower()} GGUF runs it as "
+            "a causal LM; export it with --format hf instead"
+        )
+    check_encoder(config, family, _pooling(loaded))
 
 
 def export_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", force: bool = False,
@@ -186,7 +207,12 @@ def add_header(writer, loaded: LoadedModel, plan: GGUFPlan, config, family, voca
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in plan.source.items():  # "source" -> kompakt.tensor_types.source; "calibration"
         writer.add_string("kompakt.tensor_types.source" if key == "source" else f"kompakt.{key}", value)
-    add_hyperparameters(writer, config, family)
+    if family.encoder:
+        from kompakt.export.gguf_encoder import add_encoder_hyperparameters
+
+        add_encoder_hyperparameters(writer, config, family, _pooling(loaded))
+    else:
+        add_hyperparameters(writer, config, family)
     add_tokenizer(writer, vocab)
 
 

@@ -12,6 +12,15 @@ convert_hf_to_gguf.py does):
 - `tied_output`: whether llama.cpp reads the output projection from token_embd when the
   file has no output.weight (all supported families do).
 
+Encoder rows (`encoder=True`, sentence-embedding models) map onto llama.cpp's "bert"
+architecture; what differs between them is data too: `position_offset` (RoBERTa / XLM-R count
+positions from padding_idx + 1, llama.cpp from 0, so the first rows are dropped), `ffn_key`
+(DistilBERT names the FFN width hidden_dim), `skip` (BERT's pooler, which sentence-embedding
+pooling never uses), `token_types` (a token-type table) and `bias_free` (config flags that must be
+off: llama.cpp's modern-bert graph has no biases). ModernBERT is llama.cpp's "modern-bert" (rope,
+alternating global / local attention: `sliding_window`). Their header and checks are in
+kompakt.export.gguf_encoder.
+
 `check_expressible` is called before anything is written and refuses, in one line, what
 llama.cpp would compute differently (unknown rope scaling, Gemma attention scales that
 llama.cpp hard-codes, a vocabulary larger than the embedding).
@@ -33,6 +42,12 @@ class GGUFFamily:
     norm_shift: float = 0.0
     sliding_window: bool = False  # writes attention.sliding_window (+ the per-layer pattern)
     softcapping: bool = False  # Gemma 2 attention/final logit soft-capping
+    encoder: bool = False  # a bidirectional sentence encoder (kompakt.export.gguf_encoder)
+    position_offset: bool = False  # position rows start at pad_token_id + 1 (RoBERTa)
+    ffn_key: str = "intermediate_size"  # the config attribute holding the FFN width
+    skip: tuple[str, ...] = ()  # HF tensor name prefixes llama.cpp has no use for
+    token_types: bool = True  # encoders: the tokenizer declares a token-type count (BERT's segment table)
+    bias_free: tuple[str, ...] = ()  # config flags that must be false (llama.cpp has no such biases)
 
 
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
@@ -44,6 +59,12 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "gemma": GGUFFamily("gemma", "GEMMA", norm_shift=1.0),
     "gemma2": GGUFFamily("gemma2", "GEMMA2", norm_shift=1.0, sliding_window=True, softcapping=True),
     "gemma3_text": GGUFFamily("gemma3_text", "GEMMA3", norm_shift=1.0, sliding_window=True),
+    "bert": GGUFFamily("bert", "BERT", encoder=True, skip=("pooler.",)),
+    "distilbert": GGUFFamily("distilbert", "BERT", encoder=True, ffn_key="hidden_dim"),
+    "roberta": GGUFFamily("roberta", "BERT", encoder=True, position_offset=True, skip=("pooler.",)),
+    "xlm-roberta": GGUFFamily("xlm-roberta", "BERT", encoder=True, position_offset=True, skip=("pooler.",)),
+    "modernbert": GGUFFamily("modernbert", "MODERN_BERT", encoder=True, sliding_window=True, token_types=False,
+                             bias_free=("attention_bias", "mlp_bias", "norm_bias")),  # fmt: skip
 }
 _ROPE_TYPES = ("default", "linear")
 

@@ -3,7 +3,10 @@
 Each tensor's type is chosen by kompakt.export.gguf_types (`--tensor-type` overrides, then the
 model's per-tensor types, then `--type` with llama.cpp's own output-tensor and fallback rules),
 so a kompakt Q4_0 and a llama.cpp Q4_0 of the same model have the same size and compare fairly;
-1-D tensors (norms, biases) are F32.
+1-D tensors (norms, biases) are F32, and so are an encoder's position and token-type tables
+(kompakt.export.gguf_encoder.F32_TENSORS; llama.cpp does not quantize them either). An encoder
+family's `skip` tensors (BERT's pooler) are left out; RoBERTa's position table loses its first
+pad_token_id + 1 rows (transform "position_offset").
 
 The bytes of a quantized tensor, best first:
 - the exact bytes a quant pass handed over (LoadedModel.gguf_blocks, e.g. K-quant blocks GPTQ
@@ -46,7 +49,7 @@ class TensorPlan:
     shape: tuple[int, ...]  # HF shape [out, in]
     type: str  # a kompakt.ops.ggml_types name
     grid: str | None = None  # the GGUF grid the weights already lie on (exact export)
-    transform: str | None = None  # "permute_q" | "permute_k" | "norm_shift"
+    transform: str | None = None  # "permute_q" | "permute_k" | "norm_shift" | "position_offset"
     blocks: GgufBlocks | None = None  # exact bytes a quant pass handed over, in this type
 
 
@@ -93,6 +96,7 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
     """
     import gguf
 
+    from kompakt.export.gguf_encoder import F32_TENSORS
     from kompakt.model.compression import get_state
     from kompakt.model.quantized import dense_state_dict
 
@@ -107,7 +111,7 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
     chooser = TypeChooser(type, list(overrides or []), recorded.per_tensor_types, plan.notes)
     has_output = "lm_head.weight" in state and not tied
     for hf_name, tensor in state.items():
-        if hf_name == "lm_head.weight" and tied:
+        if (hf_name == "lm_head.weight" and tied) or hf_name.startswith(family.skip):
             continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
@@ -118,26 +122,34 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
         shape = tuple(tensor.shape)
         module = hf_name.removesuffix(".weight")
         is_output = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not has_output)
-        if len(shape) < 2:
+        if len(shape) < 2 or gguf_name in F32_TENSORS:
             ttype = "f32"
         else:
             searched = (gguf_name, hf_name) + (("lm_head.weight",) if is_output and tied else ())
             ttype = chooser.choose(gguf_name, searched, module, int(shape[-1]), is_output)
         grid = grid_modules.get(module) if hf_name.endswith(".weight") else None
         carried = (blocks or {}).get(module) if hf_name.endswith(".weight") else None
-        transform = None
-        if family.permute_qk and gguf_name.endswith("attn_q.weight"):
-            transform = "permute_q"
-        elif family.permute_qk and gguf_name.endswith("attn_k.weight"):
-            transform = "permute_k"
-        elif family.norm_shift and hf_name.endswith("norm.weight"):
-            transform = "norm_shift"
-        if transform == "permute_q" or transform == "permute_k":
-            _check_permutable(config, shape, transform)
+        transform, shape = _transform(config, family, hf_name, gguf_name, shape)
         plan.tensors.append(TensorPlan(hf_name, gguf_name, shape, ttype, grid, transform,
                                        carried if carried is not None and carried.type == ttype else None))  # fmt: skip
     chooser.check_used()
     return plan
+
+
+def _transform(config: Any, family: GGUFFamily, hf_name: str, gguf_name: str,
+               shape: tuple[int, ...]) -> tuple[str | None, tuple[int, ...]]:  # fmt: skip
+    """(the layout conversion llama.cpp needs for this tensor or None, its shape in the file)."""
+    from kompakt.export.gguf_encoder import position_offset
+
+    if family.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        transform = "permute_q" if gguf_name.endswith("attn_q.weight") else "permute_k"
+        _check_permutable(config, shape, transform)
+        return transform, shape
+    if family.norm_shift and hf_name.endswith("norm.weight"):
+        return "norm_shift", shape
+    if gguf_name == "position_embd.weight" and position_offset(config, family):
+        return "position_offset", (shape[0] - position_offset(config, family), *shape[1:])
+    return None, shape
 
 
 def _types_source(state: Any, overridden: bool) -> dict[str, str]:
@@ -170,6 +182,10 @@ def tensor_data(plan: TensorPlan, tensor: torch.Tensor, config: Any, family: GGU
         w = _permute(w, heads)
     elif plan.transform == "norm_shift":
         w = w + family.norm_shift
+    elif plan.transform == "position_offset":  # RoBERTa's position i is row pad_token_id + 1 + i
+        from kompakt.export.gguf_encoder import position_offset
+
+        w = w[position_offset(config, family) :]
     if plan.type == "f32":
         return w.numpy(), None, 0
     if plan.type == "f16":

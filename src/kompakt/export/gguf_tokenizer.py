@@ -12,6 +12,9 @@ Two kinds of tokenizer.json map onto llama.cpp's tokenizers:
   whose result scores highest; SentencePiece BPE scores pieces by -rank, so normal tokens get
   score -id (Gemma 3's own GGUF scores are strictly decreasing with id, the same order),
   byte tokens 0 and special tokens -1000.
+- WordPiece (BERT-family encoders) -> `"bert"`, llama.cpp's WPM tokenizer, with tokens in its
+  phantom-space form (kompakt.export.gguf_wordpiece).
+- Unigram (XLM-R's SentencePiece) -> `"t5"`, llama.cpp's UGM tokenizer (kompakt.export.gguf_unigram).
 
 Special token ids, add_bos/add_eos and the chat template come from gguf.SpecialVocab, which
 reads the saved tokenizer files exactly as llama.cpp's converter does.
@@ -35,11 +38,12 @@ log = logging.getLogger(__name__)
 
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 PRE_KEY = "kompakt_gguf_pre"  # tokenizer_config.json: see recognised_pre
+CLS_KEY = "tokenizer.ggml.cls_token_id"  # read by llama.cpp; gguf-py 0.19 has no constant for it
 
 
 @dataclass
 class GGUFVocab:
-    model: str  # "gpt2" | "llama"
+    model: str  # "gpt2" | "llama" | "bert" | "t5"
     pre: str
     tokens: list[str]
     types: list[int]
@@ -48,6 +52,9 @@ class GGUFVocab:
     special: Any = None  # gguf.SpecialVocab
     add_special: dict[str, bool] = field(default_factory=dict)  # observed add_bos / add_eos
     notes: list[str] = field(default_factory=list)
+    normalizer: dict[str, bool] | None = None  # WordPiece: lowercase / strip_accents (gguf_wordpiece)
+    cls_id: int | None = None  # written by add_tokenizer: gguf-py 0.19's SpecialVocab has no writer for it
+    unigram: dict[str, Any] | None = None  # Unigram: whitespace handling and charsmap (gguf_unigram)
 
 
 def _tokenizer_json(tokenizer: Any, directory: Path) -> dict:
@@ -116,12 +123,25 @@ def build_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
         directory = Path(tmp)
         data = _tokenizer_json(tokenizer, directory)
         model = data["model"]
-        if model.get("type") != "BPE":
+        if model.get("type") not in ("BPE", "WordPiece", "Unigram"):
             raise UnsupportedArchitectureError(
-                f"GGUF export supports BPE tokenizers, this one is {model.get('type')!r}"
+                f"GGUF export supports BPE, WordPiece and Unigram tokenizers, this one is {model.get('type')!r}"
             )
+        if model.get("type") == "Unigram":
+            return _unigram_vocab(tokenizer, data, directory, n_vocab)
         tokens, added = _token_list(data, n_vocab)
-        special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=len(tokens))
+        special = gguf.SpecialVocab(directory, load_merges=model.get("type") == "BPE", n_vocab=len(tokens))
+    cls_id = special.special_token_ids.pop("cls", None)
+    vocab = (_wordpiece_vocab if model.get("type") == "WordPiece" else _bpe_vocab)(tokenizer, data, model, tokens,
+                                                                                 added, special)  # fmt: skip
+    vocab.cls_id = cls_id
+    return vocab
+
+
+def _bpe_vocab(tokenizer: Any, data: dict, model: dict, tokens: list[str | None], added: dict[int, dict],
+               special: Any) -> GGUFVocab:  # fmt: skip
+    import gguf
+
     byte_fallback = bool(model.get("byte_fallback"))
     add_special = _observed_add_special(tokenizer)
     types, scores, texts = [], [], []
@@ -156,6 +176,30 @@ def build_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
     return vocab
 
 
+def _wordpiece_vocab(tokenizer: Any, data: dict, model: dict, tokens: list[str | None], added: dict[int, dict],
+                     special: Any) -> GGUFVocab:  # fmt: skip
+    from kompakt.export.gguf_wordpiece import normalizer_flags, wordpiece_tokens
+
+    flags = normalizer_flags(data)
+    texts, types = wordpiece_tokens(data, tokens, added)
+    return GGUFVocab("bert", "default", texts, types, special=special, add_special=_observed_add_special(tokenizer),
+                     normalizer=flags)  # fmt: skip
+
+
+def _unigram_vocab(tokenizer: Any, data: dict, directory: Path, n_vocab: int) -> GGUFVocab:
+    import gguf
+
+    from kompakt.export.gguf_unigram import unigram_settings, unigram_tokens
+
+    settings = unigram_settings(data)
+    texts, types, scores = unigram_tokens(data, n_vocab)
+    special = gguf.SpecialVocab(directory, load_merges=False, n_vocab=len(texts))
+    vocab = GGUFVocab("t5", "default", texts, types, scores, settings["add_space_prefix"], special,
+                      _observed_add_special(tokenizer), unigram=settings)  # fmt: skip
+    vocab.cls_id = special.special_token_ids.pop("cls", None)
+    return vocab
+
+
 def _add_placeholder_merge(vocab: GGUFVocab, special: Any) -> None:
     """Give a merge-less byte-level BPE one merge, so GGUF readers accept the vocabulary.
 
@@ -185,6 +229,16 @@ def add_tokenizer(writer: Any, vocab: GGUFVocab) -> None:
     writer.add_token_types(vocab.types)
     writer.add_add_space_prefix(vocab.add_space_prefix)
     vocab.special.add_to_gguf(writer, quiet=True)
+    if vocab.cls_id is not None:
+        writer.add_uint32(CLS_KEY, vocab.cls_id)
+    if vocab.normalizer is not None:
+        from kompakt.export.gguf_wordpiece import add_normalizer
+
+        add_normalizer(writer, vocab.normalizer)
+    if vocab.unigram is not None:
+        from kompakt.export.gguf_unigram import add_unigram
+
+        add_unigram(writer, vocab.unigram)
     for kind, value in vocab.add_special.items():
         if kind not in vocab.special.add_special_token:
             getattr(writer, f"add_add_{kind}_token")(value)

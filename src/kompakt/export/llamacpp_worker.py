@@ -9,6 +9,10 @@ Request: path, sequences (token ids to score), prompt (ids), new_tokens, texts (
 n_ctx, threads, no_repack (run without llama.cpp's extra CPU buffer types: AMX / repacked
 weights, what `llama-server --no-repack` does). Answer: top1 (argmax per position of each
 sequence), greedy (ids), sample (text), tokens (per text), version; or error.
+
+With `"embed": true` the file is a sentence encoder (kompakt.export.check_embed): it is loaded
+with embedding=True and its own pooling, and the answer is embeddings (one pooled, unnormalised
+vector per text), tokens (per text), version.
 """
 
 from __future__ import annotations
@@ -56,6 +60,22 @@ def _sample_text(llm, tokens: list[int]) -> str:
     return llm.detokenize(kept).decode("utf-8", errors="replace")
 
 
+def embed(request: dict) -> dict:
+    import llama_cpp
+
+    started = time.perf_counter()
+    n_ctx = request["n_ctx"]  # an encoder sees a whole sequence in one micro-batch
+    llm = llama_cpp.Llama(model_path=request["path"], embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                          verbose=False, n_threads=request["threads"])  # fmt: skip
+    try:
+        embeddings = [llm.embed(text, normalize=False, truncate=False) for text in request["texts"]]
+        tokens = [llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) for text in request["texts"]]
+    finally:
+        llm.close()
+    return {"embeddings": embeddings, "tokens": tokens, "version": llama_cpp.__version__,
+            "seconds": time.perf_counter() - started}  # fmt: skip
+
+
 def run(request: dict) -> dict:
     import llama_cpp
     import llama_cpp.llama_cpp as low
@@ -63,6 +83,8 @@ def run(request: dict) -> dict:
 
     if request.get("no_repack"):
         _disable_extra_buffers(low)
+    if request.get("embed"):
+        return embed(request)
     started = time.perf_counter()
     llm = llama_cpp.Llama(model_path=request["path"], n_ctx=request["n_ctx"], logits_all=True, verbose=False,
                           n_threads=request["threads"], seed=0)  # fmt: skip

@@ -7,6 +7,8 @@ common chat formats are recognised by their turn markers and written as the equi
 template over .Messages (Ollama adds the Modelfile's SYSTEM as the first message when a
 request has none). A model without a chat template, or with an unrecognised one, gets a
 plain "role: content" template (what kompakt's own generation falls back to) and a warning.
+A sentence encoder (an embedding model: `ollama embed`, /api/embed) gets a Modelfile with FROM
+only: Ollama runs no template for embeddings.
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ def export_ollama(source, out_dir: str | Path, *, force: bool = False, type: str
 
         loaded = source if isinstance(source, LoadedModel) else load(source)
         export_gguf(loaded, target, type=type, force=True)
+        if loaded.is_encoder:
+            return _write_modelfile(out_dir, f"FROM ./{GGUF_NAME}\n")
         chat_template = getattr(loaded.tokenizer, "chat_template", None)
     template = ollama_template(chat_template)
     if template.style == "plain":
@@ -154,7 +158,11 @@ def export_ollama(source, out_dir: str | Path, *, force: bool = False, type: str
         log.warning(
             "the model %s; the Modelfile uses a plain 'role: content' template (edit TEMPLATE to change it)", why
         )
+    return _write_modelfile(out_dir, modelfile_text(GGUF_NAME, template))
+
+
+def _write_modelfile(out_dir: Path, text: str) -> Path:
     modelfile = out_dir / MODELFILE
     with atomic_file(modelfile) as tmp:
-        tmp.write_text(modelfile_text(GGUF_NAME, template), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return modelfile

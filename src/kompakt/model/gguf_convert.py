@@ -41,6 +41,7 @@ SOURCE_RECORD = "kompakt-source.json"
 SAVE_DTYPE = torch.float32
 # GGUF architecture names whose transformers model_type differs.
 _GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
+_GGUF_ENCODERS = ("bert", "modern-bert", "nomic-bert", "jina-bert-v2")  # llama.cpp embedding architectures
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,11 @@ def inspect_gguf(path: Path, reader=None) -> GGUFInfo:
     if architecture is None:
         raise _corrupt(Path(path), "no general.architecture field")
     model_type = _GGUF_MODEL_TYPES.get(architecture, architecture)
+    if f"{architecture}.pooling_type" in reader.fields or architecture in _GGUF_ENCODERS:
+        raise UnsupportedArchitectureError(
+            f"{path} is a sentence-encoder GGUF ({architecture}); kompakt reads encoders from Hugging Face "
+            "directories only: load the directory it was exported from (llama.cpp runs the file itself)"
+        )
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES or model_type not in ARCHITECTURES:
         raise UnsupportedArchitectureError(unsupported_message(model_type) + f" (GGUF architecture {architecture!r})")
     return GGUFInfo(
