@@ -8,8 +8,8 @@ encoder's input limit (kompakt.model.encode) and `max_tokens`. They are sorted l
 consecutive rows have similar lengths and a batch's padding (which every statistic leaves out, see
 kompakt.model.inputs) stays small.
 
-Held out: when the run evaluates on the same source, the last 10 % of its sentences (the end, as
-kompakt.data.blocks.split_heldout holds out the end of a token stream) are never calibrated on.
+Which sentences: the recipe runner (kompakt.recipe.rundata) passes the run data's sentences
+without the held-out end its steps are scored on, so calibration never sees them.
 """
 
 from __future__ import annotations
@@ -18,16 +18,6 @@ from typing import Any
 
 from kompakt.errors import ConfigError, DataError
 from kompakt.model.inputs import SentenceBatch, pad_sentences
-
-
-def heldout_sentences(sentences: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """(calibration / training sentences, held-out sentences): the held-out part is the end."""
-    if not 0.0 < fraction < 1.0:
-        raise ConfigError(f"held-out fraction must be between 0 and 1 (exclusive), got {fraction}")
-    n_heldout = max(1, round(len(sentences) * fraction))
-    if len(sentences) - n_heldout < 1:
-        raise DataError(f"too little data to hold any out: {len(sentences)} sentences; pass more text")
-    return sentences[:-n_heldout], sentences[-n_heldout:]
 
 
 def sentence_batch(loaded: Any, sentences: list[str], n: int, max_tokens: int, seed: int = 0) -> SentenceBatch:

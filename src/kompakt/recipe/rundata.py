@@ -99,17 +99,15 @@ class RunData:
         return self._calibration
 
     def _sentence_calibration(self) -> Batch:
-        from kompakt.data.sentence_batches import heldout_sentences, sentence_batch
-        from kompakt.data.sentences import default_sentences, read_sentences
+        from kompakt.data.sentence_batches import sentence_batch
+        from kompakt.data.sentences import default_sentences
 
         spec = self.spec
         if spec.calibration is None:
             logger.info("calibrating on %d default sentences (kompakt.data.sentences)", spec.calibration_blocks)
             sentences = default_sentences(spec.calibration_blocks)
-        else:
-            sentences = read_sentences(spec.calibration, self.original.tokenizer)
-            if spec.evaluation is None:
-                sentences, _ = heldout_sentences(sentences, HELDOUT_FRACTION)
+        else:  # the run data's sentences without the held-out end the steps are scored on
+            sentences = self._user_sentences()[0]
         return sentence_batch(self.original, sentences, spec.calibration_blocks, spec.block_len, seed=self.seed)
 
     def _prefix(self) -> list[int]:
