@@ -19,6 +19,7 @@ import torch
 
 from kompakt.errors import ConfigError
 from kompakt.model.compression import PackedLayer
+from kompakt.model.inputs import Batch
 from kompakt.model.loaded import LoadedModel
 
 
@@ -29,7 +30,9 @@ class PassContext:
     Attributes:
         loaded: the model to transform (a pass may change it in place or return a new one).
         original: returns the recipe's original model (teacher / reference), loaded on first call.
-        calibration: returns calibration token blocks [n_blocks, block_len], built on first call.
+        calibration: returns calibration token blocks [n_blocks, block_len], built on first call;
+            for a sentence encoder, padded sentences with their attention mask
+            (kompakt.model.inputs.SentenceBatch, which slices, splits and moves like the blocks).
         seed: the run's seed; passes seed their own generators from it.
         work_dir: scratch directory of this step (removed when the step is finished).
         teacher: `teacher(path)` returns the teacher model: the original for None, else the
@@ -49,7 +52,7 @@ class PassContext:
 
     loaded: LoadedModel
     original: Callable[[], LoadedModel]
-    calibration: Callable[[], torch.Tensor]
+    calibration: Callable[[], Batch]
     seed: int = 0
     work_dir: Path | None = None
     teacher: Callable[[str | None], LoadedModel] | None = None
@@ -111,7 +114,12 @@ class PassReport:
 
 @dataclass(frozen=True)
 class PassSpec:
-    """A registered pass: its dotted name, config type, apply function and declared needs."""
+    """A registered pass: its dotted name, config type, apply function and declared needs.
+
+    `decoder_only`: empty when the pass also runs on sentence encoders (BERT family); else why it
+    needs a causal LM and what to use on an encoder instead, which `check_model` says in one line
+    before the run touches anything.
+    """
 
     name: str
     config: type
@@ -120,11 +128,19 @@ class PassSpec:
     needs_teacher: bool = False
     needs_training: bool = False
     changes_architecture: bool = False
+    decoder_only: str = ""
     doc: str = ""
 
     @property
     def summary(self) -> str:
         return self.doc.strip().splitlines()[0] if self.doc.strip() else self.name
+
+
+def check_model(spec: PassSpec, loaded: LoadedModel) -> None:
+    """ConfigError when the pass cannot run on this kind of model (a decoder-only pass given a
+    sentence encoder); the recipe runner checks every step once, before the first one runs."""
+    if spec.decoder_only and loaded.is_encoder:
+        raise ConfigError(f"{spec.name} does not run on sentence encoders such as {loaded.name}: {spec.decoder_only}")
 
 
 def doc(text: str) -> dict[str, str]:

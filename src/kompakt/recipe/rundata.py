@@ -13,6 +13,7 @@ import torch
 from kompakt.data.loader import MAX_GENERATED_CALIBRATION_TOKENS
 from kompakt.errors import DataError
 from kompakt.evaluate.topk import TOP_K, TopK, kl_label
+from kompakt.model.inputs import Batch
 from kompakt.model.loaded import LoadedModel
 from kompakt.rundir.hashing import digest, file_identity
 from kompakt.recipe.schema import DataSpec
@@ -32,7 +33,7 @@ class RunData:
         self.spec = spec
         self.original = original
         self.seed = seed
-        self._calibration: torch.Tensor | None = None
+        self._calibration: Batch | None = None
         self._evaluation: torch.Tensor | None = None
         self._source_ids: torch.Tensor | None = None
         self._training: dict[tuple, Any] = {}
@@ -50,7 +51,13 @@ class RunData:
         }
         if prefix := self._prefix():  # only then: the hashes of prefix-free models stay as they were
             what["prefix"] = prefix
+        if self._encoder:  # padded sentences, not token blocks (kompakt.data.sentence_batches)
+            what["form"] = "sentences"
         return digest(what)
+
+    @property
+    def _encoder(self) -> bool:
+        return bool(getattr(self.original, "is_encoder", False))
 
     def eval_identity(self, metrics: list[str]) -> str:
         """What determines a step's metrics (a run directory keeps one evaluation setting)."""
@@ -69,7 +76,11 @@ class RunData:
             self._source_ids = load_tokens(self.spec.calibration, self.original, seed=self.seed)
         return self._source_ids
 
-    def calibration(self) -> torch.Tensor:
+    def calibration(self) -> Batch:
+        """Token blocks [calibration_blocks, block_len]; for an encoder, calibration_blocks
+        sentences of at most block_len tokens, padded (kompakt.data.sentence_batches)."""
+        if self._calibration is None and self._encoder:
+            self._calibration = self._sentence_calibration()
         if self._calibration is None:
             from kompakt.data import load_tokens, sample_blocks, split_heldout
 
@@ -87,6 +98,18 @@ class RunData:
             self._calibration = _with_prefix(blocks, prefix)
         return self._calibration
 
+    def _sentence_calibration(self) -> Batch:
+        from kompakt.data.sentence_batches import sentence_batch
+        from kompakt.data.sentences import default_sentences
+
+        spec = self.spec
+        if spec.calibration is None:
+            logger.info("calibrating on %d default sentences (kompakt.data.sentences)", spec.calibration_blocks)
+            sentences = default_sentences(spec.calibration_blocks)
+        else:  # the run data's sentences without the held-out end the steps are scored on
+            sentences = self._user_sentences()[0]
+        return sentence_batch(self.original, sentences, spec.calibration_blocks, spec.block_len, seed=self.seed)
+
     def _prefix(self) -> list[int]:
         """What the tokenizer puts before text (Gemma's <bos>; nothing for SmolLM2): every
         calibration block starts with it, as every sequence the model sees in use does. Gemma's
@@ -95,7 +118,9 @@ class RunData:
         from kompakt.model.tokens import prefix_ids
 
         tokenizer = getattr(self.original, "tokenizer", None)
-        return prefix_ids(tokenizer) if tokenizer is not None else []
+        if tokenizer is None or self._encoder:  # an encoder's tokenizer adds its specials per sentence
+            return []
+        return prefix_ids(tokenizer)
 
     def training(self, source: str | None, n_tokens: int, answer_only: bool = True,
                  generator: LoadedModel | None = None) -> Any:  # fmt: skip

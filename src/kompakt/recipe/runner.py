@@ -31,7 +31,7 @@ import torch
 
 from kompakt.errors import KompaktError
 from kompakt.model.loaded import LoadedModel
-from kompakt.passes.base import PassContext
+from kompakt.passes.base import PassContext, check_model
 from kompakt.rundir import layout
 from kompakt.rundir.hashing import digest, step_hash
 from kompakt.rundir.lineage import append_record
@@ -136,8 +136,10 @@ def run_recipe(
 
     recipe = recipe.validate()
     setup_process_device()  # under `accelerate launch`: one GPU per process
-    out = layout.prepare(run_dir_for_process(Path(out_dir)), force=force)
     original = load(recipe.model)
+    for step in recipe.steps:  # a pass that cannot run on this model: refused before anything is written
+        check_model(step.spec_and_config()[0], original)
+    out = layout.prepare(run_dir_for_process(Path(out_dir)), force=force)
     data = RunData(recipe.data, original, recipe.seed)
     planned = _plan(recipe, original.fingerprint(), data)
     eval_id = data.eval_identity(recipe.metrics)
