@@ -5,8 +5,8 @@ what is fragile are measured on sentences, by what a user of an embedding model 
 loses, the pooled sentence embedding:
 
 1. breakdown of parameters and bytes (no data);
-2. a calibration pass over `calib_sentences` sentences, batched by token count (no padding,
-   so every position is a real token): block influence per layer (scoring.layers) and FFN-
+2. a calibration pass over `calib_sentences` padded sentences (the scorers read the attention
+   mask and leave padding out): block influence per layer (scoring.layers) and FFN-
    channel, head and hidden-channel importance (scoring.channels, through the ArchSpec roles);
 3. the held-out sentences (the last `eval_sentences`) embedded once as the reference, then
    2 x n_layers edits scored against it: each layer skipped (scoring.embedding_edits, the encoder
@@ -34,6 +34,7 @@ from kompakt.analyze.write import write_outputs
 from kompakt.errors import ConfigError, DataError
 from kompakt.model.arch import arch_for, decoder_layers, linear_modules
 from kompakt.model.encode import input_limit
+from kompakt.model.inputs import model_inputs
 from kompakt.model.progress import stage_line, stages
 from kompakt.scoring.channels import ChannelCollector
 from kompakt.scoring.embedding_quant import embedding_quant_scores
@@ -89,30 +90,17 @@ def _split(sentences: list[str], calib_sentences: int, eval_sentences: int) -> t
     return sentences[:-eval_sentences][:calib_sentences], sentences[-eval_sentences:]
 
 
-def _same_length_batches(tokenizer, sentences: list[str], limit: int, batch_size: int) -> list[torch.Tensor]:
-    """Token ids [batch, length] of sentences grouped by token count: batches without padding,
-    so every position the hooks see is a real token (their means would count padding otherwise)."""
-    groups: dict[int, list[list[int]]] = {}
-    for ids in tokenizer(sentences, truncation=True, max_length=limit)["input_ids"]:
-        groups.setdefault(len(ids), []).append(ids)
-    return [
-        torch.tensor(rows[start : start + batch_size])
-        for _, rows in sorted(groups.items())
-        for start in range(0, len(rows), batch_size)
-    ]
-
-
 @torch.inference_mode()
-def _calibrate(loaded, layers, sentences: list[str], batch_size: int, advance) -> tuple[list[float], object]:
-    """Block influence and channel importance over unpadded batches of the calibration sentences."""
-    model = loaded.model
-    influence, collector = BlockInfluence(layers), ChannelCollector(model, layers)
+def _calibrate(loaded, layers, batches, advance) -> tuple[list[float], object]:
+    """Block influence and channel importance over padded sentences; both leave padding out."""
+    influence, collector = BlockInfluence(layers), ChannelCollector(loaded.model, layers)
     handles = influence.attach() + collector.attach()
     try:
-        for ids in _same_length_batches(loaded.tokenizer, sentences, input_limit(loaded), batch_size):
-            ids = ids.to(loaded.device)
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
-            advance(ids.shape[0])
+        for batch in batches:
+            influence.before(batch)
+            collector.before(batch)
+            loaded.model(**model_inputs(batch))
+            advance(len(batch))
     finally:
         for handle in handles:
             handle.remove()
@@ -126,10 +114,12 @@ def _measure(loaded, calibration, heldout, *, bits, group_size, batch_size, per_
     with stages() as progress:
         stage = progress.add_task("calibration pass", total=len(calibration))
         tick = time.perf_counter()
-        influence, channels = _calibrate(loaded, layers, calibration, batch_size, lambda n: progress.advance(stage, n))
+        limit = input_limit(loaded)
+        batches = sentence_batches(loaded.tokenizer, calibration, limit, batch_size, loaded.device)
+        influence, channels = _calibrate(loaded, layers, batches, lambda n: progress.advance(stage, n))
         timings["calibration_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        batches = sentence_batches(loaded.tokenizer, heldout, input_limit(loaded), batch_size, loaded.device)
+        batches = sentence_batches(loaded.tokenizer, heldout, limit, batch_size, loaded.device)
         reference = pooled_embeddings(model, batches, pooling)
         stage = progress.add_task("skip each layer", total=len(layers))
         skips = embedding_skip_scores(model, layers, batches, pooling, reference, lambda: progress.advance(stage))

@@ -122,7 +122,7 @@ def _settings(analysis: Analysis) -> str:
     if analysis.is_encoder:
         quant = s["quant"]
         return (
-            f"data: {s['data']}; calibration {s['calibration']['sentences']} sentences, batched by token count (no padding); "
+            f"data: {s['data']}; calibration {s['calibration']['sentences']} sentences (padding left out); "
             f"held-out {s['heldout']['sentences']} sentences ({s['heldout']['tokens']} tokens); "
             f"{s['truncation']}; quantization {quant['bits']}-bit RTN, symmetric, group {quant['group_size']}; "
             f"cost: {s['cost']}"

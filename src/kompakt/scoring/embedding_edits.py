@@ -2,29 +2,31 @@
 
 The encoder analogue of skip KL (skip.py). An encoder has no next-token distribution; what a
 user of a sentence-embedding model keeps or loses is the pooled embedding. So layer i is
-replaced by the identity (its output is its input: the residual stream passes by), every
+replaced by the identity (encoder_skip.identity_layer, the hook prune.depth's score uses), every
 calibration sentence is embedded (pooled and normalised as the model's sentence-transformers
 files say), and the result is compared with the unedited model's embedding of the same sentence:
 the mean cosine over sentences (and the worst one). `1 - cosine` is the cost: the layer with the
 smallest cost is the cheapest to drop, as Minitron's "remove one layer, measure the change"
 ranks decoder layers.
 
-`embedding_skip_scores` scores every layer against a reference embedded once, which the
+Where encoder_skip.skip_cosine_costs (prune.depth) streams batches and returns one number per
+layer, `embedding_skip_scores` scores every layer against a reference embedded once, which the
 analysis also scores quantization edits against (embedding_quant.py), and reports the worst
-sentence beside the mean. Batches are `sentence_batches` rows: token ids padded together with
-an attention mask; pooling reads the mask, so padding does not change a sentence's embedding.
+sentence beside the mean. Batches are padded sentences (kompakt.model.inputs.SentenceBatch);
+pooling reads the mask, so padding does not change a sentence's embedding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-Batch = dict[str, torch.Tensor]  # input_ids and attention_mask, [batch, seq] each
+from kompakt.model.inputs import SentenceBatch, model_inputs, pad_sentences
+from kompakt.model.sentence import pool
+from kompakt.scoring.encoder_skip import identity_layer
 
 
 @dataclass
@@ -48,27 +50,20 @@ class EmbeddingScore:
 
 
 def sentence_batches(tokenizer, sentences: Sequence[str], max_length: int, batch_size: int = 32,
-                     device: torch.device | str = "cpu") -> list[Batch]:  # fmt: skip
-    """Tokenized sentences (special tokens added, cut to `max_length`), `batch_size` per batch."""
-    batches = []
-    for start in range(0, len(sentences), batch_size):
-        encoded = tokenizer(
-            list(sentences[start : start + batch_size]), padding=True, truncation=True,
-            max_length=max_length, return_tensors="pt",
-        )  # fmt: skip
-        batches.append({key: encoded[key].to(device) for key in ("input_ids", "attention_mask")})
-    return batches
+                     device: torch.device | str = "cpu") -> list[SentenceBatch]:  # fmt: skip
+    """Tokenized sentences (special tokens added, cut to `max_length`), padded `batch_size` at a time."""
+    ids = tokenizer(list(sentences), truncation=True, max_length=max_length)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [batch.to(device) for batch in pad_sentences(ids, pad).split(batch_size)]
 
 
 @torch.inference_mode()
-def pooled_embeddings(model: nn.Module, batches: Sequence[Batch], pooling) -> torch.Tensor:
+def pooled_embeddings(model: nn.Module, batches: Sequence[SentenceBatch], pooling) -> torch.Tensor:
     """[n_sentences, hidden] fp32 embeddings of every batch, pooled per `pooling`."""
-    from kompakt.model.sentence import pool
-
     rows = []
     for batch in batches:
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        rows.append(pool(hidden.float(), batch["attention_mask"], pooling).float())
+        hidden = model(**model_inputs(batch)).last_hidden_state
+        rows.append(pool(hidden.float(), batch.attention_mask, pooling).float())
     return torch.cat(rows)
 
 
@@ -78,25 +73,10 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> EmbeddingScore:
     return EmbeddingScore(cosine=float(cos.mean()), min_cosine=float(cos.min()))
 
 
-@contextmanager
-def skipped_layer(layer: nn.Module) -> Iterator[None]:
-    """The layer returns its input (in the form its output takes: a tensor or a tuple)."""
-
-    def identity(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    handle = layer.register_forward_hook(identity, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def embedding_skip_scores(
     model: nn.Module,
     layers: nn.ModuleList,
-    batches: Sequence[Batch],
+    batches: Sequence[SentenceBatch],
     pooling,
     reference: torch.Tensor,
     advance: Callable[[], None] = lambda: None,
@@ -104,7 +84,7 @@ def embedding_skip_scores(
     """Score the model with each layer skipped in turn against `reference` embeddings."""
     scores = []
     for layer in layers:
-        with skipped_layer(layer):
+        with identity_layer(layer):
             scores.append(compare(reference, pooled_embeddings(model, batches, pooling)))
         advance()
     return scores

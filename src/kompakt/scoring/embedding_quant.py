@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from kompakt.model.arch import ArchSpec, linear_modules
-from kompakt.scoring.embedding_edits import Batch, EmbeddingScore, compare, pooled_embeddings
+from kompakt.model.inputs import SentenceBatch
+from kompakt.scoring.embedding_edits import EmbeddingScore, compare, pooled_embeddings
 from kompakt.scoring.quant_sensitivity import fallback_note, quantized_layer
 
 
@@ -24,7 +25,7 @@ def embedding_quant_scores(
     model: nn.Module,
     layers: nn.ModuleList,
     spec: ArchSpec,
-    batches: Sequence[Batch],
+    batches: Sequence[SentenceBatch],
     pooling,
     reference: torch.Tensor,
     *,
