@@ -4,11 +4,14 @@ PEFT's tests/test_custom_models.py): a pass registered tomorrow is covered witho
 Each case takes the pass's documented sample step (the `Sample recipe step::` block of its module
 docstring, validated unchanged through the recipe schema), shrinks its budget through the same
 typed config, applies it to a tiny model with the data the runner would hand it, saves the result
-as the runner does, reloads it with `kompakt.load`, and checks: the reloaded logits equal the
-in-memory ones (to the storage dtype's precision); the shapes and the quantized state survive
+as the runner does, reloads it with `kompakt.load`, and checks: the reloaded logits (a sentence
+encoder's embeddings) equal the in-memory ones (to the storage dtype's precision); the shapes and the quantized state survive
 the round trip; the model is still its family's class (no wrapper left); the pass used only
 what it declared (calibration, teacher, training) and kept the architecture unless it declared
-a change; and `kompakt.evaluate` gives a finite perplexity and KL to the original.
+a change; and `kompakt.evaluate` gives a finite perplexity and KL to the original (an encoder:
+finite cosines to the original's embeddings). Sentence encoders (every tiny encoder family) are
+rows of the same matrix: a pass that declares `decoder_only` must refuse them in one line before
+it runs (`check_model`, what the recipe runner calls), every other pass must run as above.
 Relative quality (GPTQ <= RTN, Wanda <= magnitude, ...) lives in the per-pass test files.
 """
 
@@ -29,15 +32,21 @@ import yaml
 import kompakt
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import is_quantized
-from kompakt.model.tiny import TINY_FAMILIES, tiny_model
-from kompakt.passes.base import PassContext, PassSpec, build_config, config_fields, registry
+from kompakt.errors import ConfigError
+from kompakt.model.encode import embed
+from kompakt.model.tiny import TINY_ENCODERS, TINY_FAMILIES, tiny_encoder, tiny_model
+from kompakt.passes.base import PassContext, PassSpec, build_config, check_model, config_fields, registry
 from kompakt.passes.train_common import TrainingConfig
 from kompakt.recipe.rundata import RunData
 from kompakt.recipe.schema import DataSpec
 from kompakt.rundir.stepsave import save_step_model
 
 PASSES = registry()
-TEST_CASES = [pytest.param(name, family, id=f"{name}-{family}") for name in sorted(PASSES) for family in TINY_FAMILIES]
+TEST_CASES = [
+    pytest.param(name, family, id=f"{name}-{family}")
+    for name in sorted(PASSES)
+    for family in TINY_FAMILIES + TINY_ENCODERS
+]
 
 # Budget overrides, by the config type that owns the fields (never by pass name, so a new pass
 # needs no row): every training pass builds on TrainingConfig and gets the smallest run. Passes
@@ -54,6 +63,7 @@ RUN_INPUTS = {"data": None, "teacher": None}
 ULPS = 10
 DATA = DataSpec(calibration_blocks=8, block_len=64, eval_tokens=512, window=64, stride=64)
 IDS = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+SENTENCES = ["the small model reads a sentence.", "layers of weights and tokens run in steps, step by step."]
 _SAMPLE = re.compile(r"Sample recipe steps?::\s*\n((?:[ \t]*\n|[ \t]+- .*\n?)+)")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +96,7 @@ def run_inputs(text_file) -> Callable[[str], tuple[LoadedModel, RunData]]:
 
     def get(family: str) -> tuple[LoadedModel, RunData]:
         if family not in cache:
-            original = tiny_model(family)
+            original = tiny_encoder(family) if family in TINY_ENCODERS else tiny_model(family)
             cache[family] = original, RunData(dataclasses.replace(DATA, calibration=str(text_file)), original, 0)
         return cache[family]
 
@@ -139,6 +149,9 @@ def _shrunk(spec: PassSpec, values: dict[str, Any] | None) -> Any:
 
 
 def _logits(loaded: LoadedModel) -> torch.Tensor:
+    """Next-token logits of a causal LM; a sentence encoder's embeddings of SENTENCES."""
+    if loaded.is_encoder:
+        return embed(loaded, SENTENCES)
     with torch.no_grad():
         return loaded.model(input_ids=IDS).logits.float()
 
@@ -152,7 +165,13 @@ def test_pass_contract(name, family, run_inputs, tmp_path):
     spec = PASSES[name]
     before, config = _config(spec)
     original, data = run_inputs(family)
-    student = LoadedModel(model=copy.deepcopy(original.model), tokenizer=original.tokenizer, name=original.name)
+    if original.is_encoder and spec.decoder_only:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(name)} does not run on sentence encoders .*: \S"):
+            check_model(spec, original)
+        return
+    check_model(spec, original)
+    student = LoadedModel(model=copy.deepcopy(original.model), tokenizer=original.tokenizer, name=original.name,
+                          pooling=original.pooling)
     work = tmp_path / "work"
     work.mkdir()
     for step, step_config in before:
@@ -178,6 +197,10 @@ def test_pass_contract(name, family, run_inputs, tmp_path):
     atol = ULPS * eps * max(1.0, float(logits.abs().max()))
     torch.testing.assert_close(_logits(reloaded), logits, rtol=0, atol=atol)
 
+    if original.is_encoder:
+        cosines = torch.nn.functional.cosine_similarity(_logits(reloaded), _logits(original))
+        assert torch.isfinite(cosines).all(), cosines
+        return
     evaluated = kompakt.evaluate(reloaded, reference=original, ids=data.evaluation(), window=DATA.window,
                                  speed=False)  # fmt: skip
     assert torch.isfinite(torch.tensor([evaluated.ppl, evaluated.kl_mean])).all(), evaluated

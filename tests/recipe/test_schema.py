@@ -23,6 +23,7 @@ gates:
   max_ppl_ratio: 1.5
   max_kl: null
   min_top1: 0.5
+  min_cosine: null
 steps:
 - prune.depth: {fraction: 0.25}
 - prune.depth: {count: 1, method: kl, iterative: true}

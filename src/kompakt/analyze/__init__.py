@@ -4,9 +4,10 @@ channels matter, how sensitive each layer is to quantization, how good and fast 
 from __future__ import annotations
 
 from kompakt.analyze.api import analyze, write_outputs
+from kompakt.analyze.encoder import analyze_encoder
 from kompakt.analyze.result import Analysis
 from kompakt.callable_package import make_package_callable
 
-__all__ = ["Analysis", "analyze", "write_outputs"]
+__all__ = ["Analysis", "analyze", "analyze_encoder", "write_outputs"]
 
 make_package_callable(__name__, analyze)  # kompakt.analyze(...) after `import kompakt.analyze`

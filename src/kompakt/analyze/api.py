@@ -15,19 +15,17 @@ this package only arranges and presents them.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from kompakt.analyze import html as html_page
-from kompakt.analyze import plots
 from kompakt.analyze.breakdown import breakdown as count_parameters
-from kompakt.analyze.output import check_out, write_files
+from kompakt.analyze.output import check_out
 from kompakt.analyze.result import Analysis
 from kompakt.analyze.summary import MLP_TINY, tiny_fraction, where_to_cut
+from kompakt.analyze.write import write_outputs
 from kompakt.data import sample_blocks
 from kompakt.errors import ConfigError, DataError
 from kompakt.model.arch import arch_for, decoder_layers, text_config
@@ -207,11 +205,16 @@ def analyze(
     perplexity and (with `speed`) prefill / generation speed. With `out`, writes
     analysis.json, PNG plots and a self-contained analysis.html there.
 
+    A sentence encoder (`loaded.is_encoder`) is analysed on sentences instead: pass them as
+    `ids` (a list of strings); see kompakt.analyze.encoder.analyze_encoder for its options.
+
     Raises:
         OutputPathError: `out` points into an existing file (checked before any work).
         ConfigError / DataError: sizes that do not fit the model or the data.
     """
-    out_dir = check_out(out)
+    out_dir = check_out(out)  # before the model or the data are looked at
+    if loaded.is_encoder:
+        return _analyze_encoder(loaded, ids, out=out, bits=bits, group_size=group_size)
     _check_sizes(loaded, n_blocks, block_len, eval_tokens, eval_window)
     spec, layers = arch_for(loaded.model), decoder_layers(loaded.model)
     info = _model_info(loaded)
@@ -250,13 +253,10 @@ def analyze(
     return analysis
 
 
-def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, str]:
-    """Write analysis.json, the plots and analysis.html into out_dir (each file atomically)."""
-    images = plots.all_plots(analysis)
-    names = ["analysis.json", *images, "analysis.html"]
-    analysis.files = {name: str(out_dir / name) for name in names}
-    contents: dict[str, bytes] = dict(images)
-    contents["analysis.html"] = html_page.render(analysis, images).encode()
-    contents["analysis.json"] = json.dumps(analysis.to_dict(), indent=1).encode()
-    write_files(out_dir, contents)
-    return analysis.files
+def _analyze_encoder(loaded, sentences, **options) -> Analysis:
+    """The encoder analysis (kompakt.analyze.encoder), imported when used: it imports this module."""
+    if isinstance(sentences, str) or not isinstance(sentences, (list, tuple)):
+        raise DataError(f"{loaded.name} is an embedding model: analyse it on sentences (a list of strings), not token ids")
+    from kompakt.analyze.encoder import analyze_encoder
+
+    return analyze_encoder(loaded, list(sentences), **options)

@@ -1,7 +1,8 @@
 """Where the parameters and bytes of a model are: by component and by decoder layer.
 
 Components: embeddings, attention, mlp, norms, lm_head (and "other" for anything outside the
-decoder stack, e.g. a vision tower). Tied input/output embeddings are one tensor: counted once,
+layer stack, e.g. a vision tower, or a BERT pooler that sentence embeddings do not use). An
+encoder's position and token-type tables count as embeddings. Tied input/output embeddings are one tensor: counted once,
 under embeddings, and `tied_embeddings` says so. Bytes are parameters x the storage element
 size (what a saved copy takes); `disk_bytes` is what the weight files on disk take now, counted
 by `kompakt.evaluate.disk_bytes` (the same count the run lineage and the report use).
@@ -50,23 +51,41 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+_BLOCK_NORMS = ("attn.pre", "attn.post", "mlp.pre", "mlp.post")
+
+
+def _in_layer(rest: str, spec, tensor: torch.Tensor) -> str:
+    """Component of a parameter inside a layer. The Linears' roles decide first: a BERT layer's
+    FFN output Linear (`output.dense`) and its post-residual LayerNorms sit outside the
+    `attention` / `intermediate` submodules the path prefixes name."""
+    for role, path in spec.linear_paths.items():
+        if rest.startswith(path + "."):
+            return "attention" if role.startswith("attn.") else "mlp"
+    if any(rest.startswith(spec.norm_paths[role] + ".") for role in _BLOCK_NORMS if role in spec.norm_paths):
+        return "norms"
+    if rest.startswith(spec.attn + "."):
+        return "attention"
+    if rest.startswith(spec.mlp + "."):
+        return "mlp"
+    # Whatever else a decoder layer holds is its norms (1-D scales); anything 2-D is unusual.
+    return "norms" if tensor.dim() == 1 else "other"
+
+
 def _classify(name: str, spec, tensor: torch.Tensor) -> tuple[str, int | None]:
     """(component, layer index or None) of a parameter by its dotted name."""
     layers_prefix = spec.layers + "."
     if name.startswith(layers_prefix):
         index_text, _, rest = name[len(layers_prefix) :].partition(".")
-        index = int(index_text)
-        if rest.startswith(spec.attn + "."):
-            return "attention", index
-        if rest.startswith(spec.mlp + "."):
-            return "mlp", index
-        # Whatever else a decoder layer holds is its norms (1-D scales); anything 2-D is unusual.
-        return ("norms" if tensor.dim() == 1 else "other"), index
+        return _in_layer(rest, spec, tensor), int(index_text)
     if name.startswith(spec.embed + "."):
         return "embeddings", None
-    if name.startswith(spec.lm_head + "."):
+    embeddings_module = spec.embed.rpartition(".")[0]
+    if spec.encoder and embeddings_module and name.startswith(embeddings_module + "."):
+        # An encoder's embeddings module also holds position and token-type tables and a LayerNorm.
+        return ("embeddings" if tensor.dim() == 2 else "norms"), None
+    if spec.lm_head and name.startswith(spec.lm_head + "."):
         return "lm_head", None
-    if name.startswith(spec.final_norm + "."):
+    if spec.final_norm and name.startswith(spec.final_norm + "."):
         return "norms", None
     return "other", None
 

@@ -58,6 +58,10 @@ def _breakdown(analysis: Analysis) -> str:
 
 
 def _baseline(analysis: Analysis) -> str:
+    if analysis.is_encoder:
+        ref = analysis.reference
+        rows = [["held-out sentences (reference embeddings)", ref["sentences"]], ["embedding size", ref["embedding_dim"]]]
+        return html_table(["metric", "value"], rows)
     rows = [["perplexity (held-out, reference run)", f"{analysis.reference['ppl']:.3f}"]]
     base = analysis.baseline or {}
     if base.get("perplexity"):
@@ -69,7 +73,25 @@ def _baseline(analysis: Analysis) -> str:
     return html_table(["metric", "value"], rows)
 
 
+def _encoder_layers(analysis: Analysis) -> str:
+    bits = analysis.settings["quant"]["bits"]
+    header = ["layer", "params", "block influence", "skip cos", "skip min cos", f"{bits}-bit cos", f"{bits}-bit min cos"]
+    rows = [
+        [row["index"], f"{row['params']:,}", f"{row['block_influence']:.4f}", f"{row['skip']['cosine']:.4f}",
+         f"{row['skip']['min_cosine']:.4f}", f"{row['quant']['cosine']:.5f}", f"{row['quant']['min_cosine']:.5f}"]
+        for row in analysis.layers
+    ]  # fmt: skip
+    table = html_table(header, rows)
+    roles = list(analysis.layers[0]["quant"].get("per_linear", {})) if analysis.layers else []
+    if roles:  # analyze_encoder(per_linear=True): each Linear quantized alone
+        rows = [[row["index"], *(f"{row['quant']['per_linear'][role]:.2e}" for role in roles)] for row in analysis.layers]
+        table += f"<p>{bits}-bit RTN of one Linear alone: 1 - cosine</p>" + html_table(["layer", *roles], rows)
+    return table
+
+
 def _layers(analysis: Analysis) -> str:
+    if analysis.is_encoder:
+        return _encoder_layers(analysis)
     header = ["layer", "params", "block influence", "skip KL", "skip ppl", "skip top-1", "4-bit KL", "4-bit ppl"]
     rows = [
         [
@@ -97,6 +119,14 @@ def embed_images(images: dict[str, bytes]) -> str:
 
 def _settings(analysis: Analysis) -> str:
     s = analysis.settings
+    if analysis.is_encoder:
+        quant = s["quant"]
+        return (
+            f"data: {s['data']}; calibration {s['calibration']['sentences']} sentences (padding left out); "
+            f"held-out {s['heldout']['sentences']} sentences ({s['heldout']['tokens']} tokens); "
+            f"{s['truncation']}; quantization {quant['bits']}-bit RTN, symmetric, group {quant['group_size']}; "
+            f"cost: {s['cost']}"
+        )
     cal, held, quant = s["calibration"], s["heldout"], s["quant"]
     return (
         f"calibration {cal['blocks']} x {cal['block_len']} tokens; held-out {held['windows']} windows of "

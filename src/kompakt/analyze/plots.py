@@ -27,11 +27,13 @@ def layer_importance(analysis: Analysis) -> bytes:
     axis = figure.add_subplot()
     axis.bar(index, analysis.column("block_influence"), color="#4c78a8", label="block influence (1 - cos)")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_xlabel("decoder layer")
+    axis.set_xlabel("layer")
     axis.set_ylabel("block influence")
     twin = axis.twinx()
-    twin.plot(index, np.clip(analysis.column("skip", "kl"), 1e-6, None), color="#e45756", marker="o", ms=3, label="KL when skipped")
-    twin.set_ylabel("KL when skipped (nats)")
+    key, label = analysis.cost
+    twin.plot(index, np.clip(analysis.column("skip", key), 1e-6, None), color="#e45756", marker="o", ms=3,
+              label=f"{key.upper() if key == 'kl' else '1 - cos'} when skipped")  # fmt: skip
+    twin.set_ylabel(f"when skipped: {label}")
     twin.set_yscale("log")
     handles = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     axis.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8, framealpha=0.8)
@@ -45,10 +47,11 @@ def quant_sensitivity(analysis: Analysis) -> bytes:
     index = np.arange(len(analysis.layers))
     figure = Figure(figsize=(9, 3.2))
     axis = figure.add_subplot()
-    axis.bar(index, analysis.column("quant", "kl"), color="#f58518")
+    key, label = analysis.cost
+    axis.bar(index, analysis.column("quant", key), color="#f58518")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_xlabel("decoder layer")
-    axis.set_ylabel("KL (nats)")
+    axis.set_xlabel("layer")
+    axis.set_ylabel(label)
     axis.set_title(f"Quantization sensitivity: {quant['bits']}-bit RTN of one layer, group {quant['group_size']}")
     return png_bytes(figure)
 
@@ -64,7 +67,7 @@ def channel_importance(analysis: Analysis) -> bytes | None:
     axis.set_yscale("log")
     axis.axhline(0.1, color="#e45756", lw=0.8, ls="--")
     axis.tick_params(axis="x", labelsize=7)
-    axis.set_xlabel("decoder layer")
+    axis.set_xlabel("layer")
     axis.set_ylabel("channel / layer median")
     axis.set_title("MLP channel importance (activation RMS at down_proj input)")
     return png_bytes(figure)

@@ -20,7 +20,8 @@ class Analysis:
         settings: token counts and options used (calibration blocks, held-out windows, quant).
         breakdown: parameters and bytes by component and layer.
         layers: one dict per decoder layer: index, params, bytes, block_influence,
-            skip {ppl, kl, top1}, quant {ppl, kl, top1}, mlp_tiny_fraction.
+            skip {ppl, kl, top1}, quant {ppl, kl, top1}, mlp_tiny_fraction. For an encoder
+            (settings["task"] == "embed") skip and quant are {cosine, min_cosine, loss}.
         channels: MLP-channel / head / KV-group importances per layer and hidden-channel importance
             (kompakt.scoring.channels; None when not computed).
         reference: perplexity of the unmodified model on the held-out windows (the number the
@@ -78,6 +79,17 @@ class Analysis:
             files=data.get("files", {}),
             notes=data.get("notes", []),
         )
+
+    @property
+    def is_encoder(self) -> bool:
+        """An embedding model's analysis: layer costs are 1 - cosine of sentence embeddings
+        (layers[i]["skip"]["loss"]), not next-token KL (["skip"]["kl"])."""
+        return self.settings.get("task") == "embed"
+
+    @property
+    def cost(self) -> tuple[str, str]:
+        """(key of the per-layer cost in layers[i]["skip"] / ["quant"], its label for plots)."""
+        return ("loss", "1 - cosine of sentence embeddings") if self.is_encoder else ("kl", "KL (nats)")
 
     def column(self, *keys: str) -> list[float]:
         """One number per layer, e.g. column("skip", "kl") or column("block_influence")."""

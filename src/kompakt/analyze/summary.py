@@ -54,10 +54,13 @@ def where_to_cut(
     quant_kl: list[float],
     channels: ChannelImportance | None,
     k: int | None = None,
+    cost: str = "KL",
 ) -> dict:
     """Rank layers, state parameter shares and channel headroom.
 
     `k` (default: a sixth of the layers, at least 1) is how many layers each ranking names.
+    `skip_kl` and `quant_kl` are per-layer costs named `cost` in the text: next-token KL for a
+    decoder, 1 - cosine of the sentence embeddings ("1-cos") for an encoder.
     """
     n_layers = len(block_influence)
     k = k or max(1, n_layers // 6)
@@ -77,17 +80,19 @@ def where_to_cut(
         "mlp_tiny_fraction": _fraction_below(channels.mlp, MLP_TINY) if channels else None,
         "head_tiny_fraction": _fraction_below(channels.heads, HEAD_TINY) if channels else None,
         "thresholds": {"mlp_tiny": MLP_TINY, "head_tiny": HEAD_TINY},
+        "cost": cost,
     }
     result["lines"] = _lines(result, breakdown, skip_kl, quant_kl)
     return result
 
 
 def _lines(result: dict, breakdown: Breakdown, skip_kl: list[float], quant_kl: list[float]) -> list[str]:
-    k = result["k"]
+    k, cost = result["k"], result.get("cost", "KL")
+    digits = 3 if cost == "KL" else 4  # 1 - cosine of a 4-bit layer is often below 0.001
     names = lambda indices: ", ".join(str(i) for i in indices)  # noqa: E731
     lines = [
-        f"Layers cheapest to drop (lowest skip KL): {names(result['cheapest_to_skip'])} "
-        f"(KL {', '.join(f'{skip_kl[i]:.3f}' for i in result['cheapest_to_skip'])}); "
+        f"Layers cheapest to drop (lowest skip {cost}): {names(result['cheapest_to_skip'])} "
+        f"({cost} {', '.join(f'{skip_kl[i]:.{digits}f}' for i in result['cheapest_to_skip'])}); "
         f"lowest block influence: {names(result['lowest_block_influence'])} — "
         f"{len(result['agreement'])} of {k} agree.",
     ]
@@ -97,7 +102,7 @@ def _lines(result: dict, breakdown: Breakdown, skip_kl: list[float], quant_kl: l
     lines.append(f"Parameters {_human(breakdown.total_params)}: {', '.join(parts)}{tied}.")
     lines.append(
         f"Most quantization-sensitive layers (keep at higher precision): {names(result['most_quant_sensitive'])} "
-        f"(KL {', '.join(f'{quant_kl[i]:.3f}' for i in result['most_quant_sensitive'])}); "
+        f"({cost} {', '.join(f'{quant_kl[i]:.{digits}f}' for i in result['most_quant_sensitive'])}); "
         f"least: {names(result['least_quant_sensitive'])}."
     )
     if result["mlp_tiny_fraction"] is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from kompakt.atomic import atomic_symlink, reporting_errors, write_text
-from kompakt.errors import ConfigError, OutputPathError
+from kompakt.errors import ConfigError
 from kompakt.rundir.layout import AUTO_FILE, REFERENCE_DIR
 from kompakt.rundir.lineage import read_lineage
+from kompakt.auto.outdir import check_out as _check_out, default_out
 from kompakt.auto.planner import Plan, make_plan
 from kompakt.recipe.schema import DataSpec
 from kompakt.auto.target import Target, check_bytes_possible, parse_budget, parse_target
@@ -58,34 +58,6 @@ class AutoResult:
     exports: dict[str, str] = field(default_factory=dict)
     report: Path | None = None
     wall_s: float = 0.0
-
-
-def default_out(model: str | None, target: Target) -> Path:
-    name = Path(str(model or "smollm2-135m")).name.removesuffix(".gguf")
-    tag = target.text.replace("=", "").replace(",", "-").replace(".", "p")
-    return Path("runs") / f"{name}-{tag}"
-
-
-def _check_out(out: Path, fingerprint: str, target: Target, force: bool) -> None:
-    """An existing run directory must belong to the same model and target (checked before work)."""
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"{out} is a file; give --out a directory path for the run")
-    marker = out / AUTO_FILE
-    if force and out.is_dir():
-        shutil.rmtree(out)
-        return
-    if marker.is_file():
-        owner = json.loads(marker.read_text())
-        if owner.get("fingerprint") != fingerprint:
-            raise OutputPathError(
-                f"{out} belongs to a run of another model ({owner.get('model')}); use a new --out, or --force to replace it"
-            )
-        if owner.get("target") != target.text:
-            raise OutputPathError(
-                f"{out} holds a run for target {owner.get('target')!r}; use a new --out, or --force to replace it"
-            )
-    elif out.is_dir() and any(out.iterdir()):
-        raise OutputPathError(f"{out} exists and is not a kompakt compress run; choose a new --out")
 
 
 def _sizes(original, data: str | None, overrides: dict | None) -> tuple[DataSpec, dict]:
@@ -176,6 +148,9 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     from kompakt.recipe.rundata import RunData
 
     target = parse_target(target_text)
+    if target.min_cosine is not None:
+        raise ConfigError("--target min-cosine is the floor of sentence encoders; a language model's floor is "
+                          "max-kl=0.15 (or max-ppl-ratio=1.2)")  # fmt: skip
     implicit = target_text is None and budget is None
     if implicit:
         budget = DEFAULT_BUDGET  # the no-argument run is planned for this, never refused for it
@@ -338,6 +313,11 @@ def compress_auto(model: str | None = None, *, target: str | None = None, budget
     from kompakt.report.build import build_report
     from kompakt.report.document import gather
 
+    from kompakt.auto.encoder import compress_encoder, is_encoder_source
+
+    if is_encoder_source(model):  # sentence encoders: their own planner and cosine floor
+        return compress_encoder(model, target=target, budget=budget, data=data, out=out, plan_only=plan_only,
+                                seed=seed, force=force, on_step=on_step, on_event=on_event)  # fmt: skip
     original, plan, out_dir, started = prepare(model, target, budget, data, out, seed, force, on_event, data_sizes)
     result = AutoResult(out_dir, plan)
     if plan_only:

@@ -7,6 +7,8 @@ and a quality floor (max KL, max perplexity ratio), parsed and checked before an
     speed=3x           3x the generation tokens/s of the original (fp16 weights, same runtime)
     max-kl=0.15        quality floor: mean KL(original || result) on held-out text
     max-ppl-ratio=1.2  quality floor: perplexity(result) / perplexity(original)
+    min-cosine=0.95    quality floor of sentence encoders: mean cosine of the result's and the
+                       original's embeddings of held-out sentences (kompakt.auto.encoder)
 
 Items are comma-separated (`size=4x,max-kl=0.1`). The default target is `size=4x,max-kl=0.15`.
 """
@@ -26,7 +28,8 @@ MAX_SIZE_FACTOR = 16 / 2.5 / 0.25
 MIN_PARAMS_FRACTION = 0.1
 MAX_SPEED_FACTOR = 16.0
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
-_KEYS = ("size", "bytes", "params", "speed", "max-kl", "max-ppl-ratio")
+_KEYS = ("size", "bytes", "params", "speed", "max-kl", "max-ppl-ratio", "min-cosine")
+FLOOR_KEYS = ("max_kl", "max_ppl_ratio", "min_cosine")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Target:
     speed: float | None = None  # factor vs the original's generation tokens/s
     max_kl: float | None = None
     max_ppl_ratio: float | None = None
+    min_cosine: float | None = None  # sentence encoders only
     text: str = DEFAULT_TARGET
 
     @property
@@ -100,7 +104,7 @@ def parse_target(text: str | None) -> Target:
             values[key.replace("-", "_")] = _number(key, value)
     if values.get("size") is not None and values.get("bytes") is not None:
         raise ConfigError("--target: give size= or bytes=, not both")
-    if not any(key in values for key in ("max_kl", "max_ppl_ratio")):
+    if not any(key in values for key in FLOOR_KEYS):
         values["max_kl"] = DEFAULT_MAX_KL
     if not any(key in values for key in ("size", "bytes", "params", "speed")):
         values["size"] = 4.0  # a floor alone: the smallest model within it, aiming at 4x
@@ -129,6 +133,8 @@ def _check_possible(target: Target) -> None:
             f"--target max-kl={target.max_kl:g} is violated by the original against itself (its KL is 0); "
             "give a positive bound such as max-kl=0.15"
         )
+    if target.min_cosine is not None and not 0 < target.min_cosine < 1:
+        raise ConfigError(f"--target min-cosine={target.min_cosine:g}: give a bound in (0, 1) such as min-cosine=0.95")
     if target.max_ppl_ratio is not None and target.max_ppl_ratio <= 1.0:
         raise ConfigError(
             f"--target max-ppl-ratio={target.max_ppl_ratio:g} is violated by the original against itself "

@@ -19,6 +19,10 @@ inside the model's forward, so they are captured with forward pre-hooks:
   tensor objects, so storing a reference per layer costs no memory. Capturing kwargs at every
   layer for every batch instead would hold one mask per batch per layer type; deriving them
   from `config.layer_types` would put architecture knowledge here.
+- Padded sentences (an encoder's calibration form, kompakt.model.inputs.SentenceBatch): the
+  attention mask depends on where each row's padding starts, not on the shape, so the kwargs
+  are recorded for every batch (one pass-through forward each: the embeddings only), and each
+  batch's token mask is kept so statistics leave the padding out.
 
 This is generic: no family is named; whatever the layers receive is replayed verbatim.
 """
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 
 from kompakt.model.arch import decoder_layers
+from kompakt.model.inputs import Batch, SentenceBatch, model_inputs, token_mask
 
 BatchKey = tuple[int, ...]
 
@@ -56,15 +61,28 @@ class CapturedInputs:
     Attributes:
         hidden: one tensor [batch, len, hidden] per calibration batch, in the model's compute
             dtype on the model's device.
-        calls: batch shape (batch, len) -> one LayerCall per decoder layer.
+        calls: batch shape (batch, len) -> one LayerCall per decoder layer; for padded sentences
+            (batch, len, batch index): their masks differ from batch to batch.
+        keys: the key into `calls` of every calibration batch, in order.
+        masks: per batch, [batch, len] bool at the real tokens, or None (no padding).
     """
 
     hidden: list[torch.Tensor]
     calls: dict[BatchKey, list[LayerCall]]
+    keys: list[BatchKey] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
 
-    def call_for(self, layer_index: int, hidden: torch.Tensor) -> LayerCall:
-        """The arguments layer `layer_index` needs for a batch of hidden states like `hidden`."""
-        return self.calls[tuple(hidden.shape[:2])][layer_index]
+    def call_for(self, layer_index: int, hidden: torch.Tensor, batch: int | None = None) -> LayerCall:
+        """The arguments layer `layer_index` needs for calibration batch `batch` (None: any batch
+        shaped like `hidden`, for unpadded blocks whose arguments depend on the shape only)."""
+        key = self.keys[batch] if batch is not None and self.keys else ()
+        if len(key) <= 2:  # unpadded: the arguments of any batch of this shape
+            key = tuple(hidden.shape[:2])
+        return self.calls[key][layer_index]
+
+    def mask(self, batch: int) -> torch.Tensor | None:
+        """Batch `batch`'s real-token mask [batch, len] (None: every position is a token)."""
+        return self.masks[batch] if self.masks else None
 
     @property
     def n_samples(self) -> int:
@@ -84,18 +102,20 @@ def _hidden_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 8) -> CapturedInputs:
-    """Run `blocks` [n, len] (token ids) up to decoder layer 0 and record its inputs.
+def capture_layer_inputs(model: nn.Module, blocks: Batch, *, batch_size: int = 8) -> CapturedInputs:
+    """Run `blocks` [n, len] (token ids or padded sentences) up to layer 0 and record its inputs.
 
     Args:
-        model: a transformers causal LM (or LoadedModel.model) of a family in the arch table.
-        blocks: calibration token blocks; split into batches of `batch_size` rows.
+        model: a transformers model (or LoadedModel.model) of a family in the arch table.
+        blocks: calibration token blocks or a SentenceBatch; split into batches of `batch_size` rows.
         batch_size: rows per forward; larger is faster, memory is [batch, len, hidden] per layer.
     """
     layers = decoder_layers(model)
     device = model_device(model)
     hidden: list[torch.Tensor] = []
     calls: dict[BatchKey, list[LayerCall]] = {}
+    keys: list[BatchKey] = []
+    masks: list[torch.Tensor | None] = []
     state: dict[str, Any] = {"key": None, "record": False}
 
     def make_hook(index: int):
@@ -114,13 +134,18 @@ def capture_layer_inputs(model: nn.Module, blocks: torch.Tensor, *, batch_size: 
     for layer in layers:  # while kwargs are recorded the layers pass their input on uncomputed
         layer.forward = _pass_through
     try:
-        for batch in blocks.split(batch_size):
-            state["key"] = tuple(batch.shape[:2])
+        for index, batch in enumerate(blocks.split(batch_size)):
+            per_batch = (index,) if isinstance(batch, SentenceBatch) else ()
+            state["key"] = (*batch.shape[:2], *per_batch)
             state["record"] = state["key"] not in calls
             if state["record"]:
                 calls[state["key"]] = [LayerCall() for _ in layers]
+            keys.append(state["key"])
+            batch = batch.to(device)
+            mask = token_mask(batch)
+            masks.append(mask)
             try:
-                model(input_ids=batch.to(device), use_cache=False)
+                model(**model_inputs(batch))
             except _StopForward:
                 pass
     finally:
@@ -128,7 +153,7 @@ def capture_layer_inputs(model: nn.Module, blocks: torch.Tensor, *, batch_size: 
             del layer.forward
         for handle in handles:
             handle.remove()
-    return CapturedInputs(hidden=hidden, calls=calls)
+    return CapturedInputs(hidden=hidden, calls=calls, keys=keys, masks=masks if any(m is not None for m in masks) else [])
 
 
 def _pass_through(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -157,6 +182,6 @@ def run_layer(
     for batch, states in enumerate(inputs):
         if before is not None:
             before(batch)
-        call = captured.call_for(layer_index, states)
+        call = captured.call_for(layer_index, states, batch)
         outputs.append(layer_output(layer(states, *call.args, **call.kwargs)))
     return outputs

@@ -46,6 +46,7 @@ from kompakt.calib.capture import CapturedInputs, _StopForward, capture_layer_in
 from kompakt.calib.layer_cache import LayerCaches
 from kompakt.calib.stats import LinearStats, collect_kinds
 from kompakt.model.arch import ArchSpec, arch_for, base_role, decoder_layers, linear_modules
+from kompakt.model.inputs import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def collect_stats(
     seen: dict[str, torch.Tensor] = {}  # role -> its input in the batch being run
     alias: dict[str, str] = {}  # role -> the role whose statistics it shares
     first = [True]
+    mask: list[torch.Tensor | None] = [None]  # the running batch's real tokens (padding left out)
 
     def make_hook(role: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -191,7 +193,7 @@ def collect_stats(
             if alias.get(role) != source:
                 raise RuntimeError(f"{role} shares its input with {source} in one batch only")
             if source is None:
-                stats[role].add(x)
+                stats[role].add(x, mask[0])
             seen[role] = x
             if len(seen) == len(stats):
                 raise _StopForward
@@ -204,9 +206,10 @@ def collect_stats(
     try:
         for batch, states in enumerate(inputs):
             seen.clear()
+            mask[0] = captured.mask(batch)
             if caches is not None:
                 caches.batch(batch)
-            call = captured.call_for(index, states)
+            call = captured.call_for(index, states, batch)
             try:
                 layer(states, *call.args, **call.kwargs)
             except _StopForward:
@@ -256,7 +259,7 @@ def _progress(description: str, total: int):
 
 def run_sequential(
     model: nn.Module,
-    blocks: torch.Tensor,
+    blocks: Batch,
     process: ProcessFn | Sequence[Phase],
     *,
     roles: Sequence[str] | None = None,
@@ -270,7 +273,8 @@ def run_sequential(
 
     Args:
         model: a transformers causal LM of a family in the arch table (changed in place by `process`).
-        blocks: calibration token ids [n_blocks, block_len].
+        blocks: calibration token ids [n_blocks, block_len], or padded sentences (an encoder's
+            kompakt.model.inputs.SentenceBatch: statistics leave the padding out).
         process: `process(layer_index, layer, stats)`; changes the Linears in `stats` in place.
             Called once per group (see `sequential_groups`) that has at least one selected role.
             Or several `Phase`s, run one after another on every layer.

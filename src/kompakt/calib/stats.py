@@ -62,9 +62,11 @@ class LinearStats:
             acc = HessianAccumulator(module.in_features, dtype=hessian_dtype, device=device)
         return cls(role=role, module=module, hessian_acc=acc, inputs=[] if "inputs" in kinds else None, _kinds=kinds)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add one batch of inputs x [..., in]."""
-        rows = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, in]
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add one batch of inputs x [batch, len, in]; `mask` [batch, len] (True at real tokens)
+        leaves padding positions out of every statistic but the raw inputs."""
+        x = x.detach()
+        rows = (x[mask] if mask is not None else x.reshape(-1, x.shape[-1])).float()  # [tokens, in]
         if self.sq_sum is None:
             self.sq_sum = torch.zeros(rows.shape[1], device=rows.device)
             self.abs_sum = torch.zeros(rows.shape[1], device=rows.device)
@@ -74,7 +76,7 @@ class LinearStats:
         if self.hessian_acc is not None:
             self.hessian_acc.add_batch(rows)
         if self.inputs is not None:
-            self.inputs.append(x.detach())
+            self.inputs.append(x)
 
     def alias(self, role: str, module: nn.Linear) -> LinearStats:
         """The statistics of another Linear that read the very same input tensor (k and v beside

@@ -53,7 +53,45 @@ def _layer_table(result: dict) -> Table:
     return table
 
 
+def _encoder_layer_table(result: dict) -> Table:
+    summary, bits = result["summary"], result["settings"]["quant"]["bits"]
+    cheap, sensitive = set(summary["cheapest_to_skip"]), set(summary["most_quant_sensitive"])
+    table = Table(title=f"layers (cosine of sentence embeddings to the unedited model; {bits}-bit = only its Linears)")
+    for header in ("layer", "block infl.", "skip cos", "skip min cos", f"{bits}-bit cos", "note"):
+        table.add_column(header, justify="left" if header == "note" else "right")
+    for row in result["layers"]:
+        notes = ["cheap to drop"] * (row["index"] in cheap) + ["keep precision"] * (row["index"] in sensitive)
+        table.add_row(
+            str(row["index"]), f"{row['block_influence']:.4f}", f"{row['skip']['cosine']:.4f}",
+            f"{row['skip']['min_cosine']:.4f}", f"{row['quant']['cosine']:.5f}", ", ".join(notes),
+        )  # fmt: skip
+    return table
+
+
+def _print_encoder_report(result: dict) -> None:
+    console, settings = Console(), result["settings"]
+    console.print(_breakdown_table(result))
+    console.print(_encoder_layer_table(result))
+    console.print("[bold]Where to cut[/]")
+    for line in result["summary"]["lines"]:
+        console.print(f"  • {line}", highlight=False)
+    for note in result["notes"]:
+        console.print(f"note: {note}", style="dim", highlight=False)
+    console.print(
+        f"data: {settings['data']}; calibration {settings['calibration']['sentences']} sentences, held-out "
+        f"{settings['heldout']['sentences']} sentences; analysis {result['timings']['total_s']:.0f} s "
+        f"({result['timings']['cpu_s']:.0f} s CPU)",
+        style="dim",
+        highlight=False,
+    )
+    for path in result["files"].values():
+        console.print(f"wrote {path}", highlight=False)
+
+
 def _print_report(result: dict, data_name: str) -> None:
+    if result["settings"].get("task") == "embed":
+        _print_encoder_report(result)
+        return
     console = Console()
     settings, held = result["settings"], result["settings"]["heldout"]
     console.print(_breakdown_table(result))
@@ -95,6 +133,9 @@ def analyze_command(
     bits: int = typer.Option(4, "--bits", help="Bits of the per-layer RTN sensitivity test."),
     group_size: int = typer.Option(64, "--group-size", help="Quantization group size (0 = per channel)."),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement."),
+    calib_sentences: int = typer.Option(64, "--calib-sentences", help="Encoders: calibration sentences."),
+    eval_sentences: int = typer.Option(64, "--eval-sentences", help="Encoders: held-out sentences (the last N)."),
+    per_linear: bool = typer.Option(False, "--per-linear", help="Encoders: also quantize each Linear alone (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (without per-channel arrays), to stdout."),
 ) -> None:
     """Analyse a model: parameter breakdown, layer / head / channel importance, quantization sensitivity."""
@@ -105,6 +146,10 @@ def analyze_command(
 
     check_out(out)  # a bad --out fails before the model loads
     loaded = load(model)
+    if loaded.is_encoder:
+        options = dict(calib_sentences=calib_sentences, bits=bits, group_size=group_size or None, per_linear=per_linear)
+        _analyze_encoder(loaded, data, out or _default_out(loaded.name), eval_sentences, options, as_json)
+        return
     ids = load_tokens(data, loaded, n_tokens=tokens)
     analysis = analyze(
         loaded,
@@ -118,14 +163,32 @@ def analyze_command(
         group_size=group_size or None,
         speed=not no_speed,
     )
-    result = analysis.to_dict()
+    _show(analysis.to_dict(), as_json, data or "self-generated (text written by the model itself; pass --data for your own)")
+
+
+def _analyze_encoder(loaded, data, out: Path, eval_sentences: int, options: dict, as_json: bool) -> None:
+    """Encoders are analysed on sentences (kompakt.evaluate.sentences: --data split by the one
+    sentence rule, or the shipped held-out set, which needs no generation); a file with fewer
+    sentences than asked shrinks the held-out set to half of them."""
+    from kompakt.analyze.encoder import analyze_encoder
+    from kompakt.evaluate.sentences import load_sentences
+
+    found = load_sentences(data, max_sentences=options["calib_sentences"] + eval_sentences)
+    analysis = analyze_encoder(
+        loaded, found.sentences, out=out, eval_sentences=max(1, min(eval_sentences, len(found.sentences) // 2)),
+        source=found.describe(), **options,
+    )  # fmt: skip
+    _show(analysis.to_dict(), as_json, found.describe())
+
+
+def _show(result: dict, as_json: bool, data_name: str) -> None:
     if as_json:
         channels = result.get("channels")
         if channels:  # thousands of numbers: they are in analysis.json
             result["channels"] = {"aggregation": channels["aggregation"], "in_file": result["files"].get("analysis.json")}
         typer.echo(json.dumps(result, indent=2))
     else:
-        _print_report(result, data or "self-generated (text written by the model itself; pass --data for your own)")
+        _print_report(result, data_name)
 
 
 def register(app: typer.Typer) -> None:

@@ -68,7 +68,12 @@ def chat(
     sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     with err.status("loading model...") if err.is_terminal else nullcontext():
         engine_backend = _open_backend(model, engine)
-    session, name = ChatSession(engine_backend, system=system, sampling=sampling), engine_backend.model_id
+    try:
+        session = ChatSession(engine_backend, system=system, sampling=sampling)  # refuses an embedding model
+    except KompaktError:
+        engine_backend.close()
+        raise
+    name = engine_backend.model_id
     err.print(f"[bold]{name}[/] - {HELP_LINE}", highlight=False, soft_wrap=True)
     if not session.chat_mode:
         err.print(

@@ -48,6 +48,14 @@ class ArchSpec:
             `final_norm` / `lm_head` are None (BERT has neither). BERT-style encoders are post-LN:
             their "attn.pre" / "mlp.pre" roles name the LayerNorms *after* each residual add, so
             passes that fold scales into a pre-norm (AWQ) must not run on them.
+        intermediate_key: the config key of the MLP width (DistilBERT calls it hidden_dim).
+        head_dim_from_hidden: transformers computes the head size as hidden_size /
+            num_attention_heads (no head_dim setting: the BERT family, ModernBERT), so heads, or
+            hidden channels, cannot be removed alone without changing every head's size.
+        stores_packed: a quantized step can be stored packed (compressed-tensors). False for
+            ModernBERT: transformers 5's ModernBERT weight init reads `.weight` of every Wqkv / Wi /
+            Wo, which compressed-tensors' packed Linears lack, so such a directory cannot load; its
+            quantized steps are stored dense (the exact dequantized values, fp32).
     """
 
     family: str
@@ -78,6 +86,9 @@ class ArchSpec:
     hidden_outputs: tuple[str, ...] = ()
     fp16_overflows: bool = False
     encoder: bool = False
+    intermediate_key: str = "intermediate_size"
+    head_dim_from_hidden: bool = False
+    stores_packed: bool = True
 
     @property
     def fused_qkv(self) -> bool:
@@ -152,7 +163,7 @@ _BERT = ArchSpec(
     family="bert", layers="encoder.layer", embed="embeddings.word_embeddings", final_norm=None, lm_head=None,
     attn="attention", q="attention.self.query", k="attention.self.key", v="attention.self.value",
     o="attention.output.dense", mlp="intermediate", gate=None, up="intermediate.dense", down="output.dense",
-    attn_norm="attention.output.LayerNorm", mlp_norm="output.LayerNorm", encoder=True,
+    attn_norm="attention.output.LayerNorm", mlp_norm="output.LayerNorm", encoder=True, head_dim_from_hidden=True,
 )
 ENCODER_ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": _BERT,
@@ -161,13 +172,13 @@ ENCODER_ARCHITECTURES: dict[str, ArchSpec] = {
     "distilbert": replace(
         _BERT, family="distilbert", layers="transformer.layer", q="attention.q_lin", k="attention.k_lin",
         v="attention.v_lin", o="attention.out_lin", mlp="ffn", up="ffn.lin1", down="ffn.lin2",
-        attn_norm="sa_layer_norm", mlp_norm="output_layer_norm",
+        attn_norm="sa_layer_norm", mlp_norm="output_layer_norm", intermediate_key="hidden_dim",
     ),
     # ModernBERT is pre-LN with a GLU MLP: Wi's rows are [activated | linear] = [gate | up].
     "modernbert": replace(
         _BERT, family="modernbert", layers="layers", embed="embeddings.tok_embeddings", final_norm="final_norm",
         attn="attn", q=None, k=None, v=None, qkv="attn.Wqkv", o="attn.Wo", mlp="mlp", up=None,
-        gate_up="mlp.Wi", down="mlp.Wo", attn_norm="attn_norm", mlp_norm="mlp_norm",
+        gate_up="mlp.Wi", down="mlp.Wo", attn_norm="attn_norm", mlp_norm="mlp_norm", stores_packed=False,
     ),
 }  # fmt: skip
 DECODER_FAMILIES = tuple(ARCHITECTURES)

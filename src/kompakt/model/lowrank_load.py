@@ -28,10 +28,13 @@ def factorized_class(config: dict[str, Any], directory: str) -> type | None:
     entries = stored_lowrank(config)
     if not entries:
         return None
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.models.auto.auto_factory import _get_model_class
 
-    family = _get_model_class(AutoConfig.for_model(**_model_type_only(config)), AutoModelForCausalLM._model_mapping)
+    from kompakt.model.arch import is_encoder_family
+
+    auto = AutoModel if is_encoder_family(config) else AutoModelForCausalLM  # an encoder loads headless
+    family = _get_model_class(AutoConfig.for_model(**_model_type_only(config)), auto._model_mapping)
 
     def __init__(self, hf_config, *args, **kwargs) -> None:  # noqa: N807
         family.__init__(self, hf_config, *args, **kwargs)

@@ -40,7 +40,7 @@ from kompakt.errors import ConfigError, OutputPathError
 from kompakt.model.compression import PackedLayer, compressed_tensors_config, get_state
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.lora_adapter import save_attached
-from kompakt.model.save import save_pretrained_on_every_rank
+from kompakt.model.save import save_pretrained_on_every_rank, write_encoder_files
 from kompakt.ops.quant import QuantGrid
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,7 @@ def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path,
         config["dtype"] = str(dtype).removeprefix("torch.")
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         loaded.tokenizer.save_pretrained(temp)
+        write_encoder_files(loaded, temp)
 
 
 _QUANT_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")

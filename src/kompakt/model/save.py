@@ -67,8 +67,14 @@ def _write(loaded: LoadedModel, directory: Path) -> None:
     save_attached(model, directory)  # a LoRA adapter running beside the weights (lowrank.compensate)
     _set_config_dtype(directory / "config.json", loaded.storage_dtype)
     loaded.tokenizer.save_pretrained(directory)
-    if loaded.pooling is not None:  # a sentence encoder: SentenceTransformer(directory) loads it too
-        write_sentence_files(directory, loaded.pooling, _hidden_size(model.config))
+    write_encoder_files(loaded, directory)
+
+
+def write_encoder_files(loaded: LoadedModel, directory: Path) -> None:
+    """A sentence encoder's pooling files, so SentenceTransformer(directory) loads it too (and
+    kompakt.load pools as before); nothing for a causal LM. Every writer of a model calls it."""
+    if loaded.pooling is not None:
+        write_sentence_files(directory, loaded.pooling, _hidden_size(loaded.model.config))
 
 
 def save_pretrained_on_every_rank(model: torch.nn.Module, directory: Path, state_dict: dict | None,

@@ -58,14 +58,23 @@ def refuse_shared(target: LoadedModel | nn.Module, what: str) -> None:
                           "the dense equivalent (back to full size)")  # fmt: skip
 
 
-def check_same_layers(layers: Sequence[nn.Module], groups: Sequence[Sequence[int]]) -> None:
+def check_same_layers(layers: Sequence[nn.Module], groups: Sequence[Sequence[int]],
+                      paths: Sequence[str] | None = None) -> None:  # fmt: skip
     """ConfigError when two layers of a group differ in parameter names or shapes (after width
     pruning with per-layer widths, or a factorization with per-layer ranks): one block cannot
-    serve both."""
+    serve both. `paths`: compare only the modules there (the shared Linears; per-depth norms may
+    differ, e.g. ModernBERT's first layer has no attention norm)."""
+
+    def shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:
+        found = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+        if paths is None:
+            return found
+        return {name: shape for name, shape in found.items() if any(name.startswith(f"{p}.") for p in paths)}
+
     for group in groups:
-        first = {name: tuple(p.shape) for name, p in layers[group[0]].named_parameters()}
+        first = shapes(layers[group[0]])
         for depth in group[1:]:
-            other = {name: tuple(p.shape) for name, p in layers[depth].named_parameters()}
+            other = shapes(layers[depth])
             if other != first:
                 diff = sorted(set(first.items()) ^ set(other.items()))
                 what = diff[0][0] if diff else "their structure"
@@ -89,7 +98,7 @@ def tie_layers(loaded: LoadedModel, groups: Sequence[Sequence[int]], values: Sha
     if is_shared(loaded):
         raise ConfigError("share.layers: this model already shares layers; apply share.layers once")
     require_linears(layers, spec.linear_paths.values())
-    check_same_layers(layers, groups)
+    check_same_layers(layers, groups, list(spec.linear_paths.values()))
     before = loaded.num_parameters()
     with torch.no_grad():
         new = {(b, role): values(b, role).detach().clone() for b in range(len(groups)) for role in spec.linear_paths}
@@ -176,15 +185,17 @@ def load_shared_model(directory: Path, dtype: torch.dtype) -> nn.Module:
     The directory was saved in the model's own tensor names (kompakt.model.save), which are the
     names of `model.state_dict()` here.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
 
+    from kompakt.model.arch import is_encoder_family
     from kompakt.model.hf_dir import safetensors_files
     from kompakt.model.progress import quiet_third_party
 
     where = str(directory)
     with quiet_third_party():
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        auto = AutoModel if is_encoder_family(config) else AutoModelForCausalLM  # an encoder loads headless
+        model = auto.from_config(config, dtype=dtype)
     _build_factors(model, where)  # share.basis shares a factor of factorized Linears: build those first
     rebuild_ties(model, get_state(model).shared, where)
     tensors = _read_tensors(safetensors_files(directory))

@@ -217,28 +217,30 @@ def _kept_layer_lists(config: Any, spec: Any, n_old: int, kept: list[int]) -> di
 def shrink_mlp(loaded: LoadedModel, keep: Keep | Sequence[Keep]) -> tuple[LoadedModel, dict[str, Any]]:
     """Keep the given MLP intermediate channels (one index for all layers, or one per layer).
 
-    gate/up (or both halves of a fused gate_up) lose rows, down loses columns;
-    `intermediate_size` becomes the kept count.
+    gate/up (or both halves of a fused gate_up; an encoder's up alone) lose rows, down loses
+    columns; `intermediate_size` (the ArchSpec's intermediate_key) becomes the kept count.
     """
     _check_unshared(loaded, "shrink the MLP")
     model = loaded.model
     spec = arch_for(model)
     config = text_config(model)
     layers = decoder_layers(model)
-    old = int(config.intermediate_size)
+    key = spec.intermediate_key  # intermediate_size; DistilBERT's hidden_dim
+    old = int(getattr(config, key))
     keeps = per_layer(keep, len(layers), old, "MLP channel")
-    check_config(loaded, intermediate_size=int(keeps[0].numel()))
+    check_config(loaded, **{key: int(keeps[0].numel())})
     require_linears(layers, (spec.gate, spec.up, spec.gate_up, spec.down))
     before = loaded.num_parameters()
     for layer, index in zip(layers, keeps, strict=True):
         if spec.fused_gate_up:
             slice_linear(linear(layer, spec.gate_up), rows=torch.cat([index, index + old]))
         else:
-            slice_linear(linear(layer, spec.gate), rows=index)
-            slice_linear(linear(layer, spec.up), rows=index)
+            for path in (spec.gate, spec.up):  # BERT-style MLPs have no gate
+                if path is not None:
+                    slice_linear(linear(layer, path), rows=index)
         slice_linear(linear(layer, spec.down), cols=index)
     new = int(keeps[0].numel())
-    config.intermediate_size = new
+    setattr(config, key, new)
     sync_attrs(model, "intermediate_size", old, new)
     return finish(loaded, before, {"intermediate_size": [old, new]})
 

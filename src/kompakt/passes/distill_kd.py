@@ -1,4 +1,4 @@
-"""Knowledge distillation: the student learns the teacher's next-token distributions (healing).
+"""Knowledge distillation: the student learns the teacher's next-token distributions or sentence embeddings (healing).
 
 The current model (student) learns to match a teacher's next-token distributions, healing
 what pruning took away.
@@ -10,6 +10,15 @@ real next tokens, D = forward KL (default), reverse KL (MiniLLM, Gu et al. 2024)
 TinyBERT-style (Jiao et al. 2020) MSE between student layer outputs and the teacher layers
 they map to (`layer_map`, default uniform), through a learned projection when the widths
 differ (width-pruned students).
+
+Sentence encoders (BERT, DistilBERT, RoBERTa, ModernBERT; kompakt.passes.encoder_training):
+the loss is over sentence embeddings and internals instead of next tokens — `cosine_weight`
+(1 − cos of the pooled embeddings, default 1) and `mse_weight`, `hidden_weight` with
+`layer_map` (TinyBERT), `attention_weight` (MiniLM v1: last-layer attention KL, same head
+count) and `relation_weight` / `relation_heads` (MiniLM v2: q-q, k-k, v-v relation KL); the
+data are unlabeled sentences (`data`, the run's data, else sentences split from text the
+embedded SmolLM2 writes); `sentences` sets the budget in sentences. alpha, temperature,
+divergence and top_k do not apply to encoders.
 
 Teacher: the recipe's original model by default, or `teacher: PATH` (any model with the same
 tokenizer; a different vocabulary is refused). Data: `data: PATH` (text, jsonl, chat jsonl,
@@ -27,6 +36,8 @@ Sample recipe steps::
     - distill.kd: {tokens: 65536, alpha: 0.5, temperature: 2.0}
     - distill.kd: {teacher: ./big, steps: 500, data: corpus.txt, lr: 5.0e-5}
     - distill.kd: {tokens: 131072, hidden_weight: 1.0, divergence: jsd}
+    - distill.kd: {sentences: 20000, batch_size: 32, cosine_weight: 1.0, hidden_weight: 1.0}   # encoder
+    - distill.kd: {sentences: 20000, batch_size: 32, relation_weight: 1.0}   # encoder, MiniLM v2
 """
 
 from __future__ import annotations
@@ -35,9 +46,9 @@ from dataclasses import dataclass, field
 
 from kompakt.errors import ConfigError
 from kompakt.model.quantized import is_quantized
-from kompakt.ops.kd_losses import HiddenProjection, uniform_layer_map
-from kompakt.passes.base import PassContext, PassReport, PassSpec
-from kompakt.passes.train_common import KDFields, TrainingConfig, prepare, run
+from kompakt.ops.kd_losses import HiddenProjection
+from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
+from kompakt.passes.train_common import KDFields, TrainingConfig, layer_pairs, model_width, prepare, run
 from kompakt.train.objectives import DistillObjective
 
 NAME = "distill.kd"
@@ -45,10 +56,17 @@ NAME = "distill.kd"
 
 @dataclass
 class DistillConfig(TrainingConfig, KDFields):
-    hidden_weight: float = field(default=0.0, metadata={"doc": "weight of the hidden-state MSE term (0 = off)"})
+    hidden_weight: float = field(default=0.0, metadata=doc("weight of the hidden-state MSE term (0 = off)"))
     layer_map: list[list[int]] | None = field(
-        default=None, metadata={"doc": "[[student layer, teacher layer], ...] 1-based; null = uniform"}
+        default=None, metadata=doc("[[student layer, teacher layer], ...] 1-based; null = uniform")
     )
+
+    cosine_weight: float = field(default=1.0, metadata=doc("encoders: weight of 1 - cos of student vs teacher sentence embeddings"))
+    mse_weight: float = field(default=0.0, metadata=doc("encoders: weight of the sentence-embedding MSE"))
+    attention_weight: float = field(default=0.0, metadata=doc("encoders: weight of the last-layer attention KL (MiniLM v1; same head count)"))
+    relation_weight: float = field(default=0.0, metadata=doc("encoders: weight of the last-layer q/k/v relation KL (MiniLM v2)"))
+    relation_heads: int | None = field(default=None, metadata=doc("encoders: relation heads of relation_weight (null = the teacher's heads)"))
+    sentences: int | None = field(default=None, metadata=doc("encoders: training sentences (budget; steps = sentences / (batch_size*grad_accum))"))
 
     def validate(self) -> None:
         self.validate_training(NAME)
@@ -57,16 +75,12 @@ class DistillConfig(TrainingConfig, KDFields):
             raise ConfigError(f"{NAME}: hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.layer_map is not None and not all(isinstance(p, list) and len(p) == 2 for p in self.layer_map):
             raise ConfigError(f"{NAME}: layer_map is a list of [student layer, teacher layer] pairs")
-
-
-def _num_layers(model) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.num_hidden_layers)
-
-
-def _width(model) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.hidden_size)
+        for key in ("cosine_weight", "mse_weight", "attention_weight", "relation_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{NAME}: {key} must be >= 0, got {getattr(self, key)}")
+        for key in ("relation_heads", "sentences"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{NAME}: {key} must be positive or null, got {getattr(self, key)}")
 
 
 def objective_for(config: KDFields, teacher_model, student_model, hidden_weight: float = 0.0,
@@ -75,13 +89,9 @@ def objective_for(config: KDFields, teacher_model, student_model, hidden_weight:
     pairs: list[tuple[int, int]] = []
     projection = None
     if hidden_weight > 0:
-        n_s, n_t = _num_layers(student_model), _num_layers(teacher_model)
-        pairs = [tuple(p) for p in layer_map] if layer_map else uniform_layer_map(n_s, n_t)
-        bad = [p for p in pairs if not (0 <= p[0] <= n_s and 0 <= p[1] <= n_t)]
-        if bad:
-            raise ConfigError(f"{NAME}: layer_map pair {list(bad[0])} is outside 0..{n_s} (student) / 0..{n_t} (teacher)")
-        if _width(student_model) != _width(teacher_model):
-            projection = HiddenProjection(len(pairs), _width(student_model), _width(teacher_model))
+        pairs = layer_pairs(student_model, teacher_model, layer_map, NAME)
+        if model_width(student_model) != model_width(teacher_model):
+            projection = HiddenProjection(len(pairs), model_width(student_model), model_width(teacher_model))
     return DistillObjective(
         teacher_model, alpha=config.alpha, temperature=config.temperature, divergence=config.divergence,
         top_k=config.top_k, hidden_weight=hidden_weight, layer_map=pairs, projection=projection,
@@ -92,6 +102,13 @@ def apply(ctx: PassContext, config: DistillConfig) -> PassReport:
     if is_quantized(ctx.loaded):
         raise ConfigError(f"{NAME}: {ctx.loaded.name} is quantized; full-weight training would leave the grid — "
                           "use quant.qat to train a quantized model")  # fmt: skip
+    if getattr(ctx.loaded, "is_encoder", False):
+        from kompakt.passes.encoder_training import distill_encoder
+
+        return distill_encoder(ctx, config, NAME)
+    from kompakt.passes.encoder_training import check_decoder_config
+
+    check_decoder_config(config, NAME)
     prepared = prepare(ctx, config, NAME)
     objective = objective_for(config, prepared.teacher.model, ctx.loaded.model, config.hidden_weight, config.layer_map)
     result = run(ctx, config, NAME, ctx.loaded.model, objective, prepared)

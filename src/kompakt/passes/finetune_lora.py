@@ -144,4 +144,5 @@ def apply(ctx: PassContext, config: LoraConfig) -> PassReport:
 
 
 PASS = PassSpec(name=NAME, config=LoraConfig, apply=apply, needs_teacher=True, needs_training=True,
-                doc=__doc__ or "")  # fmt: skip
+                decoder_only="it trains on next-token prediction, which an encoder does not do; heal an "
+                "encoder with distill.kd", doc=__doc__ or "")  # fmt: skip

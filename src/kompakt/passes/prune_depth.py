@@ -14,6 +14,16 @@ Methods (importance from calibration data):
   KL(unpruned || skipped) of the next-token distributions; the layers whose absence costs the
   least go.
 - ``last`` — the naive baseline: remove the last n layers (no data needed).
+- ``cosine`` — sentence encoders' measured score (kompakt.scoring.encoder_skip): skip each
+  layer in turn and measure 1 − mean cosine between the sentence embeddings with and without it
+  (the model's own pooling, padding left out); the layers whose absence moves the embeddings
+  least go. Encoders only, as ``kl`` is decoders only (an encoder has no next-token
+  distribution); block_influence, angular and last work on both, padding left out.
+
+``select: every_other`` is DistilBERT's initialisation (Sanh et al. 2019, "DistilBERT, a
+distilled version of BERT": the student takes one layer out of two from the teacher): keep
+layers 0, 2, 4, … and remove the others (half of the layers, rounded down); no scores, no data.
+Give no other method with it; count / fraction, if given, must equal that half.
 
 Every score comes from kompakt.scoring, the functions `kompakt analyze` reports, so the layers
 the analysis ranks least important are the layers this pass removes (ties: the deeper layer).
@@ -30,9 +40,10 @@ the step's input model as the reference.
 When to use: a quick, large speed-up (every removed layer is 1/L of the compute); quality drops
 faster than with width pruning or quantization, so heal with distillation afterwards.
 
-Sample recipe step::
+Sample recipe steps::
 
     - prune.depth: {fraction: 0.25, method: block_influence}
+    - prune.depth: {select: every_other}
 """
 
 from __future__ import annotations
@@ -47,14 +58,17 @@ import torch
 
 from kompakt.errors import ConfigError
 from kompakt.model.arch import decoder_layers
+from kompakt.model.inputs import Batch
 from kompakt.model.loaded import LoadedModel
 from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.scoring.encoder_skip import skip_cosine_costs
 from kompakt.scoring.layers import angular_distances, block_influence, rank_layers
 from kompakt.scoring.skip import skip_kl
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("block_influence", "angular", "kl", "last")
+METHODS = ("block_influence", "angular", "kl", "cosine", "last")
+SELECTS = ("importance", "every_other")
 
 
 @dataclass
@@ -64,7 +78,12 @@ class DepthConfig:
         default=None, metadata={"doc": "fraction of the layers to remove, in (0, 1), rounded to nearest"}
     )
     method: str = field(
-        default="block_influence", metadata={"doc": f"how layers are chosen: {', '.join(METHODS)}"}
+        default="block_influence",
+        metadata={"doc": f"how layers are scored: {', '.join(METHODS)} (cosine: sentence encoders only)"},
+    )
+    select: str = field(
+        default="importance",
+        metadata={"doc": "importance (the lowest-scored layers go) or every_other (keep 0, 2, 4, ...: DistilBERT)"},
     )
     iterative: bool = field(
         default=False, metadata={"doc": "remove one layer at a time and re-score (block_influence, kl)"}
@@ -75,7 +94,14 @@ class DepthConfig:
     batch_size: int = field(default=4, metadata={"doc": "calibration blocks per forward pass"})
 
     def validate(self) -> None:
-        if (self.count is None) == (self.fraction is None):
+        if self.select not in SELECTS:
+            raise ConfigError(f"prune.depth: unknown select {self.select!r}; valid: {', '.join(SELECTS)}")
+        if self.select == "every_other":
+            if self.method != "block_influence" or self.iterative:
+                raise ConfigError("prune.depth: select: every_other chooses the layers itself; drop method / iterative")
+            if self.count is not None and self.fraction is not None:
+                raise ConfigError("prune.depth: give at most one of count or fraction")
+        elif (self.count is None) == (self.fraction is None):
             raise ConfigError("prune.depth: give exactly one of count or fraction")
         if self.count is not None and self.count < 1:
             raise ConfigError(f"prune.depth: count must be at least 1, got {self.count}")
@@ -83,15 +109,25 @@ class DepthConfig:
             raise ConfigError(f"prune.depth: fraction must be in (0, 1), got {self.fraction}")
         if self.method not in METHODS:
             raise ConfigError(f"prune.depth: unknown method {self.method!r}; valid methods: {', '.join(METHODS)}")
-        if self.iterative and self.method not in ("block_influence", "kl"):
+        if self.iterative and self.method not in ("block_influence", "kl", "cosine"):
             raise ConfigError(
-                f"prune.depth: iterative applies to block_influence and kl, not {self.method} "
+                f"prune.depth: iterative applies to block_influence, kl and cosine, not {self.method} "
                 "(angular picks one contiguous block; last needs no scores)"
             )
         if self.max_blocks < 1 or self.batch_size < 1:
             raise ConfigError("prune.depth: max_blocks and batch_size must be at least 1")
 
     def layers_to_remove(self, n_layers: int) -> int:
+        if self.select == "every_other":
+            half = n_layers // 2
+            given = self.count if self.count is not None else (
+                None if self.fraction is None else math.floor(self.fraction * n_layers + 0.5))  # fmt: skip
+            if given is not None and given != half:
+                raise ConfigError(f"prune.depth: every_other removes {half} of {n_layers} layers, not {given}; "
+                                  "drop count / fraction or give that")  # fmt: skip
+            if half < 1:
+                raise ConfigError(f"prune.depth: every_other needs at least 2 layers; the model has {n_layers}")
+            return half
         n = self.count if self.count is not None else math.floor(self.fraction * n_layers + 0.5)
         if n < 1:
             raise ConfigError(
@@ -108,11 +144,23 @@ class DepthConfig:
 # --------------------------------------------------------------------------- scoring
 
 
-def _batches(blocks: torch.Tensor, config: DepthConfig, device: torch.device) -> Iterator[torch.Tensor]:
-    """The calibration batches, each moved to the device only when it is scored."""
-    blocks = blocks[: config.max_blocks]
-    for start in range(0, blocks.shape[0], config.batch_size):
-        yield blocks[start : start + config.batch_size].to(device)
+def _batches(blocks: Batch, config: DepthConfig, device: torch.device) -> Iterator[Batch]:
+    """The calibration batches (token blocks or padded sentences), each moved to the device only
+    when it is scored."""
+    for batch in blocks[: config.max_blocks].split(config.batch_size):
+        yield batch.to(device)
+
+
+def method_for(loaded: LoadedModel, config: DepthConfig) -> str:
+    """The scoring method; ConfigError when it needs what this kind of model does not produce."""
+    method = config.method
+    if method == "kl" and loaded.is_encoder:
+        raise ConfigError("prune.depth: method kl compares next-token distributions, which an encoder does not "
+                          "produce; use method: cosine (the sentence-embedding skip score)")  # fmt: skip
+    if method == "cosine" and not loaded.is_encoder:
+        raise ConfigError("prune.depth: method cosine scores sentence embeddings, which a causal LM does not "
+                          "produce; use method: kl")  # fmt: skip
+    return method
 
 
 def layer_scores(
@@ -122,8 +170,11 @@ def layer_scores(
     functions `kompakt analyze` reports); `teacher` is the KL reference (default: the model)."""
     model, layers = loaded.model, decoder_layers(loaded.model)
     batches = _batches(blocks, config, loaded.device)
-    if config.method == "block_influence":
+    method = method_for(loaded, config)
+    if method == "block_influence":
         return block_influence(model, layers, batches)
+    if method == "cosine":  # against the model itself: iterative cosine re-scores the smaller model
+        return skip_cosine_costs(model, layers, batches, loaded.pooling)
     return skip_kl(model, layers, batches, teacher=teacher)
 
 
@@ -137,9 +188,12 @@ def _lowest(scores: list[float], n: int) -> list[int]:
 def choose_layers(loaded: LoadedModel, blocks, config: DepthConfig, n: int) -> tuple[list[int], list[float]]:
     """Indices (in the current model) of the n layers to remove, and the scores used."""
     model, layers = loaded.model, decoder_layers(loaded.model)
-    if config.method == "last":
+    if config.select == "every_other":
+        return list(range(1, len(layers), 2))[:n], []
+    method = method_for(loaded, config)
+    if method == "last":
         return list(range(len(layers) - n, len(layers))), []
-    if config.method == "angular":
+    if method == "angular":
         distances = angular_distances(model, layers, _batches(blocks, config, loaded.device), n)
         start = rank_layers(distances)[0]  # the block start whose ends are closest; ties: the deeper
         return list(range(start, start + n)), distances
@@ -153,9 +207,10 @@ def apply(ctx: PassContext, config: DepthConfig) -> PassReport:
     loaded = ctx.loaded
     n_layers = len(decoder_layers(loaded.model))
     n = config.layers_to_remove(n_layers)
-    blocks = ctx.calibration() if config.method != "last" else None
+    method = "every_other" if config.select == "every_other" else method_for(loaded, config)
+    blocks = ctx.calibration() if method not in ("last", "every_other") else None
     # Iterative KL measures the damage against this step's input model, kept aside once.
-    reference = copy.deepcopy(loaded.model) if config.iterative and config.method == "kl" else None
+    reference = copy.deepcopy(loaded.model) if config.iterative and method == "kl" else None
     original_index = list(range(n_layers))  # position in the current model -> original layer number
     removed: list[int] = []
     rounds: list[dict] = []
@@ -172,7 +227,7 @@ def apply(ctx: PassContext, config: DepthConfig) -> PassReport:
         original_index = [j for k, j in enumerate(original_index) if k not in indices]
     del reference
     removed.sort()
-    how = config.method + (", iterative" if config.iterative else "")
+    how = method + (", iterative" if config.iterative else "")
     summary = f"removed {n} of {n_layers} layers ({how}): {removed}"
     logger.info("prune.depth: %s", summary)
     details = {"removed_layers": removed, "num_hidden_layers": [n_layers, n_layers - n], "rounds": rounds}

@@ -167,5 +167,8 @@ PASS = PassSpec(
     apply=apply,
     needs_calibration=True,
     changes_architecture=True,
+    decoder_only="it trims a BPE vocabulary and the LM head by next-token use, and an encoder has no LM head "
+    "(and a WordPiece or Unigram vocabulary); keep the vocabulary, or shrink the encoder with prune.depth / "
+    "prune.width",
     doc=__doc__ or "",
 )

@@ -16,6 +16,12 @@ same numbers `kompakt analyze` reports, so the channels it ranks highest are the
 `importance: random` is the baseline. The same number of units is removed in every layer, so
 the result is a standard config that plain transformers (and llama.cpp) can load.
 
+Sentence encoders (BERT, DistilBERT, RoBERTa, XLM-R, ModernBERT): MLP channels, scored on
+padded calibration sentences (padding left out). Heads and hidden channels are refused: these
+families compute the head size as hidden_size / num_attention_heads (transformers 5 has no
+head_dim setting for them and dropped `pruned_heads`), so either cut would change every head's
+size. ModernBERT's fused GLU (Wi = [gate | up] rows) loses both halves of a channel.
+
 Sizes: for each of MLP / heads / hidden give a fraction to remove (`mlp_fraction`,
 `heads_fraction`, `hidden_fraction`) or the width to keep (`mlp_channels`, `kv_groups`,
 `attention_heads`, `hidden_size`). Or give `target_params` (fraction of parameters to keep):
@@ -43,6 +49,7 @@ import torch
 
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, get_submodule, text_config
+from kompakt.model.inputs import Batch
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.surgery import (
     check_config,
@@ -225,9 +232,9 @@ def _hidden_widths(loaded: LoadedModel, round_to: int, heads: tuple[int, int] | 
 # --------------------------------------------------------------------------- importance
 
 
-def activation_scores(loaded: LoadedModel, blocks: torch.Tensor, batch_size: int) -> ChannelImportance:
-    """Minitron importances from one pass over `blocks` [n, L] (kompakt.scoring.channels)."""
-    batches = [blocks[start : start + batch_size].to(loaded.device) for start in range(0, len(blocks), batch_size)]
+def activation_scores(loaded: LoadedModel, blocks: Batch, batch_size: int) -> ChannelImportance:
+    """Minitron importances from one pass over `blocks` [n, L] or padded sentences (kompakt.scoring.channels)."""
+    batches = [batch.to(loaded.device) for batch in blocks.split(batch_size)]  # sentences: cut to their length
     return channel_importance(loaded.model, decoder_layers(loaded.model), batches)
 
 
@@ -236,14 +243,38 @@ def random_scores(loaded: LoadedModel, seed: int) -> ChannelImportance:
     cfg = text_config(loaded.model)
     generator = torch.Generator().manual_seed(seed)
     n_layers = cfg.num_hidden_layers
-    mlp = [torch.rand(cfg.intermediate_size, generator=generator) for _ in range(n_layers)]
-    heads = [torch.rand(cfg.num_attention_heads, generator=generator) for _ in range(n_layers)]
-    hidden = torch.rand(cfg.hidden_size, generator=generator)
-    n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    n_heads, n_kv, inter, hidden_size = widths_of(loaded)
+    mlp = [torch.rand(inter, generator=generator) for _ in range(n_layers)]
+    heads = [torch.rand(n_heads, generator=generator) for _ in range(n_layers)]
+    hidden = torch.rand(hidden_size, generator=generator)
     return ChannelImportance.from_heads(mlp, heads, hidden, n_kv, aggregation="random")
 
 
 # --------------------------------------------------------------------------- apply
+
+
+def widths_of(loaded: LoadedModel) -> tuple[int, int, int, int]:
+    """(query heads, KV heads, MLP width, hidden size) under the family's config names."""
+    cfg = text_config(loaded.model)
+    n_heads = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)  # encoders have no GQA
+    return n_heads, n_kv, int(getattr(cfg, arch_for(loaded).intermediate_key)), int(cfg.hidden_size)
+
+
+def _check_head_size(loaded: LoadedModel, config: WidthConfig, cut_heads: bool, cut_hidden: bool) -> None:
+    """ConfigError (before any scoring) for cuts a family whose head size is hidden_size /
+    num_attention_heads cannot store (ArchSpec.head_dim_from_hidden)."""
+    spec = arch_for(loaded)
+    if not spec.head_dim_from_hidden:
+        return
+    what = "target_params" if config.target_params is not None else "removing heads" if cut_heads else (
+        "removing hidden channels" if cut_hidden else None)  # fmt: skip
+    if what:
+        raise ConfigError(
+            f"prune.width: {what} is not possible on {spec.family}: transformers computes its head size as "
+            "hidden_size / num_attention_heads, so the heads would change size; prune MLP channels "
+            "(mlp_fraction / mlp_channels) or layers (prune.depth)"
+        )
 
 
 def apply(ctx: PassContext, config: WidthConfig) -> PassReport:
@@ -251,17 +282,19 @@ def apply(ctx: PassContext, config: WidthConfig) -> PassReport:
     require_linears(decoder_layers(loaded.model), arch_for(loaded).linear_paths.values())  # not factorized
     cfg = text_config(loaded.model)
     before = loaded.num_parameters()
-    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
-    old = {"intermediate_size": cfg.intermediate_size, "kv_groups": n_kv, "hidden_size": cfg.hidden_size}
+    n_heads, n_kv, inter, hidden = widths_of(loaded)
+    old = {"intermediate_size": inter, "kv_groups": n_kv, "hidden_size": hidden}
     keep_kv = kv_groups_to_keep(config, n_heads, n_kv)
-    keep_mlp = _keep_count(cfg.intermediate_size, config.mlp_fraction, config.mlp_channels, "mlp_channels")
-    keep_hidden = _keep_count(cfg.hidden_size, config.hidden_fraction, config.hidden_size, "hidden_size")
+    keep_mlp = _keep_count(inter, config.mlp_fraction, config.mlp_channels, "mlp_channels")
+    keep_hidden = _keep_count(hidden, config.hidden_fraction, config.hidden_size, "hidden_size")
+    _check_head_size(loaded, config, keep_kv < n_kv, keep_hidden < hidden)
     if config.target_params is not None:  # solved before any edit: an impossible target changes nothing
         heads_after = (keep_kv * (n_heads // n_kv), keep_kv)
         keep_hidden, keep_mlp = solve_target(loaded, int(config.target_params * before), config.round_to, heads_after)
+    heads = {} if arch_for(loaded).head_dim_from_hidden else dict(  # no head_dim / GQA keys there
+        head_dim=head_dim_of(cfg), num_attention_heads=keep_kv * (n_heads // n_kv), num_key_value_heads=keep_kv)
     check_config(  # widths that transformers would reject fail here, before any scoring
-        loaded, hidden_size=keep_hidden, intermediate_size=keep_mlp, head_dim=head_dim_of(cfg),
-        num_attention_heads=keep_kv * (n_heads // n_kv), num_key_value_heads=keep_kv,
+        loaded, hidden_size=keep_hidden, **{arch_for(loaded).intermediate_key: keep_mlp}, **heads,
     )  # fmt: skip
     if config.importance == "activation":
         blocks = ctx.calibration()[: config.max_blocks]

@@ -302,4 +302,9 @@ def scales_summary(log: dict[str, Any]) -> dict[str, Any]:
             "error_ratio_mean": round(sum(ratios) / max(len(ratios), 1), 4)}  # fmt: skip
 
 
-PASS = PassSpec(name="quant.awq", config=AwqConfig, apply=apply, needs_calibration=True, doc=__doc__ or "")
+PASS = PassSpec(
+    name="quant.awq", config=AwqConfig, apply=apply, needs_calibration=True, doc=__doc__ or "",
+    decoder_only="AWQ folds its activation scales into the norm before q/k/v and gate/up, and BERT-style "
+    "encoders normalise after the residual add (post-LN), so there is no such norm; use quant.gptq "
+    "(or quant.rtn at 8 bits)",
+)

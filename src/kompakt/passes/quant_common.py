@@ -168,6 +168,8 @@ def select_targets(model: nn.Module, config: QuantGridConfig, name: str) -> list
                 targets.append(Target(f"{spec.layers}.{index}.{linear_path(spec, role)}", module, role, index))
     if not targets:
         raise ConfigError(f"{name}: modules {config.modules} match no Linear of this {spec.family} model")
+    if config.lm_head and spec.lm_head is None:
+        raise ConfigError(f"{name}: lm_head: true, but this {spec.family} encoder has no output head; drop lm_head")
     tied = embeddings_tied(model)
     embeddings, lm_head = config.embeddings or _typed(config, spec.embed), config.lm_head or _typed(config, spec.lm_head)
     if embeddings or (lm_head and tied):

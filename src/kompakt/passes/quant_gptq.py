@@ -54,6 +54,7 @@ from kompakt.calib.threads import solver_threads
 from kompakt.errors import ConfigError
 from kompakt.model.compression import AwqScaling, update_state
 from kompakt.model.gguf_blocks import GgufBlocks
+from kompakt.model.inputs import batch_label
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
@@ -196,7 +197,8 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     quantized, losses, calib_seconds, awq = _run_gptq(loaded.model, blocks, decoder, config, types)
     extra = rtn_targets([t for t in targets if t.layer is None], config, types)
     quantized.update(extra)
-    calibration = calibration_label(*blocks.shape)
+    calibration = calibration_label(*blocks.shape) if isinstance(blocks, torch.Tensor) else (
+        f"{batch_label(blocks)} (GPTQ Hessians)")  # padded sentences (an encoder)
     packed_layers = record(loaded, "gptq", config, quantized, types, calibration)
     done = quantized.plans
     notes = notes_of(done, "quant.gptq")

@@ -172,4 +172,5 @@ def apply(ctx: PassContext, config: QatConfig) -> PassReport:
 
 
 PASS = PassSpec(name=NAME, config=QatConfig, apply=apply, needs_teacher=True, needs_training=True,
-                doc=__doc__ or "")  # fmt: skip
+                decoder_only="it trains against the teacher's next-token distributions, which an encoder "
+                "does not produce; use quant.gptq", doc=__doc__ or "")  # fmt: skip

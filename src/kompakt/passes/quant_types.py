@@ -77,7 +77,7 @@ def _heads(model: nn.Module) -> dict[str, int]:
     """Embedding (and untied output head) name -> row length: keys that only set the export type."""
     spec = arch_for(model)
     heads = {spec.embed: int(get_submodule(model, spec.embed).weight.shape[1])}
-    if not embeddings_tied(model):
+    if spec.lm_head is not None and not embeddings_tied(model):  # an encoder has no output head
         heads[spec.lm_head] = int(get_submodule(model, spec.lm_head).weight.shape[1])
     return heads
 

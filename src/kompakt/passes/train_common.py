@@ -15,7 +15,7 @@ import torch
 
 from kompakt.errors import ConfigError
 from kompakt.model.loaded import LoadedModel
-from kompakt.ops.kd_losses import DIVERGENCES
+from kompakt.ops.kd_losses import DIVERGENCES, uniform_layer_map
 from kompakt.passes.base import PassContext, doc
 from kompakt.train.data import SequenceBatches, TrainData
 from kompakt.train.loop import LoopConfig, TrainResult, train
@@ -87,6 +87,29 @@ class KDFields:
             raise ConfigError(f"{name}: divergence {self.divergence!r} is unknown; valid: {', '.join(DIVERGENCES)}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"{name}: top_k must be positive or null, got {self.top_k}")
+
+
+# --- layer maps (distill.kd's hidden-state term, decoders and encoders) -----------------------
+
+
+def _num_layers(model) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_hidden_layers)
+
+
+def model_width(model) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.hidden_size)
+
+
+def layer_pairs(student_model, teacher_model, layer_map: list[list[int]] | None, name: str) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs: `layer_map` checked, or the uniform map."""
+    n_s, n_t = _num_layers(student_model), _num_layers(teacher_model)
+    pairs = [tuple(p) for p in layer_map] if layer_map else uniform_layer_map(n_s, n_t)
+    bad = [p for p in pairs if not (0 <= p[0] <= n_s and 0 <= p[1] <= n_t)]
+    if bad:
+        raise ConfigError(f"{name}: layer_map pair {list(bad[0])} is outside 0..{n_s} (student) / 0..{n_t} (teacher)")
+    return pairs
 
 
 def vocabulary_size(loaded: LoadedModel) -> int:

@@ -13,6 +13,7 @@ import torch
 from kompakt.data.loader import MAX_GENERATED_CALIBRATION_TOKENS
 from kompakt.errors import DataError
 from kompakt.evaluate.topk import TOP_K, TopK, kl_label
+from kompakt.model.inputs import Batch
 from kompakt.model.loaded import LoadedModel
 from kompakt.rundir.hashing import digest, file_identity
 from kompakt.recipe.schema import DataSpec
@@ -20,6 +21,9 @@ from kompakt.recipe.schema import DataSpec
 logger = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.1
+# Sentence encoders are scored on this many held-out sentences (cosine, recall@10 among them,
+# Spearman of their pairwise similarities).
+EVAL_SENTENCES = 1000
 
 
 class RunData:
@@ -29,10 +33,11 @@ class RunData:
         self.spec = spec
         self.original = original
         self.seed = seed
-        self._calibration: torch.Tensor | None = None
+        self._calibration: Batch | None = None
         self._evaluation: torch.Tensor | None = None
         self._source_ids: torch.Tensor | None = None
         self._training: dict[tuple, Any] = {}
+        self._sentences: tuple[list[str], list[str]] | None = None
 
     # --- identities (no tokenization needed) ------------------------------------------------
     def identity(self) -> str:
@@ -46,7 +51,13 @@ class RunData:
         }
         if prefix := self._prefix():  # only then: the hashes of prefix-free models stay as they were
             what["prefix"] = prefix
+        if self._encoder:  # padded sentences, not token blocks (kompakt.data.sentence_batches)
+            what["form"] = "sentences"
         return digest(what)
+
+    @property
+    def _encoder(self) -> bool:
+        return bool(getattr(self.original, "is_encoder", False))
 
     def eval_identity(self, metrics: list[str]) -> str:
         """What determines a step's metrics (a run directory keeps one evaluation setting)."""
@@ -65,7 +76,11 @@ class RunData:
             self._source_ids = load_tokens(self.spec.calibration, self.original, seed=self.seed)
         return self._source_ids
 
-    def calibration(self) -> torch.Tensor:
+    def calibration(self) -> Batch:
+        """Token blocks [calibration_blocks, block_len]; for an encoder, calibration_blocks
+        sentences of at most block_len tokens, padded (kompakt.data.sentence_batches)."""
+        if self._calibration is None and self._encoder:
+            self._calibration = self._sentence_calibration()
         if self._calibration is None:
             from kompakt.data import load_tokens, sample_blocks, split_heldout
 
@@ -83,6 +98,18 @@ class RunData:
             self._calibration = _with_prefix(blocks, prefix)
         return self._calibration
 
+    def _sentence_calibration(self) -> Batch:
+        from kompakt.data.sentence_batches import sentence_batch
+        from kompakt.data.sentences import default_sentences
+
+        spec = self.spec
+        if spec.calibration is None:
+            logger.info("calibrating on %d default sentences (kompakt.data.sentences)", spec.calibration_blocks)
+            sentences = default_sentences(spec.calibration_blocks)
+        else:  # the run data's sentences without the held-out end the steps are scored on
+            sentences = self._user_sentences()[0]
+        return sentence_batch(self.original, sentences, spec.calibration_blocks, spec.block_len, seed=self.seed)
+
     def _prefix(self) -> list[int]:
         """What the tokenizer puts before text (Gemma's <bos>; nothing for SmolLM2): every
         calibration block starts with it, as every sequence the model sees in use does. Gemma's
@@ -91,7 +118,9 @@ class RunData:
         from kompakt.model.tokens import prefix_ids
 
         tokenizer = getattr(self.original, "tokenizer", None)
-        return prefix_ids(tokenizer) if tokenizer is not None else []
+        if tokenizer is None or self._encoder:  # an encoder's tokenizer adds its specials per sentence
+            return []
+        return prefix_ids(tokenizer)
 
     def training(self, source: str | None, n_tokens: int, answer_only: bool = True,
                  generator: LoadedModel | None = None) -> Any:  # fmt: skip
@@ -116,6 +145,52 @@ class RunData:
                                        generator=generator)  # fmt: skip
             self._training[key] = data
         return self._training[key]
+
+    # --- sentences (encoders) ----------------------------------------------------------------
+    def _user_sentences(self) -> tuple[list[str], list[str]]:
+        """The run data's sentences as (training part, held-out end); the end is empty when
+        data.evaluation is given."""
+        from kompakt.data.sentences import read_sentences
+
+        if self._sentences is None:
+            sentences = read_sentences(self.spec.calibration)
+            cut = len(sentences) if self.spec.evaluation is not None else len(sentences) - max(
+                1, round(len(sentences) * HELDOUT_FRACTION))  # fmt: skip
+            self._sentences = (sentences[:cut], sentences[cut:])
+        return self._sentences
+
+    def sentences(self, source: str | None, n: int) -> tuple[list[str], str]:
+        """(training sentences, where from) for an encoder: the pass's `source`, else the run's
+        data (its held-out end excluded), else `n` default sentences (kompakt.data.sentences)."""
+        from kompakt.data.sentences import DEFAULT_SOURCE, default_sentences, read_sentences
+
+        if source is not None:
+            return read_sentences(source), str(source)
+        if self.spec.calibration is not None:
+            return self._user_sentences()[0], str(self.spec.calibration)
+        return default_sentences(n), f"sentences from text generated by {DEFAULT_SOURCE}"
+
+    def eval_sentences(self) -> tuple[list[str], str]:
+        """(held-out sentences, where from) an encoder's steps are scored on (EVAL_SENTENCES at most):
+        data.evaluation, else the held-out end of the run's data, else kompakt's shipped held-out
+        sentences (kompakt.evaluate.sentences)."""
+        from kompakt.data.sentences import read_sentences
+
+        spec = self.spec
+        if spec.evaluation is not None:
+            sentences, where = read_sentences(spec.evaluation), str(spec.evaluation)
+        elif spec.calibration is not None:
+            sentences = self._user_sentences()[1]
+            where = f"the held-out last {HELDOUT_FRACTION:.0%} of the sentences of {spec.calibration}"
+        else:  # the set `kompakt eval` scores on by default (shipped, never trained on, no generation)
+            from kompakt.evaluate.sentences import default_sentences as shipped
+
+            chosen = shipped(EVAL_SENTENCES)
+            sentences, where = chosen.sentences, chosen.source
+        if len(sentences) < 20:
+            raise DataError(f"evaluation sentences ({where}) number {len(sentences)}; give at least 20 (more text or "
+                            "data.evaluation)")  # fmt: skip
+        return sentences[:EVAL_SENTENCES], where
 
     def evaluation(self) -> torch.Tensor:
         if self._evaluation is None:
@@ -143,6 +218,16 @@ class RunData:
 
 
 # --- measurement ------------------------------------------------------------------------------
+
+
+def measurer_for(original: LoadedModel, data: RunData, metrics: list[str], reference_dir: Path | None = None):
+    """The step measurement for `original`'s kind: next-token fidelity for a language model,
+    embedding fidelity for a sentence encoder (kompakt.recipe.encoder_measure)."""
+    if original.is_encoder:
+        from kompakt.recipe.encoder_measure import EncoderMeasurer
+
+        return EncoderMeasurer(original, data, metrics, reference_dir)
+    return Measurer(original, data, metrics, reference_dir)
 
 
 class Measurer:

@@ -31,11 +31,11 @@ import torch
 
 from kompakt.errors import KompaktError
 from kompakt.model.loaded import LoadedModel
-from kompakt.passes.base import PassContext
+from kompakt.passes.base import PassContext, check_model
 from kompakt.rundir import layout
 from kompakt.rundir.hashing import digest, step_hash
 from kompakt.rundir.lineage import append_record
-from kompakt.recipe.rundata import Measurer, RunData
+from kompakt.recipe.rundata import Measurer, RunData, measurer_for
 from kompakt.recipe.schema import GATES, Recipe
 
 logger = logging.getLogger(__name__)
@@ -136,8 +136,10 @@ def run_recipe(
 
     recipe = recipe.validate()
     setup_process_device()  # under `accelerate launch`: one GPU per process
-    out = layout.prepare(run_dir_for_process(Path(out_dir)), force=force)
     original = load(recipe.model)
+    for step in recipe.steps:  # a pass that cannot run on this model: refused before anything is written
+        check_model(step.spec_and_config()[0], original)
+    out = layout.prepare(run_dir_for_process(Path(out_dir)), force=force)
     data = RunData(recipe.data, original, recipe.seed)
     planned = _plan(recipe, original.fingerprint(), data)
     eval_id = data.eval_identity(recipe.metrics)
@@ -146,7 +148,7 @@ def run_recipe(
     layout.clean_steps(out, {layout.step_dir_name(p.index, p.name) for p in planned}
                        | {_checkpoint_name(p) for p in planned})  # fmt: skip
 
-    measurer = Measurer(original, data, recipe.metrics, reference_dir or out / layout.REFERENCE_DIR)
+    measurer = measurer_for(original, data, recipe.metrics, reference_dir or out / layout.REFERENCE_DIR)
     baseline = {"index": 0, "pass": "original", "summary": original.name, **measurer.baseline()}
     result = RunResult(out_dir=out, recipe=recipe, baseline=baseline)
     layout.write_run_state(out, baseline, None)
@@ -251,6 +253,7 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
         try:
             ctx = PassContext(loaded=current, original=lambda: original, calibration=data.calibration,
                               seed=seed, work_dir=work, teacher=_teacher_loader(original), training=data.training,
+                              sentences=data.sentences,
                               evaluation=data.evaluation, checkpoint_dir=out / "steps" / _checkpoint_name(step),
                               run_id=step.hash)  # fmt: skip
             input_dtype = current.storage_dtype  # quant passes raise it to fp32 for exact dense saves

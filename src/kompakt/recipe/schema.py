@@ -13,11 +13,13 @@ every step, quality gates, the list of steps and the exports::
       eval_tokens: 4096
       window: 512
       stride: 512
-    metrics: [ppl, kl, top1]     # also: speed (prefill / generation tokens per second)
+    metrics: [ppl, kl, top1]     # also: speed (prefill / generation tokens per second);
+                                 # sentence encoders: cosine (+ recall@10, Spearman) and speed
     gates:
       max_ppl_ratio: 1.5         # stop when ppl(step) / ppl(original) exceeds this
       max_kl: null
       min_top1: null
+      min_cosine: null           # encoders: stop when the mean cosine to the original falls below
     steps:
       - prune.depth: {fraction: 0.25}
     exports: []
@@ -36,13 +38,16 @@ import yaml
 
 from kompakt.errors import ConfigError, DataError
 
-METRICS = ("ppl", "kl", "top1", "speed")
+# "cosine": sentence encoders' embedding fidelity (cosine, recall@10, Spearman vs the original),
+# which an encoder's steps always get (kompakt.recipe.encoder_measure); listed for its gate.
+METRICS = ("ppl", "kl", "top1", "speed", "cosine")
 DEFAULT_METRICS = ("ppl", "kl", "top1")
 # gate name -> (metric it needs, key in a step's metrics, "max" or "min")
 GATES: dict[str, tuple[str, str, str]] = {
     "max_ppl_ratio": ("ppl", "ppl_ratio", "max"),
     "max_kl": ("kl", "kl_mean", "max"),
     "min_top1": ("top1", "top1", "min"),
+    "min_cosine": ("cosine", "cosine_mean", "min"),
 }
 
 
@@ -85,6 +90,7 @@ class Gates:
     max_ppl_ratio: float | None = None
     max_kl: float | None = None
     min_top1: float | None = None
+    min_cosine: float | None = None  # sentence encoders: mean cosine to the original's embeddings
 
     def active(self) -> dict[str, float]:
         return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}

@@ -14,7 +14,8 @@ from kompakt.rundir.layout import RUN_FILE
 from kompakt.rundir.lineage import read_lineage
 
 COLUMNS = ["attempt", "step", "pass", "params", "size", "ppl", "ppl ratio", "KL", "top-1",
-           "prefill tok/s", "gen tok/s", "time s", "summary"]  # fmt: skip
+           "prefill tok/s", "gen tok/s", "cosine", "recall@10", "spearman", "sent/s",
+           "time s", "summary"]  # fmt: skip
 ALWAYS = ("step", "pass")
 
 
@@ -26,7 +27,8 @@ def entry(record: dict[str, Any], attempt: int | None = None) -> dict[str, Any]:
         "parameters": record.get("parameters"), "bytes": record.get("bytes"),
         "ppl": m.get("ppl"), "ppl_reference": m.get("ppl_reference"), "ppl_ratio": m.get("ppl_ratio"),
         "kl": m.get("kl_mean"), "top1": m.get("top1"), "prefill_tps": m.get("prefill_tps"),
-        "generate_tps": m.get("generate_tps"), "wall_s": record.get("wall_s"), "summary": record.get("summary", ""),
+        "generate_tps": m.get("generate_tps"), "cosine": m.get("cosine_mean"), "recall": m.get("recall_at_10"),
+        "spearman": m.get("spearman"), "sentences_per_s": m.get("sentences_per_s"), "wall_s": record.get("wall_s"), "summary": record.get("summary", ""),
     }  # fmt: skip
 
 
@@ -68,7 +70,9 @@ def _cells(row: dict[str, Any], base_params: int | None) -> list[str]:
         _fmt(row.get("attempt")), str(row["step"]), row["pass"], f"{params / 1e6:.2f} M{share}" if params else "",
         f"{size / 1e6:.1f} MB" if isinstance(size, (int, float)) else "", _fmt(row.get("ppl")),
         _fmt(row.get("ppl_ratio"), ".3f"), _fmt(row.get("kl"), ".4f"), _fmt(row.get("top1"), ".1%"),
-        _fmt(row.get("prefill_tps"), ".0f"), _fmt(row.get("generate_tps"), ".1f"), _fmt(row.get("wall_s"), ".1f"),
+        _fmt(row.get("prefill_tps"), ".0f"), _fmt(row.get("generate_tps"), ".1f"), _fmt(row.get("cosine"), ".4f"),
+        _fmt(row.get("recall"), ".3f"), _fmt(row.get("spearman"), ".3f"), _fmt(row.get("sentences_per_s"), ".0f"),
+        _fmt(row.get("wall_s"), ".1f"),
         row.get("summary") or "",
     ]  # fmt: skip
 

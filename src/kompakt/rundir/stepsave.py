@@ -41,11 +41,12 @@ def save_step_model(
     from kompakt.model.quantized import save_quantized
     from kompakt.model.save import save_model
 
-    if not packed:
+    from kompakt.model.arch import arch_for
+
+    if not packed or not arch_for(loaded).stores_packed:  # stored dense: see ArchSpec.stores_packed
         save_model(loaded, directory)
         save_blocks(loaded.gguf_blocks, directory)
         return {"gguf_blocks": len(loaded.gguf_blocks)} if loaded.gguf_blocks else {}
-    from kompakt.model.arch import arch_for
 
     dense = input_dtype if input_dtype in SIXTEEN_BIT else torch.float16
     if dense == torch.float16 and arch_for(loaded).fp16_overflows:

@@ -30,6 +30,9 @@ Units, as seen by forward hooks:
 - Hidden channel j: |output of every pre-attention and pre-MLP norm|[..., j], each norm scored
   on its own, summed over the norms of all layers (the hidden size is shared by all of them).
 
+Padded sentences (an encoder's calibration form): the sequence mean runs over a sentence's real
+tokens only, never its padding.
+
 The L2 over samples is divided by sqrt(number of samples) (a root mean square): the ranking is
 the paper's, and the numbers do not grow with the calibration size, so the analysis can show
 the same number the pass ranks by.
@@ -45,6 +48,7 @@ import torch
 from torch import nn
 
 from kompakt.model.arch import arch_for, get_submodule, norm_modules, text_config
+from kompakt.model.inputs import Batch, token_mask
 from kompakt.scoring.hooks import forward_with_hooks
 
 AGGREGATION = "Minitron (batch=L2, seq=mean): mean over a block's positions, then RMS over calibration blocks"
@@ -101,6 +105,17 @@ class ChannelCollector:
         self.norms = [norm_modules(layer, spec) for layer in layers]
         self.sums: dict[tuple, torch.Tensor] = {}  # (kind, layer[, role]) -> sum over blocks of score^2
         self.blocks = 0
+        self.mask: torch.Tensor | None = None  # the running batch's real tokens [b, seq] (None: all)
+
+    def before(self, batch: Batch) -> None:
+        self.mask = token_mask(batch)
+
+    def _seq_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """[b, seq, units] -> [b, units]: the mean over each sample's real tokens."""
+        if self.mask is None:
+            return values.mean(1)
+        weights = self.mask.to(values.device, values.dtype).unsqueeze(-1)  # [b, seq, 1]
+        return (values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
     def attach(self) -> list:
         """Register the hooks; returns their handles (remove them when done)."""
@@ -124,13 +139,13 @@ class ChannelCollector:
 
     def _input_hook(self, key: tuple) -> Callable:
         def hook(module, args):
-            self._add(key, args[0].float().abs().mean(1))  # [b, seq, units] -> [b, units]
+            self._add(key, self._seq_mean(args[0].float().abs()))  # [b, seq, units] -> [b, units]
 
         return hook
 
     def _output_hook(self, key: tuple) -> Callable:
         def hook(module, args, output):
-            self._add(key, output.float().abs().mean(1))
+            self._add(key, self._seq_mean(output.float().abs()))
 
         return hook
 
@@ -138,7 +153,7 @@ class ChannelCollector:
         def hook(module, args):
             attn = args[0]  # [batch, seq, n_heads * head_dim]
             per_head = attn.float().unflatten(-1, (self.n_heads, -1)).norm(dim=-1)  # [b, seq, heads]
-            self._add(("heads", index), per_head.mean(1))
+            self._add(("heads", index), self._seq_mean(per_head))
 
         return hook
 
@@ -156,10 +171,10 @@ class ChannelCollector:
         )
 
 
-def channel_importance(model: nn.Module, layers: nn.ModuleList, batches: Iterable[torch.Tensor]) -> ChannelImportance:
-    """Minitron importances of `model` over calibration `batches` ([batch, seq] ids each)."""
+def channel_importance(model: nn.Module, layers: nn.ModuleList, batches: Iterable[Batch]) -> ChannelImportance:
+    """Minitron importances of `model` over calibration `batches` ([batch, seq] ids or padded sentences)."""
     collector = ChannelCollector(model, layers)
-    forward_with_hooks(model, batches, collector.attach())
+    forward_with_hooks(model, batches, collector.attach(), collector.before)
     return collector.result()
 
 

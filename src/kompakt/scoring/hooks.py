@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from kompakt.model.inputs import Batch, model_inputs
 
-def forward_with_hooks(model: nn.Module, batches: Iterable[torch.Tensor], handles: list) -> None:
-    """Forward every [batch, seq] id tensor (no grad, no KV cache); the hooks are removed even on error."""
+
+def forward_with_hooks(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    handles: list,
+    before: Callable[[Batch], None] | None = None,
+) -> None:
+    """Forward every batch ([batch, seq] ids, or padded sentences with their mask; no grad, no KV
+    cache); `before(batch)` runs first (hooks that must leave padding out read its mask). The
+    hooks are removed even on error."""
     try:
         with torch.inference_mode():
             for batch in batches:
-                model(input_ids=batch, use_cache=False)
+                if before is not None:
+                    before(batch)
+                model(**model_inputs(batch))
     finally:
         for handle in handles:
             handle.remove()

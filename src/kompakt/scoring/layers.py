@@ -16,7 +16,8 @@ whose input to the compared span has zero norm (e.g. a padding id whose embeddin
 left out of the expectation instead of being counted as cos = 0 (which would make the first
 layer look important for no reason). States are read from forward hooks on the decoder layers,
 not `output_hidden_states` (Hugging Face applies the final norm to the last hidden state, which
-would distort the last layer's score), and compared in fp32.
+would distort the last layer's score), and compared in fp32. Padding positions of padded
+sentences (an encoder's calibration form) are left out like zero-norm tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from kompakt.model.inputs import Batch, token_mask
 from kompakt.scoring.hooks import forward_with_hooks
 
 
@@ -34,13 +36,16 @@ def _first(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def token_cosines(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+def token_cosines(inputs: torch.Tensor, outputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """cos(input, output) per token, [..., hidden] -> [kept tokens] in fp32, in [-1, 1].
 
-    Tokens whose input has zero norm are left out (see the module docstring).
+    Tokens whose input has zero norm, and padding (`mask` [...] False), are left out (see the
+    module docstring).
     """
     inputs, outputs = inputs.float().flatten(0, -2), outputs.float().flatten(0, -2)
     keep = inputs.norm(dim=-1) > 0
+    if mask is not None:
+        keep &= mask.reshape(-1).to(keep.device)
     cos = torch.nn.functional.cosine_similarity(inputs[keep], outputs[keep], dim=-1)
     return cos.clamp(-1.0, 1.0)
 
@@ -52,6 +57,10 @@ class BlockInfluence:
         self.layers = layers
         self.sums = torch.zeros(len(layers), dtype=torch.float64)
         self.counts = torch.zeros(len(layers), dtype=torch.float64)
+        self.mask: torch.Tensor | None = None  # the running batch's real tokens
+
+    def before(self, batch: Batch) -> None:
+        self.mask = token_mask(batch)
 
     def attach(self) -> list:
         """Register the hooks; returns their handles (remove them when done)."""
@@ -63,7 +72,7 @@ class BlockInfluence:
     def _hook(self, index: int) -> Callable:
         def hook(module, args, kwargs, output):
             inputs = args[0] if args else kwargs["hidden_states"]
-            cos = token_cosines(inputs, _first(output))
+            cos = token_cosines(inputs, _first(output), self.mask)
             self.sums[index] += float((1.0 - cos).double().sum())
             self.counts[index] += cos.numel()
 
@@ -74,18 +83,19 @@ class BlockInfluence:
         return [s / c if c else math.nan for s, c in zip(self.sums.tolist(), self.counts.tolist())]
 
 
-def block_influence(model: nn.Module, layers: nn.ModuleList, batches: Iterable[torch.Tensor]) -> list[float]:
-    """ShortGPT BI of every layer over the tokens of `batches` ([batch, seq] ids each)."""
+def block_influence(model: nn.Module, layers: nn.ModuleList, batches: Iterable[Batch]) -> list[float]:
+    """ShortGPT BI of every layer over the tokens of `batches` ([batch, seq] ids or padded sentences)."""
     influence = BlockInfluence(layers)
-    forward_with_hooks(model, batches, influence.attach())
+    forward_with_hooks(model, batches, influence.attach(), influence.before)
     return influence.values()
 
 
 def angular_distances(
-    model: nn.Module, layers: nn.ModuleList, batches: Iterable[torch.Tensor], width: int
+    model: nn.Module, layers: nn.ModuleList, batches: Iterable[Batch], width: int
 ) -> list[float]:
     """Mean angular distance between the input of layer l and of layer l + width, for every l."""
     states: list[torch.Tensor] = []  # inputs of every layer, then the last layer's output
+    mask: list[torch.Tensor | None] = [None]  # the running batch's real tokens
 
     def pre_hook(module, args, kwargs):
         states.append((args[0] if args else kwargs["hidden_states"]).detach())
@@ -99,14 +109,14 @@ def angular_distances(
     def after_layer_hook(module, args, kwargs, output):  # the last layer ran: all states are in
         last_hook(module, args, kwargs, output)
         for start in range(starts):
-            angle = torch.arccos(token_cosines(states[start], states[start + width])) / math.pi
+            angle = torch.arccos(token_cosines(states[start], states[start + width], mask[0])) / math.pi
             sums[start] += float(angle.double().sum())
             counts[start] += angle.numel()
         states.clear()
 
     handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(after_layer_hook, with_kwargs=True))
-    forward_with_hooks(model, batches, handles)
+    forward_with_hooks(model, batches, handles, lambda batch: mask.__setitem__(0, token_mask(batch)))
     return [s / c if c else math.nan for s, c in zip(sums.tolist(), counts.tolist())]
 
 

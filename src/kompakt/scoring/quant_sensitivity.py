@@ -28,14 +28,16 @@ from kompakt.scoring.reference import Reference, Score, replay, score
 
 
 @contextmanager
-def quantized_layer(layer: nn.Module, spec: ArchSpec, bits: int, group_size: int | None) -> Iterator[dict]:
-    """Quantize every Linear of `layer` in place; restore the exact weights on exit.
+def quantized_layer(layer: nn.Module, spec: ArchSpec, bits: int, group_size: int | None,
+                    roles: tuple[str, ...] | None = None) -> Iterator[dict]:  # fmt: skip
+    """Quantize every Linear of `layer` (or only those of `roles`) in place; restore the exact
+    weights on exit.
 
     Yields {role: group size used (None = per channel)}.
     """
     saved: dict[str, torch.Tensor] = {}
     used: dict[str, int | None] = {}
-    linears = linear_modules(layer, spec)
+    linears = {role: linear for role, linear in linear_modules(layer, spec).items() if roles is None or role in roles}
     try:
         for role, linear in linears.items():
             saved[role] = linear.weight.data.clone()
@@ -48,7 +50,7 @@ def quantized_layer(layer: nn.Module, spec: ArchSpec, bits: int, group_size: int
             linears[role].weight.data.copy_(weight)
 
 
-def _fallback_note(group_size: int, changed: dict[str, int | None]) -> str:
+def fallback_note(group_size: int, changed: dict[str, int | None]) -> str:
     by_group: dict[str, list[str]] = {}
     for role, group in sorted(changed.items()):
         by_group.setdefault(str(group) if group else "one scale per output channel", []).append(role)
@@ -79,4 +81,4 @@ def quant_sensitivity(
             if group_size and group != group_size and group_size < linears[role].in_features:
                 changed[role] = group
         advance()
-    return scores, [_fallback_note(group_size, changed)] if changed else []
+    return scores, [fallback_note(group_size, changed)] if changed else []

@@ -19,10 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from kompakt.serve import completions
+from kompakt.serve import completions, embeddings
 from kompakt.serve.body_limit import BodyLimit
 from kompakt.serve.openai_schema import MAX_BODY_BYTES, APIError, error_body, models_list
-from kompakt.serve.state import ServerState
+from kompakt.serve.state import ENDPOINTS, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ def build_app(state: ServerState, loader: Callable[[], None]) -> FastAPI:
     @app.get("/health")
     async def health():
         if state.backend is not None:
-            return {"status": "ok", "model": state.backend.model_id, "backend": state.backend.kind}
+            backend = state.backend
+            endpoints = ENDPOINTS[getattr(backend, "task", "generate")]
+            return {"status": "ok", "model": backend.model_id, "backend": backend.kind, "serves": endpoints}
         if state.error is not None:
             return JSONResponse({"status": "error", "message": str(state.error)}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -63,6 +65,10 @@ def build_app(state: ServerState, loader: Callable[[], None]) -> FastAPI:
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def complete(request: Request):
         return await completions.complete(state, request, await _json_body(request))
+
+    @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
+    async def embed(request: Request):
+        return await embeddings.embeddings(state, request, await _json_body(request))
 
     return app
 

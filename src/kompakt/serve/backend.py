@@ -71,8 +71,13 @@ class TokenScores:
     top: list[dict[str, float] | None]
 
 
+class InputTooLong(ConfigError):
+    """An input over the model's token limit (the server answers 400 context_length_exceeded)."""
+
+
 class Backend(Protocol):
     kind: str  # "transformers" | "llamacpp"
+    task: str  # "generate" (chat, completions) | "embed" (embeddings: kompakt.serve.backend_embeddings)
     model_id: str  # the name /v1/models reports and requests must use
     context_length: int
     vocab_size: int

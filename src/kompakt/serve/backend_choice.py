@@ -2,6 +2,8 @@
 
     backend = open_backend("small.gguf")            # llama.cpp for .gguf files (auto)
     backend = open_backend("runs/heal/final")       # transformers for anything kompakt loads
+    backend = open_backend("all-minilm-l6-v2")      # an encoder: embeddings (backend.task == "embed")
+    backend = open_backend("encoder-f16.gguf")      # a GGUF that declares a pooling: embeddings on llama.cpp
 """
 
 from __future__ import annotations
@@ -66,9 +68,19 @@ def open_backend(source: str | Path | None = None, backend: str = "auto", *, n_c
     kind = choose_backend(source, backend)
     if kind == "llamacpp":
         from kompakt.serve.backend_llamacpp import LlamaCppBackend
+        from kompakt.serve.backend_llamacpp_embed import NO_POOLING, LlamaCppEmbeddingBackend, gguf_pooling
 
-        return LlamaCppBackend(Path(str(source)).expanduser(), n_ctx=n_ctx)
+        path = Path(str(source)).expanduser()
+        if gguf_pooling(path) not in (None, NO_POOLING):  # a sentence encoder: /v1/embeddings
+            return LlamaCppEmbeddingBackend(path, n_ctx=n_ctx)
+        return LlamaCppBackend(path, n_ctx=n_ctx)
     from kompakt.model.load import load
+
+    loaded = load(source)
+    if loaded.is_encoder:  # a sentence-embedding model: /v1/embeddings, no generation
+        from kompakt.serve.backend_embeddings import EmbeddingBackend
+
+        return EmbeddingBackend(loaded)
     from kompakt.serve.backend_transformers import TransformersBackend
 
-    return TransformersBackend(load(source))
+    return TransformersBackend(loaded)

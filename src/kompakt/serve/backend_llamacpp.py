@@ -46,6 +46,7 @@ class LlamaCppBackend:
     """A GGUF model on llama.cpp. Args: path to the .gguf; n_ctx (default: the model's, at most 4096)."""
 
     kind = "llamacpp"
+    task = "generate"
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, n_threads: int | None = None) -> None:
         try:

@@ -16,6 +16,7 @@ class TransformersBackend:
     """A LoadedModel behind the Backend interface (kompakt.serve.backend)."""
 
     kind = "transformers"
+    task = "generate"
 
     def __init__(self, loaded: LoadedModel, model_id: str | None = None) -> None:
         self.loaded = loaded

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from kompakt.errors import ConfigError
 from kompakt.serve.backend import Backend, Sampling
 
 
@@ -35,6 +36,10 @@ class ChatSession:
     transcript: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
+        if getattr(self.backend, "task", "generate") != "generate":
+            raise ConfigError(
+                f"{self.backend.model_id} is an embedding model; use kompakt serve for /v1/embeddings"
+            )
         self.reset()
 
     @property

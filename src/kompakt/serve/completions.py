@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from kompakt.errors import KompaktError
 from kompakt.serve.backend import Backend, Chunk, Sampling, check_token_ids
-from kompakt.serve.limits import QueueFull, Ticket
+from kompakt.serve.limits import Ticket
 from kompakt.serve.openai_schema import (
     APIError,
     ChatRequest,
@@ -68,13 +68,6 @@ def _check_context(backend: Backend, ids: list[int], generates: bool) -> None:
             param="messages",
             code="context_length_exceeded",
         )
-
-
-def _admit(state: ServerState) -> Ticket:
-    try:
-        return state.worker.admit()
-    except QueueFull as full:
-        raise APIError(503, str(full), type="server_error", code="queue_full") from None
 
 
 async def _encode(state: ServerState, encode: Callable, value) -> list[int]:
@@ -159,7 +152,7 @@ async def chat(state: ServerState, http_request, body: object):
     ids = await _encode(state, backend.encode_chat, request.plain_messages())
     _check_context(backend, ids, generates=True)
     sampling = _sampling(state, request, request.requested_max_tokens(), len(ids))
-    ticket = _admit(state)
+    ticket = state.admit()
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         events = _chat_events(state, http_request, ticket, ids, sampling, backend.model_id, include_usage)
@@ -203,7 +196,7 @@ async def complete(state: ServerState, http_request, body: object):
         _check_context(backend, ids, generates=request.max_tokens > 0)
         encoded.append((prompt, ids))
     _check_prompt_budget(state, [ids for _, ids in encoded])
-    ticket = _admit(state)
+    ticket = state.admit()
     if request.stream:
         prompt, ids = encoded[0]
         sampling = _sampling(state, request, request.max_tokens, len(ids))

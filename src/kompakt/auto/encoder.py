@@ -1,0 +1,171 @@
+"""`kompakt compress ENCODER --target ...`: plan (kompakt.auto.encoder_plan), run the attempts as
+recipes until one ends within the cosine floor, link the result, report.
+
+Run directory (the decoder layout where it applies)::
+
+    out/auto.json          the model fingerprint and target this directory belongs to
+    out/plan.json          target, facts, every choice in one line, the attempts
+    out/recipe.yaml        the recipe of the attempt that produced the result (edit and rerun it)
+    out/attempts/N/        one recipe run per attempt (steps/, lineage.jsonl, report.md)
+    out/reference/         the original's embeddings of the held-out sentences (computed once)
+    out/final -> attempts/N/final   a HF + sentence-transformers directory
+    out/outcome.json, report.md / report.html / report.json
+
+Each step is scored on held-out sentences (kompakt.recipe.encoder_measure): the last 10 % of
+`--data`'s sentences, or kompakt's shipped held-out set when no data is given (training
+sentences are then split from text the embedded SmolLM2 writes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kompakt.atomic import atomic_symlink, reporting_errors, write_text
+from kompakt.auto.encoder_plan import EncoderFacts, EncoderPlan, encoder_target, make_encoder_plan
+from kompakt.auto.outdir import check_out, default_out
+from kompakt.auto.target import parse_budget
+from kompakt.errors import DataError
+from kompakt.rundir.layout import AUTO_FILE, REFERENCE_DIR
+
+logger = logging.getLogger(__name__)
+
+# Timing sentences for the speed fact (it only sizes the distillation budget): short, varied.
+_TIMING = [f"Sentence {i} says something about {topic} in plain words." for i, topic in enumerate(
+    ("rivers", "music", "trains", "bread", "stars", "chess", "rain", "cities") * 8)]  # fmt: skip
+
+
+@dataclass
+class EncoderResult:
+    """What `compress_encoder` produced (the fields `kompakt compress` prints, as AutoResult)."""
+
+    out_dir: Path
+    plan: EncoderPlan
+    final: Path | None = None
+    attempt: int | None = None
+    outcomes: list[dict] = field(default_factory=list)
+    exports: dict[str, str] = field(default_factory=dict)  # the final step is itself a HF + ST directory
+    report: Path | None = None
+    wall_s: float = 0.0
+
+
+def is_encoder_source(model: str | None) -> bool:
+    """Whether `model` (an embedded name or a local directory) is a sentence encoder, read from
+    its config.json without loading weights."""
+    from kompakt.model.arch import is_encoder_family
+    from kompakt.model.embedded import EMBEDDED_MODELS, embedded_hf_dir
+
+    if model is None:
+        return False
+    directory = embedded_hf_dir(str(model)) if str(model).lower() in EMBEDDED_MODELS else Path(model).expanduser()
+    config = directory / "config.json" if directory is not None else None
+    if config is None or not config.is_file():
+        return False
+    try:
+        return is_encoder_family(json.loads(config.read_text()))
+    except (OSError, ValueError):
+        return False
+
+
+def encoder_facts(loaded, measure_speed: bool = True) -> EncoderFacts:
+    """Parameter counts per layer and the rest; sentences/s only when a budget needs it (0 otherwise)."""
+    from kompakt.model.arch import decoder_layers
+    from kompakt.recipe.encoder_measure import sentences_per_s
+
+    layer_params = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(loaded.model)]
+    return EncoderFacts(name=loaded.name, fingerprint=loaded.fingerprint(), params=loaded.num_parameters(),
+                        layers=len(layer_params), layer_params=layer_params,
+                        sentences_per_s=sentences_per_s(loaded, _TIMING) if measure_speed else 0.0)  # fmt: skip
+
+
+def _emit(on_event, kind: str, values: dict) -> None:
+    if on_event is not None:
+        on_event(kind, values)
+
+
+def _run_attempts(plan: EncoderPlan, out_dir: Path, model: str, seed: int, on_step, on_event):
+    """(outcomes, index of the kept attempt or None, its final directory or None)."""
+    from kompakt.recipe.runner import run_recipe
+
+    outcomes, best = [], None
+    for index, attempt in enumerate(plan.attempts):
+        run_dir = out_dir / "attempts" / str(index + 1)
+        _emit(on_event, "attempt", {"index": index + 1, "label": attempt.label, "seconds": attempt.seconds or 0})
+        run = run_recipe(plan.recipe(index, model, seed), run_dir, on_step=on_step,
+                         reference_dir=out_dir / REFERENCE_DIR)  # fmt: skip
+        metrics = run.records[-1]["metrics"]
+        cosine = metrics.get("cosine_mean")
+        outcome = {"attempt": index + 1, "label": attempt.label, "run_dir": str(run_dir), "final": str(run.final),
+                   "metrics": metrics}  # fmt: skip
+        outcomes.append(outcome)
+        if cosine is not None and cosine >= plan.target.min_cosine:
+            outcome["status"] = "within floor"
+            return outcomes, index, run.final
+        outcome.update(status="floor crossed", reason=f"mean cosine {cosine:.4f} < min-cosine {plan.target.min_cosine:g}")
+        _emit(on_event, "back-off", outcome)
+        if best is None or cosine > best[0]:
+            best = (cosine, index, run.final)
+    if best is None:
+        return outcomes, None, None
+    outcomes[best[1]]["status"] = "kept although the floor is crossed (closest to it of all attempts)"
+    return outcomes, best[1], best[2]
+
+
+def _compare(original, final: Path, metrics: dict, out_dir: Path) -> None:
+    """comparison.json: the report's side-by-side table in its encoder form (kompakt.report.compare)."""
+    from kompakt.model.load import load
+    from kompakt.report.compare import compare, machine
+
+    comparison = compare(original, load(final), final, None, metrics)
+    comparison["machine"] = machine()
+    write_text(out_dir / "comparison.json", json.dumps(comparison, indent=1, default=str) + "\n")
+
+
+def compress_encoder(model: str | None, *, target: str | None = None, budget: str | None = None,
+                     data: str | None = None, out: str | Path | None = None, plan_only: bool = False, seed: int = 0,
+                     force: bool = False, on_step: Callable[[dict], None] | None = None,
+                     on_event: Callable[[str, dict], None] | None = None):  # fmt: skip
+    """Plan and run `compress --target` on a sentence encoder (see the module docstring).
+
+    Raises (before any work): ConfigError for a target that does not apply to encoders or is out
+    of reach (the message states the reachable minimum); OutputPathError for a run directory of
+    another model or target; DataError for a missing --data.
+    """
+    from kompakt.model.load import load
+    from kompakt.report.build import build_report
+
+    started = time.perf_counter()
+    goal = encoder_target(target)
+    budget_s = parse_budget(budget)
+    if data is not None and not Path(data).expanduser().exists():
+        raise DataError(f"--data {data} not found; give a file of sentences (one per line, or prose)")
+    original = load(model)
+    out_dir = (Path(out) if out is not None else default_out(model, goal)).expanduser().absolute()
+    check_out(out_dir, original.fingerprint(), goal, force)
+    plan = make_encoder_plan(goal, encoder_facts(original, budget_s is not None), budget_s, data)
+    with reporting_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    name = str(model or original.name)
+    write_text(out_dir / AUTO_FILE, json.dumps({"model": name, "fingerprint": plan.facts.fingerprint,
+                                                "target": goal.text, "kind": "encoder"}) + "\n")  # fmt: skip
+    write_text(out_dir / "plan.json", json.dumps(plan.to_dict(), indent=1, default=str) + "\n")
+    write_text(out_dir / "recipe.yaml", plan.recipe(0, name, seed).to_yaml())
+    result = EncoderResult(out_dir, plan)
+    if plan_only:
+        return result
+    outcomes, index, final = _run_attempts(plan, out_dir, name, seed, on_step, on_event)
+    result.outcomes, result.attempt = outcomes, index
+    if final is not None:
+        result.final = final
+        write_text(out_dir / "recipe.yaml", plan.recipe(index, name, seed).to_yaml())
+        atomic_symlink(out_dir / "final", str(Path(final).resolve().relative_to(out_dir)))
+        _compare(original, Path(final), outcomes[index]["metrics"], out_dir)
+    result.wall_s = time.perf_counter() - started
+    write_text(out_dir / "outcome.json", json.dumps({"outcomes": outcomes, "wall_s": result.wall_s, "attempt": index},
+                                                    indent=1, default=str) + "\n")  # fmt: skip
+    result.report = build_report(out_dir)
+    return result

@@ -1,0 +1,202 @@
+"""`compress --target` for sentence encoders: what the target means, what is reachable, and the
+attempts (recipes) that get there. Pure planning: no model runs here.
+
+What the numbers say (all-MiniLM-L6-v2: 22.7 M parameters, of which the word embeddings hold
+11.7 M = 30522 x 384, position and type embeddings and the pooler 0.35 M more, the 6 layers
+1.77 M each): removing layers (DistilBERT, TinyBERT, MiniLM students), heads or FFN channels
+never touches the embeddings, so `params=` is counted over all parameters, as DistilBERT
+counts its "40 % fewer", and a target below the non-layer share plus one layer is refused with
+the reachable minimum rather than silently read as "a share of the layers". Cutting the
+embedding width changes the embedding dimension (every stored vector would have to be
+recomputed) and trimming the vocabulary maps unseen words to [UNK]: neither is done unasked.
+
+Goals:
+- params=P: keep n' = the most layers whose parameters fit P (at least one), then distil.
+- speed=S: an encoder's compute is its layers (the embedding lookup is free), so S x faster
+  means keeping ceil(n / S) layers (measured afterwards: sentences/s at batch 32).
+- size= / bytes=: refused with what to do instead (an int8 ONNX export, params=, speed=).
+
+Layers to drop: the contiguous block whose input and output are closest in angle on
+calibration sentences (prune.depth method angular; Gromov et al. 2024). Measured on
+all-MiniLM-L6-v2 (200 WikiText-2 test sentences, before any healing): keeping layers 0, 4, 5
+(the block 1-3 removed) gives mean cosine 0.73 to the original, DistilBERT's every other layer
+(0, 2, 4; recipes/distilbert-halve.yaml) 0.33 — a sentence-embedding model keeps what its
+training tuned in its last layers. Then distill.kd on the sentence cosine. Floor: mean cosine
+to the original's embeddings on held-out sentences (`min-cosine`, default 0.95); KL and
+perplexity floors do not apply to encoders and are refused. Back-off when the floor is
+crossed: keep one more layer, up to keeping all but one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from kompakt.auto.target import Target
+from kompakt.errors import ConfigError
+
+DEFAULT_TARGET = "speed=2x,min-cosine=0.95"
+DEFAULT_MIN_COSINE = 0.95
+KD_SENTENCES = 20000  # without a budget: the recipe's distillation (recipes/distilbert-halve.yaml)
+MIN_KD_SENTENCES = 512
+KD_CONFIG = {"batch_size": 32, "lr": 5e-4, "warmup": 0.1, "cosine_weight": 1.0}
+# A training sentence costs one teacher forward + a student forward and backward (≈ 3 forwards of
+# the student's layers): in teacher-forward units, 1 + 3 · kept / layers.
+BUDGET_SHARE = 0.8  # of the budget left for distillation after pruning and evaluation
+
+
+@dataclass
+class EncoderFacts:
+    """Sizes of an encoder, from its modules (no data needed), and its measured speed."""
+
+    name: str
+    fingerprint: str
+    params: int
+    layers: int
+    layer_params: list[int]
+    sentences_per_s: float  # embed() at batch 32 on short sentences, this machine
+
+    @property
+    def fixed_params(self) -> int:
+        """Parameters outside the layers (embeddings, pooler): what depth or width pruning keeps."""
+        return self.params - sum(self.layer_params)
+
+    def params_with(self, kept_layers: int) -> int:
+        return self.fixed_params + sum(sorted(self.layer_params)[:kept_layers])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EncoderAttempt:
+    label: str
+    kept_layers: int
+    steps: list  # kompakt.recipe.schema.Step
+    params_kept: float
+    seconds: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "kept_layers": self.kept_layers, "params_kept": self.params_kept,
+                "seconds": self.seconds, "steps": [s.to_dict() for s in self.steps]}  # fmt: skip
+
+
+@dataclass
+class EncoderPlan:
+    target: Target
+    facts: EncoderFacts
+    budget_s: float | None
+    attempts: list[EncoderAttempt] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)
+    data: str | None = None  # --data: training sentences, their last 10 % held out for scoring
+
+    def recipe(self, index: int = 0, model: str | None = None, seed: int = 0):
+        """Attempt `index` as a recipe: scored by embedding fidelity and speed, no gates (the
+        floor is judged on the attempt's last step)."""
+        from kompakt.recipe.schema import DataSpec, Gates, Recipe
+
+        return Recipe(model=model or self.facts.name, seed=seed, data=DataSpec(calibration=self.data),
+                      metrics=["cosine", "speed"], gates=Gates(), steps=list(self.attempts[index].steps))  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {"kind": "encoder", "data": self.data, "target": self.target.to_dict(), "budget_s": self.budget_s,
+                "facts": self.facts.to_dict(), "choices": list(self.choices),
+                "attempts": [a.to_dict() for a in self.attempts]}  # fmt: skip
+
+
+def encoder_target(text: str | None) -> Target:
+    """The target for an encoder: params= or speed= with a min-cosine floor (default 0.95)."""
+    from kompakt.auto.target import parse_target
+
+    given = text is not None
+    target = parse_target(text or DEFAULT_TARGET)
+    if given and ("max-kl" in text or "max-ppl-ratio" in text):
+        raise ConfigError("--target max-kl / max-ppl-ratio measure next-token predictions, which a sentence encoder "
+                          "has none of; give its floor as min-cosine=0.95 (mean cosine to the original's embeddings)")  # fmt: skip
+    if target.goal == "size" and given and ("size=" in text or "bytes=" in text):
+        raise ConfigError("--target size= / bytes= is not planned for sentence encoders; give params=0.8 or speed=2x "
+                          "(fewer layers), or shrink the file: kompakt export DIR --format onnx --type int8")  # fmt: skip
+    floor = target.min_cosine if target.min_cosine is not None else DEFAULT_MIN_COSINE
+    target = dataclasses.replace(target, max_kl=None, max_ppl_ratio=None, min_cosine=floor)
+    if target.goal == "size":  # a floor alone: parse_target aimed it at size=4x; encoders aim at speed=2x
+        target = dataclasses.replace(target, size=None, speed=2.0)
+    return target
+
+
+def _layers_for(target: Target, facts: EncoderFacts) -> tuple[int, str]:
+    """(layers to keep, why) for the target's goal; ConfigError when it is out of reach."""
+    n = facts.layers
+    if target.goal == "speed":
+        keep = math.ceil(n / target.speed - 1e-9)
+        if keep < 1 or keep >= n:
+            raise ConfigError(f"--target speed={target.speed:g}x on {n} layers keeps {keep}; give a factor in (1, {n}]")
+        return keep, (f"speed={target.speed:g}x: an encoder's compute is its layers, so keep {keep} of {n} "
+                      f"(≈{n / keep:.2f}x; measured after the run)")  # fmt: skip
+    wanted = target.params * facts.params
+    fitting = [k for k in range(1, n) if facts.params_with(k) <= wanted]
+    smallest = facts.params_with(1) / facts.params
+    if not fitting:
+        halve = facts.params_with(n // 2) / facts.params
+        raise ConfigError(
+            f"--target params={target.params:g} is out of reach for {facts.name}: its embeddings and pooler hold "
+            f"{facts.fixed_params / 1e6:.1f} M of its {facts.params / 1e6:.1f} M parameters "
+            f"({facts.fixed_params / facts.params:.0%}), which removing layers, heads or FFN channels leaves in place; "
+            f"the smallest reachable is params={math.ceil(smallest * 100) / 100:g} (1 of {n} layers), halving the "
+            f"layers as DistilBERT is params={math.ceil(halve * 100) / 100:g} — give one of those"
+        )
+    keep = max(fitting)
+    return keep, (f"params={target.params:g} of {facts.params / 1e6:.1f} M (all parameters, as DistilBERT counts): keep "
+                  f"{keep} of {n} layers = {facts.params_with(keep) / facts.params:.1%}; the embeddings "
+                  f"({facts.fixed_params / facts.params:.0%}) stay")  # fmt: skip
+
+
+def _prune_step(kept: int, n: int):
+    from kompakt.recipe.schema import Step
+
+    return Step("prune.depth", {"count": n - kept, "method": "angular"})
+
+
+def _kd_sentences(facts: EncoderFacts, kept: int, budget_s: float | None) -> int:
+    if budget_s is None:
+        return KD_SENTENCES
+    cost = (1 + 3 * kept / facts.layers) / facts.sentences_per_s  # seconds per training sentence
+    return int(BUDGET_SHARE * budget_s / cost)
+
+
+def _attempt(label: str, kept: int, facts: EncoderFacts, budget_s: float | None, choices: list[str]) -> EncoderAttempt:
+    from kompakt.recipe.schema import Step
+
+    sentences = _kd_sentences(facts, kept, budget_s)
+    steps = [_prune_step(kept, facts.layers)]
+    if sentences >= MIN_KD_SENTENCES:
+        steps.append(Step("distill.kd", {"sentences": sentences, **KD_CONFIG}))
+    else:
+        choices.append(f"{label}: no distillation — the budget affords {sentences} sentences (< {MIN_KD_SENTENCES})")
+    seconds = None if budget_s is None else sentences * (1 + 3 * kept / facts.layers) / facts.sentences_per_s
+    return EncoderAttempt(label, kept, steps, facts.params_with(kept) / facts.params, seconds)
+
+
+def make_encoder_plan(target: Target, facts: EncoderFacts, budget_s: float | None, data: str | None = None) -> EncoderPlan:
+    """The attempts for `target`: the cut it asks for first, then one more layer kept each time."""
+    choices: list[str] = []
+    keep, why = _layers_for(target, facts)
+    choices.append(why)
+    choices.append(f"floor: mean cosine ≥ {target.min_cosine:g} to the original's embeddings of held-out sentences")
+    choices.append("layers removed as the contiguous block closest in angle on calibration sentences (prune.depth "
+                   "angular: kept the last layers, cosine 0.73 before healing on all-MiniLM-L6-v2 where DistilBERT's "
+                   "every other layer gives 0.33), then distill.kd on 1 - cosine of the sentence embeddings")  # fmt: skip
+    share = None if budget_s is None else budget_s / 2  # the first attempt and its back-offs share the budget
+    attempts = [_attempt(f"keep {keep} of {facts.layers} layers", keep, facts, share, choices)]
+    for more in range(keep + 1, facts.layers):
+        if target.goal == "speed" and facts.layers / more < 1.0 + 1e-9:
+            break
+        attempts.append(_attempt(f"back-off: keep {more} of {facts.layers} layers", more, facts,
+                                 None if share is None else share / 2, choices))  # fmt: skip
+        if len(attempts) == 3:
+            break
+    if budget_s is not None:
+        choices.append(f"distillation sized for the {budget_s / 60:.0f} min budget at {facts.sentences_per_s:.0f} "
+                       "teacher sentences/s: " + ", ".join(f"{a.label}: {a.steps[-1].config.get('sentences', 0)} sentences"
+                                                           for a in attempts))  # fmt: skip
+    return EncoderPlan(target, facts, budget_s, attempts, choices, data)

@@ -1,0 +1,98 @@
+"""compress --target on sentence encoders: targets read as an experienced user expects (all
+parameters counted, the reachable minimum stated), attempts, and a whole run on a tiny encoder."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from kompakt.auto.encoder_plan import EncoderFacts, encoder_target, make_encoder_plan
+from kompakt.errors import ConfigError
+
+# all-MiniLM-L6-v2: 22 713 216 parameters, 6 layers of 1 774 464, the rest embeddings + pooler
+MINILM = EncoderFacts(name="all-minilm-l6-v2", fingerprint="x", params=22_713_216, layers=6,
+                      layer_params=[1_774_464] * 6, sentences_per_s=200.0)  # fmt: skip
+
+
+def test_params_half_of_minilm_is_refused_with_the_reachable_minimum():
+    with pytest.raises(ConfigError) as error:
+        make_encoder_plan(encoder_target("params=0.5"), MINILM, None)
+    message = str(error.value)
+    assert "12.1 M of its 22.7 M parameters (53%)" in message
+    assert "smallest reachable is params=0.61 (1 of 6 layers)" in message
+    assert "DistilBERT is params=0.77" in message
+
+
+def test_params_keeps_the_most_layers_that_fit_and_backs_off_by_one_layer():
+    plan = make_encoder_plan(encoder_target("params=0.8"), MINILM, None)
+    kept = [a.kept_layers for a in plan.attempts]
+    assert kept == [3, 4, 5]  # 3 layers: 76.6 % of the parameters; 4 would be 84 %
+    first = plan.attempts[0].steps
+    assert first[0].name == "prune.depth" and first[0].config == {"count": 3, "method": "angular"}
+    assert first[1].name == "distill.kd" and first[1].config["sentences"] == 20000
+    assert plan.attempts[1].steps[0].config == {"count": 2, "method": "angular"}
+    assert plan.target.min_cosine == 0.95 and plan.target.max_kl is None
+
+
+def test_speed_keeps_layers_in_proportion_and_the_budget_sizes_distillation():
+    plan = make_encoder_plan(encoder_target("speed=2x,min-cosine=0.9"), MINILM, 600.0)
+    assert plan.attempts[0].kept_layers == 3 and plan.target.min_cosine == 0.9
+    sentences = plan.attempts[0].steps[1].config["sentences"]
+    # half the budget for the first attempt, 80 % of it training at (1 + 3 * 3/6) teacher forwards
+    assert sentences == int(0.8 * 300 / (2.5 / 200.0))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("params=0.8,max-kl=0.1", "min-cosine=0.95"),
+    ("size=4x", "--format onnx --type int8"),
+])  # fmt: skip
+def test_decoder_floors_and_size_targets_are_refused_for_encoders(text, words):
+    with pytest.raises(ConfigError, match=words.replace("-", ".").replace("=", ".")):
+        encoder_target(text)
+
+
+def test_no_target_or_a_floor_alone_aims_at_twice_the_speed():
+    assert encoder_target(None).speed == 2.0
+    alone = encoder_target("min-cosine=0.97")
+    assert alone.speed == 2.0 and alone.min_cosine == 0.97 and alone.size is None
+
+
+def test_min_cosine_on_a_language_model_is_refused(tmp_path):
+    from kompakt.auto.api import compress_auto
+
+    with pytest.raises(ConfigError, match="floor of sentence encoders"):
+        compress_auto(None, target="size=4x,min-cosine=0.9", out=tmp_path / "run", plan_only=True)
+
+
+WORDS = (("the cat", "a farmer", "my neighbour", "the old bridge", "our team", "the river", "a robot", "the city"),
+         ("watches", "builds", "crosses", "paints", "follows", "remembers", "hides", "carries"),
+         ("the morning train", "a red kite", "seven apples", "the quiet lake", "an open door", "two letters"))  # fmt: skip
+
+
+def _encoder_calibration() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("kompakt.model.inputs") is not None
+
+
+@pytest.mark.skipif(not _encoder_calibration(), reason="calibration sentences for encoders (prune.depth angular) not in this checkout")
+def test_compress_target_on_a_tiny_encoder_runs_attempts_and_reports(tmp_path):
+    from kompakt.auto.api import compress_auto
+    from kompakt.model.load import load
+    from kompakt.model.tiny_encoder import save_tiny_encoder
+
+    save_tiny_encoder("bert", tmp_path / "bert")
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(f"{s.capitalize()} {v} {o}." for s, v, o in itertools.product(*WORDS)) + "\n")
+    result = compress_auto(str(tmp_path / "bert"), target="speed=2x,min-cosine=0.5", budget="1m", data=str(data),
+                           out=tmp_path / "run")  # fmt: skip
+    assert result.final is not None and result.outcomes[0]["status"] == "within floor"
+    metrics = result.outcomes[0]["metrics"]
+    assert metrics["cosine_mean"] >= 0.5 and "recall_at_10" in metrics and "speedup" in metrics
+    final = load(tmp_path / "run" / "final")
+    assert final.is_encoder and final.model.config.num_hidden_layers == result.plan.attempts[0].kept_layers == 2
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["kind"] == "encoder" and "keep 2 of 4" in plan["choices"][0]
+    assert "cosine" in (tmp_path / "run" / "report.md").read_text()

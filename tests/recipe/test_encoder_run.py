@@ -1,0 +1,79 @@
+"""A recipe on a tiny sentence encoder: steps are scored by embedding fidelity (cosine, recall@10,
+Spearman against the original on held-out sentences), distillation heals a depth cut, and the
+trajectory shows the encoder columns."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from kompakt.model.load import load
+from kompakt.model.tiny_encoder import save_tiny_encoder
+from kompakt.recipe.runner import GateError, run_recipe
+from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
+
+WORDS = (("the cat", "a farmer", "my neighbour", "the old bridge", "our team", "the river", "a robot", "the city"),
+         ("watches", "builds", "crosses", "paints", "follows", "remembers", "hides", "carries"),
+         ("the morning train", "a red kite", "seven apples", "the quiet lake", "an open door", "two letters"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("enc") / "bert"
+    save_tiny_encoder("bert", directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sentences_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sentences.txt"
+    rows = [f"{s.capitalize()} {v} {o}." for s, v, o in itertools.product(*WORDS)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _recipe(model, data, steps, gates=None) -> Recipe:
+    return Recipe(model=str(model), data=DataSpec(calibration=str(data)), metrics=["cosine"], steps=steps,
+                  gates=gates or Gates())  # fmt: skip
+
+
+def test_encoder_steps_are_scored_by_embedding_fidelity_and_kd_heals(encoder_dir, sentences_file, tmp_path):
+    steps = [Step("prune.depth", {"count": 3, "method": "last"}),
+             Step("distill.kd", {"steps": 40, "batch_size": 16, "lr": 3e-3, "warmup": 0, "hidden_weight": 1.0})]  # fmt: skip
+    result = run_recipe(_recipe(encoder_dir, sentences_file, steps), tmp_path / "run")
+    pruned, healed = (r["metrics"] for r in result.records)
+    assert pruned["eval_sentences"] == 38  # the held-out last 10 % of 384 sentences
+    for metrics in (pruned, healed):
+        assert -1 <= metrics["cosine_mean"] <= 1 and 0 <= metrics["recall_at_10"] <= 1
+    assert 1 - healed["cosine_mean"] < 0.5 * (1 - pruned["cosine_mean"])
+    final = load(result.final)
+    assert final.is_encoder and final.model.config.num_hidden_layers == 1
+    report = (result.out_dir / "report.md").read_text()
+    assert "cosine" in report and "recall@10" in report
+
+
+def test_min_cosine_gate_stops_the_run(encoder_dir, sentences_file, tmp_path):
+    steps = [Step("prune.depth", {"count": 3, "method": "last"})]
+    recipe = _recipe(encoder_dir, sentences_file, steps, Gates(min_cosine=0.99999))
+    with pytest.raises(GateError, match="min_cosine: cosine_mean"):
+        run_recipe(recipe, tmp_path / "run")
+
+
+def test_without_data_steps_are_scored_on_the_shipped_held_out_sentences():
+    from kompakt.evaluate.sentences import DEFAULT_LABEL
+    from kompakt.model.tiny_encoder import tiny_encoder
+    from kompakt.recipe.rundata import EVAL_SENTENCES, RunData
+
+    sentences, where = RunData(DataSpec(), tiny_encoder("bert"), 0).eval_sentences()
+    assert where == DEFAULT_LABEL and 20 <= len(sentences) <= EVAL_SENTENCES
+
+
+def test_run_data_holds_the_evaluation_end_out_of_training(sentences_file):
+    from kompakt.model.tiny_encoder import tiny_encoder
+    from kompakt.recipe.rundata import RunData
+
+    data = RunData(DataSpec(calibration=str(sentences_file)), tiny_encoder("bert"), 0)
+    train, _ = data.sentences(None, 100)
+    held, _ = data.eval_sentences()
+    assert len(train) + len(held) == 384 and not set(train) & set(held)
