@@ -24,7 +24,7 @@ import torch
 from kompakt.analyze.breakdown import breakdown as count_parameters
 from kompakt.analyze.output import check_out
 from kompakt.analyze.result import Analysis
-from kompakt.analyze.summary import MLP_TINY, tiny_fraction, where_to_cut
+from kompakt.analyze.summary import layer_rows, where_to_cut
 from kompakt.analyze.write import write_outputs
 from kompakt.data import sample_blocks
 from kompakt.errors import ConfigError, DataError
@@ -151,21 +151,6 @@ def _measure(loaded, spec, layers, blocks, windows, *, bits, group_size, batch_s
     )  # fmt: skip
 
 
-def _layer_rows(parts, measured: dict) -> list[dict]:
-    return [
-        {
-            "index": i,
-            "params": parts.per_layer[i]["total"],
-            "bytes": parts.per_layer[i]["total"] * parts.bytes_per_param,
-            "block_influence": measured["influence"][i],
-            "skip": measured["skips"][i].to_dict(),
-            "quant": measured["quants"][i].to_dict(),
-            "mlp_tiny_fraction": tiny_fraction(measured["channels"].mlp[i], MLP_TINY),
-        }
-        for i in range(len(measured["skips"]))
-    ]
-
-
 def _settings(blocks, windows, window, bits, group_size, seed, ids) -> dict:
     return {
         "calibration": {
@@ -239,7 +224,7 @@ def analyze(
         model=info,
         settings=_settings(blocks, windows, eval_window, bits, group_size, seed, ids),
         breakdown=parts,
-        layers=_layer_rows(parts, measured),
+        layers=layer_rows(parts, measured),
         channels=measured["channels"],
         reference=measured["reference"],
         baseline=baseline,

@@ -29,7 +29,7 @@ import torch
 from kompakt.analyze.breakdown import breakdown as count_parameters
 from kompakt.analyze.output import check_out
 from kompakt.analyze.result import Analysis
-from kompakt.analyze.summary import MLP_TINY, tiny_fraction, where_to_cut
+from kompakt.analyze.summary import layer_rows, where_to_cut
 from kompakt.analyze.write import write_outputs
 from kompakt.errors import ConfigError, DataError
 from kompakt.model.arch import arch_for, decoder_layers, linear_modules
@@ -134,21 +134,6 @@ def _measure(loaded, calibration, heldout, *, bits, group_size, batch_size, per_
     return dict(influence=influence, channels=channels, skips=skips, quants=quants, notes=notes, timings=timings)
 
 
-def _layer_rows(parts, measured: dict) -> list[dict]:
-    return [
-        {
-            "index": i,
-            "params": parts.per_layer[i]["total"],
-            "bytes": parts.per_layer[i]["total"] * parts.bytes_per_param,
-            "block_influence": measured["influence"][i],
-            "skip": measured["skips"][i].to_dict(),
-            "quant": measured["quants"][i].to_dict(),
-            "mlp_tiny_fraction": tiny_fraction(measured["channels"].mlp[i], MLP_TINY),
-        }
-        for i in range(len(measured["skips"]))
-    ]
-
-
 def _tokens(tokenizer, sentences: list[str], limit: int) -> int:
     return sum(len(ids) for ids in tokenizer(sentences, truncation=True, max_length=limit)["input_ids"])
 
@@ -213,7 +198,7 @@ def analyze_encoder(
     reference = {"sentences": len(heldout), "embedding_dim": info["hidden_size"]}
     summary = _summary(parts, measured, skip_loss, quant_loss)
     analysis = Analysis(
-        model=info, settings=settings, breakdown=parts, layers=_layer_rows(parts, measured),
+        model=info, settings=settings, breakdown=parts, layers=layer_rows(parts, measured),
         channels=measured["channels"], reference=reference, baseline=None, summary=summary, timings=timings,
         notes=[SKIPPED_NOTE, *measured["notes"]],
     )  # fmt: skip

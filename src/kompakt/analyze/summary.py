@@ -111,3 +111,19 @@ def _lines(result: dict, breakdown: Breakdown, skip_kl: list[float], quant_kl: l
             f"attention heads below {HEAD_TINY:.0%} of their layer's median: {result['head_tiny_fraction']:.1%}."
         )
     return lines
+
+
+def layer_rows(parts, measured: dict) -> list[dict]:
+    """One row per layer of the analysis (decoder or encoder): size, influence, skip and 4-bit cost."""
+    return [
+        {
+            "index": i,
+            "params": parts.per_layer[i]["total"],
+            "bytes": parts.per_layer[i]["total"] * parts.bytes_per_param,
+            "block_influence": measured["influence"][i],
+            "skip": measured["skips"][i].to_dict(),
+            "quant": measured["quants"][i].to_dict(),
+            "mlp_tiny_fraction": tiny_fraction(measured["channels"].mlp[i], MLP_TINY),
+        }
+        for i in range(len(measured["skips"]))
+    ]

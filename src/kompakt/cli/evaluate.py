@@ -49,12 +49,7 @@ def _table(result: dict) -> Table:
                 ("next tokens it lacks (not compared)", f"{extra['positions_removed']:,}"),
                 ("reference mass on removed tokens", f"{100 * extra['removed_mass']:.3f} %"),
             ]
-    rows += [
-        ("parameters", f"{result['parameters']:,}"),
-        ("parameters in memory", _mb(result["parameter_bytes"])),
-        ("weights on disk", _mb(result["disk_bytes"])),
-        ("peak RSS (process)", _mb(result["peak_rss_bytes"])),
-    ]
+    rows += _size_rows(result)
     speed = result.get("speed")
     if speed:
         rows += [
@@ -66,6 +61,15 @@ def _table(result: dict) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _size_rows(result: dict) -> list[tuple[str, str]]:
+    return [
+        ("parameters", f"{result['parameters']:,}"),
+        ("parameters in memory", _mb(result["parameter_bytes"])),
+        ("weights on disk", _mb(result["disk_bytes"])),
+        ("peak RSS (process)", _mb(result["peak_rss_bytes"])),
+    ]
 
 
 def _pct(value: float | None) -> str:
@@ -100,12 +104,7 @@ def _encoder_table(result: dict) -> Table:
     table = Table(title=f"kompakt eval: {result['model']} (sentence encoder)", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    rows = _encoder_rows(result) + [
-        ("parameters", f"{result['parameters']:,}"),
-        ("parameters in memory", _mb(result["parameter_bytes"])),
-        ("weights on disk", _mb(result["disk_bytes"])),
-        ("peak RSS (process)", _mb(result["peak_rss_bytes"])),
-    ]
+    rows = _encoder_rows(result) + _size_rows(result)
     speed = result.get("speed")
     if speed:
         rows += [

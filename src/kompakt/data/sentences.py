@@ -6,11 +6,11 @@ kept) followed by whitespace and an upper-case letter, digit or opening quote. S
 fewer than 3 words are dropped; duplicates are kept once, in first-seen order. Nothing is cut
 here: an encoder truncates a sentence longer than its input limit (kompakt.model.encode).
 
-Default text (no `--data`, no network): sentences from text the embedded decoder SmolLM2-135M
-writes for a few hundred varied requests (stories, explanations, articles, emails, dialogues
-on many topics; kompakt.data.generated), generated once and cached. Chat markup is stripped.
-Training and held-out evaluation sentences come from different generation seeds, so an
-evaluation never sees a sentence a pass trained or calibrated on.
+Default calibration and training text (no `--data`, no network): sentences from text the
+embedded decoder SmolLM2-135M writes for a few hundred varied requests (stories, explanations,
+articles, emails, dialogues on many topics; kompakt.data.generated), generated once and cached.
+Chat markup is stripped. Held-out evaluation never uses it: it reads the sentences kompakt ships
+(kompakt.evaluate.sentences), which no pass trains or calibrates on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from kompakt.errors import DataError
 
 MIN_WORDS = 3
 DEFAULT_SOURCE = "smollm2-135m"  # the embedded decoder that writes the default sentences
-TRAIN_SEED, HELDOUT_SEED = 0, 1  # generation seeds: disjoint documents
+GENERATION_SEED = 0
 _TOKENS_PER_SENTENCE = 24  # generated tokens per kept sentence, measured on SmolLM2's output (rounded up)
 _BOUNDARY = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[])")
 _CHAT_MARKUP = re.compile(r"<\|[^|>]*\|>(?:\s*(?:system|user|assistant)\b)?|</?s>")
@@ -64,16 +64,15 @@ def read_sentences(path: str | Path, tokenizer: Any = None) -> list[str]:
     return sentences
 
 
-def default_sentences(n: int, *, heldout: bool = False) -> list[str]:
-    """`n` sentences of the default text (training set, or the disjoint held-out set), cached."""
+def default_sentences(n: int) -> list[str]:
+    """`n` sentences of the default calibration / training text (generated once, cached)."""
     from kompakt.data.generated import generate_texts
     from kompakt.model.load import load
 
     writer = load(DEFAULT_SOURCE, device="cpu")
-    seed = HELDOUT_SEED if heldout else TRAIN_SEED
     wanted = n * _TOKENS_PER_SENTENCE
     while True:
-        sentences = split_sentences(generate_texts(writer, wanted, seed=seed))
+        sentences = split_sentences(generate_texts(writer, wanted, seed=GENERATION_SEED))
         if len(sentences) >= n:
             return sentences[:n]
         wanted *= 2  # fewer sentences per token than assumed: generate more (a cached prefix is reused)
