@@ -42,7 +42,8 @@ class SentenceSpeed:
         return asdict(self)
 
 
-def _best_rate(run, count: int, repeats: int) -> float:
+def best_rate(run, count: int, repeats: int) -> float:
+    """`count` / the fastest of `repeats` timed calls of `run()`, after one untimed warm-up call."""
     run()  # warm-up: first-call allocations and lazy initialisation are not part of the rate
     best = float("inf")
     for _ in range(repeats):
@@ -76,8 +77,8 @@ def measure_sentence_speed(
             embed(loaded, [sentence], batch_size=1)
 
     with torch_threads(threads) as used:
-        rate1 = _best_rate(one_at_a_time, len(single), repeats)
-        rate_n = _best_rate(lambda: embed(loaded, many, batch_size=batch_size), len(many), repeats)
+        rate1 = best_rate(one_at_a_time, len(single), repeats)
+        rate_n = best_rate(lambda: embed(loaded, many, batch_size=batch_size), len(many), repeats)
     device = loaded.device
     result = SentenceSpeed(
         batch1_per_s=rate1,

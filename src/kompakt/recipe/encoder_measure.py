@@ -16,7 +16,6 @@ the ratio to the original's, measured in the same run.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,11 @@ SPEED_BATCH = 32
 
 
 def sentences_per_s(loaded: LoadedModel, sentences: list[str], batch_size: int = SPEED_BATCH) -> float:
-    """Sentences/s of embed() on `sentences` (best of two passes after a warm-up batch)."""
+    """Sentences/s of embed() on `sentences` (best of two passes after a warm-up pass; kompakt.evaluate.sentence_speed)."""
+    from kompakt.evaluate.sentence_speed import best_rate
     from kompakt.model.encode import embed
 
-    embed(loaded, sentences[:batch_size], batch_size=batch_size)
-    best = float("inf")
-    for _ in range(2):
-        start = time.perf_counter()
-        embed(loaded, sentences, batch_size=batch_size)
-        best = min(best, time.perf_counter() - start)
-    return len(sentences) / max(best, 1e-9)
+    return best_rate(lambda: embed(loaded, sentences, batch_size=batch_size), len(sentences), repeats=2)
 
 
 class EncoderMeasurer:
