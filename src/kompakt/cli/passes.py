@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -41,7 +43,7 @@ def show_command(name: str = typer.Argument(..., help="Pass name, e.g. prune.dep
     for line in info["sample_yaml"]:
         console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     for line in info["sample_cli"]:
-        console.print(f"  --step {line}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"  --step {shlex.quote(line)}", highlight=False, markup=False, soft_wrap=True)
     if info["doc"]:
         console.print("\n" + info["doc"], highlight=False, markup=False)
 

@@ -35,10 +35,18 @@ def _samples(spec: Any) -> list[dict[str, Any]]:
     return [{spec.name: {}}]
 
 
+def _cli_value(value: Any) -> str:
+    """A config value as `--step` writes it: lists space-separated, since commas split the pairs."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(item) for item in value)
+    return str(value)
+
+
 def _cli(step: dict[str, Any]) -> str:
     (name, config), = step.items()
-    pairs = ",".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-                     for key, value in (config or {}).items())  # fmt: skip
+    pairs = ",".join(f"{key}={_cli_value(value)}" for key, value in (config or {}).items())
     return f"{name}:{pairs}" if pairs else name
 
 
