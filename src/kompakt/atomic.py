@@ -219,6 +219,28 @@ def _out_of_space(error: OSError) -> bool:
     return short_write or error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def check_room(target: str | Path, needed: int) -> None:
+    """Refuse before writing `target` when its filesystem has fewer than `needed` bytes free, so a
+    long export or save fails at once instead of hours later with a full disk (the old file a
+    `--force` replaces still takes its room until the rename). Unknown free space passes.
+
+    Raises:
+        OutputPathError: one line with the bytes needed and free.
+    """
+    place = Path(target).expanduser().absolute().parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        free = shutil.disk_usage(place).free
+    except OSError:
+        return
+    if free < needed:
+        raise OutputPathError(
+            f"no room for {target}: it needs about {_human(needed)}, {_human(free)} free there; "
+            "free some space or choose another output path (nothing was written)"
+        )
+
+
 def _free_bytes(directory: Path) -> int:
     try:
         return shutil.disk_usage(directory).free

@@ -37,23 +37,28 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kompakt.errors import ConfigError, OutputPathError, UnsupportedArchitectureError
 from kompakt.export.gguf_arch import add_hyperparameters, check_expressible, family_for, text_config
-from kompakt.export.gguf_tensors import TYPES, GGUFPlan, plan_tensors, tensor_data
+from kompakt.export.gguf_tensors import TYPES, GGUFPlan, TensorPlan, plan_tensors, tensor_data
 from kompakt.export.gguf_types import FILE_TYPES, parse_overrides
 from kompakt.export.gguf_tokenizer import add_tokenizer, build_vocab
 from kompakt.export.manifest import manifest_path, write_manifest
 from kompakt.export.public import display_name, public_model_name
-from kompakt.atomic import atomic_file
+from kompakt.atomic import atomic_file, check_room
 from kompakt.model.compression import get_state
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import dense_state_dict, gguf_grid_of_compressed
 from kompakt.model.sharing import refuse_shared
 
 log = logging.getLogger(__name__)
+# Room asked for beyond the tensor data: the header (vocabulary, merges, metadata) of the largest
+# tokenizers is a few MB (a 256k-token vocabulary with merges: ~10 MB).
+HEADER_ALLOWANCE = 16 * 1024 * 1024
 
 
 @dataclass
@@ -156,6 +161,17 @@ def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", forc
         ConfigError: an unknown type, a malformed override or one that matches nothing, a type a
             row cannot take (all before anything is written).
     """
+    return write_gguf_with(_write, loaded, path, type=type, force=force, tensor_types=tensor_types)
+
+
+Writer = Callable[..., None]  # (tmp path, loaded, family, config, vocab, plan, result): writes the file
+
+
+def write_gguf_with(write: Writer, loaded: LoadedModel, path: str | Path, *, type: str = "f16",
+                    force: bool = False, tensor_types: list[str] | None = None) -> GGUFExport:  # fmt: skip
+    """`write_gguf` with another way of writing the tensors (kompakt.export.gguf_stream reads
+    them one at a time from disk): every check, the free-space check, the atomic rename and the
+    manifest are the same."""
     refuse_shared(loaded, "GGUF")  # kompakt.export.api.export(merge=True) writes the dense equivalent
     target = check_output(Path(path), force)
     family, config, vocab, plan = prepare_gguf(loaded, type, tensor_types)
@@ -163,8 +179,9 @@ def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", forc
         log.info("%s", note)
     result = GGUFExport(target, manifest_path(target), str(type).lower(), 0, {}, plan.types_summary(),
                         dict(plan.source), notes=list(plan.notes))  # fmt: skip
+    check_room(target, plan.data_bytes() + HEADER_ALLOWANCE)
     with atomic_file(target, expected_bytes=plan.data_bytes()) as tmp:
-        _write(tmp, loaded, family, config, vocab, plan, result)
+        write(tmp, loaded, family, config, vocab, plan, result)
     result.size_bytes = target.stat().st_size
     result.manifest = write_manifest(target)
     if result.requantized_blocks:
@@ -218,16 +235,29 @@ def add_header(writer, loaded: LoadedModel, plan: GGUFPlan, config, family, voca
 
 def _write(tmp: Path, loaded: LoadedModel, family, config, vocab, plan: GGUFPlan, result: GGUFExport) -> None:
     import gguf
-    from rich.progress import Progress
 
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)])
     add_header(writer, loaded, plan, config, family, vocab)
     state = dense_state_dict(loaded.model)
+    for item, data, raw_type in converted_tensors(plan, state.__getitem__, config, family, result):
+        writer.add_tensor(item.gguf_name, data, raw_dtype=raw_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def converted_tensors(plan: GGUFPlan, read: Callable[[str], Any], config, family,
+                      result: GGUFExport) -> Iterator[tuple[TensorPlan, Any, Any]]:  # fmt: skip
+    """(plan item, file array, raw ggml type) of every planned tensor in file order, each read by
+    `read(hf_name)` only when its turn comes (the streaming export reads it from disk then), with
+    the counts and notes of `result` updated."""
+    from rich.progress import Progress
+
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("writing GGUF tensors", total=len(plan.tensors))
         for item in plan.tensors:
-            data, raw_type, missed = tensor_data(item, state[item.hf_name], config, family)
-            writer.add_tensor(item.gguf_name, data, raw_dtype=raw_type)
+            data, raw_type, missed = tensor_data(item, read(item.hf_name), config, family)
             result.tensor_types[item.type] = result.tensor_types.get(item.type, 0) + 1
             if item.blocks is not None and missed:
                 result.notes.append(f"{item.gguf_name}: its saved {item.type} bytes no longer match the weights "
@@ -235,8 +265,5 @@ def _write(tmp: Path, loaded: LoadedModel, family, config, vocab, plan: GGUFPlan
             elif item.grid == item.type or item.blocks is not None:
                 result.exact_grid_tensors += 1
                 result.requantized_blocks += missed
+            yield item, data, raw_type
             progress.advance(task)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()

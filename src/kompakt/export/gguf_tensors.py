@@ -103,9 +103,7 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
     arch = getattr(gguf.MODEL_ARCH, family.arch)
     names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
     state = dense_state_dict(model)
-    tied = "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == state.get(
-        "model.embed_tokens.weight", torch.empty(0)
-    ).data_ptr()
+    tied = _tied(model, state)
     recorded = get_state(model)
     plan = GGUFPlan([], source=_types_source(recorded, bool(overrides)))
     chooser = TypeChooser(type, list(overrides or []), recorded.per_tensor_types, plan.notes)
@@ -134,6 +132,19 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
                                        carried if carried is not None and carried.type == ttype else None))  # fmt: skip
     chooser.check_used()
     return plan
+
+
+def _tied(model: Any, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the output head reads the embedding's tensor. A model opened lazily
+    (kompakt.model.lazy) has its weights on the meta device, where every data_ptr is 0: there
+    a tied head is the same Parameter as the embedding."""
+    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if head is None or embed is None:
+        return False
+    if head.is_meta or embed.is_meta:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        return params.get("lm_head.weight") is params.get("model.embed_tokens.weight")
+    return head.data_ptr() == embed.data_ptr()
 
 
 def _transform(config: Any, family: GGUFFamily, hf_name: str, gguf_name: str,

@@ -123,6 +123,12 @@ def resolve_model_dir(source: str | Path | None = None) -> Path:
     return _resolve(source)[0]
 
 
+def resolve_model(source: str | Path | None = None) -> tuple[Path, str]:
+    """(local Hugging Face directory, the name `load` gives the model) of `source`: what the
+    streaming export opens lazily under the same name the in-memory export would use."""
+    return _resolve(source)
+
+
 def _resolve(source: str | Path | None) -> tuple[Path, str]:
     """(local HF directory, display name)."""
     source = DEFAULT_MODEL if source is None else source
