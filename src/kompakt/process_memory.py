@@ -35,3 +35,23 @@ def high_water_mark() -> int | None:
     except OSError:
         return None
     return int(found.group(1)) * 1024 if found else None
+
+
+def available_memory() -> int | None:
+    """Linux: the memory the kernel says can be taken without swapping (MemAvailable, bytes), and
+    under a cgroup limit at most what is left of that limit; None where neither is readable."""
+    found = None
+    try:
+        match = re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        found = int(match.group(1)) * 1024 if match else None
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            left = max(0, int(limit) - used)
+            found = left if found is None else min(found, left)
+    except (OSError, ValueError):
+        pass
+    return found

@@ -29,6 +29,11 @@ MERGE_HELP = (
     "ONNX runs them as they are (no --merge needed)."
 )
 BASE_HELP = "gguf-lora: the base .gguf the adapter will run on; its tensor names and shapes are checked first."
+MAX_MEMORY_HELP = (
+    "RAM the export may use, e.g. 6GB (default: what is available now). A model directory is written to GGUF one "
+    "tensor at a time whatever its size; the check that compares the file with the original loads the original "
+    "only when it fits."
+)
 OUT_HELP = (
     "Output file (gguf) or directory (hf, ollama, onnx: model.onnx + tokenizer); default <model>-<type>[.gguf] "
     "(onnx: <model>-onnx-<type>) in the current directory."
@@ -47,11 +52,12 @@ def register(app: typer.Typer) -> None:
         tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help=TENSOR_TYPE_HELP),
         merge: bool = typer.Option(False, "--merge", help=MERGE_HELP),
         base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+        max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
     ) -> None:
         from kompakt.export.api import export
 
         result = export(model, format=format, type=type, out=out, force=force, verify=not no_verify,
-                        tensor_types=tensor_type, merge=merge, base=base)  # fmt: skip
+                        tensor_types=tensor_type, merge=merge, base=base, max_memory=max_memory)  # fmt: skip
         console = Console()
         for note in result.notes:
             console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)

@@ -75,6 +75,7 @@ def export(
     tensor_types: list[str] | None = None,
     merge: bool = False,
     base: str | Path | None = None,
+    max_memory: int | str | None = None,
 ) -> ExportResult:
     """Export a model (a LoadedModel or anything kompakt.model.load accepts; None = embedded default).
 
@@ -99,6 +100,11 @@ def export(
     is raised. The result is in `.check` and in the export's verify.json.
     merge: write a factorized (lowrank.svd) or shared (share.layers) model as its dense
     equivalent; without it such a model is refused (kompakt.export.merge).
+
+    A model given as a path (or name) is written to GGUF one tensor at a time from its
+    memory-mapped weights (kompakt.export.gguf_stream: the same bytes, peak memory one tensor);
+    the check then loads it whole only when it fits `max_memory` (bytes or "6GB"; default the
+    memory available now), and otherwise says how to check the file instead.
     """
     format = format.lower()
     if format not in FORMATS:
@@ -112,6 +118,13 @@ def export(
         return _export_gguf_lora(_load(model), type or "f16", out, force, base)
     if format == "onnx":
         return _export_onnx(_load(model), type or "f32", out, force, verify, merge)
+    budget = memory_budget(max_memory)
+    if format == "gguf" and not isinstance(model, LoadedModel):
+        from kompakt.export.gguf_stream import open_streamable
+
+        lazy = open_streamable(model)
+        if lazy is not None:
+            return _export_gguf_streamed(lazy, model, type, out, force, verify, tensor_types, budget)
     loaded, merge_notes = dense_for_export(_load(model), format, merge)
     target = Path(out) if out is not None else default_out(loaded.name, format, type or "hf")
     target = _check_destination(format, target, force)
@@ -139,6 +152,63 @@ def export(
         else:
             stage.publish([target.name])  # verify.json and SHA256SUMS are inside
     return result
+
+
+def memory_budget(max_memory: int | str | None) -> tuple[int | None, str]:
+    """(bytes, how it was set) of `--max-memory`, or of the memory available now when not given."""
+    from kompakt.process_memory import available_memory
+    from kompakt.units import parse_size
+
+    if max_memory is None:
+        return available_memory(), "available"
+    try:
+        return parse_size(max_memory, "--max-memory"), "--max-memory"
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _export_gguf_streamed(lazy, source, type: str, out: str | Path | None, force: bool, verify: bool,
+                          tensor_types: list[str] | None, budget: tuple[int | None, str]) -> ExportResult:  # fmt: skip
+    """A GGUF written tensor by tensor (kompakt.export.gguf_stream), checked and put in place as
+    the in-memory export's is; the check's reference is loaded only when it fits `budget`."""
+    from kompakt.export.gguf_stream import write_gguf_streamed
+    from kompakt.model.compression import get_state
+
+    target = Path(out) if out is not None else default_out(lazy.name, "gguf", type)
+    target = _check_destination("gguf", target, force)
+    with Stage(target.parent, target.name) as stage:
+        staged = stage.path(target.name)
+        written = write_gguf_streamed(lazy, staged, type=type, force=True, tensor_types=tensor_types)
+        result = ExportResult(target, manifest_path(target), "gguf", written.type, written.size_bytes,
+                              written.notes, types_summary=written.types_summary)  # fmt: skip
+        if get_state(lazy.loaded()).adapter is not None:
+            result.notes.append("the model's LoRA adapter is not in this file: export it with --format gguf-lora "
+                                "and run llama.cpp with --lora")  # fmt: skip
+        reference = _check_reference(lazy, source, budget, result) if verify else None
+        if reference is not None:
+            with without_adapter(reference.model):
+                result.check = _verify(reference, stage, staged, "gguf", result.type, [staged, manifest_path(staged)])
+        verify_file = verify_path(staged, "gguf").name
+        shipped = [target.name, *([verify_file] if result.check is not None else []), manifest_path(staged).name]
+        stage.publish(shipped, stale=(verify_file,))
+    return result
+
+
+def _check_reference(lazy, source, budget: tuple[int | None, str], result: ExportResult) -> LoadedModel | None:
+    """The original, loaded whole for the check when it fits the budget (with room for llama.cpp's
+    copy of the file); otherwise None and a note saying how to check the file."""
+    import torch
+
+    from kompakt.units import size
+
+    limit, how = budget
+    need = lazy.bytes_in(torch.float32) + result.size_bytes
+    if limit is not None and need > limit:
+        result.notes.append(f"not checked against the original: the check loads it in fp32 beside the file "
+                            f"({size(need)}), more than the {size(limit)} {how}; measure the file with "
+                            f"kompakt eval {result.path} --reference <model> instead")  # fmt: skip
+        return None
+    return _load(source)
 
 
 def _export_gguf_lora(loaded: LoadedModel, type: str, out: str | Path | None, force: bool,

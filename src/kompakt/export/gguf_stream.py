@@ -28,7 +28,6 @@ import numpy as np
 
 from kompakt.export.gguf import GGUFExport, add_header, converted_tensors, write_gguf_with
 from kompakt.export.gguf_tensors import GGUFPlan, TensorPlan
-from kompakt.model.arch import get_submodule
 from kompakt.model.loaded import LoadedModel
 from kompakt.ops import ggml_types
 
