@@ -46,6 +46,7 @@ def compress_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (an existing run of the same recipe or target resumes)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (overrides the recipe's)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory of another recipe or model."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RAM the run may use, e.g. 6GB; with --recipe / --step and --plan-only, each step's predicted peak memory and time are checked against it."),
 ) -> None:
     """Shrink a model: to a --target with an automatic plan, or by a --recipe / --step list."""
     if recipe is None and not step:
@@ -53,8 +54,11 @@ def compress_command(
         return
     from kompakt.errors import ConfigError
 
-    if target is not None or budget is not None or plan_only:
-        raise ConfigError("--target / --budget / --plan-only plan a recipe themselves; drop --recipe and --step")
+    if target is not None or budget is not None:
+        raise ConfigError("--target / --budget plan a recipe themselves; drop --recipe and --step")
+    if plan_only:
+        _memory_plan(model, recipe, step or [], data, seed, max_memory)
+        return
     if out is None:
         raise ConfigError("--out is required with --recipe or --step: give the run directory")
     _recipe(model, recipe, step or [], data, out, seed, force)
@@ -100,6 +104,21 @@ def _recipe(model, recipe, steps, data, out, seed, force) -> None:
     final = result.final if result.final is not None else result.out_dir
     console.print(f"done: {len(result.records)} step(s); final model: {final} (report: {result.out_dir / 'report.md'})",
                   highlight=False, soft_wrap=True)  # fmt: skip
+
+
+def _memory_plan(model, recipe, steps, data, seed, max_memory) -> None:
+    """--plan-only with a recipe: each step's predicted peak memory and time (kompakt.recipe.budget)."""
+    from kompakt.recipe.budget import plan_memory
+    from kompakt.recipe.compose import compose_recipe
+
+    plan = compose_recipe(recipe=recipe, steps=steps, model=model, data=data, seed=seed)
+    plan.validate()
+    console = get_console()
+    estimates = plan_memory(plan, max_memory)  # one-line ConfigError when a step cannot fit
+    console.print("predicted per step (from the model's shapes and a measured matrix-multiply rate):", highlight=False)
+    for estimate in estimates:
+        console.print(f"  {estimate.line()}", highlight=False, soft_wrap=True, markup=False)
+    console.print("not run: --plan-only", highlight=False)
 
 
 _EVENTS = {

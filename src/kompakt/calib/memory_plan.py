@@ -1,0 +1,181 @@
+"""Predicted peak memory and time of a compression step, from shapes, before any work.
+
+    shapes = ModelShapes.from_lazy(open_lazy("Llama-2-7b-hf"))        # headers only
+    step = estimate_step("quant.gptq", shapes, tokens=16 * 512, streamed=True, hessians=True)
+    step.line()   # 'quant.gptq (streamed): peak ≈ 2.3 GB (weights 0.81 GB, activations 0.27 GB, ...), ≈ 9.5 min'
+    check_budget([step], parse_size("1GB"))    # ConfigError: one layer and its activations do not fit
+
+What a step holds at its peak (the terms are those of llm-compressor's sequential pipeline and
+of kompakt.calib.sequential):
+
+- weights: a streamed step holds one decoder layer in the compute dtype (the layer is read,
+  changed, written, released); an in-memory step the whole model in it.
+- activations: the calibration inputs of the current layer and its outputs (the next layer's
+  inputs), n x len x hidden each in the compute dtype.
+- hessians (GPTQ, SparseGPT): one in x in fp32 matrix per group of Linears that share an input
+  (q/k/v, o, gate/up, down in the Llama layout) plus one solve workspace of the largest.
+- output: a streamed step writes each finished layer through a buffer of about one layer in
+  the stored dtype.
+- process: torch and transformers themselves (PROCESS_BYTES).
+
+Time: the floating-point operations of the calibration forward (2 x parameters per token, and the
+attention scores), the Hessian accumulation (2 x tokens x in^2 per group) and the GPTQ solve
+(in^3 / 3 for the Cholesky factor and 2 x out x in^2 for the column updates), divided by a
+matrix-multiply throughput measured on this machine (measure_flops) and an efficiency factor
+(EFFICIENCY: real layers do not run at peak GEMM speed). Disk reads are not counted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kompakt.errors import ConfigError
+from kompakt.units import duration, size
+
+PROCESS_BYTES = 500 * 10**6  # torch + transformers + tokenizer, measured RSS of an idle kompakt process
+EFFICIENCY = 0.35  # share of the measured GEMM rate a whole step reaches: assumed, to be fitted on the 7B bench
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What the estimate needs of a decoder-only model: sizes, never weights."""
+
+    n_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    layer_params: int  # parameters of one decoder layer
+    total_params: int  # all parameters (tied once)
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShapes:
+        """From a (text) config, the Llama layout assumed (q, k, v, o, gate, up, down, two norms)."""
+        c = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden, inter = int(c.hidden_size), int(c.intermediate_size)
+        heads = int(c.num_attention_heads)
+        kv = int(getattr(c, "num_key_value_heads", None) or heads)
+        dim = int(getattr(c, "head_dim", None) or hidden // heads)
+        layer = hidden * dim * (2 * heads + 2 * kv) + 3 * hidden * inter + 2 * hidden
+        vocab = int(c.vocab_size)
+        head = 0 if getattr(c, "tie_word_embeddings", False) else vocab * hidden
+        total = int(c.num_hidden_layers) * layer + vocab * hidden + head + hidden
+        return cls(int(c.num_hidden_layers), hidden, inter, heads, kv, dim, vocab, layer, total)
+
+    @classmethod
+    def from_lazy(cls, lazy: Any) -> ModelShapes:
+        """From a lazily opened model (kompakt.model.lazy): exact parameter counts from the headers."""
+        shapes = cls.from_config(lazy.config)
+        layer = max(lazy.layer_bytes(i, torch.float32) // 4 for i in range(lazy.n_layers))
+        return cls(**{**shapes.__dict__, "layer_params": int(layer), "total_params": int(lazy.parameter_count())})
+
+    def linear_groups(self) -> list[tuple[int, int]]:
+        """(input width, output rows) of each group of Linears sharing an input, per layer."""
+        q_out = self.heads * self.head_dim
+        kv_out = self.kv_heads * self.head_dim
+        return [(self.hidden, q_out + 2 * kv_out), (q_out, self.hidden), (self.hidden, 2 * self.intermediate),
+                (self.intermediate, self.hidden)]  # fmt: skip
+
+
+@dataclass
+class StepEstimate:
+    """Predicted peak bytes (by what holds them) and seconds of one step."""
+
+    step: str
+    mode: str  # "streamed" | "in memory"
+    parts: dict[str, int] = field(default_factory=dict)  # weights, activations, hessians, output, process
+    seconds: float = 0.0
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {size(n)}" for name, n in self.parts.items() if n)
+        return f"{self.step} ({self.mode}): peak ≈ {size(self.peak_bytes)} ({parts}), ≈ {duration(self.seconds)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "mode": self.mode, "peak_bytes": self.peak_bytes, "parts": dict(self.parts),
+                "seconds": self.seconds}  # fmt: skip
+
+
+def estimate_step(step: str, shapes: ModelShapes, *, tokens: int = 0, seq_len: int = 512, streamed: bool = False,
+                  hessians: bool = False, dtype: torch.dtype = torch.float32, stored: torch.dtype = torch.bfloat16,
+                  flops: float | None = None) -> StepEstimate:  # fmt: skip
+    """The estimate of one step (module docstring). `tokens`: calibration tokens (n x len; 0 for
+    a step without calibration); `hessians`: the step solves with Hessians (GPTQ, SparseGPT);
+    `flops`: the measured matrix-multiply rate (measure_flops() when None)."""
+    item = dtype.itemsize
+    weights = shapes.layer_params * item if streamed else shapes.total_params * item
+    parts = {
+        "weights": weights,
+        "activations": 2 * tokens * shapes.hidden * item,
+        "hessians": _hessian_bytes(shapes) if hessians and tokens else 0,
+        "output": shapes.layer_params * stored.itemsize if streamed else 0,
+        "process": PROCESS_BYTES,
+    }
+    work = _step_flops(shapes, tokens, seq_len, hessians)
+    seconds = work / ((flops or measure_flops(dtype)) * EFFICIENCY) if work else 0.0
+    return StepEstimate(step, "streamed" if streamed else "in memory", parts, seconds)
+
+
+def _hessian_bytes(shapes: ModelShapes) -> int:
+    """One fp32 in x in matrix per input group of a layer, plus a workspace for the largest solve."""
+    widths = [width for width, _ in shapes.linear_groups()]
+    return 4 * (sum(w * w for w in widths) + max(widths) ** 2)
+
+
+def _step_flops(shapes: ModelShapes, tokens: int, seq_len: int, hessians: bool) -> float:
+    if not tokens:
+        return 0.0
+    attention = 4 * tokens * seq_len * shapes.heads * shapes.head_dim  # scores and weighted sum
+    per_layer = 2 * shapes.layer_params * tokens + attention
+    if hessians:
+        for width, rows in shapes.linear_groups():
+            per_layer += 2 * tokens * width**2 + width**3 / 3 + 2 * rows * width**2
+    return float(per_layer * shapes.n_layers)
+
+
+_FLOPS: dict[tuple[torch.dtype, int], float] = {}
+
+
+def measure_flops(dtype: torch.dtype = torch.float32, n: int = 512) -> float:
+    """Matrix-multiply rate of this machine in floating-point operations per second (best of a
+    few n x n products at the current thread count; measured once per process and dtype)."""
+    key = (dtype, torch.get_num_threads())
+    if key not in _FLOPS:
+        a = torch.randn(n, n, dtype=dtype)
+        b = torch.randn(n, n, dtype=dtype)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        _FLOPS[key] = 2 * n**3 / max(best, 1e-9)
+    return _FLOPS[key]
+
+
+def minimum_bytes(shapes: ModelShapes, *, tokens: int, hessians: bool, dtype: torch.dtype = torch.float32) -> int:
+    """The least a streamed calibration step can run in: one layer and its activations (and
+    Hessians), the process and the output buffer (estimate_step's streamed peak)."""
+    return estimate_step("", shapes, tokens=tokens, streamed=True, hessians=hessians, dtype=dtype, flops=1.0).peak_bytes
+
+
+def check_budget(estimates: list[StepEstimate], budget: int | None, flag: str = "--max-memory") -> None:
+    """ConfigError (one line, before any work) when a step does not fit `budget` bytes even
+    streamed: the budget cannot hold one layer plus its activations."""
+    if budget is None:
+        return
+    for estimate in estimates:
+        if estimate.peak_bytes > budget:
+            raise ConfigError(
+                f"{flag} {size(budget)} cannot hold {estimate.step} {estimate.mode}: it needs ≈ "
+                f"{size(estimate.peak_bytes)} ({', '.join(f'{k} {size(v)}' for k, v in estimate.parts.items() if v)}); "
+                "raise the budget or use fewer calibration blocks (data.calibration_blocks)"
+            )

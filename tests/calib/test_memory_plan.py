@@ -1,0 +1,89 @@
+"""The memory plan (kompakt.calib.memory_plan, kompakt.recipe.budget): shapes from a config equal
+the model's real parameter counts, a streamed step needs far less than an in-memory one, and a
+budget below one layer plus its activations is a one-line error before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kompakt.calib.memory_plan import ModelShapes, check_budget, estimate_step, minimum_bytes
+from kompakt.errors import ConfigError
+from kompakt.model.lazy import open_lazy
+from kompakt.model.tiny import save_tiny, tiny_model
+from kompakt.units import parse_size
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_shapes_count_the_real_parameters(family, tmp_path):
+    """From the headers exactly (qwen2's q/k/v biases too); from a config in the Llama layout
+    (no biases), within 1 %."""
+    loaded = tiny_model(family)
+    real_layer = sum(p.numel() for p in loaded.model.model.layers[0].parameters())
+    real_total = sum(p.numel() for p in loaded.model.parameters())  # tied once
+    save_tiny(family, tmp_path / family)
+    exact = ModelShapes.from_lazy(open_lazy(tmp_path / family))
+    assert (exact.layer_params, exact.total_params) == (real_layer, real_total)
+    approx = ModelShapes.from_config(loaded.model.config)
+    assert abs(approx.layer_params - real_layer) <= 0.01 * real_layer
+    assert approx.hidden == exact.hidden and approx.n_layers == exact.n_layers
+
+
+def test_hessians_are_one_per_input_group_of_the_real_linears():
+    loaded = tiny_model("llama")
+    shapes = ModelShapes.from_config(loaded.model.config)
+    layer = loaded.model.model.layers[0]
+    inputs: dict[int, int] = {}
+    for linear in layer.modules():
+        if isinstance(linear, torch.nn.Linear):
+            inputs[id(linear)] = linear.in_features
+    widths = sorted(width for width, _ in shapes.linear_groups())
+    # q/k/v and gate/up share their input: 7 Linears, 4 groups of widths hidden, heads*dim, hidden, mlp.
+    assert len(inputs) == 7 and set(widths) == set(inputs.values())
+    rows = sum(out for _, out in shapes.linear_groups())
+    assert rows == sum(m.out_features for m in layer.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_streamed_peak_holds_one_layer_not_the_model():
+    shapes = ModelShapes.from_config(tiny_model("llama").model.config)
+    memory = estimate_step("gptq", shapes, tokens=4096, hessians=True, flops=1e9)
+    streamed = estimate_step("gptq", shapes, tokens=4096, hessians=True, streamed=True, flops=1e9)
+    assert streamed.parts["weights"] == shapes.layer_params * 4
+    assert memory.parts["weights"] == shapes.total_params * 4
+    assert streamed.parts["activations"] == memory.parts["activations"] == 2 * 4096 * shapes.hidden * 4
+    assert streamed.seconds == memory.seconds > 0
+    more = estimate_step("gptq", shapes, tokens=8192, hessians=True, streamed=True, flops=1e9)
+    assert more.peak_bytes > streamed.peak_bytes and more.seconds > streamed.seconds
+
+
+def test_a_budget_below_one_layer_and_its_activations_is_one_line():
+    shapes = ModelShapes.from_config(tiny_model("llama").model.config)
+    need = minimum_bytes(shapes, tokens=4096, hessians=True)
+    step = estimate_step("1 quant.gptq", shapes, tokens=4096, hessians=True, streamed=True, flops=1e9)
+    check_budget([step], need)  # exactly enough
+    with pytest.raises(ConfigError) as error:
+        check_budget([step], need - 1)
+    assert "--max-memory" in str(error.value) and "1 quant.gptq" in str(error.value)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_parse_size_units():
+    assert parse_size("6GB") == 6 * 10**9 and parse_size("8GiB") == 8 * 2**30 and parse_size("512 mb") == 512 * 10**6
+    assert parse_size(1000) == 1000
+    for bad in ("lots", "-1GB", "0", "6 parsecs"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_compress_plan_only_prints_each_step_and_checks_the_budget(tmp_path, cli, monkeypatch):
+    save_tiny("llama", tmp_path / "tiny")
+    monkeypatch.setenv("KOMPAKT_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tmp_path / 'tiny'}\ndata: {{calibration_blocks: 8, block_len: 64}}\n"
+                      "steps:\n  - quant.gptq: {bits: 4}\n  - prune.depth: {fraction: 0.25}\n")  # fmt: skip
+    code, out, err = cli(["compress", "--recipe", str(recipe), "--plan-only"])
+    assert code == 0, err
+    assert "1 quant.gptq" in out and "2 prune.depth" in out and "peak ≈" in out and "not run" in out
+    assert not (tmp_path / "runs").exists()
+    code, _, err = cli(["compress", "--recipe", str(recipe), "--plan-only", "--max-memory", "10MB"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--max-memory 10 MB cannot hold" in err
