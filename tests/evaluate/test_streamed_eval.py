@@ -56,3 +56,24 @@ def test_streamed_kl_is_the_in_memory_kl(family, tmp_path):
             assert _close(getattr(streamed, field), getattr(memory, field)), field
     assert memory.kl_mean > 0.01  # different seeds: the comparison is not between equal models
     assert not list(tmp_path.glob("*.f32"))  # the reference's log-probs are removed after
+
+
+def test_cli_eval_over_the_budget_streams_and_gives_the_in_memory_numbers(tmp_path, cli):
+    import json
+
+    save_tiny("llama", tmp_path / "ref", seed=0)
+    save_tiny("llama", tmp_path / "cand", seed=1)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    common = ["eval", str(tmp_path / "cand"), "--reference", str(tmp_path / "ref"), "--data", str(text),
+              "--window", "64", "--no-speed", "--json"]  # fmt: skip
+    code, out, err = cli(common)
+    assert code == 0, err
+    memory = json.loads(out)
+    code, out, err = cli([*common, "--max-memory", "100KB"])
+    assert code == 0, err
+    streamed = json.loads(out)
+    for key in ("ppl", "kl_mean", "top1", "ppl_reference", "tokens_scored"):
+        assert _close(streamed[key], memory[key]), key
+    code, _, err = cli(["eval", str(tmp_path / "cand"), "--max-memory", "100KB", "--no-speed"])
+    assert code == 2 and "give --data" in err and len(err.strip().splitlines()) == 1

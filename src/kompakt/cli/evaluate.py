@@ -129,6 +129,7 @@ def eval_command(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's choice)."),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only, to stdout."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RAM the evaluation may use, e.g. 6GB: a model whose fp32 weights do not fit is run layer by layer over all windows (same numbers; needs --data; no speed)."),
 ) -> None:
     """Measure a model: perplexity, KL / top-1 vs a reference, size, peak memory, speed.
 
@@ -144,10 +145,10 @@ def eval_command(
         raise ConfigError(f"--threads must be at least 1 (got {threads})")
     if max_sentences is not None and max_sentences < 2:
         raise ConfigError(f"--max-sentences must be at least 2 (got {max_sentences})")
-    from kompakt.model.load import load
+    from kompakt.evaluate.api import open_within
 
-    candidate = load(model)
-    original = load(reference) if reference is not None else None
+    candidate = open_within(model, max_memory)
+    original = open_within(reference, max_memory) if reference is not None else None
     result = evaluate(
         candidate,
         original,

@@ -73,6 +73,8 @@ def _load_ids(data: str | Path | None, loaded: LoadedModel, n_tokens: int | None
 
 
 def _quality(candidate, reference, ids, window, stride, max_tokens) -> tuple[PerplexityResult, FidelityResult | None]:
+    if is_streamed(candidate) or (reference is not None and is_streamed(reference)):
+        return _streamed_quality(candidate, reference, ids, window, stride, max_tokens)
     if reference is None:
         return perplexity(candidate, ids, window=window, stride=stride, max_tokens=max_tokens), None
     vmap = vocab_map(reference, candidate)  # a trimmed vocabulary (prune.vocab): its own rule
@@ -88,6 +90,52 @@ def _quality(candidate, reference, ids, window, stride, max_tokens) -> tuple[Per
         stride=stride,
         tokens_used=fid.tokens_used,
     )
+    return ppl, fid
+
+
+def open_within(source: str | Path | None, max_memory: int | str | None = None) -> LoadedModel:
+    """`source` loaded whole (kompakt.load), or, when `max_memory` is given and its fp32 weights
+    do not fit it, opened lazily (kompakt.model.lazy) so `evaluate` runs it layer by layer."""
+    from kompakt.model.load import load
+
+    if max_memory is None:
+        return load(source)
+    from kompakt.calib.memory_plan import PROCESS_BYTES
+    from kompakt.export.gguf_stream import open_streamable
+    from kompakt.units import parse_size
+
+    try:
+        budget = parse_size(max_memory, "--max-memory")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    lazy = open_streamable(source)
+    if lazy is None or lazy.bytes_in(torch.float32) + PROCESS_BYTES <= budget:
+        return load(source)
+    logger.info("%s does not fit %d bytes: evaluated layer by layer", lazy.name, budget)
+    return lazy.loaded()
+
+
+def is_streamed(model: LoadedModel | None) -> bool:
+    """Whether `model` was opened lazily (kompakt.model.lazy): evaluated layer by layer."""
+    from kompakt.model.lazy import lazy_of
+
+    return model is not None and lazy_of(model) is not None
+
+
+def _streamed_quality(candidate, reference, ids, window, stride, max_tokens):
+    """_quality for models opened lazily (kompakt.evaluate.streamed): the same numbers, one layer
+    in memory at a time; the reference's log-probabilities in a temporary memory-mapped file."""
+    import tempfile
+
+    from kompakt.evaluate.streamed import streamed_fidelity, streamed_perplexity
+
+    if reference is None:
+        return streamed_perplexity(candidate, ids, window=window, stride=stride, max_tokens=max_tokens), None
+    with tempfile.TemporaryDirectory(prefix="kompakt-eval-") as work:
+        fid = streamed_fidelity(reference, candidate, ids, work_dir=work, window=window, stride=stride,
+                                max_tokens=max_tokens)  # fmt: skip
+    ppl = PerplexityResult(ppl=fid.ppl_candidate, nll_mean=math.log(fid.ppl_candidate), tokens_scored=fid.tokens,
+                           window=window, stride=stride, tokens_used=fid.tokens_used)  # fmt: skip
     return ppl, fid
 
 
@@ -126,6 +174,8 @@ def evaluate(
         return evaluate_encoder(candidate, reference, data=data, max_sentences=max_sentences, speed=speed, threads=threads)
     contexts = [m.context_length for m in (candidate, reference) if m is not None]
     stride = check_window(window, stride, min(contexts), max_tokens)
+    if ids is None and data is None and any(is_streamed(m) for m in (candidate, reference)):
+        raise ConfigError("a model larger than --max-memory cannot generate its own evaluation text; give --data")
     if ids is None:
         label = str(data) if data is not None else SELF_GENERATED
         ids = _load_ids(data, reference or candidate, max_tokens)
@@ -134,7 +184,7 @@ def evaluate(
     start = time.perf_counter()
     with torch_threads(threads) as used, PeakMemory() as memory:
         ppl, fid = _quality(candidate, reference, ids, window, stride, max_tokens)
-        timing = measure_speed(candidate) if speed else None
+        timing = measure_speed(candidate) if speed and not is_streamed(candidate) else None
     result = EvalResult(
         model=candidate.name,
         data=label,
