@@ -55,3 +55,19 @@ def available_memory() -> int | None:
     except (OSError, ValueError):
         pass
     return found
+
+
+def return_freed_memory() -> None:
+    """Give the memory freed since the last call back to the kernel (glibc's malloc_trim; a no-op
+    elsewhere). A layer-by-layer loop frees one layer's tensors and allocates the next one's
+    between activations of other sizes; glibc raises its mmap threshold after the first large
+    free, so these land on the heap, whose holes it keeps: measured on SmolLM2, the resident size
+    grew by about one layer per layer without this (+460 MB over 30 layers), and stays flat with it."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+        pass

@@ -40,6 +40,7 @@ from kompakt.evaluate.fidelity import FidelityResult, _Totals
 from kompakt.evaluate.perplexity import PerplexityResult, forward_logits, room_for_window, window_prefix
 from kompakt.evaluate.windows import Window, batch_inputs, batches, check_window, plan_windows, prepare_ids, row_log_probs
 from kompakt.model.arch import decoder_layers
+from kompakt.process_memory import return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def streamed_logits(lazy, flat: torch.Tensor, windows: list[Window], prefix: lis
             call = capture.call_for(index, hidden[g], 0)
             hidden[g] = layer_output(layer(hidden[g], *call.args, **call.kwargs))
         lazy.release(lazy.layer_path(index))
+        return_freed_memory()
     head_parts = [p for p in (lazy.final_norm_path, lazy.lm_head_path) if p]
     for part in head_parts:
         lazy.materialize(part, torch.float32)
@@ -86,6 +88,8 @@ def streamed_logits(lazy, flat: torch.Tensor, windows: list[Window], prefix: lis
             logits = _head_logits(model, _with_prefix(batch_inputs(flat, group, torch.device("cpu")), prefix), hidden[g])
             hidden[g] = None  # type: ignore[call-overload]
             yield group, logits[:, len(prefix):]
+            del logits  # batch x length x vocab: never two groups' logits at once
+            return_freed_memory()
     finally:
         for part in [*head_parts, lazy.embed_path]:
             lazy.release(part)
@@ -129,6 +133,7 @@ def scored_log_probs(model: Any, flat: torch.Tensor, windows: list[Window], pref
                 targets = flat[item.start : item.end]
                 for positions, log_probs in row_log_probs(logits[row], item):
                     yield targets[positions], log_probs.cpu()
+            del logits
 
 
 def _lazy(model: Any):
