@@ -208,3 +208,15 @@ def test_smollm2_streamed_file_is_the_in_memory_file(tmp_path):
     assert lazy.peak_numel <= _largest_tensor(lazy)
     with pytest.raises(OutputPathError):
         write_gguf_streamed(lazy, streamed.path, type="q4_0")  # exists, no force
+
+
+@pytest.mark.parametrize("type", ["q4_0", "q8_0", "q6_k", "q4_k", "iq4_nl", "bf16", "q2_k"])
+def test_quantizing_in_row_chunks_gives_the_bytes_of_one_call(type, monkeypatch):
+    import numpy as np
+
+    from kompakt.export import gguf_tensors
+    from kompakt.ops import ggml_types
+
+    w = np.random.default_rng(0).standard_normal((37, 512)).astype(np.float32)
+    monkeypatch.setattr(gguf_tensors, "QUANT_CHUNK", 5 * 512)  # 8 chunks, the last one short
+    assert np.array_equal(gguf_tensors.quantize_rows(w, type), ggml_types.quantize(w, type))

@@ -30,6 +30,7 @@ from kompakt.export.gguf import GGUFExport, add_header, converted_tensors, write
 from kompakt.export.gguf_tensors import GGUFPlan, TensorPlan
 from kompakt.model.loaded import LoadedModel
 from kompakt.ops import ggml_types
+from kompakt.process_memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ def _streaming_writer(lazy):
                 raise RuntimeError(f"{item.gguf_name}: announced {dtype}{shape} but converted to "
                                    f"{data.dtype}{tuple(data.shape)}")  # fmt: skip
             writer.write_tensor_data(data)
+            del data
+            return_freed_memory()  # one tensor at a time also in the allocator's eyes
         writer.close()
 
     return write

@@ -203,7 +203,7 @@ def tensor_data(plan: TensorPlan, tensor: torch.Tensor, config: Any, family: GGU
         return w.to(torch.float16).numpy(), None, 0
     qtype = ggml_types.gguf_enum(plan.type)
     if plan.type == "bf16":
-        return ggml_types.quantize(w.numpy(), "bf16"), qtype, 0
+        return quantize_rows(w.numpy(), "bf16"), qtype, 0
     if plan.blocks is not None:
         data = plan.blocks.data
         if plan.transform in ("permute_q", "permute_k"):  # whole rows move: a row's bytes move with it
@@ -216,4 +216,24 @@ def tensor_data(plan: TensorPlan, tensor: torch.Tensor, config: Any, family: GGU
         # Permuting rows keeps every 32-column block intact, so exact recovery still applies.
         q, d, m, missed = recover_blocks(w, plan.type)
         return pack_blocks(q, d, m, plan.type), qtype, missed
-    return ggml_types.quantize(w.numpy(), plan.type), qtype, 0
+    return quantize_rows(w.numpy(), plan.type), qtype, 0
+
+
+QUANT_CHUNK = 1 << 22  # values quantized at a time (16 MB of fp32)
+
+
+def quantize_rows(w: np.ndarray, name: str) -> np.ndarray:
+    """ggml_types.quantize of a [rows, cols] array, QUANT_CHUNK values' worth of rows at a time.
+
+    Every llama.cpp type quantizes each row on its own, so the bytes are those of one call; the
+    quantizer's fp32 temporaries stay at a chunk instead of several copies of the tensor (the
+    embedding of a 7B model is 0.5 GB in fp32), which is what bounds the streaming export."""
+    rows = max(1, QUANT_CHUNK // max(1, w.shape[1]))
+    if w.shape[0] <= rows:
+        return ggml_types.quantize(w, name)
+    first = ggml_types.quantize(w[:rows], name)
+    out = np.empty((w.shape[0], first.shape[1]), dtype=first.dtype)
+    out[:rows] = first
+    for start in range(rows, w.shape[0], rows):
+        out[start : start + rows] = ggml_types.quantize(w[start : start + rows], name)
+    return out
