@@ -194,8 +194,8 @@ class LayerStream:
 
     def finish(self, loaded: LoadedModel, packed: Mapping[str, PackedLayer] | None = None,
                exact: set[str] | frozenset[str] = frozenset()) -> Path:  # fmt: skip
-        """Store every tensor not written yet (materialised one module at a time, released after
-        unless it was live already), the config, generation config, tokenizer, GGUF bytes and
+        """Store every tensor not written yet (materialised one module at a time, released after:
+        a module the pass left live, such as a quantized embedding, is written as it is), the config, generation config, tokenizer, GGUF bytes and
         index, and move the directory into place. Returns the target path."""
         from kompakt.model.gguf_blocks import save_blocks
 
@@ -225,12 +225,9 @@ class LayerStream:
             names = [f"{module_name}.{n}" if module_name else n for n in own]
             if not names or all(n in self.written or lazy.is_alias(n) for n in names):
                 continue
-            was_live = lazy.is_live(module, recurse=False)
-            lazy.materialize(module, lazy.compute_dtype, recurse=False)
-            holder = _Own(module)
-            self.write_module(module_name, holder, loaded, packed, exact)
-            if not was_live:
-                lazy.release(module, recurse=False)
+            lazy.materialize(module, lazy.compute_dtype, recurse=False)  # kept as the pass left it when live
+            self.write_module(module_name, _Own(module), loaded, packed, exact)
+            lazy.release(module, recurse=False)
 
     def _write_configs(self, loaded: LoadedModel) -> None:
         from kompakt.model.quantized import _quantization_config
