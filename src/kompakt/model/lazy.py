@@ -150,6 +150,28 @@ class LazyModel:
         prefix = self.layer_path(index) + "."
         return sum(e.numel * dtype.itemsize for n, e in self.tensors.items() if n.startswith(prefix))
 
+    def fingerprint(self) -> str:
+        """A short stable id of the stored weights without reading them whole: the config, every
+        tensor's name, dtype and shape, and its first row's bytes (a recipe run's step hashes
+        start from it; it differs from LoadedModel.fingerprint of the same model, so a streamed
+        run and an in-memory run of one model keep separate run directories)."""
+        import hashlib
+
+        from safetensors import safe_open
+
+        digest = hashlib.sha256(self.config.to_json_string(use_diff=False).encode())
+        by_file: dict[Path, list[tuple[str, TensorEntry]]] = {}
+        for name, entry in sorted(self.tensors.items()):
+            by_file.setdefault(entry.file, []).append((name, entry))
+        for file, entries in sorted(by_file.items()):
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name, entry in entries:
+                    digest.update(f"{name}:{entry.dtype}:{entry.shape}".encode())
+                    if entry.shape:
+                        first = handle.get_slice(entry.key)[0:1]
+                        digest.update(first.contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:
