@@ -64,3 +64,16 @@ def test_streamed_run_needs_calibration_text(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="pass calibration text with --data"):
         run_recipe(recipe, tmp_path / "run", max_memory="1KB")
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_max_memory_streams_and_refuses_in_one_line(tiny_dir, text_file, tmp_path, cli, one_thread):
+    base = ["compress", str(tiny_dir), "--data", str(text_file), "--out", str(tmp_path / "run")]
+    code, out, err = cli([*base, "--step", "quant.rtn:bits=4,group_size=32", "--max-memory", "1KB"])
+    assert code == 0, err
+    assert read_lineage(tmp_path / "run")[0]["details"]["streamed"] is True
+    code, _, err = cli([*base, "--step", "finetune.lora", "--max-memory", "1KB", "--force"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "finetune.lora needs the whole model" in err
+    code, _, err = cli([*base, "--step", "quant.rtn", "--max-memory", "lots"])
+    assert code == 2 and "size like 6GB" in err
+    code, _, err = cli(["compress", str(tiny_dir), "--max-memory", "1GB"])
+    assert code == 2 and "--max-memory streams --recipe / --step runs" in err
