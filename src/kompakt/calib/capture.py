@@ -90,7 +90,9 @@ class CapturedInputs:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model computes: its first materialised parameter's device (a streamed model
+    (kompakt.model.lazy) keeps the parts it is not using on the meta device)."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:

@@ -26,6 +26,12 @@ The layer runs reuse the attention's and MLP's inner results while only their la
 (`kompakt.calib.layer_cache`: checked, bit-identical), so a GPTQ layer computes its attention once
 per batch and its gate/up once, not four and three times.
 
+Streaming (a model opened with kompakt.model.lazy, larger than memory): only the embeddings are
+materialised for the capture, then each layer is materialised before its statistics run and,
+after its outputs moved on and `on_layer(index, layer)` (the step's writer) stored it, released
+back to the meta device. The math is the same code on the same tensors, so the weights are the
+in-memory path's bit for bit; at most one decoder layer is materialised at a time.
+
 Memory: one layer's inputs and outputs, n × len × hidden each (128 × 512 × 576 fp32 ≈ 150 MB
 for SmolLM2-135M), the layer caches (about 5 × that), plus the statistics of one group (an
 in × in Hessian per Linear).
@@ -47,6 +53,7 @@ from kompakt.calib.layer_cache import LayerCaches
 from kompakt.calib.stats import LinearStats, collect_kinds
 from kompakt.model.arch import ArchSpec, arch_for, base_role, decoder_layers, linear_modules
 from kompakt.model.inputs import Batch
+from kompakt.model.lazy import lazy_of
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +132,7 @@ class LayerStats:
 
 
 ProcessFn = Callable[[int, nn.Module, LayerStats], None]
+LayerDoneFn = Callable[[int, nn.Module], None]
 
 
 @dataclass(frozen=True)
@@ -268,6 +276,7 @@ def run_sequential(
     batch_size: int = 8,
     hessian_dtype: torch.dtype = torch.float32,
     description: str = "calibrating layers",
+    on_layer: LayerDoneFn | None = None,
 ) -> SequentialResult:
     """Calibrate `model` layer by layer on token `blocks` [n, len], calling `process` per group.
 
@@ -285,6 +294,8 @@ def run_sequential(
         batch_size: calibration rows per layer call.
         hessian_dtype: float32 (default) or float64 accumulation of the Hessian.
         description: the progress bar's label.
+        on_layer: `on_layer(index, layer)` once a layer is processed and its outputs propagated
+            (a streamed step writes the layer there; it is released to meta right after).
 
     Returns:
         The last layer's outputs on the calibration data, sample count, wall time.
@@ -293,18 +304,29 @@ def run_sequential(
     spec = arch_for(model)
     layers = decoder_layers(model)
     phases = [Phase(process)] if callable(process) else list(process)
+    lazy = lazy_of(model)
+    if lazy is not None:  # streamed: the embeddings alone bring the blocks to layer 0
+        lazy.materialize(spec.embed, lazy.compute_dtype)
     captured = capture_layer_inputs(model, blocks, batch_size=batch_size)
+    if lazy is not None:
+        lazy.release(spec.embed)
     inputs = captured.hidden
     verified: dict[type, int] = {}
     progress, task = _progress(description, len(layers))
     with progress:
         for index, layer in enumerate(layers):
+            if lazy is not None:
+                lazy.materialize(layer, lazy.compute_dtype)
             with LayerCaches(layer, spec, verified).installed() as caches:
                 for phase in phases:
                     run = _Run(spec, index, layer, captured, inputs[: phase.max_batches], caches, collect, hessian_dtype)
                     grouping = true_sequential if phase.true_sequential is None else phase.true_sequential
                     run.groups(phase.roles if phase.roles is not None else roles, grouping, phase.process)
                 inputs = run_layer(layer, index, captured, inputs, caches.batch)  # the next layer's inputs
+            if on_layer is not None:
+                on_layer(index, layer)
+            if lazy is not None:
+                lazy.release(layer)
             logger.debug("layer %d calibrated", index)
             progress.advance(task)
     return SequentialResult(outputs=inputs, n_samples=captured.n_samples, seconds=time.perf_counter() - start)

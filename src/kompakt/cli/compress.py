@@ -46,13 +46,17 @@ def compress_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (an existing run of the same recipe or target resumes)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (overrides the recipe's)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory of another recipe or model."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RAM the run may use, e.g. 6GB; with --recipe / --step and --plan-only, each step's predicted peak memory and time are checked against it."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RAM budget, e.g. 6GB: a larger model runs streamed, one layer at a time (--recipe / --step); with --plan-only each step's predicted peak memory and time are printed and checked against it."),
 ) -> None:
     """Shrink a model: to a --target with an automatic plan, or by a --recipe / --step list."""
+    from kompakt.errors import ConfigError
+
     if recipe is None and not step:
+        if max_memory is not None:
+            raise ConfigError("--max-memory streams --recipe / --step runs; --target plans load the model whole, "
+                              "so drop --max-memory or give the steps with --recipe / --step")  # fmt: skip
         _auto(model, target, budget, plan_only, data, out, seed or 0, force)
         return
-    from kompakt.errors import ConfigError
 
     if target is not None or budget is not None:
         raise ConfigError("--target / --budget plan a recipe themselves; drop --recipe and --step")
@@ -61,7 +65,7 @@ def compress_command(
         return
     if out is None:
         raise ConfigError("--out is required with --recipe or --step: give the run directory")
-    _recipe(model, recipe, step or [], data, out, seed, force)
+    _recipe(model, recipe, step or [], data, out, seed, force, max_memory)
 
 
 def _live_steps(console):
@@ -88,19 +92,21 @@ def _live_steps(console):
     return on_step, live
 
 
-def _recipe(model, recipe, steps, data, out, seed, force) -> None:
+def _recipe(model, recipe, steps, data, out, seed, force, max_memory=None) -> None:
     from kompakt.recipe.compose import compose_recipe
     from kompakt.recipe.runner import run_recipe
+    from kompakt.recipe.stream_step import parse_bytes
 
     plan = compose_recipe(recipe=recipe, steps=steps, model=model, data=data, seed=seed)
     plan.validate()  # one-line ConfigError before any weights are loaded
+    max_memory = parse_bytes(max_memory)  # a bad size is a one-line error before anything is opened
     console = get_console()  # the console progress bars use, so they nest under the live table
     on_step, live = _live_steps(console)
     if live is None:
-        result = run_recipe(plan, out, force=force, on_step=on_step)
+        result = run_recipe(plan, out, force=force, on_step=on_step, max_memory=max_memory)
     else:
         with live:
-            result = run_recipe(plan, out, force=force, on_step=on_step)
+            result = run_recipe(plan, out, force=force, on_step=on_step, max_memory=max_memory)
     final = result.final if result.final is not None else result.out_dir
     console.print(f"done: {len(result.records)} step(s); final model: {final} (report: {result.out_dir / 'report.md'})",
                   highlight=False, soft_wrap=True)  # fmt: skip

@@ -315,4 +315,7 @@ def embeddings_tied(model: Any) -> bool:
         return False
     head = get_submodule(model, spec.lm_head)
     embed = get_submodule(model, spec.embed)
-    return head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr()
+    if head.weight is embed.weight:
+        return True
+    # meta tensors (a lazily opened model, kompakt.model.lazy) all report data_ptr 0
+    return not head.weight.is_meta and head.weight.data_ptr() == embed.weight.data_ptr()

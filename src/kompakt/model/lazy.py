@@ -80,6 +80,9 @@ class LazyModel:
         model: the skeleton (parameters on meta until materialised).
         tensors: model parameter name -> TensorEntry (tied heads point at the embedding's entry).
         storage_dtype: the dtype most stored weight bytes are in.
+        compute_dtype: the dtype streamed passes materialise parameters in (fp32: the in-memory
+            path's CPU dtype, so both give the same weights).
+        aliases: parameter names with no stored key of their own (a tied head).
         live_numel: parameters materialised now (tied tensors once).
         peak_numel: the most parameters materialised at one time since opening (or `reset_peak`).
     """
@@ -90,11 +93,14 @@ class LazyModel:
     tensors: dict[str, TensorEntry]
     storage_dtype: torch.dtype
     name: str = ""
+    compute_dtype: torch.dtype = torch.float32
+    aliases: frozenset[str] = frozenset()
     live_numel: int = 0
     peak_numel: int = 0
     _tokenizer: Any = field(default=None, repr=False)
     _live: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)  # stored key -> live tensor
     _users: dict[str, int] = field(default_factory=dict, repr=False)  # stored key -> live parameters using it
+    _meta: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)  # stored key -> its meta stand-in
 
     # -- what the model is ---------------------------------------------------------------------
     @property
@@ -144,6 +150,28 @@ class LazyModel:
         prefix = self.layer_path(index) + "."
         return sum(e.numel * dtype.itemsize for n, e in self.tensors.items() if n.startswith(prefix))
 
+    def fingerprint(self) -> str:
+        """A short stable id of the stored weights without reading them whole: the config, every
+        tensor's name, dtype and shape, and its first row's bytes (a recipe run's step hashes
+        start from it; it differs from LoadedModel.fingerprint of the same model, so a streamed
+        run and an in-memory run of one model keep separate run directories)."""
+        import hashlib
+
+        from safetensors import safe_open
+
+        digest = hashlib.sha256(self.config.to_json_string(use_diff=False).encode())
+        by_file: dict[Path, list[tuple[str, TensorEntry]]] = {}
+        for name, entry in sorted(self.tensors.items()):
+            by_file.setdefault(entry.file, []).append((name, entry))
+        for file, entries in sorted(by_file.items()):
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name, entry in entries:
+                    digest.update(f"{name}:{entry.dtype}:{entry.shape}".encode())
+                    if entry.shape:
+                        first = handle.get_slice(entry.key)[0:1]
+                        digest.update(first.contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:
@@ -158,11 +186,17 @@ class LazyModel:
                            storage_dtype=self.storage_dtype)  # fmt: skip
 
     # -- materialise / release -----------------------------------------------------------------
-    def _params(self, target: str | nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
-        """(full parameter name, owning module, attribute) of every parameter under `target`."""
+    def is_alias(self, name: str) -> bool:
+        """Whether parameter `name` is stored under another name (a tied head: not saved again)."""
+        return name in self.aliases
+
+    def _params(self, target: str | nn.Module, recurse: bool = True) -> Iterator[tuple[str, nn.Module, str]]:
+        """(full parameter name, owning module, attribute) of every parameter under `target`
+        (`recurse` False: the module's own parameters only)."""
         root = get_submodule(self.model, target) if isinstance(target, str) else target
         prefix = self._path_of(root)
-        for module_name, module in root.named_modules(remove_duplicate=False):
+        modules = root.named_modules(remove_duplicate=False) if recurse else [("", root)]
+        for module_name, module in modules:
             for attr in list(module._parameters):
                 if module._parameters[attr] is None:
                     continue
@@ -177,18 +211,18 @@ class LazyModel:
 
     @torch.no_grad()
     def materialize(self, target: str | nn.Module, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> nn.Module:  # fmt: skip
+                    device: str | torch.device = "cpu", *, recurse: bool = True) -> nn.Module:  # fmt: skip
         """Read every parameter under `target` (a dotted path or a submodule) into memory.
 
         `dtype`: floating parameters are cast to it (None: as stored). Parameters already live
         are kept; a stored tensor another live module uses (a tied head) is shared, not read twice.
-        Returns the module.
+        `recurse` False: only the module's own parameters, not its children's. Returns the module.
 
         Raises:
             ModelFormatError: a parameter has no stored tensor (a shard missing from the index).
         """
         module = get_submodule(self.model, target) if isinstance(target, str) else target
-        for path, owner, attr in self._params(module):
+        for path, owner, attr in self._params(module, recurse):
             if not owner._parameters[attr].is_meta:
                 continue
             entry = self.tensors.get(path)
@@ -219,17 +253,19 @@ class LazyModel:
         return tensor.to(device)
 
     @torch.no_grad()
-    def release(self, target: str | nn.Module) -> None:
+    def release(self, target: str | nn.Module, *, recurse: bool = True) -> None:
         """Put every parameter under `target` back on the meta device (its memory is freed once
         nothing else holds it). A tied tensor stays live while another module still uses it."""
         module = get_submodule(self.model, target) if isinstance(target, str) else target
-        for path, owner, attr in self._params(module):
+        for path, owner, attr in self._params(module, recurse):
             param = owner._parameters[attr]
             if param.is_meta:
                 continue
-            owner._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
             entry = self.tensors.get(path)
-            key = f"{entry.file.name}:{entry.key}" if entry is not None else None
+            key = f"{entry.file.name}:{entry.key}" if entry is not None else path
+            if key not in self._meta:  # one meta tensor per stored one: a tied head stays tied
+                self._meta[key] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+            owner._parameters[attr] = self._meta[key]
             if key in self._users:
                 self._users[key] -= 1
                 if self._users[key] <= 0:
@@ -240,9 +276,9 @@ class LazyModel:
     def reset_peak(self) -> None:
         self.peak_numel = self.live_numel
 
-    def is_live(self, target: str | nn.Module) -> bool:
+    def is_live(self, target: str | nn.Module, *, recurse: bool = True) -> bool:
         """Whether every parameter under `target` is materialised."""
-        return all(not owner._parameters[attr].is_meta for _, owner, attr in self._params(target))
+        return all(not owner._parameters[attr].is_meta for _, owner, attr in self._params(target, recurse))
 
 
 def lazy_of(model: nn.Module | LoadedModel) -> LazyModel | None:
@@ -264,9 +300,9 @@ def open_lazy(directory: str | Path, *, name: str | None = None) -> LazyModel:
     config_json, stored = check_model_dir(directory)  # headers checked against file sizes
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     model = _skeleton(config)
-    tensors = _map_tensors(model, _read_headers(directory), directory)
+    tensors, aliases = _map_tensors(model, _read_headers(directory), directory)
     lazy = LazyModel(directory=directory, config=config, model=model, tensors=tensors, storage_dtype=stored,
-                     name=name or directory.resolve().name)  # fmt: skip
+                     name=name or directory.resolve().name, aliases=frozenset(aliases))  # fmt: skip
     _LAZY[model] = lazy
     logger.info("opened %s lazily: %d tensors, %.2f GB stored", directory, len(tensors), lazy.stored_bytes() / 1e9)
     return lazy
@@ -308,9 +344,11 @@ def _read_headers(directory: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def _map_tensors(model: nn.Module, stored: dict[str, TensorEntry], directory: Path) -> dict[str, TensorEntry]:
-    """Model parameter name -> stored entry, through transformers' own checkpoint key renamings;
-    tied parameters (the same Parameter under two names) share the entry of the stored one."""
+def _map_tensors(model: nn.Module, stored: dict[str, TensorEntry],
+                 directory: Path) -> tuple[dict[str, TensorEntry], set[str]]:  # fmt: skip
+    """(model parameter name -> stored entry, names stored under another name), through
+    transformers' own checkpoint key renamings; tied parameters (the same Parameter under two
+    names) share the entry of the stored one."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -330,14 +368,16 @@ def _map_tensors(model: nn.Module, stored: dict[str, TensorEntry], directory: Pa
     for name, param in model.named_parameters(remove_duplicate=False):
         if name in mapped:
             by_param.setdefault(id(param), name)
+    aliases = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if name not in mapped and id(param) in by_param:
             mapped[name] = mapped[by_param[id(param)]]
+            aliases.add(name)
     missing = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in mapped]
     if missing:
         raise ModelFormatError(f"{directory} lacks {len(missing)} weights (e.g. {missing[0]}) that would be random; "
                                "copy or download the model again")  # fmt: skip
-    return mapped
+    return mapped, aliases
 
 
 def text_hidden_size(lazy: LazyModel) -> int:

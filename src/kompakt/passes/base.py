@@ -21,6 +21,7 @@ from kompakt.errors import ConfigError
 from kompakt.model.compression import PackedLayer
 from kompakt.model.inputs import Batch
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.stream_save import LayerStream
 
 
 @dataclass
@@ -48,6 +49,9 @@ class PassContext:
         checkpoint_dir: where training checkpoints survive a killed run (kept until the step
             is saved); None: no checkpoints.
         run_id: identity of this step (the runner's step hash); part of checkpoint identities.
+        stream: set when the model is larger than the memory budget: `loaded` is then a lazily
+            opened skeleton (kompakt.model.lazy) and a pass that declares `streams` writes each
+            decoder layer through this LayerStream (kompakt.model.stream_save) as it finishes it.
     """
 
     loaded: LoadedModel
@@ -61,6 +65,7 @@ class PassContext:
     evaluation: Callable[[], torch.Tensor] | None = None
     checkpoint_dir: Path | None = None
     run_id: str = ""
+    stream: LayerStream | None = None
 
     def teacher_model(self, path: str | None = None) -> LoadedModel:
         """The teacher: the recipe's original (path None) or the model at `path`."""
@@ -116,6 +121,8 @@ class PassReport:
 class PassSpec:
     """A registered pass: its dotted name, config type, apply function and declared needs.
 
+    `streams`: the pass runs on a model larger than memory, one decoder layer at a time, when the
+    runner gives it `PassContext.stream`; a pass without it refuses such a model before any work.
     `decoder_only`: empty when the pass also runs on sentence encoders (BERT family); else why it
     needs a causal LM and what to use on an encoder instead, which `check_model` says in one line
     before the run touches anything.
@@ -128,6 +135,7 @@ class PassSpec:
     needs_teacher: bool = False
     needs_training: bool = False
     changes_architecture: bool = False
+    streams: bool = False
     decoder_only: str = ""
     doc: str = ""
 

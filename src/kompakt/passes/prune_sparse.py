@@ -61,6 +61,7 @@ from kompakt.ops.sparsegpt import sparsegpt_prune
 from kompakt.ops.sparsity_masks import magnitude_prune
 from kompakt.ops.wanda import wanda_prune, wanda_scores
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
+from kompakt.passes.streaming import each_layer, layer_writer
 
 logger = logging.getLogger(__name__)
 
@@ -241,9 +242,10 @@ def _prune_linear(module: nn.Linear, config: SparseConfig, sparsity: float | Non
 
 
 def _prune_calibrated(
-    model: nn.Module, blocks: torch.Tensor, roles: list[str], config: SparseConfig, layer_sparsity: list[float], nm
+    ctx: PassContext, blocks: torch.Tensor, roles: list[str], config: SparseConfig, layer_sparsity: list[float], nm
 ) -> dict[str, dict[str, Any]]:
     """Wanda / SparseGPT through the sequential driver; returns per-Linear results by path."""
+    model = ctx.loaded.model
     spec = arch_for(model)
     done: dict[str, dict[str, Any]] = {}
 
@@ -256,20 +258,23 @@ def _prune_calibrated(
     run_sequential(
         model, blocks, process, roles=roles, collect="hessian" if config.method == "sparsegpt" else "norms",
         true_sequential=config.true_sequential, batch_size=config.batch_size,
-        description=f"{config.method} pruning",
+        description=f"{config.method} pruning", on_layer=layer_writer(ctx),
     )  # fmt: skip
     return done
 
 
-def _prune_magnitude(model: nn.Module, roles: list[str], config: SparseConfig, layer_sparsity: list[float], nm):
-    spec = arch_for(model)
+def _prune_magnitude(ctx: PassContext, roles: list[str], config: SparseConfig, layer_sparsity: list[float], nm):
+    spec = arch_for(ctx.loaded.model)
     done: dict[str, dict[str, Any]] = {}
-    with torch.no_grad():
-        for index, layer in enumerate(decoder_layers(model)):
-            for role, module in linear_modules(layer, spec).items():
-                if role in roles:
-                    sparsity = None if nm is not None else layer_sparsity[index]
-                    done[f"{spec.layers}.{index}.{spec.linear_paths[role]}"] = _prune_linear(module, config, sparsity, nm)
+
+    @torch.no_grad()
+    def prune_layer(index: int, layer: nn.Module) -> None:
+        for role, module in linear_modules(layer, spec).items():
+            if role in roles:
+                sparsity = None if nm is not None else layer_sparsity[index]
+                done[f"{spec.layers}.{index}.{spec.linear_paths[role]}"] = _prune_linear(module, config, sparsity, nm)
+
+    each_layer(ctx, prune_layer)  # streamed: each layer read, pruned, written and released in turn
     return done
 
 
@@ -291,9 +296,9 @@ def apply(ctx: PassContext, config: SparseConfig) -> PassReport:
         ratios = layer_outlier_ratios(model, blocks, roles, config)
         layer_sparsity = owl_sparsities(ratios, target, config.owl_lambda)
     if config.method == "magnitude":
-        done = _prune_magnitude(model, roles, config, layer_sparsity, nm)
+        done = _prune_magnitude(ctx, roles, config, layer_sparsity, nm)
     else:
-        done = _prune_calibrated(model, blocks, roles, config, layer_sparsity, nm)
+        done = _prune_calibrated(ctx, blocks, roles, config, layer_sparsity, nm)
     zeros = sum(d["zeros"] for d in done.values())
     numel = sum(d["numel"] for d in done.values())
     pattern = f"{nm[0]}:{nm[1]}" if nm else f"{target:.1%} unstructured"
@@ -317,5 +322,6 @@ PASS = PassSpec(
     config=SparseConfig,
     apply=apply,
     needs_calibration=True,
+    streams=True,
     doc=__doc__ or "",
 )

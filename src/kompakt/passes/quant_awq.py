@@ -58,6 +58,7 @@ from kompakt.ops.awq import search_clip, search_scales
 from kompakt.ops.quant import QuantGrid
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 from kompakt.passes.quant_common import QuantGridConfig, plan_grid, rtn_weight, select_targets, target_types
+from kompakt.passes.streaming import layer_writer
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +280,8 @@ def apply(ctx: PassContext, config: AwqConfig) -> PassReport:
     awq = AwqScaler(model, config)  # resolves the per-tensor types first: bad ones fail before any work
     blocks = ctx.calibration()[: config.max_blocks]
     run_sequential(model, blocks, awq.process, collect="hessian", true_sequential=True,
-                   batch_size=config.batch_size, description="AWQ scale search")  # fmt: skip
+                   batch_size=config.batch_size, description="AWQ scale search",
+                   on_layer=layer_writer(ctx))  # fmt: skip
     grid = config.grid().grid_label
     update_state(loaded, awq=AwqScaling(grid=grid, clip=config.clip))
     scales = scales_summary(awq.log)
@@ -303,7 +305,7 @@ def scales_summary(log: dict[str, Any]) -> dict[str, Any]:
 
 
 PASS = PassSpec(
-    name="quant.awq", config=AwqConfig, apply=apply, needs_calibration=True, doc=__doc__ or "",
+    name="quant.awq", config=AwqConfig, apply=apply, needs_calibration=True, streams=True, doc=__doc__ or "",
     decoder_only="AWQ folds its activation scales into the norm before q/k/v and gate/up, and BERT-style "
     "encoders normalise after the residual add (post-LN), so there is no such norm; use quant.gptq "
     "(or quant.rtn at 8 bits)",

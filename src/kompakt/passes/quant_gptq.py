@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,7 @@ from kompakt.model.inputs import batch_label
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
+from kompakt.passes.streaming import layer_writer, materialize_targets
 from kompakt.passes.quant_awq import AwqConfig, AwqScaler, scales_summary
 from kompakt.passes.quant_common import (
     NAMES_SHOWN,
@@ -151,12 +153,15 @@ def _awq_phase(model: nn.Module, config: GptqConfig) -> tuple[AwqScaler | None, 
     return scaler, [Phase(scaler.process, roles=None, max_batches=batches, true_sequential=True)]  # as quant.awq
 
 
-def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], config: GptqConfig,
+def _run_gptq(ctx: PassContext, blocks: torch.Tensor, decoder: list[Target], config: GptqConfig,
               types: dict[str, str]):  # fmt: skip
+    model = ctx.loaded.model
     targets = {(t.layer, t.role): t for t in decoder}
     done = Quantized()
     losses: dict[str, float] = {}
-    solved: set[int] = set()  # a basis shared across layers (share.basis) is solved once, on its first layer
+    # A basis shared across layers (share.basis) is solved once, on its first layer. Weak: a streamed
+    # model frees each layer's weights, and a freed tensor's id may be a later layer's.
+    solved: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
     def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
         shared: dict[tuple, list[tuple[Target, nn.Linear]]] = {}  # (accumulator, grid) -> its Linears
@@ -164,8 +169,9 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
             target = targets[(index, role)]
             plan = plan_grid(config, stat.module.in_features, types.get(target.name))
             done.plans[target.name] = plan
-            if plan.grid is not None and id(stat.module.weight) not in solved:
-                solved.add(id(stat.module.weight))
+            weight = stat.module.weight
+            if plan.grid is not None and solved.get(id(weight)) is not weight:
+                solved[id(weight)] = weight
                 shared.setdefault((id(stat.hessian_acc), plan.grid), []).append((target, stat.module))
         for members in shared.values():
             plan = done.plans[members[0][0].name]
@@ -182,7 +188,7 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
     result = run_sequential(
         model, blocks, [*phases, Phase(process, roles=roles)], collect="hessian",
         true_sequential=config.true_sequential, batch_size=config.batch_size,
-        description="AWQ + GPTQ" if awq else "GPTQ",
+        description="AWQ + GPTQ" if awq else "GPTQ", on_layer=layer_writer(ctx, done),
     )  # fmt: skip
     return done, losses, result.seconds, awq
 
@@ -194,8 +200,10 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     types = target_types(loaded.model, config, targets, "quant.gptq")
     decoder = [t for t in targets if t.layer is not None]
     blocks = ctx.calibration()[: config.max_blocks]
-    quantized, losses, calib_seconds, awq = _run_gptq(loaded.model, blocks, decoder, config, types)
-    extra = rtn_targets([t for t in targets if t.layer is None], config, types)
+    quantized, losses, calib_seconds, awq = _run_gptq(ctx, blocks, decoder, config, types)
+    rest = [t for t in targets if t.layer is None]
+    materialize_targets(ctx, [t.module for t in rest])  # streamed: the embeddings / head, when asked
+    extra = rtn_targets(rest, config, types)
     quantized.update(extra)
     calibration = calibration_label(*blocks.shape) if isinstance(blocks, torch.Tensor) else (
         f"{batch_label(blocks)} (GPTQ Hessians)")  # padded sentences (an encoder)
@@ -219,4 +227,5 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     return PassReport(loaded=loaded, summary=summary, details=details, packed_layers=packed_layers)
 
 
-PASS = PassSpec(name="quant.gptq", config=GptqConfig, apply=apply, needs_calibration=True, doc=__doc__ or "")
+PASS = PassSpec(name="quant.gptq", config=GptqConfig, apply=apply, needs_calibration=True, streams=True,
+                doc=__doc__ or "")

@@ -30,8 +30,11 @@ import time
 from dataclasses import dataclass
 
 from kompakt.passes.base import PassContext, PassReport, PassSpec
+from kompakt.passes.streaming import each_layer, materialize_targets
 from kompakt.passes.quant_common import (
     QuantGridConfig,
+    Quantized,
+    Target,
     grid_counts,
     notes_of,
     prepare,
@@ -49,12 +52,27 @@ class RtnConfig(QuantGridConfig):
         self.validate_grid("quant.rtn")
 
 
+def _streamed(ctx: PassContext, targets: list[Target], config: RtnConfig, types: dict[str, str]) -> Quantized:
+    """RTN of a streamed model (larger than memory): layer by layer, each written and released
+    before the next is read; then the embeddings / head when asked (written at the stream's end)."""
+    done = Quantized()
+
+    def one(index: int, layer) -> None:
+        done.update(rtn_targets([t for t in targets if t.layer == index], config, types))
+
+    each_layer(ctx, one, done)
+    rest = [t for t in targets if t.layer is None]
+    materialize_targets(ctx, [t.module for t in rest])
+    done.update(rtn_targets(rest, config, types))
+    return done
+
+
 def apply(ctx: PassContext, config: RtnConfig) -> PassReport:
     start = time.perf_counter()
     loaded = prepare(ctx, "quant.rtn", config)
     targets = select_targets(loaded.model, config, "quant.rtn")
     types = target_types(loaded.model, config, targets, "quant.rtn")
-    quantized = rtn_targets(targets, config, types)
+    quantized = _streamed(ctx, targets, config, types) if ctx.stream else rtn_targets(targets, config, types)
     packed_layers = record(loaded, "rtn", config, quantized, types)
     done = quantized.plans
     notes = notes_of(done, "quant.rtn")
@@ -64,4 +82,4 @@ def apply(ctx: PassContext, config: RtnConfig) -> PassReport:
                       packed_layers=packed_layers)  # fmt: skip
 
 
-PASS = PassSpec(name="quant.rtn", config=RtnConfig, apply=apply, doc=__doc__ or "")
+PASS = PassSpec(name="quant.rtn", config=RtnConfig, apply=apply, streams=True, doc=__doc__ or "")

@@ -5,10 +5,10 @@ calibration size, checked against `--max-memory` before any work.
     estimates = plan_memory(recipe, max_memory="6GB")    # ConfigError when a step cannot fit
     for e in estimates: print(e.line())
 
-A step runs in memory when the whole model and its working memory fit the budget (or no budget is
-given), else streamed one decoder layer at a time when its pass can (PassSpec.streams, the
-streaming driver of kompakt.calib); a pass that needs the whole model (training, structural
-edits) is estimated in memory, and a budget that holds neither is a one-line error
+The run streams (every step one decoder layer at a time) exactly when the runner would
+(kompakt.recipe.stream_step.must_stream: the fp32 model and its calibration working memory do
+not fit the budget); then a pass that needs the whole model is refused as the runner refuses it,
+and a budget that cannot hold one layer plus its activations is a one-line error
 (kompakt.calib.memory_plan.check_budget). The arithmetic is in kompakt.calib.memory_plan.
 """
 
@@ -40,30 +40,32 @@ def parse_budget(max_memory: int | str | None, flag: str = "--max-memory") -> in
 def plan_memory(recipe: Recipe, max_memory: int | str | None = None, *, check: bool = True,
                 dtype: torch.dtype = torch.float32) -> list[StepEstimate]:  # fmt: skip
     """One StepEstimate per step of `recipe` (module docstring); with `check`, ConfigError when
-    a step does not fit the budget even streamed."""
+    a step does not fit the budget even streamed, or needs the whole model and the run streams."""
     from kompakt.model.lazy import open_lazy
     from kompakt.model.load import resolve_model
+    from kompakt.recipe.stream_step import must_stream, refuse_unstreamable
 
     budget = parse_budget(max_memory)
     directory, name = resolve_model(recipe.model)
     lazy = open_lazy(directory, name=name)
     shapes = ModelShapes.from_lazy(lazy)
     flops = measure_flops(dtype)
-    estimates = [_estimate(index, step, recipe, shapes, budget, dtype, lazy.storage_dtype, flops)
-                 for index, step in enumerate(recipe.steps, 1)]  # fmt: skip
+    # The runner's own rule (kompakt.recipe.stream_run): the whole run streams or none of it.
+    streamed = must_stream(lazy, budget, recipe.data.calibration_blocks * recipe.data.block_len)
+    estimates = []
+    for index, step in enumerate(recipe.steps, 1):
+        spec, _ = step.spec_and_config()
+        if streamed and check:
+            refuse_unstreamable(spec, lazy, budget)  # type: ignore[arg-type]
+        estimates.append(_estimate(f"{index} {step.name}", spec, step.name, recipe, shapes, streamed and spec.streams,
+                                   dtype, lazy.storage_dtype, flops))  # fmt: skip
     if check:
         check_budget(estimates, budget)
     return estimates
 
 
-def _estimate(index: int, step: Any, recipe: Recipe, shapes: ModelShapes, budget: int | None,
+def _estimate(label: str, spec: Any, name: str, recipe: Recipe, shapes: ModelShapes, streamed: bool,
               dtype: torch.dtype, stored: torch.dtype, flops: float) -> StepEstimate:  # fmt: skip
-    spec, _ = step.spec_and_config()
     tokens = recipe.data.calibration_blocks * recipe.data.block_len if spec.needs_calibration else 0
-    common = dict(tokens=tokens, seq_len=recipe.data.block_len, hessians=step.name in HESSIAN_PASSES,
-                  dtype=dtype, stored=stored, flops=flops)  # fmt: skip
-    label = f"{index} {step.name}"
-    whole = estimate_step(label, shapes, streamed=False, **common)
-    if budget is None or whole.peak_bytes <= budget or not getattr(spec, "streams", False):
-        return whole
-    return estimate_step(label, shapes, streamed=True, **common)
+    return estimate_step(label, shapes, tokens=tokens, seq_len=recipe.data.block_len, streamed=streamed,
+                         hessians=name in HESSIAN_PASSES, dtype=dtype, stored=stored, flops=flops)  # fmt: skip

@@ -20,6 +20,7 @@ a run killed mid-step and restarted ends with the same weights as one never inte
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from kompakt.rundir import layout
 from kompakt.rundir.hashing import digest, step_hash
 from kompakt.rundir.lineage import append_record
 from kompakt.recipe.rundata import Measurer, RunData, measurer_for
+from kompakt.recipe.stream_run import SizeMeasurer, lazy_loaded, streamed_input, streamed_original
+from kompakt.recipe.stream_step import streamed_step
 from kompakt.recipe.schema import GATES, Recipe
 
 logger = logging.getLogger(__name__)
@@ -114,6 +117,7 @@ def run_recipe(
     force: bool = False,
     on_step: StepCallback | None = None,
     reference_dir: Path | None = None,
+    max_memory: int | str | None = None,
 ) -> RunResult:
     """Run `recipe` into `out_dir`, resuming finished steps; see the module docstring.
 
@@ -124,6 +128,9 @@ def run_recipe(
         on_step: called with the baseline row (index 0) and then each step's record.
         reference_dir: where the original's distributions on the evaluation text are cached
             (default out_dir/reference); runs that share one compute them once.
+        max_memory: RAM budget ("6GB", bytes); a model whose fp32 weights plus calibration
+            working memory exceed it runs streamed, one decoder layer at a time
+            (kompakt.recipe.stream_run); None: always in memory.
 
     Raises:
         ConfigError: an invalid recipe (before any weights are loaded).
@@ -136,7 +143,9 @@ def run_recipe(
 
     recipe = recipe.validate()
     setup_process_device()  # under `accelerate launch`: one GPU per process
-    original = load(recipe.model)
+    original = streamed_original(recipe, max_memory)  # a lazy skeleton when larger than the budget
+    streamed = original is not None
+    original = original or load(recipe.model)
     for step in recipe.steps:  # a pass that cannot run on this model: refused before anything is written
         check_model(step.spec_and_config()[0], original)
     out = layout.prepare(run_dir_for_process(Path(out_dir)), force=force)
@@ -148,7 +157,8 @@ def run_recipe(
     layout.clean_steps(out, {layout.step_dir_name(p.index, p.name) for p in planned}
                        | {_checkpoint_name(p) for p in planned})  # fmt: skip
 
-    measurer = measurer_for(original, data, recipe.metrics, reference_dir or out / layout.REFERENCE_DIR)
+    measurer = SizeMeasurer(original) if streamed else measurer_for(original, data, recipe.metrics,
+                                                                     reference_dir or out / layout.REFERENCE_DIR)
     baseline = {"index": 0, "pass": "original", "summary": original.name, **measurer.baseline()}
     result = RunResult(out_dir=out, recipe=recipe, baseline=baseline)
     layout.write_run_state(out, baseline, None)
@@ -181,9 +191,12 @@ def _notify(on_step: StepCallback | None, record: dict[str, Any]) -> None:
 
 
 def _resume_model(out: Path, original: LoadedModel, records: list[dict[str, Any]]) -> LoadedModel:
-    """The input of the first step to run: the last finished step reloaded, or a copy of the original."""
+    """The input of the first step to run: the last finished step reloaded, or a copy of the original
+    (streamed: opened lazily again, so the original's skeleton is never changed)."""
     from kompakt.model.load import load
 
+    if streamed_input(original) is not None:
+        return lazy_loaded(out / records[-1]["dir"] if records else original.path, original.name)  # type: ignore[arg-type]
     if records:
         return load(out / records[-1]["dir"])
     return LoadedModel(
@@ -257,8 +270,14 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
                               evaluation=data.evaluation, checkpoint_dir=out / "steps" / _checkpoint_name(step),
                               run_id=step.hash)  # fmt: skip
             input_dtype = current.storage_dtype  # quant passes raise it to fp32 for exact dense saves
-            report = step.spec.apply(ctx, step.config)
-            stored = save_step_model(report.loaded, directory, input_dtype, report.packed_layers)
+            lazy = streamed_input(current)
+            if lazy is not None:  # larger than --max-memory: one layer at a time, written as it goes
+                report = streamed_step(step.spec, step.config, lazy, directory,
+                                       lambda loaded, stream: dataclasses.replace(ctx, loaded=loaded, stream=stream))
+                stored = {"streamed": True}
+            else:
+                report = step.spec.apply(ctx, step.config)
+                stored = save_step_model(report.loaded, directory, input_dtype, report.packed_layers)
             _keep_files(report.files, directory)
         finally:
             layout.remove_tree(work)
@@ -267,7 +286,7 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
         layout.write_marker(directory, {"hash": step.hash, "summary": summary, "details": details})
         del report, ctx
     # Continue from what is on disk, so a resumed run sees exactly the same input.
-    loaded = load(directory)
+    loaded = _streamed_result(directory, current) if streamed_input(current) is not None else load(directory)
     wall = time.perf_counter() - started
     started = time.perf_counter()
     metrics = measurer.measure(loaded)
@@ -289,6 +308,17 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
         "skipped": False,
     }
     return record, loaded
+
+
+def _streamed_result(directory: Path, current: LoadedModel) -> LoadedModel:
+    """A streamed step's result for the record and the next step: opened lazily; a packed
+    (quantized) result, which cannot be opened lazily yet, is recorded by its input's skeleton
+    (the streamable passes keep the architecture) and refused as the input of a later step."""
+    try:
+        return lazy_loaded(directory, current.name)
+    except KompaktError:
+        return LoadedModel(model=current.model, tokenizer=current.tokenizer, name=current.name, path=directory,
+                           storage_dtype=current.storage_dtype)  # fmt: skip
 
 
 def _finish(result: RunResult) -> None:

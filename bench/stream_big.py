@@ -1,0 +1,190 @@
+"""A model larger than memory (issue 14): streamed GPTQ W4 g128 on a generated 7B-shaped model.
+
+Generates a Llama-shaped model with random bf16 weights, written shard by shard (one safetensors
+shard per decoder layer, never whole in memory; the weights are N(0, 0.02), norms 1), then runs
+`kompakt compress MODEL --step quant.gptq:bits=4,group_size=128 --max-memory ...` through the
+recipe runner (kompakt.recipe.stream_run: one decoder layer materialised at a time, the result
+written shard by shard) with 16 x 512 calibration tokens of WikiText-2 validation (BENCH.md's
+sampling). Each phase runs in its own process, so its peak RSS (VmHWM) is its own.
+
+    .venv/bin/python bench/stream_big.py --preset llama2-7b          # 13.5 GB on disk + 3.9 GB result
+    .venv/bin/python bench/stream_big.py --preset mistral-7b
+    .venv/bin/python bench/stream_big.py --preset llama2-7b --layers 2 --calib-blocks 4 --block-len 128
+
+Presets: llama2-7b (hidden 4096, 32 layers, MLP 11008, 32 heads, vocab 32000: the published
+Llama 2 7B config) and mistral-7b (GQA with 8 KV heads, MLP 14336); `--layers` keeps a preset's
+per-layer shapes (so per-layer memory stays realistic) with fewer layers. The tokenizer is
+kompakt's tiny byte-level one (ids < 272): the weights are random, so only memory and time
+mean anything here, not quality.
+
+Prints a table and writes bench/results/stream_big-<preset>[-<layers>L].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "wikitext2"
+PRESETS = {
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    "llama-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=22, intermediate_size=5632,
+                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+}  # fmt: skip
+
+
+def _peak_rss() -> int:
+    from kompakt.process_memory import high_water_mark, max_rss_lifetime
+
+    return high_water_mark() or max_rss_lifetime()
+
+
+def generate(directory: Path, shape: dict, seed: int = 0) -> dict:
+    """Write the model shard by shard: peak memory is one tensor in fp32, not the model."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from kompakt.model.tiny import tiny_tokenizer
+
+    start = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    shape = dict(shape)
+    model_type = shape.pop("model_type")
+    config = AutoConfig.for_model(model_type, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, **shape)  # fmt: skip
+    config.dtype = "bfloat16"
+    generator = torch.Generator().manual_seed(seed)
+    h, m, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
+
+    def rand(*dims: int) -> torch.Tensor:
+        return (torch.randn(*dims, generator=generator) * 0.02).to(torch.bfloat16)
+
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def write(name: str, tensors: dict) -> None:
+        nonlocal total
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    n = shape["num_hidden_layers"]
+    files = n + 2
+    write(f"model-00001-of-{files:05d}.safetensors", {"model.embed_tokens.weight": rand(v, h)})
+    for i in range(n):
+        p = f"model.layers.{i}."
+        write(f"model-{i + 2:05d}-of-{files:05d}.safetensors", {
+            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(m, h), p + "mlp.up_proj.weight": rand(m, h),
+            p + "mlp.down_proj.weight": rand(h, m),
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+        })  # fmt: skip
+    write(f"model-{files:05d}-of-{files:05d}.safetensors",
+          {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rand(v, h)})  # fmt: skip
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return {"bytes": total, "seconds": time.perf_counter() - start, "peak_rss": _peak_rss(), "shards": files}
+
+
+def quantize(model: Path, out: Path, calib_blocks: int, block_len: int, max_memory: str, threads: int) -> dict:
+    """Streamed GPTQ W4 g128 through the recipe runner, as `kompakt compress --max-memory` runs it."""
+    import torch
+
+    from kompakt.recipe.runner import run_recipe
+    from kompakt.recipe.schema import Recipe
+
+    torch.set_num_threads(threads)
+    calibration = DATA / "wiki.valid.tokens"
+    text = out.parent / "calibration.txt"  # BENCH.md: wiki.valid.tokens with every " <unk>" removed
+    text.write_text(calibration.read_text().replace(" <unk>", ""))
+    recipe = Recipe.from_dict({
+        "model": str(model), "seed": 0, "metrics": ["ppl"],
+        "data": {"calibration": str(text), "evaluation": str(text), "calibration_blocks": calib_blocks,
+                 "block_len": block_len},
+        "steps": [{"quant.gptq": {"bits": 4, "group_size": 128, "symmetric": True, "batch_size": 4}}],
+    })  # fmt: skip
+    start = time.perf_counter()
+    result = run_recipe(recipe, out, force=True, max_memory=max_memory)
+    seconds = time.perf_counter() - start
+    record = result.records[0]
+    final = result.final or out
+    size = sum(p.stat().st_size for p in Path(final).resolve().glob("*.safetensors"))
+    return {"seconds": seconds, "peak_rss": _peak_rss(), "streamed": bool(record["details"].get("streamed")),
+            "output_bytes": size, "summary": record["summary"],
+            "calibration_seconds": record["details"].get("calibration_seconds")}  # fmt: skip
+
+
+def _child(args: list[str]) -> dict:
+    """Run one phase in a fresh process (its own VmHWM); its JSON is the last stdout line."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"phase {args[0]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llama2-7b")
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers of the preset's shape")
+    parser.add_argument("--calib-blocks", type=int, default=16)
+    parser.add_argument("--block-len", type=int, default=512)
+    parser.add_argument("--max-memory", default="3GB")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/kompakt-stream-big"), help="where the model is generated")
+    parser.add_argument("--keep", action="store_true", help="keep the generated model and the run")
+    parser.add_argument("--phase", choices=["generate", "quantize"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shape = dict(PRESETS[args.preset])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    model, out = args.work / "model", args.work / "run"
+    if args.phase == "generate":
+        print(json.dumps(generate(model, shape)))
+        return
+    if args.phase == "quantize":
+        print(json.dumps(quantize(model, out, args.calib_blocks, args.block_len, args.max_memory, args.threads)))
+        return
+    common = ["--preset", args.preset, "--work", str(args.work)] + (["--layers", str(args.layers)] if args.layers else [])
+    made = _child(["--phase", "generate", *common])
+    ran = _child(["--phase", "quantize", *common, "--calib-blocks", str(args.calib_blocks),
+                  "--block-len", str(args.block_len), "--max-memory", args.max_memory,
+                  "--threads", str(args.threads)])  # fmt: skip
+    name = f"stream_big-{args.preset}" + (f"-{args.layers}L" if args.layers else "")
+    result = {
+        "preset": args.preset, "shape": shape, "calibration": f"{args.calib_blocks} x {args.block_len} tokens",
+        "max_memory": args.max_memory, "threads": args.threads, "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "generate": made, "gptq_w4_g128": ran,
+        "command": "python bench/stream_big.py " + " ".join(sys.argv[1:]),
+    }  # fmt: skip
+    (REPO / "bench" / "results").mkdir(exist_ok=True)
+    (REPO / "bench" / "results" / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    gb = 1e9
+    print(f"{'phase':<22} {'peak RSS':>10} {'wall':>9}  size")
+    print(f"{'generate (bf16)':<22} {made['peak_rss'] / gb:>8.2f} GB {made['seconds']:>7.1f} s  {made['bytes'] / gb:.2f} GB")
+    print(f"{'GPTQ W4 g128 streamed':<22} {ran['peak_rss'] / gb:>8.2f} GB {ran['seconds']:>7.1f} s  "
+          f"{ran['output_bytes'] / gb:.2f} GB  (streamed: {ran['streamed']})")  # fmt: skip
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(args.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Write a model directory layer by layer while a streamed pass runs (never the whole model in memory).
+
+The streamed twin of `kompakt.rundir.stepsave.save_step_model` (what the runner writes after an
+in-memory step) for a model opened with `kompakt.model.lazy`:
+
+    stream = LayerStream(lazy, target_dir, input_dtype)
+    ... pass: for each decoder layer: materialise, change, then
+    stream.write_layer(index, layer, packed={name: PackedLayer}, exact={names on a grid, unpacked})
+    ... (the layer is released: back on meta)
+    stream.finish(loaded, packed_rest)          # embeddings, norms, head, anything else; config, index
+
+Tensors go into safetensors shards of at most `shard_bytes` (`model-0000k-of-0000n.safetensors`
+plus `model.safetensors.index.json`, as transformers' sharded save), written into a temporary
+directory beside the target and renamed into place at `finish` (kompakt.atomic), so nothing
+half-written is ever at the target. The stored values and dtypes are those of the in-memory
+save, tensor for tensor:
+
+- a step with packed layers (a quant pass on an integer grid, or q4_0 / q8_0) is stored as
+  compressed-tensors: packed Linears as `weight_packed` / `weight_scale` / `weight_shape`
+  (kompakt.model.quantized), weights a pass put on a grid without packing in the storage dtype
+  (fp32), everything else in 16 bits (the input's 16-bit dtype, else fp16, bf16 for families
+  whose activations overflow fp16);
+- any other step stores every weight in `loaded.storage_dtype`.
+
+Tensors use the model's own parameter names (transformers reads them as they are); a tied output
+head is not stored (the config ties it). The exact GGUF bytes a pass kept
+(`LoadedModel.gguf_blocks`) are written beside the weights at `finish`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kompakt.atomic import atomic_directory
+from kompakt.errors import OutputPathError
+from kompakt.model.arch import arch_for
+from kompakt.model.compression import PackedLayer
+from kompakt.model.lazy import LazyModel
+from kompakt.model.loaded import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+SHARD_BYTES = 2 * 1024**3  # transformers' default max_shard_size is 5 GB; smaller shards flush RAM sooner
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+class ShardWriter:
+    """Safetensors shards of at most `shard_bytes`, each written as soon as it is full."""
+
+    def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES,
+                 rename: Callable[[str], str] = lambda name: name) -> None:  # fmt: skip
+        self.directory, self.shard_bytes, self.rename = directory, shard_bytes, rename
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[str] = []
+        self.weight_map: dict[str, int] = {}  # tensor name -> shard number
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        name = self.rename(name)
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.detach().contiguous().cpu()
+        self.pending_bytes += size
+        self.weight_map[name] = len(self.files)
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        name = f"shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.directory / name), metadata={"format": "pt"})
+        self.files.append(name)
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Flush, give the shards transformers' names and write the index (one shard: no index)."""
+        self.flush()
+        n = len(self.files)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for old, new in zip(self.files, names):
+            (self.directory / old).rename(self.directory / new)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {t: names[i] for t, i in sorted(self.weight_map.items())}}  # fmt: skip
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def checkpoint_names(model: nn.Module) -> Callable[[str], str]:
+    """Model tensor name -> the name transformers' save_pretrained would store it under (its key
+    renamings reversed: Gemma 3's `model.language_model.*` is stored as `language_model.model.*`),
+    so the result reads like any saved checkpoint; the identity for most families."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+    transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
+    reverse = [t.reverse_transform() for t in transforms[::-1]]
+    renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
+    return (lambda name: apply_renamings(name, renamings)) if renamings else (lambda name: name)
+
+
+class LayerStream:
+    """Where a streamed step writes its result (see the module docstring).
+
+    Args:
+        lazy: the model being streamed (opened with kompakt.model.lazy.open_lazy).
+        target: the model directory to write (replaced atomically at `finish`).
+        input_dtype: the storage dtype of the step's input (chooses the 16-bit dtype of a packed save).
+        shard_bytes: the most bytes per safetensors shard.
+    """
+
+    def __init__(self, lazy: LazyModel, target: str | Path, input_dtype: torch.dtype,
+                 shard_bytes: int = SHARD_BYTES) -> None:  # fmt: skip
+        self.lazy, self.input_dtype = lazy, input_dtype
+        self.target = Path(target).expanduser().absolute()
+        if self.target.exists() and not self.target.is_dir():
+            raise OutputPathError(f"{self.target} is a file; choose a directory path for the saved model")
+        self._stack = ExitStack()
+        self.temp = self._stack.enter_context(atomic_directory(self.target, replace=True))
+        self.shards = ShardWriter(self.temp, shard_bytes, checkpoint_names(lazy.model))
+        self.packed_mode: bool | None = None  # decided by the first layer written
+        self.written: set[str] = set()
+        self.groups: dict[tuple, list[str]] = {}  # compressed-tensors scheme -> module names
+        self.packed_names: set[str] = set()
+        self.regrouped: dict[str, int] = {}
+        self.layers_written = 0
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.lazy.compute_dtype
+
+    def dense_dtype(self, loaded: LoadedModel) -> torch.dtype:
+        """What a tensor nobody quantized is stored in (see the module docstring)."""
+        if not self.packed_mode:
+            return loaded.storage_dtype
+        dense = self.input_dtype if self.input_dtype in SIXTEEN_BIT else torch.float16
+        if dense == torch.float16 and arch_for(loaded).fp16_overflows:
+            dense = torch.bfloat16
+        return dense
+
+    def _mode(self, packed: Mapping[str, PackedLayer]) -> bool:
+        mode = bool(packed) and arch_for(self.lazy.model).stores_packed
+        if self.packed_mode is None:
+            self.packed_mode = mode
+        elif self.packed_mode != mode and packed:
+            raise RuntimeError("a streamed step packed some layers and not others; run it in memory")
+        return self.packed_mode
+
+    def write_module(self, prefix: str, module: nn.Module, loaded: LoadedModel,
+                     packed: Mapping[str, PackedLayer] | None = None,
+                     exact: set[str] | frozenset[str] = frozenset()) -> None:  # fmt: skip
+        """Store every tensor under `module` (named `prefix`): packed Linears as compressed-tensors,
+        `exact` modules (on a grid, unpacked) in the storage dtype, the rest in the dense dtype."""
+        from kompakt.model.quantized import _compressed_tensors, _regroup, _scheme
+
+        packed = packed or {}
+        self._mode(packed)
+        dense = self.dense_dtype(loaded)
+        for name, tensor in module.state_dict().items():
+            full = f"{prefix}.{name}" if prefix else name
+            owner = full.rsplit(".", 1)[0]
+            if full in self.written or self.lazy.is_alias(full):
+                continue
+            self.written.add(full)
+            if owner in packed and full.endswith(".weight") and self.packed_mode:
+                layer = _regroup(owner, packed[owner], self.regrouped)
+                self.groups.setdefault(_scheme(layer), []).append(owner)
+                self.packed_names.add(owner)
+                for key, value in _compressed_tensors(owner, layer).items():
+                    self.shards.add(key, value)
+                continue
+            if tensor.is_meta:
+                raise RuntimeError(f"{full} is not materialised; materialise it before writing")
+            dtype = (loaded.storage_dtype if owner in exact and self.packed_mode else dense) \
+                if tensor.is_floating_point() else tensor.dtype  # fmt: skip
+            self.shards.add(full, tensor.detach().to("cpu", dtype))
+
+    def write_layer(self, index: int, layer: nn.Module, loaded: LoadedModel,
+                    packed: Mapping[str, PackedLayer] | None = None,
+                    exact: set[str] | frozenset[str] = frozenset()) -> None:  # fmt: skip
+        """Store decoder layer `index` (call before releasing it)."""
+        self.write_module(self.lazy.layer_path(index), layer, loaded, packed, exact)
+        self.layers_written += 1
+
+    def finish(self, loaded: LoadedModel, packed: Mapping[str, PackedLayer] | None = None,
+               exact: set[str] | frozenset[str] = frozenset()) -> Path:  # fmt: skip
+        """Store every tensor not written yet (materialised one module at a time, released after:
+        a module the pass left live, such as a quantized embedding, is written as it is), the config, generation config, tokenizer, GGUF bytes and
+        index, and move the directory into place. Returns the target path."""
+        from kompakt.model.gguf_blocks import save_blocks
+
+        try:
+            self._write_rest(loaded, packed or {}, exact)
+            self.shards.close()
+            self._write_configs(loaded)
+            loaded.tokenizer.save_pretrained(self.temp)
+            save_blocks(loaded.gguf_blocks, self.temp)
+        except BaseException:
+            self._stack.__exit__(*__import__("sys").exc_info())
+            raise
+        self._stack.close()
+        logger.info("streamed %d layers to %s", self.layers_written, self.target)
+        return self.target
+
+    def abort(self) -> None:
+        """Remove the temporary directory (a failed step leaves nothing behind)."""
+        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def _write_rest(self, loaded: LoadedModel, packed: Mapping[str, PackedLayer], exact) -> None:
+        lazy = self.lazy
+        if self.packed_mode is None:
+            self._mode(packed)
+        for module_name, module in lazy.model.named_modules():
+            own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+            names = [f"{module_name}.{n}" if module_name else n for n in own]
+            if not names or all(n in self.written or lazy.is_alias(n) for n in names):
+                continue
+            lazy.materialize(module, lazy.compute_dtype, recurse=False)  # kept as the pass left it when live
+            self.write_module(module_name, _Own(module), loaded, packed, exact)
+            lazy.release(module, recurse=False)
+
+    def _write_configs(self, loaded: LoadedModel) -> None:
+        from kompakt.model.quantized import _quantization_config
+
+        model = self.lazy.model
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(self.temp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and model.can_generate():
+            generation.save_pretrained(self.temp)
+        path = self.temp / "config.json"
+        config = json.loads(path.read_text())
+        if self.packed_mode:
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in self.packed_names]
+            config["quantization_config"] = _quantization_config(self.groups, linears)
+            config["dtype"] = str(self.dense_dtype(loaded)).removeprefix("torch.")
+        else:
+            config.pop("quantization_config", None)
+            config["dtype"] = str(loaded.storage_dtype).removeprefix("torch.")
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+class _Own(nn.Module):
+    """A view of one module's own parameters and buffers (not its children's), for writing."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._module = module
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        module = self._module
+        own = {n: p for n, p in module.named_parameters(recurse=False)}
+        own.update({n: b for n, b in module.named_buffers(recurse=False)
+                    if n not in module._non_persistent_buffers_set})  # fmt: skip
+        return own

@@ -1,0 +1,100 @@
+"""The recipe runner's streamed mode: a model larger than `--max-memory`, never loaded whole.
+
+`run_recipe(..., max_memory="6GB")` asks `streamed_original` first: it opens the recipe's model
+lazily (config and safetensors headers only) and, when the model in fp32 plus the calibration
+working memory exceeds the budget (kompakt.recipe.stream_step.must_stream), returns the model's
+skeleton; the run then goes on as usual except that
+
+- every step is checked before any work: a pass that is not streamable (training, structural
+  edits) is refused in one line naming the ways out, and so is a run without calibration text
+  (the model cannot generate its own when it cannot be loaded);
+- each step runs through `kompakt.recipe.stream_step.streamed_step` (one decoder layer in memory
+  at a time, the result written shard by shard) and the next step opens its output lazily;
+- the step hashes start from `LazyModel.fingerprint` (headers and first rows, no full read);
+- the steps are not evaluated (`SizeMeasurer`: parameters and bytes only; metrics are empty,
+  so quality gates do not fire). Evaluate the result with `kompakt eval`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from kompakt.errors import ConfigError, ModelFormatError
+from kompakt.model.lazy import LazyModel, lazy_of, open_lazy
+from kompakt.model.loaded import LoadedModel
+from kompakt.recipe.schema import Recipe
+from kompakt.recipe.stream_step import must_stream, parse_bytes, refuse_unstreamable
+
+logger = logging.getLogger(__name__)
+
+
+def lazy_loaded(directory: Path, name: str | None = None) -> LoadedModel:
+    """The skeleton of the model at `directory` as a LoadedModel (nothing read but headers),
+    with its fingerprint set from the headers so the runner never reads the weights for it."""
+    try:
+        lazy = open_lazy(directory, name=name)
+    except ModelFormatError as error:
+        if (directory / "config.json").is_file() and "quantization_config" in (directory / "config.json").read_text():
+            raise ConfigError(f"{directory} is stored quantized (packed), which a streamed step cannot read yet; "
+                              "put quantization last in the recipe") from None  # fmt: skip
+        raise error
+    loaded = lazy.loaded()
+    loaded._fingerprint = lazy.fingerprint()
+    return loaded
+
+
+def streamed_original(recipe: Recipe, max_memory: int | str | None) -> LoadedModel | None:
+    """The recipe's original as a lazy skeleton when the run must stream under `max_memory`, else
+    None (the in-memory run). Raises ConfigError for what a streamed run cannot do, before any work."""
+    from kompakt.model.load import _resolve
+
+    budget = parse_bytes(max_memory)
+    if budget is None:
+        return None
+    directory, name = _resolve(recipe.model)
+    lazy = open_lazy(directory, name=name)
+    tokens = recipe.data.calibration_blocks * recipe.data.block_len
+    if not must_stream(lazy, budget, tokens):
+        logger.info("%s fits in --max-memory %.1f GB: running in memory", name, budget / 1e9)
+        return None
+    specs = [step.spec_and_config()[0] for step in recipe.steps]
+    for spec in specs:
+        refuse_unstreamable(spec, lazy, budget)
+    if recipe.data.calibration is None and any(spec.needs_calibration for spec in specs):
+        raise ConfigError(f"{name} does not fit in --max-memory {budget / 1e9:.1f} GB, so it cannot generate its own "
+                          "calibration text; pass calibration text with --data")  # fmt: skip
+    logger.info("%s needs more than --max-memory %.1f GB: every step streams one layer at a time", name, budget / 1e9)
+    return lazy_loaded(directory, name)
+
+
+def streamed_input(loaded: LoadedModel) -> LazyModel | None:
+    """The LazyModel behind a step's input when the run streams (None in memory).
+
+    Raises:
+        ConfigError: the input is a streamed step's packed (quantized) result, recorded by its
+            own input's skeleton because it cannot be opened lazily yet.
+    """
+    lazy = lazy_of(loaded.model)
+    if lazy is not None and loaded.path is not None and Path(loaded.path) != lazy.directory:
+        raise ConfigError(f"{loaded.path} is stored quantized (packed), which a streamed step cannot read yet; "
+                          "put quantization last in the recipe")  # fmt: skip
+    return lazy
+
+
+class SizeMeasurer:
+    """The streamed run's measurer: sizes from the headers and the disk, no evaluation."""
+
+    def __init__(self, original: LoadedModel) -> None:
+        self.original = original
+
+    def baseline(self) -> dict[str, Any]:
+        from kompakt.evaluate import disk_bytes
+
+        return {"parameters": self.original.num_parameters(), "bytes": disk_bytes(self.original.path),
+                "metrics": {}}  # fmt: skip
+
+    def measure(self, candidate: LoadedModel) -> dict[str, Any]:
+        logger.info("%s: not evaluated (streamed run); evaluate the result with kompakt eval", candidate.name)
+        return {}

@@ -1,0 +1,101 @@
+"""Run one recipe step on a model larger than the memory budget: streamed, one layer at a time.
+
+    need = in_memory_bytes(lazy, data)              # fp32 model + calibration working memory
+    if streams(need, max_memory): streamed_step(...)   # else the ordinary in-memory step
+
+The step's input is opened lazily (kompakt.model.lazy): config, tokenizer and safetensors
+headers, no weight. The pass gets the meta skeleton as `ctx.loaded` and a LayerStream
+(kompakt.model.stream_save) as `ctx.stream`; a pass that declares `PassSpec.streams` (quant.rtn,
+quant.gptq, quant.awq, prune.sparse) materialises each decoder layer, changes it, writes it and
+releases it (kompakt.passes.streaming); the stream then writes the rest (embeddings, final norm,
+head) and the config, and renames the finished directory into place. The weights are those of
+the in-memory step bit for bit (tests/recipe/test_stream_step.py).
+
+Any other pass needs the whole model at once (training: distill.kd, finetune.lora, quant.qat;
+structural edits) and is refused before any work, in one line naming the ways out.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kompakt.errors import ConfigError
+from kompakt.model.compression import get_state
+from kompakt.model.lazy import LazyModel
+from kompakt.model.loaded import LoadedModel
+from kompakt.model.stream_save import SHARD_BYTES, LayerStream
+from kompakt.passes.base import PassContext, PassReport, PassSpec
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}  # fmt: skip
+# Working memory of an in-memory calibration step beyond the weights: a layer's inputs, outputs
+# and caches (about 8 hidden-size tensors per calibration token, kompakt.calib.sequential) plus
+# the process itself (torch, transformers: about 0.5 GB).
+ACTIVATION_COPIES = 8
+PROCESS_BYTES = 500 * 10**6
+
+
+def parse_bytes(text: str | int | None, what: str = "--max-memory") -> int | None:
+    """"6GB", "512MiB", "3e9" -> bytes (decimal KB/MB/GB, binary KiB/MiB/GiB); None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"{what} {text!r}: write a size like 6GB or 12GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def in_memory_bytes(lazy: LazyModel, calibration_tokens: int = 0) -> int:
+    """What an in-memory step needs: the model in fp32 (kompakt.load's CPU dtype), the
+    calibration activations of one layer and the process."""
+    hidden = int(getattr(lazy.config.get_text_config(), "hidden_size", 0))
+    return lazy.bytes_in(torch.float32) + ACTIVATION_COPIES * calibration_tokens * hidden * 4 + PROCESS_BYTES
+
+
+def must_stream(lazy: LazyModel, max_memory: int | None, calibration_tokens: int = 0) -> bool:
+    """Whether a step on `lazy` has to run streamed under the budget `max_memory` (None: never)."""
+    return max_memory is not None and in_memory_bytes(lazy, calibration_tokens) > max_memory
+
+
+def refuse_unstreamable(spec: PassSpec, lazy: LazyModel, max_memory: int) -> None:
+    """ConfigError for a pass that needs the whole model when the model exceeds the budget."""
+    if spec.streams:
+        return
+    need = lazy.bytes_in(torch.float32) / 1e9
+    raise ConfigError(
+        f"{spec.name} needs the whole model in memory ({need:.1f} GB in fp32) but --max-memory is "
+        f"{max_memory / 1e9:.1f} GB; run it on a GPU (--device cuda), with FSDP via `accelerate launch`, "
+        "or with a larger --max-memory"
+    )
+
+
+def streamed_step(spec: PassSpec, config: Any, lazy: LazyModel, directory: Path,
+                  context: Callable[[LoadedModel, LayerStream], PassContext],
+                  shard_bytes: int = SHARD_BYTES) -> PassReport:  # fmt: skip
+    """Apply `spec` to `lazy` streamed and write the result to `directory` (atomically).
+
+    `context(loaded, stream)` builds the pass's PassContext (the runner's calibration, seed,
+    work dir) around the skeleton and the stream. Returns the pass's report (its
+    `packed_layers` were written; the model in it is the skeleton, not to be used for weights).
+    """
+    loaded = lazy.loaded()
+    stream = LayerStream(lazy, directory, loaded.storage_dtype, shard_bytes=shard_bytes)
+    try:
+        report = spec.apply(context(loaded, stream), config)
+        quantization = get_state(report.loaded).quantization
+        exact = set(quantization.modules if quantization else ()) - set(report.packed_layers)
+        stream.finish(report.loaded, report.packed_layers, exact)
+    except BaseException:
+        stream.abort()
+        raise
+    if lazy.live_numel:
+        logger.debug("%d parameters still materialised after the streamed step", lazy.live_numel)
+    return report
