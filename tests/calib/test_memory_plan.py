@@ -85,5 +85,22 @@ def test_compress_plan_only_prints_each_step_and_checks_the_budget(tmp_path, cli
     assert code == 0, err
     assert "1 quant.gptq" in out and "2 prune.depth" in out and "peak ≈" in out and "not run" in out
     assert not (tmp_path / "runs").exists()
-    code, _, err = cli(["compress", "--recipe", str(recipe), "--plan-only", "--max-memory", "10MB"])
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "--max-memory 10 MB cannot hold" in err
+    gptq = tmp_path / "gptq.yaml"
+    gptq.write_text(recipe.read_text().split("  - prune.depth")[0])
+    code, _, err = cli(["compress", "--recipe", str(gptq), "--plan-only", "--max-memory", "10MB"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--max-memory 10 MB cannot hold 1 quant.gptq" in err
+
+
+def test_plan_only_under_a_budget_the_model_exceeds_streams_as_the_runner_would(tmp_path, cli, monkeypatch):
+    """501 MB: above one layer + activations + the process (≈ 500.7 MB), below the whole tiny model
+    + calibration memory + the process (≈ 501.7 MB, kompakt.recipe.stream_step.in_memory_bytes)."""
+    save_tiny("llama", tmp_path / "tiny")
+    monkeypatch.setenv("KOMPAKT_CACHE", str(tmp_path / "cache"))
+    head = f"model: {tmp_path / 'tiny'}\ndata: {{calibration_blocks: 8, block_len: 64}}\nsteps:\n"
+    (tmp_path / "gptq.yaml").write_text(head + "  - quant.gptq: {bits: 4}\n")
+    code, out, err = cli(["compress", "--recipe", str(tmp_path / "gptq.yaml"), "--plan-only", "--max-memory", "501MB"])
+    assert code == 0, err
+    assert "1 quant.gptq (streamed)" in out
+    (tmp_path / "depth.yaml").write_text(head + "  - prune.depth: {fraction: 0.25}\n")
+    code, _, err = cli(["compress", "--recipe", str(tmp_path / "depth.yaml"), "--plan-only", "--max-memory", "501MB"])
+    assert code == 2 and "prune.depth needs the whole model" in err and len(err.strip().splitlines()) == 1
