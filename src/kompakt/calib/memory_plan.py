@@ -9,18 +9,20 @@ What a step holds at its peak (the terms are those of llm-compressor's sequentia
 of kompakt.calib.sequential):
 
 - weights: a streamed step holds one decoder layer in the compute dtype (the layer is read,
-  changed, written, released); an in-memory step the whole model in it.
+  changed, written, released) and the embedding (layer 0's inputs are computed with it); an
+  in-memory step the whole model.
 - activations: the calibration inputs of the current layer and its outputs (the next layer's
   inputs), n x len x hidden each in the compute dtype.
 - hessians (GPTQ, SparseGPT): one in x in fp32 matrix per group of Linears that share an input
-  (q/k/v, o, gate/up, down in the Llama layout) plus one solve workspace of the largest.
-- output: a streamed step writes each finished layer through a buffer of about one layer in
-  the stored dtype.
+  (q/k/v, o, gate/up, down in the Llama layout) plus one solve workspace of the largest, and
+  three fp32 copies of the largest Linear (weights, quantized, error) while it is solved.
+- output: a streamed step's finished layers wait in a shard buffer (kompakt.model.stream_save:
+  up to SHARD_BYTES) in the stored dtype before they are written.
 - process: torch and transformers themselves (PROCESS_BYTES).
 
 Time: the floating-point operations of the calibration forward (2 x parameters per token, and the
 attention scores), the Hessian accumulation (2 x tokens x in^2 per group) and the GPTQ solve
-(in^3 / 3 for the Cholesky factor and 2 x out x in^2 for the column updates), divided by a
+(in^3 / 3 for the Cholesky factor and out x in^2 for the column updates), divided by a
 matrix-multiply throughput measured on this machine (measure_flops) and an efficiency factor
 (EFFICIENCY: real layers do not run at peak GEMM speed). Disk reads are not counted.
 """
@@ -37,7 +39,10 @@ from kompakt.errors import ConfigError
 from kompakt.units import duration, size
 
 PROCESS_BYTES = 500 * 10**6  # torch + transformers + tokenizer, measured RSS of an idle kompakt process
-EFFICIENCY = 0.35  # share of the measured GEMM rate a whole step reaches: assumed, to be fitted on the 7B bench
+# Share of the measured GEMM rate a whole step reaches. Fitted on one run (bench/stream_big.py
+# llama-1b with 2 layers, 4 x 128 tokens, 2 threads, machine shared): 80 s measured; to be refitted
+# on the 7B run.
+EFFICIENCY = 0.47
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,15 @@ class ModelShapes:
     vocab: int
     layer_params: int  # parameters of one decoder layer
     total_params: int  # all parameters (tied once)
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def largest_linear(self) -> int:
+        """Parameters of the largest single Linear (the MLP's, in the Llama layout)."""
+        return max(self.hidden * self.intermediate, self.hidden * self.heads * self.head_dim)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShapes:
@@ -111,13 +125,15 @@ def estimate_step(step: str, shapes: ModelShapes, *, tokens: int = 0, seq_len: i
     """The estimate of one step (module docstring). `tokens`: calibration tokens (n x len; 0 for
     a step without calibration); `hessians`: the step solves with Hessians (GPTQ, SparseGPT);
     `flops`: the measured matrix-multiply rate (measure_flops() when None)."""
+    from kompakt.model.stream_save import SHARD_BYTES
+
     item = dtype.itemsize
-    weights = shapes.layer_params * item if streamed else shapes.total_params * item
+    weights = (shapes.layer_params + shapes.embed_params) * item if streamed else shapes.total_params * item
     parts = {
         "weights": weights,
         "activations": 2 * tokens * shapes.hidden * item,
-        "hessians": _hessian_bytes(shapes) if hessians and tokens else 0,
-        "output": shapes.layer_params * stored.itemsize if streamed else 0,
+        "hessians": _hessian_bytes(shapes) + 3 * 4 * shapes.largest_linear if hessians and tokens else 0,
+        "output": min(SHARD_BYTES, shapes.total_params * stored.itemsize) if streamed else 0,
         "process": PROCESS_BYTES,
     }
     work = _step_flops(shapes, tokens, seq_len, hessians)
@@ -138,7 +154,7 @@ def _step_flops(shapes: ModelShapes, tokens: int, seq_len: int, hessians: bool) 
     per_layer = 2 * shapes.layer_params * tokens + attention
     if hessians:
         for width, rows in shapes.linear_groups():
-            per_layer += 2 * tokens * width**2 + width**3 / 3 + 2 * rows * width**2
+            per_layer += 2 * tokens * width**2 + width**3 / 3 + rows * width**2
     return float(per_layer * shapes.n_layers)
 
 
