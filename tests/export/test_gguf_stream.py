@@ -220,3 +220,26 @@ def test_quantizing_in_row_chunks_gives_the_bytes_of_one_call(type, monkeypatch)
     w = np.random.default_rng(0).standard_normal((37, 512)).astype(np.float32)
     monkeypatch.setattr(gguf_tensors, "QUANT_CHUNK", 5 * 512)  # 8 chunks, the last one short
     assert np.array_equal(gguf_tensors.quantize_rows(w, type), ggml_types.quantize(w, type))
+
+
+def test_carried_k_quant_bytes_stream_from_a_memory_map(tmp_path):
+    """Exact K-quant bytes a quant step saved beside the weights (kompakt.model.gguf_blocks) are
+    read from a memory map when their tensor is written, and give the in-memory export's bytes."""
+    import numpy as np
+
+    from kompakt.model.gguf_blocks import GgufBlocks, load_blocks, save_blocks
+    from kompakt.ops import ggml_types
+
+    loaded = tiny_model("llama", hidden_size=256, intermediate_size=512)
+    module = "model.layers.1.mlp.gate_proj"
+    linear = loaded.model.get_submodule(module)
+    data = ggml_types.quantize(linear.weight.detach().numpy(), "q4_k")
+    linear.weight.data = torch.from_numpy(ggml_types.dequantize(data, "q4_k", tuple(linear.weight.shape)).copy())
+    update_state(loaded, per_tensor_types={module: "q4_k"})
+    save_model(loaded, tmp_path / "kq")
+    save_blocks({module: GgufBlocks("q4_k", data)}, tmp_path / "kq")
+    mapped = load_blocks(tmp_path / "kq", mmap=True)[module].data
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, data)
+    memory, streamed, _ = _both(tmp_path / "kq", tmp_path, "q4_0")
+    assert streamed.exact_grid_tensors == memory.exact_grid_tensors == 1
+    assert streamed.path.read_bytes() == memory.path.read_bytes()

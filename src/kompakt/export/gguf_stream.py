@@ -75,7 +75,7 @@ def skeleton_loaded(lazy) -> LoadedModel:
     from kompakt.model.gguf_blocks import load_blocks
 
     loaded = lazy.loaded()
-    loaded.gguf_blocks = load_blocks(lazy.directory)
+    loaded.gguf_blocks = load_blocks(lazy.directory, mmap=True)  # read when its tensor is written
     return loaded
 
 

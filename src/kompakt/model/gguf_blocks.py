@@ -68,8 +68,10 @@ def save_blocks(blocks: Mapping[str, GgufBlocks], directory: str | Path) -> Path
     return target
 
 
-def load_blocks(directory: str | Path) -> dict[str, GgufBlocks]:
-    """The blocks saved in `directory` ({} when it has none).
+def load_blocks(directory: str | Path, *, mmap: bool = False) -> dict[str, GgufBlocks]:
+    """The blocks saved in `directory` ({} when it has none). `mmap`: the arrays are read-only
+    views of the file (numpy memmaps), read when a tensor is written: the streaming GGUF export
+    (kompakt.export.gguf_stream) never holds them all (a 7B model's K-quant bytes are ~4 GB).
 
     Raises:
         ModelFormatError: the file is unreadable, or names a type or shape no GGUF tensor has.
@@ -85,8 +87,8 @@ def load_blocks(directory: str | Path) -> dict[str, GgufBlocks]:
     try:
         with safe_open(str(path), framework="numpy") as handle:
             types = json.loads((handle.metadata() or {}).get(_TYPES_KEY, "{}"))
-            arrays = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (OSError, SafetensorError, ValueError) as exc:
+            arrays = _mapped(path, list(handle.keys())) if mmap else {n: handle.get_tensor(n) for n in handle.keys()}
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
         raise bad(type(exc).__name__) from None
     if not isinstance(types, dict) or set(types) != set(arrays):
         raise bad("its tensors and their types disagree")
@@ -97,3 +99,23 @@ def load_blocks(directory: str | Path) -> dict[str, GgufBlocks]:
             raise bad(f"{name}: {kind} bytes of shape {tuple(data.shape)}")
         result[name] = GgufBlocks(kind, data)
     return result
+
+
+def _mapped(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Memory-mapped uint8 views of `names` in a safetensors file (header: 8-byte length, JSON
+    with dtype, shape and data_offsets; the data follows). ValueError for another dtype."""
+    import struct
+
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    arrays = {}
+    for name in names:
+        entry = header[name]
+        if entry["dtype"] != "U8":
+            raise ValueError(f"{name} is {entry['dtype']}, not U8")
+        begin, end = entry["data_offsets"]
+        shape = tuple(int(d) for d in entry["shape"])
+        arrays[name] = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length + begin, shape=shape) if end > begin \
+            else np.zeros(shape, dtype=np.uint8)
+    return arrays
