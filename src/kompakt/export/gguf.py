@@ -42,6 +42,7 @@ from pathlib import Path
 
 from kompakt.errors import ConfigError, OutputPathError, UnsupportedArchitectureError
 from kompakt.export.gguf_arch import add_hyperparameters, check_expressible, family_for, text_config
+from kompakt.export.gguf_moe import expand_experts
 from kompakt.export.gguf_tensors import TYPES, GGUFPlan, plan_tensors, tensor_data
 from kompakt.export.gguf_types import FILE_TYPES, parse_overrides
 from kompakt.export.gguf_tokenizer import add_tokenizer, build_vocab
@@ -222,7 +223,7 @@ def _write(tmp: Path, loaded: LoadedModel, family, config, vocab, plan: GGUFPlan
 
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)])
     add_header(writer, loaded, plan, config, family, vocab)
-    state = dense_state_dict(loaded.model)
+    state = expand_experts(dense_state_dict(loaded.model))  # MoE stacks in llama.cpp's layout
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("writing GGUF tensors", total=len(plan.tensors))
         for item in plan.tensors:
