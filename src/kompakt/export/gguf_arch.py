@@ -10,7 +10,7 @@ convert_hf_to_gguf.py does):
 - `norm_shift`: Gemma RMSNorms compute x * (1 + w); llama.cpp computes x * w, so 1 is added
   to every norm weight.
 - `tied_output`: whether llama.cpp reads the output projection from token_embd when the
-  file has no output.weight (all supported families do).
+  file has no output.weight (all but Qwen2-MoE, whose tied head is written as output.weight).
 
 Encoder rows (`encoder=True`, sentence-embedding models) map onto llama.cpp's "bert"
 architecture; what differs between them is data too: `position_offset` (RoBERTa / XLM-R count
@@ -49,6 +49,7 @@ class GGUFFamily:
     token_types: bool = True  # encoders: the tokenizer declares a token-type count (BERT's segment table)
     bias_free: tuple[str, ...] = ()  # config flags that must be false (llama.cpp has no such biases)
     moe_norm: bool | None = None  # MoE: whether llama.cpp renormalises top-k weights (kompakt.export.gguf_moe)
+    tied_output: bool = True  # llama.cpp falls back to token_embd without output.weight (not qwen2moe)
     mha_only: bool = False  # llama.cpp sizes attn_k_norm n_embd: no grouped-query attention (OLMoE)
 
 
@@ -62,7 +63,7 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "gemma2": GGUFFamily("gemma2", "GEMMA2", norm_shift=1.0, sliding_window=True, softcapping=True),
     "gemma3_text": GGUFFamily("gemma3_text", "GEMMA3", norm_shift=1.0, sliding_window=True),
     "mixtral": GGUFFamily("mixtral", "LLAMA", permute_qk=True, moe_norm=True),
-    "qwen2_moe": GGUFFamily("qwen2_moe", "QWEN2MOE", moe_norm=False),
+    "qwen2_moe": GGUFFamily("qwen2_moe", "QWEN2MOE", moe_norm=False, tied_output=False),
     "qwen3_moe": GGUFFamily("qwen3_moe", "QWEN3MOE", moe_norm=True),
     "olmoe": GGUFFamily("olmoe", "OLMOE", moe_norm=False, mha_only=True),
     "bert": GGUFFamily("bert", "BERT", encoder=True, skip=("pooler.",)),

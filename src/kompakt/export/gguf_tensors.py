@@ -106,7 +106,7 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
     state = expand_experts(dense_state_dict(model))
     tied = "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == state.get(
         "model.embed_tokens.weight", torch.empty(0)
-    ).data_ptr()
+    ).data_ptr() and family.tied_output  # else llama.cpp needs the tied head written as output.weight
     recorded = get_state(model)
     plan = GGUFPlan([], source=_types_source(recorded, bool(overrides)))
     chooser = TypeChooser(type, list(overrides or []), recorded.per_tensor_types, plan.notes)
