@@ -236,3 +236,51 @@ def _sync(block: nn.Module, attrs: tuple[str, ...], value: int) -> None:
         for attr in attrs:
             if isinstance(module.__dict__.get(attr), int):
                 setattr(module, attr, value)
+
+
+# --------------------------------------------------------------------------- experts as Linears
+
+EXPERT_ROLE_PREFIX = "mlp.experts."
+EXPERT_PARTS = ("gate", "up", "down")
+
+
+def expert_role(expert: int, part: str) -> str:
+    """The role of one expert's Linear: "mlp.experts.3.gate" (matches the "mlp" role pattern)."""
+    return f"{EXPERT_ROLE_PREFIX}{expert}.{part}"
+
+
+def is_expert_role(role: str) -> bool:
+    return role.startswith(EXPERT_ROLE_PREFIX)
+
+
+def parse_expert_role(role: str) -> tuple[int, str]:
+    """("mlp.experts.3.gate") -> (3, "gate")."""
+    expert, part = role.removeprefix(EXPERT_ROLE_PREFIX).split(".")
+    return int(expert), part
+
+
+def expert_module_name(spec: Any, layer_index: int, role: str) -> str:
+    """The name an expert's Linear goes by in reports and the compression state:
+    "model.layers.0.mlp.experts.3.gate" (ArchSpec paths; not a module of named_modules())."""
+    expert, part = parse_expert_role(role)
+    return f"{spec.layers}.{layer_index}.{spec.moe.experts}.{expert}.{part}"
+
+
+def expert_linear_modules(layer: nn.Module, spec: MoESpec) -> dict[str, nn.Linear]:
+    """Role -> a Linear whose weight shares storage with one expert's slice of the fused
+    parameters ([out, in] as a Linear holds it), for every expert of the layer.
+
+    Passes written for Linears (GPTQ, SparseGPT, Wanda, RTN) change `module.weight` in place and
+    so edit the fused experts directly; the Linears are views, made anew per call (an expert
+    edit that replaces the fused parameters leaves older views stale)."""
+    result = {}
+    for expert in range(int(getattr(experts_module(layer, spec), spec.gate_up).shape[0])):
+        for role_part, weight in zip(EXPERT_PARTS, expert_linears(layer, spec, expert).values(), strict=True):
+            result[expert_role(expert, role_part)] = _view_linear(weight)
+    return result
+
+
+def _view_linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)  # shares the fused storage
+    return linear

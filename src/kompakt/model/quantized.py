@@ -205,7 +205,7 @@ def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path,
         raise OutputPathError(f"{target} is a file; choose a directory path for the saved model")
     expected = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
     with atomic_directory(target, replace=True, expected_bytes=expected) as temp:
-        save_pretrained_on_every_rank(loaded.model, temp, state)
+        save_pretrained_on_every_rank(loaded.model, temp, state, original_format=False)
         save_attached(loaded.model, temp)
         config_path = temp / "config.json"
         config = json.loads(config_path.read_text())
