@@ -30,6 +30,7 @@ import torch
 import yaml
 
 import kompakt
+from kompakt.model.arch import is_moe
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import is_quantized
 from kompakt.errors import ConfigError
@@ -167,6 +168,10 @@ def test_pass_contract(name, family, run_inputs, tmp_path):
     original, data = run_inputs(family)
     if original.is_encoder and spec.decoder_only:
         with pytest.raises(ConfigError, match=rf"^{re.escape(name)} does not run on sentence encoders .*: \S"):
+            check_model(spec, original)
+        return
+    if spec.moe_only and not is_moe(original):  # expert passes refuse dense models in one line
+        with pytest.raises(ConfigError, match=rf"^{re.escape(name)} runs on Mixture-of-Experts models only .*: \S"):
             check_model(spec, original)
         return
     check_model(spec, original)

@@ -118,7 +118,8 @@ class PassSpec:
 
     `decoder_only`: empty when the pass also runs on sentence encoders (BERT family); else why it
     needs a causal LM and what to use on an encoder instead, which `check_model` says in one line
-    before the run touches anything.
+    before the run touches anything. `moe_only`: the reverse for passes that edit experts: empty
+    when the pass runs on dense models too, else what it does to experts (said when refusing a dense model).
     """
 
     name: str
@@ -129,6 +130,7 @@ class PassSpec:
     needs_training: bool = False
     changes_architecture: bool = False
     decoder_only: str = ""
+    moe_only: str = ""
     doc: str = ""
 
     @property
@@ -141,6 +143,11 @@ def check_model(spec: PassSpec, loaded: LoadedModel) -> None:
     sentence encoder); the recipe runner checks every step once, before the first one runs."""
     if spec.decoder_only and loaded.is_encoder:
         raise ConfigError(f"{spec.name} does not run on sentence encoders such as {loaded.name}: {spec.decoder_only}")
+    from kompakt.model.arch import is_moe
+
+    if spec.moe_only and not loaded.is_encoder and not is_moe(loaded):
+        raise ConfigError(f"{spec.name} runs on Mixture-of-Experts models only ({spec.moe_only}); {loaded.name} "
+                          "is dense: use prune.width / prune.depth on it instead")  # fmt: skip
 
 
 def doc(text: str) -> dict[str, str]:
