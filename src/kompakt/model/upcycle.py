@@ -39,6 +39,7 @@ from kompakt.model.loaded import LoadedModel
 logger = logging.getLogger(__name__)
 
 MODES = ("split", "copy")
+CLUSTER_TOKENS = 512
 # Config keys a Llama-layout dense model and a Mixtral share, copied as they are.
 _SHARED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
@@ -95,7 +96,7 @@ def _dense_mlp(loaded: LoadedModel, layer: nn.Module) -> tuple[torch.Tensor, tor
     return gate, up, down, get_submodule(layer, spec.mlp).act_fn
 
 
-def balanced_clusters(features: torch.Tensor, groups: int, iterations: int = 8, seed: int = 0) -> list[list[int]]:
+def balanced_clusters(features: torch.Tensor, groups: int, iterations: int = 6, seed: int = 0) -> list[list[int]]:
     """Partition the rows of `features` [N, D] into `groups` equal groups of similar rows
     (k-means with a capacity: each round, rows are assigned greedily by similarity to the
     centroids, most similar pairs first, until every group holds N / groups rows)."""
@@ -107,16 +108,17 @@ def balanced_clusters(features: torch.Tensor, groups: int, iterations: int = 8, 
     assignment = torch.zeros(n, dtype=torch.long)
     for _ in range(iterations):
         similarity = rows @ centroids.t()  # [N, groups]
-        order = similarity.flatten().argsort(descending=True)
-        taken = torch.zeros(n, dtype=torch.bool)
+        order = similarity.flatten().argsort(descending=True).tolist()
+        chosen: list[int] = [-1] * n
         load = [0] * groups
-        for flat in order.tolist():
+        for flat in order:  # plain Python lists: this loop runs N * groups times
             row, group = divmod(flat, groups)
-            if taken[row] or load[group] >= size:
-                continue
-            taken[row], assignment[row] = True, group
-            load[group] += 1
-        centroids = nn.functional.normalize(torch.stack([rows[assignment == g].mean(0) for g in range(groups)]), dim=1)
+            if chosen[row] < 0 and load[group] < size:
+                chosen[row] = group
+                load[group] += 1
+        assignment = torch.tensor(chosen)
+        members = nn.functional.one_hot(assignment, groups).float()  # [N, groups]
+        centroids = nn.functional.normalize(members.t() @ rows, dim=1)
     return [sorted((assignment == g).nonzero().squeeze(1).tolist()) for g in range(groups)]
 
 
@@ -126,7 +128,8 @@ def _split_layer(gate, up, down, act, x: torch.Tensor | None, experts: int, seed
     if x is None:  # no calibration: contiguous neuron groups, a random router, the E / k scale
         groups = [list(range(e * inter // experts, (e + 1) * inter // experts)) for e in range(experts)]
     else:
-        hidden = act(x @ gate.t()) * (x @ up.t())  # [T, I]
+        sample = x[:CLUSTER_TOKENS]  # co-activation profiles: a few hundred tokens are enough to group neurons
+        hidden = act(sample @ gate.t()) * (sample @ up.t())  # [T, I]
         groups = balanced_clusters(hidden.abs().t(), experts, seed=seed)
     gate_up = torch.stack([torch.cat([gate[g], up[g]]) for g in groups])
     down_e = torch.stack([down[:, g] for g in groups])
@@ -150,7 +153,7 @@ def _fit_scale(block: nn.Module, dense_out: torch.Tensor, x: torch.Tensor) -> fl
 
 def upcycle(loaded: LoadedModel, *, experts: int = 8, top_k: int = 2, mode: str = "split",
             calibration: torch.Tensor | None = None, noise: float = 0.01, seed: int = 0,
-            max_tokens: int = 8192) -> LoadedModel:  # fmt: skip
+            max_tokens: int = 4096) -> LoadedModel:  # fmt: skip
     """A Mixtral-family MoE made from the dense `loaded` (see the module docstring).
 
     Args:
