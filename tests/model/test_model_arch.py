@@ -62,9 +62,9 @@ def test_linear_roles_and_shapes(tiny):
         "mlp.up": (config.intermediate_size, config.hidden_size),
         "mlp.gate_up": (2 * config.intermediate_size, config.hidden_size),
         "mlp.down": (config.hidden_size, config.intermediate_size),
-        "moe.shared.gate": (getattr(config, "shared_expert_intermediate_size", 0), config.hidden_size),
-        "moe.shared.up": (getattr(config, "shared_expert_intermediate_size", 0), config.hidden_size),
-        "moe.shared.down": (config.hidden_size, getattr(config, "shared_expert_intermediate_size", 0)),
+        "mlp.shared_gate": (getattr(config, "shared_expert_intermediate_size", 0), config.hidden_size),
+        "mlp.shared_up": (getattr(config, "shared_expert_intermediate_size", 0), config.hidden_size),
+        "mlp.shared_down": (config.hidden_size, getattr(config, "shared_expert_intermediate_size", 0)),
     }  # fmt: skip
     for layer in decoder_layers(tiny):
         linears = linear_modules(layer, spec)

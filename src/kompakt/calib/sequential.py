@@ -48,7 +48,7 @@ from kompakt.calib.layer_cache import LayerCaches
 from kompakt.calib.stats import LinearStats, collect_kinds
 from kompakt.model.arch import ArchSpec, arch_for, base_role, decoder_layers, linear_modules
 from kompakt.model.inputs import Batch
-from kompakt.model.moe import expert_linear_modules, is_expert_role, parse_expert_role
+from kompakt.model.moe import expert_linear_modules, parse_expert_role
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class _Run:
         if self.spec.moe is None:
             return []
         views = expert_linear_modules(self.layer, self.spec.moe)
-        chosen = {role: m for role, m in views.items() if (roles is None or role in roles) and is_expert_role(role)}
+        chosen = {role: m for role, m in views.items() if roles is not None and role in roles}  # opt-in: named roles
         first = {r: m for r, m in chosen.items() if parse_expert_role(r)[1] != "down"}
         second = {r: m for r, m in chosen.items() if parse_expert_role(r)[1] == "down"}
         groups = [first, second] if true_sequential else [chosen]

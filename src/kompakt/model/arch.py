@@ -20,7 +20,7 @@ a layer is a sparse block whose experts transformers 5 stores fused, as 3-D para
 `*Experts` module (`gate_up_proj` [E, 2I, H] with rows [gate | up] per expert, `down_proj`
 [E, H, I]), routed by a `*TopKRouter` whose `weight` [E, H] is a plain Parameter, not a Linear.
 Their dense MLP roles ("mlp.gate", ...) are None; a shared expert (Qwen2-MoE) is an ordinary
-MLP whose Linears have the roles "moe.shared.gate" / "moe.shared.up" / "moe.shared.down".
+MLP whose Linears have the roles "mlp.shared_gate" / "mlp.shared_up" / "mlp.shared_down".
 `kompakt.model.moe` reads and edits experts through this spec.
 """
 
@@ -79,8 +79,8 @@ class MoESpec:
         if self.shared_expert is None:
             return {}
         base = self.shared_expert
-        return {"moe.shared.gate": f"{base}.gate_proj", "moe.shared.up": f"{base}.up_proj",
-                "moe.shared.down": f"{base}.down_proj"}  # fmt: skip
+        return {"mlp.shared_gate": f"{base}.gate_proj", "mlp.shared_up": f"{base}.up_proj",
+                "mlp.shared_down": f"{base}.down_proj"}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -322,5 +322,7 @@ PASS = PassSpec(
     apply=apply,
     needs_calibration=True,
     changes_architecture=True,
+    dense_only="it ranks and cuts dense MLP channels, and an MoE's experts are fused per-expert MLPs it does not "
+    "score yet; remove whole experts with moe.prune / moe.merge, layers with prune.depth",
     doc=__doc__,
 )

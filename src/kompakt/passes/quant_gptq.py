@@ -55,6 +55,7 @@ from kompakt.errors import ConfigError
 from kompakt.model.compression import AwqScaling, update_state
 from kompakt.model.gguf_blocks import GgufBlocks
 from kompakt.model.inputs import batch_label
+from kompakt.model.moe import all_roles
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
@@ -148,7 +149,7 @@ def _awq_phase(model: nn.Module, config: GptqConfig) -> tuple[AwqScaler | None, 
     grid.validate()
     scaler = AwqScaler(model, grid)
     batches = None if config.awq_blocks is None else -(-config.awq_blocks // config.batch_size)
-    return scaler, [Phase(scaler.process, roles=None, max_batches=batches, true_sequential=True)]  # as quant.awq
+    return scaler, [Phase(scaler.process, roles=all_roles(model), max_batches=batches, true_sequential=True)]  # as quant.awq
 
 
 def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], config: GptqConfig,
@@ -184,7 +185,7 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
         true_sequential=config.true_sequential, batch_size=config.batch_size,
         description="AWQ + GPTQ" if awq else "GPTQ",
     )  # fmt: skip
-    return done, losses, result.seconds, awq
+    return done, losses, result, awq
 
 
 def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
@@ -194,14 +195,15 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     types = target_types(loaded.model, config, targets, "quant.gptq")
     decoder = [t for t in targets if t.layer is not None]
     blocks = ctx.calibration()[: config.max_blocks]
-    quantized, losses, calib_seconds, awq = _run_gptq(loaded.model, blocks, decoder, config, types)
+    quantized, losses, run, awq = _run_gptq(loaded.model, blocks, decoder, config, types)
+    calib_seconds = run.seconds
     extra = rtn_targets([t for t in targets if t.layer is None], config, types)
     quantized.update(extra)
     calibration = calibration_label(*blocks.shape) if isinstance(blocks, torch.Tensor) else (
         f"{batch_label(blocks)} (GPTQ Hessians)")  # padded sentences (an encoder)
     packed_layers = record(loaded, "gptq", config, quantized, types, calibration)
     done = quantized.plans
-    notes = notes_of(done, "quant.gptq")
+    notes = notes_of(done, "quant.gptq") + run.notes  # + experts calibrated on all tokens (MoE), and why
     worst = sorted(losses, key=losses.__getitem__, reverse=True)[:NAMES_SHOWN]
     details = {
         "method": "gptq", "grid": config.grid_label, "modules": len(done), "grids": grid_counts(config, done),
