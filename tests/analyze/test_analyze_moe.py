@@ -72,3 +72,11 @@ def test_cli_analyze_and_eval_on_moe(tmp_path, capsys):
         assert not done.code
     result = json.loads(capsys.readouterr().out)
     assert len(result["experts"]["reap"]) == 2 and len(result["layers"][0]["experts"]["share"]) == 4
+    model = str(tmp_path / "model")
+    try:
+        main(["eval", model, "--reference", model, "--data", str(tmp_path / "data.txt"), "--window", "64",
+              "--max-tokens", "512", "--no-speed", "--json"])  # fmt: skip
+    except SystemExit as done:
+        assert not done.code
+    out = json.loads(capsys.readouterr().out)
+    assert math.isfinite(out["ppl"]) and out["kl_mean"] == pytest.approx(0.0, abs=1e-6) and out["top1"] == 1.0

@@ -14,6 +14,7 @@ from kompakt.calib.capture import capture_layer_inputs
 from kompakt.calib.experts import capture_routed, collect_expert_stats
 from kompakt.model import moe
 from kompakt.model.arch import arch_for, decoder_layers
+from kompakt.model.compression import get_state
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.tiny import tiny_model
 from kompakt.passes.base import PassContext, build_config, registry
@@ -104,3 +105,33 @@ def test_sparse_pruning_reaches_every_expert(method):
         for part, weight in moe.expert_linears(layer, arch_for(pruned).moe, expert).items():
             assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02), part
     assert any(".mlp.experts.3.down" in name for name in details["linears"])
+
+
+def test_awq_scales_every_expert_and_helps_rtn_on_routed_tokens():
+    original = tiny_model("mixtral", seed=1)
+    grid = {"bits": 3, "group_size": 32, "modules": "mlp"}
+    scaled, details = _quantized(original, "quant.awq", {"bits": 3, "group_size": 32})
+    assert details["scales"]["points"] == 2 * (2 + 4)  # per layer: q/k/v and v->o, then up->down of 4 experts
+    awq_rtn, _ = _quantized(scaled, "quant.rtn", grid)
+    rtn, _ = _quantized(original, "quant.rtn", grid)
+    spec = arch_for(original).moe
+    routed = _routed_inputs(original)
+    x, chosen = torch.cat(routed.hidden), torch.cat(routed.chosen)
+    errors = {"awq": 0.0, "rtn": 0.0}
+    for expert in range(4):
+        rows = x[(chosen == expert).any(-1)]
+        want = moe.expert_forward(decoder_layers(original)[0], spec, expert, rows)
+        for name, model in (("awq", awq_rtn), ("rtn", rtn)):
+            errors[name] += float((moe.expert_forward(decoder_layers(model)[0], spec, expert, rows) - want).square().sum())
+    assert errors["awq"] < errors["rtn"], errors
+
+
+def test_quantized_experts_are_recorded_and_on_the_grid():
+    """Every expert Linear is in the compression state under its expert name (named_weight
+    resolves it to the fused parameters) and holds at most 16 values per group of 32 (int4)."""
+    quantized, _ = _quantized(tiny_model("olmoe"), "quant.gptq", {"bits": 4, "group_size": 32})
+    names = [n for n in get_state(quantized).quantization.modules if ".mlp.experts." in n]
+    assert len(names) == 2 * 4 * 3 and "model.layers.1.mlp.experts.3.down" in names
+    for name in names:
+        weight = moe.named_weight(quantized, name)
+        assert max(len(group.unique()) for group in weight.float().reshape(-1, 32)) <= 16, name

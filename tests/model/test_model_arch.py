@@ -20,18 +20,18 @@ from kompakt.model.arch import (
     set_submodule,
     text_config,
 )
-from kompakt.model.tiny import TINY_FAMILIES, tiny_model
+from kompakt.model.tiny import TINY_FAMILIES, TINY_MOE, tiny_model
 
 IDS = torch.tensor([[3, 70, 80, 90, 100, 110, 4]])
 
 
-@pytest.fixture(scope="module", params=TINY_FAMILIES)
+@pytest.fixture(scope="module", params=TINY_FAMILIES + TINY_MOE)
 def tiny(request):
     return tiny_model(request.param)
 
 
 def test_every_tiny_family_is_in_the_table():
-    assert set(TINY_FAMILIES) <= set(ARCHITECTURES)
+    assert set(TINY_FAMILIES + TINY_MOE) <= set(ARCHITECTURES)
 
 
 def test_paths_resolve(tiny):

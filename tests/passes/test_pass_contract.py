@@ -47,7 +47,7 @@ PASSES = registry()
 TEST_CASES = [
     pytest.param(name, family, id=f"{name}-{family}")
     for name in sorted(PASSES)
-    for family in TINY_FAMILIES + TINY_ENCODERS
+    for family in TINY_FAMILIES + TINY_MOE + TINY_ENCODERS
 ]
 
 # Budget overrides, by the config type that owns the fields (never by pass name, so a new pass

@@ -19,6 +19,11 @@ group has seen its input (hooks raise a stop signal), so the extra runs cost les
 layer each. With `true_sequential=False` all Linears are processed together from the layer's
 inputs (one statistics run per layer; Wanda's reference behaviour).
 
+Mixture of Experts: when `roles` names expert roles ("mlp.experts.<e>.<part>",
+kompakt.model.moe.all_roles), the experts come after the layer's other groups, gate/up of every
+expert then down, with statistics over each expert's routed tokens (kompakt.calib.experts);
+experts starved of tokens are calibrated on all tokens, and `SequentialResult.notes` says so.
+
 Linears that receive the very same tensor (q, k, v after one norm; gate and up) share one
 accumulation of their statistics. Several `Phase`s may run per layer before its outputs move on
 (AWQ scaling every group, then GPTQ quantizing them: one capture and one propagation for both).

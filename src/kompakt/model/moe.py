@@ -308,3 +308,24 @@ def linear_name(spec: Any, layer_index: int, role: str) -> str:
     if is_expert_role(role):
         return expert_module_name(spec, layer_index, role)
     return f"{spec.layers}.{layer_index}.{linear_path(spec, role)}"
+
+
+def named_weight(model: Any, name: str) -> torch.Tensor:
+    """The weight a compression-state module name refers to: a module's `weight`, or for an
+    expert name ("model.layers.0.mlp.experts.3.gate", expert_module_name) the [out, in] view of
+    that expert's slice of the fused parameters."""
+    model = _model(model)
+    spec = arch_for(model)
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name].weight
+    if spec.moe is not None:
+        prefix = f"{spec.layers}."
+        rest = name.removeprefix(prefix)
+        index, _, role_path = rest.partition(".")
+        experts_path = spec.moe.experts + "."
+        if index.isdigit() and role_path.startswith(experts_path):
+            expert, part = role_path.removeprefix(experts_path).split(".")
+            layer = decoder_layers(model)[int(index)]
+            return expert_linears(layer, spec.moe, int(expert))[f"expert.{part}"]
+    raise KeyError(f"{name} is neither a module nor an expert of this model")

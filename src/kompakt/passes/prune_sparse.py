@@ -12,7 +12,9 @@ Methods (the math lives in `kompakt.ops`):
 Wanda and SparseGPT run layer by layer through `kompakt.calib.run_sequential`: each layer
 sees the calibration activations produced by the already-pruned layers before it, and within
 a layer the Linears are pruned in data-flow order ({q,k,v}, o, {gate,up}, down; set
-`true_sequential: false` to prune a layer's Linears together from its inputs).
+`true_sequential: false` to prune a layer's Linears together from its inputs). An MoE's
+experts ("mlp.experts.<e>.<gate|up|down>", selected by "mlp" too) are pruned on the tokens
+routed to each (kompakt.calib.experts; a starved expert on all tokens, named in the notes).
 
 Targets: `sparsity` (fraction of weights removed from each pruned Linear, in [0, 1); default
 0.5) or `nm: "2:4"` / `"4:8"` (keep N of every M consecutive input weights; M must divide

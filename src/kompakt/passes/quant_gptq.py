@@ -33,6 +33,11 @@ bytes cannot be recovered from the dense weights (K-quants: `pack(codes, scales,
 them to the export as LoadedModel.gguf_blocks.
 Embeddings / lm_head, when asked for, are quantized with RTN (no Hessian is collected there).
 
+Mixture of Experts (Mixtral, Qwen-MoE, OLMoE): every expert is quantized on the Hessian of the
+tokens its router sends to it (kompakt.calib.experts), gate/up first, then down on the outputs
+of the quantized gate/up; an expert routed fewer than 32 calibration tokens is solved on all
+tokens of its layer instead, and the step's notes name it. The router stays in full precision.
+
 Sample recipe steps::
 
     - quant.gptq: {bits: 4, group_size: 64}
