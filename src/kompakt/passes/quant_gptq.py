@@ -162,7 +162,9 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
     targets = {(t.layer, t.role): t for t in decoder}
     done = Quantized()
     losses: dict[str, float] = {}
-    solved: set[int] = set()  # a basis shared across layers (share.basis) is solved once, on its first layer
+    # A basis shared across layers (share.basis) is solved once, on its first layer. Keyed by the weight's
+    # memory, not id(): an MoE expert's weight is a view made anew per layer, and a freed view's id recurs.
+    solved: set[tuple[int, tuple[int, ...]]] = set()
 
     def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
         shared: dict[tuple, list[tuple[Target, nn.Linear]]] = {}  # (accumulator, grid) -> its Linears
@@ -170,8 +172,9 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
             target = targets[(index, role)]
             plan = plan_grid(config, stat.module.in_features, types.get(target.name))
             done.plans[target.name] = plan
-            if plan.grid is not None and id(stat.module.weight) not in solved:
-                solved.add(id(stat.module.weight))
+            key = (stat.module.weight.data_ptr(), tuple(stat.module.weight.shape))
+            if plan.grid is not None and key not in solved:
+                solved.add(key)
                 shared.setdefault((id(stat.hessian_acc), plan.grid), []).append((target, stat.module))
         for members in shared.values():
             plan = done.plans[members[0][0].name]
