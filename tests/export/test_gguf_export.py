@@ -11,7 +11,7 @@ from kompakt.export import export_gguf, verify_manifest, write_gguf
 from kompakt.export.gguf_arch import GGUF_FAMILIES
 from kompakt.export.gguf_tensors import _permute
 from kompakt.model.compression import Quantization, update_state
-from kompakt.model.tiny import TINY_DENSE, tiny_model
+from kompakt.model.tiny import TINY_FAMILIES, tiny_model
 from kompakt.ops.gguf_grid import GGUFBlockGrid, dequantize_blocks, quantize_blocks
 
 gguf = pytest.importorskip("gguf")
@@ -19,8 +19,7 @@ IDS = torch.randint(0, 261, (1, 24), generator=torch.Generator().manual_seed(0))
 # transformers' GGUF loader reads these families (gemma: not at all; gemma2/3: only SentencePiece vocabularies).
 LOADABLE = ("llama", "mistral", "qwen2", "phi3")
 # llama.cpp runs these tiny families; the others (the multimodal Gemma 3 wrapper) are refused.
-# MoE families: tests/export/test_gguf_moe.py.
-EXPORTABLE = tuple(family for family in TINY_DENSE if family in GGUF_FAMILIES)
+EXPORTABLE = tuple(family for family in TINY_FAMILIES if family in GGUF_FAMILIES)
 
 
 @pytest.fixture(autouse=True)
@@ -187,7 +186,7 @@ def test_unsupported_family_fails_before_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("family", sorted(set(TINY_DENSE) - set(EXPORTABLE)))
+@pytest.mark.parametrize("family", sorted(set(TINY_FAMILIES) - set(EXPORTABLE)))
 def test_tiny_family_without_gguf_support_fails_before_writing(family, tmp_path):
     with pytest.raises(UnsupportedArchitectureError) as error:
         export_gguf(tiny_model(family), tmp_path / "x.gguf")

@@ -11,7 +11,7 @@ import torch
 
 from kompakt.export import export_gguf
 from kompakt.export.gguf_arch import GGUF_FAMILIES
-from kompakt.model.tiny import TINY_FAMILIES, TINY_MOE, tiny_model
+from kompakt.model.tiny import TINY_FAMILIES, tiny_model
 
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
@@ -27,8 +27,7 @@ def _scores(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)])
 
 
-# MoE families: tests/export/test_gguf_moe.py (their tiny routing defaults are not all llama.cpp's).
-@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f in GGUF_FAMILIES and f not in TINY_MOE])
+@pytest.mark.parametrize("family", [family for family in TINY_FAMILIES if family in GGUF_FAMILIES])
 def test_tiny_families_match_transformers_in_llama_cpp(family, tmp_path):
     loaded = tiny_model(family)
     loaded.name = "tiny"  # llama.cpp special-cases names containing "phi3" (expects Phi-3's vocabulary)

@@ -20,18 +20,18 @@ from kompakt.model.arch import (
     set_submodule,
     text_config,
 )
-from kompakt.model.tiny import TINY_FAMILIES, tiny_model
+from kompakt.model.tiny import TINY_FAMILIES, TINY_MOE, tiny_model
 
 IDS = torch.tensor([[3, 70, 80, 90, 100, 110, 4]])
 
 
-@pytest.fixture(scope="module", params=TINY_FAMILIES)
+@pytest.fixture(scope="module", params=TINY_FAMILIES + TINY_MOE)
 def tiny(request):
     return tiny_model(request.param)
 
 
 def test_every_tiny_family_is_in_the_table():
-    assert set(TINY_FAMILIES) <= set(ARCHITECTURES)
+    assert set(TINY_FAMILIES + TINY_MOE) <= set(ARCHITECTURES)
 
 
 def test_paths_resolve(tiny):
@@ -62,9 +62,9 @@ def test_linear_roles_and_shapes(tiny):
         "mlp.up": (config.intermediate_size, config.hidden_size),
         "mlp.gate_up": (2 * config.intermediate_size, config.hidden_size),
         "mlp.down": (config.hidden_size, config.intermediate_size),
-        "moe.shared.gate": (getattr(config, "shared_expert_intermediate_size", 0), config.hidden_size),
-        "moe.shared.up": (getattr(config, "shared_expert_intermediate_size", 0), config.hidden_size),
-        "moe.shared.down": (config.hidden_size, getattr(config, "shared_expert_intermediate_size", 0)),
+        "mlp.shared_gate": (getattr(config, "shared_expert_intermediate_size", 0), config.hidden_size),
+        "mlp.shared_up": (getattr(config, "shared_expert_intermediate_size", 0), config.hidden_size),
+        "mlp.shared_down": (config.hidden_size, getattr(config, "shared_expert_intermediate_size", 0)),
     }  # fmt: skip
     for layer in decoder_layers(tiny):
         linears = linear_modules(layer, spec)

@@ -11,7 +11,7 @@ import kompakt
 from kompakt.errors import ConfigError
 from kompakt.model import moe
 from kompakt.model.arch import arch_for, decoder_layers
-from kompakt.model.tiny import TINY_MOE, tiny_model
+from kompakt.model.tiny import TINY_MOE, save_tiny, tiny_model
 
 IDS = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -91,3 +91,11 @@ def test_dense_layers_are_named():
     loaded = tiny_model("qwen3_moe", mlp_only_layers=[0])
     with pytest.raises(ConfigError, match=r"layers \[0\] are dense"):
         moe.require_all_sparse(loaded)
+
+
+@pytest.mark.parametrize("family", TINY_MOE)
+def test_saved_tiny_moe_reloads_with_the_same_logits(family, tmp_path):
+    loaded = save_tiny(family, tmp_path)
+    reloaded = kompakt.load(tmp_path)
+    assert type(reloaded.model) is type(loaded.model)
+    torch.testing.assert_close(_logits(reloaded), _logits(loaded), rtol=0, atol=1e-5)

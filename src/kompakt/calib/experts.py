@@ -94,10 +94,12 @@ def collect_expert_stats(
     *,
     collect: str | Iterable[str] = "hessian",
     hessian_dtype: torch.dtype = torch.float32,
-    min_tokens: int = MIN_EXPERT_TOKENS,
+    min_tokens: int | None = None,
 ) -> tuple[dict[str, LinearStats], list[str]]:
     """Statistics of the expert Linears `modules` (role "mlp.experts.<e>.<part>" -> view Linear,
-    kompakt.model.moe.expert_linear_modules) over their routed tokens; (stats, notes)."""
+    kompakt.model.moe.expert_linear_modules) over their routed tokens; (stats, notes).
+    `min_tokens`: the starvation threshold (default MIN_EXPERT_TOKENS)."""
+    min_tokens = MIN_EXPERT_TOKENS if min_tokens is None else min_tokens
     kinds = collect_kinds(collect)
     routed = capture_routed(layer, index, captured, inputs, spec)
     n_experts = int(getattr(experts_module(layer, spec.moe), spec.moe.gate_up).shape[0])

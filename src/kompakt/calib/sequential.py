@@ -19,6 +19,11 @@ group has seen its input (hooks raise a stop signal), so the extra runs cost les
 layer each. With `true_sequential=False` all Linears are processed together from the layer's
 inputs (one statistics run per layer; Wanda's reference behaviour).
 
+Mixture of Experts: when `roles` names expert roles ("mlp.experts.<e>.<part>",
+kompakt.model.moe.all_roles), the experts come after the layer's other groups, gate/up of every
+expert then down, with statistics over each expert's routed tokens (kompakt.calib.experts);
+experts starved of tokens are calibrated on all tokens, and `SequentialResult.notes` says so.
+
 Linears that receive the very same tensor (q, k, v after one norm; gate and up) share one
 accumulation of their statistics. Several `Phase`s may run per layer before its outputs move on
 (AWQ scaling every group, then GPTQ quantizing them: one capture and one propagation for both).
@@ -48,7 +53,7 @@ from kompakt.calib.layer_cache import LayerCaches
 from kompakt.calib.stats import LinearStats, collect_kinds
 from kompakt.model.arch import ArchSpec, arch_for, base_role, decoder_layers, linear_modules
 from kompakt.model.inputs import Batch
-from kompakt.model.moe import expert_linear_modules, is_expert_role, parse_expert_role
+from kompakt.model.moe import expert_linear_modules, parse_expert_role
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +272,7 @@ class _Run:
         if self.spec.moe is None:
             return []
         views = expert_linear_modules(self.layer, self.spec.moe)
-        chosen = {role: m for role, m in views.items() if (roles is None or role in roles) and is_expert_role(role)}
+        chosen = {role: m for role, m in views.items() if roles is not None and role in roles}  # opt-in: named roles
         first = {r: m for r, m in chosen.items() if parse_expert_role(r)[1] != "down"}
         second = {r: m for r, m in chosen.items() if parse_expert_role(r)[1] == "down"}
         groups = [first, second] if true_sequential else [chosen]

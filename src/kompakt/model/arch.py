@@ -11,8 +11,8 @@ fused "attn.qkv" (Phi-3: rows [q | k | v]); "mlp.gate", "mlp.up", "mlp.down" or 
 
 Norm roles (keys of `norm_modules`): "attn.pre" (feeds q/k/v), "mlp.pre" (feeds gate/up);
 Gemma 2/3 also normalise block outputs: "attn.post", "mlp.post"; Gemma 3 / Qwen 3 have
-per-head "attn.q_norm", "attn.k_norm" (OLMoE's act on the whole projection instead:
-`qk_norm_per_head=False`). Beware: in Llama `post_attention_layernorm` is the
+per-head "attn.q_norm", "attn.k_norm" (OLMoE's act on the whole projection and are built with
+hidden_size channels, hence its `head_dim_from_hidden`). Beware: in Llama `post_attention_layernorm` is the
 pre-MLP norm, in Gemma 2/3 it normalises the attention output — hence roles, not names.
 
 Mixture-of-Experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) carry a `MoESpec`: the MLP of
@@ -20,7 +20,7 @@ a layer is a sparse block whose experts transformers 5 stores fused, as 3-D para
 `*Experts` module (`gate_up_proj` [E, 2I, H] with rows [gate | up] per expert, `down_proj`
 [E, H, I]), routed by a `*TopKRouter` whose `weight` [E, H] is a plain Parameter, not a Linear.
 Their dense MLP roles ("mlp.gate", ...) are None; a shared expert (Qwen2-MoE) is an ordinary
-MLP whose Linears have the roles "moe.shared.gate" / "moe.shared.up" / "moe.shared.down".
+MLP whose Linears have the roles "mlp.shared_gate" / "mlp.shared_up" / "mlp.shared_down".
 `kompakt.model.moe` reads and edits experts through this spec.
 """
 
@@ -79,8 +79,8 @@ class MoESpec:
         if self.shared_expert is None:
             return {}
         base = self.shared_expert
-        return {"moe.shared.gate": f"{base}.gate_proj", "moe.shared.up": f"{base}.up_proj",
-                "moe.shared.down": f"{base}.down_proj"}  # fmt: skip
+        return {"mlp.shared_gate": f"{base}.gate_proj", "mlp.shared_up": f"{base}.up_proj",
+                "mlp.shared_down": f"{base}.down_proj"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,6 @@ class ArchSpec:
             ModernBERT: transformers 5's ModernBERT weight init reads `.weight` of every Wqkv / Wi /
             Wo, which compressed-tensors' packed Linears lack, so such a directory cannot load; its
             quantized steps are stored dense (the exact dequantized values, fp32).
-        qk_norm_per_head: "attn.q_norm" / "attn.k_norm" act on head_dim (Qwen 3, Gemma 3); False
-            when they act on the whole projection (OLMoE: weight [heads * head_dim]).
         moe: the sparse MoE layout (None for dense families); see MoESpec.
     """
 
@@ -149,7 +147,6 @@ class ArchSpec:
     intermediate_key: str = "intermediate_size"
     head_dim_from_hidden: bool = False
     stores_packed: bool = True
-    qk_norm_per_head: bool = True
     moe: MoESpec | None = None
 
     @property
@@ -235,7 +232,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         LLAMA, family="qwen3_moe", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", **_MOE, moe=_QWEN_MOE,
     ),
     "olmoe": replace(
-        LLAMA, family="olmoe", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", qk_norm_per_head=False,
+        LLAMA, family="olmoe", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", head_dim_from_hidden=True,
         **_MOE, moe=MoESpec(intermediate_key="intermediate_size"),
     ),
 }  # fmt: skip

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from kompakt.errors import ConfigError
-from kompakt.model.arch import MoESpec, arch_for, decoder_layers, get_submodule, text_config
+from kompakt.model.arch import MoESpec, arch_for, decoder_layers, get_submodule, linear_modules, linear_path, text_config
 from kompakt.model.loaded import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -284,3 +284,48 @@ def _view_linear(weight: torch.Tensor) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = nn.Parameter(weight, requires_grad=False)  # shares the fused storage
     return linear
+
+
+def all_linears(layer: nn.Module, spec: Any) -> dict[str, nn.Linear]:
+    """Every Linear of a decoder layer by role: the ArchSpec's, then (MoE) each expert's view."""
+    result = dict(linear_modules(layer, spec))
+    if spec.moe is not None:
+        result.update(expert_linear_modules(layer, spec.moe))
+    return result
+
+
+def all_roles(model: Any) -> list[str]:
+    """The roles `all_linears` gives a layer of this model (expert roles for every expert)."""
+    spec = arch_for(model)
+    roles = list(spec.linear_paths)
+    if spec.moe is not None:
+        roles += [expert_role(e, part) for e in range(num_experts(model)) for part in EXPERT_PARTS]
+    return roles
+
+
+def linear_name(spec: Any, layer_index: int, role: str) -> str:
+    """The full name of a role's Linear in layer `layer_index` (an expert's: expert_module_name)."""
+    if is_expert_role(role):
+        return expert_module_name(spec, layer_index, role)
+    return f"{spec.layers}.{layer_index}.{linear_path(spec, role)}"
+
+
+def named_weight(model: Any, name: str) -> torch.Tensor:
+    """The weight a compression-state module name refers to: a module's `weight`, or for an
+    expert name ("model.layers.0.mlp.experts.3.gate", expert_module_name) the [out, in] view of
+    that expert's slice of the fused parameters."""
+    model = _model(model)
+    spec = arch_for(model)
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name].weight
+    if spec.moe is not None:
+        prefix = f"{spec.layers}."
+        rest = name.removeprefix(prefix)
+        index, _, role_path = rest.partition(".")
+        experts_path = spec.moe.experts + "."
+        if index.isdigit() and role_path.startswith(experts_path):
+            expert, part = role_path.removeprefix(experts_path).split(".")
+            layer = decoder_layers(model)[int(index)]
+            return expert_linears(layer, spec.moe, int(expert))[f"expert.{part}"]
+    raise KeyError(f"{name} is neither a module nor an expert of this model")

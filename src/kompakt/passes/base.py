@@ -19,8 +19,10 @@ import torch
 
 from kompakt.errors import ConfigError
 from kompakt.model.compression import PackedLayer
+from kompakt.model.arch import is_moe
 from kompakt.model.inputs import Batch
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.moe import sparse_layer_problem
 
 
 @dataclass
@@ -118,8 +120,10 @@ class PassSpec:
 
     `decoder_only`: empty when the pass also runs on sentence encoders (BERT family); else why it
     needs a causal LM and what to use on an encoder instead, which `check_model` says in one line
-    before the run touches anything. `moe_only`: the reverse for passes that edit experts: empty
-    when the pass runs on dense models too, else what it does to experts (said when refusing a dense model).
+    before the run touches anything. `dense_only`: likewise for Mixture-of-Experts models (why the
+    pass cannot treat fused experts, and what to use instead); empty when it runs on them.
+    `moe_only`: the reverse, for passes that edit experts: empty when the pass runs on dense models
+    too, else what it does to experts (said when refusing a dense model).
     """
 
     name: str
@@ -130,6 +134,7 @@ class PassSpec:
     needs_training: bool = False
     changes_architecture: bool = False
     decoder_only: str = ""
+    dense_only: str = ""
     moe_only: str = ""
     doc: str = ""
 
@@ -143,11 +148,16 @@ def check_model(spec: PassSpec, loaded: LoadedModel) -> None:
     sentence encoder); the recipe runner checks every step once, before the first one runs."""
     if spec.decoder_only and loaded.is_encoder:
         raise ConfigError(f"{spec.name} does not run on sentence encoders such as {loaded.name}: {spec.decoder_only}")
-    from kompakt.model.arch import is_moe
-
     if spec.moe_only and not loaded.is_encoder and not is_moe(loaded):
         raise ConfigError(f"{spec.name} runs on Mixture-of-Experts models only ({spec.moe_only}); {loaded.name} "
                           "is dense: use prune.width / prune.depth on it instead")  # fmt: skip
+    if is_moe(loaded):
+        if spec.dense_only:
+            raise ConfigError(f"{spec.name} does not run on Mixture-of-Experts models such as {loaded.name}: "
+                              f"{spec.dense_only}")  # fmt: skip
+        problem = sparse_layer_problem(loaded)
+        if problem:
+            raise ConfigError(f"{spec.name}: kompakt runs on MoE models whose every layer is sparse; {problem}")
 
 
 def doc(text: str) -> dict[str, str]:

@@ -60,8 +60,8 @@ BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
 MODULE_NAMES = ("attn", "mlp", *ROLES)
-MOE_ROLES = ("mlp.experts.0.gate", "mlp.experts.0.up", "mlp.experts.0.down", "moe.shared.gate", "moe.shared.up",
-             "moe.shared.down")  # examples of the MoE roles a pattern may match (kompakt.model.moe)
+MOE_ROLES = ("mlp.experts.0.gate", "mlp.experts.0.up", "mlp.experts.0.down", "mlp.shared_gate", "mlp.shared_up",
+             "mlp.shared_down")  # examples of the MoE roles a pattern may match (kompakt.model.moe)
 # GGUF types whose blocks store a minimum beside the scale (the others are symmetric grids).
 NAMES_SHOWN = 3  # module names a summary line or lineage record shows before "..."
 

@@ -33,6 +33,11 @@ bytes cannot be recovered from the dense weights (K-quants: `pack(codes, scales,
 them to the export as LoadedModel.gguf_blocks.
 Embeddings / lm_head, when asked for, are quantized with RTN (no Hessian is collected there).
 
+Mixture of Experts (Mixtral, Qwen-MoE, OLMoE): every expert is quantized on the Hessian of the
+tokens its router sends to it (kompakt.calib.experts), gate/up first, then down on the outputs
+of the quantized gate/up; an expert routed fewer than 32 calibration tokens is solved on all
+tokens of its layer instead, and the step's notes name it. The router stays in full precision.
+
 Sample recipe steps::
 
     - quant.gptq: {bits: 4, group_size: 64}
@@ -55,6 +60,7 @@ from kompakt.errors import ConfigError
 from kompakt.model.compression import AwqScaling, update_state
 from kompakt.model.gguf_blocks import GgufBlocks
 from kompakt.model.inputs import batch_label
+from kompakt.model.moe import all_roles
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
@@ -148,7 +154,7 @@ def _awq_phase(model: nn.Module, config: GptqConfig) -> tuple[AwqScaler | None, 
     grid.validate()
     scaler = AwqScaler(model, grid)
     batches = None if config.awq_blocks is None else -(-config.awq_blocks // config.batch_size)
-    return scaler, [Phase(scaler.process, roles=None, max_batches=batches, true_sequential=True)]  # as quant.awq
+    return scaler, [Phase(scaler.process, roles=all_roles(model), max_batches=batches, true_sequential=True)]  # as quant.awq
 
 
 def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], config: GptqConfig,
@@ -156,7 +162,9 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
     targets = {(t.layer, t.role): t for t in decoder}
     done = Quantized()
     losses: dict[str, float] = {}
-    solved: set[int] = set()  # a basis shared across layers (share.basis) is solved once, on its first layer
+    # A basis shared across layers (share.basis) is solved once, on its first layer. Keyed by the weight's
+    # memory, not id(): an MoE expert's weight is a view made anew per layer, and a freed view's id recurs.
+    solved: set[tuple[int, tuple[int, ...]]] = set()
 
     def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
         shared: dict[tuple, list[tuple[Target, nn.Linear]]] = {}  # (accumulator, grid) -> its Linears
@@ -164,8 +172,9 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
             target = targets[(index, role)]
             plan = plan_grid(config, stat.module.in_features, types.get(target.name))
             done.plans[target.name] = plan
-            if plan.grid is not None and id(stat.module.weight) not in solved:
-                solved.add(id(stat.module.weight))
+            key = (stat.module.weight.data_ptr(), tuple(stat.module.weight.shape))
+            if plan.grid is not None and key not in solved:
+                solved.add(key)
                 shared.setdefault((id(stat.hessian_acc), plan.grid), []).append((target, stat.module))
         for members in shared.values():
             plan = done.plans[members[0][0].name]
@@ -184,7 +193,7 @@ def _run_gptq(model: nn.Module, blocks: torch.Tensor, decoder: list[Target], con
         true_sequential=config.true_sequential, batch_size=config.batch_size,
         description="AWQ + GPTQ" if awq else "GPTQ",
     )  # fmt: skip
-    return done, losses, result.seconds, awq
+    return done, losses, result, awq
 
 
 def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
@@ -194,14 +203,15 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     types = target_types(loaded.model, config, targets, "quant.gptq")
     decoder = [t for t in targets if t.layer is not None]
     blocks = ctx.calibration()[: config.max_blocks]
-    quantized, losses, calib_seconds, awq = _run_gptq(loaded.model, blocks, decoder, config, types)
+    quantized, losses, run, awq = _run_gptq(loaded.model, blocks, decoder, config, types)
+    calib_seconds = run.seconds
     extra = rtn_targets([t for t in targets if t.layer is None], config, types)
     quantized.update(extra)
     calibration = calibration_label(*blocks.shape) if isinstance(blocks, torch.Tensor) else (
         f"{batch_label(blocks)} (GPTQ Hessians)")  # padded sentences (an encoder)
     packed_layers = record(loaded, "gptq", config, quantized, types, calibration)
     done = quantized.plans
-    notes = notes_of(done, "quant.gptq")
+    notes = notes_of(done, "quant.gptq") + run.notes  # + experts calibrated on all tokens (MoE), and why
     worst = sorted(losses, key=losses.__getitem__, reverse=True)[:NAMES_SHOWN]
     details = {
         "method": "gptq", "grid": config.grid_label, "modules": len(done), "grids": grid_counts(config, done),

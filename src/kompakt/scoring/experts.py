@@ -167,3 +167,69 @@ def expert_stats(model: nn.Module, batches: Iterable[Batch], renormalize: bool =
     if not all(collector.sums):
         raise DataError("no calibration tokens reached the MoE routers; give calibration text with some tokens")
     return collector.result(top_k(model))
+
+
+# --------------------------------------------------------------------------- expert channels
+
+
+@dataclass
+class ExpertChannels:
+    """Per layer: experts [E][I] (the mean |act(gate x) * up x| of each expert channel over the
+    tokens routed to that expert) and shared [I_shared] (over all tokens; None without one)."""
+
+    experts: list[list[np.ndarray]]
+    shared: list[np.ndarray | None]
+
+
+def expert_channel_importance(model: nn.Module, batches: Iterable[Batch]) -> ExpertChannels:
+    """Minitron's MLP-channel importance (|input of down_proj|) for every expert, each over its
+    routed tokens: an expert's channel matters as much as it fires on the tokens it serves.
+    (A mean over routed tokens, not Minitron's per-sample mean then RMS: an expert sees a
+    varying, often empty, share of each sample.) Padding is left out."""
+    model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
+    collector = ExpertCollector(model)
+    spec = collector.spec
+    n = len(collector.layers)
+    sums: list[dict] = [{} for _ in range(n)]
+
+    def hook_for(index: int):
+        def hook(module, args, output) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            chosen = output[2]
+            if collector.mask is not None and collector.mask.numel() == x.shape[0]:
+                x, chosen = x[collector.mask], chosen[collector.mask]
+            layer = collector.layers[index]
+            for expert in range(int(output[0].shape[-1])):
+                rows = x[(chosen == expert).any(-1)]
+                _add(sums[index], ("expert", expert), _expert_hidden(layer, spec, expert, rows))
+            if spec.shared_expert is not None:
+                shared = layer.get_submodule(spec.shared_expert)
+                _add(sums[index], ("shared",), shared.act_fn(shared.gate_proj(x)) * shared.up_proj(x))
+
+        return hook
+
+    handles = [router_module(layer, spec).register_forward_hook(hook_for(i)) for i, layer in enumerate(collector.layers)]
+    forward_with_hooks(model, batches, handles, collector.before)
+    n_experts = int(getattr(router_module(collector.layers[0], spec), "weight").shape[0])
+    return ExpertChannels(
+        experts=[[_mean(s, ("expert", e)) for e in range(n_experts)] for s in sums],
+        shared=[_mean(s, ("shared",)) if spec.shared_expert else None for s in sums],
+    )
+
+
+def _expert_hidden(layer: nn.Module, spec, expert: int, x: torch.Tensor) -> torch.Tensor:
+    fused = getattr(layer.get_submodule(spec.experts), spec.gate_up)[expert]  # [2I, H]
+    width = fused.shape[0] // 2
+    act = layer.get_submodule(spec.experts).act_fn
+    x = x.to(fused.dtype)
+    return act(x @ fused[:width].T) * (x @ fused[width:].T)
+
+
+def _add(sums: dict, key: tuple, hidden: torch.Tensor) -> None:
+    total, count = sums.get(key, (torch.zeros(hidden.shape[-1], dtype=torch.float64), 0))
+    sums[key] = (total + hidden.detach().abs().double().sum(0).cpu(), count + int(hidden.shape[0]))
+
+
+def _mean(sums: dict, key: tuple) -> np.ndarray:
+    total, count = sums[key]
+    return (total / max(1, count)).numpy()
