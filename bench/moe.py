@@ -19,7 +19,8 @@ Calibration: `--calib-blocks` blocks of 512 from wiki.valid (BENCH.md sampling).
 `--speed` adds llama.cpp generation tokens/s of each candidate's F16 GGUF, as a ratio to the MoE's.
 
     nice -n 10 .venv/bin/python bench/moe.py --kd-tokens 150000             # full (hours on 2 cores)
-    .venv/bin/python bench/moe.py --eval-tokens 2048 --kd-tokens 1024 --calib-blocks 4 --suffix -short
+    .venv/bin/python bench/moe.py --layers 4 --eval-tokens 1024 --kd-tokens 1024 --calib-blocks 2 \
+        --moe-dir /tmp/moe-smoke --suffix=-smoke                              # smoke run (minutes)
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=sorted(CANDIDATES), default=sorted(CANDIDATES))
     parser.add_argument("--speed", action="store_true", help="llama.cpp generation speed ratios (prune part)")
     parser.add_argument("--moe-dir", default=str(Path.home() / ".cache" / "kompakt" / "bench" / "smollm2-moe"))
+    parser.add_argument("--layers", type=int, default=0, help="smoke runs: keep SmolLM2's first N layers only")
     parser.add_argument("--suffix", default="")
     parser.add_argument("--merge", action="store_true", help="keep the other rows of an existing results file")
     args = parser.parse_args()
@@ -200,7 +202,13 @@ def main() -> None:
     from kompakt.model.load import load
 
     dense = load("smollm2-135m", device="cpu", dtype="float32")
-    header = {"bench": "moe", "protocol": "moe-1", "model": f"smollm2-135m upcycled: {args.experts} experts, top-{args.top_k}, split",
+    if args.layers:  # smoke runs only: the first N layers (numbers then do not compare with full runs)
+        from kompakt.model.surgery import drop_layers
+
+        total = dense.model.config.num_hidden_layers
+        dense, _ = drop_layers(dense, list(range(args.layers, total)))
+    kept = f", first {args.layers} layers only" if args.layers else ""
+    header = {"bench": "moe", "protocol": "moe-1", "model": f"smollm2-135m{kept} upcycled: {args.experts} experts, top-{args.top_k}, split",
               "kd_tokens": args.kd_tokens, "calib_blocks": args.calib_blocks, "eval_tokens": args.eval_tokens,
               "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared)",
               "torch": torch.__version__}  # fmt: skip

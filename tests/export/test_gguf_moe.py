@@ -107,3 +107,4 @@ def test_refused_moe_is_one_line_exit_2_in_the_cli(tmp_path, cli, monkeypatch):
     code, out, err = cli(["export", str(tmp_path / "moe"), "--type", "q8_0", "--out", "m.gguf"])
     assert code == 2 and "norm_topk_prob" in out + err
     assert not list(tmp_path.glob("m.gguf*"))
+
