@@ -26,7 +26,6 @@ import torch
 
 from kompakt.errors import UnsupportedArchitectureError
 
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")  # Mixtral, the Qwen-MoE / OLMoE families
 _GATE_UP = "mlp.experts.gate_up_proj"
 _DOWN = "mlp.experts.down_proj"
 
@@ -37,18 +36,12 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
 
 
 def expert_count(config: Any) -> int:
-    """Experts per MoE layer (0 for a dense model)."""
-    for key in EXPERT_COUNT_KEYS:
-        if _get(config, key, 0):
-            return int(_get(config, key))
-    return 0
+    """Experts per MoE layer (0 for a dense model); the keys are kompakt.model.arch's MoESpec."""
+    from kompakt.model.arch import ARCHITECTURES
+    from kompakt.model.moe import num_experts
 
-
-def renormalises(config: Any) -> bool:
-    """Whether transformers renormalises the top-k routing weights (Mixtral has no switch: always)."""
-    if getattr(config, "model_type", "") == "mixtral":
-        return True
-    return bool(_get(config, "norm_topk_prob", False))
+    spec = ARCHITECTURES.get(getattr(config, "model_type", None))
+    return num_experts(config) if spec is not None and spec.moe is not None else 0
 
 
 def check_moe(config: Any, family: Any) -> None:
@@ -62,17 +55,20 @@ def check_moe(config: Any, family: Any) -> None:
             f"{name} with {n_experts} experts: llama.cpp's {family.arch.lower()} architecture has no experts; "
             "export it with --format hf instead"
         )
-    if renormalises(config) != family.moe_norm:
-        said = "renormalises" if renormalises(config) else "does not renormalise"
+    from kompakt.model.moe import renormalizes, sparse_layer_problem
+
+    if renormalizes(config) != family.moe_norm:
+        said = "renormalises" if renormalizes(config) else "does not renormalise"
         raise UnsupportedArchitectureError(
             f"{name} {said} its top-k routing weights (norm_topk_prob) but llama.cpp's {family.arch.lower()} "
             f"graph {'always' if family.moe_norm else 'never'} does, so the GGUF would compute differently; "
             "export with --format hf"
         )
-    if _get(config, "mlp_only_layers", []) or int(_get(config, "decoder_sparse_step", 1)) != 1:
+    problem = sparse_layer_problem(config)
+    if problem:
         raise UnsupportedArchitectureError(
-            f"{name} with dense-MLP layers among the MoE layers (mlp_only_layers / decoder_sparse_step) has no "
-            "llama.cpp layout; export with --format hf"
+            f"{name} with dense-MLP layers among the MoE layers ({problem}) has no llama.cpp layout; "
+            "export with --format hf"
         )
     if _get(config, "clip_qkv", None) is not None:
         raise UnsupportedArchitectureError(
@@ -86,7 +82,9 @@ def add_moe_hyperparameters(writer: Any, config: Any) -> None:
     if not n_experts:
         return
     writer.add_expert_count(n_experts)
-    writer.add_expert_used_count(int(config.num_experts_per_tok))
+    from kompakt.model.moe import top_k
+
+    writer.add_expert_used_count(top_k(config))
     if _get(config, "moe_intermediate_size", None):
         writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
     if _get(config, "shared_expert_intermediate_size", None):
