@@ -60,3 +60,14 @@ def test_what_cannot_be_upcycled_is_refused():
         upcycle(tiny_model("llama"), experts=3)
     with pytest.raises(ConfigError, match="cannot be upcycled"):
         upcycle(tiny_model("mixtral"))
+
+
+def test_split_neurons_partition_the_mlp_exactly():
+    """Every token routed to all experts with equal weight gives back the dense MLP: the experts
+    partition its neurons (no neuron lost or doubled) and the uncalibrated scale is exact there."""
+    dense = tiny_model("llama")
+    upcycled = upcycle(dense, experts=4, top_k=4, mode="split")
+    with torch.no_grad():
+        for layer in upcycled.model.model.layers:
+            layer.mlp.gate.weight.zero_()  # uniform router: every weight 1 / 4
+    torch.testing.assert_close(_log_probs(upcycled), _log_probs(dense), atol=1e-5, rtol=0)
