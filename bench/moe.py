@@ -3,7 +3,8 @@ fewer experts per token, 4-bit GPTQ vs RTN.
 
 No MoE weights install offline, so the MoE is built (kompakt.model.upcycle): SmolLM2-135M's MLPs
 split into `--experts` experts (co-activation-clustered neurons, least-squares router, fitted
-scale), top-`--top-k`, as a Mixtral-family model, then healed with distill.kd from the dense model
+scale; `--mode copy`: every expert a noisy copy of the MLP), top-`--top-k`, as a Mixtral-family
+model, then healed with distill.kd from the dense model
 (`--kd-tokens` of WikiText-2 validation, " <unk>" removed). Routing entropy (mean nats per token,
 and the load balance normalised by log E) and pairwise expert similarity (cosine of the experts'
 outputs on the same tokens) are reported before and after the distillation. The MoE is saved
@@ -19,6 +20,11 @@ Calibration: `--calib-blocks` blocks of 512 from wiki.valid (BENCH.md sampling).
 `--speed` adds llama.cpp generation tokens/s of each candidate's F16 GGUF, as a ratio to the MoE's.
 
     nice -n 10 .venv/bin/python bench/moe.py --kd-tokens 150000             # full (hours on 2 cores)
+
+Measured before distillation (2 calibration blocks, first 1024 test tokens, under load): split
+8 x top-2 is far from SmolLM2 (ppl 2.5e5, KL 9.2: each token loses 3/4 of the MLP neurons,
+including those SmolLM2's massive activations come from); split 8 x top-8 has KL 0.52 (ppl x1.54),
+so the partition itself is sound. Distillation has much to recover at top-2.
     .venv/bin/python bench/moe.py --layers 4 --eval-tokens 1024 --kd-tokens 1024 --calib-blocks 2 \
         --moe-dir /tmp/moe-smoke --suffix=-smoke                              # smoke run (minutes)
 """
@@ -111,7 +117,7 @@ def build_moe(args, dense, calib, ids, results: ResultsFile):
     if (target / "config.json").exists():
         return load(target, device="cpu", dtype="float32")
     start = time.perf_counter()
-    moe = upcycle(dense, experts=args.experts, top_k=args.top_k, mode="split", calibration=calib)
+    moe = upcycle(dense, experts=args.experts, top_k=args.top_k, mode=args.mode, calibration=calib)
     built = round(time.perf_counter() - start, 1)
     results.add({"name": "upcycled (before KD)", "order": 1, "parameters": moe.num_parameters(), "wall_s": built,
                  "reference": "dense", **routing(moe, calib), **quality(dense, moe, ids, args.eval_tokens)})  # fmt: skip
@@ -184,6 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--mode", choices=("split", "copy"), default="split", help="kompakt.model.upcycle mode")
     parser.add_argument("--kd-tokens", type=int, default=150000)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--calib-blocks", type=int, default=32)
@@ -208,7 +215,7 @@ def main() -> None:
         total = dense.model.config.num_hidden_layers
         dense, _ = drop_layers(dense, list(range(args.layers, total)))
     kept = f", first {args.layers} layers only" if args.layers else ""
-    header = {"bench": "moe", "protocol": "moe-1", "model": f"smollm2-135m{kept} upcycled: {args.experts} experts, top-{args.top_k}, split",
+    header = {"bench": "moe", "protocol": "moe-1", "model": f"smollm2-135m{kept} upcycled: {args.experts} experts, top-{args.top_k}, {args.mode}",
               "kd_tokens": args.kd_tokens, "calib_blocks": args.calib_blocks, "eval_tokens": args.eval_tokens,
               "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared)",
               "torch": torch.__version__}  # fmt: skip

@@ -14,7 +14,8 @@ Two ways to make the experts (the two the MoE literature uses):
   top_k / experts of the MLP. Neurons that fire together go to the same expert (balanced
   clustering of their activation magnitudes over calibration tokens, LLaMA-MoE's co-activation
   idea), the router is fitted by least squares to predict each expert's log output norm from the
-  block input (tokens go to the experts that would contribute most), and one scale per layer,
+  block input (tokens go to the experts that would contribute most) and scaled down so the chosen
+  experts' gates stay near uniform (every kept neuron weighted as in the dense MLP), and one scale per layer,
   fitted the same way, restores the dense MLP's output size. Experts differ from the start; the
   model needs distillation from the dense one (distill.kd) to win back quality.
 - ``copy`` (Sparse Upcycling, Komatsuzaki et al. 2023): every expert is the whole MLP plus small
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("split", "copy")
 CLUSTER_TOKENS = 512
+ROUTER_SPREAD = 0.1  # std of the fitted router logits: gates within a few % of uniform
 # Config keys a Llama-layout dense model and a Mixtral share, copied as they are.
 _SHARED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
@@ -148,7 +150,10 @@ def _split_layer(gate, up, down, act, x: torch.Tensor | None, experts: int, seed
     target = target - target.mean(1, keepdim=True)
     ridge = 1e-3 * x.pow(2).mean() * torch.eye(x.shape[1])
     router = torch.linalg.solve(x.t() @ x + ridge * x.shape[0], x.t() @ target).t()  # [E, H]
-    return gate_up, down_e, router
+    # Top-k choice is invariant to scaling the logits, the gate values are not: near-uniform gates
+    # keep every chosen neuron at the dense weight (up to the fitted scale), as the dense MLP does.
+    spread = (x @ router.t()).std().clamp_min(1e-12)
+    return gate_up, down_e, router * (ROUTER_SPREAD / spread)
 
 
 def _fit_scale(block: nn.Module, dense_out: torch.Tensor, x: torch.Tensor) -> float:
