@@ -88,6 +88,15 @@ def test_target_params_cuts_expert_channels(family):
     assert moe.expert_width(loaded) % 8 == 0 and moe.expert_width(loaded) < 32
 
 
+def test_expert_widths_stay_multiples_of_8_for_grouped_mm():
+    """transformers' grouped_mm needs 16-byte strides: 17 kept channels would fail in the forward."""
+    loaded = tiny_model("qwen3_moe")
+    _prune(loaded, mlp_channels=17)
+    assert moe.expert_width(loaded) == 16
+    loaded.model.to(torch.bfloat16)
+    assert torch.isfinite(_logits(loaded).float()).all()
+
+
 def test_olmoe_heads_are_refused():
     with pytest.raises(ConfigError, match="heads cannot be removed from olmoe"):
         _prune(tiny_model("olmoe"), heads_fraction=0.5)

@@ -17,7 +17,7 @@ from typing import Any
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, text_config
 from kompakt.model.moe import expert_width, moe_spec
-from kompakt.model.moe_surgery import shrink_experts, shrink_shared_expert
+from kompakt.model.moe_surgery import WIDTH_MULTIPLE, shrink_experts, shrink_shared_expert
 from kompakt.model.surgery import check_config, head_dim_of, require_linears, shrink_heads
 from kompakt.passes.base import PassContext, PassReport
 from kompakt.scoring.channels import channel_importance, top_k
@@ -44,6 +44,7 @@ def apply_moe(ctx: PassContext, config: Any, keep_count, kv_groups_to_keep) -> P
     keep_mlp = keep_count(width, config.mlp_fraction, config.mlp_channels, "mlp_channels")
     if config.target_params is not None:
         keep_mlp = solve_expert_width(loaded, config.target_params, config.round_to)
+    keep_mlp = aligned_width(keep_mlp, width)
     shared_old = int(getattr(cfg, spec.shared_intermediate_key)) if spec.shared_expert else None
     keep_shared = None if shared_old is None else max(1, round(shared_old * keep_mlp / width))
     check_config(loaded, head_dim=head_dim_of(cfg), num_attention_heads=keep_kv * (n_heads // n_kv),
@@ -68,6 +69,13 @@ def apply_moe(ctx: PassContext, config: Any, keep_count, kv_groups_to_keep) -> P
     return PassReport(loaded=loaded, summary=summary, details=details)
 
 
+def aligned_width(keep: int, width: int) -> int:
+    """`keep` rounded down to a multiple of WIDTH_MULTIPLE (at least that), unless nothing is cut."""
+    if keep >= width or width < WIDTH_MULTIPLE:
+        return keep
+    return max(WIDTH_MULTIPLE, keep // WIDTH_MULTIPLE * WIDTH_MULTIPLE)
+
+
 def solve_expert_width(loaded, target: float, round_to: int) -> int:
     """The expert width whose model comes closest to `target` x the parameters when every expert
     (and the shared expert, in proportion) keeps that many channels; ConfigError when even an
@@ -79,7 +87,7 @@ def solve_expert_width(loaded, target: float, round_to: int) -> int:
     shared = 3 * hidden * layers * int(getattr(cfg, spec.shared_intermediate_key)) if spec.shared_expert else 0
     mlp = per_channel * width + shared
     keep = (target * total - (total - mlp)) / mlp  # the kept share of every expert's channels
-    step = round_to if round_to < width else 1
+    step = round_to if round_to < width else WIDTH_MULTIPLE
     floor = max(1, -(-width // 8))
     if keep * width < floor:
         raise ConfigError(f"prune.width: target_params {target} needs fewer than {floor} of {width} expert channels; "
