@@ -64,7 +64,8 @@ def test_cli_analyze_and_eval_on_moe(tmp_path, capsys):
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "expert", "router", "model", "small"]
     (tmp_path / "data.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(60)))
-    args = ["analyze", str(tmp_path / "model"), "--data", str(tmp_path / "data.txt"), "--json", "--tokens", "1024",
+    args = ["analyze", str(tmp_path / "model"), "--data", str(tmp_path / "data.txt"), "--out", str(tmp_path / "out"),
+            "--json", "--tokens", "1024",
             "--blocks", "2", "--block-len", "32", "--eval-tokens", "64", "--window", "32", "--no-speed"]  # fmt: skip
     try:
         main(args)

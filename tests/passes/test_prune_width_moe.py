@@ -69,7 +69,7 @@ def test_heads_and_experts_together():
 
 @pytest.mark.parametrize("values, match", [
     ({"hidden_fraction": 0.25}, "expert channels and heads only"),
-    ({"target_params": 0.5}, "expert channels and heads only"),
+    ({"target_params": 0.05}, "needs fewer than 4 of 32 expert channels"),
 ])  # fmt: skip
 def test_what_moe_cannot_take_is_refused_first(values, match):
     loaded = tiny_model("mixtral")
@@ -77,6 +77,24 @@ def test_what_moe_cannot_take_is_refused_first(values, match):
     with pytest.raises(ConfigError, match=match):
         _prune(loaded, **values)
     assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_target_params_cuts_expert_channels(family):
+    loaded = tiny_model(family)
+    before = loaded.num_parameters()
+    _prune(loaded, target_params=0.7, round_to=8)
+    assert loaded.num_parameters() / before == pytest.approx(0.7, abs=0.06)
+    assert moe.expert_width(loaded) % 8 == 0 and moe.expert_width(loaded) < 32
+
+
+def test_expert_widths_stay_multiples_of_8_for_grouped_mm():
+    """transformers' grouped_mm needs 16-byte strides: 17 kept channels would fail in the forward."""
+    loaded = tiny_model("qwen3_moe")
+    _prune(loaded, mlp_channels=17)
+    assert moe.expert_width(loaded) == 16
+    loaded.model.to(torch.bfloat16)
+    assert torch.isfinite(_logits(loaded).float()).all()
 
 
 def test_olmoe_heads_are_refused():

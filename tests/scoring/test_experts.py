@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kompakt.errors import DataError
+from kompakt.errors import ConfigError, DataError
 from kompakt.model import moe
 from kompakt.model.arch import arch_for, decoder_layers
 from kompakt.model.inputs import pad_sentences
@@ -97,3 +97,8 @@ def test_padding_is_left_out():
 def test_no_tokens_is_a_data_error():
     with pytest.raises(DataError, match="no calibration tokens"):
         expert_stats(tiny_model("mixtral").model, [])
+
+
+def test_dense_layers_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"every layer is sparse; layers \[1\] are dense"):
+        expert_stats(tiny_model("qwen2_moe", mlp_only_layers=[1]).model, BATCHES)

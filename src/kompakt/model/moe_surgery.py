@@ -20,6 +20,10 @@ from kompakt.model.loaded import LoadedModel
 from kompakt.model.moe import _set_param, expert_width, experts_module, moe_spec, num_experts
 from kompakt.model.surgery import Keep, as_index, check_config, finish, linear, per_layer, slice_linear
 
+# transformers runs the experts with torch's grouped_mm, whose operand strides must be multiples of
+# 16 bytes: an expert width that is a multiple of 8 works in fp32, fp16 and bf16 alike.
+WIDTH_MULTIPLE = 8
+
 
 def shrink_experts(loaded: LoadedModel, keep: Sequence[Sequence[Keep]]) -> tuple[LoadedModel, dict[str, Any]]:
     """Keep the given channels of each expert: keep[layer][expert] is an index list, every one
@@ -34,6 +38,9 @@ def shrink_experts(loaded: LoadedModel, keep: Sequence[Sequence[Keep]]) -> tuple
     if len(counts) != 1:
         raise ConfigError(f"keep the same number of channels in every expert (got counts {sorted(counts)})")
     new = counts.pop()
+    if new % WIDTH_MULTIPLE and new != old:
+        raise ConfigError(f"keep a multiple of {WIDTH_MULTIPLE} channels per expert (got {new}): transformers' "
+                          "grouped expert kernel needs 16-byte strides")  # fmt: skip
     check_config(loaded, **{spec.intermediate_key: new})
     before = loaded.num_parameters()
     for layer, per in zip(layers, indices, strict=True):

@@ -37,7 +37,7 @@ from torch import nn
 from kompakt.errors import DataError
 from kompakt.model.arch import decoder_layers
 from kompakt.model.inputs import Batch, token_mask
-from kompakt.model.moe import expert_forward, moe_spec, router_module, top_k
+from kompakt.model.moe import expert_forward, moe_spec, require_all_sparse, router_module, top_k
 from kompakt.scoring.hooks import forward_with_hooks
 
 
@@ -93,6 +93,7 @@ class ExpertCollector:
 
     def __init__(self, model: nn.Module, renormalize: bool = False) -> None:
         self.spec = moe_spec(model)
+        require_all_sparse(model)  # a dense layer (Qwen's mlp_only_layers) has no router to hook
         self.layers = decoder_layers(model)
         self.renormalize = renormalize
         n = len(self.layers)
