@@ -20,18 +20,18 @@ from kompakt.model.arch import (
     set_submodule,
     text_config,
 )
-from kompakt.model.tiny import TINY_FAMILIES, tiny_model
+from kompakt.model.tiny import TINY_FAMILIES, TINY_MOE, tiny_model
 
 IDS = torch.tensor([[3, 70, 80, 90, 100, 110, 4]])
 
 
-@pytest.fixture(scope="module", params=TINY_FAMILIES)
+@pytest.fixture(scope="module", params=TINY_FAMILIES + TINY_MOE)
 def tiny(request):
     return tiny_model(request.param)
 
 
 def test_every_tiny_family_is_in_the_table():
-    assert set(TINY_FAMILIES) <= set(ARCHITECTURES)
+    assert set(TINY_FAMILIES + TINY_MOE) <= set(ARCHITECTURES)
 
 
 def test_paths_resolve(tiny):
@@ -62,6 +62,9 @@ def test_linear_roles_and_shapes(tiny):
         "mlp.up": (config.intermediate_size, config.hidden_size),
         "mlp.gate_up": (2 * config.intermediate_size, config.hidden_size),
         "mlp.down": (config.hidden_size, config.intermediate_size),
+        "mlp.shared_gate": (getattr(config, "shared_expert_intermediate_size", 0), config.hidden_size),
+        "mlp.shared_up": (getattr(config, "shared_expert_intermediate_size", 0), config.hidden_size),
+        "mlp.shared_down": (config.hidden_size, getattr(config, "shared_expert_intermediate_size", 0)),
     }  # fmt: skip
     for layer in decoder_layers(tiny):
         linears = linear_modules(layer, spec)
@@ -92,17 +95,23 @@ def _captured(model: nn.Module, modules: dict[str, nn.Module], inputs: bool) -> 
 
 
 def test_norm_roles_feed_the_right_linears(tiny):
-    """"attn.pre" output is the q/qkv input; "mlp.pre" output is the gate/gate_up input."""
+    """"attn.pre" output is the q/qkv input; "mlp.pre" output is the gate/gate_up input (an MoE's:
+    the router's and the fused experts' input)."""
     spec = arch_for(tiny)
     layer = decoder_layers(tiny)[1]
     norms = norm_modules(layer, spec)
     linears = linear_modules(layer, spec)
+    if spec.moe is not None:
+        linears.update({"mlp.gate": get_submodule(layer, spec.moe.experts), "router": get_submodule(layer, spec.moe.router)})
     norm_out = _captured(tiny.model, {k: norms[k] for k in ("attn.pre", "mlp.pre")}, inputs=False)
     first_q = "attn.qkv" if spec.fused_qkv else "attn.q"
     first_gate = "mlp.gate_up" if spec.fused_gate_up else "mlp.gate"
     linear_in = _captured(tiny.model, {k: linears[k] for k in (first_q, first_gate)}, inputs=True)
     torch.testing.assert_close(linear_in[first_q], norm_out["attn.pre"])
-    torch.testing.assert_close(linear_in[first_gate], norm_out["mlp.pre"])
+    torch.testing.assert_close(linear_in[first_gate].reshape(norm_out["mlp.pre"].shape), norm_out["mlp.pre"])
+    if spec.moe is not None:
+        router_in = _captured(tiny.model, {"router": linears["router"]}, inputs=True)["router"]
+        torch.testing.assert_close(router_in.reshape(norm_out["mlp.pre"].shape), norm_out["mlp.pre"])
 
 
 def test_norm_offset_matches_the_module(tiny):

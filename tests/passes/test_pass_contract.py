@@ -11,7 +11,9 @@ what it declared (calibration, teacher, training) and kept the architecture unle
 a change; and `kompakt.evaluate` gives a finite perplexity and KL to the original (an encoder:
 finite cosines to the original's embeddings). Sentence encoders (every tiny encoder family) are
 rows of the same matrix: a pass that declares `decoder_only` must refuse them in one line before
-it runs (`check_model`, what the recipe runner calls), every other pass must run as above.
+it runs (`check_model`, what the recipe runner calls), every other pass must run as above. The
+Mixture-of-Experts families (TINY_MOE) are rows too: a pass that declares `dense_only` refuses
+them the same way.
 Relative quality (GPTQ <= RTN, Wanda <= magnitude, ...) lives in the per-pass test files.
 """
 
@@ -30,11 +32,12 @@ import torch
 import yaml
 
 import kompakt
+from kompakt.model.arch import is_moe
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.quantized import is_quantized
 from kompakt.errors import ConfigError
 from kompakt.model.encode import embed
-from kompakt.model.tiny import TINY_ENCODERS, TINY_FAMILIES, tiny_encoder, tiny_model
+from kompakt.model.tiny import TINY_ENCODERS, TINY_FAMILIES, TINY_MOE, tiny_encoder, tiny_model
 from kompakt.passes.base import PassContext, PassSpec, build_config, check_model, config_fields, registry
 from kompakt.passes.train_common import TrainingConfig
 from kompakt.recipe.rundata import RunData
@@ -45,7 +48,7 @@ PASSES = registry()
 TEST_CASES = [
     pytest.param(name, family, id=f"{name}-{family}")
     for name in sorted(PASSES)
-    for family in TINY_FAMILIES + TINY_ENCODERS
+    for family in TINY_FAMILIES + TINY_MOE + TINY_ENCODERS
 ]
 
 # Budget overrides, by the config type that owns the fields (never by pass name, so a new pass
@@ -167,6 +170,14 @@ def test_pass_contract(name, family, run_inputs, tmp_path):
     original, data = run_inputs(family)
     if original.is_encoder and spec.decoder_only:
         with pytest.raises(ConfigError, match=rf"^{re.escape(name)} does not run on sentence encoders .*: \S"):
+            check_model(spec, original)
+        return
+    if family in TINY_MOE and spec.dense_only:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(name)} does not run on Mixture-of-Experts models .*: \S"):
+            check_model(spec, original)
+        return
+    if spec.moe_only and not is_moe(original):  # expert passes refuse dense models in one line
+        with pytest.raises(ConfigError, match=rf"^{re.escape(name)} runs on Mixture-of-Experts models only .*: \S"):
             check_model(spec, original)
         return
     check_model(spec, original)

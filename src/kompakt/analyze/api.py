@@ -22,16 +22,19 @@ from pathlib import Path
 import torch
 
 from kompakt.analyze.breakdown import breakdown as count_parameters
+from kompakt.analyze.experts import expert_layer_fields, expert_lines
 from kompakt.analyze.output import check_out
 from kompakt.analyze.result import Analysis
 from kompakt.analyze.summary import layer_rows, where_to_cut
 from kompakt.analyze.write import write_outputs
 from kompakt.data import sample_blocks
 from kompakt.errors import ConfigError, DataError
-from kompakt.model.arch import arch_for, decoder_layers, text_config
+from kompakt.model.arch import arch_for, decoder_layers, is_moe, text_config
+from kompakt.model.moe import top_k
 from kompakt.model.progress import stage_line, stages
 from kompakt.model.tokens import prefix_ids
 from kompakt.scoring.channels import ChannelCollector
+from kompakt.scoring.experts import ExpertCollector
 from kompakt.scoring.layers import BlockInfluence
 from kompakt.scoring.quant_sensitivity import quant_sensitivity
 from kompakt.scoring.reference import build_reference
@@ -100,11 +103,13 @@ def _check_sizes(loaded, n_blocks: int, block_len: int, eval_tokens: int, window
 
 
 @torch.inference_mode()
-def _calibrate(model, layers, blocks: torch.Tensor, batch: int, advance) -> tuple[list[float], object]:
-    """One pass over the calibration blocks feeds both scorers (block influence, channels)."""
+def _calibrate(model, layers, blocks: torch.Tensor, batch: int, advance) -> tuple[list[float], object, object]:
+    """One pass over the calibration blocks feeds every scorer (block influence, channels and,
+    for an MoE, the experts' routing)."""
     influence = BlockInfluence(layers)
     collector = ChannelCollector(model, layers)
-    handles = influence.attach() + collector.attach()
+    experts = ExpertCollector(model) if is_moe(model) else None
+    handles = influence.attach() + collector.attach() + (experts.attach() if experts else [])
     try:
         for start in range(0, blocks.shape[0], batch):
             chunk = blocks[start : start + batch]
@@ -115,7 +120,7 @@ def _calibrate(model, layers, blocks: torch.Tensor, batch: int, advance) -> tupl
     finally:
         for handle in handles:
             handle.remove()
-    return influence.values(), collector.result()
+    return influence.values(), collector.result(), experts.result(top_k(model)) if experts else None
 
 
 def _baseline(loaded, heldout: torch.Tensor, window: int, speed: bool) -> dict:
@@ -132,7 +137,8 @@ def _measure(loaded, spec, layers, blocks, windows, *, bits, group_size, batch_s
     with stages() as progress:  # a bar on a terminal, one line per stage elsewhere
         stage = progress.add_task("calibration pass", total=blocks.shape[0])
         tick = time.perf_counter()
-        influence, channels = _calibrate(model, layers, blocks, batch_size, lambda n: progress.advance(stage, n))
+        influence, channels, experts = _calibrate(model, layers, blocks, batch_size,
+                                                  lambda n: progress.advance(stage, n))  # fmt: skip
         timings["calibration_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
         reference = build_reference(model, layers, windows)
@@ -146,7 +152,7 @@ def _measure(loaded, spec, layers, blocks, windows, *, bits, group_size, batch_s
         )
         timings["quant_sensitivity_s"] = time.perf_counter() - tick
     return dict(
-        influence=influence, channels=channels, skips=skips, quants=quants, notes=notes,
+        influence=influence, channels=channels, experts=experts, skips=skips, quants=quants, notes=notes,
         reference={"ppl": reference.ppl, "scored_tokens": reference.scored_tokens}, timings=timings,
     )  # fmt: skip
 
@@ -231,7 +237,12 @@ def analyze(
         summary=where_to_cut(parts, measured["influence"], skip_kl, quant_kl, measured["channels"]),
         timings=timings,
         notes=measured["notes"],
+        experts=measured["experts"],
     )
+    if analysis.experts is not None:
+        for row in analysis.layers:
+            row["experts"] = expert_layer_fields(analysis.experts, row["index"])
+        analysis.summary["lines"] += expert_lines(analysis.experts)
     if out_dir is not None:
         stage_line(f"writing analysis.json, plots and analysis.html to {out_dir}")
         analysis.files = write_outputs(analysis, out_dir)

@@ -6,6 +6,7 @@ import base64
 import html
 from string import Template
 
+from kompakt.analyze.experts import experts_html
 from kompakt.analyze.result import Analysis
 
 PAGE = Template("""<!DOCTYPE html>
@@ -155,6 +156,6 @@ def render(analysis: Analysis, images: dict[str, bytes]) -> str:
         breakdown=_breakdown(analysis),
         baseline=_baseline(analysis),
         images=embed_images(images),
-        layers=_layers(analysis),
+        layers=_layers(analysis) + experts_html(analysis.experts, html_table),
         notes=notes_html,
     )

@@ -58,8 +58,8 @@ def quant_sensitivity(analysis: Analysis) -> bytes:
 
 def channel_importance(analysis: Analysis) -> bytes | None:
     """Per layer: MLP channel importance relative to the layer median (box plot, 1-99 % whiskers)."""
-    if analysis.channels is None:
-        return None
+    if analysis.channels is None or not any(len(row) for row in analysis.channels.mlp):
+        return None  # (an MoE: no dense MLP channels)
     relative = [row / np.median(row) if np.median(row) > 0 else row for row in analysis.channels.mlp]
     figure = Figure(figsize=(9, 3.4))
     axis = figure.add_subplot()

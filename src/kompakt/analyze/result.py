@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from kompakt.analyze.breakdown import Breakdown
 from kompakt.scoring.channels import ChannelImportance
+from kompakt.scoring.experts import ExpertStats
 
 SCHEMA = 1
 
@@ -31,6 +32,8 @@ class Analysis:
         timings: seconds per stage.
         files: name -> path of every file written (empty without `out`).
         notes: caveats (fallbacks, tied embeddings, ...).
+        experts: an MoE's routing statistics per layer and expert (kompakt.scoring.experts:
+            frequency, REAP saliency, routing entropy); None for a dense model.
     """
 
     model: dict
@@ -44,6 +47,7 @@ class Analysis:
     timings: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    experts: ExpertStats | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (full per-channel arrays included as lists)."""
@@ -60,6 +64,7 @@ class Analysis:
             "timings": dict(self.timings),
             "files": dict(self.files),
             "notes": list(self.notes),
+            "experts": self.experts.to_dict() if self.experts is not None else None,
         }
 
     @classmethod
@@ -78,6 +83,7 @@ class Analysis:
             timings=data.get("timings", {}),
             files=data.get("files", {}),
             notes=data.get("notes", []),
+            experts=ExpertStats.from_dict(data["experts"]) if data.get("experts") else None,
         )
 
     @property

@@ -77,7 +77,8 @@ def where_to_cut(
         "param_shares": shares,
         "most_quant_sensitive": sensitive,
         "least_quant_sensitive": _lowest(quant_kl, k),
-        "mlp_tiny_fraction": _fraction_below(channels.mlp, MLP_TINY) if channels else None,
+        "mlp_tiny_fraction": _fraction_below(channels.mlp, MLP_TINY) if channels and any(map(len, channels.mlp))
+        else None,  # an MoE has no dense MLP channels
         "head_tiny_fraction": _fraction_below(channels.heads, HEAD_TINY) if channels else None,
         "thresholds": {"mlp_tiny": MLP_TINY, "head_tiny": HEAD_TINY},
         "cost": cost,
@@ -105,11 +106,14 @@ def _lines(result: dict, breakdown: Breakdown, skip_kl: list[float], quant_kl: l
         f"({cost} {', '.join(f'{quant_kl[i]:.{digits}f}' for i in result['most_quant_sensitive'])}); "
         f"least: {names(result['least_quant_sensitive'])}."
     )
+    heads = f"attention heads below {HEAD_TINY:.0%} of their layer's median: {result['head_tiny_fraction']:.1%}."
     if result["mlp_tiny_fraction"] is not None:
         lines.append(
             f"MLP channels below {MLP_TINY:.0%} of their layer's median importance: {result['mlp_tiny_fraction']:.1%}; "
-            f"attention heads below {HEAD_TINY:.0%} of their layer's median: {result['head_tiny_fraction']:.1%}."
+            + heads
         )
+    elif result["head_tiny_fraction"] is not None:
+        lines.append(heads[0].upper() + heads[1:])
     return lines
 
 

@@ -140,7 +140,8 @@ class LayerCaches:
     """The attention and MLP caches of one decoder layer; `batch(i)` before running batch i."""
 
     def __init__(self, layer: nn.Module, spec: ArchSpec, verified: dict[type, int]) -> None:
-        pairs = [(spec.attn, spec.o), (spec.mlp, spec.down)]
+        # An MoE block has no single last Linear (its experts are fused): it always runs for real.
+        pairs = [(parent, last) for parent, last in ((spec.attn, spec.o), (spec.mlp, spec.down)) if last]
         self.caches = [
             LastLinearCache(get_submodule(layer, parent), get_submodule(layer, last), verified)  # type: ignore[arg-type]
             for parent, last in pairs

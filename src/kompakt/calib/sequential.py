@@ -19,6 +19,11 @@ group has seen its input (hooks raise a stop signal), so the extra runs cost les
 layer each. With `true_sequential=False` all Linears are processed together from the layer's
 inputs (one statistics run per layer; Wanda's reference behaviour).
 
+Mixture of Experts: when `roles` names expert roles ("mlp.experts.<e>.<part>",
+kompakt.model.moe.all_roles), the experts come after the layer's other groups, gate/up of every
+expert then down, with statistics over each expert's routed tokens (kompakt.calib.experts);
+experts starved of tokens are calibrated on all tokens, and `SequentialResult.notes` says so.
+
 Linears that receive the very same tensor (q, k, v after one norm; gate and up) share one
 accumulation of their statistics. Several `Phase`s may run per layer before its outputs move on
 (AWQ scaling every group, then GPTQ quantizing them: one capture and one propagation for both).
@@ -49,11 +54,13 @@ import torch
 from torch import nn
 
 from kompakt.calib.capture import CapturedInputs, _StopForward, capture_layer_inputs, run_layer
+from kompakt.calib.experts import collect_expert_stats
 from kompakt.calib.layer_cache import LayerCaches
 from kompakt.calib.stats import LinearStats, collect_kinds
 from kompakt.model.arch import ArchSpec, arch_for, base_role, decoder_layers, linear_modules
 from kompakt.model.inputs import Batch
 from kompakt.model.lazy import lazy_of
+from kompakt.model.moe import expert_linear_modules, parse_expert_role
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +171,7 @@ class SequentialResult:
     outputs: list[torch.Tensor]
     n_samples: int
     seconds: float
+    notes: list[str] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -245,17 +253,38 @@ class _Run:
     caches: LayerCaches
     collect: str | Iterable[str]
     hessian_dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
 
     def groups(self, roles: Sequence[str] | None, true_sequential: bool, process: ProcessFn) -> None:
         linears = linear_modules(self.layer, self.spec)
         selected = [role for role in linears if roles is None or role in roles]
         groups = sequential_groups(selected, true_sequential)
+        experts = self._expert_groups(roles, true_sequential)
+        n_groups = len(groups) + len(experts)
         for group_index, group in enumerate(groups):
             modules = {role: linears[role] for role in group}
             stats = collect_stats(self.layer, self.index, self.captured, self.inputs, modules, collect=self.collect,
                                   hessian_dtype=self.hessian_dtype, caches=self.caches)  # fmt: skip
-            process(self.index, self.layer, LayerStats(self.index, self.layer, stats, group_index, len(groups),
+            process(self.index, self.layer, LayerStats(self.index, self.layer, stats, group_index, n_groups,
                                                        self.inputs, self.captured))  # fmt: skip
+        for group_index, modules in enumerate(experts, start=len(groups)):
+            stats, notes = collect_expert_stats(self.layer, self.index, self.captured, self.inputs, self.spec,
+                                                modules, collect=self.collect, hessian_dtype=self.hessian_dtype)  # fmt: skip
+            self.notes.extend(note for note in notes if note not in self.notes)
+            process(self.index, self.layer, LayerStats(self.index, self.layer, stats, group_index, n_groups,
+                                                       self.inputs, self.captured))  # fmt: skip
+
+    def _expert_groups(self, roles: Sequence[str] | None, true_sequential: bool) -> list[dict[str, nn.Linear]]:
+        """The experts' Linears (MoE families) selected by `roles`: gate/up of every expert, then
+        down (one group when not true-sequential); their statistics are routing-aware."""
+        if self.spec.moe is None:
+            return []
+        views = expert_linear_modules(self.layer, self.spec.moe)
+        chosen = {role: m for role, m in views.items() if roles is not None and role in roles}  # opt-in: named roles
+        first = {r: m for r, m in chosen.items() if parse_expert_role(r)[1] != "down"}
+        second = {r: m for r, m in chosen.items() if parse_expert_role(r)[1] == "down"}
+        groups = [first, second] if true_sequential else [chosen]
+        return [group for group in groups if group]
 
 
 def _progress(description: str, total: int):
@@ -312,6 +341,7 @@ def run_sequential(
         lazy.release(spec.embed)
     inputs = captured.hidden
     verified: dict[type, int] = {}
+    notes: list[str] = []
     progress, task = _progress(description, len(layers))
     with progress:
         for index, layer in enumerate(layers):
@@ -322,6 +352,7 @@ def run_sequential(
                     run = _Run(spec, index, layer, captured, inputs[: phase.max_batches], caches, collect, hessian_dtype)
                     grouping = true_sequential if phase.true_sequential is None else phase.true_sequential
                     run.groups(phase.roles if phase.roles is not None else roles, grouping, phase.process)
+                    notes.extend(note for note in run.notes if note not in notes)
                 inputs = run_layer(layer, index, captured, inputs, caches.batch)  # the next layer's inputs
             if on_layer is not None:
                 on_layer(index, layer)
@@ -329,4 +360,5 @@ def run_sequential(
                 lazy.release(layer)
             logger.debug("layer %d calibrated", index)
             progress.advance(task)
-    return SequentialResult(outputs=inputs, n_samples=captured.n_samples, seconds=time.perf_counter() - start)
+    return SequentialResult(outputs=inputs, n_samples=captured.n_samples, seconds=time.perf_counter() - start,
+                            notes=notes)

@@ -44,6 +44,7 @@ from typing import Any
 
 from kompakt.errors import ConfigError, OutputPathError, UnsupportedArchitectureError
 from kompakt.export.gguf_arch import add_hyperparameters, check_expressible, family_for, text_config
+from kompakt.export.gguf_moe import expand_experts
 from kompakt.export.gguf_tensors import TYPES, GGUFPlan, TensorPlan, plan_tensors, tensor_data
 from kompakt.export.gguf_types import FILE_TYPES, parse_overrides
 from kompakt.export.gguf_tokenizer import add_tokenizer, build_vocab
@@ -238,7 +239,7 @@ def _write(tmp: Path, loaded: LoadedModel, family, config, vocab, plan: GGUFPlan
 
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)])
     add_header(writer, loaded, plan, config, family, vocab)
-    state = dense_state_dict(loaded.model)
+    state = expand_experts(dense_state_dict(loaded.model))  # MoE stacks in llama.cpp's layout
     for item, data, raw_type in converted_tensors(plan, state.__getitem__, config, family, result):
         writer.add_tensor(item.gguf_name, data, raw_dtype=raw_type)
     writer.write_header_to_file()

@@ -10,7 +10,7 @@ convert_hf_to_gguf.py does):
 - `norm_shift`: Gemma RMSNorms compute x * (1 + w); llama.cpp computes x * w, so 1 is added
   to every norm weight.
 - `tied_output`: whether llama.cpp reads the output projection from token_embd when the
-  file has no output.weight (all supported families do).
+  file has no output.weight (all but Qwen2-MoE, whose tied head is written as output.weight).
 
 Encoder rows (`encoder=True`, sentence-embedding models) map onto llama.cpp's "bert"
 architecture; what differs between them is data too: `position_offset` (RoBERTa / XLM-R count
@@ -48,6 +48,9 @@ class GGUFFamily:
     skip: tuple[str, ...] = ()  # HF tensor name prefixes llama.cpp has no use for
     token_types: bool = True  # encoders: the tokenizer declares a token-type count (BERT's segment table)
     bias_free: tuple[str, ...] = ()  # config flags that must be false (llama.cpp has no such biases)
+    moe_norm: bool | None = None  # MoE: whether llama.cpp renormalises top-k weights (kompakt.export.gguf_moe)
+    tied_output: bool = True  # llama.cpp falls back to token_embd without output.weight (not qwen2moe)
+    mha_only: bool = False  # llama.cpp sizes attn_k_norm n_embd: no grouped-query attention (OLMoE)
 
 
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
@@ -59,6 +62,10 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "gemma": GGUFFamily("gemma", "GEMMA", norm_shift=1.0),
     "gemma2": GGUFFamily("gemma2", "GEMMA2", norm_shift=1.0, sliding_window=True, softcapping=True),
     "gemma3_text": GGUFFamily("gemma3_text", "GEMMA3", norm_shift=1.0, sliding_window=True),
+    "mixtral": GGUFFamily("mixtral", "LLAMA", permute_qk=True, moe_norm=True),
+    "qwen2_moe": GGUFFamily("qwen2_moe", "QWEN2MOE", moe_norm=False, tied_output=False),
+    "qwen3_moe": GGUFFamily("qwen3_moe", "QWEN3MOE", moe_norm=True),
+    "olmoe": GGUFFamily("olmoe", "OLMOE", moe_norm=False, mha_only=True),
     "bert": GGUFFamily("bert", "BERT", encoder=True, skip=("pooler.",)),
     "distilbert": GGUFFamily("distilbert", "BERT", encoder=True, ffn_key="hidden_dim"),
     "roberta": GGUFFamily("roberta", "BERT", encoder=True, position_offset=True, skip=("pooler.",)),
@@ -109,6 +116,9 @@ def rope_parameters(config: Any, layer_kind: str = "full_attention") -> dict:
 
 def check_expressible(config: Any, family: GGUFFamily, n_vocab: int) -> None:
     """Refuse, before writing, what llama.cpp cannot compute the same way."""
+    from kompakt.export.gguf_moe import check_moe
+
+    check_moe(config, family)
     model_type = family.model_type
     for kind in ("full_attention", "sliding_attention"):
         rope = rope_parameters(config, kind)
@@ -129,6 +139,12 @@ def check_expressible(config: Any, family: GGUFFamily, n_vocab: int) -> None:
         raise UnsupportedArchitectureError(
             f"the tokenizer has {n_vocab} tokens but the embedding only {config.vocab_size} rows; "
             "llama.cpp needs one row per token (resize the embeddings first)"
+        )
+    kv_heads = _get(config, "num_key_value_heads", config.num_attention_heads)
+    if family.mha_only and kv_heads != config.num_attention_heads:
+        raise UnsupportedArchitectureError(
+            f"{model_type} with {kv_heads} KV heads for {config.num_attention_heads} query heads: llama.cpp's "
+            f"{family.arch.lower()} graph normalises k over all heads (no grouped-query attention); export with --format hf"
         )
     if _get(config, "attention_bias", False) and family.arch == "LLAMA":
         raise UnsupportedArchitectureError(
@@ -165,6 +181,9 @@ def add_hyperparameters(writer: Any, config: Any, family: GGUFFamily) -> None:
 
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    from kompakt.export.gguf_moe import add_moe_hyperparameters
+
+    add_moe_hyperparameters(writer, config)
     if family.sliding_window:
         _add_sliding_window(writer, config)
     if family.softcapping:

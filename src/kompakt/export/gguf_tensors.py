@@ -97,13 +97,14 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
     import gguf
 
     from kompakt.export.gguf_encoder import F32_TENSORS
+    from kompakt.export.gguf_moe import expand_experts, is_router
     from kompakt.model.compression import get_state
     from kompakt.model.quantized import dense_state_dict
 
     arch = getattr(gguf.MODEL_ARCH, family.arch)
     names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
-    state = dense_state_dict(model)
-    tied = _tied(model, state)
+    state = expand_experts(dense_state_dict(model))
+    tied = _tied(model, state) and family.tied_output  # else llama.cpp needs the tied head written as output.weight
     recorded = get_state(model)
     plan = GGUFPlan([], source=_types_source(recorded, bool(overrides)))
     chooser = TypeChooser(type, list(overrides or []), recorded.per_tensor_types, plan.notes)
@@ -120,7 +121,7 @@ def plan_tensors(model: Any, config: Any, family: GGUFFamily, type: str, grid_mo
         shape = tuple(tensor.shape)
         module = hf_name.removesuffix(".weight")
         is_output = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not has_output)
-        if len(shape) < 2 or gguf_name in F32_TENSORS:
+        if len(shape) < 2 or gguf_name in F32_TENSORS or is_router(gguf_name):
             ttype = "f32"
         else:
             searched = (gguf_name, hf_name) + (("lm_head.weight",) if is_output and tied else ())
@@ -197,6 +198,10 @@ def tensor_data(plan: TensorPlan, tensor: torch.Tensor, config: Any, family: GGU
         from kompakt.export.gguf_encoder import position_offset
 
         w = w[position_offset(config, family) :]
+    if w.ndim == 3 and plan.type not in ("f32", "f16"):  # MoE expert stacks: rows of all experts at once
+        flat = TensorPlan(**{**plan.__dict__, "shape": (plan.shape[0] * plan.shape[1], plan.shape[2])})
+        data, qtype, missed = tensor_data(flat, w.reshape(-1, w.shape[-1]), config, family)
+        return data.reshape(*plan.shape[:2], *data.shape[1:]), qtype, missed
     if plan.type == "f32":
         return w.numpy(), None, 0
     if plan.type == "f16":

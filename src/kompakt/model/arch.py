@@ -11,8 +11,17 @@ fused "attn.qkv" (Phi-3: rows [q | k | v]); "mlp.gate", "mlp.up", "mlp.down" or 
 
 Norm roles (keys of `norm_modules`): "attn.pre" (feeds q/k/v), "mlp.pre" (feeds gate/up);
 Gemma 2/3 also normalise block outputs: "attn.post", "mlp.post"; Gemma 3 / Qwen 3 have
-per-head "attn.q_norm", "attn.k_norm". Beware: in Llama `post_attention_layernorm` is the
+per-head "attn.q_norm", "attn.k_norm" (OLMoE's act on the whole projection and are built with
+hidden_size channels, hence its `head_dim_from_hidden`). Beware: in Llama `post_attention_layernorm` is the
 pre-MLP norm, in Gemma 2/3 it normalises the attention output — hence roles, not names.
+
+Mixture-of-Experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) carry a `MoESpec`: the MLP of
+a layer is a sparse block whose experts transformers 5 stores fused, as 3-D parameters of one
+`*Experts` module (`gate_up_proj` [E, 2I, H] with rows [gate | up] per expert, `down_proj`
+[E, H, I]), routed by a `*TopKRouter` whose `weight` [E, H] is a plain Parameter, not a Linear.
+Their dense MLP roles ("mlp.gate", ...) are None; a shared expert (Qwen2-MoE) is an ordinary
+MLP whose Linears have the roles "mlp.shared_gate" / "mlp.shared_up" / "mlp.shared_down".
+`kompakt.model.moe` reads and edits experts through this spec.
 """
 
 from __future__ import annotations
@@ -24,6 +33,54 @@ from torch import nn
 
 from kompakt.errors import UnsupportedArchitectureError
 from kompakt.model.lowrank import LowRankLinear
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where a sparse MoE block keeps its router, experts and shared expert (paths relative to a
+    decoder layer), and which config keys size it.
+
+    Attributes:
+        block: the sparse MoE block (replaces the dense MLP).
+        router: the top-k router; its `weight` [num_experts, hidden] scores the experts.
+        experts: the fused experts module; `gate_up` [E, 2I, H] (rows [gate | up]) and `down`
+            [E, H, I] name its 3-D parameters.
+        num_experts_key / top_k_key / intermediate_key: config keys of the expert count, the
+            experts chosen per token and one expert's width.
+        renormalize: whether the chosen top-k probabilities are rescaled to sum to 1: True / False,
+            or the config key that says so (Qwen / OLMoE: norm_topk_prob).
+        count_attrs / top_k_attrs: attributes of modules inside the block that cache the expert
+            count / top-k from the config (edited together with the config).
+        shared_expert / shared_gate: Qwen2-MoE's always-on expert (an MLP of gate/up/down Linears)
+            and its sigmoid gate Linear [1, hidden]; `shared_intermediate_key` its width.
+        dense_layer_keys: config keys that make some layers dense MLPs (Qwen: mlp_only_layers,
+            decoder_sparse_step); kompakt requires every layer sparse.
+    """
+
+    block: str = "mlp"
+    router: str = "mlp.gate"
+    experts: str = "mlp.experts"
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    num_experts_key: str = "num_experts"
+    top_k_key: str = "num_experts_per_tok"
+    intermediate_key: str = "moe_intermediate_size"
+    renormalize: bool | str = "norm_topk_prob"
+    count_attrs: tuple[str, ...] = ("num_experts",)
+    top_k_attrs: tuple[str, ...] = ("top_k",)
+    shared_expert: str | None = None
+    shared_gate: str | None = None
+    shared_intermediate_key: str | None = None
+    dense_layer_keys: tuple[str, ...] = ()
+
+    @property
+    def shared_linear_paths(self) -> dict[str, str]:
+        """Role -> path of the shared expert's Linears (empty without a shared expert)."""
+        if self.shared_expert is None:
+            return {}
+        base = self.shared_expert
+        return {"mlp.shared_gate": f"{base}.gate_proj", "mlp.shared_up": f"{base}.up_proj",
+                "mlp.shared_down": f"{base}.down_proj"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -56,6 +113,7 @@ class ArchSpec:
             ModernBERT: transformers 5's ModernBERT weight init reads `.weight` of every Wqkv / Wi /
             Wo, which compressed-tensors' packed Linears lack, so such a directory cannot load; its
             quantized steps are stored dense (the exact dequantized values, fp32).
+        moe: the sparse MoE layout (None for dense families); see MoESpec.
     """
 
     family: str
@@ -72,7 +130,7 @@ class ArchSpec:
     mlp: str = "mlp"
     gate: str | None = "mlp.gate_proj"
     up: str | None = "mlp.up_proj"
-    down: str = "mlp.down_proj"
+    down: str | None = "mlp.down_proj"
     gate_up: str | None = None
     attn_norm: str = "input_layernorm"
     mlp_norm: str = "post_attention_layernorm"
@@ -89,6 +147,7 @@ class ArchSpec:
     intermediate_key: str = "intermediate_size"
     head_dim_from_hidden: bool = False
     stores_packed: bool = True
+    moe: MoESpec | None = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -107,6 +166,8 @@ class ArchSpec:
             "mlp.gate": self.gate, "mlp.up": self.up, "mlp.gate_up": self.gate_up,
             "mlp.down": self.down,
         }  # fmt: skip
+        if self.moe is not None:
+            roles.update(self.moe.shared_linear_paths)
         return {role: path for role, path in roles.items() if path is not None}
 
     @property
@@ -134,7 +195,9 @@ _GEMMA2_NORMS = dict(
 _GEMMA3_TEXT = replace(
     LLAMA, family="gemma3_text", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", **_GEMMA2_NORMS
 )
-_LM = "model.language_model"  # Gemma 3 multimodal: the text model sits under the vision wrapper
+_LM = "model.language_model"
+_MOE = dict(gate=None, up=None, down=None)  # the MLP is a sparse block: no dense MLP Linears
+_QWEN_MOE = MoESpec(dense_layer_keys=("mlp_only_layers", "decoder_sparse_step"))  # Gemma 3 multimodal: the text model sits under the vision wrapper
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": LLAMA,
@@ -154,6 +217,23 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3": replace(
         _GEMMA3_TEXT, family="gemma3", layers=f"{_LM}.layers", embed=f"{_LM}.embed_tokens",
         final_norm=f"{_LM}.norm", hidden_outputs=("model.multi_modal_projector.mm_input_projection_weight",),
+    ),
+    # Mixture of Experts. Mixtral always renormalises the top-k probabilities.
+    "mixtral": replace(
+        LLAMA, family="mixtral", **_MOE,
+        moe=MoESpec(num_experts_key="num_local_experts", intermediate_key="intermediate_size", renormalize=True),
+    ),
+    "qwen2_moe": replace(
+        LLAMA, family="qwen2_moe", layer_config_lists=("layer_types",), **_MOE,
+        moe=replace(_QWEN_MOE, shared_expert="mlp.shared_expert", shared_gate="mlp.shared_expert_gate",
+                    shared_intermediate_key="shared_expert_intermediate_size"),
+    ),
+    "qwen3_moe": replace(
+        LLAMA, family="qwen3_moe", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", **_MOE, moe=_QWEN_MOE,
+    ),
+    "olmoe": replace(
+        LLAMA, family="olmoe", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", head_dim_from_hidden=True,
+        **_MOE, moe=MoESpec(intermediate_key="intermediate_size"),
     ),
 }  # fmt: skip
 
@@ -182,6 +262,7 @@ ENCODER_ARCHITECTURES: dict[str, ArchSpec] = {
     ),
 }  # fmt: skip
 DECODER_FAMILIES = tuple(ARCHITECTURES)
+MOE_FAMILIES = tuple(family for family, spec in ARCHITECTURES.items() if spec.moe is not None)
 ENCODER_FAMILIES = tuple(ENCODER_ARCHITECTURES)
 ARCHITECTURES.update(ENCODER_ARCHITECTURES)
 SUPPORTED_FAMILIES = tuple(ARCHITECTURES)
@@ -190,6 +271,11 @@ SUPPORTED_FAMILIES = tuple(ARCHITECTURES)
 def is_encoder_family(model_or_config: Any) -> bool:
     """Whether a model, LoadedModel, config or config.json dict is a sentence-encoder family."""
     return _get(_config_of(model_or_config), "model_type") in ENCODER_ARCHITECTURES
+
+
+def is_moe(model_or_config: Any) -> bool:
+    """Whether a model, LoadedModel, config or config.json dict is a Mixture-of-Experts family."""
+    return _get(text_config(model_or_config), "model_type") in MOE_FAMILIES
 
 
 def _config_of(model_or_config: Any) -> Any:

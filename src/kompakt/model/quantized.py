@@ -37,6 +37,7 @@ import torch
 
 from kompakt.atomic import atomic_directory
 from kompakt.errors import ConfigError, OutputPathError
+from kompakt.model.arch import is_moe
 from kompakt.model.compression import PackedLayer, compressed_tensors_config, get_state
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.lora_adapter import save_attached
@@ -205,7 +206,9 @@ def _write_atomic(loaded: LoadedModel, state: dict, qconfig: dict, target: Path,
         raise OutputPathError(f"{target} is a file; choose a directory path for the saved model")
     expected = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
     with atomic_directory(target, replace=True, expected_bytes=expected) as temp:
-        save_pretrained_on_every_rank(loaded.model, temp, state)
+        # An MoE's packed step keeps the model's own tensor names (fused experts): transformers cannot load
+        # a compressed-tensors checkpoint whose experts it wrote back in the original per-expert format.
+        save_pretrained_on_every_rank(loaded.model, temp, state, original_format=not is_moe(loaded))
         save_attached(loaded.model, temp)
         config_path = temp / "config.json"
         config = json.loads(config_path.read_text())

@@ -14,6 +14,9 @@ from kompakt.model.loaded import LoadedModel
 from kompakt.model.progress import quiet_third_party
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "gemma3")
+# Mixture-of-Experts families: their own tuple, so tests written for the dense layout keep to
+# TINY_FAMILIES; the pass contract and the MoE tests run both.
+TINY_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>")
 TINY_VOCAB = 272  # 256 bytes + 5 specials, padded to a multiple of 16
@@ -45,6 +48,18 @@ _FAMILY_OVERRIDES: dict[str, dict] = {
     "qwen3": dict(tie_word_embeddings=True),
     "phi3": dict(original_max_position_embeddings=512),
 }
+# Mixture of Experts: 4 experts of width 32, top-2, 2 layers (the experts' width key differs by
+# family). Qwen2-MoE adds its gated shared expert; Qwen3-MoE / OLMoE keep top-k unrenormalised
+# as their real configs do, Qwen2-MoE renormalises (both branches get exercised).
+_MOE = dict(num_hidden_layers=2, num_experts_per_tok=2, router_aux_loss_coef=0.0)
+_FAMILY_OVERRIDES.update({
+    "mixtral": dict(_MOE, num_local_experts=4, intermediate_size=32),
+    "qwen2_moe": dict(_MOE, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                      norm_topk_prob=True, tie_word_embeddings=True),
+    "qwen3_moe": dict(_MOE, num_experts=4, moe_intermediate_size=32, norm_topk_prob=False),
+    "olmoe": dict(_MOE, num_experts=4, intermediate_size=32, norm_topk_prob=False),
+})  # fmt: skip
+
 # Multimodal families: the tiny text model of a text family inside the smallest vision wrapper
 # transformers builds (one SigLIP layer, a 28x28 image of 2x2 patches pooled to 4 tokens), so
 # the decoder sits where the real checkpoints keep it (Gemma 3: model.language_model).
@@ -81,8 +96,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_config(family: str, **overrides):
     """The config of a tiny model of `family` (a transformers model_type)."""
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"no tiny model for {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    if family not in TINY_FAMILIES + TINY_MOE:
+        raise ValueError(f"no tiny model for {family!r}; choose one of {', '.join(TINY_FAMILIES + TINY_MOE)}")
     if family in _WRAPPED:  # `overrides` size the decoder, as for the text family
         text_family, wrapper = _WRAPPED[family]
         text = tiny_config(text_family, **overrides)

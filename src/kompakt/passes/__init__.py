@@ -19,6 +19,9 @@ _PASS_MODULES: tuple[str, ...] = (
     "kompakt.passes.lowrank_svd",
     "kompakt.passes.lowrank_compensate",
     "kompakt.passes.share_basis",
+    "kompakt.passes.moe_prune",
+    "kompakt.passes.moe_topk",
+    "kompakt.passes.moe_merge",
 )
 
 

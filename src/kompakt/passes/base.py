@@ -19,9 +19,11 @@ import torch
 
 from kompakt.errors import ConfigError
 from kompakt.model.compression import PackedLayer
+from kompakt.model.arch import is_moe
 from kompakt.model.inputs import Batch
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.stream_save import LayerStream
+from kompakt.model.moe import sparse_layer_problem
 
 
 @dataclass
@@ -125,7 +127,10 @@ class PassSpec:
     runner gives it `PassContext.stream`; a pass without it refuses such a model before any work.
     `decoder_only`: empty when the pass also runs on sentence encoders (BERT family); else why it
     needs a causal LM and what to use on an encoder instead, which `check_model` says in one line
-    before the run touches anything.
+    before the run touches anything. `dense_only`: likewise for Mixture-of-Experts models (why the
+    pass cannot treat fused experts, and what to use instead); empty when it runs on them.
+    `moe_only`: the reverse, for passes that edit experts: empty when the pass runs on dense models
+    too, else what it does to experts (said when refusing a dense model).
     """
 
     name: str
@@ -137,6 +142,8 @@ class PassSpec:
     changes_architecture: bool = False
     streams: bool = False
     decoder_only: str = ""
+    dense_only: str = ""
+    moe_only: str = ""
     doc: str = ""
 
     @property
@@ -149,6 +156,16 @@ def check_model(spec: PassSpec, loaded: LoadedModel) -> None:
     sentence encoder); the recipe runner checks every step once, before the first one runs."""
     if spec.decoder_only and loaded.is_encoder:
         raise ConfigError(f"{spec.name} does not run on sentence encoders such as {loaded.name}: {spec.decoder_only}")
+    if spec.moe_only and not loaded.is_encoder and not is_moe(loaded):
+        raise ConfigError(f"{spec.name} runs on Mixture-of-Experts models only ({spec.moe_only}); {loaded.name} "
+                          "is dense: use prune.width / prune.depth on it instead")  # fmt: skip
+    if is_moe(loaded):
+        if spec.dense_only:
+            raise ConfigError(f"{spec.name} does not run on Mixture-of-Experts models such as {loaded.name}: "
+                              f"{spec.dense_only}")  # fmt: skip
+        problem = sparse_layer_problem(loaded)
+        if problem:
+            raise ConfigError(f"{spec.name}: kompakt runs on MoE models whose every layer is sparse; {problem}")
 
 
 def doc(text: str) -> dict[str, str]:

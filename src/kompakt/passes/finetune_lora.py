@@ -42,6 +42,7 @@ from typing import Any
 from torch import nn
 
 from kompakt.errors import ConfigError
+from kompakt.model.arch import arch_for, is_moe
 from kompakt.model.quantized import is_quantized
 from kompakt.ops.kd_losses import DIVERGENCES
 from kompakt.passes.base import PassContext, PassReport, PassSpec
@@ -104,9 +105,14 @@ def _wrap(model: nn.Module, config: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    check_targets(model, config.peft_targets())
+    targets = config.peft_targets()
+    check_targets(model, targets)
+    if targets == "all-linear" and is_moe(model):  # PEFT's all-linear would wrap the fused expert parameters too,
+        # which its ParamWrapper trains only without dropout: the Linears by name (attention, shared expert)
+        head = arch_for(model).lm_head.rsplit(".", 1)[-1]
+        targets = [name for name in linear_names(model) if name != head]
     peft_config = PeftLoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                 target_modules=config.peft_targets(), bias="none", task_type="CAUSAL_LM")  # fmt: skip
+                                 target_modules=targets, bias="none", task_type="CAUSAL_LM")  # fmt: skip
     return get_peft_model(model, peft_config)
 
 

@@ -12,7 +12,9 @@ Methods (the math lives in `kompakt.ops`):
 Wanda and SparseGPT run layer by layer through `kompakt.calib.run_sequential`: each layer
 sees the calibration activations produced by the already-pruned layers before it, and within
 a layer the Linears are pruned in data-flow order ({q,k,v}, o, {gate,up}, down; set
-`true_sequential: false` to prune a layer's Linears together from its inputs).
+`true_sequential: false` to prune a layer's Linears together from its inputs). An MoE's
+experts ("mlp.experts.<e>.<gate|up|down>", selected by "mlp" too) are pruned on the tokens
+routed to each (kompakt.calib.experts; a starved expert on all tokens, named in the notes).
 
 Targets: `sparsity` (fraction of weights removed from each pruned Linear, in [0, 1); default
 0.5) or `nm: "2:4"` / `"4:8"` (keep N of every M consecutive input weights; M must divide
@@ -56,7 +58,8 @@ from torch import nn
 from kompakt.calib import LayerStats, run_sequential
 from kompakt.calib.threads import solver_threads
 from kompakt.errors import ConfigError
-from kompakt.model.arch import ArchSpec, arch_for, decoder_layers, linear_modules
+from kompakt.model.arch import ArchSpec, arch_for, decoder_layers
+from kompakt.model.moe import all_linears, all_roles, linear_name
 from kompakt.ops.sparsegpt import sparsegpt_prune
 from kompakt.ops.sparsity_masks import magnitude_prune
 from kompakt.ops.wanda import wanda_prune, wanda_scores
@@ -149,9 +152,10 @@ def module_names(modules: list[str] | str | None) -> list[str]:
     return names
 
 
-def selected_roles(config: SparseConfig, spec: ArchSpec) -> list[str]:
-    """The roles of this family's Linears that `modules` selects (all by default)."""
-    available = list(spec.linear_paths)
+def selected_roles(config: SparseConfig, spec: ArchSpec, model: nn.Module | None = None) -> list[str]:
+    """The roles of this family's Linears that `modules` selects (all by default; an MoE's experts
+    are "mlp.experts.<e>.<part>", selected by "mlp" too)."""
+    available = all_roles(model) if model is not None else list(spec.linear_paths)
     names = module_names(config.modules)
     if not names:
         return available
@@ -172,9 +176,9 @@ def scheduled_sparsity(config: SparseConfig) -> float:
 def check_nm(model: nn.Module, spec: ArchSpec, roles: list[str], nm: tuple[int, int]) -> None:
     """ConfigError naming the first pruned Linear whose input width M does not divide."""
     for index, layer in enumerate(decoder_layers(model)):
-        for role, module in linear_modules(layer, spec).items():
+        for role, module in all_linears(layer, spec).items():
             if role in roles and module.in_features % nm[1]:
-                path = f"{spec.layers}.{index}.{spec.linear_paths[role]}"
+                path = linear_name(spec, index, role)
                 raise ConfigError(
                     f"prune.sparse: N:M {nm[0]}:{nm[1]} needs input widths divisible by {nm[1]}, but {path} has"
                     f" {module.in_features}; use unstructured sparsity or exclude it with modules"
@@ -252,15 +256,14 @@ def _prune_calibrated(
     def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
         sparsity = None if nm is not None else layer_sparsity[index]
         for role, stat in stats.items():
-            path = f"{spec.layers}.{index}.{spec.linear_paths[role]}"
-            done[path] = _prune_linear(stat.module, config, sparsity, nm, stat)
+            done[linear_name(spec, index, role)] = _prune_linear(stat.module, config, sparsity, nm, stat)
 
-    run_sequential(
+    result = run_sequential(
         model, blocks, process, roles=roles, collect="hessian" if config.method == "sparsegpt" else "norms",
         true_sequential=config.true_sequential, batch_size=config.batch_size,
         description=f"{config.method} pruning", on_layer=layer_writer(ctx),
     )  # fmt: skip
-    return done
+    return done, result.notes
 
 
 def _prune_magnitude(ctx: PassContext, roles: list[str], config: SparseConfig, layer_sparsity: list[float], nm):
@@ -269,10 +272,10 @@ def _prune_magnitude(ctx: PassContext, roles: list[str], config: SparseConfig, l
 
     @torch.no_grad()
     def prune_layer(index: int, layer: nn.Module) -> None:
-        for role, module in linear_modules(layer, spec).items():
+        for role, module in all_linears(layer, spec).items():
             if role in roles:
                 sparsity = None if nm is not None else layer_sparsity[index]
-                done[f"{spec.layers}.{index}.{spec.linear_paths[role]}"] = _prune_linear(module, config, sparsity, nm)
+                done[linear_name(spec, index, role)] = _prune_linear(module, config, sparsity, nm)
 
     each_layer(ctx, prune_layer)  # streamed: each layer read, pruned, written and released in turn
     return done
@@ -282,7 +285,7 @@ def apply(ctx: PassContext, config: SparseConfig) -> PassReport:
     start = time.perf_counter()
     model = ctx.loaded.model
     spec = arch_for(model)
-    roles = selected_roles(config, spec)
+    roles = selected_roles(config, spec, model)
     nm = parse_nm(config.nm) if config.nm is not None else None
     if nm is not None:
         check_nm(model, spec, roles, nm)
@@ -295,23 +298,24 @@ def apply(ctx: PassContext, config: SparseConfig) -> PassReport:
     if config.owl:
         ratios = layer_outlier_ratios(model, blocks, roles, config)
         layer_sparsity = owl_sparsities(ratios, target, config.owl_lambda)
+    notes: list[str] = []  # routing-aware calibration: experts calibrated on all tokens, and why
     if config.method == "magnitude":
         done = _prune_magnitude(ctx, roles, config, layer_sparsity, nm)
     else:
-        done = _prune_calibrated(ctx, blocks, roles, config, layer_sparsity, nm)
+        done, notes = _prune_calibrated(ctx, blocks, roles, config, layer_sparsity, nm)
     zeros = sum(d["zeros"] for d in done.values())
     numel = sum(d["numel"] for d in done.values())
     pattern = f"{nm[0]}:{nm[1]}" if nm else f"{target:.1%} unstructured"
     summary = (
         f"{config.method} {pattern}{' (OWL)' if config.owl else ''}: {zeros / max(numel, 1):.1%} of the weights"
         f" of {len(done)} Linears are zero ({zeros:,} of {numel:,})"
-    )
+    ) + "".join(f"; {note}" for note in notes)
     details = {
         "method": config.method, "pattern": pattern, "target_sparsity": target,
         "achieved_sparsity": zeros / max(numel, 1), "zeros": zeros, "pruned_weights_total": numel,
         "layer_sparsity": layer_sparsity, "owl_outlier_ratios": ratios, "linears": done,
         "calibration_blocks": None if blocks is None else list(blocks.shape),
-        "seconds": time.perf_counter() - start, "storage": "dense (zeros stored)",
+        "seconds": time.perf_counter() - start, "storage": "dense (zeros stored)", "notes": notes,
     }  # fmt: skip
     logger.info("%s", summary)
     return PassReport(loaded=ctx.loaded, summary=summary, details=details)

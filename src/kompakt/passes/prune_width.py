@@ -13,6 +13,10 @@ same numbers `kompakt analyze` reports, so the channels it ranks highest are the
 - hidden (embedding) channel: |x_i| of every pre-attention and pre-MLP norm output, summed
   over layers.
 
+Mixture of Experts (Mixtral, Qwen-MoE, OLMoE): every expert keeps its own most important channels,
+ranked on the tokens routed to it, and heads go as above; hidden cuts and target_params are
+refused there (kompakt.passes.prune_width_moe).
+
 `importance: random` is the baseline. The same number of units is removed in every layer, so
 the result is a standard config that plain transformers (and llama.cpp) can load.
 
@@ -61,6 +65,7 @@ from kompakt.model.surgery import (
     shrink_mlp,
 )
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
+from kompakt.passes.prune_width_moe import apply_moe
 from kompakt.scoring.channels import ChannelImportance, channel_importance, top_k
 
 logger = logging.getLogger(__name__)
@@ -279,6 +284,8 @@ def _check_head_size(loaded: LoadedModel, config: WidthConfig, cut_heads: bool, 
 
 def apply(ctx: PassContext, config: WidthConfig) -> PassReport:
     loaded = ctx.loaded
+    if arch_for(loaded).moe is not None:  # expert channels ranked per expert (kompakt.passes.prune_width_moe)
+        return apply_moe(ctx, config, _keep_count, kv_groups_to_keep)
     require_linears(decoder_layers(loaded.model), arch_for(loaded).linear_paths.values())  # not factorized
     cfg = text_config(loaded.model)
     before = loaded.num_parameters()

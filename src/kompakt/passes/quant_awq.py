@@ -14,6 +14,10 @@ input Gram matrix, clipping search) is in `kompakt.ops.awq`. Scaling points, fou
   scale per KV-head channel, repeated over the query heads that share it). Skipped, and
   reported, when the shapes do not allow it.
 - up → down (the gate's activation multiplies up, so scaling up's rows scales down's inputs).
+- Mixture of Experts: up → down per expert, searched on the tokens routed to that expert
+  (kompakt.calib.experts; starved experts on all tokens, named in the notes), and clipping per
+  expert Linear. The pre-MLP norm feeds the router and every expert at once, so no scale is
+  folded into it (the experts' gate/up are only clipped).
 
 With `tensor_types` (as the quantizer's, kompakt.passes.quant_types) each Linear's error is
 measured on its own type's grid; a scale shared by Linears of different types minimises their
@@ -53,6 +57,7 @@ from kompakt.calib import LayerStats, run_sequential
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, fused_splits, linear_modules, norm_modules, text_config
 from kompakt.model.compression import AwqScaling, get_state, update_state
+from kompakt.model.moe import all_roles, expert_linear_modules, expert_role, is_expert_role, parse_expert_role
 from kompakt.model.quantized import ensure_not_quantized
 from kompakt.ops.awq import search_clip, search_scales
 from kompakt.ops.quant import QuantGrid
@@ -142,7 +147,10 @@ class AwqScaler:
 
     def process(self, index: int, layer: nn.Module, stats: LayerStats) -> None:
         roles = set(stats.keys())
-        if roles & {"attn.q", "attn.qkv"}:
+        if any(is_expert_role(role) for role in roles):
+            if self.config.up_to_down:
+                self._scale_experts_down(index, layer, stats)
+        elif roles & {"attn.q", "attn.qkv"}:
             self._scale_after_norm(index, layer, stats, "attn.pre")
         elif roles & {"mlp.gate", "mlp.gate_up"}:
             self._scale_after_norm(index, layer, stats, "mlp.pre")
@@ -152,6 +160,16 @@ class AwqScaler:
             self._scale_from(index, stats, None, ("mlp.up", layer), "mlp.up")
         if self.config.clip:
             self._clip(stats)
+
+    def _scale_experts_down(self, index: int, layer: nn.Module, stats: LayerStats) -> None:
+        """Per expert: down's input columns scaled, folded into the same expert's up rows (its
+        gate's activation multiplies up), searched on the expert's routed tokens."""
+        views = expert_linear_modules(layer, self.spec.moe)
+        for role, stat in stats.items():
+            expert, part = parse_expert_role(role)
+            if part == "down":
+                up = views[expert_role(expert, "up")]
+                self._scale_from(index, {role: stat}, None, up, f"experts.{expert}.up")  # type: ignore[arg-type]
 
     def _scale_after_norm(self, index: int, layer: nn.Module, stats: LayerStats, role: str) -> None:
         """Fold into a pre-norm only when it feeds exactly this group (not a shared parallel-block norm)."""
@@ -199,13 +217,16 @@ class AwqScaler:
         if getattr(norm, "bias", None) is not None:
             norm.bias.copy_((norm.bias.float() / s).to(norm.bias.dtype))
 
-    def _fold_rows(self, producer: tuple[str, nn.Module], s: torch.Tensor) -> None:
+    def _fold_rows(self, producer: tuple[str, nn.Module] | nn.Linear, s: torch.Tensor) -> None:
         """Divide the producing Linear's output rows (and bias) by s."""
-        role, layer = producer
-        found = _rows(role, self.model)
-        assert found is not None
-        module = linear_modules(layer, self.spec)[found[0]]
-        rows = found[1]
+        if isinstance(producer, nn.Linear):  # an expert's up (a view into the fused parameters)
+            module, rows = producer, slice(None)
+        else:
+            role, layer = producer
+            found = _rows(role, self.model)
+            assert found is not None
+            module = linear_modules(layer, self.spec)[found[0]]
+            rows = found[1]
         module.weight[rows] = (module.weight[rows].float() / s.unsqueeze(1)).to(module.weight.dtype)
         if module.bias is not None:
             module.bias[rows] = (module.bias[rows].float() / s).to(module.bias.dtype)
@@ -279,9 +300,10 @@ def apply(ctx: PassContext, config: AwqConfig) -> PassReport:
     model = loaded.model
     awq = AwqScaler(model, config)  # resolves the per-tensor types first: bad ones fail before any work
     blocks = ctx.calibration()[: config.max_blocks]
-    run_sequential(model, blocks, awq.process, collect="hessian", true_sequential=True,
-                   batch_size=config.batch_size, description="AWQ scale search",
-                   on_layer=layer_writer(ctx))  # fmt: skip
+    result = run_sequential(model, blocks, awq.process, roles=all_roles(model), collect="hessian",
+                            true_sequential=True, batch_size=config.batch_size, description="AWQ scale search",
+                            on_layer=layer_writer(ctx))  # fmt: skip
+    awq.notes.extend(result.notes)
     grid = config.grid().grid_label
     update_state(loaded, awq=AwqScaling(grid=grid, clip=config.clip))
     scales = scales_summary(awq.log)

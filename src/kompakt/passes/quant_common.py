@@ -22,7 +22,9 @@ Grids:
   in the compression state's per_tensor_types for the GGUF export.
 
 Modules: every Linear of the decoder layers by default; `modules` picks roles ("attn", "mlp",
-"attn.q", ..., "mlp.down"); `embeddings: true` / `lm_head: true` add those (with tied
+"attn.q", ..., "mlp.down"; an MoE's experts are "mlp.experts.<e>.<gate|up|down>", views into
+the fused expert parameters, stored dense at their exact values since compressed-tensors packs
+Linears only); `embeddings: true` / `lm_head: true` add those (with tied
 embeddings both flags mean the same matrix). The weights keep their exact dequantized values in
 fp32 (the storage dtype is raised to fp32 when it was lower, so saving does not round them).
 """
@@ -44,6 +46,7 @@ from kompakt.model.basis_sharing import shares_only_factors
 from kompakt.model.compression import PackedLayer, Quantization, get_state, nominal_bits, update_state
 from kompakt.model.gguf_blocks import GgufBlocks
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.moe import expert_linear_modules, expert_module_name
 from kompakt.model.quantized import SCALE_DTYPE, ensure_not_quantized, storage_grid
 from kompakt.ops import ggml_types
 from kompakt.ops.ggml_types import ASYMMETRIC
@@ -57,6 +60,8 @@ BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
 MODULE_NAMES = ("attn", "mlp", *ROLES)
+MOE_ROLES = ("mlp.experts.0.gate", "mlp.experts.0.up", "mlp.experts.0.down", "mlp.shared_gate", "mlp.shared_up",
+             "mlp.shared_down")  # examples of the MoE roles a pattern may match (kompakt.model.moe)
 # GGUF types whose blocks store a minimum beside the scale (the others are symmetric grids).
 NAMES_SHOWN = 3  # module names a summary line or lineage record shows before "..."
 
@@ -129,7 +134,7 @@ def role_patterns(modules: list[str] | str | None, name: str) -> list[str]:
         return []
     names = [n.strip() for n in modules.split(",")] if isinstance(modules, str) else [str(n) for n in modules]
     patterns = [n + ".*" if n in ("attn", "mlp") else n for n in names if n]
-    bad = [p for p in patterns if not any(fnmatchcase(r, p) for r in ROLES)]
+    bad = [p for p in patterns if not any(fnmatchcase(r, p) for r in ROLES + MOE_ROLES)]
     if bad or not patterns:
         raise ConfigError(f"{name}: modules {bad or names} match no Linear role; valid: {', '.join(MODULE_NAMES)}")
     return patterns
@@ -166,6 +171,10 @@ def select_targets(model: nn.Module, config: QuantGridConfig, name: str) -> list
         for role, module in linear_modules(layer, spec).items():
             if not patterns or any(fnmatchcase(role, p) for p in patterns):
                 targets.append(Target(f"{spec.layers}.{index}.{linear_path(spec, role)}", module, role, index))
+        if spec.moe is not None:  # the experts (fused parameters) as Linear views: roles "mlp.experts.<e>.<part>"
+            for role, module in expert_linear_modules(layer, spec.moe).items():
+                if not patterns or any(fnmatchcase(role, p) for p in patterns):
+                    targets.append(Target(expert_module_name(spec, index, role), module, role, index))
     if not targets:
         raise ConfigError(f"{name}: modules {config.modules} match no Linear of this {spec.family} model")
     if config.lm_head and spec.lm_head is None:
@@ -344,7 +353,12 @@ def record(loaded: LoadedModel, method: str, config: QuantGridConfig, done: Quan
     loaded.gguf_blocks.update(done.blocks)
     if get_state(loaded).shared:  # compressed-tensors cannot store a tie: the step is saved unpacked (fp32)
         return {}
-    return {n: p for n, p in done.packed.items() if p is not None}
+    # compressed-tensors packs Linears only: fused MoE experts are stored dense at their exact values (fp32)
+    return {n: p for n, p in done.packed.items() if p is not None and n in linear_names(loaded.model)}
+
+
+def linear_names(model: nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
 
 
 def few(names: list[str]) -> str:

@@ -33,6 +33,11 @@ bytes cannot be recovered from the dense weights (K-quants: `pack(codes, scales,
 them to the export as LoadedModel.gguf_blocks.
 Embeddings / lm_head, when asked for, are quantized with RTN (no Hessian is collected there).
 
+Mixture of Experts (Mixtral, Qwen-MoE, OLMoE): every expert is quantized on the Hessian of the
+tokens its router sends to it (kompakt.calib.experts), gate/up first, then down on the outputs
+of the quantized gate/up; an expert routed fewer than 32 calibration tokens is solved on all
+tokens of its layer instead, and the step's notes name it. The router stays in full precision.
+
 Sample recipe steps::
 
     - quant.gptq: {bits: 4, group_size: 64}
@@ -56,6 +61,7 @@ from kompakt.errors import ConfigError
 from kompakt.model.compression import AwqScaling, update_state
 from kompakt.model.gguf_blocks import GgufBlocks
 from kompakt.model.inputs import batch_label
+from kompakt.model.moe import all_roles
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
@@ -150,7 +156,7 @@ def _awq_phase(model: nn.Module, config: GptqConfig) -> tuple[AwqScaler | None, 
     grid.validate()
     scaler = AwqScaler(model, grid)
     batches = None if config.awq_blocks is None else -(-config.awq_blocks // config.batch_size)
-    return scaler, [Phase(scaler.process, roles=None, max_batches=batches, true_sequential=True)]  # as quant.awq
+    return scaler, [Phase(scaler.process, roles=all_roles(model), max_batches=batches, true_sequential=True)]  # as quant.awq
 
 
 def _run_gptq(ctx: PassContext, blocks: torch.Tensor, decoder: list[Target], config: GptqConfig,
@@ -190,7 +196,7 @@ def _run_gptq(ctx: PassContext, blocks: torch.Tensor, decoder: list[Target], con
         true_sequential=config.true_sequential, batch_size=config.batch_size,
         description="AWQ + GPTQ" if awq else "GPTQ", on_layer=layer_writer(ctx, done),
     )  # fmt: skip
-    return done, losses, result.seconds, awq
+    return done, losses, result, awq
 
 
 def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
@@ -200,7 +206,8 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
     types = target_types(loaded.model, config, targets, "quant.gptq")
     decoder = [t for t in targets if t.layer is not None]
     blocks = ctx.calibration()[: config.max_blocks]
-    quantized, losses, calib_seconds, awq = _run_gptq(ctx, blocks, decoder, config, types)
+    quantized, losses, run, awq = _run_gptq(ctx, blocks, decoder, config, types)
+    calib_seconds = run.seconds
     rest = [t for t in targets if t.layer is None]
     materialize_targets(ctx, [t.module for t in rest])  # streamed: the embeddings / head, when asked
     extra = rtn_targets(rest, config, types)
@@ -209,7 +216,7 @@ def apply(ctx: PassContext, config: GptqConfig) -> PassReport:
         f"{batch_label(blocks)} (GPTQ Hessians)")  # padded sentences (an encoder)
     packed_layers = record(loaded, "gptq", config, quantized, types, calibration)
     done = quantized.plans
-    notes = notes_of(done, "quant.gptq")
+    notes = notes_of(done, "quant.gptq") + run.notes  # + experts calibrated on all tokens (MoE), and why
     worst = sorted(losses, key=losses.__getitem__, reverse=True)[:NAMES_SHOWN]
     details = {
         "method": "gptq", "grid": config.grid_label, "modules": len(done), "grids": grid_counts(config, done),

@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 from kompakt.errors import ConfigError
 from kompakt.model.compression import clear_quantization, compressed_tensors_config, get_state
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.moe import is_expert_role
 from kompakt.model.quantized import is_quantized
 from kompakt.passes.base import PassContext, PassReport, PassSpec
 from kompakt.passes.distill_kd import objective_for
@@ -128,7 +129,9 @@ def _attach(targets: list[Target], grid: QuantGridConfig, types: dict[str, str])
     for target in targets:
         plan = plan_grid(grid, target.module.weight.shape[1], types.get(target.name))
         plans[target.name] = plan
-        if plan.grid is not None:
+        # An MoE's experts are views into fused parameters the forward reads directly: a parametrization
+        # of the view would not be seen, so they train unquantized and are rounded (RTN) at the end.
+        if plan.grid is not None and not is_expert_role(target.role):
             parametrize.register_parametrization(target.module, "weight", FakeQuant(grid, plan), unsafe=True)
     return plans
 
@@ -161,6 +164,8 @@ def apply(ctx: PassContext, config: QatConfig) -> PassReport:
     packed_layers = record(loaded, "qat", grid, quantized, types)
     done = quantized.plans
     notes = notes_of(done, NAME)
+    if any(is_expert_role(t.role) for t in targets):
+        notes.append("MoE experts (fused parameters) trained unquantized and rounded to the grid at the end (RTN)")
     history = result.history
     summary = (f"qat {grid.grid_label} ({source}): {result.tokens} tokens, {result.steps} steps, "
                f"{result.tokens_per_s:.0f} tok/s; loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}"

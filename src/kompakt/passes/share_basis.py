@@ -372,4 +372,6 @@ def _report(ctx: PassContext, config: ShareBasisConfig, choices: list[RoleChoice
 
 
 PASS = PassSpec(name=NAME, config=ShareBasisConfig, apply=apply, needs_calibration=True, changes_architecture=True,
+                dense_only="it shares a basis between dense Linears of several layers, and an MoE's experts are "
+                "fused parameters, not Linears; shrink experts with moe.prune / moe.merge",
                 doc=__doc__ or "")  # fmt: skip

@@ -159,4 +159,7 @@ def _check_smaller(loaded: LoadedModel, config: ShareLayersConfig, n_layers: int
                           "that sharing saves; lower relax_rank or share more layers")  # fmt: skip
 
 
-PASS = PassSpec(name=NAME, config=ShareLayersConfig, apply=apply, changes_architecture=True, doc=__doc__ or "")
+PASS = PassSpec(name=NAME, config=ShareLayersConfig, apply=apply, changes_architecture=True,
+                dense_only="it ties the Linears of whole decoder layers, and an MoE layer's experts are fused "
+                "parameters it does not tie; remove experts with moe.prune / moe.merge or layers with prune.depth",
+                doc=__doc__ or "")  # fmt: skip

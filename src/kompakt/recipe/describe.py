@@ -72,6 +72,7 @@ def describe_pass(name: str) -> dict[str, Any]:
         (spec.needs_calibration, "calibration data"), (spec.needs_teacher, "the original as teacher"),
         (spec.needs_training, "training"), (spec.changes_architecture, "changes the architecture"),
         (bool(spec.decoder_only), "a causal LM (not a sentence encoder)"),
+        (bool(spec.dense_only), "a dense model (not a Mixture of Experts)"),
     ) if flag]  # fmt: skip
     samples = _samples(spec)
     flow = [yaml.safe_dump([sample], default_flow_style=None, sort_keys=False, width=1000).strip() for sample in samples]

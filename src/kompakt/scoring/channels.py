@@ -100,8 +100,9 @@ class ChannelCollector:
         self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         self.layers = layers
         # The modules at the o / down paths: their input is what is scored (a factorized one, too).
-        self.linears = [{role: get_submodule(layer, spec.linear_paths[role]) for role in ("attn.o", "mlp.down")}
-                        for layer in layers]  # fmt: skip
+        # (An MoE has no dense down_proj: its MLP channels are per expert, and not scored here.)
+        self.linears = [{role: get_submodule(layer, spec.linear_paths[role]) for role in ("attn.o", "mlp.down")
+                         if role in spec.linear_paths} for layer in layers]  # fmt: skip
         self.norms = [norm_modules(layer, spec) for layer in layers]
         self.sums: dict[tuple, torch.Tensor] = {}  # (kind, layer[, role]) -> sum over blocks of score^2
         self.blocks = 0
@@ -122,7 +123,8 @@ class ChannelCollector:
         handles = []
         for index, (linears, norms) in enumerate(zip(self.linears, self.norms)):
             handles.append(linears["attn.o"].register_forward_pre_hook(self._head_hook(index)))
-            handles.append(linears["mlp.down"].register_forward_pre_hook(self._input_hook(("mlp", index))))
+            if "mlp.down" in linears:
+                handles.append(linears["mlp.down"].register_forward_pre_hook(self._input_hook(("mlp", index))))
             for role in ("attn.pre", "mlp.pre"):
                 handles.append(norms[role].register_forward_hook(self._output_hook(("hidden", index, role))))
         # Blocks are counted on the first layer's o_proj input: one call per forward.
@@ -164,7 +166,7 @@ class ChannelCollector:
         n = len(self.layers)
         hidden = sum(self._rms(key) for key in self.sums if key[0] == "hidden")
         return ChannelImportance.from_heads(
-            mlp=[self._rms(("mlp", i)) for i in range(n)],
+            mlp=[self._rms(("mlp", i)) if ("mlp", i) in self.sums else np.zeros(0) for i in range(n)],
             heads=[self._rms(("heads", i)) for i in range(n)],
             hidden=hidden,
             n_kv=self.n_kv,

@@ -1,0 +1,232 @@
+"""Mixture-of-Experts benchmark (issue 18): an upcycled SmolLM2 MoE, expert pruning vs merging,
+fewer experts per token, 4-bit GPTQ vs RTN.
+
+No MoE weights install offline, so the MoE is built (kompakt.model.upcycle): SmolLM2-135M's MLPs
+split into `--experts` experts (co-activation-clustered neurons, least-squares router, fitted
+scale; `--mode copy`: every expert a noisy copy of the MLP), top-`--top-k`, as a Mixtral-family
+model, then healed with distill.kd from the dense model
+(`--kd-tokens` of WikiText-2 validation, " <unk>" removed). Routing entropy (mean nats per token,
+and the load balance normalised by log E) and pairwise expert similarity (cosine of the experts'
+outputs on the same tokens) are reported before and after the distillation. The MoE is saved
+(`--moe-dir`) and reused by later runs.
+
+Then, against the MoE as the reference (KL(MoE || candidate), top-1 agreement, perplexity ratio on
+the first `--eval-tokens` tokens of WikiText-2 test, windows of 512, BENCH.md):
+  prune   50 % of the experts removed per layer: moe.prune REAP, moe.prune frequency, moe.merge
+          (frequency-weighted, neuron-aligned); moe.topk top-1 (no expert removed)
+  quant   quant.rtn vs quant.gptq, 4-bit, group 64, symmetric, every expert with its routed
+          calibration (the MoE's router, embeddings and head stay fp32)
+Calibration: `--calib-blocks` blocks of 512 from wiki.valid (BENCH.md sampling).
+`--speed` adds llama.cpp generation tokens/s of each candidate's F16 GGUF, as a ratio to the MoE's.
+
+    nice -n 10 .venv/bin/python bench/moe.py --kd-tokens 150000             # full (hours on 2 cores)
+
+Measured before distillation (2 calibration blocks, first 1024 test tokens, under load): split
+8 x top-2 is far from SmolLM2 (ppl 2.5e5, KL 9.2: each token loses 3/4 of the MLP neurons,
+including those SmolLM2's massive activations come from); split 8 x top-8 has KL 0.52 (ppl x1.54),
+so the partition itself is sound. Distillation has much to recover at top-2.
+    .venv/bin/python bench/moe.py --layers 4 --eval-tokens 1024 --kd-tokens 1024 --calib-blocks 2 \
+        --moe-dir /tmp/moe-smoke --suffix=-smoke                              # smoke run (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "wikitext2"
+RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import ResultsFile  # noqa: E402
+
+
+def clean_valid_text() -> Path:
+    path = Path(tempfile.gettempdir()) / "kompakt-bench-wiki-valid.txt"
+    if not path.exists():
+        path.write_text((DATA / "wiki.valid.tokens").read_text(encoding="utf-8").replace(" <unk>", ""))
+    return path
+
+
+def calibration(tokenizer, n_blocks: int) -> torch.Tensor:
+    from kompakt.data import sample_blocks, tokenize_texts
+
+    ids = tokenize_texts([clean_valid_text().read_text()], tokenizer)
+    return sample_blocks(ids, n_blocks, 512, seed=0)
+
+
+def eval_ids(tokenizer) -> torch.Tensor:
+    from kompakt.data import read_texts, tokenize_texts
+
+    return tokenize_texts(read_texts(DATA / "wiki.test.raw"), tokenizer)
+
+
+def quality(reference, candidate, ids: torch.Tensor, tokens: int) -> dict:
+    from kompakt.evaluate import fidelity
+
+    r = fidelity(reference, candidate, ids, window=512, stride=512, max_tokens=tokens)
+    return {"ppl": round(r.ppl_candidate, 3), "ppl_reference": round(r.ppl_reference, 3),
+            "ppl_ratio": round(r.ppl_candidate / r.ppl_reference, 4), "kl": round(r.kl_mean, 4),
+            "top1": round(r.top1, 4)}  # fmt: skip
+
+
+def apply(name: str, loaded, values: dict, calib=None, teacher=None):
+    from kompakt.passes.base import PassContext, build_config, get_pass
+
+    spec = get_pass(name)
+    ctx = PassContext(loaded=loaded, original=lambda: teacher or loaded, calibration=lambda: calib, seed=0)
+    start = time.perf_counter()
+    report = spec.apply(ctx, build_config(spec, values))
+    return report, round(time.perf_counter() - start, 1)
+
+
+def clone(loaded):
+    from kompakt.model.loaded import LoadedModel
+
+    return LoadedModel(model=copy.deepcopy(loaded.model), tokenizer=loaded.tokenizer, name=loaded.name)
+
+
+def routing(moe, calib: torch.Tensor) -> dict:
+    """Routing entropy, load balance and expert similarity of an MoE over calibration blocks."""
+    from kompakt.model.upcycle import block_inputs, expert_similarity
+    from kompakt.scoring.experts import expert_stats
+
+    stats = expert_stats(moe.model, [b.to(moe.device) for b in calib.split(2)])
+    similarity = expert_similarity(moe, block_inputs(moe, calib, 1024))
+    mean = lambda values: round(float(sum(values) / len(values)), 4)  # noqa: E731
+    return {"routing_entropy": mean(stats.token_entropy), "load_balance": mean(stats.load_entropy),
+            "expert_similarity": mean(similarity), "expert_similarity_max": round(max(similarity), 4)}  # fmt: skip
+
+
+def build_moe(args, dense, calib, ids, results: ResultsFile):
+    """The upcycled MoE (loaded from --moe-dir when it is there), its rows against the dense model."""
+    from kompakt.model.load import load
+    from kompakt.model.upcycle import upcycle
+
+    target = Path(args.moe_dir)
+    if (target / "config.json").exists():
+        return load(target, device="cpu", dtype="float32")
+    start = time.perf_counter()
+    moe = upcycle(dense, experts=args.experts, top_k=args.top_k, mode=args.mode, calibration=calib)
+    built = round(time.perf_counter() - start, 1)
+    results.add({"name": "upcycled (before KD)", "order": 1, "parameters": moe.num_parameters(), "wall_s": built,
+                 "reference": "dense", **routing(moe, calib), **quality(dense, moe, ids, args.eval_tokens)})  # fmt: skip
+    kd = {"data": str(clean_valid_text()), "tokens": args.kd_tokens, "alpha": 0.5, "temperature": 2.0, "lr": args.lr,
+          "batch_size": 4, "seq_len": 256, "checkpoint_every": 0, "threads": args.threads}  # fmt: skip
+    report, wall = apply("distill.kd", moe, kd, teacher=dense)
+    results.add({"name": "upcycled + distill.kd", "order": 2, "parameters": moe.num_parameters(), "wall_s": wall,
+                 "tokens_seen": report.details.get("tokens"), "reference": "dense", **routing(moe, calib),
+                 **quality(dense, moe, ids, args.eval_tokens)})  # fmt: skip
+    moe.model.save_pretrained(target)
+    moe.tokenizer.save_pretrained(target)
+    return moe
+
+
+def gguf_speed(loaded, prompt_ids: list[int], n: int = 32) -> float:
+    """llama.cpp greedy generation tokens/s of `loaded` as an F16 GGUF (best of two)."""
+    from llama_cpp import Llama
+
+    from kompakt.export import export_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_gguf(loaded, Path(tmp) / "m.gguf", type="f16")
+        llm = Llama(model_path=str(path), n_ctx=256, n_threads=torch.get_num_threads(), verbose=False)
+        best = 0.0
+        for _ in range(2):
+            llm.reset()
+            start = time.perf_counter()
+            done = 0
+            for token in llm.generate(prompt_ids, top_k=1):
+                done += 1
+                if done >= n:
+                    break
+            best = max(best, done / (time.perf_counter() - start))
+        llm.close()
+    return best
+
+
+CANDIDATES = {
+    "prune": [
+        ("REAP 50 %", "moe.prune", {"fraction": 0.5, "method": "reap"}),
+        ("frequency 50 %", "moe.prune", {"fraction": 0.5, "method": "frequency"}),
+        ("merge 50 % (MC-SMoE)", "moe.merge", {"fraction": 0.5}),
+        ("top-1 (no expert removed)", "moe.topk", {"top_k": 1}),
+    ],
+    "quant": [
+        ("RTN 4-bit g64 sym", "quant.rtn", {"bits": 4, "group_size": 64, "symmetric": True}),
+        ("GPTQ 4-bit g64 sym", "quant.gptq", {"bits": 4, "group_size": 64, "symmetric": True}),
+    ],
+}
+
+
+def run_candidates(args, moe, calib, ids, results: ResultsFile) -> None:
+    base_speed = gguf_speed(moe, ids[:16].tolist()) if args.speed else None
+    for part in args.parts:
+        for order, (label, name, values) in enumerate(CANDIDATES[part], start=10 if part == "prune" else 20):
+            candidate = clone(moe)
+            values = {**values, "max_blocks": args.calib_blocks} if name in ("moe.prune", "moe.merge") else values
+            report, wall = apply(name, candidate, values, calib=calib)
+            row = {"name": label, "order": order, "pass": name, "parameters": candidate.num_parameters(),
+                   "wall_s": wall, "summary": report.summary, "reference": "MoE",
+                   **quality(moe, candidate, ids, args.eval_tokens)}  # fmt: skip
+            if args.speed and part == "prune":
+                row["llamacpp_gen_speed_ratio"] = round(gguf_speed(candidate, ids[:16].tolist()) / base_speed, 3)
+            results.add(row)
+            print(json.dumps(row))
+            del candidate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--mode", choices=("split", "copy"), default="split", help="kompakt.model.upcycle mode")
+    parser.add_argument("--kd-tokens", type=int, default=150000)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--calib-blocks", type=int, default=32)
+    parser.add_argument("--eval-tokens", type=int, default=32768)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=sorted(CANDIDATES), default=sorted(CANDIDATES))
+    parser.add_argument("--speed", action="store_true", help="llama.cpp generation speed ratios (prune part)")
+    parser.add_argument("--moe-dir", default=str(Path.home() / ".cache" / "kompakt" / "bench" / "smollm2-moe"))
+    parser.add_argument("--layers", type=int, default=0, help="smoke runs: keep SmolLM2's first N layers only")
+    parser.add_argument("--suffix", default="")
+    parser.add_argument("--merge", action="store_true", help="keep the other rows of an existing results file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from kompakt.model.load import load
+
+    dense = load("smollm2-135m", device="cpu", dtype="float32")
+    if args.layers:  # smoke runs only: the first N layers (numbers then do not compare with full runs)
+        from kompakt.model.surgery import drop_layers
+
+        total = dense.model.config.num_hidden_layers
+        dense, _ = drop_layers(dense, list(range(args.layers, total)))
+    kept = f", first {args.layers} layers only" if args.layers else ""
+    header = {"bench": "moe", "protocol": "moe-1", "model": f"smollm2-135m{kept} upcycled: {args.experts} experts, top-{args.top_k}, {args.mode}",
+              "kd_tokens": args.kd_tokens, "calib_blocks": args.calib_blocks, "eval_tokens": args.eval_tokens,
+              "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared)",
+              "torch": torch.__version__}  # fmt: skip
+    results = ResultsFile(RESULTS / f"moe{args.suffix}.json", header, args.merge)
+    calib = calibration(dense.tokenizer, args.calib_blocks)
+    ids = eval_ids(dense.tokenizer)
+    moe = build_moe(args, dense, calib, ids, results)
+    run_candidates(args, moe, calib, ids, results)
+    for row in results.read()["rows"]:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

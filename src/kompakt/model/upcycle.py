@@ -1,0 +1,236 @@
+"""Upcycle a dense Llama-layout model into a Mixtral-family Mixture of Experts.
+
+No MoE weights install offline, yet expert pruning and merging need a real MoE to be measured
+on; this builds one from the embedded SmolLM2 (or any llama / mistral model with a plain
+gate / up / down MLP). Attention, norms and embeddings are copied; each MLP becomes a sparse
+block of `experts` experts routed top-`top_k`, saved as an ordinary Mixtral directory that
+transformers, kompakt and llama.cpp load.
+
+Two ways to make the experts (the two the MoE literature uses):
+
+- ``split`` (LLaMA-MoE, Zhu et al. 2024, "LLaMA-MoE: Building Mixture-of-Experts from LLaMA with
+  Continual Pre-training"): the MLP's intermediate neurons are partitioned into `experts` groups
+  of equal size, so the MoE has the dense model's parameter count and each token runs
+  top_k / experts of the MLP. Neurons that fire together go to the same expert (balanced
+  clustering of their activation magnitudes over calibration tokens, LLaMA-MoE's co-activation
+  idea), the router is fitted by least squares to predict each expert's log output norm from the
+  block input (tokens go to the experts that would contribute most) and scaled down so the chosen
+  experts' gates stay near uniform (every kept neuron weighted as in the dense MLP), and one scale per layer,
+  fitted the same way, restores the dense MLP's output size. Experts differ from the start; the
+  model needs distillation from the dense one (distill.kd) to win back quality.
+- ``copy`` (Sparse Upcycling, Komatsuzaki et al. 2023): every expert is the whole MLP plus small
+  noise, the router random; the MoE starts as good as the dense model but `experts` times its MLP
+  parameters, and its experts stay near-identical until long training separates them.
+
+Measured (SmolLM2, split 8 x top-2, before distillation): the upcycled model is chaotic in its
+routing: 1e-3 relative noise on the input embeddings leaves only 13 % of its top-1 tokens
+unchanged (the dense model: 100 %), because a flipped top-2 choice swaps in disjoint neurons and
+the change cascades over 30 layers. So llama.cpp's F32 GGUF of it (exact with all 8 experts
+routed, and over its first 15 layers) agrees on the top-1 token only ~40 % of the time, and
+the export check fails: heal it with distill.kd (a trained router) before comparing runtimes.
+
+Why in the product, not a bench helper: it is architecture surgery (a new config family, weight
+layouts), which lives in model/; the bench and the tests call the same function.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from kompakt.errors import ConfigError
+from kompakt.model.arch import arch_for, decoder_layers, get_submodule, text_config
+from kompakt.model.loaded import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+MODES = ("split", "copy")
+CLUSTER_TOKENS = 512
+ROUTER_SPREAD = 0.1  # std of the fitted router logits: gates within a few % of uniform
+# Config keys a Llama-layout dense model and a Mixtral share, copied as they are.
+_SHARED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+                "rope_parameters", "tie_word_embeddings", "attention_dropout", "bos_token_id", "eos_token_id",
+                "pad_token_id")  # fmt: skip
+
+
+def _check_dense(loaded: LoadedModel, experts: int, top_k: int, mode: str) -> None:
+    spec = arch_for(loaded)
+    config = text_config(loaded)
+    if mode not in MODES:
+        raise ConfigError(f"unknown upcycling mode {mode!r}; choose one of {', '.join(MODES)}")
+    if spec.moe is not None or spec.encoder or spec.gate is None or spec.up is None or spec.fused_gate_up:
+        raise ConfigError(f"{spec.family} cannot be upcycled; give a llama or mistral model (a plain gate/up/down MLP)")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False) or spec.q_norm:
+        raise ConfigError(f"{spec.family} with biases or q/k norms has no Mixtral equivalent; give a plain llama model")
+    if not 1 <= top_k <= experts or experts < 2:
+        raise ConfigError(f"need 2 or more experts and 1 <= top_k <= experts, got {experts} experts, top-k {top_k}")
+    if mode == "split" and config.intermediate_size % experts:
+        raise ConfigError(f"split needs the MLP width {config.intermediate_size} divisible by {experts} experts")
+
+
+def mixtral_config(dense_config, experts: int, top_k: int, width: int):
+    """The Mixtral config of the upcycled model: the dense model's shapes, experts of `width`."""
+    from transformers import MixtralConfig
+
+    values = {key: getattr(dense_config, key) for key in _SHARED_KEYS if getattr(dense_config, key, None) is not None}
+    return MixtralConfig(**values, intermediate_size=width, num_local_experts=experts, num_experts_per_tok=top_k,
+                         router_aux_loss_coef=0.0, sliding_window=None)  # fmt: skip
+
+
+def _mlp_inputs(loaded: LoadedModel, blocks: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
+    """Each layer's MLP input [T, H] over the calibration blocks (the dense model's own)."""
+    spec = arch_for(loaded)
+    captured: list[list[torch.Tensor]] = [[] for _ in decoder_layers(loaded)]
+    hooks = [get_submodule(layer, spec.mlp).register_forward_hook(
+        lambda module, args, output, i=i: captured[i].append(args[0].reshape(-1, args[0].shape[-1]).float()))
+        for i, layer in enumerate(decoder_layers(loaded))]  # fmt: skip
+    try:
+        with torch.no_grad():
+            for batch in blocks.split(2):
+                loaded.model(input_ids=batch.to(loaded.device))
+                if sum(t.shape[0] for t in captured[0]) >= max_tokens:
+                    break
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(parts)[:max_tokens].cpu() for parts in captured]
+
+
+def _dense_mlp(loaded: LoadedModel, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, nn.Module]:
+    spec = arch_for(loaded)
+    gate, up, down = (get_submodule(layer, p).weight.detach().float().cpu() for p in (spec.gate, spec.up, spec.down))
+    return gate, up, down, get_submodule(layer, spec.mlp).act_fn
+
+
+def balanced_clusters(features: torch.Tensor, groups: int, iterations: int = 6, seed: int = 0) -> list[list[int]]:
+    """Partition the rows of `features` [N, D] into `groups` equal groups of similar rows
+    (k-means with a capacity: each round, rows are assigned greedily by similarity to the
+    centroids, most similar pairs first, until every group holds N / groups rows)."""
+    n = features.shape[0]
+    size = n // groups
+    rows = nn.functional.normalize(features.float(), dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    centroids = rows[torch.randperm(n, generator=generator)[:groups]]
+    assignment = torch.zeros(n, dtype=torch.long)
+    for _ in range(iterations):
+        similarity = rows @ centroids.t()  # [N, groups]
+        order = similarity.flatten().argsort(descending=True).tolist()
+        chosen: list[int] = [-1] * n
+        load = [0] * groups
+        for flat in order:  # plain Python lists: this loop runs N * groups times
+            row, group = divmod(flat, groups)
+            if chosen[row] < 0 and load[group] < size:
+                chosen[row] = group
+                load[group] += 1
+        assignment = torch.tensor(chosen)
+        members = nn.functional.one_hot(assignment, groups).float()  # [N, groups]
+        centroids = nn.functional.normalize(members.t() @ rows, dim=1)
+    return [sorted((assignment == g).nonzero().squeeze(1).tolist()) for g in range(groups)]
+
+
+def _split_layer(gate, up, down, act, x: torch.Tensor | None, experts: int, seed: int):
+    """(gate_up [E, 2w, H], down [E, H, w], router [E, H]) of one split layer."""
+    inter = gate.shape[0]
+    if x is None:  # no calibration: contiguous neuron groups, a random router (scale: see upcycle)
+        groups = [list(range(e * inter // experts, (e + 1) * inter // experts)) for e in range(experts)]
+    else:
+        sample = x[:CLUSTER_TOKENS]  # co-activation profiles: a few hundred tokens are enough to group neurons
+        hidden = act(sample @ gate.t()) * (sample @ up.t())  # [T, I]
+        groups = balanced_clusters(hidden.abs().t(), experts, seed=seed)
+    gate_up = torch.stack([torch.cat([gate[g], up[g]]) for g in groups])
+    down_e = torch.stack([down[:, g] for g in groups])
+    if x is None:
+        router = torch.randn(experts, gate.shape[1], generator=torch.Generator().manual_seed(seed)) * 0.02
+        return gate_up, down_e, router
+    outputs = [(act(x @ gate[g].t()) * (x @ up[g].t())) @ down[:, g].t() for g in groups]  # E x [T, H]
+    target = torch.stack([torch.log(o.norm(dim=1) + 1e-6) for o in outputs], dim=1)  # [T, E]
+    target = target - target.mean(1, keepdim=True)
+    ridge = 1e-3 * x.pow(2).mean() * torch.eye(x.shape[1])
+    router = torch.linalg.solve(x.t() @ x + ridge * x.shape[0], x.t() @ target).t()  # [E, H]
+    # Top-k choice is invariant to scaling the logits, the gate values are not: near-uniform gates
+    # keep every chosen neuron at the dense weight (up to the fitted scale), as the dense MLP does.
+    spread = (x @ router.t()).std().clamp_min(1e-12)
+    return gate_up, down_e, router * (ROUTER_SPREAD / spread)
+
+
+def _fit_scale(block: nn.Module, dense_out: torch.Tensor, x: torch.Tensor) -> float:
+    """The scalar s minimising ||dense - s * moe|| over the calibration tokens."""
+    with torch.no_grad():
+        moe_out = block(x[None])[0].float()
+    return float((dense_out * moe_out).sum() / moe_out.pow(2).sum().clamp_min(1e-12))
+
+
+def upcycle(loaded: LoadedModel, *, experts: int = 8, top_k: int = 2, mode: str = "split",
+            calibration: torch.Tensor | None = None, noise: float = 0.01, seed: int = 0,
+            max_tokens: int = 4096) -> LoadedModel:  # fmt: skip
+    """A Mixtral-family MoE made from the dense `loaded` (see the module docstring).
+
+    Args:
+        calibration: token blocks [n, len] for split's neuron clustering, router and scale fits
+            (None: contiguous neuron groups, a random router, scale = experts: the top-k weights sum
+            to 1 and each expert holds 1 / experts of the neurons, so the expected output is the dense one).
+        noise: copy mode: each expert's weights get Gaussian noise of this fraction of the weight's std.
+    """
+    from transformers import MixtralForCausalLM
+
+    _check_dense(loaded, experts, top_k, mode)
+    dense_config = text_config(loaded)
+    width = dense_config.intermediate_size // experts if mode == "split" else dense_config.intermediate_size
+    config = mixtral_config(dense_config, experts, top_k, width)
+    inputs = _mlp_inputs(loaded, calibration, max_tokens) if calibration is not None and mode == "split" else None
+    model = MixtralForCausalLM(config).to(torch.float32).eval()
+    state = {k: v for k, v in loaded.model.state_dict().items() if ".mlp." not in k}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(".mlp." not in name for name in missing):
+        raise ConfigError(f"{arch_for(loaded).family} does not map onto Mixtral ({(unexpected or missing)[:3]})")
+    generator = torch.Generator().manual_seed(seed)
+    for index, (dense_layer, layer) in enumerate(zip(decoder_layers(loaded), model.model.layers, strict=True)):
+        gate, up, down, act = _dense_mlp(loaded, dense_layer)
+        x = None if inputs is None else inputs[index]
+        if mode == "split":
+            gate_up, down_e, router = _split_layer(gate, up, down, act, x, experts, seed + index)
+        else:
+            def noisy(w: torch.Tensor) -> torch.Tensor:
+                return w + torch.randn(w.shape, generator=generator) * noise * w.std()
+
+            gate_up = torch.stack([noisy(torch.cat([gate, up])) for _ in range(experts)])
+            down_e = torch.stack([noisy(down) for _ in range(experts)])
+            router = torch.randn(experts, gate.shape[1], generator=generator) * 0.02
+        block = layer.mlp
+        with torch.no_grad():
+            block.experts.gate_up_proj.copy_(gate_up)
+            block.experts.down_proj.copy_(down_e)
+            block.gate.weight.copy_(router)
+            if mode == "split":
+                scale = experts if x is None else _fit_scale(block, (act(x @ gate.t()) * (x @ up.t())) @ down.t(), x)
+                block.experts.down_proj.mul_(scale)
+    if dense_config.tie_word_embeddings:
+        model.tie_weights()
+    logger.info("upcycled %s into %d experts (top-%d, %s)", loaded.name, experts, top_k, mode)
+    return LoadedModel(model=model.to(loaded.device, loaded.compute_dtype), tokenizer=loaded.tokenizer,
+                       name=f"{loaded.name}-moe{experts}x{top_k}-{mode}")  # fmt: skip
+
+
+def expert_similarity(loaded: LoadedModel, inputs: list[torch.Tensor]) -> list[float]:
+    """Per MoE layer, the mean pairwise cosine similarity of its experts' outputs on the same
+    tokens (each layer's block input [T, H]): 1.0 for identical experts, ~0 for unrelated ones.
+    Output space, so it does not depend on how each expert orders its neurons."""
+    from kompakt.model.moe import expert_forward, moe_spec, num_experts
+
+    spec, n = moe_spec(loaded), num_experts(loaded)
+    result = []
+    for layer, x in zip(decoder_layers(loaded), inputs, strict=True):
+        with torch.no_grad():
+            outs = torch.stack([expert_forward(layer, spec, e, x.to(loaded.device)).float().flatten() for e in range(n)])
+        unit = nn.functional.normalize(outs, dim=1)
+        similarity = unit @ unit.t()
+        result.append(float((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))))
+    return result
+
+
+def block_inputs(loaded: LoadedModel, blocks: torch.Tensor, max_tokens: int = 2048) -> list[torch.Tensor]:
+    """Each layer's MLP / MoE-block input [T, H] over the blocks (for expert_similarity)."""
+    return _mlp_inputs(loaded, blocks, max_tokens)

@@ -1,0 +1,73 @@
+"""Upcycling a dense llama into a Mixtral MoE: copies reproduce the dense model exactly, split
+experts keep its parameter count and differ, the calibrated router and scale bring the MoE closer
+to the dense model than a random router, and the result saves, reloads and exports like any MoE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kompakt
+from kompakt.errors import ConfigError
+from kompakt.model import moe
+from kompakt.model.tiny import tiny_model
+from kompakt.model.upcycle import block_inputs, expert_similarity, upcycle
+
+BLOCKS = torch.randint(3, 250, (16, 64), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(3, 250, (4, 64), generator=torch.Generator().manual_seed(1))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _log_probs(loaded) -> torch.Tensor:
+    with torch.no_grad():
+        return loaded.model(input_ids=IDS).logits.log_softmax(-1)
+
+
+def _kl(dense, candidate) -> float:
+    p, q = _log_probs(dense), _log_probs(candidate)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_copies_without_noise_compute_the_dense_model(tmp_path):
+    dense = tiny_model("llama")
+    upcycled = upcycle(dense, experts=4, top_k=2, mode="copy", noise=0.0)
+    assert upcycled.model.config.model_type == "mixtral" and moe.num_experts(upcycled) == 4
+    torch.testing.assert_close(_log_probs(upcycled), _log_probs(dense), atol=1e-5, rtol=0)
+    assert min(expert_similarity(upcycled, block_inputs(upcycled, BLOCKS, 256))) > 0.999
+    upcycled.model.save_pretrained(tmp_path / "moe")
+    upcycled.tokenizer.save_pretrained(tmp_path / "moe")
+    back = kompakt.load(tmp_path / "moe", device="cpu", dtype="float32")
+    torch.testing.assert_close(_log_probs(back), _log_probs(upcycled))
+
+
+def test_split_keeps_the_parameters_and_a_fitted_router_beats_a_random_one():
+    dense = tiny_model("llama")
+    fitted = upcycle(dense, experts=4, top_k=2, mode="split", calibration=BLOCKS)
+    layer_mlp = dense.model.config.intermediate_size
+    assert fitted.model.config.intermediate_size == layer_mlp // 4
+    router = 4 * dense.model.config.hidden_size * dense.model.config.num_hidden_layers
+    assert fitted.num_parameters() == dense.num_parameters() + router
+    assert max(abs(s) for s in expert_similarity(fitted, block_inputs(fitted, BLOCKS, 256))) < 0.1
+    for seed in range(2):
+        random_router = upcycle(dense, experts=4, top_k=2, mode="split", seed=seed)
+        assert _kl(dense, fitted) < _kl(dense, random_router)
+
+
+def test_what_cannot_be_upcycled_is_refused():
+    with pytest.raises(ConfigError, match="q/k norms"):
+        upcycle(tiny_model("qwen3"))
+    with pytest.raises(ConfigError, match="divisible by 3 experts"):
+        upcycle(tiny_model("llama"), experts=3)
+    with pytest.raises(ConfigError, match="cannot be upcycled"):
+        upcycle(tiny_model("mixtral"))
+
+
+def test_split_neurons_partition_the_mlp_exactly():
+    """Every token routed to all experts with equal weight gives back the dense MLP: the experts
+    partition its neurons (no neuron lost or doubled) and the uncalibrated scale is exact there."""
+    dense = tiny_model("llama")
+    upcycled = upcycle(dense, experts=4, top_k=4, mode="split")
+    with torch.no_grad():
+        for layer in upcycled.model.model.layers:
+            layer.mlp.gate.weight.zero_()  # uniform router: every weight 1 / 4
+    torch.testing.assert_close(_log_probs(upcycled), _log_probs(dense), atol=1e-5, rtol=0)
