@@ -3,6 +3,7 @@ parameters counted, the reachable minimum stated), attempts, and a whole run on 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -21,8 +22,26 @@ def test_params_half_of_minilm_is_refused_with_the_reachable_minimum():
         make_encoder_plan(encoder_target("params=0.5"), MINILM, None)
     message = str(error.value)
     assert "12.1 M of its 22.7 M parameters (53%)" in message
-    assert "smallest reachable is params=0.61 (1 of 6 layers)" in message
-    assert "DistilBERT is params=0.77" in message
+    assert "smallest reachable by layers is params=0.61 (1 of 6 layers)" in message
+    assert "DistilBERT is params=0.77" in message and "trimming the vocabulary" in message and "--data" in message
+
+
+TRIMMABLE = dataclasses.replace(MINILM, embed_rows=30522, embed_width=384, trimmed_rows=12000)
+
+
+def test_params_half_of_minilm_with_data_trims_the_vocabulary_last():
+    plan = make_encoder_plan(encoder_target("params=0.5"), TRIMMABLE, None, "corpus.txt")
+    first = plan.attempts[0]
+    assert first.trim and [s.name for s in first.steps] == ["prune.depth", "distill.kd", "prune.vocab"]
+    assert first.kept_layers == 3 and first.params_kept <= 0.5  # 4 layers would be 0.53 with 12000 rows
+    assert TRIMMABLE.params_with(4, True) / TRIMMABLE.params > 0.5
+    assert "12000 tokens" in plan.choices[0] and "layers alone cannot reach it" in plan.choices[0]
+    assert not make_encoder_plan(encoder_target("params=0.8"), TRIMMABLE, None, "corpus.txt").attempts[0].trim
+
+
+def test_params_below_the_trimmed_minimum_is_refused_with_it():
+    with pytest.raises(ConfigError, match=r"trimmed to --data's 12000 tokens the smallest is params=0\.3$"):
+        make_encoder_plan(encoder_target("params=0.2"), TRIMMABLE, None, "corpus.txt")
 
 
 def test_params_keeps_the_most_layers_that_fit_and_backs_off_by_one_layer():

@@ -23,8 +23,9 @@ directory holds `vocab_map.json`: {"old_vocab_size": N, "old_ids": [old id of ne
 its original on the original's tokens (kompakt.evaluate.vocab_map).
 
 Sentence encoders (BERT / MiniLM / DistilBERT WordPiece, RoBERTa and ModernBERT BPE): the
-corpus is sentences (`data: PATH`, all of its sentences, else the step's calibration
-sentences), each tokenized as the encoder reads it (special tokens added, truncated to its
+corpus is sentences (`data: PATH`, all of its sentences, else the run's training sentences —
+its held-out end excluded, so the step's score shows what trimming costs on unseen words),
+each tokenized as the encoder reads it (special tokens added, truncated to its
 limit); there is no head, only the word-embedding rows go. `compress --target params=` on an
 encoder sets `data` to the user's --data. all-MiniLM-L6-v2
 keeps 51 % of its parameters in a 30522-token table of which an English corpus of ten thousand
@@ -80,17 +81,38 @@ class VocabConfig:
             raise ConfigError(f"prune.vocab: specials must be one of {', '.join(vocab_trim.SPECIALS)}, got {self.specials!r}")
 
 
-def _encoder_ids(ctx: PassContext, config: VocabConfig) -> torch.Tensor:
-    """The ids of an encoder's corpus sentences, tokenized as the encoder reads them."""
-    from kompakt.data.sentences import read_sentences
+CORPUS_SENTENCES = 4096  # default sentences asked for when an encoder run has no data
+
+
+def _sentence_ids(loaded: LoadedModel, sentences: list[str]) -> torch.Tensor:
+    """The ids of sentences tokenized as the encoder reads them (special tokens, its limit), flat."""
     from kompakt.model.encode import input_limit
 
-    if config.data is None:
-        batch = ctx.calibration()  # padded sentences: the real tokens only
-        return batch.input_ids[batch.attention_mask.bool()]
-    sentences = read_sentences(config.data)
-    encoded = ctx.loaded.tokenizer(list(sentences), truncation=True, max_length=input_limit(ctx.loaded))["input_ids"]
+    encoded = loaded.tokenizer(list(sentences), truncation=True, max_length=input_limit(loaded))["input_ids"]
     return torch.tensor([i for row in encoded for i in row], dtype=torch.long)
+
+
+def _encoder_ids(ctx: PassContext, config: VocabConfig) -> torch.Tensor:
+    """An encoder's corpus: `data`, else the run's training sentences, else the calibration sentences."""
+    from kompakt.data.sentences import read_sentences
+
+    if config.data is not None:
+        return _sentence_ids(ctx.loaded, read_sentences(config.data))
+    if ctx.sentences is not None:
+        return _sentence_ids(ctx.loaded, ctx.sentences(None, CORPUS_SENTENCES)[0])
+    batch = ctx.calibration()  # padded sentences: the real tokens only
+    return batch.input_ids[batch.attention_mask.bool()]
+
+
+def encoder_rows_kept(loaded: LoadedModel, sentences: list[str]) -> int:
+    """Word-embedding rows prune.vocab (defaults) keeps on an encoder trimmed to `sentences`: the
+    planner's fact for params= targets (kompakt.auto.encoder_plan). Raises what the pass raises."""
+    from kompakt.model.arch import arch_for, get_submodule
+
+    data = vocab_trim.tokenizer_json(loaded.tokenizer)
+    rows = int(get_submodule(loaded.model, arch_for(loaded.model).embed).weight.shape[0])
+    counts = torch.bincount(_sentence_ids(loaded, sentences), minlength=rows)
+    return len(kept_ids(loaded, data, counts, VocabConfig())[0])
 
 
 def corpus_counts(ctx: PassContext, config: VocabConfig, rows: int) -> torch.Tensor:
