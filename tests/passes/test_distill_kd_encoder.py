@@ -73,7 +73,7 @@ def test_each_loss_term_alone_lowers_itself(terms):
     assert history["loss_last"] < history["loss_first"], terms
 
 
-def test_cached_teacher_embeddings_give_the_same_training_as_teacher_forwards():
+def test_cached_teacher_embeddings_give_the_same_training_as_teacher_forwards(monkeypatch):
     """Sentence-level losses read the teacher's embeddings from a cache built once; the losses must
     equal those of a teacher forward per step (the cache is skipped when steps cover less than an
     epoch, so 40 steps of 16 over 240 sentences use it and 5 steps do not)."""
@@ -87,14 +87,11 @@ def test_cached_teacher_embeddings_give_the_same_training_as_teacher_forwards():
         built.append(1)
         return original(*args, **kwargs)
 
-    encoder_objective.teacher_embeddings = counting
-    try:
-        cached = run_kd(teacher, copy.deepcopy(student), steps=40, similarity_weight=1.0)
-        assert built == [1]
-        short = run_kd(teacher, copy.deepcopy(student), steps=5, similarity_weight=1.0)
-        assert built == [1]  # under an epoch: the teacher runs per step
-    finally:
-        encoder_objective.teacher_embeddings = original
+    monkeypatch.setattr(encoder_objective, "teacher_embeddings", counting)
+    cached = run_kd(teacher, copy.deepcopy(student), steps=40, similarity_weight=1.0)
+    assert built == [1]
+    short = run_kd(teacher, copy.deepcopy(student), steps=5, similarity_weight=1.0)
+    assert built == [1]  # under an epoch: the teacher runs per step
     from kompakt.train.encoder_objective import EncoderDistillObjective
     from kompakt.train.sentence_batches import SentenceBatches
 
