@@ -14,7 +14,10 @@ pieces, not [UNK]) is the one way below that share: planned only when the target
 met by layers alone *and* --data names the text the model will embed (trimmed to its training
 part, so the held-out score shows the cost on unseen words). It runs last, after distill.kd,
 so the teacher and the student share a vocabulary while training; text made of kept tokens
-embeds exactly as before the trim.
+embeds exactly as before the trim. Measured (all-MiniLM-L6-v2, params=0.5 with WikiText-2
+validation as --data, 3 layers + a short KD, under load): the trim to 13199 tokens took the
+held-out cosine from 0.863 to 0.776 — WikiText's held-out end is rich in rare words its
+training part lacks; trim with the text the model will embed.
 
 Goals:
 - params=P: keep n' = the most layers whose parameters fit P (at least one), then distil; when
@@ -171,7 +174,8 @@ def _params_why(target: Target, facts: EncoderFacts, keep: int, trim: bool) -> s
         return f"{head} = {share:.1%}; the embeddings ({facts.fixed_params / facts.params:.0%}) stay"
     return (f"{head} and trim the vocabulary to the {facts.trimmed_rows} tokens --data's training sentences use "
             f"(prune.vocab, of {facts.embed_rows}; last, after distillation) = {share:.1%}: layers alone cannot "
-            f"reach it (the embeddings hold {facts.fixed_params / facts.params:.0%})")  # fmt: skip
+            f"reach it (the embeddings hold {facts.fixed_params / facts.params:.0%}); words outside that text are split "
+            "into smaller pieces, which the held-out score after prune.vocab shows")  # fmt: skip
 
 
 def _out_of_reach(target: Target, facts: EncoderFacts) -> str:

@@ -9,6 +9,13 @@ grad_accum)). Data: the pass's `data`, else the run's data, else sentences split
 the embedded SmolLM2 writes (kompakt.data.sentences; at most MAX_GENERATED_SENTENCES, cycled
 over epochs). Sentences are truncated to the student's limit (kompakt.model.encode.input_limit), as
 `embed()` truncates them in use.
+
+Teacher cache: when every loss term is sentence-level (cosine, mse, similarity) and the run sees
+every training sentence at least once (and there are at most CACHE_MAX_SENTENCES), the teacher
+embeds the training sentences once up front and the steps read those embeddings
+(kompakt.train.encoder_objective.teacher_embeddings): a step is then the student's forward and
+backward only. Hidden-state, attention and relation terms need the teacher's token states and
+run it every step.
 """
 
 from __future__ import annotations
