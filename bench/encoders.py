@@ -144,8 +144,12 @@ def kd_steps(teacher, train: list[str], cpu_budget_s: float, spent_s: float) -> 
     timed = time.process_time()
     distill(teacher, student, train[: TIMED_STEPS * KD["batch_size"]], TIMED_STEPS)
     per_step = (time.process_time() - timed) / TIMED_STEPS  # includes the loop's setup: errs on the safe side
-    left = cpu_budget_s - spent_s - (time.process_time() - started) - cache_s - 60  # evaluation and saving after
-    return max(1, int(left / per_step)), per_step
+    left = cpu_budget_s - spent_s - (time.process_time() - started) - 60  # evaluation and saving after
+    cached = int((left - cache_s) / per_step)
+    if cached * KD["batch_size"] >= len(train):  # distill.kd caches only when every sentence is seen
+        return cached, per_step
+    with_teacher = per_step + cache_s * KD["batch_size"] / len(train)
+    return max(1, int(left / with_teacher)), with_teacher
 
 
 def fidelity_row(name: str, student_emb, teacher_emb, speed: float | None, teacher_speed: float | None, **extra) -> dict:
