@@ -1,5 +1,6 @@
-"""On the embedded all-MiniLM-L6-v2: the headline `--target params=0.5` is refused in one line
-with the reachable minimum (nothing written), the plan for a reachable target, and a few
+"""On the embedded all-MiniLM-L6-v2: the headline `--target params=0.5` without --data is refused
+in one line with the reachable minimum (nothing written), with --data it is planned with the
+vocabulary trimmed to that text; the plan for a reachable target, and a few
 distillation steps of the halved model raising its cosine to the teacher."""
 
 from __future__ import annotations
@@ -28,9 +29,20 @@ def _main(capsys, *args: str) -> tuple[int, str, str]:
 def test_params_half_is_refused_with_the_reachable_minimum(capsys, tmp_path):
     code, out, err = _main(capsys, "compress", "all-minilm-l6-v2", "--target", "params=0.5", "--out", str(tmp_path / "enc"))
     assert code == 2, (out, err)
-    assert "smallest reachable is params=0.61" in err and "DistilBERT is params=0.77" in err
+    assert "smallest reachable by layers is params=0.61" in err and "DistilBERT is params=0.77" in err
+    assert "pass it as --data" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "enc").exists()
+
+
+def test_params_half_with_data_plans_a_vocabulary_trim(capsys, tmp_path):
+    words = "river bread music garden window teacher morning city market winter letter station".split()
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n".join(f"The {a} and the {b} were near the {c}." for a, b, c in itertools.product(words, repeat=3)))
+    code, out, err = _main(capsys, "compress", "all-minilm-l6-v2", "--target", "params=0.5", "--data", str(data),
+                           "--plan-only", "--out", str(tmp_path / "enc"))  # fmt: skip
+    assert code == 0, err
+    assert "keep 5 of 6 layers and trim the vocabulary" in out and "prune.vocab" in out  # a small vocabulary leaves room
 
 
 def test_plan_only_for_a_reachable_target(capsys, tmp_path):

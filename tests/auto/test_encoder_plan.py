@@ -3,6 +3,7 @@ parameters counted, the reachable minimum stated), attempts, and a whole run on 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -21,8 +22,26 @@ def test_params_half_of_minilm_is_refused_with_the_reachable_minimum():
         make_encoder_plan(encoder_target("params=0.5"), MINILM, None)
     message = str(error.value)
     assert "12.1 M of its 22.7 M parameters (53%)" in message
-    assert "smallest reachable is params=0.61 (1 of 6 layers)" in message
-    assert "DistilBERT is params=0.77" in message
+    assert "smallest reachable by layers is params=0.61 (1 of 6 layers)" in message
+    assert "DistilBERT is params=0.77" in message and "trimming the vocabulary" in message and "--data" in message
+
+
+TRIMMABLE = dataclasses.replace(MINILM, embed_rows=30522, embed_width=384, trimmed_rows=12000)
+
+
+def test_params_half_of_minilm_with_data_trims_the_vocabulary_last():
+    plan = make_encoder_plan(encoder_target("params=0.5"), TRIMMABLE, None, "corpus.txt")
+    first = plan.attempts[0]
+    assert first.trim and [s.name for s in first.steps] == ["prune.depth", "distill.kd", "prune.vocab"]
+    assert first.kept_layers == 3 and first.params_kept <= 0.5  # 4 layers would be 0.53 with 12000 rows
+    assert TRIMMABLE.params_with(4, True) / TRIMMABLE.params > 0.5
+    assert "12000 tokens" in plan.choices[0] and "layers alone cannot reach it" in plan.choices[0]
+    assert not make_encoder_plan(encoder_target("params=0.8"), TRIMMABLE, None, "corpus.txt").attempts[0].trim
+
+
+def test_params_below_the_trimmed_minimum_is_refused_with_it():
+    with pytest.raises(ConfigError, match=r"trimmed to --data's 12000 tokens the smallest is params=0\.3$"):
+        make_encoder_plan(encoder_target("params=0.2"), TRIMMABLE, None, "corpus.txt")
 
 
 def test_params_keeps_the_most_layers_that_fit_and_backs_off_by_one_layer():
@@ -96,3 +115,62 @@ def test_compress_target_on_a_tiny_encoder_runs_attempts_and_reports(tmp_path):
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["kind"] == "encoder" and "keep 2 of 4" in plan["choices"][0]
     assert "cosine" in (tmp_path / "run" / "report.md").read_text()
+
+
+def _big_vocab_encoder(directory) -> None:
+    """A tiny BERT whose word embeddings hold most of its parameters (as all-MiniLM-L6-v2's do):
+    1000 whole words besides single characters, saved as a sentence-transformers directory."""
+    import random
+    import string
+
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
+
+    from kompakt.model.loaded import LoadedModel
+    from kompakt.model.save import save_model
+    from kompakt.model.sentence import Pooling
+
+    rng = random.Random(0)
+    chars = list(string.ascii_lowercase + string.punctuation)
+    words = sorted({"".join(rng.choice(string.ascii_lowercase) for _ in range(6)) for _ in range(1000)})
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + chars + [f"##{c}" for c in chars] + words))}
+    core = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                        cls_token="[CLS]", mask_token="[MASK]", model_max_length=64)  # fmt: skip
+    config = AutoConfig.for_model("bert", vocab_size=len(vocab), max_position_embeddings=64, hidden_size=32,
+                                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config, dtype=torch.float32).eval()
+    save_model(LoadedModel(model=model, tokenizer=tokenizer, name="big-vocab", pooling=Pooling("mean", True)), directory)
+    return words
+
+
+def test_compress_params_below_the_embeddings_trims_the_vocabulary_to_the_data(tmp_path):
+    import random
+
+    from kompakt.auto.api import compress_auto
+    from kompakt.model.load import load
+
+    words = _big_vocab_encoder(tmp_path / "enc")
+    rng = random.Random(1)
+    used = words[:60]
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(" ".join(rng.choice(used) for _ in range(6)).capitalize() + "." for _ in range(400)) + "\n")
+    original = load(tmp_path / "enc")
+    with pytest.raises(ConfigError, match="pass it as --data"):
+        compress_auto(str(tmp_path / "enc"), target="params=0.4", out=tmp_path / "refused")
+    result = compress_auto(str(tmp_path / "enc"), target="params=0.4,min-cosine=0.1", budget="20s", data=str(data),
+                           out=tmp_path / "run")  # fmt: skip
+    attempt = result.plan.attempts[0]
+    assert attempt.trim and result.plan.facts.trimmed_rows < 300
+    final = load(tmp_path / "run" / "final")
+    assert final.num_parameters() <= 0.4 * original.num_parameters()
+    assert final.model.config.vocab_size == result.plan.facts.trimmed_rows == len(final.tokenizer)
+    assert result.outcomes[0]["metrics"]["cosine_mean"] is not None
+    sentence = " ".join(used[:5]) + "."
+    assert final.tokenizer.tokenize(sentence) == original.tokenizer.tokenize(sentence)

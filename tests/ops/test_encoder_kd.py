@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kompakt.ops.encoder_kd import attention_kl, cosine_loss, mse_loss, relation_kl, relations_kl
+from kompakt.ops.encoder_kd import attention_kl, cosine_loss, mse_loss, relation_kl, relations_kl, similarity_loss
 
 
 def test_cosine_and_mse_by_hand():
@@ -100,3 +100,17 @@ def test_losses_stay_exact_under_bf16_autocast():
         relation = relation_kl(near, q, 2, mask)
     assert value.dtype == torch.float32 and value.item() == pytest.approx(exact, rel=1e-4)
     assert relation.item() >= 0
+
+
+def test_similarity_loss_by_hand_and_blind_to_scale_and_rotation():
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    student = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])  # sentence 1 moved onto sentence 0
+    s = torch.nn.functional.normalize(student, dim=-1)
+    t = torch.nn.functional.normalize(teacher, dim=-1)
+    diff = s @ s.T - t @ t.T  # off-diagonal: (0,1) 1 - 0, (1,2) and (0,2) equal on both sides but (1,2)
+    expected = (diff.pow(2).sum() - diff.diagonal().pow(2).sum()) / 6
+    assert math.isclose(float(similarity_loss(student, teacher)), float(expected), rel_tol=1e-6)
+    assert float(similarity_loss(student, teacher)) > 0.1
+    rotation = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    assert float(similarity_loss(3.0 * teacher @ rotation, teacher)) < 1e-12  # same neighbours: no loss
+    assert float(similarity_loss(teacher[:1], teacher[:1])) == 0.0

@@ -62,6 +62,7 @@ def test_distillation_brings_a_halved_student_closer_to_the_teacher(family):
 
 @pytest.mark.parametrize("terms", [
     {"cosine_weight": 0.0, "mse_weight": 1.0},
+    {"cosine_weight": 0.0, "similarity_weight": 1.0},
     {"cosine_weight": 0.0, "attention_weight": 1.0},
     {"cosine_weight": 0.0, "relation_weight": 1.0},
 ])  # fmt: skip
@@ -70,6 +71,41 @@ def test_each_loss_term_alone_lowers_itself(terms):
     report = run_kd(teacher, student, steps=20, **terms)
     history = report.details
     assert history["loss_last"] < history["loss_first"], terms
+
+
+def test_cached_teacher_embeddings_give_the_same_training_as_teacher_forwards(monkeypatch):
+    """Sentence-level losses read the teacher's embeddings from a cache built once; the losses must
+    equal those of a teacher forward per step (the cache is skipped when steps cover less than an
+    epoch, so 40 steps of 16 over 240 sentences use it and 5 steps do not)."""
+    from kompakt.train import encoder_objective
+
+    teacher, student = halved("bert")
+    built = []
+    original = encoder_objective.teacher_embeddings
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(encoder_objective, "teacher_embeddings", counting)
+    cached = run_kd(teacher, copy.deepcopy(student), steps=40, similarity_weight=1.0)
+    assert built == [1]
+    short = run_kd(teacher, copy.deepcopy(student), steps=5, similarity_weight=1.0)
+    assert built == [1]  # under an epoch: the teacher runs per step
+    from kompakt.train.encoder_objective import EncoderDistillObjective
+    from kompakt.train.sentence_batches import SentenceBatches
+
+    batches = SentenceBatches(TRAIN, teacher.tokenizer, batch_size=16, max_length=64, seed=0)
+    ids, mask = batches.batch(3)
+    plain = EncoderDistillObjective(teacher.model, teacher.pooling, student.pooling, similarity_weight=1.0)
+    with_cache = EncoderDistillObjective(teacher.model, teacher.pooling, student.pooling, similarity_weight=1.0,
+                                         cache=original(teacher.model, teacher.pooling, batches.rows, batches.pad))  # fmt: skip
+    with torch.no_grad():
+        a, parts_a = plain(student.model, ids, mask)
+        b, parts_b = with_cache(student.model, ids, mask)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert parts_a.keys() == parts_b.keys() == {"cosine", "similarity"}
+    assert cached.details["loss_last"] < cached.details["loss_first"] and short.details["steps"] == 5
 
 
 def narrow_student(teacher):

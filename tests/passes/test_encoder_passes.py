@@ -219,8 +219,8 @@ def test_cli_refuses_a_decoder_only_pass_in_one_line(tmp_path, capsys):
 
     save_tiny_encoder("distilbert", tmp_path / "enc")
     with pytest.raises(SystemExit) as done:
-        main(["compress", str(tmp_path / "enc"), "--step", "prune.vocab", "--out", str(tmp_path / "run")])
+        main(["compress", str(tmp_path / "enc"), "--step", "finetune.lora", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert done.value.code == 2 and len(err.splitlines()) == 1, err
-    assert "prune.vocab does not run on sentence encoders" in err and "no LM head" in err
+    assert "finetune.lora does not run on sentence encoders" in err and "next-token" in err
     assert not (tmp_path / "run").exists()

@@ -71,15 +71,36 @@ def is_encoder_source(model: str | None) -> bool:
         return False
 
 
-def encoder_facts(loaded, measure_speed: bool = True) -> EncoderFacts:
-    """Parameter counts per layer and the rest; sentences/s only when a budget needs it (0 otherwise)."""
-    from kompakt.model.arch import decoder_layers
+def encoder_facts(loaded, measure_speed: bool = True, data: str | None = None) -> EncoderFacts:
+    """Parameter counts per layer and the rest; sentences/s only when a budget needs it (0 otherwise);
+    with --data, the vocabulary rows prune.vocab would keep on its training sentences."""
+    from kompakt.model.arch import arch_for, decoder_layers, get_submodule
     from kompakt.recipe.encoder_measure import sentences_per_s
 
     layer_params = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(loaded.model)]
+    rows, width = get_submodule(loaded.model, arch_for(loaded.model).embed).weight.shape
+    trimmed, note = _trimmed_rows(loaded, data)
     return EncoderFacts(name=loaded.name, fingerprint=loaded.fingerprint(), params=loaded.num_parameters(),
                         layers=len(layer_params), layer_params=layer_params,
-                        sentences_per_s=sentences_per_s(loaded, _TIMING) if measure_speed else 0.0)  # fmt: skip
+                        sentences_per_s=sentences_per_s(loaded, _TIMING) if measure_speed else 0.0,
+                        embed_rows=int(rows), embed_width=int(width), trimmed_rows=trimmed, trim_note=note)  # fmt: skip
+
+
+def _trimmed_rows(loaded, data: str | None) -> tuple[int | None, str]:
+    """(rows prune.vocab keeps on the training part of --data's sentences, or None; why not)."""
+    from kompakt.data.sentences import read_sentences
+    from kompakt.errors import UnsupportedArchitectureError
+    from kompakt.passes.prune_vocab import encoder_rows_kept
+    from kompakt.recipe.rundata import HELDOUT_FRACTION
+
+    if data is None:
+        return None, ""
+    sentences = read_sentences(data)
+    training = sentences[: len(sentences) - max(1, round(len(sentences) * HELDOUT_FRACTION))]  # as the run splits it
+    try:
+        return encoder_rows_kept(loaded, training), ""
+    except UnsupportedArchitectureError as error:
+        return None, str(error)
 
 
 def _emit(on_event, kind: str, values: dict) -> None:
@@ -146,7 +167,8 @@ def compress_encoder(model: str | None, *, target: str | None = None, budget: st
     original = load(model)
     out_dir = (Path(out) if out is not None else default_out(model, goal)).expanduser().absolute()
     check_out(out_dir, original.fingerprint(), goal, force)
-    plan = make_encoder_plan(goal, encoder_facts(original, budget_s is not None), budget_s, data)
+    facts = encoder_facts(original, budget_s is not None, data if goal.goal == "params" else None)
+    plan = make_encoder_plan(goal, facts, budget_s, data)
     with reporting_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     name = str(model or original.name)

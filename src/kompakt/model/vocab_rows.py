@@ -2,7 +2,7 @@
 
 The surgery half of vocabulary trimming (the tokenizer half is kompakt.model.vocab_trim):
 `keep_vocab_rows(loaded, old_ids)` gathers the embedding rows and the output head rows (a tied
-pair stays one tensor), sets `vocab_size`, and renumbers every token id the configs name
+pair stays one tensor; a sentence encoder has no head), sets `vocab_size`, and renumbers every token id the configs name
 (`bos_token_id`, `eos_token_id` (int or list), `pad_token_id`, `image_token_id`, ... in
 config.json, its text config and generation_config.json). The tokenizer is not touched here.
 """
@@ -74,7 +74,7 @@ def check_rows_editable(loaded: LoadedModel) -> None:
     """ConfigError when the embedding or head carry quantization bookkeeping that names their
     rows (a recorded grid or exact GGUF bytes): trim the vocabulary before quantizing them."""
     spec = arch_for(loaded.model)
-    names = {spec.embed, spec.lm_head}
+    names = {spec.embed, spec.lm_head} - {None}
     state = get_state(loaded)
     on_grid = names & set(state.quantization.modules if state.quantization else ())
     on_grid |= names & set(loaded.gguf_blocks)
@@ -91,11 +91,11 @@ def keep_vocab_rows(loaded: LoadedModel, old_ids: torch.Tensor) -> tuple[LoadedM
     spec = arch_for(model)
     config = text_config(model)
     embed = get_submodule(model, spec.embed)
-    head = get_submodule(model, spec.lm_head)
+    head = get_submodule(model, spec.lm_head) if spec.lm_head else None  # an encoder has no head
     old, new = int(embed.weight.shape[0]), int(old_ids.numel())
     if int(config.vocab_size) != old:
         raise ConfigError(f"config vocab_size {config.vocab_size} differs from the embedding's {old} rows")
-    tied = head.weight is embed.weight
+    tied = head is not None and head.weight is embed.weight
     new_of = {int(o): n for n, o in enumerate(old_ids.tolist())}
     before = loaded.num_parameters()
     index = old_ids.to(embed.weight.device)
@@ -107,7 +107,7 @@ def keep_vocab_rows(loaded: LoadedModel, old_ids: torch.Tensor) -> tuple[LoadedM
     if tied:
         head.weight = embed.weight
         head.out_features = new
-    else:
+    elif head is not None:
         slice_linear(linear(model, spec.lm_head), rows=old_ids)
     config.vocab_size = new
     sync_attrs(model, "vocab_size", old, new)

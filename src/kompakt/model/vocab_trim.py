@@ -25,6 +25,13 @@ those tokens needs to tokenize *identically* (same token strings, ids renumbered
   that a trimmed model and its original can be matched by token strings alone
   (kompakt.evaluate.vocab_map).
 
+WordPiece (BERT, DistilBERT, MiniLM) needs no closure: it tokenizes a word greedily, longest
+vocabulary match first (`##` marks a continuation). If the original's pieces of a word are all
+kept, at each position its longest match is still in the trimmed vocabulary and nothing longer
+is (the trimmed vocabulary is a subset), so the trimmed tokenizer picks the same pieces. The
+base tokens are every single-character token and its `##` continuation, so a word of known
+characters still tokenizes (into smaller pieces) instead of becoming [UNK] whole.
+
 New ids keep the old order (`old_ids` is sorted), so merge ranks and SentencePiece scores keep
 their order too. `rewrite_tokenizer_json` keeps a merge only when both parts and the result
 survive; added tokens, post-processor ids and padding ids are renumbered.
@@ -53,10 +60,12 @@ def tokenizer_json(tokenizer: Any) -> dict:
     data = json.loads(backend.to_str())
     model = data.get("model", {})
     kind = model.get("type")
-    if kind != "BPE":
+    if kind not in ("BPE", "WordPiece"):
         raise UnsupportedArchitectureError(
-            f"prune.vocab rewrites BPE tokenizers; this one is {kind!r} (a {type(tokenizer).__name__})"
+            f"prune.vocab rewrites BPE and WordPiece tokenizers; this one is {kind!r} (a {type(tokenizer).__name__})"
         )
+    if kind == "WordPiece":
+        return data
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise UnsupportedArchitectureError(
             "prune.vocab rewrites BPE tokenizers without a continuing-subword prefix or end-of-word suffix; "
@@ -74,6 +83,9 @@ def base_tokens(data: Mapping[str, Any]) -> list[str]:
     """Tokens every text may need: byte-level characters, byte-fallback bytes and the unk token."""
     model = data["model"]
     tokens: list[str] = []
+    if model.get("type") == "WordPiece":
+        prefix = model.get("continuing_subword_prefix") or "##"
+        tokens.extend(t for t in model["vocab"] if len(t) == 1 or (t.startswith(prefix) and len(t) == len(prefix) + 1))
     if is_byte_level(data):
         from tokenizers.pre_tokenizers import ByteLevel
 
@@ -97,6 +109,8 @@ def closure(data: Mapping[str, Any], kept: set[str]) -> set[str]:
     BPE (byte fallback; llama.cpp tokenizes it by scores over any pair), the listed merges for
     byte-level BPE (both transformers and llama.cpp apply only listed merges there)."""
     model = data["model"]
+    if model.get("type") == "WordPiece":
+        return set(kept)  # greedy longest match: a subset tokenizes kept-token text the same (module docstring)
     if model.get("byte_fallback"):
         return split_closure(model["vocab"], kept)
     return merge_closure(model.get("merges", []), model["vocab"], kept)
@@ -152,7 +166,9 @@ def rewrite_tokenizer_json(data: dict, old_ids: list[int]) -> dict:
         left, right = _merge_pair(merge)
         if left in vocab and right in vocab and left + right in vocab:
             merges.append(merge)
-    model["vocab"], model["merges"] = vocab, merges
+    model["vocab"] = vocab
+    if "merges" in model:  # BPE only (WordPiece has none)
+        model["merges"] = merges
     data["added_tokens"] = [{**entry, "id": new_of[entry["id"]]}
                             for entry in data.get("added_tokens", []) if entry["id"] in new_of]  # fmt: skip
     data["post_processor"] = _renumber_ids(data.get("post_processor"), new_of)
@@ -200,6 +216,10 @@ def trimmed_tokenizer(tokenizer: Any, old_ids: list[int], directory: Path,
     data = rewrite_tokenizer_json(tokenizer_json(tokenizer), old_ids)
     tokenizer.save_pretrained(directory)
     write_text(directory / "tokenizer.json", json.dumps(data, ensure_ascii=False))
+    vocab_txt = directory / "vocab.txt"  # WordPiece's slow-tokenizer file: must agree with tokenizer.json
+    if vocab_txt.is_file():
+        tokens = sorted(data["model"]["vocab"], key=data["model"]["vocab"].get)
+        write_text(vocab_txt, "".join(token + "\n" for token in tokens))
     config_path = directory / "tokenizer_config.json"
     if config_path.is_file():
         new_of = {old: new for new, old in enumerate(old_ids)}

@@ -7,6 +7,10 @@ Four kinds, each weighted in the pass config:
   pooled sentence embeddings, and / or their mean squared error (Reimers & Gurevych 2020,
   "Making Monolingual Sentence Embeddings Multilingual using Knowledge Distillation", train
   students with MSE on the teacher's sentence embeddings).
+- Similarity structure (relational KD, Park et al. 2019, "Relational Knowledge Distillation";
+  the in-batch form of Sentence-BERT distillation's goal that neighbours stay neighbours): the
+  MSE between the student's and the teacher's in-batch cosine-similarity matrices [B, B],
+  off-diagonal. It targets what neighbour recall measures: the order of similarities.
 - Hidden states (TinyBERT, Jiao et al. 2020): MSE of mapped layer outputs, with a learned
   projection when widths differ — `kompakt.ops.kd_losses.hidden_state_loss`, shared with the
   decoder path (here masked by the attention mask, so padding does not count).
@@ -60,6 +64,17 @@ def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the sentence embeddings ([B, D] each), averaged over B and D."""
     return (student.float() - teacher.float()).pow(2).mean()
+
+
+@_fp32
+def similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE of the in-batch cosine-similarity matrices ([B, D] each -> [B, B]), diagonal left out
+    (always 1 on both sides); 0 for a batch of one."""
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    diff = s @ s.T - t @ t.T
+    off = ~torch.eye(diff.shape[0], dtype=torch.bool, device=diff.device)
+    return diff[off].pow(2).mean() if off.any() else diff.new_zeros(())
 
 
 def _masked_rows_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,13 @@ grad_accum)). Data: the pass's `data`, else the run's data, else sentences split
 the embedded SmolLM2 writes (kompakt.data.sentences; at most MAX_GENERATED_SENTENCES, cycled
 over epochs). Sentences are truncated to the student's limit (kompakt.model.encode.input_limit), as
 `embed()` truncates them in use.
+
+Teacher cache: when every loss term is sentence-level (cosine, mse, similarity) and the run sees
+every training sentence at least once (and there are at most CACHE_MAX_SENTENCES), the teacher
+embeds the training sentences once up front and the steps read those embeddings
+(kompakt.train.encoder_objective.teacher_embeddings): a step is then the student's forward and
+backward only. Hidden-state, attention and relation terms need the teacher's token states and
+run it every step.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ logger = logging.getLogger(__name__)
 HELDOUT_FRACTION = 0.1
 ASSUMED_TOKENS_PER_SENTENCE = 32  # only sizes the request for data; the budget uses the real mean
 MAX_GENERATED_SENTENCES = 4096
-ENCODER_FIELDS = {"cosine_weight": 1.0, "mse_weight": 0.0, "attention_weight": 0.0, "relation_weight": 0.0,
-                  "relation_heads": None, "sentences": None}  # fmt: skip
+CACHE_MAX_SENTENCES = 200_000  # teacher embeddings cached up to this many sentences (~300 MB at 384 dims)
+ENCODER_FIELDS = {"cosine_weight": 1.0, "mse_weight": 0.0, "similarity_weight": 0.0, "attention_weight": 0.0,
+                  "relation_weight": 0.0, "relation_heads": None, "sentences": None}  # fmt: skip
 
 
 def check_decoder_config(config: Any, name: str) -> None:
@@ -69,13 +77,14 @@ def _objective(config: Any, teacher, student, name: str) -> EncoderDistillObject
     if config.attention_weight > 0 and num_heads(student.model) != num_heads(teacher.model):
         raise ConfigError(f"{name}: attention_weight needs the same head count ({num_heads(student.model)} vs "
                           f"{num_heads(teacher.model)}); use relation_weight (MiniLM v2) instead")  # fmt: skip
-    if not (config.cosine_weight or config.mse_weight or config.hidden_weight or config.attention_weight
-            or config.relation_weight):  # fmt: skip
+    if not (config.cosine_weight or config.mse_weight or config.similarity_weight or config.hidden_weight
+            or config.attention_weight or config.relation_weight):  # fmt: skip
         raise ConfigError(f"{name}: every encoder loss weight is 0; set cosine_weight (default 1) or another")
     return EncoderDistillObjective(
         teacher.model, teacher.pooling, student.pooling, cosine_weight=config.cosine_weight,
         mse_weight=config.mse_weight, hidden_weight=config.hidden_weight, layer_map=pairs, projection=projection,
         attention_weight=config.attention_weight, relation_weight=config.relation_weight, relation_heads=heads,
+        similarity_weight=config.similarity_weight,
     )  # fmt: skip
 
 
@@ -129,6 +138,12 @@ def distill_encoder(ctx: PassContext, config: Any, name: str) -> PassReport:
     batches = SentenceBatches(sentences, student.tokenizer, batch_size=config.batch_size,
                               max_length=input_limit(student), seed=ctx.seed, source=source)  # fmt: skip
     steps = _steps(config, batches)
+    if objective.sentence_level and steps * config.batch_size * config.grad_accum >= batches.sentences \
+            and batches.sentences <= CACHE_MAX_SENTENCES:  # fmt: skip
+        from kompakt.train.encoder_objective import teacher_embeddings
+
+        # one teacher pass over the data instead of one per step (module docstring of encoder_objective)
+        objective.cache = teacher_embeddings(teacher.model, teacher.pooling, batches.rows, batches.pad)
     loop = dataclasses.replace(config.loop_config(ctx.seed), steps=steps, seq_len=max(1, round(batches.mean_tokens())))
     identity = digest({"run": ctx.run_id or student.fingerprint(), "pass": name, "config": dataclasses.asdict(config),
                        "data": [source, len(sentences)], "seed": ctx.seed})  # fmt: skip
@@ -136,7 +151,8 @@ def distill_encoder(ctx: PassContext, config: Any, name: str) -> PassReport:
                    checkpoint_dir=ctx.checkpoint_dir, identity=identity, description=name)  # fmt: skip
     seen = result.steps * config.batch_size * config.grad_accum
     history = result.history
-    terms = ", ".join(k for k in ("cosine", "mse", "hidden", "attention", "relation") if history and k in history[-1])
+    terms = ", ".join(k for k in ("cosine", "mse", "similarity", "hidden", "attention", "relation")
+                      if history and k in history[-1])  # fmt: skip
     summary = (f"encoder KD ({terms}): {seen} sentences ({seen / max(1, batches.sentences):.1f} epochs of "
                f"{batches.sentences}), {result.steps} steps; loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}"
                if history else f"encoder KD: nothing left to train ({result.steps} steps)")  # fmt: skip

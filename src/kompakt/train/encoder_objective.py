@@ -11,6 +11,12 @@ hooks on the q / k / v Linears the ArchSpec names (fused qkv split by its row co
 models keep their fast attention kernels (output_attentions would force the eager one).
 For families with rotary positions (ModernBERT) the vectors are taken before the rotation:
 the relations then compare content, not position.
+
+Teacher cache: when every term is sentence-level (cosine, MSE, similarity matrix) the teacher's
+only output is one embedding per sentence, a pure function of the sentence's tokens. The pass
+then computes them once for all training sentences (`teacher_embeddings`) and the objective
+looks them up by the sentence's token ids, so a step costs the student's forward and backward
+only (on MiniLM 6 -> 3 layers that is ~1.7x more steps in the same CPU time).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kompakt.ops.encoder_kd import attention_kl, cosine_loss, mse_loss, relations_kl
+from kompakt.ops.encoder_kd import attention_kl, cosine_loss, mse_loss, relations_kl, similarity_loss
 from kompakt.ops.kd_losses import HiddenProjection, hidden_state_loss
 
 
@@ -73,9 +79,35 @@ def num_heads(model: nn.Module) -> int:
     return int(getattr(config, "num_attention_heads", None) or getattr(config, "n_heads"))
 
 
+def row_key(ids: torch.Tensor, mask: torch.Tensor) -> bytes:
+    """The cache key of one padded row: its real token ids as bytes."""
+    return ids[mask.bool()].to(torch.int64).cpu().numpy().tobytes()
+
+
+@torch.no_grad()
+def teacher_embeddings(teacher: nn.Module, pooling: Any, rows: list[torch.Tensor], pad: int,
+                       batch_size: int = 64) -> dict[bytes, torch.Tensor]:  # fmt: skip
+    """{row_key: the teacher's pooled embedding [D] (float32, CPU)} of every token row, batched
+    longest first so padding stays small."""
+    from kompakt.model.sentence import pool
+    from kompakt.train.sentence_batches import pad_rows
+
+    device = next(teacher.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: -int(rows[i].numel()))
+    cache: dict[bytes, torch.Tensor] = {}
+    for start in range(0, len(order), batch_size):
+        ids, mask = pad_rows([rows[i] for i in order[start : start + batch_size]], pad)
+        out = teacher(input_ids=ids.to(device), attention_mask=mask.to(device))
+        emb = pool(out.last_hidden_state.float(), mask.to(device), pooling).cpu()
+        for row in range(ids.shape[0]):
+            cache[row_key(ids[row], mask[row])] = emb[row]
+    return cache
+
+
 @dataclass
 class EncoderDistillObjective:
-    """cos·(1 − cos) + mse·MSE + hidden·MSE(layers) + attention·KL(attn) + relation·KL(q/k/v relations)."""
+    """cos·(1 − cos) + mse·MSE + similarity·MSE(similarity matrices) + hidden·MSE(layers)
+    + attention·KL(attn) + relation·KL(q/k/v relations)."""
 
     teacher: nn.Module
     teacher_pooling: Any  # kompakt.model.sentence.Pooling
@@ -88,6 +120,13 @@ class EncoderDistillObjective:
     attention_weight: float = 0.0
     relation_weight: float = 0.0
     relation_heads: int = 1
+    similarity_weight: float = 0.0
+    cache: dict[bytes, torch.Tensor] | None = None  # teacher_embeddings(); only for sentence-level terms
+
+    @property
+    def sentence_level(self) -> bool:
+        """Whether every term reads only the pooled embeddings (so the teacher can be cached)."""
+        return not (self.hidden_weight > 0 or self.attention_weight > 0 or self.relation_weight > 0)
 
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"projection": self.projection} if self.projection is not None else {}
@@ -102,17 +141,23 @@ class EncoderDistillObjective:
 
         hidden = self.hidden_weight > 0
         qkv = self.attention_weight > 0 or self.relation_weight > 0
-        device = next(self.teacher.parameters()).device
-        with torch.no_grad():
-            t_out, t_vec = self._forward(self.teacher, ids.to(device), mask.to(device), hidden, qkv)
         s_out, s_vec = self._forward(model, ids, mask, hidden, qkv)
-        t_emb = pool(t_out.last_hidden_state.to(ids.device).float(), mask, self.teacher_pooling)
         s_emb = pool(s_out.last_hidden_state.float(), mask, self.student_pooling)
+        if self.cache is not None and self.sentence_level:
+            t_emb = torch.stack([self.cache[row_key(ids[i], mask[i])] for i in range(ids.shape[0])]).to(s_emb.device)
+            t_out, t_vec = None, {}
+        else:
+            device = next(self.teacher.parameters()).device
+            with torch.no_grad():
+                t_out, t_vec = self._forward(self.teacher, ids.to(device), mask.to(device), hidden, qkv)
+            t_emb = pool(t_out.last_hidden_state.to(ids.device).float(), mask, self.teacher_pooling)
         terms: dict[str, torch.Tensor] = {}
         if self.cosine_weight > 0:
             terms["cosine"] = (self.cosine_weight, cosine_loss(s_emb, t_emb))
         if self.mse_weight > 0:
             terms["mse"] = (self.mse_weight, mse_loss(s_emb, t_emb))
+        if self.similarity_weight > 0:
+            terms["similarity"] = (self.similarity_weight, similarity_loss(s_emb, t_emb))
         if hidden:
             states = tuple(h.to(ids.device) for h in t_out.hidden_states)
             terms["hidden"] = (self.hidden_weight, hidden_state_loss(
