@@ -35,6 +35,19 @@ def parse_size(text: str | int | float, option: str = "size") -> int:
     return int(value * _SIZE_UNITS[unit])
 
 
+def parse_memory(text: str | int | float | None, option: str = "--max-memory") -> int | None:
+    """parse_size for a memory option given on the command line or in the API: None stays None
+    (no budget), a bad size is a one-line ConfigError naming `option`."""
+    from kompakt.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return parse_size(text, option)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def size(n: int | float) -> str:
     """Bytes as a person reads them: "812 MB", "13.5 GB" (decimal units, as parse_size reads them)."""
     value = float(n)

@@ -21,7 +21,8 @@ from kompakt.model.load import load
 from kompakt.model.progress import quiet_third_party
 from kompakt.model.tiny import TINY_FAMILIES, save_tiny, tiny_model
 from kompakt.passes.base import PassContext, build_config, get_pass
-from kompakt.recipe.stream_step import in_memory_bytes, must_stream, parse_bytes, refuse_unstreamable, streamed_step
+from kompakt.recipe.stream_step import in_memory_bytes, must_stream, refuse_unstreamable, streamed_step
+from kompakt.units import parse_memory
 from kompakt.rundir.stepsave import save_step_model
 
 STREAMED = {
@@ -145,9 +146,9 @@ def test_budget_switch_and_refusal(tmp_path):
     assert need > lazy.bytes_in(torch.float32) > 0
     assert must_stream(lazy, need - 1, 4 * 24) and not must_stream(lazy, need, 4 * 24)
     assert not must_stream(lazy, None)
-    assert parse_bytes("6GB") == 6 * 10**9 and parse_bytes("1.5GiB") == 3 * 2**29 and parse_bytes(None) is None
+    assert parse_memory("6GB") == 6 * 10**9 and parse_memory("1.5GiB") == 3 * 2**29 and parse_memory(None) is None
     with pytest.raises(ConfigError, match="size like 6GB"):
-        parse_bytes("six gigs")
+        parse_memory("six gigs")
     refuse_unstreamable(get_pass("quant.gptq"), lazy, 1000)  # streams: no error
     for name in ("distill.kd", "finetune.lora", "quant.qat", "prune.depth"):
         with pytest.raises(ConfigError, match="accelerate launch.*--max-memory"):

@@ -95,11 +95,11 @@ def _live_steps(console):
 def _recipe(model, recipe, steps, data, out, seed, force, max_memory=None) -> None:
     from kompakt.recipe.compose import compose_recipe
     from kompakt.recipe.runner import run_recipe
-    from kompakt.recipe.stream_step import parse_bytes
+    from kompakt.units import parse_memory
 
     plan = compose_recipe(recipe=recipe, steps=steps, model=model, data=data, seed=seed)
     plan.validate()  # one-line ConfigError before any weights are loaded
-    max_memory = parse_bytes(max_memory)  # a bad size is a one-line error before anything is opened
+    max_memory = parse_memory(max_memory)  # a bad size is a one-line error before anything is opened
     console = get_console()  # the console progress bars use, so they nest under the live table
     on_step, live = _live_steps(console)
     if live is None:

@@ -102,12 +102,9 @@ def open_within(source: str | Path | None, max_memory: int | str | None = None) 
         return load(source)
     from kompakt.calib.memory_plan import PROCESS_BYTES
     from kompakt.export.gguf_stream import open_streamable
-    from kompakt.units import parse_size
+    from kompakt.units import parse_memory
 
-    try:
-        budget = parse_size(max_memory, "--max-memory")
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    budget = parse_memory(max_memory)
     lazy = open_streamable(source)
     if lazy is None or lazy.bytes_in(torch.float32) + PROCESS_BYTES <= budget:
         return load(source)

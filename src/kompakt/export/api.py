@@ -157,14 +157,11 @@ def export(
 def memory_budget(max_memory: int | str | None) -> tuple[int | None, str]:
     """(bytes, how it was set) of `--max-memory`, or of the memory available now when not given."""
     from kompakt.process_memory import available_memory
-    from kompakt.units import parse_size
+    from kompakt.units import parse_memory
 
     if max_memory is None:
         return available_memory(), "available"
-    try:
-        return parse_size(max_memory, "--max-memory"), "--max-memory"
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    return parse_memory(max_memory), "--max-memory"
 
 
 def _export_gguf_streamed(lazy, source, type: str, out: str | Path | None, force: bool, verify: bool,

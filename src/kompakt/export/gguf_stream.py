@@ -58,15 +58,18 @@ def stream_blocker(directory: Path) -> str | None:
 def open_streamable(source: str | Path | None):
     """The LazyModel of `source` (kompakt.load's sources: a directory, a .gguf converted once, an
     embedded name), or None when it has to be exported in memory (stream_blocker)."""
-    from kompakt.model.lazy import open_lazy
+    from kompakt.model.lazy import NotLazyError, open_lazy
     from kompakt.model.load import resolve_model
 
     directory, name = resolve_model(source)
     why = stream_blocker(directory)
-    if why is not None:
-        log.info("exporting %s in memory: %s", directory, why)
-        return None
-    return open_lazy(directory, name=name)
+    if why is None:
+        try:
+            return open_lazy(directory, name=name)
+        except NotLazyError as error:  # e.g. per-expert MoE weights that transformers fuses on load
+            why = str(error)
+    log.info("exporting %s in memory: %s", directory, why)
+    return None
 
 
 def skeleton_loaded(lazy) -> LoadedModel:

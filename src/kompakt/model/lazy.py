@@ -49,6 +49,11 @@ logger = logging.getLogger(__name__)
 _LAZY: weakref.WeakKeyDictionary[nn.Module, LazyModel] = weakref.WeakKeyDictionary()
 
 
+class NotLazyError(ModelFormatError):
+    """A checkpoint whose tensors transformers converts while loading (e.g. per-expert MoE weights
+    fused into 3-D stacks): readable whole, but not tensor by tensor."""
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one stored tensor lives: its file, its key there, dtype and shape (from the header)."""
@@ -361,7 +366,7 @@ def _map_tensors(model: nn.Module, stored: dict[str, TensorEntry],
         name, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None),
                                           meta_state)  # fmt: skip
         if pattern is not None:
-            raise ModelFormatError(f"{directory} stores {key} in a form transformers converts while loading "
+            raise NotLazyError(f"{directory} stores {key} in a form transformers converts while loading "
                                    f"({pattern}); this family cannot be opened lazily, load it whole")  # fmt: skip
         mapped[name] = entry
     by_param: dict[int, str] = {}

@@ -19,22 +19,11 @@ from typing import Any
 import torch
 
 from kompakt.calib.memory_plan import ModelShapes, StepEstimate, check_budget, estimate_step, measure_flops
-from kompakt.errors import ConfigError
 from kompakt.recipe.schema import Recipe
-from kompakt.units import parse_size
+from kompakt.units import parse_memory
 
 # Passes that accumulate an in x in Hessian per Linear group (GPTQ; SparseGPT inside prune.sparse).
 HESSIAN_PASSES = ("quant.gptq", "prune.sparse")
-
-
-def parse_budget(max_memory: int | str | None, flag: str = "--max-memory") -> int | None:
-    """Bytes of `--max-memory` ("6GB", "512MiB", a number of bytes); None stays None."""
-    if max_memory is None:
-        return None
-    try:
-        return parse_size(max_memory, flag)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
 
 
 def plan_memory(recipe: Recipe, max_memory: int | str | None = None, *, check: bool = True,
@@ -45,7 +34,7 @@ def plan_memory(recipe: Recipe, max_memory: int | str | None = None, *, check: b
     from kompakt.model.load import resolve_model
     from kompakt.recipe.stream_step import must_stream, refuse_unstreamable
 
-    budget = parse_budget(max_memory)
+    budget = parse_memory(max_memory)
     directory, name = resolve_model(recipe.model)
     lazy = open_lazy(directory, name=name)
     shapes = ModelShapes.from_lazy(lazy)

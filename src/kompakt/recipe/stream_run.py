@@ -25,7 +25,8 @@ from kompakt.errors import ConfigError, ModelFormatError
 from kompakt.model.lazy import LazyModel, lazy_of, open_lazy
 from kompakt.model.loaded import LoadedModel
 from kompakt.recipe.schema import Recipe
-from kompakt.recipe.stream_step import must_stream, parse_bytes, refuse_unstreamable
+from kompakt.recipe.stream_step import must_stream, refuse_unstreamable
+from kompakt.units import parse_memory
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def streamed_original(recipe: Recipe, max_memory: int | str | None) -> LoadedMod
     None (the in-memory run). Raises ConfigError for what a streamed run cannot do, before any work."""
     from kompakt.model.load import _resolve
 
-    budget = parse_bytes(max_memory)
+    budget = parse_memory(max_memory)
     if budget is None:
         return None
     directory, name = _resolve(recipe.model)

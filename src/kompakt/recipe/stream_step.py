@@ -18,7 +18,6 @@ structural edits) and is refused before any work, in one line naming the ways ou
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,23 +33,11 @@ from kompakt.passes.base import PassContext, PassReport, PassSpec
 
 logger = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}  # fmt: skip
 # Working memory of an in-memory calibration step beyond the weights: a layer's inputs, outputs
 # and caches (about 8 hidden-size tensors per calibration token, kompakt.calib.sequential) plus
 # the process itself (torch, transformers: about 0.5 GB).
 ACTIVATION_COPIES = 8
 PROCESS_BYTES = 500 * 10**6
-
-
-def parse_bytes(text: str | int | None, what: str = "--max-memory") -> int | None:
-    """"6GB", "512MiB", "3e9" -> bytes (decimal KB/MB/GB, binary KiB/MiB/GiB); None stays None."""
-    if text is None or isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"{what} {text!r}: write a size like 6GB or 12GiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def in_memory_bytes(lazy: LazyModel, calibration_tokens: int = 0) -> int:
