@@ -50,13 +50,32 @@ _LAZY: weakref.WeakKeyDictionary[nn.Module, LazyModel] = weakref.WeakKeyDictiona
 
 
 @dataclass(frozen=True)
+class PackedSource:
+    """The stored parts of one compressed-tensors Linear weight (kompakt.model.quantized): its
+    scale, zero point (asymmetric grids) and grid. The TensorEntry holding it points at the
+    codes (`weight_packed` int32 words, or int8 `weight` for int-quantized layers)."""
+
+    scale: TensorEntry
+    zero: TensorEntry | None
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    packed: bool  # int32 words ("pack-quantized"), else one int8 per weight ("int-quantized")
+
+
+@dataclass(frozen=True)
 class TensorEntry:
-    """Where one stored tensor lives: its file, its key there, dtype and shape (from the header)."""
+    """Where one stored tensor lives: its file, its key there, dtype and shape (from the header).
+
+    A weight stored packed (compressed-tensors) has `source` set, its dense shape as `shape` and
+    float32 as `dtype`: it is read back dequantized, exactly as kompakt.load densifies it.
+    """
 
     file: Path
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    source: PackedSource | None = None
 
     @property
     def numel(self) -> int:
@@ -67,6 +86,8 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
+        if self.source is not None:
+            return self.numel * self.source.bits // 8
         return self.numel * self.dtype.itemsize
 
 
@@ -246,11 +267,28 @@ class LazyModel:
         try:
             with safe_open(str(entry.file), framework="pt", device="cpu") as handle:
                 tensor = handle.get_tensor(entry.key)
+            if entry.source is not None:
+                tensor = self._dequantize(entry, tensor)
         except (OSError, SafetensorError) as exc:
             raise ModelFormatError(f"{entry.file} cannot be read ({exc}); copy or download the model again") from None
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         return tensor.to(device)
+
+    def _dequantize(self, entry: TensorEntry, codes: torch.Tensor) -> torch.Tensor:
+        """fp32 values of a compressed-tensors weight: codes x scale in fp32, as densify_compressed."""
+        from kompakt.model.compression import PackedLayer
+
+        source = entry.source
+        assert source is not None
+        if source.packed:
+            from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+            codes = unpack_from_int32(codes, source.bits, torch.Size(entry.shape))
+        parts = [self._read(part, None, "cpu") if part is not None else None for part in (source.scale, source.zero)]
+        layer = PackedLayer(codes.to(torch.int32), parts[0].float(), None if parts[1] is None else parts[1].to(torch.int32),
+                            source.bits, source.group_size, source.symmetric)  # fmt: skip
+        return layer.dequantize()
 
     @torch.no_grad()
     def release(self, target: str | nn.Module, *, recurse: bool = True) -> None:
@@ -364,6 +402,7 @@ def _map_tensors(model: nn.Module, stored: dict[str, TensorEntry],
             raise ModelFormatError(f"{directory} stores {key} in a form transformers converts while loading "
                                    f"({pattern}); this family cannot be opened lazily, load it whole")  # fmt: skip
         mapped[name] = entry
+    _packed_weights(model, mapped)
     by_param: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if name in mapped:
@@ -378,6 +417,33 @@ def _map_tensors(model: nn.Module, stored: dict[str, TensorEntry],
         raise ModelFormatError(f"{directory} lacks {len(missing)} weights (e.g. {missing[0]}) that would be random; "
                                "copy or download the model again")  # fmt: skip
     return mapped, aliases
+
+
+_PACKED_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+def _packed_weights(model: nn.Module, mapped: dict[str, TensorEntry]) -> None:
+    """Replace the stored parts of compressed-tensors Linears (kompakt.model.quantized's format)
+    by one `<module>.weight` entry that dequantizes on read; nothing for a dense checkpoint."""
+    qconfig = getattr(model.config, "quantization_config", None)
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "compressed-tensors":
+        return
+    grids: dict[str, dict] = {}
+    for group in (qconfig.get("config_groups") or {}).values():
+        for target in group.get("targets", []):
+            grids[target] = group.get("weights") or {}
+    for module, weights in grids.items():
+        scale = mapped.pop(f"{module}.weight_scale", None)
+        if scale is None:
+            continue
+        packed = mapped.pop(f"{module}.weight_packed", None)
+        codes = packed or mapped[f"{module}.weight"]
+        mapped.pop(f"{module}.weight_shape", None)
+        group = weights.get("group_size") if weights.get("strategy") == "group" else None
+        source = PackedSource(scale, mapped.pop(f"{module}.weight_zero_point", None), int(weights.get("num_bits", 4)),
+                              group, bool(weights.get("symmetric", True)), packed is not None)  # fmt: skip
+        shape = tuple(model.get_parameter(f"{module}.weight").shape)
+        mapped[f"{module}.weight"] = TensorEntry(codes.file, codes.key, torch.float32, shape, source)
 
 
 def text_hidden_size(lazy: LazyModel) -> int:

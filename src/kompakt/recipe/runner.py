@@ -286,7 +286,7 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
         layout.write_marker(directory, {"hash": step.hash, "summary": summary, "details": details})
         del report, ctx
     # Continue from what is on disk, so a resumed run sees exactly the same input.
-    loaded = _streamed_result(directory, current) if streamed_input(current) is not None else load(directory)
+    loaded = lazy_loaded(directory, current.name) if streamed_input(current) is not None else load(directory)
     wall = time.perf_counter() - started
     started = time.perf_counter()
     metrics = measurer.measure(loaded)
@@ -308,17 +308,6 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
         "skipped": False,
     }
     return record, loaded
-
-
-def _streamed_result(directory: Path, current: LoadedModel) -> LoadedModel:
-    """A streamed step's result for the record and the next step: opened lazily; a packed
-    (quantized) result, which cannot be opened lazily yet, is recorded by its input's skeleton
-    (the streamable passes keep the architecture) and refused as the input of a later step."""
-    try:
-        return lazy_loaded(directory, current.name)
-    except KompaktError:
-        return LoadedModel(model=current.model, tokenizer=current.tokenizer, name=current.name, path=directory,
-                           storage_dtype=current.storage_dtype)  # fmt: skip
 
 
 def _finish(result: RunResult) -> None:
