@@ -34,6 +34,7 @@ def test_streamed_run_equals_in_memory_run(tiny_dir, text_file, tmp_path, one_th
     assert loads == []  # no step, not even the original, was loaded whole
     records = read_lineage(tmp_path / "streamed")
     assert [r["details"].get("streamed") for r in records] == [True, True]
+    assert [r["details"]["activations"] for r in records] == ["disk", "disk"]  # 1 KB holds no layer
     assert all(r["metrics"] == {} and r["parameters"] > 0 for r in records)
     monkeypatch.undo()
     memory, streamed = _weights(tmp_path / "memory" / "final"), _weights(result.final)

@@ -64,6 +64,8 @@ class LazyModel:
         compute_dtype: the dtype streamed passes materialise parameters in (fp32: the in-memory
             path's CPU dtype, so both give the same weights).
         aliases: parameter names with no stored key of their own (a tied head).
+        spill_dir: where the sequential driver keeps calibration activations between layers
+            (kompakt.calib.spill) when RAM is short; None: in RAM.
         live_numel: parameters materialised now (tied tensors once).
         peak_numel: the most parameters materialised at one time since opening (or `reset_peak`).
     """
@@ -76,6 +78,7 @@ class LazyModel:
     name: str = ""
     compute_dtype: torch.dtype = torch.float32
     aliases: frozenset[str] = frozenset()
+    spill_dir: Path | None = None
     live_numel: int = 0
     peak_numel: int = 0
     _tokenizer: Any = field(default=None, repr=False)

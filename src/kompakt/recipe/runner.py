@@ -38,7 +38,7 @@ from kompakt.rundir.hashing import digest, step_hash
 from kompakt.rundir.lineage import append_record
 from kompakt.recipe.rundata import Measurer, RunData, measurer_for
 from kompakt.recipe.stream_run import SizeMeasurer, lazy_loaded, streamed_input, streamed_original
-from kompakt.recipe.stream_step import streamed_step
+from kompakt.recipe.stream_step import must_spill, parse_bytes, streamed_step
 from kompakt.recipe.schema import GATES, Recipe
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,8 @@ def run_recipe(
         else:
             if current is None:
                 current = _resume_model(out, original, result.records)
-            record, current = _run_step(step, current, original, data, measurer, out, recipe.seed)
+            record, current = _run_step(step, current, original, data, measurer, out, recipe.seed,
+                                        parse_bytes(max_memory))  # fmt: skip
             record["eval_id"] = eval_id
             append_record(out, {k: v for k, v in record.items() if k != "skipped"})
         record["run_dir"] = str(out)
@@ -245,8 +246,8 @@ def _keep_files(files: dict[str, Path], directory: Path) -> None:
                 shutil.copy2(source, target)
 
 
-def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data: RunData,
-              measurer: Measurer, out: Path, seed: int) -> tuple[dict[str, Any], LoadedModel]:  # fmt: skip
+def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data: RunData, measurer: Measurer,
+              out: Path, seed: int, max_memory: int | None = None) -> tuple[dict[str, Any], LoadedModel]:  # fmt: skip
     from kompakt.evaluate import disk_bytes
     from kompakt.model.load import load
     from kompakt.rundir.stepsave import save_step_model
@@ -272,9 +273,12 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
             input_dtype = current.storage_dtype  # quant passes raise it to fp32 for exact dense saves
             lazy = streamed_input(current)
             if lazy is not None:  # larger than --max-memory: one layer at a time, written as it goes
+                tokens = data.spec.calibration_blocks * data.spec.block_len
+                spill = work / "activations" if must_spill(lazy, max_memory, tokens) else None
                 report = streamed_step(step.spec, step.config, lazy, directory,
-                                       lambda loaded, stream: dataclasses.replace(ctx, loaded=loaded, stream=stream))
-                stored = {"streamed": True}
+                                       lambda loaded, stream: dataclasses.replace(ctx, loaded=loaded, stream=stream),
+                                       spill_dir=spill)  # fmt: skip
+                stored = {"streamed": True, "activations": "disk" if spill is not None else "memory"}
             else:
                 report = step.spec.apply(ctx, step.config)
                 stored = save_step_model(report.loaded, directory, input_dtype, report.packed_layers)
