@@ -76,3 +76,23 @@ def test_missing_shard_and_missing_tensor_are_one_line_errors(tmp_path):
     index.write_text(json.dumps(data))
     with pytest.raises(ModelFormatError, match="no shard holds"):
         open_lazy(tmp_path)
+
+
+@pytest.mark.parametrize("family,symmetric", [("llama", True), ("llama", False), ("gemma3", True)])
+def test_packed_quantized_directory_opens_lazily_with_load_values(tmp_path, family, symmetric):
+    """A compressed-tensors step (packed int4, or int8 codes with zero points) reads back
+    dequantized exactly as kompakt.load densifies it."""
+    from kompakt.model.load import load
+    from kompakt.passes.base import PassContext, build_config, get_pass
+    from kompakt.rundir.stepsave import save_step_model
+
+    loaded = tiny_model(family)
+    spec = get_pass("quant.rtn")
+    report = spec.apply(PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: None),
+                        build_config(spec, {"bits": 4, "group_size": 32, "symmetric": symmetric}))  # fmt: skip
+    save_step_model(report.loaded, tmp_path, torch.float32, report.packed_layers)
+    lazy = open_lazy(tmp_path)
+    assert lazy.stored_bytes() < lazy.bytes_in(torch.float16)  # 4-bit weights counted as such
+    lazy.materialize("", torch.float32)
+    expected, got = load(tmp_path, device="cpu", dtype="float32").model.state_dict(), lazy.model.state_dict()
+    assert sorted(expected) == sorted(got) and all(torch.equal(expected[k], got[k]) for k in expected)

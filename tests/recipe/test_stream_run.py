@@ -34,6 +34,7 @@ def test_streamed_run_equals_in_memory_run(tiny_dir, text_file, tmp_path, one_th
     assert loads == []  # no step, not even the original, was loaded whole
     records = read_lineage(tmp_path / "streamed")
     assert [r["details"].get("streamed") for r in records] == [True, True]
+    assert [r["details"]["activations"] for r in records] == ["disk", "disk"]  # 1 KB holds no layer
     assert all(r["metrics"] == {} and r["parameters"] > 0 for r in records)
     monkeypatch.undo()
     memory, streamed = _weights(tmp_path / "memory" / "final"), _weights(result.final)
@@ -50,13 +51,18 @@ def test_large_budget_runs_in_memory(tiny_dir, text_file, tmp_path):
     assert "streamed" not in record["details"] and "ppl" in record["metrics"]
 
 
-@pytest.mark.parametrize("steps,match", [
-    ([{"distill.kd": {}}], "distill.kd needs the whole model in memory .*accelerate launch"),
-    ([{"quant.gptq": {}}, {"prune.sparse": {}}], "stored quantized .*put quantization last"),
-])  # fmt: skip
-def test_streamed_run_refuses_what_needs_the_whole_model(tiny_dir, text_file, tmp_path, steps, match):
-    with pytest.raises(ConfigError, match=match):
-        run_recipe(_recipe(tiny_dir, text_file, steps), tmp_path / "run", max_memory="1KB")
+def test_streamed_run_refuses_what_needs_the_whole_model(tiny_dir, text_file, tmp_path):
+    with pytest.raises(ConfigError, match="distill.kd needs the whole model in memory .*accelerate launch"):
+        run_recipe(_recipe(tiny_dir, text_file, [{"distill.kd": {}}]), tmp_path / "run", max_memory="1KB")
+    assert not (tmp_path / "run").exists()
+
+
+def test_step_after_a_packed_step_streams_from_it(tiny_dir, text_file, tmp_path, one_thread):
+    steps = STEPS[::-1]  # quantized (stored packed), then pruned: the second step opens the packed step lazily
+    run_recipe(_recipe(tiny_dir, text_file, steps), tmp_path / "memory")
+    result = run_recipe(_recipe(tiny_dir, text_file, steps), tmp_path / "streamed", max_memory="1KB")
+    memory, streamed = _weights(tmp_path / "memory" / "final"), _weights(result.final)
+    assert sorted(memory) == sorted(streamed) and all(memory[k].equal(streamed[k]) for k in memory)
 
 
 def test_streamed_run_needs_calibration_text(tiny_dir, tmp_path):

@@ -57,14 +57,14 @@ def _in_memory(source: Path, out: Path, name: str, values: dict) -> None:
     save_step_model(report.loaded, out, input_dtype, report.packed_layers)
 
 
-def _streamed(source: Path, out: Path, name: str, values: dict, shard_bytes: int = 40_000):
+def _streamed(source: Path, out: Path, name: str, values: dict, shard_bytes: int = 40_000, spill_dir: Path | None = None):
     spec = get_pass(name)
     lazy = open_lazy(source)
     blocks = _blocks()
     streamed_step(spec, build_config(spec, values), lazy, out,
                   lambda loaded, stream: PassContext(loaded=loaded, original=lambda: loaded,
                                                      calibration=lambda: blocks, stream=stream),
-                  shard_bytes=shard_bytes)  # fmt: skip
+                  shard_bytes=shard_bytes, spill_dir=spill_dir)  # fmt: skip
     return lazy
 
 
@@ -78,14 +78,15 @@ def _stored(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _check_equal(tmp_path: Path, family: str, name: str, values: dict, dtype: torch.dtype = torch.float32):
+def _check_equal(tmp_path: Path, family: str, name: str, values: dict, dtype: torch.dtype = torch.float32,
+                 spill: bool = False):  # fmt: skip
     source = tmp_path / "in"
     loaded = tiny_model(family)
     with quiet_third_party():
         loaded.model.to(dtype).save_pretrained(source)
     loaded.tokenizer.save_pretrained(source)
     _in_memory(source, tmp_path / "memory", name, values)
-    lazy = _streamed(source, tmp_path / "streamed", name, values)
+    lazy = _streamed(source, tmp_path / "streamed", name, values, spill_dir=tmp_path / "spill" if spill else None)
     memory, streamed = _stored(tmp_path / "memory"), _stored(tmp_path / "streamed")
     assert sorted(memory) == sorted(streamed)
     for key, tensor in memory.items():
@@ -111,6 +112,15 @@ def test_streamed_step_stores_the_in_memory_weights(tmp_path, one_thread, key, f
 @pytest.mark.parametrize("family,name,values", EXTRA_CASES)
 def test_streamed_options_store_the_in_memory_weights(tmp_path, one_thread, family, name, values):
     _check_equal(tmp_path, family, name, values)
+
+
+@pytest.mark.parametrize("family,name,values", [
+    pytest.param("llama", "quant.gptq", {"bits": 4, "group_size": 32, "awq": True, "batch_size": 2}, id="gptq-awq"),
+    pytest.param("gemma3", "prune.sparse", {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 3}, id="sparsegpt"),
+])  # fmt: skip
+def test_activations_spilled_to_disk_give_the_same_weights(tmp_path, one_thread, family, name, values):
+    _check_equal(tmp_path, family, name, values, spill=True)
+    assert len(list((tmp_path / "spill" / "a").glob("b*.safetensors"))) == 2  # 4 blocks in batches of 2 / 3
 
 
 def test_bf16_input_streams_to_the_same_packed_directory_and_loads(tmp_path, one_thread):

@@ -35,7 +35,9 @@ Streaming (a model opened with kompakt.model.lazy, larger than memory): only the
 materialised for the capture, then each layer is materialised before its statistics run and,
 after its outputs moved on and `on_layer(index, layer)` (the step's writer) stored it, released
 back to the meta device. The math is the same code on the same tensors, so the weights are the
-in-memory path's bit for bit; at most one decoder layer is materialised at a time.
+in-memory path's bit for bit; at most one decoder layer is materialised at a time. With the
+lazy model's `spill_dir` set, the activations between layers live on disk (kompakt.calib.spill)
+and the layer caches are off (recomputed, same results).
 
 Memory: one layer's inputs and outputs, n × len × hidden each (128 × 512 × 576 fp32 ≈ 150 MB
 for SmolLM2-135M), the layer caches (about 5 × that), plus the statistics of one group (an
@@ -48,14 +50,17 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from kompakt.calib.capture import CapturedInputs, _StopForward, capture_layer_inputs, run_layer
+from kompakt.calib.capture import CapturedInputs, _StopForward, capture_layer_inputs, layer_output, run_layer
 from kompakt.calib.experts import collect_expert_stats
 from kompakt.calib.layer_cache import LayerCaches
+from kompakt.calib.spill import propagate, spill
 from kompakt.calib.stats import LinearStats, collect_kinds
 from kompakt.model.arch import ArchSpec, arch_for, base_role, decoder_layers, linear_modules
 from kompakt.model.inputs import Batch
@@ -249,8 +254,8 @@ class _Run:
     index: int
     layer: nn.Module
     captured: CapturedInputs
-    inputs: list[torch.Tensor]
-    caches: LayerCaches
+    inputs: Sequence[torch.Tensor]
+    caches: LayerCaches | None
     collect: str | Iterable[str]
     hessian_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
@@ -337,9 +342,13 @@ def run_sequential(
     if lazy is not None:  # streamed: the embeddings alone bring the blocks to layer 0
         lazy.materialize(spec.embed, lazy.compute_dtype)
     captured = capture_layer_inputs(model, blocks, batch_size=batch_size)
+    n_samples = captured.n_samples
     if lazy is not None:
         lazy.release(spec.embed)
-    inputs = captured.hidden
+    spill_dir = lazy.spill_dir if lazy is not None else None
+    inputs: Sequence[torch.Tensor] = captured.hidden
+    if spill_dir is not None:  # activations on disk (kompakt.calib.spill)
+        inputs, captured.hidden = spill(captured.hidden, spill_dir / "a"), []
     verified: dict[type, int] = {}
     notes: list[str] = []
     progress, task = _progress(description, len(layers))
@@ -347,18 +356,33 @@ def run_sequential(
         for index, layer in enumerate(layers):
             if lazy is not None:
                 lazy.materialize(layer, lazy.compute_dtype)
-            with LayerCaches(layer, spec, verified).installed() as caches:
+            caches = None if spill_dir is not None else LayerCaches(layer, spec, verified)
+            with caches.installed() if caches is not None else nullcontext():
                 for phase in phases:
                     run = _Run(spec, index, layer, captured, inputs[: phase.max_batches], caches, collect, hessian_dtype)
                     grouping = true_sequential if phase.true_sequential is None else phase.true_sequential
                     run.groups(phase.roles if phase.roles is not None else roles, grouping, phase.process)
                     notes.extend(note for note in run.notes if note not in notes)
-                inputs = run_layer(layer, index, captured, inputs, caches.batch)  # the next layer's inputs
+                inputs = _propagate(layer, index, captured, inputs, caches, spill_dir)  # the next layer's inputs
             if on_layer is not None:
                 on_layer(index, layer)
             if lazy is not None:
                 lazy.release(layer)
             logger.debug("layer %d calibrated", index)
             progress.advance(task)
-    return SequentialResult(outputs=inputs, n_samples=captured.n_samples, seconds=time.perf_counter() - start,
+    return SequentialResult(outputs=list(inputs), n_samples=n_samples, seconds=time.perf_counter() - start,
                             notes=notes)
+
+
+def _propagate(layer: nn.Module, index: int, captured: CapturedInputs, inputs: Sequence[torch.Tensor],
+               caches: LayerCaches | None, spill_dir: Path | None) -> Sequence[torch.Tensor]:  # fmt: skip
+    """The layer's outputs per batch: in RAM, or written batch by batch to the other of two
+    spill directories (its inputs are read from the one this layer's index points at)."""
+    if spill_dir is None:
+        return run_layer(layer, index, captured, list(inputs), caches.batch if caches is not None else None)
+
+    def one(batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        call = captured.call_for(index, hidden, batch)
+        return layer_output(layer(hidden, *call.args, **call.kwargs))
+
+    return propagate(one, inputs, spill_dir / ("b" if index % 2 == 0 else "a"))

@@ -58,7 +58,8 @@ def stream_blocker(directory: Path) -> str | None:
 def open_streamable(source: str | Path | None):
     """The LazyModel of `source` (kompakt.load's sources: a directory, a .gguf converted once, an
     embedded name), or None when it has to be exported in memory (stream_blocker)."""
-    from kompakt.model.lazy import NotLazyError, open_lazy
+    from kompakt.model.lazy import open_lazy
+    from kompakt.model.lazy_index import NotLazyError
     from kompakt.model.load import resolve_model
 
     directory, name = resolve_model(source)

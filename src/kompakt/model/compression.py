@@ -89,7 +89,7 @@ def nominal_bits(fmt: str) -> int:
 class PackedLayer:
     """One quantized Linear as the quant pass produced it (QuantGrid / GPTQResult convention).
 
-    codes: int32 [out, in]; scale: [out, n_groups] (its dtype is stored: fp32, fp16 or bf16);
+    codes: integers [out, in] (int32, or int8 / int16 where they fit); scale: [out, n_groups] (its dtype is stored: fp32, fp16 or bf16);
     zero: [out, n_groups] integer zero points or None (symmetric); group_size: None = one
     group per row (per-channel).
     """

@@ -28,7 +28,6 @@ materialise first. Streaming evaluation and the streaming calibration driver
 
 from __future__ import annotations
 
-import json
 import logging
 import weakref
 from collections.abc import Iterator
@@ -41,38 +40,15 @@ from torch import nn
 
 from kompakt.errors import ModelFormatError
 from kompakt.model.arch import ArchSpec, arch_for, decoder_layers, get_submodule, text_config
-from kompakt.model.hf_dir import check_model_dir, safetensors_files
+from kompakt.model.hf_dir import check_model_dir
+from kompakt.model.lazy_index import PackedSource, TensorEntry, map_tensors, read_headers
 from kompakt.model.loaded import LoadedModel
+
+__all__ = ["LazyModel", "PackedSource", "TensorEntry", "lazy_of", "open_lazy"]
 
 logger = logging.getLogger(__name__)
 
 _LAZY: weakref.WeakKeyDictionary[nn.Module, LazyModel] = weakref.WeakKeyDictionary()
-
-
-class NotLazyError(ModelFormatError):
-    """A checkpoint whose tensors transformers converts while loading (e.g. per-expert MoE weights
-    fused into 3-D stacks): readable whole, but not tensor by tensor."""
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one stored tensor lives: its file, its key there, dtype and shape (from the header)."""
-
-    file: Path
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
 
 @dataclass
@@ -88,6 +64,8 @@ class LazyModel:
         compute_dtype: the dtype streamed passes materialise parameters in (fp32: the in-memory
             path's CPU dtype, so both give the same weights).
         aliases: parameter names with no stored key of their own (a tied head).
+        spill_dir: where the sequential driver keeps calibration activations between layers
+            (kompakt.calib.spill) when RAM is short; None: in RAM.
         live_numel: parameters materialised now (tied tensors once).
         peak_numel: the most parameters materialised at one time since opening (or `reset_peak`).
     """
@@ -100,6 +78,7 @@ class LazyModel:
     name: str = ""
     compute_dtype: torch.dtype = torch.float32
     aliases: frozenset[str] = frozenset()
+    spill_dir: Path | None = None
     live_numel: int = 0
     peak_numel: int = 0
     _tokenizer: Any = field(default=None, repr=False)
@@ -251,11 +230,28 @@ class LazyModel:
         try:
             with safe_open(str(entry.file), framework="pt", device="cpu") as handle:
                 tensor = handle.get_tensor(entry.key)
+            if entry.source is not None:
+                tensor = self._dequantize(entry, tensor)
         except (OSError, SafetensorError) as exc:
             raise ModelFormatError(f"{entry.file} cannot be read ({exc}); copy or download the model again") from None
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         return tensor.to(device)
+
+    def _dequantize(self, entry: TensorEntry, codes: torch.Tensor) -> torch.Tensor:
+        """fp32 values of a compressed-tensors weight: codes x scale in fp32, as densify_compressed."""
+        from kompakt.model.compression import PackedLayer
+
+        source = entry.source
+        assert source is not None
+        if source.packed:
+            from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+            codes = unpack_from_int32(codes, source.bits, torch.Size(entry.shape))
+        parts = [self._read(part, None, "cpu") if part is not None else None for part in (source.scale, source.zero)]
+        layer = PackedLayer(codes.to(torch.int32), parts[0].float(), None if parts[1] is None else parts[1].to(torch.int32),
+                            source.bits, source.group_size, source.symmetric)  # fmt: skip
+        return layer.dequantize()
 
     @torch.no_grad()
     def release(self, target: str | nn.Module, *, recurse: bool = True) -> None:
@@ -305,7 +301,7 @@ def open_lazy(directory: str | Path, *, name: str | None = None) -> LazyModel:
     config_json, stored = check_model_dir(directory)  # headers checked against file sizes
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     model = _skeleton(config)
-    tensors, aliases = _map_tensors(model, _read_headers(directory), directory)
+    tensors, aliases = map_tensors(model, read_headers(directory), directory)
     lazy = LazyModel(directory=directory, config=config, model=model, tensors=tensors, storage_dtype=stored,
                      name=name or directory.resolve().name, aliases=frozenset(aliases))  # fmt: skip
     _LAZY[model] = lazy
@@ -324,65 +320,6 @@ def _skeleton(config: Any) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()  # a tied head is then the embedding's Parameter, as after from_pretrained
     return model.eval()
-
-
-def _read_headers(directory: Path) -> dict[str, TensorEntry]:
-    """Stored key -> TensorEntry for every tensor of every shard (headers only)."""
-    from safetensors import safe_open
-
-    from kompakt.model.hf_dir import _SAFETENSORS_DTYPES
-
-    entries: dict[str, TensorEntry] = {}
-    for file in safetensors_files(directory):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                part = handle.get_slice(key)
-                dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), (torch.float32, 4))[0]
-                entries[key] = TensorEntry(file, key, dtype, tuple(int(d) for d in part.get_shape()))
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        listed = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        absent = sorted(set(listed) - set(entries))
-        if absent:
-            raise ModelFormatError(f"{index} lists {absent[0]} (and {len(absent) - 1} more) that no shard holds; "
-                                   "copy or download the model again")  # fmt: skip
-    return entries
-
-
-def _map_tensors(model: nn.Module, stored: dict[str, TensorEntry],
-                 directory: Path) -> tuple[dict[str, TensorEntry], set[str]]:  # fmt: skip
-    """(model parameter name -> stored entry, names stored under another name), through
-    transformers' own checkpoint key renamings; tied parameters (the same Parameter under two
-    names) share the entry of the stored one."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    meta_state = dict(model.state_dict())
-    mapped: dict[str, TensorEntry] = {}
-    for key, entry in stored.items():
-        name, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None),
-                                          meta_state)  # fmt: skip
-        if pattern is not None:
-            raise NotLazyError(f"{directory} stores {key} in a form transformers converts while loading "
-                                   f"({pattern}); this family cannot be opened lazily, load it whole")  # fmt: skip
-        mapped[name] = entry
-    by_param: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if name in mapped:
-            by_param.setdefault(id(param), name)
-    aliases = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if name not in mapped and id(param) in by_param:
-            mapped[name] = mapped[by_param[id(param)]]
-            aliases.add(name)
-    missing = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in mapped]
-    if missing:
-        raise ModelFormatError(f"{directory} lacks {len(missing)} weights (e.g. {missing[0]}) that would be random; "
-                               "copy or download the model again")  # fmt: skip
-    return mapped, aliases
 
 
 def text_hidden_size(lazy: LazyModel) -> int:

@@ -159,14 +159,20 @@ class LayerStream:
     def write_module(self, prefix: str, module: nn.Module, loaded: LoadedModel,
                      packed: Mapping[str, PackedLayer] | None = None,
                      exact: set[str] | frozenset[str] = frozenset()) -> None:  # fmt: skip
-        """Store every tensor under `module` (named `prefix`): packed Linears as compressed-tensors,
+        """Store every tensor under `module` (named `prefix`); see `write_tensors`."""
+        self.write_tensors(prefix, module.state_dict(), loaded, packed, exact)
+
+    def write_tensors(self, prefix: str, tensors: Mapping[str, torch.Tensor], loaded: LoadedModel,
+                      packed: Mapping[str, PackedLayer] | None = None,
+                      exact: set[str] | frozenset[str] = frozenset()) -> None:  # fmt: skip
+        """Store `tensors` (names relative to `prefix`): packed Linears as compressed-tensors,
         `exact` modules (on a grid, unpacked) in the storage dtype, the rest in the dense dtype."""
         from kompakt.model.quantized import _compressed_tensors, _regroup, _scheme
 
         packed = packed or {}
         self._mode(packed)
         dense = self.dense_dtype(loaded)
-        for name, tensor in module.state_dict().items():
+        for name, tensor in tensors.items():
             full = f"{prefix}.{name}" if prefix else name
             owner = full.rsplit(".", 1)[0]
             if full in self.written or self.lazy.is_alias(full):
@@ -206,15 +212,16 @@ class LayerStream:
             loaded.tokenizer.save_pretrained(self.temp)
             save_blocks(loaded.gguf_blocks, self.temp)
         except BaseException:
-            self._stack.__exit__(*__import__("sys").exc_info())
+            self.abort()
             raise
-        self._stack.close()
+        self._stack.close()  # the temporary directory becomes the target
         logger.info("streamed %d layers to %s", self.layers_written, self.target)
         return self.target
 
     def abort(self) -> None:
-        """Remove the temporary directory (a failed step leaves nothing behind)."""
-        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        """Remove the temporary directory (a failed step leaves nothing behind); once is enough."""
+        error = RuntimeError("streamed step aborted")
+        self._stack.__exit__(RuntimeError, error, None)  # atomic_directory removes its temporary
 
     def _write_rest(self, loaded: LoadedModel, packed: Mapping[str, PackedLayer], exact) -> None:
         lazy = self.lazy
@@ -226,7 +233,7 @@ class LayerStream:
             if not names or all(n in self.written or lazy.is_alias(n) for n in names):
                 continue
             lazy.materialize(module, lazy.compute_dtype, recurse=False)  # kept as the pass left it when live
-            self.write_module(module_name, _Own(module), loaded, packed, exact)
+            self.write_tensors(module_name, _own_tensors(module), loaded, packed, exact)
             lazy.release(module, recurse=False)
 
     def _write_configs(self, loaded: LoadedModel) -> None:
@@ -250,16 +257,9 @@ class LayerStream:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-class _Own(nn.Module):
-    """A view of one module's own parameters and buffers (not its children's), for writing."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self._module = module
-
-    def state_dict(self, *args, **kwargs):  # type: ignore[override]
-        module = self._module
-        own = {n: p for n, p in module.named_parameters(recurse=False)}
-        own.update({n: b for n, b in module.named_buffers(recurse=False)
-                    if n not in module._non_persistent_buffers_set})  # fmt: skip
-        return own
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's own parameters and persistent buffers (not its children's): what its
+    state_dict holds at its own level."""
+    own: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=False))
+    own.update({n: b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set})
+    return own

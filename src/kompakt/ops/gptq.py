@@ -94,9 +94,11 @@ def gptq_quantize(
         order = torch.argsort(h.diagonal(), descending=True)
     else:
         order = torch.arange(in_features, device=w.device)
-    w, h = w[:, order], h[order][:, order]  # permuted: position p holds original column order[p]
+    w, h = w[:, order], h[order[:, None], order]  # permuted: position p holds original column order[p]
     hinv, damp = inverse_cholesky_upper(h, percdamp)
+    del h  # [in, in]: freed before the column loop
     state = _State(w, hinv, grid, group, order)
+    del w, hinv  # the state owns them (and frees them before building the result)
     for start in range(0, in_features, block_size):
         state.run_block(start, min(start + block_size, in_features))
     return state.result(weight.shape, damp, order if act_order else None)
@@ -158,6 +160,7 @@ class _State:
         return self.grid.fit(current)
 
     def result(self, shape: torch.Size, damp: float, perm: torch.Tensor | None) -> GPTQResult:
+        self.w = self.hinv = None  # type: ignore[assignment]  # not needed any more: memory for the copies below
         n_groups = -(-shape[1] // self.group)
         params = [self.params[g] for g in range(n_groups)]
         zeros = None if params[0].zero is None else torch.stack([p.zero for p in params], dim=1)

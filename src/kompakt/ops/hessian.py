@@ -95,12 +95,19 @@ def inverse_cholesky_upper(
     Returns (U, the relative damping actually used).
     """
     mean_diag = hessian.diagonal().mean().item()
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     damp = percdamp
+    # Memory: each [in, in] temporary is freed as soon as the next exists (an 11008-wide
+    # Hessian is 485 MB in fp32); no identity matrix, the damping is added to the diagonal.
     for _ in range(max_tries):
-        lower, info = torch.linalg.cholesky_ex(hessian + (damp * mean_diag) * eye)
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info.item() == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0 and bool(torch.isfinite(upper).all()):
                 return upper, damp
         next_damp = damp * 10 if damp > 0 else 1e-4

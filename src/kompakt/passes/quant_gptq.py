@@ -65,7 +65,6 @@ from kompakt.model.moe import all_roles
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
-from kompakt.passes.streaming import layer_writer, materialize_targets
 from kompakt.passes.quant_awq import AwqConfig, AwqScaler, scales_summary
 from kompakt.passes.quant_common import (
     NAMES_SHOWN,
@@ -85,6 +84,7 @@ from kompakt.passes.quant_common import (
     summary_line,
     target_types,
 )
+from kompakt.passes.streaming import layer_writer, materialize_targets
 
 logger = logging.getLogger(__name__)
 

@@ -33,13 +33,19 @@ import torch
 from kompakt.errors import KompaktError
 from kompakt.model.loaded import LoadedModel
 from kompakt.passes.base import PassContext, check_model
+from kompakt.recipe.rundata import Measurer, RunData, measurer_for
+from kompakt.recipe.schema import GATES, Recipe
+from kompakt.recipe.stream_run import (
+    SizeMeasurer,
+    lazy_loaded,
+    streamed_input,
+    streamed_original,
+)
+from kompakt.recipe.stream_step import must_spill, streamed_step
 from kompakt.rundir import layout
 from kompakt.rundir.hashing import digest, step_hash
 from kompakt.rundir.lineage import append_record
-from kompakt.recipe.rundata import Measurer, RunData, measurer_for
-from kompakt.recipe.stream_run import SizeMeasurer, lazy_loaded, streamed_input, streamed_original
-from kompakt.recipe.stream_step import streamed_step
-from kompakt.recipe.schema import GATES, Recipe
+from kompakt.units import parse_memory
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +144,6 @@ def run_recipe(
         GateError: a step crossed a gate (every finished step is kept).
     """
     from kompakt.model.load import load
-
     from kompakt.train.distributed import run_dir_for_process, setup_process_device
 
     recipe = recipe.validate()
@@ -170,7 +175,8 @@ def run_recipe(
         else:
             if current is None:
                 current = _resume_model(out, original, result.records)
-            record, current = _run_step(step, current, original, data, measurer, out, recipe.seed)
+            record, current = _run_step(step, current, original, data, measurer, out, recipe.seed,
+                                        parse_memory(max_memory))  # fmt: skip
             record["eval_id"] = eval_id
             append_record(out, {k: v for k, v in record.items() if k != "skipped"})
         record["run_dir"] = str(out)
@@ -245,8 +251,8 @@ def _keep_files(files: dict[str, Path], directory: Path) -> None:
                 shutil.copy2(source, target)
 
 
-def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data: RunData,
-              measurer: Measurer, out: Path, seed: int) -> tuple[dict[str, Any], LoadedModel]:  # fmt: skip
+def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data: RunData, measurer: Measurer,
+              out: Path, seed: int, max_memory: int | None = None) -> tuple[dict[str, Any], LoadedModel]:  # fmt: skip
     from kompakt.evaluate import disk_bytes
     from kompakt.model.load import load
     from kompakt.rundir.stepsave import save_step_model
@@ -272,9 +278,12 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
             input_dtype = current.storage_dtype  # quant passes raise it to fp32 for exact dense saves
             lazy = streamed_input(current)
             if lazy is not None:  # larger than --max-memory: one layer at a time, written as it goes
+                tokens = data.spec.calibration_blocks * data.spec.block_len
+                spill = work / "activations" if must_spill(lazy, max_memory, tokens) else None
                 report = streamed_step(step.spec, step.config, lazy, directory,
-                                       lambda loaded, stream: dataclasses.replace(ctx, loaded=loaded, stream=stream))
-                stored = {"streamed": True}
+                                       lambda loaded, stream: dataclasses.replace(ctx, loaded=loaded, stream=stream),
+                                       spill_dir=spill)  # fmt: skip
+                stored = {"streamed": True, "activations": "disk" if spill is not None else "memory"}
             else:
                 report = step.spec.apply(ctx, step.config)
                 stored = save_step_model(report.loaded, directory, input_dtype, report.packed_layers)
@@ -286,7 +295,7 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
         layout.write_marker(directory, {"hash": step.hash, "summary": summary, "details": details})
         del report, ctx
     # Continue from what is on disk, so a resumed run sees exactly the same input.
-    loaded = _streamed_result(directory, current) if streamed_input(current) is not None else load(directory)
+    loaded = lazy_loaded(directory, current.name) if streamed_input(current) is not None else load(directory)
     wall = time.perf_counter() - started
     started = time.perf_counter()
     metrics = measurer.measure(loaded)
@@ -308,17 +317,6 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
         "skipped": False,
     }
     return record, loaded
-
-
-def _streamed_result(directory: Path, current: LoadedModel) -> LoadedModel:
-    """A streamed step's result for the record and the next step: opened lazily; a packed
-    (quantized) result, which cannot be opened lazily yet, is recorded by its input's skeleton
-    (the streamable passes keep the architecture) and refused as the input of a later step."""
-    try:
-        return lazy_loaded(directory, current.name)
-    except KompaktError:
-        return LoadedModel(model=current.model, tokenizer=current.tokenizer, name=current.name, path=directory,
-                           storage_dtype=current.storage_dtype)  # fmt: skip
 
 
 def _finish(result: RunResult) -> None:

@@ -9,7 +9,8 @@ skeleton; the run then goes on as usual except that
   edits) is refused in one line naming the ways out, and so is a run without calibration text
   (the model cannot generate its own when it cannot be loaded);
 - each step runs through `kompakt.recipe.stream_step.streamed_step` (one decoder layer in memory
-  at a time, the result written shard by shard) and the next step opens its output lazily;
+  at a time, the result written shard by shard) and the next step opens its output lazily
+  (a packed quantized result too: kompakt.model.lazy dequantizes it as kompakt.load does);
 - the step hashes start from `LazyModel.fingerprint` (headers and first rows, no full read);
 - the steps are not evaluated (`SizeMeasurer`: parameters and bytes only; metrics are empty,
   so quality gates do not fire). Evaluate the result with `kompakt eval`.
@@ -21,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kompakt.errors import ConfigError, ModelFormatError
+from kompakt.errors import ConfigError
 from kompakt.model.lazy import LazyModel, lazy_of, open_lazy
 from kompakt.model.loaded import LoadedModel
 from kompakt.recipe.schema import Recipe
@@ -34,13 +35,7 @@ logger = logging.getLogger(__name__)
 def lazy_loaded(directory: Path, name: str | None = None) -> LoadedModel:
     """The skeleton of the model at `directory` as a LoadedModel (nothing read but headers),
     with its fingerprint set from the headers so the runner never reads the weights for it."""
-    try:
-        lazy = open_lazy(directory, name=name)
-    except ModelFormatError as error:
-        if (directory / "config.json").is_file() and "quantization_config" in (directory / "config.json").read_text():
-            raise ConfigError(f"{directory} is stored quantized (packed), which a streamed step cannot read yet; "
-                              "put quantization last in the recipe") from None  # fmt: skip
-        raise error
+    lazy = open_lazy(directory, name=name)
     loaded = lazy.loaded()
     loaded._fingerprint = lazy.fingerprint()
     return loaded
@@ -71,17 +66,8 @@ def streamed_original(recipe: Recipe, max_memory: int | str | None) -> LoadedMod
 
 
 def streamed_input(loaded: LoadedModel) -> LazyModel | None:
-    """The LazyModel behind a step's input when the run streams (None in memory).
-
-    Raises:
-        ConfigError: the input is a streamed step's packed (quantized) result, recorded by its
-            own input's skeleton because it cannot be opened lazily yet.
-    """
-    lazy = lazy_of(loaded.model)
-    if lazy is not None and loaded.path is not None and Path(loaded.path) != lazy.directory:
-        raise ConfigError(f"{loaded.path} is stored quantized (packed), which a streamed step cannot read yet; "
-                          "put quantization last in the recipe")  # fmt: skip
-    return lazy
+    """The LazyModel behind a step's input when the run streams (None in memory)."""
+    return lazy_of(loaded.model)
 
 
 class SizeMeasurer:

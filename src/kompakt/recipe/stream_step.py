@@ -52,6 +52,17 @@ def must_stream(lazy: LazyModel, max_memory: int | None, calibration_tokens: int
     return max_memory is not None and in_memory_bytes(lazy, calibration_tokens) > max_memory
 
 
+def must_spill(lazy: LazyModel, max_memory: int | None, calibration_tokens: int) -> bool:
+    """Whether a streamed step must keep the calibration activations on disk: one layer in fp32
+    (three times: its weights and a solver's working copies), the activations between layers and
+    the process do not fit in `max_memory` together."""
+    if max_memory is None:
+        return False
+    hidden = int(getattr(lazy.config.get_text_config(), "hidden_size", 0))
+    layer = max((lazy.layer_bytes(i, torch.float32) for i in range(lazy.n_layers)), default=0)
+    return 3 * layer + ACTIVATION_COPIES * calibration_tokens * hidden * 4 + PROCESS_BYTES > max_memory
+
+
 def refuse_unstreamable(spec: PassSpec, lazy: LazyModel, max_memory: int) -> None:
     """ConfigError for a pass that needs the whole model when the model exceeds the budget."""
     if spec.streams:
@@ -66,13 +77,15 @@ def refuse_unstreamable(spec: PassSpec, lazy: LazyModel, max_memory: int) -> Non
 
 def streamed_step(spec: PassSpec, config: Any, lazy: LazyModel, directory: Path,
                   context: Callable[[LoadedModel, LayerStream], PassContext],
-                  shard_bytes: int = SHARD_BYTES) -> PassReport:  # fmt: skip
+                  shard_bytes: int = SHARD_BYTES, spill_dir: Path | None = None) -> PassReport:  # fmt: skip
     """Apply `spec` to `lazy` streamed and write the result to `directory` (atomically).
 
     `context(loaded, stream)` builds the pass's PassContext (the runner's calibration, seed,
-    work dir) around the skeleton and the stream. Returns the pass's report (its
-    `packed_layers` were written; the model in it is the skeleton, not to be used for weights).
+    work dir) around the skeleton and the stream. `spill_dir`: keep the calibration activations
+    there instead of RAM (kompakt.calib.spill). Returns the pass's report (its `packed_layers`
+    were written; the model in it is the skeleton, not to be used for weights).
     """
+    lazy.spill_dir = spill_dir
     loaded = lazy.loaded()
     stream = LayerStream(lazy, directory, loaded.storage_dtype, shard_bytes=shard_bytes)
     try:
