@@ -9,6 +9,7 @@ import torch
 from kompakt.ops import ggml_types
 from kompakt.ops.gguf_grid import FORMATS, GGUFBlockGrid, dequantize_blocks, pack_blocks, quantize_blocks
 from kompakt.ops.gptq import gptq_quantize
+from kompakt.ops.hessian import HessianAccumulator
 from kompakt.ops.quant import QuantGrid
 
 
@@ -101,3 +102,23 @@ def test_stacked_rows_solve_like_separate_weights(layer):
         assert torch.equal(part.weight, alone.weight) and torch.equal(part.codes, alone.codes)
         assert torch.equal(part.scales, alone.scales)
         assert part.loss == pytest.approx(alone.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_weights_and_accumulator_given_separately_solve_the_same(layer, act_order):
+    """A list of weights is their stacked rows; an accumulator is its Hessian (taken over in place),
+    bit for bit, also with dead inputs and with the Hessian accumulated in fp64."""
+    grid = QuantGrid(4, 32, symmetric=True)
+    inputs = layer.inputs.clone()
+    inputs[:, [3, 90]] = 0.0  # dead inputs
+    for dtype in (torch.float32, torch.float64):
+        acc = HessianAccumulator(inputs.shape[1], dtype=dtype)
+        acc.add_batch(inputs)
+        hessian = acc.finalize()
+        weights = [layer.weight[:24], layer.weight[24:]]
+        given = gptq_quantize(torch.cat(weights), hessian, grid, act_order=act_order)
+        taken = gptq_quantize(weights, acc, grid, act_order=act_order)
+        assert torch.equal(given.weight, taken.weight) and torch.equal(given.codes, taken.codes)
+        assert torch.equal(given.scales, taken.scales) and given.loss == taken.loss
+        assert torch.equal(given.weight[:, [3, 90]], torch.zeros(layer.weight.shape[0], 2))
+        assert acc.sum_xxt is None  # taken: the accumulator no longer holds a matrix

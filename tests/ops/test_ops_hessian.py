@@ -13,6 +13,7 @@ from kompakt.ops.hessian import (
     column_norms_from_hessian,
     drop_dead_columns,
     inverse_cholesky_upper,
+    permute_symmetric_,
 )
 
 
@@ -68,3 +69,37 @@ def test_dead_columns_are_zeroed_and_made_invertible():
     w2, h2 = drop_dead_columns(w, h)
     assert torch.equal(w2[:, 2], torch.zeros(3)) and h2[2, 2] == 1.0
     assert torch.equal(w, torch.ones(3, 4))  # inputs untouched
+
+
+def test_take_is_finalize_in_place_and_only_once():
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(1))
+    acc = HessianAccumulator(12)
+    acc.add_batch(x)
+    expected = acc.finalize()
+    taken = acc.take()
+    assert torch.equal(taken, expected)
+    with pytest.raises(ValueError, match="already taken"):
+        acc.take()
+
+
+@pytest.mark.parametrize("n,block", [(10, 3), (9, 9), (7, 1024)])
+def test_symmetric_permutation_in_place_equals_the_gather(n, block):
+    x = torch.randn(3 * n, n, generator=torch.Generator().manual_seed(n))
+    h = x.T @ x
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(2))
+    expected = h[order][:, order]
+    result = permute_symmetric_(h, order, block=block)
+    assert result is h and torch.equal(h, expected)
+
+
+def test_consumed_hessian_gives_the_same_factor_and_is_freed(layer):
+    kept, damp = inverse_cholesky_upper(layer.hessian, 0.01)
+    handed = layer.hessian.clone()
+    upper, damp_consumed = inverse_cholesky_upper(handed, 0.01, consume=True)
+    assert torch.equal(upper, kept) and damp == damp_consumed
+    assert handed.untyped_storage().nbytes() == 0  # its memory went back
+    singular = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    h = 2 / 4 * singular.T @ singular
+    upper, damp = inverse_cholesky_upper(h.clone(), percdamp=0.0)
+    consumed, damp_consumed = inverse_cholesky_upper(h.clone(), percdamp=0.0, consume=True)
+    assert damp == damp_consumed > 0 and torch.equal(upper, consumed)  # retried from the restored diagonal

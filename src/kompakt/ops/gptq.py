@@ -25,11 +25,12 @@ Design decisions:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
-from kompakt.ops.hessian import drop_dead_columns, inverse_cholesky_upper
+from kompakt.ops.hessian import HessianAccumulator, dead_inputs, inverse_cholesky_upper, permute_symmetric_
 from kompakt.ops.quant import Grid, GroupParams, column_params
 
 
@@ -74,34 +75,62 @@ class GPTQResult:
 
 
 def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
+    weight: torch.Tensor | Sequence[torch.Tensor],
+    hessian: torch.Tensor | HessianAccumulator,
     grid: Grid,
     *,
     block_size: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
 ) -> GPTQResult:
-    """Quantize `weight` [out, in] onto `grid` with GPTQ, given the input Hessian [in, in]."""
-    out_features, in_features = weight.shape
-    if hessian.shape != (in_features, in_features):
-        raise ValueError(
-            f"Hessian {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}"
-        )
+    """Quantize `weight` [out, in] onto `grid` with GPTQ, given the input Hessian [in, in].
+
+    `weight`: one tensor, or several sharing the Hessian, solved as their rows stacked (read,
+    never changed). `hessian`: the matrix (copied), or its HessianAccumulator, whose running sum
+    is then taken over and used in place (HessianAccumulator.take): a 7B MLP's 11008-wide
+    Hessian is 485 MB, and this way no more than two [in, in] matrices exist at a time."""
+    weights = [weight] if isinstance(weight, torch.Tensor) else list(weight)
+    in_features = weights[0].shape[1]
+    shape = torch.Size([sum(w.shape[0] for w in weights), in_features])
+    h = hessian.take() if isinstance(hessian, HessianAccumulator) else None
+    if h is None:
+        if hessian.shape != (in_features, in_features):  # type: ignore[union-attr]
+            raise ValueError(f"Hessian {tuple(hessian.shape)} does not match weight {tuple(shape)}")  # type: ignore[union-attr]
+        h = hessian.detach().float().clone()  # type: ignore[union-attr]
+    elif h.shape != (in_features, in_features):
+        raise ValueError(f"Hessian {tuple(h.shape)} does not match weight {tuple(shape)}")
+    elif h.dtype != torch.float32:  # accumulated in fp64: solved in fp32, as a given matrix is
+        h = h.float()
     group = grid.group_size_for(in_features)
-    w, h = drop_dead_columns(weight, hessian)
+    dead = dead_inputs(h)
     if act_order:  # most important inputs (largest H_jj) first
         order = torch.argsort(h.diagonal(), descending=True)
+        permute_symmetric_(h, order)  # position p holds original column order[p]
     else:
-        order = torch.arange(in_features, device=w.device)
-    w, h = w[:, order], h[order[:, None], order]  # permuted: position p holds original column order[p]
-    hinv, damp = inverse_cholesky_upper(h, percdamp)
+        order = torch.arange(in_features, device=h.device)
+    dead = dead[order]
+    h[dead, dead] = 1.0  # dead inputs (always 0): W[:, j] = 0, H_jj = 1 keeps H invertible (the reference's rule)
+    w = _permuted_rows(weights, order, shape)
+    w[:, dead] = 0.0
+    hinv, damp = inverse_cholesky_upper(h, percdamp, consume=True)
     del h  # [in, in]: freed before the column loop
     state = _State(w, hinv, grid, group, order)
     del w, hinv  # the state owns them (and frees them before building the result)
     for start in range(0, in_features, block_size):
         state.run_block(start, min(start + block_size, in_features))
-    return state.result(weight.shape, damp, order if act_order else None)
+    return state.result(shape, damp, order if act_order else None)
+
+
+def _permuted_rows(weights: list[torch.Tensor], order: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The stacked rows of `weights` in fp32 with columns in processing order: one new [out, in]
+    tensor, each weight's columns gathered straight into its rows (no stacked copy first)."""
+    w = torch.empty(shape, dtype=torch.float32, device=weights[0].device)
+    start = 0
+    for weight in weights:
+        rows = w[start : start + weight.shape[0]]
+        torch.index_select(weight.detach().float(), 1, order, out=rows)
+        start += weight.shape[0]
+    return w
 
 
 class _State:
@@ -116,7 +145,9 @@ class _State:
         # position[c] = where original column c sits in the processing order
         self.position[order] = torch.arange(in_features, device=w.device)
         self.codes = torch.zeros(out_features, in_features, dtype=torch.int32, device=w.device)
-        self.deq = torch.zeros_like(w)
+        # The dequantized columns are written into w's own columns once their block is done: a
+        # finished position is never read again (a group is fitted when its first column is
+        # reached, from later positions only), so the result needs no third [out, in] tensor.
         self.losses = torch.zeros(out_features, device=w.device)
         self.params: dict[int, GroupParams] = {}
         self.group_at = (order // group).tolist()  # group id of each position (one host sync)
@@ -146,9 +177,9 @@ class _State:
             errs.append(err)
         err1 = torch.cat(errs, dim=1)  # [out, i2 - i1]
         self.codes[:, i1:i2] = torch.cat(codes, dim=1)
-        self.deq[:, i1:i2] = torch.cat(deqs, dim=1)
         self.losses += err1.square().sum(1) / 2
         self.w[:, i2:] -= err1 @ self.hinv[i1:i2, i2:]
+        self.w[:, i1:i2] = torch.cat(deqs, dim=1)  # after the update, which reads only columns >= i2
 
     def _fit_group(self, gid: int, i1: int, err_done: torch.Tensor) -> GroupParams:
         """Fit group `gid` on its current weights: the block-start values minus the updates
@@ -160,14 +191,18 @@ class _State:
         return self.grid.fit(current)
 
     def result(self, shape: torch.Size, damp: float, perm: torch.Tensor | None) -> GPTQResult:
-        self.w = self.hinv = None  # type: ignore[assignment]  # not needed any more: memory for the copies below
+        self.hinv = None  # type: ignore[assignment]  # not needed any more
+        deq, codes = self.w, self.codes
+        if perm is not None:  # back to the original column order, in place
+            _permute_columns_(deq, self.position)
+            _permute_columns_(codes, self.position)
         n_groups = -(-shape[1] // self.group)
         params = [self.params[g] for g in range(n_groups)]
         zeros = None if params[0].zero is None else torch.stack([p.zero for p in params], dim=1)
         stored = None if params[0].stored is None else torch.stack([p.stored for p in params], 1)
         return GPTQResult(
-            weight=self.deq[:, self.position],
-            codes=self.codes[:, self.position],
+            weight=deq,
+            codes=codes,
             scales=torch.stack([p.scale for p in params], dim=1),
             zeros=zeros,
             group_size=self.group,
@@ -177,3 +212,11 @@ class _State:
             stored=stored,
             row_loss=self.losses,
         )
+
+
+def _permute_columns_(matrix: torch.Tensor, index: torch.Tensor, rows: int = 1024) -> None:
+    """matrix[:, index] written into `matrix` itself, a block of rows at a time (temporary memory:
+    one block, not a second [out, in] tensor)."""
+    for start in range(0, matrix.shape[0], rows):
+        block = matrix[start : start + rows]
+        block.copy_(block.index_select(1, index))

@@ -56,6 +56,17 @@ class HessianAccumulator:
             raise ValueError("no calibration inputs were added to the Hessian")
         return self.sum_xxt * (2.0 / self.n_samples)
 
+    def take(self) -> torch.Tensor:
+        """H, computed in place in the running sum, which the accumulator then gives up (no more
+        batches, no second call): the caller holds the only [in, in] matrix instead of two (an
+        11008-wide Hessian is 485 MB in fp32). The values are finalize()'s, bit for bit."""
+        if self.sum_xxt is None:
+            raise ValueError("the Hessian was already taken from this accumulator")
+        if self.n_samples == 0:
+            raise ValueError("no calibration inputs were added to the Hessian")
+        hessian, self.sum_xxt = self.sum_xxt.mul_(2.0 / self.n_samples), None
+        return hessian
+
     def column_norms(self) -> torch.Tensor:
         """‖X_j‖₂ over all samples [in] (Wanda's activation norm)."""
         return self.sum_xxt.diagonal().clamp(min=0).sqrt()
@@ -83,8 +94,37 @@ def drop_dead_columns(
     return w, h
 
 
+def dead_inputs(hessian: torch.Tensor) -> torch.Tensor:
+    """Inputs that were always 0 (H_jj = 0), as a bool mask [in]."""
+    return hessian.diagonal() == 0
+
+
+def permute_symmetric_(matrix: torch.Tensor, order: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """`matrix[order][:, order]` of a symmetric square matrix, written into `matrix` itself with
+    one block of rows as temporary memory (a gather would hold a second [in, in] copy). Columns
+    are permuted row block by row block, the result transposed in place block by block (for a
+    symmetric M, M[:, order]ᵀ = M[order, :]), then columns permuted again. Pure data movement:
+    the values are the gather's exactly. Returns `matrix`."""
+    n = matrix.shape[0]
+    for start in range(0, n, block):
+        rows = matrix[start : start + block]
+        rows.copy_(rows.index_select(1, order))
+    for i in range(0, n, block):  # in-place transpose: swap blocks (i, j) and (j, i)
+        diagonal = matrix[i : i + block, i : i + block]
+        diagonal.copy_(diagonal.T.clone())
+        for j in range(i + block, n, block):
+            upper, lower = matrix[i : i + block, j : j + block], matrix[j : j + block, i : i + block]
+            saved = upper.clone()
+            upper.copy_(lower.T)
+            lower.copy_(saved.T)
+    for start in range(0, n, block):
+        rows = matrix[start : start + block]
+        rows.copy_(rows.index_select(1, order))
+    return matrix
+
+
 def inverse_cholesky_upper(
-    hessian: torch.Tensor, percdamp: float = 0.01, *, max_tries: int = 6
+    hessian: torch.Tensor, percdamp: float = 0.01, *, max_tries: int = 6, consume: bool = False
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ (UᵀU = (H + λI)⁻¹), λ = percdamp · mean(diag H).
 
@@ -92,28 +132,44 @@ def inverse_cholesky_upper(
     direction for the remaining columns. If a factorisation fails (H not positive definite in
     floating point), λ is multiplied by 10 and it is retried, with a warning.
 
+    `consume`: the caller hands `hessian` over (nobody reads it afterwards): the damping is added
+    to its own diagonal (restored from a saved copy before a retry) and its memory is freed as
+    soon as its Cholesky factor exists, so at most two [in, in] matrices are alive at any time
+    (the factor and the next one), not three, as in the reference code (which factorises H in
+    place). Same values either way; but once H is freed, a failure of the second factorisation
+    (of the inverse; not seen with damping > 0) cannot be retried and raises DataError.
+
     Returns (U, the relative damping actually used).
     """
     mean_diag = hessian.diagonal().mean().item()
     damp = percdamp
+    diagonal = hessian.diagonal().clone() if consume else None
     # Memory: each [in, in] temporary is freed as soon as the next exists (an 11008-wide
     # Hessian is 485 MB in fp32); no identity matrix, the damping is added to the diagonal.
     for _ in range(max_tries):
-        damped = hessian.clone()
-        damped.diagonal().add_(damp * mean_diag)
+        if diagonal is not None:
+            damped = hessian
+            damped.diagonal().copy_(diagonal).add_(damp * mean_diag)
+        else:
+            damped = hessian.clone()
+            damped.diagonal().add_(damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
         if info.item() == 0:
+            if diagonal is not None:  # handed over: free it now, whoever still refers to it
+                hessian.untyped_storage().resize_(0)
             inverse = torch.cholesky_inverse(lower)
             del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             del inverse
             if info.item() == 0 and bool(torch.isfinite(upper).all()):
                 return upper, damp
+            if diagonal is not None:
+                break
         next_damp = damp * 10 if damp > 0 else 1e-4
         logger.warning("Cholesky failed with damping %.3g; retrying with %.3g", damp, next_damp)
         damp = next_damp
     raise DataError(
         f"the layer Hessian is not positive definite even with damping {damp:g};"
-        " use more (or more varied) calibration data"
+        " use more (or more varied) calibration data or a larger percdamp"
     )

@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,7 @@ from kompakt.model.inputs import batch_label
 from kompakt.model.moe import all_roles
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 from kompakt.ops.gptq import gptq_quantize
+from kompakt.ops.hessian import HessianAccumulator
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 from kompakt.passes.quant_awq import AwqConfig, AwqScaler, scales_summary
 from kompakt.passes.quant_common import (
@@ -112,15 +114,29 @@ class GptqConfig(QuantGridConfig):
             raise ConfigError("quant.gptq: block_size, batch_size and max_blocks must be at least 1")
 
 
-def _gptq_stacked(modules: list[nn.Linear], hessian: torch.Tensor, config: GptqConfig, plan: GridPlan):
+def _hessians(shared: dict[tuple, list], stats: LayerStats) -> Iterator[torch.Tensor | HessianAccumulator]:
+    """The Hessian of each group of `shared` (keys: accumulator id, grid): its accumulator itself
+    for the last group reading it (GPTQ takes the running sum over in place: one [in, in] matrix
+    instead of two), a finalized copy for any earlier one (Linears of one input on two grids)."""
+    left: dict[int, int] = {}
+    for acc_id, _ in shared:
+        left[acc_id] = left.get(acc_id, 0) + 1
+    for (acc_id, _), members in shared.items():
+        left[acc_id] -= 1
+        stat = stats[members[0][0].role]
+        yield stat.hessian_acc if left[acc_id] == 0 and stat.hessian_acc is not None else stat.hessian()
+
+
+def _gptq_stacked(modules: list[nn.Linear], hessian: torch.Tensor | HessianAccumulator, config: GptqConfig,
+                  plan: GridPlan):  # fmt: skip
     """GPTQ of Linears that share one Hessian and one grid (q, k, v; gate, up), solved as one
     weight with their rows stacked: GPTQ treats rows independently, so this is the same result
     with one Cholesky and one column loop instead of one per Linear (the loop's per-column
     overhead is most of GPTQ's solve time on CPU). One dict per module, in order."""
-    stacked = torch.cat([module.weight.data for module in modules])
-    with solver_threads(stacked.device):
+    weights = [module.weight.data for module in modules]
+    with solver_threads(weights[0].device):
         result = gptq_quantize(
-            stacked, hessian, plan.grid, block_size=config.block_size, percdamp=config.percdamp,
+            weights, hessian, plan.grid, block_size=config.block_size, percdamp=config.percdamp,
             act_order=config.act_order,
         )  # fmt: skip
     outs, start = [], 0
@@ -179,9 +195,8 @@ def _run_gptq(ctx: PassContext, blocks: torch.Tensor, decoder: list[Target], con
             if plan.grid is not None and solved.get(id(weight)) is not weight:
                 solved[id(weight)] = weight
                 shared.setdefault((id(stat.hessian_acc), plan.grid), []).append((target, stat.module))
-        for members in shared.values():
+        for members, hessian in zip(shared.values(), _hessians(shared, stats)):
             plan = done.plans[members[0][0].name]
-            hessian = stats[members[0][0].role].hessian()
             for (target, _), out in zip(members, _gptq_stacked([m for _, m in members], hessian, config, plan)):
                 done.packed[target.name], losses[target.name] = out["packed"], out["loss"]
                 if out["blocks"] is not None:
