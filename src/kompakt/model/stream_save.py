@@ -48,6 +48,11 @@ from kompakt.model.loaded import LoadedModel
 logger = logging.getLogger(__name__)
 
 SHARD_BYTES = 2 * 1024**3  # transformers' default max_shard_size is 5 GB; smaller shards flush RAM sooner
+# A finished layer's tensors wait in RAM only until this much is pending: at a layer's end the shard
+# is written once it holds this many bytes, so the buffer is at most about one layer (a 7B layer
+# packed at 4 bits is 0.1 GB; waiting for a 2 GB shard would hold 20 of them), and small models
+# still get few shards.
+FLUSH_BYTES = 64 * 1024**2
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
@@ -117,11 +122,12 @@ class LayerStream:
         target: the model directory to write (replaced atomically at `finish`).
         input_dtype: the storage dtype of the step's input (chooses the 16-bit dtype of a packed save).
         shard_bytes: the most bytes per safetensors shard.
+        flush_bytes: a shard is written at the end of a layer once it holds this many bytes.
     """
 
     def __init__(self, lazy: LazyModel, target: str | Path, input_dtype: torch.dtype,
-                 shard_bytes: int = SHARD_BYTES) -> None:  # fmt: skip
-        self.lazy, self.input_dtype = lazy, input_dtype
+                 shard_bytes: int = SHARD_BYTES, flush_bytes: int = FLUSH_BYTES) -> None:  # fmt: skip
+        self.lazy, self.input_dtype, self.flush_bytes = lazy, input_dtype, flush_bytes
         self.target = Path(target).expanduser().absolute()
         if self.target.exists() and not self.target.is_dir():
             raise OutputPathError(f"{self.target} is a file; choose a directory path for the saved model")
@@ -194,9 +200,12 @@ class LayerStream:
     def write_layer(self, index: int, layer: nn.Module, loaded: LoadedModel,
                     packed: Mapping[str, PackedLayer] | None = None,
                     exact: set[str] | frozenset[str] = frozenset()) -> None:  # fmt: skip
-        """Store decoder layer `index` (call before releasing it)."""
+        """Store decoder layer `index` (call before releasing it); the shard is written once
+        FLUSH_BYTES are pending."""
         self.write_module(self.lazy.layer_path(index), layer, loaded, packed, exact)
         self.layers_written += 1
+        if self.shards.pending_bytes >= self.flush_bytes:
+            self.shards.flush()
 
     def finish(self, loaded: LoadedModel, packed: Mapping[str, PackedLayer] | None = None,
                exact: set[str] | frozenset[str] = frozenset()) -> Path:  # fmt: skip
@@ -232,9 +241,15 @@ class LayerStream:
             names = [f"{module_name}.{n}" if module_name else n for n in own]
             if not names or all(n in self.written or lazy.is_alias(n) for n in names):
                 continue
-            lazy.materialize(module, lazy.compute_dtype, recurse=False)  # kept as the pass left it when live
+            # Kept as the pass left it when live; else read as stored (the pass did not touch it, and
+            # the stored 16 bits cast to the dense dtype are what a trip through fp32 gives: the
+            # 7B embedding and head are then 0.26 GB each in memory, not 0.52 + 0.26).
+            untouched = not lazy.is_live(module, recurse=False)
+            lazy.materialize(module, None if untouched else lazy.compute_dtype, recurse=False)
             self.write_tensors(module_name, _own_tensors(module), loaded, packed, exact)
             lazy.release(module, recurse=False)
+            if self.shards.pending_bytes >= self.flush_bytes:
+                self.shards.flush()
 
     def _write_configs(self, loaded: LoadedModel) -> None:
         from kompakt.model.quantized import _quantization_config
