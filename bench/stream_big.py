@@ -130,6 +130,48 @@ def quantize(model: Path, out: Path, calib_blocks: int, block_len: int, max_memo
             "calibration_seconds": record["details"].get("calibration_seconds")}  # fmt: skip
 
 
+def export_gguf(model: Path, out: Path, type: str, max_memory: str, threads: int) -> dict:
+    """The model as GGUF `type`, written tensor by tensor (`kompakt export MODEL --format gguf --type q4_0`)."""
+    import torch
+
+    import kompakt
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    result = kompakt.export(str(model), format="gguf", type=type, out=out, force=True, max_memory=max_memory)
+    return {"seconds": time.perf_counter() - start, "peak_rss": _peak_rss(), "type": result.type,
+            "output_bytes": result.size_bytes, "checked": result.check is not None, "notes": result.notes}  # fmt: skip
+
+
+def llama_generate(gguf: Path, threads: int) -> dict:
+    """The GGUF loaded in llama.cpp (llama-cpp-python) and 16 tokens generated: it runs, nothing more
+    (random weights)."""
+    from llama_cpp import Llama
+
+    start = time.perf_counter()
+    llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=threads, verbose=False)
+    out = llm.create_completion("The", max_tokens=16, temperature=0.0)
+    return {"seconds": time.perf_counter() - start, "peak_rss": _peak_rss(),
+            "tokens": out["usage"]["completion_tokens"]}  # fmt: skip
+
+
+def perplexity(model: Path, tokens: int, max_memory: str, threads: int) -> dict:
+    """Perplexity of `model` over `tokens` tokens of WikiText-2 test, windows of 512, opened within
+    `max_memory` (`kompakt eval MODEL --data ... --max-memory`: layer by layer when it does not fit)."""
+    import torch
+
+    from kompakt.evaluate.api import evaluate, is_streamed, open_within
+
+    torch.set_num_threads(threads)
+    text = model.parent / "test.txt"
+    text.write_text((DATA / "wiki.test.tokens").read_text().replace(" <unk>", ""))
+    start = time.perf_counter()
+    candidate = open_within(model, max_memory)
+    result = evaluate(candidate, data=text, window=512, max_tokens=tokens, speed=False)
+    return {"seconds": time.perf_counter() - start, "peak_rss": _peak_rss(), "streamed": is_streamed(candidate),
+            "tokens_scored": result.tokens_scored, "ppl": result.ppl}  # fmt: skip
+
+
 def _child(args: list[str]) -> dict:
     """Run one phase in a fresh process (its own VmHWM); its JSON is the last stdout line."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -149,7 +191,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/kompakt-stream-big"), help="where the model is generated")
     parser.add_argument("--keep", action="store_true", help="keep the generated model and the run")
-    parser.add_argument("--phase", choices=["generate", "quantize"], help=argparse.SUPPRESS)
+    parser.add_argument("--export", default="q4_0", help="GGUF type of the streamed export of the model ('none': skip)")
+    parser.add_argument("--ppl-tokens", type=int, default=4096, help="perplexity of the GPTQ result over this many "
+                        "WikiText-2 test tokens, streamed (0: skip)")  # fmt: skip
+    parser.add_argument("--phase", choices=["generate", "quantize", "export", "llama", "ppl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = dict(PRESETS[args.preset])
     if args.layers:
@@ -161,16 +206,35 @@ def main() -> None:
     if args.phase == "quantize":
         print(json.dumps(quantize(model, out, args.calib_blocks, args.block_len, args.max_memory, args.threads)))
         return
+    gguf = args.work / f"model-{args.export}.gguf"
+    if args.phase == "export":
+        print(json.dumps(export_gguf(model, gguf, args.export, args.max_memory, args.threads)))
+        return
+    if args.phase == "llama":
+        print(json.dumps(llama_generate(gguf, args.threads)))
+        return
+    if args.phase == "ppl":
+        print(json.dumps(perplexity(out / "final", args.ppl_tokens, args.max_memory, args.threads)))
+        return
     common = ["--preset", args.preset, "--work", str(args.work)] + (["--layers", str(args.layers)] if args.layers else [])
     made = _child(["--phase", "generate", *common])
     ran = _child(["--phase", "quantize", *common, "--calib-blocks", str(args.calib_blocks),
                   "--block-len", str(args.block_len), "--max-memory", args.max_memory,
                   "--threads", str(args.threads)])  # fmt: skip
+    phases = {"generate": made, "gptq_w4_g128": ran}
+    if args.export != "none":
+        phases[f"export_{args.export}"] = _child(["--phase", "export", *common, "--export", args.export,
+                                                  "--max-memory", args.max_memory, "--threads", str(args.threads)])  # fmt: skip
+        phases["llama_cpp_generate"] = _child(["--phase", "llama", *common, "--export", args.export,
+                                               "--threads", str(args.threads)])  # fmt: skip
+    if args.ppl_tokens:
+        phases["perplexity"] = _child(["--phase", "ppl", *common, "--ppl-tokens", str(args.ppl_tokens),
+                                       "--max-memory", args.max_memory, "--threads", str(args.threads)])  # fmt: skip
     name = f"stream_big-{args.preset}" + (f"-{args.layers}L" if args.layers else "")
     result = {
         "preset": args.preset, "shape": shape, "calibration": f"{args.calib_blocks} x {args.block_len} tokens",
         "max_memory": args.max_memory, "threads": args.threads, "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "generate": made, "gptq_w4_g128": ran,
+        "cpus": os.cpu_count(), **phases, "under_load": "shared machine: peak RSS is valid, wall times are not",
         "command": "python bench/stream_big.py " + " ".join(sys.argv[1:]),
     }  # fmt: skip
     (REPO / "bench" / "results").mkdir(exist_ok=True)
@@ -180,6 +244,12 @@ def main() -> None:
     print(f"{'generate (bf16)':<22} {made['peak_rss'] / gb:>8.2f} GB {made['seconds']:>7.1f} s  {made['bytes'] / gb:.2f} GB")
     print(f"{'GPTQ W4 g128 streamed':<22} {ran['peak_rss'] / gb:>8.2f} GB {ran['seconds']:>7.1f} s  "
           f"{ran['output_bytes'] / gb:.2f} GB  (streamed: {ran['streamed']})")  # fmt: skip
+    for key, label in ((f"export_{args.export}", f"GGUF {args.export} export"), ("llama_cpp_generate", "llama.cpp generate"),
+                       ("perplexity", "perplexity (GPTQ)")):  # fmt: skip
+        if key in phases:
+            got = phases[key]
+            extra = got.get("output_bytes", got.get("tokens_scored", got.get("tokens", "")))
+            print(f"{label:<22} {got['peak_rss'] / gb:>8.2f} GB {got['seconds']:>7.1f} s  {extra}")
     if not args.keep:
         import shutil
 

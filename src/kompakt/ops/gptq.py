@@ -110,10 +110,10 @@ def gptq_quantize(
         order = torch.arange(in_features, device=h.device)
     dead = dead[order]
     h[dead, dead] = 1.0  # dead inputs (always 0): W[:, j] = 0, H_jj = 1 keeps H invertible (the reference's rule)
-    w = _permuted_rows(weights, order, shape)
-    w[:, dead] = 0.0
     hinv, damp = inverse_cholesky_upper(h, percdamp, consume=True)
     del h  # [in, in]: freed before the column loop
+    w = _permuted_rows(weights, order, shape)  # after the factorisation: not alive at its peak
+    w[:, dead] = 0.0
     state = _State(w, hinv, grid, group, order)
     del w, hinv  # the state owns them (and frees them before building the result)
     for start in range(0, in_features, block_size):
