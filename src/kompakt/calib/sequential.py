@@ -60,12 +60,13 @@ from torch import nn
 from kompakt.calib.capture import CapturedInputs, _StopForward, capture_layer_inputs, layer_output, run_layer
 from kompakt.calib.experts import collect_expert_stats
 from kompakt.calib.layer_cache import LayerCaches
-from kompakt.calib.spill import propagate, spill
+from kompakt.calib.spill import SpilledBatches, propagate, spill
 from kompakt.calib.stats import LinearStats, collect_kinds
 from kompakt.model.arch import ArchSpec, arch_for, base_role, decoder_layers, linear_modules
 from kompakt.model.inputs import Batch
 from kompakt.model.lazy import lazy_of
 from kompakt.model.moe import expert_linear_modules, parse_expert_role
+from kompakt.model.stream_resume import side
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class LayerStats:
 
 ProcessFn = Callable[[int, nn.Module, LayerStats], None]
 LayerDoneFn = Callable[[int, nn.Module], None]
+SkipFn = Callable[[int, nn.Module, list[str]], None]
 
 
 @dataclass(frozen=True)
@@ -160,12 +162,16 @@ class Phase:
         roles: the Linear roles of this phase (None: the driver's `roles`).
         max_batches: statistics from at most this many calibration batches (None: all).
         true_sequential: this phase's grouping (None: the driver's `true_sequential`).
+        skip: `skip(index, layer, roles)` for a layer a killed run already finished (its roles in
+            the order `process` would have seen them): record what the pass keeps of it. Without
+            it a resumed streamed step restarts from layer 0 (kompakt.model.stream_resume).
     """
 
     process: ProcessFn
     roles: Sequence[str] | None = None
     max_batches: int | None = None
     true_sequential: bool | None = None
+    skip: SkipFn | None = None
 
 
 @dataclass
@@ -341,19 +347,28 @@ def run_sequential(
     lazy = lazy_of(model)
     if lazy is not None:  # streamed: the embeddings alone bring the blocks to layer 0
         lazy.materialize(spec.embed, lazy.compute_dtype)
+    notes: list[str] = []
     captured = capture_layer_inputs(model, blocks, batch_size=batch_size)
     n_samples = captured.n_samples
     if lazy is not None:
         lazy.release(spec.embed)
     spill_dir = lazy.spill_dir if lazy is not None else None
+    resume = lazy.resume if lazy is not None else None
+    start = resume_start(resume, phases, spec)
     inputs: Sequence[torch.Tensor] = captured.hidden
-    if spill_dir is not None:  # activations on disk (kompakt.calib.spill)
+    if start:  # a killed run finished layers 0 .. start - 1: layer `start`'s inputs are on disk
+        inputs, captured.hidden = SpilledBatches(resume.inputs_of(start), range(len(captured.hidden))), []
+        notes.append(f"resumed: layers 0-{start - 1} were finished by an earlier run")
+    elif spill_dir is not None:  # activations on disk (kompakt.calib.spill)
         inputs, captured.hidden = spill(captured.hidden, spill_dir / "a"), []
     verified: dict[type, int] = {}
-    notes: list[str] = []
     progress, task = _progress(description, len(layers))
     with progress:
         for index, layer in enumerate(layers):
+            if index < start:
+                skip_layer(spec, index, layer, phases, roles, true_sequential)
+                progress.advance(task)
+                continue
             if lazy is not None:
                 lazy.materialize(layer, lazy.compute_dtype)
             caches = None if spill_dir is not None else LayerCaches(layer, spec, verified)
@@ -364,6 +379,8 @@ def run_sequential(
                     run.groups(phase.roles if phase.roles is not None else roles, grouping, phase.process)
                     notes.extend(note for note in run.notes if note not in notes)
                 inputs = _propagate(layer, index, captured, inputs, caches, spill_dir)  # the next layer's inputs
+            if resume is not None and spill_dir is None:  # a copy on disk, for a run resumed after this layer
+                spill(inputs, resume.activations / side(index))
             if on_layer is not None:
                 on_layer(index, layer)
             if lazy is not None:
@@ -372,6 +389,25 @@ def run_sequential(
             progress.advance(task)
     return SequentialResult(outputs=list(inputs), n_samples=n_samples, seconds=time.perf_counter() - start,
                             notes=notes)
+
+
+def resume_start(resume, phases: Sequence[Phase], spec: ArchSpec) -> int:
+    """The first decoder layer to run: after the layers a killed run finished (`resume`, a
+    kompakt.model.stream_resume.LayerResume) when every phase can skip them, else 0 (the stream
+    then starts over). MoE layers are not skipped (their experts' roles depend on the weights)."""
+    if resume is None or not resume.start or spec.moe is not None or any(p.skip is None for p in phases):
+        return 0
+    return resume.start
+
+
+def skip_layer(spec: ArchSpec, index: int, layer: nn.Module, phases: Sequence[Phase], roles: Sequence[str] | None,
+               true_sequential: bool) -> None:  # fmt: skip
+    """Tell every phase about a finished layer it does not run, its roles in `_Run.groups`' order."""
+    for phase in phases:
+        chosen = phase.roles if phase.roles is not None else roles
+        selected = [role for role in linear_modules(layer, spec) if chosen is None or role in chosen]
+        grouping = true_sequential if phase.true_sequential is None else phase.true_sequential
+        phase.skip(index, layer, [r for group in sequential_groups(selected, grouping) for r in group])  # type: ignore[misc]
 
 
 def _propagate(layer: nn.Module, index: int, captured: CapturedInputs, inputs: Sequence[torch.Tensor],

@@ -66,6 +66,8 @@ class LazyModel:
         aliases: parameter names with no stored key of their own (a tied head).
         spill_dir: where the sequential driver keeps calibration activations between layers
             (kompakt.calib.spill) when RAM is short; None: in RAM.
+        resume: where a resumable streamed step keeps its finished layers and their outputs
+            (kompakt.model.stream_resume); None: not resumable.
         live_numel: parameters materialised now (tied tensors once).
         peak_numel: the most parameters materialised at one time since opening (or `reset_peak`).
     """
@@ -79,6 +81,7 @@ class LazyModel:
     compute_dtype: torch.dtype = torch.float32
     aliases: frozenset[str] = frozenset()
     spill_dir: Path | None = None
+    resume: Any = None  # kompakt.model.stream_resume.LayerResume of a resumable streamed step
     live_numel: int = 0
     peak_numel: int = 0
     _tokenizer: Any = field(default=None, repr=False)

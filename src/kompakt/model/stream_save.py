@@ -44,6 +44,7 @@ from kompakt.model.arch import arch_for
 from kompakt.model.compression import PackedLayer
 from kompakt.model.lazy import LazyModel
 from kompakt.model.loaded import LoadedModel
+from kompakt.model.stream_resume import LayerResume
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ class ShardWriter:
         if not self.pending:
             return
         name = f"shard-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.directory / name), metadata={"format": "pt"})
+        temp = self.directory / f".{name}.tmp"  # complete or absent: a resumed step trusts what it finds
+        save_file(self.pending, str(temp), metadata={"format": "pt"})
+        temp.rename(self.directory / name)
         self.files.append(name)
         self.pending, self.pending_bytes = {}, 0
 
@@ -123,23 +126,31 @@ class LayerStream:
         input_dtype: the storage dtype of the step's input (chooses the 16-bit dtype of a packed save).
         shard_bytes: the most bytes per safetensors shard.
         flush_bytes: a shard is written at the end of a layer once it holds this many bytes.
+        resume: where a killed run left its finished layers (kompakt.model.stream_resume; the
+            shards are written there, one per layer, and the progress after each layer), None:
+            not resumable. `key` names the step (an earlier run's progress counts only for it).
     """
 
     def __init__(self, lazy: LazyModel, target: str | Path, input_dtype: torch.dtype,
-                 shard_bytes: int = SHARD_BYTES, flush_bytes: int = FLUSH_BYTES) -> None:  # fmt: skip
+                 shard_bytes: int = SHARD_BYTES, flush_bytes: int = FLUSH_BYTES,
+                 resume: LayerResume | None = None, key: str = "") -> None:  # fmt: skip
         self.lazy, self.input_dtype, self.flush_bytes = lazy, input_dtype, flush_bytes
+        self.resume, self.key = resume, key
         self.target = Path(target).expanduser().absolute()
         if self.target.exists() and not self.target.is_dir():
             raise OutputPathError(f"{self.target} is a file; choose a directory path for the saved model")
         self._stack = ExitStack()
         self.temp = self._stack.enter_context(atomic_directory(self.target, replace=True))
-        self.shards = ShardWriter(self.temp, shard_bytes, checkpoint_names(lazy.model))
+        self.shards = ShardWriter(self.temp if resume is None else resume.shards, shard_bytes,
+                                  checkpoint_names(lazy.model))  # fmt: skip
         self.packed_mode: bool | None = None  # decided by the first layer written
         self.written: set[str] = set()
         self.groups: dict[tuple, list[str]] = {}  # compressed-tensors scheme -> module names
         self.packed_names: set[str] = set()
         self.regrouped: dict[str, int] = {}
         self.layers_written = 0
+        if resume is not None:
+            self._restore(resume.load(key))
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -202,9 +213,14 @@ class LayerStream:
                     exact: set[str] | frozenset[str] = frozenset()) -> None:  # fmt: skip
         """Store decoder layer `index` (call before releasing it); the shard is written once
         FLUSH_BYTES are pending."""
+        if self.resume is not None and index < self.resume.start:  # the pass did not skip it: start over
+            self._restart()
         self.write_module(self.lazy.layer_path(index), layer, loaded, packed, exact)
         self.layers_written += 1
-        if self.shards.pending_bytes >= self.flush_bytes:
+        if self.resume is not None and self.resume.resumable:
+            self.shards.flush()
+            self.resume.save(self._state(), self.key, index + 1, self._files())
+        elif self.shards.pending_bytes >= self.flush_bytes:
             self.shards.flush()
 
     def finish(self, loaded: LoadedModel, packed: Mapping[str, PackedLayer] | None = None,
@@ -217,6 +233,10 @@ class LayerStream:
         try:
             self._write_rest(loaded, packed or {}, exact)
             self.shards.close()
+            if self.resume is not None:  # the shards were written beside the progress: move them in
+                self.resume.decline()
+                for path in sorted(self.shards.directory.glob("model*")):  # not a killed run's stray shard
+                    path.rename(self.temp / path.name)
             self._write_configs(loaded)
             loaded.tokenizer.save_pretrained(self.temp)
             save_blocks(loaded.gguf_blocks, self.temp)
@@ -231,6 +251,39 @@ class LayerStream:
         """Remove the temporary directory (a failed step leaves nothing behind); once is enough."""
         error = RuntimeError("streamed step aborted")
         self._stack.__exit__(RuntimeError, error, None)  # atomic_directory removes its temporary
+
+    # -- resuming (kompakt.model.stream_resume) ---------------------------------------------------
+    def _state(self) -> dict:
+        shards = self.shards
+        return {"shard_files": shards.files, "weight_map": shards.weight_map, "total_bytes": shards.total_bytes,
+                "written": sorted(self.written), "groups": [[list(k), v] for k, v in self.groups.items()],
+                "packed_names": sorted(self.packed_names), "regrouped": self.regrouped,
+                "packed_mode": self.packed_mode, "layers_written": self.layers_written}  # fmt: skip
+
+    def _files(self) -> dict[str, int]:
+        return {name: (self.shards.directory / name).stat().st_size for name in self.shards.files}
+
+    def _restore(self, state: dict | None) -> None:
+        if state is None:
+            return
+        shards = self.shards
+        shards.files, shards.weight_map, shards.total_bytes = list(state["shard_files"]), dict(state["weight_map"]), \
+            int(state["total_bytes"])  # fmt: skip
+        self.written, self.packed_names = set(state["written"]), set(state["packed_names"])
+        self.groups = {tuple(k): list(v) for k, v in state["groups"]}
+        self.regrouped, self.packed_mode = dict(state["regrouped"]), state["packed_mode"]
+        self.layers_written = int(state["layers_written"])
+
+    def _restart(self) -> None:
+        """Forget an earlier run's layers: the pass is writing them again."""
+        assert self.resume is not None
+        logger.info("the pass does not skip finished layers: the step restarts from layer 0")
+        self.resume.decline()
+        for name in self.shards.files:
+            (self.shards.directory / name).unlink(missing_ok=True)
+        self.shards.files, self.shards.weight_map, self.shards.total_bytes = [], {}, 0
+        self.written, self.groups, self.packed_names, self.regrouped = set(), {}, set(), {}
+        self.packed_mode, self.layers_written = None, 0
 
     def _write_rest(self, loaded: LoadedModel, packed: Mapping[str, PackedLayer], exact) -> None:
         lazy = self.lazy

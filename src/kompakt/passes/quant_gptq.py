@@ -204,10 +204,16 @@ def _run_gptq(ctx: PassContext, blocks: torch.Tensor, decoder: list[Target], con
                 if out["damp"] != config.percdamp:
                     logger.warning("%s: GPTQ needed damping %.3g", target.name, out["damp"])
 
+    def skip(index: int, layer: nn.Module, roles: list[str]) -> None:
+        """A layer a killed streamed run finished (written already): its plans, as `process` makes them."""
+        for role in roles:
+            target = targets[(index, role)]
+            done.plans[target.name] = plan_grid(config, target.module.in_features, types.get(target.name))
+
     awq, phases = _awq_phase(model, config)
     roles = sorted({t.role for t in decoder})
     result = run_sequential(
-        model, blocks, [*phases, Phase(process, roles=roles)], collect="hessian",
+        model, blocks, [*phases, Phase(process, roles=roles, skip=skip)], collect="hessian",
         true_sequential=config.true_sequential, batch_size=config.batch_size,
         description="AWQ + GPTQ" if awq else "GPTQ", on_layer=layer_writer(ctx, done),
     )  # fmt: skip

@@ -41,6 +41,8 @@ def layer_writer(ctx: PassContext, done: Any = None) -> LayerFn | None:
         plans = {} if done is None else {n: p for n, p in done.plans.items() if n.startswith(prefix)}
         packed = {n: done.packed.pop(n) for n in plans if done.packed.get(n) is not None}
         exact = {n for n, plan in plans.items() if plan.grid is not None and n not in packed}
+        if stream.resume is not None and done is not None and any(n.startswith(prefix) for n in done.blocks):
+            stream.resume.decline()  # GGUF bytes kept beside the weights are not in the shards: no resuming
         stream.write_layer(index, layer, ctx.loaded, packed, exact)
 
     return write

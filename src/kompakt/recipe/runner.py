@@ -282,7 +282,8 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
                 spill = work / "activations" if must_spill(lazy, max_memory, tokens) else None
                 report = streamed_step(step.spec, step.config, lazy, directory,
                                        lambda loaded, stream: dataclasses.replace(ctx, loaded=loaded, stream=stream),
-                                       spill_dir=spill)  # fmt: skip
+                                       spill_dir=spill, resume_dir=ctx.checkpoint_dir / "stream",
+                                       key=step.hash)  # fmt: skip
                 stored = {"streamed": True, "activations": "disk" if spill is not None else "memory"}
             else:
                 report = step.spec.apply(ctx, step.config)

@@ -77,17 +77,25 @@ def refuse_unstreamable(spec: PassSpec, lazy: LazyModel, max_memory: int) -> Non
 
 def streamed_step(spec: PassSpec, config: Any, lazy: LazyModel, directory: Path,
                   context: Callable[[LoadedModel, LayerStream], PassContext],
-                  shard_bytes: int = SHARD_BYTES, spill_dir: Path | None = None) -> PassReport:  # fmt: skip
+                  shard_bytes: int = SHARD_BYTES, spill_dir: Path | None = None,
+                  resume_dir: Path | None = None, key: str = "") -> PassReport:  # fmt: skip
     """Apply `spec` to `lazy` streamed and write the result to `directory` (atomically).
 
     `context(loaded, stream)` builds the pass's PassContext (the runner's calibration, seed,
     work dir) around the skeleton and the stream. `spill_dir`: keep the calibration activations
-    there instead of RAM (kompakt.calib.spill). Returns the pass's report (its `packed_layers`
-    were written; the model in it is the skeleton, not to be used for weights).
+    there instead of RAM (kompakt.calib.spill). `resume_dir`: keep the finished layers and their
+    outputs there, so a run of the same step (`key`) killed mid-way resumes after its last
+    finished layer (kompakt.model.stream_resume; the activations are then spilled there).
+    Returns the pass's report (its `packed_layers` were written; the model in it is the
+    skeleton, not to be used for weights).
     """
-    lazy.spill_dir = spill_dir
+    from kompakt.model.stream_resume import LayerResume
+
+    resume = LayerResume(Path(resume_dir)) if resume_dir is not None else None
+    lazy.spill_dir = resume.activations if resume is not None and spill_dir is not None else spill_dir
     loaded = lazy.loaded()
-    stream = LayerStream(lazy, directory, loaded.storage_dtype, shard_bytes=shard_bytes)
+    stream = LayerStream(lazy, directory, loaded.storage_dtype, shard_bytes=shard_bytes, resume=resume, key=key)
+    lazy.resume = resume
     try:
         report = spec.apply(context(loaded, stream), config)
         quantization = get_state(report.loaded).quantization
@@ -96,6 +104,8 @@ def streamed_step(spec: PassSpec, config: Any, lazy: LazyModel, directory: Path,
     except BaseException:
         stream.abort()
         raise
+    finally:
+        lazy.resume = None
     if lazy.live_numel:
         logger.debug("%d parameters still materialised after the streamed step", lazy.live_numel)
     return report
