@@ -59,10 +59,12 @@ from torch import nn
 
 from kompakt.calib.capture import CapturedInputs, _StopForward, capture_layer_inputs, layer_output, run_layer
 from kompakt.calib.experts import collect_expert_stats
+from kompakt.calib.groups import SEQUENTIAL_GROUPS, sequential_groups
 from kompakt.calib.layer_cache import LayerCaches
+from kompakt.calib.resume import resume_start, skip_layer
 from kompakt.calib.spill import SpilledBatches, propagate, spill
 from kompakt.calib.stats import LinearStats, collect_kinds
-from kompakt.model.arch import ArchSpec, arch_for, base_role, decoder_layers, linear_modules
+from kompakt.model.arch import ArchSpec, arch_for, decoder_layers, linear_modules
 from kompakt.model.inputs import Batch
 from kompakt.model.lazy import lazy_of
 from kompakt.model.moe import expert_linear_modules, parse_expert_role
@@ -70,27 +72,8 @@ from kompakt.model.stream_resume import side
 
 logger = logging.getLogger(__name__)
 
-# Data-flow order of the Linear roles inside a decoder layer; one tuple = one group.
-SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("attn.q", "attn.k", "attn.v", "attn.qkv"),
-    ("attn.o",),
-    ("mlp.gate", "mlp.up", "mlp.gate_up"),
-    ("mlp.down",),
-)
-
-
-def sequential_groups(roles: Iterable[str], true_sequential: bool = True) -> list[tuple[str, ...]]:
-    """Split `roles` into the groups processed one after another (one group if not true-sequential)."""
-    present = sorted(set(roles))  # a factorized Linear's roles "attn.q.0", "attn.q.1" join its group
-    ordered = [tuple(r for g in group for r in present if base_role(r) == g) for group in SEQUENTIAL_GROUPS]
-    ordered = [group for group in ordered if group]
-    known = {r for group in ordered for r in group}
-    extra = tuple(sorted(set(present) - known))  # roles the table may add later: processed last
-    if extra:
-        ordered.append(extra)
-    if not true_sequential:
-        return [tuple(r for group in ordered for r in group)] if ordered else []
-    return ordered
+__all__ = ["SEQUENTIAL_GROUPS", "LayerStats", "Phase", "SequentialResult", "collect_stats", "run_sequential",
+           "sequential_groups"]
 
 
 @dataclass
@@ -389,25 +372,6 @@ def run_sequential(
             progress.advance(task)
     return SequentialResult(outputs=list(inputs), n_samples=n_samples, seconds=time.perf_counter() - start,
                             notes=notes)
-
-
-def resume_start(resume, phases: Sequence[Phase], spec: ArchSpec) -> int:
-    """The first decoder layer to run: after the layers a killed run finished (`resume`, a
-    kompakt.model.stream_resume.LayerResume) when every phase can skip them, else 0 (the stream
-    then starts over). MoE layers are not skipped (their experts' roles depend on the weights)."""
-    if resume is None or not resume.start or spec.moe is not None or any(p.skip is None for p in phases):
-        return 0
-    return resume.start
-
-
-def skip_layer(spec: ArchSpec, index: int, layer: nn.Module, phases: Sequence[Phase], roles: Sequence[str] | None,
-               true_sequential: bool) -> None:  # fmt: skip
-    """Tell every phase about a finished layer it does not run, its roles in `_Run.groups`' order."""
-    for phase in phases:
-        chosen = phase.roles if phase.roles is not None else roles
-        selected = [role for role in linear_modules(layer, spec) if chosen is None or role in chosen]
-        grouping = true_sequential if phase.true_sequential is None else phase.true_sequential
-        phase.skip(index, layer, [r for group in sequential_groups(selected, grouping) for r in group])  # type: ignore[misc]
 
 
 def _propagate(layer: nn.Module, index: int, captured: CapturedInputs, inputs: Sequence[torch.Tensor],
