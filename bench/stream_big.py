@@ -163,8 +163,7 @@ def perplexity(model: Path, tokens: int, max_memory: str, threads: int) -> dict:
     from kompakt.evaluate.api import evaluate, is_streamed, open_within
 
     torch.set_num_threads(threads)
-    text = model.parent / "test.txt"
-    text.write_text((DATA / "wiki.test.tokens").read_text().replace(" <unk>", ""))
+    text = DATA / "wiki.test.raw"
     start = time.perf_counter()
     candidate = open_within(model, max_memory)
     result = evaluate(candidate, data=text, window=512, max_tokens=tokens, speed=False)
@@ -172,12 +171,16 @@ def perplexity(model: Path, tokens: int, max_memory: str, threads: int) -> dict:
             "tokens_scored": result.tokens_scored, "ppl": result.ppl}  # fmt: skip
 
 
-def _child(args: list[str]) -> dict:
-    """Run one phase in a fresh process (its own VmHWM); its JSON is the last stdout line."""
+def _child(args: list[str], required: bool = True) -> dict:
+    """Run one phase in a fresh process (its own VmHWM); its JSON is the last stdout line. A phase
+    after GPTQ that fails (`required` False) is recorded with its error, not fatal."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if done.returncode:
-        raise SystemExit(f"phase {args[0]} failed:\n{done.stderr[-3000:]}")
+        if not required:
+            return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed",
+                    "peak_rss": 0, "seconds": 0.0}  # fmt: skip
+        raise SystemExit(f"phase {args[1]} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -224,12 +227,13 @@ def main() -> None:
     phases = {"generate": made, "gptq_w4_g128": ran}
     if args.export != "none":
         phases[f"export_{args.export}"] = _child(["--phase", "export", *common, "--export", args.export,
-                                                  "--max-memory", args.max_memory, "--threads", str(args.threads)])  # fmt: skip
+                                                  "--max-memory", args.max_memory, "--threads", str(args.threads)], required=False)  # fmt: skip
         phases["llama_cpp_generate"] = _child(["--phase", "llama", *common, "--export", args.export,
-                                               "--threads", str(args.threads)])  # fmt: skip
+                                               "--threads", str(args.threads)], required=False)  # fmt: skip
     if args.ppl_tokens:
         phases["perplexity"] = _child(["--phase", "ppl", *common, "--ppl-tokens", str(args.ppl_tokens),
-                                       "--max-memory", args.max_memory, "--threads", str(args.threads)])  # fmt: skip
+                                       "--max-memory", args.max_memory, "--threads", str(args.threads)],
+                                      required=False)  # fmt: skip
     name = f"stream_big-{args.preset}" + (f"-{args.layers}L" if args.layers else "")
     result = {
         "preset": args.preset, "shape": shape, "calibration": f"{args.calib_blocks} x {args.block_len} tokens",
@@ -248,6 +252,9 @@ def main() -> None:
                        ("perplexity", "perplexity (GPTQ)")):  # fmt: skip
         if key in phases:
             got = phases[key]
+            if "error" in got:
+                print(f"{label:<22} failed: {got['error']}")
+                continue
             extra = got.get("output_bytes", got.get("tokens_scored", got.get("tokens", "")))
             print(f"{label:<22} {got['peak_rss'] / gb:>8.2f} GB {got['seconds']:>7.1f} s  {extra}")
     if not args.keep:

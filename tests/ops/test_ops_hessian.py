@@ -92,14 +92,18 @@ def test_symmetric_permutation_in_place_equals_the_gather(n, block):
     assert result is h and torch.equal(h, expected)
 
 
-def test_consumed_hessian_gives_the_same_factor_and_is_freed(layer):
+def test_consumed_hessian_gives_the_same_factor_in_its_own_memory(layer):
     kept, damp = inverse_cholesky_upper(layer.hessian, 0.01)
     handed = layer.hessian.clone()
     upper, damp_consumed = inverse_cholesky_upper(handed, 0.01, consume=True)
-    assert torch.equal(upper, kept) and damp == damp_consumed
-    assert handed.untyped_storage().nbytes() == 0  # its memory went back
+    assert torch.equal(upper, kept) and damp == damp_consumed and upper.is_contiguous()
+    assert upper.data_ptr() == handed.data_ptr()  # no second matrix
     singular = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
     h = 2 / 4 * singular.T @ singular
     upper, damp = inverse_cholesky_upper(h.clone(), percdamp=0.0)
-    consumed, damp_consumed = inverse_cholesky_upper(h.clone(), percdamp=0.0, consume=True)
+    handed = h.clone()
+    consumed, damp_consumed = inverse_cholesky_upper(handed, percdamp=0.0, consume=True)
     assert damp == damp_consumed > 0 and torch.equal(upper, consumed)  # retried from the restored diagonal
+    assert handed.untyped_storage().nbytes() == 0  # freed once factorised
+    with pytest.raises(DataError, match="percdamp"):
+        inverse_cholesky_upper(torch.full((4, 4), float("nan")), 0.01, consume=True)

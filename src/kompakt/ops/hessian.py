@@ -109,7 +109,18 @@ def permute_symmetric_(matrix: torch.Tensor, order: torch.Tensor, block: int = 1
     for start in range(0, n, block):
         rows = matrix[start : start + block]
         rows.copy_(rows.index_select(1, order))
-    for i in range(0, n, block):  # in-place transpose: swap blocks (i, j) and (j, i)
+    transpose_(matrix, block)
+    for start in range(0, n, block):
+        rows = matrix[start : start + block]
+        rows.copy_(rows.index_select(1, order))
+    return matrix
+
+
+def transpose_(matrix: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Transpose a square matrix in place (blocks (i, j) and (j, i) swapped, one block of
+    temporary memory). Returns `matrix`."""
+    n = matrix.shape[0]
+    for i in range(0, n, block):
         diagonal = matrix[i : i + block, i : i + block]
         diagonal.copy_(diagonal.T.clone())
         for j in range(i + block, n, block):
@@ -117,9 +128,6 @@ def permute_symmetric_(matrix: torch.Tensor, order: torch.Tensor, block: int = 1
             saved = upper.clone()
             upper.copy_(lower.T)
             lower.copy_(saved.T)
-    for start in range(0, n, block):
-        rows = matrix[start : start + block]
-        rows.copy_(rows.index_select(1, order))
     return matrix
 
 
@@ -132,17 +140,19 @@ def inverse_cholesky_upper(
     direction for the remaining columns. If a factorisation fails (H not positive definite in
     floating point), λ is multiplied by 10 and it is retried, with a warning.
 
-    `consume`: the caller hands `hessian` over (nobody reads it afterwards): the damping is added
-    to its own diagonal (restored from a saved copy before a retry) and its memory is freed as
-    soon as its Cholesky factor exists, so at most two [in, in] matrices are alive at any time
-    (the factor and the next one), not three, as in the reference code (which factorises H in
-    place). Same values either way; but once H is freed, a failure of the second factorisation
-    (of the inverse; not seen with damping > 0) cannot be retried and raises DataError.
+    `consume`: the caller hands `hessian` over (nobody reads it afterwards). With damping > 0 the
+    three factorisations then run in its own memory (no second [in, in] matrix at all, as the
+    reference code factorises H in place; the same bits as the copying path), and a failure
+    cannot be retried: DataError (not seen with damping > 0: H + λI is positive definite with
+    room to spare). Without damping, H is kept for the retries until its first factor exists,
+    then freed (two matrices at a time, not three).
 
     Returns (U, the relative damping actually used).
     """
     mean_diag = hessian.diagonal().mean().item()
     damp = percdamp
+    if consume and damp > 0:
+        return _inverse_cholesky_in_place(hessian, damp * mean_diag, damp), damp
     diagonal = hessian.diagonal().clone() if consume else None
     # Memory: each [in, in] temporary is freed as soon as the next exists (an 11008-wide
     # Hessian is 485 MB in fp32); no identity matrix, the damping is added to the diagonal.
@@ -179,3 +189,20 @@ def _all_finite(matrix: torch.Tensor, rows: int = 1024) -> bool:
     """torch.isfinite(matrix).all(), a block of rows at a time: on the whole of an 11008-wide
     matrix its temporaries peak at 0.75 of the matrix's own size."""
     return all(bool(torch.isfinite(matrix[start : start + rows]).all()) for start in range(0, matrix.shape[0], rows))
+
+
+def _inverse_cholesky_in_place(hessian: torch.Tensor, damping: float, damp: float) -> torch.Tensor:
+    """inverse_cholesky_upper's chain in `hessian`'s own memory: LAPACK factorises a column-major
+    matrix in place, and for a symmetric H the row-major tensor's transpose view is one (torch
+    copies a row-major input first: a second [in, in] matrix, 485 MB for an 11008-wide H)."""
+    hessian.diagonal().add_(damping)
+    info = torch.empty((), dtype=torch.int32)
+    column_major = hessian.mT
+    torch.linalg.cholesky_ex(column_major, out=(column_major, info))
+    if info.item() == 0:
+        torch.cholesky_inverse(column_major, out=column_major)
+        torch.linalg.cholesky_ex(column_major, upper=True, out=(column_major, info))
+    if info.item() != 0 or not _all_finite(hessian):
+        raise DataError(f"the layer Hessian is not positive definite with damping {damp:g}; use more (or more "
+                        "varied) calibration data or a larger percdamp")  # fmt: skip
+    return transpose_(hessian)  # the view holds U: the tensor Uᵀ; U row-major, as the copying path returns it
