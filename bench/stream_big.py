@@ -49,6 +49,31 @@ def _peak_rss() -> int:
     return high_water_mark() or max_rss_lifetime()
 
 
+def watch_peak() -> dict:
+    """Where the main thread is when the resident size reaches a new high (sampled every 20 ms:
+    tracemalloc does not see torch's memory): `where["at"]` is the innermost kompakt frame at the peak."""
+    import threading
+    import traceback
+
+    where = {"rss": 0, "at": ""}
+    main = threading.main_thread().ident
+
+    def sample() -> None:
+        status = Path("/proc/self/status")
+        while True:
+            rss = int(status.read_text().split("VmRSS:")[1].split()[0]) * 1024
+            if rss > where["rss"]:
+                frame = sys._current_frames().get(main)
+                frames = [f for f in traceback.extract_stack(frame) if "/kompakt/" in f.filename] if frame else []
+                at = frames[-1] if frames else None
+                where.update(rss=rss, at=f"{at.filename.split('/kompakt/')[-1]}:{at.lineno} {at.name}" if at else "")
+            time.sleep(0.02)
+
+    if Path("/proc/self/status").exists():
+        threading.Thread(target=sample, daemon=True).start()
+    return where
+
+
 def generate(directory: Path, shape: dict, seed: int = 0) -> dict:
     """Write the model shard by shard: peak memory is one tensor in fp32, not the model."""
     import torch
@@ -119,6 +144,7 @@ def quantize(model: Path, out: Path, calib_blocks: int, block_len: int, max_memo
                  "block_len": block_len},
         "steps": [{"quant.gptq": {"bits": 4, "group_size": 128, "symmetric": True, "batch_size": 4}}],
     })  # fmt: skip
+    where = watch_peak()
     start = time.perf_counter()
     result = run_recipe(recipe, out, force=True, max_memory=max_memory)
     seconds = time.perf_counter() - start
@@ -127,7 +153,7 @@ def quantize(model: Path, out: Path, calib_blocks: int, block_len: int, max_memo
     size = sum(p.stat().st_size for p in Path(final).resolve().glob("*.safetensors"))
     return {"seconds": seconds, "peak_rss": _peak_rss(), "streamed": bool(record["details"].get("streamed")),
             "output_bytes": size, "summary": record["summary"],
-            "calibration_seconds": record["details"].get("calibration_seconds")}  # fmt: skip
+            "calibration_seconds": record["details"].get("calibration_seconds"), "peak_at": where["at"]}  # fmt: skip
 
 
 def export_gguf(model: Path, out: Path, type: str, max_memory: str, threads: int) -> dict:

@@ -69,6 +69,7 @@ from kompakt.model.inputs import Batch
 from kompakt.model.lazy import lazy_of
 from kompakt.model.moe import expert_linear_modules, parse_expert_role
 from kompakt.model.stream_resume import side
+from kompakt.process_memory import return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +262,8 @@ class _Run:
                                   hessian_dtype=self.hessian_dtype, caches=self.caches)  # fmt: skip
             process(self.index, self.layer, LayerStats(self.index, self.layer, stats, group_index, n_groups,
                                                        self.inputs, self.captured))  # fmt: skip
+            del stats
+            return_freed_memory()  # the group's Hessians and solver copies: back to the system before the next
         for group_index, modules in enumerate(experts, start=len(groups)):
             stats, notes = collect_expert_stats(self.layer, self.index, self.captured, self.inputs, self.spec,
                                                 modules, collect=self.collect, hessian_dtype=self.hessian_dtype)  # fmt: skip

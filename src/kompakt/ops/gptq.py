@@ -144,7 +144,10 @@ class _State:
         self.position = torch.empty_like(order)
         # position[c] = where original column c sits in the processing order
         self.position[order] = torch.arange(in_features, device=w.device)
-        self.codes = torch.zeros(out_features, in_features, dtype=torch.int32, device=w.device)
+        # int8 while the loop runs when the grid's codes fit it (a quarter of int32: 0.35 GB less for
+        # a 7B gate/up pair); the result is int32 as documented.
+        small = -128 <= getattr(grid, "q_min", -129) and getattr(grid, "q_max", 128) <= 127
+        self.codes = torch.zeros(out_features, in_features, dtype=torch.int8 if small else torch.int32, device=w.device)
         # The dequantized columns are written into w's own columns once their block is done: a
         # finished position is never read again (a group is fitted when its first column is
         # reached, from later positions only), so the result needs no third [out, in] tensor.
@@ -196,6 +199,8 @@ class _State:
         if perm is not None:  # back to the original column order, in place
             _permute_columns_(deq, self.position)
             _permute_columns_(codes, self.position)
+        self.codes = None  # type: ignore[assignment]
+        codes = codes.to(torch.int32)
         n_groups = -(-shape[1] // self.group)
         params = [self.params[g] for g in range(n_groups)]
         zeros = None if params[0].zero is None else torch.stack([p.zero for p in params], dim=1)
