@@ -9,16 +9,21 @@ What a step holds at its peak (the terms are those of llm-compressor's sequentia
 of kompakt.calib.sequential):
 
 - weights: a streamed step holds one decoder layer in the compute dtype (the layer is read,
-  changed, written, released) and the embedding (layer 0's inputs are computed with it); an
-  in-memory step the whole model.
-- activations: the calibration inputs of the current layer and its outputs (the next layer's
-  inputs), n x len x hidden each in the compute dtype.
-- hessians (GPTQ, SparseGPT): one in x in fp32 matrix per group of Linears that share an input
-  (q/k/v, o, gate/up, down in the Llama layout) plus one solve workspace of the largest, and
-  three fp32 copies of the largest Linear (weights, quantized, error) while it is solved.
-- output: a streamed step's finished layers wait in a shard buffer (kompakt.model.stream_save:
-  up to SHARD_BYTES) in the stored dtype before they are written.
+  changed, written, released); an in-memory step the whole model. The embedding is held only
+  while layer 0's inputs are computed, before any layer: a separate, smaller peak (capture).
+- activations: in RAM, the calibration inputs of the current layer and its outputs (the next
+  layer's inputs), n x len x hidden each in the compute dtype; spilled to disk
+  (kompakt.calib.spill), one batch of them plus its MLP intermediates.
+- hessians (GPTQ, SparseGPT): the largest group's solve: its in x in fp32 Hessian (factorised in
+  its own memory, kompakt.ops.hessian) and the stacked rows of its Linears in fp32, their codes
+  (int8) and the lazy-update temporary (9 bytes per weight), plus the int8 codes of the layer's
+  solved Linears waiting to be written (1 byte per layer parameter).
+- output: a streamed step's finished layer waits in the shard buffer until it is written
+  (kompakt.model.stream_save.FLUSH_BYTES).
 - process: torch and transformers themselves (PROCESS_BYTES).
+
+Checked against bench/stream_big.py (tests/calib/test_memory_plan.py: the 7B shapes' measured
+peak RSS within 30 %).
 
 Time: the floating-point operations of the calibration forward (2 x parameters per token, and the
 attention scores), the Hessian accumulation (2 x tokens x in^2 per group) and the GPTQ solve
@@ -121,30 +126,40 @@ class StepEstimate:
 
 def estimate_step(step: str, shapes: ModelShapes, *, tokens: int = 0, seq_len: int = 512, streamed: bool = False,
                   hessians: bool = False, dtype: torch.dtype = torch.float32, stored: torch.dtype = torch.bfloat16,
-                  flops: float | None = None) -> StepEstimate:  # fmt: skip
+                  flops: float | None = None, spilled: bool = False, batch: int = 8) -> StepEstimate:  # fmt: skip
     """The estimate of one step (module docstring). `tokens`: calibration tokens (n x len; 0 for
     a step without calibration); `hessians`: the step solves with Hessians (GPTQ, SparseGPT);
-    `flops`: the measured matrix-multiply rate (measure_flops() when None)."""
-    from kompakt.model.stream_save import SHARD_BYTES
+    `flops`: the measured matrix-multiply rate (measure_flops() when None); `spilled`: the
+    activations are on disk, `batch` blocks of `seq_len` in memory at a time."""
+    from kompakt.model.stream_save import FLUSH_BYTES
 
     item = dtype.itemsize
-    weights = (shapes.layer_params + shapes.embed_params) * item if streamed else shapes.total_params * item
+    layer = shapes.layer_params * item
+    if spilled and tokens:
+        in_flight = min(tokens, batch * seq_len)
+        activations = (2 * shapes.hidden + 3 * shapes.intermediate) * in_flight * item
+    else:
+        activations = 2 * tokens * shapes.hidden * item
     parts = {
-        "weights": weights,
-        "activations": 2 * tokens * shapes.hidden * item,
-        "hessians": _hessian_bytes(shapes) + 3 * 4 * shapes.largest_linear if hessians and tokens else 0,
-        "output": min(SHARD_BYTES, shapes.total_params * stored.itemsize) if streamed else 0,
+        "weights": layer if streamed else shapes.total_params * item,
+        "activations": activations,
+        "hessians": _solve_bytes(shapes) + shapes.layer_params if hessians and tokens else 0,
+        "output": FLUSH_BYTES if streamed else 0,
         "process": PROCESS_BYTES,
     }
+    if streamed and tokens:  # the capture (the embedding, read and cast, and every block's layer-0 input)
+        capture = {"weights": shapes.embed_params * (item + stored.itemsize), "activations": tokens * shapes.hidden * item,
+                   "process": PROCESS_BYTES}  # fmt: skip
+        parts = capture if sum(capture.values()) > sum(parts.values()) else parts
     work = _step_flops(shapes, tokens, seq_len, hessians)
     seconds = work / ((flops or measure_flops(dtype)) * EFFICIENCY) if work else 0.0
     return StepEstimate(step, "streamed" if streamed else "in memory", parts, seconds)
 
 
-def _hessian_bytes(shapes: ModelShapes) -> int:
-    """One fp32 in x in matrix per input group of a layer, plus a workspace for the largest solve."""
-    widths = [width for width, _ in shapes.linear_groups()]
-    return 4 * (sum(w * w for w in widths) + max(widths) ** 2)
+def _solve_bytes(shapes: ModelShapes) -> int:
+    """The largest group solve: its fp32 Hessian plus 9 bytes per weight (fp32 rows, int8 codes,
+    the fp32 lazy-update temporary)."""
+    return max(4 * width * width + 9 * width * rows for width, rows in shapes.linear_groups())
 
 
 def _step_flops(shapes: ModelShapes, tokens: int, seq_len: int, hessians: bool) -> float:

@@ -181,7 +181,8 @@ class _State:
         err1 = torch.cat(errs, dim=1)  # [out, i2 - i1]
         self.codes[:, i1:i2] = torch.cat(codes, dim=1)
         self.losses += err1.square().sum(1) / 2
-        self.w[:, i2:] -= err1 @ self.hinv[i1:i2, i2:]
+        rest = self.w[:, i2:]  # w -= err1 @ hinv in place: BLAS updates C itself (same bits; no [out, in] temporary)
+        torch.addmm(rest, err1, self.hinv[i1:i2, i2:], alpha=-1, out=rest)
         self.w[:, i1:i2] = torch.cat(deqs, dim=1)  # after the update, which reads only columns >= i2
 
     def _fit_group(self, gid: int, i1: int, err_done: torch.Tensor) -> GroupParams:

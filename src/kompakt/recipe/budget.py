@@ -32,7 +32,7 @@ def plan_memory(recipe: Recipe, max_memory: int | str | None = None, *, check: b
     a step does not fit the budget even streamed, or needs the whole model and the run streams."""
     from kompakt.model.lazy import open_lazy
     from kompakt.model.load import resolve_model
-    from kompakt.recipe.stream_step import must_stream, refuse_unstreamable
+    from kompakt.recipe.stream_step import must_spill, must_stream, refuse_unstreamable
 
     budget = parse_memory(max_memory)
     directory, name = resolve_model(recipe.model)
@@ -46,15 +46,18 @@ def plan_memory(recipe: Recipe, max_memory: int | str | None = None, *, check: b
         spec, _ = step.spec_and_config()
         if streamed and check:
             refuse_unstreamable(spec, lazy, budget)  # type: ignore[arg-type]
+        tokens = recipe.data.calibration_blocks * recipe.data.block_len
         estimates.append(_estimate(f"{index} {step.name}", spec, step.name, recipe, shapes, streamed and spec.streams,
-                                   dtype, lazy.storage_dtype, flops))  # fmt: skip
+                                   dtype, lazy.storage_dtype, flops, must_spill(lazy, budget, tokens),
+                                   getattr(step.spec_and_config()[1], "batch_size", 8)))  # fmt: skip
     if check:
         check_budget(estimates, budget)
     return estimates
 
 
 def _estimate(label: str, spec: Any, name: str, recipe: Recipe, shapes: ModelShapes, streamed: bool,
-              dtype: torch.dtype, stored: torch.dtype, flops: float) -> StepEstimate:  # fmt: skip
+              dtype: torch.dtype, stored: torch.dtype, flops: float, spilled: bool, batch: int) -> StepEstimate:  # fmt: skip
     tokens = recipe.data.calibration_blocks * recipe.data.block_len if spec.needs_calibration else 0
     return estimate_step(label, shapes, tokens=tokens, seq_len=recipe.data.block_len, streamed=streamed,
-                         hessians=name in HESSIAN_PASSES, dtype=dtype, stored=stored, flops=flops)  # fmt: skip
+                         hessians=name in HESSIAN_PASSES, dtype=dtype, stored=stored, flops=flops,
+                         spilled=streamed and spilled, batch=batch)  # fmt: skip
