@@ -19,7 +19,8 @@ def _fmt(value, digits: int = 4) -> str:
 def _table(rows: list[dict], pareto: list[int], winner: int | None) -> Table:
     table = Table(title="kompakt search", show_header=True)
     for column in ("#", "shape", "params", "cut KL", "proxy KL", "healed KL", "gen tok/s", "pp tok/s", "note"):
-        table.add_column(column, justify="left" if column in ("shape", "note") else "right", no_wrap=True)
+        table.add_column(column, justify="left" if column in ("shape", "note") else "right", no_wrap=True,
+                         overflow="ellipsis", max_width=36 if column == "note" else None)  # fmt: skip
     for row in rows:
         latency = row.get("latency") or {}
         note = ("winner " if row["index"] == winner else "") + ("pareto" if row["index"] in pareto else "")

@@ -192,10 +192,25 @@ def _prepare(model, target, budget, data, out, settings_kw, force, on_event) -> 
     return ctx, rows
 
 
+@dataclass
+class _Finished:
+    """The part of a run a rerun finds already done (the runner's RunResult fields we read)."""
+
+    records: list[dict[str, Any]]
+    final: Path
+
+
 def _run(ctx: _Context, row: dict, steps: list[Step]):
+    """The candidate's run of `steps` in candidates/N: resumed by the runner, or, when the
+    directory already holds these steps and more (a finalist's healing), read from its lineage."""
     from kompakt.recipe.runner import run_recipe
+    from kompakt.rundir.lineage import read_lineage
 
     directory = ctx.out / "candidates" / str(row["index"])
+    records = read_lineage(directory) if directory.is_dir() else []
+    done = [(r["pass"], r["config"]) for r in records[: len(steps)]]
+    if len(records) > len(steps) and done == [(s.name, s.resolved().config) for s in steps]:
+        return _Finished(records[: len(steps)], directory / records[len(steps) - 1]["dir"])
     return run_recipe(ctx.recipe(steps), directory, reference_dir=ctx.out / REFERENCE_DIR)
 
 

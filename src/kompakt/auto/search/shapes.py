@@ -168,7 +168,7 @@ def feasible_shapes(loaded: LoadedModel, keep: float, tolerance: float = TOLERAN
                         found[shape.key] = shape
     if not found:
         raise ConfigError(f"no uniform shape keeps {keep:.0%} of the parameters within ±{tolerance:.0%} "
-                          "(widths in multiples of {unit}); choose another --target params=")  # fmt: skip
+                          f"(widths in multiples of {unit}); choose another --target params=")  # fmt: skip
     return origin, sorted(found.values(), key=lambda s: s.key, reverse=True)
 
 
