@@ -37,6 +37,7 @@ def search_command(
     budget: Optional[str] = typer.Option(None, "--budget", "-b", help="Wall-clock budget, e.g. 20m, 2h (default: none)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (a rerun of the same search resumes)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration / distillation text; default: self-generated."),
+    evaluation: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text the KL is measured on (default: the held-out end of --data)."),
     candidates: int = typer.Option(8, "--candidates", help="Most candidate shapes to try."),
     finalists: int = typer.Option(2, "--finalists", help="Best candidates by proxy KL healed longer."),
     proxy_tokens: int = typer.Option(4096, "--proxy-tokens", help="Distillation tokens of each candidate's proxy score."),
@@ -57,7 +58,7 @@ def search_command(
         elif kind == "heal":
             console.print(f"healing candidate {values['index']} with {values['tokens']} tokens", highlight=False)
 
-    result = search(model, target=target, budget=budget, data=data, out=out, force=force, on_event=on_event,
+    result = search(model, target=target, budget=budget, data=data, evaluation=evaluation, out=out, force=force, on_event=on_event,
                     count=candidates, finalists=finalists, proxy_tokens=proxy_tokens, heal_tokens=heal_tokens,
                     eval_tokens=eval_tokens, latency=latency, seed=seed)  # fmt: skip
     console.print(_table(result.rows, result.pareto, result.winner))

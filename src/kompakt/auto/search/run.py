@@ -58,19 +58,20 @@ class SearchSettings:
     latency: bool = True
     eval_tokens: int = 4096
     blocks: int = 8
+    window: int = 256  # evaluation window and distillation sequence length
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("count", "finalists", "proxy_tokens", "eval_tokens", "blocks"):
+        for name in ("count", "finalists", "proxy_tokens", "eval_tokens", "blocks", "window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"search: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.heal_tokens is not None and self.heal_tokens < 0:
             raise ConfigError(f"search: --heal-tokens must be >= 0, got {self.heal_tokens}")
 
 
-def _data_spec(original, data: str | None, settings: SearchSettings) -> DataSpec:
-    window = min(256, original.context_length)
-    spec = DataSpec(calibration=data, calibration_blocks=settings.blocks, block_len=window,
+def _data_spec(original, data: str | None, evaluation: str | None, settings: SearchSettings) -> DataSpec:
+    window = min(settings.window, original.context_length)
+    spec = DataSpec(calibration=data, evaluation=evaluation, calibration_blocks=settings.blocks, block_len=window,
                     eval_tokens=max(settings.eval_tokens, window), window=window, stride=window)  # fmt: skip
     spec.validate()
     return spec
@@ -159,7 +160,7 @@ def _default_out(model: str | None, keep: float) -> Path:
     return Path("runs") / f"{name}-search-params{keep:g}".replace(".", "p")
 
 
-def _prepare(model, target, budget, data, out, settings_kw, force, on_event) -> tuple[_Context, list[dict]]:
+def _prepare(model, target, budget, data, evaluation, out, settings_kw, force, on_event) -> tuple[_Context, list[dict]]:
     """Parse, load, plan the candidates and check the budget: every refusal comes before any file."""
     from kompakt.auto.facts import model_facts
     from kompakt.errors import DataError
@@ -177,7 +178,7 @@ def _prepare(model, target, budget, data, out, settings_kw, force, on_event) -> 
     out_dir = Path(out if out is not None else _default_out(model, settings.keep)).expanduser().absolute()
     check_out(out_dir, original.fingerprint(), parsed, force)
     origin, shapes = candidates(original, settings.keep, settings.count)
-    spec = _data_spec(original, data, settings)
+    spec = _data_spec(original, data, evaluation, settings)
     facts = model_facts(original)
     rows = [_row(i + 1, origin, shape, shape_steps(origin, shape, settings.blocks)) for i, shape in enumerate(shapes)]
     ctx = _Context(model, original, origin, spec, facts, settings, out_dir, started, on_event)
@@ -279,15 +280,16 @@ def _save(ctx: _Context, rows: list[dict], winner: int | None, pareto: list[int]
 
 
 def search(model: str | None = None, *, target: str = "params=0.5", budget: str | None = None,
-           data: str | None = None, out: str | Path | None = None, force: bool = False,
+           data: str | None = None, evaluation: str | None = None, out: str | Path | None = None, force: bool = False,
            on_event: Event | None = None, **settings: Any) -> SearchResult:  # fmt: skip
     """Plan the candidates, run the proxy for each, heal the finalists, keep the winner.
 
-    `settings` are SearchSettings fields (count, finalists, proxy_tokens, heal_tokens, latency,
+    `data` trains and calibrates (None: self-generated text); `evaluation` is the held-out text
+    the KL is measured on (None: the held-out end of the run's data). `settings` are SearchSettings fields (count, finalists, proxy_tokens, heal_tokens, latency,
     eval_tokens, blocks, seed). Raises before any file is written: ConfigError (target, budget
     too small for one candidate, no shape within ±3 %), DataError, OutputPathError.
     """
-    ctx, rows = _prepare(model, target, budget, data, out, settings, force, on_event)
+    ctx, rows = _prepare(model, target, budget, data, evaluation, out, settings, force, on_event)
     _save(ctx, rows, None, [], "")
     _proxies(ctx, rows)
     _finalists(ctx, rows)
