@@ -31,6 +31,17 @@ def _table(rows: list[dict], pareto: list[int], winner: int | None) -> Table:
     return table
 
 
+def _pareto_text(rows: list[dict], pareto: list[int]) -> str:
+    from kompakt.auto.search.pareto import quality
+
+    parts = []
+    for row in (r for r in rows if r["index"] in pareto):
+        speed = (row.get("latency") or {}).get("generate_tps")
+        parts.append(f"#{row['index']} ({row['params_fraction']:.1%} params, "
+                     + (f"{speed:.0f} tok/s, " if speed else "") + f"KL {quality(row):.4f})")  # fmt: skip
+    return ", ".join(parts) or "none"
+
+
 def search_command(
     model: Optional[str] = typer.Argument(None, help="HF directory, .gguf file or embedded name (default: the embedded model)."),
     target: str = typer.Option("params=0.5", "--target", "-t", help="params=F: the fraction of parameters to keep."),
@@ -62,7 +73,8 @@ def search_command(
                     count=candidates, finalists=finalists, proxy_tokens=proxy_tokens, heal_tokens=heal_tokens,
                     eval_tokens=eval_tokens, latency=latency, seed=seed)  # fmt: skip
     console.print(_table(result.rows, result.pareto, result.winner))
-    console.print(f"pareto set (params, latency vs KL): {', '.join(map(str, result.pareto)) or 'none'}", highlight=False)
+    console.print(f"pareto set (params, generation speed vs KL): {_pareto_text(result.rows, result.pareto)}",
+                  highlight=False, soft_wrap=True)  # fmt: skip
     console.print(f"winner: {result.why}", highlight=False, soft_wrap=True)
     if result.final is not None:
         console.print(f"final: {result.out_dir / 'final'}  (search.json, recipe.yaml in {result.out_dir})", highlight=False)

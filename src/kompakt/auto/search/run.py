@@ -176,7 +176,7 @@ def _prepare(model, target, budget, data, evaluation, out, settings_kw, force, o
         raise DataError(f"--data {data} not found; give an existing text / jsonl / parquet file or dataset directory")
     original = load(model)
     out_dir = Path(out if out is not None else _default_out(model, settings.keep)).expanduser().absolute()
-    check_out(out_dir, original.fingerprint(), parsed, force)
+    check_out(out_dir, original.fingerprint(), parsed, force=False)  # refuses another run's directory
     origin, shapes = candidates(original, settings.keep, settings.count)
     spec = _data_spec(original, data, evaluation, settings)
     facts = model_facts(original)
@@ -186,6 +186,7 @@ def _prepare(model, target, budget, data, evaluation, out, settings_kw, force, o
     if settings.budget_s is not None and settings.budget_s - ctx.elapsed() < cheapest:
         raise ConfigError(f"--budget {duration(settings.budget_s)} is too small for one candidate (≈{duration(cheapest)} "
                           "to cut, distil and evaluate it on this machine); give a larger budget or fewer --proxy-tokens")  # fmt: skip
+    check_out(out_dir, original.fingerprint(), parsed, force)  # --force: the old run goes only now
     with reporting_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / AUTO_FILE, json.dumps({"model": model or original.name, "fingerprint": original.fingerprint(),
