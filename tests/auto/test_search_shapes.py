@@ -52,22 +52,51 @@ def test_smollm2_candidates_are_within_target_and_exact():
         assert counter._build(shape.layers, shape.hidden, shape.intermediate, shape.kv_groups) == shape.params
 
 
+CALIBRATION = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _cut(loaded: LoadedModel, origin, shape) -> LoadedModel:
+    """The original cut to `shape` by the steps the search runs (importance-scored passes)."""
+    model = LoadedModel(model=copy.deepcopy(loaded.model), tokenizer=loaded.tokenizer, name="cut")
+    for step in shape_steps(origin, shape, blocks=4):
+        spec, config = step.spec_and_config()
+        ctx = PassContext(loaded=model, original=lambda: loaded, calibration=lambda: CALIBRATION, seed=0)
+        model = spec.apply(ctx, config).loaded
+    return model
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_tiny_candidates_cut_to_the_predicted_count(family):
     loaded = tiny_model(family)
     shapes = _check(loaded, 0.5, 8)
     origin, _ = candidates(loaded, 0.5, 8)
     assert len({origin.kind(s) for s in shapes}) >= 3
-    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     for shape in shapes:
-        model = LoadedModel(model=copy.deepcopy(loaded.model), tokenizer=loaded.tokenizer, name="cut")
-        for step in shape_steps(origin, shape, blocks=4):
-            spec, config = step.spec_and_config()
-            ctx = PassContext(loaded=model, original=lambda: loaded, calibration=lambda: calibration, seed=0)
-            model = spec.apply(ctx, config).loaded
+        model = _cut(loaded, origin, shape)
         assert model.num_parameters() == shape.params, shape
-        assert model.model(input_ids=calibration[:1]).logits.shape[-1] == loaded.model.config.vocab_size
+        assert model.model(input_ids=CALIBRATION[:1]).logits.shape[-1] == loaded.model.config.vocab_size
     assert "prune.depth" in registry() and "prune.width" in registry()
+
+
+def test_every_candidate_reloads_in_transformers_and_llama_cpp(tmp_path):
+    """Uniform widths are the point: each cut saves, reloads with the same logits, and runs in llama.cpp."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from kompakt.export.gguf import export_gguf
+    from kompakt.model.load import load
+
+    loaded = tiny_model("llama")
+    origin, shapes = candidates(loaded, 0.5, 8)
+    ids = CALIBRATION[:1, :16]
+    for index, shape in enumerate(shapes):
+        model = _cut(loaded, origin, shape)
+        model.model.save_pretrained(tmp_path / f"hf{index}")
+        model.tokenizer.save_pretrained(tmp_path / f"hf{index}")
+        again = load(tmp_path / f"hf{index}")
+        assert torch.allclose(again.model(input_ids=ids).logits, model.model(input_ids=ids).logits, atol=1e-5)
+        path = export_gguf(model, tmp_path / f"m{index}.gguf", type="f16")
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False)
+        llm.eval(ids[0].tolist())
+        assert llm.n_tokens == ids.shape[1]
 
 
 def test_impossible_target_is_one_config_error():
