@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-search")
     parser.add_argument("--name", default="goal")
+    parser.add_argument("--note", default="", help="said next to the numbers (e.g. reduced run, machine under load)")
     args = parser.parse_args()
     from kompakt.auto.search.run import search
 
@@ -117,7 +118,8 @@ def main() -> None:
     document = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "args": {k: str(v) for k, v in vars(args).items()},
                 "summary": summary, "why": result.why, "pareto": result.pareto, "candidates": result.rows,
                 "wall_s": round(time.perf_counter() - started, 1), "machine": platform.processor() or platform.machine(),
-                "note": "eval windows of --window tokens (512 = BENCH.md); times measured on a shared machine"}  # fmt: skip
+                "note": " ".join(filter(None, [args.note, "eval windows of --window tokens (512 = BENCH.md); "
+                                                "times measured on a shared machine"]))}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     from kompakt.atomic import write_text
 
