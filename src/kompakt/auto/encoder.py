@@ -4,7 +4,8 @@ recipes until one ends within the cosine floor, link the result, report.
 Run directory (the decoder layout where it applies)::
 
     out/auto.json          the model fingerprint and target this directory belongs to
-    out/plan.json          target, facts, every choice in one line, the attempts
+    out/plan.json          target, facts, every choice in one line, the attempts (a rerun with the
+                           same budget and --data, or the run after --plan-only, follows it)
     out/recipe.yaml        the recipe of the attempt that produced the result (edit and rerun it)
     out/attempts/N/        one recipe run per attempt (steps/, lineage.jsonl, report.md)
     out/reference/         the original's embeddings of the held-out sentences (computed once)
@@ -103,6 +104,26 @@ def _trimmed_rows(loaded, data: str | None) -> tuple[int | None, str]:
         return None, str(error)
 
 
+def _saved_plan(out_dir: Path, fingerprint: str, budget_s: float | None, data: str | None) -> EncoderPlan | None:
+    """The plan.json of an earlier run (or --plan-only) in `out_dir` for the same model, budget
+    and data, else None. Planning measures sentences/s, which moves with the machine's load, and
+    sizes distillation from it: planning again would run other steps than the plan shown (and
+    redo finished ones). The target was checked by check_out."""
+    saved = out_dir / "plan.json"
+    if not saved.is_file():
+        return None
+    try:
+        plan = EncoderPlan.from_dict(json.loads(saved.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("%s is unreadable (%s); planning again", saved, error)
+        return None
+    if (plan.facts.fingerprint, plan.budget_s, plan.data) != (fingerprint, budget_s, data):
+        logger.info("%s was planned for another budget or --data; planning again", saved)
+        return None
+    logger.info("following the plan saved in %s", saved)
+    return plan
+
+
 def _emit(on_event, kind: str, values: dict) -> None:
     if on_event is not None:
         on_event(kind, values)
@@ -167,8 +188,10 @@ def compress_encoder(model: str | None, *, target: str | None = None, budget: st
     original = load(model)
     out_dir = (Path(out) if out is not None else default_out(model, goal)).expanduser().absolute()
     check_out(out_dir, original.fingerprint(), goal, force)
-    facts = encoder_facts(original, budget_s is not None, data if goal.goal == "params" else None)
-    plan = make_encoder_plan(goal, facts, budget_s, data)
+    plan = _saved_plan(out_dir, original.fingerprint(), budget_s, data)
+    if plan is None:
+        facts = encoder_facts(original, budget_s is not None, data if goal.goal == "params" else None)
+        plan = make_encoder_plan(goal, facts, budget_s, data)
     with reporting_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     name = str(model or original.name)
