@@ -190,8 +190,11 @@ def test_the_run_trains_the_distillation_steps_the_plan_states(tmp_path, monkeyp
     data.write_text("\n".join(f"{s.capitalize()} {v} {o}." for s, v, o in itertools.product(*WORDS)) + "\n")
     args = dict(target="speed=2x,min-cosine=0.1", budget="1m", data=str(data), out=tmp_path / "run", plan_only=True)
     # the planning machine's measured speed: 0.8 x 30 s / (2.5 / 100 sentences/s) = 960 sentences
-    monkeypatch.setattr(encoder_measure, "sentences_per_s", lambda *a, **k: 100.0)
+    timed: list[list[str]] = []
+    monkeypatch.setattr(encoder_measure, "sentences_per_s", lambda _, sentences, **k: timed.append(sentences) or 100.0)
     planned = compress_auto(str(tmp_path / "bert"), **args).plan
+    training = data.read_text().splitlines()[:346]  # 384 sentences, the last 38 held out
+    assert len(timed) == 1 and len(timed[0]) == 64 and set(timed[0]) <= set(training)  # timed on --data's own
     assert planned.attempts[0].steps[1].config["sentences"] == 960
     assert "960 sentences (30 steps of 32)" in planned.choices[-1]
     # busier later: planning again would afford 288 sentences, below the distillation minimum

@@ -68,7 +68,7 @@ class EncoderFacts:
     params: int
     layers: int
     layer_params: list[int]
-    sentences_per_s: float  # embed() at batch 32 on short sentences, this machine
+    sentences_per_s: float  # embed() at batch 32 on --data's training sentences (else short ones), this machine
     embed_rows: int = 0  # word-embedding rows and width: what prune.vocab can shrink
     embed_width: int = 0
     trimmed_rows: int | None = None  # rows prune.vocab keeps on --data's training sentences; None: no data / not trimmable
