@@ -101,3 +101,17 @@ def test_every_step_keeps_the_models_sentence_transformers_files(sentences_file,
         modules = json.loads((step_dir / "modules.json").read_text())
         assert any(m["type"].endswith("Normalize") for m in modules), record["dir"]
         assert load(step_dir).pooling == original.pooling
+
+
+@pytest.mark.slow
+def test_a_minilm_step_keeps_max_seq_length_256(sentences_file, tmp_path):
+    """all-MiniLM-L6-v2 declares 256 tokens (its position table and tokenizer say 512): a step's
+    directory says 256 too and embeds as SentenceTransformer would load it, normalised."""
+    import json
+
+    steps = [Step("prune.depth", {"count": 3, "method": "last"})]
+    result = run_recipe(_recipe("all-minilm-l6-v2", sentences_file, steps), tmp_path / "run")
+    step_dir = result.out_dir / result.records[-1]["dir"]
+    assert json.loads((step_dir / "sentence_bert_config.json").read_text())["max_seq_length"] == 256
+    pruned = load(step_dir)
+    assert pruned.pooling.max_seq_length == 256 and pruned.pooling.normalize and pruned.pooling.mode == "mean"
