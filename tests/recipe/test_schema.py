@@ -134,8 +134,8 @@ def test_passes_show_writes_cli_values_that_parse_back():
     from kompakt.recipe.describe import _cli
 
     config = {"target_params": 0.4, "group_sizes": [2, 4], "layer_map": [[1, 2]], "a": {"b": "x,y"}, "d": "p,q",
-              "e": "[z]", "f": None, "g": True}  # fmt: skip
+              "e": "[z]", "f": None, "g": True, "targets": ["*.mlp.*"]}  # fmt: skip
     line = _cli({"share.basis": config})
-    assert "group_sizes=[2, 4]" in line
+    assert "group_sizes=[2, 4]" in line and "'" not in line  # shlex.quote wraps it in single quotes
     parsed = Step.parse(line).config
     assert parsed == {**config, "target_params": "0.4", "g": "true"}  # plain scalars stay text for the pass

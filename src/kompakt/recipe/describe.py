@@ -46,7 +46,9 @@ def _cli_value(value: Any) -> str:
         return "null"
     if isinstance(value, (list, tuple, dict)):
         plain = list(value) if isinstance(value, tuple) else value
-        return yaml.safe_dump(plain, default_flow_style=True, width=1 << 30, sort_keys=False).strip()
+        flow = yaml.safe_dump(plain, default_flow_style=True, width=1 << 30, sort_keys=False).strip()
+        # JSON is flow YAML too, and its double quotes sit inside the shell's single quotes
+        return json.dumps(plain) if "'" in flow else flow
     text = str(value)
     if isinstance(value, str) and ("," in text or text[:1] in "[{\"'" or text.lower() in ("null", "none")):
         return json.dumps(text)  # a JSON string is a YAML double-quoted scalar
