@@ -4,7 +4,8 @@ Why measured: parameter counts do not tell speed (a layer costs a kernel launch 
 read whatever its width; the tied embedding is a large matmul per generated token), so each
 candidate shape's prompt and generation tokens/s are measured with llama.cpp on this machine:
 the candidate is written as an f16 GGUF and run by kompakt.report.probe in a fresh process (best
-of 3). Speed depends on the shape, not on the weights, so results are cached in
+of 3, with the machine's load average beside it: other processes only ever slow a shape
+down, so compare speeds measured at similar loads). Speed depends on the shape, not on the weights, so results are cached in
 `~/.cache/kompakt/search/latency.json` keyed by the shape, the GGUF type, the threads and the
 llama.cpp version: a shape is measured once per machine.
 """
@@ -85,6 +86,7 @@ def measure_latency(loaded: LoadedModel, threads: int | None = None, *, use_cach
     entry = {name: measured.get(name) for name in ("prefill_tps", "generate_tps", "backend", "threads",
                                                     "prompt_tokens", "gen_tokens")}  # fmt: skip
     entry["type"] = GGUF_TYPE
+    entry["load_average"] = round(os.getloadavg()[0], 2)  # a busy machine only slows a shape down: judge by it
     cache = _read_cache(path)  # re-read: another run may have added shapes meanwhile
     cache[key] = entry
     write_text(path, json.dumps(cache, indent=1) + "\n")
