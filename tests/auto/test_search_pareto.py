@@ -27,3 +27,20 @@ def test_pareto_uses_params_speed_and_best_kl():
 def test_unhealed_winner_says_so():
     rows = [_row(1, 100, 0.9), _row(2, 100, 1.1)]
     assert "no budget left to heal" in why_winner(rows, 1, pareto_set(rows))
+
+
+def test_heal_tokens_follow_the_budget():
+    """Finalists heal with the user's tokens, else what the budget left affords, else nothing."""
+    from kompakt.auto.facts import model_facts
+    from kompakt.auto.search.run import SearchSettings, _heal_tokens
+    from kompakt.model.tiny import tiny_model
+    from kompakt.recipe.schema import DataSpec
+
+    facts = model_facts(tiny_model("llama"), forward_tps=1000.0)  # stated throughput: nothing timed
+    spec = DataSpec(eval_tokens=512, window=256, stride=256, block_len=256)
+    settings = SearchSettings(keep=0.5, budget_s=600.0, finalists=2, proxy_tokens=1024)
+    assert _heal_tokens(settings, 5.0, facts, spec) == 0  # not even one heal step fits
+    afforded = _heal_tokens(settings, 3600.0, facts, spec)
+    assert afforded >= 4096 and afforded % 1024 == 0
+    assert afforded > _heal_tokens(settings, 1800.0, facts, spec)  # more time, more tokens
+    assert _heal_tokens(SearchSettings(keep=0.5, budget_s=None, heal_tokens=2048), 1.0, facts, spec) == 2048
