@@ -5,7 +5,11 @@ shard per decoder layer, never whole in memory; the weights are N(0, 0.02), norm
 `kompakt compress MODEL --step quant.gptq:bits=4,group_size=128 --max-memory ...` through the
 recipe runner (kompakt.recipe.stream_run: one decoder layer materialised at a time, the result
 written shard by shard) with 16 x 512 calibration tokens of WikiText-2 validation (BENCH.md's
-sampling). Each phase runs in its own process, so its peak RSS (VmHWM) is its own.
+sampling). Then the generated model is exported to GGUF (`--export q4_0`, tensor by tensor:
+kompakt.export.gguf_stream), the GGUF is loaded in llama.cpp (llama-cpp-python) and generates 16
+tokens, and the GPTQ result's perplexity is measured over `--ppl-tokens` tokens of WikiText-2
+test, layer by layer (kompakt.evaluate.streamed). Each phase runs in its own process, so its peak
+RSS (VmHWM) is its own; the GPTQ phase also records where its peak was (`peak_at`).
 
     .venv/bin/python bench/stream_big.py --preset llama2-7b          # 13.5 GB on disk + 3.9 GB result
     .venv/bin/python bench/stream_big.py --preset mistral-7b
