@@ -77,3 +77,23 @@ def test_cli_eval_over_the_budget_streams_and_gives_the_in_memory_numbers(tmp_pa
         assert _close(streamed[key], memory[key]), key
     code, _, err = cli(["eval", str(tmp_path / "cand"), "--max-memory", "100KB", "--no-speed"])
     assert code == 2 and "give --data" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_packed_quantized_result_larger_than_the_budget_is_evaluated_layer_by_layer(tmp_path):
+    """`kompakt eval RUN/final --max-memory`: a GPTQ result stored packed (compressed-tensors) is
+    opened lazily and dequantized layer by layer, with the perplexity of loading it whole."""
+    from kompakt.evaluate.api import is_streamed, open_within
+    from kompakt.passes.base import PassContext, build_config, get_pass
+    from kompakt.rundir.stepsave import save_step_model
+
+    save_tiny("llama", tmp_path / "m")
+    loaded = load(tmp_path / "m", device="cpu", dtype="float32")
+    spec, blocks = get_pass("quant.gptq"), IDS[:96].reshape(4, 24)
+    report = spec.apply(PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: blocks),
+                        build_config(spec, {"bits": 4, "group_size": 32}))  # fmt: skip
+    save_step_model(report.loaded, tmp_path / "q", loaded.storage_dtype, report.packed_layers)
+    streamed = open_within(tmp_path / "q", max_memory="1KB")
+    assert is_streamed(streamed) and not is_streamed(open_within(tmp_path / "q", max_memory="100GB"))
+    whole = perplexity(load(tmp_path / "q", device="cpu", dtype="float32"), IDS, window=64, stride=48, batch_size=3)
+    lazy = streamed_perplexity(open_lazy(tmp_path / "q"), IDS, window=64, stride=48, batch_size=3)
+    assert _close(lazy.ppl, whole.ppl)
