@@ -8,8 +8,8 @@ A lazily opened model is run the way the sequential calibration passes run it (k
 the embedding is materialised and every window's input to decoder layer 0 captured, with the
 arguments transformers builds for the layers (masks, rotary tables); then each decoder layer is
 materialised once, run on the hidden states of *all* windows and released, so at most one layer
-is in memory besides the embedding, the final norm, the output head and the hidden states of the
-windows (tokens x hidden). The logits come from the model's own forward with every layer a
+is in memory besides the hidden states of the windows (tokens x hidden); the embedding is released
+after the capture and read again with the final norm and the output head for the logits. The logits come from the model's own forward with every layer a
 pass-through and the last layer's output put in at layer 0, so the final norm, the head and any
 logit soft-capping are transformers' code, not a copy. The windows, their grouping and the scored
 positions are those of kompakt.evaluate.perplexity / fidelity, so the numbers are the in-memory
@@ -73,6 +73,8 @@ def streamed_logits(lazy, flat: torch.Tensor, windows: list[Window], prefix: lis
     captured = [capture_layer_inputs(model, _with_prefix(batch_inputs(flat, g, torch.device("cpu")), prefix),
                                      batch_size=len(g)) for g in groups]  # fmt: skip
     hidden = [c.hidden[0] for c in captured]
+    lazy.release(lazy.embed_path)  # read again for the head's forward: not held beside the layers (7B: 0.5 GB)
+    return_freed_memory()
     for index in range(lazy.n_layers):
         layer = lazy.materialize(lazy.layer_path(index), torch.float32)
         for g, capture in enumerate(captured):
@@ -81,7 +83,7 @@ def streamed_logits(lazy, flat: torch.Tensor, windows: list[Window], prefix: lis
         lazy.release(lazy.layer_path(index))
         return_freed_memory()
     head_parts = [p for p in (lazy.final_norm_path, lazy.lm_head_path) if p]
-    for part in head_parts:
+    for part in [lazy.embed_path, *head_parts]:  # the model's forward embeds the ids before layer 0 takes `last`
         lazy.materialize(part, torch.float32)
     try:
         for g, group in enumerate(groups):
