@@ -107,3 +107,24 @@ def test_plan_only_under_a_budget_the_model_exceeds_streams_as_the_runner_would(
     (tmp_path / "depth.yaml").write_text(head + "  - prune.depth: {fraction: 0.25}\n")
     code, _, err = cli(["compress", "--recipe", str(tmp_path / "depth.yaml"), "--plan-only", "--max-memory", "501.6MB"])
     assert code == 2 and "prune.depth needs the whole model" in err and len(err.strip().splitlines()) == 1
+
+
+# Peak RSS (VmHWM) of streamed GPTQ W4 g128 on 16 x 512 tokens in batches of 4 under --max-memory 3GB
+# (activations spilled), measured by `bench/stream_big.py --preset P --layers 2` (the 2-layer cut keeps
+# a layer's memory; bench/results/stream_big-P-2L.json). The plan must be within 30 % of it.
+MEASURED_7B = [
+    pytest.param("llama", 11008, 32, 2.358e9, id="llama2-7b"),
+    pytest.param("mistral", 14336, 8, 2.87e9, id="mistral-7b"),
+]
+
+
+@pytest.mark.parametrize("model_type,intermediate,kv_heads,measured", MEASURED_7B)
+def test_the_streamed_7b_gptq_peak_is_within_30_percent_of_the_measured(model_type, intermediate, kv_heads, measured):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, hidden_size=4096, num_hidden_layers=32, intermediate_size=intermediate,
+                                  num_attention_heads=32, num_key_value_heads=kv_heads, vocab_size=32000,
+                                  tie_word_embeddings=False)  # fmt: skip
+    step = estimate_step("quant.gptq", ModelShapes.from_config(config), tokens=16 * 512, seq_len=512, streamed=True,
+                         hessians=True, spilled=True, batch=4, flops=1e9)  # fmt: skip
+    assert 0.7 * measured <= step.peak_bytes <= 1.3 * measured, step.line()

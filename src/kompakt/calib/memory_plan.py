@@ -15,9 +15,9 @@ of kompakt.calib.sequential):
   layer's inputs), n x len x hidden each in the compute dtype; spilled to disk
   (kompakt.calib.spill), one batch of them plus its MLP intermediates.
 - hessians (GPTQ, SparseGPT): the largest group's solve: its in x in fp32 Hessian (factorised in
-  its own memory, kompakt.ops.hessian) and the stacked rows of its Linears in fp32, their codes
-  (int8) and the lazy-update temporary (9 bytes per weight), plus the int8 codes of the layer's
-  solved Linears waiting to be written (1 byte per layer parameter).
+  its own memory, kompakt.ops.hessian) and the stacked rows of its Linears in fp32 and their codes
+  (int8): 5 bytes per weight; plus the int8 codes of the layer's solved Linears waiting to be
+  written (1 byte per layer parameter).
 - output: a streamed step's finished layers wait in the shard buffer until FLUSH_BYTES are
   pending (kompakt.model.stream_save; a resumable step writes every layer at once).
 - process: torch and transformers themselves (PROCESS_BYTES).
@@ -157,9 +157,9 @@ def estimate_step(step: str, shapes: ModelShapes, *, tokens: int = 0, seq_len: i
 
 
 def _solve_bytes(shapes: ModelShapes) -> int:
-    """The largest group solve: its fp32 Hessian plus 9 bytes per weight (fp32 rows, int8 codes,
-    the fp32 lazy-update temporary)."""
-    return max(4 * width * width + 9 * width * rows for width, rows in shapes.linear_groups())
+    """The largest group solve (kompakt.ops.gptq): its fp32 Hessian, factorised and inverted in
+    place, plus 5 bytes per weight (the fp32 rows, updated in place, and their int8 codes)."""
+    return max(4 * width * width + 5 * width * rows for width, rows in shapes.linear_groups())
 
 
 def _step_flops(shapes: ModelShapes, tokens: int, seq_len: int, hessians: bool) -> float:
