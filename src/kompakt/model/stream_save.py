@@ -22,6 +22,11 @@ save, tensor for tensor:
   whose activations overflow fp16);
 - any other step stores every weight in `loaded.storage_dtype`.
 
+Shards are written at a layer's end once FLUSH_BYTES are pending (a 7B layer packed at 4 bits is
+0.1 GB: the buffer never holds many). Given a `resume` (kompakt.model.stream_resume), every layer's
+shard is written at its end into the resume directory with the stream's progress, so a killed
+step resumes after its last finished layer; `finish` moves the shards into place.
+
 Tensors use the model's own parameter names (transformers reads them as they are); a tied output
 head is not stored (the config ties it). The exact GGUF bytes a pass kept
 (`LoadedModel.gguf_blocks`) are written beside the weights at `finish`.
