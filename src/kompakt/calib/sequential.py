@@ -260,6 +260,7 @@ class _Run:
             modules = {role: linears[role] for role in group}
             stats = collect_stats(self.layer, self.index, self.captured, self.inputs, modules, collect=self.collect,
                                   hessian_dtype=self.hessian_dtype, caches=self.caches)  # fmt: skip
+            return_freed_memory()  # the statistics run's temporaries, before the solver's copies
             process(self.index, self.layer, LayerStats(self.index, self.layer, stats, group_index, n_groups,
                                                        self.inputs, self.captured))  # fmt: skip
             del stats

@@ -39,7 +39,8 @@ class GPTQResult:
     """What GPTQ produced for one layer (all in the original column order).
 
     weight: float32 [out, in], exactly grid.decode(codes) (dequantized; cast it yourself).
-    codes: int32 [out, in], the integers a packer stores.
+    codes: int32 [out, in], the integers a packer stores (int8 for a grid whose codes fit it:
+        QuantGrid at up to 8 bits signed, 7 unsigned).
     scales: float32 [out, n_groups]; zeros: [out, n_groups] or None (meaning as in the grid);
         [out, n_groups, n_sub] each for grids with per-column params (K-quant sub-blocks).
     loss: Σ (w − ŵ)² / (2 · [H⁻¹]_jj), GPTQ's estimate of the output-error increase.
@@ -144,8 +145,7 @@ class _State:
         self.position = torch.empty_like(order)
         # position[c] = where original column c sits in the processing order
         self.position[order] = torch.arange(in_features, device=w.device)
-        # int8 while the loop runs when the grid's codes fit it (a quarter of int32: 0.35 GB less for
-        # a 7B gate/up pair); the result is int32 as documented.
+        # int8 when the grid's codes fit it (a quarter of int32: 0.35 GB less for a 7B gate/up pair).
         small = -128 <= getattr(grid, "q_min", -129) and getattr(grid, "q_max", 128) <= 127
         self.codes = torch.zeros(out_features, in_features, dtype=torch.int8 if small else torch.int32, device=w.device)
         # The dequantized columns are written into w's own columns once their block is done: a
@@ -201,7 +201,6 @@ class _State:
             _permute_columns_(deq, self.position)
             _permute_columns_(codes, self.position)
         self.codes = None  # type: ignore[assignment]
-        codes = codes.to(torch.int32)
         n_groups = -(-shape[1] // self.group)
         params = [self.params[g] for g in range(n_groups)]
         zeros = None if params[0].zero is None else torch.stack([p.zero for p in params], dim=1)
