@@ -71,3 +71,23 @@ def test_split_neurons_partition_the_mlp_exactly():
         for layer in upcycled.model.model.layers:
             layer.mlp.gate.weight.zero_()  # uniform router: every weight 1 / 4
     torch.testing.assert_close(_log_probs(upcycled), _log_probs(dense), atol=1e-5, rtol=0)
+
+
+def test_shared_expert_keeps_the_strongest_neurons_always_on_and_partitions_the_rest():
+    """With a shared expert (Qwen2-MoE layout) the routed experts and the always-on expert together
+    hold every neuron once: all experts routed with equal weight give back the dense model; top-2
+    with a fitted router stays closer to the dense model than the same split without the shared part."""
+    dense = tiny_model("llama")
+    upcycled = upcycle(dense, experts=4, top_k=4, mode="split", shared=0.5)
+    config = upcycled.model.config
+    assert config.model_type == "qwen2_moe" and moe.renormalizes(upcycled) is False
+    assert config.shared_expert_intermediate_size + 4 * config.moe_intermediate_size == dense.model.config.intermediate_size
+    with torch.no_grad():
+        for layer in upcycled.model.model.layers:
+            layer.mlp.gate.weight.zero_()
+    torch.testing.assert_close(_log_probs(upcycled), _log_probs(dense), atol=1e-5, rtol=0)
+    with_shared = upcycle(dense, experts=4, top_k=1, mode="split", shared=0.5, calibration=BLOCKS)
+    without = upcycle(dense, experts=4, top_k=1, mode="split", calibration=BLOCKS)
+    assert _kl(dense, with_shared) < _kl(dense, without)
+    with pytest.raises(ConfigError, match="shared"):
+        upcycle(dense, shared=1.0)
