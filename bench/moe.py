@@ -97,11 +97,11 @@ def clone(loaded):
 
 
 def routing(moe, calib: torch.Tensor) -> dict:
-    """Routing entropy, load balance and expert similarity of an MoE over calibration blocks."""
+    """Routing entropy, load balance and expert similarity of an MoE over (up to 8) calibration blocks."""
     from kompakt.model.upcycle import block_inputs, expert_similarity
     from kompakt.scoring.experts import expert_stats
 
-    stats = expert_stats(moe.model, [b.to(moe.device) for b in calib.split(2)])
+    stats = expert_stats(moe.model, [b.to(moe.device) for b in calib[:8].split(2)])
     similarity = expert_similarity(moe, block_inputs(moe, calib, 1024))
     mean = lambda values: round(float(sum(values) / len(values)), 4)  # noqa: E731
     return {"routing_entropy": mean(stats.token_entropy), "load_balance": mean(stats.load_entropy),
@@ -117,7 +117,14 @@ def build_moe(args, dense, calib, ids, results: ResultsFile):
     if (target / "config.json").exists():
         return load(target, device="cpu", dtype="float32")
     start = time.perf_counter()
-    moe = upcycle(dense, experts=args.experts, top_k=args.top_k, mode=args.mode, calibration=calib)
+    unhealed = target.with_name(target.name + "-upcycled")  # kept so a longer KD need not upcycle again
+    if (unhealed / "config.json").exists():
+        moe = load(unhealed, device="cpu", dtype="float32")
+    else:
+        moe = upcycle(dense, experts=args.experts, top_k=args.top_k, mode=args.mode, calibration=calib,
+                      shared=args.shared)
+        moe.model.save_pretrained(unhealed)
+        moe.tokenizer.save_pretrained(unhealed)
     built = round(time.perf_counter() - start, 1)
     results.add({"name": "upcycled (before KD)", "order": 1, "parameters": moe.num_parameters(), "wall_s": built,
                  "reference": "dense", **routing(moe, calib), **quality(dense, moe, ids, args.eval_tokens)})  # fmt: skip
@@ -191,6 +198,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--mode", choices=("split", "copy"), default="split", help="kompakt.model.upcycle mode")
+    parser.add_argument("--shared", type=float, default=0.5,
+                        help="fraction of each MLP kept as an always-on shared expert (Qwen2-MoE); 0: Mixtral")
     parser.add_argument("--kd-tokens", type=int, default=150000)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--calib-blocks", type=int, default=32)
@@ -215,7 +224,7 @@ def main() -> None:
         total = dense.model.config.num_hidden_layers
         dense, _ = drop_layers(dense, list(range(args.layers, total)))
     kept = f", first {args.layers} layers only" if args.layers else ""
-    header = {"bench": "moe", "protocol": "moe-1", "model": f"smollm2-135m{kept} upcycled: {args.experts} experts, top-{args.top_k}, {args.mode}",
+    header = {"bench": "moe", "protocol": "moe-1", "model": f"smollm2-135m{kept} upcycled: {args.experts} experts, top-{args.top_k}, {args.mode}, shared {args.shared:g}",
               "kd_tokens": args.kd_tokens, "calib_blocks": args.calib_blocks, "eval_tokens": args.eval_tokens,
               "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared)",
               "torch": torch.__version__}  # fmt: skip
