@@ -3,8 +3,9 @@ fewer experts per token, 4-bit GPTQ vs RTN.
 
 No MoE weights install offline, so the MoE is built (kompakt.model.upcycle): SmolLM2-135M's MLPs
 split into `--experts` experts (co-activation-clustered neurons, least-squares router, fitted
-scale; `--mode copy`: every expert a noisy copy of the MLP), top-`--top-k`, as a Mixtral-family
-model, then healed with distill.kd from the dense model
+scale; `--mode copy`: every expert a noisy copy of the MLP), top-`--top-k`; with `--shared F`
+(default 0.5) the fraction F of each MLP's strongest neurons stays an always-on shared expert and
+the model is a Qwen2-MoE (`--shared 0`: a Mixtral), then healed with distill.kd from the dense model
 (`--kd-tokens` of WikiText-2 validation, " <unk>" removed). Routing entropy (mean nats per token,
 and the load balance normalised by log E) and pairwise expert similarity (cosine of the experts'
 outputs on the same tokens) are reported before and after the distillation. The MoE is saved
@@ -21,10 +22,15 @@ Calibration: `--calib-blocks` blocks of 512 from wiki.valid (BENCH.md sampling).
 
     nice -n 10 .venv/bin/python bench/moe.py --kd-tokens 150000             # full (hours on 2 cores)
 
-Measured before distillation (2 calibration blocks, first 1024 test tokens, under load): split
-8 x top-2 is far from SmolLM2 (ppl 2.5e5, KL 9.2: each token loses 3/4 of the MLP neurons,
-including those SmolLM2's massive activations come from); split 8 x top-8 has KL 0.52 (ppl x1.54),
-so the partition itself is sound. Distillation has much to recover at top-2.
+Measured (under load, 2 shared cores; bench/results/moe-s50.json):
+    nice -n 5 .venv/bin/python bench/moe.py --shared 0.5 --kd-tokens 20480 --lr 3e-4 --calib-blocks 16 \
+        --eval-tokens 4096 --parts prune --moe-dir /tmp/moe/moe8x2-s50 --suffix=-s50   # then --parts quant --merge
+the upcycled MoE is KL 0.83 / ppl x2.11 from SmolLM2 before KD, KL 0.76 / ppl x1.40 after 20k tokens
+(14.6 min); at 50 % of the routed experts removed, merging (KL 0.32 to the MoE) beats frequency
+pruning (0.50) and REAP (0.58): the upcycled router is near uniform (gate values within ~3 % of
+each other across experts), so REAP's gate term carries no information and it ranks by output norm
+alone (see moe.prune). Without the shared expert (--shared 0) split 8 x top-2 is KL 9.2 from
+SmolLM2 before KD; split 8 x top-8 KL 0.52, so the partition itself is sound.
     .venv/bin/python bench/moe.py --layers 4 --eval-tokens 1024 --kd-tokens 1024 --calib-blocks 2 \
         --moe-dir /tmp/moe-smoke --suffix=-smoke                              # smoke run (minutes)
 """

@@ -1,10 +1,10 @@
-"""Upcycle a dense Llama-layout model into a Mixtral-family Mixture of Experts.
+"""Upcycle a dense Llama-layout model into a Mixture of Experts (Mixtral, or Qwen2-MoE with a shared expert).
 
 No MoE weights install offline, yet expert pruning and merging need a real MoE to be measured
 on; this builds one from the embedded SmolLM2 (or any llama / mistral model with a plain
 gate / up / down MLP). Attention, norms and embeddings are copied; each MLP becomes a sparse
-block of `experts` experts routed top-`top_k`, saved as an ordinary Mixtral directory that
-transformers, kompakt and llama.cpp load.
+block of `experts` experts routed top-`top_k`, saved as an ordinary Mixtral (or, with `shared`,
+Qwen2-MoE) directory that transformers, kompakt and llama.cpp load.
 
 Two ways to make the experts (the two the MoE literature uses):
 
@@ -22,12 +22,25 @@ Two ways to make the experts (the two the MoE literature uses):
   noise, the router random; the MoE starts as good as the dense model but `experts` times its MLP
   parameters, and its experts stay near-identical until long training separates them.
 
-Measured (SmolLM2, split 8 x top-2, before distillation): the upcycled model is chaotic in its
-routing: 1e-3 relative noise on the input embeddings leaves only 13 % of its top-1 tokens
-unchanged (the dense model: 100 %), because a flipped top-2 choice swaps in disjoint neurons and
-the change cascades over 30 layers. So llama.cpp's F32 GGUF of it (exact with all 8 experts
-routed, and over its first 15 layers) agrees on the top-1 token only ~40 % of the time, and
-the export check fails: heal it with distill.kd (a trained router) before comparing runtimes.
+``shared=f`` (DeepSeekMoE's shared-expert isolation, Dai et al. 2024, in the Qwen2-MoE layout):
+the fraction f of the neurons contributing most to the MLP's output (RMS activation x norm of the
+down column) becomes an always-on shared expert (its sigmoid gate starts at 0.5, so its down
+projection is doubled); only the rest is split or copied into routed experts. The neurons
+SmolLM2's massive activations come from then run for every token, and a flipped top-k choice
+swaps a small part of the MLP instead of most of it. The recipe the MoE bench uses (bench/moe.py).
+
+Measured on SmolLM2-135M, 8 experts top-2 split, before distillation (8 calibration blocks, KL to
+the dense model on the first 1024 WikiText-2 test tokens, under load): no shared expert KL 9.2
+(ppl ratio ~5e3), shared 0.25 KL 1.67 (x4.1), shared 0.5 KL 0.92 (x2.0), shared 0.75 KL 0.43
+(x1.35). Shared 0.5 then 20k tokens of distill.kd (14.6 min on 2 loaded cores; bench/moe.py, first
+4096 test tokens): KL 0.83 -> 0.76, ppl ratio 2.11 -> 1.40, top-1 0.55; its routed experts stay
+distinct (mean pairwise cosine of their outputs 0.007) and the router stays near uniform (routing
+entropy 2.074 of log 8 = 2.079): 20 optimiser steps barely move it.
+
+Without a shared expert the split model is chaotic in its routing: 1e-3 relative noise on the
+input embeddings leaves only 13 % of its top-1 tokens unchanged (the dense model: 100 %),
+because a flipped top-2 choice swaps in disjoint neurons and the change cascades over 30 layers,
+so llama.cpp's F32 GGUF of it agrees on the top-1 token only ~40 % of the time.
 
 Why in the product, not a bench helper: it is architecture surgery (a new config family, weight
 layouts), which lives in model/; the bench and the tests call the same function.
