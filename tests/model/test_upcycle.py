@@ -91,3 +91,27 @@ def test_shared_expert_keeps_the_strongest_neurons_always_on_and_partitions_the_
     assert _kl(dense, with_shared) < _kl(dense, without)
     with pytest.raises(ConfigError, match="shared"):
         upcycle(dense, shared=1.0)
+
+
+def test_shared_expert_moe_reloads_and_llama_cpp_computes_it(tmp_path):
+    """The Qwen2-MoE an upcycle with a shared expert gives (zero q/k/v biases, the shared expert's
+    gate at 0.5) saves, reloads and runs in llama.cpp's qwen2moe graph with the same logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from kompakt.export import export_gguf
+
+    upcycled = upcycle(tiny_model("llama"), experts=4, top_k=2, mode="split", shared=0.5, calibration=BLOCKS)
+    upcycled.model.save_pretrained(tmp_path / "moe")
+    upcycled.tokenizer.save_pretrained(tmp_path / "moe")
+    back = kompakt.load(tmp_path / "moe", device="cpu", dtype="float32")
+    torch.testing.assert_close(_log_probs(back), _log_probs(upcycled))
+    path = export_gguf(back, tmp_path / "m.gguf", type="f32")
+    ids = IDS[0].tolist()
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, verbose=False, n_threads=1)
+    try:
+        llm.eval(ids)
+        scores = torch.tensor(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        reference = back.model(input_ids=IDS[:1]).logits[0]
+    assert (scores - reference).abs().max() < 5e-3

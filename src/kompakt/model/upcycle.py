@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 MODES = ("split", "copy")
 CLUSTER_TOKENS = 512
 ROUTER_SPREAD = 0.1  # std of the fitted router logits: gates within a few % of uniform
+SHARED_GATE_INIT = 1e-6  # std of the shared expert's gate weights: sigmoid within ~1e-3 of 0.5 (|x| < 1e3)
 # Config keys a Llama-layout dense model and a Mixtral share, copied as they are.
 _SHARED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
@@ -254,7 +255,10 @@ def _fill_layer(block: nn.Module, dense_mlp, x: torch.Tensor | None, *, experts:
             block.shared_expert.gate_proj.weight.copy_(gate[always])
             block.shared_expert.up_proj.weight.copy_(up[always])
             block.shared_expert.down_proj.weight.copy_(down[:, always] * 2)  # the sigmoid gate starts at 0.5
-            block.shared_expert_gate.weight.zero_()
+            # Gate logits near 0 (sigmoid 0.5) but never exactly 0: llama.cpp's qwen2moe graph takes
+            # the sigmoid as silu(x) / x, which is NaN at x = 0 (an all-zero gate gave NaN logits).
+            gate_row = torch.randn(block.shared_expert_gate.weight.shape, generator=generator)
+            block.shared_expert_gate.weight.copy_(gate_row * SHARED_GATE_INIT)
             if x is not None:
                 offset = (act(x @ gate[always].t()) * (x @ up[always].t())) @ down[:, always].t()
             gate, up, down = gate[rest], up[rest], down[:, rest]
