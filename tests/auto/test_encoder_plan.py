@@ -174,3 +174,34 @@ def test_compress_params_below_the_embeddings_trims_the_vocabulary_to_the_data(t
     assert result.outcomes[0]["metrics"]["cosine_mean"] is not None
     sentence = " ".join(used[:5]) + "."
     assert final.tokenizer.tokenize(sentence) == original.tokenizer.tokenize(sentence)
+
+
+def test_the_run_trains_the_distillation_steps_the_plan_states(tmp_path, monkeypatch):
+    """--plan-only, then compress again: it follows the saved plan.json instead of measuring the
+    speed again (under other load the same budget buys other steps, or none), and the recipe
+    it runs trains the steps the plan states."""
+    from kompakt.auto.api import compress_auto
+    from kompakt.model.tiny_encoder import save_tiny_encoder
+    from kompakt.recipe import encoder_measure
+    from kompakt.recipe.runner import run_recipe
+
+    save_tiny_encoder("bert", tmp_path / "bert")
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(f"{s.capitalize()} {v} {o}." for s, v, o in itertools.product(*WORDS)) + "\n")
+    args = dict(target="speed=2x,min-cosine=0.1", budget="1m", data=str(data), out=tmp_path / "run", plan_only=True)
+    # the planning machine's measured speed: 0.8 x 30 s / (2.5 / 100 sentences/s) = 960 sentences
+    timed: list[list[str]] = []
+    monkeypatch.setattr(encoder_measure, "sentences_per_s", lambda _, sentences, **k: timed.append(sentences) or 100.0)
+    planned = compress_auto(str(tmp_path / "bert"), **args).plan
+    training = data.read_text().splitlines()[:346]  # 384 sentences, the last 38 held out
+    assert len(timed) == 1 and len(timed[0]) == 64 and set(timed[0]) <= set(training)  # timed on --data's own
+    assert planned.attempts[0].steps[1].config["sentences"] == 960
+    assert "960 sentences (30 steps of 32)" in planned.choices[-1]
+    # busier later: planning again would afford 288 sentences, below the distillation minimum
+    monkeypatch.setattr(encoder_measure, "sentences_per_s", lambda *a, **k: 30.0)
+    again = compress_auto(str(tmp_path / "bert"), **args).plan
+    assert again.to_dict() == planned.to_dict()
+    assert compress_auto(str(tmp_path / "bert"), **{**args, "budget": "2m"}).plan.facts.sentences_per_s == 30.0
+    run = run_recipe(again.recipe(0, str(tmp_path / "bert")), tmp_path / "attempt")
+    kd = next(r for r in run.records if r["pass"] == "distill.kd")
+    assert kd["details"]["steps"] == 30

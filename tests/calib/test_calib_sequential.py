@@ -133,3 +133,21 @@ def test_groups():
         ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
     ]
     assert sequential_groups(["mlp.down", "attn.o"]) == [("attn.o",), ("mlp.down",)]
+
+
+def test_only_layers_calibrates_those_and_stops_after_the_last():
+    """only_layers={1}: layer 1 alone is processed, with the statistics a full run gives it, and
+    the driver stops there (its outputs are layer 1's, not the last layer's)."""
+    model = _model("llama")
+    expected, _ = _reference_states(model)
+    hessians: dict[int, torch.Tensor] = {}
+
+    def process(index, layer, stats):
+        hessians[index] = stats["mlp.down"].hessian()
+
+    run_sequential(model, BLOCKS, process, roles=["mlp.down"], batch_size=2)
+    full, hessians = hessians, {}
+    result = run_sequential(model, BLOCKS, process, roles=["mlp.down"], batch_size=2, only_layers={1})
+    assert sorted(hessians) == [1] and len(full) == len(decoder_layers(model)) > 2
+    torch.testing.assert_close(hessians[1], full[1])
+    torch.testing.assert_close(torch.cat(result.outputs), expected[2], rtol=1e-5, atol=1e-5)

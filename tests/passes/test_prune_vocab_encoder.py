@@ -7,41 +7,28 @@ from __future__ import annotations
 
 import copy
 import random
-import string
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
 import kompakt
 from kompakt.model.encode import embed
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.sentence import Pooling
+from kompakt.model.tiny_encoder import wordpiece_tokenizer
 from kompakt.passes.base import PassContext, build_config, get_pass
 from kompakt.rundir.stepsave import save_step_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SPEC = get_pass("prune.vocab")
-SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WORDS = ("the", "cat", "dog", "sat", "on", "mat", "run", "park", "model", "small", "word", "light")
 SUFFIXES = ("##s", "##ing", "##ed", "##er")
 FOREIGN = ("strasse", "garten", "kinder", "lachen", "hund")  # made of other pieces: never in the corpus
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    pieces = [*SPECIALS, *chars, *(f"##{c}" for c in chars), *WORDS, *SUFFIXES, *FOREIGN, "##er", "gar", "##ten"]
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(pieces))}
-    core = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    core.normalizer = normalizers.BertNormalizer(lowercase=True)
-    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    core.decoder = decoders.WordPiece()
-    core.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                                   cls_token="[CLS]", mask_token="[MASK]", model_max_length=64)  # fmt: skip
+    return wordpiece_tokenizer((*WORDS, *SUFFIXES, *FOREIGN, "gar", "##ten"), max_length=64)
 
 
 def _encoder() -> LoadedModel:

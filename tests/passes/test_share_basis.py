@@ -208,7 +208,7 @@ def _different_widths() -> LoadedModel:
     ({"target_params": 0.0}, "in \\(0, 1\\)"), ({"target_params": 1.0}, "in \\(0, 1\\)"),
     ({"group_sizes": [8]}, "group of 8 layers does not fit the model's 4"),
     ({"group_sizes": [0]}, "group_sizes must be a list"), ({"group_sizes": []}, "group_sizes must be a list"),
-    ({"group_sizes": "2,x"}, "group_sizes must be a list"),
+    ({"group_sizes": "2 4"}, r"group_sizes got '2 4'.*write a list as \[2, 4\]"), ({"group_sizes": ["x"]}, "group_sizes must be a list"),
     ({"side": "both"}, "auto, in, out"), ({"choose": "best"}, "type, global"), ({"target_params": 0.97}, "cannot be met without exceeding dense"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_changes_nothing(values, message):
@@ -289,7 +289,7 @@ def test_cli_group_that_does_not_fit_exits_2_and_writes_no_step(cli, tmp_path):
     rng = random.Random(0)
     text = tmp_path / "calib.txt"
     text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(300)) + "\n")
-    code, _, err = cli(["compress", str(tmp_path / "model"), "--step", "share.basis:group_sizes=2 8", "--data",
+    code, _, err = cli(["compress", str(tmp_path / "model"), "--step", "share.basis:group_sizes=[2, 8]", "--data",
                         str(text), "--out", str(tmp_path / "run")])  # fmt: skip
     assert code == 2 and "does not fit the model's 4 decoder layers" in err and len(err.strip().splitlines()) == 1, err
     assert not any((tmp_path / "run" / "steps").iterdir())  # no step directory, complete or half-written

@@ -258,3 +258,13 @@ def test_smollm2_30_layers_to_15_blocks_round_trip(tmp_path):
     assert _q(reloaded, 15).weight.data_ptr() == _q(reloaded, 0).weight.data_ptr()
     assert reloaded.num_parameters() == loaded.num_parameters()
     assert disk_bytes(tmp_path / "shared") < 0.7 * disk_bytes(tmp_path / "dense")
+
+
+def test_merging_a_shared_encoder_keeps_its_pooling():
+    """export --merge of a shared sentence encoder writes its sentence-transformers files too."""
+    from kompakt.model.tiny_encoder import tiny_encoder
+
+    loaded = tiny_encoder("bert")
+    _share(loaded, unique=2, relax_rank=0)
+    dense = merged_dense(loaded)
+    assert dense is not loaded and dense.is_encoder and dense.pooling == loaded.pooling

@@ -77,3 +77,41 @@ def test_run_data_holds_the_evaluation_end_out_of_training(sentences_file):
     train, _ = data.sentences(None, 100)
     held, _ = data.eval_sentences()
     assert len(train) + len(held) == 384 and not set(train) & set(held)
+
+
+def test_every_step_keeps_the_models_sentence_transformers_files(sentences_file, tmp_path):
+    """max_seq_length (32 here, below the 128-position table and the tokenizer's 128) and the
+    Normalize module travel from the original's sentence_bert_config.json / modules.json through
+    a depth cut, distillation and a vocabulary trim: a step never re-derives them."""
+    import dataclasses
+    import json
+
+    from kompakt.model.save import save_model
+    from kompakt.model.tiny_encoder import tiny_encoder
+
+    original = tiny_encoder("bert")
+    original.pooling = dataclasses.replace(original.pooling, max_seq_length=32)
+    save_model(original, tmp_path / "bert")
+    steps = [Step("prune.depth", {"count": 2, "method": "last"}), Step("distill.kd", {"steps": 2, "batch_size": 8}),
+             Step("prune.vocab", {})]  # fmt: skip
+    result = run_recipe(_recipe(tmp_path / "bert", sentences_file, steps), tmp_path / "run")
+    for record in result.records:
+        step_dir = result.out_dir / record["dir"]
+        assert json.loads((step_dir / "sentence_bert_config.json").read_text())["max_seq_length"] == 32, record["dir"]
+        modules = json.loads((step_dir / "modules.json").read_text())
+        assert any(m["type"].endswith("Normalize") for m in modules), record["dir"]
+        assert load(step_dir).pooling == original.pooling
+
+
+@pytest.mark.slow
+def test_a_minilm_step_keeps_max_seq_length_256(sentences_file, tmp_path):
+    """all-MiniLM-L6-v2 declares 256 tokens (its position table and tokenizer say 512): a step's
+    directory says 256 too and embeds as SentenceTransformer would load it, normalised."""
+    import json
+
+    steps = [Step("prune.depth", {"count": 3, "method": "last"})]
+    result = run_recipe(_recipe("all-minilm-l6-v2", sentences_file, steps), tmp_path / "run")
+    step_dir = result.out_dir / result.records[-1]["dir"]
+    assert json.loads((step_dir / "sentence_bert_config.json").read_text())["max_seq_length"] == 256
+    pruned = load(step_dir)
+    assert pruned.pooling.max_seq_length == 256 and pruned.pooling.normalize and pruned.pooling.mode == "mean"

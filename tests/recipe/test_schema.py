@@ -104,3 +104,38 @@ def test_step_shortcut():
     for bad in (":x=1", "prune.depth:fraction", "prune.depth:=3"):
         with pytest.raises(ConfigError):
             Step.parse(bad)
+
+
+def test_step_shortcut_reads_lists_mappings_and_quoted_commas_as_yaml():
+    assert Step.parse("share.basis:group_sizes=[2, 4],side=in").config == {"group_sizes": [2, 4], "side": "in"}
+    step = Step.parse("distill.kd:layer_map=[[1, 2], [3, 6]],steps=5,hidden_weight=1.0")
+    assert step.config == {"layer_map": [[1, 2], [3, 6]], "steps": "5", "hidden_weight": "1.0"}
+    assert step.resolved().config["layer_map"] == [[1, 2], [3, 6]] and step.resolved().config["steps"] == 5
+    nested = Step.parse("""x:a={b: 1, c: [1, {d: "p,q"}]}, e="x,y",f='[z]',g=[]""").config
+    assert nested == {"a": {"b": 1, "c": [1, {"d": "p,q"}]}, "e": "x,y", "f": "[z]", "g": []}
+    # plain values stay text for the pass to type: YAML 1.1 would read 2:4 as 124 and no as false
+    assert Step.parse("prune.sparse:nm=2:4,method=sparsegpt").config == {"nm": "2:4", "method": "sparsegpt"}
+    assert Step.parse("prune.sparse:nm=2:4").resolved().config["nm"] == "2:4"
+    assert Step.parse("x:teacher=./it's here,lr=1e-3,name=no").config == {"teacher": "./it's here", "lr": "1e-3",
+                                                                            "name": "no"}  # fmt: skip
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("x:a=[1, 2", "']' is missing"), ("x:a=1]", "closing nothing"), ("x:a=[1, {]", "where '}' should close"),
+    ('x:a="p,q', "'\"' is missing"), ("x:a=[a: b: c]", "not a YAML value"),
+])  # fmt: skip
+def test_step_shortcut_refuses_unbalanced_values_in_one_line(bad, needle):
+    with pytest.raises(ConfigError) as caught:
+        Step.parse(bad)
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_passes_show_writes_cli_values_that_parse_back():
+    from kompakt.recipe.describe import _cli
+
+    config = {"target_params": 0.4, "group_sizes": [2, 4], "layer_map": [[1, 2]], "a": {"b": "x,y"}, "d": "p,q",
+              "e": "[z]", "f": None, "g": True, "targets": ["*.mlp.*"]}  # fmt: skip
+    line = _cli({"share.basis": config})
+    assert "group_sizes=[2, 4]" in line and "'" not in line  # shlex.quote wraps it in single quotes
+    parsed = Step.parse(line).config
+    assert parsed == {**config, "target_params": "0.4", "g": "true"}  # plain scalars stay text for the pass

@@ -104,9 +104,9 @@ def test_predicts_and_ranks_the_measured_kl_on_a_tiny_model():
 @pytest.mark.slow
 def test_predicts_and_ranks_the_measured_kl_on_smollm2():
     """The proxy as `compress` runs it (2048 self-generated calibration tokens in blocks of 256)
-    against the measured KL on 1024 held-out tokens: 14 tensors and the embedding, each alone at
-    two types, Spearman >= 0.7; layers Q4_0 + embedding Q8_0, measured / predicted within 1.5x.
-    Measured when written: Spearman 0.83, whole model 0.339 measured / 0.370 predicted; ~5 min
+    against the measured KL on 1024 held-out tokens: 8 sampled tensors and the embedding, each alone
+    at two types, Spearman >= 0.7; layers Q4_0 + embedding Q8_0, measured / predicted within 1.5x.
+    Measured when written (14 tensors): Spearman 0.83, whole model 0.339 measured / 0.370 predicted; ~5 min
     on a loaded 2-core machine. Gemma 3 270M (same protocol, 10 tensors, <bos> in front; not run here:
     ~10 min): Spearman 0.95, whole model 0.308 measured / 0.361 predicted, its embedding alone
     at Q4_0 0.083 / 0.133."""
@@ -127,7 +127,7 @@ def test_predicts_and_ranks_the_measured_kl_on_smollm2():
     windows = [torch.cat([torch.tensor(prefix, dtype=held.dtype), row]).reshape(1, -1) for row in held]
     reference = build_reference(model, decoder_layers(model), windows)
     rng = np.random.default_rng(0)
-    sample = [result.tensors[i] for i in rng.choice(len(result.tensors), 14, replace=False)]
+    sample = [result.tensors[i] for i in rng.choice(len(result.tensors), 8, replace=False)]
     embedding = next(t for t in result.tensors if t.name == "model.embed_tokens")
     predicted, measured = [], []
     for tensor in sample + [embedding]:

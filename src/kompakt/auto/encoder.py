@@ -4,7 +4,8 @@ recipes until one ends within the cosine floor, link the result, report.
 Run directory (the decoder layout where it applies)::
 
     out/auto.json          the model fingerprint and target this directory belongs to
-    out/plan.json          target, facts, every choice in one line, the attempts
+    out/plan.json          target, facts, every choice in one line, the attempts (a rerun with the
+                           same budget and --data, or the run after --plan-only, follows it)
     out/recipe.yaml        the recipe of the attempt that produced the result (edit and rerun it)
     out/attempts/N/        one recipe run per attempt (steps/, lineage.jsonl, report.md)
     out/reference/         the original's embeddings of the held-out sentences (computed once)
@@ -34,7 +35,10 @@ from kompakt.rundir.layout import AUTO_FILE, REFERENCE_DIR
 
 logger = logging.getLogger(__name__)
 
-# Timing sentences for the speed fact (it only sizes the distillation budget): short, varied.
+# Timing sentences for the speed fact (it only sizes the distillation budget) when there is no
+# --data: short, varied. With --data, its own training sentences are timed: WikiText's average 27
+# tokens on all-MiniLM-L6-v2 against these 12, and a sentence's cost grows with its tokens.
+_TIMING_SENTENCES = 64
 _TIMING = [f"Sentence {i} says something about {topic} in plain words." for i, topic in enumerate(
     ("rivers", "music", "trains", "bread", "stars", "chess", "rain", "cities") * 8)]  # fmt: skip
 
@@ -71,9 +75,11 @@ def is_encoder_source(model: str | None) -> bool:
         return False
 
 
-def encoder_facts(loaded, measure_speed: bool = True, data: str | None = None) -> EncoderFacts:
-    """Parameter counts per layer and the rest; sentences/s only when a budget needs it (0 otherwise);
-    with --data, the vocabulary rows prune.vocab would keep on its training sentences."""
+def encoder_facts(loaded, measure_speed: bool = True, data: str | None = None,
+                  timing_data: str | None = None) -> EncoderFacts:  # fmt: skip
+    """Parameter counts per layer and the rest; sentences/s only when a budget needs it (0 otherwise),
+    timed on `timing_data`'s training sentences when given; with `data`, the vocabulary rows
+    prune.vocab would keep on its training sentences."""
     from kompakt.model.arch import arch_for, decoder_layers, get_submodule
     from kompakt.recipe.encoder_measure import sentences_per_s
 
@@ -82,25 +88,59 @@ def encoder_facts(loaded, measure_speed: bool = True, data: str | None = None) -
     trimmed, note = _trimmed_rows(loaded, data)
     return EncoderFacts(name=loaded.name, fingerprint=loaded.fingerprint(), params=loaded.num_parameters(),
                         layers=len(layer_params), layer_params=layer_params,
-                        sentences_per_s=sentences_per_s(loaded, _TIMING) if measure_speed else 0.0,
+                        sentences_per_s=sentences_per_s(loaded, _timing(timing_data)) if measure_speed else 0.0,
                         embed_rows=int(rows), embed_width=int(width), trimmed_rows=trimmed, trim_note=note)  # fmt: skip
+
+
+def _training_sentences(data: str) -> list[str]:
+    """--data's sentences without the held-out end, as the run splits them (kompakt.recipe.rundata)."""
+    from kompakt.data.sentences import read_sentences
+    from kompakt.recipe.rundata import HELDOUT_FRACTION
+
+    sentences = read_sentences(data)
+    return sentences[: len(sentences) - max(1, round(len(sentences) * HELDOUT_FRACTION))]
+
+
+def _timing(data: str | None) -> list[str]:
+    """The sentences the speed fact is timed on: a sample of --data's training sentences, else _TIMING."""
+    from kompakt.data.sentences import sample_sentences
+    from kompakt.recipe.encoder_measure import SPEED_BATCH
+
+    training = _training_sentences(data) if data is not None else []
+    return sample_sentences(training, _TIMING_SENTENCES) if len(training) >= SPEED_BATCH else _TIMING
 
 
 def _trimmed_rows(loaded, data: str | None) -> tuple[int | None, str]:
     """(rows prune.vocab keeps on the training part of --data's sentences, or None; why not)."""
-    from kompakt.data.sentences import read_sentences
     from kompakt.errors import UnsupportedArchitectureError
     from kompakt.passes.prune_vocab import encoder_rows_kept
-    from kompakt.recipe.rundata import HELDOUT_FRACTION
 
     if data is None:
         return None, ""
-    sentences = read_sentences(data)
-    training = sentences[: len(sentences) - max(1, round(len(sentences) * HELDOUT_FRACTION))]  # as the run splits it
     try:
-        return encoder_rows_kept(loaded, training), ""
+        return encoder_rows_kept(loaded, _training_sentences(data)), ""
     except UnsupportedArchitectureError as error:
         return None, str(error)
+
+
+def _saved_plan(out_dir: Path, fingerprint: str, budget_s: float | None, data: str | None) -> EncoderPlan | None:
+    """The plan.json of an earlier run (or --plan-only) in `out_dir` for the same model, budget
+    and data, else None. Planning measures sentences/s, which moves with the machine's load, and
+    sizes distillation from it: planning again would run other steps than the plan shown (and
+    redo finished ones). The target was checked by check_out."""
+    saved = out_dir / "plan.json"
+    if not saved.is_file():
+        return None
+    try:
+        plan = EncoderPlan.from_dict(json.loads(saved.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("%s is unreadable (%s); planning again", saved, error)
+        return None
+    if (plan.facts.fingerprint, plan.budget_s, plan.data) != (fingerprint, budget_s, data):
+        logger.info("%s was planned for another budget or --data; planning again", saved)
+        return None
+    logger.info("following the plan saved in %s", saved)
+    return plan
 
 
 def _emit(on_event, kind: str, values: dict) -> None:
@@ -167,8 +207,10 @@ def compress_encoder(model: str | None, *, target: str | None = None, budget: st
     original = load(model)
     out_dir = (Path(out) if out is not None else default_out(model, goal)).expanduser().absolute()
     check_out(out_dir, original.fingerprint(), goal, force)
-    facts = encoder_facts(original, budget_s is not None, data if goal.goal == "params" else None)
-    plan = make_encoder_plan(goal, facts, budget_s, data)
+    plan = _saved_plan(out_dir, original.fingerprint(), budget_s, data)
+    if plan is None:
+        facts = encoder_facts(original, budget_s is not None, data if goal.goal == "params" else None, data)
+        plan = make_encoder_plan(goal, facts, budget_s, data)
     with reporting_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     name = str(model or original.name)

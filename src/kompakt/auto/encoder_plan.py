@@ -68,7 +68,7 @@ class EncoderFacts:
     params: int
     layers: int
     layer_params: list[int]
-    sentences_per_s: float  # embed() at batch 32 on short sentences, this machine
+    sentences_per_s: float  # embed() at batch 32 on --data's training sentences (else short ones), this machine
     embed_rows: int = 0  # word-embedding rows and width: what prune.vocab can shrink
     embed_width: int = 0
     trimmed_rows: int | None = None  # rows prune.vocab keeps on --data's training sentences; None: no data / not trimmable
@@ -126,6 +126,17 @@ class EncoderPlan:
         return {"kind": "encoder", "data": self.data, "target": self.target.to_dict(), "budget_s": self.budget_s,
                 "facts": self.facts.to_dict(), "choices": list(self.choices),
                 "attempts": [a.to_dict() for a in self.attempts]}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, values: dict) -> EncoderPlan:
+        """The plan saved in a run's plan.json: a rerun (or the run after --plan-only) follows it
+        instead of measuring the speed again and sizing distillation anew."""
+        from kompakt.recipe.schema import Step
+
+        attempts = [EncoderAttempt(a["label"], a["kept_layers"], [Step.from_dict(step) for step in a["steps"]],
+                                   a["params_kept"], a["seconds"], a["trim"]) for a in values["attempts"]]  # fmt: skip
+        return cls(Target(**values["target"]), EncoderFacts(**values["facts"]), values["budget_s"], attempts,
+                   list(values["choices"]), values["data"])  # fmt: skip
 
 
 def encoder_target(text: str | None) -> Target:
@@ -229,6 +240,16 @@ def _kd_config(attempt: EncoderAttempt) -> dict:
     return next((step.config for step in attempt.steps if step.name == "distill.kd"), {})
 
 
+def _kd_phrase(config: dict) -> str:
+    """'2898 sentences (91 steps of 32)': the steps distill.kd will run for the planned sentences."""
+    from kompakt.passes.encoder_training import sentence_steps
+
+    if not config:
+        return "no distillation"
+    steps = sentence_steps(config["sentences"], config["batch_size"], config.get("grad_accum", 1))
+    return f"{config['sentences']} sentences ({steps} steps of {config['batch_size']})"
+
+
 def make_encoder_plan(target: Target, facts: EncoderFacts, budget_s: float | None, data: str | None = None) -> EncoderPlan:
     """The attempts for `target`: the cut it asks for first, then one more layer kept each time."""
     choices: list[str] = []
@@ -249,6 +270,6 @@ def make_encoder_plan(target: Target, facts: EncoderFacts, budget_s: float | Non
             break
     if budget_s is not None:
         choices.append(f"distillation sized for the {budget_s / 60:.0f} min budget at {facts.sentences_per_s:.0f} "
-                       "teacher sentences/s: " + ", ".join(f"{a.label}: {_kd_config(a).get('sentences', 0)} sentences"
+                       "teacher sentences/s: " + ", ".join(f"{a.label}: {_kd_phrase(_kd_config(a))}"
                                                            for a in attempts))  # fmt: skip
     return EncoderPlan(target, facts, budget_s, attempts, choices, data)

@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +311,7 @@ def run_sequential(
     hessian_dtype: torch.dtype = torch.float32,
     description: str = "calibrating layers",
     on_layer: LayerDoneFn | None = None,
+    only_layers: Collection[int] | None = None,
 ) -> SequentialResult:
     """Calibrate `model` layer by layer on token `blocks` [n, len], calling `process` per group.
 
@@ -330,6 +331,9 @@ def run_sequential(
         description: the progress bar's label.
         on_layer: `on_layer(index, layer)` once a layer is processed and its outputs propagated
             (a streamed step writes the layer there; it is released to meta right after).
+        only_layers: calibrate only these layer indices: the others are run forward without
+            statistics, and the driver stops after the last of them (a pass whose targets are a
+            few layers does not pay for the rest); a streamed model still visits every layer.
 
     Returns:
         The last layer's outputs on the calibration data, sample count, wall time.
@@ -351,14 +355,16 @@ def run_sequential(
         inputs, captured.hidden = spill(captured.hidden, spill_dir / "a"), []
     verified: dict[type, int] = {}
     notes: list[str] = []
-    progress, task = _progress(description, len(layers))
+    wanted = set(range(len(layers))) if only_layers is None else set(only_layers)
+    last = len(layers) - 1 if lazy is not None or not wanted else max(wanted)
+    progress, task = _progress(description, last + 1)
     with progress:
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(layers[: last + 1]):
             if lazy is not None:
                 lazy.materialize(layer, lazy.compute_dtype)
             caches = None if spill_dir is not None else LayerCaches(layer, spec, verified)
             with caches.installed() if caches is not None else nullcontext():
-                for phase in phases:
+                for phase in phases if index in wanted else ():
                     run = _Run(spec, index, layer, captured, inputs[: phase.max_batches], caches, collect, hessian_dtype)
                     grouping = true_sequential if phase.true_sequential is None else phase.true_sequential
                     run.groups(phase.roles if phase.roles is not None else roles, grouping, phase.process)

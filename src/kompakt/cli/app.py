@@ -24,11 +24,11 @@ err_console = Console(stderr=True)
 
 def _register() -> None:
     # Explicit list (no directory walk): every command is one module with a `register(app)`.
-    from kompakt.cli import analyze, chat, compress, evaluate, export, imatrix, passes, recipe, report, serve
+    from kompakt.cli import analyze, chat, compress, evaluate, export, imatrix, passes, recipe, report, search, serve
 
     if app.registered_commands:  # main() may run more than once in one process (tests)
         return
-    for module in (analyze, evaluate, chat, compress, passes, recipe, serve, export, imatrix, report):
+    for module in (analyze, evaluate, chat, compress, search, passes, recipe, serve, export, imatrix, report):
         module.register(app)
 
 

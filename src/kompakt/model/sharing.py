@@ -255,7 +255,7 @@ def merged_dense(loaded: LoadedModel) -> LoadedModel:
                 set_submodule(model, name, _dense_linear(get_submodule(model, name)))
     update_state(model, shared={})
     return LoadedModel(model=model, tokenizer=loaded.tokenizer, name=loaded.name, path=None,
-                       storage_dtype=loaded.storage_dtype)  # fmt: skip
+                       storage_dtype=loaded.storage_dtype, pooling=loaded.pooling)  # fmt: skip
 
 
 def _dense_linear(module: nn.Module) -> nn.Linear:

@@ -9,6 +9,7 @@ mean pooling with normalisation, as all-MiniLM-L6-v2 does.
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -25,9 +26,12 @@ _BYTE_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # RoBERTa's order:
 _SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
 
 
-def _wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+def wordpiece_tokenizer(extra: Iterable[str] = (), max_length: int = _POSITIONS) -> PreTrainedTokenizerFast:
+    """A BERT-style WordPiece tokenizer over single characters (any text tokenizes), plus `extra`
+    whole-word and ``##`` pieces (tests that need words in the vocabulary)."""
     pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = {token: i for i, token in enumerate(_WORDPIECE_SPECIALS + tuple(pieces) + tuple(f"##{p}" for p in pieces))}
+    tokens = dict.fromkeys((*_WORDPIECE_SPECIALS, *pieces, *(f"##{p}" for p in pieces), *extra))
+    vocab = {token: i for i, token in enumerate(tokens)}
     core = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     core.normalizer = normalizers.BertNormalizer(lowercase=True)
     core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -36,7 +40,7 @@ def _wordpiece_tokenizer() -> PreTrainedTokenizerFast:
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                                   cls_token="[CLS]", mask_token="[MASK]", model_max_length=_POSITIONS)  # fmt: skip
+                                   cls_token="[CLS]", mask_token="[MASK]", model_max_length=max_length)  # fmt: skip
 
 
 def _byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -71,7 +75,7 @@ def tiny_encoder(family: str = "bert", seed: int = 0) -> LoadedModel:
     """A randomly initialised tiny encoder of `family`, fp32, eval mode, with tokenizer and pooling."""
     if family not in TINY_ENCODERS:
         raise ValueError(f"no tiny encoder for {family!r}; choose one of {', '.join(TINY_ENCODERS)}")
-    tokenizer = _wordpiece_tokenizer() if family in ("bert", "distilbert") else _byte_tokenizer()
+    tokenizer = wordpiece_tokenizer() if family in ("bert", "distilbert") else _byte_tokenizer()
     if family == "distilbert":
         tokenizer.model_input_names = ["input_ids", "attention_mask"]
     config = _config(family, vocab_size=-(-len(tokenizer) // 16) * 16)

@@ -223,6 +223,8 @@ def _coerce(pass_name: str, name: str, value: Any, hint: Any) -> Any:
     if str in allowed and isinstance(value, int):
         # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124.
         quote = ' (quote it in YAML: nm: "2:4")'
+    elif isinstance(value, str) and any(typing.get_origin(kind) is list for kind in allowed):
+        quote = f" (write a list as [2, 4], on the command line too: {name}=[2, 4])"
     raise ConfigError(f"{pass_name}: field {name} got {value!r}; expected {hint}{quote}")
 
 

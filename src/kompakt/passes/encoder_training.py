@@ -97,12 +97,17 @@ def _wanted(config: Any) -> int:
     return math.ceil(config.tokens / ASSUMED_TOKENS_PER_SENTENCE)
 
 
+def sentence_steps(sentences: int, batch_size: int, grad_accum: int = 1) -> int:
+    """Optimizer steps a `sentences` budget buys (what `compress --target` plans with, too)."""
+    return max(1, math.ceil(sentences / (batch_size * grad_accum)))
+
+
 def _steps(config: Any, batches: SentenceBatches) -> int:
     per_step = config.batch_size * config.grad_accum
     if config.steps is not None:
         return config.steps
     if config.sentences is not None:
-        return max(1, math.ceil(config.sentences / per_step))
+        return sentence_steps(config.sentences, config.batch_size, config.grad_accum)
     return max(1, math.ceil(config.tokens / (batches.mean_tokens() * per_step)))
 
 

@@ -76,7 +76,7 @@ class LoraConfig(TrainingConfig):
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"{NAME}: divergence {self.divergence!r} is unknown; valid: {', '.join(DIVERGENCES)}")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            # "q_proj,v_proj" in YAML; "q_proj+v_proj" on the command line (--step splits on commas)
+            # "q_proj,v_proj" or "q_proj+v_proj" (a YAML list is the plain way, also in --step: [q_proj, v_proj])
             self.target_modules = [t for t in re.split(r"[,;+\s]+", self.target_modules) if t]
 
     def peft_targets(self) -> list[str] | str:

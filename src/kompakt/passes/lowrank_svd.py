@@ -157,7 +157,8 @@ def _calibrate(ctx: PassContext, config: LowRankConfig, chosen: list[Matrix],
                 on_group(matrix, stat)
 
     run_sequential(model, blocks, process, roles=roles, collect=collect, true_sequential=true_sequential,
-                   batch_size=config.batch_size, description=f"lowrank.svd ({config.method})")  # fmt: skip
+                   batch_size=config.batch_size, description=f"lowrank.svd ({config.method})",
+                   only_layers={m.layer for m in chosen})  # fmt: skip
     return int(blocks.shape[0]), int(blocks.shape[1])
 
 

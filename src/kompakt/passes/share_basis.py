@@ -52,7 +52,6 @@ Sample recipe steps::
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -83,8 +82,8 @@ MAX_SWEEPS = 3  # coordinate descent over the types' group sizes; two sweeps usu
 @dataclass
 class ShareBasisConfig:
     target_params: float = field(default=0.2, metadata=doc("fraction of decoder Linear parameters removed, in (0, 1)"))
-    group_sizes: list[int] | str | None = field(
-        default=None, metadata=doc("group sizes (adjacent layers) to try per matrix type: default 1 2 4 8; 1 = no sharing")
+    group_sizes: list[int] | None = field(
+        default=None, metadata=doc("group sizes (adjacent layers) to try per matrix type: default [1, 2, 4, 8]; 1 = no sharing")
     )
     side: str = field(default="auto", metadata=doc("shared factor: in (input side), out, or auto (chosen per type)"))
     choose: str = field(default="type", metadata=doc(
@@ -96,9 +95,6 @@ class ShareBasisConfig:
     def validate(self) -> None:
         if not 0.0 < self.target_params < 1.0:
             raise ConfigError(f"{NAME}: target_params must be in (0, 1), e.g. 0.2; got {self.target_params}")
-        if isinstance(self.group_sizes, str):  # the CLI's --step "share.basis:group_sizes=2 4"
-            parts = [p for p in re.split(r"[\s,]+", self.group_sizes.strip("[] ")) if p]
-            self.group_sizes = [int(p) if p.lstrip("-").isdigit() else p for p in parts]  # type: ignore[misc]
         sizes = self.group_sizes
         if sizes is not None and (not isinstance(sizes, list) or not sizes or not all(
                 isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)):  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import textwrap
 from typing import Any
@@ -36,12 +37,22 @@ def _samples(spec: Any) -> list[dict[str, Any]]:
 
 
 def _cli_value(value: Any) -> str:
-    """A config value as `--step` writes it: lists space-separated, since commas split the pairs."""
+    """A config value as `--step` writes it (Step.parse reads it back): lists and mappings as flow
+    YAML (`[2, 4]`, `{a: 1}`), text that a comma would split or a bracket or quote would start
+    quoted, the rest as written in YAML."""
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return " ".join(str(item) for item in value)
-    return str(value)
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple, dict)):
+        plain = list(value) if isinstance(value, tuple) else value
+        flow = yaml.safe_dump(plain, default_flow_style=True, width=1 << 30, sort_keys=False).strip()
+        # JSON is flow YAML too, and its double quotes sit inside the shell's single quotes
+        return json.dumps(plain) if "'" in flow else flow
+    text = str(value)
+    if isinstance(value, str) and ("," in text or text[:1] in "[{\"'" or text.lower() in ("null", "none")):
+        return json.dumps(text)  # a JSON string is a YAML double-quoted scalar
+    return text
 
 
 def _cli(step: dict[str, Any]) -> str:

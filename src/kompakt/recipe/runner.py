@@ -211,6 +211,7 @@ def _resume_model(out: Path, original: LoadedModel, records: list[dict[str, Any]
         name=original.name,
         path=original.path,
         storage_dtype=original.storage_dtype,
+        pooling=original.pooling,  # an encoder's sentence files (max_seq_length, normalisation) go on
     )
 
 

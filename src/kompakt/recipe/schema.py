@@ -135,18 +135,23 @@ class Step:
 
     @classmethod
     def parse(cls, spec: str) -> Step:
-        """The CLI shortcut `prune.sparse:method=wanda,sparsity=0.5` (values coerced by the pass)."""
+        """The CLI shortcut `prune.sparse:method=wanda,sparsity=0.5`, `share.basis:group_sizes=[2, 4]`.
+
+        Pairs are split at the commas outside brackets, braces and quotes. A value that starts with
+        `[`, `{` or a quote is read as flow YAML (`[2, 4]`, `{a: 1}`, `"x,y"`); any other value stays
+        the text it is and the pass coerces it to its field's type, as before: read as YAML 1.1,
+        `nm=2:4` would become the integer 124 and `side=no` a boolean.
+        """
         name, _, rest = spec.partition(":")
         name = name.strip()
         if not name:
             raise ConfigError(f"--step {spec!r}: write PASS or PASS:key=value,key=value")
         config: dict[str, Any] = {}
-        for part in filter(None, (p.strip() for p in rest.split(","))):
+        for part in _split_pairs(rest, spec):
             key, eq, value = part.partition("=")
             if not eq or not key.strip():
                 raise ConfigError(f"--step {spec!r}: {part!r} is not key=value")
-            value = value.strip()
-            config[key.strip()] = None if value.lower() in ("null", "none") else value
+            config[key.strip()] = _step_value(value.strip(), spec)
         return cls(name, config)
 
     def spec_and_config(self) -> tuple[Any, Any]:
@@ -160,6 +165,49 @@ class Step:
         """This step with every config field written out (defaults filled, values typed)."""
         _, config = self.spec_and_config()
         return Step(self.name, _plain(dataclasses.asdict(config)))
+
+
+_CLOSERS = {"[": "]", "{": "}"}
+_QUOTE_AFTER = "=[{,:"  # a quote opens a YAML scalar only where a value starts (not it's in a path)
+
+
+def _split_pairs(text: str, spec: str) -> list[str]:
+    """`text` cut at the commas outside brackets, braces and quotes (empty pieces dropped)."""
+    parts, current, closers, quote, previous = [], [], [], None, "="
+    for char in text:
+        if quote is not None:
+            quote = None if char == quote else quote
+        elif char in "\"'" and previous in _QUOTE_AFTER:
+            quote = char
+        elif char in _CLOSERS:
+            closers.append(_CLOSERS[char])
+        elif char in "]}" and (expected := closers.pop() if closers else None) != char:
+            where = f"where {expected!r} should close" if expected else "closing nothing"
+            raise ConfigError(f"--step {spec!r}: {char!r} {where}; write lists as [2, 4] and mappings as {{a: 1}}")
+        elif char == "," and not closers:
+            parts.append("".join(current))
+            current, previous = [], "="
+            continue
+        current.append(char)
+        previous = char if not char.isspace() else previous
+    if quote is not None or closers:
+        raise ConfigError(f"--step {spec!r}: {quote or closers[-1]!r} is missing at the end; close the value")
+    parts.append("".join(current))
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _step_value(text: str, spec: str) -> Any:
+    """One `--step` value: null / none -> None, flow YAML when it starts with [ { or a quote, else the text."""
+    if text.lower() in ("null", "none"):
+        return None
+    if not text or text[0] not in "[{\"'":
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ConfigError(f"--step {spec!r}: {text} is not a YAML value ({problem}); write lists as [2, 4], "
+                          'mappings as {a: 1}, text with commas in quotes ("x,y")') from None
 
 
 @dataclass
