@@ -29,7 +29,8 @@ the upcycled MoE is KL 0.83 / ppl x2.11 from SmolLM2 before KD, KL 0.76 / ppl x1
 (14.6 min); at 50 % of the routed experts removed, merging (KL 0.32 to the MoE) beats frequency
 pruning (0.50) and REAP (0.58): the upcycled router is near uniform (gate values within ~3 % of
 each other across experts), so REAP's gate term carries no information and it ranks by output norm
-alone (see moe.prune). Without the shared expert (--shared 0) split 8 x top-2 is KL 9.2 from
+alone (see moe.prune). 4-bit g64: GPTQ KL 0.169 / ppl x1.13 vs RTN 0.341 / x1.29 (to the MoE).
+20k more KD tokens (bench/results/moe-s50-kd40k.json) changed none of this. Without the shared expert (--shared 0) split 8 x top-2 is KL 9.2 from
 SmolLM2 before KD; split 8 x top-8 KL 0.52, so the partition itself is sound.
     .venv/bin/python bench/moe.py --layers 4 --eval-tokens 1024 --kd-tokens 1024 --calib-blocks 2 \
         --moe-dir /tmp/moe-smoke --suffix=-smoke                              # smoke run (minutes)

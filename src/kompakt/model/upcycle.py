@@ -35,7 +35,9 @@ the dense model on the first 1024 WikiText-2 test tokens, under load): no shared
 (x1.35). Shared 0.5 then 20k tokens of distill.kd (14.6 min on 2 loaded cores; bench/moe.py, first
 4096 test tokens): KL 0.83 -> 0.76, ppl ratio 2.11 -> 1.40, top-1 0.55; its routed experts stay
 distinct (mean pairwise cosine of their outputs 0.007) and the router stays near uniform (routing
-entropy 2.074 of log 8 = 2.079): 20 optimiser steps barely move it.
+entropy 2.074 of log 8 = 2.079): 20 optimiser steps barely move it. 20k tokens more did not help
+(KL 0.78, ppl ratio 1.39): the KD budget a CPU allows leaves it at ~x1.4, not the ~x1.3 hoped for.
+Its F16 GGUF passes the llama.cpp export check (top-1 agreement 100 % over 185 tokens).
 
 Without a shared expert the split model is chaotic in its routing: 1e-3 relative noise on the
 input embeddings leaves only 13 % of its top-1 tokens unchanged (the dense model: 100 %),
