@@ -3,8 +3,9 @@ fewer experts per token, 4-bit GPTQ vs RTN.
 
 No MoE weights install offline, so the MoE is built (kompakt.model.upcycle): SmolLM2-135M's MLPs
 split into `--experts` experts (co-activation-clustered neurons, least-squares router, fitted
-scale; `--mode copy`: every expert a noisy copy of the MLP), top-`--top-k`, as a Mixtral-family
-model, then healed with distill.kd from the dense model
+scale; `--mode copy`: every expert a noisy copy of the MLP), top-`--top-k`; with `--shared F`
+(default 0.5) the fraction F of each MLP's strongest neurons stays an always-on shared expert and
+the model is a Qwen2-MoE (`--shared 0`: a Mixtral), then healed with distill.kd from the dense model
 (`--kd-tokens` of WikiText-2 validation, " <unk>" removed). Routing entropy (mean nats per token,
 and the load balance normalised by log E) and pairwise expert similarity (cosine of the experts'
 outputs on the same tokens) are reported before and after the distillation. The MoE is saved
@@ -21,10 +22,16 @@ Calibration: `--calib-blocks` blocks of 512 from wiki.valid (BENCH.md sampling).
 
     nice -n 10 .venv/bin/python bench/moe.py --kd-tokens 150000             # full (hours on 2 cores)
 
-Measured before distillation (2 calibration blocks, first 1024 test tokens, under load): split
-8 x top-2 is far from SmolLM2 (ppl 2.5e5, KL 9.2: each token loses 3/4 of the MLP neurons,
-including those SmolLM2's massive activations come from); split 8 x top-8 has KL 0.52 (ppl x1.54),
-so the partition itself is sound. Distillation has much to recover at top-2.
+Measured (under load, 2 shared cores; bench/results/moe-s50.json):
+    nice -n 5 .venv/bin/python bench/moe.py --shared 0.5 --kd-tokens 20480 --lr 3e-4 --calib-blocks 16 \
+        --eval-tokens 4096 --parts prune --moe-dir /tmp/moe/moe8x2-s50 --suffix=-s50   # then --parts quant --merge
+the upcycled MoE is KL 0.83 / ppl x2.11 from SmolLM2 before KD, KL 0.76 / ppl x1.40 after 20k tokens
+(14.6 min); at 50 % of the routed experts removed, merging (KL 0.32 to the MoE) beats frequency
+pruning (0.50) and REAP (0.58): the upcycled router is near uniform (gate values within ~3 % of
+each other across experts), so REAP's gate term carries no information and it ranks by output norm
+alone (see moe.prune). 4-bit g64: GPTQ KL 0.169 / ppl x1.13 vs RTN 0.341 / x1.29 (to the MoE).
+20k more KD tokens (bench/results/moe-s50-kd40k.json) changed none of this. Without the shared expert (--shared 0) split 8 x top-2 is KL 9.2 from
+SmolLM2 before KD; split 8 x top-8 KL 0.52, so the partition itself is sound.
     .venv/bin/python bench/moe.py --layers 4 --eval-tokens 1024 --kd-tokens 1024 --calib-blocks 2 \
         --moe-dir /tmp/moe-smoke --suffix=-smoke                              # smoke run (minutes)
 """
@@ -97,11 +104,11 @@ def clone(loaded):
 
 
 def routing(moe, calib: torch.Tensor) -> dict:
-    """Routing entropy, load balance and expert similarity of an MoE over calibration blocks."""
+    """Routing entropy, load balance and expert similarity of an MoE over (up to 8) calibration blocks."""
     from kompakt.model.upcycle import block_inputs, expert_similarity
     from kompakt.scoring.experts import expert_stats
 
-    stats = expert_stats(moe.model, [b.to(moe.device) for b in calib.split(2)])
+    stats = expert_stats(moe.model, [b.to(moe.device) for b in calib[:8].split(2)])
     similarity = expert_similarity(moe, block_inputs(moe, calib, 1024))
     mean = lambda values: round(float(sum(values) / len(values)), 4)  # noqa: E731
     return {"routing_entropy": mean(stats.token_entropy), "load_balance": mean(stats.load_entropy),
@@ -117,7 +124,14 @@ def build_moe(args, dense, calib, ids, results: ResultsFile):
     if (target / "config.json").exists():
         return load(target, device="cpu", dtype="float32")
     start = time.perf_counter()
-    moe = upcycle(dense, experts=args.experts, top_k=args.top_k, mode=args.mode, calibration=calib)
+    unhealed = target.with_name(target.name + "-upcycled")  # kept so a longer KD need not upcycle again
+    if (unhealed / "config.json").exists():
+        moe = load(unhealed, device="cpu", dtype="float32")
+    else:
+        moe = upcycle(dense, experts=args.experts, top_k=args.top_k, mode=args.mode, calibration=calib,
+                      shared=args.shared)
+        moe.model.save_pretrained(unhealed)
+        moe.tokenizer.save_pretrained(unhealed)
     built = round(time.perf_counter() - start, 1)
     results.add({"name": "upcycled (before KD)", "order": 1, "parameters": moe.num_parameters(), "wall_s": built,
                  "reference": "dense", **routing(moe, calib), **quality(dense, moe, ids, args.eval_tokens)})  # fmt: skip
@@ -191,6 +205,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--mode", choices=("split", "copy"), default="split", help="kompakt.model.upcycle mode")
+    parser.add_argument("--shared", type=float, default=0.5,
+                        help="fraction of each MLP kept as an always-on shared expert (Qwen2-MoE); 0: Mixtral")
     parser.add_argument("--kd-tokens", type=int, default=150000)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--calib-blocks", type=int, default=32)
@@ -215,7 +231,7 @@ def main() -> None:
         total = dense.model.config.num_hidden_layers
         dense, _ = drop_layers(dense, list(range(args.layers, total)))
     kept = f", first {args.layers} layers only" if args.layers else ""
-    header = {"bench": "moe", "protocol": "moe-1", "model": f"smollm2-135m{kept} upcycled: {args.experts} experts, top-{args.top_k}, {args.mode}",
+    header = {"bench": "moe", "protocol": "moe-1", "model": f"smollm2-135m{kept} upcycled: {args.experts} experts, top-{args.top_k}, {args.mode}, shared {args.shared:g}",
               "kd_tokens": args.kd_tokens, "calib_blocks": args.calib_blocks, "eval_tokens": args.eval_tokens,
               "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared)",
               "torch": torch.__version__}  # fmt: skip

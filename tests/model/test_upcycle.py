@@ -71,3 +71,47 @@ def test_split_neurons_partition_the_mlp_exactly():
         for layer in upcycled.model.model.layers:
             layer.mlp.gate.weight.zero_()  # uniform router: every weight 1 / 4
     torch.testing.assert_close(_log_probs(upcycled), _log_probs(dense), atol=1e-5, rtol=0)
+
+
+def test_shared_expert_keeps_the_strongest_neurons_always_on_and_partitions_the_rest():
+    """With a shared expert (Qwen2-MoE layout) the routed experts and the always-on expert together
+    hold every neuron once: all experts routed with equal weight give back the dense model; top-2
+    with a fitted router stays closer to the dense model than the same split without the shared part."""
+    dense = tiny_model("llama")
+    upcycled = upcycle(dense, experts=4, top_k=4, mode="split", shared=0.5)
+    config = upcycled.model.config
+    assert config.model_type == "qwen2_moe" and moe.renormalizes(upcycled) is False
+    assert config.shared_expert_intermediate_size + 4 * config.moe_intermediate_size == dense.model.config.intermediate_size
+    with torch.no_grad():
+        for layer in upcycled.model.model.layers:
+            layer.mlp.gate.weight.zero_()
+    torch.testing.assert_close(_log_probs(upcycled), _log_probs(dense), atol=1e-5, rtol=0)
+    with_shared = upcycle(dense, experts=4, top_k=1, mode="split", shared=0.5, calibration=BLOCKS)
+    without = upcycle(dense, experts=4, top_k=1, mode="split", calibration=BLOCKS)
+    assert _kl(dense, with_shared) < _kl(dense, without)
+    with pytest.raises(ConfigError, match="shared"):
+        upcycle(dense, shared=1.0)
+
+
+def test_shared_expert_moe_reloads_and_llama_cpp_computes_it(tmp_path):
+    """The Qwen2-MoE an upcycle with a shared expert gives (zero q/k/v biases, the shared expert's
+    gate at 0.5) saves, reloads and runs in llama.cpp's qwen2moe graph with the same logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from kompakt.export import export_gguf
+
+    upcycled = upcycle(tiny_model("llama"), experts=4, top_k=2, mode="split", shared=0.5, calibration=BLOCKS)
+    upcycled.model.save_pretrained(tmp_path / "moe")
+    upcycled.tokenizer.save_pretrained(tmp_path / "moe")
+    back = kompakt.load(tmp_path / "moe", device="cpu", dtype="float32")
+    torch.testing.assert_close(_log_probs(back), _log_probs(upcycled))
+    path = export_gguf(back, tmp_path / "m.gguf", type="f32")
+    ids = IDS[0].tolist()
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, verbose=False, n_threads=1)
+    try:
+        llm.eval(ids)
+        scores = torch.tensor(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        reference = back.model(input_ids=IDS[:1]).logits[0]
+    assert (scores - reference).abs().max() < 5e-3

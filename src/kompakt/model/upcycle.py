@@ -1,10 +1,10 @@
-"""Upcycle a dense Llama-layout model into a Mixtral-family Mixture of Experts.
+"""Upcycle a dense Llama-layout model into a Mixture of Experts (Mixtral, or Qwen2-MoE with a shared expert).
 
 No MoE weights install offline, yet expert pruning and merging need a real MoE to be measured
 on; this builds one from the embedded SmolLM2 (or any llama / mistral model with a plain
 gate / up / down MLP). Attention, norms and embeddings are copied; each MLP becomes a sparse
-block of `experts` experts routed top-`top_k`, saved as an ordinary Mixtral directory that
-transformers, kompakt and llama.cpp load.
+block of `experts` experts routed top-`top_k`, saved as an ordinary Mixtral (or, with `shared`,
+Qwen2-MoE) directory that transformers, kompakt and llama.cpp load.
 
 Two ways to make the experts (the two the MoE literature uses):
 
@@ -22,12 +22,27 @@ Two ways to make the experts (the two the MoE literature uses):
   noise, the router random; the MoE starts as good as the dense model but `experts` times its MLP
   parameters, and its experts stay near-identical until long training separates them.
 
-Measured (SmolLM2, split 8 x top-2, before distillation): the upcycled model is chaotic in its
-routing: 1e-3 relative noise on the input embeddings leaves only 13 % of its top-1 tokens
-unchanged (the dense model: 100 %), because a flipped top-2 choice swaps in disjoint neurons and
-the change cascades over 30 layers. So llama.cpp's F32 GGUF of it (exact with all 8 experts
-routed, and over its first 15 layers) agrees on the top-1 token only ~40 % of the time, and
-the export check fails: heal it with distill.kd (a trained router) before comparing runtimes.
+``shared=f`` (DeepSeekMoE's shared-expert isolation, Dai et al. 2024, in the Qwen2-MoE layout):
+the fraction f of the neurons contributing most to the MLP's output (RMS activation x norm of the
+down column) becomes an always-on shared expert (its sigmoid gate starts at 0.5, so its down
+projection is doubled); only the rest is split or copied into routed experts. The neurons
+SmolLM2's massive activations come from then run for every token, and a flipped top-k choice
+swaps a small part of the MLP instead of most of it. The recipe the MoE bench uses (bench/moe.py).
+
+Measured on SmolLM2-135M, 8 experts top-2 split, before distillation (8 calibration blocks, KL to
+the dense model on the first 1024 WikiText-2 test tokens, under load): no shared expert KL 9.2
+(ppl ratio ~5e3), shared 0.25 KL 1.67 (x4.1), shared 0.5 KL 0.92 (x2.0), shared 0.75 KL 0.43
+(x1.35). Shared 0.5 then 20k tokens of distill.kd (14.6 min on 2 loaded cores; bench/moe.py, first
+4096 test tokens): KL 0.83 -> 0.76, ppl ratio 2.11 -> 1.40, top-1 0.55; its routed experts stay
+distinct (mean pairwise cosine of their outputs 0.007) and the router stays near uniform (routing
+entropy 2.074 of log 8 = 2.079): 20 optimiser steps barely move it. 20k tokens more did not help
+(KL 0.78, ppl ratio 1.39): the KD budget a CPU allows leaves it at ~x1.4, not the ~x1.3 hoped for.
+Its F16 GGUF passes the llama.cpp export check (top-1 agreement 100 % over 185 tokens).
+
+Without a shared expert the split model is chaotic in its routing: 1e-3 relative noise on the
+input embeddings leaves only 13 % of its top-1 tokens unchanged (the dense model: 100 %),
+because a flipped top-2 choice swaps in disjoint neurons and the change cascades over 30 layers,
+so llama.cpp's F32 GGUF of it agrees on the top-1 token only ~40 % of the time.
 
 Why in the product, not a bench helper: it is architecture surgery (a new config family, weight
 layouts), which lives in model/; the bench and the tests call the same function.
@@ -49,6 +64,7 @@ logger = logging.getLogger(__name__)
 MODES = ("split", "copy")
 CLUSTER_TOKENS = 512
 ROUTER_SPREAD = 0.1  # std of the fitted router logits: gates within a few % of uniform
+SHARED_GATE_INIT = 1e-6  # std of the shared expert's gate weights: sigmoid within ~1e-3 of 0.5 (|x| < 1e3)
 # Config keys a Llama-layout dense model and a Mixtral share, copied as they are.
 _SHARED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
@@ -56,7 +72,7 @@ _SHARED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
                 "pad_token_id")  # fmt: skip
 
 
-def _check_dense(loaded: LoadedModel, experts: int, top_k: int, mode: str) -> None:
+def _check_dense(loaded: LoadedModel, experts: int, top_k: int, mode: str, shared: float = 0.0) -> None:
     spec = arch_for(loaded)
     config = text_config(loaded)
     if mode not in MODES:
@@ -67,8 +83,12 @@ def _check_dense(loaded: LoadedModel, experts: int, top_k: int, mode: str) -> No
         raise ConfigError(f"{spec.family} with biases or q/k norms has no Mixtral equivalent; give a plain llama model")
     if not 1 <= top_k <= experts or experts < 2:
         raise ConfigError(f"need 2 or more experts and 1 <= top_k <= experts, got {experts} experts, top-k {top_k}")
-    if mode == "split" and config.intermediate_size % experts:
-        raise ConfigError(f"split needs the MLP width {config.intermediate_size} divisible by {experts} experts")
+    if not 0 <= shared < 1:
+        raise ConfigError(f"shared is the fraction of MLP neurons kept always on, in [0, 1); got {shared}")
+    routed = config.intermediate_size - round(config.intermediate_size * shared)
+    if mode == "split" and routed % experts:
+        raise ConfigError(f"split needs the routed MLP width {routed} divisible by {experts} experts"
+                          + (" (change shared)" if shared else ""))
 
 
 def mixtral_config(dense_config, experts: int, top_k: int, width: int):
@@ -78,6 +98,19 @@ def mixtral_config(dense_config, experts: int, top_k: int, width: int):
     values = {key: getattr(dense_config, key) for key in _SHARED_KEYS if getattr(dense_config, key, None) is not None}
     return MixtralConfig(**values, intermediate_size=width, num_local_experts=experts, num_experts_per_tok=top_k,
                          router_aux_loss_coef=0.0, sliding_window=None)  # fmt: skip
+
+
+def qwen2_moe_config(dense_config, experts: int, top_k: int, width: int, shared_width: int):
+    """The Qwen2-MoE config of an upcycled model with a shared expert of `shared_width` neurons.
+    No renormalisation of the top-k weights (llama.cpp's qwen2moe graph has none) and zero q/k/v
+    biases (Qwen2's attention has them, llama's not)."""
+    from transformers import Qwen2MoeConfig
+
+    values = {key: getattr(dense_config, key) for key in _SHARED_KEYS if getattr(dense_config, key, None) is not None}
+    return Qwen2MoeConfig(**values, intermediate_size=dense_config.intermediate_size, moe_intermediate_size=width,
+                          shared_expert_intermediate_size=shared_width, num_experts=experts, num_experts_per_tok=top_k,
+                          norm_topk_prob=False, qkv_bias=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          use_sliding_window=False, router_aux_loss_coef=0.0)  # fmt: skip
 
 
 def _mlp_inputs(loaded: LoadedModel, blocks: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
@@ -156,42 +189,83 @@ def _split_layer(gate, up, down, act, x: torch.Tensor | None, experts: int, seed
     return gate_up, down_e, router * (ROUTER_SPREAD / spread)
 
 
-def _fit_scale(block: nn.Module, dense_out: torch.Tensor, x: torch.Tensor) -> float:
-    """The scalar s minimising ||dense - s * moe|| over the calibration tokens."""
+def _fit_scale(block: nn.Module, target: torch.Tensor, x: torch.Tensor, offset: torch.Tensor | float = 0.0) -> float:
+    """The scalar s minimising ||target - s * (block(x) - offset)|| over the calibration tokens
+    (offset: the shared expert's part of the block output, which is not rescaled)."""
     with torch.no_grad():
-        moe_out = block(x[None])[0].float()
-    return float((dense_out * moe_out).sum() / moe_out.pow(2).sum().clamp_min(1e-12))
+        routed = block(x[None])[0].float() - offset
+    return float((target * routed).sum() / routed.pow(2).sum().clamp_min(1e-12))
 
 
-def upcycle(loaded: LoadedModel, *, experts: int = 8, top_k: int = 2, mode: str = "split",
-            calibration: torch.Tensor | None = None, noise: float = 0.01, seed: int = 0,
-            max_tokens: int = 4096) -> LoadedModel:  # fmt: skip
-    """A Mixtral-family MoE made from the dense `loaded` (see the module docstring).
+def _shared_neurons(gate, up, down, act, x: torch.Tensor | None, count: int) -> torch.Tensor:
+    """The `count` neurons whose contribution to the MLP's output is largest: RMS of the neuron's
+    activation over the calibration tokens times the norm of its down column (the weights' norms
+    without calibration). RMS, not the mean, so the rare huge activations SmolLM2's attention sinks
+    depend on (massive activations, Sun et al. 2024) stay in the always-on part."""
+    if x is None:
+        score = gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)
+    else:
+        score = (act(x @ gate.t()) * (x @ up.t())).pow(2).mean(0).sqrt() * down.norm(dim=0)
+    return score.topk(count).indices.sort().values
 
-    Args:
-        calibration: token blocks [n, len] for split's neuron clustering, router and scale fits
-            (None: contiguous neuron groups, a random router, scale = experts: the top-k weights sum
-            to 1 and each expert holds 1 / experts of the neurons, so the expected output is the dense one).
-        noise: copy mode: each expert's weights get Gaussian noise of this fraction of the weight's std.
-    """
-    from transformers import MixtralForCausalLM
 
-    _check_dense(loaded, experts, top_k, mode)
+def _uncalibrated_scale(experts: int, top_k: int, renormalized: bool) -> float:
+    """With a near-zero random router every gate is 1/top_k (renormalised) or 1/experts, each
+    expert holds 1/experts of the routed neurons and is chosen with probability top_k/experts:
+    this scale makes the expected routed output the dense one."""
+    gate = 1 / top_k if renormalized else 1 / experts
+    return experts / (top_k * gate)
+
+
+def _empty_moe(loaded: LoadedModel, experts: int, top_k: int, mode: str, shared: float):
+    """The MoE model of the requested shape with the dense model's attention, norms and embeddings."""
     dense_config = text_config(loaded)
-    width = dense_config.intermediate_size // experts if mode == "split" else dense_config.intermediate_size
-    config = mixtral_config(dense_config, experts, top_k, width)
-    inputs = _mlp_inputs(loaded, calibration, max_tokens) if calibration is not None and mode == "split" else None
-    model = MixtralForCausalLM(config).to(torch.float32).eval()
+    inter = dense_config.intermediate_size
+    if shared:
+        from transformers import Qwen2MoeForCausalLM
+
+        shared_width = round(inter * shared)
+        config = qwen2_moe_config(dense_config, experts, top_k, (inter - shared_width) // experts, shared_width)
+        model = Qwen2MoeForCausalLM(config)
+    else:
+        from transformers import MixtralForCausalLM
+
+        config = mixtral_config(dense_config, experts, top_k, inter // experts if mode == "split" else inter)
+        model = MixtralForCausalLM(config)
+    model = model.to(torch.float32).eval()
     state = {k: v for k, v in loaded.model.state_dict().items() if ".mlp." not in k}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(".mlp." not in name for name in missing):
-        raise ConfigError(f"{arch_for(loaded).family} does not map onto Mixtral ({(unexpected or missing)[:3]})")
-    generator = torch.Generator().manual_seed(seed)
-    for index, (dense_layer, layer) in enumerate(zip(decoder_layers(loaded), model.model.layers, strict=True)):
-        gate, up, down, act = _dense_mlp(loaded, dense_layer)
-        x = None if inputs is None else inputs[index]
+    biases = [name for name in missing if name.endswith("_proj.bias") and ".self_attn." in name]
+    if unexpected or any(".mlp." not in name for name in missing if name not in biases):
+        raise ConfigError(f"{arch_for(loaded).family} does not map onto {config.model_type} ({(unexpected or missing)[:3]})")
+    with torch.no_grad():
+        for name in biases:  # Qwen2-MoE's q/k/v biases (llama.cpp's qwen2moe requires them): zero, as llama has none
+            model.get_parameter(name).zero_()
+    return model
+
+
+def _fill_layer(block: nn.Module, dense_mlp, x: torch.Tensor | None, *, experts: int, top_k: int, mode: str,
+                shared: float, noise: float, seed: int, generator: torch.Generator) -> None:  # fmt: skip
+    """Write one dense MLP into one sparse block (see the module docstring for the modes)."""
+    gate, up, down, act = dense_mlp
+    offset: torch.Tensor | float = 0.0
+    with torch.no_grad():
+        if shared:
+            always = _shared_neurons(gate, up, down, act, x, block.shared_expert.gate_proj.weight.shape[0])
+            rest = torch.ones(gate.shape[0], dtype=torch.bool)
+            rest[always] = False
+            block.shared_expert.gate_proj.weight.copy_(gate[always])
+            block.shared_expert.up_proj.weight.copy_(up[always])
+            block.shared_expert.down_proj.weight.copy_(down[:, always] * 2)  # the sigmoid gate starts at 0.5
+            # Gate logits near 0 (sigmoid 0.5) but never exactly 0: llama.cpp's qwen2moe graph takes
+            # the sigmoid as silu(x) / x, which is NaN at x = 0 (an all-zero gate gave NaN logits).
+            gate_row = torch.randn(block.shared_expert_gate.weight.shape, generator=generator)
+            block.shared_expert_gate.weight.copy_(gate_row * SHARED_GATE_INIT)
+            if x is not None:
+                offset = (act(x @ gate[always].t()) * (x @ up[always].t())) @ down[:, always].t()
+            gate, up, down = gate[rest], up[rest], down[:, rest]
         if mode == "split":
-            gate_up, down_e, router = _split_layer(gate, up, down, act, x, experts, seed + index)
+            gate_up, down_e, router = _split_layer(gate, up, down, act, x, experts, seed)
         else:
             def noisy(w: torch.Tensor) -> torch.Tensor:
                 return w + torch.randn(w.shape, generator=generator) * noise * w.std()
@@ -199,19 +273,46 @@ def upcycle(loaded: LoadedModel, *, experts: int = 8, top_k: int = 2, mode: str 
             gate_up = torch.stack([noisy(torch.cat([gate, up])) for _ in range(experts)])
             down_e = torch.stack([noisy(down) for _ in range(experts)])
             router = torch.randn(experts, gate.shape[1], generator=generator) * 0.02
-        block = layer.mlp
-        with torch.no_grad():
-            block.experts.gate_up_proj.copy_(gate_up)
-            block.experts.down_proj.copy_(down_e)
-            block.gate.weight.copy_(router)
-            if mode == "split":
-                scale = experts if x is None else _fit_scale(block, (act(x @ gate.t()) * (x @ up.t())) @ down.t(), x)
-                block.experts.down_proj.mul_(scale)
+        block.experts.gate_up_proj.copy_(gate_up)
+        block.experts.down_proj.copy_(down_e)
+        block.gate.weight.copy_(router)
+        if mode == "split":
+            if x is None:
+                scale = _uncalibrated_scale(experts, top_k, renormalized=not shared)
+            else:
+                scale = _fit_scale(block, (act(x @ gate.t()) * (x @ up.t())) @ down.t(), x, offset)
+            block.experts.down_proj.mul_(scale)
+
+
+def upcycle(loaded: LoadedModel, *, experts: int = 8, top_k: int = 2, mode: str = "split",
+            calibration: torch.Tensor | None = None, noise: float = 0.01, seed: int = 0,
+            max_tokens: int = 4096, shared: float = 0.0) -> LoadedModel:  # fmt: skip
+    """A Mixtral-family MoE (Qwen2-MoE with `shared`) made from the dense `loaded` (module docstring).
+
+    Args:
+        calibration: token blocks [n, len] for split's neuron clustering, router and scale fits
+            (None: contiguous neuron groups, a random router, the scale that makes the expected
+            routed output the dense one).
+        noise: copy mode: each expert's weights get Gaussian noise of this fraction of the weight's std.
+        shared: fraction of the MLP's neurons (those contributing most) kept in an always-on shared
+            expert; only the rest is split or copied into routed experts.
+    """
+    _check_dense(loaded, experts, top_k, mode, shared)
+    dense_config = text_config(loaded)
+    inputs = _mlp_inputs(loaded, calibration, max_tokens) if calibration is not None and mode == "split" else None
+    model = _empty_moe(loaded, experts, top_k, mode, shared)
+    generator = torch.Generator().manual_seed(seed)
+    for index, (dense_layer, layer) in enumerate(zip(decoder_layers(loaded), model.model.layers, strict=True)):
+        _fill_layer(layer.mlp, _dense_mlp(loaded, dense_layer), None if inputs is None else inputs[index],
+                    experts=experts, top_k=top_k, mode=mode, shared=shared, noise=noise, seed=seed + index,
+                    generator=generator)  # fmt: skip
     if dense_config.tie_word_embeddings:
         model.tie_weights()
-    logger.info("upcycled %s into %d experts (top-%d, %s)", loaded.name, experts, top_k, mode)
+    kind = f"{mode}, shared {shared:g}" if shared else mode
+    logger.info("upcycled %s into %d experts (top-%d, %s)", loaded.name, experts, top_k, kind)
+    suffix = f"-shared{round(shared * 100)}" if shared else ""
     return LoadedModel(model=model.to(loaded.device, loaded.compute_dtype), tokenizer=loaded.tokenizer,
-                       name=f"{loaded.name}-moe{experts}x{top_k}-{mode}")  # fmt: skip
+                       name=f"{loaded.name}-moe{experts}x{top_k}-{mode}{suffix}")  # fmt: skip
 
 
 def expert_similarity(loaded: LoadedModel, inputs: list[torch.Tensor]) -> list[float]:

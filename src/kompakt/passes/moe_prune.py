@@ -8,6 +8,13 @@ before (softmax over fewer logits; the family's top-k renormalisation, if any, u
 found pruning this way beats merging at 50 % on large MoEs (near-lossless on code / generation),
 because a merged expert loses the router's independent control of its members.
 
+REAP's score is a mean over the routed tokens, so it ignores how often an expert is chosen and
+leans on the gate value for that. On an MoE whose router is near uniform (an upcycled model with
+little training: bench/moe.py's SmolLM2 MoE has gate means within ~3 % of each other), the gate
+term carries nothing and REAP ranks by output norm alone; there frequency pruning kept more
+(50 % removed: KL 0.50 to the MoE vs REAP's 0.58; merging 0.32). Measured, not a defect of the
+score: it follows the reference implementation (CerebrasResearch/reap, observer.py).
+
 `method: frequency` is the baseline: the experts the fewest calibration tokens are routed to go.
 Both scores come from kompakt.scoring.experts, the numbers `kompakt analyze` shows for an MoE.
 Ties go to the higher expert index (the lower one is kept), so the plan is deterministic.
