@@ -115,3 +115,16 @@ def test_a_minilm_step_keeps_max_seq_length_256(sentences_file, tmp_path):
     assert json.loads((step_dir / "sentence_bert_config.json").read_text())["max_seq_length"] == 256
     pruned = load(step_dir)
     assert pruned.pooling.max_seq_length == 256 and pruned.pooling.normalize and pruned.pooling.mode == "mean"
+
+
+def test_a_budget_smaller_than_the_encoder_runs_it_in_memory(encoder_dir, sentences_file, tmp_path):
+    """Only causal LMs stream: --max-memory below an encoder's size runs it whole (it is small), and
+    opening it layer by layer is a one-line error instead of a half-built causal-LM skeleton."""
+    from kompakt.model.lazy import open_lazy
+    from kompakt.model.lazy_index import NotLazyError
+
+    steps = [Step("prune.depth", {"count": 1, "method": "last"})]
+    result = run_recipe(_recipe(encoder_dir, sentences_file, steps), tmp_path / "run", max_memory="1KB")
+    assert load(result.final).model.config.num_hidden_layers == 3
+    with pytest.raises(NotLazyError, match="sentence encoder"):
+        open_lazy(encoder_dir)

@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from kompakt.errors import ModelFormatError
-from kompakt.model.arch import ArchSpec, arch_for, decoder_layers, get_submodule, text_config
+from kompakt.model.arch import ArchSpec, arch_for, decoder_layers, get_submodule, is_encoder_family, text_config
 from kompakt.model.hf_dir import check_model_dir
-from kompakt.model.lazy_index import PackedSource, TensorEntry, map_tensors, read_headers
+from kompakt.model.lazy_index import NotLazyError, PackedSource, TensorEntry, map_tensors, read_headers
 from kompakt.model.loaded import LoadedModel
 
 __all__ = ["LazyModel", "PackedSource", "TensorEntry", "lazy_of", "open_lazy"]
@@ -303,6 +303,9 @@ def open_lazy(directory: str | Path, *, name: str | None = None) -> LazyModel:
     directory = Path(directory).expanduser()
     config_json, stored = check_model_dir(directory)  # headers checked against file sizes
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    if is_encoder_family(config):  # the skeleton is a causal LM; encoders are small enough to load whole
+        raise NotLazyError(f"{directory} is a sentence encoder: only causal LMs are opened layer by layer; "
+                           "load it whole (drop --max-memory)")  # fmt: skip
     model = _skeleton(config)
     tensors, aliases = map_tensors(model, read_headers(directory), directory)
     lazy = LazyModel(directory=directory, config=config, model=model, tensors=tensors, storage_dtype=stored,

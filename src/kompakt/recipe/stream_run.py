@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from kompakt.errors import ConfigError
+from kompakt.model.arch import is_encoder_family
+from kompakt.model.hf_dir import read_config
 from kompakt.model.lazy import LazyModel, lazy_of, open_lazy
 from kompakt.model.loaded import LoadedModel
 from kompakt.recipe.schema import Recipe
@@ -50,6 +52,9 @@ def streamed_original(recipe: Recipe, max_memory: int | str | None) -> LoadedMod
     if budget is None:
         return None
     directory, name = _resolve(recipe.model)
+    if is_encoder_family(read_config(directory)):
+        logger.info("%s is a sentence encoder: it runs in memory (only causal LMs stream)", name)
+        return None
     lazy = open_lazy(directory, name=name)
     tokens = recipe.data.calibration_blocks * recipe.data.block_len
     if not must_stream(lazy, budget, tokens):

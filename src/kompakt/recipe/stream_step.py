@@ -70,8 +70,8 @@ def refuse_unstreamable(spec: PassSpec, lazy: LazyModel, max_memory: int) -> Non
     need = lazy.bytes_in(torch.float32) / 1e9
     raise ConfigError(
         f"{spec.name} needs the whole model in memory ({need:.1f} GB in fp32) but --max-memory is "
-        f"{max_memory / 1e9:.1f} GB; run it on a GPU (--device cuda), with FSDP via `accelerate launch`, "
-        "or with a larger --max-memory"
+        f"{max_memory / 1e9:.1f} GB; run it where the model fits: a larger --max-memory, or GPUs with FSDP "
+        "via `accelerate launch`"
     )
 
 
