@@ -14,20 +14,8 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-def _main(capsys, *args: str) -> tuple[int, str, str]:
-    from kompakt.cli.app import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_params_half_is_refused_with_the_reachable_minimum(capsys, tmp_path):
-    code, out, err = _main(capsys, "compress", "all-minilm-l6-v2", "--target", "params=0.5", "--out", str(tmp_path / "enc"))
+def test_params_half_is_refused_with_the_reachable_minimum(cli, tmp_path):
+    code, out, err = cli(["compress", "all-minilm-l6-v2", "--target", "params=0.5", "--out", str(tmp_path / "enc")])
     assert code == 2, (out, err)
     assert "smallest reachable by layers is params=0.61" in err and "DistilBERT is params=0.77" in err
     assert "pass it as --data" in err
@@ -35,19 +23,19 @@ def test_params_half_is_refused_with_the_reachable_minimum(capsys, tmp_path):
     assert not (tmp_path / "enc").exists()
 
 
-def test_params_half_with_data_plans_a_vocabulary_trim(capsys, tmp_path):
+def test_params_half_with_data_plans_a_vocabulary_trim(cli, tmp_path):
     words = "river bread music garden window teacher morning city market winter letter station".split()
     data = tmp_path / "corpus.txt"
     data.write_text("\n".join(f"The {a} and the {b} were near the {c}." for a, b, c in itertools.product(words, repeat=3)))
-    code, out, err = _main(capsys, "compress", "all-minilm-l6-v2", "--target", "params=0.5", "--data", str(data),
-                           "--plan-only", "--out", str(tmp_path / "enc"))  # fmt: skip
+    code, out, err = cli(["compress", "all-minilm-l6-v2", "--target", "params=0.5", "--data", str(data),
+                           "--plan-only", "--out", str(tmp_path / "enc")])  # fmt: skip
     assert code == 0, err
     assert "keep 5 of 6 layers and trim the vocabulary" in out and "prune.vocab" in out  # a small vocabulary leaves room
 
 
-def test_plan_only_for_a_reachable_target(capsys, tmp_path):
-    code, out, err = _main(capsys, "compress", "all-minilm-l6-v2", "--target", "params=0.8", "--plan-only",
-                           "--out", str(tmp_path / "enc"))  # fmt: skip
+def test_plan_only_for_a_reachable_target(cli, tmp_path):
+    code, out, err = cli(["compress", "all-minilm-l6-v2", "--target", "params=0.8", "--plan-only",
+                           "--out", str(tmp_path / "enc")])  # fmt: skip
     assert code == 0, err
     assert "keep 3 of 6 layers = 76.6%" in out and "angular" in out and "distill.kd" in out
 

@@ -29,17 +29,17 @@ def tiny(tmp_path_factory):
     return root / "model", write_text(root / "calib.txt")
 
 
-def test_passes_list_and_show(capsys):
+def test_passes_list_and_show(cli):
     listed = kompakt("passes", "list")
     assert listed.returncode == 0, listed.stderr
     assert any(line.startswith("prune.depth ") for line in listed.stdout.splitlines())
-    code, shown, err = _main(capsys, "passes", "show", "prune.depth")
+    code, shown, err = cli(["passes", "show", "prune.depth"])
     assert code == 0, err
     for needle in ("fraction", "block_influence", "- prune.depth: {", "--step prune.depth:"):
         assert needle in shown
 
 
-def test_compress_with_steps_then_resume(tiny, tmp_path, capsys):
+def test_compress_with_steps_then_resume(tiny, tmp_path, cli):
     model, text = tiny
     out = tmp_path / "run"
     args = ("compress", str(model), "--step", "prune.depth:count=1,method=last", "--step", "prune.depth:fraction=0.25",
@@ -54,23 +54,23 @@ def test_compress_with_steps_then_resume(tiny, tmp_path, capsys):
     assert again.returncode == 0, again.stderr
     assert (out / "lineage.jsonl").read_text().splitlines() == lines
     other = ("compress", str(model), "--step", "prune.depth:count=2,method=last", "--data", str(text), "--out", str(out))
-    code, _, err = _main(capsys, *other)
+    code, _, err = cli(list(other))
     assert code == 2 and "--force" in err
-    code, _, err = _main(capsys, *other, "--force")
+    code, _, err = cli([*other, "--force"])
     assert code == 0, err
     assert len((out / "lineage.jsonl").read_text().splitlines()) == 1
 
 
-def test_compress_with_recipe(tiny, tmp_path, capsys):
+def test_compress_with_recipe(tiny, tmp_path, cli):
     model, text = tiny
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"model: {model}\ndata: {{calibration: {text}, calibration_blocks: 8, block_len: 64, eval_tokens: 512,"
         " window: 128, stride: 128}\nsteps:\n  - prune.depth: {count: 1, method: angular}\n"
     )
-    code, shown, _ = _main(capsys, "recipe", "validate", str(recipe))
+    code, shown, _ = cli(["recipe", "validate", str(recipe)])
     assert code == 0 and "ok (1 step(s): prune.depth)" in shown
-    code, _, err = _main(capsys, "compress", "--recipe", str(recipe), "--out", str(tmp_path / "run"))
+    code, _, err = cli(["compress", "--recipe", str(recipe), "--out", str(tmp_path / "run")])
     assert code == 0, err
     assert (tmp_path / "run" / "report.md").exists()
 
@@ -93,38 +93,25 @@ BAD_STEPS = [
 ]
 
 
-def _main(capsys, *args: str) -> tuple[int, str, str]:
-    """The CLI in this process (fast): exit code, stdout and stderr."""
-    from kompakt.cli.app import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def _one_line(stderr: str, needle: str) -> None:
     assert needle in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
 
 @pytest.mark.parametrize("case", sorted(BAD_RECIPES))
-def test_bad_recipe_exits_2_with_one_line(case, tmp_path, capsys):
+def test_bad_recipe_exits_2_with_one_line(case, tmp_path, cli):
     text, needle = BAD_RECIPES[case]
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(text)
     for args in (("recipe", "validate", str(recipe)), ("compress", "--recipe", str(recipe), "--out", str(tmp_path / "run"))):
-        code, _, err = _main(capsys, *args)
+        code, _, err = cli([*args])
         assert code == 2
         _one_line(err, needle)
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(("args", "needle"), BAD_STEPS)
-def test_bad_step_exits_2_with_one_line(args, needle, tmp_path, capsys):
-    code, _, err = _main(capsys, "compress", "/nonexistent/model", *args, "--out", str(tmp_path / "run"))
+def test_bad_step_exits_2_with_one_line(args, needle, tmp_path, cli):
+    code, _, err = cli(["compress", "/nonexistent/model", *args, "--out", str(tmp_path / "run")])
     assert code == 2
     _one_line(err, needle)
 
@@ -140,14 +127,14 @@ def test_bad_input_in_a_real_process(tmp_path):
     _one_line(done.stderr, "fraction must be in (0, 1)")
 
 
-def test_gate_stop_exits_3_with_one_line(tiny, tmp_path, capsys):
+def test_gate_stop_exits_3_with_one_line(tiny, tmp_path, cli):
     model, text = tiny
     recipe = tmp_path / "gated.yaml"
     recipe.write_text(
         f"model: {model}\ndata: {{calibration: {text}, calibration_blocks: 4, block_len: 64, eval_tokens: 512,"
         " window: 128, stride: 128}\ngates: {max_kl: 0.0}\nsteps:\n  - prune.depth: {count: 1, method: last}\n"
     )
-    code, _, err = _main(capsys, "compress", "--recipe", str(recipe), "--out", str(tmp_path / "run"))
+    code, _, err = cli(["compress", "--recipe", str(recipe), "--out", str(tmp_path / "run")])
     assert code == 3
     _one_line(err, "crossed gate max_kl")
     assert (tmp_path / "run" / "lineage.jsonl").exists() and not (tmp_path / "run" / "final").exists()

@@ -17,28 +17,16 @@ from recipe_helpers import write_text  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _main(capsys, *args: str) -> tuple[int, str, str]:
-    from kompakt.cli.app import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_expert_passes_in_compress(tmp_path, capsys, monkeypatch):
+def test_expert_passes_in_compress(tmp_path, cli, monkeypatch):
     monkeypatch.setenv("KOMPAKT_CACHE", str(tmp_path / "cache"))
     save_tiny("mixtral", tmp_path / "moe")
     text = write_text(tmp_path / "calib.txt")
     common = ("compress", str(tmp_path / "moe"), "--data", str(text))
-    code, out, err = _main(capsys, *common, "--step", "moe.prune:count=3", "--out", str(tmp_path / "bad"))
+    code, out, err = cli([*common, "--step", "moe.prune:count=3", "--out", str(tmp_path / "bad")])
     assert code == 2 and "fewer than top-k 2" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").glob("*/config.json"))
-    code, _, err = _main(capsys, *common, "--step", "moe.prune:fraction=0.5,method=reap", "--step", "moe.topk:top_k=1",
-                         "--out", str(tmp_path / "run"))  # fmt: skip
+    code, _, err = cli([*common, "--step", "moe.prune:fraction=0.5,method=reap", "--step", "moe.topk:top_k=1",
+                         "--out", str(tmp_path / "run")])  # fmt: skip
     assert code == 0, err
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["num_local_experts"] == 2 and config["num_experts_per_tok"] == 1

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from kompakt.cli.app import main
 from kompakt.model.load import load
 from kompakt.model.tiny import save_tiny
 
@@ -22,21 +21,11 @@ def tiny(tmp_path_factory):
     return root / "model", root / "calib.txt"
 
 
-def _main(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_search_end_to_end_then_resume(tiny, tmp_path, capsys):
+def test_search_end_to_end_then_resume(tiny, tmp_path, cli):
     model, text = tiny
     out = tmp_path / "run"
     args = ("search", str(model), "--target", "params=0.5", "--data", str(text), "--out", str(out), "--no-latency", *FAST)
-    code, printed, err = _main(capsys, *args)
+    code, printed, err = cli([*args])
     assert code == 0, err
     assert "winner:" in printed and "pareto set" in printed
     found = json.loads((out / "search.json").read_text())
@@ -51,7 +40,7 @@ def test_search_end_to_end_then_resume(tiny, tmp_path, capsys):
     assert load(out / "final").num_parameters() == winner["params"]  # the kept model has the searched shape
     assert "distill.kd" in (out / "recipe.yaml").read_text()
     lineage = (out / "candidates" / str(winner["index"]) / "lineage.jsonl").read_text()
-    code, _, err = _main(capsys, *args)  # a rerun resumes: nothing is trained again
+    code, _, err = cli([*args])  # a rerun resumes: nothing is trained again
     assert code == 0, err
     assert (out / "candidates" / str(winner["index"]) / "lineage.jsonl").read_text() == lineage
     assert json.loads((out / "search.json").read_text())["winner"] == winner["index"]
@@ -63,20 +52,20 @@ def test_search_end_to_end_then_resume(tiny, tmp_path, capsys):
     (("--target", "params=0.1"), "no uniform shape"),
     (("--candidates", "0"), "at least 1"),
 ])  # fmt: skip
-def test_bad_input_exits_2_before_work(tiny, tmp_path, capsys, extra, needle):
+def test_bad_input_exits_2_before_work(tiny, tmp_path, cli, extra, needle):
     model, text = tiny
     out = tmp_path / "run"
-    code, _, err = _main(capsys, "search", str(model), "--data", str(text), "--out", str(out), *extra)
+    code, _, err = cli(["search", str(model), "--data", str(text), "--out", str(out), *extra])
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 
 
-def test_missing_model_and_foreign_out(tiny, tmp_path, capsys):
-    code, _, err = _main(capsys, "search", str(tmp_path / "nope"), "--out", str(tmp_path / "run"))
+def test_missing_model_and_foreign_out(tiny, tmp_path, cli):
+    code, _, err = cli(["search", str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
     assert code == 2 and len(err.strip().splitlines()) == 1
     foreign = tmp_path / "other"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    code, _, err = _main(capsys, "search", str(tiny[0]), "--data", str(tiny[1]), "--out", str(foreign))
+    code, _, err = cli(["search", str(tiny[0]), "--data", str(tiny[1]), "--out", str(foreign)])
     assert code == 2 and "--out" in err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
