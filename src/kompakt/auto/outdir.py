@@ -13,10 +13,11 @@ from kompakt.auto.target import Target
 from kompakt.rundir.layout import AUTO_FILE
 
 
-def default_out(model: str | None, target: Target) -> Path:
+def default_out(model: str | None, target: Target, command: str = "") -> Path:
+    """runs/MODEL-[COMMAND-]TARGET, e.g. runs/smollm2-135m-size4x, runs/smollm2-135m-search-params0p5."""
     name = Path(str(model or "smollm2-135m")).name.removesuffix(".gguf")
     tag = target.text.replace("=", "").replace(",", "-").replace(".", "p")
-    return Path("runs") / f"{name}-{tag}"
+    return Path("runs") / "-".join(filter(None, (name, command, tag)))
 
 
 def check_out(out: Path, fingerprint: str, target: Target, force: bool) -> None:

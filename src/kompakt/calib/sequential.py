@@ -396,4 +396,4 @@ def _propagate(layer: nn.Module, index: int, captured: CapturedInputs, inputs: S
         call = captured.call_for(index, hidden, batch)
         return layer_output(layer(hidden, *call.args, **call.kwargs))
 
-    return propagate(one, inputs, spill_dir / ("b" if index % 2 == 0 else "a"))
+    return propagate(one, inputs, spill_dir / side(index))

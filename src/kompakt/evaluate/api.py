@@ -105,30 +105,11 @@ def open_within(source: str | Path | None, max_memory: int | str | None = None) 
     from kompakt.units import parse_memory
 
     budget = parse_memory(max_memory)
-    lazy = open_streamable(source) or _open_packed(source)
+    lazy = open_streamable(source, packed=True)  # a packed GPTQ result too: dequantized layer by layer
     if lazy is None or lazy.bytes_in(torch.float32) + PROCESS_BYTES <= budget:
         return load(source)
     logger.info("%s does not fit %d bytes: evaluated layer by layer", lazy.name, budget)
     return lazy.loaded()
-
-
-def _open_packed(source: str | Path | None):
-    """A quantized step's result stored packed (compressed-tensors: `compress --max-memory` writes
-    GPTQ this way) opened lazily, its weights dequantized layer by layer as kompakt.load densifies
-    them (kompakt.model.lazy); None for anything else (loaded whole)."""
-    from kompakt.model.hf_dir import read_config
-    from kompakt.model.lazy import open_lazy
-    from kompakt.model.lazy_index import NotLazyError
-    from kompakt.model.load import resolve_model
-    from kompakt.model.quantized import is_compressed_config
-
-    directory, name = resolve_model(source)
-    if not is_compressed_config(read_config(directory)):
-        return None
-    try:
-        return open_lazy(directory, name=name)
-    except NotLazyError:
-        return None
 
 
 def is_streamed(model: LoadedModel | None) -> bool:

@@ -35,8 +35,10 @@ from kompakt.process_memory import return_freed_memory
 log = logging.getLogger(__name__)
 
 
-def stream_blocker(directory: Path) -> str | None:
-    """Why the model in `directory` has to be exported in memory, or None when it can stream."""
+def stream_blocker(directory: Path, packed: bool = False) -> str | None:
+    """Why the model in `directory` has to be exported in memory, or None when it can stream.
+    `packed`: a compressed-tensors directory counts as streamable (kompakt.model.lazy dequantizes
+    it layer by layer, as evaluation reads it; the export keeps its exact grid only in memory)."""
     from kompakt.model.arch import is_encoder_family
     from kompakt.model.compression import stores_shared
     from kompakt.model.hf_dir import read_config
@@ -44,7 +46,7 @@ def stream_blocker(directory: Path) -> str | None:
     from kompakt.model.quantized import is_compressed_config
 
     config = read_config(directory)
-    if is_compressed_config(config):
+    if is_compressed_config(config) and not packed:
         return "its weights are stored packed (compressed-tensors) and are densified whole"
     if stores_shared(config):
         return "it stores shared layers (share.layers)"
@@ -55,21 +57,21 @@ def stream_blocker(directory: Path) -> str | None:
     return None
 
 
-def open_streamable(source: str | Path | None):
+def open_streamable(source: str | Path | None, packed: bool = False):
     """The LazyModel of `source` (kompakt.load's sources: a directory, a .gguf converted once, an
-    embedded name), or None when it has to be exported in memory (stream_blocker)."""
+    embedded name), or None when it has to be read in memory (stream_blocker, `packed` as there)."""
     from kompakt.model.lazy import open_lazy
     from kompakt.model.lazy_index import NotLazyError
     from kompakt.model.load import resolve_model
 
     directory, name = resolve_model(source)
-    why = stream_blocker(directory)
+    why = stream_blocker(directory, packed)
     if why is None:
         try:
             return open_lazy(directory, name=name)
         except NotLazyError as error:  # e.g. per-expert MoE weights that transformers fuses on load
             why = str(error)
-    log.info("exporting %s in memory: %s", directory, why)
+    log.info("%s is read in memory, not tensor by tensor: %s", directory, why)
     return None
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kompakt.atomic import atomic_symlink, reporting_errors, write_text
-from kompakt.auto.outdir import check_out
+from kompakt.auto.outdir import check_out, default_out
 from kompakt.auto.search.pareto import pareto_set, quality, why_winner
 from kompakt.auto.search.shapes import Origin, Shape, candidates, describe, shape_steps
 from kompakt.auto.target import parse_budget, parse_target
@@ -155,11 +155,6 @@ class _Context:
         return [Step.from_dict(s) for s in row["steps"]] + [_kd(self.settings.proxy_tokens, self.spec.block_len)]
 
 
-def _default_out(model: str | None, keep: float) -> Path:
-    name = Path(str(model or "smollm2-135m")).name.removesuffix(".gguf")
-    return Path("runs") / f"{name}-search-params{keep:g}".replace(".", "p")
-
-
 def _prepare(model, target, budget, data, evaluation, out, settings_kw, force, on_event) -> tuple[_Context, list[dict]]:
     """Parse, load, plan the candidates and check the budget: every refusal comes before any file."""
     from kompakt.auto.facts import model_facts
@@ -175,7 +170,7 @@ def _prepare(model, target, budget, data, evaluation, out, settings_kw, force, o
     if data is not None and not Path(data).expanduser().exists():
         raise DataError(f"--data {data} not found; give an existing text / jsonl / parquet file or dataset directory")
     original = load(model)
-    out_dir = Path(out if out is not None else _default_out(model, settings.keep)).expanduser().absolute()
+    out_dir = Path(out if out is not None else default_out(model, parsed, "search")).expanduser().absolute()
     check_out(out_dir, original.fingerprint(), parsed, force=False)  # refuses another run's directory
     origin, shapes = candidates(original, settings.keep, settings.count)
     spec = _data_spec(original, data, evaluation, settings)
@@ -272,8 +267,7 @@ def _finalists(ctx: _Context, rows: list[dict]) -> None:
 
 
 def _save(ctx: _Context, rows: list[dict], winner: int | None, pareto: list[int], why: str) -> None:
-    settings = {k: v for k, v in ctx.settings.__dict__.items()}
-    document = {"model": ctx.model or ctx.original.name, "origin": ctx.origin.__dict__, "settings": settings,
+    document = {"model": ctx.model or ctx.original.name, "origin": ctx.origin.__dict__, "settings": dict(ctx.settings.__dict__),
                 "data": ctx.spec.__dict__, "candidates": rows, "pareto": pareto, "winner": winner, "why": why,
                 "wall_s": round(ctx.elapsed(), 1),
                 "latency": "llama.cpp f16 GGUF, prompt and generation tokens/s, best of 3, fresh process"}  # fmt: skip
