@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,20 @@ def wikitext_test() -> Path:
     if not path.exists():
         pytest.skip("../shared/data/wikitext2 not found beside the checkout")
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_temp_dirs_removed(tmp_path_factory):
+    """CI's disk is small and the suite writes hundreds of model copies: what a module's fixtures
+    wrote under the temp root goes when the module ends. Session fixtures name their folders
+    'session-*' and stay; a test's own tmp_path ('test_*') follows tmp_path_retention_policy
+    (kept when the test failed)."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    for path in set(base.iterdir()) - before:
+        if not path.name.startswith(("session-", "test_")):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -91,7 +91,7 @@ def _add_tokenizer(writer, loaded: LoadedModel, vocab_size: int, chat_template: 
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):
     """(path, the in-memory model it was written from); read-only: tests copy before corrupting."""
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    path = tmp_path_factory.mktemp("session-gguf") / "tiny.gguf"
     original = write_tiny_llama_gguf(path, chat_template=CHATML_TEMPLATE)
     return path, original
 

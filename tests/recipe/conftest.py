@@ -14,14 +14,14 @@ from recipe_helpers import NOISE, write_text  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny") / "llama"
+    directory = tmp_path_factory.mktemp("session-tiny") / "llama"
     save_tiny("llama", directory)
     return directory
 
 
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
-    return write_text(tmp_path_factory.mktemp("data") / "calib.txt")
+    return write_text(tmp_path_factory.mktemp("session-data") / "calib.txt")
 
 
 @pytest.fixture
