@@ -81,3 +81,22 @@ def test_bad_targets_raise(layer, kwargs, message):
 def test_ties_break_by_column_index():
     mask = mask_from_scores(torch.ones(1, 8), sparsity=0.5)
     assert mask.tolist() == [[False] * 4 + [True] * 4]
+
+
+@pytest.mark.parametrize("target", TARGETS[:2], ids=str)
+def test_sparsegpt_takes_over_an_accumulator_with_the_same_bits(target):
+    """Given the accumulator, SparseGPT factorises its running sum in place (no [in, in] copies)
+    and prunes exactly as from the finalized matrix; the accumulator is used up."""
+    from kompakt.ops.hessian import HessianAccumulator
+
+    torch.manual_seed(0)
+    weight, acc = torch.randn(24, 64), HessianAccumulator(64)
+    x = torch.randn(4, 32, 64)
+    x[..., 5] = 0.0  # a dead input: its column is dropped either way
+    acc.add_batch(x)
+    copied = sparsegpt_prune(weight, acc.finalize(), **target)
+    taken = sparsegpt_prune(weight, acc, **target)
+    assert torch.equal(copied.weight, taken.weight) and torch.equal(copied.mask, taken.mask)
+    assert copied.loss == taken.loss
+    with pytest.raises(ValueError, match="already taken"):
+        acc.take()

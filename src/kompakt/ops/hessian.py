@@ -81,13 +81,14 @@ def column_norms_from_hessian(hessian: torch.Tensor, n_samples: int | None = Non
 
 
 def drop_dead_columns(
-    weight: torch.Tensor, hessian: torch.Tensor
+    weight: torch.Tensor, hessian: torch.Tensor, *, copy_hessian: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Copies of (W, H) with dead inputs neutralised: where H_jj = 0 the input j was always 0,
     so W[:, j] cannot matter; set W[:, j] = 0 and H_jj = 1 to keep H invertible (the
-    GPTQ / SparseGPT reference behaviour)."""
+    GPTQ / SparseGPT reference behaviour). `copy_hessian` False: H (fp32, the caller's to give
+    up) is changed in place instead of copied."""
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
+    h = hessian.detach().float().clone() if copy_hessian else hessian
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -151,7 +152,7 @@ def inverse_cholesky_upper(
     """
     mean_diag = hessian.diagonal().mean().item()
     damp = percdamp
-    if consume and damp > 0:
+    if consume and damp > 0 and hessian.device.type == "cpu":  # LAPACK's in-place factorisation (RAM is short)
         return _inverse_cholesky_in_place(hessian, damp * mean_diag, damp), damp
     diagonal = hessian.diagonal().clone() if consume else None
     # Memory: each [in, in] temporary is freed as soon as the next exists (an 11008-wide
@@ -196,7 +197,7 @@ def _inverse_cholesky_in_place(hessian: torch.Tensor, damping: float, damp: floa
     matrix in place, and for a symmetric H the row-major tensor's transpose view is one (torch
     copies a row-major input first: a second [in, in] matrix, 485 MB for an 11008-wide H)."""
     hessian.diagonal().add_(damping)
-    info = torch.empty((), dtype=torch.int32)
+    info = torch.empty((), dtype=torch.int32, device=hessian.device)
     column_major = hessian.mT
     torch.linalg.cholesky_ex(column_major, out=(column_major, info))
     if info.item() == 0:

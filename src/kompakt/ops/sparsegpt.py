@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kompakt.ops.hessian import drop_dead_columns, inverse_cholesky_upper
+from kompakt.ops.hessian import HessianAccumulator, drop_dead_columns, inverse_cholesky_upper
 from kompakt.ops.sparsity_masks import check_sparsity, mask_from_scores
 
 
@@ -35,20 +35,29 @@ class SparseGPTResult:
 
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianAccumulator,
     *,
     sparsity: float | None = None,
     nm: tuple[int, int] | None = None,
     block_size: int = 128,
     percdamp: float = 0.01,
 ) -> SparseGPTResult:
-    """Prune `weight` [out, in] to `sparsity` (or keep n of every m: `nm`) given H [in, in]."""
+    """Prune `weight` [out, in] to `sparsity` (or keep n of every m: `nm`) given H [in, in].
+
+    `hessian`: the matrix (copied), or its HessianAccumulator, whose running sum is then taken
+    over and factorised in its own memory (as GPTQ does): one [in, in] matrix instead of three,
+    485 MB each for a 7B MLP's down projection; the same bits either way."""
     out_features, in_features = weight.shape
     check_sparsity(sparsity, nm, in_features)
     if nm is not None:
         block_size = max(nm[1], block_size - block_size % nm[1])  # N:M groups never straddle blocks
-    w, h = drop_dead_columns(weight, hessian)
-    hinv, damp = inverse_cholesky_upper(h, percdamp)
+    if isinstance(hessian, HessianAccumulator):
+        h = hessian.take().float()  # a no-op for the usual fp32 accumulation
+        w, h = drop_dead_columns(weight, h, copy_hessian=False)
+    else:
+        w, h = drop_dead_columns(weight, hessian)
+    hinv, damp = inverse_cholesky_upper(h, percdamp, consume=True)
+    del h
     mask = torch.ones_like(w, dtype=torch.bool)
     losses = torch.zeros(out_features, device=w.device)
     for i1 in range(0, in_features, block_size):

@@ -222,8 +222,10 @@ def layer_outlier_ratios(model: nn.Module, blocks: torch.Tensor, roles: list[str
 # --------------------------------------------------------------------------- pruning
 
 
-def _prune_linear(module: nn.Linear, config: SparseConfig, sparsity: float | None, nm, stat=None) -> dict[str, Any]:
-    """Prune one Linear in place with the configured method; returns what was done."""
+def _prune_linear(module: nn.Linear, config: SparseConfig, sparsity: float | None, nm, stat=None,
+                  take: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Prune one Linear in place with the configured method; returns what was done. `take`: the
+    last Linear reading `stat`'s Hessian accumulator: SparseGPT takes it over (no copy)."""
     weight = module.weight
     if config.method == "magnitude":
         result = magnitude_prune(weight.data, sparsity=sparsity, nm=nm)
@@ -234,7 +236,8 @@ def _prune_linear(module: nn.Linear, config: SparseConfig, sparsity: float | Non
     else:
         with solver_threads(weight.device):
             result = sparsegpt_prune(
-                weight.data, stat.hessian(), sparsity=sparsity, nm=nm,
+                weight.data, stat.hessian_acc if take and stat.hessian_acc is not None else stat.hessian(),
+                sparsity=sparsity, nm=nm,
                 block_size=config.block_size, percdamp=config.percdamp,
             )  # fmt: skip
         new, loss = result.weight, result.loss
@@ -255,8 +258,10 @@ def _prune_calibrated(
 
     def process(index: int, layer: nn.Module, stats: LayerStats) -> None:
         sparsity = None if nm is not None else layer_sparsity[index]
+        last = {id(stat.hessian_acc): role for role, stat in stats.items()}  # the last reader of each accumulator
         for role, stat in stats.items():
-            done[linear_name(spec, index, role)] = _prune_linear(stat.module, config, sparsity, nm, stat)
+            take = last[id(stat.hessian_acc)] == role
+            done[linear_name(spec, index, role)] = _prune_linear(stat.module, config, sparsity, nm, stat, take)
 
     result = run_sequential(
         model, blocks, process, roles=roles, collect="hessian" if config.method == "sparsegpt" else "norms",
