@@ -14,6 +14,7 @@ RSS (VmHWM) is its own; the GPTQ phase also records where its peak was (`peak_at
     .venv/bin/python bench/stream_big.py --preset llama2-7b          # 13.5 GB on disk + 3.9 GB result
     .venv/bin/python bench/stream_big.py --preset mistral-7b
     .venv/bin/python bench/stream_big.py --preset llama2-7b --layers 2 --calib-blocks 4 --block-len 128
+    python bench/stream_big.py --preset llama2-7b --device cuda --export none   # layers onloaded to the GPU
 
 Presets: llama2-7b (hidden 4096, 32 layers, MLP 11008, 32 heads, vocab 32000: the published
 Llama 2 7B config) and mistral-7b (GQA with 8 KV heads, MLP 14336); `--layers` keeps a preset's
@@ -132,15 +133,18 @@ def generate(directory: Path, shape: dict, seed: int = 0) -> dict:
     return {"bytes": total, "seconds": time.perf_counter() - start, "peak_rss": _peak_rss(), "shards": files}
 
 
-def quantize(model: Path, out: Path, calib_blocks: int, block_len: int, max_memory: str, threads: int) -> dict:
-    """Streamed GPTQ W4 g128 through the recipe runner, as `kompakt compress --max-memory` runs it."""
+def quantize(model: Path, out: Path, calib_blocks: int, block_len: int, max_memory: str, threads: int,
+             device: str = "cpu", data: Path = DATA) -> dict:  # fmt: skip
+    """Streamed GPTQ W4 g128 through the recipe runner, as `kompakt compress --max-memory --device` runs
+    it (on a GPU each layer is onloaded there; its peak memory is recorded too)."""
     import torch
 
+    from kompakt.model.device import use_device
     from kompakt.recipe.runner import run_recipe
     from kompakt.recipe.schema import Recipe
 
     torch.set_num_threads(threads)
-    calibration = DATA / "wiki.valid.tokens"
+    calibration = data / "wiki.valid.tokens"
     text = out.parent / "calibration.txt"  # BENCH.md: wiki.valid.tokens with every " <unk>" removed
     text.write_text(calibration.read_text().replace(" <unk>", ""))
     recipe = Recipe.from_dict({
@@ -151,14 +155,18 @@ def quantize(model: Path, out: Path, calib_blocks: int, block_len: int, max_memo
     })  # fmt: skip
     where = watch_peak()
     start = time.perf_counter()
-    result = run_recipe(recipe, out, force=True, max_memory=max_memory)
+    with use_device(device):
+        result = run_recipe(recipe, out, force=True, max_memory=max_memory)
     seconds = time.perf_counter() - start
+    gpu = {"peak_gpu_allocated": torch.cuda.max_memory_allocated(), "peak_gpu_reserved": torch.cuda.max_memory_reserved(),
+           "gpu": torch.cuda.get_device_name()} if device.startswith("cuda") else {}  # fmt: skip
     record = result.records[0]
     final = result.final or out
     size = sum(p.stat().st_size for p in Path(final).resolve().glob("*.safetensors"))
     return {"seconds": seconds, "peak_rss": _peak_rss(), "streamed": bool(record["details"].get("streamed")),
             "output_bytes": size, "summary": record["summary"],
-            "calibration_seconds": record["details"].get("calibration_seconds"), "peak_at": where["at"]}  # fmt: skip
+            "calibration_seconds": record["details"].get("calibration_seconds"), "peak_at": where["at"], "device": device,
+            **gpu}  # fmt: skip
 
 
 def export_gguf(model: Path, out: Path, type: str, max_memory: str, threads: int) -> dict:
@@ -174,6 +182,24 @@ def export_gguf(model: Path, out: Path, type: str, max_memory: str, threads: int
             "output_bytes": result.size_bytes, "checked": result.check is not None, "notes": result.notes}  # fmt: skip
 
 
+def llama_quantize(source: Path, out: Path, type: str, threads: int) -> dict:
+    """llama.cpp's own quantizer (llama-quantize's `llama_model_quantize`, through llama-cpp-python) on
+    the F16 GGUF of the same model, to `type`: its peak RSS and time beside kompakt's streamed export.
+    Its defaults, as `llama-quantize F16.gguf OUT.gguf Q4_0` runs (the output tensor in Q6_K)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type.upper()}")
+    params.nthread = threads
+    start = time.perf_counter()
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if code != 0:
+        raise SystemExit(f"llama_model_quantize returned {code}")
+    return {"seconds": time.perf_counter() - start, "peak_rss": _peak_rss(), "output_bytes": out.stat().st_size}
+
+
 def llama_generate(gguf: Path, threads: int) -> dict:
     """The GGUF loaded in llama.cpp (llama-cpp-python) and 16 tokens generated: it runs, nothing more
     (random weights)."""
@@ -186,7 +212,7 @@ def llama_generate(gguf: Path, threads: int) -> dict:
             "tokens": out["usage"]["completion_tokens"]}  # fmt: skip
 
 
-def perplexity(model: Path, tokens: int, max_memory: str, threads: int) -> dict:
+def perplexity(model: Path, tokens: int, max_memory: str, threads: int, data: Path = DATA) -> dict:
     """Perplexity of `model` over `tokens` tokens of WikiText-2 test, windows of 512, layer by layer
     (`kompakt eval MODEL --data ... --max-memory` does this for a model larger than the budget; the
     2-layer cut of a preset fits 3 GB whole, so the streamed path is taken here on purpose)."""
@@ -196,7 +222,7 @@ def perplexity(model: Path, tokens: int, max_memory: str, threads: int) -> dict:
     from kompakt.model.lazy import open_lazy
 
     torch.set_num_threads(threads)
-    text = DATA / "wiki.test.raw"
+    text = data / "wiki.test.raw"
     start = time.perf_counter()
     candidate = open_lazy(model).loaded()  # packed (compressed-tensors): dequantized layer by layer
     result = evaluate(candidate, data=text, window=512, max_tokens=tokens, speed=False)
@@ -207,7 +233,7 @@ def perplexity(model: Path, tokens: int, max_memory: str, threads: int) -> dict:
 def _child(args: list[str], required: bool = True) -> dict:
     """Run one phase in a fresh process (its own VmHWM); its JSON is the last stdout line. A phase
     after GPTQ that fails (`required` False) is recorded with its error, not fatal."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if done.returncode:
         if not required:
@@ -225,12 +251,17 @@ def main() -> None:
     parser.add_argument("--block-len", type=int, default=512)
     parser.add_argument("--max-memory", default="3GB")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where GPTQ computes: cpu, or cuda (layers onloaded one at a time)")
+    parser.add_argument("--data", type=Path, default=DATA, help="the WikiText-2 folder (wiki.valid.tokens, wiki.test.raw)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/kompakt-stream-big"), help="where the model is generated")
     parser.add_argument("--keep", action="store_true", help="keep the generated model and the run")
     parser.add_argument("--export", default="q4_0", help="GGUF type of the streamed export of the model ('none': skip)")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="perplexity of the GPTQ result over this many "
                         "WikiText-2 test tokens, streamed (0: skip)")  # fmt: skip
-    parser.add_argument("--phase", choices=["generate", "quantize", "export", "llama", "ppl"], help=argparse.SUPPRESS)
+    parser.add_argument("--peer-quantizer", action="store_true", help="also llama.cpp's quantizer on the model's F16 GGUF "
+                        "(exported streamed first) to the --export type, side by side with kompakt's streamed export")  # fmt: skip
+    parser.add_argument("--phase", choices=["generate", "quantize", "export", "llama", "llama-quantize", "ppl"],
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     shape = dict(PRESETS[args.preset])
     if args.layers:
@@ -240,7 +271,8 @@ def main() -> None:
         print(json.dumps(generate(model, shape)))
         return
     if args.phase == "quantize":
-        print(json.dumps(quantize(model, out, args.calib_blocks, args.block_len, args.max_memory, args.threads)))
+        print(json.dumps(quantize(model, out, args.calib_blocks, args.block_len, args.max_memory, args.threads,
+                                  args.device, args.data)))  # fmt: skip
         return
     gguf = args.work / f"model-{args.export}.gguf"
     if args.phase == "export":
@@ -249,29 +281,39 @@ def main() -> None:
     if args.phase == "llama":
         print(json.dumps(llama_generate(gguf, args.threads)))
         return
+    if args.phase == "llama-quantize":
+        print(json.dumps(llama_quantize(args.work / "model-f16.gguf", args.work / f"model-{args.export}-llama.gguf",
+                                        args.export, args.threads)))  # fmt: skip
+        return
     if args.phase == "ppl":
-        print(json.dumps(perplexity(out / "final", args.ppl_tokens, args.max_memory, args.threads)))
+        print(json.dumps(perplexity(out / "final", args.ppl_tokens, args.max_memory, args.threads, args.data)))
         return
     common = ["--preset", args.preset, "--work", str(args.work)] + (["--layers", str(args.layers)] if args.layers else [])
     made = _child(["--phase", "generate", *common])
     ran = _child(["--phase", "quantize", *common, "--calib-blocks", str(args.calib_blocks),
                   "--block-len", str(args.block_len), "--max-memory", args.max_memory,
-                  "--threads", str(args.threads)])  # fmt: skip
+                  "--threads", str(args.threads), "--device", args.device, "--data", str(args.data)])  # fmt: skip
     phases = {"generate": made, "gptq_w4_g128": ran}
     if args.export != "none":
         phases[f"export_{args.export}"] = _child(["--phase", "export", *common, "--export", args.export,
                                                   "--max-memory", args.max_memory, "--threads", str(args.threads)], required=False)  # fmt: skip
         phases["llama_cpp_generate"] = _child(["--phase", "llama", *common, "--export", args.export,
                                                "--threads", str(args.threads)], required=False)  # fmt: skip
+    if args.export != "none" and args.peer_quantizer:  # the F16 GGUF (streamed, kompakt), then llama.cpp's quantizer on it
+        phases["export_f16"] = _child(["--phase", "export", *common, "--export", "f16", "--max-memory", args.max_memory,
+                                       "--threads", str(args.threads)], required=False)  # fmt: skip
+        phases[f"llama_cpp_quantize_{args.export}"] = _child(["--phase", "llama-quantize", *common, "--export", args.export,
+                                                              "--threads", str(args.threads)], required=False)  # fmt: skip
     if args.ppl_tokens:
         phases["perplexity"] = _child(["--phase", "ppl", *common, "--ppl-tokens", str(args.ppl_tokens),
-                                       "--max-memory", args.max_memory, "--threads", str(args.threads)],
-                                      required=False)  # fmt: skip
-    name = f"stream_big-{args.preset}" + (f"-{args.layers}L" if args.layers else "")
+                                       "--max-memory", args.max_memory, "--threads", str(args.threads),
+                                       "--data", str(args.data)], required=False)  # fmt: skip
+    name = f"stream_big-{args.preset}" + (f"-{args.layers}L" if args.layers else "") + (
+        f"-{args.device.split(':')[0]}" if args.device != "cpu" else "")
     result = {
         "preset": args.preset, "shape": shape, "calibration": f"{args.calib_blocks} x {args.block_len} tokens",
         "max_memory": args.max_memory, "threads": args.threads, "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), **phases, "under_load": "shared machine: peak RSS is valid, wall times are not",
+        "cpus": os.cpu_count(), **phases,
         "command": "python bench/stream_big.py " + " ".join(sys.argv[1:]),
     }  # fmt: skip
     (REPO / "bench" / "results").mkdir(exist_ok=True)
@@ -281,7 +323,10 @@ def main() -> None:
     print(f"{'generate (bf16)':<22} {made['peak_rss'] / gb:>8.2f} GB {made['seconds']:>7.1f} s  {made['bytes'] / gb:.2f} GB")
     print(f"{'GPTQ W4 g128 streamed':<22} {ran['peak_rss'] / gb:>8.2f} GB {ran['seconds']:>7.1f} s  "
           f"{ran['output_bytes'] / gb:.2f} GB  (streamed: {ran['streamed']})")  # fmt: skip
+    if "peak_gpu_allocated" in ran:
+        print(f"{'  on ' + ran['gpu']:<22} {ran['peak_gpu_allocated'] / gb:>8.2f} GB GPU memory at peak (allocated)")
     for key, label in ((f"export_{args.export}", f"GGUF {args.export} export"), ("llama_cpp_generate", "llama.cpp generate"),
+                       ("export_f16", "GGUF f16 export"), (f"llama_cpp_quantize_{args.export}", f"llama.cpp -> {args.export}"),
                        ("perplexity", "perplexity (GPTQ)")):  # fmt: skip
         if key in phases:
             got = phases[key]

@@ -38,6 +38,19 @@ def _module_temp_dirs_removed(tmp_path_factory):
             shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request):
+    """The suite's numbers are CPU numbers: where a GPU is, kompakt would pick it by default, so
+    tests run with --device cpu unless marked `cuda` (those choose their device themselves)."""
+    if request.node.get_closest_marker("cuda") is not None:
+        yield
+        return
+    from kompakt.model.device import use_device
+
+    with use_device("cpu"):
+        yield
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread: tiny matrices and column-by-column solvers run faster (much faster on a

@@ -59,3 +59,14 @@ def write_text(path: Path, n_words: int = 6000, seed: int = 0) -> Path:
 def small_data(calibration: Path) -> dict:
     return {"calibration": str(calibration), "calibration_blocks": 8, "block_len": 32,
             "eval_tokens": 256, "window": 64, "stride": 64}  # fmt: skip
+
+
+def stored_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor the safetensors shards of a saved model directory hold, by stored name."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in sorted(directory.glob("model*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+    return tensors

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipe_helpers import stored_tensors
+
 import kompakt
 from kompakt.errors import ConfigError
 from kompakt.model.lazy import open_lazy
@@ -68,16 +70,6 @@ def _streamed(source: Path, out: Path, name: str, values: dict, shard_bytes: int
     return lazy
 
 
-def _stored(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    tensors = {}
-    for file in sorted(directory.glob("model*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
-    return tensors
-
-
 def _check_equal(tmp_path: Path, family: str, name: str, values: dict, dtype: torch.dtype = torch.float32,
                  spill: bool = False):  # fmt: skip
     source = tmp_path / "in"
@@ -87,7 +79,7 @@ def _check_equal(tmp_path: Path, family: str, name: str, values: dict, dtype: to
     loaded.tokenizer.save_pretrained(source)
     _in_memory(source, tmp_path / "memory", name, values)
     lazy = _streamed(source, tmp_path / "streamed", name, values, spill_dir=tmp_path / "spill" if spill else None)
-    memory, streamed = _stored(tmp_path / "memory"), _stored(tmp_path / "streamed")
+    memory, streamed = stored_tensors(tmp_path / "memory"), stored_tensors(tmp_path / "streamed")
     assert sorted(memory) == sorted(streamed)
     for key, tensor in memory.items():
         assert tensor.dtype == streamed[key].dtype and torch.equal(tensor, streamed[key]), key
@@ -176,7 +168,7 @@ def test_streamed_gptq_on_smollm2_equals_in_memory(tmp_path, one_thread):
     values = {"bits": 4, "group_size": 64, "batch_size": 4, "modules": ["attn"]}
     _in_memory(source, tmp_path / "memory", "quant.gptq", values)
     lazy = _streamed(source, tmp_path / "streamed", "quant.gptq", values, shard_bytes=64 * 2**20)
-    memory, streamed = _stored(tmp_path / "memory"), _stored(tmp_path / "streamed")
+    memory, streamed = stored_tensors(tmp_path / "memory"), stored_tensors(tmp_path / "streamed")
     assert sorted(memory) == sorted(streamed)
     assert all(t.dtype == streamed[k].dtype and torch.equal(t, streamed[k]) for k, t in memory.items())
     assert lazy.peak_numel == lazy.tensors[f"{lazy.embed_path}.weight"].numel  # the embedding: larger than a layer

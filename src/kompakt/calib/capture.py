@@ -88,6 +88,26 @@ class CapturedInputs:
     def n_samples(self) -> int:
         return sum(h.shape[0] for h in self.hidden)
 
+    def to(self, device: torch.device) -> CapturedInputs:
+        """These inputs on `device` (a streamed model's layers run on a GPU): hidden states, masks
+        and every call's tensors; a tensor the layers of one type share stays one tensor."""
+        moved: dict[int, torch.Tensor] = {}
+
+        def move(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                if id(value) not in moved:
+                    moved[id(value)] = value.to(device)
+                return moved[id(value)]
+            if isinstance(value, (tuple, list)):
+                return type(value)(move(item) for item in value)
+            if isinstance(value, dict):
+                return {key: move(item) for key, item in value.items()}
+            return value
+
+        calls = {key: [LayerCall(move(c.args), move(c.kwargs)) for c in layer_calls]
+                 for key, layer_calls in self.calls.items()}  # fmt: skip
+        return CapturedInputs(move(self.hidden), calls, list(self.keys), move(self.masks))
+
 
 def model_device(model: nn.Module) -> torch.device:
     """Where the model computes: its first materialised parameter's device (a streamed model

@@ -151,5 +151,5 @@ def _accumulate(role: str, module: nn.Linear, rows: list[torch.Tensor], kinds, h
         if x.shape[0]:
             stat.add(x.unsqueeze(0))
     if stat.sq_sum is None:  # an expert no batch reached (only with min_tokens 0)
-        stat.add(torch.zeros(1, 1, module.in_features))
+        stat.add(torch.zeros(1, 1, module.in_features, device=module.weight.device))
     return stat

@@ -37,7 +37,11 @@ after its outputs moved on and `on_layer(index, layer)` (the step's writer) stor
 back to the meta device. The math is the same code on the same tensors, so the weights are the
 in-memory path's bit for bit; at most one decoder layer is materialised at a time. With the
 lazy model's `spill_dir` set, the activations between layers live on disk (kompakt.calib.spill)
-and the layer caches are off (recomputed, same results).
+and the layer caches are off (recomputed, same results). A streamed model whose `device` is a GPU
+(`--device cuda`) onloads each layer there as it is materialised, as llm-compressor's sequential
+pipeline does: the embeddings capture layer 0's inputs on the CPU, then the activations, the
+statistics and the solvers live on the GPU (in VRAM, never spilled), and only the finished layer's
+stored tensors come back to the CPU to be written.
 
 Memory: one layer's inputs and outputs, n × len × hidden each (128 × 512 × 576 fp32 ≈ 150 MB
 for SmolLM2-135M), the layer caches (about 5 × that), plus the statistics of one group (an
@@ -341,14 +345,19 @@ def run_sequential(
     notes: list[str] = []
     captured = capture_layer_inputs(model, blocks, batch_size=batch_size)
     n_samples = captured.n_samples
+    onload = _onload_device(lazy)
     if lazy is not None:
         lazy.release(spec.embed)
-    spill_dir = lazy.spill_dir if lazy is not None else None
+    if onload is not None:  # a GPU: the activations live in its memory, not on disk
+        captured = captured.to(onload)
+    spill_dir = lazy.spill_dir if lazy is not None and onload is None else None
     resume = lazy.resume if lazy is not None else None
     first = resume_start(resume, phases, spec)
     inputs: Sequence[torch.Tensor] = captured.hidden
     if first:  # a killed run finished layers 0 .. first - 1: layer `first`'s inputs are on disk
         inputs, captured.hidden = SpilledBatches(resume.inputs_of(first), range(len(captured.hidden))), []
+        if onload is not None:
+            inputs = [hidden.to(onload) for hidden in inputs]
         notes.append(f"resumed: layers 0-{first - 1} were finished by an earlier run")
     elif spill_dir is not None:  # activations on disk (kompakt.calib.spill)
         inputs, captured.hidden = spill(captured.hidden, spill_dir / "a"), []
@@ -364,7 +373,8 @@ def run_sequential(
                 progress.advance(task)
                 continue
             if lazy is not None:
-                lazy.materialize(layer, lazy.compute_dtype)
+                lazy.materialize(layer, lazy.compute_dtype, lazy.device)
+                layer.to(lazy.device)  # its buffers too
             caches = None if spill_dir is not None else LayerCaches(layer, spec, verified)
             with caches.installed() if caches is not None else nullcontext():
                 for phase in phases if index in wanted else ():
@@ -381,8 +391,15 @@ def run_sequential(
                 lazy.release(layer)
             logger.debug("layer %d calibrated", index)
             progress.advance(task)
-    return SequentialResult(outputs=list(inputs), n_samples=n_samples, seconds=time.perf_counter() - start,
-                            notes=notes)
+    outputs = [hidden.cpu() for hidden in inputs] if onload is not None else list(inputs)
+    return SequentialResult(outputs=outputs, n_samples=n_samples, seconds=time.perf_counter() - start, notes=notes)
+
+
+def _onload_device(lazy) -> torch.device | None:
+    """The GPU (or MPS) a streamed model's layers are onloaded to; None: where the model is."""
+    if lazy is None or lazy.device.type == "cpu":
+        return None
+    return lazy.device
 
 
 def _propagate(layer: nn.Module, index: int, captured: CapturedInputs, inputs: Sequence[torch.Tensor],

@@ -47,7 +47,7 @@ def spill(batches: Iterable[torch.Tensor], directory: Path) -> SpilledBatches:
     directory.mkdir(parents=True)
     count = 0
     for index, hidden in enumerate(batches):
-        save_file({"hidden": hidden.detach().contiguous()}, str(directory / f"b{index:05d}.safetensors"))
+        save_file({"hidden": hidden.detach().cpu().contiguous()}, str(directory / f"b{index:05d}.safetensors"))
         count += 1
     return SpilledBatches(directory, range(count))
 

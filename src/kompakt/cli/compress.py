@@ -47,8 +47,16 @@ def compress_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (overrides the recipe's)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory of another recipe or model."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RAM budget, e.g. 6GB: a larger model runs streamed, one layer at a time (--recipe / --step); with --plan-only each step's predicted peak memory and time are printed and checked against it."),
+    device: str = typer.Option("auto", "--device", help="Where to compute: auto (a GPU when there is one), cpu, cuda, cuda:N, mps. A streamed model's layers are onloaded to it one at a time."),
 ) -> None:
     """Shrink a model: to a --target with an automatic plan, or by a --recipe / --step list."""
+    from kompakt.model.device import use_device
+
+    with use_device(device):  # an unusable device is a one-line error before anything is opened
+        _compress(model, target, budget, plan_only, recipe, step, data, out, seed, force, max_memory)
+
+
+def _compress(model, target, budget, plan_only, recipe, step, data, out, seed, force, max_memory) -> None:
     from kompakt.errors import ConfigError
 
     if recipe is None and not step:

@@ -32,15 +32,6 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def default_device() -> str:
-    """"cuda" when a GPU is usable, else "mps" on Apple silicon, else "cpu"."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def compute_dtype_for(storage_dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
     """The dtype to run a model stored in `storage_dtype` on `device`.
 

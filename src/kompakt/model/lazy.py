@@ -40,6 +40,8 @@ from torch import nn
 
 from kompakt.errors import ModelFormatError
 from kompakt.model.arch import ArchSpec, arch_for, decoder_layers, get_submodule, is_encoder_family, text_config
+from kompakt.model.device import default_device
+from kompakt.model.dtype import compute_dtype_for
 from kompakt.model.hf_dir import check_model_dir
 from kompakt.model.lazy_index import NotLazyError, PackedSource, TensorEntry, map_tensors, read_headers
 from kompakt.model.loaded import LoadedModel
@@ -61,8 +63,11 @@ class LazyModel:
         model: the skeleton (parameters on meta until materialised).
         tensors: model parameter name -> TensorEntry (tied heads point at the embedding's entry).
         storage_dtype: the dtype most stored weight bytes are in.
-        compute_dtype: the dtype streamed passes materialise parameters in (fp32: the in-memory
-            path's CPU dtype, so both give the same weights).
+        compute_dtype: the dtype streamed passes materialise parameters in (fp32 on the CPU: the
+            in-memory path's CPU dtype, so both give the same weights; bf16 on a GPU that has it).
+        device: where the sequential driver onloads each decoder layer and keeps the calibration
+            activations (kompakt.model.device: the command's --device); the skeleton stays on meta
+            and the embeddings are read on the CPU.
         aliases: parameter names with no stored key of their own (a tied head).
         spill_dir: where the sequential driver keeps calibration activations between layers
             (kompakt.calib.spill) when RAM is short; None: in RAM.
@@ -79,6 +84,7 @@ class LazyModel:
     storage_dtype: torch.dtype
     name: str = ""
     compute_dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
     aliases: frozenset[str] = frozenset()
     spill_dir: Path | None = None
     resume: Any = None  # kompakt.model.stream_resume.LayerResume of a resumable streamed step
@@ -308,8 +314,11 @@ def open_lazy(directory: str | Path, *, name: str | None = None) -> LazyModel:
                            "load it whole (drop --max-memory)")  # fmt: skip
     model = _skeleton(config)
     tensors, aliases = map_tensors(model, read_headers(directory), directory)
+    device = torch.device(default_device())
+    compute = torch.float32 if device.type == "cpu" else compute_dtype_for(stored, device)
     lazy = LazyModel(directory=directory, config=config, model=model, tensors=tensors, storage_dtype=stored,
-                     name=name or directory.resolve().name, aliases=frozenset(aliases))  # fmt: skip
+                     name=name or directory.resolve().name, compute_dtype=compute, device=device,
+                     aliases=frozenset(aliases))  # fmt: skip
     _LAZY[model] = lazy
     logger.info("opened %s lazily: %d tensors, %.2f GB stored", directory, len(tensors), lazy.stored_bytes() / 1e9)
     return lazy

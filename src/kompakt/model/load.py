@@ -23,7 +23,8 @@ import torch
 from kompakt.errors import KompaktError, ModelFormatError, ModelNotFoundError
 from kompakt.model.compression import check_stored_state, stores_shared
 from kompakt.model.arch import is_encoder_family
-from kompakt.model.dtype import compute_dtype_for, default_device, parse_dtype
+from kompakt.model.device import default_device
+from kompakt.model.dtype import compute_dtype_for, parse_dtype
 from kompakt.model.embedded import (
     DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, embedded_hf_dir, is_embedded, verify_embedded,
 )

@@ -114,12 +114,18 @@ def checkpoint_names(model: nn.Module) -> Callable[[str], str]:
     renamings reversed: Gemma 3's `model.language_model.*` is stored as `language_model.model.*`),
     so the result reads like any saved checkpoint; the identity for most families."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+    from transformers.core_model_loading import PrefixChange, WeightRenaming
 
     transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
     reverse = [t.reverse_transform() for t in transforms[::-1]]
     renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
-    return (lambda name: apply_renamings(name, renamings)) if renamings else (lambda name: name)
+
+    def rename(name: str) -> str:  # transformers' apply_renamings (5.2x only), with what 5.x all have
+        for renaming in renamings:
+            name, _ = renaming.rename_source_key(name)
+        return name
+
+    return rename if renamings else (lambda name: name)
 
 
 class LayerStream:

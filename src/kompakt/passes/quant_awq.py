@@ -185,7 +185,7 @@ class AwqScaler:
         gram = first.hessian()
         act = first.mean_abs()
         if expand is not None:
-            act = torch.zeros(int(expand.max()) + 1).index_add_(0, expand, act) / torch.bincount(expand).float()
+            act = torch.zeros(int(expand.max()) + 1, device=act.device).index_add_(0, expand, act) / torch.bincount(expand).float()
         quantizers = [self._quantizer(stat.module) for stat in stats.values()]
         if all(q is None for q in quantizers):
             return
@@ -205,7 +205,7 @@ class AwqScaler:
 
     @staticmethod
     def _reduce(full: torch.Tensor, expand: torch.Tensor) -> torch.Tensor:
-        reduced = torch.empty(int(expand.max()) + 1, dtype=full.dtype)
+        reduced = torch.empty(int(expand.max()) + 1, dtype=full.dtype, device=full.device)
         reduced[expand] = full
         return reduced
 
@@ -248,8 +248,9 @@ class AwqScaler:
             self._note(f"v->o scaling skipped: o_proj reads {o.in_features} inputs, not {heads} heads x {hd}")
             return
         # o's input column h·hd + d reads V channel (h // (heads/kv))·hd + d
-        head = torch.arange(heads).repeat_interleave(hd) // (heads // kv)
-        expand = head * hd + torch.arange(hd).repeat(heads)
+        device = o.weight.device
+        head = torch.arange(heads, device=device).repeat_interleave(hd) // (heads // kv)
+        expand = head * hd + torch.arange(hd, device=device).repeat(heads)
         self._scale_from(index, stats, None, ("attn.v", layer), "attn.v", expand=expand)
 
     def _clip(self, stats: LayerStats) -> None:

@@ -54,8 +54,9 @@ def each_layer(ctx: PassContext, fn: LayerFn, done: Any = None) -> None:
     write = layer_writer(ctx, done)
     lazy = None if ctx.stream is None else ctx.stream.lazy
     for index, layer in enumerate(decoder_layers(ctx.loaded.model)):
-        if lazy is not None:
-            lazy.materialize(layer, lazy.compute_dtype)
+        if lazy is not None:  # onloaded to the command's --device, as the sequential driver does
+            lazy.materialize(layer, lazy.compute_dtype, lazy.device)
+            layer.to(lazy.device)
         fn(index, layer)
         if write is not None and lazy is not None:
             write(index, layer)
