@@ -98,3 +98,22 @@ def test_embedded_minilm_equals_sentence_transformers():
     assert loaded.num_parameters() == 22_713_216
     st = SentenceTransformer(str(loaded.path), device="cpu")
     assert torch.allclose(embed(loaded, SENTENCES), torch.as_tensor(st.encode(SENTENCES)), atol=1e-5)
+
+
+def test_do_lower_case_is_read_applied_and_written_back(tmp_path):
+    """sentence_bert_config.json's do_lower_case: sentence-transformers lowercases the text before
+    its tokenizer sees it; kompakt does the same, and a saved model keeps the flag."""
+    import dataclasses
+
+    from sentence_transformers import SentenceTransformer
+
+    loaded = tiny_encoder("roberta")  # a byte-level tokenizer: case reaches the model
+    upper, lower = ["The CAT sits on the MAT."], ["the cat sits on the mat."]
+    assert not torch.allclose(embed(loaded, upper), embed(loaded, lower))
+    loaded.pooling = dataclasses.replace(loaded.pooling, lower_case=True)
+    assert torch.equal(embed(loaded, upper), embed(loaded, lower))
+    save_model(loaded, tmp_path / "enc")
+    assert json.loads((tmp_path / "enc" / "sentence_bert_config.json").read_text())["do_lower_case"] is True
+    assert read_pooling(tmp_path / "enc").lower_case
+    st = SentenceTransformer(str(tmp_path / "enc"), device="cpu")
+    assert torch.allclose(torch.as_tensor(st.encode(upper)), embed(loaded, upper), atol=1e-5)

@@ -32,7 +32,7 @@ def sentence_batch(loaded: Any, sentences: list[str], n: int, max_tokens: int, s
         raise ConfigError(f"max_tokens must be positive, got {max_tokens}")
     chosen = sample_sentences(sentences, n, seed)
     limit = min(input_limit(loaded), max_tokens)
-    ids = loaded.tokenizer(chosen, truncation=True, max_length=limit)["input_ids"]
+    ids = loaded.tokenizer(loaded.pooling.texts(chosen), truncation=True, max_length=limit)["input_ids"]
     ids = sorted((row for row in ids if row), key=len, reverse=True)
     pad_id = loaded.tokenizer.pad_token_id
     return pad_sentences(ids, 0 if pad_id is None else pad_id)

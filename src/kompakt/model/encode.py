@@ -31,7 +31,8 @@ def input_limit(loaded: LoadedModel) -> int:
 def tokenize(loaded: LoadedModel, sentences: list[str]) -> dict[str, torch.Tensor]:
     """Padded, truncated model inputs for `sentences`, restricted to what the model's forward takes
     (DistilBERT and ModernBERT have no token_type_ids)."""
-    batch = loaded.tokenizer(sentences, padding=True, truncation=True, max_length=input_limit(loaded),
+    limit = input_limit(loaded)  # first: a causal LM has no pooling, and is refused in one line
+    batch = loaded.tokenizer(loaded.pooling.texts(sentences), padding=True, truncation=True, max_length=limit,
                              return_tensors="pt")  # fmt: skip
     accepted = inspect.signature(loaded.model.forward).parameters
     return {key: value.to(loaded.device) for key, value in batch.items() if key in accepted}

@@ -34,11 +34,18 @@ class Pooling:
         mode: "mean" (over non-padding tokens), "cls" (first token), "max" or "lasttoken".
         normalize: L2-normalise the pooled vector (sentence-transformers' Normalize module).
         max_seq_length: longest input in tokens; longer sentences are truncated to it.
+        lower_case: sentence-transformers lowercases the text before tokenizing it
+            (sentence_bert_config.json's do_lower_case).
     """
 
     mode: str = "mean"
     normalize: bool = False
     max_seq_length: int = 512
+    lower_case: bool = False
+
+    def texts(self, sentences: list[str]) -> list[str]:
+        """`sentences` as the tokenizer must see them (lowercased when the model says so)."""
+        return [s.lower() for s in sentences] if self.lower_case else list(sentences)
 
 
 def _read_json(path: Path) -> object:
@@ -51,15 +58,16 @@ def _read_json(path: Path) -> object:
 def read_pooling(directory: str | Path, position_limit: int = 512) -> Pooling:
     """The pooling a sentence-transformers directory declares (mean, unnormalised when absent)."""
     directory = Path(directory)
-    limit = position_limit
+    limit, lower = position_limit, False
     st_config = directory / "sentence_bert_config.json"
     if st_config.is_file():
         value = _read_json(st_config)
         if isinstance(value, dict) and isinstance(value.get("max_seq_length"), int):
             limit = min(limit, value["max_seq_length"])
+        lower = isinstance(value, dict) and value.get("do_lower_case") is True
     modules_path = directory / "modules.json"
     if not modules_path.is_file():
-        return Pooling(mode="mean", normalize=False, max_seq_length=limit)
+        return Pooling(mode="mean", normalize=False, max_seq_length=limit, lower_case=lower)
     modules = _read_json(modules_path)
     if not isinstance(modules, list):
         raise ModelFormatError(f"{modules_path} is not a list of modules; restore it from the original model")
@@ -74,7 +82,7 @@ def read_pooling(directory: str | Path, position_limit: int = 512) -> Pooling:
                 f"{directory} pools by {chosen or 'nothing'}; kompakt supports exactly one of {', '.join(POOLING_MODES)}"
             )
         mode = chosen[0]
-    return Pooling(mode=mode, normalize=_ST_NORMALIZE in types, max_seq_length=limit)
+    return Pooling(mode=mode, normalize=_ST_NORMALIZE in types, max_seq_length=limit, lower_case=lower)
 
 
 def write_sentence_files(directory: str | Path, pooling: Pooling, hidden_size: int) -> None:
@@ -90,7 +98,7 @@ def write_sentence_files(directory: str | Path, pooling: Pooling, hidden_size: i
     (directory / "1_Pooling").mkdir(exist_ok=True)
     (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2), encoding="utf-8")
     (directory / "modules.json").write_text(json.dumps(modules, indent=2), encoding="utf-8")
-    st_config = {"max_seq_length": pooling.max_seq_length, "do_lower_case": False}
+    st_config = {"max_seq_length": pooling.max_seq_length, "do_lower_case": pooling.lower_case}
     (directory / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2), encoding="utf-8")
 
 

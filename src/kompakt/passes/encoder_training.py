@@ -140,7 +140,7 @@ def distill_encoder(ctx: PassContext, config: Any, name: str) -> PassReport:
     if config.eval_every > 0:
         cut = len(sentences) - max(1, round(len(sentences) * HELDOUT_FRACTION))
         sentences, heldout = sentences[:cut], sentences[cut:]
-    batches = SentenceBatches(sentences, student.tokenizer, batch_size=config.batch_size,
+    batches = SentenceBatches(student.pooling.texts(sentences), student.tokenizer, batch_size=config.batch_size,
                               max_length=input_limit(student), seed=ctx.seed, source=source)  # fmt: skip
     steps = _steps(config, batches)
     if objective.sentence_level and steps * config.batch_size * config.grad_accum >= batches.sentences \

@@ -50,7 +50,8 @@ class EmbeddingBackend:
             InputTooLong: a text over the limit when `truncate` is False (names its index).
         """
         tokenizer, limit = self.loaded.tokenizer, self.context_length
-        full = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        texts = self.loaded.pooling.texts(list(texts))  # lowercased where the model's sentence config says so
+        full = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         out = []
         for index, ids in enumerate(full):
             if len(ids) > limit:
