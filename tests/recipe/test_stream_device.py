@@ -36,6 +36,7 @@ def needs_cuda(test):
 
 
 def test_device_choice_is_checked_in_one_line(tiny_dir, text_file, tmp_path, cli):
+    before = default_device()
     assert check_device("cpu") == "cpu" and check_device(None) == check_device("auto")
     for bad, message in [("tpu", "unknown --device 'tpu'"), ("cuda:99", "cuda")]:
         if bad.startswith("cuda") and torch.cuda.device_count() > 99:
@@ -44,6 +45,10 @@ def test_device_choice_is_checked_in_one_line(tiny_dir, text_file, tmp_path, cli
                             "--step", "quant.rtn", "--device", bad])  # fmt: skip
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+    for command in (["eval", str(tiny_dir)], ["analyze", str(tiny_dir), "--out", str(tmp_path / "analysis")]):
+        code, _, err = cli([*command, "--device", "tpu"])
+        assert code == 2 and err.strip() == "error: unknown --device 'tpu'; use auto, cpu, cuda, cuda:N or mps", err
+    assert default_device() == before  # each command's choice ended with it
 
 
 def test_lazy_model_records_the_chosen_device(tmp_path):

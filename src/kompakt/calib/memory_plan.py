@@ -104,24 +104,36 @@ class ModelShapes:
 
 @dataclass
 class StepEstimate:
-    """Predicted peak bytes (by what holds them) and seconds of one step."""
+    """Predicted peak bytes (by what holds them) and seconds of one step; on a GPU
+    (kompakt.calib.gpu_plan) also its GPU memory, and seconds None where not predicted."""
 
     step: str
-    mode: str  # "streamed" | "in memory"
+    mode: str  # "streamed" | "in memory" | "streamed on the GPU"
     parts: dict[str, int] = field(default_factory=dict)  # weights, activations, hessians, output, process
-    seconds: float = 0.0
+    seconds: float | None = 0.0
+    gpu_parts: dict[str, int] = field(default_factory=dict)  # weights, activations, caches, hessians
 
     @property
     def peak_bytes(self) -> int:
         return sum(self.parts.values())
 
+    @property
+    def peak_gpu_bytes(self) -> int:
+        return sum(self.gpu_parts.values())
+
     def line(self) -> str:
-        parts = ", ".join(f"{name} {size(n)}" for name, n in self.parts.items() if n)
-        return f"{self.step} ({self.mode}): peak ≈ {size(self.peak_bytes)} ({parts}), ≈ {duration(self.seconds)}"
+        text = f"{self.step} ({self.mode}): peak ≈ {size(self.peak_bytes)} ({_listed(self.parts)})"
+        if self.gpu_parts:
+            text += f"; GPU ≈ {size(self.peak_gpu_bytes)} ({_listed(self.gpu_parts)})"
+        return text + (f", ≈ {duration(self.seconds)}" if self.seconds is not None else ", time not predicted")
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "mode": self.mode, "peak_bytes": self.peak_bytes, "parts": dict(self.parts),
-                "seconds": self.seconds}  # fmt: skip
+                "seconds": self.seconds, "peak_gpu_bytes": self.peak_gpu_bytes, "gpu_parts": dict(self.gpu_parts)}  # fmt: skip
+
+
+def _listed(parts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {size(n)}" for name, n in parts.items() if n)
 
 
 def estimate_step(step: str, shapes: ModelShapes, *, tokens: int = 0, seq_len: int = 512, streamed: bool = False,
@@ -143,7 +155,7 @@ def estimate_step(step: str, shapes: ModelShapes, *, tokens: int = 0, seq_len: i
     parts = {
         "weights": layer if streamed else shapes.total_params * item,
         "activations": activations,
-        "hessians": _solve_bytes(shapes) + shapes.layer_params if hessians and tokens else 0,
+        "hessians": solve_bytes(shapes) + shapes.layer_params if hessians and tokens else 0,
         "output": min(FLUSH_BYTES, shapes.total_params * stored.itemsize) if streamed else 0,
         "process": PROCESS_BYTES,
     }
@@ -156,7 +168,7 @@ def estimate_step(step: str, shapes: ModelShapes, *, tokens: int = 0, seq_len: i
     return StepEstimate(step, "streamed" if streamed else "in memory", parts, seconds)
 
 
-def _solve_bytes(shapes: ModelShapes) -> int:
+def solve_bytes(shapes: ModelShapes) -> int:
     """The largest group solve (kompakt.ops.gptq): its fp32 Hessian, factorised and inverted in
     place, plus 5 bytes per weight (the fp32 rows, updated in place, and their int8 codes)."""
     return max(4 * width * width + 5 * width * rows for width, rows in shapes.linear_groups())
@@ -200,13 +212,15 @@ def minimum_bytes(shapes: ModelShapes, *, tokens: int, hessians: bool, dtype: to
 
 def check_budget(estimates: list[StepEstimate], budget: int | None, flag: str = "--max-memory") -> None:
     """ConfigError (one line, before any work) when a step does not fit `budget` bytes even
-    streamed: the budget cannot hold one layer plus its activations."""
+    streamed: the budget cannot hold one layer plus its activations. `flag` "--max-gpu-memory":
+    the steps' GPU memory is checked instead."""
     if budget is None:
         return
     for estimate in estimates:
-        if estimate.peak_bytes > budget:
+        parts = estimate.gpu_parts if flag == "--max-gpu-memory" else estimate.parts
+        if sum(parts.values()) > budget:
             raise ConfigError(
                 f"{flag} {size(budget)} cannot hold {estimate.step} {estimate.mode}: it needs ≈ "
-                f"{size(estimate.peak_bytes)} ({', '.join(f'{k} {size(v)}' for k, v in estimate.parts.items() if v)}); "
+                f"{size(sum(parts.values()))} ({_listed(parts)}); "
                 "raise the budget or use fewer calibration blocks (data.calibration_blocks)"
             )

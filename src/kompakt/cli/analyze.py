@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kompakt.cli.device import device_option, on_device
+
 HELP = "Analyse a model: parameter breakdown, layer / head / channel importance, quantization sensitivity."
 
 
@@ -121,6 +123,7 @@ def _default_out(name: str) -> Path:
     return Path(f"analysis-{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'model'}")
 
 
+@on_device
 def analyze_command(
     model: Optional[str] = typer.Argument(None, help="HF directory, .gguf file, embedded name or hub id (default: smollm2-135m)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Text (txt, jsonl, parquet, HF dataset dir); default: self-generated."),
@@ -137,6 +140,7 @@ def analyze_command(
     eval_sentences: int = typer.Option(64, "--eval-sentences", help="Encoders: held-out sentences (the last N)."),
     per_linear: bool = typer.Option(False, "--per-linear", help="Encoders: also quantize each Linear alone (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (without per-channel arrays), to stdout."),
+    device: str = device_option(),
 ) -> None:
     """Analyse a model: parameter breakdown, layer / head / channel importance, quantization sensitivity."""
     from kompakt.analyze import analyze

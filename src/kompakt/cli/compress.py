@@ -10,6 +10,7 @@ from rich import get_console
 from rich.live import Live
 from rich.table import Table
 
+from kompakt.cli.device import device_option, on_device
 from kompakt.units import duration
 
 HELP = "Shrink a model: to a --target with an automatic plan (default size=4x,max-kl=0.15), or by --recipe / --step."
@@ -35,6 +36,7 @@ def _table(baseline: dict, records: list[dict]) -> Table:
     return table
 
 
+@on_device
 def compress_command(
     model: Optional[str] = typer.Argument(None, help="HF directory, .gguf file or embedded name (default: the embedded model)."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Goal and floor, e.g. size=4x | params=0.5 | bytes=300MB | speed=3x, max-kl=0.15 (default size=4x,max-kl=0.15)."),
@@ -47,18 +49,15 @@ def compress_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (overrides the recipe's)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory of another recipe or model."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RAM budget, e.g. 6GB: a larger model runs streamed, one layer at a time (--recipe / --step); with --plan-only each step's predicted peak memory and time are printed and checked against it."),
-    device: str = typer.Option("auto", "--device", help="Where to compute: auto (a GPU when there is one), cpu, cuda, cuda:N, mps. A streamed model's layers are onloaded to it one at a time."),
+    device: str = device_option("A model larger than --max-memory is onloaded to it one decoder layer at a time."),
+    max_gpu_memory: Optional[str] = typer.Option(None, "--max-gpu-memory", help="GPU memory budget, e.g. 8GB, for a streamed run on a GPU (--max-memory below the model's size): checked against each step's predicted peak before any work (with --plan-only too)."),
 ) -> None:
     """Shrink a model: to a --target with an automatic plan, or by a --recipe / --step list."""
-    from kompakt.model.device import use_device
-
-    with use_device(device):  # an unusable device is a one-line error before anything is opened
-        _compress(model, target, budget, plan_only, recipe, step, data, out, seed, force, max_memory)
-
-
-def _compress(model, target, budget, plan_only, recipe, step, data, out, seed, force, max_memory) -> None:
     from kompakt.errors import ConfigError
+    from kompakt.model.device import default_device
 
+    if max_gpu_memory is not None and not default_device().startswith("cuda"):
+        raise ConfigError("--max-gpu-memory budgets a GPU: run on one (--device cuda) or drop it")
     if recipe is None and not step:
         if max_memory is not None:
             raise ConfigError("--max-memory streams --recipe / --step runs; --target plans load the model whole, "
@@ -69,11 +68,11 @@ def _compress(model, target, budget, plan_only, recipe, step, data, out, seed, f
     if target is not None or budget is not None:
         raise ConfigError("--target / --budget plan a recipe themselves; drop --recipe and --step")
     if plan_only:
-        _memory_plan(model, recipe, step or [], data, seed, max_memory)
+        _memory_plan(model, recipe, step or [], data, seed, max_memory, max_gpu_memory)
         return
     if out is None:
         raise ConfigError("--out is required with --recipe or --step: give the run directory")
-    _recipe(model, recipe, step or [], data, out, seed, force, max_memory)
+    _recipe(model, recipe, step or [], data, out, seed, force, max_memory, max_gpu_memory)
 
 
 def _live_steps(console):
@@ -100,7 +99,9 @@ def _live_steps(console):
     return on_step, live
 
 
-def _recipe(model, recipe, steps, data, out, seed, force, max_memory=None) -> None:
+def _recipe(model, recipe, steps, data, out, seed, force, max_memory=None, max_gpu_memory=None) -> None:
+    from kompakt.calib.memory_plan import check_budget
+    from kompakt.recipe.budget import plan_memory
     from kompakt.recipe.compose import compose_recipe
     from kompakt.recipe.runner import run_recipe
     from kompakt.units import parse_memory
@@ -108,6 +109,8 @@ def _recipe(model, recipe, steps, data, out, seed, force, max_memory=None) -> No
     plan = compose_recipe(recipe=recipe, steps=steps, model=model, data=data, seed=seed)
     plan.validate()  # one-line ConfigError before any weights are loaded
     max_memory = parse_memory(max_memory)  # a bad size is a one-line error before anything is opened
+    if max_gpu_memory is not None:  # a step the GPU cannot hold: one line before any work
+        check_budget(plan_memory(plan, max_memory, check=False), parse_memory(max_gpu_memory), "--max-gpu-memory")
     console = get_console()  # the console progress bars use, so they nest under the live table
     on_step, live = _live_steps(console)
     if live is None:
@@ -120,7 +123,7 @@ def _recipe(model, recipe, steps, data, out, seed, force, max_memory=None) -> No
                   highlight=False, soft_wrap=True)  # fmt: skip
 
 
-def _memory_plan(model, recipe, steps, data, seed, max_memory) -> None:
+def _memory_plan(model, recipe, steps, data, seed, max_memory, max_gpu_memory=None) -> None:
     """--plan-only with a recipe: each step's predicted peak memory and time (kompakt.recipe.budget)."""
     from kompakt.recipe.budget import plan_memory
     from kompakt.recipe.compose import compose_recipe
@@ -128,7 +131,7 @@ def _memory_plan(model, recipe, steps, data, seed, max_memory) -> None:
     plan = compose_recipe(recipe=recipe, steps=steps, model=model, data=data, seed=seed)
     plan.validate()
     console = get_console()
-    estimates = plan_memory(plan, max_memory)  # one-line ConfigError when a step cannot fit
+    estimates = plan_memory(plan, max_memory, max_gpu_memory=max_gpu_memory)  # one-line ConfigError when a step cannot fit
     console.print("predicted per step (from the model's shapes and a measured matrix-multiply rate):", highlight=False)
     for estimate in estimates:
         console.print(f"  {estimate.line()}", highlight=False, soft_wrap=True, markup=False)

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kompakt.cli.device import device_option, on_device
 from kompakt.errors import ConfigError
 
 HELP = (
@@ -118,6 +119,7 @@ def _encoder_table(result: dict) -> Table:
     return table
 
 
+@on_device
 def eval_command(
     model: Optional[str] = typer.Argument(None, help="HF directory, .gguf file, embedded name or hub id (default: smollm2-135m)."),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Original model to compare against (KL, top-1)."),
@@ -130,6 +132,7 @@ def eval_command(
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only, to stdout."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="RAM the evaluation may use, e.g. 6GB: a model whose fp32 weights do not fit is run layer by layer over all windows (same numbers; needs --data; no speed)."),
+    device: str = device_option("A model evaluated layer by layer (--max-memory) computes on the CPU."),
 ) -> None:
     """Measure a model: perplexity, KL / top-1 vs a reference, size, peak memory, speed.
 

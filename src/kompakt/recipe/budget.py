@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kompakt.calib.gpu_plan import estimate_gpu_step
 from kompakt.calib.memory_plan import ModelShapes, StepEstimate, check_budget, estimate_step, measure_flops
 from kompakt.recipe.schema import Recipe
 from kompakt.units import parse_memory
@@ -27,9 +28,11 @@ HESSIAN_PASSES = ("quant.gptq", "prune.sparse")
 
 
 def plan_memory(recipe: Recipe, max_memory: int | str | None = None, *, check: bool = True,
-                dtype: torch.dtype = torch.float32) -> list[StepEstimate]:  # fmt: skip
+                dtype: torch.dtype = torch.float32, max_gpu_memory: int | str | None = None) -> list[StepEstimate]:  # fmt: skip
     """One StepEstimate per step of `recipe` (module docstring); with `check`, ConfigError when
-    a step does not fit the budget even streamed, or needs the whole model and the run streams."""
+    a step does not fit the budget even streamed, or needs the whole model and the run streams.
+    Streamed steps on a GPU (the command's --device, kompakt.model.device) are estimated as
+    kompakt.calib.gpu_plan predicts them, and checked against `max_gpu_memory` too."""
     from kompakt.model.lazy import open_lazy
     from kompakt.model.load import resolve_model
     from kompakt.recipe.stream_step import must_spill, must_stream, refuse_unstreamable
@@ -47,11 +50,18 @@ def plan_memory(recipe: Recipe, max_memory: int | str | None = None, *, check: b
         if streamed and check:
             refuse_unstreamable(spec, lazy, budget)  # type: ignore[arg-type]
         tokens = recipe.data.calibration_blocks * recipe.data.block_len
-        estimates.append(_estimate(f"{index} {step.name}", spec, step.name, recipe, shapes, streamed and spec.streams,
+        label = f"{index} {step.name}"
+        if streamed and spec.streams and lazy.device.type != "cpu":  # layers onloaded to the GPU
+            estimates.append(estimate_gpu_step(label, shapes, tokens=tokens if spec.needs_calibration else 0,
+                                               hessians=step.name in HESSIAN_PASSES, compute=lazy.compute_dtype,
+                                               stored=lazy.storage_dtype))  # fmt: skip
+            continue
+        estimates.append(_estimate(label, spec, step.name, recipe, shapes, streamed and spec.streams,
                                    dtype, lazy.storage_dtype, flops, must_spill(lazy, budget, tokens),
                                    getattr(step.spec_and_config()[1], "batch_size", 8)))  # fmt: skip
     if check:
         check_budget(estimates, budget)
+        check_budget(estimates, parse_memory(max_gpu_memory), "--max-gpu-memory")
     return estimates
 
 
