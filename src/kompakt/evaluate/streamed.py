@@ -36,8 +36,9 @@ import torch
 from kompakt.atomic import check_room
 from kompakt.calib.capture import _pass_through, capture_layer_inputs, layer_output
 from kompakt.errors import ConfigError
-from kompakt.evaluate.fidelity import FidelityResult, _Totals
+from kompakt.evaluate.fidelity import FidelityResult, _Totals, _windows_for
 from kompakt.evaluate.perplexity import PerplexityResult, forward_logits, room_for_window, window_prefix
+from kompakt.evaluate.topk import TOP_K, TopK
 from kompakt.evaluate.windows import Window, batch_inputs, batches, check_window, plan_windows, prepare_ids, row_log_probs
 from kompakt.model.arch import decoder_layers
 from kompakt.process_memory import return_freed_memory
@@ -136,6 +137,16 @@ def scored_log_probs(model: Any, flat: torch.Tensor, windows: list[Window], pref
                 for positions, log_probs in row_log_probs(logits[row], item):
                     yield targets[positions], log_probs.cpu()
             del logits
+
+
+def streamed_reference_topk(reference: Any, ids: torch.Tensor, *, window: int = 512, stride: int | None = None,
+                            max_tokens: int | None = None, batch_size: int = 4, k: int = TOP_K) -> TopK:  # fmt: skip
+    """kompakt.evaluate.fidelity.reference_topk of a reference opened lazily: its distributions on
+    the positions `fidelity_topk` scores, kept at top-k, computed layer by layer."""
+    _, prefix, _, flat, windows = _windows_for(reference, ids, window, stride, max_tokens)
+    # log-probabilities: from_logits normalises them again, unchanged
+    return TopK.cat([TopK.from_logits(log_probs, targets, k)
+                     for targets, log_probs in scored_log_probs(reference, flat, windows, prefix, batch_size)])  # fmt: skip
 
 
 def _lazy(model: Any):

@@ -6,7 +6,10 @@ what pruning took away.
 Loss (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"; as DistilBERT, Sanh
 et al. 2019): α·T²·D(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α)·cross-entropy on the
 real next tokens, D = forward KL (default), reverse KL (MiniLLM, Gu et al. 2024) or JSD;
-`top_k` keeps only the teacher's k largest logits per position. `hidden_weight` > 0 adds a
+`top_k` keeps only the teacher's k largest logits per position; with `teacher_cache` they are
+computed for every training batch before training, layer by layer for a teacher larger than
+--max-memory (kompakt.train.teacher_cache), and the teacher is not run while the student trains.
+`hidden_weight` > 0 adds a
 TinyBERT-style (Jiao et al. 2020) MSE between student layer outputs and the teacher layers
 they map to (`layer_map`, default uniform), through a learned projection when the widths
 differ (width-pruned students).
@@ -43,14 +46,20 @@ Sample recipe steps::
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kompakt.errors import ConfigError
 from kompakt.model.quantized import is_quantized
 from kompakt.ops.kd_losses import HiddenProjection
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
-from kompakt.passes.train_common import KDFields, TrainingConfig, layer_pairs, model_width, prepare, run
+from kompakt.evaluate.api import is_streamed
+from kompakt.passes.train_common import KDFields, TrainingConfig, evaluator_topk, layer_pairs, model_width, prepare, run
 from kompakt.train.objectives import DistillObjective
+from kompakt.train.teacher_cache import TeacherCache, build_teacher_cache, rank_positions
 
 NAME = "distill.kd"
 
@@ -69,10 +78,16 @@ class DistillConfig(TrainingConfig, KDFields):
     relation_weight: float = field(default=0.0, metadata=doc("encoders: weight of the last-layer q/k/v relation KL (MiniLM v2)"))
     relation_heads: int | None = field(default=None, metadata=doc("encoders: relation heads of relation_weight (null = the teacher's heads)"))
     sentences: int | None = field(default=None, metadata=doc("encoders: training sentences (budget; steps = sentences / (batch_size*grad_accum))"))
+    teacher_cache: bool = field(default=False, metadata=doc("run the teacher over every training batch first and keep its "
+                                                            "top_k logits on disk: it is not run, nor needed in memory, "
+                                                            "while the student trains (needs top_k)"))  # fmt: skip
 
     def validate(self) -> None:
         self.validate_training(NAME)
         self.validate_kd(NAME)
+        if self.teacher_cache and (self.top_k is None or self.hidden_weight > 0):
+            raise ConfigError(f"{NAME}: teacher_cache keeps the teacher's top_k logits only: set top_k (e.g. 64) "
+                              "and leave hidden_weight at 0")  # fmt: skip
         if self.hidden_weight < 0:
             raise ConfigError(f"{NAME}: hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.layer_map is not None and not all(isinstance(p, list) and len(p) == 2 for p in self.layer_map):
@@ -107,19 +122,53 @@ def apply(ctx: PassContext, config: DistillConfig) -> PassReport:
     if getattr(ctx.loaded, "is_encoder", False):
         from kompakt.passes.encoder_training import distill_encoder
 
+        if config.teacher_cache:
+            raise ConfigError(f"{NAME}: teacher_cache is for language models; an encoder's teacher embeddings "
+                              "are cached without it")  # fmt: skip
+
         return distill_encoder(ctx, config, NAME)
     from kompakt.passes.encoder_training import check_decoder_config
 
     check_decoder_config(config, NAME)
     prepared = prepare(ctx, config, NAME)
+    if is_streamed(prepared.teacher) and not config.teacher_cache:
+        raise ConfigError(f"{NAME}: teacher {prepared.teacher.name} does not fit --max-memory beside the student; "
+                          "set teacher_cache: true and top_k (its logits are computed first, layer by layer)")  # fmt: skip
     objective = objective_for(config, prepared.teacher.model, ctx.loaded.model, config.hidden_weight, config.layer_map)
-    result = run(ctx, config, NAME, ctx.loaded.model, objective, prepared)
+    with _scratch(ctx) as directory:
+        evaluate = None
+        if config.teacher_cache:  # the teacher runs now, once per training batch, then never while the student trains
+            objective.teacher, objective.cache = None, _teacher_cache(ctx, config, prepared, directory)
+            evaluate = evaluator_topk(prepared.teacher, prepared.heldout)
+        result = run(ctx, config, NAME, ctx.loaded.model, objective, prepared, evaluate)
     history = result.history
     summary = (f"KD alpha={config.alpha:g} T={config.temperature:g} {config.divergence}: {result.tokens} tokens, "
                f"{result.steps} steps, {result.tokens_per_s:.0f} tok/s; loss {history[0]['loss']:.3f} -> "
                f"{history[-1]['loss']:.3f}" if history else f"KD: nothing left to train ({result.steps} steps)")  # fmt: skip
-    details = {**result.summary(), "data": prepared.data.source, "teacher": prepared.teacher.name}
+    details = {**result.summary(), "data": prepared.data.source, "teacher": prepared.teacher.name,
+               "teacher_cache": config.teacher_cache}  # fmt: skip
     return PassReport(loaded=ctx.loaded, summary=summary, details=details)
+
+
+def _teacher_cache(ctx: PassContext, config: DistillConfig, prepared, directory: Path) -> TeacherCache:
+    """The teacher's top_k of every micro-batch this process will train on (kompakt.train.teacher_cache)."""
+    from kompakt.train.distributed import process_count, process_index
+
+    loop = config.loop_config(ctx.seed)
+    count = process_count()
+    positions = rank_positions(loop.total_steps(count) * loop.grad_accum, count, process_index())
+    return build_teacher_cache(prepared.teacher, prepared.batches, positions, config.top_k, directory)
+
+
+@contextmanager
+def _scratch(ctx: PassContext) -> Iterator[Path]:
+    """Where the teacher cache lives: the step's work folder (kept by a killed run, so a resumed one
+    computes only what is missing; removed with the step), else a temporary folder."""
+    if ctx.work_dir is not None:
+        yield Path(ctx.work_dir) / "teacher-topk"
+        return
+    with tempfile.TemporaryDirectory(prefix="kompakt-teacher-") as temp:
+        yield Path(temp)
 
 
 PASS = PassSpec(name=NAME, config=DistillConfig, apply=apply, needs_teacher=True, needs_training=True,

@@ -144,7 +144,11 @@ def prepare(ctx: PassContext, config: TrainingConfig, name: str, *, answer_only:
     check_same_vocab(teacher, ctx.loaded, name)
     loop = config.loop_config(ctx.seed)
     needed = loop.total_steps() * loop.tokens_per_step()
-    data = ctx.training_data(config.data, needed, answer_only=answer_only, generator=teacher)
+    from kompakt.evaluate.api import is_streamed
+
+    # a teacher opened layer by layer cannot sample text: the run's original writes it then
+    data = ctx.training_data(config.data, needed, answer_only=answer_only,
+                             generator=None if is_streamed(teacher) else teacher)  # fmt: skip
     heldout = None
     if config.eval_every > 0:
         if ctx.evaluation is not None:
@@ -174,6 +178,26 @@ def evaluator(teacher: LoadedModel, heldout: torch.Tensor | None):
     return evaluate
 
 
+def evaluator_topk(teacher: LoadedModel, heldout: torch.Tensor | None):
+    """`evaluator`'s numbers against the teacher's top-k distributions on the held-out ids, computed
+    now (layer by layer for a teacher opened lazily), so evaluating needs no teacher afterwards."""
+    if heldout is None:
+        return None
+    from kompakt.evaluate.api import is_streamed
+    from kompakt.evaluate.fidelity import fidelity_topk, reference_topk
+    from kompakt.evaluate.streamed import streamed_reference_topk
+
+    window = min(EVAL_WINDOW, int(heldout.numel()))
+    topk = streamed_reference_topk if is_streamed(teacher) else reference_topk
+    reference = topk(teacher, heldout, window=window)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        result = fidelity_topk(reference, model, heldout, window=window)
+        return {"ppl": result.ppl_candidate, "kl": result.kl_mean, "top1": result.top1}
+
+    return evaluate
+
+
 def identity(ctx: PassContext, name: str, config: Any, data: TrainData) -> str:
     """What a checkpoint of this step must match: the step (or model), pass, config and data."""
     from kompakt.rundir.hashing import digest
@@ -185,10 +209,11 @@ def identity(ctx: PassContext, name: str, config: Any, data: TrainData) -> str:
 
 
 def run(ctx: PassContext, config: TrainingConfig, name: str, model: torch.nn.Module, objective: Any,
-        prepared: Prepared) -> TrainResult:  # fmt: skip
-    """Train `model` with `objective` on the prepared data (resuming a checkpoint of this step)."""
+        prepared: Prepared, evaluate=None) -> TrainResult:  # fmt: skip
+    """Train `model` with `objective` on the prepared data (resuming a checkpoint of this step);
+    `evaluate`: the held-out evaluation (default `evaluator` against the teacher)."""
     return train(
         model, prepared.batches, objective, config.loop_config(ctx.seed),
-        evaluate=evaluator(prepared.teacher, prepared.heldout),
+        evaluate=evaluate or evaluator(prepared.teacher, prepared.heldout),
         checkpoint_dir=ctx.checkpoint_dir, identity=identity(ctx, name, config, prepared.data), description=name,
     )  # fmt: skip

@@ -220,9 +220,10 @@ def _checkpoint_name(step: _Planned) -> str:
     return f".ckpt-{layout.step_dir_name(step.index, step.name)}-{step.hash[:16]}"
 
 
-def _teacher_loader(original: LoadedModel) -> Callable[[str | None], LoadedModel]:
-    """`teacher(path)`: the original for None, else the model at path, loaded once per run."""
-    from kompakt.model.load import load
+def _teacher_loader(original: LoadedModel, max_memory: int | None = None) -> Callable[[str | None], LoadedModel]:
+    """`teacher(path)`: the original for None, else the model at path, loaded once per run; one
+    larger than `max_memory` is opened lazily (distill.kd then needs teacher_cache)."""
+    from kompakt.evaluate.api import open_within
 
     loaded: dict[str, LoadedModel] = {}
 
@@ -230,7 +231,7 @@ def _teacher_loader(original: LoadedModel) -> Callable[[str | None], LoadedModel
         if path is None:
             return original
         if path not in loaded:
-            loaded[path] = load(path)
+            loaded[path] = open_within(path, max_memory)
         return loaded[path]
 
     return teacher
@@ -272,7 +273,7 @@ def _run_step(step: _Planned, current: LoadedModel, original: LoadedModel, data:
         work.mkdir(parents=True, exist_ok=True)
         try:
             ctx = PassContext(loaded=current, original=lambda: original, calibration=data.calibration,
-                              seed=seed, work_dir=work, teacher=_teacher_loader(original), training=data.training,
+                              seed=seed, work_dir=work, teacher=_teacher_loader(original, max_memory), training=data.training,
                               sentences=data.sentences,
                               evaluation=data.evaluation, checkpoint_dir=out / "steps" / _checkpoint_name(step),
                               run_id=step.hash)  # fmt: skip

@@ -20,6 +20,11 @@ def process_index() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def process_count() -> int:
+    """How many processes train together (1 when not launched by accelerate / torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def setup_process_device() -> None:
     """Make "cuda" mean this process's GPU, so every model it loads lands there."""
     local = os.environ.get("LOCAL_RANK")

@@ -3,7 +3,9 @@ its α = 0 case) and an optional hidden-state term.
 
 The teacher runs once per micro-batch under no_grad, before the student, and its logits are
 used for that batch only (nothing recomputed, nothing kept across batches); with `top_k` only
-the k largest logits per position are kept while the student runs.
+the k largest logits per position are kept while the student runs. With a `cache`
+(kompakt.train.teacher_cache) the teacher's top-k of each batch is read from disk instead: the
+teacher does not run during training at all.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from kompakt.ops.kd_losses import HiddenProjection, TopK, hidden_state_loss, kd_loss, shift_for_next_token
+from kompakt.train.teacher_cache import TeacherCache
 
 
 @dataclass
@@ -28,15 +31,22 @@ class DistillObjective:
     hidden_weight: float = 0.0
     layer_map: list[tuple[int, int]] = field(default_factory=list)
     projection: HiddenProjection | None = None
+    cache: TeacherCache | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache is not None and self.hidden_weight > 0:
+            raise ValueError("a teacher cache holds top-k logits only, not hidden states")
 
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"projection": self.projection} if self.projection is not None else {}
 
     @property
     def uses_teacher(self) -> bool:
-        return self.teacher is not None and (self.alpha > 0 or self.hidden_weight > 0)
+        return (self.teacher is not None or self.cache is not None) and (self.alpha > 0 or self.hidden_weight > 0)
 
     def _teacher(self, ids: torch.Tensor, hidden: bool):
+        if self.cache is not None:
+            return self.cache.lookup(ids), None
         device = next(self.teacher.parameters()).device
         with torch.no_grad():
             out = self.teacher(input_ids=ids.to(device), use_cache=False, output_hidden_states=hidden)
