@@ -175,9 +175,9 @@ def test_a_gpu_budget_below_one_layer_is_one_line(tmp_path, cli):
     from kompakt.calib.gpu_plan import estimate_gpu_step
 
     step = estimate_gpu_step("1 quant.gptq", _llama_7b_shapes(), tokens=16 * 512, hessians=True)
-    check_budget([step], 3 * 10**9, "--max-gpu-memory")  # fits
+    check_budget([step], 3 * 10**9, gpu=True)  # fits
     with pytest.raises(ConfigError, match=r"--max-gpu-memory 1 GB cannot hold 1 quant.gptq streamed on the GPU"):
-        check_budget([step], 10**9, "--max-gpu-memory")
+        check_budget([step], 10**9, gpu=True)
     code, _, err = cli(["compress", "--step", "quant.rtn", "--out", str(tmp_path / "run"), "--device", "cpu",
                         "--max-gpu-memory", "8GB"])  # fmt: skip
     assert code == 2 and "--max-gpu-memory budgets a GPU" in err and len(err.strip().splitlines()) == 1

@@ -210,14 +210,15 @@ def minimum_bytes(shapes: ModelShapes, *, tokens: int, hessians: bool, dtype: to
     return estimate_step("", shapes, tokens=tokens, streamed=True, hessians=hessians, dtype=dtype, flops=1.0).peak_bytes
 
 
-def check_budget(estimates: list[StepEstimate], budget: int | None, flag: str = "--max-memory") -> None:
+def check_budget(estimates: list[StepEstimate], budget: int | None, *, gpu: bool = False) -> None:
     """ConfigError (one line, before any work) when a step does not fit `budget` bytes even
-    streamed: the budget cannot hold one layer plus its activations. `flag` "--max-gpu-memory":
-    the steps' GPU memory is checked instead."""
+    streamed: the budget cannot hold one layer plus its activations. `gpu`: the steps' GPU memory
+    is checked against --max-gpu-memory instead of their RAM against --max-memory."""
     if budget is None:
         return
+    flag = "--max-gpu-memory" if gpu else "--max-memory"
     for estimate in estimates:
-        parts = estimate.gpu_parts if flag == "--max-gpu-memory" else estimate.parts
+        parts = estimate.gpu_parts if gpu else estimate.parts
         if sum(parts.values()) > budget:
             raise ConfigError(
                 f"{flag} {size(budget)} cannot hold {estimate.step} {estimate.mode}: it needs ≈ "

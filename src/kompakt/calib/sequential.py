@@ -373,8 +373,7 @@ def run_sequential(
                 progress.advance(task)
                 continue
             if lazy is not None:
-                lazy.materialize(layer, lazy.compute_dtype, lazy.device)
-                layer.to(lazy.device)  # its buffers too
+                lazy.onload(layer)
             caches = None if spill_dir is not None else LayerCaches(layer, spec, verified)
             with caches.installed() if caches is not None else nullcontext():
                 for phase in phases if index in wanted else ():

@@ -110,7 +110,7 @@ def _recipe(model, recipe, steps, data, out, seed, force, max_memory=None, max_g
     plan.validate()  # one-line ConfigError before any weights are loaded
     max_memory = parse_memory(max_memory)  # a bad size is a one-line error before anything is opened
     if max_gpu_memory is not None:  # a step the GPU cannot hold: one line before any work
-        check_budget(plan_memory(plan, max_memory, check=False), parse_memory(max_gpu_memory), "--max-gpu-memory")
+        check_budget(plan_memory(plan, max_memory, check=False), parse_memory(max_gpu_memory), gpu=True)
     console = get_console()  # the console progress bars use, so they nest under the live table
     on_step, live = _live_steps(console)
     if live is None:

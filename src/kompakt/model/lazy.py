@@ -233,6 +233,11 @@ class LazyModel:
         self.peak_numel = max(self.peak_numel, self.live_numel)
         return module
 
+    def onload(self, module: nn.Module) -> nn.Module:
+        """Materialise `module` (a decoder layer) in the compute dtype on `device`, where the streamed
+        passes run it; its buffers go there too."""
+        return self.materialize(module, self.compute_dtype, self.device).to(self.device)
+
     def _read(self, entry: TensorEntry, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
         from safetensors import SafetensorError, safe_open
 

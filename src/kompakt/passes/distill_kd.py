@@ -53,10 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kompakt.errors import ConfigError
+from kompakt.evaluate.api import is_streamed
 from kompakt.model.quantized import is_quantized
 from kompakt.ops.kd_losses import HiddenProjection
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
-from kompakt.evaluate.api import is_streamed
 from kompakt.passes.train_common import KDFields, TrainingConfig, evaluator_topk, layer_pairs, model_width, prepare, run
 from kompakt.train.objectives import DistillObjective
 from kompakt.train.teacher_cache import TeacherCache, build_teacher_cache, rank_positions
@@ -162,10 +162,12 @@ def _teacher_cache(ctx: PassContext, config: DistillConfig, prepared, directory:
 
 @contextmanager
 def _scratch(ctx: PassContext) -> Iterator[Path]:
-    """Where the teacher cache lives: the step's work folder (kept by a killed run, so a resumed one
-    computes only what is missing; removed with the step), else a temporary folder."""
-    if ctx.work_dir is not None:
-        yield Path(ctx.work_dir) / "teacher-topk"
+    """Where the teacher cache lives: the step's checkpoint folder, which a killed run keeps (the
+    runner removes its work folder on the next start), so a resumed step computes only what is
+    missing; the folder goes once the step is saved. Else the work folder, else a temporary one."""
+    base = ctx.checkpoint_dir or ctx.work_dir
+    if base is not None:
+        yield Path(base) / "teacher-topk"
         return
     with tempfile.TemporaryDirectory(prefix="kompakt-teacher-") as temp:
         yield Path(temp)

@@ -55,8 +55,7 @@ def each_layer(ctx: PassContext, fn: LayerFn, done: Any = None) -> None:
     lazy = None if ctx.stream is None else ctx.stream.lazy
     for index, layer in enumerate(decoder_layers(ctx.loaded.model)):
         if lazy is not None:  # onloaded to the command's --device, as the sequential driver does
-            lazy.materialize(layer, lazy.compute_dtype, lazy.device)
-            layer.to(lazy.device)
+            lazy.onload(layer)
         fn(index, layer)
         if write is not None and lazy is not None:
             write(index, layer)

@@ -61,7 +61,7 @@ def plan_memory(recipe: Recipe, max_memory: int | str | None = None, *, check: b
                                    getattr(step.spec_and_config()[1], "batch_size", 8)))  # fmt: skip
     if check:
         check_budget(estimates, budget)
-        check_budget(estimates, parse_memory(max_gpu_memory), "--max-gpu-memory")
+        check_budget(estimates, parse_memory(max_gpu_memory), gpu=True)
     return estimates
 
 
