@@ -72,6 +72,24 @@ def wiki_sentences(name: str, limit: int | None = None) -> list[str]:
     return sentences[:limit] if limit else sentences
 
 
+def word_windows(name: str, n: int, seed: int = 0, shortest: int = 5, longest: int = 48) -> list[str]:
+    """`n` extra training texts: windows of shortest..longest words at random places in the
+    paragraphs of `name` (crossing sentence boundaries, as independent cropping does in
+    contrastive pre-training), so a small corpus gives the student many more distinct inputs."""
+    import random
+
+    text = (DATA / name).read_text(encoding="utf-8").replace(" <unk>", "")
+    paragraphs = [line.split() for line in text.splitlines() if len(line.split()) >= shortest and not line.strip().startswith("=")]
+    weights = [len(words) for words in paragraphs]
+    rng, out = random.Random(seed), {}
+    while len(out) < n:
+        words = rng.choices(paragraphs, weights)[0]
+        length = rng.randint(shortest, min(longest, len(words)))
+        start = rng.randint(0, len(words) - length)
+        out.setdefault(" ".join(words[start : start + length]), None)
+    return list(out)
+
+
 def sentences_per_s(loaded, sentences: list[str], batch_size: int = 32) -> float:
     from kompakt.recipe.encoder_measure import sentences_per_s as measure
 
@@ -133,17 +151,21 @@ def distill(teacher, student, train: list[str], steps: int):
 def kd_steps(teacher, train: list[str], cpu_budget_s: float, spent_s: float) -> tuple[int, float]:
     """(steps, CPU s per step). distill.kd caches the teacher's embeddings of the training
     sentences (one teacher pass, then a step is the student's forward and backward only): that
-    pass is estimated from 256 sentences, a step from TIMED_STEPS timed steps on as many batches
+    pass is estimated from 256 sentences, a step from the difference of two timed runs (TIMED_STEPS and 3x as many batches
     of sentences (cached the same way) of a throwaway student, and the rest of the budget divided."""
     from kompakt.model.encode import embed
 
     started = time.process_time()
     embed(teacher, train[:BLOCK_SENTENCES])
     cache_s = (time.process_time() - started) * len(train) / BLOCK_SENTENCES
-    student = every_other(teacher)
-    timed = time.process_time()
-    distill(teacher, student, train[: TIMED_STEPS * KD["batch_size"]], TIMED_STEPS)
-    per_step = (time.process_time() - timed) / TIMED_STEPS  # includes the loop's setup: errs on the safe side
+    def timed_run(steps: int) -> float:
+        timed = time.process_time()
+        distill(teacher, every_other(teacher), train[: steps * KD["batch_size"]], steps)
+        return time.process_time() - timed
+
+    # the marginal cost of a step: two runs of different length, so the loop's setup cancels out
+    # (one run of TIMED_STEPS counted it in every step and left half of the budget unused)
+    per_step = (timed_run(3 * TIMED_STEPS) - timed_run(TIMED_STEPS)) / (2 * TIMED_STEPS)
     left = cpu_budget_s - spent_s - (time.process_time() - started) - 60  # evaluation and saving after
     cached = int((left - cache_s) / per_step)
     if cached * KD["batch_size"] >= len(train):  # distill.kd caches only when every sentence is seen
@@ -238,6 +260,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="CPU-minutes for the whole student (prune + KD)")
     parser.add_argument("--eval-sentences", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--crops", type=int, default=0, help="extra training texts: random word windows of the training text")
     parser.add_argument("--no-onnx", action="store_true", help="skip the student's ONNX rows")
     parser.add_argument("--out", type=Path, default=RESULTS / "encoders.json")
     args = parser.parse_args()
@@ -250,6 +273,7 @@ def main() -> None:
     teacher = load("all-minilm-l6-v2")
     evaluation = wiki_sentences("wiki.test.raw", args.eval_sentences)
     train = wiki_sentences("wiki.valid.tokens")
+    train += word_windows("wiki.valid.tokens", args.crops) if args.crops else []
     teacher_emb = embed(teacher, evaluation)
     student_cpu = time.process_time()
     steps, per_step = kd_steps(teacher, train, args.minutes * 60, 0.0)
@@ -279,7 +303,8 @@ def main() -> None:
     result = {
         "bench": "encoders", "model": "all-minilm-l6-v2", "threads": args.threads, "machine": platform.processor() or platform.machine(),
         "evaluation": f"first {len(evaluation)} sentences of WikiText-2 test (wiki.test.raw), kompakt.data.sentences rule",
-        "training": f"{len(train)} WikiText-2 validation sentences (wiki.valid.tokens, ' <unk>' removed)",
+        "training": f"{len(train)} WikiText-2 validation sentences (wiki.valid.tokens, ' <unk>' removed)"
+                    + (f", {args.crops} of them random windows of 5-48 words" if args.crops else ""),
         "student_init": how, "kd": {**KD, "steps": steps, "cpu_s_per_step": round(per_step, 2)},
         "budget_cpu_minutes": args.minutes, "student_cpu_minutes": round(cpu_minutes, 2),
         "total_cpu_minutes": round((time.process_time() - started_cpu) / 60, 2),

@@ -10,6 +10,12 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# pytest-xdist workers (make test runs two) share the cores: a test's torch threads and a CLI it
+# runs in a subprocess get this process's share (cores this process may use, not the host's)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+CORE_SHARE = max(1, len(os.sched_getaffinity(0)) // WORKERS) if hasattr(os, "sched_getaffinity") else 1
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(CORE_SHARE))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "wikitext2"
@@ -36,6 +42,22 @@ def _module_temp_dirs_removed(tmp_path_factory):
     for path in set(base.iterdir()) - before:
         if not path.name.startswith(("session-", "test_")):
             shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads(request):
+    """One torch thread for the tiny models (their small matmuls and column-by-column solvers run
+    faster on one); the tests marked slow (the embedded real models) get this worker's share of
+    the cores: more threads than cores make OpenMP's spinning threads wait on each other and a
+    test many times slower. Restored after each test, so no test's own choice leaks into the ones
+    after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    slow = request.node.get_closest_marker("slow") is not None
+    torch.set_num_threads(CORE_SHARE if slow else 1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -107,8 +107,7 @@ def test_prediction_error_on_the_embedded_models(name, tmp_path):
     from kompakt.recipe.rundata import RunData
     from kompakt.recipe.schema import DataSpec
 
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(2)
+    pytest.importorskip("torch")
     loaded = load(name)
     data = {"calibration_blocks": 8, "block_len": 512, "eval_tokens": 2048, "window": 512, "stride": 512}
     ids = RunData(DataSpec(**data), loaded, 0).calibration().reshape(-1)

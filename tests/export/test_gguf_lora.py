@@ -119,7 +119,6 @@ def test_smollm2_compensated_q4_0_agrees_in_llama_cpp(wikitext_test, tmp_path):
     from kompakt.model.load import load
     from kompakt.passes.base import PassContext, build_config, get_pass
 
-    torch.set_num_threads(1)
     original = load("smollm2-135m", device="cpu", dtype="float32")
     ids = original.tokenizer.encode(wikitext_test.read_text(encoding="utf-8")[:60000], add_special_tokens=False)
     calib = torch.tensor(ids[2048: 2048 + 4 * 512]).reshape(4, 512)
