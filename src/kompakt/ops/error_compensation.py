@@ -23,7 +23,11 @@ Linears, an estimate where the producer was quantized too; the least-squares ⟨
 was tried and gives negative, noisy gains on weakly excited channels). A full
 regression W G C⁻¹ (G = X_oᵀX_q) would also try to undo the upstream layers' errors through an
 in × in fit; measured on SmolLM2 AWQ+GPTQ q4_0 it overfits the calibration set and ruins the
-model (KL 0.11 -> 9), so only the diagonal is used.
+model (KL 0.11 -> 9), so only the diagonal is used. The output side changes too where AWQ folded 1/s into this Linear's
+rows (v_proj for o_proj's scales, up_proj for down_proj's): without it the adapter "corrected"
+v_proj's outputs back to the unscaled ones, o_proj then read them s times too large, and KL on
+SmolLM2 rose from 0.04 to 1.36 (4 layers). Each reference row is therefore multiplied by its
+least-squares scale to the quantized row: AWQ's 1/s, 1 up to the rounding elsewhere.
 """
 
 from __future__ import annotations
@@ -96,8 +100,21 @@ def output_error(
     layer's inputs, `gains` g (None: the same inputs, EoRA's E = W − W_q).
     """
     space = Eigenspace.of(covariance, damp)
-    reference = weight.double() if gains is None else weight.double() * gains.double()
-    return reference - quantized.double(), space
+    return quantized_coordinates(weight, quantized, gains) - quantized.double(), space
+
+
+def quantized_coordinates(weight: torch.Tensor, quantized: torch.Tensor, gains: torch.Tensor | None) -> torch.Tensor:
+    """The reference W in the quantized Linear's coordinates (float64), see the module docstring:
+    W diag(g) on the input side, and each row times its least-squares scale to W_q's row, which
+    applies AWQ's fold of 1/s into this Linear's rows (v_proj, up_proj) and is 1 up to the
+    rounding elsewhere. Without `gains` (the same inputs) W itself, EoRA's reference."""
+    if gains is None:
+        return weight.double()
+    reference = weight.double() * gains.double()
+    # W_q's row ≈ c · reference row + rounding: c = ⟨r, q⟩ / ‖r‖², unbiased when the rounding is
+    # uncorrelated with the row (‖q‖² in the denominator would shrink every c by the error's share)
+    rows = (reference * quantized.double()).sum(1) / reference.square().sum(1).clamp_min(1e-30)
+    return reference * rows[:, None]
 
 
 def whitened_svd(error: torch.Tensor, space: Eigenspace, max_rank: int, reference_energy: float = 0.0) -> Spectrum:

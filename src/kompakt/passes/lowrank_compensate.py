@@ -13,18 +13,19 @@ llama.cpp (`llama-cli -m base.gguf --lora adapter.gguf`).
 
 Inputs: the quantized model's own layer inputs, layer by layer on the calibration data
 (kompakt.calib.run_sequential, as EoRA's reference does). After quant.awq the quantized Linears
-read rescaled inputs: the reference's layer then runs on the same hidden states and the
-reference weights are taken in the quantized coordinates, W diag(g), g the measured per-channel
-gain. Corrections do not feed the later layers' calibration inputs, so the global allocation
+read rescaled inputs and some write rescaled outputs: the reference's layer then runs on the same
+hidden states and the reference weights are taken in the quantized coordinates, diag(c) W diag(g),
+g the measured per-channel input gain, c each row's scale to the quantized row
+(kompakt.ops.error_compensation.quantized_coordinates). Corrections do not feed the later layers' calibration inputs, so the global allocation
 can see every layer before choosing.
 
 Rank: `rank: 16` on every Linear (`allocation: uniform`), or `allocation: global`: the same
 number of adapter parameters as uniform rank r, spent where the discarded eigen-weighted error
 relative to the Linear's own output is largest (at most `max_rank` per Linear; some get 0).
 
-When to use it: right after quant.gptq / quant.rtn (not after quant.awq: refused for now,
-measured harmful on SmolLM2; the rescaled-coordinates code below is what is being fixed), when a few
-percent more bytes buy back a large part of the quantization loss (4 bits and below). The
+When to use it: right after quant.gptq / quant.rtn (also with quant.awq before them, or
+quant.gptq's awq: true), when a few percent more bytes buy back a large part of the quantization
+loss (4 bits and below). The
 reference is the recipe's original unless the steps before the quantization changed shapes
 (pruning): then give `reference:` the model that was quantized.
 
@@ -53,7 +54,8 @@ from kompakt.model.arch import arch_for, decoder_layers, linear_modules
 from kompakt.model.compression import Adapter, get_state, update_state
 from kompakt.model.lora_adapter import ADAPTER_DIR, attach, detach
 from kompakt.model.quantized import is_quantized
-from kompakt.ops.error_compensation import Spectrum, allocate_ranks, channel_gains, output_error, whitened_svd
+from kompakt.ops.error_compensation import (Spectrum, allocate_ranks, channel_gains, output_error, quantized_coordinates,
+                                            whitened_svd)
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 
 logger = logging.getLogger(__name__)
@@ -149,7 +151,7 @@ class _Compensator:
         gains = channel_gains(sums.cross / sums.n, covariance.diagonal()) if self.rescaled else None
         weight = ref.weight.detach().float().cpu()
         error, space = output_error(weight, module.weight.detach().float().cpu(), covariance, gains, self.config.damp)
-        scaled = weight.double() if gains is None else weight.double() * gains.double()  # W in the quantized coordinates
+        scaled = quantized_coordinates(weight, module.weight.detach().float().cpu(), gains)
         energy = float(((scaled @ covariance.double()) * scaled).sum())
         self.spectra[name] = whitened_svd(error, space, self.config.cap(), energy)
 
@@ -204,11 +206,6 @@ def apply(ctx: PassContext, config: CompensateConfig) -> PassReport:
     if not is_quantized(loaded) or get_state(loaded).quantization is None:
         raise ConfigError(f"{NAME}: {loaded.name} is not quantized; put {NAME} right after a quant.gptq / "
                           "quant.rtn step")  # fmt: skip
-    if get_state(loaded).awq is not None:
-        # Measured on SmolLM2 AWQ+GPTQ/RTN q4_0: the correction raises KL from 0.11-0.15 to ~9 (the
-        # q/k/v and MLP adapters alone already do); refused until that is understood.
-        raise ConfigError(f"{NAME}: {loaded.name} was rescaled by quant.awq, which compensation does not handle "
-                          "correctly yet; quantize with quant.gptq or quant.rtn alone before it")  # fmt: skip
     model = loaded.model
     detach(model)  # a second compensation starts from the quantized weights alone
     targets = _targets(model)
