@@ -151,8 +151,9 @@ def distill(teacher, student, train: list[str], steps: int):
 def kd_steps(teacher, train: list[str], cpu_budget_s: float, spent_s: float) -> tuple[int, float]:
     """(steps, CPU s per step). distill.kd caches the teacher's embeddings of the training
     sentences (one teacher pass, then a step is the student's forward and backward only): that
-    pass is estimated from 256 sentences, a step from the difference of two timed runs (TIMED_STEPS and 3x as many batches
-    of sentences (cached the same way) of a throwaway student, and the rest of the budget divided."""
+    pass is estimated from 256 sentences, a step from the difference of two timed runs of a
+    throwaway student (TIMED_STEPS and 3 x TIMED_STEPS batches of sentences, cached the same way),
+    and the rest of the budget divided."""
     from kompakt.model.encode import embed
 
     started = time.process_time()

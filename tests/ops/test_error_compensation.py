@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from kompakt.ops.error_compensation import allocate_ranks, channel_gains, output_error, plain_svd, whitened_svd
+from kompakt.ops.error_compensation import (allocate_ranks, channel_gains, output_error, plain_svd, quantized_coordinates,
+                                            whitened_svd)
 
 _GEN = torch.Generator().manual_seed(0)
 
@@ -67,6 +68,16 @@ def test_rescaled_inputs_are_compared_in_the_quantized_coordinates():
 
     none = float((target - x_q @ w_q.T).square().sum())
     assert left(gains) < none < left(None)
+
+
+def test_rows_awq_folded_into_are_taken_in_the_quantized_coordinates():
+    """v_proj / up_proj hold diag(1/s_out) W diag(s_in): the reference gets both sides."""
+    weight = torch.randn(6, 8)
+    scales = torch.rand(6) + 0.5  # AWQ's 1/s folded into the rows, s on the columns
+    gains = torch.rand(8) + 0.5
+    folded = (weight * gains) * scales[:, None]
+    torch.testing.assert_close(quantized_coordinates(weight, folded, gains).float(), folded)
+    assert torch.equal(quantized_coordinates(weight, folded, None), weight.double())
 
 
 def test_global_allocation_follows_the_relative_error_within_budget():

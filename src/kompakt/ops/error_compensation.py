@@ -23,8 +23,8 @@ Linears, an estimate where the producer was quantized too; the least-squares ⟨
 was tried and gives negative, noisy gains on weakly excited channels). A full
 regression W G C⁻¹ (G = X_oᵀX_q) would also try to undo the upstream layers' errors through an
 in × in fit; measured on SmolLM2 AWQ+GPTQ q4_0 it overfits the calibration set and ruins the
-model (KL 0.11 -> 9), so only the diagonal is used. The output side changes too where AWQ folded 1/s into this Linear's
-rows (v_proj for o_proj's scales, up_proj for down_proj's): without it the adapter "corrected"
+model (KL 0.11 -> 9), so only the diagonal is used. The output side changes too where AWQ folded
+1/s into this Linear's rows (v_proj for o_proj's scales, up_proj for down_proj's): without it the adapter "corrected"
 v_proj's outputs back to the unscaled ones, o_proj then read them s times too large, and KL on
 SmolLM2 rose from 0.04 to 1.36 (4 layers). Each reference row is therefore multiplied by its
 least-squares scale to the quantized row: AWQ's 1/s, 1 up to the rounding elsewhere.

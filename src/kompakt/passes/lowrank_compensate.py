@@ -16,8 +16,8 @@ Inputs: the quantized model's own layer inputs, layer by layer on the calibratio
 read rescaled inputs and some write rescaled outputs: the reference's layer then runs on the same
 hidden states and the reference weights are taken in the quantized coordinates, diag(c) W diag(g),
 g the measured per-channel input gain, c each row's scale to the quantized row
-(kompakt.ops.error_compensation.quantized_coordinates). Corrections do not feed the later layers' calibration inputs, so the global allocation
-can see every layer before choosing.
+(kompakt.ops.error_compensation.quantized_coordinates). Corrections do not feed the later
+layers' calibration inputs, so the global allocation can see every layer before choosing.
 
 Rank: `rank: 16` on every Linear (`allocation: uniform`), or `allocation: global`: the same
 number of adapter parameters as uniform rank r, spent where the discarded eigen-weighted error
@@ -25,9 +25,8 @@ relative to the Linear's own output is largest (at most `max_rank` per Linear; s
 
 When to use it: right after quant.gptq / quant.rtn (also with quant.awq before them, or
 quant.gptq's awq: true), when a few percent more bytes buy back a large part of the quantization
-loss (4 bits and below). The
-reference is the recipe's original unless the steps before the quantization changed shapes
-(pruning): then give `reference:` the model that was quantized.
+loss (4 bits and below). The reference is the recipe's original unless the steps before the
+quantization changed shapes (pruning): then give `reference:` the model that was quantized.
 
 Sample recipe steps::
 
@@ -54,8 +53,7 @@ from kompakt.model.arch import arch_for, decoder_layers, linear_modules
 from kompakt.model.compression import Adapter, get_state, update_state
 from kompakt.model.lora_adapter import ADAPTER_DIR, attach, detach
 from kompakt.model.quantized import is_quantized
-from kompakt.ops.error_compensation import (Spectrum, allocate_ranks, channel_gains, output_error, quantized_coordinates,
-                                            whitened_svd)
+from kompakt.ops.error_compensation import Spectrum, allocate_ranks, channel_gains, output_error, whitened_svd
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
 
 logger = logging.getLogger(__name__)
@@ -149,9 +147,9 @@ class _Compensator:
     def _spectrum(self, name: str, module: nn.Linear, ref: nn.Linear, sums: _Accumulator) -> None:
         covariance = sums.covariance / sums.n
         gains = channel_gains(sums.cross / sums.n, covariance.diagonal()) if self.rescaled else None
-        weight = ref.weight.detach().float().cpu()
-        error, space = output_error(weight, module.weight.detach().float().cpu(), covariance, gains, self.config.damp)
-        scaled = quantized_coordinates(weight, module.weight.detach().float().cpu(), gains)
+        quantized = module.weight.detach().float().cpu()
+        error, space = output_error(ref.weight.detach().float().cpu(), quantized, covariance, gains, self.config.damp)
+        scaled = error + quantized.double()  # W in the quantized coordinates
         energy = float(((scaled @ covariance.double()) * scaled).sum())
         self.spectra[name] = whitened_svd(error, space, self.config.cap(), energy)
 
