@@ -21,6 +21,11 @@ a family whose attention post-processes its o_proj output never gets substituted
 The last Linear's output is kept too while that Linear is unchanged (o_proj's output is read by
 the gate/up run, the down run and the propagation).
 
+Parameters do not change while the driver runs the layer over its batches (a pass changes them
+between runs), so the comparison with the snapshot is made on a run's first batch and its answer
+kept for the run's other batches (`LayerCaches.batch` starts a run at batch 0, `observe` ends
+one); outside a driver run (a pass calling the layer from its `process`) every call compares.
+
 Memory: the recorded input, z (u) and output of every calibration batch of the current layer
 (for SmolLM2-135M at 128 × 512 tokens: 150 MB for each hidden-size tensor, 400 MB for u).
 """
@@ -65,6 +70,8 @@ class LastLinearCache:
         self.outputs: dict[int, torch.Tensor] = {}  # batch -> last(z), while last is unchanged
         self.last_snapshot: list[torch.Tensor] | None = None
         self._pending: torch.Tensor | None = None  # the parent input of the real run in progress
+        self.in_run = False  # the driver is running batches: parameters are not changing
+        self._same: dict[str, bool] = {}  # "others" / "last" -> unchanged, found in this driver run
         self._last_out: torch.Tensor | None = None
         self._real = parent.forward
 
@@ -80,8 +87,22 @@ class LastLinearCache:
             for handle in handles:
                 handle.remove()
 
+    def start_run(self, active: bool) -> None:
+        """A driver run over the batches begins (`active`) or ends: forget the comparisons made."""
+        self.in_run = active
+        self._same.clear()
+
+    def _unchanged(self, key: str, params: list[torch.Tensor], snapshot: list[torch.Tensor] | None) -> bool:
+        """All of `params` equal their `snapshot` (compared once per driver run; see the module docstring)."""
+        if key in self._same:
+            return self._same[key]
+        same = snapshot is not None and all(torch.equal(p, s) for p, s in zip(params, snapshot))
+        if self.in_run:
+            self._same[key] = same
+        return same
+
     def _params_unchanged(self) -> bool:
-        return self.snapshot is not None and all(torch.equal(p, s) for p, s in zip(self.others, self.snapshot))
+        return self._unchanged("others", self.others, self.snapshot)
 
     def _last_output(self, z: torch.Tensor) -> torch.Tensor:
         """last(z), computed once per batch while `last` is unchanged (o_proj's output is needed
@@ -89,9 +110,11 @@ class LastLinearCache:
         if self.last_observed:
             return self.last(z)
         params = list(self.last.parameters())
-        if self.last_snapshot is None or not all(torch.equal(p, s) for p, s in zip(params, self.last_snapshot)):
+        if not self._unchanged("last", params, self.last_snapshot):
             self.outputs.clear()
             self.last_snapshot = [p.detach().clone() for p in params]
+            if self.in_run:
+                self._same["last"] = True
         if self.batch not in self.outputs:
             self.outputs[self.batch] = self.last(z)
         return self.outputs[self.batch].clone()  # the layer may change what it gets in place
@@ -119,6 +142,8 @@ class LastLinearCache:
             self.entries.clear()
             self.outputs.clear()
             self.snapshot = [p.detach().clone() for p in self.others]
+            if self.in_run:
+                self._same["others"] = True
         self.entries[self.batch] = (self._pending.detach(), args[0].detach())
         self.outputs.pop(self.batch, None)
 
@@ -149,6 +174,8 @@ class LayerCaches:
 
     def batch(self, index: int) -> None:
         for cache in self.caches:
+            if index == 0 or index <= cache.batch or not cache.in_run:  # a new driver run over the batches
+                cache.start_run(True)
             cache.batch = index
 
     def observe(self, modules: Iterable[nn.Module]) -> None:
@@ -156,6 +183,7 @@ class LayerCaches:
         than its last Linear, which still runs on the recorded input) must run for real."""
         wanted = {id(module) for module in modules}
         for cache in self.caches:
+            cache.start_run(False)  # a run ends or begins here: the pass may change parameters in between
             inner = {id(module) for module in cache.parent.modules()} - {id(cache.last)}
             cache.blocked = bool(wanted & inner)
             cache.last_observed = id(cache.last) in wanted

@@ -252,7 +252,12 @@ class _Run:
     caches: LayerCaches | None
     collect: str | Iterable[str]
     hessian_dtype: torch.dtype
+    trim: bool = False  # return freed memory around every group (a streamed model: RAM is the limit)
     notes: list[str] = field(default_factory=list)
+
+    def _trim(self) -> None:
+        if self.trim:
+            return_freed_memory()
 
     def groups(self, roles: Sequence[str] | None, true_sequential: bool, process: ProcessFn) -> None:
         linears = linear_modules(self.layer, self.spec)
@@ -264,11 +269,11 @@ class _Run:
             modules = {role: linears[role] for role in group}
             stats = collect_stats(self.layer, self.index, self.captured, self.inputs, modules, collect=self.collect,
                                   hessian_dtype=self.hessian_dtype, caches=self.caches)  # fmt: skip
-            return_freed_memory()  # the statistics run's temporaries, before the solver's copies
+            self._trim()  # the statistics run's temporaries, before the solver's copies
             process(self.index, self.layer, LayerStats(self.index, self.layer, stats, group_index, n_groups,
                                                        self.inputs, self.captured))  # fmt: skip
             del stats
-            return_freed_memory()  # the group's Hessians and solver copies: back to the system before the next
+            self._trim()  # the group's Hessians and solver copies: back to the system before the next
         for group_index, modules in enumerate(experts, start=len(groups)):
             stats, notes = collect_expert_stats(self.layer, self.index, self.captured, self.inputs, self.spec,
                                                 modules, collect=self.collect, hessian_dtype=self.hessian_dtype)  # fmt: skip
@@ -377,7 +382,8 @@ def run_sequential(
             caches = None if spill_dir is not None else LayerCaches(layer, spec, verified)
             with caches.installed() if caches is not None else nullcontext():
                 for phase in phases if index in wanted else ():
-                    run = _Run(spec, index, layer, captured, inputs[: phase.max_batches], caches, collect, hessian_dtype)
+                    run = _Run(spec, index, layer, captured, inputs[: phase.max_batches], caches, collect, hessian_dtype,
+                               trim=lazy is not None)  # fmt: skip
                     grouping = true_sequential if phase.true_sequential is None else phase.true_sequential
                     run.groups(phase.roles if phase.roles is not None else roles, grouping, phase.process)
                     notes.extend(note for note in run.notes if note not in notes)
@@ -388,6 +394,7 @@ def run_sequential(
                 on_layer(index, layer)
             if lazy is not None:
                 lazy.release(layer)
+            return_freed_memory()  # once per layer (about 20 ms; per group only when streamed, see _Run.trim)
             logger.debug("layer %d calibrated", index)
             progress.advance(task)
     outputs = [hidden.cpu() for hidden in inputs] if onload is not None else list(inputs)
