@@ -189,7 +189,9 @@ def collect_stats(
 
     Each batch stops as soon as every module has seen its input (no wasted compute after).
     Linears that receive the very same tensor (q, k, v of one pre-norm; gate and up) share one
-    accumulation (`LinearStats.alias`): their Hessians are equal, so it is computed once.
+    accumulation (`LinearStats.alias`): their Hessians are equal, so it is computed once. Which
+    ones do is found on the first batch; from the second on a batch stops at the first Linear's
+    input (q and k, or gate, are not computed for nothing: a third of a layer's Linear work).
     `caches`: the layer's caches (kompakt.calib.layer_cache), told which batch runs.
     """
     kinds = collect_kinds(collect)
@@ -197,6 +199,7 @@ def collect_stats(
     seen: dict[str, torch.Tensor] = {}  # role -> its input in the batch being run
     alias: dict[str, str] = {}  # role -> the role whose statistics it shares
     first = [True]
+    owners: list[str] = []
     mask: list[torch.Tensor | None] = [None]  # the running batch's real tokens (padding left out)
 
     def make_hook(role: str):
@@ -210,7 +213,7 @@ def collect_stats(
             if source is None:
                 stats[role].add(x, mask[0])
             seen[role] = x
-            if len(seen) == len(stats):
+            if len(seen) == len(stats) or (not first[0] and all(r in seen for r in owners)):
                 raise _StopForward
 
         return hook
@@ -229,6 +232,8 @@ def collect_stats(
                 layer(states, *call.args, **call.kwargs)
             except _StopForward:
                 pass
+            if first[0]:
+                owners.extend(role for role in stats if role not in alias)  # the roles with their own statistics
             first[0] = False
     finally:
         for handle in handles:
