@@ -143,6 +143,22 @@ def test_the_streamed_7b_gptq_time_is_within_30_percent_of_the_measured():
     assert 0.7 * 163.6 <= step.seconds <= 1.3 * 163.6, step.line()
 
 
+def test_a_bf16_forward_is_timed_at_the_bf16_rate_and_the_hessians_at_fp32():
+    """The same two layers streamed in bf16 on this CPU (AMX; bench/results/stream_big-llama2-7b-2L-peer.json):
+    144.7 s measured alone, where measure_flops() read 1290 GFLOP/s in bf16 and 365 in fp32."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", hidden_size=4096, num_hidden_layers=2, intermediate_size=11008,
+                                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                  tie_word_embeddings=False)  # fmt: skip
+    shapes = ModelShapes.from_config(config)
+    common = dict(tokens=16 * 512, seq_len=512, streamed=True, hessians=True, spilled=True, batch=4)
+    bf16 = estimate_step("quant.gptq", shapes, dtype=torch.bfloat16, flops=1290e9, fp32_flops=365e9, **common)
+    assert 0.7 * 144.7 <= bf16.seconds <= 1.3 * 144.7, bf16.line()
+    fp32 = estimate_step("quant.gptq", shapes, flops=365e9, **common)
+    assert fp32.seconds > bf16.seconds and fp32.peak_bytes > bf16.peak_bytes  # the layer in fp32 is twice the bytes
+
+
 def _llama_7b_shapes(layers: int = 32, intermediate: int = 11008, kv_heads: int = 32, model_type: str = "llama"):
     from transformers import AutoConfig
 

@@ -96,3 +96,23 @@ def test_packed_quantized_directory_opens_lazily_with_load_values(tmp_path, fami
     lazy.materialize("", torch.float32)
     expected, got = load(tmp_path, device="cpu", dtype="float32").model.state_dict(), lazy.model.state_dict()
     assert sorted(expected) == sorted(got) and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_lazy_computes_in_the_dtype_the_in_memory_load_chooses(tmp_path, monkeypatch, native):
+    """A bf16 checkpoint streams in bf16 on a CPU with native bf16 (as kompakt.load computes it and
+    as llm-compressor computes it: the forward ~4x faster there), in fp32 elsewhere; dtype= pins it."""
+    from kompakt.model import dtype as dtype_module
+    from kompakt.model.device import use_device
+    from kompakt.model.load import load
+
+    directory = tmp_path / "bf16"
+    save_tiny("llama", directory).model.to(torch.bfloat16).save_pretrained(directory)
+    monkeypatch.setattr(dtype_module, "cpu_has_native_bf16", lambda: native)
+    with use_device("cpu"):
+        lazy = open_lazy(directory)
+        assert lazy.compute_dtype == load(directory, device="cpu").compute_dtype
+        assert lazy.compute_dtype == (torch.bfloat16 if native else torch.float32)
+        assert open_lazy(directory, dtype="float32").compute_dtype == torch.float32
+        save_tiny("llama", tmp_path / "fp32")
+        assert open_lazy(tmp_path / "fp32").compute_dtype == torch.float32  # an fp32 checkpoint stays fp32

@@ -61,7 +61,7 @@ def _in_memory(source: Path, out: Path, name: str, values: dict) -> None:
 
 def _streamed(source: Path, out: Path, name: str, values: dict, shard_bytes: int = 40_000, spill_dir: Path | None = None):
     spec = get_pass(name)
-    lazy = open_lazy(source)
+    lazy = open_lazy(source, dtype="float32")  # as _in_memory loads it (a bf16 CPU would compute a bf16 input in bf16)
     blocks = _blocks()
     streamed_step(spec, build_config(spec, values), lazy, out,
                   lambda loaded, stream: PassContext(loaded=loaded, original=lambda: loaded,

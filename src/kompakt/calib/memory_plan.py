@@ -26,9 +26,10 @@ Checked against bench/stream_big.py (tests/calib/test_memory_plan.py: the 7B sha
 peak RSS within 30 %).
 
 Time: the floating-point operations of the calibration forward (2 x parameters per token, and the
-attention scores), the Hessian accumulation (2 x tokens x in^2 per group) and the GPTQ solve
-(in^3 / 3 for the Cholesky factor and out x in^2 for the column updates), divided by a
-matrix-multiply throughput measured on this machine (measure_flops) and an efficiency factor
+attention scores), divided by the matrix-multiply throughput measured on this machine in the
+compute dtype (measure_flops), plus those of the Hessian accumulation (2 x tokens x in^2 per group)
+and the GPTQ solve (in^3 / 3 for the Cholesky factor and out x in^2 for the column updates),
+always fp32, divided by the fp32 throughput; all of it divided by an efficiency factor
 (EFFICIENCY: real layers do not run at peak GEMM speed). Disk reads are not counted.
 """
 
@@ -138,10 +139,12 @@ def _listed(parts: dict[str, int]) -> str:
 
 def estimate_step(step: str, shapes: ModelShapes, *, tokens: int = 0, seq_len: int = 512, streamed: bool = False,
                   hessians: bool = False, dtype: torch.dtype = torch.float32, stored: torch.dtype = torch.bfloat16,
-                  flops: float | None = None, spilled: bool = False, batch: int = 8) -> StepEstimate:  # fmt: skip
+                  flops: float | None = None, spilled: bool = False, batch: int = 8,
+                  fp32_flops: float | None = None) -> StepEstimate:  # fmt: skip
     """The estimate of one step (module docstring). `tokens`: calibration tokens (n x len; 0 for
     a step without calibration); `hessians`: the step solves with Hessians (GPTQ, SparseGPT);
-    `flops`: the measured matrix-multiply rate (measure_flops() when None); `spilled`: the
+    `flops`: the measured matrix-multiply rate in `dtype` (measure_flops() when None), `fp32_flops`
+    the fp32 one (the same when `dtype` is fp32); `spilled`: the
     activations are on disk, `batch` blocks of `seq_len` in memory at a time."""
     from kompakt.model.stream_save import FLUSH_BYTES
 
@@ -163,8 +166,10 @@ def estimate_step(step: str, shapes: ModelShapes, *, tokens: int = 0, seq_len: i
         capture = {"weights": shapes.embed_params * (item + stored.itemsize), "activations": tokens * shapes.hidden * item,
                    "process": PROCESS_BYTES}  # fmt: skip
         parts = capture if sum(capture.values()) > sum(parts.values()) else parts
-    work = _step_flops(shapes, tokens, seq_len, hessians)
-    seconds = work / ((flops or measure_flops(dtype)) * EFFICIENCY) if work else 0.0
+    forward, fp32_work = _step_flops(shapes, tokens, seq_len, hessians)
+    rate = flops or measure_flops(dtype)
+    fp32_rate = rate if dtype == torch.float32 else fp32_flops or measure_flops(torch.float32)  # Hessians, solves
+    seconds = (forward / rate + fp32_work / fp32_rate) / EFFICIENCY
     return StepEstimate(step, "streamed" if streamed else "in memory", parts, seconds)
 
 
@@ -174,15 +179,17 @@ def solve_bytes(shapes: ModelShapes) -> int:
     return max(4 * width * width + 5 * width * rows for width, rows in shapes.linear_groups())
 
 
-def _step_flops(shapes: ModelShapes, tokens: int, seq_len: int, hessians: bool) -> float:
+def _step_flops(shapes: ModelShapes, tokens: int, seq_len: int, hessians: bool) -> tuple[float, float]:
+    """(the calibration forward's operations, in the compute dtype; the Hessians' and solves', in fp32)."""
     if not tokens:
-        return 0.0
+        return 0.0, 0.0
     attention = 4 * tokens * seq_len * shapes.heads * shapes.head_dim  # scores and weighted sum
-    per_layer = 2 * shapes.layer_params * tokens + attention
+    forward = 2 * shapes.layer_params * tokens + attention
+    solve = 0.0
     if hessians:
         for width, rows in shapes.linear_groups():
-            per_layer += 2 * tokens * width**2 + width**3 / 3 + rows * width**2
-    return float(per_layer * shapes.n_layers)
+            solve += 2 * tokens * width**2 + width**3 / 3 + rows * width**2
+    return float(forward * shapes.n_layers), float(solve * shapes.n_layers)
 
 
 _FLOPS: dict[tuple[torch.dtype, int], float] = {}

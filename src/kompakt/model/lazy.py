@@ -41,7 +41,7 @@ from torch import nn
 from kompakt.errors import ModelFormatError
 from kompakt.model.arch import ArchSpec, arch_for, decoder_layers, get_submodule, is_encoder_family, text_config
 from kompakt.model.device import default_device
-from kompakt.model.dtype import compute_dtype_for
+from kompakt.model.dtype import compute_dtype_for, parse_dtype
 from kompakt.model.hf_dir import check_model_dir
 from kompakt.model.lazy_index import NotLazyError, PackedSource, TensorEntry, map_tensors, read_headers
 from kompakt.model.loaded import LoadedModel
@@ -63,8 +63,9 @@ class LazyModel:
         model: the skeleton (parameters on meta until materialised).
         tensors: model parameter name -> TensorEntry (tied heads point at the embedding's entry).
         storage_dtype: the dtype most stored weight bytes are in.
-        compute_dtype: the dtype streamed passes materialise parameters in (fp32 on the CPU: the
-            in-memory path's CPU dtype, so both give the same weights; bf16 on a GPU that has it).
+        compute_dtype: the dtype streamed passes materialise parameters in: the in-memory path's
+            (kompakt.model.dtype.compute_dtype_for: fp32 on the CPU, but bf16 for a bf16 checkpoint
+            on a CPU with native bf16; bf16 on a GPU that has it), so both give the same weights.
         device: where the sequential driver onloads each decoder layer and keeps the calibration
             activations (kompakt.model.device: the command's --device); the skeleton stays on meta
             and the embeddings are read on the CPU.
@@ -302,8 +303,10 @@ def lazy_of(model: nn.Module | LoadedModel) -> LazyModel | None:
     return _LAZY.get(model)  # type: ignore[arg-type]
 
 
-def open_lazy(directory: str | Path, *, name: str | None = None) -> LazyModel:
+def open_lazy(directory: str | Path, *, name: str | None = None, dtype: str | torch.dtype | None = None) -> LazyModel:
     """Open a local Hugging Face directory (safetensors, sharded or not) without reading weights.
+
+    `dtype`: the compute dtype ("float32", "bf16", ...); None: as kompakt.load chooses it.
 
     Raises:
         ModelNotFoundError, ModelFormatError, UnsupportedArchitectureError: as kompakt.load,
@@ -320,7 +323,7 @@ def open_lazy(directory: str | Path, *, name: str | None = None) -> LazyModel:
     model = _skeleton(config)
     tensors, aliases = map_tensors(model, read_headers(directory), directory)
     device = torch.device(default_device())
-    compute = torch.float32 if device.type == "cpu" else compute_dtype_for(stored, device)
+    compute = parse_dtype(dtype) or compute_dtype_for(stored, device)
     lazy = LazyModel(directory=directory, config=config, model=model, tensors=tensors, storage_dtype=stored,
                      name=name or directory.resolve().name, compute_dtype=compute, device=device,
                      aliases=frozenset(aliases))  # fmt: skip

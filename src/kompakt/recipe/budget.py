@@ -28,7 +28,7 @@ HESSIAN_PASSES = ("quant.gptq", "prune.sparse")
 
 
 def plan_memory(recipe: Recipe, max_memory: int | str | None = None, *, check: bool = True,
-                dtype: torch.dtype = torch.float32, max_gpu_memory: int | str | None = None) -> list[StepEstimate]:  # fmt: skip
+                dtype: torch.dtype | None = None, max_gpu_memory: int | str | None = None) -> list[StepEstimate]:  # fmt: skip
     """One StepEstimate per step of `recipe` (module docstring); with `check`, ConfigError when
     a step does not fit the budget even streamed, or needs the whole model and the run streams.
     Streamed steps on a GPU (the command's --device, kompakt.model.device) are estimated as
@@ -41,6 +41,7 @@ def plan_memory(recipe: Recipe, max_memory: int | str | None = None, *, check: b
     directory, name = resolve_model(recipe.model)
     lazy = open_lazy(directory, name=name)
     shapes = ModelShapes.from_lazy(lazy)
+    dtype = dtype or lazy.compute_dtype  # what the run computes in (a bf16 checkpoint on a bf16 CPU: bf16)
     flops = measure_flops(dtype)
     # The runner's own rule (kompakt.recipe.stream_run): the whole run streams or none of it.
     streamed = must_stream(lazy, budget, recipe.data.calibration_blocks * recipe.data.block_len)

@@ -41,8 +41,9 @@ PROCESS_BYTES = 500 * 10**6
 
 
 def in_memory_bytes(lazy: LazyModel, calibration_tokens: int = 0) -> int:
-    """What an in-memory step needs: the model in fp32 (kompakt.load's CPU dtype), the
-    calibration activations of one layer and the process."""
+    """What an in-memory step needs: the model in fp32 (the widest dtype kompakt.load computes in
+    on a CPU: a bf16 checkpoint on a CPU with native bf16 needs half), the calibration activations
+    of one layer and the process."""
     hidden = int(getattr(lazy.config.get_text_config(), "hidden_size", 0))
     return lazy.bytes_in(torch.float32) + ACTIVATION_COPIES * calibration_tokens * hidden * 4 + PROCESS_BYTES
 
