@@ -15,6 +15,8 @@ RSS (VmHWM) is its own; the GPTQ phase also records where its peak was (`peak_at
     .venv/bin/python bench/stream_big.py --preset mistral-7b
     .venv/bin/python bench/stream_big.py --preset llama2-7b --layers 2 --calib-blocks 4 --block-len 128
     python bench/stream_big.py --preset llama2-7b --device cuda --export none   # layers onloaded to the GPU
+    .venv/bin/python bench/stream_big.py --preset llama2-7b --layers 2 --export none --ppl-tokens 0 \
+        --peer /work/peers/llmc/bin/python      # + llm-compressor's oneshot GPTQ on the same model
 
 Presets: llama2-7b (hidden 4096, 32 layers, MLP 11008, 32 heads, vocab 32000: the published
 Llama 2 7B config) and mistral-7b (GQA with 8 KV heads, MLP 14336); `--layers` keeps a preset's
@@ -22,7 +24,7 @@ per-layer shapes (so per-layer memory stays realistic) with fewer layers. The to
 kompakt's tiny byte-level one (ids < 272): the weights are random, so only memory and time
 mean anything here, not quality.
 
-Prints a table and writes bench/results/stream_big-<preset>[-<layers>L].json.
+Prints a table and writes bench/results/stream_big-<preset>[-<layers>L][-peer].json.
 """
 
 from __future__ import annotations
@@ -200,6 +202,32 @@ def llama_quantize(source: Path, out: Path, type: str, threads: int) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_rss": _peak_rss(), "output_bytes": out.stat().st_size}
 
 
+def peer_gptq(model: Path, work: Path, python: str, calib_blocks: int, block_len: int, threads: int,
+              data: Path = DATA) -> dict:  # fmt: skip
+    """llm-compressor's `oneshot` GPTQ W4 g128 on the same model, in its own environment
+    (bench/peers/llmcompressor_run.py): loaded as its examples load a model (`torch_dtype="auto"`,
+    here bf16), `calib_blocks` x `block_len` tokens sampled from the same text as kompakt's run
+    (BENCH.md's sampling, seed 0). Its peak RSS is its own process's VmHWM, taken before anything
+    is saved (nothing is)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from kompakt.data import sample_blocks, tokenize_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    text = (data / "wiki.valid.tokens").read_text(encoding="utf-8").replace(" <unk>", "")
+    blocks = sample_blocks(tokenize_texts([text], tokenizer), calib_blocks, block_len, seed=0)
+    path = work / "peer-blocks.safetensors"
+    save_file({"input_ids": blocks.contiguous()}, str(path))
+    script = REPO / "bench" / "peers" / "llmcompressor_run.py"
+    done = subprocess.run([python, str(script), "--model", str(model), "--blocks", str(path), "--method", "gptq-w4g128",
+                           "--threads", str(threads), "--dtype", "auto", "--no-save", "--out", str(work / "peer-out")],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode:
+        raise SystemExit(f"llm-compressor failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def llama_generate(gguf: Path, threads: int) -> dict:
     """The GGUF loaded in llama.cpp (llama-cpp-python) and 16 tokens generated: it runs, nothing more
     (random weights)."""
@@ -260,6 +288,8 @@ def main() -> None:
                         "WikiText-2 test tokens, streamed (0: skip)")  # fmt: skip
     parser.add_argument("--peer-quantizer", action="store_true", help="also llama.cpp's quantizer on the model's F16 GGUF "
                         "(exported streamed first) to the --export type, side by side with kompakt's streamed export")  # fmt: skip
+    parser.add_argument("--peer", help="python of the llm-compressor environment (bench/peers/): its oneshot GPTQ "
+                        "W4 g128 on the same model, side by side (time and peak RSS)")  # fmt: skip
     parser.add_argument("--phase", choices=["generate", "quantize", "export", "llama", "llama-quantize", "ppl"],
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
@@ -294,6 +324,9 @@ def main() -> None:
                   "--block-len", str(args.block_len), "--max-memory", args.max_memory,
                   "--threads", str(args.threads), "--device", args.device, "--data", str(args.data)])  # fmt: skip
     phases = {"generate": made, "gptq_w4_g128": ran}
+    if args.peer:  # the peer's process is a child of this one: its VmHWM is its own
+        phases["llmcompressor_gptq_w4_g128"] = peer_gptq(model, args.work, args.peer, args.calib_blocks, args.block_len,
+                                                         args.threads, args.data)  # fmt: skip
     if args.export != "none":
         phases[f"export_{args.export}"] = _child(["--phase", "export", *common, "--export", args.export,
                                                   "--max-memory", args.max_memory, "--threads", str(args.threads)], required=False)  # fmt: skip
@@ -309,7 +342,7 @@ def main() -> None:
                                        "--max-memory", args.max_memory, "--threads", str(args.threads),
                                        "--data", str(args.data)], required=False)  # fmt: skip
     name = f"stream_big-{args.preset}" + (f"-{args.layers}L" if args.layers else "") + (
-        f"-{args.device.split(':')[0]}" if args.device != "cpu" else "")
+        f"-{args.device.split(':')[0]}" if args.device != "cpu" else "") + ("-peer" if args.peer else "")
     result = {
         "preset": args.preset, "shape": shape, "calibration": f"{args.calib_blocks} x {args.block_len} tokens",
         "max_memory": args.max_memory, "threads": args.threads, "machine": platform.processor() or platform.machine(),
@@ -323,6 +356,10 @@ def main() -> None:
     print(f"{'generate (bf16)':<22} {made['peak_rss'] / gb:>8.2f} GB {made['seconds']:>7.1f} s  {made['bytes'] / gb:.2f} GB")
     print(f"{'GPTQ W4 g128 streamed':<22} {ran['peak_rss'] / gb:>8.2f} GB {ran['seconds']:>7.1f} s  "
           f"{ran['output_bytes'] / gb:.2f} GB  (streamed: {ran['streamed']})")  # fmt: skip
+    if args.peer:
+        peer = phases["llmcompressor_gptq_w4_g128"]
+        print(f"{'llm-compressor GPTQ':<22} {peer['peak_rss'] / gb:>8.2f} GB {peer['seconds']:>7.1f} s  "
+              f"(loaded in {peer['dtype']}, whole model in RAM)")  # fmt: skip
     if "peak_gpu_allocated" in ran:
         print(f"{'  on ' + ran['gpu']:<22} {ran['peak_gpu_allocated'] / gb:>8.2f} GB GPU memory at peak (allocated)")
     for key, label in ((f"export_{args.export}", f"GGUF {args.export} export"), ("llama_cpp_generate", "llama.cpp generate"),

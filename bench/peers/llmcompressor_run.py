@@ -13,14 +13,18 @@ evaluator.
 BENCH.md calibration blocks written by the kompakt side; they are passed to oneshot as a
 pre-tokenized dataset (no shuffling, no resampling, no truncation).
 
-Methods: gptq-w4g64 (GPTQModifier, int4 weights, groups of 64, symmetric, every Linear but
+Methods: gptq-w4g64 / gptq-w4g128 (GPTQModifier, int4 weights, groups of 64 / 128, symmetric, every Linear but
 lm_head; llm-compressor's defaults otherwise: block 128, damping 0.01, static act-order),
 sparsegpt-50 / sparsegpt-2:4 (SparseGPTModifier), wanda-50 / wanda-2:4 (WandaPruningModifier),
 all on the decoder Linears (lm_head excluded).
 
 The output is a plain HF directory (config.json without a quantization_config, fp32
 safetensors, tokenizer): every quantized weight written as its dequantized values, so any
-evaluator reads it as a dense model. Prints one JSON line: {"seconds": oneshot wall time, ...}.
+evaluator reads it as a dense model (`--no-save`: nothing is written, for a time and memory run).
+`--dtype auto` loads the model in its stored dtype, as llm-compressor's examples do
+(`torch_dtype="auto"`; a bf16 7B model is then 13.5 GB in RAM: on a machine without a GPU the whole
+model stays in memory, its sequential pipeline onloads layers only to an accelerator).
+Prints one JSON line: {"seconds": oneshot wall time, "peak_rss": VmHWM bytes before saving, ...}.
 """
 
 from __future__ import annotations
@@ -33,14 +37,15 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("gptq-w4g64", "sparsegpt-50", "sparsegpt-2:4", "wanda-50", "wanda-2:4")
+METHODS = ("gptq-w4g64", "gptq-w4g128", "sparsegpt-50", "sparsegpt-2:4", "wanda-50", "wanda-2:4")
 
 
 def make_recipe(method: str):
-    if method == "gptq-w4g64":
+    if method.startswith("gptq-w4g"):
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
+        group = int(method.removeprefix("gptq-w4g"))
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}
         return GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
     kind, pattern = method.split("-")
     mask = "2:4" if pattern == "2:4" else "0:0"
@@ -94,6 +99,15 @@ def save_dense(model, source: Path, out: Path) -> None:
     tmp.rename(out)
 
 
+def _vm_hwm() -> int | None:
+    """This process's peak RSS in bytes (Linux VmHWM), None elsewhere."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024 if "VmHWM:" in status else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="fp32 HF directory of the original")
@@ -101,6 +115,8 @@ def main() -> None:
     parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dtype", choices=["float32", "auto"], default="float32", help="dtype the model is loaded in")
+    parser.add_argument("--no-save", action="store_true", help="write nothing (a time and memory run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -112,15 +128,18 @@ def main() -> None:
 
     blocks = load_file(args.blocks)["input_ids"].long()
     dataset = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32 if args.dtype == "float32" else "auto")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     start, start_cpu = time.perf_counter(), time.process_time()
     oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=make_recipe(args.method),
             num_calibration_samples=blocks.shape[0], max_seq_length=blocks.shape[1],
             shuffle_calibration_samples=False)  # fmt: skip
     seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    save_dense(model, args.model, args.out)
+    peak = _vm_hwm()
+    if not args.no_save:
+        save_dense(model, args.model, args.out)
     print(json.dumps({"method": args.method, "seconds": seconds, "cpu_seconds": cpu, "threads": args.threads,
+                      "peak_rss": peak, "dtype": str(next(model.parameters()).dtype),
                       "blocks": list(blocks.shape), "llmcompressor": llmcompressor.__version__,
                       "torch": torch.__version__, "out": str(args.out)}))  # fmt: skip
 
