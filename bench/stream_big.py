@@ -209,14 +209,11 @@ def peer_gptq(model: Path, work: Path, python: str, calib_blocks: int, block_len
     here bf16), `calib_blocks` x `block_len` tokens sampled from the same text as kompakt's run
     (BENCH.md's sampling, seed 0). Its peak RSS is its own process's VmHWM, taken before anything
     is saved (nothing is)."""
+    from quant import calibration_blocks
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from kompakt.data import sample_blocks, tokenize_texts
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    text = (data / "wiki.valid.tokens").read_text(encoding="utf-8").replace(" <unk>", "")
-    blocks = sample_blocks(tokenize_texts([text], tokenizer), calib_blocks, block_len, seed=0)
+    blocks = calibration_blocks(AutoTokenizer.from_pretrained(model), calib_blocks, block_len, data)
     path = work / "peer-blocks.safetensors"
     save_file({"input_ids": blocks.contiguous()}, str(path))
     script = REPO / "bench" / "peers" / "llmcompressor_run.py"

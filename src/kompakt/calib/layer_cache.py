@@ -174,7 +174,7 @@ class LayerCaches:
 
     def batch(self, index: int) -> None:
         for cache in self.caches:
-            if index == 0 or index <= cache.batch or not cache.in_run:  # a new driver run over the batches
+            if index <= cache.batch or not cache.in_run:  # a new driver run over the batches (from batch 0)
                 cache.start_run(True)
             cache.batch = index
 

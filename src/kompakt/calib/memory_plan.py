@@ -167,9 +167,11 @@ def estimate_step(step: str, shapes: ModelShapes, *, tokens: int = 0, seq_len: i
                    "process": PROCESS_BYTES}  # fmt: skip
         parts = capture if sum(capture.values()) > sum(parts.values()) else parts
     forward, fp32_work = _step_flops(shapes, tokens, seq_len, hessians)
-    rate = flops or measure_flops(dtype)
-    fp32_rate = rate if dtype == torch.float32 else fp32_flops or measure_flops(torch.float32)  # Hessians, solves
-    seconds = (forward / rate + fp32_work / fp32_rate) / EFFICIENCY
+    seconds = 0.0
+    if forward or fp32_work:  # no calibration: no time, and no throughput to measure
+        rate = flops or measure_flops(dtype)
+        fp32_rate = rate if dtype == torch.float32 else fp32_flops or measure_flops(torch.float32)  # Hessians, solves
+        seconds = (forward / rate + fp32_work / fp32_rate) / EFFICIENCY
     return StepEstimate(step, "streamed" if streamed else "in memory", parts, seconds)
 
 
