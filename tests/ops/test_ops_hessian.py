@@ -9,6 +9,7 @@ import torch
 
 from kompakt.errors import DataError
 from kompakt.ops.hessian import (
+    SYRK_BLOCK,
     HessianAccumulator,
     column_norms_from_hessian,
     drop_dead_columns,
@@ -32,6 +33,25 @@ def test_batches_sum_to_the_one_shot_formula(dtype):
     assert torch.allclose(acc.column_norms().double(), rows.norm(dim=0), rtol=1e-5)
     from_h = column_norms_from_hessian(acc.finalize(), 200).double()
     assert torch.allclose(from_h, rows.norm(dim=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("width", [SYRK_BLOCK - 1, SYRK_BLOCK, 2 * SYRK_BLOCK + 7])
+def test_upper_blocks_only_still_give_the_whole_symmetric_sum(width):
+    # add_batch computes the blocks on and above the diagonal; reading the sum mirrors them, and
+    # batches added after a read are mirrored again on the next
+    g = torch.Generator().manual_seed(2)
+    acc = HessianAccumulator(width)
+    expected = torch.zeros(width, width)
+    for step in range(3):
+        x = torch.randn(40, width, generator=g)
+        acc.add_batch(x)
+        expected.addmm_(x.T, x)
+        if step == 1:
+            assert torch.allclose(acc.sum_xxt, expected, rtol=1e-5, atol=1e-4)
+    total = acc.sum_xxt
+    assert torch.equal(total, total.T)
+    assert torch.allclose(total, expected, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(acc.take(), expected * (2.0 / 120), rtol=1e-5, atol=1e-5)
 
 
 def test_empty_and_mismatched_inputs_are_errors():

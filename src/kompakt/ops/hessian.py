@@ -18,8 +18,18 @@ from kompakt.errors import DataError
 logger = logging.getLogger(__name__)
 
 
+# Columns per block of the upper-triangle product: narrow enough that skipping the blocks below
+# the diagonal saves most of the lower half, wide enough for full-speed matrix products.
+SYRK_BLOCK = 256
+
+
 class HessianAccumulator:
     """Accumulate Σ x xᵀ over batches of layer inputs; `finalize()` returns 2/n · Σ x xᵀ.
+
+    Σ x xᵀ is symmetric, so each batch adds only the blocks on and above the diagonal (what
+    BLAS's syrk does; torch has no syrk, and a separate BLAS's threads fight torch's): about a
+    third less work for the widest inputs. The lower blocks are filled in from the upper ones
+    when the sum is read (`sum_xxt`), in place.
 
     Args:
         in_features: width of the layer input.
@@ -36,8 +46,17 @@ class HessianAccumulator:
     ) -> None:
         self.in_features = in_features
         self.dtype = dtype
-        self.sum_xxt = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self._sum: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self._lower_stale = False  # the blocks below the diagonal lag behind the upper ones
         self.n_samples = 0
+
+    @property
+    def sum_xxt(self) -> torch.Tensor | None:
+        """Σ x xᵀ [in, in], whole (None once taken)."""
+        if self._sum is not None and self._lower_stale:
+            _mirror_upper_blocks_(self._sum, SYRK_BLOCK)
+            self._lower_stale = False
+        return self._sum
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add inputs `x` [..., in_features] (every leading position is one sample)."""
@@ -46,8 +65,11 @@ class HessianAccumulator:
                 f"expected inputs with {self.in_features} features, got {tuple(x.shape)}"
             )
         rows = x.reshape(-1, self.in_features)  # [n, in]: every position is a sample
-        rows = rows.to(device=self.sum_xxt.device, dtype=self.dtype)
-        self.sum_xxt.addmm_(rows.T, rows)
+        rows = rows.to(device=self._sum.device, dtype=self.dtype)
+        for start in range(0, self.in_features, SYRK_BLOCK):
+            block = rows[:, start : start + SYRK_BLOCK]
+            self._sum[start : start + SYRK_BLOCK, start:].addmm_(block.T, rows[:, start:])
+        self._lower_stale = True
         self.n_samples += rows.shape[0]
 
     def finalize(self) -> torch.Tensor:
@@ -60,16 +82,26 @@ class HessianAccumulator:
         """H, computed in place in the running sum, which the accumulator then gives up (no more
         batches, no second call): the caller holds the only [in, in] matrix instead of two (an
         11008-wide Hessian is 485 MB in fp32). The values are finalize()'s, bit for bit."""
-        if self.sum_xxt is None:
+        if self._sum is None:
             raise ValueError("the Hessian was already taken from this accumulator")
         if self.n_samples == 0:
             raise ValueError("no calibration inputs were added to the Hessian")
-        hessian, self.sum_xxt = self.sum_xxt.mul_(2.0 / self.n_samples), None
+        hessian = self.sum_xxt.mul_(2.0 / self.n_samples)
+        self._sum = None
         return hessian
 
     def column_norms(self) -> torch.Tensor:
-        """‖X_j‖₂ over all samples [in] (Wanda's activation norm)."""
-        return self.sum_xxt.diagonal().clamp(min=0).sqrt()
+        """‖X_j‖₂ over all samples [in] (Wanda's activation norm; the diagonal is always current)."""
+        return self._sum.diagonal().clamp(min=0).sqrt()
+
+
+def _mirror_upper_blocks_(matrix: torch.Tensor, block: int) -> None:
+    """Copy the blocks above the diagonal of a square matrix onto those below it, transposed, in
+    place; the diagonal blocks, computed whole, stay as they are."""
+    n = matrix.shape[0]
+    for start in range(0, n - block, block):
+        end = start + block
+        matrix[end:, start:end].copy_(matrix[start:end, end:].T)
 
 
 def column_norms_from_hessian(hessian: torch.Tensor, n_samples: int | None = None) -> torch.Tensor:
