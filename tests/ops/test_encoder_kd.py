@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from kompakt.ops.encoder_kd import attention_kl, cosine_loss, mse_loss, relation_kl, relations_kl, similarity_loss
+from kompakt.ops.encoder_kd import (
+    attention_kl,
+    cosine_loss,
+    mse_loss,
+    neighbour_kl,
+    relation_kl,
+    relations_kl,
+    similarity_loss,
+)
 
 
 def test_cosine_and_mse_by_hand():
@@ -114,3 +122,28 @@ def test_similarity_loss_by_hand_and_blind_to_scale_and_rotation():
     rotation = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
     assert float(similarity_loss(3.0 * teacher @ rotation, teacher)) < 1e-12  # same neighbours: no loss
     assert float(similarity_loss(teacher[:1], teacher[:1])) == 0.0
+
+
+def test_neighbour_kl_by_hand_and_blind_to_scale():
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    teacher, student = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    p = torch.softmax(torch.nn.functional.normalize(teacher, dim=-1) @ bank.T / 0.5, dim=-1)
+    q = torch.softmax(torch.nn.functional.normalize(student, dim=-1) @ bank.T / 0.5, dim=-1)
+    expected = float((p * (p.log() - q.log())).sum())
+    assert math.isclose(float(neighbour_kl(student, teacher, bank, 0.5)), expected, rel_tol=1e-5)
+    assert float(neighbour_kl(5.0 * teacher, teacher, bank, 0.5)) < 1e-7  # same direction: no loss
+
+
+def test_neighbour_kl_leaves_each_sentence_own_bank_row_out():
+    g = torch.Generator().manual_seed(3)
+    bank = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    teacher, student = bank[[1, 4]] * 2.0, torch.randn(2, 4, generator=g)
+    own = torch.tensor([1, -1])  # the first sentence is bank row 1, the second is not in the bank
+    value = neighbour_kl(student, teacher, bank, 0.1, own)
+    first = neighbour_kl(student[:1], teacher[:1], bank[[0, 2, 3, 4, 5]], 0.1)
+    second = neighbour_kl(student[1:], teacher[1:], bank, 0.1)
+    assert math.isfinite(float(value))
+    assert math.isclose(float(value), float((first + second) / 2), rel_tol=1e-5)
+    student.requires_grad_(True)
+    neighbour_kl(student, teacher, bank, 0.1, own).backward()
+    assert torch.isfinite(student.grad).all()

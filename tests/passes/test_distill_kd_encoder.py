@@ -63,12 +63,14 @@ def test_distillation_brings_a_halved_student_closer_to_the_teacher(family):
 @pytest.mark.parametrize("terms", [
     {"cosine_weight": 0.0, "mse_weight": 1.0},
     {"cosine_weight": 0.0, "similarity_weight": 1.0},
+    {"cosine_weight": 0.0, "neighbour_weight": 1.0, "steps": 40},  # a teacher cache is the bank
+    {"cosine_weight": 0.0, "neighbour_weight": 1.0, "hidden_weight": 1.0},  # a sampled bank
     {"cosine_weight": 0.0, "attention_weight": 1.0},
     {"cosine_weight": 0.0, "relation_weight": 1.0},
 ])  # fmt: skip
 def test_each_loss_term_alone_lowers_itself(terms):
     teacher, student = halved("bert")
-    report = run_kd(teacher, student, steps=20, **terms)
+    report = run_kd(teacher, student, **{"steps": 20, **terms})
     history = report.details
     assert history["loss_last"] < history["loss_first"], terms
 
@@ -141,6 +143,12 @@ def test_all_weights_zero_is_refused():
     teacher, student = halved("bert")
     with pytest.raises(ConfigError, match="every encoder loss weight is 0"):
         run_kd(teacher, student, cosine_weight=0.0)
+
+
+def test_a_neighbour_temperature_of_zero_is_refused():
+    teacher, student = halved("bert")
+    with pytest.raises(ConfigError, match="neighbour_temperature must be > 0"):
+        run_kd(teacher, student, neighbour_weight=1.0, neighbour_temperature=0.0)
 
 
 def test_a_decoder_teacher_for_an_encoder_is_refused():

@@ -1,7 +1,7 @@
 """Distillation losses for sentence encoders: pure tensor math (no transformers), used by
 distill.kd when the model is an encoder.
 
-Four kinds, each weighted in the pass config:
+The kinds, each weighted in the pass config:
 
 - Sentence level (what an embedding model is used for): `1 − cos(student, teacher)` of the
   pooled sentence embeddings, and / or their mean squared error (Reimers & Gurevych 2020,
@@ -11,6 +11,13 @@ Four kinds, each weighted in the pass config:
   the in-batch form of Sentence-BERT distillation's goal that neighbours stay neighbours): the
   MSE between the student's and the teacher's in-batch cosine-similarity matrices [B, B],
   off-diagonal. It targets what neighbour recall measures: the order of similarities.
+- Neighbourhoods (CompRess, Abbasi Koohpayegani et al. 2020, "CompRess: Self-Supervised Learning
+  by Compressing Representations"; SEED, Fang et al. 2021): each sentence's similarities to a
+  bank of the teacher's embeddings of other sentences, as a softmax at temperature τ, for the
+  student's embedding and the teacher's; KL(teacher ‖ student). Unlike the in-batch matrix it
+  compares against thousands of sentences, so it sees the near neighbours that recall@10 ranks
+  (32 random sentences rarely contain one); the bank is the teacher's, so it costs one small
+  matrix product per step.
 - Hidden states (TinyBERT, Jiao et al. 2020): MSE of mapped layer outputs, with a learned
   projection when widths differ — `kompakt.ops.kd_losses.hidden_state_loss`, shared with the
   decoder path (here masked by the attention mask, so padding does not count).
@@ -75,6 +82,28 @@ def similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
     diff = s @ s.T - t @ t.T
     off = ~torch.eye(diff.shape[0], dtype=torch.bool, device=diff.device)
     return diff[off].pow(2).mean() if off.any() else diff.new_zeros(())
+
+
+@_fp32
+def neighbour_kl(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tensor, temperature: float,
+                 own: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Mean over sentences of KL(teacher ‖ student) between softmax(cos(x, bank)/τ) of the
+    teacher's and the student's embedding ([B, D] each; bank [N, D], rows unit length).
+    `own` [B]: each sentence's own row in the bank (-1: none), left out of both softmaxes (its
+    teacher similarity is 1 and would take all the mass)."""
+    scale = 1.0 / temperature
+    logits_t = F.normalize(teacher.float(), dim=-1) @ bank.T * scale  # [B, N]
+    logits_s = F.normalize(student.float(), dim=-1) @ bank.T * scale
+    if own is not None and bool((own >= 0).any()):
+        rows = torch.nonzero(own >= 0).squeeze(1)
+        blocked = torch.zeros_like(logits_t, dtype=torch.bool)
+        blocked[rows, own[rows]] = True
+        logits_t = logits_t.masked_fill(blocked, -math.inf)
+        logits_s = logits_s.masked_fill(blocked, -math.inf)
+    log_t, log_s = F.log_softmax(logits_t, dim=-1), F.log_softmax(logits_s, dim=-1)
+    p = log_t.exp()
+    # blocked entries: p = 0 and both logs -inf; 0 · nan must count as 0
+    return torch.where(p > 0, p * (log_t - log_s), torch.zeros_like(p)).sum(-1).mean()
 
 
 def _masked_rows_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

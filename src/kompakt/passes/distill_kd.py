@@ -17,7 +17,9 @@ differ (width-pruned students).
 Sentence encoders (BERT, DistilBERT, RoBERTa, ModernBERT; kompakt.passes.encoder_training):
 the loss is over sentence embeddings and internals instead of next tokens — `cosine_weight`
 (1 − cos of the pooled embeddings, default 1), `mse_weight`, `similarity_weight` (MSE of the
-in-batch cosine-similarity matrices: relational KD, keeps neighbours), `hidden_weight` with
+in-batch cosine-similarity matrices: relational KD, keeps neighbours), `neighbour_weight` /
+`neighbour_temperature` (CompRess: KL of the softmaxed similarities to a bank of the teacher's
+embeddings of thousands of training sentences, so near neighbours count), `hidden_weight` with
 `layer_map` (TinyBERT), `attention_weight` (MiniLM v1: last-layer attention KL, same head
 count) and `relation_weight` / `relation_heads` (MiniLM v2: q-q, k-k, v-v relation KL); the
 data are unlabeled sentences (`data`, the run's data, else sentences split from text the
@@ -74,6 +76,8 @@ class DistillConfig(TrainingConfig, KDFields):
     cosine_weight: float = field(default=1.0, metadata=doc("encoders: weight of 1 - cos of student vs teacher sentence embeddings"))
     mse_weight: float = field(default=0.0, metadata=doc("encoders: weight of the sentence-embedding MSE"))
     similarity_weight: float = field(default=0.0, metadata=doc("encoders: weight of the in-batch cosine-similarity-matrix MSE (relational KD)"))
+    neighbour_weight: float = field(default=0.0, metadata=doc("encoders: weight of the KL of similarities to a bank of the teacher's embeddings of training sentences (CompRess)"))
+    neighbour_temperature: float = field(default=0.05, metadata=doc("encoders: softmax temperature of neighbour_weight's similarities"))
     attention_weight: float = field(default=0.0, metadata=doc("encoders: weight of the last-layer attention KL (MiniLM v1; same head count)"))
     relation_weight: float = field(default=0.0, metadata=doc("encoders: weight of the last-layer q/k/v relation KL (MiniLM v2)"))
     relation_heads: int | None = field(default=None, metadata=doc("encoders: relation heads of relation_weight (null = the teacher's heads)"))
@@ -92,9 +96,12 @@ class DistillConfig(TrainingConfig, KDFields):
             raise ConfigError(f"{NAME}: hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.layer_map is not None and not all(isinstance(p, list) and len(p) == 2 for p in self.layer_map):
             raise ConfigError(f"{NAME}: layer_map is a list of [student layer, teacher layer] pairs")
-        for key in ("cosine_weight", "mse_weight", "similarity_weight", "attention_weight", "relation_weight"):
+        for key in ("cosine_weight", "mse_weight", "similarity_weight", "neighbour_weight", "attention_weight",
+                    "relation_weight"):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ConfigError(f"{NAME}: {key} must be >= 0, got {getattr(self, key)}")
+        if not self.neighbour_temperature > 0:
+            raise ConfigError(f"{NAME}: neighbour_temperature must be > 0, got {self.neighbour_temperature}")
         for key in ("relation_heads", "sentences"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{NAME}: {key} must be positive or null, got {getattr(self, key)}")

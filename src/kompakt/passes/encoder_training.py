@@ -10,12 +10,15 @@ the embedded SmolLM2 writes (kompakt.data.sentences; at most MAX_GENERATED_SENTE
 over epochs). Sentences are truncated to the student's limit (kompakt.model.encode.input_limit), as
 `embed()` truncates them in use.
 
-Teacher cache: when every loss term is sentence-level (cosine, mse, similarity) and the run sees
+Teacher cache: when every loss term is sentence-level (cosine, mse, similarity, neighbour) and the run sees
 every training sentence at least once (and there are at most CACHE_MAX_SENTENCES), the teacher
 embeds the training sentences once up front and the steps read those embeddings
 (kompakt.train.encoder_objective.teacher_embeddings): a step is then the student's forward and
 backward only. Hidden-state, attention and relation terms need the teacher's token states and
 run it every step.
+
+Neighbour bank (`neighbour_weight`): the cached teacher embeddings, or, without a cache, the
+teacher's embeddings of up to BANK_MAX_SENTENCES training sentences drawn with the run's seed.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ HELDOUT_FRACTION = 0.1
 ASSUMED_TOKENS_PER_SENTENCE = 32  # only sizes the request for data; the budget uses the real mean
 MAX_GENERATED_SENTENCES = 4096
 CACHE_MAX_SENTENCES = 200_000  # teacher embeddings cached up to this many sentences (~300 MB at 384 dims)
-ENCODER_FIELDS = {"cosine_weight": 1.0, "mse_weight": 0.0, "similarity_weight": 0.0, "attention_weight": 0.0,
-                  "relation_weight": 0.0, "relation_heads": None, "sentences": None}  # fmt: skip
+BANK_MAX_SENTENCES = 16_384  # without a cache, the neighbour bank's sample (a [32, N] product per step)
+ENCODER_FIELDS = {"cosine_weight": 1.0, "mse_weight": 0.0, "similarity_weight": 0.0, "neighbour_weight": 0.0,
+                  "neighbour_temperature": 0.05, "attention_weight": 0.0, "relation_weight": 0.0,
+                  "relation_heads": None, "sentences": None}  # fmt: skip
 
 
 def check_decoder_config(config: Any, name: str) -> None:
@@ -77,14 +82,15 @@ def _objective(config: Any, teacher, student, name: str) -> EncoderDistillObject
     if config.attention_weight > 0 and num_heads(student.model) != num_heads(teacher.model):
         raise ConfigError(f"{name}: attention_weight needs the same head count ({num_heads(student.model)} vs "
                           f"{num_heads(teacher.model)}); use relation_weight (MiniLM v2) instead")  # fmt: skip
-    if not (config.cosine_weight or config.mse_weight or config.similarity_weight or config.hidden_weight
-            or config.attention_weight or config.relation_weight):  # fmt: skip
+    if not (config.cosine_weight or config.mse_weight or config.similarity_weight or config.neighbour_weight
+            or config.hidden_weight or config.attention_weight or config.relation_weight):  # fmt: skip
         raise ConfigError(f"{name}: every encoder loss weight is 0; set cosine_weight (default 1) or another")
     return EncoderDistillObjective(
         teacher.model, teacher.pooling, student.pooling, cosine_weight=config.cosine_weight,
         mse_weight=config.mse_weight, hidden_weight=config.hidden_weight, layer_map=pairs, projection=projection,
         attention_weight=config.attention_weight, relation_weight=config.relation_weight, relation_heads=heads,
-        similarity_weight=config.similarity_weight,
+        similarity_weight=config.similarity_weight, neighbour_weight=config.neighbour_weight,
+        neighbour_temperature=config.neighbour_temperature,
     )  # fmt: skip
 
 
@@ -126,6 +132,20 @@ def _evaluator(teacher, student, heldout: list[str] | None):
     return evaluate
 
 
+def _attach_bank(objective: EncoderDistillObjective, teacher, batches: SentenceBatches, seed: int) -> None:
+    """The neighbour term's bank: the teacher cache, else a seeded sample of training sentences."""
+    from kompakt.train.encoder_objective import neighbour_bank, teacher_embeddings
+
+    cache = objective.cache
+    if cache is None:
+        rows = batches.rows
+        if len(rows) > BANK_MAX_SENTENCES:
+            pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:BANK_MAX_SENTENCES]
+            rows = [rows[i] for i in pick.tolist()]
+        cache = teacher_embeddings(teacher.model, teacher.pooling, rows, batches.pad)
+    objective.bank, objective.bank_index = neighbour_bank(cache)
+
+
 def distill_encoder(ctx: PassContext, config: Any, name: str) -> PassReport:
     """Train the encoder ctx.loaded to match the teacher (see the module docstring)."""
     from kompakt.rundir.hashing import digest
@@ -149,6 +169,8 @@ def distill_encoder(ctx: PassContext, config: Any, name: str) -> PassReport:
 
         # one teacher pass over the data instead of one per step (module docstring of encoder_objective)
         objective.cache = teacher_embeddings(teacher.model, teacher.pooling, batches.rows, batches.pad)
+    if objective.neighbour_weight > 0:
+        _attach_bank(objective, teacher, batches, ctx.seed)
     loop = dataclasses.replace(config.loop_config(ctx.seed), steps=steps, seq_len=max(1, round(batches.mean_tokens())))
     identity = digest({"run": ctx.run_id or student.fingerprint(), "pass": name, "config": dataclasses.asdict(config),
                        "data": [source, len(sentences)], "seed": ctx.seed})  # fmt: skip
@@ -156,7 +178,7 @@ def distill_encoder(ctx: PassContext, config: Any, name: str) -> PassReport:
                    checkpoint_dir=ctx.checkpoint_dir, identity=identity, description=name)  # fmt: skip
     seen = result.steps * config.batch_size * config.grad_accum
     history = result.history
-    terms = ", ".join(k for k in ("cosine", "mse", "similarity", "hidden", "attention", "relation")
+    terms = ", ".join(k for k in ("cosine", "mse", "similarity", "neighbour", "hidden", "attention", "relation")
                       if history and k in history[-1])  # fmt: skip
     summary = (f"encoder KD ({terms}): {seen} sentences ({seen / max(1, batches.sentences):.1f} epochs of "
                f"{batches.sentences}), {result.steps} steps; loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}"

@@ -12,11 +12,15 @@ models keep their fast attention kernels (output_attentions would force the eage
 For families with rotary positions (ModernBERT) the vectors are taken before the rotation:
 the relations then compare content, not position.
 
-Teacher cache: when every term is sentence-level (cosine, MSE, similarity matrix) the teacher's
+Teacher cache: when every term is sentence-level (cosine, MSE, similarity matrix, neighbours) the teacher's
 only output is one embedding per sentence, a pure function of the sentence's tokens. The pass
 then computes them once for all training sentences (`teacher_embeddings`) and the objective
 looks them up by the sentence's token ids, so a step costs the student's forward and backward
 only (on MiniLM 6 -> 3 layers that is ~1.7x more steps in the same CPU time).
+
+Neighbour bank: the neighbour term compares each sentence with a bank of the teacher's
+embeddings of training sentences (`neighbour_bank`): the cache's, or a sample's when there is no
+cache; a sentence's own bank row is left out of its softmax.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kompakt.ops.encoder_kd import attention_kl, cosine_loss, mse_loss, relations_kl, similarity_loss
+from kompakt.ops.encoder_kd import attention_kl, cosine_loss, mse_loss, neighbour_kl, relations_kl, similarity_loss
 from kompakt.ops.kd_losses import HiddenProjection, hidden_state_loss
 
 
@@ -104,10 +108,17 @@ def teacher_embeddings(teacher: nn.Module, pooling: Any, rows: list[torch.Tensor
     return cache
 
 
+def neighbour_bank(cache: dict[bytes, torch.Tensor]) -> tuple[torch.Tensor, dict[bytes, int]]:
+    """(the cached teacher embeddings as unit rows [N, D], {row_key: row}) for neighbour_kl."""
+    keys = list(cache)
+    bank = torch.nn.functional.normalize(torch.stack([cache[k] for k in keys]).float(), dim=-1)
+    return bank, {key: row for row, key in enumerate(keys)}
+
+
 @dataclass
 class EncoderDistillObjective:
-    """cos·(1 − cos) + mse·MSE + similarity·MSE(similarity matrices) + hidden·MSE(layers)
-    + attention·KL(attn) + relation·KL(q/k/v relations)."""
+    """cos·(1 − cos) + mse·MSE + similarity·MSE(similarity matrices) + neighbour·KL(bank
+    similarities) + hidden·MSE(layers) + attention·KL(attn) + relation·KL(q/k/v relations)."""
 
     teacher: nn.Module
     teacher_pooling: Any  # kompakt.model.sentence.Pooling
@@ -121,7 +132,11 @@ class EncoderDistillObjective:
     relation_weight: float = 0.0
     relation_heads: int = 1
     similarity_weight: float = 0.0
+    neighbour_weight: float = 0.0
+    neighbour_temperature: float = 0.05
     cache: dict[bytes, torch.Tensor] | None = None  # teacher_embeddings(); only for sentence-level terms
+    bank: torch.Tensor | None = None  # neighbour_bank(); needed when neighbour_weight > 0
+    bank_index: dict[bytes, int] = field(default_factory=dict)
 
     @property
     def sentence_level(self) -> bool:
@@ -143,8 +158,9 @@ class EncoderDistillObjective:
         qkv = self.attention_weight > 0 or self.relation_weight > 0
         s_out, s_vec = self._forward(model, ids, mask, hidden, qkv)
         s_emb = pool(s_out.last_hidden_state.float(), mask, self.student_pooling)
+        keys = [row_key(ids[i], mask[i]) for i in range(ids.shape[0])] if self.cache is not None or self.bank_index else []
         if self.cache is not None and self.sentence_level:
-            t_emb = torch.stack([self.cache[row_key(ids[i], mask[i])] for i in range(ids.shape[0])]).to(s_emb.device)
+            t_emb = torch.stack([self.cache[key] for key in keys]).to(s_emb.device)
             t_out, t_vec = None, {}
         else:
             device = next(self.teacher.parameters()).device
@@ -158,6 +174,12 @@ class EncoderDistillObjective:
             terms["mse"] = (self.mse_weight, mse_loss(s_emb, t_emb))
         if self.similarity_weight > 0:
             terms["similarity"] = (self.similarity_weight, similarity_loss(s_emb, t_emb))
+        if self.neighbour_weight > 0:
+            if self.bank is None:
+                raise ValueError("the neighbour term needs a bank of teacher embeddings (neighbour_bank)")
+            own = torch.tensor([self.bank_index.get(key, -1) for key in keys], dtype=torch.long, device=s_emb.device)
+            value = neighbour_kl(s_emb, t_emb, self.bank.to(s_emb.device), self.neighbour_temperature, own)
+            terms["neighbour"] = (self.neighbour_weight, value)
         if hidden:
             states = tuple(h.to(ids.device) for h in t_out.hidden_states)
             terms["hidden"] = (self.hidden_weight, hidden_state_loss(
