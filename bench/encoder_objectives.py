@@ -24,7 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoders import BLOCK_SENTENCES, KD, best_block, distill, wiki_sentences  # noqa: E402
+from encoders import BLOCK_SENTENCES, KD, best_block, distill, validation_split  # noqa: E402
 
 VARIANTS = {
     "cosine": {},
@@ -45,12 +45,8 @@ def main() -> None:
     from kompakt.atomic import atomic_file
     from kompakt.evaluate.embedding_fidelity import embedding_fidelity
     from kompakt.model.encode import embed
-    from kompakt.model.load import load
 
-    teacher = load("all-minilm-l6-v2")
-    sentences = wiki_sentences("wiki.valid.tokens")
-    held, train = sentences[-HELD_OUT:], sentences[:-HELD_OUT]
-    teacher_emb = embed(teacher, held)
+    teacher, held, train, teacher_emb = validation_split(HELD_OUT)
     start, removed = best_block(teacher, train[:BLOCK_SENTENCES], 3)
     rows = []
     result = {"bench": "encoder_objectives", "model": "all-minilm-l6-v2", "removed_layers": removed,

@@ -23,7 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoders import BLOCK_SENTENCES, KD, best_block, distill, interleaved_speeds, wiki_sentences  # noqa: E402
+from encoders import BLOCK_SENTENCES, KD, best_block, distill, interleaved_speeds, validation_split  # noqa: E402
 
 SHAPES = [(3, 1536), (4, 768), (4, 1024), (5, 512)]  # (layers, MLP width); the teacher is (6, 1536)
 HELD_OUT = 500
@@ -50,12 +50,8 @@ def main() -> None:
     from kompakt.atomic import atomic_file
     from kompakt.evaluate.embedding_fidelity import embedding_fidelity
     from kompakt.model.encode import embed
-    from kompakt.model.load import load
 
-    teacher = load("all-minilm-l6-v2")
-    sentences = wiki_sentences("wiki.valid.tokens")
-    held, train = sentences[-HELD_OUT:], sentences[:-HELD_OUT]
-    teacher_emb = embed(teacher, held)
+    teacher, held, train, teacher_emb = validation_split(HELD_OUT)
     rows = []
     for layers, width in SHAPES:
         student, removed = best_block(teacher, train[:BLOCK_SENTENCES], teacher.model.config.num_hidden_layers - layers)

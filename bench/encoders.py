@@ -74,6 +74,19 @@ def wiki_sentences(name: str, limit: int | None = None) -> list[str]:
     return sentences[:limit] if limit else sentences
 
 
+def validation_split(held_out: int):
+    """(teacher, the last `held_out` WikiText-2 validation sentences, the others, the teacher's
+    embeddings of the held-out ones): recipe choices are trained on the others and scored on the
+    held-out end, never on the test text."""
+    from kompakt.model.encode import embed
+    from kompakt.model.load import load
+
+    teacher = load("all-minilm-l6-v2")
+    sentences = wiki_sentences("wiki.valid.tokens")
+    held, train = sentences[-held_out:], sentences[:-held_out]
+    return teacher, held, train, embed(teacher, held)
+
+
 def word_windows(name: str, n: int, seed: int = 0, shortest: int = 5, longest: int = 48) -> list[str]:
     """`n` extra training texts: windows of shortest..longest words at random places in the
     paragraphs of `name` (crossing sentence boundaries, as independent cropping does in

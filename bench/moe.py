@@ -17,6 +17,13 @@ the first `--eval-tokens` tokens of WikiText-2 test, windows of 512, BENCH.md):
           (frequency-weighted, neuron-aligned); moe.topk top-1 (no expert removed)
   quant   quant.rtn vs quant.gptq, 4-bit, group 64, symmetric, every expert with its routed
           calibration (the MoE's router, embeddings and head stay fp32)
+  heal    the 50 % cuts of the prune part (merge, REAP, frequency), each then healed by distill.kd
+          from the MoE for `--heal-tokens` (default 153600: the dense healing bench's budget,
+          bench/heal.py; T 2, 4 x 256, `--lr`; alpha `--heal-alpha`, default 1: with 0.5 the
+          cross-entropy half learns WikiText past the MoE itself, ppl below the MoE's and KL to it
+          up, so only pure distillation measures the gap to the MoE); KL before and after, and the share of
+          the gap recovered (1 - KL after / KL before). `--only NAME` runs the candidates whose
+          name contains NAME.
 Calibration: `--calib-blocks` blocks of 512 from wiki.valid (BENCH.md sampling).
 `--speed` adds llama.cpp generation tokens/s of each candidate's F16 GGUF, as a ratio to the MoE's.
 
@@ -30,7 +37,9 @@ the upcycled MoE is KL 0.83 / ppl x2.11 from SmolLM2 before KD, KL 0.76 / ppl x1
 pruning (0.50) and REAP (0.58): the upcycled router is near uniform (gate values within ~3 % of
 each other across experts), so REAP's gate term carries no information and it ranks by output norm
 alone (see moe.prune). 4-bit g64: GPTQ KL 0.169 / ppl x1.13 vs RTN 0.341 / x1.29 (to the MoE).
-20k more KD tokens (bench/results/moe-s50-kd40k.json) changed none of this. Without the shared expert (--shared 0) split 8 x top-2 is KL 9.2 from
+20k more KD tokens (bench/results/moe-s50-kd40k.json) changed none of this.
+Healing the 50 % cuts (--parts heal --heal-tokens 153600 --suffix=-s50-heal, alone; moe-s50-heal.json):
+KL to the MoE merge 0.313 -> 0.201, REAP 0.589 -> 0.238, frequency 0.508 -> 0.234 (alpha 1). Without the shared expert (--shared 0) split 8 x top-2 is KL 9.2 from
 SmolLM2 before KD; split 8 x top-8 KL 0.52, so the partition itself is sound.
     .venv/bin/python bench/moe.py --layers 4 --eval-tokens 1024 --kd-tokens 1024 --calib-blocks 2 \
         --moe-dir /tmp/moe-smoke --suffix=-smoke                              # smoke run (minutes)
@@ -135,9 +144,7 @@ def build_moe(args, dense, calib, ids, results: ResultsFile):
     built = round(time.perf_counter() - start, 1)
     results.add({"name": "upcycled (before KD)", "order": 1, "parameters": moe.num_parameters(), "wall_s": built,
                  "reference": "dense", **routing(moe, calib), **quality(dense, moe, ids, args.eval_tokens)})  # fmt: skip
-    kd = {"data": str(clean_valid_text()), "tokens": args.kd_tokens, "alpha": 0.5, "temperature": 2.0, "lr": args.lr,
-          "batch_size": 4, "seq_len": 256, "checkpoint_every": 0, "threads": args.threads}  # fmt: skip
-    report, wall = apply("distill.kd", moe, kd, teacher=dense)
+    report, wall = apply("distill.kd", moe, kd_values(args, args.kd_tokens), teacher=dense)
     results.add({"name": "upcycled + distill.kd", "order": 2, "parameters": moe.num_parameters(), "wall_s": wall,
                  "tokens_seen": report.details.get("tokens"), "reference": "dense", **routing(moe, calib),
                  **quality(dense, moe, ids, args.eval_tokens)})  # fmt: skip
@@ -176,6 +183,11 @@ CANDIDATES = {
         ("merge 50 % (MC-SMoE)", "moe.merge", {"fraction": 0.5}),
         ("top-1 (no expert removed)", "moe.topk", {"top_k": 1}),
     ],
+    "heal": [
+        ("merge 50 % (MC-SMoE) + distill.kd", "moe.merge", {"fraction": 0.5}),
+        ("REAP 50 % + distill.kd", "moe.prune", {"fraction": 0.5, "method": "reap"}),
+        ("frequency 50 % + distill.kd", "moe.prune", {"fraction": 0.5, "method": "frequency"}),
+    ],
     "quant": [
         ("RTN 4-bit g64 sym", "quant.rtn", {"bits": 4, "group_size": 64, "symmetric": True}),
         ("GPTQ 4-bit g64 sym", "quant.gptq", {"bits": 4, "group_size": 64, "symmetric": True}),
@@ -183,10 +195,30 @@ CANDIDATES = {
 }
 
 
+def kd_values(args, tokens: int, alpha: float = 0.5) -> dict:
+    """distill.kd settings of the MoE's own healing and of healing after pruning (bench/heal.py's)."""
+    return {"data": str(clean_valid_text()), "tokens": tokens, "alpha": alpha, "temperature": 2.0, "lr": args.lr,
+            "batch_size": 4, "seq_len": 256, "checkpoint_every": 0, "threads": args.threads}  # fmt: skip
+
+
+def heal_row(args, moe, candidate, ids, row: dict) -> dict:
+    """`row` (the pruned candidate against the MoE) with distill.kd from the MoE added."""
+    report, wall = apply("distill.kd", candidate, kd_values(args, args.heal_tokens, args.heal_alpha), teacher=moe)
+    after = quality(moe, candidate, ids, args.eval_tokens)
+    recovered = 1 - after["kl"] / row["kl"] if row["kl"] > 0 else None
+    before = {key: row[key] for key in ("ppl", "ppl_ratio", "kl", "top1")}
+    return {**row, **after, "before_kd": before, "kd_alpha": args.heal_alpha, "kd_tokens": report.details.get("tokens"),
+            "kd_wall_s": wall,
+            "kd_tokens_per_s": round(report.details.get("tokens", 0) / wall, 1) if wall else None,
+            "kl_gap_recovered": round(recovered, 3) if recovered is not None else None}  # fmt: skip
+
+
 def run_candidates(args, moe, calib, ids, results: ResultsFile) -> None:
     base_speed = gguf_speed(moe, ids[:16].tolist()) if args.speed else None
     for part in args.parts:
-        for order, (label, name, values) in enumerate(CANDIDATES[part], start=10 if part == "prune" else 20):
+        for order, (label, name, values) in enumerate(CANDIDATES[part], start={"prune": 10, "heal": 15}.get(part, 20)):
+            if args.only and not any(wanted in label for wanted in args.only):
+                continue
             candidate = clone(moe)
             values = {**values, "max_blocks": args.calib_blocks} if name in ("moe.prune", "moe.merge") else values
             report, wall = apply(name, candidate, values, calib=calib)
@@ -195,6 +227,8 @@ def run_candidates(args, moe, calib, ids, results: ResultsFile) -> None:
                    **quality(moe, candidate, ids, args.eval_tokens)}  # fmt: skip
             if args.speed and part == "prune":
                 row["llamacpp_gen_speed_ratio"] = round(gguf_speed(candidate, ids[:16].tolist()) / base_speed, 3)
+            if part == "heal":
+                row = heal_row(args, moe, candidate, ids, row)
             results.add(row)
             print(json.dumps(row))
             del candidate
@@ -208,11 +242,15 @@ def main() -> None:
     parser.add_argument("--shared", type=float, default=0.5,
                         help="fraction of each MLP kept as an always-on shared expert (Qwen2-MoE); 0: Mixtral")
     parser.add_argument("--kd-tokens", type=int, default=150000)
+    parser.add_argument("--heal-tokens", type=int, default=153600, help="heal part: distill.kd tokens after merging")
+    parser.add_argument("--heal-alpha", type=float, default=1.0,
+                        help="heal part: distill.kd alpha (1: the MoE's distributions only; 0.5 also learns the text)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--calib-blocks", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parts", nargs="+", choices=sorted(CANDIDATES), default=sorted(CANDIDATES))
+    parser.add_argument("--only", action="append", help="run only the candidates whose name contains this (repeatable)")
     parser.add_argument("--speed", action="store_true", help="llama.cpp generation speed ratios (prune part)")
     parser.add_argument("--moe-dir", default=str(Path.home() / ".cache" / "kompakt" / "bench" / "smollm2-moe"))
     parser.add_argument("--layers", type=int, default=0, help="smoke runs: keep SmolLM2's first N layers only")
