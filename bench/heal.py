@@ -105,9 +105,15 @@ def train_row(label: str, report, wall: float, quality_row: dict) -> dict:
             "loss_last": d.get("loss_last"), "curve": d.get("evals"), **quality_row}  # fmt: skip
 
 
+def kd_settings(tokens: int, alpha: float, lr: float, batch: int, threads: int) -> dict:
+    """distill.kd's settings in the healing benches (this one and bench/moe.py): WikiText-2
+    validation, T 2, sequences of 256."""
+    return {"data": str(clean_valid_text()), "tokens": tokens, "alpha": alpha, "temperature": 2.0,
+            "lr": lr, "batch_size": batch, "seq_len": 256, "checkpoint_every": 0, "threads": threads}  # fmt: skip
+
+
 def kd_values(args, alpha: float) -> dict:
-    return {"data": str(clean_valid_text()), "tokens": args.tokens, "alpha": alpha, "temperature": 2.0,
-            "lr": args.lr, "batch_size": args.batch, "seq_len": 256, "checkpoint_every": 0, "threads": args.threads}  # fmt: skip
+    return kd_settings(args.tokens, alpha, args.lr, args.batch, args.threads)
 
 
 def calibration(tokenizer, n_blocks: int) -> torch.Tensor:

@@ -64,21 +64,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext2"
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from heal import calibration, kd_settings  # noqa: E402
 from results_file import ResultsFile  # noqa: E402
-
-
-def clean_valid_text() -> Path:
-    path = Path(tempfile.gettempdir()) / "kompakt-bench-wiki-valid.txt"
-    if not path.exists():
-        path.write_text((DATA / "wiki.valid.tokens").read_text(encoding="utf-8").replace(" <unk>", ""))
-    return path
-
-
-def calibration(tokenizer, n_blocks: int) -> torch.Tensor:
-    from kompakt.data import sample_blocks, tokenize_texts
-
-    ids = tokenize_texts([clean_valid_text().read_text()], tokenizer)
-    return sample_blocks(ids, n_blocks, 512, seed=0)
 
 
 def eval_ids(tokenizer) -> torch.Tensor:
@@ -144,7 +131,7 @@ def build_moe(args, dense, calib, ids, results: ResultsFile):
     built = round(time.perf_counter() - start, 1)
     results.add({"name": "upcycled (before KD)", "order": 1, "parameters": moe.num_parameters(), "wall_s": built,
                  "reference": "dense", **routing(moe, calib), **quality(dense, moe, ids, args.eval_tokens)})  # fmt: skip
-    report, wall = apply("distill.kd", moe, kd_values(args, args.kd_tokens), teacher=dense)
+    report, wall = apply("distill.kd", moe, kd_settings(args.kd_tokens, 0.5, args.lr, 4, args.threads), teacher=dense)
     results.add({"name": "upcycled + distill.kd", "order": 2, "parameters": moe.num_parameters(), "wall_s": wall,
                  "tokens_seen": report.details.get("tokens"), "reference": "dense", **routing(moe, calib),
                  **quality(dense, moe, ids, args.eval_tokens)})  # fmt: skip
@@ -195,15 +182,10 @@ CANDIDATES = {
 }
 
 
-def kd_values(args, tokens: int, alpha: float = 0.5) -> dict:
-    """distill.kd settings of the MoE's own healing and of healing after pruning (bench/heal.py's)."""
-    return {"data": str(clean_valid_text()), "tokens": tokens, "alpha": alpha, "temperature": 2.0, "lr": args.lr,
-            "batch_size": 4, "seq_len": 256, "checkpoint_every": 0, "threads": args.threads}  # fmt: skip
-
-
 def heal_row(args, moe, candidate, ids, row: dict) -> dict:
     """`row` (the pruned candidate against the MoE) with distill.kd from the MoE added."""
-    report, wall = apply("distill.kd", candidate, kd_values(args, args.heal_tokens, args.heal_alpha), teacher=moe)
+    values = kd_settings(args.heal_tokens, args.heal_alpha, args.lr, 4, args.threads)
+    report, wall = apply("distill.kd", candidate, values, teacher=moe)
     after = quality(moe, candidate, ids, args.eval_tokens)
     recovered = 1 - after["kl"] / row["kl"] if row["kl"] > 0 else None
     before = {key: row[key] for key in ("ppl", "ppl_ratio", "kl", "top1")}

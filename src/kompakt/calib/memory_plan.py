@@ -30,7 +30,10 @@ attention scores), divided by the matrix-multiply throughput measured on this ma
 compute dtype (measure_flops), plus those of the Hessian accumulation (2 x tokens x in^2 per group)
 and the GPTQ solve (in^3 / 3 for the Cholesky factor and out x in^2 for the column updates),
 always fp32, divided by the fp32 throughput; all of it divided by an efficiency factor
-(EFFICIENCY: real layers do not run at peak GEMM speed). Disk reads are not counted.
+(EFFICIENCY: real layers do not run at peak GEMM speed). Disk reads are not counted. The Hessian
+term counts the whole product, as when EFFICIENCY was fitted to measured runs; the accumulator
+now computes only the blocks on and above the diagonal (kompakt.ops.hessian), so that term is
+high by up to a third (a few % of a 7B layer's time).
 """
 
 from __future__ import annotations
