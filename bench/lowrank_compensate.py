@@ -14,6 +14,7 @@ against the q4_0 base GGUF kompakt exports from the same model. Goal: KL -30 % f
     .venv/bin/python bench/lowrank_compensate.py --blocks 16 --eval-tokens 4096    # reduced
     .venv/bin/python bench/lowrank_compensate.py --quantized ~/.cache/kompakt/bench/awq-gptq-q4_0
     .venv/bin/python bench/lowrank_compensate.py --allocation global --ranks 16
+    .venv/bin/python bench/lowrank_compensate.py --awq --ranks 8 --tune-tokens 0,32768   # closed form, then tuned
 
 `--quantized DIR` starts from a saved GPTQ q4_0 model instead of quantizing; `--llamacpp` also runs the base GGUF + adapter GGUF of the first rank in llama.cpp and
 reports its agreement with kompakt's own forward of the same model (top-1, mean KL).
@@ -33,6 +34,7 @@ import torch
 
 import quant
 from quant import calibration_blocks, evaluation_ids, machine
+import heal
 from results_file import ResultsFile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,14 +57,17 @@ def quantize(original, calib: torch.Tensor, source: Path | None, awq: bool = Fal
     return model, time.perf_counter() - start
 
 
-def compensate(quantized, original, calib: torch.Tensor, rank: int, allocation: str):
+def compensate(quantized, original, calib: torch.Tensor, rank: int, allocation: str, tune: int = 0, tune_lr: float = 1e-3):
     from kompakt.passes.base import PassContext, build_config, get_pass
 
     spec = get_pass("lowrank.compensate")
     ctx = PassContext(loaded=quantized, original=lambda: original, calibration=lambda: calib, seed=0,
                       teacher=lambda path: original)  # fmt: skip
     start = time.perf_counter()
-    report = spec.apply(ctx, build_config(spec, {"rank": rank, "allocation": allocation}))
+    values = {"rank": rank, "allocation": allocation}
+    if tune:  # the factors distilled on WikiText-2 validation (the calibration's text), as bench/heal.py trains
+        values.update(tune_tokens=tune, tune_lr=tune_lr, tune_data=str(heal.clean_valid_text()))
+    report = spec.apply(ctx, build_config(spec, values))
     return report, time.perf_counter() - start
 
 
@@ -108,6 +113,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=32768, help="evaluation tokens of WikiText-2 test")
     parser.add_argument("--ranks", default="8,16,32,64")
     parser.add_argument("--allocation", default="uniform", choices=("uniform", "global"))
+    parser.add_argument("--tune-tokens", default="0", help="comma list: 0 = closed form; N = then tune_tokens N")
+    parser.add_argument("--tune-lr", type=float, default=1e-3)
     parser.add_argument("--quantized", type=Path, help="a saved GPTQ q4_0 model to start from")
     parser.add_argument("--awq", action="store_true", help="the base is AWQ+GPTQ q4_0 (one run)")
     parser.add_argument("--llamacpp", action="store_true", help="check llama.cpp + adapter against kompakt")
@@ -116,7 +123,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "lowrank_compensate.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    quant.DATA = args.data  # read by calibration_blocks / evaluation_ids
+    quant.DATA = heal.DATA = args.data  # read by calibration_blocks / evaluation_ids / clean_valid_text
 
     from kompakt.evaluate import fidelity
     from kompakt.model.lora_adapter import detach
@@ -141,12 +148,14 @@ def main() -> None:
     print(f"{'candidate':28} {'KL':>7} {'dKL':>7} {'top-1':>7} {'ppl':>7} {'+bytes':>8} {'s':>6}")
     print(f"{base['name']:28} {base['kl']:7.4f} {'':>7} {base['top1']:7.1%} {base['ppl']:7.2f} {'':>8} {quant_s:6.0f}",
           flush=True)  # fmt: skip
-    for index, rank in enumerate(int(r) for r in args.ranks.split(",")):
+    runs = [(int(r), int(t)) for r in args.ranks.split(",") for t in args.tune_tokens.split(",")]
+    for index, (rank, tune) in enumerate(runs):
         detach(quantized.model)
-        report, seconds = compensate(quantized, original, calib, rank, args.allocation)
+        report, seconds = compensate(quantized, original, calib, rank, args.allocation, tune, args.tune_lr)
         added = gguf_bytes(quantized, workdir, lora=True)
         fid = fidelity(original, quantized, ids, window=512, stride=512, max_tokens=args.eval_tokens)
-        row = {"name": f"+ EoRA {args.allocation} r{rank}", "rank": rank, "kl": fid.kl_mean, "kl_p99": fid.kl_p99,
+        name = f"+ EoRA {args.allocation} r{rank}" + (f", tuned {tune // 1024}k" if tune else "")
+        row = {"name": name, "rank": rank, "tune_tokens": tune, "kl": fid.kl_mean, "kl_p99": fid.kl_p99,
                "top1": fid.top1, "ppl": fid.ppl_candidate, "added_bytes": added, "added_share": added / base_bytes,
                "kl_reduction": 1 - fid.kl_mean / base["kl"], "seconds": seconds, "summary": report.summary}  # fmt: skip
         if args.llamacpp and index == 0:

@@ -18,6 +18,7 @@ from kompakt.model.loaded import LoadedModel
 from kompakt.model.save import save_model
 from kompakt.model.tiny import tiny_model
 from kompakt.passes.base import PassContext, build_config, get_pass
+from kompakt.train.data import TrainData
 
 COMPENSATE = get_pass("lowrank.compensate")
 _GEN = torch.Generator().manual_seed(5)
@@ -28,10 +29,13 @@ HELDOUT = _VOCAB[torch.randint(0, 24, (4, 64), generator=_GEN)]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+TRAIN = TrainData.plain(_VOCAB[torch.randint(0, 24, (16384,), generator=_GEN)], "text-like tokens")
+
+
 def _run(spec_name: str, loaded: LoadedModel, original: LoadedModel, **values):
     spec = get_pass(spec_name)
     ctx = PassContext(loaded=loaded, original=lambda: original, calibration=lambda: CALIB, seed=0,
-                      teacher=lambda path: original)  # fmt: skip
+                      teacher=lambda path: original, training=lambda *args: TRAIN)  # fmt: skip
     return spec.apply(ctx, build_config(spec, values))
 
 
@@ -72,6 +76,31 @@ def test_compensation_lowers_kl_and_keeps_the_grid(quantized):
         assert all(torch.equal(weights[n], p) for n, p in loaded.model.state_dict().items())  # base untouched
     assert kls["uniform"] < 0.8 * before, (before, kls)
     assert kls["global"] < 0.8 * before, (before, kls)
+
+
+def test_tuning_the_factors_lowers_the_kl_further_and_touches_nothing_else(quantized):
+    """tune_tokens distils B and A alone from the reference after the closed form: the held-out KL
+    falls below the closed form's, the quantized weights stay on their grid and the factors are the
+    adapter's buffers again afterwards (not parameters: saving and export see the plain model)."""
+    original, student = quantized
+    reference = _logits(original.model)
+    closed = _copy(student)
+    _run("lowrank.compensate", closed, original, rank=2)
+    tuned = _copy(student)
+    names = [n for n, _ in tuned.model.named_parameters()]
+    weights = {n: p.clone() for n, p in tuned.model.state_dict().items()}
+    report = _run("lowrank.compensate", tuned, original, rank=2, tune_tokens=16384, tune_lr=3e-3)
+    assert report.details["tuned"]["tokens"] == 16384 and "distilled" in report.summary
+    assert _kl(reference, tuned.model) < 0.9 * _kl(reference, closed.model)
+    assert [n for n, _ in tuned.model.named_parameters()] == names
+    assert all(torch.equal(weights[n], p) for n, p in tuned.model.state_dict().items())
+    assert all(p.requires_grad for p in tuned.model.parameters())  # as trainable as before
+    learned, closed_form = attached(tuned.model), attached(closed.model)
+    for name, (b, a) in learned.items():
+        assert not isinstance(b, torch.nn.Parameter) and not isinstance(a, torch.nn.Parameter)
+    assert any(not torch.equal(learned[n][0], closed_form[n][0]) for n in learned)
+    with pytest.raises(ConfigError, match="tune_tokens"):
+        build_config(COMPENSATE, {"tune_tokens": -1})
 
 
 def test_awq_scaled_models_are_compensated_in_their_own_coordinates():

@@ -96,6 +96,34 @@ def detach(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
+def factors_trainable(model: nn.Module) -> Iterator[None]:
+    """Inside the block the attached factors are the model's only trainable parameters (so the
+    shared training loop trains, clips and checkpoints them and nothing else); after it they are
+    the adapter's buffers again, with what was learned, and the model's own parameters are as
+    trainable as before."""
+    deltas = [module._modules[_CHILD] for module in model.modules()
+              if isinstance(module, nn.Linear) and isinstance(module._modules.get(_CHILD), LoraDelta)]  # fmt: skip
+    if not deltas:
+        raise ModelFormatError("no LoRA adapter is attached: nothing to train")
+    was_trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in was_trainable:
+        param.requires_grad_(False)
+    for delta in deltas:
+        for key in ("a", "b"):
+            value = delta._buffers.pop(key)
+            delta.register_parameter(key, nn.Parameter(value.detach().clone()))
+    try:
+        yield
+    finally:
+        for delta in deltas:
+            for key in ("a", "b"):
+                value = delta._parameters.pop(key)
+                delta.register_buffer(key, value.detach(), persistent=False)
+        for param in was_trainable:
+            param.requires_grad_(True)
+
+
+@contextlib.contextmanager
 def without_adapter(model: nn.Module) -> Iterator[None]:
     """The base model alone inside the block (what a GGUF or a plain transformers load of its
     weights computes), the adapter attached again after."""

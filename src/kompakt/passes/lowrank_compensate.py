@@ -23,6 +23,16 @@ Rank: `rank: 16` on every Linear (`allocation: uniform`), or `allocation: global
 number of adapter parameters as uniform rank r, spent where the discarded eigen-weighted error
 relative to the Linear's own output is largest (at most `max_rank` per Linear; some get 0).
 
+Tuning (`tune_tokens: N`, off by default): the closed form fits each Linear's output alone, on
+the quantized model's own inputs; what the model as a whole gets wrong adds up across layers.
+With tune_tokens the factors B, A (nothing else) are then distilled from the reference's
+next-token distributions (KL at temperature 1) on N tokens of `tune_data` / the run's data, the
+closed form as the starting point — EoRA's own suggestion (its §5: the EoRA adapter as the
+initialisation of fine-tuning), here with the reference as the teacher instead of labels. The
+result is the same adapter, same rank and bytes. On SmolLM2 AWQ+GPTQ q4_0 at rank 8 (README)
+it takes the KL reduction from a few percent to about 15 % for 32k tokens (3 minutes on 2 CPU
+cores).
+
 When to use it: right after quant.gptq / quant.rtn (also with quant.awq before them, or
 quant.gptq's awq: true), when a few percent more bytes buy back a large part of the quantization
 loss (4 bits and below). The reference is the recipe's original unless the steps before the
@@ -34,6 +44,8 @@ Sample recipe steps::
     - lowrank.compensate: {rank: 16}
 
     - lowrank.compensate: {rank: 32, allocation: global, max_rank: 128}
+
+    - lowrank.compensate: {rank: 8, tune_tokens: 32768, tune_data: corpus.txt}
 """
 
 from __future__ import annotations
@@ -51,15 +63,20 @@ from kompakt.calib import LayerStats, run_sequential
 from kompakt.errors import ConfigError
 from kompakt.model.arch import arch_for, decoder_layers, linear_modules
 from kompakt.model.compression import Adapter, get_state, update_state
-from kompakt.model.lora_adapter import ADAPTER_DIR, attach, detach
+from kompakt.model.loaded import LoadedModel
+from kompakt.model.lora_adapter import ADAPTER_DIR, attach, detach, factors_trainable
 from kompakt.model.quantized import is_quantized
 from kompakt.ops.error_compensation import Spectrum, allocate_ranks, channel_gains, output_error, whitened_svd
 from kompakt.passes.base import PassContext, PassReport, PassSpec, doc
+from kompakt.train.data import SequenceBatches
+from kompakt.train.loop import LoopConfig, train
+from kompakt.train.objectives import DistillObjective
 
 logger = logging.getLogger(__name__)
 
 NAME = "lowrank.compensate"
 ALLOCATIONS = ("uniform", "global")
+TUNE_SEQ_LEN = 512
 
 
 @dataclass
@@ -71,6 +88,9 @@ class CompensateConfig:
     damp: float = field(default=0.01, metadata=doc("input covariance damping, fraction of its mean diagonal"))
     max_blocks: int | None = field(default=None, metadata=doc("use at most this many calibration blocks"))
     batch_size: int = field(default=8, metadata=doc("calibration blocks per layer call"))
+    tune_tokens: int = field(default=0, metadata=doc("then distil the factors alone from the reference on this many tokens (0: closed form only)"))
+    tune_data: str | None = field(default=None, metadata=doc("text for tune_tokens (null: the run's data, else text the reference writes)"))
+    tune_lr: float = field(default=1e-3, metadata=doc("tune_tokens: peak AdamW learning rate of the factors"))
 
     def validate(self) -> None:
         if self.rank < 1 or (self.max_rank is not None and self.max_rank < 1):
@@ -79,6 +99,8 @@ class CompensateConfig:
             raise ConfigError(f"{NAME}: allocation {self.allocation!r} is unknown; valid: {', '.join(ALLOCATIONS)}")
         if self.damp < 0 or self.batch_size < 1 or (self.max_blocks is not None and self.max_blocks < 1):
             raise ConfigError(f"{NAME}: damp must be >= 0, batch_size and max_blocks at least 1")
+        if self.tune_tokens < 0 or self.tune_lr <= 0:
+            raise ConfigError(f"{NAME}: tune_tokens must be >= 0 and tune_lr positive")
 
     def cap(self) -> int:
         """The most components kept per Linear."""
@@ -180,15 +202,16 @@ def _targets(model: nn.Module) -> dict[tuple[int, str], str]:
     return found
 
 
-def _reference(ctx: PassContext, config: CompensateConfig, model: nn.Module) -> nn.Module:
-    reference = ctx.teacher_model(config.reference).model
+def _reference(ctx: PassContext, config: CompensateConfig, model: nn.Module) -> LoadedModel:
+    loaded = ctx.teacher_model(config.reference)
+    reference = loaded.model
     if reference is model:
         raise ConfigError(f"{NAME}: the reference is the quantized model itself; give reference: PATH of the "
                           "model before quantization")  # fmt: skip
     if len(decoder_layers(reference)) != len(decoder_layers(model)):
         raise ConfigError(f"{NAME}: the reference has {len(decoder_layers(reference))} layers, this model "
                           f"{len(decoder_layers(model))}; give reference: PATH of the model that was quantized")  # fmt: skip
-    return reference
+    return loaded
 
 
 def _ranks(spectra: dict[str, Spectrum], config: CompensateConfig) -> dict[str, int]:
@@ -211,7 +234,7 @@ def apply(ctx: PassContext, config: CompensateConfig) -> PassReport:
         raise ConfigError(f"{NAME}: no decoder Linear of {loaded.name} is quantized; nothing to compensate")
     reference = _reference(ctx, config, model)
     blocks = ctx.calibration()[: config.max_blocks]
-    compensator = _Compensator(model, reference, targets, config, rescaled=get_state(loaded).awq is not None)
+    compensator = _Compensator(model, reference.model, targets, config, rescaled=get_state(loaded).awq is not None)
     roles = sorted({role for _, role in targets})
     result = run_sequential(model, blocks, compensator.process, roles=roles, collect="inputs", true_sequential=False,
                             batch_size=config.batch_size, description="EoRA")  # fmt: skip
@@ -222,12 +245,32 @@ def apply(ctx: PassContext, config: CompensateConfig) -> PassReport:
     ranks = _ranks(spectra, config)
     factors = {name: spectra[name].factors(r) for name, r in ranks.items() if r > 0}
     attach(model, factors)
+    tuned = _tune(ctx, config, loaded, reference) if config.tune_tokens else None
     update_state(loaded, adapter=Adapter(ADAPTER_DIR, "eora"))
     details = _details(spectra, ranks, config, blocks, time.perf_counter() - start, result.seconds)
+    if tuned is not None:
+        details["tuned"] = tuned
     summary = (f"EoRA {config.allocation} rank {config.rank} on {len(factors)} Linears: "
                f"+{details['adapter_parameters'] / 1e6:.2f} M parameters ({details['adapter_bytes_f16'] / 1e6:.1f} MB "
                f"f16), calibration output error -{100 * details['error_removed']:.1f} %")  # fmt: skip
+    if tuned is not None:
+        summary += f"; factors distilled on {tuned['tokens']} tokens (loss {tuned['loss_first']:.4f} -> {tuned['loss_last']:.4f})"
     return PassReport(loaded=loaded, summary=summary, details=details)
+
+
+def _tune(ctx: PassContext, config: CompensateConfig, loaded: LoadedModel, reference: LoadedModel) -> dict[str, Any]:
+    """Distil the attached factors alone (the quantized weights stay on their grid) from the
+    reference's next-token distributions, KL at temperature 1: the closed form fits each Linear's
+    output on its own, this fits what the whole model says (the error that adds up across
+    layers). Sequences of 512 one at a time, AdamW, warm-up then cosine; no checkpoints."""
+    loop = LoopConfig(tokens=config.tune_tokens, batch_size=1, seq_len=TUNE_SEQ_LEN, lr=config.tune_lr, warmup=0.1,
+                      seed=ctx.seed)  # fmt: skip
+    data = ctx.training_data(config.tune_data, loop.total_steps() * loop.tokens_per_step(), generator=reference)
+    batches = SequenceBatches(data, seq_len=loop.seq_len, batch_size=loop.batch_size, seed=ctx.seed)
+    objective = DistillObjective(teacher=reference.model, alpha=1.0, temperature=1.0)
+    with factors_trainable(loaded.model):
+        result = train(loaded.model, batches, objective, loop, description=f"{NAME} tune")
+    return {**result.summary(), "data": data.source}
 
 
 def _details(spectra: dict[str, Spectrum], ranks: dict[str, int], config: CompensateConfig,
