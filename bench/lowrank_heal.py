@@ -17,7 +17,6 @@ Writes bench/results/lowrank_heal<suffix>.json (row by row) and prints the table
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import sys
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heal import apply, calibration, context, copy_model, eval_ids  # noqa: E402
 from results_file import ResultsFile  # noqa: E402
-from share_layers import RESULTS, depth_count, heal, prefill_rate, print_table, row  # noqa: E402
+from share_layers import RESULTS, depth_count, heal, prefill_rate, row, run_logged  # noqa: E402
 
 
 def run(args) -> None:
@@ -73,11 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--suffix", default="", help="results file lowrank_heal<suffix>.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    run(args)
-    print_table(RESULTS / f"lowrank_heal{args.suffix}.json")
+    run_logged(run, args, RESULTS / f"lowrank_heal{args.suffix}.json")
 
 
 if __name__ == "__main__":

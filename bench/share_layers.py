@@ -149,13 +149,19 @@ def main() -> None:
         for path in sorted(RESULTS.glob("share_layers*.json")):
             print_table(path)
         return
+    run_logged(run, args, RESULTS / f"share_layers{args.suffix}.json")
+
+
+def run_logged(run_rows, args, path: Path) -> None:
+    """Run a KD comparison (this bench's or bench/lowrank_heal.py's) with the training log on
+    stdout, `args.threads` threads and seed 0, then print its table."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    run(args)
-    print_table(RESULTS / f"share_layers{args.suffix}.json")
+    run_rows(args)
+    print_table(path)
 
 
 if __name__ == "__main__":
