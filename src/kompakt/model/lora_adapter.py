@@ -73,22 +73,24 @@ def attach(model: nn.Module, factors: Factors) -> None:
         linear.register_forward_hook(delta.add_to)
 
 
-def attached(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module name -> (B, A) of the adapter attached to the model (empty when none)."""
-    found = {}
+def _deltas(model: nn.Module) -> list[tuple[str, nn.Linear, LoraDelta]]:
+    """(module name, Linear, its LoraDelta) of every Linear with an attached correction."""
+    found = []
     for name, module in model.named_modules():
         delta = module._modules.get(_CHILD) if isinstance(module, nn.Linear) else None
         if isinstance(delta, LoraDelta):
-            found[name] = (delta.b, delta.a)
+            found.append((name, module, delta))
     return found
+
+
+def attached(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module name -> (B, A) of the adapter attached to the model (empty when none)."""
+    return {name: (delta.b, delta.a) for name, _, delta in _deltas(model)}
 
 
 def detach(model: nn.Module) -> None:
     """Remove every attached LoraDelta and its hook (the Linears are left as they were)."""
-    for module in model.modules():
-        delta = module._modules.get(_CHILD) if isinstance(module, nn.Linear) else None
-        if not isinstance(delta, LoraDelta):
-            continue
+    for _, module, delta in _deltas(model):
         for key, hook in list(module._forward_hooks.items()):
             if getattr(hook, "__self__", None) is delta:
                 del module._forward_hooks[key]
@@ -101,8 +103,7 @@ def factors_trainable(model: nn.Module) -> Iterator[None]:
     shared training loop trains, clips and checkpoints them and nothing else); after it they are
     the adapter's buffers again, with what was learned, and the model's own parameters are as
     trainable as before."""
-    deltas = [module._modules[_CHILD] for module in model.modules()
-              if isinstance(module, nn.Linear) and isinstance(module._modules.get(_CHILD), LoraDelta)]  # fmt: skip
+    deltas = [delta for _, _, delta in _deltas(model)]
     if not deltas:
         raise ModelFormatError("no LoRA adapter is attached: nothing to train")
     was_trainable = [p for p in model.parameters() if p.requires_grad]
