@@ -34,9 +34,9 @@ it takes the KL reduction from a few percent to about 15 % for 32k tokens (2 min
 on 2 CPU cores); on plain GPTQ q4_0 from −37 % to −49 %, the lowest KL of the two.
 
 When to use it: right after quant.gptq / quant.rtn (quant.awq before them works too, but AWQ
-takes the low-rank part of the error itself and leaves the adapter little: on SmolLM2 plain GPTQ
-+ adapter ends lower than AWQ+GPTQ + adapter at the same bytes), when a few percent more bytes buy back a large part of the quantization
-loss (4 bits and below). The reference is the recipe's original unless the steps before the
+takes the low-rank part of the error itself and leaves the adapter little: on SmolLM2 plain
+GPTQ with an adapter ends lower than AWQ+GPTQ with one at the same bytes), when a few percent
+more bytes buy back a large part of the quantization loss (4 bits and below). The reference is the recipe's original unless the steps before the
 quantization changed shapes (pruning): then give `reference:` the model that was quantized.
 
 Sample recipe steps::
