@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heal import apply, calibration, context, copy_model, eval_ids  # noqa: E402
 from results_file import ResultsFile  # noqa: E402
-from share_layers import RESULTS, depth_count, heal, prefill_rate, row, run_logged  # noqa: E402
+from share_layers import RESULTS, depth_rows, heal, prefill_rate, row, run_logged  # noqa: E402
 
 
 def run(args) -> None:
@@ -52,13 +52,7 @@ def run(args) -> None:
     heal(label, factorized, teacher, ids, args, reference_rate, results)
     target = factorized.num_parameters()
     del factorized
-    pruned = copy_model(teacher)
-    n = depth_count(teacher, target)
-    report, wall = apply("prune.depth", context(pruned, teacher, calib=calib), {"count": n, "method": "block_influence"})
-    label = f"depth -{n} layers"
-    results.add(row(f"{label} (no training)", pruned, teacher, ids, args, reference_rate, summary=report.summary,
-                    pass_s=round(wall, 1)))  # fmt: skip
-    heal(label, pruned, teacher, ids, args, reference_rate, results)
+    depth_rows(teacher, target, calib, ids, args, reference_rate, results)
 
 
 def main() -> None:

@@ -111,12 +111,18 @@ def run(args) -> None:
         smallest = min(smallest or shared.num_parameters(), shared.num_parameters())
         heal(label, shared, teacher, ids, args, reference_rate, results)
         del shared
+    depth_rows(teacher, smallest, calibration(teacher.tokenizer, 32), ids, args, reference_rate, results)
+
+
+def depth_rows(teacher, target_params: int, calib, ids, args, reference_rate: float, results: ResultsFile) -> None:
+    """The comparison both KD benches make (this one, bench/lowrank_heal.py): prune.depth by block
+    influence to at most `target_params`, its row, then healed with the same budget."""
     pruned = copy_model(teacher)
-    n = depth_count(teacher, smallest)
-    report, wall = apply("prune.depth", context(pruned, teacher, calib=calibration(teacher.tokenizer, 32)),
-                         {"count": n, "method": "block_influence"})  # fmt: skip
+    n = depth_count(teacher, target_params)
+    report, wall = apply("prune.depth", context(pruned, teacher, calib=calib), {"count": n, "method": "block_influence"})
     label = f"depth -{n} layers"
-    results.add(row(f"{label} (no training)", pruned, teacher, ids, args, reference_rate, summary=report.summary))
+    results.add(row(f"{label} (no training)", pruned, teacher, ids, args, reference_rate, summary=report.summary,
+                    pass_s=round(wall, 1)))  # fmt: skip
     heal(label, pruned, teacher, ids, args, reference_rate, results)
 
 
