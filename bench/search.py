@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--blocks", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-4, help="distill.kd's peak learning rate: the width-only anchor's (bench/heal.py)")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-search")
     parser.add_argument("--name", default="goal")
@@ -105,7 +106,7 @@ def main() -> None:
     result = search(None, target=args.target, data=str(clean_valid_text(args.work)),
                     evaluation=str(DATA / "wiki.test.raw"), out=args.work / args.name, count=args.candidates,
                     finalists=args.finalists, proxy_tokens=args.proxy_tokens, heal_tokens=args.heal_tokens,
-                    eval_tokens=args.eval_tokens, window=args.window, blocks=args.blocks,
+                    eval_tokens=args.eval_tokens, window=args.window, blocks=args.blocks, lr=args.lr,
                     latency=not args.no_latency)  # fmt: skip
     summary = summarize(result.rows, result.winner)
     print(f"{'#':>2} {'kind':<22} {'params':>7} {'proxy KL':>9} {'healed KL':>9} {'gen tok/s':>9}")

@@ -24,7 +24,7 @@ def tiny(tmp_path_factory):
 def test_search_end_to_end_then_resume(tiny, tmp_path, cli):
     model, text = tiny
     out = tmp_path / "run"
-    args = ("search", str(model), "--target", "params=0.5", "--data", str(text), "--out", str(out), "--no-latency", *FAST)
+    args = ("search", str(model), "--target", "params=0.5", "--data", str(text), "--out", str(out), "--no-latency", "--lr", "3e-4", *FAST)
     code, printed, err = cli([*args])
     assert code == 0, err
     assert "winner:" in printed and "pareto set" in printed
@@ -40,6 +40,8 @@ def test_search_end_to_end_then_resume(tiny, tmp_path, cli):
     assert load(out / "final").num_parameters() == winner["params"]  # the kept model has the searched shape
     assert "distill.kd" in (out / "recipe.yaml").read_text()
     lineage = (out / "candidates" / str(winner["index"]) / "lineage.jsonl").read_text()
+    kd = [json.loads(line)["config"] for line in lineage.splitlines() if json.loads(line)["pass"] == "distill.kd"]
+    assert len(kd) == 2 and all(config["lr"] == 3e-4 for config in kd)  # --lr reaches the proxy and the healing
     code, _, err = cli([*args])  # a rerun resumes: nothing is trained again
     assert code == 0, err
     assert (out / "candidates" / str(winner["index"]) / "lineage.jsonl").read_text() == lineage
@@ -51,6 +53,7 @@ def test_search_end_to_end_then_resume(tiny, tmp_path, cli):
     (("--target", "size=4x"), "params="),
     (("--target", "params=0.1"), "no uniform shape"),
     (("--candidates", "0"), "at least 1"),
+    (("--lr", "0"), "--lr must be > 0"),
 ])  # fmt: skip
 def test_bad_input_exits_2_before_work(tiny, tmp_path, cli, extra, needle):
     model, text = tiny

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-HELP = "Search model shapes (layers, MLP, heads, hidden) for a params= target: proxy-score each, heal the best, keep the winner."
+HELP = ("Search model shapes (layers, MLP, heads, hidden) for a params= target (and a measured speed= factor): "
+        "proxy-score each, heal the best, keep the winner.")
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -24,9 +25,10 @@ def _table(rows: list[dict], pareto: list[int], winner: int | None) -> Table:
     for row in rows:
         latency = row.get("latency") or {}
         note = ("winner " if row["index"] == winner else "") + ("pareto" if row["index"] in pareto else "")
+        speedup = f" ({latency['speedup']:.2f}x)" if latency.get("speedup") else ""
         table.add_row(str(row["index"]), row["describe"], f"{row['params_fraction']:.1%}",
                       _fmt((row.get("cut") or {}).get("kl_mean")), _fmt((row.get("proxy") or {}).get("kl_mean")),
-                      _fmt((row.get("final") or {}).get("kl_mean")), _fmt(latency.get("generate_tps"), 0),
+                      _fmt((row.get("final") or {}).get("kl_mean")), _fmt(latency.get("generate_tps"), 0) + speedup,
                       _fmt(latency.get("prefill_tps"), 0), note.strip() or row["status"])  # fmt: skip
     return table
 
@@ -44,7 +46,7 @@ def _pareto_text(rows: list[dict], pareto: list[int]) -> str:
 
 def search_command(
     model: Optional[str] = typer.Argument(None, help="HF directory, .gguf file or embedded name (default: the embedded model)."),
-    target: str = typer.Option("params=0.5", "--target", "-t", help="params=F: the fraction of parameters to keep."),
+    target: str = typer.Option("params=0.5", "--target", "-t", help="params=F: the fraction of parameters to keep; add ,speed=Nx for N x the original's measured generation tokens/s."),
     budget: Optional[str] = typer.Option(None, "--budget", "-b", help="Wall-clock budget, e.g. 20m, 2h (default: none)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (a rerun of the same search resumes)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration / distillation text; default: self-generated."),
@@ -54,6 +56,7 @@ def search_command(
     proxy_tokens: int = typer.Option(4096, "--proxy-tokens", help="Distillation tokens of each candidate's proxy score."),
     heal_tokens: Optional[int] = typer.Option(None, "--heal-tokens", help="Distillation tokens per finalist (default: what the budget affords)."),
     eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens the KL is measured on."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of every distillation (default: distill.kd's)."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure each shape's llama.cpp speed (cached per shape)."),
     seed: int = typer.Option(0, "--seed", help="Seed."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory."),
@@ -71,7 +74,7 @@ def search_command(
 
     result = search(model, target=target, budget=budget, data=data, evaluation=evaluation, out=out, force=force, on_event=on_event,
                     count=candidates, finalists=finalists, proxy_tokens=proxy_tokens, heal_tokens=heal_tokens,
-                    eval_tokens=eval_tokens, latency=latency, seed=seed)  # fmt: skip
+                    eval_tokens=eval_tokens, latency=latency, lr=lr, seed=seed)  # fmt: skip
     console.print(_table(result.rows, result.pareto, result.winner))
     console.print(f"pareto set (params, generation speed vs KL): {_pareto_text(result.rows, result.pareto)}",
                   highlight=False, soft_wrap=True)  # fmt: skip

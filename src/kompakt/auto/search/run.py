@@ -5,7 +5,8 @@ importance scores and distilled briefly (`proxy_tokens`); their KL to the origin
 text ranks them (the proxy). The best `finalists` are healed longer (`heal_tokens`, or what the
 remaining budget affords) by one more distill.kd step in the same run directory (the cut and
 the proxy steps are reused), and the lowest KL after healing wins. Each candidate's speed is
-measured in llama.cpp (kompakt.auto.search.latency).
+measured in llama.cpp (kompakt.auto.search.latency); with `speed=` beside `params=`, only shapes
+timed at that factor are candidates (kompakt.auto.search.speed).
 
 Run directory::
 
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 Event = Callable[[str, dict], None]
 PROXY_SHARE = 0.6  # of the budget for the proxies; the rest heals the finalists
+ALL_SHAPES = 10**6  # candidates(count=...) that returns every feasible shape in spread order
 HEAL_MIN_TOKENS = 4096
 
 
@@ -59,6 +61,8 @@ class SearchSettings:
     eval_tokens: int = 4096
     blocks: int = 8
     window: int = 256  # evaluation window and distillation sequence length
+    lr: float | None = None  # distill.kd's peak learning rate (None: the pass's default)
+    speed: float | None = None  # generation tokens/s factor over the original every candidate must reach
     seed: int = 0
 
     def validate(self) -> None:
@@ -67,6 +71,10 @@ class SearchSettings:
                 raise ConfigError(f"search: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.heal_tokens is not None and self.heal_tokens < 0:
             raise ConfigError(f"search: --heal-tokens must be >= 0, got {self.heal_tokens}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"search: --lr must be > 0, got {self.lr}")
+        if self.speed is not None and not self.latency:
+            raise ConfigError("search: --target speed= is judged by measured speed; drop --no-latency")
 
 
 def _data_spec(original, data: str | None, evaluation: str | None, settings: SearchSettings) -> DataSpec:
@@ -75,10 +83,6 @@ def _data_spec(original, data: str | None, evaluation: str | None, settings: Sea
                     eval_tokens=max(settings.eval_tokens, window), window=window, stride=window)  # fmt: skip
     spec.validate()
     return spec
-
-
-def _kd(tokens: int, window: int) -> Step:
-    return Step("distill.kd", {"tokens": int(tokens), "batch_size": 2, "seq_len": window})
 
 
 def _recipe(model: str | None, spec: DataSpec, seed: int, steps: list[Step]) -> Recipe:
@@ -109,11 +113,11 @@ def _metrics(run) -> dict[str, Any]:
     return {k: metrics.get(k) for k in ("kl_mean", "top1", "ppl_ratio", "ppl")}
 
 
-def _row(index: int, origin: Origin, shape: Shape, steps: list[Step]) -> dict[str, Any]:
+def _row(index: int, origin: Origin, shape: Shape, steps: list[Step], latency: dict | None) -> dict[str, Any]:
     return {"index": index, "kind": "+".join(origin.kind(shape)) or "none", "shape": shape.to_dict(),
             "params": shape.params, "params_fraction": round(shape.params / origin.params, 4),
             "describe": describe(origin, shape), "steps": [s.to_dict() for s in steps], "status": "planned",
-            "proxy": None, "latency": None, "finalist": False, "final": None}  # fmt: skip
+            "proxy": None, "latency": latency, "finalist": False, "final": None}  # fmt: skip
 
 
 @dataclass
@@ -140,6 +144,7 @@ class _Context:
     out: Path
     started: float
     on_event: Event | None
+    original_tps: float | None = None  # the original's measured generation speed (speed= targets)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -151,8 +156,13 @@ class _Context:
     def recipe(self, steps: list[Step]) -> Recipe:
         return _recipe(self.model, self.spec, self.settings.seed, steps)
 
+    def kd(self, tokens: int) -> Step:
+        """One distill.kd step of `tokens` (the proxy's or a finalist's healing)."""
+        lr = {} if self.settings.lr is None else {"lr": self.settings.lr}
+        return Step("distill.kd", {"tokens": int(tokens), "batch_size": 2, "seq_len": self.spec.block_len, **lr})
+
     def proxy_steps(self, row: dict) -> list[Step]:
-        return [Step.from_dict(s) for s in row["steps"]] + [_kd(self.settings.proxy_tokens, self.spec.block_len)]
+        return [Step.from_dict(s) for s in row["steps"]] + [self.kd(self.settings.proxy_tokens)]
 
 
 def _prepare(model, target, budget, data, evaluation, out, settings_kw, force, on_event) -> tuple[_Context, list[dict]]:
@@ -163,20 +173,22 @@ def _prepare(model, target, budget, data, evaluation, out, settings_kw, force, o
 
     started = time.perf_counter()
     parsed = parse_target(target)
-    if parsed.goal != "params":
-        raise ConfigError(f"search takes --target params=F (the fraction of parameters to keep, e.g. params=0.5); got {target!r}")
-    settings = SearchSettings(keep=float(parsed.params), budget_s=parse_budget(budget), **settings_kw)
+    if parsed.goal != "params" or parsed.size is not None or parsed.bytes is not None:
+        raise ConfigError("search takes --target params=F (the fraction of parameters to keep, e.g. params=0.5), "
+                          f"optionally with speed=Nx; got {target!r}")  # fmt: skip
+    settings = SearchSettings(keep=float(parsed.params), budget_s=parse_budget(budget), speed=parsed.speed, **settings_kw)
     settings.validate()
     if data is not None and not Path(data).expanduser().exists():
         raise DataError(f"--data {data} not found; give an existing text / jsonl / parquet file or dataset directory")
     original = load(model)
     out_dir = Path(out if out is not None else default_out(model, parsed, "search")).expanduser().absolute()
     check_out(out_dir, original.fingerprint(), parsed, force=False)  # refuses another run's directory
-    origin, shapes = candidates(original, settings.keep, settings.count)
     spec = _data_spec(original, data, evaluation, settings)
+    origin, shapes, timed, original_tps = _shapes(original, settings)
     facts = model_facts(original)
-    rows = [_row(i + 1, origin, shape, shape_steps(origin, shape, settings.blocks)) for i, shape in enumerate(shapes)]
-    ctx = _Context(model, original, origin, spec, facts, settings, out_dir, started, on_event)
+    rows = [_row(i + 1, origin, shape, shape_steps(origin, shape, settings.blocks), timed.get(shape.key))
+            for i, shape in enumerate(shapes)]  # fmt: skip
+    ctx = _Context(model, original, origin, spec, facts, settings, out_dir, started, on_event, original_tps)
     cheapest = min(_estimate(ctx.proxy_steps(row), facts, spec) for row in rows)
     if settings.budget_s is not None and settings.budget_s - ctx.elapsed() < cheapest:
         raise ConfigError(f"--budget {duration(settings.budget_s)} is too small for one candidate (≈{duration(cheapest)} "
@@ -187,6 +199,21 @@ def _prepare(model, target, budget, data, evaluation, out, settings_kw, force, o
     write_text(out_dir / AUTO_FILE, json.dumps({"model": model or original.name, "fingerprint": original.fingerprint(),
                                                 "target": parsed.text, "command": "search"}) + "\n")  # fmt: skip
     return ctx, rows
+
+
+def _shapes(original, settings: SearchSettings) -> tuple[Origin, list[Shape], dict[tuple, dict], float | None]:
+    """The candidate shapes; under a speed= target, the first of the spread order that llama.cpp
+    times at that factor (with their timings and the original's generation tokens/s)."""
+    if settings.speed is None:
+        return (*candidates(original, settings.keep, settings.count), {}, None)
+    from kompakt.auto.search.latency import measure_latency
+    from kompakt.auto.search.speed import fast_enough
+    from kompakt.model.arch import arch_for
+
+    origin, ordered = candidates(original, settings.keep, count=ALL_SHAPES)
+    key = arch_for(original).intermediate_key
+    chosen, timed, base = fast_enough(original, origin, ordered, settings.count, settings.speed, key, measure_latency)
+    return origin, chosen, timed, base
 
 
 @dataclass
@@ -233,7 +260,7 @@ def _proxies(ctx: _Context, rows: list[dict]) -> None:
         row["proxy"] = {**_metrics(run), "tokens": ctx.settings.proxy_tokens}
         row["cut"] = {k: run.records[-2].get("metrics", {}).get(k) for k in ("kl_mean", "top1")}
         row["status"], row["seconds"] = "proxy done", round(time.perf_counter() - began, 1)
-        if ctx.settings.latency:
+        if ctx.settings.latency and row["latency"] is None:  # a speed= search timed the shape already
             row["latency"] = _latency(load(run.final))
         ctx.emit("proxy", row)
         _save(ctx, rows, None, [], "")
@@ -260,7 +287,7 @@ def _finalists(ctx: _Context, rows: list[dict]) -> None:
             continue
         ctx.emit("heal", {"index": row["index"], "describe": row["describe"], "tokens": tokens})
         began = time.perf_counter()
-        run = _run(ctx, row, ctx.proxy_steps(row) + [_kd(tokens, ctx.spec.block_len)])
+        run = _run(ctx, row, ctx.proxy_steps(row) + [ctx.kd(tokens)])
         row["final"] = {**_metrics(run), "tokens": tokens}
         row["status"], row["heal_seconds"] = "healed", round(time.perf_counter() - began, 1)
         _save(ctx, rows, None, [], "")
@@ -269,6 +296,7 @@ def _finalists(ctx: _Context, rows: list[dict]) -> None:
 def _save(ctx: _Context, rows: list[dict], winner: int | None, pareto: list[int], why: str) -> None:
     document = {"model": ctx.model or ctx.original.name, "origin": ctx.origin.__dict__, "settings": dict(ctx.settings.__dict__),
                 "data": ctx.spec.__dict__, "candidates": rows, "pareto": pareto, "winner": winner, "why": why,
+                "original_generate_tps": ctx.original_tps,
                 "wall_s": round(ctx.elapsed(), 1),
                 "latency": "llama.cpp f16 GGUF, prompt and generation tokens/s, best of 3, fresh process"}  # fmt: skip
     write_text(ctx.out / "search.json", json.dumps(document, indent=1, default=str) + "\n")
@@ -281,7 +309,7 @@ def search(model: str | None = None, *, target: str = "params=0.5", budget: str 
 
     `data` trains and calibrates (None: self-generated text); `evaluation` is the held-out text
     the KL is measured on (None: the held-out end of the run's data). `settings` are SearchSettings fields (count, finalists, proxy_tokens, heal_tokens, latency,
-    eval_tokens, blocks, seed). Raises before any file is written: ConfigError (target, budget
+    eval_tokens, blocks, lr, seed). Raises before any file is written: ConfigError (target, budget
     too small for one candidate, no shape within ±3 %), DataError, OutputPathError.
     """
     ctx, rows = _prepare(model, target, budget, data, evaluation, out, settings, force, on_event)
@@ -297,7 +325,7 @@ def search(model: str | None = None, *, target: str = "params=0.5", budget: str 
     final = None
     if best is not None:
         directory = ctx.out / "candidates" / str(winner)
-        steps = ctx.proxy_steps(best) + ([_kd(best["final"]["tokens"], ctx.spec.block_len)] if best["final"] else [])
+        steps = ctx.proxy_steps(best) + ([ctx.kd(best["final"]["tokens"])] if best["final"] else [])
         write_text(ctx.out / "recipe.yaml", ctx.recipe(steps).to_yaml())
         final = (directory / "final").resolve()
         atomic_symlink(ctx.out / "final", str(final.relative_to(ctx.out)))
