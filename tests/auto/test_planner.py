@@ -9,7 +9,8 @@ import pytest
 from kompakt.errors import ConfigError
 from kompakt.auto.facts import ModelFacts
 from kompakt.auto.planner import make_plan
-from kompakt.recipe.schema import DataSpec
+from kompakt.auto.searched_shape import SearchedShape
+from kompakt.recipe.schema import DataSpec, Step
 from kompakt.auto.target import parse_target
 
 LAYERS = 30
@@ -105,6 +106,18 @@ def test_params_target_is_width_pruning_with_a_gentler_backoff():
     first, backoff = plan.attempts
     assert first.steps[0].name == "prune.width" and first.steps[0].config["target_params"] == 0.5
     assert backoff.steps[0].config["target_params"] == 0.75
+
+
+def test_params_target_plans_the_searched_shape_and_backs_off_by_width():
+    searched = SearchedShape([Step("prune.depth", {"count": 14, "method": "block_influence", "max_blocks": 8}),
+                              Step("prune.width", {"mlp_channels": 896, "max_blocks": 8})],
+                             "depth+mlp: 16 layers, hidden 576, MLP 896", 0.497, 2.78, 8, 600.0)  # fmt: skip
+    plan = make_plan(parse_target("params=0.5"), facts(), DataSpec(), 3600, searched=searched)
+    first, backoff = plan.attempts
+    assert names(first) == ["prune.depth", "prune.width", "distill.kd"] and first.params_kept == 0.497
+    assert first.steps[:2] == searched.steps
+    assert backoff.steps[0].name == "prune.width" and backoff.steps[0].config["target_params"] == 0.75
+    assert any("8 shapes searched" in c and "depth+mlp: 16 layers" in c and "then distillation" in c for c in plan.choices)
 
 
 def test_budget_sizes_calibration_and_can_drop_awq():

@@ -145,6 +145,7 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     from kompakt.model.load import load
     from kompakt.auto.facts import add_analysis, add_tensor_sensitivity, model_facts
     from kompakt.auto.mixed import check_bytes_target, wants_costs
+    from kompakt.auto.search.for_plan import search_shape
     from kompakt.recipe.rundata import RunData
 
     target = parse_target(target_text)
@@ -192,8 +193,12 @@ def prepare(model: str | None, target_text: str | None, budget: str | None, data
     if wants_costs(target, facts):
         names = [t["name"] for t in facts.tensors]
         add_tensor_sensitivity(facts, _tensor_costs(original, run_data, out_dir, seed, names, tokens))
+    choices: list[str] = []
     left = None if budget_s is None else budget_s - (time.perf_counter() - started)
-    plan = make_plan(target, facts, spec, left, enforce=False)
+    searched = search_shape(model, target, data, spec, out_dir, left, seed, choices)
+    left = None if budget_s is None else budget_s - (time.perf_counter() - started)
+    plan = make_plan(target, facts, spec, left, enforce=False, searched=searched)
+    plan.choices[:0] = choices
     write_text(saved, json.dumps(plan.to_dict(), indent=1, default=str) + "\n")
     write_text(out_dir / "recipe.yaml", plan.recipe(0, model=model, seed=seed).to_yaml())
     return original, plan, out_dir, started

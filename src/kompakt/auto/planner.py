@@ -14,8 +14,9 @@ The rules (seed 9.2 / 9.3: choose methods for the target; gentle steps first; ev
   the least KL in the analysis), heal with distillation, then quantize — but only when the
   analysis predicts the floor can still hold; otherwise the plan says why and keeps the
   largest factor that stays within the floor.
-- params: Minitron-style width pruning to the fraction, then distillation with the rest of
-  the budget; back-off = half the cut.
+- params: the shape `kompakt search` measured best at the fraction (kompakt.auto.searched_shape;
+  Minitron-style width pruning where the search cannot run), then distillation with the rest of
+  the budget; back-off = half the cut by width.
 - Back-off after a crossed floor: less pruning first, then higher precision (Q4_0 -> Q8_0).
 
 Predictions are estimates from the analysis (kompakt.auto.predict); the run measures the real
@@ -37,6 +38,7 @@ from kompakt.auto.mixed import PREDICTION_MARGIN, allocations, awq_options, file
 from kompakt.auto.predict import quant_kl
 from kompakt.ops.ggml_types import QUANT_TYPES
 from kompakt.recipe.schema import DataSpec, Gates, Recipe, Step
+from kompakt.auto.searched_shape import SearchedShape
 from kompakt.auto.target import Target
 from kompakt.train.estimate import flops_per_token
 from kompakt.units import duration
@@ -379,11 +381,15 @@ def _heal_tokens(facts: ModelFacts, data: DataSpec, budget_s: float | None, spen
     return tokens if tokens >= HEAL_MIN_TOKENS else 0
 
 
-def plan_params(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float | None, choices: list[str]) -> list[Attempt]:
-    """Width pruning to the parameter fraction, healed by distillation; back-off: half the cut."""
+def plan_params(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float | None, choices: list[str],
+                searched: SearchedShape | None = None) -> list[Attempt]:  # fmt: skip
+    """The searched shape's cut (else width pruning to the parameter fraction), healed by
+    distillation; back-off: half the cut by width."""
     attempts = []
     for label, keep in (("params", target.params), ("back-off: half the cut", (1 + target.params) / 2)):
         steps = [Step("prune.width", {"target_params": round(keep, 4), "max_blocks": data.calibration_blocks})]
+        if searched is not None and label == "params":
+            steps, keep = list(searched.steps), searched.params_fraction
         spent = attempt_seconds(steps, facts, data)
         share = (budget_s / 2) if (budget_s and label != "params") else budget_s
         tokens = _heal_tokens(facts, data, share, spent)
@@ -391,17 +397,20 @@ def plan_params(target: Target, facts: ModelFacts, data: DataSpec, budget_s: flo
         steps += [kd] if kd is not None else []
         attempts.append(Attempt(f"{label} {keep:.2f}", steps, 1 / keep, keep, None,
                                 attempt_seconds(steps, facts, data), label == "params"))  # fmt: skip
-    first = attempts[0]
-    choices.append(
-        f"params={target.params:g}: Minitron width pruning (MLP channels, then hidden) to {target.params:.0%} of the "
-        f"parameters, then " + ("distillation from the original" if len(first.steps) > 1 else "no healing (no budget)")
-    )
+    healed = "distillation from the original" if attempts[0].steps[-1].name == "distill.kd" else "no healing (no budget)"
+    if searched is not None:
+        choices.append(searched.choice(target) + f"; that cut, then {healed}")
+    else:
+        choices.append(f"params={target.params:g}: Minitron width pruning (MLP channels, then hidden) to "
+                       f"{target.params:.0%} of the parameters, then {healed}")  # fmt: skip
     return attempts
 
 
-def make_plan(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float | None, *, enforce: bool = True) -> Plan:
+def make_plan(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float | None, *, enforce: bool = True,
+              searched: SearchedShape | None = None) -> Plan:  # fmt: skip
     """The plan for `target`. With `enforce`, raises ConfigError when the budget cannot hold even
-    its first step; without (work already done), plans the smallest steps and says so."""
+    its first step; without (work already done), plans the smallest steps and says so. `searched`:
+    the shape a params= search chose (kompakt.auto.searched_shape), planned instead of the width rule."""
     choices: list[str] = []
     if budget_s is not None and not enforce and budget_s < 60:
         choices.append(f"the budget is nearly spent ({duration(budget_s)} left after the analysis): smallest steps")
@@ -410,7 +419,7 @@ def make_plan(target: Target, facts: ModelFacts, data: DataSpec, budget_s: float
     if target.goal == "speed":
         choices.append(f"speed={target.speed:g}x: generation on a CPU is memory-bound, so planned as {target.speed:g}x fewer bytes")
     if target.goal == "params":
-        attempts = plan_params(target, facts, data, budget_s, choices)
+        attempts = plan_params(target, facts, data, budget_s, choices, searched)
     else:
         attempts = plan_size(target, facts, data, budget_s, choices)
     cheapest = min(attempts, key=lambda a: a.seconds)
