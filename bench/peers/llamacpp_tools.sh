@@ -27,7 +27,7 @@ fi
 mkdir -p "$PREFIX"
 SDIST="${1:-${LLAMACPP_SDIST:-$PREFIX/llama_cpp_python-$VERSION.tar.gz}}"
 if [ ! -f "$SDIST" ]; then
-    python3 -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$PREFIX" \
+    python3 -m pip download -q --no-deps --no-binary :all: -d "$PREFIX" \
         "llama-cpp-python==$VERSION" \
         || { echo "no sdist at $SDIST and pip could not fetch it: pass the sdist's path" >&2; exit 2; }
     SDIST="$PREFIX/llama_cpp_python-$VERSION.tar.gz"
