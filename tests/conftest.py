@@ -100,3 +100,12 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def laptop_text(tmp_path_factory) -> Path:
+    """400 lines of a 14-word cycle: enough text to calibrate, distil and evaluate tiny models."""
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    words = "the model runs on a small laptop and the data stays local while people read".split()
+    path.write_text("\n".join(" ".join(words[(i + j) % len(words)] for j in range(14)) + "." for i in range(400)))
+    return path

@@ -19,11 +19,8 @@ SIZES = {"calibration_blocks": 8, "block_len": 64, "eval_tokens": 512, "window":
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    words = "the model runs on a small laptop and the data stays local while people read".split()
-    path.write_text("\n".join(" ".join(words[(i + j) % len(words)] for j in range(14)) + "." for i in range(400)))
-    return path
+def text(laptop_text):
+    return laptop_text
 
 
 def test_params_target_cuts_the_searched_winner_then_heals(tmp_path, text):

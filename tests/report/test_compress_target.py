@@ -46,11 +46,8 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    words = "the model runs on a small laptop and the data stays local while people read".split()
-    path.write_text("\n".join(" ".join(words[(i + j) % len(words)] for j in range(14)) + "." for i in range(400)))
-    return path
+def text(laptop_text):
+    return laptop_text
 
 
 @pytest.fixture(scope="module")
