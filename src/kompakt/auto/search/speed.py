@@ -42,7 +42,7 @@ def shape_model(original: LoadedModel, origin: Origin, shape: Shape, intermediat
         setattr(text, name, value)
     if isinstance(getattr(text, "layer_types", None), list):
         text.layer_types = (text.layer_types * shape.layers)[: shape.layers]
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
     return LoadedModel(model=model, tokenizer=original.tokenizer, name=f"shape {shape.key}")
 
 
