@@ -95,6 +95,21 @@ def width_unit(origin: Origin) -> int:
     return 64 if origin.hidden >= 4 * 64 and origin.intermediate >= 4 * 64 else origin.head_dim
 
 
+def reshaped_config(config, origin: Origin, intermediate_key: str, layers: int, hidden: int, inter: int, kv: int):
+    """A copy of the original's `config` at these sizes: heads follow the KV groups (the original's
+    group size), the head dimension stays, per-layer types are cut or repeated to `layers`."""
+    config = copy.deepcopy(config)
+    text = config.get_text_config()
+    group = origin.heads // origin.kv_groups
+    values = {"num_hidden_layers": layers, "hidden_size": hidden, intermediate_key: inter,
+              "num_attention_heads": kv * group, "num_key_value_heads": kv, "head_dim": origin.head_dim}  # fmt: skip
+    for name, value in values.items():
+        setattr(text, name, value)
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = (text.layer_types * layers)[:layers]
+    return config
+
+
 class ParamCounter:
     """Exact parameter counts of reshaped configs (meta-device builds, nothing allocated)."""
 
@@ -108,15 +123,7 @@ class ParamCounter:
     def _build(self, layers: int, hidden: int, inter: int, kv: int) -> int:
         from transformers import AutoModelForCausalLM
 
-        config = copy.deepcopy(self.config)
-        text = config.get_text_config()
-        group = self.origin.heads // self.origin.kv_groups
-        values = {"num_hidden_layers": layers, "hidden_size": hidden, self.key: inter,
-                  "num_attention_heads": kv * group, "num_key_value_heads": kv, "head_dim": self.origin.head_dim}  # fmt: skip
-        for name, value in values.items():
-            setattr(text, name, value)
-        if isinstance(getattr(text, "layer_types", None), list):
-            text.layer_types = (text.layer_types * layers)[:layers]
+        config = reshaped_config(self.config, self.origin, self.key, layers, hidden, inter, kv)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

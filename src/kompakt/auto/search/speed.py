@@ -14,13 +14,12 @@ not hours, and ends in a one-line refusal naming the fastest shape measured.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 
 import torch
 
-from kompakt.auto.search.shapes import Origin, Shape, describe
+from kompakt.auto.search.shapes import Origin, Shape, describe, reshaped_config
 from kompakt.errors import ConfigError
 from kompakt.model.loaded import LoadedModel
 
@@ -34,14 +33,8 @@ def shape_model(original: LoadedModel, origin: Origin, shape: Shape, intermediat
     """A model of `shape` with random weights and the original's tokenizer: only for timing."""
     from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(original.model.config)
-    text = config.get_text_config()
-    values = {"num_hidden_layers": shape.layers, "hidden_size": shape.hidden, intermediate_key: shape.intermediate,
-              "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_groups, "head_dim": origin.head_dim}  # fmt: skip
-    for name, value in values.items():
-        setattr(text, name, value)
-    if isinstance(getattr(text, "layer_types", None), list):
-        text.layer_types = (text.layer_types * shape.layers)[: shape.layers]
+    config = reshaped_config(original.model.config, origin, intermediate_key, shape.layers, shape.hidden,
+                             shape.intermediate, shape.kv_groups)  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
     return LoadedModel(model=model, tokenizer=original.tokenizer, name=f"shape {shape.key}")
 
