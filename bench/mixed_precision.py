@@ -17,6 +17,9 @@ its own distribution, not WikiText). Run alone on the machine:
 
     python bench/peers/llamacpp_quantize.py --gguf f16.gguf --text wiki.valid.tokens --out peer/
     python bench/mixed_precision.py --peer peer/ --out bench/results/mixed_precision.json
+
+It also draws file size against KL on both texts (kompakt's curve, llama.cpp's points) into the
+PNG beside the JSON; `--plot-only` redraws it from the JSON's rows.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def score(original, path: Path, texts: dict, tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peer", type=Path, required=True, help="bench/peers/llamacpp_quantize.py's --out")
+    parser.add_argument("--peer", type=Path, help="bench/peers/llamacpp_quantize.py's --out (needed unless --plot-only)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mixed_precision.json")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "kompakt" / "bench" / "mixed")
     parser.add_argument("--blocks", type=int, default=128, help="kompakt's calibration blocks of 512 (AWQ + GPTQ)")
@@ -77,7 +80,13 @@ def main() -> None:
     parser.add_argument("--budgets-mb", default="75,80,86,91.7,93.5,105.5")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--merge", action="store_true", help="keep rows of an earlier run")
+    parser.add_argument("--plot-only", action="store_true", help="redraw --out's PNG from its rows, measure nothing")
     args = parser.parse_args()
+    if args.plot_only:
+        print(plot(args.out))
+        return
+    if args.peer is None:
+        parser.error("--peer is needed to measure (bench/peers/llamacpp_quantize.py's --out)")
 
     import torch
 
@@ -120,6 +129,30 @@ def main() -> None:
                **score(original, path, texts, args.tokens)}  # fmt: skip
         results.add(row)
         print_row(row)
+    print(plot(args.out))
+
+
+def plot(results: Path) -> Path:
+    """File size against KL, one panel per text: kompakt's curve and llama.cpp's points (the issue's
+    picture), as PNG beside the JSON."""
+    from matplotlib.figure import Figure
+
+    from kompakt.analyze.plots import png_bytes
+
+    rows = json.loads(results.read_text())["rows"]
+    figure = Figure(figsize=(10, 4))
+    for index, text in enumerate(("wikitext2_test", "self_generated")):
+        axis = figure.add_subplot(1, 2, index + 1)
+        ours = sorted((r["file_bytes"] / MB, r[text]["kl"]) for r in rows if r["side"] == "kompakt")
+        axis.plot([x for x, _ in ours], [y for _, y in ours], marker="o", label="kompakt mixed (AWQ + GPTQ)")
+        for r in (r for r in rows if r["side"] == "llama.cpp"):
+            axis.scatter(r["file_bytes"] / MB, r[text]["kl"], marker="x", color="tab:red")
+            axis.annotate(r["name"].removeprefix("llama.cpp "), (r["file_bytes"] / MB, r[text]["kl"]), fontsize=7)
+        axis.set(title=text.replace("_", " "), xlabel="file size (MB)", ylabel="KL to the original", yscale="log")
+        axis.legend(fontsize=7)
+    path = results.with_suffix(".png")
+    path.write_bytes(png_bytes(figure))
+    return path
 
 
 def print_row(row: dict) -> None:
