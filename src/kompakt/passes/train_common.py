@@ -18,6 +18,7 @@ from kompakt.model.loaded import LoadedModel
 from kompakt.ops.kd_losses import DIVERGENCES, uniform_layer_map
 from kompakt.passes.base import PassContext, doc
 from kompakt.train.data import SequenceBatches, TrainData
+from kompakt.train.distributed import process_count
 from kompakt.train.loop import LoopConfig, TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,8 @@ def prepare(ctx: PassContext, config: TrainingConfig, name: str, *, answer_only:
     teacher = ctx.teacher_model(config.teacher)
     check_same_vocab(teacher, ctx.loaded, name)
     loop = config.loop_config(ctx.seed)
-    needed = loop.total_steps() * loop.tokens_per_step()
+    processes = process_count()  # all processes draw from the same text: read what they use together
+    needed = loop.total_steps(processes) * loop.tokens_per_step(processes)
     from kompakt.evaluate.api import is_streamed
 
     # a teacher opened layer by layer cannot sample text: the run's original writes it then

@@ -33,6 +33,7 @@ from torch import nn
 
 from kompakt.errors import ConfigError, KompaktError
 from kompakt.train import checkpoint as ckpt
+from kompakt.train import fsdp
 from kompakt.train.data import SequenceBatches
 from kompakt.train.progress import TrainProgress
 from kompakt.train.schedule import make_scheduler, warmup_steps_for
@@ -96,11 +97,12 @@ class TrainResult:
     evals: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int = 0
     precision: str = "no"
+    local_fraction: float = 1.0  # share of the model's parameters one process held (FSDP: ~1/N)
 
     def summary(self) -> dict[str, Any]:
         return {"steps": self.steps, "tokens": self.tokens, "wall_s": round(self.wall_s, 2),
                 "tokens_per_s": round(self.tokens_per_s, 1), "resumed_from": self.resumed_from,
-                "precision": self.precision, "evals": self.evals,
+                "precision": self.precision, "local_fraction": round(self.local_fraction, 4), "evals": self.evals,
                 "loss_first": self.history[0]["loss"] if self.history else None,
                 "loss_last": self.history[-1]["loss"] if self.history else None}  # fmt: skip
 
@@ -151,19 +153,24 @@ class _Run:
         self.precision = choose_precision(probe)
         # The schedule counts optimizer steps of all processes together (total_steps divides the
         # budget by num_processes); accelerate would otherwise step it num_processes times per step.
-        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=probe.type == "cpu",
-                                       step_scheduler_with_optimizer=False)  # fmt: skip
-        self.named = trained_parameters(model, objective.extra_modules())
+        with fsdp.accelerate_without_fsdp():
+            self.accelerator = Accelerator(mixed_precision=self.precision, cpu=probe.type == "cpu",
+                                           step_scheduler_with_optimizer=False)  # fmt: skip
+        extra = objective.extra_modules()
+        for module in extra.values():
+            module.to(self.accelerator.device)
+        self.sharded = fsdp.ShardedModel(model, extra, self.accelerator.device) if fsdp.requested() else None
+        self.named = trained_parameters(model, extra)
         optimizer = torch.optim.AdamW(_param_groups(self.named, config.weight_decay), lr=config.lr,
                                       betas=(0.9, 0.95), eps=1e-8)  # fmt: skip
         self.total = config.total_steps(self.accelerator.num_processes)
         warmup = warmup_steps_for(config.warmup, self.total)
         scheduler = make_scheduler(optimizer, warmup_steps=warmup, total_steps=self.total, min_ratio=config.min_lr_ratio)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        # FSDP replaces parameters with sharded ones: name what was actually prepared
-        self.named = trained_parameters(self.accelerator.unwrap_model(self.model), objective.extra_modules())
-        for module in objective.extra_modules().values():
-            module.to(self.accelerator.device)
+        if self.sharded is None:
+            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        else:  # already sharded: accelerate must not wrap it in DDP as well
+            self.model = fsdp.autocast_forward(model, self.accelerator)
+            self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
         self.state = ckpt.TrainState()
         self.best_smoothed = math.inf
         self.smoothed: float | None = None
@@ -177,10 +184,10 @@ class _Run:
         if found is None:
             return 0
         state, tensors, extra = ckpt.load(found)
-        with torch.no_grad():
-            for name, param in self.named:
-                param.copy_(tensors[name].to(param.device, param.dtype))
+        for name, param in self.named:
+            fsdp.load_full(param, tensors[name])
         self.optimizer.load_state_dict(extra["optimizer"])
+        fsdp.reshard_optimizer_state(self.optimizer.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
         ckpt.set_rng_state(extra["rng"])
         self.state = state
@@ -193,8 +200,9 @@ class _Run:
         # sharded (FSDP) parameters are gathered into full tensors (a collective: every process).
         # Every process writes: each has its own run directory (kompakt.train.distributed) and
         # resumes from it, with its own RNG and (FSDP) optimizer shard.
-        tensors = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p) for name, p in self.named}
-        opt = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        tensors = {name: fsdp.full_tensor(p) for name, p in self.named}
+        optimizer = fsdp.local_optimizer_state(self.optimizer.state_dict())
+        opt = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
         ckpt.save(self.checkpoint_dir, self.identity, self.state, tensors, opt)
 
     # --- steps ------------------------------------------------------------------------------
@@ -216,15 +224,15 @@ class _Run:
             acc = self.accelerator
             ids, labels = self.batches.batch(self.state.position * acc.num_processes + acc.process_index)
             self.state.position += 1
-            sync = micro == config.grad_accum - 1
-            context = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
-            with context:
+            with self.gradient_sync(micro == config.grad_accum - 1):
                 value, parts = self.micro_batch(ids, labels)
             losses.append(value)
             for key, item in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + item / config.grad_accum
             self.state.tokens += ids.numel() * self.accelerator.num_processes
+        self.average_extra_gradients()
         norm = self.accelerator.clip_grad_norm_([p for _, p in self.named], config.max_grad_norm)
+        norm = fsdp.full_tensor(norm) if norm is not None else None
         if norm is not None and not math.isfinite(float(norm)):
             self.diverged(f"gradient norm {float(norm)}")
         lr = self.scheduler.get_last_lr()[0]
@@ -237,6 +245,24 @@ class _Run:
         return {"step": self.state.step, "tokens": self.state.tokens, "loss": round(loss, 6), "lr": lr,
                 "grad_norm": round(float(norm), 4) if norm is not None else None,
                 **{k: round(v, 6) for k, v in parts_sum.items()}}  # fmt: skip
+
+    def gradient_sync(self, sync: bool):
+        """Reduce gradients across processes only on an accumulation's last micro-batch."""
+        if self.sharded is not None:
+            self.sharded.set_gradient_sync(sync)
+            return _nullcontext()
+        return _nullcontext() if sync else self.accelerator.no_sync(self.model)
+
+    def average_extra_gradients(self) -> None:
+        """DDP averages the model's gradients; the objective's own trained modules (hidden-state
+        projections) are outside it, so average theirs here or each process trains its own."""
+        if self.sharded is not None or self.accelerator.num_processes == 1:
+            return
+        for module in self.objective.extra_modules().values():
+            for param in module.parameters():
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad /= self.accelerator.num_processes
 
     def check_explosion(self, loss: float) -> None:
         self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
@@ -359,6 +385,10 @@ def _log_step(run: _Run, row: dict[str, Any], train_time: float, done_here: int,
 
 
 def _result(run: _Run, wall: float, train_time: float, start_step: int) -> TrainResult:
+    local_fraction = 1.0
+    if run.sharded is not None:
+        local_fraction = run.sharded.local_fraction()
+        run.sharded.restore()
     model = run.accelerator.unwrap_model(run.model)
     model.eval()
     tokens_here = (run.state.step - start_step) * run.config.tokens_per_step(run.accelerator.num_processes)
@@ -366,4 +396,5 @@ def _result(run: _Run, wall: float, train_time: float, start_step: int) -> Train
         steps=run.state.step, tokens=run.state.tokens, wall_s=wall,
         tokens_per_s=tokens_here / train_time if train_time > 0 else 0.0,
         history=run.state.history, evals=run.state.evals, resumed_from=start_step, precision=run.precision,
+        local_fraction=local_fraction,
     )  # fmt: skip
