@@ -15,6 +15,7 @@ with the trimmed GGUF, and generates from it.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/prune_vocab.py --threads 1
     .venv/bin/python bench/prune_vocab.py --models smollm2-135m --tokens 4096 --gen-tokens 0   # quick
+    .venv/bin/python bench/prune_vocab.py --models gemma3-270m --expected 16384 65536 --merge
 
 Prints a table and writes bench/results/prune_vocab.json.
 """
@@ -42,14 +43,14 @@ def corpus_file(data: Path, directory: Path) -> Path:
     return path
 
 
-def trim(original, corpus: Path, work: Path):
+def trim(original, corpus: Path, work: Path, expected: int, positions: int):
     from kompakt.passes.base import PassContext, build_config, get_pass
 
     spec = get_pass("prune.vocab")
     ctx = PassContext(loaded=copy.deepcopy(original), original=lambda: original, calibration=lambda: None,
                       work_dir=work)  # fmt: skip
     start = time.perf_counter()
-    report = spec.apply(ctx, build_config(spec, {"data": str(corpus)}))
+    report = spec.apply(ctx, build_config(spec, {"data": str(corpus), "expected": expected, "expected_positions": positions}))
     return report, time.perf_counter() - start
 
 
@@ -91,22 +92,24 @@ def heldout(original, trimmed, ids: torch.Tensor, label: str) -> dict:
             f"{label}_positions": positions}  # fmt: skip
 
 
-def run_model(name: str, args, results: ResultsFile) -> None:
+def run_model(name: str, expected: int, args, results: ResultsFile) -> None:
     import kompakt
     from kompakt.data import load_tokens, tokenize_texts
     from kompakt.rundir.stepsave import save_step_model
 
     original = kompakt.load(name)
-    row: dict = {"name": name, "parameters_before": original.num_parameters()}
+    row: dict = {"name": name if expected == 0 else f"{name} expected={expected}", "expected": expected,
+                 "parameters_before": original.num_parameters()}  # fmt: skip
     test_text = (args.data / "wiki.test.raw").read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory(prefix="kompakt-bench-vocab-") as tmp:
         tmp = Path(tmp)
         (tmp / "work").mkdir()
-        report, wall = trim(original, corpus_file(args.data, tmp), tmp / "work")
+        report, wall = trim(original, corpus_file(args.data, tmp), tmp / "work", expected, args.expected_positions)
         save_step_model(report.loaded, tmp / "trimmed", original.storage_dtype, {})
         trimmed = kompakt.load(tmp / "trimmed")  # what a run's next step and `kompakt eval` read
         row.update(parameters_after=trimmed.num_parameters(), vocab=report.details["vocab_size"],
-                   used=report.details["used"], closure_added=report.details["closure_added"], trim_s=wall)  # fmt: skip
+                   used=report.details["used"], expected_added=report.details["expected_added"],
+                   closure_added=report.details["closure_added"], trim_s=wall)  # fmt: skip
         before, after = gguf_bytes(original, tmp, "original"), gguf_bytes(trimmed, tmp, "trimmed")
         row.update({f"gguf_{k}_mb_before": v for k, v in before.items()})
         row.update({f"gguf_{k}_mb_after": v for k, v in after.items()})
@@ -124,7 +127,7 @@ def run_model(name: str, args, results: ResultsFile) -> None:
 
 def print_row(row: dict) -> None:
     print(f"\n{row['name']}: vocabulary {row['vocab'][0]} -> {row['vocab'][1]} ({row['used']} used, "
-          f"+{row['closure_added']} merge closure), trim {row['trim_s']:.1f} s")  # fmt: skip
+          f"+{row.get('expected_added', 0)} expected, +{row['closure_added']} merge closure), trim {row['trim_s']:.1f} s")  # fmt: skip
     print(f"  parameters {row['parameters_before'] / 1e6:.1f} M -> {row['parameters_after'] / 1e6:.1f} M; GGUF f16 "
           f"{row['gguf_f16_mb_before']:.1f} -> {row['gguf_f16_mb_after']:.1f} MB, q8_0 {row['gguf_q8_0_mb_before']:.1f} "
           f"-> {row['gguf_q8_0_mb_after']:.1f} MB")  # fmt: skip
@@ -142,6 +145,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m"])
     parser.add_argument("--tokens", type=int, default=16384, help="held-out wiki.test tokens")
     parser.add_argument("--gen-tokens", type=int, default=4096, help="self-generated held-out tokens (0: none)")
+    parser.add_argument("--expected", type=int, nargs="+", default=[0],
+                        help="prune.vocab's expected: one row per value (0 = the corpus's tokens only)")
+    parser.add_argument("--expected-positions", type=int, default=16384, help="prune.vocab's expected_positions")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "prune_vocab.json")
@@ -152,7 +158,8 @@ def main() -> None:
               "tokens": args.tokens, "gen_tokens": args.gen_tokens, "threads": args.threads}  # fmt: skip
     results = ResultsFile(args.out, header, args.merge)
     for name in args.models:
-        run_model(name, args, results)
+        for expected in args.expected:
+            run_model(name, expected, args, results)
 
 
 if __name__ == "__main__":

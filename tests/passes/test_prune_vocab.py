@@ -26,7 +26,7 @@ STYLES = {"byte_level": byte_level_tokenizer, "byte_fallback": byte_fallback_tok
 def _trim(loaded, tmp_path, ids=None, **values):
     ids = ids if ids is not None else _ids(loaded.tokenizer, corpus())
     work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: ids.reshape(1, -1), work_dir=work)
     return SPEC.apply(ctx, build_config(SPEC, values))
 
@@ -110,6 +110,26 @@ def test_min_count_keeps_fewer(tmp_path):
     assert often["vocab_size"][1] < once["vocab_size"][1]
 
 
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_expected_keeps_the_tokens_the_model_expects_most_in_the_corpus(tmp_path, style):
+    loaded = model_with(STYLES[style](), "llama")
+    ids = _ids(loaded.tokenizer, corpus(words=ENGLISH[:8]))
+    base = _trim(copy.deepcopy(loaded), tmp_path / "base", ids=ids)
+    more = _trim(copy.deepcopy(loaded), tmp_path / "more", ids=ids, expected=30, expected_positions=600)
+    assert more.details["expected_added"] == 30 and more.details["expected"] == 30
+    kept_before = set(json.loads(base.files["vocab_map.json"].read_text())["old_ids"])
+    added = set(json.loads(more.files["vocab_map.json"].read_text())["old_ids"]) - kept_before
+    with torch.no_grad():  # the model's next-token probabilities over the first 600 corpus positions
+        probs = torch.cat([torch.softmax(loaded.model(ids[s : min(s + 512, 600)][None]).logits[0], -1)
+                           for s in (0, 512)])  # fmt: skip
+    mass = probs.sum(0)
+    ranked = [i for i in torch.argsort(mass, descending=True).tolist() if i not in kept_before]
+    assert set(ranked[:30]) <= added  # the 30 most expected (the rest of `added` is their merge closure)
+    removed_before = 1 - probs[:, sorted(kept_before)].sum(-1).mean()
+    removed_after = 1 - probs[:, sorted(kept_before | added)].sum(-1).mean()
+    assert removed_after < removed_before
+
+
 def test_data_path_is_the_corpus(tmp_path):
     loaded = model_with(byte_fallback_tokenizer(), "llama")
     path = tmp_path / "corpus.txt"
@@ -133,6 +153,8 @@ def test_bad_input_one_line_errors(tmp_path):
         build_config(SPEC, {"min_count": 0})
     with pytest.raises(ConfigError, match="specials"):
         build_config(SPEC, {"specials": "some"})
+    with pytest.raises(ConfigError, match="expected"):
+        build_config(SPEC, {"expected": -1})
 
 
 def test_tokenizer_it_cannot_rewrite_is_named(tmp_path):

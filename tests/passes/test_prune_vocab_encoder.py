@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
 import kompakt
+from kompakt.errors import ConfigError
 from kompakt.model.encode import embed
 from kompakt.model.loaded import LoadedModel
 from kompakt.model.sentence import Pooling
@@ -99,3 +100,13 @@ def test_trimmed_encoder_loads_in_automodel_and_sentence_transformers(trimmed):
         assert vocab_lines == sorted(reloaded.tokenizer.get_vocab(), key=reloaded.tokenizer.get_vocab().get)
     st = SentenceTransformer(str(step), device="cpu")
     torch.testing.assert_close(torch.from_numpy(st.encode(sentences)), expected, rtol=0, atol=1e-5)
+
+
+def test_expected_needs_a_language_model(tmp_path):
+    """An encoder predicts no next tokens to rank by: one line saying so."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_sentences(20, seed=0)) + "\n")
+    loaded = _encoder()
+    ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: None, work_dir=tmp_path)
+    with pytest.raises(ConfigError, match="expected needs a language model"):
+        SPEC.apply(ctx, build_config(SPEC, {"data": str(corpus), "expected": 10}))
