@@ -231,10 +231,14 @@ def quantize_rows(w: np.ndarray, name: str) -> np.ndarray:
     """ggml_types.quantize of a [rows, cols] array, QUANT_CHUNK values' worth of rows at a time.
 
     Every llama.cpp type quantizes each row on its own, so the bytes are those of one call; the
-    quantizer's fp32 temporaries stay at a chunk instead of several copies of the tensor (the
-    embedding of a 7B model is 0.5 GB in fp32), which is what bounds the streaming export."""
+    numpy quantizer's fp32 temporaries stay at a chunk instead of several copies of the tensor
+    (the embedding of a 7B model is 0.5 GB in fp32), which is what bounds the streaming export.
+    llama.cpp's own quantizer (kompakt.ops.ggml_native) writes into the output with no
+    temporaries, so it takes the tensor whole."""
+    from kompakt.ops import ggml_native
+
     rows = max(1, QUANT_CHUNK // max(1, w.shape[1]))
-    if w.shape[0] <= rows:
+    if w.shape[0] <= rows or ggml_native.available():  # C writes in place: no temporaries
         return ggml_types.quantize(w, name)
     first = ggml_types.quantize(w[:rows], name)
     out = np.empty((w.shape[0], first.shape[1]), dtype=first.dtype)

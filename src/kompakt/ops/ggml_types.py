@@ -6,10 +6,11 @@ super-blocks are 256, so SmolLM2's 576-wide rows cannot take them, its 1536-wide
 Sizes come from gguf-py's GGML_QUANT_SIZES, which is llama.cpp's own table.
 
 `quantize(w, name)` is llama.cpp's reference quantizer without an importance matrix (what
-`llama-quantize` writes for that type with plain rounding), byte for byte; `dequantize` is the
-inverse llama.cpp computes when it runs the file. Types gguf-py can encode go through gguf-py;
-the others have kompakt's own encoders (see _own_encoder), tested byte-identical against
-ggml's `ggml_quantize_chunk` in tests/ops.
+`llama-quantize` writes for that type with plain rounding), byte for byte: llama.cpp's own C
+function when llama-cpp-python is installed (kompakt.ops.ggml_native), else `numpy_quantize`;
+`dequantize` is the inverse llama.cpp computes when it runs the file. In `numpy_quantize`, types
+gguf-py can encode go through gguf-py; the others have kompakt's own encoders (see
+_own_encoder), tested byte-identical against ggml's `ggml_quantize_chunk` in tests/ops.
 """
 
 from __future__ import annotations
@@ -75,11 +76,30 @@ def gguf_enum(name: str):
     return gguf.GGMLQuantizationType[ggml_type(name).name.upper()]
 
 
-def quantize(w: np.ndarray, name: str) -> np.ndarray:
+def quantize(w: np.ndarray, name: str, threads: int | None = None) -> np.ndarray:
     """llama.cpp's reference quantization of a float32 [rows, cols] array, as file bytes.
 
     Returns uint8 [rows, row_bytes] for quantized types (float16 / float32 arrays for f16 / f32).
+    With llama-cpp-python installed, llama.cpp's own C quantizer writes them (kompakt.ops.
+    ggml_native: same bytes, on `threads` threads, default torch's); otherwise `numpy_quantize`.
     """
+    from kompakt.ops import ggml_native
+
+    t = ggml_type(name)
+    if t.name not in ("f32", "f16") and ggml_native.available():
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if w.ndim != 2 or not t.fits(w.shape[1]):
+            return numpy_quantize(w, name)  # its one-line errors
+        if threads is None:
+            import torch
+
+            threads = torch.get_num_threads()
+        return ggml_native.quantize(w, int(gguf_enum(t.name)), t.row_bytes(w.shape[1]), threads)
+    return numpy_quantize(w, name)
+
+
+def numpy_quantize(w: np.ndarray, name: str) -> np.ndarray:
+    """`quantize` without llama.cpp's library: gguf-py's encoders and kompakt's own, the same bytes."""
     t = ggml_type(name)
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim != 2:
