@@ -105,3 +105,30 @@ def test_hidden_state_projection_is_trained_alike_in_every_process(tmp_path, kd_
     assert got["model.norm.weight"].shape[0] < 64  # narrower than the teacher: a projection was trained
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-4 if fsdp else 0, msg=name)
+
+
+@pytest.mark.parametrize("step", ["finetune.lora", "quant.qat"])
+def test_fsdp_trains_the_other_training_passes_as_one_process_does(tmp_path, kd_recipe, run_readers, step):
+    """finetune.lora (a PeftModel: frozen base weights beside the trained adapters) and quant.qat
+    (fake quantization) under FSDP end where one process with two-step accumulation ends. LoRA's
+    dropout is off: one process draws different masks for its two micro-batches than two
+    processes draw for theirs (with it on, DDP parts from one process by 7e-3 too)."""
+    _, step_weights = run_readers
+    values = {"steps": 4, "seq_len": 32, "batch_size": 2, "lr": 1e-3}
+    values.update({"r": 4, "lora_dropout": 0.0} if step == "finetune.lora" else {"bits": 4, "group_size": 32, "lr": 1e-4})
+    recipes = [kd_recipe({}), kd_recipe({}, "single")]
+    for path, accumulation in zip(recipes, (1, 2), strict=True):
+        recipe = yaml.safe_load(path.read_text())
+        data = {"data": recipe["data"]["calibration"]} if step == "finetune.lora" else {}
+        recipe["steps"] = [{step: {**values, **data, "grad_accum": accumulation}}]
+        path.write_text(yaml.safe_dump(recipe))
+    launched = _torchrun(recipes[0], tmp_path / "two", fsdp=True)
+    _, err = launched.communicate(timeout=300)
+    assert launched.returncode == 0, err[-3000:]
+    assert read_lineage(tmp_path / "two")[-1]["details"]["local_fraction"] == pytest.approx(0.5, abs=0.02)
+    single = run_recipe(Recipe.from_file(recipes[1]), tmp_path / "single")
+    expected = step_weights(single.out_dir / "steps" / f"01-{step}")
+    got = step_weights(tmp_path / "two" / "steps" / f"01-{step}")
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name].float(), expected[name].float(), rtol=0, atol=1e-4, msg=name)

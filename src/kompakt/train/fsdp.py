@@ -172,8 +172,9 @@ def _local(tensor):
 
 def _layers(model: nn.Module) -> list[nn.Module]:
     """The decoder (or encoder) layers, each its own unit: one layer's weights gathered at a time."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # finetune.lora's PeftModel
     try:
-        return list(decoder_layers(model))
+        return list(decoder_layers(base))
     except UnsupportedArchitectureError:  # no layer map (a test's toy module): shard it as one unit
         return []
 
