@@ -8,9 +8,10 @@ every `checkpoint_every` steps (trained tensors, optimizer, scheduler, RNG, data
 a killed run resumes from exactly, a progress bar, and a stop with a one-line message when
 the loss turns NaN/inf or explodes (the last good checkpoint is kept).
 
-Library vs ours: `accelerate.Accelerator` owns devices, mixed precision, gradient sync and
-process groups, so `accelerate launch` (DDP, FSDP) runs the same code on many GPUs; the
-optimizer and schedule are torch's. The glue (budget, accumulation, evaluation, checkpoints,
+Library vs ours: `accelerate.Accelerator` owns devices, mixed precision, DDP's gradient sync
+and process groups, so `accelerate launch` runs the same code on many GPUs; with `--use_fsdp`
+kompakt.train.fsdp shards the model with torch's `fully_shard` instead of DDP; the optimizer
+and schedule are torch's. The glue (budget, accumulation, evaluation, checkpoints,
 divergence checks) is this file.
 
 Compute dtype: fp32 master weights always; autocast to bf16 only where the hardware does bf16
