@@ -1,19 +1,17 @@
 """The 32-weight block types kompakt writes, byte for byte against ggml's own quantizer.
 
 The ground truth is `ggml_quantize_chunk` in llama.cpp's libggml-base (what `llama-quantize`
-calls per tensor), reached through ctypes; kompakt's encoders are gguf-py's (q8_0 q5_1 q5_0
-q4_1 q4_0) and kompakt.ops.ggml_iq4nl (iq4_nl).
+calls per tensor), reached through ctypes by kompakt.ops.ggml_native; kompakt's encoders are
+gguf-py's (q8_0 q5_1 q5_0 q4_1 q4_0) and kompakt.ops.ggml_iq4nl (iq4_nl).
 """
 
 from __future__ import annotations
 
-import ctypes
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kompakt.ops import ggml_types
+from kompakt.ops import ggml_native, ggml_types
 from kompakt.ops.ggml_types import gguf_enum, ggml_type
 
 gguf = pytest.importorskip("gguf")
@@ -22,28 +20,11 @@ llama_cpp = pytest.importorskip("llama_cpp")
 TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 
 
-@pytest.fixture(scope="module")
-def libggml():
-    path = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    lib = ctypes.CDLL(str(path))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
-    return lib
-
-
-def ggml_bytes(lib, w: np.ndarray, name: str, importance: np.ndarray | None = None) -> np.ndarray:
+def ggml_bytes(w: np.ndarray, name: str, importance: np.ndarray | None = None) -> np.ndarray:
     """llama.cpp's bytes for float32 w [rows, cols] (with an imatrix row when given)."""
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    rows, cols = w.shape
-    out = np.zeros((rows, ggml_type(name).row_bytes(cols)), dtype=np.uint8)
-    imatrix = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
-    written = lib.ggml_quantize_chunk(int(gguf_enum(name)), w.ctypes.data, out.ctypes.data, 0, rows, cols,
-                                      None if imatrix is None else imatrix.ctypes.data)  # fmt: skip
-    assert written == out.size
-    return out
+    if not ggml_native.available():
+        pytest.skip("llama-cpp-python's libggml-base is not installed")
+    return ggml_native.quantize(w, int(gguf_enum(name)), ggml_type(name).row_bytes(w.shape[1]), importance=importance)
 
 
 def _smollm2_weight() -> np.ndarray:
@@ -86,9 +67,9 @@ KINDS = ("normal", "heavy-tailed", "zero", "constant", "ties", "smollm2")
 
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_kompakt_writes_the_bytes_llama_cpp_writes(libggml, name, kind):
+def test_kompakt_writes_the_bytes_llama_cpp_writes(name, kind):
     w = _weights(kind)
-    theirs = ggml_bytes(libggml, w, name)
+    theirs = ggml_bytes(w, name)
     ours = ggml_types.numpy_quantize(w, name)
     mismatched = np.flatnonzero((ours != theirs).any(axis=-1))
     assert mismatched.size == 0, f"{name} {kind}: rows {mismatched[:5]} differ"
@@ -107,16 +88,16 @@ def test_iq4_nl_beats_q4_0_at_the_same_size():
 
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("kind", ("normal", "heavy-tailed", "zero", "constant", "smollm2"))
-def test_importance_weighted_encoders_write_llama_cpp_bytes(libggml, name, kind):
+def test_importance_weighted_encoders_write_llama_cpp_bytes(name, kind):
     """What `llama-quantize --imatrix` writes (ggml_quantize_chunk with an imatrix row)."""
     from kompakt.ops.ggml_weighted32 import quantize_weighted
 
     w = _weights(kind)
     importance = (np.random.default_rng(1).random(w.shape[1]) ** 3 * 10).astype(np.float32)
-    theirs = ggml_bytes(libggml, w, name, importance)
+    theirs = ggml_bytes(w, name, importance)
     ours = quantize_weighted(w, name, importance)
     mismatched = np.flatnonzero((ours != theirs).any(axis=-1))
     assert mismatched.size == 0, f"{name} {kind}: rows {mismatched[:5]} differ"
     if kind == "normal" and name != "q8_0":  # the importance changed the choice (the shipped
         # SmolLM2 weights already lie on a q4_1 grid: there both choices agree)
-        assert not np.array_equal(theirs, ggml_bytes(libggml, w, name))
+        assert not np.array_equal(theirs, ggml_bytes(w, name))

@@ -1,51 +1,29 @@
 """kompakt's K-quant encoders write the bytes llama.cpp writes, on awkward inputs too.
 
 The ground truth is ggml's own `ggml_quantize_chunk` from the libggml-base that
-llama-cpp-python ships, called through ctypes (no imatrix: llama-quantize's plain rounding).
+llama-cpp-python ships, called through ctypes by kompakt.ops.ggml_native (no imatrix:
+llama-quantize's plain rounding).
 """
 
 from __future__ import annotations
 
-import ctypes
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kompakt.ops import ggml_types
+from kompakt.ops import ggml_native, ggml_types
 from kompakt.ops.ggml_kquants import KQUANT_TYPES, quantize_kquant
 from kompakt.ops.ggml_kquants_weighted import quantize_weighted
 
 gguf = pytest.importorskip("gguf")
 
 
-def _libggml() -> ctypes.CDLL:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    path = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    lib = ctypes.CDLL(str(path))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-    ]  # fmt: skip
-    return lib
-
-
 def ggml_bytes(w: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
     """What llama.cpp writes for float32 `w` [rows, cols] as `name`: uint8 [rows, row_bytes]."""
-    lib = _libggml()
-    w = np.ascontiguousarray(w, dtype=np.float32)
+    if not ggml_native.available():
+        pytest.skip("llama-cpp-python's libggml-base is not installed")
     t = ggml_types.ggml_type(name)
-    out = np.zeros((w.shape[0], t.row_bytes(w.shape[1])), dtype=np.uint8)
-    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-    written = lib.ggml_quantize_chunk(
-        int(ggml_types.gguf_enum(name)), w.ctypes.data, out.ctypes.data, 0, w.shape[0],
-        w.shape[1], None if im is None else im.ctypes.data,
-    )  # fmt: skip
-    assert written == out.size
-    return out
+    return ggml_native.quantize(w, int(ggml_types.gguf_enum(name)), t.row_bytes(w.shape[1]), importance=imatrix)
 
 
 def _cases() -> dict[str, np.ndarray]:

@@ -49,21 +49,25 @@ def available() -> bool:
     return _quantize_chunk() is not None
 
 
-def quantize(w: np.ndarray, ggml_type: int, row_bytes: int, threads: int = 1) -> np.ndarray:
+def quantize(w: np.ndarray, ggml_type: int, row_bytes: int, threads: int = 1,
+             importance: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """uint8 [rows, row_bytes]: llama.cpp's quantization of float32 `w` [rows, cols] to `ggml_type`
-    (gguf.GGMLQuantizationType's value), row chunks on `threads` threads."""
+    (gguf.GGMLQuantizationType's value), row chunks on `threads` threads; with `importance` [cols]
+    (an imatrix row) what `llama-quantize --imatrix` writes."""
     function = _quantize_chunk()
     if function is None:
         raise RuntimeError("llama.cpp's quantizer is not available (install llama-cpp-python)")
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, cols = w.shape
     out = np.empty((rows, row_bytes), dtype=np.uint8)
+    imatrix = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
     step = max(1, CHUNK_VALUES // max(cols, 1))
 
     def run(start: int) -> None:
         count = min(step, rows - start)
         # start is an element offset into src and dst alike (ggml advances dst by start's rows)
-        function(ggml_type, w.ctypes.data, out.ctypes.data, start * cols, count, cols, None)
+        function(ggml_type, w.ctypes.data, out.ctypes.data, start * cols, count, cols,
+                 None if imatrix is None else imatrix.ctypes.data)  # fmt: skip
 
     starts = range(0, rows, step)
     if threads > 1 and len(starts) > 1:

@@ -95,8 +95,7 @@ class ShardedModel:
         gathered = []
         for slot in self._slots:
             module, name = slot.places[0]
-            param = module._parameters[name]
-            full = param.full_tensor() if isinstance(param, DTensor) else param
+            full = full_tensor(module._parameters[name])
             gathered.append(nn.Parameter(full.detach().clone(), requires_grad=slot.requires_grad))
         for module, cls in self._classes.items():
             module.__class__ = cls
