@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from kompakt.errors import ConfigError, DataError, UnsupportedArchitectureError
+from kompakt.evaluate.perplexity import forward_logits, window_prefix
 from kompakt.model.compression import Quantization, update_state
 from kompakt.passes.base import PassContext, build_config, get_pass
 from kompakt.rundir.stepsave import save_step_model
@@ -119,8 +120,9 @@ def test_expected_keeps_the_tokens_the_model_expects_most_in_the_corpus(tmp_path
     assert more.details["expected_added"] == 30 and more.details["expected"] == 30
     kept_before = set(json.loads(base.files["vocab_map.json"].read_text())["old_ids"])
     added = set(json.loads(more.files["vocab_map.json"].read_text())["old_ids"]) - kept_before
+    prefix = window_prefix(loaded)  # the windows start as the evaluator's do (<bos> where the tokenizer adds it)
     with torch.no_grad():  # the model's next-token probabilities over the first 600 corpus positions
-        probs = torch.cat([torch.softmax(loaded.model(ids[s : min(s + 512, 600)][None]).logits[0], -1)
+        probs = torch.cat([torch.softmax(forward_logits(loaded.model, ids[s : min(s + 512, 600)][None], prefix)[0], -1)
                            for s in (0, 512)])  # fmt: skip
     mass = probs.sum(0)
     ranked = [i for i in torch.argsort(mass, descending=True).tolist() if i not in kept_before]

@@ -211,13 +211,16 @@ def expected_counts(loaded: LoadedModel, ids: torch.Tensor, positions: int, rows
     if getattr(loaded, "is_encoder", False):
         raise ConfigError("prune.vocab: expected needs a language model's next-token predictions; an encoder has "
                           "none: leave expected at 0")  # fmt: skip
+    from kompakt.evaluate.perplexity import forward_logits, window_prefix
+
     model, window = loaded.model, 512
+    prefix = window_prefix(loaded)  # as the evaluator runs windows: Gemma predicts poorly without <bos>
     device = next(model.parameters()).device
     ids = ids.reshape(-1)[:positions]
     total = torch.zeros(rows, dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, ids.numel(), window):
-            logits = model(input_ids=ids[start : start + window][None].to(device), use_cache=False).logits[0]
+            logits = forward_logits(model, ids[start : start + window][None].to(device), prefix)[0]
             total += torch.softmax(logits.float(), dim=-1).sum(0).double().cpu()[:rows]
     return total
 
