@@ -14,7 +14,7 @@ import torch
 
 from kompakt.export import export_gguf
 from kompakt.export.imatrix import gguf_linear_names, imatrix_from_blocks, read_importance
-from kompakt.export.imatrix_file import read_imatrix, write_imatrix
+from kompakt.export.imatrix_file import read_imatrix
 from kompakt.model.tiny import tiny_model
 
 BIN = Path(os.environ.get("KOMPAKT_PEERS", Path.home() / ".cache" / "kompakt" / "peers")) / "llamacpp-0.3.36" / "bin"
@@ -86,20 +86,12 @@ def test_same_statistics_on_the_same_tokens(peer):
         np.testing.assert_allclose(theirs[name].sums, entry.sums, rtol=RTOL, err_msg=name)
 
 
-def test_llama_quantize_takes_kompakts_imatrix(tmp_path):
+def test_llama_quantize_takes_kompakts_imatrix(tmp_path, wide_model_and_imatrix):
     """Q4_K on 256-wide rows (no fallback type): with kompakt's imatrix llama-quantize loads every
     entry and writes different blocks than without one."""
     import gguf
 
-    loaded = tiny_model("llama", hidden_size=256, intermediate_size=512, head_dim=64)
-    loaded.name = "tiny"
-    model_file = export_gguf(loaded, tmp_path / "m.gguf", type="f32")
-    blocks = torch.randint(3, 261, (4, 64), generator=torch.Generator().manual_seed(0))
-    # Uneven channel importance, as real activations have: without it the weighting barely matters.
-    imatrix = imatrix_from_blocks(loaded, blocks, dataset="random")
-    for entry in imatrix.entries.values():
-        entry.sums *= np.random.default_rng(0).lognormal(0, 2, entry.sums.shape).astype(np.float32)
-    matrix = write_imatrix(imatrix, tmp_path / "k.imatrix.gguf")
+    _, model_file, imatrix, matrix = wide_model_and_imatrix(tmp_path)
     log = _tool("llama-quantize", "--imatrix", str(matrix), str(model_file), str(tmp_path / "with.gguf"), "Q4_K_M", "1")
     assert f"loaded {len(imatrix.entries)} importance matrix entries" in log
     _tool("llama-quantize", str(model_file), str(tmp_path / "without.gguf"), "Q4_K_M", "1")
@@ -112,3 +104,27 @@ def test_llama_quantize_takes_kompakts_imatrix(tmp_path):
     without_type, without_bytes = q_proj(tmp_path / "without.gguf")
     assert with_type == without_type == gguf.GGMLQuantizationType.Q4_K
     assert with_bytes != without_bytes
+
+
+@pytest.mark.parametrize(("llama_type", "ours"), [("Q4_0", "q4_0"), ("IQ4_NL", "iq4_nl"), ("Q4_K_M", "q4_k")])
+def test_export_with_an_imatrix_writes_llama_quantizes_bytes(tmp_path, wide_model_and_imatrix, llama_type, ours):
+    """`kompakt export --imatrix` against `llama-quantize --imatrix` on the same F32 GGUF and the
+    same file: every tensor both give the same type is byte-identical (Q4_K_M moves some tensors
+    to Q6_K by its own mix rules; kompakt's q4_k keeps them, so those are not compared)."""
+    import gguf
+
+    loaded, model_file, imatrix, matrix = wide_model_and_imatrix(tmp_path)
+    _tool("llama-quantize", "--imatrix", str(matrix), str(model_file), str(tmp_path / "theirs.gguf"), llama_type, "1")
+    mine = export_gguf(loaded, tmp_path / "ours.gguf", type=ours, imatrix=matrix)
+
+    def tensors(path: Path) -> dict[str, tuple[int, bytes]]:
+        return {t.name: (int(t.tensor_type), t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+    theirs, kompakt = tensors(tmp_path / "theirs.gguf"), tensors(mine)
+    assert theirs.keys() == kompakt.keys()
+    same_type = [name for name in theirs if theirs[name][0] == kompakt[name][0]]
+    assert set(imatrix.entries) & set(same_type)
+    for name in same_type:
+        assert theirs[name][1] == kompakt[name][1], name
+    if llama_type != "Q4_K_M":
+        assert len(same_type) == len(theirs)

@@ -34,6 +34,10 @@ MAX_MEMORY_HELP = (
     "tensor at a time whatever its size; the check that compares the file with the original loads the original "
     "only when it fits."
 )
+IMATRIX_HELP = (
+    "gguf: round the quantized tensors with this llama.cpp importance matrix (from `kompakt imatrix` or "
+    "llama-imatrix, GGUF or .dat), the bytes `llama-quantize --imatrix` writes."
+)
 OUT_HELP = (
     "Output file (gguf) or directory (hf, ollama, onnx: model.onnx + tokenizer); default <model>-<type>[.gguf] "
     "(onnx: <model>-onnx-<type>) in the current directory."
@@ -53,11 +57,13 @@ def register(app: typer.Typer) -> None:
         merge: bool = typer.Option(False, "--merge", help=MERGE_HELP),
         base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
         max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+        imatrix: Optional[str] = typer.Option(None, "--imatrix", help=IMATRIX_HELP),
     ) -> None:
         from kompakt.export.api import export
 
         result = export(model, format=format, type=type, out=out, force=force, verify=not no_verify,
-                        tensor_types=tensor_type, merge=merge, base=base, max_memory=max_memory)  # fmt: skip
+                        tensor_types=tensor_type, merge=merge, base=base, max_memory=max_memory,
+                        imatrix=imatrix)  # fmt: skip
         console = Console()
         for note in result.notes:
             console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kompakt.errors import ConfigError, OutputPathError
+from kompakt.errors import ConfigError, DataError, OutputPathError
 from kompakt.export.check import ExportCheck, check_error, record_check, reject, run_check, verify_path
 from kompakt.export.gguf import write_gguf
 from kompakt.export.gguf_lora import LORA_TYPES
@@ -44,8 +44,8 @@ def default_out(name: str, format: str, type: str) -> Path:
     return Path.cwd() / (f"{stem}.gguf" if format in ("gguf", "gguf-lora") else stem)
 
 
-def _check_early(format: str, type: str | None, out: str | Path | None, force: bool,
-                 tensor_types: list[str] | None, base: str | Path | None = None) -> None:  # fmt: skip
+def _check_early(format: str, type: str | None, out: str | Path | None, force: bool, tensor_types: list[str] | None,
+                 base: str | Path | None = None, imatrix: str | Path | None = None) -> None:  # fmt: skip
     """What can be refused before loading the model (which can take a while)."""
     types = {"hf": tuple(HF_TYPES), "gguf-lora": LORA_TYPES, "onnx": ONNX_TYPES}.get(format, TYPES)
     if type is not None and type not in types:
@@ -55,6 +55,10 @@ def _check_early(format: str, type: str | None, out: str | Path | None, force: b
     if tensor_types and format != "gguf":
         raise ConfigError(f"--tensor-type sets GGUF tensor types; use it with --format gguf, not {format}")
     parse_overrides(tensor_types)
+    if imatrix is not None and format != "gguf":
+        raise ConfigError(f"--imatrix rounds GGUF tensors; use it with --format gguf, not {format}")
+    if imatrix is not None and not Path(imatrix).expanduser().is_file():
+        raise DataError(f"imatrix file {imatrix} does not exist; write one with `kompakt imatrix MODEL`")
     if base is not None and format != "gguf-lora":
         raise ConfigError(f"--base names the base GGUF of a LoRA adapter; use it with --format gguf-lora, not {format}")
     if base is not None and not Path(base).expanduser().is_file():
@@ -76,6 +80,7 @@ def export(
     merge: bool = False,
     base: str | Path | None = None,
     max_memory: int | str | None = None,
+    imatrix: str | Path | None = None,
 ) -> ExportResult:
     """Export a model (a LoadedModel or anything kompakt.model.load accepts; None = embedded default).
 
@@ -105,13 +110,15 @@ def export(
     memory-mapped weights (kompakt.export.gguf_stream: the same bytes, peak memory one tensor);
     the check then loads it whole only when it fits `max_memory` (bytes or "6GB"; default the
     memory available now), and otherwise says how to check the file instead.
+    imatrix (gguf): a llama.cpp importance matrix (`kompakt imatrix`, llama-imatrix) the
+    quantized tensors are rounded with, as `llama-quantize --imatrix` does (the same bytes).
     """
     format = format.lower()
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     default_type = {"gguf": "f16", "gguf-lora": "f16", "ollama": "q4_0", "onnx": "f32"}.get(format, "")
     type = (type or default_type).lower() or None
-    _check_early(format, type, out, force, tensor_types, base)
+    _check_early(format, type, out, force, tensor_types, base, imatrix)
     if format == "ollama":
         return _export_ollama(model, type, out, force, verify, merge)
     if format == "gguf-lora":
@@ -124,14 +131,14 @@ def export(
 
         lazy = open_streamable(model)
         if lazy is not None:
-            return _export_gguf_streamed(lazy, model, type, out, force, verify, tensor_types, budget)
+            return _export_gguf_streamed(lazy, model, type, out, force, verify, tensor_types, budget, imatrix)
     loaded, merge_notes = dense_for_export(_load(model), format, merge)
     target = Path(out) if out is not None else default_out(loaded.name, format, type or "hf")
     target = _check_destination(format, target, force)
     with Stage(target.parent, target.name) as stage:
         staged = stage.path(target.name)
         if format == "gguf":
-            written = write_gguf(loaded, staged, type=type, force=True, tensor_types=tensor_types)
+            written = write_gguf(loaded, staged, type=type, force=True, tensor_types=tensor_types, imatrix=imatrix)
             result = ExportResult(target, manifest_path(target), "gguf", written.type, written.size_bytes,
                                   merge_notes + written.notes, types_summary=written.types_summary)  # fmt: skip
         else:
@@ -165,7 +172,8 @@ def memory_budget(max_memory: int | str | None) -> tuple[int | None, str]:
 
 
 def _export_gguf_streamed(lazy, source, type: str, out: str | Path | None, force: bool, verify: bool,
-                          tensor_types: list[str] | None, budget: tuple[int | None, str]) -> ExportResult:  # fmt: skip
+                          tensor_types: list[str] | None, budget: tuple[int | None, str],
+                          imatrix: str | Path | None = None) -> ExportResult:  # fmt: skip
     """A GGUF written tensor by tensor (kompakt.export.gguf_stream), checked and put in place as
     the in-memory export's is; the check's reference is loaded only when it fits `budget`."""
     from kompakt.export.gguf_stream import write_gguf_streamed
@@ -175,7 +183,7 @@ def _export_gguf_streamed(lazy, source, type: str, out: str | Path | None, force
     target = _check_destination("gguf", target, force)
     with Stage(target.parent, target.name) as stage:
         staged = stage.path(target.name)
-        written = write_gguf_streamed(lazy, staged, type=type, force=True, tensor_types=tensor_types)
+        written = write_gguf_streamed(lazy, staged, type=type, force=True, tensor_types=tensor_types, imatrix=imatrix)
         result = ExportResult(target, manifest_path(target), "gguf", written.type, written.size_bytes,
                               written.notes, types_summary=written.types_summary)  # fmt: skip
         if get_state(lazy.loaded()).adapter is not None:

@@ -104,10 +104,12 @@ def check_output(path: Path, force: bool) -> Path:
     return path
 
 
-def prepare_gguf(loaded: LoadedModel, type: str = "f16", tensor_types: list[str] | None = None):
+def prepare_gguf(loaded: LoadedModel, type: str = "f16", tensor_types: list[str] | None = None,
+                 imatrix: str | Path | None = None):  # fmt: skip
     """All checks and decisions of an export, without writing: (family, config, vocab, plan).
 
-    `tensor_types`: `PATTERN=TYPE` overrides (kompakt.export.gguf_types).
+    `tensor_types`: `PATTERN=TYPE` overrides (kompakt.export.gguf_types); `imatrix`: a llama.cpp
+    importance matrix file the quantized tensors are rounded with (kompakt.export.imatrix).
     """
     type = str(type).lower()
     if type not in TYPES:
@@ -121,9 +123,24 @@ def prepare_gguf(loaded: LoadedModel, type: str = "f16", tensor_types: list[str]
     check_expressible(config, family, len(vocab.tokens))
     plan = plan_tensors(loaded.model, config, family, type, grid_modules(loaded.model), overrides,
                         loaded.gguf_blocks)  # fmt: skip
-
+    if imatrix is not None:
+        _attach_importance(plan, imatrix)
     plan.notes[:0] = vocab.notes
     return family, config, vocab, plan
+
+
+def _attach_importance(plan: GGUFPlan, imatrix: str | Path) -> None:
+    """Each planned tensor's entry of the imatrix file, and the keys llama-quantize writes for it."""
+    from kompakt.export.imatrix import tensor_importance
+
+    importance, plan.imatrix = tensor_importance(imatrix, {item.gguf_name: item.shape for item in plan.tensors})
+    for item in plan.tensors:
+        item.importance = importance.get(item.gguf_name)
+    quantized = [item for item in plan.tensors if item.type not in ("f32", "f16", "bf16") and len(item.shape) > 1]
+    without = [item.gguf_name for item in quantized if item.importance is None]
+    if without:
+        plan.notes.append(f"{len(without)} of {len(quantized)} quantized tensors have no entry in {Path(imatrix).name} "
+                          f"(e.g. {without[0]}) and were rounded without one, as llama-quantize does")  # fmt: skip
 
 
 def _pooling(loaded: LoadedModel):
@@ -142,19 +159,21 @@ def _check_encoder(loaded: LoadedModel, config, family) -> None:
 
 
 def export_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", force: bool = False,
-                tensor_types: list[str] | None = None) -> Path:  # fmt: skip
+                tensor_types: list[str] | None = None, imatrix: str | Path | None = None) -> Path:  # fmt: skip
     """Write `loaded` as a GGUF file of `type` at `path` (+ `path.sha256`); returns the path.
 
     `write_gguf` does the same and returns the details (sizes, tensor types, notes).
     """
-    return write_gguf(loaded, path, type=type, force=force, tensor_types=tensor_types).path
+    return write_gguf(loaded, path, type=type, force=force, tensor_types=tensor_types, imatrix=imatrix).path
 
 
 def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", force: bool = False,
-               tensor_types: list[str] | None = None) -> GGUFExport:  # fmt: skip
+               tensor_types: list[str] | None = None, imatrix: str | Path | None = None) -> GGUFExport:  # fmt: skip
     """Write `loaded` as a GGUF file of `type` at `path` (+ `path.sha256`).
 
     `tensor_types`: `PATTERN=TYPE` overrides (`--tensor-type`, kompakt.export.gguf_types).
+    `imatrix`: a llama.cpp importance matrix (`kompakt imatrix` or llama-imatrix): tensors are
+    quantized with it, the bytes `llama-quantize --imatrix` writes.
 
     Raises:
         UnsupportedArchitectureError: a family or structure llama.cpp cannot run as is.
@@ -162,20 +181,20 @@ def write_gguf(loaded: LoadedModel, path: str | Path, *, type: str = "f16", forc
         ConfigError: an unknown type, a malformed override or one that matches nothing, a type a
             row cannot take (all before anything is written).
     """
-    return write_gguf_with(_write, loaded, path, type=type, force=force, tensor_types=tensor_types)
+    return write_gguf_with(_write, loaded, path, type=type, force=force, tensor_types=tensor_types, imatrix=imatrix)
 
 
 Writer = Callable[..., None]  # (tmp path, loaded, family, config, vocab, plan, result): writes the file
 
 
-def write_gguf_with(write: Writer, loaded: LoadedModel, path: str | Path, *, type: str = "f16",
-                    force: bool = False, tensor_types: list[str] | None = None) -> GGUFExport:  # fmt: skip
+def write_gguf_with(write: Writer, loaded: LoadedModel, path: str | Path, *, type: str = "f16", force: bool = False,
+                    tensor_types: list[str] | None = None, imatrix: str | Path | None = None) -> GGUFExport:  # fmt: skip
     """`write_gguf` with another way of writing the tensors (kompakt.export.gguf_stream reads
     them one at a time from disk): every check, the free-space check, the atomic rename and the
     manifest are the same."""
     refuse_shared(loaded, "GGUF")  # kompakt.export.api.export(merge=True) writes the dense equivalent
     target = check_output(Path(path), force)
-    family, config, vocab, plan = prepare_gguf(loaded, type, tensor_types)
+    family, config, vocab, plan = prepare_gguf(loaded, type, tensor_types, imatrix)
     for note in plan.notes:  # returned to the caller too (the CLI prints them)
         log.info("%s", note)
     result = GGUFExport(target, manifest_path(target), str(type).lower(), 0, {}, plan.types_summary(),
@@ -225,6 +244,8 @@ def add_header(writer, loaded: LoadedModel, plan: GGUFPlan, config, family, voca
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in plan.source.items():  # "source" -> kompakt.tensor_types.source; "calibration"
         writer.add_string("kompakt.tensor_types.source" if key == "source" else f"kompakt.{key}", value)
+    for key, value in plan.imatrix.items():  # what llama-quantize --imatrix records
+        (writer.add_string if isinstance(value, str) else writer.add_int32)(key, value)
     if family.encoder:
         from kompakt.export.gguf_encoder import add_encoder_hyperparameters
 

@@ -86,11 +86,11 @@ def skeleton_loaded(lazy) -> LoadedModel:
 
 
 def write_gguf_streamed(lazy, path: str | Path, *, type: str = "f16", force: bool = False,
-                        tensor_types: list[str] | None = None) -> GGUFExport:  # fmt: skip
+                        tensor_types: list[str] | None = None, imatrix: str | Path | None = None) -> GGUFExport:  # fmt: skip
     """Write the lazily opened model `lazy` as a GGUF file (kompakt.export.gguf.write_gguf's
     arguments, checks and result), reading one tensor at a time."""
     return write_gguf_with(_streaming_writer(lazy), skeleton_loaded(lazy), path, type=type, force=force,
-                           tensor_types=tensor_types)  # fmt: skip
+                           tensor_types=tensor_types, imatrix=imatrix)  # fmt: skip
 
 
 def file_layout(item: TensorPlan) -> tuple[np.dtype, tuple[int, ...], int, Any]:

@@ -14,7 +14,8 @@ The bytes of a quantized tensor, best first:
   weights); otherwise re-quantized, counted and noted;
 - weights on a 32-block grid (the recorded quantization, see kompakt.export.gguf) written with
   their exact block parameters (gguf_grid_recover), never re-rounded;
-- llama.cpp's reference quantizer (kompakt.ops.ggml_types.quantize).
+- llama.cpp's reference quantizer (kompakt.ops.ggml_types.quantize; kompakt.ops.ggml_imatrix with the tensor's imatrix
+  entry when the export was given one, `--imatrix`: llama-quantize --imatrix's bytes).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from kompakt.export.gguf_arch import GGUFFamily, head_dim
 from kompakt.export.gguf_grid_recover import recover_blocks
 from kompakt.export.gguf_types import TypeChooser, main_type, summarize
 from kompakt.model.gguf_blocks import GgufBlocks
-from kompakt.ops import ggml_types
+from kompakt.ops import ggml_imatrix, ggml_types
 from kompakt.ops.gguf_grid import FORMATS, pack_blocks
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class TensorPlan:
     grid: str | None = None  # the GGUF grid the weights already lie on (exact export)
     transform: str | None = None  # "permute_q" | "permute_k" | "norm_shift" | "position_offset"
     blocks: GgufBlocks | None = None  # exact bytes a quant pass handed over, in this type
+    importance: np.ndarray | None = None  # its imatrix entry, [cols] ([experts, cols] for a stack)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class GGUFPlan:
     tensors: list[TensorPlan]
     notes: list[str] = field(default_factory=list)
     source: dict[str, str] = field(default_factory=dict)  # where the types came from (GGUF metadata)
+    imatrix: dict[str, Any] = field(default_factory=dict)  # the quantize.imatrix.* keys, when one was used
 
     def data_bytes(self) -> int:
         """Bytes of the tensor data the file will hold (metadata aside): what a full-disk error
@@ -198,8 +201,11 @@ def tensor_data(plan: TensorPlan, tensor: torch.Tensor, config: Any, family: GGU
         from kompakt.export.gguf_encoder import position_offset
 
         w = w[position_offset(config, family) :]
+    if w.ndim == 3 and plan.type not in ("f32", "f16") and _per_expert_importance(plan):
+        return _experts_one_by_one(plan, w, config, family)
     if w.ndim == 3 and plan.type not in ("f32", "f16"):  # MoE expert stacks: rows of all experts at once
-        flat = TensorPlan(**{**plan.__dict__, "shape": (plan.shape[0] * plan.shape[1], plan.shape[2])})
+        flat = TensorPlan(**{**plan.__dict__, "shape": (plan.shape[0] * plan.shape[1], plan.shape[2]),
+                             "importance": None})  # per expert: only rounded from the weights (above)
         data, qtype, missed = tensor_data(flat, w.reshape(-1, w.shape[-1]), config, family)
         return data.reshape(*plan.shape[:2], *data.shape[1:]), qtype, missed
     if plan.type == "f32":
@@ -216,19 +222,35 @@ def tensor_data(plan: TensorPlan, tensor: torch.Tensor, config: Any, family: GGU
         if GgufBlocks(plan.type, data).matches(w.numpy()):
             return np.ascontiguousarray(data), qtype, 0
         t = ggml_types.ggml_type(plan.type)
-        return ggml_types.quantize(w.numpy(), plan.type), qtype, t.tensor_bytes(tuple(w.shape)) // t.block_bytes
+        missed = t.tensor_bytes(tuple(w.shape)) // t.block_bytes
+        return ggml_imatrix.quantize(w.numpy(), plan.type, plan.importance), qtype, missed
     if plan.grid == plan.type and plan.type in FORMATS:
         # Permuting rows keeps every 32-column block intact, so exact recovery still applies.
         q, d, m, missed = recover_blocks(w, plan.type)
         return pack_blocks(q, d, m, plan.type), qtype, missed
-    return quantize_rows(w.numpy(), plan.type), qtype, 0
+    return quantize_rows(w.numpy(), plan.type, plan.importance), qtype, 0
+
+
+def _per_expert_importance(plan: TensorPlan) -> bool:
+    """An expert stack quantized from its weights with one imatrix row per expert."""
+    return plan.importance is not None and plan.importance.ndim == 2 and plan.blocks is None and plan.grid != plan.type
+
+
+def _experts_one_by_one(plan: TensorPlan, w: torch.Tensor, config, family: GGUFFamily) -> tuple[np.ndarray, Any, int]:
+    """An expert stack [experts, rows, cols] quantized expert by expert, each with its own
+    imatrix row (llama-quantize's per-expert slices of the entry)."""
+    parts = [tensor_data(TensorPlan(plan.hf_name, plan.gguf_name, tuple(plan.shape[1:]), plan.type,
+                                    importance=plan.importance[expert]), w[expert], config, family)
+             for expert in range(w.shape[0])]  # fmt: skip
+    return np.stack([data for data, _, _ in parts]), parts[0][1], 0
 
 
 QUANT_CHUNK = 1 << 22  # values quantized at a time (16 MB of fp32)
 
 
-def quantize_rows(w: np.ndarray, name: str) -> np.ndarray:
-    """ggml_types.quantize of a [rows, cols] array, QUANT_CHUNK values' worth of rows at a time.
+def quantize_rows(w: np.ndarray, name: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """ggml_types.quantize of a [rows, cols] array (with its imatrix entry `importance` [cols]
+    when given), QUANT_CHUNK values' worth of rows at a time.
 
     Every llama.cpp type quantizes each row on its own, so the bytes are those of one call; the
     numpy quantizer's fp32 temporaries stay at a chunk instead of several copies of the tensor
@@ -239,10 +261,10 @@ def quantize_rows(w: np.ndarray, name: str) -> np.ndarray:
 
     rows = max(1, QUANT_CHUNK // max(1, w.shape[1]))
     if w.shape[0] <= rows or ggml_native.available():  # C writes in place: no temporaries
-        return ggml_types.quantize(w, name)
-    first = ggml_types.quantize(w[:rows], name)
+        return ggml_imatrix.quantize(w, name, importance)
+    first = ggml_imatrix.quantize(w[:rows], name, importance)
     out = np.empty((w.shape[0], first.shape[1]), dtype=first.dtype)
     out[:rows] = first
     for start in range(rows, w.shape[0], rows):
-        out[start : start + rows] = ggml_types.quantize(w[start : start + rows], name)
+        out[start : start + rows] = ggml_imatrix.quantize(w[start : start + rows], name, importance)
     return out

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 GENERATED_NAME = "self-generated"  # imatrix.datasets entry when the model wrote its own calibration text
 
-__all__ = ["Imatrix", "ImatrixExport", "compute_imatrix", "export_imatrix", "gguf_linear_names", "read_importance", "read_imatrix", "write_imatrix"]
+__all__ = ["Imatrix", "ImatrixExport", "compute_imatrix", "export_imatrix", "gguf_linear_names", "read_importance", "read_imatrix",
+           "tensor_importance", "write_imatrix"]
 
 
 def gguf_linear_names(model: Any, *, with_output: bool = False) -> dict[str, str]:
@@ -153,6 +154,39 @@ def read_importance(path: str | Path, loaded: LoadedModel | Any) -> dict[str, to
     if missing:
         log.info("%s has no statistics for %d of this model's Linears (e.g. %s)", path, len(missing), missing[0])
     return importance
+
+
+def tensor_importance(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """What `llama-quantize --imatrix FILE` quantizes with, for a GGUF export whose tensors have
+    `shapes` (GGUF name -> shape in the file): ({GGUF name: mean x² per input column, [cols] or
+    [experts, cols] for an expert stack}, the quantize.imatrix.* keys llama-quantize writes).
+
+    Tensors without an entry (the token embedding: llama-imatrix never sees its input) are
+    quantized without one, as llama-quantize does. Raises DataError for a file that is not an
+    imatrix or belongs to another model (a name this model lacks, a width that differs).
+    """
+    if not Path(path).expanduser().is_file():
+        raise DataError(f"imatrix file {path} does not exist; write one with `kompakt imatrix MODEL`")
+    imatrix = read_imatrix(Path(path).expanduser())
+    unknown = sorted(set(imatrix.entries) - set(shapes))
+    if unknown:
+        raise DataError(f"{path} is the imatrix of another model: it has {len(unknown)} tensors this model's GGUF "
+                        f"lacks (e.g. {unknown[0]}); compute one for this model with `kompakt imatrix`")  # fmt: skip
+    importance: dict[str, np.ndarray] = {}
+    for name, entry in imatrix.entries.items():
+        shape = shapes[name]
+        wanted = (1, shape[-1]) if len(shape) == 2 else (shape[0], shape[-1])
+        if entry.sums.shape != wanted:
+            raise DataError(f"{path} is the imatrix of another model: {name} has {entry.sums.shape[-1]} inputs x "
+                            f"{entry.sums.shape[0]}, this model's has {wanted[1]} x {wanted[0]}; compute one with "
+                            "`kompakt imatrix`")  # fmt: skip
+        values = entry.importance()
+        importance[name] = values[0] if len(shape) == 2 else values
+    keys = {"quantize.imatrix.file": Path(path).name, "quantize.imatrix.entries_count": len(imatrix.entries),
+            "quantize.imatrix.chunks_count": imatrix.chunk_count}  # fmt: skip
+    if imatrix.datasets:
+        keys["quantize.imatrix.dataset"] = imatrix.datasets[0]
+    return importance, keys
 
 
 @dataclass

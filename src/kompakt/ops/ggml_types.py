@@ -5,12 +5,13 @@ dimension) in `block_bytes` bytes; a row must be a multiple of `block` long (the
 super-blocks are 256, so SmolLM2's 576-wide rows cannot take them, its 1536-wide down_proj can).
 Sizes come from gguf-py's GGML_QUANT_SIZES, which is llama.cpp's own table.
 
-`quantize(w, name)` is llama.cpp's reference quantizer without an importance matrix (what
-`llama-quantize` writes for that type with plain rounding), byte for byte: llama.cpp's own C
-function when llama-cpp-python is installed (kompakt.ops.ggml_native), else `numpy_quantize`;
-`dequantize` is the inverse llama.cpp computes when it runs the file. In `numpy_quantize`, types
-gguf-py can encode go through gguf-py; the others have kompakt's own encoders (see
-_own_encoder), tested byte-identical against ggml's `ggml_quantize_chunk` in tests/ops.
+`quantize(w, name)` is llama.cpp's reference quantizer (what `llama-quantize` writes for that
+type with plain rounding; kompakt.ops.ggml_imatrix writes what `llama-quantize --imatrix`
+writes), byte for byte: llama.cpp's own C function when llama-cpp-python is installed
+(kompakt.ops.ggml_native), else `numpy_quantize`; `dequantize` is the inverse llama.cpp
+computes when it runs the file. In `numpy_quantize`, types gguf-py can encode go through
+gguf-py; the others have kompakt's own encoders (see _own_encoder), tested byte-identical against ggml's `ggml_quantize_chunk` in
+tests/ops.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def quantize(w: np.ndarray, name: str, threads: int | None = None) -> np.ndarray
     Returns uint8 [rows, row_bytes] for quantized types (float16 / float32 arrays for f16 / f32).
     With llama-cpp-python installed, llama.cpp's own C quantizer writes them (kompakt.ops.
     ggml_native: same bytes, on `threads` threads, default torch's); otherwise `numpy_quantize`.
+    With an imatrix entry, kompakt.ops.ggml_imatrix.quantize writes `llama-quantize --imatrix`'s.
     """
     from kompakt.ops import ggml_native
 
