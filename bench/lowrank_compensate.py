@@ -16,7 +16,9 @@ against the q4_0 base GGUF kompakt exports from the same model. Goal: KL -30 % f
     .venv/bin/python bench/lowrank_compensate.py --allocation global --ranks 16
     .venv/bin/python bench/lowrank_compensate.py --awq --ranks 8 --tune-tokens 0,32768   # closed form, then tuned
 
-`--quantized DIR` starts from a saved GPTQ q4_0 model instead of quantizing; `--llamacpp` also runs the base GGUF + adapter GGUF of the first rank in llama.cpp and
+`--quantized DIR` starts from a saved GPTQ q4_0 model instead of quantizing; `--quantized FILE.gguf`
+from any quantized GGUF (any tool's, any types: it is the base file itself, its bytes are the
+file's); `--llamacpp` also runs the base GGUF + adapter GGUF of the first rank in llama.cpp and
 reports its agreement with kompakt's own forward of the same model (top-1, mean KL).
 
 Prints a table and writes bench/results/lowrank_compensate.json.
@@ -132,14 +134,19 @@ def main() -> None:
     original = load(args.model, device="cpu", dtype="float32")
     calib = calibration_blocks(original.tokenizer, args.blocks)
     ids = evaluation_ids(original.tokenizer)
-    label = "AWQ+GPTQ q4_0" if args.awq else "GPTQ q4_0"
+    from_gguf = args.quantized is not None and args.quantized.suffix.lower() == ".gguf"
+    label = f"GGUF {args.quantized.name}" if from_gguf else "AWQ+GPTQ q4_0" if args.awq else "GPTQ q4_0"
     header = {"protocol": {"model": args.model, "calibration": f"{args.blocks}x512 wiki.valid (seed 0)",
                            "evaluation": f"first {args.eval_tokens} tokens of wiki.test.raw, window 512, stride 512",
                            "allocation": args.allocation, "base": label}, "machine": machine()}  # fmt: skip
     results = ResultsFile(args.out, header, merge=False)
     quantized, quant_s = quantize(original, calib, args.quantized, args.awq)
     workdir = Path(tempfile.mkdtemp(prefix="kompakt-bench-eora-"))
-    base_bytes = gguf_bytes(quantized, workdir, lora=False)
+    if from_gguf:  # the file is the base llama.cpp runs the adapter on
+        (workdir / "base.gguf").symlink_to(args.quantized.resolve())
+        base_bytes = args.quantized.stat().st_size
+    else:
+        base_bytes = gguf_bytes(quantized, workdir, lora=False)
     fid = fidelity(original, quantized, ids, window=512, stride=512, max_tokens=args.eval_tokens)
     base = {"name": label, "rank": 0, "kl": fid.kl_mean, "kl_p99": fid.kl_p99, "top1": fid.top1,
             "ppl": fid.ppl_candidate, "ppl_original": fid.ppl_reference, "gguf_bytes": base_bytes, "added_bytes": 0,

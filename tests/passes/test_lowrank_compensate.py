@@ -161,3 +161,47 @@ def test_bad_inputs_are_refused(quantized, tmp_path):
     (tmp_path / "step" / ADAPTER_DIR / "adapter_model.safetensors").unlink()
     with pytest.raises(ModelFormatError, match="cannot read the LoRA adapter"):
         load(tmp_path / "step", device="cpu")
+
+
+def _gguf_student(original: LoadedModel, tmp_path, monkeypatch, steps: list[tuple[str, dict]]) -> LoadedModel:
+    """`original` after `steps`, written as a q4_0 GGUF and read back by kompakt.load: no quantization
+    recorded, the file's dequantized weights."""
+    from kompakt.export import export_gguf
+
+    monkeypatch.setenv("KOMPAKT_CACHE", str(tmp_path / "cache"))
+    student = _copy(original)
+    student.name = "tiny"
+    for name, values in steps:
+        _run(name, student, original, **values)
+    loaded = load(export_gguf(student, tmp_path / "student.gguf", type="q4_0"), device="cpu", dtype="float32")
+    assert get_state(loaded).quantization is None
+    return loaded
+
+
+@pytest.mark.parametrize("awq", [False, True], ids=["plain", "awq"])
+def test_a_quantized_gguf_is_compensated_in_its_own_coordinates(tmp_path, monkeypatch, awq):
+    """Any tool's quantized .gguf: every decoder Linear is a target, and the file is taken as
+    rescaled exactly when its norms differ from the reference's (AWQ folds its scales there); the
+    adapter's gguf-lora passes the name and shape check against that same file."""
+    from kompakt.export.api import export
+    from kompakt.passes import lowrank_compensate
+
+    original = tiny_model("llama")
+    steps = [("quant.awq", {"format": "q4_0"})] if awq else []
+    gguf_model = _gguf_student(original, tmp_path, monkeypatch, steps)
+    assert lowrank_compensate._norms_differ(gguf_model.model, original.model) == awq
+    reference = _logits(original.model)
+    before = _kl(reference, gguf_model.model)
+    report = _run("lowrank.compensate", gguf_model, original, rank=8)
+    assert report.details["modules"] == 4 * 7  # every decoder Linear of the 4 layers
+    assert _kl(reference, gguf_model.model) < 0.8 * before
+    adapter = export(gguf_model, format="gguf-lora", out=tmp_path / "adapter.gguf", base=tmp_path / "student.gguf")
+    assert adapter.path.is_file()
+
+
+def test_a_float_model_that_is_no_gguf_is_still_refused(tmp_path, monkeypatch):
+    original = tiny_model("llama")
+    saved = _copy(original)
+    save_model(saved, tmp_path / "plain")
+    with pytest.raises(ConfigError, match="not quantized; .* or run it on a quantized .gguf"):
+        _run("lowrank.compensate", load(tmp_path / "plain", device="cpu", dtype="float32"), original)

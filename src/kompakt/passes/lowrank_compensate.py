@@ -19,6 +19,12 @@ g the measured per-channel input gain, c each row's scale to the quantized row
 (kompakt.ops.error_compensation.quantized_coordinates). Corrections do not feed the later
 layers' calibration inputs, so the global allocation can see every layer before choosing.
 
+A quantized .gguf (any tool's, any types: `kompakt compress model.gguf --step
+lowrank.compensate:reference=./original`) works too: its weights are the file's dequantized
+values, every decoder Linear is a target, and the file counts as rescaled when its decoder
+norms differ from the reference's (AWQ folds its scales there). The adapter then goes to
+llama.cpp with `kompakt export --format gguf-lora --base model.gguf` beside that same file.
+
 Rank: `rank: 16` on every Linear (`allocation: uniform`), or `allocation: global`: the same
 number of adapter parameters as uniform rank r, spent where the discarded eigen-weighted error
 relative to the Linear's own output is largest (at most `max_rank` per Linear; some get 0).
@@ -190,10 +196,11 @@ def _recorder(seen: dict[str, torch.Tensor], role: str):
     return hook
 
 
-def _targets(model: nn.Module) -> dict[tuple[int, str], str]:
-    """(layer index, role) -> module name of every quantized decoder Linear."""
-    quantized = set(get_state(model).quantization.modules)  # type: ignore[union-attr]
+def _targets(model: nn.Module, every_linear: bool = False) -> dict[tuple[int, str], str]:
+    """(layer index, role) -> module name of every quantized decoder Linear (`every_linear`: all
+    of them, for a model read from a GGUF, whose file quantized them)."""
     names = {id(module): name for name, module in model.named_modules()}
+    quantized = set(names.values()) if every_linear else set(get_state(model).quantization.modules)  # type: ignore[union-attr]
     spec = arch_for(model)
     found = {}
     for index, layer in enumerate(decoder_layers(model)):
@@ -201,6 +208,27 @@ def _targets(model: nn.Module) -> dict[tuple[int, str], str]:
             if names[id(module)] in quantized:
                 found[(index, role)] = names[id(module)]
     return found
+
+
+def _loaded_from_gguf(loaded: LoadedModel) -> bool:
+    """A model kompakt.load read from a .gguf file (its cached conversion): its weights are the
+    file's dequantized values, whatever types the file used; no quantization is recorded."""
+    from kompakt.model.gguf_convert import is_converted
+
+    return loaded.path is not None and is_converted(loaded.path)
+
+
+def _norms_differ(model: nn.Module, reference: nn.Module) -> bool:
+    """Whether the file's weights are rescaled (AWQ folds its scales into the norms before the
+    Linears): a decoder layer's norm weights differ from the reference's. Norms stay F32 in a
+    GGUF, so an unscaled file has the reference's values to float precision."""
+    for mine, theirs in zip(decoder_layers(model), decoder_layers(reference), strict=True):
+        ours = {name: p for name, p in mine.named_parameters() if p.ndim == 1 and "norm" in name}
+        for name, param in theirs.named_parameters():
+            if name in ours and not torch.allclose(ours[name].detach().float().cpu(), param.detach().float().cpu(),
+                                                   rtol=1e-4, atol=1e-6):  # fmt: skip
+                return True
+    return False
 
 
 def _reference(ctx: PassContext, config: CompensateConfig, model: nn.Module) -> LoadedModel:
@@ -225,17 +253,19 @@ def _ranks(spectra: dict[str, Spectrum], config: CompensateConfig) -> dict[str, 
 def apply(ctx: PassContext, config: CompensateConfig) -> PassReport:
     start = time.perf_counter()
     loaded = ctx.loaded
-    if not is_quantized(loaded) or get_state(loaded).quantization is None:
+    from_gguf = _loaded_from_gguf(loaded)
+    if not from_gguf and (not is_quantized(loaded) or get_state(loaded).quantization is None):
         raise ConfigError(f"{NAME}: {loaded.name} is not quantized; put {NAME} right after a quant.gptq / "
-                          "quant.rtn step")  # fmt: skip
+                          "quant.rtn step, or run it on a quantized .gguf")  # fmt: skip
     model = loaded.model
     detach(model)  # a second compensation starts from the quantized weights alone
-    targets = _targets(model)
+    targets = _targets(model, every_linear=from_gguf)
     if not targets:
         raise ConfigError(f"{NAME}: no decoder Linear of {loaded.name} is quantized; nothing to compensate")
     reference = _reference(ctx, config, model)
     blocks = ctx.calibration()[: config.max_blocks]
-    compensator = _Compensator(model, reference.model, targets, config, rescaled=get_state(loaded).awq is not None)
+    rescaled = _norms_differ(model, reference.model) if from_gguf else get_state(loaded).awq is not None
+    compensator = _Compensator(model, reference.model, targets, config, rescaled=rescaled)
     roles = sorted({role for _, role in targets})
     result = run_sequential(model, blocks, compensator.process, roles=roles, collect="inputs", true_sequential=False,
                             batch_size=config.batch_size, description="EoRA")  # fmt: skip
