@@ -184,6 +184,24 @@ def export_gguf(model: Path, out: Path, type: str, max_memory: str, threads: int
             "output_bytes": result.size_bytes, "checked": result.check is not None, "notes": result.notes}  # fmt: skip
 
 
+def convert_back(gguf: Path, cache: Path, threads: int) -> dict:
+    """kompakt reading the exported GGUF (`kompakt eval FILE ...` converts it first): the file
+    converted tensor by tensor into an fp32 directory under `cache`, its peak RSS and time."""
+    import os
+
+    import torch
+
+    os.environ["KOMPAKT_CACHE"] = str(cache)
+    from kompakt.model.gguf_convert import convert_gguf
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    directory = convert_gguf(gguf)
+    size = sum(path.stat().st_size for path in directory.glob("*.safetensors"))
+    return {"seconds": time.perf_counter() - start, "peak_rss": _peak_rss(), "output_bytes": size,
+            "shards": len(list(directory.glob("*.safetensors")))}  # fmt: skip
+
+
 def llama_quantize(source: Path, out: Path, type: str, threads: int) -> dict:
     """llama.cpp's own quantizer (llama-quantize's `llama_model_quantize`, through llama-cpp-python) on
     the F16 GGUF of the same model, to `type`: its peak RSS and time beside kompakt's streamed export.
@@ -287,7 +305,9 @@ def main() -> None:
                         "(exported streamed first) to the --export type, side by side with kompakt's streamed export")  # fmt: skip
     parser.add_argument("--peer", help="python of the llm-compressor environment (bench/peers/): its oneshot GPTQ "
                         "W4 g128 on the same model, side by side (time and peak RSS)")  # fmt: skip
-    parser.add_argument("--phase", choices=["generate", "quantize", "export", "llama", "llama-quantize", "ppl"],
+    parser.add_argument("--convert-back", action="store_true", help="also kompakt reading the exported GGUF: "
+                        "converted tensor by tensor to an fp32 directory (4 bytes per parameter of disk)")  # fmt: skip
+    parser.add_argument("--phase", choices=["generate", "quantize", "export", "llama", "llama-quantize", "ppl", "convert"],
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     shape = dict(PRESETS[args.preset])
@@ -307,6 +327,9 @@ def main() -> None:
         return
     if args.phase == "llama":
         print(json.dumps(llama_generate(gguf, args.threads)))
+        return
+    if args.phase == "convert":
+        print(json.dumps(convert_back(gguf, args.work / "cache", args.threads)))
         return
     if args.phase == "llama-quantize":
         print(json.dumps(llama_quantize(args.work / "model-f16.gguf", args.work / f"model-{args.export}-llama.gguf",
@@ -329,6 +352,9 @@ def main() -> None:
                                                   "--max-memory", args.max_memory, "--threads", str(args.threads)], required=False)  # fmt: skip
         phases["llama_cpp_generate"] = _child(["--phase", "llama", *common, "--export", args.export,
                                                "--threads", str(args.threads)], required=False)  # fmt: skip
+    if args.export != "none" and args.convert_back:
+        phases[f"convert_{args.export}_back"] = _child(["--phase", "convert", *common, "--export", args.export,
+                                                        "--threads", str(args.threads)], required=False)  # fmt: skip
     if args.export != "none" and args.peer_quantizer:  # the F16 GGUF (streamed, kompakt), then llama.cpp's quantizer on it
         phases["export_f16"] = _child(["--phase", "export", *common, "--export", "f16", "--max-memory", args.max_memory,
                                        "--threads", str(args.threads)], required=False)  # fmt: skip
@@ -360,7 +386,7 @@ def main() -> None:
     if "peak_gpu_allocated" in ran:
         print(f"{'  on ' + ran['gpu']:<22} {ran['peak_gpu_allocated'] / gb:>8.2f} GB GPU memory at peak (allocated)")
     for key, label in ((f"export_{args.export}", f"GGUF {args.export} export"), ("llama_cpp_generate", "llama.cpp generate"),
-                       ("export_f16", "GGUF f16 export"), (f"llama_cpp_quantize_{args.export}", f"llama.cpp -> {args.export}"),
+                       (f"convert_{args.export}_back", f"{args.export} GGUF read back"), ("export_f16", "GGUF f16 export"), (f"llama_cpp_quantize_{args.export}", f"llama.cpp -> {args.export}"),
                        ("perplexity", "perplexity (GPTQ)")):  # fmt: skip
         if key in phases:
             got = phases[key]
