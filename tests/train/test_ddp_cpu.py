@@ -132,3 +132,14 @@ def test_fsdp_trains_the_other_training_passes_as_one_process_does(tmp_path, kd_
     assert got.keys() == expected.keys()
     for name in got:
         torch.testing.assert_close(got[name].float(), expected[name].float(), rtol=0, atol=1e-4, msg=name)
+
+
+def test_a_loss_that_turns_nan_on_one_process_stops_every_process():
+    """The divergence stops act on the loss averaged over the processes: a NaN on rank 1 alone
+    stops both ranks with the one-line message (before, rank 0 waited in the next all-reduce)."""
+    script = Path(__file__).parent / "diverge_script.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode != 0 and done.stdout.count("diverged: ") == 2, done.stdout + done.stderr[-3000:]
+    assert "training stopped at step 4: loss nan" in done.stdout and "finished" not in done.stdout

@@ -211,11 +211,10 @@ class _Run:
         device = self.accelerator.device
         with self.accelerator.autocast():
             loss, parts = self.objective(self.model, ids.to(device), labels.to(device))
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            self.diverged(f"loss {value}")
+        # A non-finite loss is acted on after the accumulation, from every process's losses
+        # (optimizer_step): stopping here alone would leave the others waiting in a collective.
         self.accelerator.backward(loss / self.config.grad_accum)
-        return value, parts
+        return float(loss.detach()), parts
 
     def optimizer_step(self) -> dict[str, Any]:
         config = self.config
@@ -231,6 +230,9 @@ class _Run:
             for key, item in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + item / config.grad_accum
             self.state.tokens += ids.numel() * self.accelerator.num_processes
+        loss = self.mean_over_processes(sum(losses) / len(losses))
+        if not math.isfinite(loss):
+            self.diverged(f"loss {loss}")
         self.average_extra_gradients()
         norm = self.accelerator.clip_grad_norm_([p for _, p in self.named], config.max_grad_norm)
         norm = fsdp.full_tensor(norm) if norm is not None else None
@@ -241,11 +243,19 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        loss = sum(losses) / len(losses)
         self.check_explosion(loss)
         return {"step": self.state.step, "tokens": self.state.tokens, "loss": round(loss, 6), "lr": lr,
                 "grad_norm": round(float(norm), 4) if norm is not None else None,
                 **{k: round(v, 6) for k, v in parts_sum.items()}}  # fmt: skip
+
+    def mean_over_processes(self, value: float) -> float:
+        """`value` averaged over the processes: every process then takes the same decisions on
+        it (the divergence stops), never one alone while the others wait in a collective."""
+        if self.accelerator.num_processes == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        torch.distributed.all_reduce(total)
+        return float(total) / self.accelerator.num_processes
 
     def gradient_sync(self, sync: bool):
         """Reduce gradients across processes only on an accumulation's last micro-batch."""
