@@ -28,10 +28,6 @@ def quantize(w: np.ndarray, name: str, importance: np.ndarray | None, threads: i
     if w.ndim != 2 or np.shape(importance) != (w.shape[1],):
         raise ValueError(f"expected w [rows, cols] and importance [cols], got {w.shape} and {np.shape(importance)}")
     if ggml_native.available() and t.fits(w.shape[1]):
-        if threads is None:
-            import torch
-
-            threads = torch.get_num_threads()
         return ggml_native.quantize(w, int(ggml_types.gguf_enum(t.name)), t.row_bytes(w.shape[1]), threads, importance)
     if t.name.endswith("_k"):
         from kompakt.ops.ggml_kquants_weighted import quantize_weighted

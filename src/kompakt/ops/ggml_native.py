@@ -49,14 +49,18 @@ def available() -> bool:
     return _quantize_chunk() is not None
 
 
-def quantize(w: np.ndarray, ggml_type: int, row_bytes: int, threads: int = 1,
+def quantize(w: np.ndarray, ggml_type: int, row_bytes: int, threads: int | None = None,
              importance: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """uint8 [rows, row_bytes]: llama.cpp's quantization of float32 `w` [rows, cols] to `ggml_type`
-    (gguf.GGMLQuantizationType's value), row chunks on `threads` threads; with `importance` [cols]
+    (gguf.GGMLQuantizationType's value), row chunks on `threads` threads (default torch's); with `importance` [cols]
     (an imatrix row) what `llama-quantize --imatrix` writes."""
     function = _quantize_chunk()
     if function is None:
         raise RuntimeError("llama.cpp's quantizer is not available (install llama-cpp-python)")
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, cols = w.shape
     out = np.empty((rows, row_bytes), dtype=np.uint8)

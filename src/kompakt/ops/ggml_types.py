@@ -92,10 +92,6 @@ def quantize(w: np.ndarray, name: str, threads: int | None = None) -> np.ndarray
         w = np.ascontiguousarray(w, dtype=np.float32)
         if w.ndim != 2 or not t.fits(w.shape[1]):
             return numpy_quantize(w, name)  # its one-line errors
-        if threads is None:
-            import torch
-
-            threads = torch.get_num_threads()
         return ggml_native.quantize(w, int(gguf_enum(t.name)), t.row_bytes(w.shape[1]), threads)
     return numpy_quantize(w, name)
 
