@@ -200,14 +200,13 @@ def _targets(model: nn.Module, every_linear: bool = False) -> dict[tuple[int, st
     """(layer index, role) -> module name of every quantized decoder Linear (`every_linear`: all
     of them, for a model read from a GGUF, whose file quantized them)."""
     names = {id(module): name for name, module in model.named_modules()}
-    quantized = set(names.values()) if every_linear else set(get_state(model).quantization.modules)  # type: ignore[union-attr]
     spec = arch_for(model)
-    found = {}
-    for index, layer in enumerate(decoder_layers(model)):
-        for role, module in linear_modules(layer, spec).items():
-            if names[id(module)] in quantized:
-                found[(index, role)] = names[id(module)]
-    return found
+    found = {(index, role): names[id(module)] for index, layer in enumerate(decoder_layers(model))
+             for role, module in linear_modules(layer, spec).items()}  # fmt: skip
+    if every_linear:
+        return found
+    quantized = set(get_state(model).quantization.modules)  # type: ignore[union-attr]
+    return {key: name for key, name in found.items() if name in quantized}
 
 
 def _loaded_from_gguf(loaded: LoadedModel) -> bool:
