@@ -24,6 +24,11 @@ the first `--eval-tokens` tokens of WikiText-2 test, windows of 512, BENCH.md):
           up, so only pure distillation measures the gap to the MoE); KL before and after, and the share of
           the gap recovered (1 - KL after / KL before). `--only NAME` runs the candidates whose
           name contains NAME.
+  scores  50 % of the experts removed by each of five scores (REAP, frequency, REAP x frequency,
+          mean output norm, output norm x frequency) from one set of routing statistics, with the
+          spread (coefficient of variation) of the routing share and of the mean gate across each
+          layer's experts. `--router-spread S` upcycles with a sharper router, `--kd-tokens 0`
+          skips the distillation (use one `--moe-dir` per spread: the upcycled model is cached there).
 Calibration: `--calib-blocks` blocks of 512 from wiki.valid (BENCH.md sampling).
 `--speed` adds llama.cpp generation tokens/s of each candidate's F16 GGUF, as a ratio to the MoE's.
 
@@ -34,9 +39,10 @@ Measured (under load, 2 shared cores; bench/results/moe-s50.json):
         --eval-tokens 4096 --parts prune --moe-dir /tmp/moe/moe8x2-s50 --suffix=-s50   # then --parts quant --merge
 the upcycled MoE is KL 0.83 / ppl x2.11 from SmolLM2 before KD, KL 0.76 / ppl x1.40 after 20k tokens
 (14.6 min); at 50 % of the routed experts removed, merging (KL 0.32 to the MoE) beats frequency
-pruning (0.50) and REAP (0.58): the upcycled router is near uniform (gate values within ~3 % of
-each other across experts), so REAP's gate term carries no information and it ranks by output norm
-alone (see moe.prune). 4-bit g64: GPTQ KL 0.169 / ppl x1.13 vs RTN 0.341 / x1.29 (to the MoE).
+pruning (0.50) and REAP (0.58). REAP's mean over routed tokens ignores how often an expert is
+chosen, and this MoE's routing shares differ (CV 0.27): --parts scores at --router-spread 0.1 / 1 / 2
+(bench/results/moe-scores-spread*.json) has every frequency-weighted score ahead of REAP at every
+router sharpness (see moe.prune). 4-bit g64: GPTQ KL 0.169 / ppl x1.13 vs RTN 0.341 / x1.29 (to the MoE).
 20k more KD tokens (bench/results/moe-s50-kd40k.json) changed none of this.
 Healing the 50 % cuts (--parts heal --heal-tokens 153600 --suffix=-s50-heal, alone; moe-s50-heal.json):
 KL to the MoE merge 0.313 -> 0.201, REAP 0.589 -> 0.238, frequency 0.508 -> 0.234 (alpha 1). Without the shared expert (--shared 0) split 8 x top-2 is KL 9.2 from
@@ -66,6 +72,8 @@ RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heal import calibration, kd_settings  # noqa: E402
 from results_file import ResultsFile  # noqa: E402
+
+from kompakt.model.upcycle import ROUTER_SPREAD  # noqa: E402
 
 
 def eval_ids(tokenizer) -> torch.Tensor:
@@ -125,12 +133,14 @@ def build_moe(args, dense, calib, ids, results: ResultsFile):
         moe = load(unhealed, device="cpu", dtype="float32")
     else:
         moe = upcycle(dense, experts=args.experts, top_k=args.top_k, mode=args.mode, calibration=calib,
-                      shared=args.shared)
+                      shared=args.shared, router_spread=args.router_spread)
         moe.model.save_pretrained(unhealed)
         moe.tokenizer.save_pretrained(unhealed)
     built = round(time.perf_counter() - start, 1)
     results.add({"name": "upcycled (before KD)", "order": 1, "parameters": moe.num_parameters(), "wall_s": built,
                  "reference": "dense", **routing(moe, calib), **quality(dense, moe, ids, args.eval_tokens)})  # fmt: skip
+    if not args.kd_tokens:  # the upcycled MoE itself (e.g. the scores part at several router spreads)
+        return moe
     report, wall = apply("distill.kd", moe, kd_settings(args.kd_tokens, 0.5, args.lr, 4, args.threads), teacher=dense)
     results.add({"name": "upcycled + distill.kd", "order": 2, "parameters": moe.num_parameters(), "wall_s": wall,
                  "tokens_seen": report.details.get("tokens"), "reference": "dense", **routing(moe, calib),
@@ -195,9 +205,47 @@ def heal_row(args, moe, candidate, ids, row: dict) -> dict:
             "kl_gap_recovered": round(recovered, 3) if recovered is not None else None}  # fmt: skip
 
 
+SCORES = {  # expert scores compared by the scores part (the first two are moe.prune's methods)
+    "REAP (mean over routed tokens of gate x output norm)": lambda s, i: s.reap[i],
+    "frequency (tokens routed)": lambda s, i: s.frequency[i],
+    "REAP x frequency (sum over routed tokens)": lambda s, i: s.reap[i] * s.frequency[i],
+    "output norm, mean over routed tokens (EAN mean)": lambda s, i: s.output_norm[i],
+    "output norm x frequency (EAN sum)": lambda s, i: s.output_norm[i] * s.frequency[i],
+}
+
+
+def run_scores(args, moe, calib, ids, results: ResultsFile) -> None:
+    """Half of each layer's routed experts removed by each score of SCORES, from one set of routing
+    statistics: which score predicts what an expert is worth on this MoE. The spread of the routing
+    share and of the mean gate across experts (coefficient of variation, mean over layers) says how
+    much information frequency and REAP's gate term have to work with."""
+    import numpy as np
+
+    from kompakt.model.moe import keep_experts, num_experts
+    from kompakt.passes.moe_prune import calibration_batches, lowest
+    from kompakt.scoring.experts import expert_stats
+
+    stats = expert_stats(moe.model, calibration_batches(moe, calib, args.calib_blocks, 4))
+    total = num_experts(moe)
+    cv = lambda rows: round(float(np.mean([np.std(r) / np.mean(r) for r in rows])), 3)  # noqa: E731
+    spread = {"router_spread": args.router_spread, "frequency_cv": cv(stats.frequency), "gate_mean_cv": cv(stats.gate_mean),
+              "output_norm_cv": cv(stats.output_norm)}  # fmt: skip
+    for order, (label, score) in enumerate(SCORES.items(), start=30):
+        layers = [np.asarray(score(stats, i), dtype=float) for i in range(len(stats.reap))]
+        candidate = clone(moe)
+        keep_experts(candidate, [[e for e in range(total) if e not in lowest(s, total // 2)] for s in layers])
+        row = {"name": f"score: {label}", "order": order, "parameters": candidate.num_parameters(), "reference": "MoE",
+               **spread, **quality(moe, candidate, ids, args.eval_tokens)}  # fmt: skip
+        results.add(row)
+        print(json.dumps(row))
+
+
 def run_candidates(args, moe, calib, ids, results: ResultsFile) -> None:
     base_speed = gguf_speed(moe, ids[:16].tolist()) if args.speed else None
     for part in args.parts:
+        if part == "scores":
+            run_scores(args, moe, calib, ids, results)
+            continue
         for order, (label, name, values) in enumerate(CANDIDATES[part], start={"prune": 10, "heal": 15}.get(part, 20)):
             if args.only and not any(wanted in label for wanted in args.only):
                 continue
@@ -223,7 +271,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("split", "copy"), default="split", help="kompakt.model.upcycle mode")
     parser.add_argument("--shared", type=float, default=0.5,
                         help="fraction of each MLP kept as an always-on shared expert (Qwen2-MoE); 0: Mixtral")
-    parser.add_argument("--kd-tokens", type=int, default=150000)
+    parser.add_argument("--kd-tokens", type=int, default=150000, help="distill.kd of the upcycled MoE (0: none)")
     parser.add_argument("--heal-tokens", type=int, default=153600, help="heal part: distill.kd tokens after merging")
     parser.add_argument("--heal-alpha", type=float, default=1.0,
                         help="heal part: distill.kd alpha (1: the MoE's distributions only; 0.5 also learns the text)")
@@ -231,7 +279,9 @@ def main() -> None:
     parser.add_argument("--calib-blocks", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--parts", nargs="+", choices=sorted(CANDIDATES), default=sorted(CANDIDATES))
+    parser.add_argument("--router-spread", type=float, default=ROUTER_SPREAD,
+                        help="std of the upcycled router's logits (kompakt.model.upcycle; larger: sharper routing)")
+    parser.add_argument("--parts", nargs="+", choices=sorted([*CANDIDATES, "scores"]), default=sorted(CANDIDATES))
     parser.add_argument("--only", action="append", help="run only the candidates whose name contains this (repeatable)")
     parser.add_argument("--speed", action="store_true", help="llama.cpp generation speed ratios (prune part)")
     parser.add_argument("--moe-dir", default=str(Path.home() / ".cache" / "kompakt" / "bench" / "smollm2-moe"))

@@ -53,6 +53,23 @@ def test_split_keeps_the_parameters_and_a_fitted_router_beats_a_random_one():
         assert _kl(dense, fitted) < _kl(dense, random_router)
 
 
+def test_router_spread_sharpens_the_gates_without_changing_the_choice():
+    """A larger router_spread scales the same fitted router: the top-k experts each token is sent to
+    stay the same, the gate values move away from uniform (lower routing entropy)."""
+    from kompakt.scoring.experts import expert_stats
+
+    dense = tiny_model("llama")
+    gentle, sharp = (upcycle(dense, experts=4, top_k=2, calibration=BLOCKS, router_spread=s) for s in (0.1, 2.0))
+    for a, b in zip(gentle.model.model.layers, sharp.model.model.layers, strict=True):
+        x = torch.randn(64, a.mlp.gate.weight.shape[1], generator=torch.Generator().manual_seed(2))
+        chosen = [(x @ m.mlp.gate.weight.t()).topk(2).indices.sort().values for m in (a, b)]
+        assert torch.equal(*chosen)
+    entropy = [sum(expert_stats(m.model, [IDS]).token_entropy) for m in (gentle, sharp)]
+    assert entropy[1] < 0.8 * entropy[0]
+    with pytest.raises(ConfigError, match="router_spread"):
+        upcycle(dense, calibration=BLOCKS, router_spread=0.0)
+
+
 def test_what_cannot_be_upcycled_is_refused():
     with pytest.raises(ConfigError, match="q/k norms"):
         upcycle(tiny_model("qwen3"))
