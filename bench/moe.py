@@ -27,7 +27,8 @@ the first `--eval-tokens` tokens of WikiText-2 test, windows of 512, BENCH.md):
   scores  50 % of the experts removed by each of five scores (REAP, frequency, REAP x frequency,
           mean output norm, output norm x frequency) from one set of routing statistics, with the
           spread (coefficient of variation) of the routing share and of the mean gate across each
-          layer's experts. `--router-spread S` upcycles with a sharper router, `--kd-tokens 0`
+          layer's experts. `--router-spread S` upcycles with a sharper router, `--balance` with
+          one refitted to equal routing shares on the calibration tokens, `--kd-tokens 0`
           skips the distillation (use one `--moe-dir` per spread: the upcycled model is cached there).
 Calibration: `--calib-blocks` blocks of 512 from wiki.valid (BENCH.md sampling).
 `--speed` adds llama.cpp generation tokens/s of each candidate's F16 GGUF, as a ratio to the MoE's.
@@ -133,7 +134,7 @@ def build_moe(args, dense, calib, ids, results: ResultsFile):
         moe = load(unhealed, device="cpu", dtype="float32")
     else:
         moe = upcycle(dense, experts=args.experts, top_k=args.top_k, mode=args.mode, calibration=calib,
-                      shared=args.shared, router_spread=args.router_spread)
+                      shared=args.shared, router_spread=args.router_spread, balance=args.balance)
         moe.model.save_pretrained(unhealed)
         moe.tokenizer.save_pretrained(unhealed)
     built = round(time.perf_counter() - start, 1)
@@ -281,6 +282,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--router-spread", type=float, default=ROUTER_SPREAD,
                         help="std of the upcycled router's logits (kompakt.model.upcycle; larger: sharper routing)")
+    parser.add_argument("--balance", action="store_true",
+                        help="upcycle with a router refitted to equal routing shares (as a load-balancing loss trains)")
     parser.add_argument("--parts", nargs="+", choices=sorted([*CANDIDATES, "scores"]), default=sorted(CANDIDATES))
     parser.add_argument("--only", action="append", help="run only the candidates whose name contains this (repeatable)")
     parser.add_argument("--speed", action="store_true", help="llama.cpp generation speed ratios (prune part)")
@@ -301,7 +304,9 @@ def main() -> None:
         total = dense.model.config.num_hidden_layers
         dense, _ = drop_layers(dense, list(range(args.layers, total)))
     kept = f", first {args.layers} layers only" if args.layers else ""
-    header = {"bench": "moe", "protocol": "moe-1", "model": f"smollm2-135m{kept} upcycled: {args.experts} experts, top-{args.top_k}, {args.mode}, shared {args.shared:g}",
+    router = f", router spread {args.router_spread:g}" if args.router_spread != ROUTER_SPREAD else ""
+    router += ", balanced router" if args.balance else ""
+    header = {"bench": "moe", "protocol": "moe-1", "model": f"smollm2-135m{kept} upcycled: {args.experts} experts, top-{args.top_k}, {args.mode}, shared {args.shared:g}{router}",
               "kd_tokens": args.kd_tokens, "calib_blocks": args.calib_blocks, "eval_tokens": args.eval_tokens,
               "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared)",
               "torch": torch.__version__}  # fmt: skip

@@ -11,7 +11,7 @@ import kompakt
 from kompakt.errors import ConfigError
 from kompakt.model import moe
 from kompakt.model.tiny import tiny_model
-from kompakt.model.upcycle import block_inputs, expert_similarity, upcycle
+from kompakt.model.upcycle import balancing_offsets, block_inputs, expert_similarity, upcycle
 
 BLOCKS = torch.randint(3, 250, (16, 64), generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(3, 250, (4, 64), generator=torch.Generator().manual_seed(1))
@@ -68,6 +68,32 @@ def test_router_spread_sharpens_the_gates_without_changing_the_choice():
     assert entropy[1] < 0.8 * entropy[0]
     with pytest.raises(ConfigError, match="router_spread"):
         upcycle(dense, calibration=BLOCKS, router_spread=0.0)
+
+
+def _share_spread(upcycled, inputs: list[torch.Tensor]) -> float:
+    """Mean over layers of the coefficient of variation of the experts' top-2 shares on `inputs`."""
+    spreads = []
+    for layer, x in zip(upcycled.model.model.layers, inputs, strict=True):
+        chosen = (x @ layer.mlp.gate.weight.t()).topk(2, dim=1).indices
+        share = torch.bincount(chosen.flatten(), minlength=4).float()
+        spreads.append(float(share.std() / share.mean()))
+    return sum(spreads) / len(spreads)
+
+
+def test_balancing_offsets_share_the_top_k_choices_equally():
+    logits = torch.randn(4000, 8, generator=torch.Generator().manual_seed(3)) + torch.linspace(0, 2, 8)
+    chosen = (logits + balancing_offsets(logits, top_k=2, step=0.5)).topk(2, dim=1).indices
+    share = torch.bincount(chosen.flatten(), minlength=8).float() / chosen.numel()
+    assert float((share * 8 - 1).abs().max()) < 0.02  # unbalanced: expert 7 takes ~3.5x expert 0's share
+
+
+def test_a_balanced_router_loads_the_experts_evenly_on_the_calibration_tokens():
+    dense = tiny_model("llama")
+    inputs = block_inputs(dense, BLOCKS, 1024)
+    plain, balanced = (upcycle(dense, experts=4, top_k=2, calibration=BLOCKS, router_spread=1.0, balance=b)
+                       for b in (False, True))  # fmt: skip
+    assert _share_spread(balanced, inputs) < 0.5 * _share_spread(plain, inputs)
+    assert _kl(dense, balanced) < 2 * _kl(dense, plain)  # balancing does not wreck the fit
 
 
 def test_what_cannot_be_upcycled_is_refused():
