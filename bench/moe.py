@@ -43,7 +43,8 @@ the upcycled MoE is KL 0.83 / ppl x2.11 from SmolLM2 before KD, KL 0.76 / ppl x1
 pruning (0.50) and REAP (0.58). REAP's mean over routed tokens ignores how often an expert is
 chosen, and this MoE's routing shares differ (CV 0.27): --parts scores at --router-spread 0.1 / 1 / 2
 (bench/results/moe-scores-spread*.json) has every frequency-weighted score ahead of REAP at every
-router sharpness (see moe.prune). 4-bit g64: GPTQ KL 0.169 / ppl x1.13 vs RTN 0.341 / x1.29 (to the MoE).
+router sharpness; with --balance at spread 1 / 2 REAP ties frequency (moe-scores-balanced-spread*.json;
+see moe.prune). 4-bit g64: GPTQ KL 0.169 / ppl x1.13 vs RTN 0.341 / x1.29 (to the MoE).
 20k more KD tokens (bench/results/moe-s50-kd40k.json) changed none of this.
 Healing the 50 % cuts (--parts heal --heal-tokens 153600 --suffix=-s50-heal, alone; moe-s50-heal.json):
 KL to the MoE merge 0.313 -> 0.201, REAP 0.589 -> 0.238, frequency 0.508 -> 0.234 (alpha 1). Without the shared expert (--shared 0) split 8 x top-2 is KL 9.2 from

@@ -8,16 +8,15 @@ before (softmax over fewer logits; the family's top-k renormalisation, if any, u
 found pruning this way beats merging at 50 % on large MoEs (near-lossless on code / generation),
 because a merged expert loses the router's independent control of its members.
 
-REAP's score is a mean over the routed tokens, so it ignores how often an expert is chosen. On
-the MoEs REAP was measured on, a load-balancing loss trained the routing shares to be nearly equal,
-so frequency carries little there. On bench/moe.py's upcycled SmolLM2 MoE the shares differ (their
-coefficient of variation across a layer's experts is 0.27-0.29) and every score that weights by
-them beats every score that does not: 50 % removed, KL to the MoE, `--parts scores` at three
-router sharpnesses (routing entropy 2.07 / 1.64 / 1.09 nats): frequency 0.75 / 0.26 / 0.24,
-REAP x frequency 0.77 / 0.27 / 0.23, REAP 0.90 / 0.32 / 0.28, mean output norm 0.87 / 0.33 / 0.30.
-REAP's gate term helps over the plain norm once the router is sharp, but not enough to make up
-for the shares. Measured, not a defect of the score: it follows the reference implementation
-(CerebrasResearch/reap, observer.py).
+REAP's score is a mean over the routed tokens, so it ignores how often an expert is chosen. The
+MoEs REAP was measured on were trained with a load-balancing loss that makes the routing shares
+nearly equal, and with routers sharp enough for the gate to carry information. On bench/moe.py's
+upcycled SmolLM2 MoE (50 % removed, KL to the MoE, `--parts scores`): where the shares differ
+(CV 0.27-0.29 across a layer's experts) frequency beats REAP at every router sharpness (0.75 vs
+0.90, 0.26 vs 0.32, 0.24 vs 0.28); with the router refitted to balanced shares
+(`upcycle(balance=True)`) and sharp, REAP ties it (0.302 vs 0.304, 0.276 vs 0.273). It follows the
+reference implementation (CerebrasResearch/reap, observer.py); prefer frequency on an MoE whose
+routing shares differ (`kompakt analyze` shows them).
 
 `method: frequency` is the baseline: the experts the fewest calibration tokens are routed to go.
 Both scores come from kompakt.scoring.experts, the numbers `kompakt analyze` shows for an MoE.
