@@ -332,8 +332,9 @@ def upcycle(loaded: LoadedModel, *, experts: int = 8, top_k: int = 2, mode: str 
         router_spread: split with calibration: std of the fitted router logits (the default keeps the
             gates near uniform, the best start before distillation; larger values route more sharply).
         balance: split with calibration: refit the router so that every expert gets the same share
-            of the calibration tokens' top-k choices, as a load-balancing loss trains a router to
-            (without it the shares differ by ~27 % between experts on SmolLM2).
+            of the calibration tokens' top-k choices, as a load-balancing loss trains a router to.
+            It is fitted on the dense model's layer inputs; through the upcycled model's own, the
+            coefficient of variation of SmolLM2's shares falls from 0.27-0.29 to 0.15-0.18.
     """
     _check_dense(loaded, experts, top_k, mode, shared, router_spread)
     dense_config = text_config(loaded)

@@ -14,7 +14,8 @@ nearly equal, and with routers sharp enough for the gate to carry information. O
 upcycled SmolLM2 MoE (50 % removed, KL to the MoE, `--parts scores`): where the shares differ
 (CV 0.27-0.29 across a layer's experts) frequency beats REAP at every router sharpness (0.75 vs
 0.90, 0.26 vs 0.32, 0.24 vs 0.28); with the router refitted to balanced shares
-(`upcycle(balance=True)`) and sharp, REAP ties it (0.302 vs 0.304, 0.276 vs 0.273). It follows the
+(`upcycle(balance=True)`) and sharp, REAP ties it (0.302 vs 0.304, 0.276 vs 0.273), and after
+20k tokens of distill.kd it leads (0.177 vs 0.198; merging 0.208). It follows the
 reference implementation (CerebrasResearch/reap, observer.py); prefer frequency on an MoE whose
 routing shares differ (`kompakt analyze` shows them).
 
