@@ -46,7 +46,7 @@ chosen, and this MoE's routing shares differ (CV 0.27): --parts scores at --rout
 router sharpness; with --balance at spread 1 / 2 REAP ties frequency (moe-scores-balanced-spread*.json;
 see moe.prune). The balanced spread-1 MoE after the same 20k KD tokens (--router-spread 1 --balance,
 moe-s50-balanced-spread1.json): REAP KL 0.177, frequency 0.198, merge 0.208; GPTQ 0.133 vs RTN 0.310;
-healed (--parts heal --only REAP --only frequency): REAP 0.123, frequency 0.130. 4-bit g64: GPTQ KL 0.169 / ppl x1.13 vs RTN 0.341 / x1.29 (to the MoE).
+healed (--parts heal): REAP 0.123, frequency 0.130, merge 0.141. 4-bit g64: GPTQ KL 0.169 / ppl x1.13 vs RTN 0.341 / x1.29 (to the MoE).
 20k more KD tokens (bench/results/moe-s50-kd40k.json) changed none of this.
 Healing the 50 % cuts (--parts heal --heal-tokens 153600 --suffix=-s50-heal, alone; moe-s50-heal.json):
 KL to the MoE merge 0.313 -> 0.201, REAP 0.589 -> 0.238, frequency 0.508 -> 0.234 (alpha 1). Without the shared expert (--shared 0) split 8 x top-2 is KL 9.2 from
