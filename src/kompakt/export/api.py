@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kompakt.errors import ConfigError, DataError, OutputPathError
+from kompakt.errors import ConfigError, OutputPathError
 from kompakt.export.check import ExportCheck, check_error, record_check, reject, run_check, verify_path
 from kompakt.export.gguf import write_gguf
 from kompakt.export.gguf_lora import LORA_TYPES
@@ -57,8 +57,10 @@ def _check_early(format: str, type: str | None, out: str | Path | None, force: b
     parse_overrides(tensor_types)
     if imatrix is not None and format != "gguf":
         raise ConfigError(f"--imatrix rounds GGUF tensors; use it with --format gguf, not {format}")
-    if imatrix is not None and not Path(imatrix).expanduser().is_file():
-        raise DataError(f"imatrix file {imatrix} does not exist; write one with `kompakt imatrix MODEL`")
+    if imatrix is not None:
+        from kompakt.export.imatrix import existing_imatrix
+
+        existing_imatrix(imatrix)
     if base is not None and format != "gguf-lora":
         raise ConfigError(f"--base names the base GGUF of a LoRA adapter; use it with --format gguf-lora, not {format}")
     if base is not None and not Path(base).expanduser().is_file():

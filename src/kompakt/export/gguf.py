@@ -136,7 +136,9 @@ def _attach_importance(plan: GGUFPlan, imatrix: str | Path) -> None:
     importance, plan.imatrix = tensor_importance(imatrix, {item.gguf_name: item.shape for item in plan.tensors})
     for item in plan.tensors:
         item.importance = importance.get(item.gguf_name)
-    quantized = [item for item in plan.tensors if item.type not in ("f32", "f16", "bf16") and len(item.shape) > 1]
+    from kompakt.ops.ggml_types import FLOAT_TYPES
+
+    quantized = [item for item in plan.tensors if item.type not in FLOAT_TYPES and len(item.shape) > 1]
     without = [item.gguf_name for item in quantized if item.importance is None]
     if without:
         plan.notes.append(f"{len(without)} of {len(quantized)} quantized tensors have no entry in {Path(imatrix).name} "

@@ -156,6 +156,13 @@ def read_importance(path: str | Path, loaded: LoadedModel | Any) -> dict[str, to
     return importance
 
 
+def existing_imatrix(path: str | Path) -> Path:
+    """`path` expanded, or DataError (one line) when there is no such file."""
+    if not Path(path).expanduser().is_file():
+        raise DataError(f"imatrix file {path} does not exist; write one with `kompakt imatrix MODEL`")
+    return Path(path).expanduser()
+
+
 def tensor_importance(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """What `llama-quantize --imatrix FILE` quantizes with, for a GGUF export whose tensors have
     `shapes` (GGUF name -> shape in the file): ({GGUF name: mean x² per input column, [cols] or
@@ -165,9 +172,7 @@ def tensor_importance(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> t
     quantized without one, as llama-quantize does. Raises DataError for a file that is not an
     imatrix or belongs to another model (a name this model lacks, a width that differs).
     """
-    if not Path(path).expanduser().is_file():
-        raise DataError(f"imatrix file {path} does not exist; write one with `kompakt imatrix MODEL`")
-    imatrix = read_imatrix(Path(path).expanduser())
+    imatrix = read_imatrix(existing_imatrix(path))
     unknown = sorted(set(imatrix.entries) - set(shapes))
     if unknown:
         raise DataError(f"{path} is the imatrix of another model: it has {len(unknown)} tensors this model's GGUF "

@@ -15,7 +15,7 @@ import numpy as np
 from kompakt.ops import ggml_native, ggml_types
 
 # Types ggml quantizes the same with or without an importance matrix.
-IGNORED = ("f32", "f16", "bf16", "q8_0")
+IGNORED = (*ggml_types.FLOAT_TYPES, "q8_0")
 
 
 def quantize(w: np.ndarray, name: str, importance: np.ndarray | None, threads: int | None = None) -> np.ndarray:
