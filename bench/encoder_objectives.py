@@ -7,6 +7,7 @@ settings plus each variant's loss weights. Scored on 500 held-back WikiText-2 *v
 sentences (never trained on; the test text is not used: this is a recipe choice).
 
     .venv/bin/python bench/encoder_objectives.py --steps 800
+    .venv/bin/python bench/encoder_objectives.py --steps 800 --only "cosine + last-layer hidden MSE"   # keeps the other rows
 
 Prints one JSON line per variant and writes bench/results/encoder_objectives.json.
 """
@@ -30,8 +31,23 @@ VARIANTS = {
     "cosine": {},
     "cosine + neighbours (tau 0.05)": {"neighbour_weight": 1.0, "neighbour_temperature": 0.05},
     "cosine + neighbours (tau 0.1)": {"neighbour_weight": 1.0, "neighbour_temperature": 0.1},
+    # TinyBERT's token-level hidden-state MSE, last layer or every student layer to the teacher
+    # layer it replaces (keeping 0, 4, 5: student 1 -> teacher 1, 2 -> 5, 3 -> 6)
+    "cosine + last-layer hidden MSE": {"hidden_weight": 1.0, "layer_map": [[3, 6]]},
+    "cosine + hidden MSE, every layer": {"hidden_weight": 1.0, "layer_map": [[1, 1], [2, 5], [3, 6]]},
+    "cosine + q/k/v relations (MiniLM v2)": {"relation_weight": 1.0},
 }
 HELD_OUT = 500
+
+
+def previous_rows(path: Path, only: list[str] | None, steps: int) -> list[dict]:
+    """With --only, the other variants' rows of an earlier run at the same step count are kept."""
+    if not only or not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    if earlier["kd"]["steps"] != steps:
+        return []
+    return [row for row in earlier["rows"] if row["variant"] not in only]
 
 
 def main() -> None:
@@ -48,7 +64,7 @@ def main() -> None:
 
     teacher, held, train, teacher_emb = validation_split(HELD_OUT)
     start, removed = best_block(teacher, train[:BLOCK_SENTENCES], 3)
-    rows = []
+    rows = previous_rows(args.out, args.only, args.steps)
     result = {"bench": "encoder_objectives", "model": "all-minilm-l6-v2", "removed_layers": removed,
               "kd": {**KD, "steps": args.steps}, "training_sentences": len(train),
               "scored_on": f"last {HELD_OUT} WikiText-2 validation sentences (held out of training)",

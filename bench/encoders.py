@@ -18,7 +18,9 @@ Protocol:
   lr 1e-3 0.891 / 0.642; + last-layer token MSE (hidden_weight 1, layer_map [[3, 6]]) 0.903 /
   0.663 (needs the teacher every step). At 800 steps (bench/encoder_objectives.py, 2 threads, alone):
   cosine alone 0.915 / 0.677; + neighbour KL (CompRess, weight 1) 0.886 / 0.649 at tau 0.05 and
-  0.909 / 0.672 at tau 0.1.
+  0.909 / 0.672 at tau 0.1; + last-layer q/k/v relations (MiniLM v2) 0.919 / 0.682; + hidden-state
+  MSE 0.918 / 0.683. `--kd '{"relation_weight": 1, "lr": 2.5e-4}'` runs what compress --target
+  plans (the teacher then runs in every step, and the step count is sized for that).
 - Evaluation text (never seen by any pass): the first `--eval-sentences` sentences of WikiText-2
   test (../shared/data/wikitext2/wiki.test.raw) split by kompakt.data.sentences' rule.
 - Training text: WikiText-2 validation (wiki.valid.tokens, " <unk>" removed as bench/heal.py
@@ -64,6 +66,7 @@ KD = {"batch_size": 32, "lr": 5e-4, "warmup": 0.1, "cosine_weight": 1.0, "checkp
 SPEED_SENTENCES = 512
 BLOCK_SENTENCES = 256
 TIMED_STEPS = 8
+TOKEN_LEVEL = ("hidden_weight", "attention_weight", "relation_weight")  # distill.kd losses that run the teacher every step
 
 
 def wiki_sentences(name: str, limit: int | None = None) -> list[str]:
@@ -164,12 +167,13 @@ def distill(teacher, student, train: list[str], steps: int, losses: dict | None 
     return spec.apply(ctx, build_config(spec, {**KD, **(losses or {}), "steps": steps}))
 
 
-def kd_steps(teacher, train: list[str], cpu_budget_s: float, spent_s: float) -> tuple[int, float]:
+def kd_steps(teacher, train: list[str], cpu_budget_s: float, spent_s: float, losses: dict | None = None) -> tuple[int, float]:
     """(steps, CPU s per step). distill.kd caches the teacher's embeddings of the training
     sentences (one teacher pass, then a step is the student's forward and backward only): that
     pass is estimated from 256 sentences, a step from the difference of two timed runs of a
     throwaway student (TIMED_STEPS and 3 x TIMED_STEPS batches of sentences, cached the same way),
-    and the rest of the budget divided."""
+    and the rest of the budget divided. Token-level losses (`losses` with hidden, attention or
+    relation weights) need the teacher in every step: then the timed steps include it."""
     from kompakt.model.encode import embed
 
     started = time.process_time()
@@ -177,13 +181,15 @@ def kd_steps(teacher, train: list[str], cpu_budget_s: float, spent_s: float) -> 
     cache_s = (time.process_time() - started) * len(train) / BLOCK_SENTENCES
     def timed_run(steps: int) -> float:
         timed = time.process_time()
-        distill(teacher, every_other(teacher), train[: steps * KD["batch_size"]], steps)
+        distill(teacher, every_other(teacher), train[: steps * KD["batch_size"]], steps, losses)
         return time.process_time() - timed
 
     # the marginal cost of a step: two runs of different length, so the loop's setup cancels out
     # (one run of TIMED_STEPS counted it in every step and left half of the budget unused)
     per_step = (timed_run(3 * TIMED_STEPS) - timed_run(TIMED_STEPS)) / (2 * TIMED_STEPS)
     left = cpu_budget_s - spent_s - (time.process_time() - started) - 60  # evaluation and saving after
+    if any((losses or {}).get(key, 0) > 0 for key in TOKEN_LEVEL):
+        return max(1, int(left / per_step)), per_step
     cached = int((left - cache_s) / per_step)
     if cached * KD["batch_size"] >= len(train):  # distill.kd caches only when every sentence is seen
         return cached, per_step
@@ -278,6 +284,8 @@ def main() -> None:
     parser.add_argument("--eval-sentences", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--crops", type=int, default=0, help="extra training texts: random word windows of the training text")
+    parser.add_argument("--kd", type=json.loads, default={},
+                        help='distill.kd settings over KD\'s, as JSON, e.g. \'{"relation_weight": 1, "lr": 2.5e-4}\'')
     parser.add_argument("--no-onnx", action="store_true", help="skip the student's ONNX rows")
     parser.add_argument("--out", type=Path, default=RESULTS / "encoders.json")
     args = parser.parse_args()
@@ -293,7 +301,7 @@ def main() -> None:
     train += word_windows("wiki.valid.tokens", args.crops) if args.crops else []
     teacher_emb = embed(teacher, evaluation)
     student_cpu = time.process_time()
-    steps, per_step = kd_steps(teacher, train, args.minutes * 60, 0.0)
+    steps, per_step = kd_steps(teacher, train, args.minutes * 60, 0.0, args.kd)
     n = teacher.model.config.num_hidden_layers
     student, removed = best_block(teacher, train[:BLOCK_SENTENCES], n - n // 2)
     how = f"layers {removed} removed: the contiguous block whose removal keeps {BLOCK_SENTENCES} training sentences closest"
@@ -301,7 +309,7 @@ def main() -> None:
                           teacher_emb, None, None, layers=n // 2, parameters=student.num_parameters())  # fmt: skip
     distil_init = fidelity_row("every other layer (DistilBERT init), before KD", embed(every_other(teacher), evaluation),
                                teacher_emb, None, None, layers=n // 2)  # fmt: skip
-    report = distill(teacher, student, train, steps)
+    report = distill(teacher, student, train, steps, args.kd)
     cpu_minutes = (time.process_time() - student_cpu) / 60
     speeds = interleaved_speeds({"teacher": teacher, "student": student}, evaluation[:SPEED_SENTENCES])
     teacher_speed, student_speed = speeds["teacher"], speeds["student"]
@@ -322,7 +330,7 @@ def main() -> None:
         "evaluation": f"first {len(evaluation)} sentences of WikiText-2 test (wiki.test.raw), kompakt.data.sentences rule",
         "training": f"{len(train)} WikiText-2 validation sentences (wiki.valid.tokens, ' <unk>' removed)"
                     + (f", {args.crops} of them random windows of 5-48 words" if args.crops else ""),
-        "student_init": how, "kd": {**KD, "steps": steps, "cpu_s_per_step": round(per_step, 2)},
+        "student_init": how, "kd": {**KD, **args.kd, "steps": steps, "cpu_s_per_step": round(per_step, 2)},
         "budget_cpu_minutes": args.minutes, "student_cpu_minutes": round(cpu_minutes, 2),
         "total_cpu_minutes": round((time.process_time() - started_cpu) / 60, 2),
         "wall_minutes": round((time.perf_counter() - started_wall) / 60, 2), "goals": GOALS, "rows": rows,

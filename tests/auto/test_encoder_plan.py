@@ -52,6 +52,9 @@ def test_params_keeps_the_most_layers_that_fit_and_backs_off_by_one_layer():
     assert first[0].name == "prune.depth" and first[0].config == {"count": 3, "method": "angular"}
     assert first[1].name == "distill.kd" and first[1].config["sentences"] == 20000
     assert plan.attempts[1].steps[0].config == {"count": 2, "method": "angular"}
+    # the step size follows the share of layers removed: a student one layer short of the teacher
+    # is pulled less far from it
+    assert [a.steps[1].config["lr"] for a in plan.attempts] == [2.5e-4, 1.67e-4, 8.33e-5]
     assert plan.target.min_cosine == 0.95 and plan.target.max_kl is None
 
 

@@ -32,9 +32,17 @@ all-MiniLM-L6-v2 (200 WikiText-2 test sentences, before any healing): keeping la
 (the block 1-3 removed) gives mean cosine 0.73 to the original, DistilBERT's every other layer
 (0, 2, 4; recipes/distilbert-halve.yaml) 0.33 — a sentence-embedding model keeps what its
 training tuned in its last layers (after 200 distillation steps: 0.900 vs 0.731). Then
-distill.kd on the sentence cosine (lr 5e-4: 1e-3 and 2e-4 were worse at 200 steps; adding the
-in-batch similarity-matrix loss did not raise recall@10 there), the teacher's embeddings cached
-once so a step costs the student only. Floor: mean cosine
+distill.kd on the sentence cosine plus MiniLM v2's last-layer q/k/v relations: chosen on 500
+held-back WikiText-2 validation sentences after 800 steps (bench/encoder_objectives.py: cosine
+0.919 / recall@10 0.682 with them, 0.915 / 0.677 without; token-level hidden-state MSE 0.918;
+the in-batch similarity-matrix and CompRess neighbour losses lowered the cosine), then confirmed
+in 30 CPU-minutes on the test text (bench/encoders.py, 3 layers at lr 2.5e-4: 0.937 / 0.688 with
+them, 0.930 / 0.672 without, though the cosine alone, its teacher embeddings cached, ran 6358
+steps to their 3482). Its peak lr is in proportion to the share of layers removed (_kd_lr): after 800 steps
+(bench/encoder_depth.py, 500 held-back WikiText-2 validation sentences) keeping 5 of 6 layers
+scored cosine 0.970 at lr 1e-4, 0.965 at 2.5e-4 and 0.955 at 5e-4; keeping 4, 0.936 / 0.938 /
+0.932; keeping 3, 0.911 / 0.916 / 0.914 (and 0.901 at 1e-3). A student close to the teacher
+needs small steps; one that starts far needs larger ones. Floor: mean cosine
 to the original's embeddings on held-out sentences (`min-cosine`, default 0.95); KL and
 perplexity floors do not apply to encoders and are refused. Back-off when the floor is
 crossed: keep one more layer, up to keeping all but one.
@@ -53,7 +61,8 @@ DEFAULT_TARGET = "speed=2x,min-cosine=0.95"
 DEFAULT_MIN_COSINE = 0.95
 KD_SENTENCES = 20000  # without a budget: the recipe's distillation (recipes/distilbert-halve.yaml)
 MIN_KD_SENTENCES = 512
-KD_CONFIG = {"batch_size": 32, "lr": 5e-4, "warmup": 0.1, "cosine_weight": 1.0}
+KD_CONFIG = {"batch_size": 32, "warmup": 0.1, "cosine_weight": 1.0, "relation_weight": 1.0}
+KD_LR_HALVED = 2.5e-4  # peak lr when half the layers go; scaled by the share removed (_kd_lr)
 # A training sentence costs one teacher forward + a student forward and backward (≈ 3 forwards of
 # the student's layers): in teacher-forward units, 1 + 3 · kept / layers.
 BUDGET_SHARE = 0.8  # of the budget left for distillation after pruning and evaluation
@@ -220,6 +229,13 @@ def _kd_sentences(facts: EncoderFacts, kept: int, budget_s: float | None) -> int
     return int(BUDGET_SHARE * budget_s / cost)
 
 
+def _kd_lr(kept: int, layers: int) -> float:
+    """distill.kd's peak lr, in proportion to the share of layers removed: 2.5e-4 for half of
+    them, 8.33e-5 for one of six. The step size a halved student needs pulls one that starts
+    close to the teacher away from what the teacher learned (module docstring)."""
+    return float(f"{KD_LR_HALVED * 2 * (layers - kept) / layers:.3g}")
+
+
 def _attempt(label: str, kept: int, facts: EncoderFacts, budget_s: float | None, choices: list[str],
              trim: bool = False) -> EncoderAttempt:  # fmt: skip
     from kompakt.recipe.schema import Step
@@ -227,7 +243,7 @@ def _attempt(label: str, kept: int, facts: EncoderFacts, budget_s: float | None,
     sentences = _kd_sentences(facts, kept, budget_s)
     steps = [_prune_step(kept, facts.layers)]
     if sentences >= MIN_KD_SENTENCES:
-        steps.append(Step("distill.kd", {"sentences": sentences, **KD_CONFIG}))
+        steps.append(Step("distill.kd", {"sentences": sentences, **KD_CONFIG, "lr": _kd_lr(kept, facts.layers)}))
     else:
         choices.append(f"{label}: no distillation — the budget affords {sentences} sentences (< {MIN_KD_SENTENCES})")
     if trim:  # last: distillation needs the teacher's vocabulary; the run's training sentences are the corpus
