@@ -274,7 +274,8 @@ def make_encoder_plan(target: Target, facts: EncoderFacts, budget_s: float | Non
     choices.append(f"floor: mean cosine ≥ {target.min_cosine:g} to the original's embeddings of held-out sentences")
     choices.append("layers removed as the contiguous block closest in angle on calibration sentences (prune.depth "
                    "angular: kept the last layers, cosine 0.73 before healing on all-MiniLM-L6-v2 where DistilBERT's "
-                   "every other layer gives 0.33), then distill.kd on 1 - cosine of the sentence embeddings")  # fmt: skip
+                   "every other layer gives 0.33), then distill.kd on 1 - cosine of the sentence embeddings and MiniLM v2's "
+                   "last-layer q/k/v relations, the peak lr in proportion to the share of layers removed")  # fmt: skip
     share = None if budget_s is None else budget_s / 2  # the first attempt and its back-offs share the budget
     attempts = [_attempt(f"keep {keep} of {facts.layers} layers", keep, facts, share, choices, trim)]
     for more in range(keep + 1, facts.layers):
