@@ -25,9 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoders import BLOCK_SENTENCES, GOALS, KD, best_block, distill, interleaved_speeds, validation_split  # noqa: E402
-
-HELD_OUT = 500
+from encoders import BLOCK_SENTENCES, GOALS, HELD_OUT, KD, SCORED_ON, best_block, distill, interleaved_speeds, validation_split  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +46,7 @@ def main() -> None:
     rows = []
     result = {"bench": "encoder_depth", "model": "all-minilm-l6-v2", "kd": {**KD, "lr": args.lr, "steps": args.steps},
               "training_sentences": len(train), "goals": GOALS, "threads": args.threads,
-              "scored_on": f"last {HELD_OUT} WikiText-2 validation sentences (held out of training)", "rows": rows}  # fmt: skip
+              "scored_on": SCORED_ON, "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for keep in args.layers:
         student, removed = best_block(teacher, train[:BLOCK_SENTENCES], n - keep)

@@ -25,7 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoders import BLOCK_SENTENCES, KD, best_block, distill, validation_split  # noqa: E402
+from encoders import BLOCK_SENTENCES, HELD_OUT, KD, SCORED_ON, best_block, distill, validation_split  # noqa: E402
 
 VARIANTS = {
     "cosine": {},
@@ -37,7 +37,6 @@ VARIANTS = {
     "cosine + hidden MSE, every layer": {"hidden_weight": 1.0, "layer_map": [[1, 1], [2, 5], [3, 6]]},
     "cosine + q/k/v relations (MiniLM v2)": {"relation_weight": 1.0},
 }
-HELD_OUT = 500
 
 
 def previous_rows(path: Path, only: list[str] | None, steps: int) -> list[dict]:
@@ -67,7 +66,7 @@ def main() -> None:
     rows = previous_rows(args.out, args.only, args.steps)
     result = {"bench": "encoder_objectives", "model": "all-minilm-l6-v2", "removed_layers": removed,
               "kd": {**KD, "steps": args.steps}, "training_sentences": len(train),
-              "scored_on": f"last {HELD_OUT} WikiText-2 validation sentences (held out of training)",
+              "scored_on": SCORED_ON,
               "threads": args.threads, "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.only or VARIANTS:

@@ -23,10 +23,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoders import BLOCK_SENTENCES, KD, best_block, distill, interleaved_speeds, validation_split  # noqa: E402
+from encoders import BLOCK_SENTENCES, HELD_OUT, KD, SCORED_ON, best_block, distill, interleaved_speeds, validation_split  # noqa: E402
 
 SHAPES = [(3, 1536), (4, 768), (4, 1024), (5, 512)]  # (layers, MLP width); the teacher is (6, 1536)
-HELD_OUT = 500
 
 
 def narrowed(teacher, student, train: list[str], width: int):
@@ -68,7 +67,7 @@ def main() -> None:
                      "kd_cpu_s": round(time.process_time() - started, 1)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     result = {"bench": "encoder_shapes", "model": "all-minilm-l6-v2", "kd": {**KD, "steps": args.steps},
-              "scored_on": f"last {HELD_OUT} WikiText-2 validation sentences (held out of training)",
+              "scored_on": SCORED_ON,
               "threads": args.threads, "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(args.out) as tmp:

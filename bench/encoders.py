@@ -66,7 +66,8 @@ KD = {"batch_size": 32, "lr": 5e-4, "warmup": 0.1, "cosine_weight": 1.0, "checkp
 SPEED_SENTENCES = 512
 BLOCK_SENTENCES = 256
 TIMED_STEPS = 8
-TOKEN_LEVEL = ("hidden_weight", "attention_weight", "relation_weight")  # distill.kd losses that run the teacher every step
+HELD_OUT = 500  # the recipe benches' held-back WikiText-2 validation sentences (validation_split)
+SCORED_ON = f"last {HELD_OUT} WikiText-2 validation sentences (held out of training)"
 
 
 def wiki_sentences(name: str, limit: int | None = None) -> list[str]:
@@ -175,6 +176,7 @@ def kd_steps(teacher, train: list[str], cpu_budget_s: float, spent_s: float, los
     and the rest of the budget divided. Token-level losses (`losses` with hidden, attention or
     relation weights) need the teacher in every step: then the timed steps include it."""
     from kompakt.model.encode import embed
+    from kompakt.train.encoder_objective import TOKEN_LEVEL_WEIGHTS
 
     started = time.process_time()
     embed(teacher, train[:BLOCK_SENTENCES])
@@ -188,7 +190,7 @@ def kd_steps(teacher, train: list[str], cpu_budget_s: float, spent_s: float, los
     # (one run of TIMED_STEPS counted it in every step and left half of the budget unused)
     per_step = (timed_run(3 * TIMED_STEPS) - timed_run(TIMED_STEPS)) / (2 * TIMED_STEPS)
     left = cpu_budget_s - spent_s - (time.process_time() - started) - 60  # evaluation and saving after
-    if any((losses or {}).get(key, 0) > 0 for key in TOKEN_LEVEL):
+    if any((losses or {}).get(key, 0) > 0 for key in TOKEN_LEVEL_WEIGHTS):
         return max(1, int(left / per_step)), per_step
     cached = int((left - cache_s) / per_step)
     if cached * KD["batch_size"] >= len(train):  # distill.kd caches only when every sentence is seen

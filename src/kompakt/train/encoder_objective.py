@@ -35,6 +35,9 @@ from torch import nn
 from kompakt.ops.encoder_kd import attention_kl, cosine_loss, mse_loss, neighbour_kl, relations_kl, similarity_loss
 from kompakt.ops.kd_losses import HiddenProjection, hidden_state_loss
 
+# the terms that read token states or attention, so the teacher runs in every step (no cache)
+TOKEN_LEVEL_WEIGHTS = ("hidden_weight", "attention_weight", "relation_weight")
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP / accelerate wrappers
@@ -141,7 +144,7 @@ class EncoderDistillObjective:
     @property
     def sentence_level(self) -> bool:
         """Whether every term reads only the pooled embeddings (so the teacher can be cached)."""
-        return not (self.hidden_weight > 0 or self.attention_weight > 0 or self.relation_weight > 0)
+        return not any(getattr(self, weight) > 0 for weight in TOKEN_LEVEL_WEIGHTS)
 
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"projection": self.projection} if self.projection is not None else {}
