@@ -53,6 +53,19 @@ def test_f32_export_agrees_with_embed(family, tmp_path):
     assert hidden.shape[-1] == embedding.shape[-1] == 64
 
 
+@pytest.mark.parametrize("family", TINY_ENCODERS)
+def test_int8_keeps_one_fused_attention_node_per_layer(family, tmp_path):
+    """Opset 23's Attention op, one per layer, survives onnxruntime's quantizer (which would turn it
+    into a QAttention it then rejects) while every projection becomes an integer MatMul."""
+    import onnx
+
+    loaded = tiny_encoder(family)
+    export(loaded, format="onnx", type="int8", out=tmp_path / "enc")
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "enc" / "model.onnx")).graph.node]
+    assert ops.count("Attention") == loaded.model.config.num_hidden_layers and "QAttention" not in ops
+    assert "Softmax" not in ops and "MatMul" not in ops and ops.count("MatMulInteger") >= 4
+
+
 @pytest.mark.parametrize("mode", ["max", "lasttoken"])  # mean in every other test; cls is lasttoken's indexing
 def test_every_pooling_mode_is_inside_the_graph(mode, tmp_path):
     loaded = dataclasses.replace(tiny_encoder("distilbert"), pooling=Pooling(mode, normalize=False, max_seq_length=100))
