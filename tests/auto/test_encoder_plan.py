@@ -118,6 +118,27 @@ def test_compress_target_on_a_tiny_encoder_runs_attempts_and_reports(tmp_path):
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["kind"] == "encoder" and "keep 2 of 4" in plan["choices"][0]
     assert "cosine" in (tmp_path / "run" / "report.md").read_text()
+    # delivered: the result as int8 ONNX, checked, and the table compares it in onnxruntime
+    exports = json.loads((tmp_path / "run" / "exports.json").read_text())
+    assert exports == result.exports and exports["onnx_type"] == "int8" and "passed" in exports["onnx_check"]
+    assert (tmp_path / "run" / "export" / "onnx-int8" / "model.onnx").is_file()
+    comparison = json.loads((tmp_path / "run" / "comparison.json").read_text())
+    assert comparison["probes"]["result"]["backend"].startswith("onnxruntime")
+    assert "onnx-int8" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_without_onnxruntime_the_run_says_why_it_wrote_no_onnx(tmp_path, monkeypatch):
+    import importlib.util
+
+    from kompakt.auto.encoder_deliver import deliver_onnx
+    from kompakt.model.tiny_encoder import save_tiny_encoder
+
+    save_tiny_encoder("bert", tmp_path / "final")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    exports, failed = deliver_onnx(tmp_path / "final", tmp_path / "run")
+    assert failed is None and list(exports) == ["onnx_note"]
+    assert "pip install 'kompakt[encoders]'" in exports["onnx_note"] and not (tmp_path / "run" / "export").exists()
 
 
 def _big_vocab_encoder(directory) -> None:

@@ -138,3 +138,16 @@ def test_gate_stop_exits_3_with_one_line(tiny, tmp_path, cli):
     assert code == 3
     _one_line(err, "crossed gate max_kl")
     assert (tmp_path / "run" / "lineage.jsonl").exists() and not (tmp_path / "run" / "final").exists()
+
+
+def test_an_encoder_run_prints_its_onnx_export_or_why_there_is_none():
+    from rich.console import Console
+
+    from kompakt.cli.compress import _print_exports
+
+    console = Console(record=True, width=200)
+    _print_exports(console, {"onnx": "runs/enc/export/onnx-int8", "onnx_type": "int8", "onnx_check": "passed: cosine 0.99"})
+    _print_exports(console, {"onnx_note": "no ONNX export: --format onnx needs onnxruntime: pip install 'kompakt[encoders]'"})
+    printed = console.export_text()
+    assert "export (ONNX int8): runs/enc/export/onnx-int8" in printed and "check: passed: cosine 0.99" in printed
+    assert "no ONNX export: --format onnx needs onnxruntime" in printed and "exports: none" not in printed

@@ -97,3 +97,27 @@ def test_the_model_card_of_an_encoder_says_sentence_transformers(measured):
     front = yaml.safe_load(card.split("---")[1])
     assert (front["library_name"], front["pipeline_tag"]) == ("sentence-transformers", "sentence-similarity")
     assert "| neighbour recall@10 vs the original |" in card
+
+
+def test_the_deployed_form_compares_onnx_files_in_onnxruntime(measured, tmp_path):
+    """With the delivered int8 ONNX: both sides probed in onnxruntime (the original as its own fp32
+    export), size the int8 file, fidelity the int8 graph's embeddings on the run's sentences."""
+    from kompakt.export import export
+    from kompakt.report.compare_encoder import compare_encoder
+
+    _, original, result = measured
+    onnx = export(result, format="onnx", type="int8", out=tmp_path / "onnx-int8").path
+    sentences = [f"Sentence number {i} is about {w}." for i, w in enumerate(["rain", "music", "bread", "chess"] * 6)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        comparison = compare_encoder(original, result, result.path, {"cosine_mean": 0.5}, onnx_dir=onnx,
+                                     sentences=(sentences, "test sentences"))  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    values, probes = comparison["values"], comparison["probes"]
+    assert probes["original"]["backend"].startswith("onnxruntime") and probes["result"]["backend"].startswith("onnxruntime")
+    assert values["size_bytes"][1] == (onnx / "model.onnx").stat().st_size
+    assert all(v > 0 for v in values["sentences_b32_per_s"] + values["peak_memory_bytes"]), comparison["notes"]
+    assert 0 < values["cosine_mean"][1] < 1 and values["cosine_mean"][1] != 0.5  # measured, not the run's
+    assert any("int8 ONNX" in note for note in comparison["notes"])

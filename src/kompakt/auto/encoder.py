@@ -10,6 +10,9 @@ Run directory (the decoder layout where it applies)::
     out/attempts/N/        one recipe run per attempt (steps/, lineage.jsonl, report.md)
     out/reference/         the original's embeddings of the held-out sentences (computed once)
     out/final -> attempts/N/final   a HF + sentence-transformers directory
+    out/export/onnx-int8/  the final model as int8 ONNX, checked in onnxruntime (kompakt.auto.encoder_deliver;
+                           the report's table compares it with the original's ONNX in onnxruntime)
+    out/exports.json       its path and check, or why none was written
     out/outcome.json, report.md / report.html / report.json
 
 Each step is scored on held-out sentences (kompakt.recipe.encoder_measure): the last 10 % of
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kompakt.atomic import atomic_symlink, reporting_errors, write_text
+from kompakt.auto.encoder_deliver import deliver_onnx
 from kompakt.auto.encoder_plan import EncoderFacts, EncoderPlan, encoder_target, make_encoder_plan
 from kompakt.auto.outdir import check_out, default_out
 from kompakt.auto.target import parse_budget
@@ -176,12 +180,15 @@ def _run_attempts(plan: EncoderPlan, out_dir: Path, model: str, seed: int, on_st
     return outcomes, best[1], best[2]
 
 
-def _compare(original, final: Path, metrics: dict, out_dir: Path) -> None:
-    """comparison.json: the report's side-by-side table in its encoder form (kompakt.report.compare)."""
+def _compare(original, final: Path, metrics: dict, out_dir: Path, onnx: Path | None,
+             sentences: tuple[list[str], str]) -> None:  # fmt: skip
+    """comparison.json: the report's side-by-side table in its encoder form, of the delivered int8
+    ONNX when there is one (kompakt.report.compare_encoder)."""
     from kompakt.model.load import load
-    from kompakt.report.compare import compare, machine
+    from kompakt.report.compare import machine
+    from kompakt.report.compare_encoder import compare_encoder
 
-    comparison = compare(original, load(final), final, None, metrics)
+    comparison = compare_encoder(original, load(final), final, metrics, onnx_dir=onnx, sentences=sentences)
     comparison["machine"] = machine()
     write_text(out_dir / "comparison.json", json.dumps(comparison, indent=1, default=str) + "\n")
 
@@ -197,6 +204,7 @@ def compress_encoder(model: str | None, *, target: str | None = None, budget: st
     another model or target; DataError for a missing --data.
     """
     from kompakt.model.load import load
+    from kompakt.recipe.rundata import RunData
     from kompakt.report.build import build_report
 
     started = time.perf_counter()
@@ -223,13 +231,25 @@ def compress_encoder(model: str | None, *, target: str | None = None, budget: st
         return result
     outcomes, index, final = _run_attempts(plan, out_dir, name, seed, on_step, on_event)
     result.outcomes, result.attempt = outcomes, index
+    failed = None  # an ONNX export that failed its check: reported first, then raised
     if final is not None:
         result.final = final
-        write_text(out_dir / "recipe.yaml", plan.recipe(index, name, seed).to_yaml())
+        recipe = plan.recipe(index, name, seed)
+        write_text(out_dir / "recipe.yaml", recipe.to_yaml())
         atomic_symlink(out_dir / "final", str(Path(final).resolve().relative_to(out_dir)))
-        _compare(original, Path(final), outcomes[index]["metrics"], out_dir)
+        _emit(on_event, "deliver", {})
+        result.exports, failed = deliver_onnx(Path(final), out_dir)
+        write_text(out_dir / "exports.json", json.dumps(result.exports, indent=1) + "\n")
+        onnx = Path(result.exports["onnx"]) if "onnx" in result.exports else None
+        if failed is None:
+            held_out = RunData(recipe.data, original, seed).eval_sentences()
+            _compare(original, Path(final), outcomes[index]["metrics"], out_dir, onnx, held_out)
+        else:
+            (out_dir / "comparison.json").unlink(missing_ok=True)  # an earlier run's, of a good export
     result.wall_s = time.perf_counter() - started
     write_text(out_dir / "outcome.json", json.dumps({"outcomes": outcomes, "wall_s": result.wall_s, "attempt": index},
                                                     indent=1, default=str) + "\n")  # fmt: skip
     result.report = build_report(out_dir)
+    if failed is not None:
+        raise failed
     return result

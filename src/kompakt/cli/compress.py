@@ -177,9 +177,11 @@ def _auto(model, target, budget, plan_only, data, out, seed, force) -> None:
 
 def _print_exports(console, exports: dict[str, str]) -> None:
     """One line per export: its path (and GGUF type), then its runtime check on the next line."""
-    if not any(kind in exports for kind in ("hf", "gguf")):
-        console.print("exports: none", highlight=False)
-    for kind, label in (("hf", "HF directory"), ("gguf", f"GGUF {exports.get('gguf_type', '')}".strip())):
+    kinds = (("hf", "HF directory"), ("gguf", f"GGUF {exports.get('gguf_type', '')}".strip()),
+             ("onnx", f"ONNX {exports.get('onnx_type', '')}".strip()))  # fmt: skip
+    if not any(kind in exports for kind, _ in kinds):
+        console.print(exports.get("onnx_note", "exports: none"), highlight=False, soft_wrap=True, markup=False)
+    for kind, label in kinds:
         if kind in exports:
             console.print(f"export ({label}): {exports[kind]}", highlight=False, soft_wrap=True)
             if f"{kind}_check" in exports:

@@ -23,6 +23,10 @@ from kompakt.model.loaded import LoadedModel
 
 logger = logging.getLogger(__name__)
 
+BATCH = 32  # the indexing case's batch size
+BATCH1_SENTENCES = 64  # timed one at a time (the latency case)
+BATCHED_SENTENCES = 256  # timed in batches of BATCH
+
 
 @dataclass
 class SentenceSpeed:
@@ -58,9 +62,9 @@ def measure_sentence_speed(
     sentences: list[str],
     *,
     threads: int | None = None,
-    batch_size: int = 32,
-    batch1_sentences: int = 64,
-    batched_sentences: int = 256,
+    batch_size: int = BATCH,
+    batch1_sentences: int = BATCH1_SENTENCES,
+    batched_sentences: int = BATCHED_SENTENCES,
     repeats: int = 2,
 ) -> SentenceSpeed:
     """Sentences/s of `loaded` at batch 1 and at `batch_size` on `sentences` (reused in order

@@ -27,7 +27,7 @@ from kompakt.errors import ConfigError
 def onnx_embed(onnx_path: str | Path, sentences: list[str], batch_size: int = 32, *,
                threads: int | None = None) -> np.ndarray:  # fmt: skip
     """The `sentence_embedding` output for `sentences` [n, dim] (float32), in their order."""
-    run = _runner(onnx_path, threads)
+    run = onnx_runner(onnx_path, threads)
     if not sentences:
         raise ConfigError("onnx_embed needs at least one sentence")
     return np.concatenate([run(sentences[i : i + batch_size]) for i in range(0, len(sentences), max(1, batch_size))])
@@ -41,9 +41,14 @@ def onnx_speed(onnx_path: str | Path, sentences: list[str], batch_size: int, *, 
         onnx_path: model.onnx inside an export directory (its tokenizer files beside it).
         threads: onnxruntime intra-op threads (None: onnxruntime's default, all cores).
     """
+    return batched_rate(onnx_runner(onnx_path, threads), sentences, batch_size, repeats)
+
+
+def batched_rate(run: Callable[[list[str]], np.ndarray], sentences: list[str], batch_size: int,
+                 repeats: int = 1) -> float:  # fmt: skip
+    """onnx_speed for a runner already loaded (kompakt.report.probe times two batch sizes on one)."""
     if batch_size < 1 or not sentences:
         raise ConfigError("onnx_speed needs at least one sentence and a batch size of 1 or more")
-    run = _runner(onnx_path, threads)
     ordered = sorted(sentences, key=len, reverse=True)  # the order embed() batches in
     run(ordered[:batch_size])  # warm-up: onnxruntime allocates its arenas on the first run
     best = float("inf")
@@ -55,7 +60,7 @@ def onnx_speed(onnx_path: str | Path, sentences: list[str], batch_size: int, *, 
     return len(sentences) / best
 
 
-def _runner(onnx_path: str | Path, threads: int | None) -> Callable[[list[str]], np.ndarray]:
+def onnx_runner(onnx_path: str | Path, threads: int | None = None) -> Callable[[list[str]], np.ndarray]:
     """A function from a batch of sentences to their embeddings, tokenizer and session loaded once."""
     from transformers import AutoTokenizer
 

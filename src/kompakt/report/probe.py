@@ -6,7 +6,9 @@ A fresh process is the point: the peak resident memory of a process that holds o
 model is what a laptop needs, which a measurement inside kompakt (with the original, the
 candidate and the evaluator loaded) cannot tell.
 
-    python -m kompakt.report.probe MODEL --backend llamacpp|transformers [--threads N]
+    python -m kompakt.report.probe MODEL --backend llamacpp|transformers|onnxruntime [--threads N]
+
+(onnxruntime: MODEL is an ONNX export directory of a sentence encoder, kompakt.export.onnx.)
 
 prints one JSON object (speeds: the best of 3 runs, since a shared machine only ever slows a
 run down). `probe(...)` runs it and returns that object.
@@ -96,14 +98,41 @@ def _encoder(loaded, load_s: float) -> dict:
             "sentences_b32_per_s": speed.batched_per_s}  # fmt: skip
 
 
+def _onnxruntime(path: str, threads: int) -> dict:
+    """An ONNX sentence encoder (kompakt.export.onnx's directory): sentences/s at batch 1 and 32
+    on the sentences and counts the transformers probe uses (kompakt.evaluate.sentence_speed's
+    defaults), its own tokenizer, batched longest first as embed() batches."""
+    from itertools import cycle, islice
+
+    import onnxruntime
+
+    from kompakt.evaluate import load_sentences
+    from kompakt.evaluate.sentence_speed import BATCH, BATCH1_SENTENCES, BATCHED_SENTENCES
+    from kompakt.export.onnx import MODEL_FILE
+    from kompakt.export.onnx_speed import batched_rate, onnx_runner
+
+    sentences = load_sentences(None).sentences
+    single = list(islice(cycle(sentences), BATCH1_SENTENCES))
+    many = list(islice(cycle(sentences), BATCHED_SENTENCES))
+    started = time.perf_counter()
+    run = onnx_runner(Path(path) / MODEL_FILE, threads)
+    load_s = time.perf_counter() - started
+    return {"backend": f"onnxruntime {onnxruntime.__version__} cpu", "load_s": load_s,
+            "batch1_sentences": len(single), "batched_sentences": len(many),
+            "sentences_b1_per_s": batched_rate(run, single, 1, REPEATS),
+            "sentences_b32_per_s": batched_rate(run, many, BATCH, REPEATS)}  # fmt: skip
+
+
+BACKENDS = {"llamacpp": _llamacpp, "transformers": _transformers, "onnxruntime": _onnxruntime}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("--backend", choices=("llamacpp", "transformers"), default="transformers")
+    parser.add_argument("--backend", choices=tuple(BACKENDS), default="transformers")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
-    measure = _llamacpp if args.backend == "llamacpp" else _transformers
-    result = measure(args.model, args.threads)
+    result = BACKENDS[args.backend](args.model, args.threads)
     result.update(threads=args.threads, peak_rss_bytes=_peak_rss_bytes(), model=args.model,
                   prompt_tokens=PROMPT_TOKENS, gen_tokens=GEN_TOKENS)  # fmt: skip
     print(json.dumps(result))
