@@ -116,12 +116,11 @@ def compare_encoder(original: LoadedModel, result: LoadedModel, result_dir: Path
     notes = [
         "size: the original's weight files as saved vs the result's int8 ONNX file" if deployed
         else "size: the weight files of both directories as saved",
-        *(["speed and peak memory: the original as its fp32 ONNX export vs the result's int8 ONNX, both in "
-           "onnxruntime; each process also holds torch (≈ 0.4 GB, imported by transformers' tokenizer)"]
-          if deployed else []),
-        f"speed and peak memory: {speed_o.get('backend', speed_r.get('backend', '?'))}, {threads} threads, a fresh "
+        "speed and peak memory: " + ("the original as its fp32 ONNX export vs the result's int8 ONNX, " if deployed else "")
+        + f"{speed_o.get('backend', speed_r.get('backend', '?'))}, {threads} threads, a fresh "
         f"process per model, kompakt's held-out sentences ({speed_r.get('batch1_sentences', '?')} one at a time, "
-        f"{speed_r.get('batched_sentences', '?')} in batches of 32, best of 3)",
+        f"{speed_r.get('batched_sentences', '?')} in batches of 32, best of 3)"
+        + ("; each process also holds torch (≈ 0.4 GB, imported by transformers' tokenizer)" if deployed else ""),
         f"fidelity ({fid_source}): {fid.get('data', 'held-out sentences')}; recall@{k} of the original's "
         f"{k} nearest neighbours, Spearman of the similarities of "
         + (f"{fid['pairs']:,} sentence pairs" if fid.get("pairs") else "sentence pairs"),
