@@ -8,6 +8,7 @@ in torch). onnxruntime's dynamic int8 on top runs 2.1x the fp32 graph at batch 3
 cosine (bench/onnx_int8.py), so most of the speed a user asked for is in this export; the
 report's table then compares it with the original's own ONNX export in onnxruntime
 (kompakt.report.compare_encoder), as a decoder's table compares GGUF files in llama.cpp.
+`kompakt serve out/export/onnx-int8` serves it on onnxruntime (kompakt.serve.backend_onnx_embed).
 
 Without the encoders extra (onnx, onnxscript, onnxruntime), or for an architecture torch.onnx
 cannot trace, nothing is written and exports.json says why (`onnx_note`); the run still

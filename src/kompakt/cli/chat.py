@@ -54,7 +54,7 @@ def chat(
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     backend: Annotated[
-        str, typer.Option(help="auto (llama.cpp for .gguf when installed) | transformers | llamacpp.")
+        str, typer.Option(help="auto (llama.cpp for .gguf when installed, onnxruntime for an ONNX directory) | transformers | llamacpp | onnxruntime.")
     ] = "auto",
 ) -> None:
     """Chat with a model in the terminal; replies stream as they are generated."""

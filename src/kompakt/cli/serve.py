@@ -30,7 +30,7 @@ def serve(
         typer.Option(help="Require 'Authorization: Bearer KEY' (all routes but /health). Default: $KOMPAKT_API_KEY."),
     ] = None,
     backend: Annotated[
-        str, typer.Option(help="auto (llama.cpp for .gguf when installed) | transformers | llamacpp.")
+        str, typer.Option(help="auto (llama.cpp for .gguf when installed, onnxruntime for an ONNX directory) | transformers | llamacpp | onnxruntime.")
     ] = "auto",
     max_tokens_cap: Annotated[int, typer.Option(help="Most tokens one request may generate.")] = 2048,
     queue_size: Annotated[int, typer.Option(help="Requests that may wait while one generates; more get 503.")] = 16,

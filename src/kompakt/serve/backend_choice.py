@@ -4,6 +4,7 @@
     backend = open_backend("runs/heal/final")       # transformers for anything kompakt loads
     backend = open_backend("all-minilm-l6-v2")      # an encoder: embeddings (backend.task == "embed")
     backend = open_backend("encoder-f16.gguf")      # a GGUF that declares a pooling: embeddings on llama.cpp
+    backend = open_backend("runs/enc/export/onnx-int8")   # an ONNX encoder directory: embeddings on onnxruntime
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from kompakt.errors import ConfigError, ModelFormatError, ModelNotFoundError
 from kompakt.serve.backend import Backend
 
-BACKENDS = ("auto", "transformers", "llamacpp")
+BACKENDS = ("auto", "transformers", "llamacpp", "onnxruntime")
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -31,10 +32,19 @@ def llama_cpp_available() -> bool:
 
 
 def choose_backend(source: str | Path | None, backend: str = "auto") -> str:
-    """ "transformers" or "llamacpp" for `source`: a .gguf file runs on llama.cpp when
-    llama-cpp-python is installed (else it is converted and runs on transformers)."""
+    """ "transformers", "llamacpp" or "onnxruntime" for `source`: a .gguf file runs on llama.cpp
+    when llama-cpp-python is installed (else it is converted and runs on transformers); an ONNX
+    export directory (model.onnx) runs on onnxruntime."""
+    from kompakt.serve.backend_onnx_embed import is_onnx_dir
+
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    onnx = source is not None and is_onnx_dir(Path(str(source)).expanduser())
+    if backend == "onnxruntime" or (backend == "auto" and onnx):
+        if not onnx:
+            raise ConfigError("the onnxruntime backend runs ONNX encoder directories; export one with "
+                              "`kompakt export MODEL --format onnx`")  # fmt: skip
+        return "onnxruntime"
     gguf = source is not None and Path(str(source)).expanduser().suffix.lower() == ".gguf"
     if backend == "llamacpp":
         if not gguf:
@@ -49,6 +59,8 @@ def choose_backend(source: str | Path | None, backend: str = "auto") -> str:
 
 def check_source(source: str | Path | None, backend: str) -> None:
     """Fail fast (before a port is bound or weights are read) on a source that is no model."""
+    if backend == "onnxruntime":
+        return  # choose_backend found model.onnx and config.json there
     if backend == "llamacpp":
         path = Path(str(source)).expanduser()
         if not path.is_file():
@@ -66,6 +78,10 @@ def open_backend(source: str | Path | None = None, backend: str = "auto", *, n_c
     """Load `source` on the chosen engine (see choose_backend); engines are imported here,
     so asking which engine to use costs neither torch nor llama.cpp."""
     kind = choose_backend(source, backend)
+    if kind == "onnxruntime":
+        from kompakt.serve.backend_onnx_embed import OnnxEmbeddingBackend
+
+        return OnnxEmbeddingBackend(Path(str(source)).expanduser())
     if kind == "llamacpp":
         from kompakt.serve.backend_llamacpp import LlamaCppBackend
         from kompakt.serve.backend_llamacpp_embed import NO_POOLING, LlamaCppEmbeddingBackend, gguf_pooling
