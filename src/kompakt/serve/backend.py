@@ -101,6 +101,34 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
         raise ConfigError(f"top_p must be in (0, 1] (got {top_p})")
 
 
+def tokenize_within(tokenizer, texts: Sequence[str], limit: int, truncate: bool) -> list[list[int]]:
+    """Token ids of each text with a Hugging Face tokenizer's special tokens, cut to `limit` by the
+    tokenizer's own truncation (what embed() feeds an encoder).
+
+    Raises:
+        InputTooLong: a text over the limit when `truncate` is False (names its index).
+    """
+    full = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    out = []
+    for index, ids in enumerate(full):
+        if len(ids) > limit:
+            if not truncate:
+                raise InputTooLong(
+                    f"input[{index}] has {len(ids)} tokens; this model embeds at most {limit}. "
+                    "Shorten it, or send truncate: true to embed its first tokens"
+                )
+            ids = tokenizer(texts[index], add_special_tokens=True, truncation=True, max_length=limit)["input_ids"]
+        out.append(list(ids))
+    return out
+
+
+def check_embedding_ids(ids: Sequence[int], vocab_size: int, limit: int, field_name: str) -> None:
+    """Token ids a client sent for embedding: inside the vocabulary and within the limit (never cut)."""
+    check_token_ids(ids, vocab_size, field_name)
+    if len(ids) > limit:
+        raise InputTooLong(f"{field_name} has {len(ids)} tokens; this model embeds at most {limit}; send fewer")
+
+
 def check_token_ids(ids: Sequence[int], vocab_size: int, field_name: str) -> None:
     """Raise ConfigError naming `field_name` and the valid range for an id outside the vocabulary."""
     bad = next((token for token in ids if not 0 <= token < vocab_size), None)

@@ -19,7 +19,7 @@ import torch
 
 from kompakt.errors import ConfigError
 from kompakt.model.loaded import LoadedModel
-from kompakt.serve.backend import InputTooLong, check_token_ids
+from kompakt.serve.backend import check_embedding_ids, tokenize_within
 
 
 class EmbeddingBackend:
@@ -44,33 +44,13 @@ class EmbeddingBackend:
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
-        """Token ids of each text with the model's special tokens, cut to context_length.
-
-        Raises:
-            InputTooLong: a text over the limit when `truncate` is False (names its index).
-        """
-        tokenizer, limit = self.loaded.tokenizer, self.context_length
+        """Token ids of each text with the model's special tokens, cut to context_length
+        (InputTooLong for a text over it when `truncate` is False)."""
         texts = self.loaded.pooling.texts(list(texts))  # lowercased where the model's sentence config says so
-        full = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-        out = []
-        for index, ids in enumerate(full):
-            if len(ids) > limit:
-                if not truncate:
-                    raise InputTooLong(
-                        f"input[{index}] has {len(ids)} tokens; this model embeds at most {limit}. "
-                        "Shorten it, or send truncate: true to embed its first tokens"
-                    )
-                ids = tokenizer(texts[index], add_special_tokens=True, truncation=True, max_length=limit)["input_ids"]
-            out.append(list(ids))
-        return out
+        return tokenize_within(self.loaded.tokenizer, texts, self.context_length, truncate)
 
     def check_ids(self, ids: Sequence[int], field_name: str) -> None:
-        """Token ids from a client: inside the vocabulary and within the limit (never cut)."""
-        check_token_ids(ids, self.vocab_size, field_name)
-        if len(ids) > self.context_length:
-            raise InputTooLong(
-                f"{field_name} has {len(ids)} tokens; this model embeds at most {self.context_length}; send fewer"
-            )
+        check_embedding_ids(ids, self.vocab_size, self.context_length, field_name)
 
     @torch.inference_mode()
     def embed_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:

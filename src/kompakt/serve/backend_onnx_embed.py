@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kompakt.errors import ConfigError, ModelFormatError
-from kompakt.serve.backend import InputTooLong, check_token_ids
+from kompakt.serve.backend import check_embedding_ids, tokenize_within
 
 
 def is_onnx_dir(path: Path) -> bool:
@@ -63,32 +63,12 @@ class OnnxEmbeddingBackend:
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
-        """Token ids of each text with the model's special tokens, cut to context_length.
-
-        Raises:
-            InputTooLong: a text over the limit when `truncate` is False (names its index).
-        """
-        limit, texts = self.context_length, self.pooling.texts(list(texts))
-        full = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-        out = []
-        for index, ids in enumerate(full):
-            if len(ids) > limit:
-                if not truncate:
-                    raise InputTooLong(
-                        f"input[{index}] has {len(ids)} tokens; this model embeds at most {limit}. "
-                        "Shorten it, or send truncate: true to embed its first tokens"
-                    )
-                ids = self.tokenizer(texts[index], add_special_tokens=True, truncation=True, max_length=limit)["input_ids"]
-            out.append(list(ids))
-        return out
+        """Token ids of each text with the model's special tokens, cut to context_length
+        (InputTooLong for a text over it when `truncate` is False)."""
+        return tokenize_within(self.tokenizer, self.pooling.texts(list(texts)), self.context_length, truncate)
 
     def check_ids(self, ids: Sequence[int], field_name: str) -> None:
-        """Token ids from a client: inside the vocabulary and within the limit (never cut)."""
-        check_token_ids(ids, self.vocab_size, field_name)
-        if len(ids) > self.context_length:
-            raise InputTooLong(
-                f"{field_name} has {len(ids)} tokens; this model embeds at most {self.context_length}; send fewer"
-            )
+        check_embedding_ids(ids, self.vocab_size, self.context_length, field_name)
 
     def embed_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """The graph's sentence embeddings [len(batch), dimensions] (float32) of token-id rows, padded together."""
