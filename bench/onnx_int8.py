@@ -46,6 +46,7 @@ def main() -> None:
     from kompakt.data.sentences import read_sentences
     from kompakt.evaluate.sentence_speed import measure_sentence_speed
     from kompakt.export import export
+    from kompakt.export.onnx import onnx_bytes
     from kompakt.export.onnx_speed import onnx_embed, onnx_speed
     from kompakt.model.encode import embed
     from kompakt.model.load import load
@@ -56,7 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         types = ("f32", "int8")
         paths = {t: export(loaded, format="onnx", type=t, out=Path(tmp) / t).path / "model.onnx" for t in types}
-        sizes = {t: sum(f.stat().st_size for f in p.parent.glob("model.onnx*")) for t, p in paths.items()}
+        sizes = {t: onnx_bytes(p.parent) for t, p in paths.items()}
         f32, int8 = (onnx_embed(paths[t], sentences, threads=args.threads) for t in types)
         reference = embed(loaded, sentences).numpy()
         in_torch = measure_sentence_speed(loaded, sentences, threads=args.threads, batch_size=32, repeats=args.repeats,

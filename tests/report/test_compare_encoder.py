@@ -103,7 +103,8 @@ def test_the_deployed_form_compares_onnx_files_in_onnxruntime(measured, tmp_path
     """With the delivered int8 ONNX: both sides probed in onnxruntime (the original as its own fp32
     export), size the int8 file, fidelity the int8 graph's embeddings on the run's sentences."""
     from kompakt.export import export
-    from kompakt.report.compare_encoder import compare_encoder
+    from kompakt.model.encode import embed
+    from kompakt.report.compare_encoder import OnnxDeployment, compare_encoder
 
     _, original, result = measured
     onnx = export(result, format="onnx", type="int8", out=tmp_path / "onnx-int8").path
@@ -111,8 +112,8 @@ def test_the_deployed_form_compares_onnx_files_in_onnxruntime(measured, tmp_path
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        comparison = compare_encoder(original, result, result.path, {"cosine_mean": 0.5}, onnx_dir=onnx,
-                                     sentences=(sentences, "test sentences"))  # fmt: skip
+        deployed = OnnxDeployment(onnx, sentences, "test sentences", embed(original, sentences))
+        comparison = compare_encoder(original, result, result.path, {"cosine_mean": 0.5}, deployed=deployed)
     finally:
         torch.set_num_threads(before)
     values, probes = comparison["values"], comparison["probes"]

@@ -69,3 +69,13 @@ def test_the_onnxruntime_backend_refuses_what_is_no_onnx_directory(tmp_path):
     for source in (tmp_path, tmp_path / "model.gguf"):
         with pytest.raises(ConfigError, match="runs ONNX encoder directories; export one with"):
             choose_backend(source, "onnxruntime")
+
+
+def test_choosing_the_engine_for_a_gguf_still_imports_no_torch(tmp_path):
+    """choose_backend now looks for ONNX directories; a .gguf must not pay for torch because of it."""
+    import subprocess
+
+    code = ("import sys; from kompakt.serve.backend_choice import choose_backend; "
+            f"choose_backend({str(tmp_path / 'small.gguf')!r}); print('torch' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stderr

@@ -180,15 +180,21 @@ def _run_attempts(plan: EncoderPlan, out_dir: Path, model: str, seed: int, on_st
     return outcomes, best[1], best[2]
 
 
-def _compare(original, final: Path, metrics: dict, out_dir: Path, onnx: Path | None,
-             sentences: tuple[list[str], str]) -> None:  # fmt: skip
+def _compare(original, final: Path, metrics: dict, out_dir: Path, onnx: Path | None, recipe, seed: int) -> None:
     """comparison.json: the report's side-by-side table in its encoder form, of the delivered int8
-    ONNX when there is one (kompakt.report.compare_encoder)."""
+    ONNX when there is one (kompakt.report.compare_encoder), scored on the run's held-out
+    sentences against the original's embeddings the steps cached in out/reference."""
     from kompakt.model.load import load
+    from kompakt.recipe.rundata import RunData, measurer_for
     from kompakt.report.compare import machine
-    from kompakt.report.compare_encoder import compare_encoder
+    from kompakt.report.compare_encoder import OnnxDeployment, compare_encoder
 
-    comparison = compare_encoder(original, load(final), final, metrics, onnx_dir=onnx, sentences=sentences)
+    deployed = None
+    if onnx is not None:
+        measurer = measurer_for(original, RunData(recipe.data, original, seed), [], out_dir / REFERENCE_DIR)
+        sentences, where = measurer.data.eval_sentences()
+        deployed = OnnxDeployment(onnx, sentences, where, measurer.reference())
+    comparison = compare_encoder(original, load(final), final, metrics, deployed=deployed)
     comparison["machine"] = machine()
     write_text(out_dir / "comparison.json", json.dumps(comparison, indent=1, default=str) + "\n")
 
@@ -204,7 +210,6 @@ def compress_encoder(model: str | None, *, target: str | None = None, budget: st
     another model or target; DataError for a missing --data.
     """
     from kompakt.model.load import load
-    from kompakt.recipe.rundata import RunData
     from kompakt.report.build import build_report
 
     started = time.perf_counter()
@@ -242,8 +247,7 @@ def compress_encoder(model: str | None, *, target: str | None = None, budget: st
         write_text(out_dir / "exports.json", json.dumps(result.exports, indent=1) + "\n")
         onnx = Path(result.exports["onnx"]) if "onnx" in result.exports else None
         if failed is None:
-            held_out = RunData(recipe.data, original, seed).eval_sentences()
-            _compare(original, Path(final), outcomes[index]["metrics"], out_dir, onnx, held_out)
+            _compare(original, Path(final), outcomes[index]["metrics"], out_dir, onnx, recipe, seed)
         else:
             (out_dir / "comparison.json").unlink(missing_ok=True)  # an earlier run's, of a good export
     result.wall_s = time.perf_counter() - started

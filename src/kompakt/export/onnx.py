@@ -146,8 +146,12 @@ def write_onnx(loaded: LoadedModel, directory: str | Path, *, type: str = "f32")
         for path in (fp32, fp32.with_name(fp32.name + ".data")):
             path.unlink(missing_ok=True)
     _write_companions(loaded, directory)
-    size = sum(p.stat().st_size for p in directory.glob(MODEL_FILE + "*"))
-    return OnnxExport(directory, type, names, size)
+    return OnnxExport(directory, type, names, onnx_bytes(directory))
+
+
+def onnx_bytes(directory: Path) -> int:
+    """Bytes of an export directory's graph: model.onnx and its external data, when any."""
+    return sum(path.stat().st_size for path in Path(directory).glob(MODEL_FILE + "*"))
 
 
 def export_graph(loaded: LoadedModel, path: Path, names: list[str], *, external: bool = False) -> None:

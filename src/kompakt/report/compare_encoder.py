@@ -8,18 +8,19 @@ model, transformers on CPU or GPU as the machine has it, kompakt's held-out sent
 fidelity comes from the run's last evaluation when it holds the encoder metrics, else it is
 measured here on the same held-out sentences (`kompakt.evaluate.evaluate_encoder`).
 
-With `onnx_dir` (the int8 ONNX a `compress --target` run delivers, kompakt.auto.encoder_deliver)
+With `deployed` (the int8 ONNX a `compress --target` run delivers, kompakt.auto.encoder_deliver)
 the table compares what a user deploys, as the decoder table compares GGUF files in llama.cpp:
 the result is that directory in onnxruntime, the original its own fp32 ONNX export in
 onnxruntime (written to a scratch directory), each in a fresh process; size is the int8 file;
-fidelity is the int8 graph's embeddings of the run's held-out `sentences` against the
-original's. Both probes import torch (transformers' tokenizer does), so both peaks hold the
+fidelity is the int8 graph's embeddings of the run's held-out sentences against the
+original's (the run's cached reference embeddings, not computed again). Both probes import torch (transformers' tokenizer does), so both peaks hold the
 same ≈ 0.4 GB a torch-free onnxruntime process would not.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +55,26 @@ def _original_bytes(original: LoadedModel) -> int:
     return disk_bytes(original.path) or parameter_bytes(original.model)
 
 
-def _onnx_fidelity(original: LoadedModel, onnx_dir: Path, sentences: list[str], where: str) -> tuple[dict, str]:
-    """The int8 graph's embeddings of `sentences` against the original's (embedding_fidelity)."""
+@dataclass
+class OnnxDeployment:
+    """The delivered ONNX directory and what its fidelity is measured on: the run's held-out
+    sentences, where they come from, and the original's embeddings of them [n, d]."""
+
+    directory: Path
+    sentences: list[str]
+    where: str
+    reference: torch.Tensor
+
+
+def _onnx_fidelity(deployed: OnnxDeployment) -> tuple[dict, str]:
+    """The graph's embeddings of the held-out sentences against the original's (embedding_fidelity)."""
     from kompakt.evaluate.embedding_fidelity import embedding_fidelity
     from kompakt.export.onnx import MODEL_FILE
     from kompakt.export.onnx_speed import onnx_embed
-    from kompakt.model.encode import embed
 
-    ours = torch.from_numpy(onnx_embed(onnx_dir / MODEL_FILE, sentences)).float()
-    fidelity = embedding_fidelity(ours, embed(original, sentences).float(), k=10).to_dict()
-    return {**fidelity, "data": where}, "the int8 ONNX export's embeddings, measured for this report"
+    ours = torch.from_numpy(onnx_embed(deployed.directory / MODEL_FILE, deployed.sentences)).float()
+    fidelity = embedding_fidelity(ours, deployed.reference.float(), k=10).to_dict()
+    return {**fidelity, "data": deployed.where}, "the int8 ONNX export's embeddings, measured for this report"
 
 
 def _probe_onnx(original: LoadedModel, onnx_dir: Path, threads: int) -> tuple[dict, dict]:
@@ -79,19 +90,18 @@ def _probe_onnx(original: LoadedModel, onnx_dir: Path, threads: int) -> tuple[di
 
 
 def compare_encoder(original: LoadedModel, result: LoadedModel, result_dir: Path, metrics: dict[str, Any],
-                    threads: int | None = None, onnx_dir: Path | None = None,
-                    sentences: tuple[list[str], str] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Measure both encoders and return the comparison (JSON-able): kind, values, hardware, notes.
-    `onnx_dir` and `sentences` (the run's held-out sentences and where from) together: the
-    deployed form, as the module docstring says."""
+                    threads: int | None = None, deployed: OnnxDeployment | None = None) -> dict[str, Any]:  # fmt: skip
+    """Measure both encoders and return the comparison (JSON-able): kind, values, hardware, notes;
+    with `deployed`, of the delivered ONNX as the module docstring says."""
     from kompakt.evaluate import disk_bytes
+    from kompakt.export.onnx import onnx_bytes
     from kompakt.report.probe import probe
 
     threads = threads or torch.get_num_threads()
-    if onnx_dir is not None and sentences is not None:
-        speed_o, speed_r = _probe_onnx(original, onnx_dir, threads)
-        fid, fid_source = _onnx_fidelity(original, onnx_dir, *sentences)
-        size_r = sum(path.stat().st_size for path in onnx_dir.glob("model.onnx*"))  # and its external data
+    if deployed is not None:
+        speed_o, speed_r = _probe_onnx(original, deployed.directory, threads)
+        fid, fid_source = _onnx_fidelity(deployed)
+        size_r = onnx_bytes(deployed.directory)
     else:
         speed_o = probe(original.path, "transformers", threads) if original.path else {"error": "the original is not saved"}
         speed_r = probe(result_dir, "transformers", threads)
@@ -112,15 +122,14 @@ def compare_encoder(original: LoadedModel, result: LoadedModel, result_dir: Path
                             energy_per_1k(speed_r.get("sentences_b32_per_s"), watts)),
     }  # fmt: skip
     hardware = (hardware_needed(values["peak_memory_bytes"][0]), hardware_needed(values["peak_memory_bytes"][1]))
-    deployed = onnx_dir is not None and sentences is not None
     notes = [
-        "size: the original's weight files as saved vs the result's int8 ONNX file" if deployed
+        "size: the original's weight files as saved vs the result's int8 ONNX file" if deployed is not None
         else "size: the weight files of both directories as saved",
-        "speed and peak memory: " + ("the original as its fp32 ONNX export vs the result's int8 ONNX, " if deployed else "")
+        "speed and peak memory: " + ("the original as its fp32 ONNX export vs the result's int8 ONNX, " if deployed is not None else "")
         + f"{speed_o.get('backend', speed_r.get('backend', '?'))}, {threads} threads, a fresh "
         f"process per model, kompakt's held-out sentences ({speed_r.get('batch1_sentences', '?')} one at a time, "
         f"{speed_r.get('batched_sentences', '?')} in batches of 32, best of 3)"
-        + ("; each process also holds torch (≈ 0.4 GB, imported by transformers' tokenizer)" if deployed else ""),
+        + ("; each process also holds torch (≈ 0.4 GB, imported by transformers' tokenizer)" if deployed is not None else ""),
         f"fidelity ({fid_source}): {fid.get('data', 'held-out sentences')}; recall@{k} of the original's "
         f"{k} nearest neighbours, Spearman of the similarities of "
         + (f"{fid['pairs']:,} sentence pairs" if fid.get("pairs") else "sentence pairs"),

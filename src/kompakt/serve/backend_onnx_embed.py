@@ -24,10 +24,14 @@ from kompakt.serve.backend import check_embedding_ids, tokenize_within
 
 
 def is_onnx_dir(path: Path) -> bool:
-    """A directory kompakt's ONNX export wrote (model.onnx beside a config.json)."""
+    """A directory kompakt's ONNX export wrote (model.onnx beside a config.json). Anything but a
+    directory is answered before kompakt.export (and with it torch) is imported, so choosing the
+    engine for a .gguf costs no torch; a directory runs on torch or imports it for its tokenizer."""
+    if not path.is_dir():
+        return False
     from kompakt.export.onnx import MODEL_FILE
 
-    return path.is_dir() and (path / MODEL_FILE).is_file() and (path / "config.json").is_file()
+    return (path / MODEL_FILE).is_file() and (path / "config.json").is_file()
 
 
 class OnnxEmbeddingBackend:
