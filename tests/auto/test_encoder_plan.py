@@ -66,6 +66,43 @@ def test_speed_keeps_layers_in_proportion_and_the_budget_sizes_distillation():
     assert sentences == int(0.8 * 300 / (2.5 / 200.0))
 
 
+INT8 = dataclasses.replace(MINILM, int8_speedup=2.1, int8_cosine=0.993)  # as measured on 2 cores
+
+
+def test_speed_met_by_the_int8_graph_alone_removes_no_layer():
+    plan = make_encoder_plan(encoder_target("speed=2x"), INT8, 600.0)
+    assert [(a.kept_layers, a.steps, a.label) for a in plan.attempts] == [(6, [], "keep all 6 layers (int8 ONNX only)")]
+    assert "keep all, no training: the original as int8 ONNX (≈2.10x" in plan.choices[0]
+    assert any("2.10x its fp32 ONNX" in c and "cosine 0.993" in c for c in plan.choices)
+
+
+@pytest.mark.parametrize("speed, kept", [
+    ("3x", [4, 5, 6]),  # 6 x 2.1 / 3 = 4.2 layers: 4 gives 3.15x, 5 gives 2.52x; the int8 graph alone is the last back-off
+    ("4x", [3, 4, 5]),  # 3.15 layers: 3 gives 4.2x
+    ("12x", [1, 2, 3]),
+])  # fmt: skip
+def test_speed_cuts_only_the_layers_the_int8_graph_leaves_to_cut(speed, kept):
+    plan = make_encoder_plan(encoder_target(f"speed={speed}"), INT8, None)
+    assert [a.kept_layers for a in plan.attempts] == kept
+    assert [bool(a.steps) for a in plan.attempts] == [k < 6 for k in kept]
+
+
+def test_int8_below_the_floor_or_unmeasured_leaves_speed_to_layers():
+    below = make_encoder_plan(encoder_target("speed=2x,min-cosine=0.995"), INT8, None)
+    assert below.attempts[0].kept_layers == 3 and any("below the floor" in c for c in below.choices)
+    unmeasured = dataclasses.replace(MINILM, int8_note="onnxruntime is not installed")
+    plan = make_encoder_plan(encoder_target("speed=2x"), unmeasured, None)
+    assert [a.kept_layers for a in plan.attempts] == [3, 4, 5]
+    assert any("not counted: onnxruntime is not installed" in c for c in plan.choices)
+
+
+@pytest.mark.parametrize("facts, text, reach", [(INT8, "speed=13x", "12.60"), (MINILM, "speed=7x", "6"),
+                                                (MINILM, "speed=1.05x", "6")])  # fmt: skip
+def test_speed_out_of_reach_is_refused_with_the_reachable_factor(facts, text, reach):
+    with pytest.raises(ConfigError, match=rf"out of reach; give a factor in \(1, {reach}\]$"):
+        make_encoder_plan(encoder_target(text), facts, None)
+
+
 @pytest.mark.parametrize("text, words", [
     ("params=0.8,max-kl=0.1", "min-cosine=0.95"),
     ("size=4x", "--format onnx --type int8"),
@@ -99,18 +136,117 @@ def _encoder_calibration() -> bool:
     return importlib.util.find_spec("kompakt.model.inputs") is not None
 
 
+def _int8_gain(monkeypatch, speedup: float, cosine: float) -> None:
+    """The planner's int8 measurement fixed: a tiny encoder's int8 speed-up is noise around 1, and
+    which layers the plan keeps follows from it (test_int8_gain_is_measured measures it)."""
+    from kompakt.auto import encoder_int8
+
+    monkeypatch.setattr(encoder_int8, "measure_int8_gain", lambda *a: encoder_int8.Int8Gain(speedup, cosine))
+
+
+def _tiny_bert_and_sentences(tmp_path):
+    from kompakt.model.tiny_encoder import save_tiny_encoder
+
+    save_tiny_encoder("bert", tmp_path / "bert")
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(f"{s.capitalize()} {v} {o}." for s, v, o in itertools.product(*WORDS)) + "\n")
+    return str(tmp_path / "bert"), str(data)
+
+
+def test_int8_gain_is_measured_on_the_model_itself(tmp_path, monkeypatch):
+    import importlib.util
+
+    from kompakt.auto.encoder_int8 import measure_int8_gain
+    from kompakt.model.load import load
+
+    model, data = _tiny_bert_and_sentences(tmp_path)
+    loaded, sentences = load(model), open(data).read().splitlines()[:64]
+    gain = measure_int8_gain(loaded, sentences)
+    assert gain.speedup > 0 and 0.9 < gain.cosine <= 1.0 + 1e-6 and not gain.note
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    missing = measure_int8_gain(loaded, sentences)
+    assert missing.speedup is None and "pip install 'kompakt[encoders]'" in missing.note
+
+
+def test_speed_met_by_int8_alone_delivers_the_original_as_int8_onnx(tmp_path, monkeypatch):
+    """Nothing removed, nothing trained: the original saved as the final, its int8 ONNX delivered
+    and judged by the floor on its own embeddings, no recipe to rerun."""
+    from kompakt.auto.api import compress_auto
+
+    _int8_gain(monkeypatch, 2.5, 0.999)
+    model, data = _tiny_bert_and_sentences(tmp_path)
+    result = compress_auto(model, target="speed=2x,min-cosine=0.9", data=data, out=tmp_path / "run")
+    assert [a.steps for a in result.plan.attempts] == [[]] and "keep all" in result.plan.choices[0]
+    outcome = result.outcomes[0]
+    assert outcome["status"] == "within floor" and outcome["metrics"] == outcome["int8"]
+    assert 0.9 <= outcome["metrics"]["cosine_mean"] < 1.0 and "recall_at_10" in outcome["metrics"]
+    assert (tmp_path / "run" / "final" / "config.json").is_file() and not (tmp_path / "run" / "recipe.yaml").exists()
+    assert (tmp_path / "run" / "export" / "onnx-int8" / "model.onnx").is_file() and "passed" in result.exports["onnx_check"]
+    comparison = json.loads((tmp_path / "run" / "comparison.json").read_text())
+    assert comparison["values"]["cosine_mean"][1] == outcome["int8"]["cosine_mean"]
+    # both sides timed on the run's own held-out sentences (int8's gain depends on their length)
+    held_out = outcome["metrics"]["eval_sentences"]
+    assert [p["distinct_sentences"] for p in comparison["probes"].values()] == [held_out, held_out]
+    assert any("the held-out last 10% of the sentences of" in n and "one at a time" in n for n in comparison["notes"])
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "no recipe ran: the original was exported as int8 ONNX" in report and "## Trajectory" not in report
+
+
+def test_plan_only_says_the_int8_only_attempt_runs_no_recipe(tmp_path, monkeypatch, cli):
+    _int8_gain(monkeypatch, 2.5, 0.999)
+    model, data = _tiny_bert_and_sentences(tmp_path)
+    code, out, err = cli(["compress", model, "--target", "speed=2x", "--data", data, "--plan-only",
+                          "--out", str(tmp_path / "run")])  # fmt: skip
+    assert code == 0, err
+    assert "2.50x its fp32 ONNX" in out and "attempt 1 runs no recipe: the original is exported as int8 ONNX" in out
+    assert not (tmp_path / "run" / "recipe.yaml").exists()
+
+
+def test_the_floor_is_judged_on_the_delivered_int8_graph(tmp_path, monkeypatch):
+    """An attempt within the floor in fp32 whose int8 graph crosses it is abandoned like any other."""
+    from kompakt.auto.api import compress_auto
+
+    _int8_gain(monkeypatch, 2.5, 1.0)
+    model, data = _tiny_bert_and_sentences(tmp_path)
+    result = compress_auto(model, target="speed=2x,min-cosine=0.9999999", data=data, out=tmp_path / "run")
+    outcome = result.outcomes[0]
+    assert outcome["status"].startswith("kept although") and outcome["reason"].startswith("int8 ONNX mean cosine")
+    assert result.exports["onnx_type"] == "int8" and (tmp_path / "run" / "comparison.json").is_file()
+    assert "attempt 1, the closest to it (int8 ONNX mean cosine" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_an_int8_graph_that_fails_its_check_fails_the_run_after_the_report(tmp_path, monkeypatch):
+    from kompakt.auto import encoder_deliver
+    from kompakt.auto.api import compress_auto
+    from kompakt.export.check import ExportCheckError
+
+    _int8_gain(monkeypatch, 2.5, 0.999)
+    failure = ExportCheckError("the int8 ONNX export disagrees with its original in onnxruntime")
+    monkeypatch.setattr(encoder_deliver, "deliver_onnx", lambda *a: ({"onnx_check": str(failure)}, failure))
+    model, data = _tiny_bert_and_sentences(tmp_path)
+    with pytest.raises(ExportCheckError):
+        compress_auto(model, target="speed=2x", data=data, out=tmp_path / "run")
+    outcome = json.loads((tmp_path / "run" / "outcome.json").read_text())["outcomes"][0]
+    assert outcome["status"] == "int8 ONNX failed its check" and "int8" not in outcome
+    assert "disagrees" in (tmp_path / "run" / "report.md").read_text()
+    assert not (tmp_path / "run" / "comparison.json").exists()
+
+
 @pytest.mark.skipif(not _encoder_calibration(), reason="calibration sentences for encoders (prune.depth angular) not in this checkout")
-def test_compress_target_on_a_tiny_encoder_runs_attempts_and_reports(tmp_path):
+def test_compress_target_on_a_tiny_encoder_runs_attempts_and_reports(tmp_path, monkeypatch):
     from kompakt.auto.api import compress_auto
     from kompakt.model.load import load
     from kompakt.model.tiny_encoder import save_tiny_encoder
 
+    _int8_gain(monkeypatch, 1.0, 0.999)  # no gain: speed from layers alone
     save_tiny_encoder("bert", tmp_path / "bert")
     data = tmp_path / "sentences.txt"
     data.write_text("\n".join(f"{s.capitalize()} {v} {o}." for s, v, o in itertools.product(*WORDS)) + "\n")
     result = compress_auto(str(tmp_path / "bert"), target="speed=2x,min-cosine=0.5", budget="1m", data=str(data),
                            out=tmp_path / "run")  # fmt: skip
     assert result.final is not None and result.outcomes[0]["status"] == "within floor"
+    assert result.outcomes[0]["int8"]["cosine_mean"] >= 0.5  # the floor judged on the delivered graph too
     metrics = result.outcomes[0]["metrics"]
     assert metrics["cosine_mean"] >= 0.5 and "recall_at_10" in metrics and "speedup" in metrics
     final = load(tmp_path / "run" / "final")
@@ -209,6 +345,7 @@ def test_the_run_trains_the_distillation_steps_the_plan_states(tmp_path, monkeyp
     from kompakt.recipe import encoder_measure
     from kompakt.recipe.runner import run_recipe
 
+    _int8_gain(monkeypatch, 1.0, 0.999)
     save_tiny_encoder("bert", tmp_path / "bert")
     data = tmp_path / "sentences.txt"
     data.write_text("\n".join(f"{s.capitalize()} {v} {o}." for s, v, o in itertools.product(*WORDS)) + "\n")

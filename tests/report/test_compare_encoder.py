@@ -102,6 +102,7 @@ def test_the_model_card_of_an_encoder_says_sentence_transformers(measured):
 def test_the_deployed_form_compares_onnx_files_in_onnxruntime(measured, tmp_path):
     """With the delivered int8 ONNX: both sides probed in onnxruntime (the original as its own fp32
     export), size the int8 file, fidelity the int8 graph's embeddings on the run's sentences."""
+    from kompakt.auto.encoder_deliver import onnx_fidelity
     from kompakt.export import export
     from kompakt.model.encode import embed
     from kompakt.report.compare_encoder import OnnxDeployment, compare_encoder
@@ -112,8 +113,9 @@ def test_the_deployed_form_compares_onnx_files_in_onnxruntime(measured, tmp_path
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        deployed = OnnxDeployment(onnx, sentences, "test sentences", embed(original, sentences))
-        comparison = compare_encoder(original, result, result.path, {"cosine_mean": 0.5}, deployed=deployed)
+        deployed = OnnxDeployment(onnx, onnx_fidelity(onnx, sentences, "test sentences", embed(original, sentences)))
+        comparison = compare_encoder(original, result, result.path, {"cosine_mean": 0.5}, deployed=deployed,
+                                     timing=(sentences, "test sentences"))  # fmt: skip
     finally:
         torch.set_num_threads(before)
     values, probes = comparison["values"], comparison["probes"]
@@ -122,3 +124,17 @@ def test_the_deployed_form_compares_onnx_files_in_onnxruntime(measured, tmp_path
     assert all(v > 0 for v in values["sentences_b32_per_s"] + values["peak_memory_bytes"]), comparison["notes"]
     assert 0 < values["cosine_mean"][1] < 1 and values["cosine_mean"][1] != 0.5  # measured, not the run's
     assert any("int8 ONNX" in note for note in comparison["notes"])
+    assert [p["distinct_sentences"] for p in probes.values()] == [24, 24]  # timed on the sentences given
+    assert any("process per model, test sentences (64 one at a time" in note for note in comparison["notes"])
+
+
+@pytest.mark.parametrize("after, words", [(457.4, "2.60x the original's (target 3x, not met within the floor)"),
+                                          (540.0, "3.07x the original's (target 3x, met)")])  # fmt: skip
+def test_the_outcome_states_an_encoder_speed_target_against_the_measured_speed(after, words):
+    from kompakt.report.document import outcome_text
+
+    plan = {"target": {"text": "speed=3x", "speed": 3.0}, "attempts": [{"label": "keep 5 of 6 layers"}]}
+    values = {"size_bytes": (90.9e6, 21.0e6), "cosine_mean": (1.0, 0.965), "sentences_b32_per_s": (175.9, after)}
+    report = {"plan": plan, "comparison": {"kind": "encoder", "values": values},
+              "outcomes": [{"attempt": 1, "label": "keep 5 of 6 layers", "status": "within floor"}]}  # fmt: skip
+    assert f"Speed at batch 32: {words}." in outcome_text(report)

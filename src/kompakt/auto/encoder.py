@@ -1,17 +1,23 @@
 """`kompakt compress ENCODER --target ...`: plan (kompakt.auto.encoder_plan), run the attempts as
-recipes until one ends within the cosine floor, link the result, report.
+recipes until one ends within the cosine floor, link the result, report. An attempt within the
+floor is exported as int8 ONNX at once and judged again on that graph's embeddings, so the
+floor holds for what is delivered; the attempt that keeps every layer (when the int8 graph
+alone reaches a speed= target) runs no recipe: its final is the original, saved.
 
 Run directory (the decoder layout where it applies)::
 
     out/auto.json          the model fingerprint and target this directory belongs to
     out/plan.json          target, facts, every choice in one line, the attempts (a rerun with the
                            same budget and --data, or the run after --plan-only, follows it)
-    out/recipe.yaml        the recipe of the attempt that produced the result (edit and rerun it)
-    out/attempts/N/        one recipe run per attempt (steps/, lineage.jsonl, report.md)
+    out/recipe.yaml        the recipe of the attempt that produced the result (edit and rerun it);
+                           none when it ran no recipe
+    out/attempts/N/        one recipe run per attempt (steps/, lineage.jsonl, report.md; only
+                           final/ for the attempt without steps)
     out/reference/         the original's embeddings of the held-out sentences (computed once)
     out/final -> attempts/N/final   a HF + sentence-transformers directory
     out/export/onnx-int8/  the final model as int8 ONNX, checked in onnxruntime (kompakt.auto.encoder_deliver;
-                           the report's table compares it with the original's ONNX in onnxruntime)
+                           the report's table compares it with the original's ONNX in onnxruntime);
+                           each attempt within the floor writes it anew
     out/exports.json       its path and check, or why none was written
     out/outcome.json, report.md / report.html / report.json
 
@@ -30,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kompakt.atomic import atomic_symlink, reporting_errors, write_text
-from kompakt.auto.encoder_deliver import deliver_onnx
+from kompakt.auto.encoder_deliver import Delivery, deliver
 from kompakt.auto.encoder_plan import EncoderFacts, EncoderPlan, encoder_target, make_encoder_plan
 from kompakt.auto.outdir import check_out, default_out
 from kompakt.auto.target import parse_budget
@@ -80,20 +86,26 @@ def is_encoder_source(model: str | None) -> bool:
 
 
 def encoder_facts(loaded, measure_speed: bool = True, data: str | None = None,
-                  timing_data: str | None = None) -> EncoderFacts:  # fmt: skip
+                  timing_data: str | None = None, int8: bool = False) -> EncoderFacts:  # fmt: skip
     """Parameter counts per layer and the rest; sentences/s only when a budget needs it (0 otherwise),
     timed on `timing_data`'s training sentences when given; with `data`, the vocabulary rows
-    prune.vocab would keep on its training sentences."""
+    prune.vocab would keep on its training sentences; with `int8`, what the original's int8
+    ONNX gains over its fp32 ONNX (kompakt.auto.encoder_int8), on the same timing sentences."""
+    from kompakt.auto.encoder_int8 import measure_int8_gain
     from kompakt.model.arch import arch_for, decoder_layers, get_submodule
     from kompakt.recipe.encoder_measure import sentences_per_s
 
     layer_params = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(loaded.model)]
     rows, width = get_submodule(loaded.model, arch_for(loaded.model).embed).weight.shape
     trimmed, note = _trimmed_rows(loaded, data)
+    gain = measure_int8_gain(loaded, _timing(timing_data)) if int8 else None
     return EncoderFacts(name=loaded.name, fingerprint=loaded.fingerprint(), params=loaded.num_parameters(),
                         layers=len(layer_params), layer_params=layer_params,
                         sentences_per_s=sentences_per_s(loaded, _timing(timing_data)) if measure_speed else 0.0,
-                        embed_rows=int(rows), embed_width=int(width), trimmed_rows=trimmed, trim_note=note)  # fmt: skip
+                        embed_rows=int(rows), embed_width=int(width), trimmed_rows=trimmed, trim_note=note,
+                        int8_speedup=gain.speedup if gain else None,
+                        int8_cosine=gain.cosine if gain else None,
+                        int8_note=gain.note if gain else "")  # fmt: skip
 
 
 def _training_sentences(data: str) -> list[str]:
@@ -152,51 +164,100 @@ def _emit(on_event, kind: str, values: dict) -> None:
         on_event(kind, values)
 
 
-def _run_attempts(plan: EncoderPlan, out_dir: Path, model: str, seed: int, on_step, on_event):
-    """(outcomes, index of the kept attempt or None, its final directory or None)."""
+def _held_out(plan: EncoderPlan, original, out_dir: Path, seed: int):
+    """The run's held-out sentences and the original's embeddings of them, as every step scores
+    against (kompakt.recipe.encoder_measure; cached in out/reference)."""
+    from kompakt.recipe.rundata import RunData, measurer_for
+
+    return measurer_for(original, RunData(plan.recipe(0).data, original, seed), [], out_dir / REFERENCE_DIR)
+
+
+def _run_one(plan: EncoderPlan, index: int, out_dir: Path, original, model: str, seed: int, on_step):
+    """(final directory, its metrics) of attempt `index`: its recipe run, or for the int8-only
+    attempt (no steps) the original saved as it is, at cosine 1 before its int8 export."""
+    from kompakt.model.save import save_model
     from kompakt.recipe.runner import run_recipe
 
-    outcomes, best = [], None
+    run_dir = out_dir / "attempts" / str(index + 1)
+    if plan.attempts[index].steps:
+        run = run_recipe(plan.recipe(index, model, seed), run_dir, on_step=on_step, reference_dir=out_dir / REFERENCE_DIR)
+        return run.final, run.records[-1]["metrics"]
+    final = run_dir / "final"
+    if not (final / "config.json").is_file():
+        save_model(original, final)
+    return final, {"cosine_mean": 1.0}
+
+
+def _judge(attempt, outcome: dict, out_dir: Path, held_out, floor: float, on_event):
+    """(the cosine the floor is judged on, what it is, the int8 Delivery or None). An attempt
+    within the floor in fp32 is exported as int8 ONNX at once and judged on that graph instead."""
+    cosine, judged = outcome["metrics"].get("cosine_mean"), "mean cosine"
+    if cosine is None or cosine < floor:
+        return cosine, judged, None
+    _emit(on_event, "int8", {"attempt": outcome["attempt"]})
+    delivery = deliver(Path(outcome["final"]), out_dir, held_out)
+    if delivery.fidelity is not None:
+        outcome["int8"] = delivery.fidelity
+        if not attempt.steps:  # the original itself: what it delivers is all there is to score
+            outcome["metrics"] = delivery.fidelity
+        cosine, judged = delivery.fidelity["cosine_mean"], "int8 ONNX mean cosine"
+    return cosine, judged, delivery
+
+
+def _run_attempts(plan: EncoderPlan, out_dir: Path, original, held_out, model: str, seed: int, on_step, on_event):
+    """(outcomes, index of the kept attempt or None, its final directory or None, its Delivery or
+    None): the attempts in order until one is within the floor as delivered (_judge)."""
+    floor = plan.target.min_cosine
+    outcomes, best, delivered = [], None, None
     for index, attempt in enumerate(plan.attempts):
-        run_dir = out_dir / "attempts" / str(index + 1)
         _emit(on_event, "attempt", {"index": index + 1, "label": attempt.label, "seconds": attempt.seconds or 0})
-        run = run_recipe(plan.recipe(index, model, seed), run_dir, on_step=on_step,
-                         reference_dir=out_dir / REFERENCE_DIR)  # fmt: skip
-        metrics = run.records[-1]["metrics"]
-        cosine = metrics.get("cosine_mean")
-        outcome = {"attempt": index + 1, "label": attempt.label, "run_dir": str(run_dir), "final": str(run.final),
-                   "metrics": metrics}  # fmt: skip
+        final, metrics = _run_one(plan, index, out_dir, original, model, seed, on_step)
+        outcome = {"attempt": index + 1, "label": attempt.label, "run_dir": str(out_dir / "attempts" / str(index + 1)),
+                   "final": str(final), "metrics": metrics}  # fmt: skip
         outcomes.append(outcome)
-        if cosine is not None and cosine >= plan.target.min_cosine:
-            outcome["status"] = "within floor"
-            return outcomes, index, run.final
-        outcome.update(status="floor crossed", reason=f"mean cosine {cosine:.4f} < min-cosine {plan.target.min_cosine:g}")
+        cosine, judged, delivery = _judge(attempt, outcome, out_dir, held_out, floor, on_event)
+        if delivery is not None:
+            delivered = (index, delivery)
+            if delivery.failed is not None or cosine >= floor:
+                outcome["status"] = "within floor" if delivery.failed is None else "int8 ONNX failed its check"
+                return outcomes, index, final, delivery
+        outcome.update(status="floor crossed", reason=f"{judged} {cosine:.4f} < min-cosine {floor:g}")
         _emit(on_event, "back-off", outcome)
         if best is None or cosine > best[0]:
-            best = (cosine, index, run.final)
+            best = (cosine, index, final)
     if best is None:
-        return outcomes, None, None
-    outcomes[best[1]]["status"] = "kept although the floor is crossed (closest to it of all attempts)"
-    return outcomes, best[1], best[2]
+        return outcomes, None, None, None
+    _, index, final = best
+    outcomes[index]["status"] = "kept although the floor is crossed (closest to it of all attempts)"
+    if delivered is None or delivered[0] != index:  # out/export holds a later attempt's graph, or none
+        delivered = (index, deliver(Path(final), out_dir, held_out))
+    return outcomes, index, final, delivered[1]
 
 
-def _compare(original, final: Path, metrics: dict, out_dir: Path, onnx: Path | None, recipe, seed: int) -> None:
+def _compare(original, final: Path, metrics: dict, out_dir: Path, delivery: Delivery, held_out) -> None:
     """comparison.json: the report's side-by-side table in its encoder form, of the delivered int8
-    ONNX when there is one (kompakt.report.compare_encoder), scored on the run's held-out
-    sentences against the original's embeddings the steps cached in out/reference."""
+    ONNX when there is one (kompakt.report.compare_encoder), its fidelity the one the attempt was
+    judged by, both sides timed on the run's held-out sentences."""
     from kompakt.model.load import load
-    from kompakt.recipe.rundata import RunData, measurer_for
     from kompakt.report.compare import machine
     from kompakt.report.compare_encoder import OnnxDeployment, compare_encoder
 
     deployed = None
-    if onnx is not None:
-        measurer = measurer_for(original, RunData(recipe.data, original, seed), [], out_dir / REFERENCE_DIR)
-        sentences, where = measurer.data.eval_sentences()
-        deployed = OnnxDeployment(onnx, sentences, where, measurer.reference())
-    comparison = compare_encoder(original, load(final), final, metrics, deployed=deployed)
+    if delivery.fidelity is not None:
+        deployed = OnnxDeployment(Path(delivery.exports["onnx"]), delivery.fidelity)
+    comparison = compare_encoder(original, load(final), final, metrics, deployed=deployed,
+                                 timing=held_out.data.eval_sentences())  # fmt: skip
     comparison["machine"] = machine()
     write_text(out_dir / "comparison.json", json.dumps(comparison, indent=1, default=str) + "\n")
+
+
+def _write_recipe(plan: EncoderPlan, index: int, out_dir: Path, model: str, seed: int) -> None:
+    """recipe.yaml: attempt `index` as a recipe to edit and rerun; none for the int8-only attempt
+    (no steps: `kompakt export ORIGINAL --format onnx --type int8` is all it does)."""
+    if plan.attempts[index].steps:
+        write_text(out_dir / "recipe.yaml", plan.recipe(index, model, seed).to_yaml())
+    else:
+        (out_dir / "recipe.yaml").unlink(missing_ok=True)
 
 
 def compress_encoder(model: str | None, *, target: str | None = None, budget: str | None = None,
@@ -222,7 +283,8 @@ def compress_encoder(model: str | None, *, target: str | None = None, budget: st
     check_out(out_dir, original.fingerprint(), goal, force)
     plan = _saved_plan(out_dir, original.fingerprint(), budget_s, data)
     if plan is None:
-        facts = encoder_facts(original, budget_s is not None, data if goal.goal == "params" else None, data)
+        facts = encoder_facts(original, budget_s is not None, data if goal.goal == "params" else None, data,
+                              int8=goal.goal == "speed")  # fmt: skip
         plan = make_encoder_plan(goal, facts, budget_s, data)
     with reporting_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,24 +292,23 @@ def compress_encoder(model: str | None, *, target: str | None = None, budget: st
     write_text(out_dir / AUTO_FILE, json.dumps({"model": name, "fingerprint": plan.facts.fingerprint,
                                                 "target": goal.text, "kind": "encoder"}) + "\n")  # fmt: skip
     write_text(out_dir / "plan.json", json.dumps(plan.to_dict(), indent=1, default=str) + "\n")
-    write_text(out_dir / "recipe.yaml", plan.recipe(0, name, seed).to_yaml())
+    _write_recipe(plan, 0, out_dir, name, seed)
     result = EncoderResult(out_dir, plan)
     if plan_only:
         return result
-    outcomes, index, final = _run_attempts(plan, out_dir, name, seed, on_step, on_event)
+    held_out = _held_out(plan, original, out_dir, seed)
+    outcomes, index, final, delivery = _run_attempts(plan, out_dir, original, held_out, name, seed, on_step, on_event)
     result.outcomes, result.attempt = outcomes, index
     failed = None  # an ONNX export that failed its check: reported first, then raised
     if final is not None:
         result.final = final
-        recipe = plan.recipe(index, name, seed)
-        write_text(out_dir / "recipe.yaml", recipe.to_yaml())
+        _write_recipe(plan, index, out_dir, name, seed)
         atomic_symlink(out_dir / "final", str(Path(final).resolve().relative_to(out_dir)))
         _emit(on_event, "deliver", {})
-        result.exports, failed = deliver_onnx(Path(final), out_dir)
+        result.exports, failed = delivery.exports, delivery.failed
         write_text(out_dir / "exports.json", json.dumps(result.exports, indent=1) + "\n")
-        onnx = Path(result.exports["onnx"]) if "onnx" in result.exports else None
         if failed is None:
-            _compare(original, Path(final), outcomes[index]["metrics"], out_dir, onnx, recipe, seed)
+            _compare(original, Path(final), outcomes[index]["metrics"], out_dir, delivery, held_out)
         else:
             (out_dir / "comparison.json").unlink(missing_ok=True)  # an earlier run's, of a good export
     result.wall_s = time.perf_counter() - started

@@ -22,8 +22,13 @@ training part lacks; trim with the text the model will embed.
 Goals:
 - params=P: keep n' = the most layers whose parameters fit P (at least one), then distil; when
   no layer count fits and --data is given, the same with the trimmed vocabulary's parameters.
-- speed=S: an encoder's compute is its layers (the embedding lookup is free), so S x faster
-  means keeping ceil(n / S) layers (measured afterwards: sentences/s at batch 32).
+- speed=S: an encoder's compute is its layers (the embedding lookup is free), and the run
+  delivers int8 ONNX, which runs the original G x its fp32 ONNX (G measured at planning,
+  kompakt.auto.encoder_int8; all-MiniLM-L6-v2 on 2 cores: about 2.1x at cosine 0.993). So S x
+  faster than the original's fp32 ONNX means keeping k of n layers with n/k x G nearest S; when
+  G alone reaches S, no layer goes and nothing is trained (the original as int8 ONNX). G is not
+  counted (k = n/S) without onnxruntime, or when the int8 graph's cosine is below the floor.
+  Measured afterwards: sentences/s at batch 32, both files in onnxruntime.
 - size= / bytes=: refused with what to do instead (an int8 ONNX export, params=, speed=).
 
 Layers to drop: the contiguous block whose input and output are closest in angle on
@@ -45,7 +50,9 @@ scored cosine 0.970 at lr 1e-4, 0.965 at 2.5e-4 and 0.955 at 5e-4; keeping 4, 0.
 needs small steps; one that starts far needs larger ones. Floor: mean cosine
 to the original's embeddings on held-out sentences (`min-cosine`, default 0.95); KL and
 perplexity floors do not apply to encoders and are refused. Back-off when the floor is
-crossed: keep one more layer, up to keeping all but one.
+crossed: keep one more layer, up to keeping all but one (all of them, int8 only, when the int8
+gain is counted). The floor is judged on what is delivered: the int8 graph's embeddings when
+the run writes one (kompakt.auto.encoder).
 """
 
 from __future__ import annotations
@@ -82,6 +89,10 @@ class EncoderFacts:
     embed_width: int = 0
     trimmed_rows: int | None = None  # rows prune.vocab keeps on --data's training sentences; None: no data / not trimmable
     trim_note: str = ""  # why trimming is not available, when it is not
+    # the original as int8 ONNX against its fp32 ONNX (kompakt.auto.encoder_int8; speed= targets only)
+    int8_speedup: float | None = None
+    int8_cosine: float | None = None
+    int8_note: str = ""  # why it was not measured
 
     @property
     def trim_saves(self) -> int:
@@ -167,16 +178,48 @@ def encoder_target(text: str | None) -> Target:
     return target
 
 
+def int8_gain(target: Target, facts: EncoderFacts) -> float:
+    """The speed-up the delivered int8 ONNX adds, as the plan counts it: the measured one when its
+    cosine stays within the floor, else 1 (layers alone)."""
+    counted = facts.int8_speedup is not None and facts.int8_cosine is not None
+    return facts.int8_speedup if counted and facts.int8_cosine >= target.min_cosine else 1.0
+
+
+def _int8_why(target: Target, facts: EncoderFacts) -> str:
+    if facts.int8_speedup is None:
+        return f"the int8 ONNX speed-up is not counted: {facts.int8_note or 'not measured'}"
+    measured = (f"onnxruntime's dynamic int8 runs the original {facts.int8_speedup:.2f}x its fp32 ONNX at batch 32, "
+                f"mean cosine {facts.int8_cosine:.3f} (measured now, on this machine)")  # fmt: skip
+    if int8_gain(target, facts) == 1.0:
+        return f"{measured}: below the floor, so only layers count for speed"
+    return f"{measured}; the run delivers int8 ONNX, so the layers make up the rest"
+
+
+def _speed_layers(target: Target, facts: EncoderFacts) -> tuple[int, str]:
+    """(layers to keep, why): an encoder's compute is its layers (the embedding lookup is free), so
+    keeping k of n runs n/k faster, times the int8 graph's gain when counted. Of the two whole
+    counts around the exact one, the one whose speed is nearer the target (as a ratio)."""
+    n, gain = facts.layers, int8_gain(target, facts)
+    exact = n * gain / target.speed
+    keep = min({max(1, math.floor(exact + 1e-9)), max(1, math.ceil(exact - 1e-9))},
+               key=lambda k: (abs(math.log(n * gain / k / target.speed)), -k))  # fmt: skip
+    if target.speed > n * gain * (1 + 1e-9) or (keep >= n and gain == 1.0):
+        reach = f"{n * gain:.2f}" if gain > 1.0 else f"{n}"
+        raise ConfigError(f"--target speed={target.speed:g}x on {n} layers is out of reach; give a factor in "
+                          f"(1, {reach}]")  # fmt: skip
+    keep = min(keep, n)
+    what = "keep all, no training: the original as int8 ONNX" if keep == n else f"keep {keep} of {n}"
+    return keep, (f"speed={target.speed:g}x: an encoder's compute is its layers, so {what} "
+                  f"(≈{n / keep * gain:.2f}x; measured after the run)")  # fmt: skip
+
+
 def _layers_for(target: Target, facts: EncoderFacts) -> tuple[int, bool, str]:
     """(layers to keep, whether the vocabulary is trimmed, why) for the target's goal;
     ConfigError when it is out of reach."""
     n = facts.layers
     if target.goal == "speed":
-        keep = math.ceil(n / target.speed - 1e-9)
-        if keep < 1 or keep >= n:
-            raise ConfigError(f"--target speed={target.speed:g}x on {n} layers keeps {keep}; give a factor in (1, {n}]")
-        return keep, False, (f"speed={target.speed:g}x: an encoder's compute is its layers, so keep {keep} of {n} "
-                             f"(≈{n / keep:.2f}x; measured after the run)")  # fmt: skip
+        keep, why = _speed_layers(target, facts)
+        return keep, False, why
     wanted = target.params * facts.params
     for trim in (False, True) if facts.trimmed_rows is not None else (False,):
         fitting = [k for k in range(1, n) if facts.params_with(k, trim) <= wanted]
@@ -240,6 +283,8 @@ def _attempt(label: str, kept: int, facts: EncoderFacts, budget_s: float | None,
              trim: bool = False) -> EncoderAttempt:  # fmt: skip
     from kompakt.recipe.schema import Step
 
+    if kept == facts.layers:  # the int8 graph alone: nothing to remove, nothing to heal
+        return EncoderAttempt(label, kept, [], facts.params_with(kept) / facts.params, 0.0 if budget_s else None)
     sentences = _kd_sentences(facts, kept, budget_s)
     steps = [_prune_step(kept, facts.layers)]
     if sentences >= MIN_KD_SENTENCES:
@@ -266,26 +311,34 @@ def _kd_phrase(config: dict) -> str:
     return f"{config['sentences']} sentences ({steps} steps of {config['batch_size']})"
 
 
+def _label(kept: int, layers: int) -> str:
+    return f"keep {kept} of {layers} layers" if kept < layers else f"keep all {layers} layers (int8 ONNX only)"
+
+
 def make_encoder_plan(target: Target, facts: EncoderFacts, budget_s: float | None, data: str | None = None) -> EncoderPlan:
     """The attempts for `target`: the cut it asks for first, then one more layer kept each time."""
     choices: list[str] = []
     keep, trim, why = _layers_for(target, facts)
     choices.append(why)
     choices.append(f"floor: mean cosine ≥ {target.min_cosine:g} to the original's embeddings of held-out sentences")
-    choices.append("layers removed as the contiguous block closest in angle on calibration sentences (prune.depth "
-                   "angular: kept the last layers, cosine 0.73 before healing on all-MiniLM-L6-v2 where DistilBERT's "
-                   "every other layer gives 0.33), then distill.kd on 1 - cosine of the sentence embeddings and MiniLM v2's "
-                   "last-layer q/k/v relations, the peak lr in proportion to the share of layers removed")  # fmt: skip
+    if target.goal == "speed":
+        choices.append(_int8_why(target, facts))
     share = None if budget_s is None else budget_s / 2  # the first attempt and its back-offs share the budget
-    attempts = [_attempt(f"keep {keep} of {facts.layers} layers", keep, facts, share, choices, trim)]
-    for more in range(keep + 1, facts.layers):
-        if target.goal == "speed" and facts.layers / more < 1.0 + 1e-9:
+    attempts = [_attempt(_label(keep, facts.layers), keep, facts, share, choices, trim)]
+    gain = int8_gain(target, facts) if target.goal == "speed" else 1.0
+    for more in range(keep + 1, facts.layers + (gain > 1.0)):  # all layers kept only when int8 adds speed
+        if target.goal == "speed" and facts.layers * gain / more < 1.0 + 1e-9:
             break
-        attempts.append(_attempt(f"back-off: keep {more} of {facts.layers} layers", more, facts,
+        attempts.append(_attempt("back-off: " + _label(more, facts.layers), more, facts,
                                  None if share is None else share / 2, choices, trim))  # fmt: skip
         if len(attempts) == 3:
             break
-    if budget_s is not None:
+    if any(a.steps for a in attempts):
+        choices.append("layers removed as the contiguous block closest in angle on calibration sentences (prune.depth "
+                       "angular: kept the last layers, cosine 0.73 before healing on all-MiniLM-L6-v2 where DistilBERT's "
+                       "every other layer gives 0.33), then distill.kd on 1 - cosine of the sentence embeddings and MiniLM "
+                       "v2's last-layer q/k/v relations, the peak lr in proportion to the share of layers removed")  # fmt: skip
+    if budget_s is not None and any(a.steps for a in attempts):
         choices.append(f"distillation sized for the {budget_s / 60:.0f} min budget at {facts.sentences_per_s:.0f} "
                        "teacher sentences/s: " + ", ".join(f"{a.label}: {_kd_phrase(_kd_config(a))}"
                                                            for a in attempts))  # fmt: skip

@@ -140,7 +140,9 @@ def _memory_plan(model, recipe, steps, data, seed, max_memory, max_gpu_memory=No
 
 _EVENTS = {
     "analysis": lambda v: f"analysing the model (light phase-1 analysis, ≈{duration(v['seconds'])})",
-    "attempt": lambda v: f"attempt {v['index']}: {v['label']} (planned ≈{duration(v['seconds'])})",
+    "attempt": lambda v: f"attempt {v['index']}: {v['label']}"
+    + (f" (planned ≈{duration(v['seconds'])})" if v["seconds"] else ""),  # an unbudgeted encoder plan: no estimate
+    "int8": lambda v: f"attempt {v['attempt']} within the floor: exporting it as int8 ONNX and scoring that",
     "back-off": lambda v: f"attempt {v['attempt']} abandoned: {v['reason']}; backing off",
     "deliver": lambda v: "exporting, measuring original vs result side by side, writing the report",
 }
@@ -164,9 +166,13 @@ def _auto(model, target, budget, plan_only, data, out, seed, force) -> None:
                                    force=force, on_step=on_step, on_event=on_event)  # fmt: skip
     _print_plan(console, result)
     if plan_only:
-        console.print(f"recipe written to {result.out_dir / 'recipe.yaml'} (not run: --plan-only)", highlight=False)
         from kompakt.report.recipe_view import annotated_recipe
 
+        if not result.plan.attempts[0].steps:  # an encoder delivered as int8 ONNX alone
+            console.print("attempt 1 runs no recipe: the original is exported as int8 ONNX (not run: --plan-only)",
+                          highlight=False)  # fmt: skip
+            return
+        console.print(f"recipe written to {result.out_dir / 'recipe.yaml'} (not run: --plan-only)", highlight=False)
         recipe = annotated_recipe(result.plan.recipe(0, model=model, seed=seed).to_yaml())
         console.print(recipe, highlight=False, markup=False, soft_wrap=True)
         return

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kompakt.evaluate.embedding_fidelity import EmbeddingFidelity
 from kompakt.model.loaded import LoadedModel
 from kompakt.rundir.hashing import digest
 
@@ -34,6 +35,13 @@ def sentences_per_s(loaded: LoadedModel, sentences: list[str], batch_size: int =
     from kompakt.model.encode import embed
 
     return best_rate(lambda: embed(loaded, sentences, batch_size=batch_size), len(sentences), repeats=2)
+
+
+def fidelity_metrics(fidelity: EmbeddingFidelity, where: str) -> dict[str, Any]:
+    """`fidelity` under the names a step's metrics use (recall@10, the text scored on)."""
+    return {"cosine_mean": fidelity.cosine_mean, "cosine_min": fidelity.cosine_min, "cosine_p05": fidelity.cosine_p05,
+            "recall_at_10": fidelity.recall_at_k, "spearman": fidelity.spearman, "eval_sentences": fidelity.sentences,
+            "eval_text": where}  # fmt: skip
 
 
 class EncoderMeasurer:
@@ -86,12 +94,7 @@ class EncoderMeasurer:
         from kompakt.model.encode import embed
 
         sentences, where = self.data.eval_sentences()
-        fidelity = embedding_fidelity(embed(candidate, sentences), self.reference(), k=10)
-        out: dict[str, Any] = {
-            "cosine_mean": fidelity.cosine_mean, "cosine_min": fidelity.cosine_min,
-            "cosine_p05": getattr(fidelity, "cosine_p05", None), "recall_at_10": fidelity.recall_at_k,
-            "spearman": fidelity.spearman, "eval_sentences": len(sentences), "eval_text": where,
-        }  # fmt: skip
+        out = fidelity_metrics(embedding_fidelity(embed(candidate, sentences), self.reference(), k=10), where)
         if "speed" in self.metrics:
             speed = sentences_per_s(candidate, sentences[:SPEED_SENTENCES])
             out["sentences_per_s"] = speed

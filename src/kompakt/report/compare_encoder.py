@@ -4,7 +4,9 @@ Rows: parameters, size on disk, peak memory while embedding, the RAM that holds 
 at batch 1 (a search query) and batch 32 (indexing), the embeddings' fidelity to the original
 (mean cosine, neighbour recall@10, Spearman of pair similarities) and an energy estimate per
 1k sentences. Speed and peak memory come from `kompakt.report.probe` (a fresh process per
-model, transformers on CPU or GPU as the machine has it, kompakt's held-out sentences);
+model, transformers on CPU or GPU as the machine has it, on the run's held-out sentences when
+the caller gives them, since what int8 or fewer layers gain depends on sentence length, else
+kompakt's shipped held-out set);
 fidelity comes from the run's last evaluation when it holds the encoder metrics, else it is
 measured here on the same held-out sentences (`kompakt.evaluate.evaluate_encoder`).
 
@@ -13,7 +15,7 @@ the table compares what a user deploys, as the decoder table compares GGUF files
 the result is that directory in onnxruntime, the original its own fp32 ONNX export in
 onnxruntime (written to a scratch directory), each in a fresh process; size is the int8 file;
 fidelity is the int8 graph's embeddings of the run's held-out sentences against the
-original's (the run's cached reference embeddings, not computed again). Both probes import torch (transformers' tokenizer does), so both peaks hold the
+original's, as the run measured them to judge its floor. Both probes import torch (transformers' tokenizer does), so both peaks hold the
 same ≈ 0.4 GB a torch-free onnxruntime process would not.
 """
 
@@ -57,27 +59,14 @@ def _original_bytes(original: LoadedModel) -> int:
 
 @dataclass
 class OnnxDeployment:
-    """The delivered ONNX directory and what its fidelity is measured on: the run's held-out
-    sentences, where they come from, and the original's embeddings of them [n, d]."""
+    """The delivered ONNX directory and its fidelity to the original on the run's held-out
+    sentences, in a step's metric names (kompakt.auto.encoder_deliver.onnx_fidelity)."""
 
     directory: Path
-    sentences: list[str]
-    where: str
-    reference: torch.Tensor
+    fidelity: dict[str, Any]
 
 
-def _onnx_fidelity(deployed: OnnxDeployment) -> tuple[dict, str]:
-    """The graph's embeddings of the held-out sentences against the original's (embedding_fidelity)."""
-    from kompakt.evaluate.embedding_fidelity import embedding_fidelity
-    from kompakt.export.onnx import MODEL_FILE
-    from kompakt.export.onnx_speed import onnx_embed
-
-    ours = torch.from_numpy(onnx_embed(deployed.directory / MODEL_FILE, deployed.sentences)).float()
-    fidelity = embedding_fidelity(ours, deployed.reference.float(), k=10).to_dict()
-    return {**fidelity, "data": deployed.where}, "the int8 ONNX export's embeddings, measured for this report"
-
-
-def _probe_onnx(original: LoadedModel, onnx_dir: Path, threads: int) -> tuple[dict, dict]:
+def _probe_onnx(original: LoadedModel, onnx_dir: Path, threads: int, sentences: list[str] | None) -> tuple[dict, dict]:
     """(original as fp32 ONNX, the delivered int8 ONNX), each probed in onnxruntime."""
     import tempfile
 
@@ -86,25 +75,31 @@ def _probe_onnx(original: LoadedModel, onnx_dir: Path, threads: int) -> tuple[di
 
     with tempfile.TemporaryDirectory(prefix="kompakt-compare-") as scratch:
         written = write_onnx(original, Path(scratch) / "original", type="f32")
-        return probe(written.directory, "onnxruntime", threads), probe(onnx_dir, "onnxruntime", threads)
+        return (probe(written.directory, "onnxruntime", threads, sentences=sentences),
+                probe(onnx_dir, "onnxruntime", threads, sentences=sentences))  # fmt: skip
 
 
 def compare_encoder(original: LoadedModel, result: LoadedModel, result_dir: Path, metrics: dict[str, Any],
-                    threads: int | None = None, deployed: OnnxDeployment | None = None) -> dict[str, Any]:  # fmt: skip
+                    threads: int | None = None, deployed: OnnxDeployment | None = None,
+                    timing: tuple[list[str], str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Measure both encoders and return the comparison (JSON-able): kind, values, hardware, notes;
-    with `deployed`, of the delivered ONNX as the module docstring says."""
+    with `deployed`, of the delivered ONNX as the module docstring says; speed timed on
+    `timing`'s sentences (and where they are from), else on kompakt's shipped held-out set."""
     from kompakt.evaluate import disk_bytes
     from kompakt.export.onnx import onnx_bytes
     from kompakt.report.probe import probe
 
     threads = threads or torch.get_num_threads()
+    sentences, timed_on = timing if timing is not None else (None, "kompakt's shipped held-out sentences")
     if deployed is not None:
-        speed_o, speed_r = _probe_onnx(original, deployed.directory, threads)
-        fid, fid_source = _onnx_fidelity(deployed)
+        speed_o, speed_r = _probe_onnx(original, deployed.directory, threads, sentences)
+        fid, _ = _fidelity(original, result, deployed.fidelity)
+        fid_source = "the int8 ONNX export's embeddings, as the run judged its floor on"
         size_r = onnx_bytes(deployed.directory)
     else:
-        speed_o = probe(original.path, "transformers", threads) if original.path else {"error": "the original is not saved"}
-        speed_r = probe(result_dir, "transformers", threads)
+        speed_o = (probe(original.path, "transformers", threads, sentences=sentences) if original.path
+                   else {"error": "the original is not saved"})  # fmt: skip
+        speed_r = probe(result_dir, "transformers", threads, sentences=sentences)
         fid, fid_source = _fidelity(original, result, metrics)
         size_r = disk_bytes(result_dir)
     watts, watts_note = power_watts(threads)
@@ -127,7 +122,7 @@ def compare_encoder(original: LoadedModel, result: LoadedModel, result_dir: Path
         else "size: the weight files of both directories as saved",
         "speed and peak memory: " + ("the original as its fp32 ONNX export vs the result's int8 ONNX, " if deployed is not None else "")
         + f"{speed_o.get('backend', speed_r.get('backend', '?'))}, {threads} threads, a fresh "
-        f"process per model, kompakt's held-out sentences ({speed_r.get('batch1_sentences', '?')} one at a time, "
+        f"process per model, {timed_on} ({speed_r.get('batch1_sentences', '?')} one at a time, "
         f"{speed_r.get('batched_sentences', '?')} in batches of 32, best of 3)"
         + ("; each process also holds torch (≈ 0.4 GB, imported by transformers' tokenizer)" if deployed is not None else ""),
         f"fidelity ({fid_source}): {fid.get('data', 'held-out sentences')}; recall@{k} of the original's "

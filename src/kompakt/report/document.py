@@ -117,6 +117,10 @@ def _attempts_trajectory(out: Path) -> list[dict]:
     return rows
 
 
+NO_RECIPE = ("# no recipe ran: the original was exported as int8 ONNX, the same as\n"
+             "# kompakt export MODEL --format onnx --type int8 --out DIR\n")
+
+
 def _final_outcome(report: dict) -> dict | None:
     """The outcome whose model is the result (None when no attempt finished)."""
     return next((o for o in report["outcomes"] if o.get("status") != "floor crossed"), None)
@@ -127,6 +131,17 @@ def final_attempt(report: dict) -> dict:
     attempts = report["plan"]["attempts"]
     final = _final_outcome(report)
     return attempts[final["attempt"] - 1] if final is not None else attempts[0]
+
+
+def _speed_outcome(target: dict, values: dict) -> list[str]:
+    """A sentence encoder's speed= target against the speed-up measured at batch 32 (decoder
+    speed targets are a search constraint, stated with the shape)."""
+    rates = values.get("sentences_b32_per_s", (None, None))
+    if not target.get("speed") or not rates[0] or not rates[1]:
+        return []
+    ratio = rates[1] / rates[0]
+    met = "met" if ratio >= target["speed"] else "not met within the floor"
+    return [f"Speed at batch 32: {ratio:.2f}x the original's (target {target['speed']:g}x, {met})."]
 
 
 def outcome_text(report: dict) -> str:
@@ -147,7 +162,10 @@ def outcome_text(report: dict) -> str:
     quality = f", KL {kl:.3f}" if kl is not None else f", mean cosine {cosine:.3f}" if cosine is not None else ""
     parts = [head + reached + quality + "."]
     if final.get("status", "").startswith("kept although"):
-        parts.append("No attempt stayed within the quality floor; the last one is kept so it can be inspected.")
+        why = f" ({final['reason']})" if final.get("reason") else ""
+        parts.append(f"No attempt stayed within the quality floor; attempt {final['attempt']}, the closest to it{why}, "
+                     "is kept so it can be inspected.")  # fmt: skip
+    parts += _speed_outcome(target, values)
     wanted = target.get("size")
     if wanted and factor and factor < wanted:
         parts.append(f"The size target ({wanted:g}x) was not met within the floor. Why: " + "; ".join(
@@ -198,6 +216,8 @@ def gather_target(out: Path) -> dict[str, Any]:
         "analysis_dir": str(out / "analysis"),
     }
     report["outcome"] = outcome_text(report)
+    if not recipe_yaml and final_attempt(report).get("steps") == []:  # an encoder delivered as int8 alone
+        report["recipe_yaml"] = report["recipe_shown"] = NO_RECIPE
     return report
 
 

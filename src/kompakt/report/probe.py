@@ -7,8 +7,11 @@ model is what a laptop needs, which a measurement inside kompakt (with the origi
 candidate and the evaluator loaded) cannot tell.
 
     python -m kompakt.report.probe MODEL --backend llamacpp|transformers|onnxruntime [--threads N]
+                                   [--sentences FILE]
 
-(onnxruntime: MODEL is an ONNX export directory of a sentence encoder, kompakt.export.onnx.)
+(onnxruntime: MODEL is an ONNX export directory of a sentence encoder, kompakt.export.onnx.
+A sentence encoder is timed on FILE's sentences, e.g. a run's held-out ones, else on kompakt's
+shipped held-out set: its speed-up from int8 or fewer layers depends on sentence length.)
 
 prints one JSON object (speeds: the best of 3 runs, since a shared machine only ever slows a
 run down). `probe(...)` runs it and returns that object.
@@ -38,7 +41,7 @@ def _peak_rss_bytes() -> int:
     return high_water_mark() or max_rss_lifetime()
 
 
-def _llamacpp(path: str, threads: int) -> dict:
+def _llamacpp(path: str, threads: int, sentences: str | None = None) -> dict:
     from llama_cpp import Llama
 
     started = time.perf_counter()
@@ -65,7 +68,7 @@ def _llamacpp(path: str, threads: int) -> dict:
     return {"backend": "llama.cpp (llama-cpp-python)", "load_s": load_s, "prefill_tps": prefill, "generate_tps": generate}
 
 
-def _transformers(path: str, threads: int) -> dict:
+def _transformers(path: str, threads: int, sentences: str | None = None) -> dict:
     import torch
 
     from kompakt.evaluate import measure_speed
@@ -76,7 +79,7 @@ def _transformers(path: str, threads: int) -> dict:
     loaded = load(path)
     load_s = time.perf_counter() - started
     if loaded.is_encoder:
-        return _encoder(loaded, load_s)
+        return _encoder(loaded, load_s, sentences)
     speed = max(
         (measure_speed(loaded, prompt_batch=1, prompt_len=PROMPT_TOKENS, gen_tokens=GEN_TOKENS, repeats=1)
          for _ in range(REPEATS)),
@@ -86,19 +89,20 @@ def _transformers(path: str, threads: int) -> dict:
             "prefill_tps": speed.prefill_tokens_per_s, "generate_tps": speed.generate_tokens_per_s}  # fmt: skip
 
 
-def _encoder(loaded, load_s: float) -> dict:
-    """A sentence encoder: sentences/s at batch 1 and 32 on kompakt's held-out sentences (best of
-    REPEATS), through the same embed() a user calls."""
+def _encoder(loaded, load_s: float, sentences: str | None) -> dict:
+    """A sentence encoder: sentences/s at batch 1 and 32 on `sentences`' (a file) or kompakt's
+    held-out sentences (best of REPEATS), through the same embed() a user calls."""
     from kompakt.evaluate import load_sentences, measure_sentence_speed
 
-    sentences = load_sentences(None).sentences
-    speed = measure_sentence_speed(loaded, sentences, repeats=REPEATS)
-    return {"backend": speed.backend + f" {speed.dtype}", "load_s": load_s, "batch1_sentences": speed.batch1_sentences,
+    chosen = load_sentences(sentences).sentences
+    speed = measure_sentence_speed(loaded, chosen, repeats=REPEATS)
+    return {"backend": speed.backend + f" {speed.dtype}", "load_s": load_s, "distinct_sentences": len(chosen),
+            "batch1_sentences": speed.batch1_sentences,
             "batched_sentences": speed.batched_sentences, "sentences_b1_per_s": speed.batch1_per_s,
             "sentences_b32_per_s": speed.batched_per_s}  # fmt: skip
 
 
-def _onnxruntime(path: str, threads: int) -> dict:
+def _onnxruntime(path: str, threads: int, sentences: str | None = None) -> dict:
     """An ONNX sentence encoder (kompakt.export.onnx's directory): sentences/s at batch 1 and 32
     on the sentences and counts the transformers probe uses (kompakt.evaluate.sentence_speed's
     defaults), its own tokenizer, batched longest first as embed() batches."""
@@ -111,14 +115,14 @@ def _onnxruntime(path: str, threads: int) -> dict:
     from kompakt.export.onnx import MODEL_FILE
     from kompakt.export.onnx_speed import batched_rate, onnx_runner
 
-    sentences = load_sentences(None).sentences
-    single = list(islice(cycle(sentences), BATCH1_SENTENCES))
-    many = list(islice(cycle(sentences), BATCHED_SENTENCES))
+    chosen = load_sentences(sentences).sentences
+    single = list(islice(cycle(chosen), BATCH1_SENTENCES))
+    many = list(islice(cycle(chosen), BATCHED_SENTENCES))
     started = time.perf_counter()
     run = onnx_runner(Path(path) / MODEL_FILE, threads)
     load_s = time.perf_counter() - started
     return {"backend": f"onnxruntime {onnxruntime.__version__} cpu", "load_s": load_s,
-            "batch1_sentences": len(single), "batched_sentences": len(many),
+            "distinct_sentences": len(chosen), "batch1_sentences": len(single), "batched_sentences": len(many),
             "sentences_b1_per_s": batched_rate(run, single, 1, REPEATS),
             "sentences_b32_per_s": batched_rate(run, many, BATCH, REPEATS)}  # fmt: skip
 
@@ -131,22 +135,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model")
     parser.add_argument("--backend", choices=tuple(BACKENDS), default="transformers")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--sentences", help="a sentence encoder's timing sentences (a text file)")
     args = parser.parse_args(argv)
-    result = BACKENDS[args.backend](args.model, args.threads)
+    result = BACKENDS[args.backend](args.model, args.threads, args.sentences)
     result.update(threads=args.threads, peak_rss_bytes=_peak_rss_bytes(), model=args.model,
                   prompt_tokens=PROMPT_TOKENS, gen_tokens=GEN_TOKENS)  # fmt: skip
     print(json.dumps(result))
 
 
-def probe(model: str | Path, backend: str, threads: int | None = None, timeout: float = 600) -> dict:
-    """Run the probe in a fresh Python process; returns its JSON (or {"error": ...})."""
+def probe(model: str | Path, backend: str, threads: int | None = None, timeout: float = 600,
+          sentences: list[str] | None = None) -> dict:  # fmt: skip
+    """Run the probe in a fresh Python process; returns its JSON (or {"error": ...}). A sentence
+    encoder is timed on `sentences` when given (one per line in a scratch file)."""
+    import tempfile
+
     command = [sys.executable, "-m", "kompakt.report.probe", str(model), "--backend", backend]
     if threads:
         command += ["--threads", str(threads)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"probe timed out after {timeout:.0f} s"}
+    with tempfile.TemporaryDirectory(prefix="kompakt-probe-") as scratch:
+        if sentences:
+            listed = Path(scratch) / "sentences.txt"
+            listed.write_text("\n".join(sentences) + "\n")
+            command += ["--sentences", str(listed)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"error": f"probe timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]

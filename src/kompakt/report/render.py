@@ -51,7 +51,8 @@ def markdown(report: dict) -> str:
     if attempts.rows(report):
         lines += ["## Attempts: predicted vs measured KL and bytes", ""] + _md_table(attempts.HEADER, attempts.rows(report))
         lines += [f"- {note}" for note in attempts.notes(report)] + [""]
-    lines += ["## Trajectory", ""] + _md_table(*trajectory.table(report["trajectory"]))
+    if report["trajectory"]:
+        lines += ["## Trajectory", ""] + _md_table(*trajectory.table(report["trajectory"]))
     for sample in comparison.get("samples") or []:
         lines += [f"**Prompt:** {sample['prompt']}", "", f"- original: {sample['original']!r}",
                   f"- result: {sample['result']!r}", ""]  # fmt: skip
@@ -101,7 +102,8 @@ def _sections(report: dict, images: dict[str, bytes]) -> list[tuple[str, str]]:
         table = html_table(attempts.HEADER, attempts.rows(report))
         sections.append(("Attempts: predicted vs measured KL and bytes",
                          table + f"<div class='muted'>{_list(attempts.notes(report))}</div>"))  # fmt: skip
-    sections.append(("Trajectory", html_table(*trajectory.table(report["trajectory"])) + embed_images(images)))
+    if report["trajectory"]:
+        sections.append(("Trajectory", html_table(*trajectory.table(report["trajectory"])) + embed_images(images)))
     if comparison.get("samples"):
         sections.append(("Sample generations (greedy, same prompts)", _samples(comparison["samples"])))
     path = html.escape(str(Path(report["run_dir"]) / "recipe.yaml"))
