@@ -191,6 +191,7 @@ def test_speed_met_by_int8_alone_delivers_the_original_as_int8_onnx(tmp_path, mo
     assert any("the held-out last 10% of the sentences of" in n and "one at a time" in n for n in comparison["notes"])
     report = (tmp_path / "run" / "report.md").read_text()
     assert "no recipe ran: the original was exported as int8 ONNX" in report and "## Trajectory" not in report
+    assert "--recipe" not in (tmp_path / "run" / "report.html").read_text()  # nothing to rerun
 
 
 def test_plan_only_says_the_int8_only_attempt_runs_no_recipe(tmp_path, monkeypatch, cli):

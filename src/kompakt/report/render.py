@@ -13,7 +13,7 @@ from string import Template
 
 from kompakt.analyze.html import embed_images, html_table
 from kompakt.report import attempts, trajectory
-from kompakt.report.document import comparison_rows
+from kompakt.report.document import NO_RECIPE, comparison_rows
 from kompakt.units import duration
 
 COMPARISON_HEADER = ["", "original", "result", "change"]
@@ -108,6 +108,7 @@ def _sections(report: dict, images: dict[str, bytes]) -> list[tuple[str, str]]:
         sections.append(("Sample generations (greedy, same prompts)", _samples(comparison["samples"])))
     path = html.escape(str(Path(report["run_dir"]) / "recipe.yaml"))
     rerun = f"<p class='muted'>Rerun or edit: <code>kompakt compress --recipe {path} --out NEW_DIR</code></p>"
+    rerun = "" if report.get("recipe_yaml") == NO_RECIPE else rerun  # nothing to rerun: the original as int8 ONNX
     sections.append(("Recipe", rerun + f"<pre>{html.escape(report['recipe_shown'])}</pre>"))
     if report.get("exports"):
         sections.append(("Exports", _list(f"{k}: {v}" for k, v in report["exports"].items())))
