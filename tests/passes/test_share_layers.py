@@ -24,9 +24,10 @@ from kompakt.model.sharing import merged_dense, tie_layers
 from kompakt.model.surgery import slice_linear
 from kompakt.model.tiny import tiny_model
 from kompakt.passes.base import PassContext, build_config, get_pass
-from kompakt.passes.share_layers import ShareLayersConfig, _values, groups_for, stepwise_sources
+from kompakt.passes.share_layers import INITS, ShareLayersConfig, _values, groups_for, stepwise_sources
 
 IDS = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+CALIBRATION = torch.randint(3, 250, (4, 32), generator=torch.Generator().manual_seed(1))
 LINEAR_PARAMS = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64  # one tiny llama layer's Linears: q, o; k, v; gate, up, down
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _share(loaded: LoadedModel, **values) -> dict:
     spec = get_pass("share.layers")
-    ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: None, seed=0)
+    ctx = PassContext(loaded=loaded, original=lambda: loaded, calibration=lambda: CALIBRATION, seed=0)
     return spec.apply(ctx, build_config(spec, values)).details
 
 
@@ -71,9 +72,53 @@ def test_full_rank_relaxation_recovers_the_original(init):
     loaded = tiny_model("qwen2")  # q/k/v biases stay per depth
     reference = _logits(loaded)
     groups = groups_for("cycle", 4, 2)
-    tie_layers(loaded, groups, _values(loaded, ShareLayersConfig(unique=2, init=init), groups)[0], relax_rank=64)
+    tie_layers(loaded, groups, _values(loaded, ShareLayersConfig(unique=2, init=init), groups, {})[0], relax_rank=64)
     assert isinstance(_q(loaded, 2), RelaxedLinear) and _q(loaded, 2).weight is _q(loaded, 0).weight
     torch.testing.assert_close(_logits(loaded), reference, rtol=0, atol=1e-4)
+
+
+def test_regmean_starts_closer_to_the_original_than_the_papers_inits():
+    """Fitted on the calibration inputs, the shared blocks and deltas reproduce the original's
+    logits on other text of that kind better than Average or Stepwise with SVD deltas."""
+    original = tiny_model("llama")
+    reference = _logits(original)
+    errors = {}
+    for init in INITS:
+        loaded = LoadedModel(model=copy.deepcopy(original.model), tokenizer=original.tokenizer, name="tiny")
+        details = _share(loaded, unique=2, pattern="repeat", init=init, relax_rank=4)
+        errors[init] = float((_logits(loaded) - reference).square().mean())
+    assert errors["regmean"] < 0.7 * min(errors["average"], errors["keep"]), errors
+    assert "output_error" not in details  # the last, keep, fits nothing
+
+
+def test_regmean_reports_the_output_energy_its_fit_misses():
+    relaxed = _share(tiny_model("qwen2"), unique=2, pattern="cycle", init="regmean", relax_rank=2)
+    assert set(relaxed["output_error"]) == {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}
+    loaded = tiny_model("qwen2")
+    plain = _share(loaded, unique=2, pattern="cycle", init="regmean", relax_rank=0)  # RegMean alone
+    assert type(_q(loaded, 2)) is torch.nn.Linear and _q(loaded, 2).weight is _q(loaded, 0).weight
+    for role, missed in relaxed["output_error"].items():
+        assert 0 < missed < plain["output_error"][role] < 1, role  # the deltas take part of it back
+
+
+def test_regmean_on_a_sentence_encoder_uses_its_padded_sentences():
+    from kompakt.model.encode import embed
+    from kompakt.model.inputs import pad_sentences
+    from kompakt.model.tiny_encoder import tiny_encoder
+
+    original = tiny_encoder("bert")
+    sentences = ["a small model runs here", "the layer shares its weight", "text of the kind it reads", "one"]
+    ids = original.tokenizer(sentences)["input_ids"]
+    calibration = pad_sentences(sorted(ids, key=len, reverse=True), original.tokenizer.pad_token_id)
+    reference, cosine = embed(original, sentences), {}
+    for init in ("average", "regmean"):
+        loaded = LoadedModel(model=copy.deepcopy(original.model), tokenizer=original.tokenizer, name="tiny",
+                             pooling=original.pooling)  # fmt: skip
+        spec = get_pass("share.layers")
+        ctx = PassContext(loaded=loaded, original=lambda: original, calibration=lambda: calibration, seed=0)
+        spec.apply(ctx, build_config(spec, {"unique": 2, "init": init, "relax_rank": 2}))
+        cosine[init] = float(torch.nn.functional.cosine_similarity(embed(loaded, sentences), reference).mean())
+    assert cosine["regmean"] > cosine["average"], cosine
 
 
 def test_plain_sharing_is_one_tensor_counted_once():
@@ -193,7 +238,7 @@ def test_impossible_counts_are_refused_before_any_change(values, needle):
 
 
 @pytest.mark.parametrize("values, needle", [
-    ({"unique": 2, "init": "median"}, "unknown init 'median'; valid inits: average, keep"),
+    ({"unique": 2, "init": "median"}, "unknown init 'median'; valid inits: regmean, average, keep"),
     ({"unique": 2, "pattern": "zigzag"}, "unknown pattern 'zigzag'"),
     ({"unique": 2, "ratio": 0.5}, "exactly one of unique or ratio"),
     ({"ratio": 1.5}, "ratio must be in (0, 1)"),
@@ -248,7 +293,7 @@ def test_smollm2_30_layers_to_15_blocks_round_trip(tmp_path):
     loaded = kompakt.load("smollm2-135m", device="cpu", dtype="float32")
     before = loaded.num_parameters()
     save_model(loaded, tmp_path / "dense")
-    _share(loaded, unique=15, relax_rank=16)
+    _share(loaded, unique=15, init="average", relax_rank=16)  # regmean's fit is timed by bench/share_layers.py
     per_layer = 2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576  # q, o; k, v; gate, up, down
     deltas = 30 * 16 * (2 * (576 + 576) + 2 * (192 + 576) + 3 * (1536 + 576))
     assert loaded.num_parameters() == before - 15 * per_layer + deltas
@@ -265,6 +310,6 @@ def test_merging_a_shared_encoder_keeps_its_pooling():
     from kompakt.model.tiny_encoder import tiny_encoder
 
     loaded = tiny_encoder("bert")
-    _share(loaded, unique=2, relax_rank=0)
+    _share(loaded, unique=2, init="average", relax_rank=0)
     dense = merged_dense(loaded)
     assert dense is not loaded and dense.is_encoder and dense.pooling == loaded.pooling

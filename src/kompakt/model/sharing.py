@@ -43,6 +43,8 @@ from kompakt.ops.residual_svd import residual_factors
 
 # (unique block index, Linear role such as "attn.q") -> the block's shared weight value
 SharedValues = Callable[[int, str], torch.Tensor]
+# (depth, Linear role) -> that depth's relaxation factors (B [out, r], A [r, in])
+DeltaFactors = Callable[[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
 def is_shared(target: LoadedModel | nn.Module) -> bool:
@@ -83,30 +85,38 @@ def check_same_layers(layers: Sequence[nn.Module], groups: Sequence[Sequence[int
                                   "factorization")  # fmt: skip
 
 
-def tie_layers(loaded: LoadedModel, groups: Sequence[Sequence[int]], values: SharedValues,
-               relax_rank: int) -> tuple[LoadedModel, dict[str, Any]]:  # fmt: skip
-    """Make the layers of each group (depth indices; the first is the owner) share one block, in place.
-
-    Every Linear role of the block gets the weight `values(block, role)` (computed for all blocks
-    before any layer changes, so a value may read any original layer). With `relax_rank` r > 0
-    each depth's Linear becomes a RelaxedLinear whose delta is the truncated SVD of (its original
-    weight − the shared one), rank min(r, out, in): at full rank every depth is recovered. Norms
-    and biases stay per depth.
-    """
-    model = loaded.model
-    spec, layers = arch_for(model), decoder_layers(model)
+def check_shareable(loaded: LoadedModel, groups: Sequence[Sequence[int]]) -> None:
+    """ConfigError unless every group's layers can share one block: plain Linears of equal shapes,
+    in a model that shares nothing yet (said before any calibration work)."""
+    spec, layers = arch_for(loaded.model), decoder_layers(loaded.model)
     if is_shared(loaded):
         raise ConfigError("share.layers: this model already shares layers; apply share.layers once")
     require_linears(layers, spec.linear_paths.values())
     check_same_layers(layers, groups, list(spec.linear_paths.values()))
+
+
+def tie_layers(loaded: LoadedModel, groups: Sequence[Sequence[int]], values: SharedValues,
+               relax_rank: int, deltas: DeltaFactors | None = None) -> tuple[LoadedModel, dict[str, Any]]:  # fmt: skip
+    """Make the layers of each group (depth indices; the first is the owner) share one block, in place.
+
+    Every Linear role of the block gets the weight `values(block, role)` (computed for all blocks
+    before any layer changes, so a value may read any original layer). With `relax_rank` r > 0
+    each depth's Linear becomes a RelaxedLinear of rank min(r, out, in) whose delta is
+    `deltas(depth, role)`, or by default the truncated SVD of (its original weight − the shared
+    one): at full rank every depth is recovered. Norms and biases stay per depth.
+    """
+    model = loaded.model
+    spec, layers = arch_for(model), decoder_layers(model)
+    check_shareable(loaded, groups)
     before = loaded.num_parameters()
     with torch.no_grad():
         new = {(b, role): values(b, role).detach().clone() for b in range(len(groups)) for role in spec.linear_paths}
         entries: dict[str, SharedWeights] = {}
         for block, group in enumerate(groups):
             for role, path in spec.linear_paths.items():
+                given = (lambda depth, role=role: deltas(depth, role)) if deltas else None
                 entries[f"{spec.layers}.{group[0]}.{path}"] = _tie_role(layers, group, path, new[(block, role)],
-                                                                        relax_rank, spec.layers)  # fmt: skip
+                                                                        relax_rank, spec.layers, given)  # fmt: skip
     update_state(loaded, shared=entries)
     changes = {"unique_blocks": len(groups), "num_hidden_layers": len(layers), "relax_rank": relax_rank,
                "shared_tensors": len(entries)}  # fmt: skip
@@ -114,7 +124,8 @@ def tie_layers(loaded: LoadedModel, groups: Sequence[Sequence[int]], values: Sha
 
 
 def _tie_role(layers: Sequence[nn.Module], group: Sequence[int], path: str, value: torch.Tensor,
-              relax_rank: int, prefix: str) -> SharedWeights:  # fmt: skip
+              relax_rank: int, prefix: str,
+              deltas: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None) -> SharedWeights:  # fmt: skip
     """One role of one block: a new shared Parameter read by every depth of the group."""
     first = linear(layers[group[0]], path).weight
     shared = nn.Parameter(value.to(device=first.device, dtype=first.dtype), requires_grad=first.requires_grad)
@@ -123,7 +134,7 @@ def _tie_role(layers: Sequence[nn.Module], group: Sequence[int], path: str, valu
         module = linear(layers[depth], path)
         if rank:
             relaxed = RelaxedLinear(shared, module.bias, rank)
-            b, a = residual_factors(module.weight, shared, rank)
+            b, a = deltas(depth) if deltas else residual_factors(module.weight, shared, rank)
             relaxed.relax_b.copy_(b)
             relaxed.relax_a.copy_(a)
             set_submodule(layers[depth], path, relaxed)
