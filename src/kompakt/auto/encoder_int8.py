@@ -9,7 +9,7 @@ while removing half the layers costs 0.06 cosine after distillation. So the plan
 layers the int8 graph leaves to cut, and none when it alone reaches the target. The gain depends
 on the CPU (int8 dot-product instructions or not), so it is measured on this machine, not assumed.
 
-Measured on the timing sentences (--data's training sentences, else short ones), batch 32, the
+Measured on the timing sentences (512 of --data's training sentences, else short ones), batch 32, the
 threads torch uses, fp32 and int8 timed in turns (best of ROUNDS each) in this process.
 """
 
