@@ -187,7 +187,9 @@ def _regmean_fits(ctx: PassContext, config: ShareLayersConfig, groups: list[list
     def process(index: int, layer: torch.nn.Module, stats: LayerStats) -> None:
         finalized: dict[int, torch.Tensor] = {}  # q, k, v (gate, up) read one tensor: one Gram
         for role, stat in stats.items():
-            grams[(index, role)] = finalized.setdefault(id(stat.hessian_acc), stat.hessian())
+            if id(stat.hessian_acc) not in finalized:
+                finalized[id(stat.hessian_acc)] = stat.hessian()
+            grams[(index, role)] = finalized[id(stat.hessian_acc)]
         block = block_of[index]
         group = groups[block]
         if all((depth, role) in grams for depth in group for role in spec.linear_paths):
