@@ -104,10 +104,12 @@ def encoder_facts(loaded, measure_speed: bool = True, data: str | None = None,
     layer_params = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(loaded.model)]
     rows, width = get_submodule(loaded.model, arch_for(loaded.model).embed).weight.shape
     trimmed, note = _trimmed_rows(loaded, data)
-    gain = measure_int8_gain(loaded, _timing(timing_data, _INT8_TIMING_SENTENCES)) if int8 else None
+    timed = int8 or measure_speed
+    training = _training_sentences(timing_data) if timing_data is not None and timed else []  # read once for both
+    gain = measure_int8_gain(loaded, _timing(training, _INT8_TIMING_SENTENCES)) if int8 else None
     return EncoderFacts(name=loaded.name, fingerprint=loaded.fingerprint(), params=loaded.num_parameters(),
                         layers=len(layer_params), layer_params=layer_params,
-                        sentences_per_s=sentences_per_s(loaded, _timing(timing_data)) if measure_speed else 0.0,
+                        sentences_per_s=sentences_per_s(loaded, _timing(training, _TIMING_SENTENCES)) if measure_speed else 0.0,
                         embed_rows=int(rows), embed_width=int(width), trimmed_rows=trimmed, trim_note=note,
                         int8_speedup=gain.speedup if gain else None,
                         int8_cosine=gain.cosine if gain else None,
@@ -123,12 +125,11 @@ def _training_sentences(data: str) -> list[str]:
     return sentences[: len(sentences) - max(1, round(len(sentences) * HELDOUT_FRACTION))]
 
 
-def _timing(data: str | None, count: int = _TIMING_SENTENCES) -> list[str]:
+def _timing(training: list[str], count: int) -> list[str]:
     """The sentences a speed fact is timed on: `count` of --data's training sentences, else _TIMING."""
     from kompakt.data.sentences import sample_sentences
     from kompakt.recipe.encoder_measure import SPEED_BATCH
 
-    training = _training_sentences(data) if data is not None else []
     return sample_sentences(training, count) if len(training) >= SPEED_BATCH else _TIMING
 
 
