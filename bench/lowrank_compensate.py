@@ -7,8 +7,10 @@ Protocol (../shared/BENCH.md): SmolLM2-135M in fp32; calibration = 128 blocks of
 WikiText-2 validation (" <unk>" removed, seed 0), used by quant.gptq (format q4_0, as bench/quant.py's
 "GPTQ q4_0" row) and lowrank.compensate alike; evaluation = the first 32768
 tokens of WikiText-2 test, windows of 512, stride 512; KL(original ‖ candidate), top-1, ppl.
-Bytes: the adapter as llama.cpp loads it (`kompakt export --format gguf-lora --type f16`)
-against the q4_0 base GGUF kompakt exports from the same model. Goal: KL -30 % for <= 5 % bytes.
+Bytes: the adapter as llama.cpp loads it (`kompakt export --format gguf-lora --type
+--lora-type`, f16 or q8_0) against the q4_0 base GGUF kompakt exports from the same model; the
+factors are rounded as that file stores them (B to f16, A to f16 or q8_0) before they are scored,
+so the KL is the file's. Goal: KL -30 % for <= 5 % bytes.
 
     .venv/bin/python bench/lowrank_compensate.py                                   # full protocol
     .venv/bin/python bench/lowrank_compensate.py --blocks 16 --eval-tokens 4096    # reduced
@@ -18,7 +20,7 @@ against the q4_0 base GGUF kompakt exports from the same model. Goal: KL -30 % f
 
 `--quantized DIR` starts from a saved GPTQ q4_0 model instead of quantizing; `--quantized FILE.gguf`
 from any quantized GGUF (any tool's, any types: it is the base file itself, its bytes are the
-file's); `--llamacpp` also runs the base GGUF + adapter GGUF of the first rank in llama.cpp and
+file's); `--llamacpp` also runs the base GGUF + adapter GGUF of every row in llama.cpp and
 reports its agreement with kompakt's own forward of the same model (top-1, mean KL).
 
 Prints a table and writes bench/results/lowrank_compensate.json.
@@ -73,14 +75,33 @@ def compensate(quantized, original, calib: torch.Tensor, rank: int, allocation: 
     return report, time.perf_counter() - start
 
 
-def gguf_bytes(model, workdir: Path, lora: bool) -> int:
-    """Bytes of the q4_0 base GGUF, or of the f16 adapter GGUF, exactly as exported."""
+def gguf_bytes(model, workdir: Path, lora_type: str | None = None) -> int:
+    """Bytes of the q4_0 base GGUF, or of the adapter GGUF in `lora_type`, exactly as exported."""
     from kompakt.export.api import export
 
-    out = workdir / ("lora.gguf" if lora else "base.gguf")
-    result = export(model, format="gguf-lora" if lora else "gguf", type="f16" if lora else "q4_0", out=out,
+    out = workdir / ("lora.gguf" if lora_type else "base.gguf")
+    result = export(model, format="gguf-lora" if lora_type else "gguf", type=lora_type or "q4_0", out=out,
                     force=True, verify=False)  # fmt: skip
     return result.size_bytes
+
+
+def round_as_stored(model, lora_type: str) -> None:
+    """Round the attached factors as the adapter GGUF stores them, so kompakt scores the file's adapter."""
+    from kompakt.export.gguf_lora import encoded
+    from kompakt.model.lora_adapter import attached
+
+    with torch.no_grad():
+        for b, a in attached(model.model).values():
+            b.copy_(b.half().float())
+            data, raw = encoded(a.detach().float().numpy(), lora_type)
+            a.copy_(torch.from_numpy(gguf_dequantize(data, raw, a.shape)))
+
+
+def gguf_dequantize(data, raw, shape):
+    import gguf
+    import numpy as np
+
+    return (gguf.quants.dequantize(data, raw) if raw is not None else data).astype(np.float32).reshape(shape)
 
 
 def llamacpp_agreement(model, workdir: Path, ids: torch.Tensor, tokens: int) -> dict:
@@ -120,6 +141,7 @@ def main() -> None:
     parser.add_argument("--quantized", type=Path, help="a saved GPTQ q4_0 model to start from")
     parser.add_argument("--awq", action="store_true", help="the base is AWQ+GPTQ q4_0 (one run)")
     parser.add_argument("--llamacpp", action="store_true", help="check llama.cpp + adapter against kompakt")
+    parser.add_argument("--lora-type", default="f16", choices=("f16", "q8_0"), help="the adapter GGUF's type")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", type=Path, default=quant.DATA, help="the WikiText-2 directory (../shared/data/wikitext2)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "lowrank_compensate.json")
@@ -146,7 +168,7 @@ def main() -> None:
         (workdir / "base.gguf").symlink_to(args.quantized.resolve())
         base_bytes = args.quantized.stat().st_size
     else:
-        base_bytes = gguf_bytes(quantized, workdir, lora=False)
+        base_bytes = gguf_bytes(quantized, workdir)
     fid = fidelity(original, quantized, ids, window=512, stride=512, max_tokens=args.eval_tokens)
     base = {"name": label, "rank": 0, "kl": fid.kl_mean, "kl_p99": fid.kl_p99, "top1": fid.top1,
             "ppl": fid.ppl_candidate, "ppl_original": fid.ppl_reference, "gguf_bytes": base_bytes, "added_bytes": 0,
@@ -156,16 +178,18 @@ def main() -> None:
     print(f"{base['name']:28} {base['kl']:7.4f} {'':>7} {base['top1']:7.1%} {base['ppl']:7.2f} {'':>8} {quant_s:6.0f}",
           flush=True)  # fmt: skip
     runs = [(int(r), int(t)) for r in args.ranks.split(",") for t in args.tune_tokens.split(",")]
-    for index, (rank, tune) in enumerate(runs):
+    for rank, tune in runs:
         detach(quantized.model)
         report, seconds = compensate(quantized, original, calib, rank, args.allocation, tune, args.tune_lr)
-        added = gguf_bytes(quantized, workdir, lora=True)
+        round_as_stored(quantized, args.lora_type)
+        added = gguf_bytes(quantized, workdir, args.lora_type)
         fid = fidelity(original, quantized, ids, window=512, stride=512, max_tokens=args.eval_tokens)
-        name = f"+ EoRA {args.allocation} r{rank}" + (f", tuned {tune // 1024}k" if tune else "")
+        name = f"+ EoRA {args.allocation} r{rank}" + (f", tuned {tune // 1024}k" if tune else "") + f" ({args.lora_type})"
         row = {"name": name, "rank": rank, "tune_tokens": tune, "kl": fid.kl_mean, "kl_p99": fid.kl_p99,
                "top1": fid.top1, "ppl": fid.ppl_candidate, "added_bytes": added, "added_share": added / base_bytes,
-               "kl_reduction": 1 - fid.kl_mean / base["kl"], "seconds": seconds, "summary": report.summary}  # fmt: skip
-        if args.llamacpp and index == 0:
+               "kl_reduction": 1 - fid.kl_mean / base["kl"], "seconds": seconds, "summary": report.summary,
+               "lora_type": args.lora_type}  # fmt: skip
+        if args.llamacpp:
             row.update(llamacpp_agreement(quantized, workdir, ids, min(args.eval_tokens, 16384)))
         results.add(row)
         print(f"{row['name']:28} {row['kl']:7.4f} {-row['kl_reduction']:+7.1%} {row['top1']:7.1%} {row['ppl']:7.2f} "

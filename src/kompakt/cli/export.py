@@ -13,7 +13,7 @@ HELP = (
     "directory (GGUF + Modelfile), a Hugging Face directory, or a sentence encoder as ONNX (onnxruntime, f32 or int8)."
 )
 MODEL_HELP = "Model directory, .gguf file or embedded name (default: smollm2-135m)."
-TYPE_HELP = "gguf: f32 f16 bf16 q8_0 q6_k q5_1 q5_k q5_0 q4_1 q4_k iq4_nl q4_0 q3_k q2_k (default f16); gguf-lora: f16 f32 (default f16); hf: f32 f16 bf16 (default: as stored); onnx: f32 int8 (default f32; int8 = onnxruntime's dynamic quantization)."
+TYPE_HELP = "gguf: f32 f16 bf16 q8_0 q6_k q5_1 q5_k q5_0 q4_1 q4_k iq4_nl q4_0 q3_k q2_k (default f16); gguf-lora: f16 f32 q8_0 (default f16; q8_0 = lora_a in q8_0, lora_b in f16); hf: f32 f16 bf16 (default: as stored); onnx: f32 int8 (default f32; int8 = onnxruntime's dynamic quantization)."
 TENSOR_TYPE_HELP = (
     "gguf: PATTERN=TYPE, the type of the tensors whose GGUF name (or HF name) the regex PATTERN matches, "
     "as llama-quantize's --tensor-type (e.g. ffn_down=q5_0, token_embd=q4_0); repeatable, first match wins, "

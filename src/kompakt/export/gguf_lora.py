@@ -5,11 +5,16 @@
 
 The file is what llama.cpp's convert_lora_to_gguf.py writes: `general.type = adapter`,
 `adapter.type = lora`, `adapter.lora.alpha`, and per adapted weight `<name>.lora_a` [r, in] and
-`<name>.lora_b` [out, r] (numpy order; llama.cpp's ne is reversed), in f16 (default) or f32,
-where `<name>` is the GGUF name kompakt's own GGUF export gives the base tensor
+`<name>.lora_b` [out, r] (numpy order; llama.cpp's ne is reversed), in f16 (default), f32 or
+q8_0, where `<name>` is the GGUF name kompakt's own GGUF export gives the base tensor
 (kompakt.export.gguf_tensors), so the adapter fits the base kompakt exported from the same
 model. Rows that the base export permutes (llama's q / k: rotate-half -> interleaved) are
 permuted in lora_b too: P (W + B A) = P W + (P B) A.
+
+`q8_0` stores each lora_a in llama.cpp's 8-bit blocks of 32 (its rows run along the input, a
+multiple of 32 in every model llama.cpp runs) and each lora_b in f16, as convert_lora_to_gguf.py
+does with `--outtype q8_0`: lora_b's rows are r long, shorter than a block. That takes about a
+quarter off the adapter's bytes (a and b are about equal halves), at q8_0's rounding of A.
 
 llama.cpp scales each pair by alpha / r (r read from the tensor). Ranks may differ per tensor
 (global allocation), so alpha is the largest rank and each lora_b is pre-multiplied by
@@ -40,14 +45,15 @@ from kompakt.model.lora_adapter import attached
 
 log = logging.getLogger(__name__)
 
-LORA_TYPES = ("f16", "f32")
+LORA_TYPES = ("f16", "f32", "q8_0")
+Q8_0_BLOCK = 32
 
 
 @dataclass
 class LoraTensor:
     gguf_name: str  # the base tensor's GGUF name, e.g. blk.0.attn_q.weight
-    a: np.ndarray  # [r, in]
-    b: np.ndarray  # [out, r], scaled for llama.cpp's alpha / r
+    a: np.ndarray  # [r, in], float32
+    b: np.ndarray  # [out, r], float32, scaled for llama.cpp's alpha / r
 
 
 @dataclass
@@ -61,7 +67,7 @@ class GGUFLoraExport:
     notes: list[str]
 
 
-def lora_tensors(loaded: LoadedModel, type: str = "f16") -> tuple[str, float, list[LoraTensor]]:
+def lora_tensors(loaded: LoadedModel) -> tuple[str, float, list[LoraTensor]]:
     """(llama.cpp architecture name, alpha, tensors) of the model's attached adapter."""
     import gguf
 
@@ -72,7 +78,6 @@ def lora_tensors(loaded: LoadedModel, type: str = "f16") -> tuple[str, float, li
     family = family_for(config)
     plan = {item.hf_name: item for item in plan_tensors(loaded.model, config, family, "f32", {}).tensors}
     alpha = float(max(int(a.shape[0]) for _, a in factors.values()))
-    dtype = np.float16 if type == "f16" else np.float32
     tensors = []
     for name, (b, a) in sorted(factors.items()):
         item = plan.get(f"{name}.weight")
@@ -81,8 +86,7 @@ def lora_tensors(loaded: LoadedModel, type: str = "f16") -> tuple[str, float, li
                                                "llama.cpp cannot apply it")  # fmt: skip
         b = b.detach().to("cpu", torch.float32) * (a.shape[0] / alpha)
         b = _permuted(b, item, config)
-        tensors.append(LoraTensor(item.gguf_name, a.detach().to("cpu", torch.float32).numpy().astype(dtype),
-                                  b.numpy().astype(dtype)))  # fmt: skip
+        tensors.append(LoraTensor(item.gguf_name, a.detach().to("cpu", torch.float32).numpy(), b.numpy()))
     return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)], alpha, tensors
 
 
@@ -92,6 +96,16 @@ def _permuted(b: torch.Tensor, item: TensorPlan, config) -> torch.Tensor:
         return b
     heads = config.num_attention_heads if item.transform == "permute_q" else config.num_key_value_heads
     return b.reshape(heads, 2, b.shape[0] // heads // 2, b.shape[1]).swapaxes(1, 2).reshape(b.shape)
+
+
+def encoded(array: np.ndarray, type: str):
+    """(data, GGML type or None) of one adapter tensor in `type`; q8_0 only where a row holds whole
+    blocks (lora_a), f16 otherwise (lora_b, whose rows are r long)."""
+    import gguf
+
+    if type == "q8_0" and array.shape[-1] % Q8_0_BLOCK == 0:
+        return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return array.astype(np.float32 if type == "f32" else np.float16), None
 
 
 def check_base(base: str | Path, arch: str, tensors: list[LoraTensor]) -> None:
@@ -128,10 +142,12 @@ def write_gguf_lora(loaded: LoadedModel, path: str | Path, *, type: str = "f16",
     if type not in LORA_TYPES:
         raise ConfigError(f"--format gguf-lora takes --type {' or '.join(LORA_TYPES)}; got {type!r}")
     target = check_output(Path(path), force)
-    arch, alpha, tensors = lora_tensors(loaded, type)
+    arch, alpha, tensors = lora_tensors(loaded)
     if base is not None:
         check_base(base, arch, tensors)
-    size = sum(t.a.nbytes + t.b.nbytes for t in tensors)
+    data = [(f"{t.gguf_name}.{part}", *encoded(array, type)) for t in tensors for part, array in
+            (("lora_a", t.a), ("lora_b", t.b))]  # fmt: skip
+    size = sum(array.nbytes for _, array, _ in data)
     with atomic_file(target, expected_bytes=size) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
@@ -139,9 +155,8 @@ def write_gguf_lora(loaded: LoadedModel, path: str | Path, *, type: str = "f16",
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_name(f"{loaded.name} LoRA")
         writer.add_quantized_by("kompakt")
-        for t in tensors:
-            writer.add_tensor(f"{t.gguf_name}.lora_a", t.a)
-            writer.add_tensor(f"{t.gguf_name}.lora_b", t.b)
+        for name, array, raw_type in data:
+            writer.add_tensor(name, array, raw_dtype=raw_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
