@@ -62,13 +62,14 @@ def merge_group(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], 
     damped = [_damped(g.to(device=work[0].device, dtype=precision), damp) for g in grams]
     factors = [torch.linalg.cholesky(h) for h in damped]
     total = torch.linalg.cholesky(sum(damped))  # Σ H_d, factored once for every refit
+    merged = sum(w @ h for w, h in zip(work, damped))  # Σ W_d H_d, the refits' constant part
     zero = work[0].new_zeros(shape[0], 0), work[0].new_zeros(0, shape[1])
     deltas = [zero] * len(work)
-    shared = _regmean(work, damped, deltas, total)
+    shared = _regmean(merged, damped, deltas, total)
     for step in range(rounds + 1 if rank else 0):
         deltas = [_whitened_delta(w - shared, s, rank) for w, s in zip(work, factors)]
         if step < rounds:
-            shared = _regmean(work, damped, deltas, total)
+            shared = _regmean(merged, damped, deltas, total)
     errors = [_relative_error(w, shared, delta, h) for w, delta, h in zip(work, deltas, damped)]
     dtype = weights[0].dtype
     return GroupFit(shared=shared.to(dtype), deltas=[(b.to(dtype).contiguous(), a.to(dtype).contiguous())
@@ -81,11 +82,11 @@ def _damped(gram: torch.Tensor, damp: float) -> torch.Tensor:
     return h + damp * scale * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
 
 
-def _regmean(weights: list[torch.Tensor], damped: list[torch.Tensor], deltas: list[tuple[torch.Tensor, torch.Tensor]],
+def _regmean(merged: torch.Tensor, damped: list[torch.Tensor], deltas: list[tuple[torch.Tensor, torch.Tensor]],
              total: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """argmin_W Σ_d ‖(W_d − B_d A_d − W) S_d‖²: W (Σ H_d) = Σ (W_d − B_d A_d) H_d (`total`: the
-    Cholesky factor of Σ H_d)."""
-    rhs = sum((w - b @ a) @ h for w, (b, a), h in zip(weights, deltas, damped))
+    """argmin_W Σ_d ‖(W_d − B_d A_d − W) S_d‖²: W (Σ H_d) = Σ W_d H_d − Σ B_d (A_d H_d) (`merged`:
+    Σ W_d H_d; `total`: the Cholesky factor of Σ H_d). The deltas' part is rank r: no full product."""
+    rhs = merged - sum(b @ (a @ h) for (b, a), h in zip(deltas, damped))
     return torch.cholesky_solve(rhs.T, total).T  # H symmetric: W = rhs H⁻¹ ⇔ H Wᵀ = rhsᵀ
 
 

@@ -10,12 +10,20 @@ is recovered exactly (up to float rounding) and r = 0 is plain sharing.
 The top singular pairs come from the eigendecomposition of the smaller Gram matrix (RᵀR or RRᵀ),
 the other side by one product with R: the same factors as a full SVD (eigh returns orthonormal
 vectors, so full rank still recovers R), about 3x faster on CPU (measured on SmolLM2's 1536x576
-matrices; a model has 7 per depth).
+matrices; a model has 7 per depth). Above `RANDOMIZED_ABOVE` rows and columns that O(n³)
+eigendecomposition (3.7 s for 4096 x 4096 on 2 cores, most of share.layers' regmean fit on a
+7B-shaped model) gives way to randomized subspace iteration (torch.svd_lowrank; Halko, Martinsson
+and Tropp 2011) with `rank` extra columns (at least 16) and 8 power iterations: on SmolLM2's
+residuals of adjacent layers, whose spectra are flat (the hard case for it), that keeps
+99.5-99.98 % of the optimal rank-16 energy.
 """
 
 from __future__ import annotations
 
 import torch
+
+RANDOMIZED_ABOVE = 2048  # rows and columns; below, the exact eigendecomposition takes under a second
+POWER_ITERATIONS = 8
 
 
 def residual_factors(original: torch.Tensor, shared: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +39,10 @@ def residual_factors(original: torch.Tensor, shared: torch.Tensor, rank: int) ->
     work = torch.float64 if original.dtype == torch.float64 else torch.float32
     residual = original.to(work) - shared.to(work)  # [out, in]
     out_features, in_features = residual.shape
-    if in_features <= out_features:
+    oversampled = rank + max(rank, 16)
+    if min(out_features, in_features) > RANDOMIZED_ABOVE and 2 * oversampled <= min(out_features, in_features):
+        b, a = _randomized(residual, rank, oversampled)
+    elif in_features <= out_features:
         _, vecs = torch.linalg.eigh(residual.T @ residual)  # ascending eigenvalues σ²; V [in, in]
         v = vecs[:, -rank:].flip(1)  # the top-r right singular vectors [in, r]
         b, a = residual @ v, v.T  # B = R V_r = U_r Σ_r
@@ -43,3 +54,13 @@ def residual_factors(original: torch.Tensor, shared: torch.Tensor, rank: int) ->
         a = scaled / torch.where(sigma > 0, sigma, 1.0)[:, None]  # V_rᵀ (a zero row where σ = 0)
         b = u * sigma
     return b.to(original.dtype).contiguous(), a.to(original.dtype).contiguous()
+
+
+def _randomized(residual: torch.Tensor, rank: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B = U_r Σ_r, A = V_rᵀ from randomized subspace iteration, seeded so a pass gives the same
+    factors every run (and the caller's random stream is left as it was)."""
+    device = residual.device
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device.index or 0], device_type=device.type):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(residual, q=columns, niter=POWER_ITERATIONS)
+    return u[:, :rank] * s[:rank], v[:, :rank].T
