@@ -87,21 +87,14 @@ def gguf_bytes(model, workdir: Path, lora_type: str | None = None) -> int:
 
 def round_as_stored(model, lora_type: str) -> None:
     """Round the attached factors as the adapter GGUF stores them, so kompakt scores the file's adapter."""
-    from kompakt.export.gguf_lora import encoded
+    from kompakt.export.gguf_lora import stored_type
     from kompakt.model.lora_adapter import attached
+    from kompakt.ops.ggml_types import fake_quantize
 
     with torch.no_grad():
-        for b, a in attached(model.model).values():
-            b.copy_(b.half().float())
-            data, raw = encoded(a.detach().float().numpy(), lora_type)
-            a.copy_(torch.from_numpy(gguf_dequantize(data, raw, a.shape)))
-
-
-def gguf_dequantize(data, raw, shape):
-    import gguf
-    import numpy as np
-
-    return (gguf.quants.dequantize(data, raw) if raw is not None else data).astype(np.float32).reshape(shape)
+        for factor in (f for pair in attached(model.model).values() for f in pair):
+            array = factor.detach().float().numpy()
+            factor.copy_(torch.from_numpy(fake_quantize(array, stored_type(array, lora_type))))
 
 
 def llamacpp_agreement(model, workdir: Path, ids: torch.Tensor, tokens: int) -> dict:

@@ -41,12 +41,12 @@ from kompakt.export.gguf_arch import family_for, text_config
 from kompakt.export.gguf_tensors import TensorPlan, plan_tensors
 from kompakt.export.manifest import write_manifest
 from kompakt.model.loaded import LoadedModel
+from kompakt.ops.ggml_types import ggml_type, gguf_enum, quantize
 from kompakt.model.lora_adapter import attached
 
 log = logging.getLogger(__name__)
 
 LORA_TYPES = ("f16", "f32", "q8_0")
-Q8_0_BLOCK = 32
 
 
 @dataclass
@@ -98,14 +98,16 @@ def _permuted(b: torch.Tensor, item: TensorPlan, config) -> torch.Tensor:
     return b.reshape(heads, 2, b.shape[0] // heads // 2, b.shape[1]).swapaxes(1, 2).reshape(b.shape)
 
 
-def encoded(array: np.ndarray, type: str):
-    """(data, GGML type or None) of one adapter tensor in `type`; q8_0 only where a row holds whole
-    blocks (lora_a), f16 otherwise (lora_b, whose rows are r long)."""
-    import gguf
+def stored_type(array: np.ndarray, type: str) -> str:
+    """The GGML type one adapter tensor is written in: `type` where a row holds whole blocks
+    (q8_0's lora_a), f16 otherwise (lora_b, whose rows are r long)."""
+    return type if ggml_type(type).fits(array.shape[-1]) else "f16"
 
-    if type == "q8_0" and array.shape[-1] % Q8_0_BLOCK == 0:
-        return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    return array.astype(np.float32 if type == "f32" else np.float16), None
+
+def encoded(array: np.ndarray, type: str):
+    """(data, GGML type) of one adapter tensor as the file stores it."""
+    name = stored_type(array, type)
+    return quantize(array, name), gguf_enum(name)
 
 
 def check_base(base: str | Path, arch: str, tensors: list[LoraTensor]) -> None:

@@ -39,8 +39,8 @@ def residual_factors(original: torch.Tensor, shared: torch.Tensor, rank: int) ->
     work = torch.float64 if original.dtype == torch.float64 else torch.float32
     residual = original.to(work) - shared.to(work)  # [out, in]
     out_features, in_features = residual.shape
-    oversampled = rank + max(rank, 16)
-    if min(out_features, in_features) > RANDOMIZED_ABOVE and 2 * oversampled <= min(out_features, in_features):
+    oversampled, smaller = rank + max(rank, 16), min(out_features, in_features)
+    if smaller > RANDOMIZED_ABOVE and 2 * oversampled <= smaller:
         b, a = _randomized(residual, rank, oversampled)
     elif in_features <= out_features:
         _, vecs = torch.linalg.eigh(residual.T @ residual)  # ascending eigenvalues σ²; V [in, in]
