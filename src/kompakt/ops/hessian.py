@@ -97,10 +97,14 @@ class HessianAccumulator:
 
 def _mirror_upper_blocks_(matrix: torch.Tensor, block: int) -> None:
     """Copy the blocks above the diagonal of a square matrix onto those below it, transposed, in
-    place; the diagonal blocks, computed whole, stay as they are."""
+    place, and within each diagonal block its upper triangle onto its lower one: a product XᵀX is
+    not bitwise symmetric on every BLAS (AMD EPYC's differs in the last bit), and the sum must be,
+    so that a symmetric permutation equals the gather and both triangles give one Cholesky."""
     n = matrix.shape[0]
-    for start in range(0, n - block, block):
+    for start in range(0, n, block):
         end = start + block
+        diagonal = matrix[start:end, start:end]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
         matrix[end:, start:end].copy_(matrix[start:end, end:].T)
 
 
