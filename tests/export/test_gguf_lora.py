@@ -131,12 +131,14 @@ def _llama(path, **extra):
 
 @pytest.mark.slow
 def test_smollm2_compensated_q4_0_agrees_in_llama_cpp(wikitext_test, tmp_path):
-    """The issue's check on the real model: GPTQ q4_0 + a rank-16 EoRA adapter, exported as kompakt's
+    """The issue's check on the real model: q4_0 + a rank-16 EoRA adapter, exported as kompakt's
     q4_0 base GGUF + the adapter GGUF; llama.cpp agrees with kompakt's own forward of base + adapter
-    (mean KL <= 0.01) as closely as it agrees on the base alone. The issue's top-1 goal (97 %) is
-    not met: measured 96.6 % with the adapter (KL 0.0037), and the base GGUF alone agrees 96.2 %
-    with kompakt's forward of the same q4_0 weights (KL 0.0036): the gap is llama.cpp's own (it
-    rounds activations to 8 bits in its q4_0 products), not the adapter's."""
+    (mean KL <= 0.01) as closely as it agrees on the base alone. The base is RTN: the adapter and
+    the export see a q4_0 grid either way, and GPTQ would double the test's time (the bench runs
+    GPTQ; 114 s -> 76 s here). Measured: 96.8 % top-1 with the adapter (KL 0.0036), and the base
+    GGUF alone agrees 96.0 % with kompakt's forward of the same q4_0 weights (KL 0.0037; on GPTQ
+    96.6 % / 96.2 %): the gap to the issue's 97 % is llama.cpp's own (it rounds activations to 8
+    bits in its q4_0 products), not the adapter's."""
     from kompakt.model.load import load
     from kompakt.passes.base import PassContext, build_config, get_pass
 
@@ -145,7 +147,7 @@ def test_smollm2_compensated_q4_0_agrees_in_llama_cpp(wikitext_test, tmp_path):
     calib = torch.tensor(ids[2048: 2048 + 4 * 512]).reshape(4, 512)
     window = torch.tensor(ids[:1024]).reshape(2, 512)
     models = [load("smollm2-135m", device="cpu", dtype="float32")]
-    for name, values in (("quant.gptq", {"format": "q4_0"}), ("lowrank.compensate", {"rank": 16})):
+    for name, values in (("quant.rtn", {"format": "q4_0"}), ("lowrank.compensate", {"rank": 16})):
         spec = get_pass(name)
         ctx = PassContext(loaded=copy.deepcopy(models[-1]), original=lambda: original, calibration=lambda: calib,
                           seed=0, teacher=lambda path: original)  # fmt: skip

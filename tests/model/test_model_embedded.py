@@ -130,10 +130,12 @@ def test_second_load_reuses_the_conversion(request, monkeypatch, name, record_pr
         raise AssertionError("converted again")
 
     monkeypatch.setattr(gguf_convert, "_convert_into", no_conversion)
-    _, second = _timed_load(name)
+    loaded, second = _timed_load(name)  # raises if it converted again
     record_property(f"{name} first load s", round(first, 1))
     record_property(f"{name} cached load s", round(second, 1))
-    assert second < max(first, 1.0) * 1.5  # no reconversion; a cold first load is far slower
+    # No timing assertion: where an earlier run converted already, both loads are cached and the
+    # second took 1.6x the first under the other worker's load (gemma3, 4.8 s vs 3.0 s)
+    assert loaded.name == name
 
 
 @pytest.mark.slow
