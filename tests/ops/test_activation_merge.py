@@ -87,3 +87,27 @@ def test_a_depth_no_input_reached_falls_back_to_the_identity_metric():
 def test_bad_shapes_are_refused(weights, grams, rank, needle):
     with pytest.raises(ValueError, match=needle):
         merge_group(weights, grams, rank)
+
+
+def test_wide_matrices_fit_through_the_factored_randomized_path_as_well_as_the_exact_one(monkeypatch):
+    """Above RANDOMIZED_ABOVE (lowered here so the matrices stay small) each whitened delta comes
+    from randomized iteration on R and S as two factors, never R·S formed: the output error of the
+    whole fit stays within 1 % of the exact eigendecomposition's, the same every call."""
+    from kompakt.ops import residual_svd
+
+    generator = torch.Generator().manual_seed(3)
+    weights = [torch.randn(64, 96, generator=generator, dtype=torch.float64) for _ in range(2)]
+    inputs = [torch.randn(300, 96, generator=generator, dtype=torch.float64) * torch.logspace(-1, 1, 96, dtype=torch.float64)
+              for _ in range(2)]  # fmt: skip
+    grams = [x.T @ x for x in inputs]
+    exact = _output_error(weights, inputs, merge_group(weights, grams, 4, rounds=2, damp=0.0))
+    monkeypatch.setattr(residual_svd, "RANDOMIZED_ABOVE", 32)
+    calls = []
+    randomized = residual_svd.randomized_factors
+    monkeypatch.setattr("kompakt.ops.activation_merge.randomized_factors",
+                        lambda *args: calls.append(args) or randomized(*args))  # fmt: skip
+    fit = merge_group(weights, grams, 4, rounds=2, damp=0.0)
+    assert len(calls) == 6  # two depths, three delta fits each
+    assert _output_error(weights, inputs, fit) <= 1.01 * exact
+    again = merge_group(weights, grams, 4, rounds=2, damp=0.0)
+    assert torch.equal(fit.shared, again.shared) and torch.equal(fit.deltas[1][0], again.deltas[1][0])

@@ -40,8 +40,8 @@ def test_large_matrices_take_the_randomized_path_close_to_the_best(monkeypatch):
 
     monkeypatch.setattr(residual_svd, "RANDOMIZED_ABOVE", 128)
     calls = []
-    lowrank = torch.svd_lowrank
-    monkeypatch.setattr(torch, "svd_lowrank", lambda *args, **kw: calls.append(kw) or lowrank(*args, **kw))
+    randomized = residual_svd.randomized_factors
+    monkeypatch.setattr(residual_svd, "randomized_factors", lambda *args: calls.append(args) or randomized(*args))
     generator = torch.Generator().manual_seed(0)
     original, shared = torch.randn(600, 400, generator=generator), torch.zeros(600, 400)
     s = torch.linalg.svdvals(original.double())
@@ -54,6 +54,6 @@ def test_large_matrices_take_the_randomized_path_close_to_the_best(monkeypatch):
     torch.testing.assert_close(a.double() @ a.double().T, torch.eye(16, dtype=torch.float64), rtol=0, atol=1e-4)
     missed = (original.double() - (b @ a).double()).norm() ** 2 - (s[16:] ** 2).sum()
     assert missed / (s[:16] ** 2).sum() < 0.01
-    assert len(calls) == 2 and calls[0]["q"] == 32
+    assert len(calls) == 2 and residual_svd._columns(16) == 32
     residual_factors(original[:100], shared[:100], 16)  # 100 rows: the exact path
     assert len(calls) == 2

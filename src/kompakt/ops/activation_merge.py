@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kompakt.ops.residual_svd import residual_factors
+from kompakt.ops.residual_svd import randomized_factors, residual_factors, takes_randomized
 
 
 @dataclass
@@ -62,14 +62,13 @@ def merge_group(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], 
     damped = [_damped(g.to(device=work[0].device, dtype=precision), damp) for g in grams]
     factors = [torch.linalg.cholesky(h) for h in damped]
     total = torch.linalg.cholesky(sum(damped))  # Σ H_d, factored once for every refit
-    merged = sum(w @ h for w, h in zip(work, damped))  # Σ W_d H_d, the refits' constant part
+    regmean = torch.cholesky_solve(sum(w @ h for w, h in zip(work, damped)).T, total).T
     zero = work[0].new_zeros(shape[0], 0), work[0].new_zeros(0, shape[1])
-    deltas = [zero] * len(work)
-    shared = _regmean(merged, damped, deltas, total)
+    deltas, shared = [zero] * len(work), regmean
     for step in range(rounds + 1 if rank else 0):
         deltas = [_whitened_delta(w - shared, s, rank) for w, s in zip(work, factors)]
         if step < rounds:
-            shared = _regmean(merged, damped, deltas, total)
+            shared = _refit(regmean, damped, deltas, total)
     errors = [_relative_error(w, shared, delta, h) for w, delta, h in zip(work, deltas, damped)]
     dtype = weights[0].dtype
     return GroupFit(shared=shared.to(dtype), deltas=[(b.to(dtype).contiguous(), a.to(dtype).contiguous())
@@ -82,18 +81,25 @@ def _damped(gram: torch.Tensor, damp: float) -> torch.Tensor:
     return h + damp * scale * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
 
 
-def _regmean(merged: torch.Tensor, damped: list[torch.Tensor], deltas: list[tuple[torch.Tensor, torch.Tensor]],
-             total: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """argmin_W Σ_d ‖(W_d − B_d A_d − W) S_d‖²: W (Σ H_d) = Σ W_d H_d − Σ B_d (A_d H_d) (`merged`:
-    Σ W_d H_d; `total`: the Cholesky factor of Σ H_d). The deltas' part is rank r: no full product."""
-    rhs = merged - sum(b @ (a @ h) for (b, a), h in zip(deltas, damped))
-    return torch.cholesky_solve(rhs.T, total).T  # H symmetric: W = rhs H⁻¹ ⇔ H Wᵀ = rhsᵀ
+def _refit(regmean: torch.Tensor, damped: list[torch.Tensor], deltas: list[tuple[torch.Tensor, torch.Tensor]],
+          total: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """argmin_W Σ_d ‖(W_d − B_d A_d − W) S_d‖²: W = (Σ W_d H_d − Σ B_d A_d H_d)(Σ H_d)⁻¹, which is
+    RegMean's W₀ = (Σ W_d H_d)(Σ H_d)⁻¹ minus Σ B_d (A_d H_d (Σ H_d)⁻¹) (`total`: the Cholesky
+    factor of Σ H_d): solves of r rows instead of a full [out, in] one every round."""
+    # H symmetric: X = Y H⁻¹ ⇔ H Xᵀ = Yᵀ
+    return regmean - sum(b @ torch.cholesky_solve((a @ h).T, total).T for (b, a), h in zip(deltas, damped))
 
 
 def _whitened_delta(residual: torch.Tensor, factor: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) with B A the best rank-r approximation of `residual` in the norm ‖· S‖ (H = S Sᵀ)."""
-    whitened = residual @ factor
-    b, v_t = residual_factors(whitened, torch.zeros_like(whitened), rank)  # U_r Σ_r, V_rᵀ of R S
+    """(B, A) with B A the best rank-r approximation of `residual` in the norm ‖· S‖ (H = S Sᵀ).
+    Wide matrices multiply by R·S as its two factors instead of forming it: forming costs out·in²
+    every round, the randomized iteration (out + in)·in per column of its thin basis."""
+    if takes_randomized(residual.shape, rank):
+        b, v_t = randomized_factors(lambda x: residual @ (factor @ x), lambda y: factor.T @ (residual.T @ y),
+                                    residual, rank)  # fmt: skip
+    else:
+        whitened = residual @ factor
+        b, v_t = residual_factors(whitened, torch.zeros_like(whitened), rank)  # U_r Σ_r, V_rᵀ of R S
     # A = V_rᵀ S⁻¹, solved as Sᵀ Aᵀ = V_r (S lower triangular) instead of inverting S
     return b, torch.linalg.solve_triangular(factor.T, v_t.T, upper=True).T
 

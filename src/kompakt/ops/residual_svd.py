@@ -12,13 +12,17 @@ the other side by one product with R: the same factors as a full SVD (eigh retur
 vectors, so full rank still recovers R), about 3x faster on CPU (measured on SmolLM2's 1536x576
 matrices; a model has 7 per depth). Above `RANDOMIZED_ABOVE` rows and columns that O(n³)
 eigendecomposition (3.7 s for 4096 x 4096 on 2 cores, most of share.layers' regmean fit on a
-7B-shaped model) gives way to randomized subspace iteration (torch.svd_lowrank; Halko, Martinsson
-and Tropp 2011) with `rank` extra columns (at least 16) and 8 power iterations: on SmolLM2's
-residuals of adjacent layers, whose spectra are flat (the hard case for it), that keeps
-99.5-99.98 % of the optimal rank-16 energy.
+7B-shaped model) gives way to randomized subspace iteration (Halko, Martinsson and Tropp 2011,
+Alg. 4.4, as torch.svd_lowrank; written here because torch's needs the matrix itself, and
+share.layers' whitened residual R·S is cheaper to multiply by as two factors than to form) with
+`rank` extra columns (at least 16) and 8 power iterations: on SmolLM2's residuals of adjacent
+layers, whose spectra are flat (the hard case for it), that keeps 99.5-99.98 % of the optimal
+rank-16 energy.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -39,9 +43,8 @@ def residual_factors(original: torch.Tensor, shared: torch.Tensor, rank: int) ->
     work = torch.float64 if original.dtype == torch.float64 else torch.float32
     residual = original.to(work) - shared.to(work)  # [out, in]
     out_features, in_features = residual.shape
-    oversampled, smaller = rank + max(rank, 16), min(out_features, in_features)
-    if smaller > RANDOMIZED_ABOVE and 2 * oversampled <= smaller:
-        b, a = _randomized(residual, rank, oversampled)
+    if takes_randomized(residual.shape, rank):
+        b, a = randomized_factors(lambda x: residual @ x, lambda y: residual.T @ y, residual, rank)
     elif in_features <= out_features:
         _, vecs = torch.linalg.eigh(residual.T @ residual)  # ascending eigenvalues σ²; V [in, in]
         v = vecs[:, -rank:].flip(1)  # the top-r right singular vectors [in, r]
@@ -56,11 +59,29 @@ def residual_factors(original: torch.Tensor, shared: torch.Tensor, rank: int) ->
     return b.to(original.dtype).contiguous(), a.to(original.dtype).contiguous()
 
 
-def _randomized(residual: torch.Tensor, rank: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """B = U_r Σ_r, A = V_rᵀ from randomized subspace iteration, seeded so a pass gives the same
-    factors every run (and the caller's random stream is left as it was)."""
-    device = residual.device
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device.index or 0], device_type=device.type):
-        torch.manual_seed(0)
-        u, s, v = torch.svd_lowrank(residual, q=columns, niter=POWER_ITERATIONS)
-    return u[:, :rank] * s[:rank], v[:, :rank].T
+def takes_randomized(shape: tuple[int, ...], rank: int) -> bool:
+    """Whether the top `rank` singular pairs of a matrix of this shape come from randomized
+    subspace iteration (wide matrices, a rank small enough that its oversampled basis stays thin)."""
+    smaller = min(shape)
+    return smaller > RANDOMIZED_ABOVE and 2 * _columns(rank) <= smaller
+
+
+def randomized_factors(multiply: Callable[[torch.Tensor], torch.Tensor], multiply_t: Callable[[torch.Tensor], torch.Tensor],
+                       like: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(B = U_r Σ_r, A = V_rᵀ) of a matrix M of `like`'s shape, dtype and device that is known only
+    through M·X (`multiply`) and Mᵀ·Y (`multiply_t`). The random start is seeded, so a pass gives
+    the same factors every run, and drawn from its own generator (the caller's stream is left as
+    it was)."""
+    out_features, in_features = like.shape
+    generator = torch.Generator(device=like.device).manual_seed(0)
+    start = torch.randn(in_features, _columns(rank), generator=generator, dtype=like.dtype, device=like.device)
+    basis = torch.linalg.qr(multiply(start)).Q  # [out, columns], orthonormal
+    for _ in range(POWER_ITERATIONS):  # each round sharpens the basis towards the top singular vectors
+        basis = torch.linalg.qr(multiply(torch.linalg.qr(multiply_t(basis)).Q)).Q
+    u, sigma, v_t = torch.linalg.svd(multiply_t(basis).T, full_matrices=False)  # of Qᵀ M [columns, in]
+    return (basis @ u[:, :rank]) * sigma[:rank], v_t[:rank]
+
+
+def _columns(rank: int) -> int:
+    """The randomized basis' width: the rank and as many extra columns, at least 16."""
+    return rank + max(rank, 16)
