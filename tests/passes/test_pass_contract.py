@@ -116,11 +116,12 @@ def _declared(flag: bool, provide: Callable, spec: PassSpec, what: str) -> Calla
     return provide if flag else undeclared
 
 
-def _context(spec: PassSpec, student: LoadedModel, original: LoadedModel, data: RunData, work) -> PassContext:
+def _context(spec: PassSpec, config: Any, student: LoadedModel, original: LoadedModel, data: RunData,
+             work) -> PassContext:  # fmt: skip
     return PassContext(
         loaded=student,
         original=_declared(spec.needs_teacher, lambda: original, spec, "the original"),
-        calibration=_declared(spec.needs_calibration, data.calibration, spec, "calibration data"),
+        calibration=_declared(spec.uses_calibration(config), data.calibration, spec, "calibration data"),
         teacher=_declared(spec.needs_teacher, lambda path: original, spec, "a teacher"),
         training=_declared(spec.needs_training, data.training, spec, "training data"),
         evaluation=data.evaluation,
@@ -186,10 +187,10 @@ def test_pass_contract(name, family, run_inputs, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     for step, step_config in before:
-        student = step.apply(_context(step, student, original, data, work), step_config).loaded
+        student = step.apply(_context(step, step_config, student, original, data, work), step_config).loaded
     input_dtype = student.storage_dtype
 
-    report = spec.apply(_context(spec, student, original, data, work), config)
+    report = spec.apply(_context(spec, config, student, original, data, work), config)
 
     result = report.loaded
     assert report.summary and isinstance(report.details, dict)
@@ -215,3 +216,29 @@ def test_pass_contract(name, family, run_inputs, tmp_path):
     evaluated = kompakt.evaluate(reloaded, reference=original, ids=data.evaluation(), window=DATA.window,
                                  speed=False)  # fmt: skip
     assert torch.isfinite(torch.tensor([evaluated.ppl, evaluated.kl_mean])).all(), evaluated
+
+
+# Settings under which a pass that may calibrate reads no data (their configs' uses_calibration()),
+# and the change of setting that makes the same step read it.
+CALIBRATION_FREE = [
+    ("prune.sparse", {"method": "magnitude", "sparsity": 0.5}, {"method": "wanda"}),
+    ("prune.width", {"importance": "random", "mlp_fraction": 0.5}, {"importance": "activation"}),
+    ("prune.depth", {"method": "last", "count": 1}, {"method": "block_influence"}),
+    ("prune.depth", {"select": "every_other"}, {"select": "importance", "count": 1}),
+    ("share.layers", {"init": "average", "ratio": 0.5}, {"init": "regmean"}),
+    ("lowrank.svd", {"method": "plain", "target_params": 0.2}, {"method": "svd-llm"}),
+]
+
+
+@pytest.mark.parametrize("name, values, reading", CALIBRATION_FREE,
+                         ids=[f"{n}-{next(iter(v.values()))}" for n, v, _ in CALIBRATION_FREE])  # fmt: skip
+def test_settings_that_need_no_data_never_read_it(name, values, reading, run_inputs, tmp_path):
+    """The pass runs with a calibration source that fails the test (what _declared gives when
+    uses_calibration says no); the same step with the other setting does declare data."""
+    spec = PASSES[name]
+    config = build_config(spec, values)
+    assert not spec.uses_calibration(config) and spec.uses_calibration(build_config(spec, {**values, **reading}))
+    original, data = run_inputs("llama")
+    student = LoadedModel(model=copy.deepcopy(original.model), tokenizer=original.tokenizer, name=original.name)
+    report = spec.apply(_context(spec, config, student, original, data, tmp_path), config)
+    assert torch.isfinite(_logits(report.loaded)).all()

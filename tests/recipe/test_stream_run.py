@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from recipe_helpers import small_data
 
@@ -70,6 +72,33 @@ def test_streamed_run_needs_calibration_text(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="pass calibration text with --data"):
         run_recipe(recipe, tmp_path / "run", max_memory="1KB")
     assert not (tmp_path / "run").exists()
+
+
+def test_streamed_magnitude_pruning_needs_no_calibration_text(tiny_dir, text_file, tmp_path, one_thread):
+    """Only steps whose settings read data ask for --data: magnitude pruning streams without it and
+    gives the weights a run with data gives."""
+    steps = [{"prune.sparse": {"method": "magnitude", "sparsity": 0.5}}]
+    run_recipe(_recipe(tiny_dir, text_file, steps), tmp_path / "memory")
+    result = run_recipe(Recipe.from_dict({"model": str(tiny_dir), "seed": 1, "steps": steps}), tmp_path / "streamed",
+                        max_memory="1KB")  # fmt: skip
+    assert read_lineage(tmp_path / "streamed")[0]["details"]["streamed"] is True
+    memory, streamed = _weights(tmp_path / "memory" / "final"), _weights(result.final)
+    assert sorted(memory) == sorted(streamed) and all(memory[k].equal(streamed[k]) for k in memory)
+
+
+def test_only_steps_that_read_data_hash_it(tiny_dir, text_file):
+    """A step's identity includes the calibration data only where its settings read it: other data
+    changes a Wanda step's hash, not a magnitude step's (a rerun with new data keeps it)."""
+    from kompakt.recipe.rundata import RunData
+    from kompakt.recipe.runner import _plan
+
+    def hashes(method: str, blocks: int) -> str:
+        recipe = _recipe(tiny_dir, text_file, [{"prune.sparse": {"method": method, "sparsity": 0.5}}])
+        spec = dataclasses.replace(recipe.data, calibration_blocks=blocks)
+        return _plan(recipe, "model", RunData(spec, kompakt.load(tiny_dir), 1))[0].hash
+
+    assert hashes("magnitude", 4) == hashes("magnitude", 8)
+    assert hashes("wanda", 4) != hashes("wanda", 8)
 
 
 def test_cli_max_memory_streams_and_refuses_in_one_line(tiny_dir, text_file, tmp_path, cli, one_thread):

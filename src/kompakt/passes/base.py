@@ -131,6 +131,9 @@ class PassSpec:
     pass cannot treat fused experts, and what to use instead); empty when it runs on them.
     `moe_only`: the reverse, for passes that edit experts: empty when the pass runs on dense models
     too, else what it does to experts (said when refusing a dense model).
+    `needs_calibration`: the pass may read calibration data; a config with some settings that
+    need none (magnitude pruning) says which by a `uses_calibration()` method (`uses_calibration`
+    below asks it).
     """
 
     name: str
@@ -145,6 +148,12 @@ class PassSpec:
     dense_only: str = ""
     moe_only: str = ""
     doc: str = ""
+
+    def uses_calibration(self, config: Any) -> bool:
+        """Whether a step of this pass with `config` reads calibration data: the runner hashes the
+        data into such a step's identity, a streamed run asks for --data only for such steps."""
+        settings = getattr(config, "uses_calibration", None)
+        return self.needs_calibration and (settings is None or settings())
 
     @property
     def summary(self) -> str:

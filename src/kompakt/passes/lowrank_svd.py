@@ -78,6 +78,10 @@ class LowRankConfig:
     max_blocks: int | None = field(default=None, metadata=doc("use at most this many calibration blocks"))
     batch_size: int = field(default=8, metadata=doc("calibration blocks per layer call"))
 
+    def uses_calibration(self) -> bool:
+        """method: plain truncates the weights themselves; asvd and svd-llm use calibration inputs."""
+        return self.method != "plain"
+
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"lowrank.svd: method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
@@ -164,7 +168,7 @@ def _calibrate(ctx: PassContext, config: LowRankConfig, chosen: list[Matrix],
 
 def _spectra(ctx: PassContext, config: LowRankConfig, chosen: list[Matrix]) -> tuple[int, int] | None:
     """Fill each matrix's spectrum (and asvd's statistics) from the unchanged model."""
-    if config.method == "plain":
+    if not config.uses_calibration():  # plain
         for m in chosen:
             m.spectrum = Spectrum(*m.shape, svd.singular_values(m.module.weight, svd.identity()))
         return None

@@ -93,6 +93,10 @@ class DepthConfig:
     )
     batch_size: int = field(default=4, metadata={"doc": "calibration blocks per forward pass"})
 
+    def uses_calibration(self) -> bool:
+        """method: last and select: every_other choose layers by position, without data."""
+        return self.method != "last" and self.select != "every_other"
+
     def validate(self) -> None:
         if self.select not in SELECTS:
             raise ConfigError(f"prune.depth: unknown select {self.select!r}; valid: {', '.join(SELECTS)}")
@@ -208,7 +212,7 @@ def apply(ctx: PassContext, config: DepthConfig) -> PassReport:
     n_layers = len(decoder_layers(loaded.model))
     n = config.layers_to_remove(n_layers)
     method = "every_other" if config.select == "every_other" else method_for(loaded, config)
-    blocks = ctx.calibration() if method not in ("last", "every_other") else None
+    blocks = ctx.calibration() if config.uses_calibration() else None
     # Iterative KL measures the damage against this step's input model, kept aside once.
     reference = copy.deepcopy(loaded.model) if config.iterative and method == "kl" else None
     original_index = list(range(n_layers))  # position in the current model -> original layer number

@@ -97,6 +97,10 @@ class SparseConfig:
     max_blocks: int | None = field(default=None, metadata=doc("use at most this many calibration blocks"))
     batch_size: int = field(default=8, metadata=doc("calibration blocks per layer call"))
 
+    def uses_calibration(self) -> bool:
+        """method: magnitude without owl reads only the weights."""
+        return self.method != "magnitude" or self.owl
+
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"prune.sparse: unknown method {self.method!r}; valid: {', '.join(METHODS)}")
@@ -297,8 +301,7 @@ def apply(ctx: PassContext, config: SparseConfig) -> PassReport:
     n_layers = len(decoder_layers(model))
     target = config.target if nm is not None else scheduled_sparsity(config)
     layer_sparsity = [target] * n_layers
-    needs_data = config.method != "magnitude" or config.owl
-    blocks = ctx.calibration()[: config.max_blocks] if needs_data else None
+    blocks = ctx.calibration()[: config.max_blocks] if config.uses_calibration() else None
     ratios = None
     if config.owl:
         ratios = layer_outlier_ratios(model, blocks, roles, config)

@@ -98,6 +98,10 @@ class WidthConfig:
     max_blocks: int = field(default=64, metadata=doc("calibration blocks used for the importance scores"))
     batch_size: int = field(default=4, metadata=doc("calibration blocks per forward pass"))
 
+    def uses_calibration(self) -> bool:
+        """importance: random (the baseline) reads no data."""
+        return self.importance == "activation"
+
     def validate(self) -> None:
         for name in ("mlp_fraction", "heads_fraction", "hidden_fraction"):
             value = getattr(self, name)
@@ -303,7 +307,7 @@ def apply(ctx: PassContext, config: WidthConfig) -> PassReport:
     check_config(  # widths that transformers would reject fail here, before any scoring
         loaded, hidden_size=keep_hidden, **{arch_for(loaded).intermediate_key: keep_mlp}, **heads,
     )  # fmt: skip
-    if config.importance == "activation":
+    if config.uses_calibration():  # activation importance
         blocks = ctx.calibration()[: config.max_blocks]
         scores = activation_scores(loaded, blocks, config.batch_size)
     else:

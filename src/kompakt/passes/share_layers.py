@@ -81,6 +81,10 @@ class ShareLayersConfig:
     max_blocks: int | None = field(default=32, metadata=doc("regmean: use at most this many calibration blocks"))
     batch_size: int = field(default=8, metadata=doc("regmean: calibration blocks per layer call"))
 
+    def uses_calibration(self) -> bool:
+        """init: average and keep read only the weights; regmean fits to calibration inputs."""
+        return self.init == "regmean"
+
     def validate(self) -> None:
         if (self.unique is None) == (self.ratio is None):
             raise ConfigError(f"{NAME}: give exactly one of unique or ratio")
@@ -153,7 +157,7 @@ def apply(ctx: PassContext, config: ShareLayersConfig) -> PassReport:
     before = loaded.num_parameters()
     _check_smaller(loaded, config, n_layers, k)
     check_shareable(loaded, groups)
-    fits = _regmean_fits(ctx, config, groups) if config.init == "regmean" else {}
+    fits = _regmean_fits(ctx, config, groups) if config.uses_calibration() else {}
     value, sources = _values(loaded, config, groups, fits)
     block_of = {depth: (block, group.index(depth)) for block, group in enumerate(groups) for depth in group}
 

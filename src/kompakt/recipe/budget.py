@@ -14,8 +14,6 @@ and a budget that cannot hold one layer plus its activations is a one-line error
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from kompakt.calib.gpu_plan import estimate_gpu_step
@@ -47,28 +45,28 @@ def plan_memory(recipe: Recipe, max_memory: int | str | None = None, *, check: b
     streamed = must_stream(lazy, budget, recipe.data.calibration_blocks * recipe.data.block_len)
     estimates = []
     for index, step in enumerate(recipe.steps, 1):
-        spec, _ = step.spec_and_config()
+        spec, config = step.spec_and_config()
         if streamed and check:
             refuse_unstreamable(spec, lazy, budget)  # type: ignore[arg-type]
         tokens = recipe.data.calibration_blocks * recipe.data.block_len
         label = f"{index} {step.name}"
         if streamed and spec.streams and lazy.device.type != "cpu":  # layers onloaded to the GPU
-            estimates.append(estimate_gpu_step(label, shapes, tokens=tokens if spec.needs_calibration else 0,
+            estimates.append(estimate_gpu_step(label, shapes, tokens=tokens if spec.uses_calibration(config) else 0,
                                                hessians=step.name in HESSIAN_PASSES, compute=lazy.compute_dtype,
                                                stored=lazy.storage_dtype))  # fmt: skip
             continue
-        estimates.append(_estimate(label, spec, step.name, recipe, shapes, streamed and spec.streams,
-                                   dtype, lazy.storage_dtype, flops, must_spill(lazy, budget, tokens),
-                                   getattr(step.spec_and_config()[1], "batch_size", 8)))  # fmt: skip
+        estimates.append(_estimate(label, spec.uses_calibration(config), step.name, recipe, shapes,
+                                   streamed and spec.streams, dtype, lazy.storage_dtype, flops,
+                                   must_spill(lazy, budget, tokens), getattr(config, "batch_size", 8)))  # fmt: skip
     if check:
         check_budget(estimates, budget)
         check_budget(estimates, parse_memory(max_gpu_memory), gpu=True)
     return estimates
 
 
-def _estimate(label: str, spec: Any, name: str, recipe: Recipe, shapes: ModelShapes, streamed: bool,
+def _estimate(label: str, calibrates: bool, name: str, recipe: Recipe, shapes: ModelShapes, streamed: bool,
               dtype: torch.dtype, stored: torch.dtype, flops: float, spilled: bool, batch: int) -> StepEstimate:  # fmt: skip
-    tokens = recipe.data.calibration_blocks * recipe.data.block_len if spec.needs_calibration else 0
+    tokens = recipe.data.calibration_blocks * recipe.data.block_len if calibrates else 0
     return estimate_step(label, shapes, tokens=tokens, seq_len=recipe.data.block_len, streamed=streamed,
                          hessians=name in HESSIAN_PASSES, dtype=dtype, stored=stored, flops=flops,
                          spilled=streamed and spilled, batch=batch)  # fmt: skip

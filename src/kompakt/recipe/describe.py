@@ -61,6 +61,14 @@ def _cli(step: dict[str, Any]) -> str:
     return f"{name}:{pairs}" if pairs else name
 
 
+def _calibration_need(spec: Any) -> str:
+    """'calibration data', and when some settings need none, which (the first line of the config's
+    `uses_calibration` docstring)."""
+    settings = getattr(spec.config, "uses_calibration", None)
+    note = (settings.__doc__ or "").strip().splitlines()[0].rstrip(".") if settings else ""
+    return f"calibration data ({note[:1].lower()}{note[1:]})" if note else "calibration data"
+
+
 def describe_pass(name: str) -> dict[str, Any]:
     """Name, summary, needs, fields [{name, type, default, doc}], sample steps (YAML and CLI lists), doc.
 
@@ -80,7 +88,7 @@ def describe_pass(name: str) -> dict[str, Any]:
         for f in dataclasses.fields(spec.config)
     ]
     needs = [label for flag, label in (
-        (spec.needs_calibration, "calibration data"), (spec.needs_teacher, "the original as teacher"),
+        (spec.needs_calibration, _calibration_need(spec)), (spec.needs_teacher, "the original as teacher"),
         (spec.needs_training, "training"), (spec.changes_architecture, "changes the architecture"),
         (bool(spec.decoder_only), "a causal LM (not a sentence encoder)"),
         (bool(spec.dense_only), "a dense model (not a Mixture of Experts)"),

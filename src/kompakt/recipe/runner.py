@@ -86,7 +86,7 @@ def _plan(recipe: Recipe, fingerprint: str, data: RunData) -> list[_Planned]:
     data_id = data.identity()
     for index, step in enumerate(recipe.steps, start=1):
         spec, config = step.spec_and_config()
-        uses_data = spec.needs_calibration or spec.needs_teacher or spec.needs_training
+        uses_data = spec.uses_calibration(config) or spec.needs_teacher or spec.needs_training
         h = step_hash(previous, step.name, step.config, data_id if uses_data else None, recipe.seed)
         planned.append(_Planned(index, step.name, config, spec, step.config, h, previous))
         previous = h

@@ -60,10 +60,10 @@ def streamed_original(recipe: Recipe, max_memory: int | str | None) -> LoadedMod
     if not must_stream(lazy, budget, tokens):
         logger.info("%s fits in --max-memory %.1f GB: running in memory", name, budget / 1e9)
         return None
-    specs = [step.spec_and_config()[0] for step in recipe.steps]
-    for spec in specs:
+    steps = [step.spec_and_config() for step in recipe.steps]
+    for spec, _ in steps:
         refuse_unstreamable(spec, lazy, budget)
-    if recipe.data.calibration is None and any(spec.needs_calibration for spec in specs):
+    if recipe.data.calibration is None and any(spec.uses_calibration(config) for spec, config in steps):
         raise ConfigError(f"{name} does not fit in --max-memory {budget / 1e9:.1f} GB, so it cannot generate its own "
                           "calibration text; pass calibration text with --data")  # fmt: skip
     logger.info("%s needs more than --max-memory %.1f GB: every step streams one layer at a time", name, budget / 1e9)
