@@ -11,6 +11,7 @@ versions of the fit compare on it.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/regmean_fit_7b.py --threads 2
     OMP_NUM_THREADS=2 .venv/bin/python bench/regmean_fit_7b.py --threads 2 --rounds 1 --out /tmp/r1.json
+    .venv/bin/python bench/regmean_fit_7b.py --device cuda --out bench/results/regmean_fit_7b-cuda.json
 
 Prints a table and writes bench/results/regmean_fit_7b.json.
 """
@@ -42,30 +43,38 @@ def _inputs(shape: tuple[int, int], depths: int, seed: int) -> tuple[list[torch.
     return weights, grams
 
 
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where the fit runs (the inputs are drawn on the CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "regmean_fit_7b.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows, total = [], 0.0
     for seed, (role, (shape, count)) in enumerate(SHAPES.items()):
-        weights, grams = _inputs(shape, args.depths, seed)
+        weights, grams = ([t.to(args.device) for t in ts] for ts in _inputs(shape, args.depths, seed))
+        _synchronize(args.device)
         start = time.perf_counter()
         fit = merge_group(weights, grams, args.rank, rounds=args.rounds)
+        _synchronize(args.device)
         seconds = time.perf_counter() - start
         error = sum(fit.relative_error) / len(fit.relative_error)
         rows.append({"role": role, "shape": list(shape), "per_group": count, "seconds": seconds, "relative_error": error})
         total += count * seconds
         print(f"{role:8s} {shape[0]:5d}x{shape[1]:<5d} x{count}  {seconds:7.1f} s  relative error {error:.5f}", flush=True)
     print(f"one group of {args.depths} depths, rank {args.rank}, rounds {args.rounds}: {total:.0f} s "
-          f"({torch.get_num_threads()} threads)")  # fmt: skip
-    result = {"depths": args.depths, "rank": args.rank, "rounds": args.rounds, "threads": torch.get_num_threads(),
-              "group_seconds": total, "rows": rows}  # fmt: skip
+          f"({args.device}, {torch.get_num_threads()} threads)")  # fmt: skip
+    result = {"depths": args.depths, "rank": args.rank, "rounds": args.rounds, "device": args.device,
+              "threads": torch.get_num_threads(), "group_seconds": total, "rows": rows}  # fmt: skip
     with atomic_file(args.out) as tmp:
         Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
 
