@@ -92,11 +92,11 @@ def export(
     (kompakt.export.gguf_types); out default `<name>-<type>.gguf` in the current directory. format
     "gguf-lora": the model's LoRA adapter (lowrank.compensate) for llama.cpp's --lora, type f16
     (default), f32 or q8_0 (lora_a in q8_0, lora_b in f16), checked against the base GGUF `base`
-    when given (kompakt.export.gguf_lora); out default `<name>-lora-<type>.gguf`. format "onnx": a sentence encoder as a directory with
-    model.onnx (pooling inside the graph), tokenizer and configs, type f32 (default) or int8
-    (onnxruntime's dynamic quantization), checked in onnxruntime (kompakt.export.onnx); out
-    default `<name>-onnx-<type>/`. format "hf": type f32 | f16 | bf16 (default
-    the stored dtype), out default `<name>-<type>/`. format "ollama": a directory with
+    when given (kompakt.export.gguf_lora); out default `<name>-lora-<type>.gguf`. format "onnx": a
+    sentence encoder as a directory with model.onnx (pooling inside the graph), tokenizer and
+    configs, type f32 (default) or int8 (onnxruntime's dynamic quantization), checked in
+    onnxruntime (kompakt.export.onnx); out default `<name>-onnx-<type>/`. format "hf": type f32 |
+    f16 | bf16 (default the stored dtype), out default `<name>-<type>/`. format "ollama": a directory with
     model.gguf (a given .gguf is copied; a model is exported with type, default q4_0) and a
     Modelfile (template and stop tokens from the chat template).
 

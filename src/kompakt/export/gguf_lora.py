@@ -41,8 +41,8 @@ from kompakt.export.gguf_arch import family_for, text_config
 from kompakt.export.gguf_tensors import TensorPlan, plan_tensors
 from kompakt.export.manifest import write_manifest
 from kompakt.model.loaded import LoadedModel
-from kompakt.ops.ggml_types import ggml_type, gguf_enum, quantize
 from kompakt.model.lora_adapter import attached
+from kompakt.ops.ggml_types import ggml_type, gguf_enum, quantize
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ def randomized_factors(multiply: Callable[[torch.Tensor], torch.Tensor], multipl
     through M·X (`multiply`) and Mᵀ·Y (`multiply_t`). The random start is seeded, so a pass gives
     the same factors every run, and drawn from its own generator (the caller's stream is left as
     it was)."""
-    out_features, in_features = like.shape
+    in_features = like.shape[1]
     generator = torch.Generator(device=like.device).manual_seed(0)
     start = torch.randn(in_features, _columns(rank), generator=generator, dtype=like.dtype, device=like.device)
     basis = torch.linalg.qr(multiply(start)).Q  # [out, columns], orthonormal
