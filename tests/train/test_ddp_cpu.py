@@ -50,6 +50,14 @@ def _kill_all(launcher: subprocess.Popen) -> None:
     psutil.wait_procs(workers, timeout=30)
 
 
+def _rng_in_checkpoint(out: Path) -> torch.Tensor:
+    """The torch RNG state saved in run directory `out`'s newest training checkpoint."""
+    from kompakt.train import checkpoint
+
+    newest = checkpoint.latest(next(out.glob("steps/.ckpt-*")))
+    return checkpoint.load(newest)[2]["rng"]["torch"]
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_processes_equal_one_with_gradient_accumulation_also_after_a_kill(tmp_path, kd_recipe, run_readers, fsdp):
     checkpoint_step, step_weights = run_readers
@@ -64,6 +72,7 @@ def test_two_processes_equal_one_with_gradient_accumulation_also_after_a_kill(tm
         assert time.time() < deadline, "DDP training never reached step 4"
         time.sleep(0.05)
     _kill_all(killed)
+    assert not torch.equal(*(_rng_in_checkpoint(rank) for rank in ranks))  # own dropout masks per process
     resumed = _torchrun(recipe, out, fsdp)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]

@@ -141,6 +141,15 @@ def trained_parameters(model: nn.Module, extra: dict[str, nn.Module]) -> list[tu
     return named
 
 
+def _seed_per_process(accelerator) -> None:
+    """Give each process its own RNG stream. The runner seeds every process alike (the step's
+    seed), so they would otherwise draw the same dropout masks for their different batches;
+    process 0 keeps the seed, so one process trains exactly as before. A resumed run restores
+    each process's own stream from its checkpoint."""
+    if accelerator.num_processes > 1:
+        torch.manual_seed(torch.initial_seed() + accelerator.process_index)
+
+
 class _Run:
     """State of one `train` call (kept out of the function so each piece stays small)."""
 
@@ -157,6 +166,7 @@ class _Run:
         with fsdp.accelerate_without_fsdp():
             self.accelerator = Accelerator(mixed_precision=self.precision, cpu=probe.type == "cpu",
                                            step_scheduler_with_optimizer=False)  # fmt: skip
+        _seed_per_process(self.accelerator)
         extra = objective.extra_modules()
         for module in extra.values():
             module.to(self.accelerator.device)
