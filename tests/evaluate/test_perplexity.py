@@ -81,6 +81,22 @@ def test_stride_equals_window_matches_manual_windows(model):
     assert result.nll_mean == pytest.approx(total / 396, rel=1e-5)
 
 
+def test_sliding_windows_match_manual_windows(model):
+    """Stride 50 in windows of 100: the first window scores its 99 next tokens, each later
+    window (starts 50, 100, 150, 200) only its last 50, each seeing the 50 tokens before them."""
+    ids = _ids(300)
+    result = perplexity(model, ids, window=100, stride=50, batch_size=2)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, 201, 50):
+            chunk = ids[start : start + 100]
+            logits = model.model(chunk[None]).logits[0]
+            first = 0 if start == 0 else 49  # logits at position i predict token i + 1
+            total += float(torch.nn.functional.cross_entropy(logits[first:-1], chunk[first + 1 :], reduction="sum"))
+    assert result.tokens_scored == 299
+    assert result.nll_mean == pytest.approx(total / 299, rel=1e-5)
+
+
 def test_batch_size_and_max_tokens(model):
     ids = _ids(700)
     one = perplexity(model, ids, window=100, batch_size=1)

@@ -26,6 +26,17 @@ def test_speed_positive_and_threads_restored():
     assert result.to_dict()["gen_tokens"] == 4
 
 
+def test_speed_counts_the_batch_and_only_the_new_tokens(monkeypatch):
+    """With a clock that moves 1 s per reading, each timing spans 1 s: prefill counts every
+    prompt token of the batch (2 x 32), generation only the tokens made (4, not the prompt's)."""
+    import types
+
+    clock = iter(range(1000))
+    monkeypatch.setattr("kompakt.evaluate.speed.time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    result = measure_speed(tiny_model("llama"), threads=1, **SMALL)
+    assert (result.prefill_tokens_per_s, result.generate_tokens_per_s) == (64.0, 4.0)
+
+
 def test_speed_rejects_zero_threads():
     with pytest.raises(ConfigError):
         measure_speed(tiny_model("llama"), threads=0, **SMALL)

@@ -116,6 +116,36 @@ def test_dropping_an_identity_layer_keeps_logits(family):
     torch.testing.assert_close(_logits(loaded.model), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_removing_dead_mlp_channels_keeps_logits(family):
+    """shrink_mlp keeps the right rows and columns (fused gate_up included): the odd channels,
+    made dead first (their down_proj columns zeroed), go without changing the logits."""
+    loaded = tiny_model(family)
+    spec = arch_for(loaded.model)
+    for layer in decoder_layers(loaded.model):
+        get_submodule(layer, spec.down).weight.data[:, 1::2] = 0
+    before = _logits(loaded.model)
+    shrink_mlp(loaded, torch.arange(0, text_config(loaded).intermediate_size, 2))
+    torch.testing.assert_close(_logits(loaded.model), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_removing_a_dead_kv_group_keeps_logits(family):
+    """shrink_heads keeps the query heads of the kept KV group with their K and V (fused qkv
+    included): KV group 0's query heads, made dead first (their o_proj columns zeroed), go with
+    their group without changing the logits."""
+    loaded = tiny_model(family)
+    config, spec = text_config(loaded), arch_for(loaded.model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    group = config.num_attention_heads // config.num_key_value_heads * head_dim  # o_proj columns per KV group
+    layers = decoder_layers(loaded.model)
+    for layer in layers:
+        get_submodule(layer, spec.o).weight.data[:, :group] = 0
+    before = _logits(loaded.model)
+    shrink_heads(loaded, [torch.tensor([1])] * len(layers))
+    torch.testing.assert_close(_logits(loaded.model), before, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["gemma", "llama"])
 def test_shrink_hidden_preserves_kept_embedding_values(family):
     loaded = tiny_model(family)

@@ -121,9 +121,11 @@ def test_speed_metric_is_relative_to_the_original(tiny_dir, text_file, tmp_path)
     recipe = _recipe(tiny_dir, text_file, [{"prune.depth": {"count": 2, "method": "last"}}],
                      metrics=["ppl", "kl", "top1", "speed"])  # fmt: skip
     run_recipe(recipe, tmp_path / "run", on_step=seen.append)
-    assert {"prefill_tps", "generate_tps"} <= set(seen[0]["metrics"])
+    original = seen[0]["metrics"]
+    assert {"prefill_tps", "generate_tps"} <= set(original)
     metrics = seen[1]["metrics"]
-    assert metrics["prefill_speedup"] > 0 and metrics["generate_speedup"] > 0
+    assert metrics["prefill_speedup"] == pytest.approx(metrics["prefill_tps"] / original["prefill_tps"])
+    assert metrics["generate_speedup"] == pytest.approx(metrics["generate_tps"] / original["generate_tps"])
     assert "prefill tok/s" in (tmp_path / "run" / "report.md").read_text()
 
 

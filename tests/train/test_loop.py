@@ -84,6 +84,9 @@ def test_gradient_accumulation_matches_a_bigger_batch():
     # Adam turns rounding-level gradients into +-lr steps, so compare what training does (losses)
     losses_a = [r["loss"] for r in result_a.history]
     assert [r["loss"] for r in result_b.history] == pytest.approx(losses_a, rel=1e-4)
+    # and the gradients' size: Adam and clipping would hide micro-batch gradients summed, not averaged
+    norms_a = [r["grad_norm"] for r in result_a.history]
+    assert [r["grad_norm"] for r in result_b.history] == pytest.approx(norms_a, rel=1e-3, abs=2e-4)
     assert result_b.tokens == result_a.tokens
 
 
