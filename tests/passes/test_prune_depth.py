@@ -58,8 +58,11 @@ def test_iterative_and_fraction():
     loaded = tiny_model("llama")
     _make_identity(loaded, 2)
     report = _run(loaded, fraction=0.5, method="kl", iterative=True)
-    assert report.details["removed_layers"][0] == 2 or 2 in report.details["removed_layers"]
-    assert len(report.details["rounds"]) == 2 and text_config(report.loaded).num_hidden_layers == 2
+    rounds = report.details["rounds"]
+    assert len(rounds) == 2 and rounds[0]["removed"] == [2]  # the identity layer goes in the first round
+    assert rounds[1]["removed"][0] != 2 and len(rounds[1]["scores"]) == 3  # then one of the 3 left, rescored
+    assert sorted(rounds[0]["removed"] + rounds[1]["removed"]) == report.details["removed_layers"]
+    assert text_config(report.loaded).num_hidden_layers == 2
     report = _run(tiny_model("qwen2"), fraction=0.25, iterative=True)  # 1 of 4 layers
     assert text_config(report.loaded).num_hidden_layers == 3
 
