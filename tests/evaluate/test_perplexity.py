@@ -69,32 +69,22 @@ def test_one_window_equals_direct_cross_entropy(model):
     assert result.nll_mean == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_stride_equals_window_matches_manual_windows(model):
-    ids = _ids(400)
-    result = perplexity(model, ids, window=100, stride=100, batch_size=2)
+@pytest.mark.parametrize("n, stride, scored", [(400, 100, 4 * 99), (300, 50, 299)])
+def test_windows_match_windows_scored_by_hand(model, n, stride, scored):
+    """Windows of 100 every `stride` tokens: the first scores its 99 next tokens, each later one
+    only the tokens after the previous window's end (stride 100: its own 99; stride 50: its last
+    50, each seeing the 50 tokens before them)."""
+    ids = _ids(n)
+    result = perplexity(model, ids, window=100, stride=stride, batch_size=2)
     total = 0.0
     with torch.no_grad():
-        for start in range(0, 400, 100):
+        for start in range(0, n - 100 + 1, stride):
             chunk = ids[start : start + 100]
             logits = model.model(chunk[None]).logits[0]
-            total += float(torch.nn.functional.cross_entropy(logits[:-1], chunk[1:], reduction="sum"))
-    assert result.nll_mean == pytest.approx(total / 396, rel=1e-5)
-
-
-def test_sliding_windows_match_manual_windows(model):
-    """Stride 50 in windows of 100: the first window scores its 99 next tokens, each later
-    window (starts 50, 100, 150, 200) only its last 50, each seeing the 50 tokens before them."""
-    ids = _ids(300)
-    result = perplexity(model, ids, window=100, stride=50, batch_size=2)
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, 201, 50):
-            chunk = ids[start : start + 100]
-            logits = model.model(chunk[None]).logits[0]
-            first = 0 if start == 0 else 49  # logits at position i predict token i + 1
+            first = 0 if start == 0 else max(0, 100 - stride - 1)  # logits at position i predict token i + 1
             total += float(torch.nn.functional.cross_entropy(logits[first:-1], chunk[first + 1 :], reduction="sum"))
-    assert result.tokens_scored == 299
-    assert result.nll_mean == pytest.approx(total / 299, rel=1e-5)
+    assert result.tokens_scored == scored
+    assert result.nll_mean == pytest.approx(total / scored, rel=1e-5)
 
 
 def test_batch_size_and_max_tokens(model):
