@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -33,6 +35,19 @@ def test_export_hf_directory(tiny_dir, cli):
     from kompakt.export import verify_manifest
 
     assert verify_manifest(tiny_dir.parent / "hf") == []
+    assert _float_dtypes(tiny_dir.parent / "hf") == {"F16"}  # what --type asked for, every tensor
+    assert json.loads((tiny_dir.parent / "hf" / "config.json").read_text())["dtype"] == "float16"
+
+
+def _float_dtypes(directory) -> set[str]:
+    """The safetensors dtypes of every tensor stored in a directory."""
+    from safetensors import safe_open
+
+    found = set()
+    for path in directory.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            found |= {f.get_slice(name).get_dtype() for name in f.keys()}
+    return found
 
 
 def test_bad_type_is_one_line(tiny_dir, cli):

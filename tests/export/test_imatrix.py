@@ -38,6 +38,31 @@ def test_names_and_counts_are_llama_imatrix_s(tiny, computed):
     assert (computed.chunk_count, computed.chunk_size, computed.datasets) == (3, 32, ["probe.txt"])
 
 
+def test_sums_are_each_linear_s_own_squared_inputs(tiny, computed):
+    """The values: Σ x² per input channel of the Linear the GGUF name stands for (attn_q and
+    attn_output are both 64 wide here, so a swapped name mapping shows only in the values)."""
+    layer = tiny.model.model.layers[0]
+    seen: dict[str, torch.Tensor] = {}
+
+    def add_squares(key: str):
+        def hook(module, args):
+            x = args[0].double().reshape(-1, args[0].shape[-1])
+            seen[key] = seen.get(key, 0) + x.pow(2).sum(0)
+
+        return hook
+
+    modules = {"attn_q": layer.self_attn.q_proj, "attn_output": layer.self_attn.o_proj, "ffn_down": layer.mlp.down_proj}
+    hooks = [module.register_forward_pre_hook(add_squares(key)) for key, module in modules.items()]
+    try:
+        with torch.no_grad():
+            tiny.model(input_ids=BLOCKS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for key, sums in seen.items():
+        np.testing.assert_allclose(computed.entries[f"blk.0.{key}.weight"].sums[0], sums.numpy(), rtol=1e-4)
+
+
 def test_gguf_layout_is_llama_cpp_s(computed, tmp_path):
     import gguf
 

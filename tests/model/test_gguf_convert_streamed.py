@@ -107,9 +107,12 @@ def test_the_conversion_holds_a_shard_and_a_tensor_never_the_model(tmp_path, mon
     assert max(held) <= 2 * largest < model_bytes / 4
     index = json.loads((converted / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 4
-    with torch.no_grad():
-        ids = torch.tensor([[3, 70, 80, 90]])
-        torch.testing.assert_close(load(path, device="cpu").model(ids).logits, load(path, device="cpu").model(ids).logits)
+    with quiet_third_party():  # the many shards hold what transformers reads from the file, tensor by tensor
+        expected = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
+    stored = _stored(converted)
+    assert set(stored) <= set(expected) and len(stored) >= len(expected) - 1  # lm_head may be tied
+    for name, tensor in stored.items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_no_room_for_the_conversion_is_one_line_before_writing(tmp_path, monkeypatch):

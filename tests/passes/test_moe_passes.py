@@ -127,6 +127,12 @@ def test_alignment_recovers_a_permuted_expert():
     torch.testing.assert_close(merged_down, down[0])
     unaligned = 0.25 * gate_up[0] + 0.75 * gate_up[1]  # what averaging without alignment would give
     assert (unaligned - gate_up[0]).abs().max() > 0.1
+    # a copy at twice the scale: the weights (normalised to 1/4, 3/4) decide, 1.75x the lead
+    # (swapped: 1.25x, equal: 1.5x)
+    gate_up[1], down[1] = permute_neurons(2 * gate_up[0], 2 * down[0], perm)
+    merged_gu, merged_down = merge_group(gate_up, down, [0, 1], torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(merged_gu, 1.75 * gate_up[0])
+    torch.testing.assert_close(merged_down, 1.75 * down[0])
 
 
 def test_grouping_puts_near_copies_with_their_original():

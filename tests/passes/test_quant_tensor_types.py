@@ -117,10 +117,19 @@ def test_gptq_solves_each_linear_on_its_own_grid_and_exports_exactly(tmp_path):
 def test_awq_searches_each_linear_on_its_own_grid():
     loaded = tiny_model("llama")
     report = _run("quant.awq", loaded, format="q4_0", tensor_types={"model.layers.*.mlp.down_proj": "q8_0"},
-                  max_blocks=4, n_grid=4)  # fmt: skip
+                  max_blocks=4, n_grid=20)  # fmt: skip
     assert report.details["scales"]["points"] > 0
     assert get_state(loaded).awq.grid == "q4_0 + model.layers.*.mlp.down_proj=q8_0"
     assert torch.isfinite(loaded.model(torch.tensor([[5, 6, 7]])).logits).all()
+    # the same search with down_proj on q4_0: layer 0's attention (same inputs, same grid) is scaled
+    # alike, its MLP (down_proj's scales fold into up_proj) is not (a 4-point search happened to
+    # choose the same scales on both grids, hence 20)
+    plain = tiny_model("llama")
+    _run("quant.awq", plain, format="q4_0", max_blocks=4, n_grid=20)
+    for role, same in {"self_attn.q_proj": True, "self_attn.o_proj": True, "mlp.up_proj": False, "mlp.down_proj": False}.items():
+        name = f"model.layers.0.{role}"
+        weights = (loaded.model.get_submodule(name).weight, plain.model.get_submodule(name).weight)
+        assert torch.equal(*weights) == same, name
 
 
 def test_exact_bytes_are_saved_with_the_step_and_read_back(tmp_path):

@@ -59,12 +59,17 @@ def _logits(loaded):
 ])  # fmt: skip
 def test_budget_and_what_each_training_pass_leaves(family, name, values, text, tmp_path):
     teacher = tiny_model(family)
-    student = _copy(teacher)
+    # distillation starts from another model: a copy of the teacher would give the hidden-state term nothing to do
+    student = tiny_model(family, seed=1) if name == "distill.kd" else _copy(teacher)
+    student_start = _copy(student)
     before = _logits(student)
     report = _apply(name, student, teacher, work=tmp_path / "work", data=str(text), lr=1e-2, **FAST, **values)
     assert report.details["steps"] == 2 and report.details["tokens"] == 2 * 2 * 32
     logits = _logits(report.loaded)
     assert torch.isfinite(logits).all() and not torch.equal(logits, before)
+    if name == "distill.kd":  # the hidden-state term is on: without it, another student of the same start
+        plain = _apply(name, _copy(student_start), teacher, data=str(text), lr=1e-2, **FAST, **{**values, "hidden_weight": 0.0})
+        assert not torch.equal(_logits(plain.loaded), logits)
     if name == "quant.qat":  # frozen on the grid, and still there after a dense save -> reload
         reloaded = load(save_model(report.loaded, tmp_path / "saved"))
         meta = get_state(reloaded).quantization
