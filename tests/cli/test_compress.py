@@ -81,11 +81,11 @@ BAD_RECIPES = {
     "unknown_top_key": ("modell: x\nsteps:\n  - prune.depth: {count: 1}\n", "unknown key(s) modell"),
     "gate_not_computed": ("metrics: [ppl]\ngates: {max_kl: 0.1}\nsteps:\n  - prune.depth: {count: 1}\n", "needs metric 'kl'"),
     "fraction_range": ("steps:\n  - prune.depth: {fraction: 1.2}\n", "fraction must be in (0, 1)"),
-    "sparsity_range": ("steps:\n  - prune.sparse: {sparsity: 1.0}\n", "sparsity"),
+    "sparsity_range": ("steps:\n  - prune.sparse: {sparsity: 1.0}\n", "sparsity must be in [0, 1)"),
 }
 BAD_STEPS = [
     (("--step", "prune.depth:fraction=1.5"), "fraction must be in (0, 1)"),
-    (("--step", "prune.sparse:method=wanda,sparsity=-0.1"), "sparsity"),
+    (("--step", "prune.sparse:method=wanda,sparsity=-0.1"), "sparsity must be in [0, 1)"),
     (("--step", "prune.nothing:x=1"), "unknown pass"),
     (("--step", "prune.depth:fraction"), "is not key=value"),
     (("--step", "prune.depth:count=1", "--recipe", "x.yaml"), "either --recipe or --step"),

@@ -115,8 +115,9 @@ def test_directory_without_config(tmp_path):
 def test_a_file_that_is_not_a_model(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("hello")
-    with pytest.raises(ModelFormatError):
+    with pytest.raises(ModelFormatError) as error:
         load(path)
+    assert "is a file but not a .gguf; pass a .gguf file or a model directory" in _one_line(error)
 
 
 @pytest.mark.parametrize("keep", [4, 100, 0.5, -8])
@@ -137,8 +138,9 @@ def test_garbage_safetensors_header(llama_dir):
     data = bytearray(weights.read_bytes())
     data[8:16] = b"\xff" * 8  # the JSON header now starts with garbage
     weights.write_bytes(bytes(data))
-    with pytest.raises(ModelFormatError):
+    with pytest.raises(ModelFormatError) as error:
         load(directory)
+    assert "truncated or corrupt (header is not valid JSON)" in _one_line(error)
 
 
 def test_missing_weight_is_refused_not_randomly_initialised(llama_dir):
@@ -155,8 +157,9 @@ def test_missing_weight_is_refused_not_randomly_initialised(llama_dir):
 def test_bad_config_json(llama_dir):
     directory, _ = llama_dir
     (directory / "config.json").write_text("{ not json")
-    with pytest.raises(ModelFormatError):
+    with pytest.raises(ModelFormatError) as error:
         load(directory)
+    assert "config.json is not valid JSON" in _one_line(error) and "restore it from the original model" in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -192,8 +195,9 @@ def test_directory_is_not_modified_by_loading(llama_dir):
 
 def test_errors_are_kompakt_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(KompaktError):
+    with pytest.raises(KompaktError) as error:
         load(tmp_path)  # no weights at all
+    assert "has no *.safetensors weights; copy or download the model again" in _one_line(error)
 
 
 def test_prefix_ids():

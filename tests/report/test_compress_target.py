@@ -111,7 +111,8 @@ def test_recipe_written_is_the_one_that_ran_and_validates(run):
 def test_report_files_and_model_card(run):
     out, _ = run
     report = json.loads((out / "report.json").read_text())
-    assert report["trajectory"] and report["comparison"]["values"]["kl_mean"][1] is not None
+    kl = report["comparison"]["values"]["kl_mean"]
+    assert kl[0] == 0.0 and kl[1] > 0 and kl[1] == pytest.approx(report["trajectory"][-1]["kl"])  # the final step's
     markdown = (out / "report.md").read_text()
     for label in ("size on disk", "peak memory while generating", "hardware needed", "generation speed",
                   "energy per 1k generated tokens (estimate)", "Trajectory", "Recipe"):
