@@ -21,7 +21,12 @@ shared model still computes, plus its deltas).
 
     nice -n 10 .venv/bin/python bench/share_layers.py                      # the full run (alone)
     .venv/bin/python bench/share_layers.py --tokens 8192 --eval-tokens 4096 --suffix=-short
+    .venv/bin/python bench/share_layers.py --tokens 38400 --eval-tokens 8192 --hidden-weight 1 --suffix=-38k-hidden
     .venv/bin/python bench/share_layers.py --report
+
+`--hidden-weight W` adds distill.kd's relative hidden-state term (hidden_loss: relative) to both
+healings, each student layer mapped to the teacher depth it stands for (every depth of the shared
+model to itself, each kept layer of the depth-pruned one to its original index).
 Writes bench/results/share_layers<suffix>.json (row by row) and prints the table.
 """
 
@@ -70,8 +75,18 @@ def row(name: str, loaded, teacher, ids, args, reference_rate: float, **extra) -
             "ppl_ratio": q["ppl"] / q["ppl_reference"], "prefill_speed_ratio": prefill_rate(loaded) / reference_rate}  # fmt: skip
 
 
-def heal(label: str, student, teacher, ids, args, reference_rate: float, results: ResultsFile) -> None:
-    report, wall = apply("distill.kd", context(student, teacher), kd_values(args, 0.5))
+def hidden_term(args, depths: list[int]) -> dict:
+    """`--hidden-weight`: distill.kd's relative hidden-state term, student layer i (1-based) to the
+    teacher depth it stands for (`depths[i - 1]`, 1-based)."""
+    if not args.hidden_weight:
+        return {}
+    return {"hidden_weight": args.hidden_weight, "hidden_loss": "relative",
+            "layer_map": [[i + 1, depth] for i, depth in enumerate(depths)]}  # fmt: skip
+
+
+def heal(label: str, student, teacher, ids, args, reference_rate: float, results: ResultsFile,
+         depths: list[int]) -> None:  # fmt: skip
+    report, wall = apply("distill.kd", context(student, teacher), {**kd_values(args, 0.5), **hidden_term(args, depths)})
     d = report.details
     results.add(row(f"{label} -> KD a=0.5 T=2", student, teacher, ids, args, reference_rate, tokens_seen=d.get("tokens"),
                     train_s=round(wall, 1), train_tokens_per_s=d.get("tokens_per_s"), loss_first=d.get("loss_first"),
@@ -97,6 +112,7 @@ def run(args) -> None:
     header = {"bench": "share_layers", "model": "smollm2-135m (fp32)", "train_tokens": args.tokens,
               "share": f"{args.unique} unique blocks, {args.pattern}, {args.init}",
               "batch": f"{args.batch} x 256", "lr": args.lr, "kd": "alpha 0.5, T 2, wiki.valid",
+              "hidden_weight": args.hidden_weight,
               "threads": args.threads, "eval": "WikiText-2 test, window 512", "eval_tokens": args.eval_tokens,
               "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__}  # fmt: skip
     results = ResultsFile(RESULTS / f"share_layers{args.suffix}.json", header, merge=args.merge)
@@ -111,7 +127,7 @@ def run(args) -> None:
         results.add(row(f"{label} (no training)", shared, teacher, ids, args, reference_rate, summary=report.summary,
                         pass_s=round(wall, 1)))  # fmt: skip
         smallest = min(smallest or shared.num_parameters(), shared.num_parameters())
-        heal(label, shared, teacher, ids, args, reference_rate, results)
+        heal(label, shared, teacher, ids, args, reference_rate, results, depths=list(range(1, 31)))
         del shared
     depth_rows(teacher, smallest, calib, ids, args, reference_rate, results)
 
@@ -125,7 +141,9 @@ def depth_rows(teacher, target_params: int, calib, ids, args, reference_rate: fl
     label = f"depth -{n} layers"
     results.add(row(f"{label} (no training)", pruned, teacher, ids, args, reference_rate, summary=report.summary,
                     pass_s=round(wall, 1)))  # fmt: skip
-    heal(label, pruned, teacher, ids, args, reference_rate, results)
+    removed = report.details["removed_layers"]
+    heal(label, pruned, teacher, ids, args, reference_rate, results,
+         depths=[layer + 1 for layer in range(30) if layer not in removed])  # fmt: skip
 
 
 def print_table(path: Path) -> None:
@@ -146,6 +164,8 @@ def main() -> None:
     parser.add_argument("--pattern", default="repeat", help="share.layers pattern: cycle or repeat")
     parser.add_argument("--init", default="regmean", help="share.layers init: regmean, average or keep")
     parser.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step")
+    parser.add_argument("--hidden-weight", type=float, default=0.0,
+                        help="distill.kd hidden_weight (hidden_loss relative, each layer to the depth it stands for)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=2)

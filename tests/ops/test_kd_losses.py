@@ -109,3 +109,21 @@ def test_layer_map_and_hidden_loss_by_hand():
     projection = HiddenProjection(1, 3, 2)  # starts as "copy the first two dims"
     wide = [zeros, torch.tensor([[[1.0, 4.0, 9.0]]])]
     assert hidden_state_loss(wide, teacher, [(1, 2)], projection=projection).item() == pytest.approx(0.0)
+
+
+def test_relative_hidden_loss_by_hand():
+    zeros = torch.zeros(1, 2, 2)
+    # position 0: error (0 + 4) / 2 over |t|^2 (1 + 16) / 2; position 1: a 100x longer teacher, 10 % off per entry
+    student = [zeros, torch.tensor([[[1.0, 2.0], [90.0, 90.0]]])]
+    teacher = [zeros, torch.tensor([[[1.0, 4.0], [100.0, 100.0]]])]
+    per_position = [2.0 / 8.5, 100.0 / 10000.0]
+    assert hidden_state_loss(student, teacher, [(1, 1)], relative=True).item() == pytest.approx(sum(per_position) / 2)
+    mask = torch.tensor([[True, False]])
+    assert hidden_state_loss(student, teacher, [(1, 1)], relative=True, mask=mask).item() == pytest.approx(per_position[0])
+    # scale-free: the same states 1000x longer give the same loss; the raw MSE grows 10^6 times
+    big = ([h * 1000 for h in student], [h * 1000 for h in teacher])
+    assert hidden_state_loss(*big, [(1, 1)], relative=True).item() == pytest.approx(sum(per_position) / 2)
+    assert hidden_state_loss(*big, [(1, 1)]).item() == pytest.approx(1e6 * hidden_state_loss(student, teacher, [(1, 1)]).item())
+    # a zero teacher vector (padding) is floored, not divided by 0
+    padded = [zeros, torch.tensor([[[1.0, 4.0], [0.0, 0.0]]])]
+    assert torch.isfinite(hidden_state_loss(student, padded, [(1, 1)], relative=True))

@@ -139,6 +139,28 @@ def test_attention_kl_needs_equal_heads_and_relations_need_dividing_heads():
         run_kd(teacher, student, relation_weight=1.0, relation_heads=3)
 
 
+def test_the_relative_hidden_term_on_an_encoder_skips_padding():
+    from kompakt.passes.encoder_training import _objective
+
+    teacher, student = halved("bert")
+    # BERT's layer outputs are layer-normed (mean square 1, where relative = raw MSE): lengthen the teacher's
+    norm = dict(teacher.model.named_modules())["encoder.layer.3.output.LayerNorm"]
+    with torch.no_grad():
+        norm.weight.mul_(3.0)
+    config = build_config(get_pass("distill.kd"), {"hidden_weight": 1.0, "hidden_loss": "relative",
+                                                   "layer_map": [[2, 4]], "cosine_weight": 0.0})  # fmt: skip
+    objective = _objective(config, teacher, student, "distill.kd")
+    batch = student.tokenizer(["the cat", HELDOUT[0] + " " + HELDOUT[1]], padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert not mask.all()  # the short sentence is padded
+    _, parts = objective(student.model, ids, mask)
+    with torch.no_grad():
+        s = student.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+        t = teacher.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[4]
+    relative = (s - t).pow(2).mean(-1) / t.pow(2).mean(-1)
+    assert parts["hidden"] == pytest.approx(float(relative[mask.bool()].mean()), rel=1e-5)
+
+
 def test_all_weights_zero_is_refused():
     teacher, student = halved("bert")
     with pytest.raises(ConfigError, match="every encoder loss weight is 0"):

@@ -81,6 +81,32 @@ def test_budget_and_what_each_training_pass_leaves(family, name, values, text, t
             assert torch.equal(grid.fake_quantize(w), w), module  # frozen on the grid
 
 
+@pytest.mark.parametrize("hidden_loss", ["mse", "relative"])
+def test_the_hidden_term_is_the_configured_error_of_the_mapped_layers(hidden_loss):
+    from kompakt.passes.distill_kd import objective_for
+
+    teacher, student = tiny_model("llama"), tiny_model("llama", seed=1)
+    config = build_config(get_pass("distill.kd"), {"hidden_weight": 1.0, "hidden_loss": hidden_loss,
+                                                   "layer_map": [[1, 2], [2, 2]]})  # fmt: skip
+    objective = objective_for(config, teacher.model, student.model, 1.0, config.layer_map, config.hidden_loss)
+    _, parts = objective(student.model, IDS, IDS)
+    with torch.no_grad():
+        s = student.model(input_ids=IDS, output_hidden_states=True).hidden_states
+        t = teacher.model(input_ids=IDS, output_hidden_states=True).hidden_states
+    expected = []
+    for i, j in ((1, 2), (2, 2)):
+        error = (s[i] - t[j]).pow(2).mean(-1)  # [batch, positions]
+        expected.append((error / t[j].pow(2).mean(-1) if hidden_loss == "relative" else error).mean())
+    assert parts["hidden"] == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+
+
+def test_an_unknown_hidden_loss_is_refused():
+    from kompakt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hidden_loss must be one of mse, relative, got 'cosine'"):
+        build_config(get_pass("distill.kd"), {"hidden_weight": 1.0, "hidden_loss": "cosine"})
+
+
 @pytest.fixture(scope="module")
 def trained_teacher(text) -> LoadedModel:
     """A tiny llama trained on the text with cross-entropy: a teacher that knows the data."""

@@ -191,9 +191,17 @@ def hidden_state_loss(
     *,
     projection: HiddenProjection | None = None,
     mask: torch.Tensor | None = None,
+    relative: bool = False,
 ) -> torch.Tensor:
     """Mean over mapped pairs of the per-position MSE between (projected) student and teacher
-    hidden states; `*_hidden[i]` is the output of layer i ([B, L, width]; 0 = embeddings)."""
+    hidden states; `*_hidden[i]` is the output of layer i ([B, L, width]; 0 = embeddings).
+
+    `relative`: each position's squared error divided by the teacher vector's own squared norm
+    (‖h − t‖² / ‖t‖², 1 = as far off as the vector is long), so the term has the same scale on
+    every model and layer. The raw MSE grows with the hidden states' magnitude: on SmolLM2 it is
+    ~250× the KD terms at the first step, and a decoder's first positions (attention sinks) can
+    be 100× longer than the rest and would dominate a per-layer normalisation.
+    """
     losses = []
     for index, (s, t) in enumerate(layer_map):
         h = student_hidden[s].float()
@@ -202,5 +210,10 @@ def hidden_state_loss(
         target = teacher_hidden[t].float()
         if h.shape[-1] != target.shape[-1]:
             raise ValueError(f"hidden widths differ ({h.shape[-1]} vs {target.shape[-1]}); pass a HiddenProjection")
-        losses.append(_masked_mean((h - target).pow(2).mean(-1), mask))
+        error = (h - target).pow(2).mean(-1)
+        if relative:
+            scale = target.pow(2).mean(-1)
+            # a near-zero teacher vector (padding) would blow its position up: floor at 1e-6 of the mean
+            error = error / scale.clamp_min(float(scale.mean()) * 1e-6 + 1e-12)
+        losses.append(_masked_mean(error, mask))
     return torch.stack(losses).mean()

@@ -12,7 +12,9 @@ computed for every training batch before training, layer by layer for a teacher 
 `hidden_weight` > 0 adds a
 TinyBERT-style (Jiao et al. 2020) MSE between student layer outputs and the teacher layers
 they map to (`layer_map`, default uniform), through a learned projection when the widths
-differ (width-pruned students).
+differ (width-pruned students); `hidden_loss: relative` divides each position's squared error
+by the teacher vector's squared norm, so the weight means the same on any model (a decoder's
+raw hidden states can be hundreds of times larger than its KD loss).
 
 Sentence encoders (BERT, DistilBERT, RoBERTa, ModernBERT; kompakt.passes.encoder_training):
 the loss is over sentence embeddings and internals instead of next tokens — `cosine_weight`
@@ -41,7 +43,7 @@ Sample recipe steps::
 
     - distill.kd: {tokens: 65536, alpha: 0.5, temperature: 2.0}
     - distill.kd: {teacher: ./big, steps: 500, data: corpus.txt, lr: 5.0e-5}
-    - distill.kd: {tokens: 131072, hidden_weight: 1.0, divergence: jsd}
+    - distill.kd: {tokens: 131072, hidden_weight: 0.1, hidden_loss: relative, divergence: jsd}
     - distill.kd: {sentences: 20000, batch_size: 32, cosine_weight: 1.0, hidden_weight: 1.0}   # encoder
     - distill.kd: {sentences: 20000, batch_size: 32, relation_weight: 1.0}   # encoder, MiniLM v2
 """
@@ -64,6 +66,7 @@ from kompakt.train.objectives import DistillObjective
 from kompakt.train.teacher_cache import TeacherCache, build_teacher_cache, rank_positions
 
 NAME = "distill.kd"
+HIDDEN_LOSSES = ("mse", "relative")
 
 
 @dataclass
@@ -72,6 +75,9 @@ class DistillConfig(TrainingConfig, KDFields):
     layer_map: list[list[int]] | None = field(
         default=None, metadata=doc("[[student layer, teacher layer], ...] 1-based; null = uniform")
     )
+    hidden_loss: str = field(default="mse", metadata=doc("mse (TinyBERT's) or relative: each position's squared "
+                                                         "error over the teacher vector's squared norm (scale-free; "
+                                                         "for decoders)"))  # fmt: skip
 
     cosine_weight: float = field(default=1.0, metadata=doc("encoders: weight of 1 - cos of student vs teacher sentence embeddings"))
     mse_weight: float = field(default=0.0, metadata=doc("encoders: weight of the sentence-embedding MSE"))
@@ -92,6 +98,8 @@ class DistillConfig(TrainingConfig, KDFields):
         if self.teacher_cache and (self.top_k is None or self.hidden_weight > 0):
             raise ConfigError(f"{NAME}: teacher_cache keeps the teacher's top_k logits only: set top_k (e.g. 64) "
                               "and leave hidden_weight at 0")  # fmt: skip
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ConfigError(f"{NAME}: hidden_loss must be one of {', '.join(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
         if self.hidden_weight < 0:
             raise ConfigError(f"{NAME}: hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.layer_map is not None and not all(isinstance(p, list) and len(p) == 2 for p in self.layer_map):
@@ -108,7 +116,7 @@ class DistillConfig(TrainingConfig, KDFields):
 
 
 def objective_for(config: KDFields, teacher_model, student_model, hidden_weight: float = 0.0,
-                  layer_map: list[list[int]] | None = None) -> DistillObjective:  # fmt: skip
+                  layer_map: list[list[int]] | None = None, hidden_loss: str = "mse") -> DistillObjective:  # fmt: skip
     """The KD objective (with hidden-state term and projection when asked)."""
     pairs: list[tuple[int, int]] = []
     projection = None
@@ -119,6 +127,7 @@ def objective_for(config: KDFields, teacher_model, student_model, hidden_weight:
     return DistillObjective(
         teacher_model, alpha=config.alpha, temperature=config.temperature, divergence=config.divergence,
         top_k=config.top_k, hidden_weight=hidden_weight, layer_map=pairs, projection=projection,
+        hidden_relative=hidden_loss == "relative",
     )  # fmt: skip
 
 
@@ -141,7 +150,8 @@ def apply(ctx: PassContext, config: DistillConfig) -> PassReport:
     if is_streamed(prepared.teacher) and not config.teacher_cache:
         raise ConfigError(f"{NAME}: teacher {prepared.teacher.name} does not fit --max-memory beside the student; "
                           "set teacher_cache: true and top_k (its logits are computed first, layer by layer)")  # fmt: skip
-    objective = objective_for(config, prepared.teacher.model, ctx.loaded.model, config.hidden_weight, config.layer_map)
+    objective = objective_for(config, prepared.teacher.model, ctx.loaded.model, config.hidden_weight, config.layer_map,
+                              config.hidden_loss)
     with _scratch(ctx) as directory:
         evaluate = None
         if config.teacher_cache:  # the teacher runs now, once per training batch, then never while the student trains

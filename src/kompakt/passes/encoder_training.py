@@ -88,7 +88,8 @@ def _objective(config: Any, teacher, student, name: str) -> EncoderDistillObject
     return EncoderDistillObjective(
         teacher.model, teacher.pooling, student.pooling, cosine_weight=config.cosine_weight,
         mse_weight=config.mse_weight, hidden_weight=config.hidden_weight, layer_map=pairs, projection=projection,
-        attention_weight=config.attention_weight, relation_weight=config.relation_weight, relation_heads=heads,
+        hidden_relative=config.hidden_loss == "relative", attention_weight=config.attention_weight,
+        relation_weight=config.relation_weight, relation_heads=heads,
         similarity_weight=config.similarity_weight, neighbour_weight=config.neighbour_weight,
         neighbour_temperature=config.neighbour_temperature,
     )  # fmt: skip

@@ -131,6 +131,7 @@ class EncoderDistillObjective:
     hidden_weight: float = 0.0
     layer_map: list[tuple[int, int]] = field(default_factory=list)
     projection: HiddenProjection | None = None
+    hidden_relative: bool = False
     attention_weight: float = 0.0
     relation_weight: float = 0.0
     relation_heads: int = 1
@@ -186,7 +187,8 @@ class EncoderDistillObjective:
         if hidden:
             states = tuple(h.to(ids.device) for h in t_out.hidden_states)
             terms["hidden"] = (self.hidden_weight, hidden_state_loss(
-                s_out.hidden_states, states, self.layer_map, projection=self.projection, mask=mask.bool()))  # fmt: skip
+                s_out.hidden_states, states, self.layer_map, projection=self.projection, mask=mask.bool(),
+                relative=self.hidden_relative))  # fmt: skip
         t_vec = {k: v.to(ids.device) for k, v in t_vec.items()}
         if self.attention_weight > 0:
             value = attention_kl((s_vec["q"], s_vec["k"]), (t_vec["q"], t_vec["k"]), num_heads(model),

@@ -21,7 +21,8 @@ from kompakt.train.teacher_cache import TeacherCache
 
 @dataclass
 class DistillObjective:
-    """α·T²·D(teacher ‖ student) + (1 − α)·CE + hidden_weight·MSE(hidden states)."""
+    """α·T²·D(teacher ‖ student) + (1 − α)·CE + hidden_weight·MSE(hidden states) (relative to the
+    teacher's squared norms with `hidden_relative`)."""
 
     teacher: nn.Module | None
     alpha: float = 0.5
@@ -31,6 +32,7 @@ class DistillObjective:
     hidden_weight: float = 0.0
     layer_map: list[tuple[int, int]] = field(default_factory=list)
     projection: HiddenProjection | None = None
+    hidden_relative: bool = False
     cache: TeacherCache | None = None
 
     def __post_init__(self) -> None:
@@ -65,7 +67,7 @@ class DistillObjective:
         if hidden:
             mask = (labels != -100)
             term = hidden_state_loss(out.hidden_states, teacher_states, self.layer_map,
-                                     projection=self.projection, mask=mask)  # fmt: skip
+                                     projection=self.projection, mask=mask, relative=self.hidden_relative)  # fmt: skip
             loss = loss + self.hidden_weight * term
             parts["hidden"] = float(term.detach())
         return loss, parts
