@@ -39,7 +39,8 @@ def run(args) -> None:
     header = {"bench": "lowrank_heal", "model": "smollm2-135m (fp32)", "train_tokens": args.tokens,
               "svd": f"svd-llm, {args.target:.0%} fewer Linear parameters, {args.blocks} x 512 calibration",
               "batch": f"{args.batch} x 256", "lr": args.lr, "kd": "alpha 0.5, T 2, wiki.valid",
-              "hidden_weight": args.hidden_weight, "threads": args.threads, "eval": "WikiText-2 test, window 512", "eval_tokens": args.eval_tokens,
+              "hidden_weight": args.hidden_weight, "threads": args.threads, "eval": "WikiText-2 test, window 512",
+              "eval_tokens": args.eval_tokens,
               "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__}  # fmt: skip
     results = ResultsFile(RESULTS / f"lowrank_heal{args.suffix}.json", header, merge=False)
     reference_rate = prefill_rate(teacher)
@@ -49,7 +50,7 @@ def run(args) -> None:
     label = f"svd-llm {args.target:.0%}"
     results.add(row(f"{label} (no training)", factorized, teacher, ids, args, reference_rate, summary=report.summary,
                     pass_s=round(wall, 1)))  # fmt: skip
-    heal(label, factorized, teacher, ids, args, reference_rate, results, depths=list(range(1, 31)))
+    heal(label, factorized, teacher, ids, args, reference_rate, results)
     target = factorized.num_parameters()
     del factorized
     depth_rows(teacher, target, calib, ids, args, reference_rate, results)

@@ -75,18 +75,23 @@ def row(name: str, loaded, teacher, ids, args, reference_rate: float, **extra) -
             "ppl_ratio": q["ppl"] / q["ppl_reference"], "prefill_speed_ratio": prefill_rate(loaded) / reference_rate}  # fmt: skip
 
 
-def hidden_term(args, depths: list[int]) -> dict:
-    """`--hidden-weight`: distill.kd's relative hidden-state term, student layer i (1-based) to the
-    teacher depth it stands for (`depths[i - 1]`, 1-based)."""
+def hidden_term(args, teacher, removed: list[int]) -> dict:
+    """`--hidden-weight`: distill.kd's relative hidden-state term, each student layer mapped to the
+    teacher layer it stands for: the teacher's layers less `removed` (0-based), in order."""
+    from kompakt.model.arch import decoder_layers
+
     if not args.hidden_weight:
         return {}
+    kept = [layer for layer in range(len(decoder_layers(teacher.model))) if layer not in removed]
     return {"hidden_weight": args.hidden_weight, "hidden_loss": "relative",
-            "layer_map": [[i + 1, depth] for i, depth in enumerate(depths)]}  # fmt: skip
+            "layer_map": [[i + 1, layer + 1] for i, layer in enumerate(kept)]}  # fmt: skip
 
 
 def heal(label: str, student, teacher, ids, args, reference_rate: float, results: ResultsFile,
-         depths: list[int]) -> None:  # fmt: skip
-    report, wall = apply("distill.kd", context(student, teacher), {**kd_values(args, 0.5), **hidden_term(args, depths)})
+         removed: list[int] = ()) -> None:  # fmt: skip
+    """distill.kd with the depth row's budget; `removed`: the teacher layers the student lacks."""
+    values = {**kd_values(args, 0.5), **hidden_term(args, teacher, removed)}
+    report, wall = apply("distill.kd", context(student, teacher), values)
     d = report.details
     results.add(row(f"{label} -> KD a=0.5 T=2", student, teacher, ids, args, reference_rate, tokens_seen=d.get("tokens"),
                     train_s=round(wall, 1), train_tokens_per_s=d.get("tokens_per_s"), loss_first=d.get("loss_first"),
@@ -127,7 +132,7 @@ def run(args) -> None:
         results.add(row(f"{label} (no training)", shared, teacher, ids, args, reference_rate, summary=report.summary,
                         pass_s=round(wall, 1)))  # fmt: skip
         smallest = min(smallest or shared.num_parameters(), shared.num_parameters())
-        heal(label, shared, teacher, ids, args, reference_rate, results, depths=list(range(1, 31)))
+        heal(label, shared, teacher, ids, args, reference_rate, results)
         del shared
     depth_rows(teacher, smallest, calib, ids, args, reference_rate, results)
 
@@ -141,9 +146,7 @@ def depth_rows(teacher, target_params: int, calib, ids, args, reference_rate: fl
     label = f"depth -{n} layers"
     results.add(row(f"{label} (no training)", pruned, teacher, ids, args, reference_rate, summary=report.summary,
                     pass_s=round(wall, 1)))  # fmt: skip
-    removed = report.details["removed_layers"]
-    heal(label, pruned, teacher, ids, args, reference_rate, results,
-         depths=[layer + 1 for layer in range(30) if layer not in removed])  # fmt: skip
+    heal(label, pruned, teacher, ids, args, reference_rate, results, removed=report.details["removed_layers"])
 
 
 def print_table(path: Path) -> None:

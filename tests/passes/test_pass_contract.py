@@ -42,8 +42,8 @@ from kompakt.passes.base import PassContext, PassSpec, build_config, check_model
 from kompakt.passes.train_common import TrainingConfig
 from kompakt.recipe.rundata import RunData
 from kompakt.recipe.schema import DataSpec
-from vocab_tokenizers import byte_level_tokenizer, model_with
 from kompakt.rundir.stepsave import save_step_model
+from vocab_tokenizers import byte_level_tokenizer, model_with
 
 PASSES = registry()
 TEST_CASES = [

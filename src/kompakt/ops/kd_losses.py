@@ -214,6 +214,6 @@ def hidden_state_loss(
         if relative:
             scale = target.pow(2).mean(-1)
             # a near-zero teacher vector (padding) would blow its position up: floor at 1e-6 of the mean
-            error = error / scale.clamp_min(float(scale.mean()) * 1e-6 + 1e-12)
+            error = error / scale.clamp_min(scale.mean() * 1e-6 + 1e-12)  # a tensor bound: no device sync
         losses.append(_masked_mean(error, mask))
     return torch.stack(losses).mean()
